@@ -1,0 +1,526 @@
+//! Integrity check of a repository (index against pack files, every generation's references,
+//! optionally every byte), and rebuilding the index from the pack files alone.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::{Error, IoContext, Result};
+use crate::id::ObjectId;
+use crate::index::Index;
+use crate::manifest::{DiskMap, Extent, Manifest, Segment};
+use crate::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
+use crate::pack::{is_being_written, list_packs, pack_path, scan_pack};
+use crate::progress::Progress;
+use crate::repo::{Repository, INDEX_FILE};
+
+/// A generation with damage.
+#[derive(Debug, Clone, Serialize)]
+pub struct DamagedGeneration {
+    /// `vm@time`.
+    pub generation: String,
+    /// Damaged disks (slot and descriptor) or `manifest`/file names.
+    pub parts: Vec<String>,
+    /// One line per problem found.
+    pub problems: Vec<String>,
+}
+
+/// Result of a check.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct CheckReport {
+    /// Generations checked.
+    pub generations: u64,
+    /// Objects in the index.
+    pub objects: u64,
+    /// Stored bytes of those objects.
+    pub stored_bytes: u64,
+    /// Objects whose bytes were read and verified.
+    pub objects_read: u64,
+    /// Problems that are not tied to one generation (missing packs, index damage).
+    pub problems: Vec<String>,
+    /// Damaged generations.
+    pub damaged: Vec<DamagedGeneration>,
+    /// Harmless findings (leftovers of interrupted ingests).
+    pub notes: Vec<String>,
+}
+
+impl CheckReport {
+    /// True when nothing is damaged.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty() && self.damaged.is_empty()
+    }
+}
+
+/// Checks `repo`; with `read_data`, also decompresses and re-hashes every object.
+pub fn check(repo: &Repository, read_data: bool, progress: &dyn Progress) -> Result<CheckReport> {
+    let index = repo.open_index()?;
+    let mut report = CheckReport::default();
+    for p in index.integrity_check()? {
+        report
+            .problems
+            .push(format!("index {}: {p}", index.path().display()));
+    }
+    let data_dir = repo.data_dir();
+
+    // Packs: the index's list against the files.
+    let known = index.packs()?;
+    let known_names: HashSet<&str> = known.iter().map(|(n, _)| n.as_str()).collect();
+    let mut pack_len: HashMap<String, u64> = HashMap::new();
+    for (name, size) in &known {
+        let path = pack_path(&data_dir, name);
+        match fs::metadata(&path) {
+            Ok(m) => {
+                if m.len() < *size {
+                    report.problems.push(format!(
+                        "pack file {} is truncated: {} bytes, the index recorded {size}",
+                        path.display(),
+                        m.len()
+                    ));
+                }
+                pack_len.insert(name.clone(), m.len());
+            }
+            Err(_) => report
+                .problems
+                .push(format!("pack file {} is missing", path.display())),
+        }
+    }
+    let mut orphans = 0u64;
+    let mut orphan_bytes = 0u64;
+    for name in list_packs(&data_dir)? {
+        if known_names.contains(name.as_str()) {
+            continue;
+        }
+        let path = pack_path(&data_dir, &name);
+        if is_being_written(&path) {
+            report
+                .notes
+                .push(format!("pack {name} is being written by a running ingest"));
+        } else {
+            orphans += 1;
+            orphan_bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    if orphans > 0 {
+        report.notes.push(format!(
+            "{orphans} pack file(s), {orphan_bytes} bytes, are left over from interrupted ingests and hold nothing any generation uses"
+        ));
+    }
+
+    // Objects: every index row must point at a matching record (and, with read_data, good bytes).
+    let mut by_pack: Vec<(String, Vec<(u64, RecordHeader)>)> = Vec::new();
+    index.for_each_object(|loc| {
+        report.objects += 1;
+        report.stored_bytes += RECORD_HEADER_LEN as u64 + loc.header.stored_len as u64;
+        match by_pack.last_mut() {
+            Some((p, v)) if *p == loc.pack => v.push((loc.offset, loc.header)),
+            _ => by_pack.push((loc.pack, vec![(loc.offset, loc.header)])),
+        }
+        Ok(())
+    })?;
+    progress.start(
+        if read_data {
+            "check (reading data)"
+        } else {
+            "check"
+        },
+        report.stored_bytes,
+    );
+    let bad: Mutex<HashMap<ObjectId, String>> = Mutex::new(HashMap::new());
+    let read_count = std::sync::atomic::AtomicU64::new(0);
+    by_pack.par_iter().for_each(|(pack, objs)| {
+        let path = pack_path(&data_dir, pack);
+        let file = fs::File::open(&path);
+        for (offset, h) in objs {
+            progress.advance(RECORD_HEADER_LEN as u64 + h.stored_len as u64);
+            let problem = match &file {
+                Err(_) => Some(format!("its pack file {} is missing", path.display())),
+                Ok(f) => {
+                    let r = if read_data {
+                        repo.packs().read_object(pack, *offset, h).map(|_| ())
+                    } else {
+                        read_header(f, &path, *offset, h)
+                    };
+                    read_count.fetch_add(read_data as u64, std::sync::atomic::Ordering::Relaxed);
+                    r.err().map(|e| e.to_string())
+                }
+            };
+            if let Some(p) = problem {
+                bad.lock().unwrap().insert(h.id, p);
+            }
+        }
+    });
+    progress.finish();
+    report.objects_read = read_count.into_inner();
+    let bad = bad.into_inner().unwrap();
+
+    // Generations: every reference must resolve to a good object.
+    let gens = index.generations(None)?;
+    report.generations = gens.len() as u64;
+    let mut seg_ok: HashMap<ObjectId, Option<String>> = HashMap::new();
+    for g in &gens {
+        let mut dmg = DamagedGeneration {
+            generation: g.name.clone(),
+            parts: Vec::new(),
+            problems: Vec::new(),
+        };
+        let manifest = match load::<Manifest>(repo, &index, &bad, &g.manifest, Manifest::decode) {
+            Ok(m) => m,
+            Err(e) => {
+                dmg.parts.push("manifest".into());
+                dmg.problems.push(format!("manifest: {e}"));
+                report.damaged.push(dmg);
+                continue;
+            }
+        };
+        for f in &manifest.files {
+            if let Err(e) = object_ok(&index, &bad, &f.object) {
+                dmg.parts.push(f.name.clone());
+                dmg.problems.push(format!("file {}: {e}", f.name));
+            }
+        }
+        for d in &manifest.disks {
+            let label = format!(
+                "disk {} ({})",
+                d.slot,
+                d.descriptor
+                    .as_deref()
+                    .or(d.extents.first().and_then(|e| e.file.as_deref()))
+                    .unwrap_or("?")
+            );
+            let mut problems = Vec::new();
+            for e in &d.extents {
+                for id in [e.head, e.tail].into_iter().flatten() {
+                    if let Err(err) = object_ok(&index, &bad, &id) {
+                        problems.push(format!("extent file bytes: {err}"));
+                    }
+                }
+            }
+            match load::<DiskMap>(repo, &index, &bad, &d.disk_map, DiskMap::decode) {
+                Err(e) => problems.push(format!("disk map: {e}")),
+                Ok(map) => {
+                    let mut bad_segments = 0usize;
+                    let mut first = None;
+                    for (i, seg) in map.segments.iter().enumerate() {
+                        if seg.is_zero() {
+                            continue;
+                        }
+                        let verdict = seg_ok.entry(*seg).or_insert_with(|| {
+                            check_segment(repo, &index, &bad, seg, map.segment_range(i)).err()
+                        });
+                        if let Some(p) = verdict {
+                            bad_segments += 1;
+                            if first.is_none() {
+                                let (s, e) = map.segment_range(i);
+                                first = Some(format!("bytes {s}..{e}: {p}"));
+                            }
+                        }
+                    }
+                    if bad_segments > 0 {
+                        problems.push(format!(
+                            "{bad_segments} damaged segment(s) of {} MiB; first: {}",
+                            map.segment_size >> 20,
+                            first.unwrap()
+                        ));
+                    }
+                }
+            }
+            if !problems.is_empty() {
+                dmg.parts.push(label.clone());
+                dmg.problems
+                    .extend(problems.into_iter().map(|p| format!("{label}: {p}")));
+            }
+        }
+        if !dmg.problems.is_empty() {
+            report.damaged.push(dmg);
+        }
+    }
+    let unused_bad = bad.len();
+    if unused_bad > 0 && report.damaged.is_empty() {
+        report.problems.push(format!(
+            "{unused_bad} damaged object(s) that no generation uses; first: {}",
+            bad.values().next().unwrap()
+        ));
+    }
+    Ok(report)
+}
+
+fn read_header(f: &fs::File, path: &std::path::Path, offset: u64, h: &RecordHeader) -> Result<()> {
+    let mut buf = [0u8; RECORD_HEADER_LEN];
+    f.read_exact_at(&mut buf, offset).map_err(|_| {
+        Error::Corrupt(format!(
+            "pack file {} is truncated at offset {offset}",
+            path.display()
+        ))
+    })?;
+    let found = RecordHeader::decode(&buf).map_err(|why| {
+        Error::Corrupt(format!(
+            "pack file {} offset {offset}: {why}",
+            path.display()
+        ))
+    })?;
+    if found != *h {
+        return Err(Error::Corrupt(format!(
+            "pack file {} offset {offset} holds {} {}, the index expects {} {}",
+            path.display(),
+            found.kind.name(),
+            found.id.short(),
+            h.kind.name(),
+            h.id.short()
+        )));
+    }
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if offset + RECORD_HEADER_LEN as u64 + h.stored_len as u64 > len {
+        return Err(Error::Corrupt(format!(
+            "pack file {} is truncated at offset {offset}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+fn object_ok(
+    index: &Index,
+    bad: &HashMap<ObjectId, String>,
+    id: &ObjectId,
+) -> std::result::Result<(), String> {
+    if let Some(p) = bad.get(id) {
+        return Err(p.clone());
+    }
+    match index.contains(id) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "object {} is missing from the repository",
+            id.short()
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn load<T>(
+    repo: &Repository,
+    index: &Index,
+    bad: &HashMap<ObjectId, String>,
+    id: &ObjectId,
+    decode: fn(&[u8]) -> std::result::Result<T, String>,
+) -> std::result::Result<T, String> {
+    object_ok(index, bad, id)?;
+    let b = repo.read_object(id).map_err(|e| e.to_string())?;
+    decode(&b)
+}
+
+fn check_segment(
+    repo: &Repository,
+    index: &Index,
+    bad: &HashMap<ObjectId, String>,
+    id: &ObjectId,
+    (start, end): (u64, u64),
+) -> std::result::Result<(), String> {
+    let seg: Segment = load(repo, index, bad, id, Segment::decode)?;
+    if seg.len() != end - start {
+        return Err(format!("segment {} has the wrong length", id.short()));
+    }
+    let mut damaged = 0;
+    let mut first = None;
+    for e in &seg.extents {
+        if let Extent::Data { len, id } = e {
+            let r = match index.lookup(id) {
+                Ok(Some(loc)) if loc.header.raw_len != *len => {
+                    Err(format!("chunk {} has the wrong length", id.short()))
+                }
+                Ok(Some(_)) => bad.get(id).map_or(Ok(()), |p| Err(p.clone())),
+                Ok(None) => Err(format!(
+                    "chunk {} is missing from the repository",
+                    id.short()
+                )),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(p) = r {
+                damaged += 1;
+                first.get_or_insert(p);
+            }
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some(p) => Err(format!("{damaged} bad chunk(s), first: {p}")),
+    }
+}
+
+/// What an index rebuild found.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct RebuildReport {
+    /// Packs scanned.
+    pub packs: u64,
+    /// Objects recovered.
+    pub objects: u64,
+    /// Generations recovered.
+    pub generations: u64,
+    /// Manifests skipped because something they reference is gone.
+    pub incomplete: Vec<String>,
+    /// Damaged records and torn pack tails found.
+    pub damaged: Vec<String>,
+    /// Where the old index was moved, if there was one.
+    pub old_index: Option<String>,
+}
+
+/// Rebuilds `index.sqlite` from the pack files. The repository must be opened exclusively.
+pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<RebuildReport> {
+    let root = repo.root();
+    let data_dir = repo.data_dir();
+    let tmp = root.join("index.sqlite.rebuild");
+    for suffix in ["", "-wal", "-shm"] {
+        let p = root.join(format!("index.sqlite.rebuild{suffix}"));
+        if p.exists() {
+            fs::remove_file(&p).ctx("remove", &p)?;
+        }
+    }
+    let mut report = RebuildReport::default();
+    let mut index = Index::open(&tmp, true)?;
+    let names = list_packs(&data_dir)?;
+    let total: u64 = names
+        .iter()
+        .map(|n| {
+            fs::metadata(pack_path(&data_dir, n))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        })
+        .sum();
+    progress.start("rebuild index", total);
+    let mut manifests: Vec<(ObjectId, Manifest)> = Vec::new();
+    let mut cache = Vec::new();
+    let mut known: HashMap<ObjectId, u32> = HashMap::new();
+    let mut segments: Vec<(ObjectId, Segment)> = Vec::new();
+    let mut maps: HashMap<ObjectId, DiskMap> = HashMap::new();
+    for name in &names {
+        let path = pack_path(&data_dir, name);
+        if is_being_written(&path) {
+            progress.note(&format!("skipping pack {name}: an ingest is writing it"));
+            continue;
+        }
+        let mut records = Vec::new();
+        let (len, tail) = scan_pack(&path, |rec| {
+            progress.advance(RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64);
+            match object::decode(&rec.header, &rec.payload) {
+                Err(e) => report
+                    .damaged
+                    .push(format!("pack {name} offset {}: {e}", rec.offset)),
+                Ok(plain) => {
+                    match rec.header.kind {
+                        ObjectKind::Manifest => match Manifest::decode(&plain) {
+                            Ok(m) => manifests.push((rec.header.id, m)),
+                            Err(e) => report
+                                .damaged
+                                .push(format!("manifest {}: {e}", rec.header.id.short())),
+                        },
+                        ObjectKind::Segment => {
+                            if let Ok(s) = Segment::decode(&plain) {
+                                segments.push((rec.header.id, s));
+                            }
+                        }
+                        ObjectKind::DiskMap => {
+                            if let Ok(m) = DiskMap::decode(&plain) {
+                                maps.insert(rec.header.id, m);
+                            }
+                        }
+                        _ => {}
+                    }
+                    known.insert(rec.header.id, rec.header.raw_len);
+                    records.push((rec.header, rec.offset));
+                }
+            }
+            Ok(())
+        })?;
+        if let Some(t) = tail {
+            report.damaged.push(format!("pack {name}: {t}"));
+        }
+        report.packs += 1;
+        report.objects += records.len() as u64;
+        index.add_pack(name, len, &records)?;
+    }
+    progress.finish();
+    // A segment is usable if all its chunks are there; a manifest if all it references is.
+    let mut good_segments: HashSet<ObjectId> = HashSet::new();
+    for (id, s) in &segments {
+        let complete = s.extents.iter().all(|e| match e {
+            Extent::Data { len, id } => known.get(id) == Some(len),
+            Extent::Zero { .. } => true,
+        });
+        if complete {
+            good_segments.insert(*id);
+            cache.push((s.fingerprint, *id));
+        }
+    }
+    manifests.sort_by(|a, b| {
+        (&a.1.catalog.vm, &a.1.catalog.time).cmp(&(&b.1.catalog.vm, &b.1.catalog.time))
+    });
+    for (id, m) in &manifests {
+        let name = format!("{}@{}", m.catalog.vm, m.catalog.time);
+        let mut missing = Vec::new();
+        for f in &m.files {
+            if !known.contains_key(&f.object) {
+                missing.push(format!("file {}", f.name));
+            }
+        }
+        for d in &m.disks {
+            match maps.get(&d.disk_map) {
+                None => missing.push(format!("disk map of {}", d.slot)),
+                Some(map) => {
+                    let bad = map
+                        .segments
+                        .iter()
+                        .filter(|s| !s.is_zero() && !good_segments.contains(s))
+                        .count();
+                    if bad > 0 {
+                        missing.push(format!("{bad} segment(s) of disk {}", d.slot));
+                    }
+                }
+            }
+            for e in &d.extents {
+                for edge in [e.head, e.tail].into_iter().flatten() {
+                    if !known.contains_key(&edge) {
+                        missing.push(format!("extent edge of disk {}", d.slot));
+                    }
+                }
+            }
+        }
+        if !missing.is_empty() {
+            report
+                .incomplete
+                .push(format!("{name}: missing {}", missing.join(", ")));
+            continue;
+        }
+        match index.insert_rebuilt_generation(*id, m) {
+            Ok(()) => report.generations += 1,
+            Err(e) => report.incomplete.push(format!("{name}: {e}")),
+        }
+    }
+    index.insert_cache(&cache)?;
+    index.checkpoint();
+    drop(index);
+    // Swap the new index in; keep the old one for inspection.
+    let live = root.join(INDEX_FILE);
+    if live.exists() {
+        let stamp = jiff::Timestamp::now()
+            .strftime("%Y%m%dT%H%M%SZ")
+            .to_string();
+        let old = root.join(format!("index.sqlite.old-{stamp}"));
+        fs::rename(&live, &old).ctx("move aside", &live)?;
+        for suffix in ["-wal", "-shm"] {
+            let p = root.join(format!("{INDEX_FILE}{suffix}"));
+            if p.exists() {
+                let _ = fs::rename(&p, root.join(format!("index.sqlite.old-{stamp}{suffix}")));
+            }
+        }
+        report.old_index = Some(old.display().to_string());
+    }
+    for suffix in ["-wal", "-shm"] {
+        let _ = fs::remove_file(root.join(format!("index.sqlite.rebuild{suffix}")));
+    }
+    fs::rename(&tmp, &live).ctx("move into place", &live)?;
+    crate::fsutil::sync_dir(root)?;
+    Ok(report)
+}

@@ -1,0 +1,248 @@
+//! The repository's versioned configuration file (`config.toml`): format version, chunker and
+//! compression parameters fixed at `init`, and the encryption mode.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The newest repository format this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Name of the configuration file inside a repository.
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// Everything fixed for the life of a repository.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Config {
+    /// Repository format version (see docs/FORMAT.md).
+    pub format_version: u32,
+    /// Random 128-bit id, hex.
+    pub repository_id: String,
+    /// UTC time of `init`.
+    pub created: String,
+    /// Segmenting and content-defined chunking parameters.
+    pub chunker: ChunkerParams,
+    /// Compression of stored objects.
+    pub compression: CompressionParams,
+    /// Encryption of stored objects.
+    pub encryption: EncryptionParams,
+}
+
+/// How disks are cut: fixed segments, then FastCDC inside each segment's non-zero runs.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ChunkerParams {
+    /// Disks are split at fixed offsets into segments of this many bytes.
+    pub segment_size: u32,
+    /// FastCDC minimum chunk size.
+    pub min_size: u32,
+    /// FastCDC average (target) chunk size.
+    pub avg_size: u32,
+    /// FastCDC maximum chunk size.
+    pub max_size: u32,
+    /// Zero detection granularity (bytes, aligned to the segment).
+    pub zero_block: u32,
+    /// Shortest all-zero run recorded as a zero extent instead of data.
+    pub zero_run_min: u32,
+}
+
+impl Default for ChunkerParams {
+    fn default() -> Self {
+        ChunkerParams {
+            segment_size: 16 << 20,
+            min_size: 16 << 10,
+            avg_size: 64 << 10,
+            max_size: 256 << 10,
+            zero_block: 4096,
+            zero_run_min: 64 << 10,
+        }
+    }
+}
+
+impl ChunkerParams {
+    /// Checks that the parameters are usable by the chunker.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let p = self;
+        use fastcdc::v2020 as cdc;
+        if !(cdc::MINIMUM_MIN..=cdc::MINIMUM_MAX).contains(&p.min_size)
+            || !(cdc::AVERAGE_MIN..=cdc::AVERAGE_MAX).contains(&p.avg_size)
+            || !(cdc::MAXIMUM_MIN..=cdc::MAXIMUM_MAX).contains(&p.max_size)
+            || p.min_size > p.avg_size
+            || p.avg_size > p.max_size
+        {
+            return Err(format!(
+                "chunk sizes must satisfy min <= avg <= max with min 64 B..1 MiB, avg 256 B..4 MiB, \
+                 max 1 KiB..16 MiB; got {}/{}/{}",
+                p.min_size, p.avg_size, p.max_size
+            ));
+        }
+        if p.zero_block == 0 || !p.zero_block.is_power_of_two() || p.zero_block > p.min_size {
+            return Err("zero_block must be a power of two no larger than min_size".into());
+        }
+        if p.segment_size < p.max_size
+            || !p.segment_size.is_multiple_of(p.zero_block)
+            || p.segment_size > (1 << 30)
+        {
+            return Err(
+                "segment_size must be a multiple of zero_block, at least max_size, at most 1 GiB"
+                    .into(),
+            );
+        }
+        if p.zero_run_min < p.zero_block {
+            return Err("zero_run_min must be at least zero_block".into());
+        }
+        Ok(())
+    }
+}
+
+/// Compression settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CompressionParams {
+    /// Only "zstd" in format 1.
+    pub algorithm: String,
+    /// zstd level (1..=19).
+    pub level: i32,
+}
+
+impl Default for CompressionParams {
+    fn default() -> Self {
+        CompressionParams {
+            algorithm: "zstd".into(),
+            level: 3,
+        }
+    }
+}
+
+/// Encryption settings; format 1 knows only "none" (room for "aes-256-gcm").
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EncryptionParams {
+    /// "none".
+    pub mode: String,
+}
+
+impl Default for EncryptionParams {
+    fn default() -> Self {
+        EncryptionParams {
+            mode: "none".into(),
+        }
+    }
+}
+
+impl Config {
+    /// A fresh configuration with default parameters.
+    pub fn new(chunker: ChunkerParams, level: i32) -> Result<Config> {
+        chunker.validate().map_err(Error::Usage)?;
+        if !(1..=19).contains(&level) {
+            return Err(Error::Usage(format!(
+                "compression level must be 1..19, got {level}"
+            )));
+        }
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|e| Error::Usage(format!("no randomness: {e}")))?;
+        Ok(Config {
+            format_version: FORMAT_VERSION,
+            repository_id: hex::encode(id),
+            created: jiff::Timestamp::now()
+                .strftime("%Y-%m-%dT%H:%M:%SZ")
+                .to_string(),
+            chunker,
+            compression: CompressionParams {
+                level,
+                ..Default::default()
+            },
+            encryption: EncryptionParams::default(),
+        })
+    }
+
+    /// Reads and validates `config.toml` of the repository at `repo`.
+    pub fn load(repo: &Path) -> Result<Config> {
+        let path = repo.join(CONFIG_FILE);
+        if !repo.is_dir() {
+            return Err(Error::NotARepository {
+                path: repo.to_path_buf(),
+                reason: "no such directory".into(),
+            });
+        }
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotARepository {
+                    path: repo.to_path_buf(),
+                    reason: format!("{CONFIG_FILE} is missing"),
+                })
+            }
+            Err(e) => return Err(Error::io("read", &path, e)),
+        };
+        let value: toml::Table = toml::from_str(&text).map_err(|e| Error::NotARepository {
+            path: repo.to_path_buf(),
+            reason: format!("{CONFIG_FILE} is not valid TOML: {}", e.message()),
+        })?;
+        let found = value
+            .get("format_version")
+            .and_then(|v| v.as_integer())
+            .ok_or_else(|| Error::NotARepository {
+                path: repo.to_path_buf(),
+                reason: format!("{CONFIG_FILE} has no format_version"),
+            })?;
+        if found > FORMAT_VERSION as i64 || found < 1 {
+            return Err(Error::NewerFormat {
+                path: repo.to_path_buf(),
+                found: found.clamp(0, u32::MAX as i64) as u32,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let config: Config = toml::from_str(&text).map_err(|e| {
+            Error::bad_input(&path, format!("invalid configuration: {}", e.message()))
+        })?;
+        config
+            .chunker
+            .validate()
+            .map_err(|r| Error::bad_input(&path, r))?;
+        if config.compression.algorithm != "zstd" {
+            return Err(Error::Unsupported {
+                what: format!("compression {:?}", config.compression.algorithm),
+                path,
+            });
+        }
+        if config.encryption.mode != "none" {
+            return Err(Error::Unsupported {
+                what: format!("encryption {:?}", config.encryption.mode),
+                path,
+            });
+        }
+        Ok(config)
+    }
+
+    /// Serializes to TOML text.
+    pub fn to_toml(&self) -> String {
+        let body = toml::to_string_pretty(self).expect("config serializes");
+        format!("# vmrepo repository configuration. Do not edit: the parameters are fixed at init.\n{body}")
+    }
+
+    /// Writes the file durably (temp file, fsync, rename, fsync directory).
+    pub fn store(&self, repo: &Path) -> Result<()> {
+        crate::fsutil::write_atomic(&repo.join(CONFIG_FILE), self.to_toml().as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let c = Config::new(ChunkerParams::default(), 3).unwrap();
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn rejects_bad_chunk_sizes() {
+        let p = ChunkerParams {
+            min_size: 128 << 10,
+            ..Default::default()
+        };
+        assert!(p.validate().is_err());
+    }
+}

@@ -1,0 +1,97 @@
+//! The library's error type: every variant says what failed, where, and (where it helps) what to do.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Result alias used across the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in vmrepo's library code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system call on a named file failed.
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The SQLite index failed.
+    #[error("index {}: {source}", path.display())]
+    Index {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The path is not a vmrepo repository.
+    #[error("{} is not a vmrepo repository ({reason}); create one with `vmrepo init`", path.display())]
+    NotARepository { path: PathBuf, reason: String },
+    /// The repository was written by a newer vmrepo.
+    #[error("{} has repository format version {found}, but this vmrepo ({version}) understands up to {supported}; upgrade vmrepo", path.display(), version = env!("CARGO_PKG_VERSION"))]
+    NewerFormat {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    /// `init` was pointed at a directory that already has content.
+    #[error("{} is not empty; `vmrepo init` only creates a repository in a new or empty directory", .0.display())]
+    NotEmpty(PathBuf),
+    /// An input file is malformed.
+    #[error("{}: {reason}", path.display())]
+    BadInput { path: PathBuf, reason: String },
+    /// An input uses a format this version cannot read yet.
+    #[error("not supported yet: {what} in {}", path.display())]
+    Unsupported { what: String, path: PathBuf },
+    /// A VM name is not acceptable.
+    #[error("invalid VM name {name:?}: {reason}")]
+    InvalidName { name: String, reason: String },
+    /// A VM, generation or object was not found.
+    #[error("{0}")]
+    NotFound(String),
+    /// Stored data does not match what the index or its hash says.
+    #[error(
+        "damaged repository data: {0}; run `vmrepo check --read-data` to see what is affected"
+    )]
+    Corrupt(String),
+    /// Another process holds a lock we need.
+    #[error("{0}")]
+    Locked(String),
+    /// Refusing to overwrite an existing file.
+    #[error("{} already exists; pass --force to overwrite it", .0.display())]
+    Exists(PathBuf),
+    /// A request that makes no sense (bad generation syntax, bad option value).
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl Error {
+    /// Builds an [`Error::Io`].
+    pub fn io(op: &'static str, path: impl AsRef<Path>, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    /// Builds an [`Error::BadInput`].
+    pub fn bad_input(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
+        Error::BadInput {
+            path: path.as_ref().to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Adds the operation and file name to an `io::Result`.
+pub trait IoContext<T> {
+    /// Wraps the error as [`Error::Io`] naming `op` and `path`.
+    fn ctx(self, op: &'static str, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, op: &'static str, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| Error::io(op, path, e))
+    }
+}

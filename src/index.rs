@@ -1,0 +1,646 @@
+//! The SQLite index (`index.sqlite`, WAL): where every object lives, the segment cache, and the
+//! catalog of VMs and generations. Everything in it can be rebuilt from the pack files.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::id::ObjectId;
+use crate::manifest::Manifest;
+use crate::object::{Codec, ObjectKind, RecordHeader};
+
+/// Schema version stored in `meta`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS packs(
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS objects(
+    id BLOB PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    codec INTEGER NOT NULL,
+    pack INTEGER NOT NULL REFERENCES packs(id),
+    offset INTEGER NOT NULL,
+    stored_len INTEGER NOT NULL,
+    raw_len INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS segment_cache(
+    fingerprint BLOB PRIMARY KEY,
+    segment BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS vms(
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS generations(
+    id INTEGER PRIMARY KEY,
+    vm INTEGER NOT NULL REFERENCES vms(id),
+    time TEXT NOT NULL,
+    manifest BLOB NOT NULL,
+    uuid TEXT,
+    source TEXT NOT NULL,
+    started TEXT NOT NULL,
+    finished TEXT NOT NULL,
+    version TEXT NOT NULL,
+    virtual_bytes INTEGER NOT NULL,
+    bytes_read INTEGER NOT NULL,
+    bytes_new INTEGER NOT NULL,
+    bytes_stored INTEGER NOT NULL,
+    chunks_new INTEGER NOT NULL,
+    UNIQUE(vm, time));
+CREATE TABLE IF NOT EXISTS disks(
+    generation INTEGER NOT NULL REFERENCES generations(id),
+    position INTEGER NOT NULL,
+    slot TEXT NOT NULL,
+    descriptor TEXT,
+    create_type TEXT NOT NULL,
+    virtual_size INTEGER NOT NULL,
+    disk_map BLOB NOT NULL,
+    PRIMARY KEY(generation, position));
+CREATE TABLE IF NOT EXISTS files(
+    generation INTEGER NOT NULL REFERENCES generations(id),
+    name TEXT NOT NULL,
+    object BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY(generation, name));
+";
+
+/// Where an object is stored.
+#[derive(Clone, Debug)]
+pub struct Location {
+    /// Pack name.
+    pub pack: String,
+    /// Offset of the record header in the pack.
+    pub offset: u64,
+    /// The record header the pack must hold there.
+    pub header: RecordHeader,
+}
+
+/// A generation as the index lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerationInfo {
+    /// `vm@time`.
+    pub name: String,
+    /// VM name.
+    pub vm: String,
+    /// Generation time.
+    pub time: String,
+    /// Manifest object id.
+    pub manifest: ObjectId,
+    /// `uuid.bios`.
+    pub uuid: Option<String>,
+    /// Source path.
+    pub source: String,
+    /// Ingest start.
+    pub started: String,
+    /// Ingest end.
+    pub finished: String,
+    /// vmrepo version.
+    pub vmrepo_version: String,
+    /// Virtual size of all disks.
+    pub virtual_bytes: u64,
+    /// Bytes read at ingest.
+    pub bytes_read: u64,
+    /// New chunk bytes.
+    pub bytes_new: u64,
+    /// Bytes written to packs.
+    pub bytes_stored: u64,
+    /// New chunks.
+    pub chunks_new: u64,
+    /// Disks.
+    pub disks: Vec<DiskInfo>,
+    /// Number of small files.
+    pub files: u64,
+    #[serde(skip)]
+    row: i64,
+}
+
+/// A disk as the index lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskInfo {
+    /// Controller slot.
+    pub slot: String,
+    /// Descriptor file name.
+    pub descriptor: Option<String>,
+    /// createType.
+    pub create_type: String,
+    /// Virtual size.
+    pub virtual_size: u64,
+}
+
+/// A VM with a summary of its generations.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmInfo {
+    /// VM name.
+    pub name: String,
+    /// Number of generations.
+    pub generations: u64,
+    /// Oldest generation time.
+    pub oldest: String,
+    /// Newest generation time.
+    pub latest: String,
+    /// Sum of bytes written by its ingests.
+    pub bytes_stored: u64,
+}
+
+/// An open index.
+pub struct Index {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Index {
+    /// Opens (creating if `create`) the index at `path`.
+    pub fn open(path: &Path, create: bool) -> Result<Index> {
+        if !create && !path.exists() {
+            return Err(Error::Corrupt(format!(
+                "index {} is missing; `vmrepo check --rebuild-index` rebuilds it from the data files",
+                path.display()
+            )));
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| Error::Index {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let idx = Index {
+            conn,
+            path: path.to_path_buf(),
+        };
+        idx.setup()?;
+        Ok(idx)
+    }
+
+    fn setup(&self) -> Result<()> {
+        self.conn
+            .busy_timeout(Duration::from_secs(600))
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .map_err(|e| self.err(e))?;
+        let version: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key='schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .or_else(|e| match e {
+                rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => {
+                    Ok(None)
+                }
+                e => Err(e),
+            })
+            .map_err(|e| self.err(e))?;
+        match version {
+            None => {
+                self.conn.execute_batch(SCHEMA).map_err(|e| self.err(e))?;
+                self.conn
+                    .execute(
+                        "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?1)",
+                        [SCHEMA_VERSION.to_string()],
+                    )
+                    .map_err(|e| self.err(e))?;
+            }
+            Some(v) if v.parse::<i64>().ok() == Some(SCHEMA_VERSION) => {}
+            Some(v) => {
+                return Err(Error::Corrupt(format!(
+                    "index {} has schema version {v}, this vmrepo knows {SCHEMA_VERSION}",
+                    self.path.display()
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    fn err(&self, e: rusqlite::Error) -> Error {
+        Error::Index {
+            path: self.path.clone(),
+            source: e,
+        }
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where object `id` is stored, if the index knows it.
+    pub fn lookup(&self, id: &ObjectId) -> Result<Option<Location>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len
+                 FROM objects o JOIN packs p ON p.id = o.pack WHERE o.id = ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        st.query_row([&id.0[..]], |r| row_location(r, *id))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// True if the index knows object `id`.
+    pub fn contains(&self, id: &ObjectId) -> Result<bool> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT 1 FROM objects WHERE id = ?1")
+            .map_err(|e| self.err(e))?;
+        st.exists([&id.0[..]]).map_err(|e| self.err(e))
+    }
+
+    /// Records a sealed pack and the objects in it, in one transaction.
+    pub fn add_pack(
+        &mut self,
+        name: &str,
+        size: u64,
+        records: &[(RecordHeader, u64)],
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let err = |e| Error::Index {
+            path: path.clone(),
+            source: e,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        tx.execute(
+            "INSERT INTO packs(name, size) VALUES(?1, ?2)",
+            params![name, size as i64],
+        )
+        .map_err(err)?;
+        let pack = tx.last_insert_rowid();
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO objects(id, kind, codec, pack, offset, stored_len, raw_len)
+                     VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(err)?;
+            for (h, offset) in records {
+                st.execute(params![
+                    &h.id.0[..],
+                    h.kind as u8,
+                    h.codec as u8,
+                    pack,
+                    *offset as i64,
+                    h.stored_len,
+                    h.raw_len
+                ])
+                .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// The segment object recorded for a content fingerprint, if it is still stored.
+    pub fn cached_segment(&self, fingerprint: &[u8; 32]) -> Result<Option<ObjectId>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT c.segment FROM segment_cache c JOIN objects o ON o.id = c.segment
+                 WHERE c.fingerprint = ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let v: Option<Vec<u8>> = st
+            .query_row([&fingerprint[..]], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok(v.and_then(|b| ObjectId::from_slice(&b)))
+    }
+
+    /// The newest generation time of `vm`, if it has any.
+    pub fn latest_time(&self, vm: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row(
+                "SELECT max(g.time) FROM generations g JOIN vms v ON v.id = g.vm WHERE v.name = ?1",
+                [vm],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Makes a generation visible: one transaction adds it, its disks, files and segment cache rows.
+    /// Every object it references must already be in the index.
+    pub fn commit_generation(
+        &mut self,
+        manifest_id: ObjectId,
+        m: &Manifest,
+        cache: &[([u8; 32], ObjectId)],
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let err = |e| Error::Index {
+            path: path.clone(),
+            source: e,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        insert_generation(&tx, manifest_id, m).map_err(|e| match e {
+            rusqlite::Error::SqliteFailure(f, _)
+                if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Error::Usage(format!(
+                    "VM {} already has a generation at {}",
+                    m.catalog.vm, m.catalog.time
+                ))
+            }
+            e => err(e),
+        })?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO segment_cache(fingerprint, segment) VALUES(?1, ?2)",
+                )
+                .map_err(err)?;
+            for (fp, seg) in cache {
+                st.execute(params![&fp[..], &seg.0[..]]).map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// All VMs with a summary, by name.
+    pub fn vms(&self) -> Result<Vec<VmInfo>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT v.name, count(g.id), min(g.time), max(g.time), coalesce(sum(g.bytes_stored), 0)
+                 FROM vms v JOIN generations g ON g.vm = v.id GROUP BY v.id ORDER BY v.name",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(VmInfo {
+                    name: r.get(0)?,
+                    generations: r.get::<_, i64>(1)? as u64,
+                    oldest: r.get(2)?,
+                    latest: r.get(3)?,
+                    bytes_stored: r.get::<_, i64>(4)? as u64,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Generations, oldest first; of one VM if `vm` is given.
+    pub fn generations(&self, vm: Option<&str>) -> Result<Vec<GenerationInfo>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT g.id, v.name, g.time, g.manifest, g.uuid, g.source, g.started, g.finished, g.version,
+                        g.virtual_bytes, g.bytes_read, g.bytes_new, g.bytes_stored, g.chunks_new,
+                        (SELECT count(*) FROM files f WHERE f.generation = g.id)
+                 FROM generations g JOIN vms v ON v.id = g.vm
+                 WHERE ?1 IS NULL OR v.name = ?1 ORDER BY v.name, g.time",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([vm], |r| {
+                let vm: String = r.get(1)?;
+                let time: String = r.get(2)?;
+                let manifest: Vec<u8> = r.get(3)?;
+                Ok(GenerationInfo {
+                    row: r.get(0)?,
+                    name: format!("{vm}@{time}"),
+                    vm,
+                    time,
+                    manifest: ObjectId::from_slice(&manifest).unwrap_or(ObjectId::ZERO),
+                    uuid: r.get(4)?,
+                    source: r.get(5)?,
+                    started: r.get(6)?,
+                    finished: r.get(7)?,
+                    vmrepo_version: r.get(8)?,
+                    virtual_bytes: r.get::<_, i64>(9)? as u64,
+                    bytes_read: r.get::<_, i64>(10)? as u64,
+                    bytes_new: r.get::<_, i64>(11)? as u64,
+                    bytes_stored: r.get::<_, i64>(12)? as u64,
+                    chunks_new: r.get::<_, i64>(13)? as u64,
+                    files: r.get::<_, i64>(14)? as u64,
+                    disks: Vec::new(),
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        let mut gens: Vec<GenerationInfo> = rows
+            .collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))?;
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT slot, descriptor, create_type, virtual_size FROM disks WHERE generation = ?1 ORDER BY position",
+            )
+            .map_err(|e| self.err(e))?;
+        for g in &mut gens {
+            g.disks = st
+                .query_map([g.row], |r| {
+                    Ok(DiskInfo {
+                        slot: r.get(0)?,
+                        descriptor: r.get(1)?,
+                        create_type: r.get(2)?,
+                        virtual_size: r.get::<_, i64>(3)? as u64,
+                    })
+                })
+                .map_err(|e| self.err(e))?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(gens)
+    }
+
+    /// Resolves `VM`, `VM@latest`, `VM@-N` or `VM@TIME` to one generation.
+    pub fn resolve(&self, spec: &str) -> Result<GenerationInfo> {
+        let (vm, sel) = match spec.split_once('@') {
+            Some((vm, sel)) => (vm, sel),
+            None => (spec, "latest"),
+        };
+        let gens = self.generations(Some(vm))?;
+        if gens.is_empty() {
+            let known: Vec<String> = self.vms()?.into_iter().map(|v| v.name).collect();
+            return Err(Error::NotFound(format!(
+                "no VM named {vm:?} in the repository (VMs: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
+        let pick = if sel == "latest" || sel == "-0" {
+            gens.last()
+        } else if let Some(n) = sel.strip_prefix('-') {
+            let n: usize = n.parse().map_err(|_| {
+                Error::Usage(format!("bad generation {spec:?}: after '@-' give a number"))
+            })?;
+            gens.len().checked_sub(n + 1).and_then(|i| gens.get(i))
+        } else {
+            gens.iter().find(|g| g.time == sel)
+        };
+        pick.cloned().ok_or_else(|| {
+            Error::NotFound(format!(
+                "VM {vm:?} has no generation {sel:?} ({} generations, {} .. {}; see `vmrepo list REPO {vm}`)",
+                gens.len(),
+                gens[0].time,
+                gens[gens.len() - 1].time
+            ))
+        })
+    }
+
+    /// Every pack the index knows, with its recorded size.
+    pub fn packs(&self) -> Result<Vec<(String, u64)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, size FROM packs ORDER BY name")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Calls `f` for every object in the index, in pack and offset order.
+    pub fn for_each_object(&self, mut f: impl FnMut(Location) -> Result<()>) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len, o.id
+                 FROM objects o JOIN packs p ON p.id = o.pack ORDER BY p.name, o.offset",
+            )
+            .map_err(|e| self.err(e))?;
+        let mut rows = st.query([]).map_err(|e| self.err(e))?;
+        while let Some(r) = rows.next().map_err(|e| self.err(e))? {
+            let id: Vec<u8> = r.get(6).map_err(|e| self.err(e))?;
+            let id = ObjectId::from_slice(&id).unwrap_or(ObjectId::ZERO);
+            f(row_location(r, id).map_err(|e| self.err(e))?)?;
+        }
+        Ok(())
+    }
+
+    /// Counts objects and their stored bytes.
+    pub fn object_totals(&self) -> Result<(u64, u64)> {
+        self.conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(stored_len + 52), 0) FROM objects",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Runs SQLite's own consistency check; returns its complaints.
+    pub fn integrity_check(&self) -> Result<Vec<String>> {
+        let mut st = self
+            .conn
+            .prepare("PRAGMA quick_check")
+            .map_err(|e| self.err(e))?;
+        let rows: Vec<String> = st
+            .query_map([], |r| r.get(0))
+            .map_err(|e| self.err(e))?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows.into_iter().filter(|r| r != "ok").collect())
+    }
+
+    /// Inserts a generation read back from its manifest (index rebuild).
+    pub fn insert_rebuilt_generation(&mut self, manifest_id: ObjectId, m: &Manifest) -> Result<()> {
+        self.commit_generation(manifest_id, m, &[])
+    }
+
+    /// Inserts segment cache rows (index rebuild).
+    pub fn insert_cache(&mut self, cache: &[([u8; 32], ObjectId)]) -> Result<()> {
+        let path = self.path.clone();
+        let err = |e| Error::Index {
+            path: path.clone(),
+            source: e,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO segment_cache(fingerprint, segment) VALUES(?1, ?2)",
+                )
+                .map_err(err)?;
+            for (fp, seg) in cache {
+                st.execute(params![&fp[..], &seg.0[..]]).map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// Folds the WAL into the database file (keeps the repository compact between runs).
+    pub fn checkpoint(&self) {
+        let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+    }
+}
+
+fn row_location(r: &rusqlite::Row<'_>, id: ObjectId) -> rusqlite::Result<Location> {
+    let kind: u8 = r.get(0)?;
+    let codec: u8 = r.get(1)?;
+    Ok(Location {
+        pack: r.get(2)?,
+        offset: r.get::<_, i64>(3)? as u64,
+        header: RecordHeader {
+            kind: ObjectKind::from_u8(kind).unwrap_or(ObjectKind::Chunk),
+            codec: if codec == 0 { Codec::Raw } else { Codec::Zstd },
+            stored_len: r.get(4)?,
+            raw_len: r.get(5)?,
+            id,
+        },
+    })
+}
+
+fn insert_generation(
+    tx: &rusqlite::Transaction<'_>,
+    manifest_id: ObjectId,
+    m: &Manifest,
+) -> rusqlite::Result<()> {
+    let c = &m.catalog;
+    tx.execute("INSERT OR IGNORE INTO vms(name) VALUES(?1)", [&c.vm])?;
+    let vm: i64 = tx.query_row("SELECT id FROM vms WHERE name = ?1", [&c.vm], |r| r.get(0))?;
+    tx.execute(
+        "INSERT INTO generations(vm, time, manifest, uuid, source, started, finished, version,
+            virtual_bytes, bytes_read, bytes_new, bytes_stored, chunks_new)
+         VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        params![
+            vm,
+            c.time,
+            &manifest_id.0[..],
+            c.uuid,
+            c.source,
+            c.started,
+            c.finished,
+            c.vmrepo_version,
+            c.stats.virtual_bytes as i64,
+            c.stats.bytes_read as i64,
+            c.stats.bytes_new as i64,
+            c.stats.bytes_stored as i64,
+            c.stats.chunks_new as i64
+        ],
+    )?;
+    let gen = tx.last_insert_rowid();
+    for (i, d) in m.disks.iter().enumerate() {
+        tx.execute(
+            "INSERT INTO disks(generation, position, slot, descriptor, create_type, virtual_size, disk_map)
+             VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![gen, i as i64, d.slot, d.descriptor, d.create_type, d.virtual_size as i64, &d.disk_map.0[..]],
+        )?;
+    }
+    for f in &m.files {
+        tx.execute(
+            "INSERT INTO files(generation, name, object, size) VALUES(?1, ?2, ?3, ?4)",
+            params![gen, f.name, &f.object.0[..], f.size as i64],
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,394 @@
+//! Ingest: read a VM (or a disk image), cut each disk into segments and chunks in parallel,
+//! store what the repository lacks, and commit one generation atomically.
+//!
+//! Data flow: source reader → per-segment read (holes skipped) → zero runs → fingerprint →
+//! (segment cache hit: reuse) or FastCDC + BLAKE3 → new chunks compressed into packs →
+//! segment objects → disk maps → manifest → one index transaction.
+
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::chunker::{self, Run};
+use crate::config::ChunkerParams;
+use crate::error::{Error, IoContext, Result};
+use crate::id::ObjectId;
+use crate::lock::lock_vm;
+use crate::manifest::{
+    Catalog, DiskEntry, DiskMap, ExtentFile, FileEntry, IngestStats, Manifest, Segment,
+    MANIFEST_VERSION,
+};
+use crate::object::{ObjectKind, MAX_OBJECT_LEN};
+use crate::progress::Progress;
+use crate::repo::Repository;
+use crate::source::DiskReader;
+use crate::store::Store;
+use crate::vm::{open_source, DiskPlan, SourcePlan};
+
+/// Options of an ingest.
+#[derive(Debug, Default, Clone)]
+pub struct IngestOptions {
+    /// VM name instead of the .vmx displayName / file name.
+    pub name: Option<String>,
+}
+
+/// What an ingest did.
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestReport {
+    /// `vm@time`.
+    pub generation: String,
+    /// The manifest id.
+    pub manifest: ObjectId,
+    /// Byte and chunk counts.
+    pub stats: IngestStats,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Disks ingested.
+    pub disks: usize,
+    /// Small files stored.
+    pub files: usize,
+    /// Warnings about the source.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    bytes_read: AtomicU64,
+    bytes_data: AtomicU64,
+    bytes_new: AtomicU64,
+    chunks_total: AtomicU64,
+    chunks_new: AtomicU64,
+    segments_reused: AtomicU64,
+}
+
+/// Formats a timestamp as a generation time.
+pub fn format_time(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// Ingests `path` into `repo` as a new generation.
+pub fn ingest(
+    repo: &Repository,
+    path: &std::path::Path,
+    opts: &IngestOptions,
+    progress: &dyn Progress,
+) -> Result<IngestReport> {
+    let began = Instant::now();
+    let started = jiff::Timestamp::now();
+    let plan = open_source(path, opts.name.as_deref())?;
+    for w in &plan.warnings {
+        progress.note(&format!("warning: {w}"));
+    }
+    let _vm_lock = lock_vm(repo.root(), &plan.vm)?;
+    let time = generation_time(repo, &plan.vm, started)?;
+    let store = Store::new(repo)?;
+    match run(repo, &store, &plan, &time, started, progress) {
+        Ok((manifest_id, manifest)) => Ok(IngestReport {
+            generation: format!("{}@{}", plan.vm, time),
+            manifest: manifest_id,
+            stats: manifest.catalog.stats.clone(),
+            seconds: began.elapsed().as_secs_f64(),
+            disks: manifest.disks.len(),
+            files: manifest.files.len(),
+            warnings: plan.warnings.clone(),
+        }),
+        Err(e) => {
+            store.abort();
+            Err(e)
+        }
+    }
+}
+
+/// The generation time: now, or one second after the VM's newest generation if that is not
+/// older (fast repeated runs, clock steps), so names stay unique and ordered.
+fn generation_time(repo: &Repository, vm: &str, now: jiff::Timestamp) -> Result<String> {
+    let mut t = format_time(now);
+    if let Some(latest) = repo.with_index(|i| i.latest_time(vm))? {
+        if latest >= t {
+            let parsed: jiff::Timestamp = latest.parse().map_err(|_| {
+                Error::Corrupt(format!(
+                    "generation time {latest:?} of {vm} is not a timestamp"
+                ))
+            })?;
+            t = format_time(parsed + jiff::SignedDuration::from_secs(1));
+        }
+    }
+    Ok(t)
+}
+
+fn run(
+    repo: &Repository,
+    store: &Store<'_>,
+    plan: &SourcePlan,
+    time: &str,
+    started: jiff::Timestamp,
+    progress: &dyn Progress,
+) -> Result<(ObjectId, Manifest)> {
+    let params = repo.config().chunker;
+    let counters = Counters::default();
+    let mut files = Vec::new();
+    for f in &plan.files {
+        let data = read_small_file(&f.path)?;
+        let object = store.put_blob(ObjectKind::File, &data)?;
+        counters
+            .bytes_read
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        files.push(FileEntry {
+            name: f.name.clone(),
+            size: data.len() as u64,
+            object,
+        });
+    }
+
+    let mut to_read = 0u64;
+    for d in &plan.disks {
+        to_read += d
+            .reader
+            .allocated(0..d.reader.size())?
+            .iter()
+            .map(|r| r.end - r.start)
+            .sum::<u64>();
+    }
+    progress.start(&format!("ingest {}", plan.vm), to_read);
+    let mut disks = Vec::new();
+    let mut cache_rows = Vec::new();
+    let mut stats = IngestStats::default();
+    for d in &plan.disks {
+        let (entry, rows, nseg) = ingest_disk(store, d, &params, &counters, progress)?;
+        stats.virtual_bytes += d.reader.size();
+        stats.segments_total += nseg;
+        disks.push(entry);
+        cache_rows.extend(rows);
+    }
+    progress.finish();
+
+    stats.bytes_read = counters.bytes_read.load(Ordering::Relaxed);
+    stats.bytes_data = counters.bytes_data.load(Ordering::Relaxed);
+    stats.bytes_new = counters.bytes_new.load(Ordering::Relaxed);
+    stats.chunks_total = counters.chunks_total.load(Ordering::Relaxed);
+    stats.chunks_new = counters.chunks_new.load(Ordering::Relaxed);
+    stats.segments_reused = counters.segments_reused.load(Ordering::Relaxed);
+    let mut manifest = Manifest {
+        version: MANIFEST_VERSION,
+        catalog: Catalog {
+            vm: plan.vm.clone(),
+            time: time.to_string(),
+            uuid: plan.uuid.clone(),
+            display_name: plan.display_name.clone(),
+            source_kind: plan.kind.to_string(),
+            source: plan.source.to_string_lossy().into_owned(),
+            started: format_time(started),
+            finished: String::new(),
+            vmrepo_version: env!("CARGO_PKG_VERSION").to_string(),
+            stats,
+        },
+        files,
+        disks,
+    };
+    // Everything but the manifest is written: count it, then store the manifest itself.
+    manifest.catalog.stats.bytes_stored = store.bytes_stored();
+    manifest.catalog.finished = format_time(jiff::Timestamp::now());
+    let manifest_id = store.put_blob(ObjectKind::Manifest, &manifest.encode())?;
+    store.commit_generation(manifest_id, &manifest, &cache_rows)?;
+    Ok((manifest_id, manifest))
+}
+
+fn read_small_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(path).ctx("stat", path)?.len();
+    if len > MAX_OBJECT_LEN as u64 {
+        return Err(Error::bad_input(
+            path,
+            format!("is {len} bytes; small VM files (.vmx, .nvram, logs, descriptors) are limited to 256 MiB"),
+        ));
+    }
+    std::fs::read(path).ctx("read", path)
+}
+
+type CacheRow = ([u8; 32], ObjectId);
+
+fn ingest_disk(
+    store: &Store<'_>,
+    d: &DiskPlan,
+    params: &ChunkerParams,
+    counters: &Counters,
+    progress: &dyn Progress,
+) -> Result<(DiskEntry, Vec<CacheRow>, u64)> {
+    let size = d.reader.size();
+    let seg = params.segment_size as u64;
+    let nseg = size.div_ceil(seg);
+    let key = chunker::fingerprint_key(params);
+    let results: Vec<(ObjectId, Option<CacheRow>)> = (0..nseg)
+        .into_par_iter()
+        .map(|i| {
+            let range = i * seg..((i + 1) * seg).min(size);
+            ingest_segment(
+                store,
+                d.reader.as_ref(),
+                range,
+                params,
+                &key,
+                counters,
+                progress,
+            )
+        })
+        .collect::<Result<_>>()?;
+    let mut segments = Vec::with_capacity(results.len());
+    let mut rows = Vec::new();
+    for (id, row) in results {
+        segments.push(id);
+        rows.extend(row);
+    }
+    let map = DiskMap {
+        size,
+        segment_size: params.segment_size,
+        segments,
+    };
+    let disk_map = store.put_blob(ObjectKind::DiskMap, &map.encode())?;
+    let mut extents = Vec::new();
+    for e in &d.extents {
+        let (head, tail) = match &e.path {
+            Some(p) => {
+                store_extent_edges(store, p, e.file_offset, e.file_offset + e.len, e.file_size)?
+            }
+            None => (None, None),
+        };
+        extents.push(ExtentFile {
+            kind: e.kind.clone(),
+            start: e.start,
+            len: e.len,
+            file: e.name.clone(),
+            file_offset: e.file_offset,
+            file_size: e.file_size,
+            head,
+            tail,
+        });
+    }
+    Ok((
+        DiskEntry {
+            slot: d.slot.clone(),
+            descriptor: d.descriptor.clone(),
+            create_type: d.create_type.clone(),
+            virtual_size: size,
+            disk_map,
+            extents,
+        },
+        rows,
+        nseg,
+    ))
+}
+
+/// Stores the bytes of an extent file that lie outside the extent (before its offset, after its
+/// end) so that restore gives back the file byte for byte.
+fn store_extent_edges(
+    store: &Store<'_>,
+    path: &std::path::Path,
+    data_start: u64,
+    data_end: u64,
+    file_size: u64,
+) -> Result<(Option<ObjectId>, Option<ObjectId>)> {
+    let read = |r: Range<u64>| -> Result<Option<ObjectId>> {
+        if r.is_empty() {
+            return Ok(None);
+        }
+        if r.end - r.start > MAX_OBJECT_LEN as u64 {
+            return Err(Error::Unsupported {
+                what: format!("{} bytes outside the extent's data", r.end - r.start),
+                path: path.to_path_buf(),
+            });
+        }
+        let f = crate::source::FlatFile::open(path)?;
+        let mut buf = vec![0u8; (r.end - r.start) as usize];
+        f.read_exact_at(&mut buf, r.start)?;
+        Ok(Some(store.put_blob(ObjectKind::File, &buf)?))
+    };
+    Ok((read(0..data_start)?, read(data_end..file_size)?))
+}
+
+thread_local! {
+    static SEGMENT_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn ingest_segment(
+    store: &Store<'_>,
+    reader: &dyn DiskReader,
+    range: Range<u64>,
+    params: &ChunkerParams,
+    key: &[u8; 32],
+    counters: &Counters,
+    progress: &dyn Progress,
+) -> Result<(ObjectId, Option<CacheRow>)> {
+    let alloc = reader.allocated(range.clone())?;
+    if alloc.is_empty() {
+        return Ok((ObjectId::ZERO, None));
+    }
+    let len = (range.end - range.start) as usize;
+    let zb = params.zero_block as usize;
+    SEGMENT_BUF.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        buf.resize(len, 0);
+        let buf = &mut buf[..len];
+        // Read the allocated ranges, widened to zero blocks; zero-fill the gaps, which are holes.
+        let mut hole = vec![true; len.div_ceil(zb)];
+        let mut filled = 0usize;
+        let mut read = 0u64;
+        for r in &alloc {
+            let s = ((r.start - range.start) as usize / zb * zb).max(filled);
+            let e = ((r.end - range.start) as usize)
+                .div_ceil(zb)
+                .saturating_mul(zb)
+                .min(len);
+            if s >= e {
+                continue;
+            }
+            buf[filled..s].fill(0);
+            reader.read_at(&mut buf[s..e], range.start + s as u64)?;
+            hole[s / zb..e.div_ceil(zb)].fill(false);
+            read += (e - s) as u64;
+            filled = e;
+        }
+        buf[filled..].fill(0);
+        counters.bytes_read.fetch_add(read, Ordering::Relaxed);
+        progress.advance(read);
+
+        let runs = chunker::runs(buf, params, |i| hole[i]);
+        if let [Run::Zero(_)] = runs.as_slice() {
+            return Ok((ObjectId::ZERO, None));
+        }
+        let data_bytes: u64 = runs
+            .iter()
+            .map(|r| match r {
+                Run::Data(d) => (d.end - d.start) as u64,
+                Run::Zero(_) => 0,
+            })
+            .sum();
+        counters.bytes_data.fetch_add(data_bytes, Ordering::Relaxed);
+        let fp = chunker::fingerprint(key, buf, &runs);
+        if let Some(seg) = store.repo().with_index(|i| i.cached_segment(&fp))? {
+            counters.segments_reused.fetch_add(1, Ordering::Relaxed);
+            // Chunk count of a reused segment is not known without loading it; count data bytes only.
+            return Ok((seg, None));
+        }
+        let (extents, cuts) = chunker::cut(buf, &runs, params);
+        counters
+            .chunks_total
+            .fetch_add(cuts.len() as u64, Ordering::Relaxed);
+        for c in &cuts {
+            if store.put(ObjectKind::Chunk, c.id, &buf[c.range.clone()])? {
+                counters.chunks_new.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .bytes_new
+                    .fetch_add(c.range.len() as u64, Ordering::Relaxed);
+            }
+        }
+        let segment = Segment {
+            fingerprint: fp,
+            extents,
+        };
+        let id = store.put_blob(ObjectKind::Segment, &segment.encode())?;
+        Ok((id, Some((fp, id))))
+    })
+}

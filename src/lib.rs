@@ -1,0 +1,31 @@
+//! vmrepo: a content-addressed, deduplicating, compressed repository for virtual machine backups.
+//!
+//! Data flow (docs/ARCHITECTURE.md): [`vm`] opens a VM directory or disk image into readers
+//! ([`source`]); [`ingest`] cuts each disk into fixed segments and FastCDC chunks
+//! ([`chunker`]), stores new objects through [`store`] into [`pack`] files and records them in
+//! the SQLite [`index`]; a generation is its [`manifest`]. [`extract`] and [`check`] read back.
+
+pub mod check;
+pub mod chunker;
+pub mod config;
+pub mod descriptor;
+pub mod error;
+pub mod extract;
+pub mod fsutil;
+pub mod id;
+pub mod index;
+pub mod ingest;
+pub mod lock;
+pub mod manifest;
+pub mod object;
+pub mod pack;
+pub mod progress;
+pub mod repo;
+pub mod source;
+pub mod store;
+pub mod vm;
+pub mod vmx;
+
+pub use error::{Error, Result};
+pub use id::ObjectId;
+pub use repo::Repository;

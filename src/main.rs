@@ -1,0 +1,476 @@
+//! The `vmrepo` command line: argument parsing, progress display and output formatting. All
+//! work is done by the library; errors get their context here.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use vmrepo::check::{check, rebuild_index};
+use vmrepo::config::ChunkerParams;
+use vmrepo::extract::{extract, ExtractOptions};
+use vmrepo::ingest::{ingest, IngestOptions};
+use vmrepo::lock::LockMode;
+use vmrepo::progress::Progress;
+use vmrepo::Repository;
+
+#[derive(Parser)]
+#[command(
+    name = "vmrepo",
+    version,
+    about = "Back up virtual machines into a deduplicating, compressed repository",
+    long_about = "vmrepo backs up VMware VM directories (as ESXi, ghettoVCB or vcbMounter leave them) and raw \
+disk images into one content-addressed repository. Each ingest of a VM becomes a generation named \
+VM@YYYY-MM-DDTHH:MM:SSZ; only data the repository does not hold yet is stored, compressed with zstd, \
+so a nightly generation costs what changed.\n\nTypical nightly use (cron):\n  vmrepo init /backup/repo\n  \
+vmrepo ingest /backup/repo /vmfs/volumes/ds1/web01\n  vmrepo list /backup/repo\n  vmrepo extract /backup/repo \
+web01@-1 /restore/web01\n  vmrepo check /backup/repo --read-data"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new, empty repository.
+    #[command(
+        long_about = "Create a new repository in DIR, which must not exist or be empty. The chunking \
+and compression parameters are fixed for the life of the repository; the defaults were chosen by \
+measurement (docs/PERFORMANCE.md). Repositories are not encrypted in this version: keep them on storage \
+only you can read."
+    )]
+    Init {
+        /// Directory to create the repository in.
+        repo: PathBuf,
+        /// Average chunk size in KiB (FastCDC target).
+        #[arg(long, default_value_t = ChunkerParams::default().avg_size >> 10, value_name = "KIB")]
+        chunk_avg: u32,
+        /// Minimum chunk size in KiB (default: avg/4).
+        #[arg(long, value_name = "KIB")]
+        chunk_min: Option<u32>,
+        /// Maximum chunk size in KiB (default: avg*4).
+        #[arg(long, value_name = "KIB")]
+        chunk_max: Option<u32>,
+        /// Segment size in MiB: disks are cut at these fixed offsets before chunking.
+        #[arg(long, default_value_t = ChunkerParams::default().segment_size >> 20, value_name = "MIB")]
+        segment_size: u32,
+        /// zstd compression level (1 fastest .. 19 smallest).
+        #[arg(long, default_value_t = 3, value_name = "LEVEL")]
+        compression_level: i32,
+    },
+    /// Back up a VM directory or a disk image as a new generation.
+    #[command(
+        long_about = "Read SOURCE and store it as a new generation of its VM. SOURCE is a VM directory \
+(its .vmx names the disks; .vmx, .vmxf, .vmsd, .nvram, logs and disk descriptors are stored verbatim), a \
+.vmx file, a flat VMDK descriptor, or a raw disk image. Disks are read while frozen (e.g. under a VM \
+snapshot); holes and zero runs cost nothing, and only chunks the repository lacks are stored. The \
+generation becomes visible only once all its data is durable: an interrupted ingest leaves no \
+generation behind, and a re-run reuses what it had stored. Supported disks: monolithicFlat, \
+vmfs/vmfsThin flat pairs, twoGbMaxExtentFlat, ZERO extents and raw images."
+    )]
+    Ingest {
+        /// Repository directory.
+        repo: PathBuf,
+        /// VM directory, .vmx file, flat VMDK descriptor or raw disk image.
+        source: PathBuf,
+        /// VM name (default: the .vmx displayName, or the image file name without extension).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print one JSON summary on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List VMs, or the generations of one VM.
+    List {
+        /// Repository directory.
+        repo: PathBuf,
+        /// Show this VM's generations (default: one line per VM).
+        vm: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a generation into a directory.
+    #[command(
+        long_about = "Write generation GENERATION back into DEST: the VM's small files byte for byte \
+and each disk in its original layout (descriptor plus flat extent files, or the raw image) as sparse \
+files. GENERATION is VM (the latest), VM@-1 (the one before), VM@-N, or VM@YYYY-MM-DDTHH:MM:SSZ. Every \
+chunk is verified against its hash; files appear under their final names only when complete."
+    )]
+    Extract {
+        /// Repository directory.
+        repo: PathBuf,
+        /// VM, VM@-N or VM@TIME.
+        generation: String,
+        /// Destination directory (created if missing).
+        dest: PathBuf,
+        /// Overwrite files that exist in DEST.
+        #[arg(long)]
+        force: bool,
+        /// Restore only the disks (descriptors and extent files).
+        #[arg(long)]
+        disk_only: bool,
+        /// Print a JSON summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify the repository; exits non-zero on any damage.
+    #[command(
+        long_about = "Check that the index and the pack files agree and that every generation's \
+manifest, disk maps, segments and chunks are present. With --read-data, also read, decompress and \
+re-hash every stored object. Damaged generations and disks are named. With --rebuild-index, first \
+rebuild index.sqlite from the pack files alone (the old index is kept beside it), then check."
+    )]
+    Check {
+        /// Repository directory.
+        repo: PathBuf,
+        /// Read and verify every stored byte.
+        #[arg(long)]
+        read_data: bool,
+        /// Rebuild the index from the pack files first (needs the repository to itself).
+        #[arg(long)]
+        rebuild_index: bool,
+        /// Print a JSON report.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// indicatif progress on a terminal's stderr; silent otherwise.
+struct Bar {
+    bar: Option<ProgressBar>,
+}
+
+impl Bar {
+    fn new(enabled: bool) -> Bar {
+        let on = enabled && std::io::stderr().is_terminal();
+        Bar {
+            bar: on.then(|| {
+                let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "{msg:20} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                    )
+                    .unwrap()
+                    .progress_chars("=> "),
+                );
+                b
+            }),
+        }
+    }
+}
+
+impl Progress for Bar {
+    fn start(&self, label: &str, total: u64) {
+        if let Some(b) = &self.bar {
+            b.reset();
+            b.set_length(total);
+            b.set_position(0);
+            b.set_message(label.to_string());
+        }
+    }
+    fn advance(&self, n: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(n);
+        }
+    }
+    fn note(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.suspend(|| eprintln!("{msg}")),
+            None => eprintln!("{msg}"),
+        }
+    }
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmrepo: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Init {
+            repo,
+            chunk_avg,
+            chunk_min,
+            chunk_max,
+            segment_size,
+            compression_level,
+        } => {
+            let avg = chunk_avg.saturating_mul(1024);
+            let params = ChunkerParams {
+                avg_size: avg,
+                min_size: chunk_min.map_or(avg / 4, |k| k.saturating_mul(1024)),
+                max_size: chunk_max.map_or(avg.saturating_mul(4), |k| k.saturating_mul(1024)),
+                segment_size: segment_size.saturating_mul(1 << 20),
+                ..ChunkerParams::default()
+            };
+            let config = Repository::init(&repo, params, compression_level)
+                .with_context(|| format!("cannot create a repository in {}", repo.display()))?;
+            let c = config.chunker;
+            println!(
+                "created repository {} (format {})",
+                repo.display(),
+                config.format_version
+            );
+            println!(
+                "chunks {}/{}/{} KiB (min/avg/max) in {} MiB segments, zstd level {}",
+                c.min_size >> 10,
+                c.avg_size >> 10,
+                c.max_size >> 10,
+                c.segment_size >> 20,
+                config.compression.level
+            );
+            println!(
+                "encryption: none -- anyone who can read {} can read the backups",
+                repo.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ingest {
+            repo,
+            source,
+            name,
+            json,
+        } => {
+            let r = Repository::open(&repo, LockMode::Shared)?;
+            let bar = Bar::new(!json);
+            let report = ingest(&r, &source, &IngestOptions { name }, &bar).with_context(|| {
+                format!(
+                    "ingest of {} failed; no generation was recorded",
+                    source.display()
+                )
+            })?;
+            if json {
+                print_json(&report);
+            } else {
+                let s = &report.stats;
+                let rate = s.bytes_read as f64 / report.seconds.max(1e-6);
+                println!("generation {}", report.generation);
+                println!(
+                    "  read        {} of {} virtual ({} disks, {} files) in {:.1} s, {}/s",
+                    human(s.bytes_read),
+                    human(s.virtual_bytes),
+                    report.disks,
+                    report.files,
+                    report.seconds,
+                    human(rate as u64)
+                );
+                println!(
+                    "  new         {} in {} chunks ({} of {} segments unchanged)",
+                    human(s.bytes_new),
+                    s.chunks_new,
+                    s.segments_reused,
+                    s.segments_total
+                );
+                println!("  stored      {} after compression", human(s.bytes_stored));
+                println!(
+                    "  dedup+compression ratio {:.1}x (bytes read / bytes stored)",
+                    s.bytes_read as f64 / s.bytes_stored.max(1) as f64
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::List { repo, vm, json } => {
+            let r = Repository::open(&repo, LockMode::Shared)?;
+            let index = r.open_index()?;
+            match vm {
+                None => {
+                    let vms = index.vms()?;
+                    if json {
+                        print_json(&vms);
+                    } else if vms.is_empty() {
+                        println!("no VMs in {}", repo.display());
+                    } else {
+                        println!(
+                            "{:<24} {:>5}  {:<20}  {:<20}  {:>10}",
+                            "VM", "GENS", "OLDEST", "LATEST", "STORED"
+                        );
+                        for v in vms {
+                            println!(
+                                "{:<24} {:>5}  {:<20}  {:<20}  {:>10}",
+                                v.name,
+                                v.generations,
+                                v.oldest,
+                                v.latest,
+                                human(v.bytes_stored)
+                            );
+                        }
+                    }
+                }
+                Some(vm) => {
+                    let gens = index.generations(Some(&vm))?;
+                    if gens.is_empty() {
+                        // resolve() gives the helpful message.
+                        index.resolve(&vm)?;
+                    }
+                    if json {
+                        print_json(&gens);
+                    } else {
+                        println!(
+                            "{:<34} {:>10} {:>10} {:>10}  DISKS",
+                            "GENERATION", "VIRTUAL", "READ", "STORED"
+                        );
+                        for g in gens {
+                            let disks: Vec<String> = g
+                                .disks
+                                .iter()
+                                .map(|d| {
+                                    format!(
+                                        "{} {} {}",
+                                        d.slot,
+                                        d.create_type,
+                                        human(d.virtual_size)
+                                    )
+                                })
+                                .collect();
+                            println!(
+                                "{:<34} {:>10} {:>10} {:>10}  {}",
+                                g.name,
+                                human(g.virtual_bytes),
+                                human(g.bytes_read),
+                                human(g.bytes_stored),
+                                disks.join(", ")
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Extract {
+            repo,
+            generation,
+            dest,
+            force,
+            disk_only,
+            json,
+        } => {
+            let r = Repository::open(&repo, LockMode::Shared)?;
+            let bar = Bar::new(!json);
+            let report = extract(
+                &r,
+                &generation,
+                &dest,
+                &ExtractOptions { force, disk_only },
+                &bar,
+            )
+            .with_context(|| format!("extract of {generation} into {} failed", dest.display()))?;
+            if json {
+                print_json(&report);
+            } else {
+                println!(
+                    "extracted {} into {}: {} files, {} of disk data ({} virtual) in {:.1} s",
+                    report.generation,
+                    report.destination,
+                    report.files.len(),
+                    human(report.bytes_written),
+                    human(report.virtual_bytes),
+                    report.seconds
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            repo,
+            read_data,
+            rebuild_index: rebuild,
+            json,
+        } => {
+            let bar = Bar::new(!json);
+            let mut rebuilt = None;
+            if rebuild {
+                let r = Repository::open(&repo, LockMode::Exclusive)?;
+                let rep = rebuild_index(&r, &bar)
+                    .context("index rebuild failed; the old index is untouched")?;
+                if !json {
+                    println!(
+                        "rebuilt index from {} packs: {} objects, {} generations",
+                        rep.packs, rep.objects, rep.generations
+                    );
+                    if let Some(old) = &rep.old_index {
+                        println!("  previous index kept as {old}");
+                    }
+                    for i in &rep.incomplete {
+                        println!("  not recovered: {i}");
+                    }
+                    for d in &rep.damaged {
+                        println!("  damaged: {d}");
+                    }
+                }
+                rebuilt = Some(rep);
+            }
+            let r = Repository::open(&repo, LockMode::Shared)?;
+            let report = check(&r, read_data, &bar)?;
+            if json {
+                print_json(
+                    &serde_json::json!({ "ok": report.ok(), "check": report, "rebuild": rebuilt }),
+                );
+            } else {
+                for p in &report.problems {
+                    println!("PROBLEM  {p}");
+                }
+                for d in &report.damaged {
+                    println!("DAMAGED  {}: {}", d.generation, d.parts.join(", "));
+                    for p in &d.problems {
+                        println!("         {p}");
+                    }
+                }
+                for n in &report.notes {
+                    println!("note     {n}");
+                }
+                println!(
+                    "{}: {} generations, {} objects ({}){}",
+                    if report.ok() { "ok" } else { "DAMAGE FOUND" },
+                    report.generations,
+                    report.objects,
+                    human(report.stored_bytes),
+                    if read_data {
+                        format!(", {} objects read and verified", report.objects_read)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! The metadata objects that describe a generation: segments (chunk lists), disk maps
+//! (segment lists) and the generation manifest (catalog, small files, disks).
+//!
+//! Segments and disk maps are compact binary objects so that unchanged ones dedup like data;
+//! the manifest is JSON so that it stays readable and extensible (see docs/FORMAT.md).
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::ObjectId;
+
+const SEGMENT_MAGIC: &[u8; 4] = b"VRSG";
+const DISKMAP_MAGIC: &[u8; 4] = b"VRDM";
+const ZERO_FLAG: u32 = 1 << 31;
+
+/// One piece of a segment, in disk order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extent {
+    /// `len` bytes of the chunk `id`.
+    Data { len: u32, id: ObjectId },
+    /// `len` bytes of zeros; nothing stored.
+    Zero { len: u32 },
+}
+
+impl Extent {
+    /// Length in bytes.
+    pub fn len(&self) -> u32 {
+        match *self {
+            Extent::Data { len, .. } | Extent::Zero { len } => len,
+        }
+    }
+
+    /// True for an empty extent (never produced by the chunker).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The chunk list of one fixed-size segment of a disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Keyed hash of the segment's content, used to skip re-chunking an unchanged segment.
+    pub fingerprint: [u8; 32],
+    /// Extents covering the segment exactly.
+    pub extents: Vec<Extent>,
+}
+
+impl Segment {
+    /// Total bytes covered.
+    pub fn len(&self) -> u64 {
+        self.extents.iter().map(|e| e.len() as u64).sum()
+    }
+
+    /// True if the segment covers nothing.
+    pub fn is_empty(&self) -> bool {
+        self.extents.is_empty()
+    }
+
+    /// Binary encoding: `"VRSG" | version u32 | fingerprint [32] | count u32 | entries`, each entry
+    /// `u32 (bit 31 = zero run, low bits = length)` followed by a 32-byte chunk id for data.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(44 + self.extents.len() * 36);
+        out.extend_from_slice(SEGMENT_MAGIC);
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&self.fingerprint);
+        out.extend_from_slice(&(self.extents.len() as u32).to_le_bytes());
+        for e in &self.extents {
+            match e {
+                Extent::Data { len, id } => {
+                    out.extend_from_slice(&len.to_le_bytes());
+                    out.extend_from_slice(&id.0);
+                }
+                Extent::Zero { len } => out.extend_from_slice(&(len | ZERO_FLAG).to_le_bytes()),
+            }
+        }
+        out
+    }
+
+    /// Parses [`Segment::encode`]'s output.
+    pub fn decode(b: &[u8]) -> Result<Segment, String> {
+        if b.len() < 44 || &b[..4] != SEGMENT_MAGIC {
+            return Err("not a segment object".into());
+        }
+        if u32_at(b, 4) != 1 {
+            return Err(format!("segment version {} unknown", u32_at(b, 4)));
+        }
+        let fingerprint: [u8; 32] = b[8..40].try_into().unwrap();
+        let count = u32_at(b, 40) as usize;
+        let mut pos = 44;
+        let mut extents = Vec::with_capacity(count.min(1 << 20));
+        for _ in 0..count {
+            if pos + 4 > b.len() {
+                return Err("segment object truncated".into());
+            }
+            let word = u32_at(b, pos);
+            pos += 4;
+            if word & ZERO_FLAG != 0 {
+                extents.push(Extent::Zero {
+                    len: word & !ZERO_FLAG,
+                });
+            } else {
+                let id =
+                    ObjectId::from_slice(b.get(pos..pos + 32).ok_or("segment object truncated")?)
+                        .unwrap();
+                pos += 32;
+                extents.push(Extent::Data { len: word, id });
+            }
+        }
+        if pos != b.len() {
+            return Err("segment object has trailing bytes".into());
+        }
+        Ok(Segment {
+            fingerprint,
+            extents,
+        })
+    }
+}
+
+/// The segment list of one disk; [`ObjectId::ZERO`] marks an all-zero segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskMap {
+    /// Virtual size of the disk in bytes.
+    pub size: u64,
+    /// Segment size used to cut it.
+    pub segment_size: u32,
+    /// One id per segment.
+    pub segments: Vec<ObjectId>,
+}
+
+impl DiskMap {
+    /// Binary encoding: `"VRDM" | version u32 | size u64 | segment_size u32 | count u32 | ids`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24 + self.segments.len() * 32);
+        out.extend_from_slice(DISKMAP_MAGIC);
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.segment_size.to_le_bytes());
+        out.extend_from_slice(&(self.segments.len() as u32).to_le_bytes());
+        for s in &self.segments {
+            out.extend_from_slice(&s.0);
+        }
+        out
+    }
+
+    /// Parses [`DiskMap::encode`]'s output and checks it is self-consistent.
+    pub fn decode(b: &[u8]) -> Result<DiskMap, String> {
+        if b.len() < 24 || &b[..4] != DISKMAP_MAGIC {
+            return Err("not a disk map object".into());
+        }
+        if u32_at(b, 4) != 1 {
+            return Err(format!("disk map version {} unknown", u32_at(b, 4)));
+        }
+        let size = u64::from_le_bytes(b[8..16].try_into().unwrap());
+        let segment_size = u32_at(b, 16);
+        let count = u32_at(b, 20) as usize;
+        if b.len() != 24 + count * 32 {
+            return Err("disk map object has the wrong length".into());
+        }
+        if segment_size == 0 || size.div_ceil(segment_size as u64) != count as u64 {
+            return Err("disk map segment count does not match the disk size".into());
+        }
+        let segments = b[24..]
+            .chunks_exact(32)
+            .map(|c| ObjectId::from_slice(c).unwrap())
+            .collect();
+        Ok(DiskMap {
+            size,
+            segment_size,
+            segments,
+        })
+    }
+
+    /// Byte range `[start, end)` of segment `i`.
+    pub fn segment_range(&self, i: usize) -> (u64, u64) {
+        let start = i as u64 * self.segment_size as u64;
+        (start, (start + self.segment_size as u64).min(self.size))
+    }
+}
+
+fn u32_at(b: &[u8], pos: usize) -> u32 {
+    u32::from_le_bytes(b[pos..pos + 4].try_into().unwrap())
+}
+
+/// Manifest format version.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// A generation manifest: everything needed to list, restore and re-index a generation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// [`MANIFEST_VERSION`].
+    pub version: u32,
+    /// The catalog.
+    pub catalog: Catalog,
+    /// Small files stored verbatim, by path relative to the VM directory.
+    pub files: Vec<FileEntry>,
+    /// Disks in controller-slot order.
+    pub disks: Vec<DiskEntry>,
+}
+
+/// Like vcbMounter's catalog: what was backed up, from where, when, by which version.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Catalog {
+    /// VM name (the generation is `name@time`).
+    pub vm: String,
+    /// Generation time, UTC, `YYYY-MM-DDTHH:MM:SSZ`.
+    pub time: String,
+    /// `uuid.bios` from the .vmx, if any.
+    pub uuid: Option<String>,
+    /// `displayName` from the .vmx, decoded, if any.
+    pub display_name: Option<String>,
+    /// `vm-directory` or `disk-image`.
+    pub source_kind: String,
+    /// Absolute path ingested.
+    pub source: String,
+    /// Ingest start, UTC.
+    pub started: String,
+    /// Ingest end, UTC.
+    pub finished: String,
+    /// vmrepo version that wrote it.
+    pub vmrepo_version: String,
+    /// Statistics of the ingest.
+    pub stats: IngestStats,
+}
+
+/// Byte counts of one ingest.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct IngestStats {
+    /// Virtual size of all disks.
+    pub virtual_bytes: u64,
+    /// Bytes read from the source files (holes are not read).
+    pub bytes_read: u64,
+    /// Bytes of non-zero content chunked (read minus zero runs).
+    pub bytes_data: u64,
+    /// Plaintext bytes of chunks that were new to the repository.
+    pub bytes_new: u64,
+    /// Bytes written to pack files (compressed, headers included).
+    pub bytes_stored: u64,
+    /// Chunks cut by the chunker (segments reused from the segment cache are not re-cut).
+    pub chunks_total: u64,
+    /// Chunks that were new to the repository.
+    pub chunks_new: u64,
+    /// Segments whose content matched a known segment and were not re-chunked.
+    pub segments_reused: u64,
+    /// All segments of all disks.
+    pub segments_total: u64,
+}
+
+/// A small file stored verbatim.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FileEntry {
+    /// Path relative to the VM directory (`/`-separated, no `..`).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The file object.
+    pub object: ObjectId,
+}
+
+/// One disk of the generation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DiskEntry {
+    /// Controller slot from the .vmx (`scsi0:0`), or `image` for a disk given directly.
+    pub slot: String,
+    /// The descriptor's file name (a [`FileEntry`]) or `None` for a raw image.
+    pub descriptor: Option<String>,
+    /// `createType` from the descriptor, or `raw`.
+    pub create_type: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// The disk map object.
+    pub disk_map: ObjectId,
+    /// Files that hold the disk, in guest-address order.
+    pub extents: Vec<ExtentFile>,
+}
+
+/// How one extent of a disk maps onto a file (or onto nothing, for ZERO extents).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ExtentFile {
+    /// Extent type from the descriptor (`FLAT`, `VMFS`, `ZERO`) or `RAW`.
+    pub kind: String,
+    /// Guest byte offset where the extent starts.
+    pub start: u64,
+    /// Length in guest bytes.
+    pub len: u64,
+    /// File name relative to the VM directory (`None` for ZERO).
+    pub file: Option<String>,
+    /// Byte offset inside the file where the extent's data starts.
+    pub file_offset: u64,
+    /// Size of the file as it was.
+    pub file_size: u64,
+    /// Bytes of the file before `file_offset`, stored as a file object, if any.
+    pub head: Option<ObjectId>,
+    /// Bytes of the file after the extent's data, stored as a file object, if any.
+    pub tail: Option<ObjectId>,
+}
+
+impl Manifest {
+    /// JSON bytes as stored.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("manifest serializes")
+    }
+
+    /// Parses a stored manifest.
+    pub fn decode(b: &[u8]) -> Result<Manifest, String> {
+        let m: Manifest =
+            serde_json::from_slice(b).map_err(|e| format!("manifest is not valid: {e}"))?;
+        if m.version > MANIFEST_VERSION {
+            return Err(format!(
+                "manifest version {} is newer than this vmrepo understands",
+                m.version
+            ));
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_round_trip() {
+        let s = Segment {
+            fingerprint: [9; 32],
+            extents: vec![
+                Extent::Data {
+                    len: 70_000,
+                    id: ObjectId::of(b"a"),
+                },
+                Extent::Zero { len: 1 << 20 },
+            ],
+        };
+        assert_eq!(Segment::decode(&s.encode()).unwrap(), s);
+        assert!(Segment::decode(&s.encode()[..50]).is_err());
+    }
+
+    #[test]
+    fn disk_map_round_trip_and_consistency() {
+        let d = DiskMap {
+            size: 40 << 20,
+            segment_size: 16 << 20,
+            segments: vec![ObjectId::ZERO, ObjectId::of(b"x"), ObjectId::of(b"y")],
+        };
+        assert_eq!(DiskMap::decode(&d.encode()).unwrap(), d);
+        assert_eq!(d.segment_range(2), (32 << 20, 40 << 20));
+        let bad = DiskMap {
+            size: 10 << 20,
+            ..d
+        };
+        assert!(DiskMap::decode(&bad.encode()).is_err());
+    }
+}

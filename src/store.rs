@@ -1,0 +1,143 @@
+//! The write side of the object store used by an ingest: dedup against the index, compress,
+//! append to this process's pack files, and make each sealed pack known to the index.
+//!
+//! Durability contract: an object becomes visible in the index only after the pack holding it
+//! has been fsynced, so a dedup hit always points at durable data. Objects of an interrupted
+//! ingest that reached the index stay valid (a re-run reuses them); unsealed packs are garbage.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use crate::error::Result;
+use crate::id::ObjectId;
+use crate::index::Index;
+use crate::object::{self, ObjectKind, RecordHeader};
+use crate::pack::PackFile;
+use crate::repo::Repository;
+
+/// Target size of a pack before it is sealed and a new one started.
+pub const PACK_TARGET: u64 = 64 << 20;
+
+struct Writer {
+    pack: Option<PackFile>,
+    pending: HashSet<ObjectId>,
+    records: Vec<(RecordHeader, u64)>,
+    index: Index,
+    bytes_stored: u64,
+}
+
+/// Shared by the ingest workers of one process.
+pub struct Store<'r> {
+    repo: &'r Repository,
+    level: i32,
+    writer: Mutex<Writer>,
+}
+
+impl<'r> Store<'r> {
+    /// A store writing into `repo`.
+    pub fn new(repo: &'r Repository) -> Result<Store<'r>> {
+        Ok(Store {
+            repo,
+            level: repo.config().compression.level,
+            writer: Mutex::new(Writer {
+                pack: None,
+                pending: HashSet::new(),
+                records: Vec::new(),
+                index: repo.open_index()?,
+                bytes_stored: 0,
+            }),
+        })
+    }
+
+    /// The repository.
+    pub fn repo(&self) -> &Repository {
+        self.repo
+    }
+
+    /// True if the object is stored already (or being stored by this process).
+    pub fn exists(&self, id: &ObjectId) -> Result<bool> {
+        if self.writer.lock().unwrap().pending.contains(id) {
+            return Ok(true);
+        }
+        self.repo.with_index(|i| i.contains(id))
+    }
+
+    /// Stores `data` under `id` unless it is stored already; returns true if it was new.
+    pub fn put(&self, kind: ObjectKind, id: ObjectId, data: &[u8]) -> Result<bool> {
+        if self.exists(&id)? {
+            return Ok(false);
+        }
+        let encoded = object::encode(kind, id, data, self.level);
+        let mut w = self.writer.lock().unwrap();
+        if w.pending.contains(&id) || w.index.contains(&id)? {
+            return Ok(false);
+        }
+        if w.pack.is_none() {
+            w.pack = Some(PackFile::create(&self.repo.data_dir())?);
+        }
+        let offset = w.pack.as_mut().unwrap().append(&encoded)?;
+        w.bytes_stored += encoded.record_len();
+        w.pending.insert(id);
+        w.records.push((encoded.header, offset));
+        if w.pack.as_ref().unwrap().len() >= PACK_TARGET {
+            seal(&mut w)?;
+        }
+        Ok(true)
+    }
+
+    /// Stores a metadata or file object: its id is the hash of `data`.
+    pub fn put_blob(&self, kind: ObjectKind, data: &[u8]) -> Result<ObjectId> {
+        let id = ObjectId::of(data);
+        self.put(kind, id, data)?;
+        Ok(id)
+    }
+
+    /// Seals the current pack: afterwards everything put so far is durable and indexed.
+    pub fn flush(&self) -> Result<()> {
+        seal(&mut self.writer.lock().unwrap())
+    }
+
+    /// Bytes appended to packs so far.
+    pub fn bytes_stored(&self) -> u64 {
+        self.writer.lock().unwrap().bytes_stored
+    }
+
+    /// Deletes the unsealed pack after a failure; sealed packs stay (their objects are indexed).
+    pub fn abort(&self) {
+        let mut w = self.writer.lock().unwrap();
+        if let Some(p) = w.pack.take() {
+            p.discard();
+        }
+        w.pending.clear();
+        w.records.clear();
+    }
+
+    /// Commits a generation (consumes the store's index connection for the final transaction).
+    pub fn commit_generation(
+        &self,
+        manifest_id: ObjectId,
+        manifest: &crate::manifest::Manifest,
+        cache: &[([u8; 32], ObjectId)],
+    ) -> Result<()> {
+        let mut w = self.writer.lock().unwrap();
+        seal(&mut w)?;
+        w.index.commit_generation(manifest_id, manifest, cache)?;
+        w.index.checkpoint();
+        Ok(())
+    }
+}
+
+fn seal(w: &mut Writer) -> Result<()> {
+    let Some(pack) = w.pack.take() else {
+        return Ok(());
+    };
+    if pack.is_empty() {
+        pack.discard();
+        return Ok(());
+    }
+    let (name, len) = pack.seal()?;
+    let records = std::mem::take(&mut w.records);
+    w.index.add_pack(&name, len, &records)?;
+    w.pending.clear();
+    Ok(())
+}
