@@ -55,6 +55,14 @@ CACHE_NAME = ".churn-blockmap.json"
 CACHE_VERSION = 1
 
 
+class ArgParser(argparse.ArgumentParser):
+    """argparse, but bad command lines exit with status 1 like all other input errors."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 class UsageError(Exception):
     """Bad input or a failing tool: reported as 'churn-vm: error: ...', exit status 1."""
 
@@ -545,7 +553,7 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = ArgParser(
         prog="churn-vm.py",
         description="Simulate one night of in-place guest writes on a VM directory made by "
                     "make-sample-vm.py (ext4 flat image; nothing is mounted).",

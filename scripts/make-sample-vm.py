@@ -4,6 +4,7 @@
 Usage:
     make-sample-vm.py OUTDIR --name NAME --size 4G --fill 1G [--seed N]
                       [--source-dirs /usr/share,/usr/lib] [--layout vmfs|monolithicFlat]
+                      [--hardlink]
 
 What it builds in OUTDIR (which must not exist, or be an empty directory):
 
@@ -23,7 +24,9 @@ to OUTDIR, removed afterwards) holding about --fill bytes: regular files copied
 from --source-dirs (sorted walk, seeded starting point and seeded per-directory
 subset, relative paths preserved, e.g. usr/share/doc/...), plus generated files:
 a database-like file of ~2% of --fill random bytes (/var/lib/appdb/app.db), log
-files under /var/log and a few /etc files.
+files under /var/log and a few /etc files.  With --hardlink the real files are
+hard-linked into the staging directory instead of copied (much faster; the source
+files are only read, but link() bumps their ctime).
 
 Everything that is generated (UUIDs, CID, nvram, logs, the file subset, the ext4
 UUID/hash seed/timestamps) is derived from --seed; with the same host files the
@@ -47,6 +50,14 @@ import tempfile
 
 BLOCK = 4096
 PROG = "make-sample-vm"
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse, but bad command lines exit with status 1 like all other input errors."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
 
 
 class UsageError(Exception):
@@ -161,9 +172,12 @@ def choose_files(files: list[tuple[str, str, int]], budget: int, rng: random.Ran
     return chosen, total
 
 
-def copy_into_staging(files, chosen, staging: str) -> tuple[int, int]:
+def copy_into_staging(files, chosen, staging: str, hardlink: bool) -> tuple[int, int]:
+    """Copy the chosen files into staging; with hardlink, hard-link them when possible
+    (mkfs.ext4 -d only reads them; saves writing --fill bytes twice), else copy."""
     copied = count = 0
     made_dirs = set()
+    can_link = hardlink
     for i in sorted(chosen):
         src, parent, _ = files[i]
         rel = os.path.relpath(src, "/")
@@ -172,9 +186,18 @@ def copy_into_staging(files, chosen, staging: str) -> tuple[int, int]:
         if ddir not in made_dirs:
             os.makedirs(ddir, exist_ok=True)
             made_dirs.add(ddir)
+        if os.path.lexists(dst):  # e.g. a generated /var/log file of the same name
+            continue
         try:
-            shutil.copy2(src, dst, follow_symlinks=False)
-            os.chmod(dst, os.stat(dst).st_mode | stat.S_IRUSR)  # mkfs -d must read it
+            linked = False
+            if can_link:
+                try:
+                    os.link(src, dst, follow_symlinks=False)
+                    linked = True
+                except OSError:  # EXDEV, EPERM (protected_hardlinks), ...
+                    can_link = False
+            if not linked:
+                shutil.copy2(src, dst, follow_symlinks=False)
         except OSError:
             try:
                 os.unlink(dst)
@@ -210,7 +233,8 @@ def log_lines(rng: random.Random, start: _dt.datetime, n: int, host: str) -> lis
 
 
 def generate_files(staging: str, fill: int, rng: random.Random, name: str,
-                   base: _dt.datetime) -> int:
+                   base: _dt.datetime) -> tuple[int, list[str]]:
+    """Write the generated files; return (bytes, list of their paths)."""
     total = 0
     # database-like file: ~2% of fill, 8 KiB pages with a small header, random payload
     db_size = max(64 * 1024, (fill * 2 // 100) // 8192 * 8192)
@@ -252,17 +276,17 @@ def generate_files(staging: str, fill: int, rng: random.Random, name: str,
                f"UUID={rfc_uuid(rng)} / ext4 errors=remount-ro 0 1\n")
     os.makedirs(os.path.join(staging, "var", "tmp"), exist_ok=True)
     os.makedirs(os.path.join(staging, "home"), exist_ok=True)
-    return total
+    paths = []
+    for dirpath, _, filenames in os.walk(staging):
+        paths += [os.path.join(dirpath, fn) for fn in filenames]
+    return total, paths
 
 
-def normalize_times(staging: str, epoch: int) -> None:
-    """Give generated files and all directories a fixed timestamp (reproducible image)."""
-    for dirpath, dirnames, filenames in os.walk(staging):
-        for fn in filenames:
-            p = os.path.join(dirpath, fn)
-            rel = os.path.relpath(p, staging)
-            if rel.startswith(("var" + os.sep, "etc" + os.sep)):
-                os.utime(p, (epoch, epoch), follow_symlinks=False)
+def normalize_times(staging: str, generated: list[str], epoch: int) -> None:
+    """Give generated files and all staging directories a fixed timestamp (reproducible
+    image).  Never touches copied/linked files: a hard link shares the source's inode."""
+    for p in generated:
+        os.utime(p, (epoch, epoch), follow_symlinks=False)
     for dirpath, dirnames, _ in os.walk(staging, topdown=False):
         os.utime(dirpath, (epoch, epoch))
 
@@ -491,14 +515,14 @@ def build(args) -> None:
     staging = tempfile.mkdtemp(prefix=f".{name}-staging-", dir=parent)
     ok = False
     try:
-        generated = generate_files(staging, fill, r_gen, name, base)
+        generated, gen_paths = generate_files(staging, fill, r_gen, name, base)
         budget = max(0, fill - generated)
         chosen, _ = choose_files(files, budget, r_pick)
-        copied, ncopied = copy_into_staging(files, chosen, staging)
+        copied, ncopied = copy_into_staging(files, chosen, staging, args.hardlink)
         if copied < budget * 0.9:
             print(f"{PROG}: warning: only {human(copied)} of real files available in "
                   f"{','.join(source_dirs)} (wanted {human(budget)})", file=sys.stderr)
-        normalize_times(staging, epoch)
+        normalize_times(staging, gen_paths, epoch)
 
         image = os.path.join(outdir, f"{name}-flat.vmdk")
         with open(image, "wb") as f:
@@ -549,7 +573,7 @@ def build(args) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = ArgParser(
         prog="make-sample-vm.py",
         description="Create a realistic ESXi-style VM directory whose flat disk holds an "
                     "ext4 filesystem populated with real files (mkfs.ext4 -d, no mount).",
@@ -562,6 +586,11 @@ def main(argv=None) -> int:
     ap.add_argument("--source-dirs", default="/usr/share,/usr/lib",
                     help="comma-separated directories to copy real files from "
                          "(default /usr/share,/usr/lib)")
+    ap.add_argument("--hardlink", action="store_true",
+                    help="hard-link source files into the staging directory instead of "
+                         "copying them (about 3x faster for large --fill, but bumps the "
+                         "ctime of the source files; falls back to copying across "
+                         "filesystems)")
     ap.add_argument("--layout", choices=("vmfs", "monolithicFlat"), default="vmfs",
                     help="descriptor createType: vmfs (default, ESXi) or monolithicFlat")
     args = ap.parse_args(argv)

@@ -115,13 +115,15 @@ pub fn read(path: &Path) -> Result<(Vec<u8>, Descriptor)> {
 
 /// Parses descriptor text; errors name the file and the offending line.
 pub fn parse(bytes: &[u8], path: &Path) -> Result<Descriptor> {
-    if bytes.contains(&0) {
+    // Descriptors rewritten by QEMU are NUL-padded to a sector: text ends at the first NUL.
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    if bytes[end..].iter().any(|&b| b != 0) {
         return Err(Error::bad_input(
             path,
             "not a VMDK text descriptor (contains binary data)",
         ));
     }
-    let text = String::from_utf8_lossy(bytes);
+    let text = String::from_utf8_lossy(&bytes[..end]);
     let mut create_type = None;
     let mut parent_hint = None;
     let mut version_seen = false;

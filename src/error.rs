@@ -10,19 +10,17 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An operating-system call on a named file failed.
-    #[error("cannot {op} {}: {source}", path.display())]
+    #[error("cannot {op} {}: {}{}", path.display(), strip_os_code(cause), hint(cause))]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     /// The SQLite index failed.
-    #[error("index {}: {source}", path.display())]
+    #[error("index {}: {cause}", path.display())]
     Index {
         path: PathBuf,
-        #[source]
-        source: rusqlite::Error,
+        cause: rusqlite::Error,
     },
     /// The path is not a vmrepo repository.
     #[error("{} is not a vmrepo repository ({reason}); create one with `vmrepo init`", path.display())]
@@ -71,7 +69,7 @@ impl Error {
         Error::Io {
             op,
             path: path.as_ref().to_path_buf(),
-            source,
+            cause: source,
         }
     }
 
@@ -93,5 +91,31 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, op: &'static str, path: impl AsRef<Path>) -> Result<T> {
         self.map_err(|e| Error::io(op, path, e))
+    }
+}
+
+/// `No such file or directory (os error 2)` → `No such file or directory`.
+fn strip_os_code(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// What to do about common I/O failures.
+fn hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+            "; free space on that filesystem and run the command again"
+        }
+        Some(libc::EFBIG) => {
+            "; the file size limit (ulimit -f) or the filesystem's maximum file size was reached"
+        }
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            "; check the permissions (vmrepo needs to read the VM files and write the repository)"
+        }
+        Some(libc::EROFS) => "; the filesystem is mounted read-only",
+        _ => "",
     }
 }

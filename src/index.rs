@@ -166,7 +166,7 @@ impl Index {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| Error::Index {
             path: path.to_path_buf(),
-            source: e,
+            cause: e,
         })?;
         let idx = Index {
             conn,
@@ -225,7 +225,7 @@ impl Index {
     fn err(&self, e: rusqlite::Error) -> Error {
         Error::Index {
             path: self.path.clone(),
-            source: e,
+            cause: e,
         }
     }
 
@@ -267,7 +267,7 @@ impl Index {
         let path = self.path.clone();
         let err = |e| Error::Index {
             path: path.clone(),
-            source: e,
+            cause: e,
         };
         let tx = self
             .conn
@@ -340,7 +340,7 @@ impl Index {
         let path = self.path.clone();
         let err = |e| Error::Index {
             path: path.clone(),
-            source: e,
+            cause: e,
         };
         let tx = self
             .conn
@@ -562,7 +562,7 @@ impl Index {
         let path = self.path.clone();
         let err = |e| Error::Index {
             path: path.clone(),
-            source: e,
+            cause: e,
         };
         let tx = self.conn.transaction().map_err(err)?;
         {

@@ -327,7 +327,7 @@ fn build_extent_disk(
                     });
                 }
                 let file = Arc::new(FlatFile::open(&path).map_err(|err| match err {
-                    Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                    Error::Io { cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
                         Error::bad_input(
                             &path,
                             format!("extent file named by {} is missing", desc_path.display()),
