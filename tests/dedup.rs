@@ -44,7 +44,7 @@ fn unchanged_and_slightly_changed_nights_store_little() {
     assert!(new > 0, "a change was missed: {third}");
     // Each 4 KiB write touches one or two chunks of at most 256 KiB.
     assert!(
-        new <= 20 * 512 << 10,
+        new <= (20 * 512) << 10,
         "too much stored for 80 KiB of change: {new}"
     );
 
@@ -83,7 +83,7 @@ fn holes_are_not_read_and_zeros_are_not_stored() {
     assert_eq!(stat(&r, "virtual_bytes"), 100 << 30);
     let read = stat(&r, "bytes_read");
     assert!(
-        read >= 48 << 20 && read <= 96 << 20,
+        (48 << 20..=96 << 20).contains(&read),
         "read {read} bytes of a 100 GiB disk with 80 MiB allocated"
     );
     assert_eq!(stat(&r, "bytes_data"), 48 << 20, "zero runs were chunked");

@@ -130,7 +130,10 @@ pub fn vmfs_descriptor(flat: &str, size: u64) -> String {
 
 /// A VM directory like ESXi leaves it: .vmx, .nvram, .vmsd, .vmxf, logs, and one `vmfs` disk
 /// per entry of `disks` (size, data regions). Returns the directory.
-pub fn make_vm(dir: &Path, name: &str, disks: &[(u64, Vec<(u64, usize, u64)>)]) -> PathBuf {
+/// Data regions of a sparse image: (offset, length, seed).
+pub type Regions = Vec<(u64, usize, u64)>;
+
+pub fn make_vm(dir: &Path, name: &str, disks: &[(u64, Regions)]) -> PathBuf {
     let vm = dir.join(name);
     fs::create_dir_all(&vm).unwrap();
     let mut vmx = format!(
