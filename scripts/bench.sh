@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# End-to-end benchmark on a realistic VM: a real ext4 filesystem image (real files from /usr,
+# a database-like file, logs) with nightly in-place churn of ~2% of used blocks, ingested for
+# N nights by vmrepo, and -- in the same run, on the same data -- by restic and borg.
+# Prints per-night time and stored bytes for each tool, ratios, b3sum/cat floors, peak RSS and
+# restore time; writes the table to $WORK/results.md.
+#
+# usage: scripts/bench.sh [--size 4G] [--fill 1500M] [--nights 7] [--percent 2]
+#                         [--work DIR] [--tools vmrepo,restic,borg] [--chunk-avg KIB]
+# needs: restic borgbackup b3sum time (apt-get install -y restic borgbackup b3sum time)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SIZE=4G FILL=1500M NIGHTS=7 PERCENT=2 WORK=/tmp/vmrepo-bench TOOLS=vmrepo,restic,borg CHUNK_AVG=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --size) SIZE=$2; shift 2 ;;
+        --fill) FILL=$2; shift 2 ;;
+        --nights) NIGHTS=$2; shift 2 ;;
+        --percent) PERCENT=$2; shift 2 ;;
+        --work) WORK=$2; shift 2 ;;
+        --tools) TOOLS=$2; shift 2 ;;
+        --chunk-avg) CHUNK_AVG=$2; shift 2 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+has() { case ",$TOOLS," in *,"$1",*) return 0 ;; *) return 1 ;; esac; }
+for t in b3sum /usr/bin/time; do command -v "$t" >/dev/null || { echo "bench.sh: $t missing (apt-get install -y b3sum time)" >&2; exit 1; }; done
+has restic && { command -v restic >/dev/null || { echo "bench.sh: restic missing (apt-get install -y restic)" >&2; exit 1; }; }
+has borg && { command -v borg >/dev/null || { echo "bench.sh: borg missing (apt-get install -y borgbackup)" >&2; exit 1; }; }
+
+cargo build --release --quiet
+VMREPO=$PWD/target/release/vmrepo
+rm -rf "$WORK"; mkdir -p "$WORK"
+VM=$WORK/ds1/bench
+mkdir -p "$WORK/ds1"
+echo "== generating a $SIZE VM with $FILL of files"
+python3 scripts/make-sample-vm.py "$VM" --name bench --size "$SIZE" --fill "$FILL" --seed 7 --hardlink >/dev/null
+FLAT=$VM/bench-flat.vmdk
+EXCL=$VM/.churn-blockmap.json
+
+export RESTIC_PASSWORD=bench RESTIC_REPOSITORY=$WORK/restic BORG_REPO=$WORK/borg
+export BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
+INIT_ARGS=()
+[ -n "$CHUNK_AVG" ] && INIT_ARGS=(--chunk-avg "$CHUNK_AVG")
+"$VMREPO" init "$WORK/vmrepo" "${INIT_ARGS[@]}" >/dev/null
+has restic && restic init -q
+has borg && borg init -e none
+
+RES=$WORK/results.tsv
+printf 'night\ttool\tseconds\tstored_bytes\tpeak_rss_kib\n' > "$RES"
+size_of() { du -sb "$1" | cut -f1; }
+# timed TOOL NIGHT REPO_DIR CMD...: wall seconds, repository growth, peak RSS.
+timed() {
+    local tool=$1 night=$2 repo=$3; shift 3
+    local before after t0 t1 rss
+    before=$(size_of "$repo")
+    # Start every tool with no writeback pending from the previous one (or from the churn).
+    sync
+    t0=$(date +%s.%N)
+    /usr/bin/time -f '%M' -o "$WORK/rss" "$@" >"$WORK/$tool.out" 2>"$WORK/$tool.err" || {
+        echo "bench.sh: $tool failed on night $night:" >&2; cat "$WORK/$tool.err" >&2; exit 1; }
+    t1=$(date +%s.%N)
+    after=$(size_of "$repo")
+    rss=$(tail -1 "$WORK/rss")
+    printf '%s\t%s\t%.2f\t%s\t%s\n' "$night" "$tool" "$(awk "BEGIN{print $t1 - $t0}")" "$((after - before))" "$rss" >> "$RES"
+}
+
+for night in $(seq 1 "$NIGHTS"); do
+    if [ "$night" -gt 1 ]; then
+        python3 scripts/churn-vm.py "$VM" --percent "$PERCENT" --seed "$night" >/dev/null
+    fi
+    echo "== night $night"
+    # Warm the page cache equally for everyone, and measure the floors.
+    cat "$FLAT" > /dev/null
+    timed cat "$night" "$WORK/ds1" cat "$FLAT"
+    timed b3sum "$night" "$WORK/ds1" b3sum "$FLAT"
+    has vmrepo && timed vmrepo "$night" "$WORK/vmrepo" "$VMREPO" ingest "$WORK/vmrepo" "$VM" --json
+    has restic && timed restic "$night" "$WORK/restic" restic backup -q --exclude "$EXCL" "$VM"
+    has borg && timed borg "$night" "$WORK/borg" borg create --compression zstd,3 --exclude "$EXCL" "::night$night" "$VM"
+    grep -P "^$night\t" "$RES" | cut -f2- | column -t
+done
+
+echo "== restore of the last night"
+cat "$FLAT" > /dev/null
+has vmrepo && timed vmrepo-extract restore "$WORK/ds1" "$VMREPO" extract "$WORK/vmrepo" bench "$WORK/out-vmrepo"
+has vmrepo && cmp "$FLAT" "$WORK/out-vmrepo/bench-flat.vmdk"
+has restic && timed restic-restore restore "$WORK/ds1" restic restore -q latest --target "$WORK/out-restic"
+has borg && timed borg-extract restore "$WORK/ds1" sh -c "mkdir -p '$WORK/out-borg' && cd '$WORK/out-borg' && borg extract ::night$NIGHTS"
+rm -rf "$WORK/out-vmrepo" "$WORK/out-restic" "$WORK/out-borg"
+
+python3 - "$RES" "$SIZE" "$FILL" "$NIGHTS" "$PERCENT" "$(nproc)" "${CHUNK_AVG:-default}" "$(size_of "$WORK/vmrepo/index.sqlite")" > "$WORK/results.md" <<'PY'
+import sys, collections
+res, size, fill, nights, pct, cores, chunk, index_bytes = sys.argv[1:]
+rows = [l.rstrip("\n").split("\t") for l in open(res)][1:]
+d = collections.defaultdict(dict)
+for night, tool, sec, stored, rss in rows:
+    d[tool][night] = (float(sec), int(stored), int(rss))
+MB = 1e6
+def night_avg(tool, i):
+    v = [d[tool][str(n)][i] for n in range(2, int(nights) + 1) if str(n) in d[tool]]
+    return sum(v) / len(v) if v else float("nan")
+tools = [t for t in ("vmrepo", "restic", "borg") if t in d]
+print(f"Disk {size} virtual, {fill} of files, {nights} nights of {pct}% in-place churn, {cores} cores, vmrepo chunk avg {chunk} KiB.\n")
+print("| tool | first ingest s | first MB/s | nightly s (avg) | nightly MB/s | first stored MB | nightly stored MB (avg) | peak RSS MiB |")
+print("|---|---|---|---|---|---|---|---|")
+vsize = {"4G": 4 << 30}.get(size)
+import re
+m = re.match(r"(\d+)([GM])", size); vbytes = int(m.group(1)) << (30 if m.group(2) == "G" else 20)
+for t in tools + ["cat", "b3sum"]:
+    if t not in d: continue
+    f = d[t]["1"]; ns = night_avg(t, 0)
+    rss = max(v[2] for v in d[t].values()) / 1024
+    stored = f"{f[1]/MB:.1f}" if t in tools else "-"
+    nstored = f"{night_avg(t,1)/MB:.1f}" if t in tools else "-"
+    print(f"| {t} | {f[0]:.2f} | {vbytes/f[0]/MB:.0f} | {ns:.2f} | {vbytes/ns/MB:.0f} | {stored} | {nstored} | {rss:.0f} |")
+print()
+for t in ("restic", "borg"):
+    if t in d and "vmrepo" in d:
+        print(f"- vmrepo vs {t}: first ingest {d[t]['1'][0]/d['vmrepo']['1'][0]:.2f}x faster, "
+              f"nightly {night_avg(t,0)/night_avg('vmrepo',0):.2f}x faster, "
+              f"nightly stored {night_avg('vmrepo',1)/night_avg(t,1):.2f}x of {t}'s")
+if "vmrepo" in d:
+    print(f"- vmrepo nightly time / b3sum time over the same flat file: {night_avg('vmrepo',0)/night_avg('b3sum',0):.2f}")
+    print(f"- vmrepo index.sqlite after all nights: {int(index_bytes)/MB:.2f} MB")
+rest = {t: d[t]["restore"][0] for t in ("vmrepo-extract", "restic-restore", "borg-extract") if t in d and "restore" in d[t]}
+if rest:
+    print("- restore of the last night: " + ", ".join(f"{t} {s:.2f} s" for t, s in rest.items()))
+    if "vmrepo-extract" in rest and "restic-restore" in rest:
+        print(f"- vmrepo extract vs restic restore: {rest['restic-restore']/rest['vmrepo-extract']:.2f}x faster")
+PY
+echo
+cat "$WORK/results.md"
