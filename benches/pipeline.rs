@@ -35,7 +35,8 @@ fn stages(c: &mut Criterion) {
     g.sample_size(20);
     g.bench_function("fastcdc_64k", |b| {
         b.iter(|| {
-            fastcdc::v2020::FastCDC::new(black_box(&data), p.min_size, p.avg_size, p.max_size).count()
+            fastcdc::v2020::FastCDC::new(black_box(&data), p.min_size, p.avg_size, p.max_size)
+                .count()
         })
     });
     g.bench_function("blake3_64k_chunks", |b| {
@@ -46,17 +47,34 @@ fn stages(c: &mut Criterion) {
         })
     });
     for level in [1, 3] {
-        g.bench_with_input(BenchmarkId::new("zstd_64k_chunks", level), &level, |b, &level| {
-            let mut z = zstd::bulk::Compressor::new(level).unwrap();
-            b.iter(|| data.chunks(64 << 10).map(|c| z.compress(black_box(c)).unwrap().len()).sum::<usize>())
-        });
+        g.bench_with_input(
+            BenchmarkId::new("zstd_64k_chunks", level),
+            &level,
+            |b, &level| {
+                let mut z = zstd::bulk::Compressor::new(level).unwrap();
+                b.iter(|| {
+                    data.chunks(64 << 10)
+                        .map(|c| z.compress(black_box(c)).unwrap().len())
+                        .sum::<usize>()
+                })
+            },
+        );
     }
     let zeros = vec![0u8; 16 << 20];
     g.bench_function("zero_detect_4k_blocks_zero", |b| {
-        b.iter(|| zeros.chunks(4096).filter(|c| chunker::is_zero(black_box(c))).count())
+        b.iter(|| {
+            zeros
+                .chunks(4096)
+                .filter(|c| chunker::is_zero(black_box(c)))
+                .count()
+        })
     });
     g.bench_function("zero_detect_4k_blocks_data", |b| {
-        b.iter(|| data.chunks(4096).filter(|c| chunker::is_zero(black_box(c))).count())
+        b.iter(|| {
+            data.chunks(4096)
+                .filter(|c| chunker::is_zero(black_box(c)))
+                .count()
+        })
     });
     let key = chunker::fingerprint_key(&p);
     g.bench_function("segment_fingerprint", |b| {

@@ -6,12 +6,12 @@
 # restore time; writes the table to $WORK/results.md.
 #
 # usage: scripts/bench.sh [--size 4G] [--fill 1500M] [--nights 7] [--percent 2]
-#                         [--work DIR] [--tools vmrepo,restic,borg] [--chunk-avg KIB]
+#                         [--work DIR] [--tools vmrepo,restic,borg] [--chunk-avg KIB] [--segment-size MIB]
 # needs: restic borgbackup b3sum time (apt-get install -y restic borgbackup b3sum time)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SIZE=4G FILL=1500M NIGHTS=7 PERCENT=2 WORK=/tmp/vmrepo-bench TOOLS=vmrepo,restic,borg CHUNK_AVG=""
+SIZE=4G FILL=1500M NIGHTS=7 PERCENT=2 WORK=/tmp/vmrepo-bench TOOLS=vmrepo,restic,borg CHUNK_AVG="" SEGMENT=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --size) SIZE=$2; shift 2 ;;
@@ -21,6 +21,7 @@ while [ $# -gt 0 ]; do
         --work) WORK=$2; shift 2 ;;
         --tools) TOOLS=$2; shift 2 ;;
         --chunk-avg) CHUNK_AVG=$2; shift 2 ;;
+        --segment-size) SEGMENT=$2; shift 2 ;;
         -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -43,7 +44,8 @@ EXCL=$VM/.churn-blockmap.json
 export RESTIC_PASSWORD=bench RESTIC_REPOSITORY=$WORK/restic BORG_REPO=$WORK/borg
 export BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
 INIT_ARGS=()
-[ -n "$CHUNK_AVG" ] && INIT_ARGS=(--chunk-avg "$CHUNK_AVG")
+[ -n "$CHUNK_AVG" ] && INIT_ARGS+=(--chunk-avg "$CHUNK_AVG")
+[ -n "$SEGMENT" ] && INIT_ARGS+=(--segment-size "$SEGMENT")
 "$VMREPO" init "$WORK/vmrepo" "${INIT_ARGS[@]}" >/dev/null
 has restic && restic init -q
 has borg && borg init -e none
@@ -90,9 +92,9 @@ has restic && timed restic-restore restore "$WORK/ds1" restic restore -q latest 
 has borg && timed borg-extract restore "$WORK/ds1" sh -c "mkdir -p '$WORK/out-borg' && cd '$WORK/out-borg' && borg extract ::night$NIGHTS"
 rm -rf "$WORK/out-vmrepo" "$WORK/out-restic" "$WORK/out-borg"
 
-python3 - "$RES" "$SIZE" "$FILL" "$NIGHTS" "$PERCENT" "$(nproc)" "${CHUNK_AVG:-default}" "$(size_of "$WORK/vmrepo/index.sqlite")" > "$WORK/results.md" <<'PY'
+python3 - "$RES" "$SIZE" "$FILL" "$NIGHTS" "$PERCENT" "$(nproc)" "${CHUNK_AVG:-default}" "$(size_of "$WORK/vmrepo/index.sqlite")" "${SEGMENT:-default}" > "$WORK/results.md" <<'PY'
 import sys, collections
-res, size, fill, nights, pct, cores, chunk, index_bytes = sys.argv[1:]
+res, size, fill, nights, pct, cores, chunk, index_bytes, segment = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(res)][1:]
 d = collections.defaultdict(dict)
 for night, tool, sec, stored, rss in rows:
@@ -102,7 +104,7 @@ def night_avg(tool, i):
     v = [d[tool][str(n)][i] for n in range(2, int(nights) + 1) if str(n) in d[tool]]
     return sum(v) / len(v) if v else float("nan")
 tools = [t for t in ("vmrepo", "restic", "borg") if t in d]
-print(f"Disk {size} virtual, {fill} of files, {nights} nights of {pct}% in-place churn, {cores} cores, vmrepo chunk avg {chunk} KiB.\n")
+print(f"Disk {size} virtual, {fill} of files, {nights} nights of {pct}% in-place churn, {cores} cores, vmrepo chunk avg {chunk} KiB, segment {segment} MiB.\n")
 print("| tool | first ingest s | first MB/s | nightly s (avg) | nightly MB/s | first stored MB | nightly stored MB (avg) | peak RSS MiB |")
 print("|---|---|---|---|---|---|---|---|")
 vsize = {"4G": 4 << 30}.get(size)
@@ -124,6 +126,7 @@ for t in ("restic", "borg"):
 if "vmrepo" in d:
     print(f"- vmrepo nightly time / b3sum time over the same flat file: {night_avg('vmrepo',0)/night_avg('b3sum',0):.2f}")
     print(f"- vmrepo index.sqlite after all nights: {int(index_bytes)/MB:.2f} MB")
+    print(f"- vmrepo ingest CPU: see {res}; nights 2..{nights} averaged above")
 rest = {t: d[t]["restore"][0] for t in ("vmrepo-extract", "restic-restore", "borg-extract") if t in d and "restore" in d[t]}
 if rest:
     print("- restore of the last night: " + ", ".join(f"{t} {s:.2f} s" for t, s in rest.items()))
