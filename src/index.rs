@@ -12,6 +12,9 @@ use crate::id::ObjectId;
 use crate::manifest::Manifest;
 use crate::object::{Codec, ObjectKind, RecordHeader};
 
+/// How long a writer waits for another process's transaction to end.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Schema version stored in `meta`.
 pub const SCHEMA_VERSION: i64 = 1;
 
@@ -579,8 +582,11 @@ impl Index {
     }
 
     /// Folds the WAL into the database file (keeps the repository compact between runs).
+    /// Never waits: if another process is reading, the WAL is left for a later checkpoint.
     pub fn checkpoint(&self) {
+        let _ = self.conn.busy_timeout(Duration::ZERO);
         let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+        let _ = self.conn.busy_timeout(BUSY_TIMEOUT);
     }
 }
 

@@ -63,6 +63,7 @@ struct Counters {
     chunks_total: AtomicU64,
     chunks_new: AtomicU64,
     segments_reused: AtomicU64,
+    segments_zero: AtomicU64,
 }
 
 /// Formats a timestamp as a generation time.
@@ -172,6 +173,7 @@ fn run(
     stats.chunks_total = counters.chunks_total.load(Ordering::Relaxed);
     stats.chunks_new = counters.chunks_new.load(Ordering::Relaxed);
     stats.segments_reused = counters.segments_reused.load(Ordering::Relaxed);
+    stats.segments_zero = counters.segments_zero.load(Ordering::Relaxed);
     let mut manifest = Manifest {
         version: MANIFEST_VERSION,
         catalog: Catalog {
@@ -323,6 +325,7 @@ fn ingest_segment(
 ) -> Result<(ObjectId, Option<CacheRow>)> {
     let alloc = reader.allocated(range.clone())?;
     if alloc.is_empty() {
+        counters.segments_zero.fetch_add(1, Ordering::Relaxed);
         return Ok((ObjectId::ZERO, None));
     }
     let len = (range.end - range.start) as usize;
@@ -356,6 +359,7 @@ fn ingest_segment(
 
         let runs = chunker::runs(buf, params, |i| hole[i]);
         if let [Run::Zero(_)] = runs.as_slice() {
+            counters.segments_zero.fetch_add(1, Ordering::Relaxed);
             return Ok((ObjectId::ZERO, None));
         }
         let data_bytes: u64 = runs

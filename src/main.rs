@@ -291,17 +291,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     human(rate as u64)
                 );
                 println!(
-                    "  new         {} in {} chunks ({} of {} segments unchanged)",
+                    "  new         {} in {} chunks; segments: {} total, {} unchanged, {} all zero",
                     human(s.bytes_new),
                     s.chunks_new,
+                    s.segments_total,
                     s.segments_reused,
-                    s.segments_total
+                    s.segments_zero
                 );
                 println!("  stored      {} after compression", human(s.bytes_stored));
-                println!(
-                    "  dedup+compression ratio {:.1}x (bytes read / bytes stored)",
-                    s.bytes_read as f64 / s.bytes_stored.max(1) as f64
-                );
+                if s.bytes_stored == 0 {
+                    println!("  nothing new stored: everything read was already in the repository");
+                } else {
+                    println!(
+                        "  dedup+compression ratio {:.1}x (bytes read / bytes stored)",
+                        s.bytes_read as f64 / s.bytes_stored as f64
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -240,6 +240,9 @@ pub struct IngestStats {
     pub chunks_new: u64,
     /// Segments whose content matched a known segment and were not re-chunked.
     pub segments_reused: u64,
+    /// Segments that were all zero (holes or zero bytes): nothing stored.
+    #[serde(default)]
+    pub segments_zero: u64,
     /// All segments of all disks.
     pub segments_total: u64,
 }
