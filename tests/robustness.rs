@@ -118,9 +118,12 @@ fn two_generation_repo(t: &Path) -> (PathBuf, PathBuf) {
 fn flipped_bytes_are_found_by_read_data_and_named() {
     let t = tempfile::tempdir().unwrap();
     let (repo, _) = two_generation_repo(t.path());
-    let pack = packs(&repo).into_iter().next().unwrap();
+    // The oldest pack holds the first generation's data (names are random: order by time).
+    let mut all = packs(&repo);
+    all.sort_by_key(|p| fs::metadata(p).unwrap().modified().unwrap());
+    let pack = all.remove(0);
     let len = fs::metadata(&pack).unwrap().len();
-    // Flip a byte in the middle of the first pack (chunk payloads of the first generation).
+    // Flip a byte in the middle of it (a chunk payload that both generations use).
     {
         use std::os::unix::fs::FileExt;
         let f = fs::OpenOptions::new()
