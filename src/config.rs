@@ -50,10 +50,12 @@ pub struct ChunkerParams {
 impl Default for ChunkerParams {
     fn default() -> Self {
         ChunkerParams {
-            segment_size: 16 << 20,
-            min_size: 16 << 10,
-            avg_size: 64 << 10,
-            max_size: 256 << 10,
+            // Chosen by scripts/chunk-sweep.sh (docs/PERFORMANCE.md): 16 KiB chunks store the
+            // least per night; 4 MiB segments let more unchanged segments skip re-chunking.
+            segment_size: 4 << 20,
+            min_size: 4 << 10,
+            avg_size: 16 << 10,
+            max_size: 64 << 10,
             zero_block: 4096,
             zero_run_min: 64 << 10,
         }
