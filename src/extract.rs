@@ -242,15 +242,48 @@ fn write_disk(
                     end - start
                 )));
             }
+            let ids: Vec<ObjectId> = seg
+                .extents
+                .iter()
+                .filter_map(|e| match e {
+                    Extent::Data { id, .. } => Some(*id),
+                    Extent::Zero { .. } => None,
+                })
+                .collect();
+            let mut chunks = repo.read_objects(&ids)?.into_iter();
+            // Assemble each run of data extents and write it with one call; zero runs stay holes.
             let mut pos = start;
+            let mut run_start = start;
+            let mut run: Vec<u8> = Vec::new();
             let mut n = 0;
             for e in &seg.extents {
-                if let Extent::Data { len, id } = e {
-                    let data = read_chunk(repo, id, *len)?;
-                    write_virtual(&extents, pos, &data)?;
-                    n += *len as u64;
+                match e {
+                    Extent::Data { len, id } => {
+                        let data = chunks.next().expect("one chunk per data extent");
+                        if data.len() != *len as usize {
+                            return Err(Error::Corrupt(format!(
+                                "chunk {} has {} bytes, its segment says {len}",
+                                id.short(),
+                                data.len()
+                            )));
+                        }
+                        if run.is_empty() {
+                            run_start = pos;
+                        }
+                        run.extend_from_slice(&data);
+                        n += *len as u64;
+                    }
+                    Extent::Zero { .. } => {
+                        if !run.is_empty() {
+                            write_virtual(&extents, run_start, &run)?;
+                            run.clear();
+                        }
+                    }
                 }
                 pos += e.len() as u64;
+            }
+            if !run.is_empty() {
+                write_virtual(&extents, run_start, &run)?;
             }
             progress.advance(end - start);
             Ok(n)
@@ -262,18 +295,6 @@ fn write_disk(
         }
     }
     Ok(written)
-}
-
-fn read_chunk(repo: &Repository, id: &ObjectId, len: u32) -> Result<Vec<u8>> {
-    let data = repo.read_object(id)?;
-    if data.len() != len as usize {
-        return Err(Error::Corrupt(format!(
-            "chunk {} has {} bytes, its segment says {len}",
-            id.short(),
-            data.len()
-        )));
-    }
-    Ok(data)
 }
 
 fn write_virtual(extents: &[OpenExtent], offset: u64, data: &[u8]) -> Result<()> {

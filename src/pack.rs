@@ -118,7 +118,8 @@ impl PackFile {
     /// Deletes an unsealed pack (used when an ingest fails).
     pub fn discard(self) {
         let path = self.path.clone();
-        drop(self.out.into_inner());
+        // Drop the buffered bytes unwritten: the file is going away.
+        drop(self.out.into_parts());
         let _ = fs::remove_file(path);
     }
 }
@@ -163,31 +164,43 @@ impl PackReader {
         Ok(f)
     }
 
-    /// Reads the record at `offset` and checks that its header says `expect`; returns the payload.
-    pub fn read_record(&self, pack: &str, offset: u64, expect: &RecordHeader) -> Result<Vec<u8>> {
+    /// Reads `len` bytes at `offset` of a pack; `what` names the first record for messages.
+    pub fn read_span(
+        &self,
+        pack: &str,
+        offset: u64,
+        len: usize,
+        what: &RecordHeader,
+    ) -> Result<Vec<u8>> {
         let f = self.file(pack)?;
-        let total = RECORD_HEADER_LEN + expect.stored_len as usize;
-        let mut buf = vec![0u8; total];
-        let path = || pack_path(&self.data_dir, pack).display().to_string();
+        let mut buf = vec![0u8; len];
         match f.read_exact_at(&mut buf, offset) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
-                return Err(Error::Corrupt(format!(
-                    "pack file {} is truncated: {} {} at offset {offset} is cut off",
-                    path(),
-                    expect.kind.name(),
-                    expect.id.short()
-                )))
-            }
-            Err(e) => {
-                return Err(Error::io(
-                    "read pack file",
-                    pack_path(&self.data_dir, pack),
-                    e,
-                ))
-            }
+            Ok(()) => Ok(buf),
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(Error::Corrupt(format!(
+                "pack file {} is truncated: {} {} at offset {offset} is cut off",
+                pack_path(&self.data_dir, pack).display(),
+                what.kind.name(),
+                what.id.short()
+            ))),
+            Err(e) => Err(Error::io(
+                "read pack file",
+                pack_path(&self.data_dir, pack),
+                e,
+            )),
         }
-        let header = RecordHeader::decode(&buf[..RECORD_HEADER_LEN]).map_err(|why| {
+    }
+
+    /// Checks that `record` (header and payload, read at `offset`) is the record `expect`;
+    /// returns its payload.
+    pub fn check_record<'b>(
+        &self,
+        pack: &str,
+        offset: u64,
+        record: &'b [u8],
+        expect: &RecordHeader,
+    ) -> Result<&'b [u8]> {
+        let path = || pack_path(&self.data_dir, pack).display().to_string();
+        let header = RecordHeader::decode(&record[..RECORD_HEADER_LEN]).map_err(|why| {
             Error::Corrupt(format!(
                 "pack file {} offset {offset}: {why} (expected {} {})",
                 path(),
@@ -205,20 +218,41 @@ impl PackReader {
                 expect.id.short()
             )));
         }
-        buf.drain(..RECORD_HEADER_LEN);
-        Ok(buf)
+        Ok(&record[RECORD_HEADER_LEN..RECORD_HEADER_LEN + expect.stored_len as usize])
     }
 
-    /// Reads a record and decodes (decompresses and verifies) its plaintext.
-    pub fn read_object(&self, pack: &str, offset: u64, expect: &RecordHeader) -> Result<Vec<u8>> {
-        let payload = self.read_record(pack, offset, expect)?;
-        crate::object::decode(expect, &payload).map_err(|e| match e {
+    /// Reads the record at `offset` and checks that its header says `expect`; returns the payload.
+    pub fn read_record(&self, pack: &str, offset: u64, expect: &RecordHeader) -> Result<Vec<u8>> {
+        let buf = self.read_span(
+            pack,
+            offset,
+            RECORD_HEADER_LEN + expect.stored_len as usize,
+            expect,
+        )?;
+        Ok(self.check_record(pack, offset, &buf, expect)?.to_vec())
+    }
+
+    /// Decodes a payload read from `pack` at `offset`, naming the place on damage.
+    pub fn decode_at(
+        &self,
+        pack: &str,
+        offset: u64,
+        expect: &RecordHeader,
+        payload: &[u8],
+    ) -> Result<Vec<u8>> {
+        crate::object::decode(expect, payload).map_err(|e| match e {
             Error::Corrupt(m) => Error::Corrupt(format!(
                 "{m} (pack file {} offset {offset})",
                 pack_path(&self.data_dir, pack).display()
             )),
             other => other,
         })
+    }
+
+    /// Reads a record and decodes (decompresses and verifies) its plaintext.
+    pub fn read_object(&self, pack: &str, offset: u64, expect: &RecordHeader) -> Result<Vec<u8>> {
+        let payload = self.read_record(pack, offset, expect)?;
+        self.decode_at(pack, offset, expect, &payload)
     }
 }
 

@@ -8,9 +8,10 @@ use crate::config::{ChunkerParams, Config};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::sync_dir;
 use crate::id::ObjectId;
-use crate::index::Index;
+use crate::index::{Index, Location};
 use crate::lock::{lock_repository, Lock, LockMode};
 use crate::manifest::{DiskMap, Manifest, Segment};
+use crate::object::RECORD_HEADER_LEN;
 use crate::pack::PackReader;
 
 /// Name of the index database inside a repository.
@@ -118,6 +119,56 @@ impl Repository {
             .with_index(|i| i.lookup(id))?
             .ok_or_else(|| Error::Corrupt(format!("object {} is not in the index", id.short())))?;
         self.reader.read_object(&loc.pack, loc.offset, &loc.header)
+    }
+
+    /// Reads, decompresses and verifies several objects, in order. Records that sit back to
+    /// back in one pack (chunks written in sequence) are fetched with one read.
+    pub fn read_objects(&self, ids: &[ObjectId]) -> Result<Vec<Vec<u8>>> {
+        const MAX_SPAN: u64 = 8 << 20;
+        let locs: Vec<Location> = self.with_index(|i| {
+            ids.iter()
+                .map(|id| {
+                    i.lookup(id)?.ok_or_else(|| {
+                        Error::Corrupt(format!("object {} is not in the index", id.short()))
+                    })
+                })
+                .collect()
+        })?;
+        let record_len = |l: &Location| RECORD_HEADER_LEN as u64 + l.header.stored_len as u64;
+        let mut out = Vec::with_capacity(ids.len());
+        let mut i = 0;
+        while i < locs.len() {
+            let first = &locs[i];
+            let mut end = first.offset + record_len(first);
+            let mut j = i + 1;
+            while j < locs.len()
+                && locs[j].pack == first.pack
+                && locs[j].offset == end
+                && end - first.offset < MAX_SPAN
+            {
+                end += record_len(&locs[j]);
+                j += 1;
+            }
+            let span = self.reader.read_span(
+                &first.pack,
+                first.offset,
+                (end - first.offset) as usize,
+                &first.header,
+            )?;
+            for l in &locs[i..j] {
+                let rel = (l.offset - first.offset) as usize;
+                let record = &span[rel..rel + record_len(l) as usize];
+                let payload = self
+                    .reader
+                    .check_record(&l.pack, l.offset, record, &l.header)?;
+                out.push(
+                    self.reader
+                        .decode_at(&l.pack, l.offset, &l.header, payload)?,
+                );
+            }
+            i = j;
+        }
+        Ok(out)
     }
 
     /// Loads a generation manifest.

@@ -135,9 +135,15 @@ fn seal(w: &mut Writer) -> Result<()> {
         pack.discard();
         return Ok(());
     }
-    let (name, len) = pack.seal()?;
+    let path = pack.path().to_path_buf();
     let records = std::mem::take(&mut w.records);
-    w.index.add_pack(&name, len, &records)?;
     w.pending.clear();
-    Ok(())
+    let result = pack
+        .seal()
+        .and_then(|(name, len)| w.index.add_pack(&name, len, &records));
+    if result.is_err() {
+        // Not indexed, so nothing refers to it: give the space back.
+        let _ = std::fs::remove_file(&path);
+    }
+    result
 }
