@@ -33,7 +33,7 @@ fn stages(c: &mut Criterion) {
     let mut g = c.benchmark_group("stage");
     g.throughput(Throughput::Bytes(data.len() as u64));
     g.sample_size(20);
-    g.bench_function("fastcdc_64k", |b| {
+    g.bench_function("fastcdc_default_params", |b| {
         b.iter(|| {
             fastcdc::v2020::FastCDC::new(black_box(&data), p.min_size, p.avg_size, p.max_size)
                 .count()
