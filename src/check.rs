@@ -3,7 +3,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
 use rayon::prelude::*;
@@ -133,16 +132,23 @@ pub fn check(repo: &Repository, read_data: bool, progress: &dyn Progress) -> Res
     let read_count = std::sync::atomic::AtomicU64::new(0);
     by_pack.par_iter().for_each(|(pack, objs)| {
         let path = pack_path(&data_dir, pack);
-        let file = fs::File::open(&path);
+        let len = fs::metadata(&path).map(|m| m.len());
         for (offset, h) in objs {
             progress.advance(RECORD_HEADER_LEN as u64 + h.stored_len as u64);
-            let problem = match &file {
+            let problem = match len {
                 Err(_) => Some(format!("its pack file {} is missing", path.display())),
-                Ok(f) => {
+                Ok(len) => {
                     let r = if read_data {
                         repo.packs().read_object(pack, *offset, h).map(|_| ())
+                    } else if offset + RECORD_HEADER_LEN as u64 + h.stored_len as u64 > len {
+                        Err(Error::Corrupt(format!(
+                            "pack file {} is truncated at offset {offset}",
+                            path.display()
+                        )))
                     } else {
-                        read_header(f, &path, *offset, h)
+                        repo.packs()
+                            .read_span(pack, *offset, RECORD_HEADER_LEN, h)
+                            .and_then(|b| repo.packs().check_header(pack, *offset, &b, h))
                     };
                     read_count.fetch_add(read_data as u64, std::sync::atomic::Ordering::Relaxed);
                     r.err().map(|e| e.to_string())
@@ -246,40 +252,6 @@ pub fn check(repo: &Repository, read_data: bool, progress: &dyn Progress) -> Res
         ));
     }
     Ok(report)
-}
-
-fn read_header(f: &fs::File, path: &std::path::Path, offset: u64, h: &RecordHeader) -> Result<()> {
-    let mut buf = [0u8; RECORD_HEADER_LEN];
-    f.read_exact_at(&mut buf, offset).map_err(|_| {
-        Error::Corrupt(format!(
-            "pack file {} is truncated at offset {offset}",
-            path.display()
-        ))
-    })?;
-    let found = RecordHeader::decode(&buf).map_err(|why| {
-        Error::Corrupt(format!(
-            "pack file {} offset {offset}: {why}",
-            path.display()
-        ))
-    })?;
-    if found != *h {
-        return Err(Error::Corrupt(format!(
-            "pack file {} offset {offset} holds {} {}, the index expects {} {}",
-            path.display(),
-            found.kind.name(),
-            found.id.short(),
-            h.kind.name(),
-            h.id.short()
-        )));
-    }
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if offset + RECORD_HEADER_LEN as u64 + h.stored_len as u64 > len {
-        return Err(Error::Corrupt(format!(
-            "pack file {} is truncated at offset {offset}",
-            path.display()
-        )));
-    }
-    Ok(())
 }
 
 fn object_ok(

@@ -190,6 +190,36 @@ impl PackReader {
         }
     }
 
+    /// Checks that the record header bytes read at `offset` are exactly `expect`.
+    pub fn check_header(
+        &self,
+        pack: &str,
+        offset: u64,
+        header: &[u8],
+        expect: &RecordHeader,
+    ) -> Result<()> {
+        let path = || pack_path(&self.data_dir, pack).display().to_string();
+        let found = RecordHeader::decode(header).map_err(|why| {
+            Error::Corrupt(format!(
+                "pack file {} offset {offset}: {why} (expected {} {})",
+                path(),
+                expect.kind.name(),
+                expect.id.short()
+            ))
+        })?;
+        if found != *expect {
+            return Err(Error::Corrupt(format!(
+                "pack file {} offset {offset} holds {} {}, the index expects {} {}",
+                path(),
+                found.kind.name(),
+                found.id.short(),
+                expect.kind.name(),
+                expect.id.short()
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks that `record` (header and payload, read at `offset`) is the record `expect`;
     /// returns its payload.
     pub fn check_record<'b>(
@@ -199,25 +229,7 @@ impl PackReader {
         record: &'b [u8],
         expect: &RecordHeader,
     ) -> Result<&'b [u8]> {
-        let path = || pack_path(&self.data_dir, pack).display().to_string();
-        let header = RecordHeader::decode(&record[..RECORD_HEADER_LEN]).map_err(|why| {
-            Error::Corrupt(format!(
-                "pack file {} offset {offset}: {why} (expected {} {})",
-                path(),
-                expect.kind.name(),
-                expect.id.short()
-            ))
-        })?;
-        if header.id != expect.id || header.stored_len != expect.stored_len {
-            return Err(Error::Corrupt(format!(
-                "pack file {} offset {offset} holds {} {}, the index expects {} {}",
-                path(),
-                header.kind.name(),
-                header.id.short(),
-                expect.kind.name(),
-                expect.id.short()
-            )));
-        }
+        self.check_header(pack, offset, &record[..RECORD_HEADER_LEN], expect)?;
         Ok(&record[RECORD_HEADER_LEN..RECORD_HEADER_LEN + expect.stored_len as usize])
     }
 
