@@ -21,6 +21,7 @@ pub mod object;
 pub mod pack;
 pub mod progress;
 pub mod repo;
+pub mod retention;
 pub mod source;
 pub mod store;
 pub mod vm;
