@@ -52,6 +52,9 @@ pub enum Error {
         "damaged repository data: {0}; run `vmrepo check --read-data` to see what is affected"
     )]
     Corrupt(String),
+    /// A generation lost data (found by `check --repair` or while reading it).
+    #[error("generation {generation} is damaged:\n  {detail}\npass --allow-damaged to write what is left (damaged ranges stay zero and are listed)")]
+    Damaged { generation: String, detail: String },
     /// Another process holds a lock we need.
     #[error("{0}")]
     Locked(String),

@@ -15,8 +15,8 @@ use crate::object::{Codec, ObjectKind, RecordHeader};
 /// How long a writer waits for another process's transaction to end.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Schema version stored in `meta`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Schema version stored in `meta`. Version 1 (no `damaged` table) is upgraded in place.
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -69,6 +69,9 @@ CREATE TABLE IF NOT EXISTS files(
     object BLOB NOT NULL,
     size INTEGER NOT NULL,
     PRIMARY KEY(generation, name));
+CREATE TABLE IF NOT EXISTS damaged(
+    generation INTEGER PRIMARY KEY REFERENCES generations(id),
+    detail TEXT NOT NULL);
 ";
 
 /// Where an object is stored.
@@ -80,6 +83,17 @@ pub struct Location {
     pub offset: u64,
     /// The record header the pack must hold there.
     pub header: RecordHeader,
+}
+
+/// A sealed pack and the records in it, ready to be recorded.
+#[derive(Clone, Debug)]
+pub struct SealedPack {
+    /// Pack name.
+    pub name: String,
+    /// Its length in bytes.
+    pub size: u64,
+    /// Each record's header and offset.
+    pub records: Vec<(RecordHeader, u64)>,
 }
 
 /// A generation as the index lists it.
@@ -117,6 +131,8 @@ pub struct GenerationInfo {
     pub disks: Vec<DiskInfo>,
     /// Number of small files.
     pub files: u64,
+    /// Why the generation is damaged, if `check --repair` found it so (never extracted silently).
+    pub damaged: Option<String>,
     #[serde(skip)]
     row: i64,
 }
@@ -215,6 +231,16 @@ impl Index {
                     .map_err(|e| self.err(e))?;
             }
             Some(v) if v.parse::<i64>().ok() == Some(SCHEMA_VERSION) => {}
+            Some(v) if v == "1" => {
+                // Version 2 only adds tables.
+                self.conn.execute_batch(SCHEMA).map_err(|e| self.err(e))?;
+                self.conn
+                    .execute(
+                        "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                        [SCHEMA_VERSION.to_string()],
+                    )
+                    .map_err(|e| self.err(e))?;
+            }
             Some(v) => {
                 return Err(Error::Corrupt(format!(
                     "index {} has schema version {v}, this vmrepo knows {SCHEMA_VERSION}",
@@ -276,33 +302,139 @@ impl Index {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(err)?;
-        tx.execute(
-            "INSERT INTO packs(name, size) VALUES(?1, ?2)",
-            params![name, size as i64],
-        )
-        .map_err(err)?;
-        let pack = tx.last_insert_rowid();
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO objects(id, kind, codec, pack, offset, stored_len, raw_len)
-                     VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        insert_pack(&tx, name, size, records).map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Prune: in one transaction, records the sealed pack holding the tombstone (if any) and
+    /// removes the generations with their disks, files and damage notes.
+    pub fn remove_generations(
+        &mut self,
+        tombstone_pack: Option<&SealedPack>,
+        gens: &[GenerationInfo],
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let err = |e| Error::Index {
+            path: path.clone(),
+            cause: e,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        if let Some(p) = tombstone_pack {
+            insert_pack(&tx, &p.name, p.size, &p.records).map_err(err)?;
+        }
+        for g in gens {
+            for table in ["disks", "files", "damaged"] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE generation = ?1"),
+                    [g.row],
                 )
                 .map_err(err)?;
-            for (h, offset) in records {
-                st.execute(params![
-                    &h.id.0[..],
-                    h.kind as u8,
-                    h.codec as u8,
-                    pack,
-                    *offset as i64,
-                    h.stored_len,
-                    h.raw_len
-                ])
+            }
+            tx.execute("DELETE FROM generations WHERE id = ?1", [g.row])
                 .map_err(err)?;
+        }
+        tx.execute(
+            "DELETE FROM vms WHERE id NOT IN (SELECT vm FROM generations)",
+            [],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Garbage collection, one step in one transaction: drops `old_packs` with every object row
+    /// in them, records `new_packs` (sealed copies of their live records), deletes the rows of
+    /// `dead` objects elsewhere, and forgets segment-cache rows whose segment is gone.
+    pub fn apply_gc(
+        &mut self,
+        old_packs: &[String],
+        new_packs: &[SealedPack],
+        dead: &[ObjectId],
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let err = |e| Error::Index {
+            path: path.clone(),
+            cause: e,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        for name in old_packs {
+            tx.execute(
+                "DELETE FROM objects WHERE pack = (SELECT id FROM packs WHERE name = ?1)",
+                [name],
+            )
+            .map_err(err)?;
+            tx.execute("DELETE FROM packs WHERE name = ?1", [name])
+                .map_err(err)?;
+        }
+        for p in new_packs {
+            insert_pack(&tx, &p.name, p.size, &p.records).map_err(err)?;
+        }
+        {
+            let mut st = tx
+                .prepare_cached("DELETE FROM objects WHERE id = ?1")
+                .map_err(err)?;
+            for id in dead {
+                st.execute([&id.0[..]]).map_err(err)?;
             }
         }
+        tx.execute(
+            "DELETE FROM segment_cache WHERE segment NOT IN (SELECT id FROM objects)",
+            [],
+        )
+        .map_err(err)?;
         tx.commit().map_err(err)
+    }
+
+    /// Repair: forgets objects whose stored bytes are missing or damaged, and segment-cache rows
+    /// of segments that cannot be fully read (so a later ingest re-chunks and re-stores them).
+    pub fn forget_damaged_objects(
+        &mut self,
+        objects: &[ObjectId],
+        segments: &[ObjectId],
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let err = |e| Error::Index {
+            path: path.clone(),
+            cause: e,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        for id in objects {
+            tx.execute("DELETE FROM objects WHERE id = ?1", [&id.0[..]])
+                .map_err(err)?;
+        }
+        for id in segments {
+            tx.execute("DELETE FROM segment_cache WHERE segment = ?1", [&id.0[..]])
+                .map_err(err)?;
+        }
+        tx.execute(
+            "DELETE FROM segment_cache WHERE segment NOT IN (SELECT id FROM objects)",
+            [],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Marks a generation damaged (`detail` says what is lost), or clears the mark with `None`.
+    pub fn set_damaged(&mut self, g: &GenerationInfo, detail: Option<&str>) -> Result<()> {
+        match detail {
+            Some(d) => self.conn.execute(
+                "INSERT OR REPLACE INTO damaged(generation, detail) VALUES(?1, ?2)",
+                params![g.row, d],
+            ),
+            None => self
+                .conn
+                .execute("DELETE FROM damaged WHERE generation = ?1", [g.row]),
+        }
+        .map(|_| ())
+        .map_err(|e| self.err(e))
     }
 
     /// The segment object recorded for a content fingerprint, if it is still stored.
@@ -319,6 +451,19 @@ impl Index {
             .optional()
             .map_err(|e| self.err(e))?;
         Ok(v.and_then(|b| ObjectId::from_slice(&b)))
+    }
+
+    /// True if `vm` has a generation at exactly `time`.
+    pub fn has_generation(&self, vm: &str, time: &str) -> Result<bool> {
+        self.conn
+            .query_row(
+                "SELECT count(*) FROM generations g JOIN vms v ON v.id = g.vm
+                 WHERE v.name = ?1 AND g.time = ?2",
+                [vm, time],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .map_err(|e| self.err(e))
     }
 
     /// The newest generation time of `vm`, if it has any.
@@ -404,7 +549,8 @@ impl Index {
             .prepare(
                 "SELECT g.id, v.name, g.time, g.manifest, g.uuid, g.source, g.started, g.finished, g.version,
                         g.virtual_bytes, g.bytes_read, g.bytes_new, g.bytes_stored, g.chunks_new,
-                        (SELECT count(*) FROM files f WHERE f.generation = g.id)
+                        (SELECT count(*) FROM files f WHERE f.generation = g.id),
+                        (SELECT detail FROM damaged d WHERE d.generation = g.id)
                  FROM generations g JOIN vms v ON v.id = g.vm
                  WHERE ?1 IS NULL OR v.name = ?1 ORDER BY v.name, g.time",
             )
@@ -431,6 +577,7 @@ impl Index {
                     bytes_stored: r.get::<_, i64>(12)? as u64,
                     chunks_new: r.get::<_, i64>(13)? as u64,
                     files: r.get::<_, i64>(14)? as u64,
+                    damaged: r.get(15)?,
                     disks: Vec::new(),
                 })
             })
@@ -555,9 +702,42 @@ impl Index {
         Ok(rows.into_iter().filter(|r| r != "ok").collect())
     }
 
-    /// Inserts a generation read back from its manifest (index rebuild).
-    pub fn insert_rebuilt_generation(&mut self, manifest_id: ObjectId, m: &Manifest) -> Result<()> {
-        self.commit_generation(manifest_id, m, &[])
+    /// Inserts a generation read back from its manifest (index rebuild), marked damaged with
+    /// `damage` if something it references is gone.
+    pub fn insert_rebuilt_generation(
+        &mut self,
+        manifest_id: ObjectId,
+        m: &Manifest,
+        damage: Option<&str>,
+    ) -> Result<()> {
+        self.commit_generation(manifest_id, m, &[])?;
+        if let Some(d) = damage {
+            self.conn
+                .execute(
+                    "INSERT OR REPLACE INTO damaged(generation, detail)
+                     SELECT g.id, ?3 FROM generations g JOIN vms v ON v.id = g.vm
+                     WHERE v.name = ?1 AND g.time = ?2",
+                    params![m.catalog.vm, m.catalog.time, d],
+                )
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Updates the recorded size of a pack whose file is shorter (repair of a truncated pack).
+    pub fn set_pack_size(&mut self, name: &str, size: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE packs SET size = ?2 WHERE name = ?1",
+                params![name, size as i64],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Forgets a pack whose file is gone, with every object row in it (repair).
+    pub fn forget_pack(&mut self, name: &str) -> Result<()> {
+        self.apply_gc(&[name.to_string()], &[], &[])
     }
 
     /// Inserts segment cache rows (index rebuild).
@@ -581,6 +761,27 @@ impl Index {
         tx.commit().map_err(err)
     }
 
+    /// Rebuilds the database file when more than a quarter of it is free pages (after gc removed
+    /// many rows), so the space returns to the filesystem. Needs the repository to itself.
+    pub fn vacuum_if_sparse(&self) -> Result<()> {
+        let (free, total): (i64, i64) = self
+            .conn
+            .query_row(
+                "SELECT (SELECT freelist_count FROM pragma_freelist_count), \
+                        (SELECT page_count FROM pragma_page_count)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| self.err(e))?;
+        if total > 0 && free * 4 > total {
+            self.conn
+                .execute_batch("VACUUM;")
+                .map_err(|e| self.err(e))?;
+            self.checkpoint();
+        }
+        Ok(())
+    }
+
     /// Folds the WAL into the database file (keeps the repository compact between runs).
     /// Never waits: if another process is reading, the WAL is left for a later checkpoint.
     pub fn checkpoint(&self) {
@@ -588,6 +789,35 @@ impl Index {
         let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
         let _ = self.conn.busy_timeout(BUSY_TIMEOUT);
     }
+}
+
+fn insert_pack(
+    tx: &rusqlite::Transaction<'_>,
+    name: &str,
+    size: u64,
+    records: &[(RecordHeader, u64)],
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO packs(name, size) VALUES(?1, ?2)",
+        params![name, size as i64],
+    )?;
+    let pack = tx.last_insert_rowid();
+    let mut st = tx.prepare_cached(
+        "INSERT OR IGNORE INTO objects(id, kind, codec, pack, offset, stored_len, raw_len)
+         VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for (h, offset) in records {
+        st.execute(params![
+            &h.id.0[..],
+            h.kind as u8,
+            h.codec as u8,
+            pack,
+            *offset as i64,
+            h.stored_len,
+            h.raw_len
+        ])?;
+    }
+    Ok(())
 }
 
 fn row_location(r: &rusqlite::Row<'_>, id: ObjectId) -> rusqlite::Result<Location> {

@@ -9,7 +9,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use vmrepo::check::{check, rebuild_index};
+mod cli;
+
+use vmrepo::check::{check, rebuild_index, ReadData};
 use vmrepo::config::ChunkerParams;
 use vmrepo::extract::{extract, ExtractOptions};
 use vmrepo::ingest::{ingest, IngestOptions};
@@ -32,6 +34,10 @@ web01@-1 /restore/web01\n  vmrepo check /backup/repo --read-data"
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Wait up to SECONDS for other vmrepo processes to release the repository (an ingest
+    /// waiting for gc, gc waiting for ingests) instead of failing at once.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 0)]
+    lock_wait: u64,
 }
 
 #[derive(Subcommand)]
@@ -80,6 +86,11 @@ vmfs/vmfsThin flat pairs, twoGbMaxExtentFlat, ZERO extents and raw images."
         /// VM name (default: the .vmx displayName, or the image file name without extension).
         #[arg(long)]
         name: Option<String>,
+        /// Record the generation at this UTC time (e.g. 2026-09-01T01:30:00Z) instead of now:
+        /// how existing backups come in with their real dates. Refused if the VM already has a
+        /// generation at that time.
+        #[arg(long, value_name = "TIME", value_parser = cli::parse_time)]
+        time: Option<jiff::Timestamp>,
         /// Print one JSON summary on stdout instead of text.
         #[arg(long)]
         json: bool,
@@ -114,6 +125,10 @@ chunk is verified against its hash; files appear under their final names only wh
         /// Restore only the disks (descriptors and extent files).
         #[arg(long)]
         disk_only: bool,
+        /// Restore a damaged generation anyway: damaged disk ranges stay zero (holes) and are
+        /// listed, missing small files are skipped and listed.
+        #[arg(long)]
+        allow_damaged: bool,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
@@ -122,15 +137,28 @@ chunk is verified against its hash; files appear under their final names only wh
     #[command(
         long_about = "Check that the index and the pack files agree and that every generation's \
 manifest, disk maps, segments and chunks are present. With --read-data, also read, decompress and \
-re-hash every stored object. Damaged generations and disks are named. With --rebuild-index, first \
-rebuild index.sqlite from the pack files alone (the old index is kept beside it), then check."
+re-hash every stored object; --read-data-subset reads part of them (10% at random, or slice 3/7 so \
+that seven nightly runs read everything once). Damaged generations and disks are named. With \
+--rebuild-index, first rebuild index.sqlite from the pack files alone (the old index is kept beside \
+it), then check. With --repair, read everything, rebuild the index if it is missing or damaged, drop \
+index entries whose data is missing or corrupt, and mark the generations that lost data as damaged \
+(extract refuses them unless --allow-damaged; a later ingest that reads the same data again stores \
+it again and heals them). Exit status: 0 when nothing is damaged, 1 otherwise."
     )]
     Check {
         /// Repository directory.
         repo: PathBuf,
         /// Read and verify every stored byte.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "read_data_subset")]
         read_data: bool,
+        /// Read and verify a subset: a percentage of the data (`10%`, random) or slice N of M
+        /// (`2/7`, deterministic).
+        #[arg(long, value_name = "SUBSET", value_parser = ReadData::parse_subset)]
+        read_data_subset: Option<ReadData>,
+        /// Fix the index to match the data files and mark damaged generations (needs the
+        /// repository to itself; reads every stored byte).
+        #[arg(long, conflicts_with_all = ["rebuild_index", "read_data_subset"])]
+        repair: bool,
         /// Rebuild the index from the pack files first (needs the repository to itself).
         #[arg(long)]
         rebuild_index: bool,
@@ -138,15 +166,24 @@ rebuild index.sqlite from the pack files alone (the old index is kept beside it)
         #[arg(long)]
         json: bool,
     },
+    /// Remove generations by a retention policy (then `gc` frees their space).
+    #[command(long_about = cli::PRUNE_HELP)]
+    Prune(cli::PruneArgs),
+    /// Delete data no generation references and compact half-empty data files.
+    #[command(long_about = cli::GC_HELP)]
+    Gc(cli::GcArgs),
+    /// Import a ghettoVCB backup rotation as generations, with their original dates.
+    #[command(long_about = cli::IMPORT_HELP)]
+    ImportGhettovcb(cli::ImportArgs),
 }
 
 /// indicatif progress on a terminal's stderr; silent otherwise.
-struct Bar {
+pub(crate) struct Bar {
     bar: Option<ProgressBar>,
 }
 
 impl Bar {
-    fn new(enabled: bool) -> Bar {
+    pub(crate) fn new(enabled: bool) -> Bar {
         let on = enabled && std::io::stderr().is_terminal();
         Bar {
             bar: on.then(|| {
@@ -191,7 +228,7 @@ impl Progress for Bar {
     }
 }
 
-fn human(n: u64) -> String {
+pub(crate) fn human(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = n as f64;
     let mut u = 0;
@@ -217,7 +254,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn print_json(v: &impl serde::Serialize) {
+pub(crate) fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
 }
 
@@ -265,16 +302,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             repo,
             source,
             name,
+            time,
             json,
         } => {
-            let r = Repository::open(&repo, LockMode::Shared)?;
             let bar = Bar::new(!json);
-            let report = ingest(&r, &source, &IngestOptions { name }, &bar).with_context(|| {
-                format!(
-                    "ingest of {} failed; no generation was recorded",
-                    source.display()
-                )
-            })?;
+            let r = open_repo(&repo, LockMode::Shared, cli.lock_wait, &bar)?;
+            let report =
+                ingest(&r, &source, &IngestOptions { name, time }, &bar).with_context(|| {
+                    format!(
+                        "ingest of {} failed; no generation was recorded",
+                        source.display()
+                    )
+                })?;
             if json {
                 print_json(&report);
             } else {
@@ -299,6 +338,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     s.segments_zero
                 );
                 println!("  stored      {} after compression", human(s.bytes_stored));
+                for h in &report.healed {
+                    println!("  healed      {h}: the data it had lost is stored again");
+                }
                 if s.bytes_stored == 0 {
                     println!("  nothing new stored: everything read was already in the repository");
                 } else {
@@ -311,7 +353,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::List { repo, vm, json } => {
-            let r = Repository::open(&repo, LockMode::Shared)?;
+            let r = open_repo(&repo, LockMode::Shared, cli.lock_wait, &Bar::new(false))?;
             let index = r.open_index()?;
             match vm {
                 None => {
@@ -371,6 +413,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                                 human(g.bytes_stored),
                                 disks.join(", ")
                             );
+                            if let Some(d) = &g.damaged {
+                                println!("  DAMAGED: {d}");
+                            }
                         }
                     }
                 }
@@ -383,15 +428,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dest,
             force,
             disk_only,
+            allow_damaged,
             json,
         } => {
-            let r = Repository::open(&repo, LockMode::Shared)?;
             let bar = Bar::new(!json);
+            let r = open_repo(&repo, LockMode::Shared, cli.lock_wait, &bar)?;
             let report = extract(
                 &r,
                 &generation,
                 &dest,
-                &ExtractOptions { force, disk_only },
+                &ExtractOptions {
+                    force,
+                    disk_only,
+                    allow_damaged,
+                },
                 &bar,
             )
             .with_context(|| format!("extract of {generation} into {} failed", dest.display()))?;
@@ -407,19 +457,48 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     human(report.virtual_bytes),
                     report.seconds
                 );
+                for f in &report.damaged_files {
+                    println!("  DAMAGED  file {f} was not restored");
+                }
+                for r in &report.damaged_ranges {
+                    println!("  DAMAGED  {r}: left as zeros");
+                }
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(
+                if report.damaged_ranges.is_empty() && report.damaged_files.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!(
+                    "vmrepo: extract of {} is incomplete: {} damaged range(s), {} file(s) missing",
+                    report.generation,
+                    report.damaged_ranges.len(),
+                    report.damaged_files.len()
+                );
+                    ExitCode::from(3)
+                },
+            )
         }
         Command::Check {
             repo,
             read_data,
+            read_data_subset,
             rebuild_index: rebuild,
+            repair,
             json,
         } => {
             let bar = Bar::new(!json);
+            if repair {
+                let r = open_repo(&repo, LockMode::Exclusive, cli.lock_wait, &bar)?;
+                return cli::print_repair(&vmrepo::repair::repair(&r, &bar)?, json);
+            }
+            let read = match (read_data, read_data_subset) {
+                (_, Some(subset)) => subset,
+                (true, None) => ReadData::All,
+                (false, None) => ReadData::None,
+            };
             let mut rebuilt = None;
             if rebuild {
-                let r = Repository::open(&repo, LockMode::Exclusive)?;
+                let r = open_repo(&repo, LockMode::Exclusive, cli.lock_wait, &bar)?;
                 let rep = rebuild_index(&r, &bar)
                     .context("index rebuild failed; the old index is untouched")?;
                 if !json {
@@ -439,8 +518,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 rebuilt = Some(rep);
             }
-            let r = Repository::open(&repo, LockMode::Shared)?;
-            let report = check(&r, read_data, &bar)?;
+            let r = open_repo(&repo, LockMode::Shared, cli.lock_wait, &bar)?;
+            let report = check(&r, read, &bar)?;
             if json {
                 print_json(
                     &serde_json::json!({ "ok": report.ok(), "check": report, "rebuild": rebuilt }),
@@ -449,22 +528,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for p in &report.problems {
                     println!("PROBLEM  {p}");
                 }
-                for d in &report.damaged {
-                    println!("DAMAGED  {}: {}", d.generation, d.parts.join(", "));
-                    for p in &d.problems {
-                        println!("         {p}");
-                    }
-                }
-                for n in &report.notes {
-                    println!("note     {n}");
-                }
+                cli::print_check_findings(&report);
                 println!(
                     "{}: {} generations, {} objects ({}){}",
                     if report.ok() { "ok" } else { "DAMAGE FOUND" },
                     report.generations,
                     report.objects,
                     human(report.stored_bytes),
-                    if read_data {
+                    if read != ReadData::None {
                         format!(", {} objects read and verified", report.objects_read)
                     } else {
                         String::new()
@@ -477,5 +548,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Prune(args) => cli::prune(args, cli.lock_wait),
+        Command::Gc(args) => cli::gc(args, cli.lock_wait),
+        Command::ImportGhettovcb(args) => cli::import_ghettovcb(args, cli.lock_wait),
     }
+}
+
+/// Opens a repository, waiting up to `lock_wait` seconds for its lock (saying so on stderr).
+fn open_repo(
+    path: &std::path::Path,
+    mode: LockMode,
+    lock_wait: u64,
+    bar: &Bar,
+) -> anyhow::Result<Repository> {
+    Ok(Repository::open_waiting(
+        path,
+        mode,
+        std::time::Duration::from_secs(lock_wait),
+        &|msg| bar.note(msg),
+    )?)
 }

@@ -29,6 +29,8 @@ pub enum ObjectKind {
     File = 4,
     /// A generation manifest (catalog, files, disks).
     Manifest = 5,
+    /// A prune record: the manifests of generations that prune removed (see docs/FORMAT.md).
+    Tombstone = 6,
 }
 
 impl ObjectKind {
@@ -40,6 +42,7 @@ impl ObjectKind {
             3 => ObjectKind::DiskMap,
             4 => ObjectKind::File,
             5 => ObjectKind::Manifest,
+            6 => ObjectKind::Tombstone,
             _ => return None,
         })
     }
@@ -52,6 +55,7 @@ impl ObjectKind {
             ObjectKind::DiskMap => "disk map",
             ObjectKind::File => "file",
             ObjectKind::Manifest => "manifest",
+            ObjectKind::Tombstone => "tombstone",
         }
     }
 }

@@ -50,8 +50,18 @@ impl Repository {
         Ok(config)
     }
 
-    /// Opens the repository at `path`, taking its lock in `mode`.
+    /// Opens the repository at `path`, taking its lock in `mode`; fails at once if it is held.
     pub fn open(path: &Path, mode: LockMode) -> Result<Repository> {
+        Repository::open_waiting(path, mode, std::time::Duration::ZERO, &|_| {})
+    }
+
+    /// Opens the repository at `path`, waiting up to `wait` for its lock.
+    pub fn open_waiting(
+        path: &Path,
+        mode: LockMode,
+        wait: std::time::Duration,
+        on_wait: &dyn Fn(&str),
+    ) -> Result<Repository> {
         let config = Config::load(path)?;
         for dir in ["data", "locks"] {
             if !path.join(dir).is_dir() {
@@ -61,7 +71,7 @@ impl Repository {
                 });
             }
         }
-        let lock = lock_repository(path, mode)?;
+        let lock = lock_repository(path, mode, wait, on_wait)?;
         Ok(Repository {
             root: path.to_path_buf(),
             reader: PackReader::new(&path.join("data")),

@@ -427,7 +427,8 @@ mod tests {
 
     #[test]
     fn local_time_buckets_follow_the_zone_across_dst() {
-        let berlin = TimeZone::get("Europe/Berlin").expect("tzdata installed (apt-get install tzdata)");
+        let berlin =
+            TimeZone::get("Europe/Berlin").expect("tzdata installed (apt-get install tzdata)");
         // 2026-10-25: Berlin falls back from CEST (UTC+2) to CET (UTC+1) at 03:00 local.
         let times = [
             "2026-10-24T22:30:00Z", // 2026-10-25 00:30 CEST
@@ -513,7 +514,10 @@ mod tests {
                     ..Default::default()
                 };
                 for (a, b) in apply(&last_only, &times, &TimeZone::UTC).iter().zip(&keep) {
-                    assert!(!a.keep || *b, "policy {p:?} dropped a keep-last {small} generation");
+                    assert!(
+                        !a.keep || *b,
+                        "policy {p:?} dropped a keep-last {small} generation"
+                    );
                 }
             }
             if !p.is_empty() {

@@ -127,6 +127,35 @@ impl<'r> Store<'r> {
     }
 }
 
+impl Store<'_> {
+    /// Prune's commit: seals the pack holding the tombstone and, in the same index transaction,
+    /// records it and removes `gens`.
+    pub fn commit_removal(&self, gens: &[crate::index::GenerationInfo]) -> Result<()> {
+        let mut w = self.writer.lock().unwrap();
+        let Some(pack) = w.pack.take() else {
+            return w.index.remove_generations(None, gens);
+        };
+        let path = pack.path().to_path_buf();
+        let records = std::mem::take(&mut w.records);
+        w.pending.clear();
+        let result = pack.seal().and_then(|(name, size)| {
+            w.index.remove_generations(
+                Some(&crate::index::SealedPack {
+                    name,
+                    size,
+                    records,
+                }),
+                gens,
+            )
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        w.index.checkpoint();
+        result
+    }
+}
+
 fn seal(w: &mut Writer) -> Result<()> {
     let Some(pack) = w.pack.take() else {
         return Ok(());
