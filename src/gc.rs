@@ -20,7 +20,7 @@ use crate::fsutil::sync_dir;
 use crate::id::ObjectId;
 use crate::index::{GenerationInfo, Index, SealedPack};
 use crate::object::{EncodedObject, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
-use crate::pack::{is_being_written, list_packs, pack_path, PackFile};
+use crate::pack::{is_being_written, list_packs, pack_path, PackFile, PACK_HEADER_LEN};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::store::PACK_TARGET;
@@ -32,6 +32,9 @@ pub struct GcOptions {
     pub dry_run: bool,
     /// Rewrite a pack when its live bytes are below this fraction of its size (0.0..=1.0).
     pub repack_threshold: f64,
+    /// Then also rewrite the emptiest packs until the unreferenced bytes left in pack files are
+    /// at most this fraction of the live bytes (restic's `--max-unused`).
+    pub max_unused: f64,
 }
 
 impl Default for GcOptions {
@@ -39,6 +42,7 @@ impl Default for GcOptions {
         GcOptions {
             dry_run: false,
             repack_threshold: 0.2,
+            max_unused: 0.05,
         }
     }
 }
@@ -66,7 +70,7 @@ pub struct GcReport {
     pub bytes_copied: u64,
     /// Bytes returned to the filesystem (pack files deleted or shrunk).
     pub bytes_freed: u64,
-    /// Unreferenced bytes left in packs above the threshold (freed by a later rewrite).
+    /// Unreferenced bytes left in pack files that were not worth rewriting.
     pub bytes_left: u64,
     /// Left-over pack files of interrupted runs that were deleted.
     pub orphan_packs: u64,
@@ -299,7 +303,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
     names.sort();
     let mut drop_packs: Vec<String> = Vec::new();
     let mut rewrite: Vec<&String> = Vec::new();
-    let mut dead_rows: Vec<ObjectId> = Vec::new();
+    let mut keep: Vec<&String> = Vec::new();
     for name in names {
         let p = &plans[name];
         report.objects_live += p.live.len() as u64;
@@ -310,9 +314,30 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
         } else if (p.live_bytes as f64) < opts.repack_threshold * p.size as f64 {
             rewrite.push(name);
         } else {
-            report.bytes_left += p.dead_bytes;
-            dead_rows.extend(p.dead.iter().copied());
+            keep.push(name);
         }
+    }
+    // Repository-wide bound: while the garbage left in kept packs exceeds `max_unused` of the
+    // live data, also rewrite the kept packs with the smallest live share.
+    let live_total: u64 = plans.values().map(|p| p.live_bytes).sum();
+    let garbage = |p: &PackPlan| p.size.saturating_sub(p.live_bytes + PACK_HEADER_LEN);
+    let mut left: u64 = keep.iter().map(|n| garbage(&plans[*n])).sum();
+    keep.sort_by(|a, b| {
+        let share = |n: &String| plans[n].live_bytes as f64 / plans[n].size.max(1) as f64;
+        share(a).total_cmp(&share(b)).then(a.cmp(b))
+    });
+    let mut keep = keep.into_iter().peekable();
+    while (left as f64) > opts.max_unused * live_total as f64 {
+        let Some(name) = keep.next_if(|n| garbage(&plans[*n]) > 0) else {
+            break;
+        };
+        left -= garbage(&plans[name]);
+        rewrite.push(name);
+    }
+    let mut dead_rows: Vec<ObjectId> = Vec::new();
+    for name in keep {
+        report.bytes_left += garbage(&plans[name]);
+        dead_rows.extend(plans[name].dead.iter().copied());
     }
     if opts.dry_run {
         report.packs_deleted = drop_packs.len() as u64;

@@ -94,6 +94,10 @@ pub struct PruneArgs {
     /// With --gc: rewrite data files whose live part is below this share.
     #[arg(long, value_name = "PERCENT", default_value = "20%", value_parser = parse_percent)]
     repack_threshold: f64,
+    /// With --gc: then rewrite the emptiest data files until unreferenced bytes are at most
+    /// this share of the live data.
+    #[arg(long, value_name = "PERCENT", default_value = "5%", value_parser = parse_percent)]
+    max_unused: f64,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -136,6 +140,7 @@ pub fn prune(a: PruneArgs, lock_wait: u64) -> anyhow::Result<ExitCode> {
                 &GcOptions {
                     dry_run: false,
                     repack_threshold: a.repack_threshold,
+                    max_unused: a.max_unused,
                 },
                 &bar,
             )
@@ -192,8 +197,9 @@ pub fn prune(a: PruneArgs, lock_wait: u64) -> anyhow::Result<ExitCode> {
 
 pub const GC_HELP: &str = "Find the data no generation references any more (after prune, or left \
 by interrupted ingests) and delete it: data files holding nothing live are deleted, data files whose \
-live share is below --repack-threshold are rewritten without the dead part, the rest keep their dead \
-bytes until a later gc finds them below the threshold. Only metadata is read to find what is live; \
+live share is below --repack-threshold are rewritten without the dead part, and then the emptiest \
+remaining ones are rewritten until the unreferenced bytes left are at most --max-unused of the live \
+data (the rest keep their dead bytes until a later gc). Only metadata is read to find what is live; \
 rewritten data is verified on the way. gc needs the repository to itself: it waits for running \
 ingests (with --lock-wait) and they for it, so an ingest never reuses data gc is deleting. A gc \
 killed at any point leaves every kept generation whole; run it again to finish.";
@@ -209,6 +215,10 @@ pub struct GcArgs {
     /// Rewrite data files whose live part is below this share of the file.
     #[arg(long, value_name = "PERCENT", default_value = "20%", value_parser = parse_percent)]
     repack_threshold: f64,
+    /// Then rewrite the emptiest data files until unreferenced bytes are at most this share of
+    /// the live data (100% turns this off).
+    #[arg(long, value_name = "PERCENT", default_value = "5%", value_parser = parse_percent)]
+    max_unused: f64,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -228,6 +238,7 @@ pub fn gc(a: GcArgs, lock_wait: u64) -> anyhow::Result<ExitCode> {
         &GcOptions {
             dry_run: a.dry_run,
             repack_threshold: a.repack_threshold,
+            max_unused: a.max_unused,
         },
         &bar,
     )
@@ -263,7 +274,7 @@ fn print_gc(r: &GcReport) {
         r.orphan_packs
     );
     println!(
-        "  {} {}returned to the filesystem; {} unreferenced left in data files above the threshold",
+        "  {} {}returned to the filesystem; {} unreferenced left in data files not worth rewriting",
         human(r.bytes_freed),
         if r.dry_run { "would be " } else { "" },
         human(r.bytes_left)
