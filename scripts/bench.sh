@@ -92,9 +92,21 @@ has restic && timed restic-restore restore "$WORK/ds1" restic restore -q latest 
 has borg && timed borg-extract restore "$WORK/ds1" sh -c "mkdir -p '$WORK/out-borg' && cd '$WORK/out-borg' && borg extract ::night$NIGHTS"
 rm -rf "$WORK/out-vmrepo" "$WORK/out-restic" "$WORK/out-borg"
 
-python3 - "$RES" "$SIZE" "$FILL" "$NIGHTS" "$PERCENT" "$(nproc)" "${CHUNK_AVG:-default}" "$(size_of "$WORK/vmrepo/index.sqlite")" "${SEGMENT:-default}" > "$WORK/results.md" <<'PY'
+# Retention: drop the oldest night, then free its space. vmrepo reads only metadata to find
+# what is live and copies only what sits in mostly-dead data files.
+echo "== prune the oldest night and collect garbage"
+KEEP=$((NIGHTS - 1))
+if [ "$KEEP" -ge 1 ]; then
+    has vmrepo && timed vmrepo-gc gc "$WORK/vmrepo" "$VMREPO" prune "$WORK/vmrepo" --keep-last "$KEEP" --gc --json
+    has vmrepo && cp "$WORK/vmrepo-gc.out" "$WORK/gc.json"
+    has restic && timed restic-gc gc "$WORK/restic" restic forget -q --keep-last "$KEEP" --prune
+    has borg && timed borg-gc gc "$WORK/borg" sh -c "borg prune --keep-last $KEEP && borg compact"
+    has vmrepo && "$VMREPO" check "$WORK/vmrepo" --read-data >/dev/null
+fi
+
+python3 - "$RES" "$SIZE" "$FILL" "$NIGHTS" "$PERCENT" "$(nproc)" "${CHUNK_AVG:-default}" "$(size_of "$WORK/vmrepo/index.sqlite")" "${SEGMENT:-default}" "$WORK/gc.json" "$(size_of "$WORK/vmrepo")" > "$WORK/results.md" <<'PY'
 import sys, collections
-res, size, fill, nights, pct, cores, chunk, index_bytes, segment = sys.argv[1:]
+res, size, fill, nights, pct, cores, chunk, index_bytes, segment, gc_json, repo_bytes = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(res)][1:]
 d = collections.defaultdict(dict)
 for night, tool, sec, stored, rss in rows:
@@ -132,6 +144,16 @@ if rest:
     print("- restore of the last night: " + ", ".join(f"{t} {s:.2f} s" for t, s in rest.items()))
     if "vmrepo-extract" in rest and "restic-restore" in rest:
         print(f"- vmrepo extract vs restic restore: {rest['restic-restore']/rest['vmrepo-extract']:.2f}x faster")
+gcs = {t: d[t]["gc"] for t in ("vmrepo-gc", "restic-gc", "borg-gc") if t in d and "gc" in d[t]}
+if gcs:
+    print("- prune of the oldest night + garbage collection: " + ", ".join(
+        f"{t[:-3]} {v[0]:.2f} s, {-v[1]/MB:.1f} MB freed" for t, v in gcs.items()))
+    import json, os
+    if os.path.exists(gc_json):
+        g = json.load(open(gc_json))["gc"]
+        print(f"- vmrepo gc read {g['metadata_read']/MB:.2f} MB of metadata and copied {g['bytes_copied']/MB:.1f} MB "
+              f"of live data ({g['packs_rewritten']} data files rewritten, {g['packs_deleted']} deleted) "
+              f"in a {int(repo_bytes)/MB:.0f} MB repository")
 PY
 echo
 cat "$WORK/results.md"
