@@ -449,3 +449,66 @@ fn two_months_of_nightly_backups_pruned_and_collected() {
         "pruned repository {ours} bytes, fresh repository with the kept generations {theirs} bytes"
     );
 }
+
+#[test]
+fn local_time_buckets_follow_the_zone_in_tz_across_a_dst_change() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("d.img");
+    sparse_image(&img, 4 << 20, &[(0, 4 << 20, 1)]);
+    let repo = init_repo(t.path());
+    // Berlin leaves CEST (UTC+2) for CET (UTC+1) at 03:00 local on 2026-10-25.
+    for time in [
+        "2026-10-24T21:30:00Z", // 10-24 23:30 CEST
+        "2026-10-24T22:30:00Z", // 10-25 00:30 CEST
+        "2026-10-25T00:30:00Z", // 10-25 02:30 CEST
+        "2026-10-25T01:30:00Z", // 10-25 02:30 CET, the repeated hour
+        "2026-10-25T22:30:00Z", // 10-25 23:30 CET
+        "2026-10-25T23:30:00Z", // 10-26 00:30 CET
+    ] {
+        ingest_at(&repo, &img, "vm", time);
+    }
+    let prune = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .env("TZ", "Europe/Berlin")
+            .args([s("prune"), p(&repo), s("--dry-run"), s("--json")])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["prune"]["vms"][0]["generations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["keep"].as_bool().unwrap())
+            .map(|g| {
+                g["generation"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("vm@")
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+    };
+    // Local days: 10-24 (one), 10-25 (newest 23:30 CET), 10-26.
+    assert_eq!(
+        prune(&["--keep-daily", "3", "--local-time"]),
+        [
+            "2026-10-25T23:30:00Z",
+            "2026-10-25T22:30:00Z",
+            "2026-10-24T21:30:00Z"
+        ]
+    );
+    // UTC days: 10-25 (newest 23:30Z), 10-24 (newest 22:30Z).
+    assert_eq!(
+        prune(&["--keep-daily", "3"]),
+        ["2026-10-25T23:30:00Z", "2026-10-24T22:30:00Z"]
+    );
+    // The repeated local hour is one hourly bucket: 6 generations, 5 local hours.
+    assert_eq!(prune(&["--keep-hourly", "24", "--local-time"]).len(), 5);
+    assert_eq!(prune(&["--keep-hourly", "24"]).len(), 6);
+}
