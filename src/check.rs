@@ -457,7 +457,7 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
         }
     }
     let mut report = RebuildReport::default();
-    let mut index = Index::open(&tmp, true)?;
+    let mut index = Index::open(&tmp, true, repo.keys_arc())?;
     let names = list_packs(&data_dir)?;
     let total: u64 = names
         .iter()
@@ -483,7 +483,7 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
         let mut records = Vec::new();
         let (len, tail) = scan_pack(&path, |rec| {
             progress.advance(RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64);
-            match object::decode(&rec.header, &rec.payload) {
+            match object::decode(&rec.header, &rec.payload, repo.keys()) {
                 Err(e) => report
                     .damaged
                     .push(format!("pack {name} offset {}: {e}", rec.offset)),

@@ -88,7 +88,7 @@ pub fn ingest(
     for w in &plan.warnings {
         progress.note(&format!("warning: {w}"));
     }
-    let _vm_lock = lock_vm(repo.root(), &plan.vm)?;
+    let _vm_lock = lock_vm(repo.root(), &plan.vm, &repo.keys().name_tag(&plan.vm))?;
     let time = match opts.time {
         Some(t) => {
             let t = format_time(t);
@@ -253,7 +253,7 @@ fn ingest_disk(
     let size = d.reader.size();
     let seg = params.segment_size as u64;
     let nseg = size.div_ceil(seg);
-    let key = chunker::fingerprint_key(params);
+    let key = chunker::fingerprint_key(params, store.repo().keys());
     let results: Vec<(ObjectId, Option<CacheRow>)> = (0..nseg)
         .into_par_iter()
         .map(|i| {
@@ -407,7 +407,7 @@ fn ingest_segment(
             // Chunk count of a reused segment is not known without loading it; count data bytes only.
             return Ok((seg, None));
         }
-        let (extents, cuts) = chunker::cut(buf, &runs, params);
+        let (extents, cuts) = chunker::cut(buf, &runs, params, store.repo().keys());
         counters
             .chunks_total
             .fetch_add(cuts.len() as u64, Ordering::Relaxed);

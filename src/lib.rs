@@ -8,6 +8,7 @@
 pub mod check;
 pub mod chunker;
 pub mod config;
+pub mod crypto;
 pub mod damage;
 pub mod descriptor;
 pub mod error;
@@ -18,6 +19,7 @@ pub mod ghettovcb;
 pub mod id;
 pub mod index;
 pub mod ingest;
+pub mod keyfile;
 pub mod lock;
 pub mod manifest;
 pub mod object;

@@ -87,9 +87,10 @@ pub fn lock_repository(
     }
 }
 
-/// Takes the per-VM ingest lock.
-pub fn lock_vm(root: &Path, vm: &str) -> Result<Lock> {
-    let tag = &blake3::hash(vm.as_bytes()).to_hex()[..16];
+/// Takes the per-VM ingest lock. The lock file is named by a hash of `tag` (the VM name, or
+/// its keyed tag in an encrypted repository, so the name never shows in the repository).
+pub fn lock_vm(root: &Path, vm: &str, tag: &str) -> Result<Lock> {
+    let tag = &blake3::hash(tag.as_bytes()).to_hex()[..16];
     let path = root.join("locks").join(format!("vm-{tag}.lock"));
     let file = open_lock_file(&path)?;
     match file.try_lock() {

@@ -38,6 +38,13 @@ struct Cli {
     /// waiting for gc, gc waiting for ingests) instead of failing at once.
     #[arg(long, global = true, value_name = "SECONDS", default_value_t = 0)]
     lock_wait: u64,
+    /// Encrypted repositories: read the passphrase from this file (first line).
+    #[arg(long, global = true, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// Encrypted repositories: run this command (sh -c) and use the first line it prints as
+    /// the passphrase. Without either option: VMREPO_PASSWORD, else a prompt on a terminal.
+    #[arg(long, global = true, value_name = "CMD")]
+    password_command: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -46,8 +53,12 @@ enum Command {
     #[command(
         long_about = "Create a new repository in DIR, which must not exist or be empty. The chunking \
 and compression parameters are fixed for the life of the repository; the defaults were chosen by \
-measurement (docs/PERFORMANCE.md). Repositories are not encrypted in this version: keep them on storage \
-only you can read."
+measurement (docs/PERFORMANCE.md). With --encryption aes-256-gcm every stored object and every \
+name, path and size in the index is encrypted under a random master key, wrapped by your passphrase \
+(VMREPO_PASSWORD, --password-file, --password-command, or asked twice on a terminal). Losing the \
+passphrase means losing the data: add a second one with `vmrepo key add` or keep `vmrepo key \
+export`'s output offline. The default, none, is for repositories on storage only you can read \
+(docs/SECURITY.md)."
     )]
     Init {
         /// Directory to create the repository in.
@@ -67,6 +78,13 @@ only you can read."
         /// zstd compression level (1 fastest .. 19 smallest).
         #[arg(long, default_value_t = 3, value_name = "LEVEL")]
         compression_level: i32,
+        /// `none` or `aes-256-gcm`.
+        #[arg(long, default_value = "none", value_name = "MODE",
+              value_parser = clap::builder::PossibleValuesParser::new(vmrepo::config::ENCRYPTION_MODES))]
+        encryption: String,
+        /// argon2id memory for the first key, in MiB.
+        #[arg(long, value_name = "MIB", default_value_t = vmrepo::keyfile::KdfCost::default().memory_kib >> 10)]
+        kdf_memory: u32,
     },
     /// Back up a VM directory or a disk image as a new generation.
     #[command(
@@ -175,6 +193,9 @@ it again and heals them). Exit status: 0 when nothing is damaged, 1 otherwise."
     /// Import a ghettoVCB backup rotation as generations, with their original dates.
     #[command(long_about = cli::IMPORT_HELP)]
     ImportGhettovcb(cli::ImportArgs),
+    /// Manage the passphrases of an encrypted repository (list, add, remove, passwd, export).
+    #[command(subcommand, long_about = cli::keys::KEY_HELP)]
+    Key(cli::keys::KeyCommand),
 }
 
 /// indicatif progress on a terminal's stderr; silent otherwise.
@@ -259,6 +280,12 @@ pub(crate) fn print_json(v: &impl serde::Serialize) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let _ = PASSPHRASE.set(cli::passphrase::Source {
+        file: cli.password_file.clone(),
+        command: cli.password_command.clone(),
+        env: "VMREPO_PASSWORD",
+        what: "passphrase",
+    });
     match cli.command {
         Command::Init {
             repo,
@@ -267,6 +294,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             chunk_max,
             segment_size,
             compression_level,
+            encryption,
+            kdf_memory,
         } => {
             let avg = chunk_avg.saturating_mul(1024);
             let params = ChunkerParams {
@@ -276,7 +305,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 segment_size: segment_size.saturating_mul(1 << 20),
                 ..ChunkerParams::default()
             };
-            let config = Repository::init(&repo, params, compression_level)
+            let pass = if encryption == "none" {
+                None
+            } else {
+                Some(
+                    cli::passphrase::Source {
+                        file: cli.password_file.clone(),
+                        command: cli.password_command.clone(),
+                        env: "VMREPO_PASSWORD",
+                        what: "passphrase",
+                    }
+                    .get(true)?,
+                )
+            };
+            let enc = pass.as_ref().map(|p| vmrepo::repo::NewEncryption {
+                passphrase: p,
+                cost: vmrepo::keyfile::KdfCost {
+                    memory_kib: kdf_memory.max(1) << 10,
+                    ..Default::default()
+                },
+            });
+            let config = Repository::init(&repo, params, compression_level, enc)
                 .with_context(|| format!("cannot create a repository in {}", repo.display()))?;
             let c = config.chunker;
             println!(
@@ -292,10 +341,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 c.segment_size >> 20,
                 config.compression.level
             );
-            println!(
-                "encryption: none -- anyone who can read {} can read the backups",
-                repo.display()
-            );
+            if config.encrypted() {
+                println!(
+                    "encryption: AES-256-GCM; the passphrase opens it. Losing the passphrase loses \
+                     the data: add a second one (`vmrepo key add`) or keep `vmrepo key export` offline"
+                );
+            } else {
+                println!(
+                    "encryption: NONE -- anyone who can read {} can read the backups \
+                     (use --encryption aes-256-gcm for storage others can read)",
+                    repo.display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Ingest {
@@ -551,6 +608,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Prune(args) => cli::prune(args, cli.lock_wait),
         Command::Gc(args) => cli::gc(args, cli.lock_wait),
         Command::ImportGhettovcb(args) => cli::import_ghettovcb(args, cli.lock_wait),
+        Command::Key(cmd) => cli::keys::run(cmd, cli.lock_wait),
     }
 }
 
@@ -561,10 +619,45 @@ fn open_repo(
     lock_wait: u64,
     bar: &Bar,
 ) -> anyhow::Result<Repository> {
-    Ok(Repository::open_waiting(
+    Ok(Repository::open_with(
         path,
         mode,
-        std::time::Duration::from_secs(lock_wait),
-        &|msg| bar.note(msg),
+        &vmrepo::repo::OpenOptions {
+            lock_wait: std::time::Duration::from_secs(lock_wait),
+            on_wait: &|msg| bar.note(msg),
+            passphrase: &|| {
+                current_passphrase().map_err(|e| {
+                    vmrepo::Error::Usage(format!(
+                        "repository {} is encrypted: {e:#}",
+                        path.display()
+                    ))
+                })
+            },
+        },
     )?)
+}
+
+/// Where the passphrase of an encrypted repository comes from (set once from the options).
+static PASSPHRASE: std::sync::OnceLock<cli::passphrase::Source> = std::sync::OnceLock::new();
+/// The passphrase, asked for at most once per run.
+static PASSPHRASE_VALUE: std::sync::Mutex<Option<zeroize::Zeroizing<String>>> =
+    std::sync::Mutex::new(None);
+
+/// The current passphrase of the repository being opened.
+pub(crate) fn current_passphrase() -> anyhow::Result<zeroize::Zeroizing<String>> {
+    let mut cached = PASSPHRASE_VALUE.lock().unwrap();
+    if let Some(p) = cached.as_ref() {
+        return Ok(p.clone());
+    }
+    let p = PASSPHRASE
+        .get()
+        .cloned()
+        .unwrap_or(cli::passphrase::Source {
+            env: "VMREPO_PASSWORD",
+            what: "passphrase",
+            ..Default::default()
+        })
+        .get(false)?;
+    *cached = Some(p.clone());
+    Ok(p)
 }

@@ -43,7 +43,7 @@ pub struct RepairReport {
 /// Repairs `repo`, which must be open with the exclusive lock.
 pub fn repair(repo: &Repository, progress: &dyn Progress) -> Result<RepairReport> {
     let mut report = RepairReport::default();
-    let reason = match Index::open(&repo.index_path(), false) {
+    let reason = match Index::open(&repo.index_path(), false, repo.keys_arc()) {
         Err(e) => Some(format!("{e}")),
         Ok(i) => match i.integrity_check() {
             Ok(p) if p.is_empty() => None,

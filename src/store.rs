@@ -67,7 +67,7 @@ impl<'r> Store<'r> {
         if self.exists(&id)? {
             return Ok(false);
         }
-        let encoded = object::encode(kind, id, data, self.level);
+        let encoded = object::encode(kind, id, data, self.level, self.repo.keys());
         let mut w = self.writer.lock().unwrap();
         if w.pending.contains(&id) || w.index.contains(&id)? {
             return Ok(false);
@@ -87,7 +87,7 @@ impl<'r> Store<'r> {
 
     /// Stores a metadata or file object: its id is the hash of `data`.
     pub fn put_blob(&self, kind: ObjectKind, data: &[u8]) -> Result<ObjectId> {
-        let id = ObjectId::of(data);
+        let id = self.repo.keys().id_of(data);
         self.put(kind, id, data)?;
         Ok(id)
     }

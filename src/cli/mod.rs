@@ -1,6 +1,9 @@
 //! Command-line front ends of the maintenance commands (prune, gc, import-ghettovcb, repair):
 //! their arguments, help texts and output.
 
+pub mod keys;
+pub mod passphrase;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
