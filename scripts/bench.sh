@@ -104,6 +104,21 @@ if [ "$KEEP" -ge 1 ]; then
     has vmrepo && "$VMREPO" check "$WORK/vmrepo" --read-data >/dev/null
 fi
 
+# Encryption cost: the same VM ingested (all data new) into a fresh plain and a fresh encrypted
+# repository, twice each in alternation so that noise hits both.
+if has vmrepo; then
+    echo "== encryption overhead (first ingest into fresh repositories)"
+    export VMREPO_PASSWORD=bench
+    for round in 1 2; do
+        for mode in none aes-256-gcm; do
+            rm -rf "$WORK/enc-$mode"
+            "$VMREPO" init "$WORK/enc-$mode" --encryption "$mode" "${INIT_ARGS[@]}" >/dev/null
+            timed "vmrepo-$mode" "enc$round" "$WORK/enc-$mode" "$VMREPO" ingest "$WORK/enc-$mode" "$VM" --json
+        done
+    done
+    rm -rf "$WORK/enc-none" "$WORK/enc-aes-256-gcm"
+fi
+
 python3 - "$RES" "$SIZE" "$FILL" "$NIGHTS" "$PERCENT" "$(nproc)" "${CHUNK_AVG:-default}" "$(size_of "$WORK/vmrepo/index.sqlite")" "${SEGMENT:-default}" "$WORK/gc.json" "$(size_of "$WORK/vmrepo")" > "$WORK/results.md" <<'PY'
 import sys, collections
 res, size, fill, nights, pct, cores, chunk, index_bytes, segment, gc_json, repo_bytes = sys.argv[1:]
@@ -144,6 +159,11 @@ if rest:
     print("- restore of the last night: " + ", ".join(f"{t} {s:.2f} s" for t, s in rest.items()))
     if "vmrepo-extract" in rest and "restic-restore" in rest:
         print(f"- vmrepo extract vs restic restore: {rest['restic-restore']/rest['vmrepo-extract']:.2f}x faster")
+enc = {m: min(d[f"vmrepo-{m}"][r][0] for r in ("enc1", "enc2") if r in d.get(f"vmrepo-{m}", {}))
+       for m in ("none", "aes-256-gcm") if f"vmrepo-{m}" in d}
+if len(enc) == 2:
+    print(f"- encrypted first ingest: {enc['aes-256-gcm']:.2f} s vs {enc['none']:.2f} s unencrypted "
+          f"(best of 2 each): throughput {enc['none']/enc['aes-256-gcm']*100:.0f}% of unencrypted")
 gcs = {t: d[t]["gc"] for t in ("vmrepo-gc", "restic-gc", "borg-gc") if t in d and "gc" in d[t]}
 if gcs:
     print("- prune of the oldest night + garbage collection: " + ", ".join(
