@@ -1,6 +1,7 @@
 //! Throughput of each ingest stage on one core: FastCDC cutting, BLAKE3 hashing, zstd
-//! compression (levels 1 and 3), zero detection, and the whole segment path (runs, fingerprint,
-//! cut + hash). Run: `cargo bench --bench pipeline`.
+//! compression (levels 1 and 3), zero detection, the whole segment path (runs, fingerprint,
+//! cut + hash), and the object codec with and without AES-256-GCM. Run:
+//! `cargo bench --bench pipeline`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
@@ -89,6 +90,35 @@ fn stages(c: &mut Criterion) {
             chunker::cut(black_box(&data), &runs, &p, &vmrepo::crypto::Keys::none())
                 .1
                 .len()
+        })
+    });
+    // The object codec of a first ingest: zstd 3 alone vs zstd 3 + AES-256-GCM, 16 KiB chunks.
+    let plain = vmrepo::crypto::Keys::none();
+    let keyed = vmrepo::crypto::Keys::from_master(&[7; 32]);
+    for (name, keys) in [("encode_16k_plain", &plain), ("encode_16k_aes256gcm", &keyed)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                data.chunks(16 << 10)
+                    .map(|c| {
+                        vmrepo::object::encode(
+                            vmrepo::object::ObjectKind::Chunk,
+                            vmrepo::ObjectId::ZERO,
+                            black_box(c),
+                            3,
+                            keys,
+                        )
+                        .payload
+                        .len()
+                    })
+                    .sum::<usize>()
+            })
+        });
+    }
+    g.bench_function("aes256gcm_16k_chunks", |b| {
+        b.iter(|| {
+            data.chunks(16 << 10)
+                .map(|c| keyed.encrypt(b"aad", black_box(c)).len())
+                .sum::<usize>()
         })
     });
     g.finish();
