@@ -1,9 +1,10 @@
 //! The `vmrepo` command line: argument parsing, progress display and output formatting. All
 //! work is done by the library; errors get their context here.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -14,6 +15,7 @@ use vmrepo::config::ChunkerParams;
 use vmrepo::extract::{extract, ExtractOptions};
 use vmrepo::ingest::{ingest, IngestOptions};
 use vmrepo::lock::LockMode;
+use vmrepo::mount::{mount, MountOptions};
 use vmrepo::progress::Progress;
 use vmrepo::Repository;
 
@@ -117,6 +119,29 @@ chunk is verified against its hash; files appear under their final names only wh
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
+    },
+    /// Mount generations read-only as VM directories (FUSE), for single-file restore.
+    #[command(
+        long_about = "Mount the repository read-only at MOUNTPOINT (an existing directory) and serve it \
+until it is unmounted. The tree is MOUNTPOINT/<vm>/<generation time>/ with each generation's files \
+exactly as `vmrepo extract` would write them (.vmx, .nvram, logs, descriptors and flat disk images \
+next to them), and MOUNTPOINT/<vm>/latest, a symlink to the newest generation. With VM only that \
+VM's generations are shown, with VM@GEN only that one.\n\nReads fetch only the chunks they touch \
+and verify them; zero regions cost nothing. Damaged data gives an I/O error (EIO), never zeros. \
+Open a disk in place with qemu-img, debugfs or fuse2fs -o ro, or loop-mount it read-only. Leave \
+with Ctrl-C (or SIGTERM), or `fusermount3 -u MOUNTPOINT` from another shell. The repository's \
+shared lock is held while mounted: prune, gc and index rebuilds wait."
+    )]
+    Mount {
+        /// Repository directory.
+        repo: PathBuf,
+        /// Existing directory to mount on.
+        mountpoint: PathBuf,
+        /// Only this VM (VM) or this generation (VM@-N, VM@TIME).
+        generation: Option<String>,
+        /// Memory for decompressed chunks, in MiB.
+        #[arg(long, default_value_t = (vmrepo::reader::DEFAULT_CACHE_BYTES >> 20) as u32, value_name = "MIB")]
+        cache_size: u32,
     },
     /// Verify the repository; exits non-zero on any damage.
     #[command(
@@ -408,6 +433,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     report.seconds
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Mount {
+            repo,
+            mountpoint,
+            generation,
+            cache_size,
+        } => {
+            let r = Arc::new(Repository::open(&repo, LockMode::Shared)?);
+            let opts = MountOptions {
+                selection: generation,
+                cache_bytes: (cache_size.max(1) as usize) << 20,
+                ..MountOptions::default()
+            };
+            let log: vmrepo::mount::Logger = Arc::new(|m: &str| eprintln!("vmrepo: {m}"));
+            mount(r, &mountpoint, &opts, log, |s| {
+                println!(
+                    "mounted {} generations of {} VMs read-only at {}; leave with Ctrl-C or `fusermount3 -u {}`",
+                    s.generations,
+                    s.vms,
+                    s.mountpoint.display(),
+                    s.mountpoint.display()
+                );
+                let _ = std::io::stdout().flush();
+            })
+            .with_context(|| format!("mount of {} at {} failed", repo.display(), mountpoint.display()))?;
+            println!("unmounted {}", mountpoint.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Check {
