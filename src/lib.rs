@@ -18,6 +18,7 @@ pub mod ingest;
 pub mod lock;
 pub mod manifest;
 pub mod mount;
+pub mod nbd;
 pub mod object;
 pub mod pack;
 pub mod progress;

@@ -16,6 +16,7 @@ use vmrepo::extract::{extract, ExtractOptions};
 use vmrepo::ingest::{ingest, IngestOptions};
 use vmrepo::lock::LockMode;
 use vmrepo::mount::{mount, MountOptions};
+use vmrepo::nbd::{resolve_listen, serve, Export, ServeOptions};
 use vmrepo::progress::Progress;
 use vmrepo::Repository;
 
@@ -139,6 +140,47 @@ shared lock is held while mounted: prune, gc and index rebuilds wait."
         mountpoint: PathBuf,
         /// Only this VM (VM) or this generation (VM@-N, VM@TIME).
         generation: Option<String>,
+        /// Memory for decompressed chunks, in MiB.
+        #[arg(long, default_value_t = (vmrepo::reader::DEFAULT_CACHE_BYTES >> 20) as u32, value_name = "MIB")]
+        cache_size: u32,
+    },
+    /// Serve one disk of a generation read-only over NBD (instant recovery, qemu-img).
+    #[command(
+        name = "serve-nbd",
+        long_about = "Serve disk N (default 0, the first in `vmrepo list` order) of GENERATION as a \
+read-only NBD export until Ctrl-C (or SIGTERM). Any NBD client reads it straight from the \
+repository: `qemu-img compare nbd://127.0.0.1:10809 disk.img`, `qemu-img convert -O qcow2 \
+nbd://127.0.0.1:10809 out.qcow2`, or boot the VM from it with `qemu-system-x86_64 -drive \
+file=nbd://127.0.0.1:10809,format=raw,snapshot=on` (guest writes go to a temporary overlay; the \
+backup is never written). The export is the guest's view of the disk (raw bytes, as the VM sees \
+them); its name is the disk's descriptor or image file name, and the default (empty) name works \
+too. Several clients may read at once.\n\nNBD has no authentication and no encryption: anyone who \
+can connect can read the whole disk. The server listens on 127.0.0.1:10809 unless told otherwise \
+and refuses non-loopback addresses without --allow-remote. The repository's shared lock is held \
+while serving: prune, gc and index rebuilds wait."
+    )]
+    ServeNbd {
+        /// Repository directory.
+        repo: PathBuf,
+        /// VM, VM@-N or VM@TIME.
+        generation: String,
+        /// Which disk of the generation (0-based).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        disk: usize,
+        /// TCP address to listen on, HOST:PORT (repeatable; port 0 picks a free port). Default
+        /// 127.0.0.1:10809 unless only --listen-unix is given.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Vec<String>,
+        /// Also (or only) listen on this Unix socket.
+        #[arg(long, value_name = "PATH")]
+        listen_unix: Option<PathBuf>,
+        /// Allow non-loopback addresses. NBD is unauthenticated: anyone who can connect can read
+        /// the disk.
+        #[arg(long)]
+        allow_remote: bool,
+        /// Clients served at once.
+        #[arg(long, default_value_t = 16, value_name = "N")]
+        max_clients: usize,
         /// Memory for decompressed chunks, in MiB.
         #[arg(long, default_value_t = (vmrepo::reader::DEFAULT_CACHE_BYTES >> 20) as u32, value_name = "MIB")]
         cache_size: u32,
@@ -460,6 +502,49 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
             .with_context(|| format!("mount of {} at {} failed", repo.display(), mountpoint.display()))?;
             println!("unmounted {}", mountpoint.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ServeNbd {
+            repo,
+            generation,
+            disk,
+            mut listen,
+            listen_unix,
+            allow_remote,
+            max_clients,
+            cache_size,
+        } => {
+            if listen.is_empty() && listen_unix.is_none() {
+                listen.push("127.0.0.1:10809".into());
+            }
+            // Check the addresses before the (slower) repository work.
+            for a in &listen {
+                resolve_listen(a, allow_remote)?;
+            }
+            let r = Arc::new(Repository::open(&repo, LockMode::Shared)?);
+            let export = Export::open(r, &generation, disk, (cache_size.max(1) as usize) << 20)
+                .with_context(|| format!("cannot serve disk {disk} of {generation}"))?;
+            let what = format!(
+                "{} ({}, export name {:?})",
+                export.description,
+                human(export.image.size()),
+                export.name
+            );
+            let opts = ServeOptions {
+                tcp: listen,
+                unix: listen_unix,
+                allow_remote,
+                max_clients,
+            };
+            let log: vmrepo::nbd::Logger = Arc::new(|m: &str| eprintln!("vmrepo: nbd: {m}"));
+            serve(export, &opts, log, |uris| {
+                println!("serving {what} read-only; stop with Ctrl-C");
+                for u in uris {
+                    println!("listening on {u}");
+                }
+                let _ = std::io::stdout().flush();
+            })
+            .context("NBD server failed")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check {
