@@ -25,6 +25,8 @@ pub struct ExtractOptions {
     pub force: bool,
     /// Only the disks (descriptors and extent files), not the other small files.
     pub disk_only: bool,
+    /// `--datastore-map`: paths to rewrite in the .vmx and the descriptors.
+    pub datastore_map: crate::relocate::DatastoreMap,
 }
 
 /// What an extract wrote.
@@ -155,7 +157,7 @@ fn write_all(
     repo: &Repository,
     manifest: &crate::manifest::Manifest,
     targets: &[Target],
-    _opts: &ExtractOptions,
+    opts: &ExtractOptions,
     progress: &dyn Progress,
 ) -> Result<(u64, u64)> {
     let tmp_of = |name: &str| {
@@ -167,6 +169,7 @@ fn write_all(
     for f in &manifest.files {
         let Some(tmp) = tmp_of(&f.name) else { continue };
         let data = repo.read_object(&f.object)?;
+        let data = opts.datastore_map.apply(manifest, &f.name, data);
         let file = create(&tmp)?;
         file.write_all_at(&data, 0).ctx("write", &tmp)?;
         file.sync_all().ctx("fsync", &tmp)?;

@@ -23,6 +23,7 @@ pub mod object;
 pub mod pack;
 pub mod progress;
 pub mod reader;
+pub mod relocate;
 pub mod repo;
 pub mod shutdown;
 pub mod source;

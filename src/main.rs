@@ -18,6 +18,7 @@ use vmrepo::lock::LockMode;
 use vmrepo::mount::{mount, MountOptions};
 use vmrepo::nbd::{resolve_listen, serve, Export, ServeOptions};
 use vmrepo::progress::Progress;
+use vmrepo::relocate::DatastoreMap;
 use vmrepo::Repository;
 
 #[derive(Parser)]
@@ -117,6 +118,11 @@ chunk is verified against its hash; files appear under their final names only wh
         /// Restore only the disks (descriptors and extent files).
         #[arg(long)]
         disk_only: bool,
+        /// Restore to another datastore path: rewrite paths under OLD to NEW in the .vmx (disk
+        /// fileNames and other paths) and in the descriptors' extent lines (repeatable; the
+        /// longest matching OLD wins). Relative paths are left alone.
+        #[arg(long = "datastore-map", value_name = "OLD=NEW")]
+        datastore_map: Vec<String>,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
@@ -450,21 +456,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dest,
             force,
             disk_only,
+            datastore_map,
             json,
         } => {
+            let map = DatastoreMap::parse(&datastore_map)?;
             let r = Repository::open(&repo, LockMode::Shared)?;
             let bar = Bar::new(!json);
-            let report = extract(
-                &r,
-                &generation,
-                &dest,
-                &ExtractOptions { force, disk_only },
-                &bar,
-            )
-            .with_context(|| format!("extract of {generation} into {} failed", dest.display()))?;
+            let opts = ExtractOptions {
+                force,
+                disk_only,
+                datastore_map: map.clone(),
+            };
+            let report = extract(&r, &generation, &dest, &opts, &bar).with_context(|| {
+                format!("extract of {generation} into {} failed", dest.display())
+            })?;
+            let unused = map.unused();
             if json {
-                print_json(&report);
+                let mut v = serde_json::to_value(&report).expect("serializable");
+                if !map.is_empty() {
+                    v["relocated"] = serde_json::to_value(map.rewrites()).expect("serializable");
+                    v["unused_datastore_maps"] =
+                        serde_json::to_value(&unused).expect("serializable");
+                }
+                print_json(&v);
             } else {
+                for w in map.rewrites() {
+                    println!("  {}: {} -> {}", w.file, w.old, w.new);
+                }
+                for u in &unused {
+                    eprintln!("vmrepo: warning: --datastore-map {u} matched no path in the .vmx or the descriptors");
+                }
                 println!(
                     "extracted {} into {}: {} files, {} of disk data ({} virtual) in {:.1} s",
                     report.generation,
