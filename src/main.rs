@@ -480,12 +480,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 print_json(&v);
             } else {
-                for w in map.rewrites() {
-                    println!("  {}: {} -> {}", w.file, w.old, w.new);
-                }
-                for u in &unused {
-                    eprintln!("vmrepo: warning: --datastore-map {u} matched no path in the .vmx or the descriptors");
-                }
                 println!(
                     "extracted {} into {}: {} files, {} of disk data ({} virtual) in {:.1} s",
                     report.generation,
@@ -495,6 +489,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     human(report.virtual_bytes),
                     report.seconds
                 );
+                for w in map.rewrites() {
+                    println!("  rewrote in {}: {} -> {}", w.file, w.old, w.new);
+                }
+            }
+            for u in &unused {
+                eprintln!("vmrepo: warning: --datastore-map {u} matched no path in the .vmx or the descriptors");
             }
             Ok(ExitCode::SUCCESS)
         }
