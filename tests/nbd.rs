@@ -91,6 +91,19 @@ fn qemu_img_reads_the_disks_over_tcp_and_a_unix_socket_several_at_once() {
     ))
     .ok();
     assert!(qemu_identical(&qcow, &flat0));
+    // Instant-recovery semantics, as `qemu-system-x86_64 -drive file=nbd://...,snapshot=on`:
+    // guest writes land in a temporary overlay; opening the export writable is refused.
+    sh(&format!(
+        "qemu-io -s -f raw -c 'write -P 0x55 0 64k' -c 'read -P 0x55 0 64k' '{}'",
+        srv.uri()
+    ))
+    .ok();
+    let r = sh(&format!(
+        "qemu-io -f raw -c 'write -P 0x55 0 64k' '{}'",
+        srv.uri()
+    ));
+    assert_ne!(r.code, 0, "the export was opened for writing");
+    assert!(qemu_compare(&srv.uri(), &flat0), "the export changed");
     let r = sh(&format!("qemu-img info --output=json '{}'", srv.uri()))
         .ok()
         .json();
