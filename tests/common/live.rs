@@ -199,7 +199,7 @@ pub fn serve_nbd(dir: &Path, repo: &Path, spec: &str, extra: &[&str]) -> NbdServ
         "--listen".as_ref(),
         "127.0.0.1:0".as_ref(),
     ];
-    args.extend(extra.iter().map(|a| std::ffi::OsStr::new(a)));
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
     let mut run = Running::start(
         dir,
         &format!("nbd-{}", extra.join("_").replace('/', "_")),
