@@ -133,7 +133,8 @@ chunk is verified against its hash; files appear under their final names only wh
 until it is unmounted. The tree is MOUNTPOINT/<vm>/<generation time>/ with each generation's files \
 exactly as `vmrepo extract` would write them (.vmx, .nvram, logs, descriptors and flat disk images \
 next to them), and MOUNTPOINT/<vm>/latest, a symlink to the newest generation. With VM only that \
-VM's generations are shown, with VM@GEN only that one.\n\nReads fetch only the chunks they touch \
+VM's generations are shown, with VM@GEN only that one. The tree shows the generations that existed when it was mounted; \
+mount again to see newer ones.\n\nReads fetch only the chunks they touch \
 and verify them; zero regions cost nothing. Damaged data gives an I/O error (EIO), never zeros. \
 Open a disk in place with qemu-img, debugfs or fuse2fs -o ro, or loop-mount it read-only. Leave \
 with Ctrl-C (or SIGTERM), or `fusermount3 -u MOUNTPOINT` from another shell. The repository's \
