@@ -252,12 +252,15 @@ impl DiskImage {
         // The extents overlapping [rel, end).
         let first = seg.starts.partition_point(|&s| s <= rel) - 1;
         let last = seg.starts.partition_point(|&s| s < end);
+        // Each distinct chunk once (a run of identical blocks repeats one chunk).
         let mut ids: Vec<ObjectId> = Vec::new();
+        let mut slot: HashMap<ObjectId, usize> = HashMap::new();
         for e in &seg.extents[first..last] {
             if let Extent::Data { id, .. } = e {
-                if !ids.contains(id) {
+                slot.entry(*id).or_insert_with(|| {
                     ids.push(*id);
-                }
+                    ids.len() - 1
+                });
             }
         }
         let chunks = self.cache.chunks(&self.repo, &ids)?;
@@ -270,7 +273,7 @@ impl DiskImage {
             match e {
                 Extent::Zero { .. } => dst.fill(0),
                 Extent::Data { id, len } => {
-                    let data = &chunks[ids.iter().position(|x| x == id).expect("fetched")];
+                    let data = &chunks[slot[id]];
                     if data.len() != *len as usize {
                         return Err(Error::Corrupt(format!(
                             "chunk {} has {} bytes, its segment says {len}",

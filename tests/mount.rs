@@ -166,6 +166,18 @@ fn the_mount_shows_each_generation_exactly_as_extract_writes_it() {
         orig.read_exact_at(&mut b, off).unwrap();
         assert_eq!(a, b, "read at {off}");
     }
+    // SEEK_DATA / SEEK_HOLE find the data regions (1 MiB at 0, 3 MiB at 8 MiB, 4 KiB at the end).
+    use std::os::fd::AsRawFd;
+    let seek = |off: u64, whence: i32| -> i64 {
+        // SAFETY: lseek on an open file descriptor.
+        unsafe { libc::lseek(flat.as_raw_fd(), off as i64, whence) }
+    };
+    assert_eq!(seek(0, libc::SEEK_DATA), 0);
+    assert_eq!(seek(0, libc::SEEK_HOLE), 1 << 20);
+    assert_eq!(seek(1 << 20, libc::SEEK_DATA), 8 << 20);
+    assert_eq!(seek(8 << 20, libc::SEEK_HOLE), 11 << 20);
+    assert_eq!(seek(12 << 20, libc::SEEK_DATA), (24 << 20) - 4096);
+    assert_eq!(seek((24 << 20) - 4096, libc::SEEK_HOLE), 24 << 20);
     drop(flat);
 
     // Read-only.
