@@ -76,7 +76,7 @@ fn stages(c: &mut Criterion) {
                 .count()
         })
     });
-    let key = chunker::fingerprint_key(&p);
+    let key = chunker::fingerprint_key(&p, &vmrepo::crypto::Keys::none());
     g.bench_function("segment_fingerprint", |b| {
         b.iter(|| {
             let runs = chunker::runs(&data, &p, |_| false);
@@ -85,7 +85,11 @@ fn stages(c: &mut Criterion) {
     });
     g.bench_function("segment_cut_and_hash", |b| {
         let runs = chunker::runs(&data, &p, |_| false);
-        b.iter(|| chunker::cut(black_box(&data), &runs, &p).1.len())
+        b.iter(|| {
+            chunker::cut(black_box(&data), &runs, &p, &vmrepo::crypto::Keys::none())
+                .1
+                .len()
+        })
     });
     g.finish();
 }

@@ -134,9 +134,21 @@ if has vmrepo; then
     grep -P "^read[12]\t" "$RES" | cut -f1-3 | column -t
 fi
 
-python3 - "$RES" "$SIZE" "$FILL" "$NIGHTS" "$PERCENT" "$(nproc)" "${CHUNK_AVG:-default}" "$(size_of "$WORK/vmrepo/index.sqlite")" "${SEGMENT:-default}" > "$WORK/results.md" <<'PY'
+# Retention: drop the oldest night, then free its space. vmrepo reads only metadata to find
+# what is live and copies only what sits in mostly-dead data files.
+echo "== prune the oldest night and collect garbage"
+KEEP=$((NIGHTS - 1))
+if [ "$KEEP" -ge 1 ]; then
+    has vmrepo && timed vmrepo-gc gc "$WORK/vmrepo" "$VMREPO" prune "$WORK/vmrepo" --keep-last "$KEEP" --gc --json
+    has vmrepo && cp "$WORK/vmrepo-gc.out" "$WORK/gc.json"
+    has restic && timed restic-gc gc "$WORK/restic" restic forget -q --keep-last "$KEEP" --prune
+    has borg && timed borg-gc gc "$WORK/borg" sh -c "borg prune --keep-last $KEEP && borg compact"
+    has vmrepo && "$VMREPO" check "$WORK/vmrepo" --read-data >/dev/null
+fi
+
+python3 - "$RES" "$SIZE" "$FILL" "$NIGHTS" "$PERCENT" "$(nproc)" "${CHUNK_AVG:-default}" "$(size_of "$WORK/vmrepo/index.sqlite")" "${SEGMENT:-default}" "$WORK/gc.json" "$(size_of "$WORK/vmrepo")" > "$WORK/results.md" <<'PY'
 import sys, collections
-res, size, fill, nights, pct, cores, chunk, index_bytes, segment = sys.argv[1:]
+res, size, fill, nights, pct, cores, chunk, index_bytes, segment, gc_json, repo_bytes = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(res)][1:]
 d = collections.defaultdict(dict)
 for night, tool, sec, stored, rss in rows:
@@ -174,6 +186,16 @@ if rest:
     print("- restore of the last night: " + ", ".join(f"{t} {s:.2f} s" for t, s in rest.items()))
     if "vmrepo-extract" in rest and "restic-restore" in rest:
         print(f"- vmrepo extract vs restic restore: {rest['restic-restore']/rest['vmrepo-extract']:.2f}x faster")
+gcs = {t: d[t]["gc"] for t in ("vmrepo-gc", "restic-gc", "borg-gc") if t in d and "gc" in d[t]}
+if gcs:
+    print("- prune of the oldest night + garbage collection: " + ", ".join(
+        f"{t[:-3]} {v[0]:.2f} s, {-v[1]/MB:.1f} MB freed" for t, v in gcs.items()))
+    import json, os
+    if os.path.exists(gc_json):
+        g = json.load(open(gc_json))["gc"]
+        print(f"- vmrepo gc read {g['metadata_read']/MB:.2f} MB of metadata and copied {g['bytes_copied']/MB:.1f} MB "
+              f"of live data ({g['packs_rewritten']} data files rewritten, {g['packs_deleted']} deleted) "
+              f"in a {int(repo_bytes)/MB:.0f} MB repository")
 reads = {t: min(v[0] for n, v in d[t].items() if n.startswith("read")) for t in ("vmrepo-extract", "vmrepo-mount-read", "vmrepo-nbd-read") if t in d and any(n.startswith("read") for n in d[t])}
 if len(reads) == 3:
     e = reads["vmrepo-extract"]

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::error::{Error, IoContext, Result};
 use crate::id::ObjectId;
 use crate::index::Index;
-use crate::manifest::{DiskMap, Extent, Manifest, Segment};
+use crate::manifest::{DiskMap, Extent, Manifest, Segment, Tombstone};
 use crate::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
 use crate::pack::{is_being_written, list_packs, pack_path, scan_pack};
 use crate::progress::Progress;
@@ -45,6 +45,98 @@ pub struct CheckReport {
     pub damaged: Vec<DamagedGeneration>,
     /// Harmless findings (leftovers of interrupted ingests).
     pub notes: Vec<String>,
+    /// Objects in the index whose stored bytes are missing or damaged (for repair).
+    #[serde(skip)]
+    pub bad_objects: Vec<ObjectId>,
+    /// Segments that cannot be read whole (for repair).
+    #[serde(skip)]
+    pub bad_segments: Vec<ObjectId>,
+    /// Packs the index knows whose file is missing (for repair).
+    #[serde(skip)]
+    pub missing_packs: Vec<String>,
+    /// Packs whose file is shorter than the index says, with their real length (for repair).
+    #[serde(skip)]
+    pub truncated_packs: Vec<(String, u64)>,
+}
+
+/// How much stored data a check reads and verifies.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ReadData {
+    /// Headers only: every index row is checked against the record header in its pack.
+    None,
+    /// Every object is read, decompressed and re-hashed.
+    All,
+    /// A random selection of pack files holding about this fraction (0..=1) of the bytes.
+    Fraction(f64),
+    /// Slice `n` of `m` (1-based): the packs whose name hashes to `n-1` modulo `m`, so `m`
+    /// runs with n = 1..m read everything once.
+    Slice(u32, u32),
+}
+
+impl ReadData {
+    /// Parses `--read-data-subset` values: `10%` or `n/m`.
+    pub fn parse_subset(s: &str) -> std::result::Result<ReadData, String> {
+        let bad = || {
+            format!("bad --read-data-subset {s:?}: give a percentage like 10% or a slice like 2/7")
+        };
+        if let Some(p) = s.strip_suffix('%') {
+            let v: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(v > 0.0 && v <= 100.0) {
+                return Err(bad());
+            }
+            return Ok(ReadData::Fraction(v / 100.0));
+        }
+        let (n, m) = s.split_once('/').ok_or_else(bad)?;
+        let n: u32 = n.trim().parse().map_err(|_| bad())?;
+        let m: u32 = m.trim().parse().map_err(|_| bad())?;
+        if m == 0 || n == 0 || n > m {
+            return Err(bad());
+        }
+        Ok(ReadData::Slice(n, m))
+    }
+
+    fn reads_anything(self) -> bool {
+        self != ReadData::None
+    }
+}
+
+/// Which packs a check reads in full.
+fn select_packs(mode: ReadData, packs: &[(String, u64)]) -> HashSet<String> {
+    match mode {
+        ReadData::None => HashSet::new(),
+        ReadData::All => packs.iter().map(|(n, _)| n.clone()).collect(),
+        ReadData::Slice(n, m) => packs
+            .iter()
+            .filter(|(name, _)| {
+                let h = u64::from_str_radix(&name[..16.min(name.len())], 16).unwrap_or(0);
+                h % m as u64 == (n - 1) as u64
+            })
+            .map(|(n, _)| n.clone())
+            .collect(),
+        ReadData::Fraction(f) => {
+            let mut order: Vec<(u64, &String, u64)> = packs
+                .iter()
+                .map(|(n, size)| {
+                    let mut r = [0u8; 8];
+                    let _ = getrandom::fill(&mut r);
+                    (u64::from_le_bytes(r), n, *size)
+                })
+                .collect();
+            order.sort();
+            let total: u64 = packs.iter().map(|(_, s)| s).sum();
+            let want = (total as f64 * f).ceil() as u64;
+            let mut got = 0;
+            let mut out = HashSet::new();
+            for (_, name, size) in order {
+                if got >= want {
+                    break;
+                }
+                got += size;
+                out.insert(name.clone());
+            }
+            out
+        }
+    }
 }
 
 impl CheckReport {
@@ -54,8 +146,8 @@ impl CheckReport {
     }
 }
 
-/// Checks `repo`; with `read_data`, also decompresses and re-hashes every object.
-pub fn check(repo: &Repository, read_data: bool, progress: &dyn Progress) -> Result<CheckReport> {
+/// Checks `repo`; `read` says which stored objects are also decompressed and re-hashed.
+pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Result<CheckReport> {
     let index = repo.open_index()?;
     let mut report = CheckReport::default();
     for p in index.integrity_check()? {
@@ -74,6 +166,7 @@ pub fn check(repo: &Repository, read_data: bool, progress: &dyn Progress) -> Res
         match fs::metadata(&path) {
             Ok(m) => {
                 if m.len() < *size {
+                    report.truncated_packs.push((name.clone(), m.len()));
                     report.problems.push(format!(
                         "pack file {} is truncated: {} bytes, the index recorded {size}",
                         path.display(),
@@ -82,9 +175,12 @@ pub fn check(repo: &Repository, read_data: bool, progress: &dyn Progress) -> Res
                 }
                 pack_len.insert(name.clone(), m.len());
             }
-            Err(_) => report
-                .problems
-                .push(format!("pack file {} is missing", path.display())),
+            Err(_) => {
+                report.missing_packs.push(name.clone());
+                report
+                    .problems
+                    .push(format!("pack file {} is missing", path.display()))
+            }
         }
     }
     let mut orphans = 0u64;
@@ -120,8 +216,9 @@ pub fn check(repo: &Repository, read_data: bool, progress: &dyn Progress) -> Res
         }
         Ok(())
     })?;
+    let selected = select_packs(read, &known);
     progress.start(
-        if read_data {
+        if read.reads_anything() {
             "check (reading data)"
         } else {
             "check"
@@ -133,6 +230,7 @@ pub fn check(repo: &Repository, read_data: bool, progress: &dyn Progress) -> Res
     by_pack.par_iter().for_each(|(pack, objs)| {
         let path = pack_path(&data_dir, pack);
         let len = fs::metadata(&path).map(|m| m.len());
+        let read_data = selected.contains(pack);
         for (offset, h) in objs {
             progress.advance(RECORD_HEADER_LEN as u64 + h.stored_len as u64);
             let problem = match len {
@@ -162,6 +260,7 @@ pub fn check(repo: &Repository, read_data: bool, progress: &dyn Progress) -> Res
     progress.finish();
     report.objects_read = read_count.into_inner();
     let bad = bad.into_inner().unwrap();
+    report.bad_objects = bad.keys().copied().collect();
 
     // Generations: every reference must resolve to a good object.
     let gens = index.generations(None)?;
@@ -244,6 +343,11 @@ pub fn check(repo: &Repository, read_data: bool, progress: &dyn Progress) -> Res
             report.damaged.push(dmg);
         }
     }
+    report.bad_segments = seg_ok
+        .into_iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(id, _)| id)
+        .collect();
     let unused_bad = bad.len();
     if unused_bad > 0 && report.damaged.is_empty() {
         report.problems.push(format!(
@@ -331,8 +435,10 @@ pub struct RebuildReport {
     pub objects: u64,
     /// Generations recovered.
     pub generations: u64,
-    /// Manifests skipped because something they reference is gone.
+    /// Generations recovered although something they reference is gone: marked damaged.
     pub incomplete: Vec<String>,
+    /// Manifests left out because prune removed their generation (a tombstone names them).
+    pub pruned: u64,
     /// Damaged records and torn pack tails found.
     pub damaged: Vec<String>,
     /// Where the old index was moved, if there was one.
@@ -351,7 +457,7 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
         }
     }
     let mut report = RebuildReport::default();
-    let mut index = Index::open(&tmp, true)?;
+    let mut index = Index::open(&tmp, true, repo.keys_arc())?;
     let names = list_packs(&data_dir)?;
     let total: u64 = names
         .iter()
@@ -367,6 +473,7 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
     let mut known: HashMap<ObjectId, u32> = HashMap::new();
     let mut segments: Vec<(ObjectId, Segment)> = Vec::new();
     let mut maps: HashMap<ObjectId, DiskMap> = HashMap::new();
+    let mut tombstoned: HashSet<ObjectId> = HashSet::new();
     for name in &names {
         let path = pack_path(&data_dir, name);
         if is_being_written(&path) {
@@ -376,7 +483,7 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
         let mut records = Vec::new();
         let (len, tail) = scan_pack(&path, |rec| {
             progress.advance(RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64);
-            match object::decode(&rec.header, &rec.payload) {
+            match object::decode(&rec.header, &rec.payload, repo.keys()) {
                 Err(e) => report
                     .damaged
                     .push(format!("pack {name} offset {}: {e}", rec.offset)),
@@ -398,6 +505,12 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
                                 maps.insert(rec.header.id, m);
                             }
                         }
+                        ObjectKind::Tombstone => match Tombstone::decode(&plain) {
+                            Ok(t) => tombstoned.extend(t.removed.iter().map(|r| r.manifest)),
+                            Err(e) => report
+                                .damaged
+                                .push(format!("tombstone {}: {e}", rec.header.id.short())),
+                        },
                         _ => {}
                     }
                     known.insert(rec.header.id, rec.header.raw_len);
@@ -430,6 +543,10 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
         (&a.1.catalog.vm, &a.1.catalog.time).cmp(&(&b.1.catalog.vm, &b.1.catalog.time))
     });
     for (id, m) in &manifests {
+        if tombstoned.contains(id) {
+            report.pruned += 1;
+            continue;
+        }
         let name = format!("{}@{}", m.catalog.vm, m.catalog.time);
         let mut missing = Vec::new();
         for f in &m.files {
@@ -459,15 +576,17 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
                 }
             }
         }
-        if !missing.is_empty() {
-            report
-                .incomplete
-                .push(format!("{name}: missing {}", missing.join(", ")));
-            continue;
-        }
-        match index.insert_rebuilt_generation(*id, m) {
-            Ok(()) => report.generations += 1,
-            Err(e) => report.incomplete.push(format!("{name}: {e}")),
+        let damage = (!missing.is_empty()).then(|| format!("missing {}", missing.join(", ")));
+        match index.insert_rebuilt_generation(*id, m, damage.as_deref()) {
+            Ok(()) => {
+                report.generations += 1;
+                if let Some(d) = damage {
+                    report.incomplete.push(format!("{name}: {d}"));
+                }
+            }
+            Err(e) => report
+                .damaged
+                .push(format!("manifest {} ({name}): {e}", id.short())),
         }
     }
     index.insert_cache(&cache)?;

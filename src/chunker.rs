@@ -7,6 +7,7 @@
 use std::ops::Range;
 
 use crate::config::ChunkerParams;
+use crate::crypto::Keys;
 use crate::id::ObjectId;
 use crate::manifest::Extent;
 
@@ -81,8 +82,9 @@ pub fn runs(buf: &[u8], params: &ChunkerParams, hole: impl Fn(usize) -> bool) ->
 }
 
 /// The key for segment fingerprints, derived from the chunker parameters so that a change of
-/// parameters can never reuse a segment cut differently.
-pub fn fingerprint_key(params: &ChunkerParams) -> [u8; 32] {
+/// parameters can never reuse a segment cut differently, and from the repository's secret
+/// fingerprint key when it is encrypted (so fingerprints confirm nothing to an outsider).
+pub fn fingerprint_key(params: &ChunkerParams, keys: &Keys) -> [u8; 32] {
     let desc = format!(
         "seg={} min={} avg={} max={} zb={} zmin={}",
         params.segment_size,
@@ -92,7 +94,10 @@ pub fn fingerprint_key(params: &ChunkerParams) -> [u8; 32] {
         params.zero_block,
         params.zero_run_min
     );
-    blake3::derive_key("vmrepo segment fingerprint v1", desc.as_bytes())
+    match keys.fingerprint_secret() {
+        None => blake3::derive_key("vmrepo segment fingerprint v1", desc.as_bytes()),
+        Some(secret) => *blake3::keyed_hash(secret, desc.as_bytes()).as_bytes(),
+    }
 }
 
 /// Keyed hash of a segment's runs and data bytes: equal fingerprints mean equal segments.
@@ -123,9 +128,14 @@ pub struct Cut {
     pub id: ObjectId,
 }
 
-/// Cuts data runs with FastCDC and hashes every chunk. Returns the segment's extents and the
-/// chunks (in order) so the caller can store the new ones.
-pub fn cut(buf: &[u8], runs: &[Run], params: &ChunkerParams) -> (Vec<Extent>, Vec<Cut>) {
+/// Cuts data runs with FastCDC and hashes every chunk (keyed when `keys` say so). Returns the
+/// segment's extents and the chunks (in order) so the caller can store the new ones.
+pub fn cut(
+    buf: &[u8],
+    runs: &[Run],
+    params: &ChunkerParams,
+    keys: &Keys,
+) -> (Vec<Extent>, Vec<Cut>) {
     let mut extents = Vec::new();
     let mut cuts = Vec::new();
     for r in runs {
@@ -142,7 +152,7 @@ pub fn cut(buf: &[u8], runs: &[Run], params: &ChunkerParams) -> (Vec<Extent>, Ve
                     params.max_size,
                 ) {
                     let range = d.start + c.offset..d.start + c.offset + c.length;
-                    let id = ObjectId::of(&buf[range.clone()]);
+                    let id = keys.id_of(&buf[range.clone()]);
                     extents.push(Extent::Data {
                         len: c.length as u32,
                         id,
@@ -219,15 +229,15 @@ mod tests {
         let mut buf = noise(3 << 20, 7);
         buf[1 << 20..2 << 20].fill(0);
         let r = runs(&buf, &p, |_| false);
-        let (ext, cuts) = cut(&buf, &r, &p);
+        let (ext, cuts) = cut(&buf, &r, &p, &Keys::none());
         assert_eq!(
             ext.iter().map(|e| e.len() as usize).sum::<usize>(),
             buf.len()
         );
         assert!(cuts.iter().all(|c| c.range.len() <= p.max_size as usize));
-        let (ext2, _) = cut(&buf, &r, &p);
+        let (ext2, _) = cut(&buf, &r, &p, &Keys::none());
         assert_eq!(ext, ext2);
-        let k = fingerprint_key(&p);
+        let k = fingerprint_key(&p, &Keys::none());
         assert_eq!(
             fingerprint(&k, &buf, &r),
             fingerprint(&k, &buf, &runs(&buf, &p, |_| false))
@@ -248,8 +258,8 @@ mod tests {
         b[2 << 20..(2 << 20) + 4096].copy_from_slice(&noise(4096, 9));
         let ra = runs(&a, &p, |_| false);
         let rb = runs(&b, &p, |_| false);
-        let (_, ca) = cut(&a, &ra, &p);
-        let (_, cb) = cut(&b, &rb, &p);
+        let (_, ca) = cut(&a, &ra, &p, &Keys::none());
+        let (_, cb) = cut(&b, &rb, &p, &Keys::none());
         let set: std::collections::HashSet<_> = ca.iter().map(|c| c.id).collect();
         let changed = cb.iter().filter(|c| !set.contains(&c.id)).count();
         assert!(changed <= 3, "{changed} chunks changed for a 4 KiB edit");

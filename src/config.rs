@@ -116,12 +116,15 @@ impl Default for CompressionParams {
     }
 }
 
-/// Encryption settings; format 1 knows only "none" (room for "aes-256-gcm").
+/// Encryption settings.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EncryptionParams {
-    /// "none".
+    /// "none", or "aes-256-gcm" (objects and sensitive index fields encrypted; keys in keys/).
     pub mode: String,
 }
+
+/// The encryption mode names `init` accepts.
+pub const ENCRYPTION_MODES: &[&str] = &["none", "aes-256-gcm"];
 
 impl Default for EncryptionParams {
     fn default() -> Self {
@@ -133,7 +136,13 @@ impl Default for EncryptionParams {
 
 impl Config {
     /// A fresh configuration with default parameters.
-    pub fn new(chunker: ChunkerParams, level: i32) -> Result<Config> {
+    pub fn new(chunker: ChunkerParams, level: i32, encryption: &str) -> Result<Config> {
+        if !ENCRYPTION_MODES.contains(&encryption) {
+            return Err(Error::Usage(format!(
+                "unknown encryption {encryption:?}: use one of {}",
+                ENCRYPTION_MODES.join(", ")
+            )));
+        }
         chunker.validate().map_err(Error::Usage)?;
         if !(1..=19).contains(&level) {
             return Err(Error::Usage(format!(
@@ -153,7 +162,9 @@ impl Config {
                 level,
                 ..Default::default()
             },
-            encryption: EncryptionParams::default(),
+            encryption: EncryptionParams {
+                mode: encryption.to_string(),
+            },
         })
     }
 
@@ -207,13 +218,18 @@ impl Config {
                 path,
             });
         }
-        if config.encryption.mode != "none" {
+        if !ENCRYPTION_MODES.contains(&config.encryption.mode.as_str()) {
             return Err(Error::Unsupported {
                 what: format!("encryption {:?}", config.encryption.mode),
                 path,
             });
         }
         Ok(config)
+    }
+
+    /// True if objects and sensitive index fields are encrypted.
+    pub fn encrypted(&self) -> bool {
+        self.encryption.mode != "none"
     }
 
     /// Serializes to TOML text.
@@ -234,7 +250,9 @@ mod tests {
 
     #[test]
     fn defaults_are_valid_and_round_trip() {
-        let c = Config::new(ChunkerParams::default(), 3).unwrap();
+        let c = Config::new(ChunkerParams::default(), 3, "aes-256-gcm").unwrap();
+        assert!(c.encrypted());
+        assert!(Config::new(ChunkerParams::default(), 3, "rot13").is_err());
         let back: Config = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
     }

@@ -52,6 +52,17 @@ pub enum Error {
         "damaged repository data: {0}; run `vmrepo check --read-data` to see what is affected"
     )]
     Corrupt(String),
+    /// A generation lost data (found by `check --repair` or while reading it).
+    #[error("generation {generation} is damaged:\n  {detail}\npass --allow-damaged to write what is left (damaged ranges stay zero and are listed)")]
+    Damaged { generation: String, detail: String },
+    /// No key file of an encrypted repository opens with the passphrase given.
+    #[error("wrong passphrase for repository {} (tried {keys} key(s)); nothing was changed. Give the \
+             passphrase with VMREPO_PASSWORD, --password-file or --password-command, or at the prompt", repo.display())]
+    WrongPassphrase { repo: PathBuf, keys: usize },
+    /// An encrypted repository was opened without a way to get its passphrase.
+    #[error("repository {} is encrypted: give its passphrase with VMREPO_PASSWORD, --password-file FILE or \
+             --password-command CMD (or run on a terminal to be asked)", .0.display())]
+    NeedPassphrase(PathBuf),
     /// Another process holds a lock we need.
     #[error("{0}")]
     Locked(String),

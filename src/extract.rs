@@ -9,6 +9,9 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use std::sync::Mutex;
+
+use crate::damage::{self, DamagedRange};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::sync_dir;
 use crate::id::ObjectId;
@@ -25,6 +28,9 @@ pub struct ExtractOptions {
     pub force: bool,
     /// Only the disks (descriptors and extent files), not the other small files.
     pub disk_only: bool,
+    /// Write what is left of a damaged generation: damaged ranges stay holes (zeros) and are
+    /// listed in the report, missing small files are skipped and listed.
+    pub allow_damaged: bool,
     /// `--datastore-map`: paths to rewrite in the .vmx and the descriptors.
     pub datastore_map: crate::relocate::DatastoreMap,
 }
@@ -44,6 +50,10 @@ pub struct ExtractReport {
     pub virtual_bytes: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
+    /// Disk ranges that could not be restored (only with `allow_damaged`).
+    pub damaged_ranges: Vec<DamagedRange>,
+    /// Small files that could not be restored (only with `allow_damaged`).
+    pub damaged_files: Vec<String>,
 }
 
 struct Target {
@@ -63,6 +73,22 @@ pub fn extract(
     let began = Instant::now();
     let gen: GenerationInfo = repo.with_index(|i| i.resolve(spec))?;
     let manifest = repo.load_manifest(&gen.manifest)?;
+    if let Some(why) = &gen.damaged {
+        // Known damage: list it all before writing anything.
+        let d = damage::find(repo, &manifest)?;
+        if !d.is_empty() && !opts.allow_damaged {
+            let mut lines: Vec<String> = d.files.iter().map(|f| format!("file {f}")).collect();
+            lines.extend(d.ranges.iter().map(|r| r.to_string()));
+            return Err(Error::Damaged {
+                generation: gen.name.clone(),
+                detail: if lines.is_empty() {
+                    why.clone()
+                } else {
+                    lines.join("\n  ")
+                },
+            });
+        }
+    }
     fs::create_dir_all(dest).ctx("create directory", dest)?;
 
     // Decide every output file first, and refuse before writing anything.
@@ -111,16 +137,34 @@ pub fn extract(
             tmp_path,
         });
     }
-    let result = write_all(repo, &manifest, &targets, opts, progress);
+    let damaged = Mutex::new(Vec::new());
+    let mut damaged_files = Vec::new();
+    let result = write_all(
+        repo,
+        &manifest,
+        &targets,
+        opts,
+        &damaged,
+        &mut damaged_files,
+        progress,
+    );
     if result.is_err() {
         for t in &targets {
             let _ = fs::remove_file(&t.tmp_path);
         }
     }
-    let (bytes_written, virtual_bytes) = result?;
+    let (bytes_written, virtual_bytes) = result.map_err(|e| match e {
+        Error::Damaged { detail, .. } => Error::Damaged {
+            generation: gen.name.clone(),
+            detail,
+        },
+        e => e,
+    })?;
+    let mut damaged_ranges = damaged.into_inner().unwrap();
+    damaged_ranges.sort_by(|a, b| (&a.disk, a.start).cmp(&(&b.disk, b.start)));
     // Everything is written and fsynced: move into place.
     let mut dirs: Vec<PathBuf> = Vec::new();
-    for t in &targets {
+    for t in targets.iter().filter(|t| !damaged_files.contains(&t.name)) {
         fs::rename(&t.tmp_path, &t.final_path).ctx("rename into place", &t.final_path)?;
         let dir = t.final_path.parent().unwrap().to_path_buf();
         if !dirs.contains(&dir) {
@@ -133,10 +177,16 @@ pub fn extract(
     Ok(ExtractReport {
         generation: gen.name,
         destination: dest.display().to_string(),
-        files: targets.into_iter().map(|t| t.name).collect(),
+        files: targets
+            .into_iter()
+            .map(|t| t.name)
+            .filter(|n| !damaged_files.contains(n))
+            .collect(),
         bytes_written,
         virtual_bytes,
         seconds: began.elapsed().as_secs_f64(),
+        damaged_ranges,
+        damaged_files,
     })
 }
 
@@ -158,6 +208,8 @@ fn write_all(
     manifest: &crate::manifest::Manifest,
     targets: &[Target],
     opts: &ExtractOptions,
+    damaged: &Mutex<Vec<DamagedRange>>,
+    damaged_files: &mut Vec<String>,
     progress: &dyn Progress,
 ) -> Result<(u64, u64)> {
     let tmp_of = |name: &str| {
@@ -168,7 +220,15 @@ fn write_all(
     };
     for f in &manifest.files {
         let Some(tmp) = tmp_of(&f.name) else { continue };
-        let data = repo.read_object(&f.object)?;
+        let data = match repo.read_object(&f.object) {
+            Ok(d) => d,
+            Err(e) if opts.allow_damaged && is_repository_damage(&e) => {
+                progress.note(&format!("damaged: file {} not restored: {e}", f.name));
+                damaged_files.push(f.name.clone());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let data = opts.datastore_map.apply(manifest, &f.name, data);
         let file = create(&tmp)?;
         file.write_all_at(&data, 0).ctx("write", &tmp)?;
@@ -178,7 +238,7 @@ fn write_all(
     progress.start("extract", total);
     let mut written = 0;
     for d in &manifest.disks {
-        written += write_disk(repo, d, &tmp_of, progress)?;
+        written += write_disk(repo, d, &tmp_of, opts.allow_damaged, damaged, progress)?;
     }
     progress.finish();
     Ok((written, total))
@@ -194,8 +254,11 @@ fn write_disk(
     repo: &Repository,
     d: &DiskEntry,
     tmp_of: &dyn Fn(&str) -> Option<PathBuf>,
+    allow_damaged: bool,
+    damaged: &Mutex<Vec<DamagedRange>>,
     progress: &dyn Progress,
 ) -> Result<u64> {
+    let label = damage::disk_label(d);
     let map = repo.load_disk_map(&d.disk_map)?;
     if map.size != d.virtual_size {
         return Err(Error::Corrupt(format!(
@@ -212,8 +275,15 @@ fn write_disk(
                 f.set_len(e.file_size).ctx("set the size of", &tmp)?;
                 for (edge, at) in [(e.head, 0), (e.tail, e.file_offset + e.len)] {
                     if let Some(id) = edge {
-                        let data = repo.read_object(&id)?;
-                        f.write_all_at(&data, at).ctx("write", &tmp)?;
+                        match repo.read_object(&id) {
+                            Ok(data) => f.write_all_at(&data, at).ctx("write", &tmp)?,
+                            Err(e) if allow_damaged && is_repository_damage(&e) => {
+                                progress.note(&format!(
+                                    "damaged: bytes of {name} outside its extent not restored: {e}"
+                                ));
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
                 }
                 Some((f, e.file_offset, tmp))
@@ -235,16 +305,47 @@ fn write_disk(
                 progress.advance(end - start);
                 return Ok(0);
             }
-            let seg = repo.load_segment(&id)?;
-            if seg.len() != end - start {
-                return Err(Error::Corrupt(format!(
-                    "segment {} of disk {} covers {} bytes, expected {}",
-                    id.short(),
-                    d.slot,
-                    seg.len(),
-                    end - start
-                )));
-            }
+            let damaged_range = |a: u64, b: u64, e: Error| -> Result<()> {
+                let r = DamagedRange {
+                    disk: label.clone(),
+                    start: a,
+                    end: b,
+                    reason: e.to_string(),
+                };
+                if allow_damaged && is_repository_damage(&e) {
+                    progress.note(&format!("damaged: {r}"));
+                    damaged.lock().unwrap().push(r);
+                    Ok(())
+                } else if is_repository_damage(&e) {
+                    Err(Error::Damaged {
+                        generation: String::new(),
+                        detail: format!(
+                            "{r}\n  run `vmrepo check --repair` to find every damaged range, or pass \
+                             --allow-damaged to write what is left"
+                        ),
+                    })
+                } else {
+                    Err(e)
+                }
+            };
+            let seg = match repo.load_segment(&id).and_then(|seg| {
+                if seg.len() != end - start {
+                    return Err(Error::Corrupt(format!(
+                        "segment {} covers {} bytes, expected {}",
+                        id.short(),
+                        seg.len(),
+                        end - start
+                    )));
+                }
+                Ok(seg)
+            }) {
+                Ok(seg) => seg,
+                Err(e) => {
+                    damaged_range(start, end, e)?;
+                    progress.advance(end - start);
+                    return Ok(0);
+                }
+            };
             let ids: Vec<ObjectId> = seg
                 .extents
                 .iter()
@@ -253,7 +354,21 @@ fn write_disk(
                     Extent::Zero { .. } => None,
                 })
                 .collect();
-            let mut chunks = repo.read_objects(&ids)?.into_iter();
+            let chunks = match repo.read_objects(&ids) {
+                Ok(c) => c,
+                Err(e) if allow_damaged && is_repository_damage(&e) => {
+                    // Find exactly which chunks are bad; restore the others.
+                    let n = write_chunkwise(repo, &seg, start, &extents, &damaged_range)?;
+                    progress.advance(end - start);
+                    return Ok(n);
+                }
+                Err(e) => {
+                    damaged_range(start, end, e)?;
+                    progress.advance(end - start);
+                    return Ok(0);
+                }
+            };
+            let mut chunks = chunks.into_iter();
             // Assemble each run of data extents and write it with one call; zero runs stay holes.
             let mut pos = start;
             let mut run_start = start;
@@ -296,6 +411,48 @@ fn write_disk(
         if let Some((f, _, path)) = &e.file {
             f.sync_all().ctx("fsync", path)?;
         }
+    }
+    Ok(written)
+}
+
+/// True for errors that mean the repository's data is missing or damaged (as opposed to a
+/// failure writing the destination).
+fn is_repository_damage(e: &Error) -> bool {
+    matches!(e, Error::Corrupt(_) | Error::Damaged { .. })
+}
+
+/// Restores a segment one chunk at a time, reporting each unreadable chunk's range.
+fn write_chunkwise(
+    repo: &Repository,
+    seg: &crate::manifest::Segment,
+    start: u64,
+    extents: &[OpenExtent],
+    damaged_range: &dyn Fn(u64, u64, Error) -> Result<()>,
+) -> Result<u64> {
+    let mut pos = start;
+    let mut written = 0;
+    for e in &seg.extents {
+        if let Extent::Data { len, id } = e {
+            let got = repo.read_object(id).and_then(|data| {
+                if data.len() == *len as usize {
+                    Ok(data)
+                } else {
+                    Err(Error::Corrupt(format!(
+                        "chunk {} has {} bytes, its segment says {len}",
+                        id.short(),
+                        data.len()
+                    )))
+                }
+            });
+            match got {
+                Ok(data) => {
+                    write_virtual(extents, pos, &data)?;
+                    written += *len as u64;
+                }
+                Err(err) => damaged_range(pos, pos + *len as u64, err)?,
+            }
+        }
+        pos += e.len() as u64;
     }
     Ok(written)
 }

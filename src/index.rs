@@ -2,21 +2,24 @@
 //! catalog of VMs and generations. Everything in it can be rebuilt from the pack files.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 
+use crate::crypto::Keys;
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::manifest::Manifest;
-use crate::object::{Codec, ObjectKind, RecordHeader};
+use crate::object::{ObjectKind, RecordHeader};
 
 /// How long a writer waits for another process's transaction to end.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Schema version stored in `meta`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Schema version stored in `meta`. Versions 1 (no `damaged` table) and 2 (no sealed columns,
+/// no segment-cache check) are upgraded in place.
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -34,10 +37,12 @@ CREATE TABLE IF NOT EXISTS objects(
     raw_len INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS segment_cache(
     fingerprint BLOB PRIMARY KEY,
-    segment BLOB NOT NULL) WITHOUT ROWID;
+    segment BLOB NOT NULL,
+    mac BLOB) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS vms(
     id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE);
+    name TEXT NOT NULL UNIQUE,
+    sealed BLOB);
 CREATE TABLE IF NOT EXISTS generations(
     id INTEGER PRIMARY KEY,
     vm INTEGER NOT NULL REFERENCES vms(id),
@@ -53,6 +58,7 @@ CREATE TABLE IF NOT EXISTS generations(
     bytes_new INTEGER NOT NULL,
     bytes_stored INTEGER NOT NULL,
     chunks_new INTEGER NOT NULL,
+    sealed BLOB,
     UNIQUE(vm, time));
 CREATE TABLE IF NOT EXISTS disks(
     generation INTEGER NOT NULL REFERENCES generations(id),
@@ -69,6 +75,10 @@ CREATE TABLE IF NOT EXISTS files(
     object BLOB NOT NULL,
     size INTEGER NOT NULL,
     PRIMARY KEY(generation, name));
+CREATE TABLE IF NOT EXISTS damaged(
+    generation INTEGER PRIMARY KEY REFERENCES generations(id),
+    detail TEXT NOT NULL,
+    sealed BLOB);
 ";
 
 /// Where an object is stored.
@@ -80,6 +90,17 @@ pub struct Location {
     pub offset: u64,
     /// The record header the pack must hold there.
     pub header: RecordHeader,
+}
+
+/// A sealed pack and the records in it, ready to be recorded.
+#[derive(Clone, Debug)]
+pub struct SealedPack {
+    /// Pack name.
+    pub name: String,
+    /// Its length in bytes.
+    pub size: u64,
+    /// Each record's header and offset.
+    pub records: Vec<(RecordHeader, u64)>,
 }
 
 /// A generation as the index lists it.
@@ -117,12 +138,14 @@ pub struct GenerationInfo {
     pub disks: Vec<DiskInfo>,
     /// Number of small files.
     pub files: u64,
+    /// Why the generation is damaged, if `check --repair` found it so (never extracted silently).
+    pub damaged: Option<String>,
     #[serde(skip)]
     row: i64,
 }
 
 /// A disk as the index lists it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct DiskInfo {
     /// Controller slot.
     pub slot: String,
@@ -149,15 +172,38 @@ pub struct VmInfo {
     pub bytes_stored: u64,
 }
 
+/// The catalog fields of a generation that an encrypted repository keeps sealed.
+#[derive(Serialize, serde::Deserialize)]
+struct SealedGeneration {
+    vm: String,
+    uuid: Option<String>,
+    source: String,
+    started: String,
+    finished: String,
+    version: String,
+    virtual_bytes: u64,
+    bytes_read: u64,
+    bytes_new: u64,
+    bytes_stored: u64,
+    chunks_new: u64,
+    files: u64,
+    disks: Vec<DiskInfo>,
+}
+
+/// The sealed blobs of a generation row: VM name, catalog, damage note.
+type SealedColumns = (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// An open index.
 pub struct Index {
     conn: Connection,
     path: PathBuf,
+    keys: Arc<Keys>,
 }
 
 impl Index {
     /// Opens (creating if `create`) the index at `path`.
-    pub fn open(path: &Path, create: bool) -> Result<Index> {
+    /// `keys` seal the catalog fields of an encrypted repository ([`Keys::none`] otherwise).
+    pub fn open(path: &Path, create: bool, keys: Arc<Keys>) -> Result<Index> {
         if !create && !path.exists() {
             return Err(Error::Corrupt(format!(
                 "index {} is missing; `vmrepo check --rebuild-index` rebuilds it from the data files",
@@ -174,6 +220,7 @@ impl Index {
         let idx = Index {
             conn,
             path: path.to_path_buf(),
+            keys,
         };
         idx.setup()?;
         Ok(idx)
@@ -215,6 +262,41 @@ impl Index {
                     .map_err(|e| self.err(e))?;
             }
             Some(v) if v.parse::<i64>().ok() == Some(SCHEMA_VERSION) => {}
+            Some(v) if v == "1" || v == "2" => {
+                // Versions 2 and 3 only add tables and nullable columns. Cache rows without a
+                // check value are dropped: they are re-learned by the next ingest.
+                self.conn.execute_batch(SCHEMA).map_err(|e| self.err(e))?;
+                for (table, column) in [
+                    ("vms", "sealed"),
+                    ("generations", "sealed"),
+                    ("damaged", "sealed"),
+                    ("segment_cache", "mac"),
+                ] {
+                    let has: bool = self
+                        .conn
+                        .query_row(
+                            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+                            [table, column],
+                            |r| r.get::<_, i64>(0),
+                        )
+                        .map_err(|e| self.err(e))?
+                        > 0;
+                    if !has {
+                        self.conn
+                            .execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} BLOB"))
+                            .map_err(|e| self.err(e))?;
+                    }
+                }
+                self.conn
+                    .execute_batch("DELETE FROM segment_cache WHERE mac IS NULL")
+                    .map_err(|e| self.err(e))?;
+                self.conn
+                    .execute(
+                        "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                        [SCHEMA_VERSION.to_string()],
+                    )
+                    .map_err(|e| self.err(e))?;
+            }
             Some(v) => {
                 return Err(Error::Corrupt(format!(
                     "index {} has schema version {v}, this vmrepo knows {SCHEMA_VERSION}",
@@ -276,33 +358,142 @@ impl Index {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(err)?;
-        tx.execute(
-            "INSERT INTO packs(name, size) VALUES(?1, ?2)",
-            params![name, size as i64],
-        )
-        .map_err(err)?;
-        let pack = tx.last_insert_rowid();
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO objects(id, kind, codec, pack, offset, stored_len, raw_len)
-                     VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        insert_pack(&tx, name, size, records).map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Prune: in one transaction, records the sealed pack holding the tombstone (if any) and
+    /// removes the generations with their disks, files and damage notes.
+    pub fn remove_generations(
+        &mut self,
+        tombstone_pack: Option<&SealedPack>,
+        gens: &[GenerationInfo],
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let err = |e| Error::Index {
+            path: path.clone(),
+            cause: e,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        if let Some(p) = tombstone_pack {
+            insert_pack(&tx, &p.name, p.size, &p.records).map_err(err)?;
+        }
+        for g in gens {
+            for table in ["disks", "files", "damaged"] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE generation = ?1"),
+                    [g.row],
                 )
                 .map_err(err)?;
-            for (h, offset) in records {
-                st.execute(params![
-                    &h.id.0[..],
-                    h.kind as u8,
-                    h.codec as u8,
-                    pack,
-                    *offset as i64,
-                    h.stored_len,
-                    h.raw_len
-                ])
+            }
+            tx.execute("DELETE FROM generations WHERE id = ?1", [g.row])
                 .map_err(err)?;
+        }
+        tx.execute(
+            "DELETE FROM vms WHERE id NOT IN (SELECT vm FROM generations)",
+            [],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Garbage collection, one step in one transaction: drops `old_packs` with every object row
+    /// in them, records `new_packs` (sealed copies of their live records), deletes the rows of
+    /// `dead` objects elsewhere, and forgets segment-cache rows whose segment is gone.
+    pub fn apply_gc(
+        &mut self,
+        old_packs: &[String],
+        new_packs: &[SealedPack],
+        dead: &[ObjectId],
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let err = |e| Error::Index {
+            path: path.clone(),
+            cause: e,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        for name in old_packs {
+            tx.execute(
+                "DELETE FROM objects WHERE pack = (SELECT id FROM packs WHERE name = ?1)",
+                [name],
+            )
+            .map_err(err)?;
+            tx.execute("DELETE FROM packs WHERE name = ?1", [name])
+                .map_err(err)?;
+        }
+        for p in new_packs {
+            insert_pack(&tx, &p.name, p.size, &p.records).map_err(err)?;
+        }
+        {
+            let mut st = tx
+                .prepare_cached("DELETE FROM objects WHERE id = ?1")
+                .map_err(err)?;
+            for id in dead {
+                st.execute([&id.0[..]]).map_err(err)?;
             }
         }
+        tx.execute(
+            "DELETE FROM segment_cache WHERE segment NOT IN (SELECT id FROM objects)",
+            [],
+        )
+        .map_err(err)?;
         tx.commit().map_err(err)
+    }
+
+    /// Repair: forgets objects whose stored bytes are missing or damaged, and segment-cache rows
+    /// of segments that cannot be fully read (so a later ingest re-chunks and re-stores them).
+    pub fn forget_damaged_objects(
+        &mut self,
+        objects: &[ObjectId],
+        segments: &[ObjectId],
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let err = |e| Error::Index {
+            path: path.clone(),
+            cause: e,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        for id in objects {
+            tx.execute("DELETE FROM objects WHERE id = ?1", [&id.0[..]])
+                .map_err(err)?;
+        }
+        for id in segments {
+            tx.execute("DELETE FROM segment_cache WHERE segment = ?1", [&id.0[..]])
+                .map_err(err)?;
+        }
+        tx.execute(
+            "DELETE FROM segment_cache WHERE segment NOT IN (SELECT id FROM objects)",
+            [],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Marks a generation damaged (`detail` says what is lost), or clears the mark with `None`.
+    pub fn set_damaged(&mut self, g: &GenerationInfo, detail: Option<&str>) -> Result<()> {
+        match detail {
+            Some(d) => {
+                let (text, sealed) = self.seal_damage(&g.vm, &g.time, d);
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO damaged(generation, detail, sealed) VALUES(?1, ?2, ?3)",
+                    params![g.row, text, sealed],
+                )
+            }
+            None => self
+                .conn
+                .execute("DELETE FROM damaged WHERE generation = ?1", [g.row]),
+        }
+        .map(|_| ())
+        .map_err(|e| self.err(e))
     }
 
     /// The segment object recorded for a content fingerprint, if it is still stored.
@@ -310,15 +501,32 @@ impl Index {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT c.segment FROM segment_cache c JOIN objects o ON o.id = c.segment
+                "SELECT c.segment, c.mac FROM segment_cache c JOIN objects o ON o.id = c.segment
                  WHERE c.fingerprint = ?1",
             )
             .map_err(|e| self.err(e))?;
-        let v: Option<Vec<u8>> = st
-            .query_row([&fingerprint[..]], |r| r.get(0))
+        let v: Option<(Vec<u8>, Option<Vec<u8>>)> = st
+            .query_row([&fingerprint[..]], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
             .map_err(|e| self.err(e))?;
-        Ok(v.and_then(|b| ObjectId::from_slice(&b)))
+        // A row whose check value does not match (a damaged index) is a miss, never a wrong hit.
+        Ok(v.and_then(|(seg, mac)| {
+            let seg = ObjectId::from_slice(&seg)?;
+            (mac.as_deref() == Some(&self.keys.cache_mac(fingerprint, &seg)[..])).then_some(seg)
+        }))
+    }
+
+    /// True if `vm` has a generation at exactly `time`.
+    pub fn has_generation(&self, vm: &str, time: &str) -> Result<bool> {
+        self.conn
+            .query_row(
+                "SELECT count(*) FROM generations g JOIN vms v ON v.id = g.vm
+                 WHERE v.name = ?1 AND g.time = ?2",
+                [&self.keys.name_tag(vm), time],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .map_err(|e| self.err(e))
     }
 
     /// The newest generation time of `vm`, if it has any.
@@ -326,7 +534,7 @@ impl Index {
         self.conn
             .query_row(
                 "SELECT max(g.time) FROM generations g JOIN vms v ON v.id = g.vm WHERE v.name = ?1",
-                [vm],
+                [self.keys.name_tag(vm)],
                 |r| r.get(0),
             )
             .map_err(|e| self.err(e))
@@ -349,7 +557,7 @@ impl Index {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(err)?;
-        insert_generation(&tx, manifest_id, m).map_err(|e| match e {
+        insert_generation(&tx, &self.keys, manifest_id, m).map_err(|e| match e {
             rusqlite::Error::SqliteFailure(f, _)
                 if f.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
@@ -363,11 +571,16 @@ impl Index {
         {
             let mut st = tx
                 .prepare_cached(
-                    "INSERT OR REPLACE INTO segment_cache(fingerprint, segment) VALUES(?1, ?2)",
+                    "INSERT OR REPLACE INTO segment_cache(fingerprint, segment, mac) VALUES(?1, ?2, ?3)",
                 )
                 .map_err(err)?;
             for (fp, seg) in cache {
-                st.execute(params![&fp[..], &seg.0[..]]).map_err(err)?;
+                st.execute(params![
+                    &fp[..],
+                    &seg.0[..],
+                    &self.keys.cache_mac(fp, seg)[..]
+                ])
+                .map_err(err)?;
             }
         }
         tx.commit().map_err(err)
@@ -375,26 +588,24 @@ impl Index {
 
     /// All VMs with a summary, by name.
     pub fn vms(&self) -> Result<Vec<VmInfo>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT v.name, count(g.id), min(g.time), max(g.time), coalesce(sum(g.bytes_stored), 0)
-                 FROM vms v JOIN generations g ON g.vm = v.id GROUP BY v.id ORDER BY v.name",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = st
-            .query_map([], |r| {
-                Ok(VmInfo {
-                    name: r.get(0)?,
-                    generations: r.get::<_, i64>(1)? as u64,
-                    oldest: r.get(2)?,
-                    latest: r.get(3)?,
-                    bytes_stored: r.get::<_, i64>(4)? as u64,
-                })
-            })
-            .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(|e| self.err(e))
+        let mut out: Vec<VmInfo> = Vec::new();
+        for g in self.generations(None)? {
+            match out.last_mut() {
+                Some(v) if v.name == g.vm => {
+                    v.generations += 1;
+                    v.latest = g.time.clone();
+                    v.bytes_stored += g.bytes_stored;
+                }
+                _ => out.push(VmInfo {
+                    name: g.vm.clone(),
+                    generations: 1,
+                    oldest: g.time.clone(),
+                    latest: g.time.clone(),
+                    bytes_stored: g.bytes_stored,
+                }),
+            }
+        }
+        Ok(out)
     }
 
     /// Generations, oldest first; of one VM if `vm` is given.
@@ -404,47 +615,67 @@ impl Index {
             .prepare(
                 "SELECT g.id, v.name, g.time, g.manifest, g.uuid, g.source, g.started, g.finished, g.version,
                         g.virtual_bytes, g.bytes_read, g.bytes_new, g.bytes_stored, g.chunks_new,
-                        (SELECT count(*) FROM files f WHERE f.generation = g.id)
+                        (SELECT count(*) FROM files f WHERE f.generation = g.id),
+                        (SELECT detail FROM damaged d WHERE d.generation = g.id),
+                        v.sealed, g.sealed,
+                        (SELECT sealed FROM damaged d WHERE d.generation = g.id)
                  FROM generations g JOIN vms v ON v.id = g.vm
                  WHERE ?1 IS NULL OR v.name = ?1 ORDER BY v.name, g.time",
             )
             .map_err(|e| self.err(e))?;
+        let tag = vm.map(|v| self.keys.name_tag(v));
         let rows = st
-            .query_map([vm], |r| {
+            .query_map([tag], |r| {
                 let vm: String = r.get(1)?;
                 let time: String = r.get(2)?;
                 let manifest: Vec<u8> = r.get(3)?;
-                Ok(GenerationInfo {
-                    row: r.get(0)?,
-                    name: format!("{vm}@{time}"),
-                    vm,
-                    time,
-                    manifest: ObjectId::from_slice(&manifest).unwrap_or(ObjectId::ZERO),
-                    uuid: r.get(4)?,
-                    source: r.get(5)?,
-                    started: r.get(6)?,
-                    finished: r.get(7)?,
-                    vmrepo_version: r.get(8)?,
-                    virtual_bytes: r.get::<_, i64>(9)? as u64,
-                    bytes_read: r.get::<_, i64>(10)? as u64,
-                    bytes_new: r.get::<_, i64>(11)? as u64,
-                    bytes_stored: r.get::<_, i64>(12)? as u64,
-                    chunks_new: r.get::<_, i64>(13)? as u64,
-                    files: r.get::<_, i64>(14)? as u64,
-                    disks: Vec::new(),
-                })
+                let sealed: SealedColumns = (r.get(16)?, r.get(17)?, r.get(18)?);
+                Ok((
+                    sealed,
+                    GenerationInfo {
+                        row: r.get(0)?,
+                        name: format!("{vm}@{time}"),
+                        vm,
+                        time,
+                        manifest: ObjectId::from_slice(&manifest).unwrap_or(ObjectId::ZERO),
+                        uuid: r.get(4)?,
+                        source: r.get(5)?,
+                        started: r.get(6)?,
+                        finished: r.get(7)?,
+                        vmrepo_version: r.get(8)?,
+                        virtual_bytes: r.get::<_, i64>(9)? as u64,
+                        bytes_read: r.get::<_, i64>(10)? as u64,
+                        bytes_new: r.get::<_, i64>(11)? as u64,
+                        bytes_stored: r.get::<_, i64>(12)? as u64,
+                        chunks_new: r.get::<_, i64>(13)? as u64,
+                        files: r.get::<_, i64>(14)? as u64,
+                        damaged: r.get(15)?,
+                        disks: Vec::new(),
+                    },
+                ))
             })
             .map_err(|e| self.err(e))?;
-        let mut gens: Vec<GenerationInfo> = rows
+        let rows: Vec<_> = rows
             .collect::<rusqlite::Result<_>>()
             .map_err(|e| self.err(e))?;
+        let mut gens = Vec::with_capacity(rows.len());
+        for ((vm_sealed, gen_sealed, damage_sealed), mut g) in rows {
+            if let (Some(vs), Some(gs)) = (vm_sealed, gen_sealed) {
+                self.unseal_generation(&mut g, &vs, &gs, damage_sealed.as_deref())?;
+            }
+            gens.push(g);
+        }
+        if self.keys.encrypted() {
+            // Names were tags until unsealed: order by the real names.
+            gens.sort_by(|a, b| (&a.vm, &a.time).cmp(&(&b.vm, &b.time)));
+        }
         let mut st = self
             .conn
             .prepare_cached(
                 "SELECT slot, descriptor, create_type, virtual_size FROM disks WHERE generation = ?1 ORDER BY position",
             )
             .map_err(|e| self.err(e))?;
-        for g in &mut gens {
+        for g in gens.iter_mut().filter(|_| !self.keys.encrypted()) {
             g.disks = st
                 .query_map([g.row], |r| {
                     Ok(DiskInfo {
@@ -530,6 +761,22 @@ impl Index {
         Ok(())
     }
 
+    /// Some object of the index, if it has any.
+    pub fn first_object(&self) -> Result<Option<Location>> {
+        self.conn
+            .query_row(
+                "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len, o.id
+                 FROM objects o JOIN packs p ON p.id = o.pack LIMIT 1",
+                [],
+                |r| {
+                    let id: Vec<u8> = r.get(6)?;
+                    row_location(r, ObjectId::from_slice(&id).unwrap_or(ObjectId::ZERO))
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
     /// Counts objects and their stored bytes.
     pub fn object_totals(&self) -> Result<(u64, u64)> {
         self.conn
@@ -555,9 +802,48 @@ impl Index {
         Ok(rows.into_iter().filter(|r| r != "ok").collect())
     }
 
-    /// Inserts a generation read back from its manifest (index rebuild).
-    pub fn insert_rebuilt_generation(&mut self, manifest_id: ObjectId, m: &Manifest) -> Result<()> {
-        self.commit_generation(manifest_id, m, &[])
+    /// Inserts a generation read back from its manifest (index rebuild), marked damaged with
+    /// `damage` if something it references is gone.
+    pub fn insert_rebuilt_generation(
+        &mut self,
+        manifest_id: ObjectId,
+        m: &Manifest,
+        damage: Option<&str>,
+    ) -> Result<()> {
+        self.commit_generation(manifest_id, m, &[])?;
+        if let Some(d) = damage {
+            let (text, sealed) = self.seal_damage(&m.catalog.vm, &m.catalog.time, d);
+            self.conn
+                .execute(
+                    "INSERT OR REPLACE INTO damaged(generation, detail, sealed)
+                     SELECT g.id, ?3, ?4 FROM generations g JOIN vms v ON v.id = g.vm
+                     WHERE v.name = ?1 AND g.time = ?2",
+                    params![
+                        self.keys.name_tag(&m.catalog.vm),
+                        m.catalog.time,
+                        text,
+                        sealed
+                    ],
+                )
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Updates the recorded size of a pack whose file is shorter (repair of a truncated pack).
+    pub fn set_pack_size(&mut self, name: &str, size: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE packs SET size = ?2 WHERE name = ?1",
+                params![name, size as i64],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Forgets a pack whose file is gone, with every object row in it (repair).
+    pub fn forget_pack(&mut self, name: &str) -> Result<()> {
+        self.apply_gc(&[name.to_string()], &[], &[])
     }
 
     /// Inserts segment cache rows (index rebuild).
@@ -571,14 +857,97 @@ impl Index {
         {
             let mut st = tx
                 .prepare_cached(
-                    "INSERT OR REPLACE INTO segment_cache(fingerprint, segment) VALUES(?1, ?2)",
+                    "INSERT OR REPLACE INTO segment_cache(fingerprint, segment, mac) VALUES(?1, ?2, ?3)",
                 )
                 .map_err(err)?;
             for (fp, seg) in cache {
-                st.execute(params![&fp[..], &seg.0[..]]).map_err(err)?;
+                st.execute(params![
+                    &fp[..],
+                    &seg.0[..],
+                    &self.keys.cache_mac(fp, seg)[..]
+                ])
+                .map_err(err)?;
             }
         }
         tx.commit().map_err(err)
+    }
+
+    /// The `detail` text and sealed blob stored for a damage note: the text itself when
+    /// unencrypted; a placeholder and the sealed text otherwise (it names files and disks).
+    fn seal_damage(&self, vm: &str, time: &str, detail: &str) -> (String, Option<Vec<u8>>) {
+        if self.keys.encrypted() {
+            let aad = format!("damaged|{}|{time}", self.keys.name_tag(vm));
+            (
+                "damaged (sealed)".into(),
+                Some(self.keys.seal(aad.as_bytes(), detail.as_bytes())),
+            )
+        } else {
+            (detail.to_string(), None)
+        }
+    }
+
+    fn unseal_generation(
+        &self,
+        g: &mut GenerationInfo,
+        vm_sealed: &[u8],
+        gen_sealed: &[u8],
+        damage_sealed: Option<&[u8]>,
+    ) -> Result<()> {
+        let tag = g.vm.clone();
+        let what = format!("index entry of the generation at {}", g.time);
+        let name = self
+            .keys
+            .open(format!("vm|{tag}").as_bytes(), vm_sealed, &what)?;
+        let aad = format!("gen|{tag}|{}|{}", g.time, g.manifest.to_hex());
+        let info = self.keys.open(aad.as_bytes(), gen_sealed, &what)?;
+        let info: SealedGeneration =
+            serde_json::from_slice(&info).map_err(|e| Error::Corrupt(format!("{what}: {e}")))?;
+        let vm =
+            String::from_utf8(name).map_err(|_| Error::Corrupt(format!("{what}: bad name")))?;
+        if info.vm != vm {
+            return Err(Error::Corrupt(format!("{what}: names another VM")));
+        }
+        if let Some(d) = damage_sealed {
+            let aad = format!("damaged|{tag}|{}", g.time);
+            let d = self.keys.open(aad.as_bytes(), d, &what)?;
+            g.damaged = Some(String::from_utf8_lossy(&d).into_owned());
+        }
+        g.name = format!("{vm}@{}", g.time);
+        g.vm = vm;
+        g.uuid = info.uuid;
+        g.source = info.source;
+        g.started = info.started;
+        g.finished = info.finished;
+        g.vmrepo_version = info.version;
+        g.virtual_bytes = info.virtual_bytes;
+        g.bytes_read = info.bytes_read;
+        g.bytes_new = info.bytes_new;
+        g.bytes_stored = info.bytes_stored;
+        g.chunks_new = info.chunks_new;
+        g.files = info.files;
+        g.disks = info.disks;
+        Ok(())
+    }
+
+    /// Rebuilds the database file when more than a quarter of it is free pages (after gc removed
+    /// many rows), so the space returns to the filesystem. Needs the repository to itself.
+    pub fn vacuum_if_sparse(&self) -> Result<()> {
+        let (free, total): (i64, i64) = self
+            .conn
+            .query_row(
+                "SELECT (SELECT freelist_count FROM pragma_freelist_count), \
+                        (SELECT page_count FROM pragma_page_count)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| self.err(e))?;
+        if total > 0 && free * 4 > total {
+            self.conn
+                .execute_batch("VACUUM;")
+                .map_err(|e| self.err(e))?;
+            self.checkpoint();
+        }
+        Ok(())
     }
 
     /// Folds the WAL into the database file (keeps the repository compact between runs).
@@ -590,15 +959,45 @@ impl Index {
     }
 }
 
+fn insert_pack(
+    tx: &rusqlite::Transaction<'_>,
+    name: &str,
+    size: u64,
+    records: &[(RecordHeader, u64)],
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO packs(name, size) VALUES(?1, ?2)",
+        params![name, size as i64],
+    )?;
+    let pack = tx.last_insert_rowid();
+    let mut st = tx.prepare_cached(
+        "INSERT OR IGNORE INTO objects(id, kind, codec, pack, offset, stored_len, raw_len)
+         VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for (h, offset) in records {
+        st.execute(params![
+            &h.id.0[..],
+            h.kind as u8,
+            h.codec_byte(),
+            pack,
+            *offset as i64,
+            h.stored_len,
+            h.raw_len
+        ])?;
+    }
+    Ok(())
+}
+
 fn row_location(r: &rusqlite::Row<'_>, id: ObjectId) -> rusqlite::Result<Location> {
     let kind: u8 = r.get(0)?;
-    let codec: u8 = r.get(1)?;
+    let (codec, encrypted) = RecordHeader::from_codec_byte(r.get(1)?);
     Ok(Location {
         pack: r.get(2)?,
         offset: r.get::<_, i64>(3)? as u64,
         header: RecordHeader {
             kind: ObjectKind::from_u8(kind).unwrap_or(ObjectKind::Chunk),
-            codec: if codec == 0 { Codec::Raw } else { Codec::Zstd },
+            codec,
+            encrypted,
             stored_len: r.get(4)?,
             raw_len: r.get(5)?,
             id,
@@ -608,12 +1007,60 @@ fn row_location(r: &rusqlite::Row<'_>, id: ObjectId) -> rusqlite::Result<Locatio
 
 fn insert_generation(
     tx: &rusqlite::Transaction<'_>,
+    keys: &Keys,
     manifest_id: ObjectId,
     m: &Manifest,
 ) -> rusqlite::Result<()> {
     let c = &m.catalog;
-    tx.execute("INSERT OR IGNORE INTO vms(name) VALUES(?1)", [&c.vm])?;
-    let vm: i64 = tx.query_row("SELECT id FROM vms WHERE name = ?1", [&c.vm], |r| r.get(0))?;
+    let tag = keys.name_tag(&c.vm);
+    let vm_sealed = keys
+        .encrypted()
+        .then(|| keys.seal(format!("vm|{tag}").as_bytes(), c.vm.as_bytes()));
+    tx.execute(
+        "INSERT OR IGNORE INTO vms(name, sealed) VALUES(?1, ?2)",
+        params![tag, vm_sealed],
+    )?;
+    let vm: i64 = tx.query_row("SELECT id FROM vms WHERE name = ?1", [&tag], |r| r.get(0))?;
+    if keys.encrypted() {
+        // Only what ordering and lookups need stays in the clear: the VM's keyed tag, the
+        // time and the manifest id; the rest is sealed and bound to those.
+        let info = SealedGeneration {
+            vm: c.vm.clone(),
+            uuid: c.uuid.clone(),
+            source: c.source.clone(),
+            started: c.started.clone(),
+            finished: c.finished.clone(),
+            version: c.vmrepo_version.clone(),
+            virtual_bytes: c.stats.virtual_bytes,
+            bytes_read: c.stats.bytes_read,
+            bytes_new: c.stats.bytes_new,
+            bytes_stored: c.stats.bytes_stored,
+            chunks_new: c.stats.chunks_new,
+            files: m.files.len() as u64,
+            disks: m
+                .disks
+                .iter()
+                .map(|d| DiskInfo {
+                    slot: d.slot.clone(),
+                    descriptor: d.descriptor.clone(),
+                    create_type: d.create_type.clone(),
+                    virtual_size: d.virtual_size,
+                })
+                .collect(),
+        };
+        let aad = format!("gen|{tag}|{}|{}", c.time, manifest_id.to_hex());
+        let sealed = keys.seal(
+            aad.as_bytes(),
+            &serde_json::to_vec(&info).expect("serializable"),
+        );
+        tx.execute(
+            "INSERT INTO generations(vm, time, manifest, uuid, source, started, finished, version,
+                virtual_bytes, bytes_read, bytes_new, bytes_stored, chunks_new, sealed)
+             VALUES(?1, ?2, ?3, NULL, '', '', '', '', 0, 0, 0, 0, 0, ?4)",
+            params![vm, c.time, &manifest_id.0[..], sealed],
+        )?;
+        return Ok(());
+    }
     tx.execute(
         "INSERT INTO generations(vm, time, manifest, uuid, source, started, finished, version,
             virtual_bytes, bytes_read, bytes_new, bytes_stored, chunks_new)

@@ -34,6 +34,8 @@ use crate::vm::{open_source, DiskPlan, SourcePlan};
 pub struct IngestOptions {
     /// VM name instead of the .vmx displayName / file name.
     pub name: Option<String>,
+    /// Record the generation at this time instead of now (bringing old backups in).
+    pub time: Option<jiff::Timestamp>,
 }
 
 /// What an ingest did.
@@ -53,6 +55,8 @@ pub struct IngestReport {
     pub files: usize,
     /// Warnings about the source.
     pub warnings: Vec<String>,
+    /// Generations marked damaged that this ingest made whole again.
+    pub healed: Vec<String>,
 }
 
 #[derive(Default)]
@@ -84,11 +88,24 @@ pub fn ingest(
     for w in &plan.warnings {
         progress.note(&format!("warning: {w}"));
     }
-    let _vm_lock = lock_vm(repo.root(), &plan.vm)?;
-    let time = generation_time(repo, &plan.vm, started)?;
+    let _vm_lock = lock_vm(repo.root(), &plan.vm, &repo.keys().name_tag(&plan.vm))?;
+    let time = match opts.time {
+        Some(t) => {
+            let t = format_time(t);
+            if repo.with_index(|i| i.has_generation(&plan.vm, &t))? {
+                return Err(Error::Usage(format!(
+                    "VM {} already has a generation at {t}; pick another --time",
+                    plan.vm
+                )));
+            }
+            t
+        }
+        None => generation_time(repo, &plan.vm, started)?,
+    };
     let store = Store::new(repo)?;
     match run(repo, &store, &plan, &time, started, progress) {
         Ok((manifest_id, manifest)) => Ok(IngestReport {
+            healed: heal_after_ingest(repo, progress),
             generation: format!("{}@{}", plan.vm, time),
             manifest: manifest_id,
             stats: manifest.catalog.stats.clone(),
@@ -100,6 +117,20 @@ pub fn ingest(
         Err(e) => {
             store.abort();
             Err(e)
+        }
+    }
+}
+
+/// Re-examines damaged generations: this ingest may have stored again what they had lost.
+/// A failure here does not fail the ingest (its generation is committed); it is reported.
+fn heal_after_ingest(repo: &Repository, progress: &dyn Progress) -> Vec<String> {
+    match crate::repair::heal(repo) {
+        Ok(h) => h,
+        Err(e) => {
+            progress.note(&format!(
+                "warning: could not re-examine damaged generations: {e}"
+            ));
+            Vec::new()
         }
     }
 }
@@ -222,7 +253,7 @@ fn ingest_disk(
     let size = d.reader.size();
     let seg = params.segment_size as u64;
     let nseg = size.div_ceil(seg);
-    let key = chunker::fingerprint_key(params);
+    let key = chunker::fingerprint_key(params, store.repo().keys());
     let results: Vec<(ObjectId, Option<CacheRow>)> = (0..nseg)
         .into_par_iter()
         .map(|i| {
@@ -376,7 +407,7 @@ fn ingest_segment(
             // Chunk count of a reused segment is not known without loading it; count data bytes only.
             return Ok((seg, None));
         }
-        let (extents, cuts) = chunker::cut(buf, &runs, params);
+        let (extents, cuts) = chunker::cut(buf, &runs, params, store.repo().keys());
         counters
             .chunks_total
             .fetch_add(cuts.len() as u64, Ordering::Relaxed);

@@ -1,12 +1,14 @@
 //! Repository locks (`locks/`), held with `flock` so that they vanish with a killed process.
 //!
 //! * `locks/repository.lock`: shared by every command that adds or reads data (ingest, extract,
-//!   check); exclusive for commands that rewrite or delete (index rebuild, and later prune/gc).
+//!   check, mount); exclusive for commands that rewrite or delete (index rebuild, repair, prune,
+//!   gc). A command waits for the lock only as long as `--lock-wait` says (default: not at all).
 //! * `locks/vm-<hash>.lock`: exclusive per VM while it is being ingested, so two ingests of
 //!   different VMs run side by side but two of the same VM do not.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -35,35 +37,60 @@ fn open_lock_file(path: &Path) -> Result<File> {
         .ctx("open lock file", path)
 }
 
-/// Takes the repository lock in `mode`, or fails at once with a message saying who holds it.
-pub fn lock_repository(root: &Path, mode: LockMode) -> Result<Lock> {
+/// Takes the repository lock in `mode`. If another process holds it, waits up to `wait`
+/// (calling `on_wait` once with a message), then fails with a message saying who holds it.
+pub fn lock_repository(
+    root: &Path,
+    mode: LockMode,
+    wait: Duration,
+    on_wait: &dyn Fn(&str),
+) -> Result<Lock> {
     let path = root.join("locks").join("repository.lock");
     let file = open_lock_file(&path)?;
-    let r = match mode {
-        LockMode::Shared => file.try_lock_shared(),
-        LockMode::Exclusive => file.try_lock(),
+    let holder = match mode {
+        LockMode::Shared => "a command that needs it alone (index rebuild, repair, prune or gc)",
+        LockMode::Exclusive => "another vmrepo process (ingest, extract, mount or check)",
     };
-    match r {
-        Ok(()) => Ok(Lock { _file: file }),
-        Err(TryLockError::WouldBlock) => Err(Error::Locked(match mode {
-            LockMode::Shared => format!(
-                "repository {} is locked by a command that needs it alone (index rebuild, prune or gc) \
-                 in another process; retry when it has finished",
+    let deadline = Instant::now() + wait;
+    let mut told = false;
+    loop {
+        let r = match mode {
+            LockMode::Shared => file.try_lock_shared(),
+            LockMode::Exclusive => file.try_lock(),
+        };
+        match r {
+            Ok(()) => return Ok(Lock { _file: file }),
+            Err(TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
+            Err(TryLockError::WouldBlock) => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Locked(format!(
+                "repository {} is in use by {holder}; retry when it has finished, or pass \
+                 --lock-wait SECONDS to wait for it{}",
+                root.display(),
+                if wait.is_zero() {
+                    String::new()
+                } else {
+                    format!(" (waited {} s)", wait.as_secs())
+                }
+            )));
+        }
+        if !told {
+            on_wait(&format!(
+                "waiting up to {} s for repository {}: it is in use by {holder}",
+                wait.as_secs(),
                 root.display()
-            ),
-            LockMode::Exclusive => format!(
-                "repository {} is in use by another vmrepo process (ingest, extract or check); \
-                 this command needs it alone, retry when they have finished",
-                root.display()
-            ),
-        })),
-        Err(TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
+            ));
+            told = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
-/// Takes the per-VM ingest lock.
-pub fn lock_vm(root: &Path, vm: &str) -> Result<Lock> {
-    let tag = &blake3::hash(vm.as_bytes()).to_hex()[..16];
+/// Takes the per-VM ingest lock. The lock file is named by a hash of `tag` (the VM name, or
+/// its keyed tag in an encrypted repository, so the name never shows in the repository).
+pub fn lock_vm(root: &Path, vm: &str, tag: &str) -> Result<Lock> {
+    let tag = &blake3::hash(tag.as_bytes()).to_hex()[..16];
     let path = root.join("locks").join(format!("vm-{tag}.lock"));
     let file = open_lock_file(&path)?;
     match file.try_lock() {

@@ -10,7 +10,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use vmrepo::check::{check, rebuild_index};
+mod cli;
+
+use vmrepo::check::{check, rebuild_index, ReadData};
 use vmrepo::config::ChunkerParams;
 use vmrepo::extract::{extract, ExtractOptions};
 use vmrepo::ingest::{ingest, IngestOptions};
@@ -36,6 +38,17 @@ web01@-1 /restore/web01\n  vmrepo check /backup/repo --read-data"
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Wait up to SECONDS for other vmrepo processes to release the repository (an ingest
+    /// waiting for gc, gc waiting for ingests) instead of failing at once.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 0)]
+    lock_wait: u64,
+    /// Encrypted repositories: read the passphrase from this file (first line).
+    #[arg(long, global = true, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// Encrypted repositories: run this command (sh -c) and use the first line it prints as
+    /// the passphrase. Without either option: VMREPO_PASSWORD, else a prompt on a terminal.
+    #[arg(long, global = true, value_name = "CMD")]
+    password_command: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -44,8 +57,12 @@ enum Command {
     #[command(
         long_about = "Create a new repository in DIR, which must not exist or be empty. The chunking \
 and compression parameters are fixed for the life of the repository; the defaults were chosen by \
-measurement (docs/PERFORMANCE.md). Repositories are not encrypted in this version: keep them on storage \
-only you can read."
+measurement (docs/PERFORMANCE.md). With --encryption aes-256-gcm every stored object and every \
+name, path and size in the index is encrypted under a random master key, wrapped by your passphrase \
+(VMREPO_PASSWORD, --password-file, --password-command, or asked twice on a terminal). Losing the \
+passphrase means losing the data: add a second one with `vmrepo key add` or keep `vmrepo key \
+export`'s output offline. The default, none, is for repositories on storage only you can read \
+(docs/SECURITY.md)."
     )]
     Init {
         /// Directory to create the repository in.
@@ -65,6 +82,13 @@ only you can read."
         /// zstd compression level (1 fastest .. 19 smallest).
         #[arg(long, default_value_t = 3, value_name = "LEVEL")]
         compression_level: i32,
+        /// `none` or `aes-256-gcm`.
+        #[arg(long, default_value = "none", value_name = "MODE",
+              value_parser = clap::builder::PossibleValuesParser::new(vmrepo::config::ENCRYPTION_MODES))]
+        encryption: String,
+        /// argon2id memory for the first key, in MiB.
+        #[arg(long, value_name = "MIB", default_value_t = vmrepo::keyfile::KdfCost::default().memory_kib >> 10)]
+        kdf_memory: u32,
     },
     /// Back up a VM directory or a disk image as a new generation.
     #[command(
@@ -84,6 +108,11 @@ vmfs/vmfsThin flat pairs, twoGbMaxExtentFlat, ZERO extents and raw images."
         /// VM name (default: the .vmx displayName, or the image file name without extension).
         #[arg(long)]
         name: Option<String>,
+        /// Record the generation at this UTC time (e.g. 2026-09-01T01:30:00Z) instead of now:
+        /// how existing backups come in with their real dates. Refused if the VM already has a
+        /// generation at that time.
+        #[arg(long, value_name = "TIME", value_parser = cli::parse_time)]
+        time: Option<jiff::Timestamp>,
         /// Print one JSON summary on stdout instead of text.
         #[arg(long)]
         json: bool,
@@ -118,6 +147,10 @@ chunk is verified against its hash; files appear under their final names only wh
         /// Restore only the disks (descriptors and extent files).
         #[arg(long)]
         disk_only: bool,
+        /// Restore a damaged generation anyway: damaged disk ranges stay zero (holes) and are
+        /// listed, missing small files are skipped and listed.
+        #[arg(long)]
+        allow_damaged: bool,
         /// Restore to another datastore path: rewrite paths under OLD to NEW in the .vmx (disk
         /// fileNames and other paths) and in the descriptors' extent lines (repeatable; the
         /// longest matching OLD wins). Relative paths are left alone.
@@ -196,15 +229,28 @@ while serving: prune, gc and index rebuilds wait."
     #[command(
         long_about = "Check that the index and the pack files agree and that every generation's \
 manifest, disk maps, segments and chunks are present. With --read-data, also read, decompress and \
-re-hash every stored object. Damaged generations and disks are named. With --rebuild-index, first \
-rebuild index.sqlite from the pack files alone (the old index is kept beside it), then check."
+re-hash every stored object; --read-data-subset reads part of them (10% at random, or slice 3/7 so \
+that seven nightly runs read everything once). Damaged generations and disks are named. With \
+--rebuild-index, first rebuild index.sqlite from the pack files alone (the old index is kept beside \
+it), then check. With --repair, read everything, rebuild the index if it is missing or damaged, drop \
+index entries whose data is missing or corrupt, and mark the generations that lost data as damaged \
+(extract refuses them unless --allow-damaged; a later ingest that reads the same data again stores \
+it again and heals them). Exit status: 0 when nothing is damaged, 1 otherwise."
     )]
     Check {
         /// Repository directory.
         repo: PathBuf,
         /// Read and verify every stored byte.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "read_data_subset")]
         read_data: bool,
+        /// Read and verify a subset: a percentage of the data (`10%`, random) or slice N of M
+        /// (`2/7`, deterministic).
+        #[arg(long, value_name = "SUBSET", value_parser = ReadData::parse_subset)]
+        read_data_subset: Option<ReadData>,
+        /// Fix the index to match the data files and mark damaged generations (needs the
+        /// repository to itself; reads every stored byte).
+        #[arg(long, conflicts_with_all = ["rebuild_index", "read_data_subset"])]
+        repair: bool,
         /// Rebuild the index from the pack files first (needs the repository to itself).
         #[arg(long)]
         rebuild_index: bool,
@@ -212,15 +258,27 @@ rebuild index.sqlite from the pack files alone (the old index is kept beside it)
         #[arg(long)]
         json: bool,
     },
+    /// Remove generations by a retention policy (then `gc` frees their space).
+    #[command(long_about = cli::PRUNE_HELP)]
+    Prune(cli::PruneArgs),
+    /// Delete data no generation references and compact half-empty data files.
+    #[command(long_about = cli::GC_HELP)]
+    Gc(cli::GcArgs),
+    /// Import a ghettoVCB backup rotation as generations, with their original dates.
+    #[command(long_about = cli::IMPORT_HELP)]
+    ImportGhettovcb(cli::ImportArgs),
+    /// Manage the passphrases of an encrypted repository (list, add, remove, passwd, export).
+    #[command(subcommand, long_about = cli::keys::KEY_HELP)]
+    Key(cli::keys::KeyCommand),
 }
 
 /// indicatif progress on a terminal's stderr; silent otherwise.
-struct Bar {
+pub(crate) struct Bar {
     bar: Option<ProgressBar>,
 }
 
 impl Bar {
-    fn new(enabled: bool) -> Bar {
+    pub(crate) fn new(enabled: bool) -> Bar {
         let on = enabled && std::io::stderr().is_terminal();
         Bar {
             bar: on.then(|| {
@@ -265,7 +323,7 @@ impl Progress for Bar {
     }
 }
 
-fn human(n: u64) -> String {
+pub(crate) fn human(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = n as f64;
     let mut u = 0;
@@ -291,11 +349,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn print_json(v: &impl serde::Serialize) {
+pub(crate) fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let _ = PASSPHRASE.set(cli::passphrase::Source {
+        file: cli.password_file.clone(),
+        command: cli.password_command.clone(),
+        env: "VMREPO_PASSWORD",
+        what: "passphrase",
+    });
     match cli.command {
         Command::Init {
             repo,
@@ -304,6 +368,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             chunk_max,
             segment_size,
             compression_level,
+            encryption,
+            kdf_memory,
         } => {
             let avg = chunk_avg.saturating_mul(1024);
             let params = ChunkerParams {
@@ -313,7 +379,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 segment_size: segment_size.saturating_mul(1 << 20),
                 ..ChunkerParams::default()
             };
-            let config = Repository::init(&repo, params, compression_level)
+            let pass = if encryption == "none" {
+                None
+            } else {
+                Some(
+                    cli::passphrase::Source {
+                        file: cli.password_file.clone(),
+                        command: cli.password_command.clone(),
+                        env: "VMREPO_PASSWORD",
+                        what: "passphrase",
+                    }
+                    .get(true)?,
+                )
+            };
+            let enc = pass.as_ref().map(|p| vmrepo::repo::NewEncryption {
+                passphrase: p,
+                cost: vmrepo::keyfile::KdfCost {
+                    memory_kib: kdf_memory.max(1) << 10,
+                    ..Default::default()
+                },
+            });
+            let config = Repository::init(&repo, params, compression_level, enc)
                 .with_context(|| format!("cannot create a repository in {}", repo.display()))?;
             let c = config.chunker;
             println!(
@@ -329,26 +415,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 c.segment_size >> 20,
                 config.compression.level
             );
-            println!(
-                "encryption: none -- anyone who can read {} can read the backups",
-                repo.display()
-            );
+            if config.encrypted() {
+                println!(
+                    "encryption: AES-256-GCM; the passphrase opens it. Losing the passphrase loses \
+                     the data: add a second one (`vmrepo key add`) or keep `vmrepo key export` offline"
+                );
+            } else {
+                println!(
+                    "encryption: NONE -- anyone who can read {} can read the backups \
+                     (use --encryption aes-256-gcm for storage others can read)",
+                    repo.display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Ingest {
             repo,
             source,
             name,
+            time,
             json,
         } => {
-            let r = Repository::open(&repo, LockMode::Shared)?;
             let bar = Bar::new(!json);
-            let report = ingest(&r, &source, &IngestOptions { name }, &bar).with_context(|| {
-                format!(
-                    "ingest of {} failed; no generation was recorded",
-                    source.display()
-                )
-            })?;
+            let r = open_repo(&repo, LockMode::Shared, cli.lock_wait, &bar)?;
+            let report =
+                ingest(&r, &source, &IngestOptions { name, time }, &bar).with_context(|| {
+                    format!(
+                        "ingest of {} failed; no generation was recorded",
+                        source.display()
+                    )
+                })?;
             if json {
                 print_json(&report);
             } else {
@@ -373,6 +469,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     s.segments_zero
                 );
                 println!("  stored      {} after compression", human(s.bytes_stored));
+                for h in &report.healed {
+                    println!("  healed      {h}: the data it had lost is stored again");
+                }
                 if s.bytes_stored == 0 {
                     println!("  nothing new stored: everything read was already in the repository");
                 } else {
@@ -385,7 +484,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::List { repo, vm, json } => {
-            let r = Repository::open(&repo, LockMode::Shared)?;
+            let r = open_repo(&repo, LockMode::Shared, cli.lock_wait, &Bar::new(false))?;
             let index = r.open_index()?;
             match vm {
                 None => {
@@ -445,6 +544,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                                 human(g.bytes_stored),
                                 disks.join(", ")
                             );
+                            if let Some(d) = &g.damaged {
+                                println!("  DAMAGED: {d}");
+                            }
                         }
                     }
                 }
@@ -457,15 +559,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dest,
             force,
             disk_only,
+            allow_damaged,
             datastore_map,
             json,
         } => {
             let map = DatastoreMap::parse(&datastore_map)?;
-            let r = Repository::open(&repo, LockMode::Shared)?;
             let bar = Bar::new(!json);
+            let r = open_repo(&repo, LockMode::Shared, cli.lock_wait, &bar)?;
             let opts = ExtractOptions {
                 force,
                 disk_only,
+                allow_damaged,
                 datastore_map: map.clone(),
             };
             let report = extract(&r, &generation, &dest, &opts, &bar).with_context(|| {
@@ -493,11 +597,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for w in map.rewrites() {
                     println!("  rewrote in {}: {} -> {}", w.file, w.old, w.new);
                 }
+                for f in &report.damaged_files {
+                    println!("  DAMAGED  file {f} was not restored");
+                }
+                for r in &report.damaged_ranges {
+                    println!("  DAMAGED  {r}: left as zeros");
+                }
             }
             for u in &unused {
                 eprintln!("vmrepo: warning: --datastore-map {u} matched no path in the .vmx or the descriptors");
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(
+                if report.damaged_ranges.is_empty() && report.damaged_files.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!(
+                    "vmrepo: extract of {} is incomplete: {} damaged range(s), {} file(s) missing",
+                    report.generation,
+                    report.damaged_ranges.len(),
+                    report.damaged_files.len()
+                );
+                    ExitCode::from(3)
+                },
+            )
         }
         Command::Mount {
             repo,
@@ -505,7 +627,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             generation,
             cache_size,
         } => {
-            let r = Arc::new(Repository::open(&repo, LockMode::Shared)?);
+            let r = Arc::new(open_repo(
+                &repo,
+                LockMode::Shared,
+                cli.lock_wait,
+                &Bar::new(false),
+            )?);
             let opts = MountOptions {
                 selection: generation,
                 cache_bytes: (cache_size.max(1) as usize) << 20,
@@ -543,7 +670,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for a in &listen {
                 resolve_listen(a, allow_remote)?;
             }
-            let r = Arc::new(Repository::open(&repo, LockMode::Shared)?);
+            let r = Arc::new(open_repo(
+                &repo,
+                LockMode::Shared,
+                cli.lock_wait,
+                &Bar::new(false),
+            )?);
             let export = Export::open(r, &generation, disk, (cache_size.max(1) as usize) << 20)
                 .with_context(|| format!("cannot serve disk {disk} of {generation}"))?;
             let what = format!(
@@ -572,13 +704,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check {
             repo,
             read_data,
+            read_data_subset,
             rebuild_index: rebuild,
+            repair,
             json,
         } => {
             let bar = Bar::new(!json);
+            if repair {
+                let r = open_repo(&repo, LockMode::Exclusive, cli.lock_wait, &bar)?;
+                return cli::print_repair(&vmrepo::repair::repair(&r, &bar)?, json);
+            }
+            let read = match (read_data, read_data_subset) {
+                (_, Some(subset)) => subset,
+                (true, None) => ReadData::All,
+                (false, None) => ReadData::None,
+            };
             let mut rebuilt = None;
             if rebuild {
-                let r = Repository::open(&repo, LockMode::Exclusive)?;
+                let r = open_repo(&repo, LockMode::Exclusive, cli.lock_wait, &bar)?;
                 let rep = rebuild_index(&r, &bar)
                     .context("index rebuild failed; the old index is untouched")?;
                 if !json {
@@ -598,8 +741,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 rebuilt = Some(rep);
             }
-            let r = Repository::open(&repo, LockMode::Shared)?;
-            let report = check(&r, read_data, &bar)?;
+            let r = open_repo(&repo, LockMode::Shared, cli.lock_wait, &bar)?;
+            let report = check(&r, read, &bar)?;
             if json {
                 print_json(
                     &serde_json::json!({ "ok": report.ok(), "check": report, "rebuild": rebuilt }),
@@ -608,22 +751,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for p in &report.problems {
                     println!("PROBLEM  {p}");
                 }
-                for d in &report.damaged {
-                    println!("DAMAGED  {}: {}", d.generation, d.parts.join(", "));
-                    for p in &d.problems {
-                        println!("         {p}");
-                    }
-                }
-                for n in &report.notes {
-                    println!("note     {n}");
-                }
+                cli::print_check_findings(&report);
                 println!(
                     "{}: {} generations, {} objects ({}){}",
                     if report.ok() { "ok" } else { "DAMAGE FOUND" },
                     report.generations,
                     report.objects,
                     human(report.stored_bytes),
-                    if read_data {
+                    if read != ReadData::None {
                         format!(", {} objects read and verified", report.objects_read)
                     } else {
                         String::new()
@@ -636,5 +771,59 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Prune(args) => cli::prune(args, cli.lock_wait),
+        Command::Gc(args) => cli::gc(args, cli.lock_wait),
+        Command::ImportGhettovcb(args) => cli::import_ghettovcb(args, cli.lock_wait),
+        Command::Key(cmd) => cli::keys::run(cmd, cli.lock_wait),
     }
+}
+
+/// Opens a repository, waiting up to `lock_wait` seconds for its lock (saying so on stderr).
+fn open_repo(
+    path: &std::path::Path,
+    mode: LockMode,
+    lock_wait: u64,
+    bar: &Bar,
+) -> anyhow::Result<Repository> {
+    Ok(Repository::open_with(
+        path,
+        mode,
+        &vmrepo::repo::OpenOptions {
+            lock_wait: std::time::Duration::from_secs(lock_wait),
+            on_wait: &|msg| bar.note(msg),
+            passphrase: &|| {
+                current_passphrase().map_err(|e| {
+                    vmrepo::Error::Usage(format!(
+                        "repository {} is encrypted: {e:#}",
+                        path.display()
+                    ))
+                })
+            },
+        },
+    )?)
+}
+
+/// Where the passphrase of an encrypted repository comes from (set once from the options).
+static PASSPHRASE: std::sync::OnceLock<cli::passphrase::Source> = std::sync::OnceLock::new();
+/// The passphrase, asked for at most once per run.
+static PASSPHRASE_VALUE: std::sync::Mutex<Option<zeroize::Zeroizing<String>>> =
+    std::sync::Mutex::new(None);
+
+/// The current passphrase of the repository being opened.
+pub(crate) fn current_passphrase() -> anyhow::Result<zeroize::Zeroizing<String>> {
+    let mut cached = PASSPHRASE_VALUE.lock().unwrap();
+    if let Some(p) = cached.as_ref() {
+        return Ok(p.clone());
+    }
+    let p = PASSPHRASE
+        .get()
+        .cloned()
+        .unwrap_or(cli::passphrase::Source {
+            env: "VMREPO_PASSWORD",
+            what: "passphrase",
+            ..Default::default()
+        })
+        .get(false)?;
+    *cached = Some(p.clone());
+    Ok(p)
 }

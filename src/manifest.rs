@@ -316,6 +316,39 @@ impl Manifest {
     }
 }
 
+/// Written by prune before it removes generations from the index, so that an index rebuilt
+/// from the pack files does not bring them back while their manifests still sit in a pack.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Tombstone {
+    /// [`MANIFEST_VERSION`].
+    pub version: u32,
+    /// When prune ran, UTC.
+    pub time: String,
+    /// The removed generations.
+    pub removed: Vec<RemovedGeneration>,
+}
+
+/// One generation a prune removed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RemovedGeneration {
+    /// `vm@time`.
+    pub generation: String,
+    /// Its manifest object.
+    pub manifest: ObjectId,
+}
+
+impl Tombstone {
+    /// JSON bytes as stored.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("tombstone serializes")
+    }
+
+    /// Parses a stored tombstone.
+    pub fn decode(b: &[u8]) -> Result<Tombstone, String> {
+        serde_json::from_slice(b).map_err(|e| format!("tombstone is not valid: {e}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@
 //! `magic "vrOB" | kind u8 | codec u8 | cipher u8 | 0u8 | stored_len u32 | raw_len u32 | id [32] |
 //! crc32(previous 48 bytes) u32 | payload[stored_len]`.
 
+use crate::crypto::{Keys, CIPHER_OVERHEAD};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 
@@ -29,6 +30,8 @@ pub enum ObjectKind {
     File = 4,
     /// A generation manifest (catalog, files, disks).
     Manifest = 5,
+    /// A prune record: the manifests of generations that prune removed (see docs/FORMAT.md).
+    Tombstone = 6,
 }
 
 impl ObjectKind {
@@ -40,6 +43,7 @@ impl ObjectKind {
             3 => ObjectKind::DiskMap,
             4 => ObjectKind::File,
             5 => ObjectKind::Manifest,
+            6 => ObjectKind::Tombstone,
             _ => return None,
         })
     }
@@ -52,6 +56,7 @@ impl ObjectKind {
             ObjectKind::DiskMap => "disk map",
             ObjectKind::File => "file",
             ObjectKind::Manifest => "manifest",
+            ObjectKind::Tombstone => "tombstone",
         }
     }
 }
@@ -79,16 +84,46 @@ pub struct RecordHeader {
     pub raw_len: u32,
     /// Content address of the plaintext.
     pub id: ObjectId,
+    /// The payload is AES-256-GCM encrypted (cipher byte 1).
+    pub encrypted: bool,
 }
 
 impl RecordHeader {
+    /// The bytes an encrypted payload is bound to: kind, codec, cipher, plaintext length, id.
+    pub fn aad(&self) -> [u8; 40] {
+        let mut a = [0u8; 40];
+        a[0] = self.kind as u8;
+        a[1] = self.codec as u8;
+        a[2] = self.encrypted as u8;
+        a[4..8].copy_from_slice(&self.raw_len.to_le_bytes());
+        a[8..40].copy_from_slice(&self.id.0);
+        a
+    }
+
+    /// The codec and cipher packed into one byte, as the index stores them.
+    pub fn codec_byte(&self) -> u8 {
+        self.codec as u8 | (self.encrypted as u8) << 4
+    }
+
+    /// Splits [`RecordHeader::codec_byte`] back.
+    pub fn from_codec_byte(b: u8) -> (Codec, bool) {
+        (
+            if b & 0x0f == 0 {
+                Codec::Raw
+            } else {
+                Codec::Zstd
+            },
+            b & 0x10 != 0,
+        )
+    }
+
     /// Serializes the header, CRC included.
     pub fn encode(&self) -> [u8; RECORD_HEADER_LEN] {
         let mut h = [0u8; RECORD_HEADER_LEN];
         h[0..4].copy_from_slice(RECORD_MAGIC);
         h[4] = self.kind as u8;
         h[5] = self.codec as u8;
-        h[6] = 0; // cipher: none
+        h[6] = self.encrypted as u8; // cipher: 0 none, 1 AES-256-GCM
         h[8..12].copy_from_slice(&self.stored_len.to_le_bytes());
         h[12..16].copy_from_slice(&self.raw_len.to_le_bytes());
         h[16..48].copy_from_slice(&self.id.0);
@@ -116,15 +151,18 @@ impl RecordHeader {
             1 => Codec::Zstd,
             c => return Err(format!("unknown codec {c}")),
         };
-        if h[6] != 0 {
-            return Err(format!("unknown cipher {}", h[6]));
-        }
+        let encrypted = match h[6] {
+            0 => false,
+            1 => true,
+            c => return Err(format!("unknown cipher {c}")),
+        };
         let stored_len = u32::from_le_bytes(h[8..12].try_into().unwrap());
         let raw_len = u32::from_le_bytes(h[12..16].try_into().unwrap());
         if stored_len > MAX_OBJECT_LEN || raw_len > MAX_OBJECT_LEN {
             return Err("record length out of range".into());
         }
-        if codec == Codec::Raw && stored_len != raw_len {
+        let overhead = if encrypted { CIPHER_OVERHEAD as u32 } else { 0 };
+        if codec == Codec::Raw && stored_len != raw_len + overhead {
             return Err("raw record with differing lengths".into());
         }
         Ok(RecordHeader {
@@ -133,6 +171,7 @@ impl RecordHeader {
             stored_len,
             raw_len,
             id: ObjectId::from_slice(&h[16..48]).unwrap(),
+            encrypted,
         })
     }
 }
@@ -159,8 +198,15 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Compresses `data` with zstd at `level`, keeping it raw when that is not smaller.
-pub fn encode(kind: ObjectKind, id: ObjectId, data: &[u8], level: i32) -> EncodedObject {
+/// Compresses `data` with zstd at `level`, keeping it raw when that is not smaller, then
+/// encrypts it if `keys` say the repository is encrypted.
+pub fn encode(
+    kind: ObjectKind,
+    id: ObjectId,
+    data: &[u8],
+    level: i32,
+    keys: &Keys,
+) -> EncodedObject {
     let compressed = COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().map(|(l, _)| *l) != Some(level) {
@@ -172,20 +218,53 @@ pub fn encode(kind: ObjectKind, id: ObjectId, data: &[u8], level: i32) -> Encode
         Some(c) if c.len() < data.len() => (Codec::Zstd, c),
         _ => (Codec::Raw, data.to_vec()),
     };
-    EncodedObject {
-        header: RecordHeader {
-            kind,
-            codec,
-            stored_len: payload.len() as u32,
-            raw_len: data.len() as u32,
-            id,
-        },
-        payload,
-    }
+    let mut header = RecordHeader {
+        kind,
+        codec,
+        stored_len: payload.len() as u32,
+        raw_len: data.len() as u32,
+        id,
+        encrypted: keys.encrypted(),
+    };
+    let payload = if header.encrypted {
+        let sealed = keys.encrypt(&header.aad(), &payload);
+        header.stored_len = sealed.len() as u32;
+        sealed
+    } else {
+        payload
+    };
+    EncodedObject { header, payload }
 }
 
-/// Decodes a payload back to plaintext and verifies it against the header's id.
-pub fn decode(header: &RecordHeader, payload: &[u8]) -> Result<Vec<u8>> {
+/// Decodes a payload back to plaintext (decrypting it if it is encrypted) and verifies it
+/// against the header's id.
+pub fn decode(header: &RecordHeader, payload: &[u8], keys: &Keys) -> Result<Vec<u8>> {
+    let what = || format!("{} {}", header.kind.name(), header.id.short());
+    let decrypted;
+    let payload = match (header.encrypted, keys.encrypted()) {
+        (true, true) => {
+            decrypted = keys.decrypt(&header.aad(), payload).ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "{} fails authentication (altered, damaged, or written with another key)",
+                    what()
+                ))
+            })?;
+            &decrypted[..]
+        }
+        (false, false) => payload,
+        (true, false) => {
+            return Err(Error::Corrupt(format!(
+                "{} is encrypted, but the repository is not",
+                what()
+            )))
+        }
+        (false, true) => {
+            return Err(Error::Corrupt(format!(
+                "{} is not encrypted, but the repository is: it was not written by this repository's owner",
+                what()
+            )))
+        }
+    };
     let data = match header.codec {
         Codec::Raw => payload.to_vec(),
         Codec::Zstd => DECOMPRESSOR
@@ -215,7 +294,7 @@ pub fn decode(header: &RecordHeader, payload: &[u8]) -> Result<Vec<u8>> {
             header.raw_len
         )));
     }
-    if ObjectId::of(&data) != header.id {
+    if keys.id_of(&data) != header.id {
         return Err(Error::Corrupt(format!(
             "{} {} does not match its hash",
             header.kind.name(),
@@ -232,11 +311,12 @@ mod tests {
     #[test]
     fn header_round_trip_and_crc() {
         let data = vec![7u8; 10_000];
-        let obj = encode(ObjectKind::Chunk, ObjectId::of(&data), &data, 3);
+        let none = Keys::none();
+        let obj = encode(ObjectKind::Chunk, ObjectId::of(&data), &data, 3, &none);
         assert_eq!(obj.header.codec, Codec::Zstd);
         let mut h = obj.header.encode();
         assert_eq!(RecordHeader::decode(&h).unwrap(), obj.header);
-        assert_eq!(decode(&obj.header, &obj.payload).unwrap(), data);
+        assert_eq!(decode(&obj.header, &obj.payload, &none).unwrap(), data);
         h[20] ^= 1;
         assert!(RecordHeader::decode(&h).unwrap_err().contains("checksum"));
     }
@@ -246,9 +326,30 @@ mod tests {
         let data: Vec<u8> = (0..4096u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
-        let obj = encode(ObjectKind::File, ObjectId::of(&data), &data, 3);
+        let none = Keys::none();
+        let obj = encode(ObjectKind::File, ObjectId::of(&data), &data, 3, &none);
         let mut payload = obj.payload.clone();
         payload[100] ^= 0x40;
-        assert!(decode(&obj.header, &payload).is_err());
+        assert!(decode(&obj.header, &payload, &none).is_err());
+    }
+
+    #[test]
+    fn encrypted_records_round_trip_and_are_bound_to_their_header() {
+        let keys = Keys::from_master(&[3; 32]);
+        for data in [
+            vec![7u8; 10_000],
+            (0..5000u32).map(|i| ((i * 7919) >> 5) as u8).collect(),
+        ] {
+            let obj = encode(ObjectKind::Chunk, keys.id_of(&data), &data, 3, &keys);
+            assert!(obj.header.encrypted);
+            let h = RecordHeader::decode(&obj.header.encode()).unwrap();
+            assert_eq!(h, obj.header);
+            assert_eq!(decode(&h, &obj.payload, &keys).unwrap(), data);
+            assert!(decode(&h, &obj.payload, &Keys::none()).is_err());
+            assert!(decode(&h, &obj.payload, &Keys::from_master(&[4; 32])).is_err());
+            let mut other = h.clone();
+            other.kind = ObjectKind::File;
+            assert!(decode(&other, &obj.payload, &keys).is_err());
+        }
     }
 }

@@ -11,6 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::crypto::Keys;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::sync_dir;
 use crate::object::{EncodedObject, RecordHeader, RECORD_HEADER_LEN};
@@ -128,17 +129,24 @@ impl PackFile {
 pub struct PackReader {
     data_dir: PathBuf,
     open: Mutex<HashMap<String, Arc<File>>>,
+    keys: Arc<Keys>,
 }
 
 const MAX_OPEN_PACKS: usize = 256;
 
 impl PackReader {
     /// A reader for packs under `data_dir`.
-    pub fn new(data_dir: &Path) -> PackReader {
+    pub fn new(data_dir: &Path, keys: Arc<Keys>) -> PackReader {
         PackReader {
             data_dir: data_dir.to_path_buf(),
             open: Mutex::new(HashMap::new()),
+            keys,
         }
+    }
+
+    /// The keys objects are decoded with.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
     }
 
     fn file(&self, pack: &str) -> Result<Arc<File>> {
@@ -252,7 +260,7 @@ impl PackReader {
         expect: &RecordHeader,
         payload: &[u8],
     ) -> Result<Vec<u8>> {
-        crate::object::decode(expect, payload).map_err(|e| match e {
+        crate::object::decode(expect, payload, &self.keys).map_err(|e| match e {
             Error::Corrupt(m) => Error::Corrupt(format!(
                 "{m} (pack file {} offset {offset})",
                 pack_path(&self.data_dir, pack).display()

@@ -2,13 +2,18 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use zeroize::Zeroizing;
 
 use crate::config::{ChunkerParams, Config};
+use crate::crypto::Keys;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::sync_dir;
 use crate::id::ObjectId;
 use crate::index::{Index, Location};
+use crate::keyfile::{self, KdfCost};
 use crate::lock::{lock_repository, Lock, LockMode};
 use crate::manifest::{DiskMap, Manifest, Segment};
 use crate::object::RECORD_HEADER_LEN;
@@ -17,18 +22,44 @@ use crate::pack::PackReader;
 /// Name of the index database inside a repository.
 pub const INDEX_FILE: &str = "index.sqlite";
 
+/// How an encrypted repository gets its passphrase, and how long to wait for the lock.
+pub struct OpenOptions<'a> {
+    /// Wait up to this long for the repository lock.
+    pub lock_wait: Duration,
+    /// Told once when the lock is busy and we wait.
+    pub on_wait: &'a dyn Fn(&str),
+    /// Asked (at most once) for the passphrase when the repository is encrypted.
+    pub passphrase: &'a dyn Fn() -> Result<Zeroizing<String>>,
+}
+
+/// Encryption of a new repository.
+pub struct NewEncryption<'a> {
+    /// The first key's passphrase.
+    pub passphrase: &'a str,
+    /// argon2id cost for its key file.
+    pub cost: KdfCost,
+}
+
 /// An open repository.
 pub struct Repository {
     root: PathBuf,
     config: Config,
     reader: PackReader,
+    keys: Arc<Keys>,
+    key_id: Option<String>,
     pool: Mutex<Vec<Index>>,
     _lock: Lock,
 }
 
 impl Repository {
-    /// Creates a repository in `path`, which must not exist or be an empty directory.
-    pub fn init(path: &Path, chunker: ChunkerParams, level: i32) -> Result<Config> {
+    /// Creates a repository in `path`, which must not exist or be an empty directory; encrypted
+    /// (AES-256-GCM, first key file wrapped with `encryption.passphrase`) if `encryption` is given.
+    pub fn init(
+        path: &Path,
+        chunker: ChunkerParams,
+        level: i32,
+        encryption: Option<NewEncryption<'_>>,
+    ) -> Result<Config> {
         if path.exists() {
             let mut entries = fs::read_dir(path).ctx("read directory", path)?;
             if entries.next().is_some() {
@@ -37,11 +68,31 @@ impl Repository {
         } else {
             fs::create_dir_all(path).ctx("create directory", path)?;
         }
-        let config = Config::new(chunker, level)?;
+        let mode = if encryption.is_some() {
+            "aes-256-gcm"
+        } else {
+            "none"
+        };
+        let config = Config::new(chunker, level, mode)?;
         for dir in ["data", "locks"] {
             fs::create_dir(path.join(dir)).ctx("create directory", path.join(dir))?;
         }
-        let index = Index::open(&path.join(INDEX_FILE), true)?;
+        let keys = match &encryption {
+            Some(e) => {
+                let master = Keys::new_master()?;
+                keyfile::create(
+                    path,
+                    &config.repository_id,
+                    &master,
+                    e.passphrase,
+                    e.cost,
+                    "initial",
+                )?;
+                Arc::new(Keys::from_master(&master))
+            }
+            None => Arc::new(Keys::none()),
+        };
+        let index = Index::open(&path.join(INDEX_FILE), true, keys)?;
         index.checkpoint();
         drop(index);
         // The config goes last: a directory without it is not (yet) a repository.
@@ -50,8 +101,23 @@ impl Repository {
         Ok(config)
     }
 
-    /// Opens the repository at `path`, taking its lock in `mode`.
+    /// Opens the unencrypted repository at `path`, taking its lock in `mode`; fails at once if
+    /// the lock is held (and with [`Error::NeedPassphrase`] if the repository is encrypted).
     pub fn open(path: &Path, mode: LockMode) -> Result<Repository> {
+        Repository::open_with(
+            path,
+            mode,
+            &OpenOptions {
+                lock_wait: Duration::ZERO,
+                on_wait: &|_| {},
+                passphrase: &|| Err(Error::NeedPassphrase(path.to_path_buf())),
+            },
+        )
+    }
+
+    /// Opens the repository at `path`: unlocks its keys if it is encrypted (before taking any
+    /// lock, so a wrong passphrase changes nothing), then takes its lock in `mode`.
+    pub fn open_with(path: &Path, mode: LockMode, opts: &OpenOptions<'_>) -> Result<Repository> {
         let config = Config::load(path)?;
         for dir in ["data", "locks"] {
             if !path.join(dir).is_dir() {
@@ -61,14 +127,38 @@ impl Repository {
                 });
             }
         }
-        let lock = lock_repository(path, mode)?;
+        let (keys, key_id) = if config.encrypted() {
+            let pass = (opts.passphrase)()?;
+            let (master, id) = keyfile::unlock(path, &config.repository_id, &pass)?;
+            (Arc::new(Keys::from_master(&master)), Some(id))
+        } else {
+            (Arc::new(Keys::none()), None)
+        };
+        let lock = lock_repository(path, mode, opts.lock_wait, opts.on_wait)?;
         Ok(Repository {
             root: path.to_path_buf(),
-            reader: PackReader::new(&path.join("data")),
+            reader: PackReader::new(&path.join("data"), keys.clone()),
+            keys,
+            key_id,
             config,
             pool: Mutex::new(Vec::new()),
             _lock: lock,
         })
+    }
+
+    /// The repository's keys ([`Keys::none`] when unencrypted).
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A shared handle to the keys.
+    pub fn keys_arc(&self) -> Arc<Keys> {
+        self.keys.clone()
+    }
+
+    /// The key file that unlocked the repository, if it is encrypted.
+    pub fn key_id(&self) -> Option<&str> {
+        self.key_id.as_deref()
     }
 
     /// The repository directory.
@@ -93,7 +183,7 @@ impl Repository {
 
     /// Opens a new connection to the index.
     pub fn open_index(&self) -> Result<Index> {
-        Index::open(&self.index_path(), false)
+        Index::open(&self.index_path(), false, self.keys.clone())
     }
 
     /// Runs `f` with a pooled index connection (for parallel readers).

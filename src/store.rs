@@ -67,7 +67,7 @@ impl<'r> Store<'r> {
         if self.exists(&id)? {
             return Ok(false);
         }
-        let encoded = object::encode(kind, id, data, self.level);
+        let encoded = object::encode(kind, id, data, self.level, self.repo.keys());
         let mut w = self.writer.lock().unwrap();
         if w.pending.contains(&id) || w.index.contains(&id)? {
             return Ok(false);
@@ -87,7 +87,7 @@ impl<'r> Store<'r> {
 
     /// Stores a metadata or file object: its id is the hash of `data`.
     pub fn put_blob(&self, kind: ObjectKind, data: &[u8]) -> Result<ObjectId> {
-        let id = ObjectId::of(data);
+        let id = self.repo.keys().id_of(data);
         self.put(kind, id, data)?;
         Ok(id)
     }
@@ -124,6 +124,35 @@ impl<'r> Store<'r> {
         w.index.commit_generation(manifest_id, manifest, cache)?;
         w.index.checkpoint();
         Ok(())
+    }
+}
+
+impl Store<'_> {
+    /// Prune's commit: seals the pack holding the tombstone and, in the same index transaction,
+    /// records it and removes `gens`.
+    pub fn commit_removal(&self, gens: &[crate::index::GenerationInfo]) -> Result<()> {
+        let mut w = self.writer.lock().unwrap();
+        let Some(pack) = w.pack.take() else {
+            return w.index.remove_generations(None, gens);
+        };
+        let path = pack.path().to_path_buf();
+        let records = std::mem::take(&mut w.records);
+        w.pending.clear();
+        let result = pack.seal().and_then(|(name, size)| {
+            w.index.remove_generations(
+                Some(&crate::index::SealedPack {
+                    name,
+                    size,
+                    records,
+                }),
+                gens,
+            )
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        w.index.checkpoint();
+        result
     }
 }
 

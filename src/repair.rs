@@ -1,0 +1,113 @@
+//! Repair: bring the index back in line with what the pack files really hold, mark the
+//! generations that lost data as damaged, and notice when later ingests have healed them.
+//!
+//! * A missing or unreadable index is rebuilt from the pack files first.
+//! * Every object is read and verified; index rows of missing or corrupt objects are dropped,
+//!   with the segment-cache rows of segments that can no longer be read whole. A later ingest
+//!   that reads the same data stores those chunks again (nothing tells it they exist).
+//! * Packs whose file is gone are forgotten; truncated packs get their real length.
+//! * Each generation that references something gone is marked damaged with what is missing:
+//!   `list` shows it and `extract` refuses it unless `--allow-damaged`, never writing zeros
+//!   silently. A damaged generation whose objects are all present again is unmarked (healed).
+
+use serde::Serialize;
+
+use crate::check::{check, rebuild_index, CheckReport, ReadData, RebuildReport};
+use crate::damage;
+use crate::error::Result;
+use crate::index::Index;
+use crate::progress::Progress;
+use crate::repo::Repository;
+
+/// What repair did.
+#[derive(Clone, Debug, Serialize, Default)]
+pub struct RepairReport {
+    /// The index rebuild, if the index had to be rebuilt.
+    pub rebuilt: Option<RebuildReport>,
+    /// Why it was rebuilt.
+    pub rebuild_reason: Option<String>,
+    /// Index rows dropped because their data is missing or damaged.
+    pub objects_dropped: u64,
+    /// Pack files the index knew that are gone.
+    pub packs_forgotten: Vec<String>,
+    /// Truncated pack files whose recorded length was corrected.
+    pub packs_truncated: Vec<String>,
+    /// Generations now marked damaged, with what they lost.
+    pub damaged: Vec<(String, String)>,
+    /// Generations that were marked damaged and are whole again.
+    pub healed: Vec<String>,
+    /// The check after repair.
+    pub check: CheckReport,
+}
+
+/// Repairs `repo`, which must be open with the exclusive lock.
+pub fn repair(repo: &Repository, progress: &dyn Progress) -> Result<RepairReport> {
+    let mut report = RepairReport::default();
+    let reason = match Index::open(&repo.index_path(), false, repo.keys_arc()) {
+        Err(e) => Some(format!("{e}")),
+        Ok(i) => match i.integrity_check() {
+            Ok(p) if p.is_empty() => None,
+            Ok(p) => Some(format!("SQLite reports damage: {}", p.join("; "))),
+            Err(e) => Some(format!("{e}")),
+        },
+    };
+    if let Some(r) = reason {
+        progress.note(&format!("rebuilding the index from the data files: {r}"));
+        report.rebuilt = Some(rebuild_index(repo, progress)?);
+        report.rebuild_reason = Some(r);
+    }
+
+    let found = check(repo, ReadData::All, progress)?;
+    let mut index = repo.open_index()?;
+    for name in &found.missing_packs {
+        index.forget_pack(name)?;
+        report.packs_forgotten.push(name.clone());
+    }
+    for (name, len) in &found.truncated_packs {
+        index.set_pack_size(name, *len)?;
+        report.packs_truncated.push(name.clone());
+    }
+    index.forget_damaged_objects(&found.bad_objects, &found.bad_segments)?;
+    report.objects_dropped = found.bad_objects.len() as u64;
+
+    // Mark what is damaged now; unmark what is whole.
+    for g in index.generations(None)? {
+        let detail = match repo.load_manifest(&g.manifest) {
+            Err(e) => Some(format!("manifest unreadable: {e}")),
+            Ok(m) => {
+                let d = damage::find(repo, &m)?;
+                (!d.is_empty()).then(|| d.summary())
+            }
+        };
+        match (&detail, &g.damaged) {
+            (Some(d), _) => report.damaged.push((g.name.clone(), d.clone())),
+            (None, Some(_)) => report.healed.push(g.name.clone()),
+            (None, None) => continue,
+        }
+        index.set_damaged(&g, detail.as_deref())?;
+    }
+    index.checkpoint();
+    drop(index);
+    report.check = check(repo, ReadData::None, progress)?;
+    Ok(report)
+}
+
+/// Unmarks damaged generations whose objects are all present again (after an ingest re-stored
+/// what they had lost). Returns their names.
+pub fn heal(repo: &Repository) -> Result<Vec<String>> {
+    let mut index = repo.open_index()?;
+    let mut healed = Vec::new();
+    for g in index.generations(None)? {
+        if g.damaged.is_none() {
+            continue;
+        }
+        let Ok(m) = repo.load_manifest(&g.manifest) else {
+            continue;
+        };
+        if damage::find(repo, &m)?.is_empty() {
+            index.set_damaged(&g, None)?;
+            healed.push(g.name.clone());
+        }
+    }
+    Ok(healed)
+}

@@ -1,0 +1,226 @@
+//! Check and repair: partial reads, repair of corrupt and missing data, damaged generations that
+//! extract refuses (or restores partly with --allow-damaged), and healing by a later ingest.
+
+mod common;
+use common::*;
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+fn packs(repo: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for shard in fs::read_dir(repo.join("data")).unwrap() {
+        for f in fs::read_dir(shard.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Flips one byte at `offset` of `path`.
+fn flip(path: &Path, offset: u64) {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, offset).unwrap();
+}
+
+#[test]
+fn repair_marks_damage_extract_refuses_and_a_new_ingest_heals() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("disk.img");
+    sparse_image(&img, 24 << 20, &[(0, 24 << 20, 21)]);
+    let repo = init_repo(t.path());
+    ingest(&repo, &img, Some("vm"));
+    let gen = generations(&repo, "vm").pop().unwrap();
+    let pack = packs(&repo).pop().unwrap();
+    // A third of the way into the pack: chunk data, not the metadata written at the end.
+    flip(&pack, fs::metadata(&pack).unwrap().len() / 3);
+
+    let r = vmrepo([s("check"), p(&repo), s("--read-data")]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    let r = vmrepo([s("check"), p(&repo), s("--repair")]);
+    assert_eq!(r.code, 1, "repair must say data was lost\n{}", r.stdout);
+    assert!(
+        r.stdout.contains("dropped  1 index entries"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains(&format!("DAMAGED  {gen}")),
+        "{}",
+        r.stdout
+    );
+    let list = vmrepo([s("list"), p(&repo), s("vm")]).ok().stdout.clone();
+    assert!(list.contains("DAMAGED: "), "{list}");
+
+    // extract refuses, listing the damaged range, and writes nothing.
+    let out = t.path().join("out");
+    let r = vmrepo([s("extract"), p(&repo), s("vm"), p(&out)]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("is damaged"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("disk image (disk.img) bytes"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("--allow-damaged"), "{}", r.stderr);
+    assert!(!out.join("disk.img").exists());
+
+    // --allow-damaged writes the rest; the damaged range is zeros, everything else is exact.
+    let r = vmrepo([
+        s("extract"),
+        p(&repo),
+        s("vm"),
+        p(&out),
+        s("--allow-damaged"),
+        s("--json"),
+    ]);
+    assert_eq!(r.code, 3, "{}\n{}", r.stdout, r.stderr);
+    let ranges = r.json()["damaged_ranges"].as_array().unwrap().clone();
+    assert_eq!(ranges.len(), 1, "{ranges:?}");
+    let (a, b) = (
+        ranges[0]["start"].as_u64().unwrap() as usize,
+        ranges[0]["end"].as_u64().unwrap() as usize,
+    );
+    assert!(b > a && b - a <= 64 << 10, "one chunk: {a}..{b}");
+    let mut want = fs::read(&img).unwrap();
+    want[a..b].fill(0);
+    assert!(fs::read(out.join("disk.img")).unwrap() == want);
+
+    // The VM still has the data: the next ingest stores the lost chunk again and heals.
+    let r = vmrepo([s("ingest"), p(&repo), p(&img), s("--name"), s("vm")])
+        .ok()
+        .stdout
+        .clone();
+    assert!(r.contains(&format!("healed      {gen}")), "{r}");
+    let list = vmrepo([s("list"), p(&repo), s("vm")]).ok().stdout.clone();
+    assert!(!list.contains("DAMAGED"), "{list}");
+    let out2 = t.path().join("out2");
+    vmrepo([s("extract"), p(&repo), s(&gen), p(&out2)]).ok();
+    assert!(same_file(&out2.join("disk.img"), &img));
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+}
+
+#[test]
+fn repair_rebuilds_a_lost_index_and_forgets_a_lost_data_file() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = init_repo(t.path());
+    let a = t.path().join("a.img");
+    let b = t.path().join("b.img");
+    sparse_image(&a, 8 << 20, &[(0, 8 << 20, 31)]);
+    sparse_image(&b, 8 << 20, &[(0, 8 << 20, 32)]);
+    ingest(&repo, &a, Some("a"));
+    let before = packs(&repo);
+    ingest(&repo, &b, Some("b"));
+
+    fs::remove_file(repo.join("index.sqlite")).unwrap();
+    let r = vmrepo([s("check"), p(&repo), s("--repair")])
+        .ok()
+        .stdout
+        .clone();
+    assert!(r.contains("index rebuilt from 2 data files"), "{r}");
+    assert!(r.contains("ok: the repository is consistent"), "{r}");
+
+    // Lose VM b's data file: repair forgets it and marks b's generation damaged, a stays whole.
+    let lost: Vec<PathBuf> = packs(&repo)
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    assert_eq!(lost.len(), 1);
+    fs::remove_file(&lost[0]).unwrap();
+    let r = vmrepo([s("check"), p(&repo), s("--repair")]);
+    assert_eq!(r.code, 1);
+    assert!(r.stdout.contains("forgot   data file"), "{}", r.stdout);
+    assert!(r.stdout.contains("DAMAGED  b@"), "{}", r.stdout);
+    assert!(!r.stdout.contains("DAMAGED  a@"), "{}", r.stdout);
+    let out = t.path().join("out");
+    vmrepo([s("extract"), p(&repo), s("a"), p(&out)]).ok();
+    assert!(same_file(&out.join("a.img"), &a));
+    // gc still works with a damaged generation present and keeps a whole.
+    vmrepo([s("gc"), p(&repo)]).ok();
+    vmrepo([s("extract"), p(&repo), s("a"), p(&out), s("--force")]).ok();
+    assert!(same_file(&out.join("a.img"), &a));
+    // b's manifest went with the file, so b's old generation cannot heal; a new ingest of b is
+    // complete, and pruning the lost one leaves a clean repository.
+    vmrepo([s("ingest"), p(&repo), p(&b), s("--name"), s("b")]).ok();
+    let gens = generations(&repo, "b");
+    assert_eq!(gens.len(), 2);
+    vmrepo([s("extract"), p(&repo), s("b"), p(&out)]).ok();
+    assert!(same_file(&out.join("b.img"), &b));
+    assert_eq!(vmrepo([s("check"), p(&repo)]).code, 1);
+    vmrepo([
+        s("prune"),
+        p(&repo),
+        s("b"),
+        s("--keep-last"),
+        s("1"),
+        s("--gc"),
+    ])
+    .ok();
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+}
+
+#[test]
+fn read_data_subsets_cover_everything_over_their_slices() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = init_repo(t.path());
+    for i in 0..6u64 {
+        let img = t.path().join(format!("vm{i}.img"));
+        sparse_image(&img, 2 << 20, &[(0, 2 << 20, 40 + i)]);
+        ingest(&repo, &img, None);
+    }
+    let all = vmrepo([s("check"), p(&repo), s("--read-data"), s("--json")])
+        .ok()
+        .json();
+    let objects = all["check"]["objects"].as_u64().unwrap();
+    assert_eq!(all["check"]["objects_read"].as_u64().unwrap(), objects);
+    let mut sum = 0;
+    for slice in ["1/3", "2/3", "3/3"] {
+        let r = vmrepo([
+            s("check"),
+            p(&repo),
+            s("--read-data-subset"),
+            s(slice),
+            s("--json"),
+        ])
+        .ok()
+        .json();
+        sum += r["check"]["objects_read"].as_u64().unwrap();
+    }
+    assert_eq!(
+        sum, objects,
+        "the slices must read every object exactly once"
+    );
+    let r = vmrepo([
+        s("check"),
+        p(&repo),
+        s("--read-data-subset"),
+        s("30%"),
+        s("--json"),
+    ])
+    .ok()
+    .json();
+    let read = r["check"]["objects_read"].as_u64().unwrap();
+    assert!(read > 0 && read < objects, "30% read {read} of {objects}");
+    for bad in ["0%", "101%", "0/3", "4/3", "x"] {
+        let r = vmrepo([s("check"), p(&repo), s("--read-data-subset"), s(bad)]);
+        assert_eq!(r.code, 2, "{bad} accepted");
+        assert!(r.stderr.contains("--read-data-subset"), "{}", r.stderr);
+    }
+    // A flipped byte in a slice that is read is found.
+    let pack = packs(&repo).remove(0);
+    flip(&pack, 100);
+    let mut found = false;
+    for slice in ["1/3", "2/3", "3/3"] {
+        let r = vmrepo([s("check"), p(&repo), s("--read-data-subset"), s(slice)]);
+        found |= r.code == 1;
+    }
+    assert!(found, "no slice found the flipped byte");
+}
