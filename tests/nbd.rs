@@ -263,6 +263,15 @@ fn option_haggling_and_requests_follow_the_protocol() {
     assert!(reply[10..].iter().all(|&b| b == 0));
     assert_eq!(c.read(1, 4096, 4096).unwrap(), orig[4096..8192]);
 
+    // The server holds the repository's shared lock: commands that need it alone must wait.
+    let r = vmrepo([s("check"), p(&repo), s("--rebuild-index")]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("in use by another vmrepo process"),
+        "{}",
+        r.stderr
+    );
+
     // ABORT is acknowledged, then the server hangs up.
     let mut c = RawClient::fixed(srv.port);
     c.send_option(2, &[]);
