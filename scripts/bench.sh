@@ -5,9 +5,11 @@
 # Prints per-night time and stored bytes for each tool, ratios, b3sum/cat floors, peak RSS and
 # restore time; writes the table to $WORK/results.md.
 #
+# Then reads the last night back three ways on the same repository: extract, a sequential read
+# of the disk through `vmrepo mount`, and `qemu-img convert` from `vmrepo serve-nbd`.
 # usage: scripts/bench.sh [--size 4G] [--fill 1500M] [--nights 7] [--percent 2]
 #                         [--work DIR] [--tools vmrepo,restic,borg] [--chunk-avg KIB] [--segment-size MIB]
-# needs: restic borgbackup b3sum time (apt-get install -y restic borgbackup b3sum time)
+# needs: restic borgbackup b3sum time fuse3 qemu-utils (apt-get install -y restic borgbackup b3sum time fuse3 qemu-utils)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +24,7 @@ while [ $# -gt 0 ]; do
         --tools) TOOLS=$2; shift 2 ;;
         --chunk-avg) CHUNK_AVG=$2; shift 2 ;;
         --segment-size) SEGMENT=$2; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -91,6 +93,46 @@ has vmrepo && cmp "$FLAT" "$WORK/out-vmrepo/bench-flat.vmdk"
 has restic && timed restic-restore restore "$WORK/ds1" restic restore -q latest --target "$WORK/out-restic"
 has borg && timed borg-extract restore "$WORK/ds1" sh -c "mkdir -p '$WORK/out-borg' && cd '$WORK/out-borg' && borg extract ::night$NIGHTS"
 rm -rf "$WORK/out-vmrepo" "$WORK/out-restic" "$WORK/out-borg"
+
+if has vmrepo; then
+    # Reading the last night in place, against extract on the same repository (packs warm for
+    # all three): the whole flat disk read sequentially through `vmrepo mount` (dd to
+    # /dev/null), and the disk copied over NBD by `qemu-img convert` from `vmrepo serve-nbd`
+    # into a sparse raw file. Two rounds each; the summary takes the best.
+    echo "== reading the last night in place: FUSE mount and NBD vs extract"
+    for t in fusermount3 qemu-img; do command -v "$t" >/dev/null || { echo "bench.sh: $t missing (apt-get install -y fuse3 qemu-utils)" >&2; exit 1; }; done
+    MNT=$WORK/mnt; mkdir -p "$MNT"
+    MPID="" NPID=""
+    cleanup() {
+        [ -n "$MPID" ] && { fusermount3 -u -z "$MNT" 2>/dev/null; kill "$MPID" 2>/dev/null; }
+        [ -n "$NPID" ] && kill "$NPID" 2>/dev/null
+        return 0
+    }
+    trap cleanup EXIT
+    wait_for() { # FILE PATTERN: until FILE has a line matching PATTERN (at most 60 s)
+        for _ in $(seq 600); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+        echo "bench.sh: timed out waiting for '$2' in $1:" >&2; cat "$1" >&2; exit 1
+    }
+    for round in 1 2; do
+        timed vmrepo-extract "read$round" "$WORK/ds1" "$VMREPO" extract "$WORK/vmrepo" bench "$WORK/out-vmrepo"
+        rm -rf "$WORK/out-vmrepo"
+
+        "$VMREPO" mount "$WORK/vmrepo" "$MNT" bench > "$WORK/mount.out" 2>&1 & MPID=$!
+        wait_for "$WORK/mount.out" '^mounted '
+        timed vmrepo-mount-read "read$round" "$WORK/ds1" dd if="$MNT/bench/latest/bench-flat.vmdk" of=/dev/null bs=1M
+        cmp "$FLAT" "$MNT/bench/latest/bench-flat.vmdk"
+        fusermount3 -u "$MNT"; wait "$MPID"; MPID=""
+
+        "$VMREPO" serve-nbd "$WORK/vmrepo" bench --listen 127.0.0.1:0 > "$WORK/nbd.out" 2> "$WORK/nbd.err" & NPID=$!
+        wait_for "$WORK/nbd.out" '^listening on nbd://'
+        URI=$(sed -n 's/^listening on //p' "$WORK/nbd.out" | head -1)
+        timed vmrepo-nbd-read "read$round" "$WORK/ds1" qemu-img convert -f raw -O raw "$URI" "$WORK/out-nbd.raw"
+        cmp "$FLAT" "$WORK/out-nbd.raw"
+        rm -f "$WORK/out-nbd.raw"
+        kill -INT "$NPID"; wait "$NPID"; NPID=""
+    done
+    grep -P "^read[12]\t" "$RES" | cut -f1-3 | column -t
+fi
 
 # Retention: drop the oldest night, then free its space. vmrepo reads only metadata to find
 # what is live and copies only what sits in mostly-dead data files.
@@ -174,6 +216,14 @@ if gcs:
         print(f"- vmrepo gc read {g['metadata_read']/MB:.2f} MB of metadata and copied {g['bytes_copied']/MB:.1f} MB "
               f"of live data ({g['packs_rewritten']} data files rewritten, {g['packs_deleted']} deleted) "
               f"in a {int(repo_bytes)/MB:.0f} MB repository")
+reads = {t: min(v[0] for n, v in d[t].items() if n.startswith("read")) for t in ("vmrepo-extract", "vmrepo-mount-read", "vmrepo-nbd-read") if t in d and any(n.startswith("read") for n in d[t])}
+if len(reads) == 3:
+    e = reads["vmrepo-extract"]
+    print(f"- reading the last night's {size} disk (best of 2): extract {e:.2f} s, "
+          f"sequential read through `vmrepo mount` {reads['vmrepo-mount-read']:.2f} s "
+          f"({e / reads['vmrepo-mount-read']:.2f}x extract's throughput), "
+          f"`qemu-img convert` from `vmrepo serve-nbd` {reads['vmrepo-nbd-read']:.2f} s "
+          f"({e / reads['vmrepo-nbd-read']:.2f}x)")
 PY
 echo
 cat "$WORK/results.md"

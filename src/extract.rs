@@ -31,6 +31,8 @@ pub struct ExtractOptions {
     /// Write what is left of a damaged generation: damaged ranges stay holes (zeros) and are
     /// listed in the report, missing small files are skipped and listed.
     pub allow_damaged: bool,
+    /// `--datastore-map`: paths to rewrite in the .vmx and the descriptors.
+    pub datastore_map: crate::relocate::DatastoreMap,
 }
 
 /// What an extract wrote.
@@ -227,6 +229,7 @@ fn write_all(
             }
             Err(e) => return Err(e),
         };
+        let data = opts.datastore_map.apply(manifest, &f.name, data);
         let file = create(&tmp)?;
         file.write_all_at(&data, 0).ctx("write", &tmp)?;
         file.sync_all().ctx("fsync", &tmp)?;

@@ -1,9 +1,10 @@
 //! The `vmrepo` command line: argument parsing, progress display and output formatting. All
 //! work is done by the library; errors get their context here.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -16,7 +17,10 @@ use vmrepo::config::ChunkerParams;
 use vmrepo::extract::{extract, ExtractOptions};
 use vmrepo::ingest::{ingest, IngestOptions};
 use vmrepo::lock::LockMode;
+use vmrepo::mount::{mount, MountOptions};
+use vmrepo::nbd::{resolve_listen, serve, Export, ServeOptions};
 use vmrepo::progress::Progress;
+use vmrepo::relocate::DatastoreMap;
 use vmrepo::Repository;
 
 #[derive(Parser)]
@@ -147,9 +151,79 @@ chunk is verified against its hash; files appear under their final names only wh
         /// listed, missing small files are skipped and listed.
         #[arg(long)]
         allow_damaged: bool,
+        /// Restore to another datastore path: rewrite paths under OLD to NEW in the .vmx (disk
+        /// fileNames and other paths) and in the descriptors' extent lines (repeatable; the
+        /// longest matching OLD wins). Relative paths are left alone.
+        #[arg(long = "datastore-map", value_name = "OLD=NEW")]
+        datastore_map: Vec<String>,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
+    },
+    /// Mount generations read-only as VM directories (FUSE), for single-file restore.
+    #[command(
+        long_about = "Mount the repository read-only at MOUNTPOINT (an existing directory) and serve it \
+until it is unmounted. The tree is MOUNTPOINT/<vm>/<generation time>/ with each generation's files \
+exactly as `vmrepo extract` would write them (.vmx, .nvram, logs, descriptors and flat disk images \
+next to them), and MOUNTPOINT/<vm>/latest, a symlink to the newest generation. With VM only that \
+VM's generations are shown, with VM@GEN only that one. The tree shows the generations that existed when it was mounted; \
+mount again to see newer ones.\n\nReads fetch only the chunks they touch \
+and verify them; zero regions cost nothing. Damaged data gives an I/O error (EIO), never zeros. \
+Open a disk in place with qemu-img, debugfs or fuse2fs -o ro, or loop-mount it read-only. Leave \
+with Ctrl-C (or SIGTERM), or `fusermount3 -u MOUNTPOINT` from another shell. The repository's \
+shared lock is held while mounted: prune, gc and index rebuilds wait."
+    )]
+    Mount {
+        /// Repository directory.
+        repo: PathBuf,
+        /// Existing directory to mount on.
+        mountpoint: PathBuf,
+        /// Only this VM (VM) or this generation (VM@-N, VM@TIME).
+        generation: Option<String>,
+        /// Memory for decompressed chunks, in MiB.
+        #[arg(long, default_value_t = (vmrepo::reader::DEFAULT_CACHE_BYTES >> 20) as u32, value_name = "MIB")]
+        cache_size: u32,
+    },
+    /// Serve one disk of a generation read-only over NBD (instant recovery, qemu-img).
+    #[command(
+        name = "serve-nbd",
+        long_about = "Serve disk N (default 0, the first in `vmrepo list` order) of GENERATION as a \
+read-only NBD export until Ctrl-C (or SIGTERM). Any NBD client reads it straight from the \
+repository: `qemu-img compare nbd://127.0.0.1:10809 disk.img`, `qemu-img convert -O qcow2 \
+nbd://127.0.0.1:10809 out.qcow2`, or boot the VM from it with `qemu-system-x86_64 -drive \
+file=nbd://127.0.0.1:10809,format=raw,snapshot=on` (guest writes go to a temporary overlay; the \
+backup is never written). The export is the guest's view of the disk (raw bytes, as the VM sees \
+them); its name is the disk's descriptor or image file name, and the default (empty) name works \
+too. Several clients may read at once.\n\nNBD has no authentication and no encryption: anyone who \
+can connect can read the whole disk. The server listens on 127.0.0.1:10809 unless told otherwise \
+and refuses non-loopback addresses without --allow-remote. The repository's shared lock is held \
+while serving: prune, gc and index rebuilds wait."
+    )]
+    ServeNbd {
+        /// Repository directory.
+        repo: PathBuf,
+        /// VM, VM@-N or VM@TIME.
+        generation: String,
+        /// Which disk of the generation (0-based).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        disk: usize,
+        /// TCP address to listen on, HOST:PORT (repeatable; port 0 picks a free port). Default
+        /// 127.0.0.1:10809 unless only --listen-unix is given.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Vec<String>,
+        /// Also (or only) listen on this Unix socket.
+        #[arg(long, value_name = "PATH")]
+        listen_unix: Option<PathBuf>,
+        /// Allow non-loopback addresses. NBD is unauthenticated: anyone who can connect can read
+        /// the disk.
+        #[arg(long)]
+        allow_remote: bool,
+        /// Clients served at once.
+        #[arg(long, default_value_t = 16, value_name = "N")]
+        max_clients: usize,
+        /// Memory for decompressed chunks, in MiB.
+        #[arg(long, default_value_t = (vmrepo::reader::DEFAULT_CACHE_BYTES >> 20) as u32, value_name = "MIB")]
+        cache_size: u32,
     },
     /// Verify the repository; exits non-zero on any damage.
     #[command(
@@ -486,24 +560,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             force,
             disk_only,
             allow_damaged,
+            datastore_map,
             json,
         } => {
+            let map = DatastoreMap::parse(&datastore_map)?;
             let bar = Bar::new(!json);
             let r = open_repo(&repo, LockMode::Shared, cli.lock_wait, &bar)?;
-            let report = extract(
-                &r,
-                &generation,
-                &dest,
-                &ExtractOptions {
-                    force,
-                    disk_only,
-                    allow_damaged,
-                },
-                &bar,
-            )
-            .with_context(|| format!("extract of {generation} into {} failed", dest.display()))?;
+            let opts = ExtractOptions {
+                force,
+                disk_only,
+                allow_damaged,
+                datastore_map: map.clone(),
+            };
+            let report = extract(&r, &generation, &dest, &opts, &bar).with_context(|| {
+                format!("extract of {generation} into {} failed", dest.display())
+            })?;
+            let unused = map.unused();
             if json {
-                print_json(&report);
+                let mut v = serde_json::to_value(&report).expect("serializable");
+                if !map.is_empty() {
+                    v["relocated"] = serde_json::to_value(map.rewrites()).expect("serializable");
+                    v["unused_datastore_maps"] =
+                        serde_json::to_value(&unused).expect("serializable");
+                }
+                print_json(&v);
             } else {
                 println!(
                     "extracted {} into {}: {} files, {} of disk data ({} virtual) in {:.1} s",
@@ -514,12 +594,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     human(report.virtual_bytes),
                     report.seconds
                 );
+                for w in map.rewrites() {
+                    println!("  rewrote in {}: {} -> {}", w.file, w.old, w.new);
+                }
                 for f in &report.damaged_files {
                     println!("  DAMAGED  file {f} was not restored");
                 }
                 for r in &report.damaged_ranges {
                     println!("  DAMAGED  {r}: left as zeros");
                 }
+            }
+            for u in &unused {
+                eprintln!("vmrepo: warning: --datastore-map {u} matched no path in the .vmx or the descriptors");
             }
             Ok(
                 if report.damaged_ranges.is_empty() && report.damaged_files.is_empty() {
@@ -534,6 +620,86 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ExitCode::from(3)
                 },
             )
+        }
+        Command::Mount {
+            repo,
+            mountpoint,
+            generation,
+            cache_size,
+        } => {
+            let r = Arc::new(open_repo(
+                &repo,
+                LockMode::Shared,
+                cli.lock_wait,
+                &Bar::new(false),
+            )?);
+            let opts = MountOptions {
+                selection: generation,
+                cache_bytes: (cache_size.max(1) as usize) << 20,
+                ..MountOptions::default()
+            };
+            let log: vmrepo::mount::Logger = Arc::new(|m: &str| eprintln!("vmrepo: {m}"));
+            mount(r, &mountpoint, &opts, log, |s| {
+                println!(
+                    "mounted {} generations of {} VMs read-only at {}; leave with Ctrl-C or `fusermount3 -u {}`",
+                    s.generations,
+                    s.vms,
+                    s.mountpoint.display(),
+                    s.mountpoint.display()
+                );
+                let _ = std::io::stdout().flush();
+            })
+            .with_context(|| format!("mount of {} at {} failed", repo.display(), mountpoint.display()))?;
+            println!("unmounted {}", mountpoint.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ServeNbd {
+            repo,
+            generation,
+            disk,
+            mut listen,
+            listen_unix,
+            allow_remote,
+            max_clients,
+            cache_size,
+        } => {
+            if listen.is_empty() && listen_unix.is_none() {
+                listen.push("127.0.0.1:10809".into());
+            }
+            // Check the addresses before the (slower) repository work.
+            for a in &listen {
+                resolve_listen(a, allow_remote)?;
+            }
+            let r = Arc::new(open_repo(
+                &repo,
+                LockMode::Shared,
+                cli.lock_wait,
+                &Bar::new(false),
+            )?);
+            let export = Export::open(r, &generation, disk, (cache_size.max(1) as usize) << 20)
+                .with_context(|| format!("cannot serve disk {disk} of {generation}"))?;
+            let what = format!(
+                "{} ({}, export name {:?})",
+                export.description,
+                human(export.image.size()),
+                export.name
+            );
+            let opts = ServeOptions {
+                tcp: listen,
+                unix: listen_unix,
+                allow_remote,
+                max_clients,
+            };
+            let log: vmrepo::nbd::Logger = Arc::new(|m: &str| eprintln!("vmrepo: nbd: {m}"));
+            serve(export, &opts, log, |uris| {
+                println!("serving {what} read-only; stop with Ctrl-C");
+                for u in uris {
+                    println!("listening on {u}");
+                }
+                let _ = std::io::stdout().flush();
+            })
+            .context("NBD server failed")?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Check {
             repo,
