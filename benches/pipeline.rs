@@ -95,7 +95,10 @@ fn stages(c: &mut Criterion) {
     // The object codec of a first ingest: zstd 3 alone vs zstd 3 + AES-256-GCM, 16 KiB chunks.
     let plain = vmrepo::crypto::Keys::none();
     let keyed = vmrepo::crypto::Keys::from_master(&[7; 32]);
-    for (name, keys) in [("encode_16k_plain", &plain), ("encode_16k_aes256gcm", &keyed)] {
+    for (name, keys) in [
+        ("encode_16k_plain", &plain),
+        ("encode_16k_aes256gcm", &keyed),
+    ] {
         g.bench_function(name, |b| {
             b.iter(|| {
                 data.chunks(16 << 10)

@@ -279,7 +279,11 @@ fn passphrases_come_from_files_commands_and_extra_keys() {
         .json();
     let keys = keys.as_array().unwrap().clone();
     assert_eq!(keys.len(), 2);
-    let first = keys[0]["id"].as_str().unwrap().to_string();
+    // Created in the same second, so find the first by its label, not its place in the list.
+    let first = keys.iter().find(|k| k["label"] == "initial").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // The key that unlocks cannot remove itself; the other passphrase can.
     let r = enc(&[s("key"), s("remove"), p(&repo), s(&first)]);
     assert_ne!(r.code, 0);
