@@ -63,6 +63,13 @@ pub enum Error {
     #[error("repository {} is encrypted: give its passphrase with VMREPO_PASSWORD, --password-file FILE or \
              --password-command CMD (or run on a terminal to be asked)", .0.display())]
     NeedPassphrase(PathBuf),
+    /// `--verify-unchanged` found a change the changed-ranges list does not name.
+    #[error(
+        "disk {disk} changed in bytes {start}..{end}, which the changed ranges say are unchanged: \
+             the changed-ranges list is wrong or incomplete; no generation was recorded. Ingest \
+             without --changed-ranges (a full read), and check the tool that produced the list"
+    )]
+    ChangedOutsideRanges { disk: String, start: u64, end: u64 },
     /// Another process holds a lock we need.
     #[error("{0}")]
     Locked(String),

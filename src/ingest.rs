@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::changes::ChangedRanges;
 use crate::chunker::{self, Run};
 use crate::config::ChunkerParams;
 use crate::error::{Error, IoContext, Result};
@@ -36,6 +37,12 @@ pub struct IngestOptions {
     pub name: Option<String>,
     /// Record the generation at this time instead of now (bringing old backups in).
     pub time: Option<jiff::Timestamp>,
+    /// Only these ranges may differ from the `since` generation (change-aware ingest).
+    pub changes: Option<ChangedRanges>,
+    /// The generation the changes are relative to (`VM@GEN`; else the file's `since`).
+    pub since: Option<String>,
+    /// Share (0..=1) of supposedly unchanged segments to re-read and compare.
+    pub verify_unchanged: f64,
 }
 
 /// What an ingest did.
@@ -57,6 +64,8 @@ pub struct IngestReport {
     pub warnings: Vec<String>,
     /// Generations marked damaged that this ingest made whole again.
     pub healed: Vec<String>,
+    /// What a change-aware ingest reused and why it fell back, if it was one.
+    pub incremental: Option<Incremental>,
 }
 
 #[derive(Default)]
@@ -68,6 +77,8 @@ struct Counters {
     chunks_new: AtomicU64,
     segments_reused: AtomicU64,
     segments_zero: AtomicU64,
+    segments_skipped: AtomicU64,
+    segments_verified: AtomicU64,
 }
 
 /// Formats a timestamp as a generation time.
@@ -102,9 +113,23 @@ pub fn ingest(
         }
         None => generation_time(repo, &plan.vm, started)?,
     };
+    let base = match &opts.changes {
+        Some(c) => Some(load_base(repo, &plan, c, opts.since.as_deref())?),
+        None => None,
+    };
     let store = Store::new(repo)?;
-    match run(repo, &store, &plan, &time, started, progress) {
+    match run(
+        repo,
+        &store,
+        &plan,
+        &time,
+        started,
+        base.as_ref(),
+        opts,
+        progress,
+    ) {
         Ok((manifest_id, manifest)) => Ok(IngestReport {
+            incremental: manifest.catalog.incremental.clone(),
             healed: heal_after_ingest(repo, progress),
             generation: format!("{}@{}", plan.vm, time),
             manifest: manifest_id,
@@ -119,6 +144,113 @@ pub fn ingest(
             Err(e)
         }
     }
+}
+
+/// The generation a change-aware ingest builds on, and the changes.
+struct Base<'a> {
+    name: String,
+    manifest: Manifest,
+    changes: &'a ChangedRanges,
+}
+
+fn load_base<'a>(
+    repo: &Repository,
+    plan: &SourcePlan,
+    changes: &'a ChangedRanges,
+    since: Option<&str>,
+) -> Result<Base<'a>> {
+    let spec = since.or(changes.since.as_deref()).ok_or_else(|| {
+        Error::Usage(format!(
+            "--changed-ranges {} needs the generation the changes are relative to: pass \
+             --since VM@GEN or put \"since\" in the file",
+            changes.source
+        ))
+    })?;
+    let gen = repo.with_index(|i| i.resolve(spec))?;
+    if gen.vm != plan.vm {
+        return Err(Error::Usage(format!(
+            "the changes are relative to {}, a generation of another VM than {}",
+            gen.name, plan.vm
+        )));
+    }
+    let slots: Vec<&str> = plan.disks.iter().map(|d| d.slot.as_str()).collect();
+    let unknown = changes.unknown_slots(&slots);
+    if !unknown.is_empty() {
+        return Err(Error::BadInput {
+            path: changes.source.clone().into(),
+            reason: format!(
+                "names disk(s) {} that VM {} does not have (its disks: {})",
+                unknown.join(", "),
+                plan.vm,
+                slots.join(", ")
+            ),
+        });
+    }
+    Ok(Base {
+        manifest: repo.load_manifest(&gen.manifest)?,
+        name: gen.name,
+        changes,
+    })
+}
+
+/// What a change-aware ingest did, recorded in the catalog.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Incremental {
+    /// The generation unchanged segments were taken from.
+    pub since: String,
+    /// Where the changed ranges came from.
+    pub source: String,
+    /// Segments taken from `since` without reading them.
+    pub segments_taken: u64,
+    /// Of those, segments re-read and compared (`--verify-unchanged`).
+    pub segments_verified: u64,
+    /// Disks read in full, and why.
+    pub full_reads: Vec<String>,
+}
+
+/// Per disk: the previous segment list and which segments the changes touch.
+struct Reuse {
+    segments: Vec<ObjectId>,
+    touched: Vec<bool>,
+}
+
+fn plan_reuse(
+    repo: &Repository,
+    base: &Base<'_>,
+    d: &DiskPlan,
+    disks: usize,
+    params: &ChunkerParams,
+) -> Result<std::result::Result<Reuse, String>> {
+    let size = d.reader.size();
+    let Some(ranges) = base.changes.for_disk(&d.slot, disks, size)? else {
+        return Ok(Err(format!(
+            "disk {}: no changed ranges given for it",
+            d.slot
+        )));
+    };
+    let Some(prev) = base.manifest.disks.iter().find(|p| p.slot == d.slot) else {
+        return Ok(Err(format!(
+            "disk {}: {} has no such disk",
+            d.slot, base.name
+        )));
+    };
+    if prev.virtual_size != size {
+        return Ok(Err(format!(
+            "disk {}: its size changed from {} to {size} bytes since {}",
+            d.slot, prev.virtual_size, base.name
+        )));
+    }
+    let map = repo.load_disk_map(&prev.disk_map)?;
+    if map.segment_size != params.segment_size {
+        return Ok(Err(format!(
+            "disk {}: {} was cut in other segments",
+            d.slot, base.name
+        )));
+    }
+    Ok(Ok(Reuse {
+        touched: crate::changes::touched_segments(&ranges, size, params.segment_size as u64),
+        segments: map.segments,
+    }))
 }
 
 /// Re-examines damaged generations: this ingest may have stored again what they had lost.
@@ -152,12 +284,15 @@ fn generation_time(repo: &Repository, vm: &str, now: jiff::Timestamp) -> Result<
     Ok(t)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     repo: &Repository,
     store: &Store<'_>,
     plan: &SourcePlan,
     time: &str,
     started: jiff::Timestamp,
+    base: Option<&Base<'_>>,
+    opts: &IngestOptions,
     progress: &dyn Progress,
 ) -> Result<(ObjectId, Manifest)> {
     let params = repo.config().chunker;
@@ -176,21 +311,61 @@ fn run(
         });
     }
 
-    let mut to_read = 0u64;
+    let mut incremental = base.map(|b| Incremental {
+        since: b.name.clone(),
+        source: b.changes.source.clone(),
+        ..Default::default()
+    });
+    let mut reuse = Vec::with_capacity(plan.disks.len());
     for d in &plan.disks {
-        to_read += d
-            .reader
-            .allocated(0..d.reader.size())?
-            .iter()
-            .map(|r| r.end - r.start)
-            .sum::<u64>();
+        reuse.push(match base {
+            None => None,
+            Some(b) => match plan_reuse(repo, b, d, plan.disks.len(), &params)? {
+                Ok(r) => Some(r),
+                Err(why) => {
+                    progress.note(&format!("full read: {why}"));
+                    if let Some(i) = incremental.as_mut() {
+                        i.full_reads.push(why);
+                    }
+                    None
+                }
+            },
+        });
+    }
+    let mut to_read = 0u64;
+    let seg = params.segment_size as u64;
+    for (d, r) in plan.disks.iter().zip(&reuse) {
+        let size = d.reader.size();
+        let ranges: Vec<Range<u64>> = match r {
+            None => std::iter::once(0..size).collect(),
+            Some(r) => (0..r.touched.len() as u64)
+                .filter(|&i| r.touched[i as usize])
+                .map(|i| i * seg..((i + 1) * seg).min(size))
+                .collect(),
+        };
+        for range in ranges {
+            to_read += d
+                .reader
+                .allocated(range)?
+                .iter()
+                .map(|r| r.end - r.start)
+                .sum::<u64>();
+        }
     }
     progress.start(&format!("ingest {}", plan.vm), to_read);
     let mut disks = Vec::new();
     let mut cache_rows = Vec::new();
     let mut stats = IngestStats::default();
-    for d in &plan.disks {
-        let (entry, rows, nseg) = ingest_disk(store, d, &params, &counters, progress)?;
+    for (d, r) in plan.disks.iter().zip(&reuse) {
+        let (entry, rows, nseg) = ingest_disk(
+            store,
+            d,
+            &params,
+            &counters,
+            r.as_ref(),
+            opts.verify_unchanged,
+            progress,
+        )?;
         stats.virtual_bytes += d.reader.size();
         stats.segments_total += nseg;
         disks.push(entry);
@@ -205,6 +380,11 @@ fn run(
     stats.chunks_new = counters.chunks_new.load(Ordering::Relaxed);
     stats.segments_reused = counters.segments_reused.load(Ordering::Relaxed);
     stats.segments_zero = counters.segments_zero.load(Ordering::Relaxed);
+    stats.segments_skipped = counters.segments_skipped.load(Ordering::Relaxed);
+    if let Some(i) = incremental.as_mut() {
+        i.segments_taken = stats.segments_skipped;
+        i.segments_verified = counters.segments_verified.load(Ordering::Relaxed);
+    }
     let mut manifest = Manifest {
         version: MANIFEST_VERSION,
         catalog: Catalog {
@@ -218,6 +398,7 @@ fn run(
             finished: String::new(),
             vmrepo_version: env!("CARGO_PKG_VERSION").to_string(),
             stats,
+            incremental,
         },
         files,
         disks,
@@ -248,16 +429,29 @@ fn ingest_disk(
     d: &DiskPlan,
     params: &ChunkerParams,
     counters: &Counters,
+    reuse: Option<&Reuse>,
+    verify_share: f64,
     progress: &dyn Progress,
 ) -> Result<(DiskEntry, Vec<CacheRow>, u64)> {
     let size = d.reader.size();
     let seg = params.segment_size as u64;
     let nseg = size.div_ceil(seg);
     let key = chunker::fingerprint_key(params, store.repo().keys());
+    let mut seed = [0u8; 8];
+    getrandom::fill(&mut seed).map_err(|e| Error::Usage(format!("no randomness: {e}")))?;
+    let seed = u64::from_le_bytes(seed) | 1;
     let results: Vec<(ObjectId, Option<CacheRow>)> = (0..nseg)
         .into_par_iter()
         .map(|i| {
             let range = i * seg..((i + 1) * seg).min(size);
+            if let Some(r) = reuse.filter(|r| !r.touched[i as usize]) {
+                let prev = r.segments[i as usize];
+                counters.segments_skipped.fetch_add(1, Ordering::Relaxed);
+                if sampled(seed, i, verify_share) {
+                    verify_unchanged(store, d, range, prev, params, &key, counters)?;
+                }
+                return Ok((prev, None));
+            }
             ingest_segment(
                 store,
                 d.reader.as_ref(),
@@ -345,6 +539,93 @@ thread_local! {
     static SEGMENT_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Whether segment `i` is in the random sample of the given share (a hash of a per-ingest seed
+/// and the index, so the choice is spread evenly and differs between runs).
+fn sampled(seed: u64, i: u64, share: f64) -> bool {
+    if share <= 0.0 {
+        return false;
+    }
+    let mut x = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    (x as f64 / u64::MAX as f64) < share
+}
+
+/// Reads the allocated parts of `range` into `buf` (widened to zero blocks, gaps zeroed); returns
+/// which zero blocks are holes and how many bytes were read.
+fn fill_segment(
+    buf: &mut [u8],
+    reader: &dyn DiskReader,
+    range: &Range<u64>,
+    alloc: &[Range<u64>],
+    zb: usize,
+) -> Result<(Vec<bool>, u64)> {
+    let len = buf.len();
+    let mut hole = vec![true; len.div_ceil(zb)];
+    let mut filled = 0usize;
+    let mut read = 0u64;
+    for r in alloc {
+        let s = ((r.start - range.start) as usize / zb * zb).max(filled);
+        let e = ((r.end - range.start) as usize)
+            .div_ceil(zb)
+            .saturating_mul(zb)
+            .min(len);
+        if s >= e {
+            continue;
+        }
+        buf[filled..s].fill(0);
+        reader.read_at(&mut buf[s..e], range.start + s as u64)?;
+        hole[s / zb..e.div_ceil(zb)].fill(false);
+        read += (e - s) as u64;
+        filled = e;
+    }
+    buf[filled..].fill(0);
+    Ok((hole, read))
+}
+
+/// `--verify-unchanged`: re-reads a segment the changes say is unchanged and checks it is the
+/// segment `prev` of the base generation (same fingerprint, or still all zero).
+fn verify_unchanged(
+    store: &Store<'_>,
+    d: &DiskPlan,
+    range: Range<u64>,
+    prev: ObjectId,
+    params: &ChunkerParams,
+    key: &[u8; 32],
+    counters: &Counters,
+) -> Result<()> {
+    let alloc = d.reader.allocated(range.clone())?;
+    let len = (range.end - range.start) as usize;
+    let mut buf = vec![0u8; len];
+    let (hole, read) = fill_segment(
+        &mut buf,
+        d.reader.as_ref(),
+        &range,
+        &alloc,
+        params.zero_block as usize,
+    )?;
+    counters.bytes_read.fetch_add(read, Ordering::Relaxed);
+    let runs = chunker::runs(&buf, params, |i| hole[i]);
+    let now_zero = matches!(runs.as_slice(), [Run::Zero(_)]);
+    let same = if prev.is_zero() {
+        now_zero
+    } else {
+        !now_zero
+            && store.repo().load_segment(&prev)?.fingerprint
+                == chunker::fingerprint(key, &buf, &runs)
+    };
+    counters.segments_verified.fetch_add(1, Ordering::Relaxed);
+    if !same {
+        return Err(Error::ChangedOutsideRanges {
+            disk: d.slot.clone(),
+            start: range.start,
+            end: range.end,
+        });
+    }
+    Ok(())
+}
+
 fn ingest_segment(
     store: &Store<'_>,
     reader: &dyn DiskReader,
@@ -366,25 +647,7 @@ fn ingest_segment(
         buf.resize(len, 0);
         let buf = &mut buf[..len];
         // Read the allocated ranges, widened to zero blocks; zero-fill the gaps, which are holes.
-        let mut hole = vec![true; len.div_ceil(zb)];
-        let mut filled = 0usize;
-        let mut read = 0u64;
-        for r in &alloc {
-            let s = ((r.start - range.start) as usize / zb * zb).max(filled);
-            let e = ((r.end - range.start) as usize)
-                .div_ceil(zb)
-                .saturating_mul(zb)
-                .min(len);
-            if s >= e {
-                continue;
-            }
-            buf[filled..s].fill(0);
-            reader.read_at(&mut buf[s..e], range.start + s as u64)?;
-            hole[s / zb..e.div_ceil(zb)].fill(false);
-            read += (e - s) as u64;
-            filled = e;
-        }
-        buf[filled..].fill(0);
+        let (hole, read) = fill_segment(buf, reader, &range, &alloc, zb)?;
         counters.bytes_read.fetch_add(read, Ordering::Relaxed);
         progress.advance(read);
 

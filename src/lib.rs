@@ -5,6 +5,7 @@
 //! ([`chunker`]), stores new objects through [`store`] into [`pack`] files and records them in
 //! the SQLite [`index`]; a generation is its [`manifest`]. [`extract`] and [`check`] read back.
 
+pub mod changes;
 pub mod check;
 pub mod chunker;
 pub mod config;

@@ -219,6 +219,9 @@ pub struct Catalog {
     pub vmrepo_version: String,
     /// Statistics of the ingest.
     pub stats: IngestStats,
+    /// For a change-aware ingest: what it took from which generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental: Option<crate::ingest::Incremental>,
 }
 
 /// Byte counts of one ingest.
@@ -243,6 +246,9 @@ pub struct IngestStats {
     /// Segments that were all zero (holes or zero bytes): nothing stored.
     #[serde(default)]
     pub segments_zero: u64,
+    /// Segments a change-aware ingest took from the previous generation without reading them.
+    #[serde(default)]
+    pub segments_skipped: u64,
     /// All segments of all disks.
     pub segments_total: u64,
 }

@@ -27,7 +27,7 @@ pub fn parse_time(s: &str) -> Result<jiff::Timestamp, String> {
     })
 }
 
-fn parse_percent(s: &str) -> Result<f64, String> {
+pub fn parse_percent(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .trim()
         .trim_end_matches('%')

@@ -1,0 +1,225 @@
+//! Change-aware ingest with --changed-ranges: exactly what a full ingest gives, reading only
+//! what changed; a wrong list caught by --verify-unchanged; fallbacks said out loud; bad lists
+//! refused with the file and the reason.
+
+mod common;
+use common::*;
+use std::fs;
+use std::path::Path;
+
+const MIB: u64 = 1 << 20;
+
+fn ingest_changes(repo: &Path, img: &Path, changes: &Path, extra: &[&str]) -> Run {
+    let mut args = vec![
+        s("ingest"),
+        p(repo),
+        p(img),
+        s("--name"),
+        s("vm"),
+        s("--changed-ranges"),
+        p(changes),
+        s("--json"),
+    ];
+    args.extend(extra.iter().map(|a| s(a)));
+    vmrepo(args)
+}
+
+/// The disk map ids of a generation's disks, read through the library.
+fn disk_maps(repo: &Path, gen: &str) -> Vec<vmrepo::ObjectId> {
+    let r = vmrepo::Repository::open(repo, vmrepo::lock::LockMode::Shared).unwrap();
+    let g = r.open_index().unwrap().resolve(gen).unwrap();
+    r.load_manifest(&g.manifest)
+        .unwrap()
+        .disks
+        .iter()
+        .map(|d| d.disk_map)
+        .collect()
+}
+
+#[test]
+fn change_aware_ingest_equals_a_full_ingest_and_reads_only_what_changed() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("vm.img");
+    sparse_image(&img, 48 * MIB, &[(0, 40 << 20, 1)]);
+    let repo = init_repo(t.path());
+    ingest(&repo, &img, Some("vm"));
+    // Three changes in three segments (4 MiB each): one inside a segment, one crossing into
+    // a hole, one at the very end of the disk.
+    let changes = [
+        (5 * MIB + 4096, 65536u64),
+        (39 * MIB + 512, 2 * MIB),
+        (48 * MIB - 4096, 4096),
+    ];
+    for (i, (off, len)) in changes.iter().enumerate() {
+        overwrite(&img, *off, *len as usize, 100 + i as u64);
+    }
+    let list = t.path().join("changes.json");
+    fs::write(
+        &list,
+        serde_json::to_string(
+            &changes
+                .iter()
+                .map(|(o, l)| serde_json::json!({"offset": o, "length": l}))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let r = ingest_changes(&repo, &img, &list, &["--since", "vm"]);
+    r.ok();
+    let j = r.json();
+    let inc = &j["incremental"];
+    assert_eq!(inc["full_reads"].as_array().unwrap().len(), 0, "{j}");
+    // 12 segments; the changes touch 4 (5 MiB, 39 MiB, 40-41 MiB, 47 MiB).
+    assert_eq!(inc["segments_taken"], 8, "{j}");
+    assert!(j["stats"]["bytes_read"].as_u64().unwrap() < 17 * MIB, "{j}");
+    let gens = generations(&repo, "vm");
+    let changed_gen = gens.last().unwrap().clone();
+
+    // A full ingest of the same image stores nothing new and yields the same disk map.
+    let full = ingest(&repo, &img, Some("vm"));
+    assert_eq!(full["stats"]["bytes_new"], 0, "{full}");
+    let full_gen = generations(&repo, "vm").last().unwrap().clone();
+    assert_eq!(disk_maps(&repo, &changed_gen), disk_maps(&repo, &full_gen));
+
+    let out = t.path().join("out");
+    vmrepo([s("extract"), p(&repo), s(&changed_gen), p(&out)]).ok();
+    assert!(same_file(&out.join("vm.img"), &img));
+
+    // With a right list, verifying every untouched segment passes.
+    let r = ingest_changes(
+        &repo,
+        &img,
+        &list,
+        &["--since", &changed_gen, "--verify-unchanged", "100%"],
+    );
+    assert_eq!(r.ok().json()["incremental"]["segments_verified"], 8);
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+}
+
+#[test]
+fn a_wrong_list_is_caught_by_verify_unchanged_and_records_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("vm.img");
+    sparse_image(&img, 32 * MIB, &[(0, 32 << 20, 2)]);
+    let repo = init_repo(t.path());
+    ingest(&repo, &img, Some("vm"));
+    overwrite(&img, 2 * MIB, 4096, 7);
+    overwrite(&img, 20 * MIB, 4096, 8); // not in the list
+    let list = t.path().join("changes.json");
+    fs::write(
+        &list,
+        format!(
+            r#"{{"since": "vm", "disks": {{"image": [{{"start": {}, "length": 4096}}]}}}}"#,
+            2 * MIB
+        ),
+    )
+    .unwrap();
+    let r = ingest_changes(&repo, &img, &list, &["--verify-unchanged", "100%"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("changed in bytes 20971520..25165824"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("no generation was recorded"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(generations(&repo, "vm").len(), 1);
+    vmrepo([s("check"), p(&repo)]).ok();
+}
+
+#[test]
+fn a_disk_that_changed_size_is_read_in_full_and_the_summary_says_why() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("vm.img");
+    sparse_image(&img, 16 * MIB, &[(0, 8 << 20, 3)]);
+    let repo = init_repo(t.path());
+    ingest(&repo, &img, Some("vm"));
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(24 * MIB)
+        .unwrap();
+    overwrite(&img, 20 * MIB, 4096, 9);
+    let list = t.path().join("changes.json");
+    fs::write(
+        &list,
+        format!(r#"[{{"offset": {}, "length": 4096}}]"#, 20 * MIB),
+    )
+    .unwrap();
+    let r = ingest_changes(&repo, &img, &list, &["--since", "vm@-0"]);
+    r.ok();
+    let why = r.json()["incremental"]["full_reads"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        why.contains("size changed from 16777216 to 25165824"),
+        "{why}"
+    );
+    let text = vmrepo([
+        s("ingest"),
+        p(&repo),
+        p(&img),
+        s("--name"),
+        s("vm"),
+        s("--changed-ranges"),
+        p(&list),
+        s("--since"),
+        s("vm@-1"),
+    ]);
+    assert!(
+        text.ok()
+            .stdout
+            .contains("full read   disk image: its size changed"),
+        "{}",
+        text.stdout
+    );
+    let out = t.path().join("out");
+    vmrepo([s("extract"), p(&repo), s("vm"), p(&out)]).ok();
+    assert!(same_file(&out.join("vm.img"), &img));
+}
+
+#[test]
+fn bad_change_lists_are_refused_with_the_file_and_the_reason() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("vm.img");
+    sparse_image(&img, 8 * MIB, &[(0, 4 << 20, 4)]);
+    let repo = init_repo(t.path());
+    ingest(&repo, &img, Some("vm"));
+    let list = t.path().join("changes.json");
+    let cases: &[(&str, &[&str], &str)] = &[
+        (
+            "[]",
+            &[],
+            "needs the generation the changes are relative to",
+        ),
+        (
+            "{\"ranges\": 3}",
+            &["--since", "vm"],
+            "not a changed-ranges file",
+        ),
+        (
+            r#"[{"offset": 8388000, "length": 4096}]"#,
+            &["--since", "vm"],
+            "ends past the disk",
+        ),
+        (
+            r#"{"disks": {"scsi0:9": []}}"#,
+            &["--since", "vm"],
+            "names disk(s) scsi0:9",
+        ),
+        ("[]", &["--since", "other@-0"], "no VM named \"other\""),
+    ];
+    for (text, extra, want) in cases {
+        fs::write(&list, text).unwrap();
+        let r = ingest_changes(&repo, &img, &list, extra);
+        assert_eq!(r.code, 1, "{text}: {}", r.stdout);
+        assert!(r.stderr.contains(want), "{text}: {}", r.stderr);
+    }
+    assert_eq!(generations(&repo, "vm").len(), 1);
+}
