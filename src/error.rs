@@ -70,6 +70,9 @@ pub enum Error {
              without --changed-ranges (a full read), and check the tool that produced the list"
     )]
     ChangedOutsideRanges { disk: String, start: u64, end: u64 },
+    /// A pre- or post-ingest command failed or timed out.
+    #[error("{0}")]
+    Hook(String),
     /// Another process holds a lock we need.
     #[error("{0}")]
     Locked(String),

@@ -43,6 +43,8 @@ pub struct IngestOptions {
     pub since: Option<String>,
     /// Share (0..=1) of supposedly unchanged segments to re-read and compare.
     pub verify_unchanged: f64,
+    /// Commands to run before and after.
+    pub hooks: crate::hooks::Hooks,
 }
 
 /// What an ingest did.
@@ -66,6 +68,84 @@ pub struct IngestReport {
     pub healed: Vec<String>,
     /// What a change-aware ingest reused and why it fell back, if it was one.
     pub incremental: Option<Incremental>,
+    /// The pre- and post-commands that ran.
+    pub hooks: Vec<crate::hooks::HookRun>,
+}
+
+impl IngestReport {
+    /// The post-command's failure, if it failed (the generation is recorded regardless).
+    pub fn hook_failure(&self) -> Option<Error> {
+        self.hooks.iter().find(|h| !h.ok()).map(|h| h.error())
+    }
+}
+
+/// The VM name hooks see before the source is opened: `--name`, or the directory or file name.
+fn hook_vm_name(path: &std::path::Path, opts: &IngestOptions) -> String {
+    opts.name.clone().unwrap_or_else(|| {
+        let p = if path.extension().is_some_and(|e| e == "vmx") {
+            path.parent().unwrap_or(path)
+        } else {
+            path
+        };
+        p.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    })
+}
+
+/// Ingests `path` with its pre- and post-commands: a failing pre-command aborts the ingest (no
+/// generation); the post-command runs whatever happened, with `VMREPO_STATUS` saying what.
+pub fn ingest(
+    repo: &Repository,
+    path: &std::path::Path,
+    opts: &IngestOptions,
+    progress: &dyn Progress,
+) -> Result<IngestReport> {
+    let h = &opts.hooks;
+    if h.pre.is_none() && h.post.is_none() {
+        return ingest_unhooked(repo, path, opts, progress);
+    }
+    let vm = hook_vm_name(path, opts);
+    let mut runs = Vec::new();
+    let mut result = match &h.pre {
+        Some(cmd) => {
+            progress.note(&format!("pre-command: {cmd}"));
+            match crate::hooks::run(cmd, "pre", &vm, path, None, h.timeout) {
+                Ok(r) if r.ok() => {
+                    runs.push(r);
+                    Ok(())
+                }
+                Ok(r) => {
+                    let e = r.error();
+                    runs.push(r);
+                    Err(e)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        None => Ok(()),
+    }
+    .and_then(|()| ingest_unhooked(repo, path, opts, progress));
+    if let Some(cmd) = &h.post {
+        let status = if result.is_ok() { "success" } else { "failure" };
+        progress.note(&format!("post-command ({status}): {cmd}"));
+        let post = crate::hooks::run(cmd, "post", &vm, path, Some(status), h.timeout);
+        match (&mut result, post) {
+            (Ok(_), Ok(r)) => runs.push(r),
+            (Ok(_), Err(e)) => {
+                progress.note(&format!("warning: {e}"));
+            }
+            (Err(e), Ok(r)) if !r.ok() => {
+                *e = Error::Hook(format!("{e}; and then the {}", r.error()));
+                runs.push(r);
+            }
+            (Err(_), _) => {}
+        }
+    }
+    result.map(|mut r| {
+        r.hooks = runs;
+        r
+    })
 }
 
 #[derive(Default)]
@@ -86,8 +166,8 @@ pub fn format_time(t: jiff::Timestamp) -> String {
     t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
-/// Ingests `path` into `repo` as a new generation.
-pub fn ingest(
+/// Ingests `path` into `repo` as a new generation (without hooks).
+fn ingest_unhooked(
     repo: &Repository,
     path: &std::path::Path,
     opts: &IngestOptions,
@@ -130,6 +210,7 @@ pub fn ingest(
     ) {
         Ok((manifest_id, manifest)) => Ok(IngestReport {
             incremental: manifest.catalog.incremental.clone(),
+            hooks: Vec::new(),
             healed: heal_after_ingest(repo, progress),
             generation: format!("{}@{}", plan.vm, time),
             manifest: manifest_id,

@@ -17,6 +17,7 @@ pub mod extract;
 pub mod fsutil;
 pub mod gc;
 pub mod ghettovcb;
+pub mod hooks;
 pub mod id;
 pub mod index;
 pub mod ingest;

@@ -126,6 +126,17 @@ vmfs/vmfsThin flat pairs, twoGbMaxExtentFlat, ZERO extents and raw images."
         #[arg(long, value_name = "PERCENT", requires = "changed_ranges",
               value_parser = cli::parse_percent, default_value = "0%")]
         verify_unchanged: f64,
+        /// Run this (sh -c) before reading the VM, e.g. to take a snapshot; if it fails, nothing
+        /// is ingested. Gets VMREPO_VM, VMREPO_VMDIR, VMREPO_PHASE=pre.
+        #[arg(long, value_name = "CMD")]
+        pre_command: Option<String>,
+        /// Run this (sh -c) afterwards whatever happened (success, failure, Ctrl-C), e.g. to
+        /// remove the snapshot; also gets VMREPO_STATUS. Its failure makes the exit status 1.
+        #[arg(long, value_name = "CMD")]
+        post_command: Option<String>,
+        /// Longest the pre- or post-command may run before it is killed.
+        #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+        hook_timeout: u64,
         /// Print one JSON summary on stdout instead of text.
         #[arg(long)]
         json: bool,
@@ -450,9 +461,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             changed_ranges,
             since,
             verify_unchanged,
+            pre_command,
+            post_command,
+            hook_timeout,
             json,
         } => {
             let bar = Bar::new(!json);
+            let hooks = vmrepo::hooks::Hooks {
+                pre: pre_command,
+                post: post_command,
+                timeout: std::time::Duration::from_secs(hook_timeout),
+            };
+            if hooks.post.is_some() {
+                post_command_on_signal(&hooks, &source, name.as_deref())?;
+            }
             let changes = changed_ranges
                 .as_deref()
                 .map(vmrepo::changes::ChangedRanges::load)
@@ -464,6 +486,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 changes,
                 since,
                 verify_unchanged,
+                hooks,
             };
             let report = ingest(&r, &source, &opts, &bar).with_context(|| {
                 format!(
@@ -504,6 +527,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         println!("  full read   {f}");
                     }
                 }
+                for h in &report.hooks {
+                    println!(
+                        "  {:<11} {:?}: {}",
+                        format!("{}-command", h.phase),
+                        h.command,
+                        if h.ok() {
+                            "ok".to_string()
+                        } else {
+                            h.error().to_string()
+                        }
+                    );
+                }
                 for h in &report.healed {
                     println!("  healed      {h}: the data it had lost is stored again");
                 }
@@ -515,6 +550,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         s.bytes_read as f64 / s.bytes_stored as f64
                     );
                 }
+            }
+            if let Some(e) = report.hook_failure() {
+                eprintln!(
+                    "vmrepo: error: generation {} was recorded, but {e}",
+                    report.generation
+                );
+                return Ok(ExitCode::FAILURE);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -811,6 +853,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ImportGhettovcb(args) => cli::import_ghettovcb(args, cli.lock_wait),
         Command::Key(cmd) => cli::keys::run(cmd, cli.lock_wait),
     }
+}
+
+/// With a post-command, Ctrl-C (or SIGTERM/SIGHUP) must still run it: block those signals in
+/// every thread and let one thread wait for them, run the post-command with
+/// `VMREPO_STATUS=interrupted`, and exit 130. An interrupted ingest leaves no generation.
+fn post_command_on_signal(
+    hooks: &vmrepo::hooks::Hooks,
+    source: &std::path::Path,
+    name: Option<&str>,
+) -> anyhow::Result<()> {
+    let signals = vmrepo::shutdown::TerminationSignals::block()?;
+    let cmd = hooks.post.clone().expect("post-command");
+    let timeout = hooks.timeout;
+    let source = source.to_path_buf();
+    let vm = name.map(str::to_string).unwrap_or_else(|| {
+        let p = if source.extension().is_some_and(|e| e == "vmx") {
+            source.parent().unwrap_or(&source).to_path_buf()
+        } else {
+            source.clone()
+        };
+        p.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    std::thread::spawn(move || {
+        let sig = signals.wait();
+        eprintln!("vmrepo: {sig}: stopping the ingest (no generation is recorded); running the post-command");
+        vmrepo::hooks::kill_running();
+        match vmrepo::hooks::run(&cmd, "post", &vm, &source, Some("interrupted"), timeout) {
+            Ok(r) if r.ok() => {}
+            Ok(r) => eprintln!("vmrepo: error: {}", r.error()),
+            Err(e) => eprintln!("vmrepo: error: {e}"),
+        }
+        std::process::exit(130);
+    });
+    Ok(())
 }
 
 /// Opens a repository, waiting up to `lock_wait` seconds for its lock (saying so on stderr).
