@@ -21,6 +21,7 @@ pub mod hooks;
 pub mod id;
 pub mod index;
 pub mod ingest;
+pub mod job;
 pub mod keyfile;
 pub mod lock;
 pub mod manifest;

@@ -291,6 +291,9 @@ it again and heals them). Exit status: 0 when nothing is damaged, 1 otherwise."
     /// Import a ghettoVCB backup rotation as generations, with their original dates.
     #[command(long_about = cli::IMPORT_HELP)]
     ImportGhettovcb(cli::ImportArgs),
+    /// Run a nightly job file: ingest its VMs with their hooks, then retention and a check.
+    #[command(long_about = cli::run::RUN_HELP)]
+    Run(cli::run::RunArgs),
     /// Manage the passphrases of an encrypted repository (list, add, remove, passwd, export).
     #[command(subcommand, long_about = cli::keys::KEY_HELP)]
     Key(cli::keys::KeyCommand),
@@ -852,6 +855,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Gc(args) => cli::gc(args, cli.lock_wait),
         Command::ImportGhettovcb(args) => cli::import_ghettovcb(args, cli.lock_wait),
         Command::Key(cmd) => cli::keys::run(cmd, cli.lock_wait),
+        Command::Run(args) => cli::run::run(args, cli.lock_wait),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod keys;
 pub mod passphrase;
+pub mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,0 +1,146 @@
+//! `vmrepo run JOB.toml`: the nightly job's front end — progress, the end-of-run table, exit
+//! status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use vmrepo::job::{dry_run, run as run_job, JobFile};
+
+use crate::{human, open_repo, print_json, Bar};
+
+pub const RUN_HELP: &str = "Run a nightly job file: ingest every VM it lists (directories, .vmx \
+files or images; shell globs and exclusions allowed) into its repository, each with its pre- and \
+post-commands, at most `parallel` at once (default 1, so the datastore is not flooded); one VM \
+failing does not stop the others. Then apply the job's retention (prune and gc) and run its \
+partial check. Prints a table (VM, status, read, new, stored, time) and writes a JSON status file \
+if the job names one. --dry-run opens every VM and prints what would be read, without running \
+hooks or writing anything. Exit status: 0 when everything succeeded, 1 when a VM, the retention \
+or the check failed, 2 when the job file is unusable. Format: docs/NIGHTLY.md.";
+
+/// `vmrepo run` arguments.
+#[derive(Args)]
+pub struct RunArgs {
+    /// The job file (TOML).
+    job: PathBuf,
+    /// Show what would be backed up (VMs, disks, sizes, warnings, hooks); change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the run's status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `vmrepo run`.
+pub fn run(a: RunArgs, lock_wait: u64) -> anyhow::Result<ExitCode> {
+    let job = match JobFile::load(&a.job) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("vmrepo: error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if a.dry_run {
+        let vms = dry_run(&job)?;
+        if a.json {
+            print_json(&vms);
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "dry run of {} into {}:",
+            a.job.display(),
+            job.repository.display()
+        );
+        for v in &vms {
+            match &v.vm {
+                Ok(name) => println!("{}  ->  {name}", v.path),
+                Err(e) => println!("{}  ->  CANNOT BE READ: {e}", v.path),
+            }
+            for (slot, ct, size, alloc) in &v.disks {
+                println!(
+                    "    disk {slot} {ct}: {} virtual, {} allocated",
+                    human(*size),
+                    human(*alloc)
+                );
+            }
+            for w in &v.warnings {
+                println!("    warning: {w}");
+            }
+            for h in &v.hooks {
+                println!("    would run {h}");
+            }
+        }
+        if let Some(r) = &job.retention {
+            println!(
+                "then prune ({} per-VM policies, default: {}){}",
+                r.vm.len(),
+                r.default.as_ref().map_or("none".into(), |p| p.describe()),
+                if r.gc { " and gc" } else { "" }
+            );
+        }
+        if let Some(c) = &job.check {
+            println!("then check --read-data-subset {}", c.read_data_subset);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bar = Bar::new(!a.json && job.parallel == 1);
+    let wait = lock_wait.max(job.lock_wait);
+    let opener = |path: &std::path::Path, mode| -> vmrepo::Result<vmrepo::Repository> {
+        open_repo(path, mode, wait, &Bar::new(false))
+            .map_err(|e| vmrepo::Error::Usage(format!("{e:#}")))
+    };
+    let report = run_job(&job, &opener, &bar)?;
+    if a.json {
+        print_json(&report);
+    } else {
+        println!(
+            "{:<34} {:<7} {:>10} {:>10} {:>10} {:>8}",
+            "VM", "STATUS", "READ", "NEW", "STORED", "TIME"
+        );
+        for v in &report.vms {
+            let (name, read, new, stored) = match &v.report {
+                Some(r) => (
+                    r.generation.clone(),
+                    human(r.stats.bytes_read),
+                    human(r.stats.bytes_new),
+                    human(r.stats.bytes_stored),
+                ),
+                None => (v.path.clone(), "-".into(), "-".into(), "-".into()),
+            };
+            println!(
+                "{:<34} {:<7} {:>10} {:>10} {:>10} {:>7.1}s",
+                name, v.status, read, new, stored, v.seconds
+            );
+            if let Some(e) = &v.error {
+                println!("    {e}");
+            }
+        }
+        println!(
+            "retention: {}{}",
+            report.retention,
+            if report.retention == "applied" {
+                format!(
+                    " ({} generation(s) removed, {} freed)",
+                    report.removed,
+                    human(report.freed)
+                )
+            } else {
+                String::new()
+            }
+        );
+        println!("check: {}", report.check);
+        let failed = report.vms.iter().filter(|v| v.status != "ok").count();
+        println!(
+            "{}: {} of {} VM(s) backed up",
+            if report.ok { "ok" } else { "FAILED" },
+            report.vms.len() - failed,
+            report.vms.len()
+        );
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
