@@ -254,6 +254,7 @@ pub fn import(
         let opts = IngestOptions {
             name: Some(vm.clone()),
             time: Some(time),
+            ..IngestOptions::default()
         };
         let result = if b.archive {
             let work = tmp.join(format!(".vmrepo-import-{}", std::process::id()));

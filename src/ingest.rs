@@ -20,14 +20,13 @@ use crate::id::ObjectId;
 use crate::lock::lock_vm;
 use crate::manifest::{
     Catalog, DiskEntry, DiskMap, ExtentFile, FileEntry, IngestStats, Manifest, Segment,
-    MANIFEST_VERSION,
 };
 use crate::object::{ObjectKind, MAX_OBJECT_LEN};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::source::DiskReader;
 use crate::store::Store;
-use crate::vm::{open_source, DiskPlan, SourcePlan};
+use crate::vm::{open_source_with, DiskPlan, SourceOptions, SourcePlan};
 
 /// Options of an ingest.
 #[derive(Debug, Default, Clone)]
@@ -36,6 +35,10 @@ pub struct IngestOptions {
     pub name: Option<String>,
     /// Record the generation at this time instead of now (bringing old backups in).
     pub time: Option<jiff::Timestamp>,
+    /// Where absolute datastore paths in descriptors are found locally.
+    pub datastore_map: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Read each disk as this snapshot (`latest` or a name from the .vmsd) froze it.
+    pub at_snapshot: Option<String>,
 }
 
 /// What an ingest did.
@@ -84,7 +87,16 @@ pub fn ingest(
 ) -> Result<IngestReport> {
     let began = Instant::now();
     let started = jiff::Timestamp::now();
-    let plan = open_source(path, opts.name.as_deref())?;
+    let plan = open_source_with(
+        path,
+        &SourceOptions {
+            name: opts.name.clone(),
+            chain: crate::source::chain::ChainOptions {
+                datastore_map: opts.datastore_map.clone(),
+            },
+            at_snapshot: opts.at_snapshot.clone(),
+        },
+    )?;
     for w in &plan.warnings {
         progress.note(&format!("warning: {w}"));
     }
@@ -206,7 +218,7 @@ fn run(
     stats.segments_reused = counters.segments_reused.load(Ordering::Relaxed);
     stats.segments_zero = counters.segments_zero.load(Ordering::Relaxed);
     let mut manifest = Manifest {
-        version: MANIFEST_VERSION,
+        version: crate::manifest::manifest_version_for(&disks),
         catalog: Catalog {
             vm: plan.vm.clone(),
             time: time.to_string(),
@@ -308,6 +320,7 @@ fn ingest_disk(
             virtual_size: size,
             disk_map,
             extents,
+            layout: d.layout.clone(),
         },
         rows,
         nseg,

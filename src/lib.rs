@@ -30,7 +30,9 @@ pub mod retention;
 pub mod source;
 pub mod store;
 pub mod vm;
+pub mod vmsd;
 pub mod vmx;
+pub mod writer;
 
 pub use error::{Error, Result};
 pub use id::ObjectId;

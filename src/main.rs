@@ -75,8 +75,13 @@ only you can read."
 .vmx file, a flat VMDK descriptor, or a raw disk image. Disks are read while frozen (e.g. under a VM \
 snapshot); holes and zero runs cost nothing, and only chunks the repository lacks are stored. The \
 generation becomes visible only once all its data is durable: an interrupted ingest leaves no \
-generation behind, and a re-run reuses what it had stored. Supported disks: monolithicFlat, \
-vmfs/vmfsThin flat pairs, twoGbMaxExtentFlat, ZERO extents and raw images."
+generation behind, and a re-run reuses what it had stored.\n\nSupported disks: flat VMDKs \
+(monolithicFlat, vmfs/vmfsThin pairs, twoGbMaxExtentFlat), hosted sparse VMDKs (monolithicSparse, \
+twoGbMaxExtentSparse, streamOptimized), ESXi snapshot deltas (vmfsSparse/COWD, seSparse), ZERO and \
+RDONLY extents, qcow2 (v2/v3, compressed clusters, backing files) and raw images. A snapshot chain is \
+followed from the file the .vmx (or SOURCE) names down to its base (parentFileNameHint or qcow2 \
+backing file, each link's parentCID checked against its parent's CID) and stored as one flattened \
+disk; files are only ever opened read-only. Use `vmrepo inspect` to see what would be read."
     )]
     Ingest {
         /// Repository directory.
@@ -91,6 +96,17 @@ vmfs/vmfsThin flat pairs, twoGbMaxExtentFlat, ZERO extents and raw images."
         /// generation at that time.
         #[arg(long, value_name = "TIME", value_parser = cli::parse_time)]
         time: Option<jiff::Timestamp>,
+        /// Read each disk as a snapshot froze it: `latest` (the most recently taken) or a
+        /// snapshot name from the .vmsd. The hot-backup case: the running VM writes into the
+        /// newer delta while vmrepo reads the frozen links. The disk is restored under the
+        /// name the .vmx uses.
+        #[arg(long, value_name = "latest|NAME")]
+        at_snapshot: Option<String>,
+        /// Find files named by absolute datastore paths (parentFileNameHint, extents) in a
+        /// local directory: `/vmfs/volumes/ds1=/mnt/ds1`. Repeatable. Without it an absolute
+        /// path is looked up by its file name in the disk's own directory.
+        #[arg(long, value_name = "DATASTORE=DIR", value_parser = vmrepo::source::chain::ChainOptions::parse_map)]
+        datastore_map: Vec<(PathBuf, PathBuf)>,
         /// Print one JSON summary on stdout instead of text.
         #[arg(long)]
         json: bool,
@@ -108,8 +124,12 @@ vmfs/vmfsThin flat pairs, twoGbMaxExtentFlat, ZERO extents and raw images."
     /// Restore a generation into a directory.
     #[command(
         long_about = "Write generation GENERATION back into DEST: the VM's small files byte for byte \
-and each disk in its original layout (descriptor plus flat extent files, or the raw image) as sparse \
-files. GENERATION is VM (the latest), VM@-1 (the one before), VM@-N, or VM@YYYY-MM-DDTHH:MM:SSZ. Every \
+and each disk in its original layout as sparse files: flat disks (descriptor plus flat extent files, or \
+the raw image) byte for byte; monolithicSparse, twoGbMaxExtentSparse, streamOptimized and qcow2 disks laid \
+out afresh by vmrepo's own writers (same content, readable by qemu-img and VMware tools). A disk ingested \
+from a snapshot chain restores flattened into one link under the name the VM refers to, in its base \
+link's format (an ESXi vmfs base with seSparse deltas comes back as a vmfs flat pair). --disk-format \
+converts every disk instead. GENERATION is VM (the latest), VM@-1 (the one before), VM@-N, or VM@YYYY-MM-DDTHH:MM:SSZ. Every \
 chunk is verified against its hash; files appear under their final names only when complete."
     )]
     Extract {
@@ -129,6 +149,12 @@ chunk is verified against its hash; files appear under their final names only wh
         /// listed, missing small files are skipped and listed.
         #[arg(long)]
         allow_damaged: bool,
+        /// Write each disk in this format instead of its original one: raw, flat (descriptor
+        /// plus flat extent; `vmfs` for ESXi disks, else monolithicFlat), monolithicSparse,
+        /// twoGbMaxExtentSparse, streamOptimized or qcow2. Output files take the disk's name
+        /// with the format's extension (.vmdk, .qcow2, .img).
+        #[arg(long, value_name = "FORMAT")]
+        disk_format: Option<vmrepo::writer::DiskFormat>,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
@@ -303,17 +329,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             source,
             name,
             time,
+            at_snapshot,
+            datastore_map,
             json,
         } => {
             let bar = Bar::new(!json);
             let r = open_repo(&repo, LockMode::Shared, cli.lock_wait, &bar)?;
-            let report =
-                ingest(&r, &source, &IngestOptions { name, time }, &bar).with_context(|| {
-                    format!(
-                        "ingest of {} failed; no generation was recorded",
-                        source.display()
-                    )
-                })?;
+            let opts = IngestOptions {
+                name,
+                time,
+                datastore_map,
+                at_snapshot,
+            };
+            let report = ingest(&r, &source, &opts, &bar).with_context(|| {
+                format!(
+                    "ingest of {} failed; no generation was recorded",
+                    source.display()
+                )
+            })?;
             if json {
                 print_json(&report);
             } else {
@@ -429,6 +462,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             force,
             disk_only,
             allow_damaged,
+            disk_format,
             json,
         } => {
             let bar = Bar::new(!json);
@@ -441,6 +475,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     force,
                     disk_only,
                     allow_damaged,
+                    disk_format,
                 },
                 &bar,
             )
