@@ -80,7 +80,8 @@ const LATER_TYPES: &[&str] = &[
 
 /// What the first bytes of a `.vmdk` say it is.
 pub fn sniff_binary(head: &[u8]) -> Option<&'static str> {
-    if head.starts_with(b"KDMV") {
+    // Lowercase "kdmv": a KDMV file still being written (the sparse reader says so).
+    if head.starts_with(b"KDMV") || head.starts_with(b"kdmv") {
         Some("hosted sparse VMDK extent (monolithicSparse or streamOptimized, KDMV)")
     } else if head.starts_with(b"COWD") {
         Some("vmfsSparse snapshot delta extent (COWD)")

@@ -293,7 +293,8 @@ pub struct DiskEntry {
 /// How a disk that was not a plain flat file set was stored, and how to restore it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct DiskLayout {
-    /// Format restored by default: the createType of the chain's base link, or `qcow2`/`raw`.
+    /// Format restored by default: the leaf's createType (`qcow2`, `raw`), or the base link's
+    /// when the leaf is an ESXi delta (vmfsSparse, seSparse) that cannot stand alone.
     pub format: String,
     /// Name the VM refers to the disk by, relative to the VM directory; restored under it.
     pub file: String,

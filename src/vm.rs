@@ -499,7 +499,14 @@ fn open_chain_disk(
         });
     }
     let leaf_format = links[0].format.clone();
-    let base_format = links.last().expect("a chain has a link").format.clone();
+    // Restored in the leaf's format, unless the leaf is an ESXi delta (which cannot stand
+    // alone): then in the base's (a vmfs base with seSparse deltas comes back as vmfs).
+    let base_format =
+        if ["vmfssparse", "sesparse"].contains(&leaf_format.to_ascii_lowercase().as_str()) {
+            links.last().expect("a chain has a link").format.clone()
+        } else {
+            leaf_format.clone()
+        };
     let is_vmdk = leaf_format != "qcow2" && leaf_format != "raw";
     Ok(DiskPlan {
         slot: slot.to_string(),
