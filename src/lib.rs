@@ -18,6 +18,7 @@ pub mod ghettovcb;
 pub mod id;
 pub mod index;
 pub mod ingest;
+pub mod inspect;
 pub mod lock;
 pub mod manifest;
 pub mod object;

@@ -201,6 +201,9 @@ it again and heals them). Exit status: 0 when nothing is damaged, 1 otherwise."
     /// Import a ghettoVCB backup rotation as generations, with their original dates.
     #[command(long_about = cli::IMPORT_HELP)]
     ImportGhettovcb(cli::ImportArgs),
+    /// Show the disks, snapshot chains and snapshots a VM has, and what needs attention.
+    #[command(long_about = cli::inspect::INSPECT_HELP)]
+    Inspect(cli::inspect::InspectArgs),
 }
 
 /// indicatif progress on a terminal's stderr; silent otherwise.
@@ -586,6 +589,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Prune(args) => cli::prune(args, cli.lock_wait),
         Command::Gc(args) => cli::gc(args, cli.lock_wait),
         Command::ImportGhettovcb(args) => cli::import_ghettovcb(args, cli.lock_wait),
+        Command::Inspect(args) => cli::inspect::inspect(args),
     }
 }
 

@@ -332,7 +332,7 @@ fn open_vm(vmx_path: &Path, source: &Path, opts: &SourceOptions) -> Result<Sourc
 /// Resolves a path from a .vmx or descriptor: relative to `dir`, or absolute. An absolute
 /// datastore path that does not exist here falls back to the same file name inside `dir`
 /// (a VM directory copied off its datastore).
-fn resolve_in(dir: &Path, name: &str) -> PathBuf {
+pub fn resolve_in(dir: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
     if p.is_absolute() {
         if p.exists() {

@@ -1,6 +1,8 @@
 //! Command-line front ends of the maintenance commands (prune, gc, import-ghettovcb, repair):
 //! their arguments, help texts and output.
 
+pub mod inspect;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
