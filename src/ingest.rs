@@ -190,12 +190,7 @@ fn run(
 
     let mut to_read = 0u64;
     for d in &plan.disks {
-        to_read += d
-            .reader
-            .allocated(0..d.reader.size())?
-            .iter()
-            .map(|r| r.end - r.start)
-            .sum::<u64>();
+        to_read += crate::source::allocated_bytes(d.reader.as_ref())?;
     }
     progress.start(&format!("ingest {}", plan.vm), to_read);
     let mut disks = Vec::new();

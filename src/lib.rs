@@ -13,6 +13,7 @@ pub mod descriptor;
 pub mod error;
 pub mod extract;
 pub mod fsutil;
+pub mod fuzzing;
 pub mod gc;
 pub mod ghettovcb;
 pub mod id;

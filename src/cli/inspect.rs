@@ -67,7 +67,7 @@ fn print(r: &Inspection) {
                 _ => String::new(),
             };
             println!(
-                "  {}{} {}{}  {} virtual, {} allocated",
+                "  {}{}{}{}  {} virtual, {} allocated",
                 "  ".repeat(i),
                 if i == 0 { "" } else { "└ " },
                 l.file,

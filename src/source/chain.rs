@@ -82,15 +82,24 @@ impl Link {
                 }))
     }
 
-    /// Bytes this link itself stores (its allocation map's data ranges).
+    /// Bytes this link itself stores (its allocation map's data ranges), counted in 1 GiB
+    /// windows so that memory stays small however fragmented the map is.
     pub fn allocated_bytes(&self) -> Result<u64> {
-        Ok(self
-            .layer
-            .map(0..self.layer.size())?
-            .iter()
-            .filter(|s| s.state == State::Data)
-            .map(|s| s.range.end - s.range.start)
-            .sum())
+        const WINDOW: u64 = 1 << 30;
+        let size = self.layer.size();
+        let (mut total, mut at) = (0, 0);
+        while at < size {
+            let end = (at + WINDOW).min(size);
+            total += self
+                .layer
+                .map(at..end)?
+                .iter()
+                .filter(|s| s.state == State::Data)
+                .map(|s| s.range.end - s.range.start)
+                .sum::<u64>();
+            at = end;
+        }
+        Ok(total)
     }
 }
 

@@ -174,3 +174,22 @@ pub trait Layer: Send + Sync {
     /// zeros elsewhere. Runs of data stored back to back in the file are read with one request.
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()>;
 }
+
+/// Bytes of `reader` that may hold data, counted in 1 GiB windows so that memory stays small
+/// however fragmented the allocation map is.
+pub fn allocated_bytes(reader: &dyn DiskReader) -> Result<u64> {
+    const WINDOW: u64 = 1 << 30;
+    let size = reader.size();
+    let mut total = 0;
+    let mut at = 0;
+    while at < size {
+        let end = (at + WINDOW).min(size);
+        total += reader
+            .allocated(at..end)?
+            .iter()
+            .map(|r| r.end - r.start)
+            .sum::<u64>();
+        at = end;
+    }
+    Ok(total)
+}

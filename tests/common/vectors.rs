@@ -143,6 +143,32 @@ pub fn sesparse_delta(
     grains: &[(u64, SeGrain)],
     replay_journal: bool,
 ) {
+    sesparse_delta_at(
+        dir,
+        name,
+        parent,
+        parent_cid,
+        cid,
+        sectors,
+        grains,
+        replay_journal,
+        4100,
+    )
+}
+
+/// [`sesparse_delta`] with data grains from slot `first_slot` on.
+#[allow(clippy::too_many_arguments)]
+pub fn sesparse_delta_at(
+    dir: &Path,
+    name: &str,
+    parent: &str,
+    parent_cid: u32,
+    cid: u32,
+    sectors: u64,
+    grains: &[(u64, SeGrain)],
+    replay_journal: bool,
+    first_slot: u64,
+) {
     let data_name = format!("{name}-sesparse.vmdk");
     let n_gt = sectors.div_ceil(4096 * 8);
     let gd_sectors = (n_gt * 8).div_ceil(512).max(1);
@@ -152,7 +178,6 @@ pub fn sesparse_delta(
     let bitmap_off = gt_off + gt_sectors;
     let backmap_off = bitmap_off + 1;
     let grains_off = backmap_off + 1;
-    let first_slot = 4100u64;
     let f = fs::File::create(dir.join(&data_name)).unwrap();
     let mut gd = vec![0u64; n_gt as usize];
     let mut gts: Vec<Vec<u64>> = vec![vec![0; 4096]; n_gt as usize];
