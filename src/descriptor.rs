@@ -1,4 +1,5 @@
-//! VMDK text descriptors: header keys, extent lines, and which createTypes this version reads.
+//! VMDK text descriptors: header keys (createType, CID, parentCID, parentFileNameHint), extent
+//! lines, the disk database, and which createTypes vmrepo reads.
 
 use std::path::Path;
 
@@ -31,10 +32,19 @@ pub struct Descriptor {
     pub parent_hint: Option<String>,
     /// Extents in guest-address order.
     pub extents: Vec<ExtentLine>,
+    /// `CID`: content id of this link.
+    pub cid: Option<u32>,
+    /// `parentCID`: the CID the parent had when this delta was made (`ffffffff`: none).
+    pub parent_cid: Option<u32>,
+    /// Disk database lines (`ddb.adapterType`, geometry, uuid, ...), keys as written.
+    pub ddb: Vec<(String, String)>,
 }
 
-/// createTypes this version ingests.
-const FLAT_TYPES: &[&str] = &[
+/// `parentCID` value meaning "no parent".
+pub const NO_PARENT_CID: u32 = 0xffff_ffff;
+
+/// createTypes whose extents are all flat files (restored byte for byte as they were).
+pub const FLAT_TYPES: &[&str] = &[
     "monolithicflat",
     "vmfs",
     "vmfsthin",
@@ -45,14 +55,19 @@ const FLAT_TYPES: &[&str] = &[
     "2gbmaxextentflat",
 ];
 
-/// createTypes that exist but come in a later version.
-const LATER_TYPES: &[&str] = &[
+/// createTypes with sparse extents (KDMV, COWD, seSparse) or mixed extents.
+pub const SPARSE_TYPES: &[&str] = &[
     "monolithicsparse",
     "twogbmaxextentsparse",
     "2gbmaxextentsparse",
     "streamoptimized",
     "vmfssparse",
     "sesparse",
+    "custom",
+];
+
+/// createTypes that exist but cannot be read from files.
+const LATER_TYPES: &[&str] = &[
     "vmfsrdm",
     "vmfsrawdevicemap",
     "vmfsrdmp",
@@ -61,12 +76,12 @@ const LATER_TYPES: &[&str] = &[
     "fulldevice",
     "partitioneddevice",
     "vsansparse",
-    "custom",
 ];
 
 /// What the first bytes of a `.vmdk` say it is.
 pub fn sniff_binary(head: &[u8]) -> Option<&'static str> {
-    if head.starts_with(b"KDMV") {
+    // Lowercase "kdmv": a KDMV file still being written (the sparse reader says so).
+    if head.starts_with(b"KDMV") || head.starts_with(b"kdmv") {
         Some("hosted sparse VMDK extent (monolithicSparse or streamOptimized, KDMV)")
     } else if head.starts_with(b"COWD") {
         Some("vmfsSparse snapshot delta extent (COWD)")
@@ -128,6 +143,7 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Descriptor> {
     let mut parent_hint = None;
     let mut version_seen = false;
     let mut extents = Vec::new();
+    let (mut cid, mut parent_cid, mut ddb) = (None, None, Vec::new());
     for (n, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -152,12 +168,24 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Descriptor> {
                 format!("line {}: not a VMDK descriptor line: {line:?}", n + 1),
             ));
         };
-        let k = k.trim().to_ascii_lowercase();
+        let key = k.trim();
+        let k = key.to_ascii_lowercase();
         let v = v.trim().trim_matches('"').to_string();
+        let hex = |v: &str| {
+            u32::from_str_radix(v, 16).map_err(|_| {
+                Error::bad_input(
+                    path,
+                    format!("line {}: {key} {v:?} is not 8 hex digits", n + 1),
+                )
+            })
+        };
         match k.as_str() {
             "version" => version_seen = true,
             "createtype" => create_type = Some(v),
             "parentfilenamehint" => parent_hint = Some(v),
+            "cid" => cid = Some(hex(&v)?),
+            "parentcid" => parent_cid = Some(hex(&v)?),
+            _ if k.starts_with("ddb.") => ddb.push((key.to_string(), v)),
             _ => {}
         }
     }
@@ -172,23 +200,26 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Descriptor> {
         ));
     };
     let ct = create_type.to_ascii_lowercase();
+    if ct.contains("passthrough") || ct == "vmfsrdmp" {
+        return Err(Error::Unsupported {
+            what: format!(
+                "{create_type} (a physical-mode RDM: its data is on a SAN LUN, not in files, so it \
+                 cannot be backed up from the VM directory; back it up from inside the guest)"
+            ),
+            path: path.to_path_buf(),
+        });
+    }
     if LATER_TYPES.contains(&ct.as_str()) {
         return Err(Error::Unsupported {
             what: create_type,
             path: path.to_path_buf(),
         });
     }
-    if !FLAT_TYPES.contains(&ct.as_str()) {
+    if !FLAT_TYPES.contains(&ct.as_str()) && !SPARSE_TYPES.contains(&ct.as_str()) {
         return Err(Error::bad_input(
             path,
             format!("unknown VMDK createType {create_type:?}"),
         ));
-    }
-    if parent_hint.is_some() {
-        return Err(Error::Unsupported {
-            what: format!("{create_type} snapshot delta (parentFileNameHint)"),
-            path: path.to_path_buf(),
-        });
     }
     if extents.is_empty() {
         return Err(Error::bad_input(
@@ -198,9 +229,9 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Descriptor> {
     }
     for e in &extents {
         match e.kind.as_str() {
-            "FLAT" | "VMFS" if e.file.is_some() => {}
+            "FLAT" | "VMFS" | "SPARSE" | "VMFSSPARSE" | "SESPARSE" if e.file.is_some() => {}
             "ZERO" => {}
-            "FLAT" | "VMFS" => {
+            "FLAT" | "VMFS" | "SPARSE" | "VMFSSPARSE" | "SESPARSE" => {
                 return Err(Error::bad_input(
                     path,
                     format!("{} extent without a file name", e.kind),
@@ -214,10 +245,16 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Descriptor> {
             }
         }
     }
+    if parent_hint.as_deref().is_some_and(|h| h.trim().is_empty()) {
+        parent_hint = None;
+    }
     Ok(Descriptor {
         create_type,
         parent_hint,
         extents,
+        cid,
+        parent_cid,
+        ddb,
     })
 }
 
@@ -277,13 +314,22 @@ mod tests {
     }
 
     #[test]
+    fn reads_delta_headers() {
+        let d = p("version=1\nCID=8b1e5a02\nparentCID=3729b687\ncreateType=\"seSparse\"\nparentFileNameHint=\"app01.vmdk\"\nRW 8192 SESPARSE \"app01-000001-sesparse.vmdk\"\nddb.grain = \"8\"\n").unwrap();
+        assert_eq!(d.cid, Some(0x8b1e5a02));
+        assert_eq!(d.parent_cid, Some(0x3729b687));
+        assert_eq!(d.parent_hint.as_deref(), Some("app01.vmdk"));
+        assert_eq!(d.ddb, vec![("ddb.grain".to_string(), "8".to_string())]);
+    }
+
+    #[test]
     fn refuses_what_it_cannot_read() {
-        let e = p("version=1\ncreateType=\"monolithicSparse\"\nRW 100 SPARSE \"x.vmdk\"\n")
+        let e = p("version=1\ncreateType=\"vmfsPassthroughRawDeviceMap\"\nRW 100 VMFSRDM \"x-rdmp.vmdk\"\n")
             .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "not supported yet: monolithicSparse in t.vmdk"
-        );
+        assert!(e.to_string().contains("physical-mode RDM"), "{e}");
+        let e = p("version=1\ncreateType=\"vsanSparse\"\nRW 100 VSANSPARSE \"vsan://x\"\n")
+            .unwrap_err();
+        assert_eq!(e.to_string(), "not supported yet: vsanSparse in t.vmdk");
         let e = p("version=1\ncreateType=\"bogus\"\nRW 100 FLAT \"x\" 0\n").unwrap_err();
         assert!(e.to_string().contains("unknown VMDK createType"), "{e}");
         let e = p("hello world\n").unwrap_err();

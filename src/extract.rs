@@ -1,5 +1,6 @@
-//! Extract: write a generation back as a VM directory — small files byte for byte, each disk in
-//! its original flat layout as sparse files — verifying every chunk's hash on the way.
+//! Extract: write a generation back as a VM directory — small files byte for byte, each flat disk
+//! in its original layout as sparse files, sparse and chained disks (or any disk, with
+//! `--disk-format`) laid out afresh by a [`crate::writer`] — verifying every chunk's hash on the way.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -16,10 +17,11 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsutil::sync_dir;
 use crate::id::ObjectId;
 use crate::index::GenerationInfo;
-use crate::manifest::{DiskEntry, Extent};
+use crate::manifest::{DiskEntry, Extent, ExtentFile};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::vm::is_safe_relative;
+use crate::writer::{DiskFormat, WritePlan};
 
 /// Options of an extract.
 #[derive(Debug, Default, Clone)]
@@ -33,6 +35,8 @@ pub struct ExtractOptions {
     pub allow_damaged: bool,
     /// `--datastore-map`: paths to rewrite in the .vmx and the descriptors.
     pub datastore_map: crate::relocate::DatastoreMap,
+    /// Write every disk in this format instead of its original one.
+    pub disk_format: Option<DiskFormat>,
 }
 
 /// What an extract wrote.
@@ -92,6 +96,16 @@ pub fn extract(
     fs::create_dir_all(dest).ctx("create directory", dest)?;
 
     // Decide every output file first, and refuse before writing anything.
+    let plans: Vec<Option<WritePlan>> = manifest
+        .disks
+        .iter()
+        .map(|d| crate::writer::plan(d, opts.disk_format))
+        .collect::<Result<_>>()?;
+    let replaced: Vec<&String> = plans
+        .iter()
+        .flatten()
+        .filter_map(|p| p.replaces.as_ref())
+        .collect();
     let disk_files: Vec<String> = manifest
         .disks
         .iter()
@@ -104,14 +118,22 @@ pub fn extract(
         .collect();
     let mut names: Vec<&str> = Vec::new();
     for f in &manifest.files {
+        if replaced.contains(&&f.name) {
+            continue;
+        }
         if !opts.disk_only || disk_files.contains(&f.name) {
             names.push(&f.name);
         }
     }
-    for d in &manifest.disks {
-        for e in &d.extents {
-            if let Some(f) = &e.file {
-                names.push(f);
+    for (d, plan) in manifest.disks.iter().zip(&plans) {
+        match plan {
+            Some(p) => names.extend(p.outputs.iter().map(String::as_str)),
+            None => {
+                for e in &d.extents {
+                    if let Some(f) = &e.file {
+                        names.push(f);
+                    }
+                }
             }
         }
     }
@@ -142,6 +164,7 @@ pub fn extract(
     let result = write_all(
         repo,
         &manifest,
+        &plans,
         &targets,
         opts,
         &damaged,
@@ -203,9 +226,11 @@ fn create(path: &Path) -> Result<File> {
         .ctx("create", path)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_all(
     repo: &Repository,
     manifest: &crate::manifest::Manifest,
+    plans: &[Option<WritePlan>],
     targets: &[Target],
     opts: &ExtractOptions,
     damaged: &Mutex<Vec<DamagedRange>>,
@@ -219,6 +244,13 @@ fn write_all(
             .map(|t| t.tmp_path.clone())
     };
     for f in &manifest.files {
+        if plans
+            .iter()
+            .flatten()
+            .any(|p| p.replaces.as_ref() == Some(&f.name))
+        {
+            continue;
+        }
         let Some(tmp) = tmp_of(&f.name) else { continue };
         let data = match repo.read_object(&f.object) {
             Ok(d) => d,
@@ -237,11 +269,94 @@ fn write_all(
     let total: u64 = manifest.disks.iter().map(|d| d.virtual_size).sum();
     progress.start("extract", total);
     let mut written = 0;
-    for d in &manifest.disks {
-        written += write_disk(repo, d, &tmp_of, opts.allow_damaged, damaged, progress)?;
+    for (d, plan) in manifest.disks.iter().zip(plans) {
+        written += match plan {
+            None => write_disk(repo, d, &tmp_of, opts.allow_damaged, damaged, progress)?,
+            Some(plan) => write_disk_as(
+                repo,
+                manifest,
+                d,
+                plan,
+                &tmp_of,
+                opts.allow_damaged,
+                damaged,
+                progress,
+            )?,
+        };
     }
     progress.finish();
     Ok((written, total))
+}
+
+/// Writes a disk through a writer: its bytes first into a sparse raw file (the output itself for
+/// raw and flat formats, else a scratch file beside the outputs), then the target format.
+#[allow(clippy::too_many_arguments)]
+fn write_disk_as(
+    repo: &Repository,
+    manifest: &crate::manifest::Manifest,
+    d: &DiskEntry,
+    plan: &WritePlan,
+    tmp_of: &dyn Fn(&str) -> Option<PathBuf>,
+    allow_damaged: bool,
+    damaged: &Mutex<Vec<DamagedRange>>,
+    progress: &dyn Progress,
+) -> Result<u64> {
+    const RAW: &str = "\0raw";
+    let outputs: Vec<PathBuf> = plan
+        .outputs
+        .iter()
+        .map(|o| tmp_of(o).expect("every output has a target"))
+        .collect();
+    let raw = match plan.data_output {
+        Some(i) => outputs[i].clone(),
+        None => outputs[0].with_file_name(format!(
+            "{}.raw",
+            outputs[0].file_name().unwrap().to_string_lossy()
+        )),
+    };
+    let flat = DiskEntry {
+        extents: vec![ExtentFile {
+            kind: "RAW".into(),
+            start: 0,
+            len: d.virtual_size,
+            file: Some(RAW.into()),
+            file_offset: 0,
+            file_size: d.virtual_size,
+            head: None,
+            tail: None,
+        }],
+        layout: None,
+        ..d.clone()
+    };
+    let lookup = |n: &str| {
+        if n == RAW {
+            Some(raw.clone())
+        } else {
+            tmp_of(n)
+        }
+    };
+    let source_descriptor = match &d.layout {
+        Some(l) => l.chain.iter().find_map(|c| c.descriptor.clone()),
+        None => match manifest
+            .files
+            .iter()
+            .find(|f| Some(&f.name) == d.descriptor.as_ref())
+        {
+            Some(f) => Some(String::from_utf8_lossy(&repo.read_object(&f.object)?).into_owned()),
+            None => None,
+        },
+    };
+    let result = write_disk(repo, &flat, &lookup, allow_damaged, damaged, progress).and_then(|n| {
+        crate::writer::write(plan, d, &raw, &outputs, source_descriptor.as_deref())?;
+        for o in &outputs {
+            File::open(o).and_then(|f| f.sync_all()).ctx("fsync", o)?;
+        }
+        Ok(n)
+    });
+    if plan.data_output.is_none() {
+        let _ = fs::remove_file(&raw);
+    }
+    result
 }
 
 struct OpenExtent {

@@ -21,14 +21,13 @@ use crate::id::ObjectId;
 use crate::lock::lock_vm;
 use crate::manifest::{
     Catalog, DiskEntry, DiskMap, ExtentFile, FileEntry, IngestStats, Manifest, Segment,
-    MANIFEST_VERSION,
 };
 use crate::object::{ObjectKind, MAX_OBJECT_LEN};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::source::DiskReader;
 use crate::store::Store;
-use crate::vm::{open_source, DiskPlan, SourcePlan};
+use crate::vm::{open_source_with, DiskPlan, SourceOptions, SourcePlan};
 
 /// Options of an ingest.
 #[derive(Debug, Default, Clone)]
@@ -45,6 +44,10 @@ pub struct IngestOptions {
     pub verify_unchanged: f64,
     /// Commands to run before and after.
     pub hooks: crate::hooks::Hooks,
+    /// Where absolute datastore paths in descriptors are found locally.
+    pub datastore_map: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Read each disk as this snapshot (`latest` or a name from the .vmsd) froze it.
+    pub at_snapshot: Option<String>,
 }
 
 /// What an ingest did.
@@ -175,7 +178,16 @@ fn ingest_unhooked(
 ) -> Result<IngestReport> {
     let began = Instant::now();
     let started = jiff::Timestamp::now();
-    let plan = open_source(path, opts.name.as_deref())?;
+    let plan = open_source_with(
+        path,
+        &SourceOptions {
+            name: opts.name.clone(),
+            chain: crate::source::chain::ChainOptions {
+                datastore_map: opts.datastore_map.clone(),
+            },
+            at_snapshot: opts.at_snapshot.clone(),
+        },
+    )?;
     for w in &plan.warnings {
         progress.note(&format!("warning: {w}"));
     }
@@ -418,7 +430,10 @@ fn run(
     for (d, r) in plan.disks.iter().zip(&reuse) {
         let size = d.reader.size();
         let ranges: Vec<Range<u64>> = match r {
-            None => std::iter::once(0..size).collect(),
+            None => {
+                to_read += crate::source::allocated_bytes(d.reader.as_ref())?;
+                continue;
+            }
             Some(r) => (0..r.touched.len() as u64)
                 .filter(|&i| r.touched[i as usize])
                 .map(|i| i * seg..((i + 1) * seg).min(size))
@@ -467,7 +482,7 @@ fn run(
         i.segments_verified = counters.segments_verified.load(Ordering::Relaxed);
     }
     let mut manifest = Manifest {
-        version: MANIFEST_VERSION,
+        version: crate::manifest::manifest_version_for(&disks),
         catalog: Catalog {
             vm: plan.vm.clone(),
             time: time.to_string(),
@@ -583,6 +598,7 @@ fn ingest_disk(
             virtual_size: size,
             disk_map,
             extents,
+            layout: d.layout.clone(),
         },
         rows,
         nseg,

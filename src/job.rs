@@ -259,18 +259,13 @@ pub fn run(
                         post: s.post_command.clone(),
                         timeout: Duration::from_secs(s.hook_timeout.unwrap_or(default_timeout())),
                     },
+                    at_snapshot: s.at_snapshot.clone(),
                     ..Default::default()
                 };
                 progress.note(&format!("== {}", path.display()));
                 let began = Instant::now();
                 let shown: &dyn Progress = if job.parallel == 1 { progress } else { &quiet };
-                let result = match &s.at_snapshot {
-                    Some(snap) => Err(Error::Unsupported {
-                        what: format!("at_snapshot = {snap:?} (reading a snapshot's frozen links)"),
-                        path: path.clone(),
-                    }),
-                    None => ingest(&repo, path, &opts, shown),
-                };
+                let result = ingest(&repo, path, &opts, shown);
                 let outcome = match result {
                     Ok(r) => {
                         let hook = r.hook_failure().map(|e| e.to_string());

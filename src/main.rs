@@ -97,8 +97,13 @@ export`'s output offline. The default, none, is for repositories on storage only
 .vmx file, a flat VMDK descriptor, or a raw disk image. Disks are read while frozen (e.g. under a VM \
 snapshot); holes and zero runs cost nothing, and only chunks the repository lacks are stored. The \
 generation becomes visible only once all its data is durable: an interrupted ingest leaves no \
-generation behind, and a re-run reuses what it had stored. Supported disks: monolithicFlat, \
-vmfs/vmfsThin flat pairs, twoGbMaxExtentFlat, ZERO extents and raw images."
+generation behind, and a re-run reuses what it had stored.\n\nSupported disks: flat VMDKs \
+(monolithicFlat, vmfs/vmfsThin pairs, twoGbMaxExtentFlat), hosted sparse VMDKs (monolithicSparse, \
+twoGbMaxExtentSparse, streamOptimized), ESXi snapshot deltas (vmfsSparse/COWD, seSparse), ZERO and \
+RDONLY extents, qcow2 (v2/v3, compressed clusters, backing files) and raw images. A snapshot chain is \
+followed from the file the .vmx (or SOURCE) names down to its base (parentFileNameHint or qcow2 \
+backing file, each link's parentCID checked against its parent's CID) and stored as one flattened \
+disk; files are only ever opened read-only. Use `vmrepo inspect` to see what would be read."
     )]
     Ingest {
         /// Repository directory.
@@ -137,6 +142,17 @@ vmfs/vmfsThin flat pairs, twoGbMaxExtentFlat, ZERO extents and raw images."
         /// Longest the pre- or post-command may run before it is killed.
         #[arg(long, value_name = "SECONDS", default_value_t = 600)]
         hook_timeout: u64,
+        /// Read each disk as a snapshot froze it: `latest` (the most recently taken) or a
+        /// snapshot name from the .vmsd. The hot-backup case: the running VM writes into the
+        /// newer delta while vmrepo reads the frozen links. The disk is restored under the
+        /// name the .vmx uses.
+        #[arg(long, value_name = "latest|NAME")]
+        at_snapshot: Option<String>,
+        /// Find files named by absolute datastore paths (parentFileNameHint, extents) in a
+        /// local directory: `/vmfs/volumes/ds1=/mnt/ds1`. Repeatable. Without it an absolute
+        /// path is looked up by its file name in the disk's own directory.
+        #[arg(long, value_name = "DATASTORE=DIR", value_parser = vmrepo::source::chain::ChainOptions::parse_map)]
+        datastore_map: Vec<(PathBuf, PathBuf)>,
         /// Print one JSON summary on stdout instead of text.
         #[arg(long)]
         json: bool,
@@ -154,8 +170,12 @@ vmfs/vmfsThin flat pairs, twoGbMaxExtentFlat, ZERO extents and raw images."
     /// Restore a generation into a directory.
     #[command(
         long_about = "Write generation GENERATION back into DEST: the VM's small files byte for byte \
-and each disk in its original layout (descriptor plus flat extent files, or the raw image) as sparse \
-files. GENERATION is VM (the latest), VM@-1 (the one before), VM@-N, or VM@YYYY-MM-DDTHH:MM:SSZ. Every \
+and each disk in its original layout as sparse files: flat disks (descriptor plus flat extent files, or \
+the raw image) byte for byte; monolithicSparse, twoGbMaxExtentSparse, streamOptimized and qcow2 disks laid \
+out afresh by vmrepo's own writers (same content, readable by qemu-img and VMware tools). A disk ingested \
+from a snapshot chain restores flattened into one link under the name the VM refers to, in its base \
+link's format (an ESXi vmfs base with seSparse deltas comes back as a vmfs flat pair). --disk-format \
+converts every disk instead. GENERATION is VM (the latest), VM@-1 (the one before), VM@-N, or VM@YYYY-MM-DDTHH:MM:SSZ. Every \
 chunk is verified against its hash; files appear under their final names only when complete."
     )]
     Extract {
@@ -180,6 +200,12 @@ chunk is verified against its hash; files appear under their final names only wh
         /// longest matching OLD wins). Relative paths are left alone.
         #[arg(long = "datastore-map", value_name = "OLD=NEW")]
         datastore_map: Vec<String>,
+        /// Write each disk in this format instead of its original one: raw, flat (descriptor
+        /// plus flat extent; `vmfs` for ESXi disks, else monolithicFlat), monolithicSparse,
+        /// twoGbMaxExtentSparse, streamOptimized or qcow2. Output files take the disk's name
+        /// with the format's extension (.vmdk, .qcow2, .img).
+        #[arg(long, value_name = "FORMAT")]
+        disk_format: Option<vmrepo::writer::DiskFormat>,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
@@ -297,6 +323,9 @@ it again and heals them). Exit status: 0 when nothing is damaged, 1 otherwise."
     /// Manage the passphrases of an encrypted repository (list, add, remove, passwd, export).
     #[command(subcommand, long_about = cli::keys::KEY_HELP)]
     Key(cli::keys::KeyCommand),
+    /// Show the disks, snapshot chains and snapshots a VM has, and what needs attention.
+    #[command(long_about = cli::inspect::INSPECT_HELP)]
+    Inspect(cli::inspect::InspectArgs),
 }
 
 /// indicatif progress on a terminal's stderr; silent otherwise.
@@ -467,6 +496,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pre_command,
             post_command,
             hook_timeout,
+            at_snapshot,
+            datastore_map,
             json,
         } => {
             let bar = Bar::new(!json);
@@ -490,6 +521,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 since,
                 verify_unchanged,
                 hooks,
+                datastore_map,
+                at_snapshot,
             };
             let report = ingest(&r, &source, &opts, &bar).with_context(|| {
                 format!(
@@ -641,6 +674,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             disk_only,
             allow_damaged,
             datastore_map,
+            disk_format,
             json,
         } => {
             let map = DatastoreMap::parse(&datastore_map)?;
@@ -651,6 +685,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 disk_only,
                 allow_damaged,
                 datastore_map: map.clone(),
+                disk_format,
             };
             let report = extract(&r, &generation, &dest, &opts, &bar).with_context(|| {
                 format!("extract of {generation} into {} failed", dest.display())
@@ -856,6 +891,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ImportGhettovcb(args) => cli::import_ghettovcb(args, cli.lock_wait),
         Command::Key(cmd) => cli::keys::run(cmd, cli.lock_wait),
         Command::Run(args) => cli::run::run(args, cli.lock_wait),
+        Command::Inspect(args) => cli::inspect::inspect(args),
     }
 }
 

@@ -180,8 +180,19 @@ fn u32_at(b: &[u8], pos: usize) -> u32 {
     u32::from_le_bytes(b[pos..pos + 4].try_into().unwrap())
 }
 
-/// Manifest format version.
-pub const MANIFEST_VERSION: u32 = 1;
+/// Highest manifest format version this vmrepo reads. Version 2 adds [`DiskEntry::layout`]
+/// (disks read from sparse files or chains); ingest writes version 1 when no disk has one, so
+/// older vmrepo versions keep reading what they can restore and refuse what they cannot.
+pub const MANIFEST_VERSION: u32 = 2;
+
+/// The version a manifest with these disks is written as.
+pub fn manifest_version_for(disks: &[DiskEntry]) -> u32 {
+    if disks.iter().any(|d| d.layout.is_some()) {
+        2
+    } else {
+        1
+    }
+}
 
 /// A generation manifest: everything needed to list, restore and re-index a generation.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -277,8 +288,46 @@ pub struct DiskEntry {
     pub virtual_size: u64,
     /// The disk map object.
     pub disk_map: ObjectId,
-    /// Files that hold the disk, in guest-address order.
+    /// Files that hold the disk, in guest-address order (empty when `layout` is set).
     pub extents: Vec<ExtentFile>,
+    /// For a disk read from sparse files or a snapshot chain: what it was and how to restore
+    /// it (absent for flat disks, which restore file for file from `extents`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<DiskLayout>,
+}
+
+/// How a disk that was not a plain flat file set was stored, and how to restore it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DiskLayout {
+    /// Format restored by default: the leaf's createType (`qcow2`, `raw`), or the base link's
+    /// when the leaf is an ESXi delta (vmfsSparse, seSparse) that cannot stand alone.
+    pub format: String,
+    /// Name the VM refers to the disk by, relative to the VM directory; restored under it.
+    pub file: String,
+    /// The links that were read, leaf first (one for a disk without snapshots).
+    pub chain: Vec<ChainLink>,
+}
+
+/// One link of a disk's chain as it was read.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ChainLink {
+    /// File name (relative to the VM directory when inside it).
+    pub file: String,
+    /// createType, `qcow2` or `raw`.
+    pub format: String,
+    /// `CID`, 8 hex digits (VMDK only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cid: Option<String>,
+    /// `parentCID`, 8 hex digits (VMDK only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_cid: Option<String>,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Bytes this link itself held.
+    pub allocated: u64,
+    /// The link's descriptor text (separate or embedded), verbatim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descriptor: Option<String>,
 }
 
 /// How one extent of a disk maps onto a file (or onto nothing, for ZERO extents).

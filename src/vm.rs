@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use crate::descriptor::{self, Descriptor};
 use crate::error::{Error, IoContext, Result};
+use crate::manifest::{ChainLink, DiskLayout};
+use crate::source::chain::{self, ChainOptions};
 use crate::source::{DiskReader, ExtentDisk, ExtentSpec, ExtentTarget, FlatFile};
+use crate::vmsd::Vmsd;
 use crate::vmx::Vmx;
 
 /// Extensions of the small files kept from a VM directory.
@@ -51,8 +54,21 @@ pub struct DiskPlan {
     pub create_type: String,
     /// The guest-visible bytes.
     pub reader: Box<dyn DiskReader>,
-    /// Its files.
+    /// Its files (flat disks; empty when `layout` is set).
     pub extents: Vec<ExtentPlan>,
+    /// For a sparse or chained disk: what was read and how to restore it.
+    pub layout: Option<DiskLayout>,
+}
+
+/// How to open a source.
+#[derive(Debug, Default, Clone)]
+pub struct SourceOptions {
+    /// VM name instead of the .vmx displayName / file name.
+    pub name: Option<String>,
+    /// How paths inside disk files are resolved.
+    pub chain: ChainOptions,
+    /// Read each disk as this snapshot (`latest` or a name) froze it.
+    pub at_snapshot: Option<String>,
 }
 
 /// Everything an ingest will read.
@@ -112,23 +128,39 @@ pub fn is_safe_relative(name: &str) -> bool {
 
 /// Opens what `path` names: a VM directory, a .vmx file, a VMDK descriptor or a raw image.
 pub fn open_source(path: &Path, name: Option<&str>) -> Result<SourcePlan> {
+    open_source_with(
+        path,
+        &SourceOptions {
+            name: name.map(str::to_string),
+            ..SourceOptions::default()
+        },
+    )
+}
+
+/// [`open_source`] with all options.
+pub fn open_source_with(path: &Path, opts: &SourceOptions) -> Result<SourcePlan> {
     let abs = std::path::absolute(path).ctx("resolve", path)?;
     let meta = std::fs::metadata(&abs).ctx("open", &abs)?;
+    let name = opts.name.as_deref();
     if meta.is_dir() {
         let vmx = find_vmx(&abs)?;
-        return open_vm(&vmx, &abs, name);
+        return open_vm(&vmx, &abs, opts);
     }
     let ext = abs
         .extension()
         .and_then(|e| e.to_str())
         .map(|e| e.to_ascii_lowercase());
     match ext.as_deref() {
-        Some("vmx") | Some("vmtx") => open_vm(&abs, &abs, name),
-        _ => open_disk_file(&abs, name),
+        Some("vmx") | Some("vmtx") => open_vm(&abs, &abs, opts),
+        _ if opts.at_snapshot.is_some() => Err(Error::Usage(
+            "--at-snapshot needs a VM directory or .vmx file (the .vmsd says which links each snapshot froze)".into(),
+        )),
+        _ => open_disk_file(&abs, name, &opts.chain),
     }
 }
 
-fn find_vmx(dir: &Path) -> Result<PathBuf> {
+/// Finds the one .vmx (or .vmtx) file in a VM directory.
+pub fn find_vmx(dir: &Path) -> Result<PathBuf> {
     let mut found = Vec::new();
     for e in std::fs::read_dir(dir).ctx("list", dir)? {
         let p = e.ctx("list", dir)?.path();
@@ -157,7 +189,8 @@ fn find_vmx(dir: &Path) -> Result<PathBuf> {
     }
 }
 
-fn open_vm(vmx_path: &Path, source: &Path, name: Option<&str>) -> Result<SourcePlan> {
+fn open_vm(vmx_path: &Path, source: &Path, opts: &SourceOptions) -> Result<SourcePlan> {
+    let name = opts.name.as_deref();
     let dir = vmx_path.parent().unwrap().to_path_buf();
     let text = std::fs::read(vmx_path).ctx("read", vmx_path)?;
     if text.contains(&0) {
@@ -219,23 +252,70 @@ fn open_vm(vmx_path: &Path, source: &Path, name: Option<&str>) -> Result<SourceP
 
     let mut disks = Vec::new();
     let mut warnings = Vec::new();
+    let snapshot = match &opts.at_snapshot {
+        None => None,
+        Some(which) => {
+            let Some((vmsd_path, vmsd)) = Vmsd::find(vmx_path)? else {
+                return Err(Error::Usage(format!(
+                    "--at-snapshot: {} has no .vmsd file, so the VM has no snapshots to read",
+                    dir.display()
+                )));
+            };
+            Some((vmsd_path.clone(), vmsd.select(which, &vmsd_path)?.clone()))
+        }
+    };
     for d in vmx.disks() {
-        if let Some(mode) = d.mode.as_deref().filter(|m| m.starts_with("independent")) {
+        let independent = d.mode.as_deref().filter(|m| m.starts_with("independent"));
+        if let Some(mode) = independent {
             warnings.push(format!(
                 "disk {} ({}) is {mode}: a VM snapshot does not freeze it, so a copy of a running VM's disk may be inconsistent",
                 d.slot, d.file_name
             ));
         }
         let desc_path = resolve_in(&dir, &d.file_name);
-        let plan = open_descriptor_disk(&dir, &desc_path, &d.slot)?;
-        let desc_name = plan.descriptor.clone().unwrap();
-        if seen.insert(desc_name.clone()) {
-            files.push(SmallFile {
-                name: desc_name,
-                path: desc_path,
-            });
+        // With --at-snapshot, read the link the snapshot froze, restored under the VM's name.
+        let frozen = match &snapshot {
+            None => None,
+            Some((vmsd_path, snap)) => match snap.disk_for(&d.slot) {
+                Some(f) => Some(resolve_in(&dir, f)),
+                None if independent.is_some() => None,
+                None => {
+                    return Err(Error::bad_input(
+                        vmsd_path,
+                        format!(
+                            "snapshot {:?} has no disk for {} ({}): it was added after the snapshot; ingest without --at-snapshot",
+                            snap.name, d.slot, d.file_name
+                        ),
+                    ))
+                }
+            },
+        };
+        let plan = match frozen {
+            Some(read) => open_chain_disk(
+                &dir,
+                &read,
+                relative_name(&dir, &desc_path),
+                &d.slot,
+                &opts.chain,
+            )?,
+            None => open_descriptor_disk(&dir, &desc_path, &d.slot, &opts.chain)?,
+        };
+        if plan.layout.is_none() {
+            let desc_name = plan.descriptor.clone().unwrap();
+            if seen.insert(desc_name.clone()) {
+                files.push(SmallFile {
+                    name: desc_name,
+                    path: desc_path,
+                });
+            }
         }
         disks.push(plan);
+    }
+    if let Some((_, snap)) = &snapshot {
+        warnings.push(format!(
+            "read the disks as snapshot {:?} (uid {}) froze them",
+            snap.name, snap.uid
+        ));
     }
     Ok(SourcePlan {
         kind: "vm-directory",
@@ -252,7 +332,7 @@ fn open_vm(vmx_path: &Path, source: &Path, name: Option<&str>) -> Result<SourceP
 /// Resolves a path from a .vmx or descriptor: relative to `dir`, or absolute. An absolute
 /// datastore path that does not exist here falls back to the same file name inside `dir`
 /// (a VM directory copied off its datastore).
-fn resolve_in(dir: &Path, name: &str) -> PathBuf {
+pub fn resolve_in(dir: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
     if p.is_absolute() {
         if p.exists() {
@@ -280,7 +360,33 @@ fn relative_name(dir: &Path, p: &Path) -> String {
     }
 }
 
-fn open_descriptor_disk(dir: &Path, desc_path: &Path, slot: &str) -> Result<DiskPlan> {
+fn open_descriptor_disk(
+    dir: &Path,
+    desc_path: &Path,
+    slot: &str,
+    opts: &ChainOptions,
+) -> Result<DiskPlan> {
+    // Sparse extents, snapshot deltas and binary images go through the chain reader; plain
+    // flat descriptors keep their file-for-file layout.
+    let head = {
+        use std::io::Read;
+        let mut h = Vec::new();
+        std::fs::File::open(desc_path)
+            .and_then(|f| f.take(8).read_to_end(&mut h))
+            .ctx("open", desc_path)?;
+        h
+    };
+    let plain = chain::sniff(&head) == chain::Kind::Other
+        && descriptor::read(desc_path).is_ok_and(|(_, d)| {
+            d.parent_hint.is_none()
+                && descriptor::FLAT_TYPES.contains(&d.create_type.to_ascii_lowercase().as_str())
+                && d.extents
+                    .iter()
+                    .all(|e| matches!(e.kind.as_str(), "FLAT" | "VMFS" | "ZERO"))
+        });
+    if !plain {
+        return open_chain_disk(dir, desc_path, relative_name(dir, desc_path), slot, opts);
+    }
     let (_, desc) = descriptor::read(desc_path)?;
     let desc_dir = desc_path.parent().unwrap_or(dir).to_path_buf();
     let name = relative_name(dir, desc_path);
@@ -363,10 +469,60 @@ fn build_extent_disk(
         create_type: desc.create_type.clone(),
         reader: Box::new(reader),
         extents: plans,
+        layout: None,
     })
 }
 
-fn open_disk_file(path: &Path, name: Option<&str>) -> Result<SourcePlan> {
+/// A disk read through the chain reader (sparse formats, snapshot deltas, qcow2): `read` is the
+/// leaf to read, `restore_name` the name the VM refers to the disk by.
+fn open_chain_disk(
+    dir: &Path,
+    read: &Path,
+    restore_name: String,
+    slot: &str,
+    opts: &ChainOptions,
+) -> Result<DiskPlan> {
+    let links = chain::open_chain(read, opts)?;
+    let mut info = Vec::with_capacity(links.len());
+    for l in &links {
+        info.push(ChainLink {
+            file: relative_name(dir, &l.path),
+            format: l.format.clone(),
+            cid: l.cid.map(|c| format!("{c:08x}")),
+            parent_cid: l.parent_cid.map(|c| format!("{c:08x}")),
+            virtual_size: l.layer.size(),
+            allocated: l.allocated_bytes()?,
+            descriptor: l
+                .descriptor
+                .as_ref()
+                .map(|d| String::from_utf8_lossy(d).into_owned()),
+        });
+    }
+    let leaf_format = links[0].format.clone();
+    // Restored in the leaf's format, unless the leaf is an ESXi delta (which cannot stand
+    // alone): then in the base's (a vmfs base with seSparse deltas comes back as vmfs).
+    let base_format =
+        if ["vmfssparse", "sesparse"].contains(&leaf_format.to_ascii_lowercase().as_str()) {
+            links.last().expect("a chain has a link").format.clone()
+        } else {
+            leaf_format.clone()
+        };
+    let is_vmdk = leaf_format != "qcow2" && leaf_format != "raw";
+    Ok(DiskPlan {
+        slot: slot.to_string(),
+        descriptor: is_vmdk.then(|| restore_name.clone()),
+        create_type: leaf_format,
+        reader: Box::new(chain::Chain::new(links)),
+        extents: Vec::new(),
+        layout: Some(DiskLayout {
+            format: base_format,
+            file: restore_name,
+            chain: info,
+        }),
+    })
+}
+
+fn open_disk_file(path: &Path, name: Option<&str>, opts: &ChainOptions) -> Result<SourcePlan> {
     let dir = path.parent().unwrap().to_path_buf();
     let vm = match name {
         Some(n) => n.to_string(),
@@ -383,26 +539,34 @@ fn open_disk_file(path: &Path, name: Option<&str>) -> Result<SourcePlan> {
             .and_then(|mut f| f.read(&mut head))
             .ctx("read", path)?
     };
-    if let Some(what) = descriptor::sniff_binary(&head[..n]) {
-        return Err(Error::Unsupported {
-            what: what.into(),
-            path: path.to_path_buf(),
+    let base_name = path.file_name().unwrap().to_string_lossy().into_owned();
+    if descriptor::sniff_binary(&head[..n]).is_some() {
+        return Ok(SourcePlan {
+            kind: "disk-image",
+            source: path.to_path_buf(),
+            vm,
+            uuid: None,
+            display_name: None,
+            files: Vec::new(),
+            disks: vec![open_chain_disk(&dir, path, base_name, "image", opts)?],
+            warnings: Vec::new(),
         });
     }
     let is_vmdk = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("vmdk"));
     let size = std::fs::metadata(path).ctx("stat", path)?.len();
-    let base_name = path.file_name().unwrap().to_string_lossy().into_owned();
     let (files, disk) = if is_vmdk && size <= descriptor::MAX_DESCRIPTOR_LEN {
-        let disk = open_descriptor_disk(&dir, path, "image")?;
-        (
+        let disk = open_descriptor_disk(&dir, path, "image", opts)?;
+        let files = if disk.layout.is_none() {
             vec![SmallFile {
                 name: base_name,
                 path: path.to_path_buf(),
-            }],
-            disk,
-        )
+            }]
+        } else {
+            Vec::new()
+        };
+        (files, disk)
     } else {
         let file = FlatFile::open(path)?;
         if file.is_empty() {
@@ -423,6 +587,7 @@ fn open_disk_file(path: &Path, name: Option<&str>) -> Result<SourcePlan> {
                 file_size: len,
             }],
             reader: Box::new(file),
+            layout: None,
         };
         (Vec::new(), disk)
     };

@@ -1,6 +1,7 @@
 //! Command-line front ends of the maintenance commands (prune, gc, import-ghettovcb, repair):
 //! their arguments, help texts and output.
 
+pub mod inspect;
 pub mod keys;
 pub mod passphrase;
 pub mod run;

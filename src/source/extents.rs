@@ -1,11 +1,11 @@
-//! A disk made of consecutive extents (a VMDK descriptor's FLAT/VMFS/ZERO lines), each mapping a
-//! guest range onto a file region or onto zeros.
+//! A disk made of consecutive extents (a VMDK descriptor's extent lines), each mapping a guest
+//! range onto a file region, onto zeros, or onto a sparse extent (another [`Layer`]).
 
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{DiskReader, FlatFile};
+use super::{push_span, DiskReader, FlatFile, Layer, Span, State};
 use crate::error::{Error, Result};
 
 /// What backs one extent.
@@ -19,6 +19,8 @@ pub enum ExtentTarget {
     },
     /// Zeros (VMDK `ZERO` extent).
     Zero,
+    /// A sparse extent (KDMV, COWD, seSparse) whose guest byte 0 is the extent's first byte.
+    Layer(Box<dyn Layer>),
 }
 
 /// One extent as the descriptor gives it.
@@ -39,6 +41,7 @@ struct Placed {
 pub struct ExtentDisk {
     extents: Vec<Placed>,
     size: u64,
+    descriptor: std::path::PathBuf,
 }
 
 impl ExtentDisk {
@@ -64,6 +67,20 @@ impl ExtentDisk {
                     ));
                 }
             }
+            if let ExtentTarget::Layer(l) = &s.target {
+                if l.size() < s.len {
+                    return Err(Error::bad_input(
+                        l.path(),
+                        format!(
+                            "sparse extent holds {} bytes but the descriptor {} gives it {} sectors; \
+                             the descriptor does not belong to this file",
+                            l.size(),
+                            descriptor.display(),
+                            s.len / 512
+                        ),
+                    ));
+                }
+            }
             extents.push(Placed {
                 start,
                 len: s.len,
@@ -74,6 +91,7 @@ impl ExtentDisk {
         Ok(ExtentDisk {
             extents,
             size: start,
+            descriptor: descriptor.to_path_buf(),
         })
     }
 
@@ -103,6 +121,7 @@ impl DiskReader for ExtentDisk {
                     file.read_exact_at(dst, fo + (s - e.start))?
                 }
                 ExtentTarget::Zero => dst.fill(0),
+                ExtentTarget::Layer(l) => l.read(dst, s - e.start)?,
             }
         }
         Ok(())
@@ -123,7 +142,66 @@ impl DiskReader for ExtentDisk {
                     }
                 }
             }
+            if let ExtentTarget::Layer(l) = &e.target {
+                for sp in l.map(s - e.start..t - e.start)? {
+                    if sp.state == State::Data {
+                        let g = sp.range.start + e.start..sp.range.end + e.start;
+                        match out.last_mut() {
+                            Some(last) if last.end == g.start => last.end = g.end,
+                            _ => out.push(g),
+                        }
+                    }
+                }
+            }
         }
         Ok(out)
+    }
+}
+
+/// As a chain link: file data is `Data`, file holes and ZERO extents are `Zero` (a flat extent
+/// hides its parent entirely), sparse extents answer for themselves.
+impl Layer for ExtentDisk {
+    fn path(&self) -> &Path {
+        &self.descriptor
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn map(&self, range: Range<u64>) -> Result<Vec<Span>> {
+        let range = range.start..range.end.min(self.size);
+        let mut out = Vec::new();
+        for e in self.overlapping(range.clone()) {
+            let s = e.start.max(range.start);
+            let t = (e.start + e.len).min(range.end);
+            match &e.target {
+                ExtentTarget::Zero => push_span(&mut out, s..t, State::Zero),
+                ExtentTarget::File { file, offset } => {
+                    let mut pos = s;
+                    for r in file.data_ranges(offset + (s - e.start)..offset + (t - e.start))? {
+                        let g = r.start - offset + e.start..r.end - offset + e.start;
+                        push_span(&mut out, pos..g.start, State::Zero);
+                        push_span(&mut out, g.clone(), State::Data);
+                        pos = g.end;
+                    }
+                    push_span(&mut out, pos..t, State::Zero);
+                }
+                ExtentTarget::Layer(l) => {
+                    for sp in l.map(s - e.start..t - e.start)? {
+                        push_span(
+                            &mut out,
+                            sp.range.start + e.start..sp.range.end + e.start,
+                            sp.state,
+                        );
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        DiskReader::read_at(self, buf, offset)
     }
 }

@@ -2,6 +2,8 @@
 //! directories and disk images (sparse files, VMDK descriptors, qemu-img made images).
 #![allow(dead_code)]
 
+pub mod vectors;
+
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,6 @@
+//! Fuzz target: the cowd parser (see vmrepo::fuzzing). Run: `cargo +nightly fuzz run cowd`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    vmrepo::fuzzing::exercise("cowd", data);
+});

@@ -1,0 +1,6 @@
+//! Fuzz target: the descriptor parser (see vmrepo::fuzzing). Run: `cargo +nightly fuzz run descriptor`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    vmrepo::fuzzing::exercise("descriptor", data);
+});

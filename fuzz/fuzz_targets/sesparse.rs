@@ -1,0 +1,6 @@
+//! Fuzz target: the sesparse parser (see vmrepo::fuzzing). Run: `cargo +nightly fuzz run sesparse`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    vmrepo::fuzzing::exercise("sesparse", data);
+});

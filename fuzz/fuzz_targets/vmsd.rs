@@ -1,0 +1,6 @@
+//! Fuzz target: the vmsd parser (see vmrepo::fuzzing). Run: `cargo +nightly fuzz run vmsd`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    vmrepo::fuzzing::exercise("vmsd", data);
+});

@@ -1,0 +1,6 @@
+//! Fuzz target: the vmx parser (see vmrepo::fuzzing). Run: `cargo +nightly fuzz run vmx`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    vmrepo::fuzzing::exercise("vmx", data);
+});

@@ -1,0 +1,229 @@
+//! What every grain-table format shares (KDMV, COWD, seSparse, qcow2): a lookup from grain number
+//! to "absent / zero / at this file offset / compressed there", turned into a [`Layer`] that
+//! coalesces runs of grains stored back to back into single large reads, plus a bounded cache
+//! of loaded tables.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use super::{push_span, Layer, RandomRead, Span, State};
+use crate::error::Result;
+
+/// Where a grain's bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grain {
+    /// Not in this layer (the parent's bytes, or zeros without a parent).
+    Absent,
+    /// Zeros, hiding the parent.
+    Zero,
+    /// Stored uncompressed at this byte offset of the file.
+    At(u64),
+    /// Stored compressed; the value is format-specific (a byte offset, or a qcow2 descriptor).
+    Packed(u64),
+}
+
+/// A grain-table format.
+pub trait GrainFormat: Send + Sync {
+    /// The file the grains are in.
+    fn file(&self) -> &dyn RandomRead;
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Grain size in bytes (a power of two).
+    fn grain_bytes(&self) -> u64;
+    /// The grain `index` and how many grains from `index` on share the same answer (≥ 1; more
+    /// than one only for `Absent`/`Zero` answers such as a missing grain table).
+    fn lookup(&self, index: u64) -> Result<(Grain, u64)>;
+    /// Decompresses the grain `index` stored as `Packed(v)` into `out` (the grain's bytes,
+    /// shorter than a grain only for the last one).
+    fn unpack(&self, index: u64, v: u64, out: &mut [u8]) -> Result<()>;
+}
+
+/// A [`GrainFormat`] as a [`Layer`].
+pub struct GrainLayer<F: GrainFormat>(pub F);
+
+impl<F: GrainFormat> GrainLayer<F> {
+    /// Calls `f(first_grain, count, grain)` for consecutive runs of grains covering `range`.
+    fn walk(
+        &self,
+        range: Range<u64>,
+        mut f: impl FnMut(u64, u64, Grain) -> Result<()>,
+    ) -> Result<()> {
+        let gb = self.0.grain_bytes();
+        let end = range.end.min(self.0.size());
+        if range.start >= end {
+            return Ok(());
+        }
+        let mut g = range.start / gb;
+        let last = (end - 1) / gb;
+        while g <= last {
+            let (grain, n) = self.0.lookup(g)?;
+            let n = n.clamp(1, last - g + 1);
+            f(g, n, grain)?;
+            g += n;
+        }
+        Ok(())
+    }
+}
+
+impl<F: GrainFormat> Layer for GrainLayer<F> {
+    fn path(&self) -> &Path {
+        self.0.file().path()
+    }
+
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn map(&self, range: Range<u64>) -> Result<Vec<Span>> {
+        let gb = self.0.grain_bytes();
+        let size = self.0.size();
+        let mut out = Vec::new();
+        self.walk(range.clone(), |g, n, grain| {
+            let r = (g * gb).max(range.start)..((g + n) * gb).min(range.end).min(size);
+            let state = match grain {
+                Grain::Absent => State::Absent,
+                Grain::Zero => State::Zero,
+                Grain::At(_) | Grain::Packed(_) => State::Data,
+            };
+            push_span(&mut out, r, state);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let gb = self.0.grain_bytes();
+        let size = self.0.size();
+        let end = offset + buf.len() as u64;
+        // A pending run of uncompressed grains contiguous in the file: (guest start, file start, len).
+        let mut run: Option<(u64, u64, u64)> = None;
+        let file = self.0.file();
+        let flush = |run: &mut Option<(u64, u64, u64)>, buf: &mut [u8]| -> Result<()> {
+            if let Some((gs, fs, len)) = run.take() {
+                let at = (gs - offset) as usize;
+                file.read_exact_at(&mut buf[at..at + len as usize], fs)?;
+            }
+            Ok(())
+        };
+        let mut scratch = Vec::new();
+        self.walk(offset..end, |g, n, grain| {
+            let r = (g * gb).max(offset)..((g + n) * gb).min(end).min(size);
+            match grain {
+                Grain::At(fo) => {
+                    let fs = fo.saturating_add(r.start - g * gb);
+                    let len = r.end - r.start;
+                    match &mut run {
+                        Some((gs, rfs, rlen))
+                            if *gs + *rlen == r.start && rfs.checked_add(*rlen) == Some(fs) =>
+                        {
+                            *rlen += len
+                        }
+                        _ => {
+                            flush(&mut run, buf)?;
+                            run = Some((r.start, fs, len));
+                        }
+                    }
+                }
+                Grain::Absent | Grain::Zero => {
+                    flush(&mut run, buf)?;
+                    buf[(r.start - offset) as usize..(r.end - offset) as usize].fill(0);
+                }
+                Grain::Packed(v) => {
+                    flush(&mut run, buf)?;
+                    let glen = (gb.min(size - g * gb)) as usize;
+                    scratch.resize(glen, 0);
+                    self.0.unpack(g, v, &mut scratch)?;
+                    let from = (r.start - g * gb) as usize;
+                    buf[(r.start - offset) as usize..(r.end - offset) as usize]
+                        .copy_from_slice(&scratch[from..from + (r.end - r.start) as usize]);
+                }
+            }
+            Ok(())
+        })?;
+        flush(&mut run, buf)?;
+        // Past the layer's end (a parent shorter than its child) reads as zeros.
+        if end > size {
+            let from = size.saturating_sub(offset) as usize;
+            buf[from..].fill(0);
+        }
+        Ok(())
+    }
+}
+
+/// Loaded grain tables keyed by their file offset. Bounded: when it holds more than `cap`
+/// entries it is emptied, so memory stays flat however large the disk.
+pub struct TableCache {
+    tables: Mutex<(HashMap<u64, Arc<[u64]>>, usize)>,
+    cap: usize,
+}
+
+impl TableCache {
+    /// A cache holding up to `cap` table entries in total.
+    pub fn new(cap: usize) -> TableCache {
+        TableCache {
+            tables: Mutex::new((HashMap::new(), 0)),
+            cap,
+        }
+    }
+
+    /// The table at `key`, loading it with `load` when not cached.
+    pub fn get(&self, key: u64, load: impl FnOnce() -> Result<Vec<u64>>) -> Result<Arc<[u64]>> {
+        if let Some(t) = self.tables.lock().unwrap().0.get(&key) {
+            return Ok(t.clone());
+        }
+        let t: Arc<[u64]> = load()?.into();
+        let mut guard = self.tables.lock().unwrap();
+        let (map, count) = &mut *guard;
+        if *count + t.len() > self.cap {
+            map.clear();
+            *count = 0;
+        }
+        *count += t.len();
+        map.insert(key, t.clone());
+        Ok(t)
+    }
+}
+
+/// Reads `n` little-endian u32 entries at byte `offset` as u64s.
+pub fn read_u32_table(file: &dyn RandomRead, offset: u64, n: u64, what: &str) -> Result<Vec<u64>> {
+    let b = file.read_vec(offset, n * 4, what)?;
+    Ok(b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as u64)
+        .collect())
+}
+
+/// Reads `n` u64 entries at byte `offset`, little- or big-endian.
+pub fn read_u64_table(
+    file: &dyn RandomRead,
+    offset: u64,
+    n: u64,
+    big_endian: bool,
+    what: &str,
+) -> Result<Vec<u64>> {
+    let b = file.read_vec(offset, n * 8, what)?;
+    Ok(b.chunks_exact(8)
+        .map(|c| {
+            let a: [u8; 8] = c.try_into().unwrap();
+            if big_endian {
+                u64::from_be_bytes(a)
+            } else {
+                u64::from_le_bytes(a)
+            }
+        })
+        .collect())
+}
+
+/// Little-endian field readers over a header buffer.
+pub fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+/// See [`le32`].
+pub fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// Number of entries a grain-table cache may hold (8 Mi entries = 64 MiB).
+pub const TABLE_CACHE_ENTRIES: usize = 8 << 20;

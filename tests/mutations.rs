@@ -1,0 +1,138 @@
+//! Every input parser (descriptor, .vmx, .vmsd, KDMV, COWD, seSparse, qcow2) run over a few
+//! thousand mutated copies of valid files — bytes flipped, header fields set to extreme values,
+//! files cut short — in-process through `vmrepo::fuzzing::exercise`. Any panic fails the test;
+//! errors are the expected outcome. (`fuzz/` has cargo-fuzz targets for longer runs.)
+
+mod common;
+use common::vectors::*;
+use common::*;
+use std::fs;
+
+/// Deterministic xorshift generator.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
+    let mut d = seed.to_vec();
+    // Most damage goes into the first 4 KiB, where headers and tables live.
+    let pick = |rng: &mut Rng, len: usize| {
+        if rng.below(5) < 4 {
+            rng.below(len.min(4096))
+        } else {
+            rng.below(len)
+        }
+    };
+    match rng.below(4) {
+        0 => {
+            for _ in 0..1 + rng.below(8) {
+                let i = pick(rng, d.len());
+                d[i] ^= 1 << rng.below(8);
+            }
+        }
+        1 => {
+            let i = pick(rng, d.len()) & !3;
+            let v: [u8; 8] = match rng.below(5) {
+                0 => [0; 8],
+                1 => [0xff; 8],
+                2 => (1u64 << 31).to_le_bytes(),
+                3 => (1u64 << 40).to_be_bytes(),
+                _ => rng.next().to_le_bytes(),
+            };
+            let n = (d.len() - i).min(if rng.below(2) == 0 { 4 } else { 8 });
+            d[i..i + n].copy_from_slice(&v[..n]);
+        }
+        2 => {
+            let cut = rng.below(d.len());
+            d.truncate(cut);
+        }
+        _ => {
+            for _ in 0..1 + rng.below(32) {
+                let i = rng.below(d.len());
+                d[i] = rng.next() as u8;
+            }
+        }
+    }
+    d
+}
+
+#[test]
+fn parsers_survive_thousands_of_mutated_inputs() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    sh(&format!(
+        "cd {} && qemu-img create -q -f vmdk -o zeroed_grain=on k.vmdk 4M && \
+         qemu-io -c 'write -P 0x11 0 64k' -c 'write -z 64k 64k' -c 'write -P 0x22 3M 4k' k.vmdk && \
+         qemu-img convert -O vmdk -o subformat=streamOptimized k.vmdk so.vmdk && \
+         qemu-img convert -O qcow2 k.vmdk q.qcow2 && qemu-img convert -c -O qcow2 k.vmdk qz.qcow2 && \
+         qemu-img convert -c -O qcow2 -o compression_type=zstd k.vmdk qzstd.qcow2",
+        d.display()
+    ))
+    .ok();
+    stream_gd_at_end(&d.join("end.vmdk"), &bytes(256 << 10, 5), &[1]);
+    cowd_delta(
+        d,
+        "c",
+        "p.vmdk",
+        1,
+        2,
+        16384,
+        1,
+        &[(1, vec![1; 512]), (5000, vec![2; 512])],
+    );
+    sesparse_delta_at(
+        d,
+        "s",
+        "p.vmdk",
+        1,
+        2,
+        8192,
+        &[
+            (0, SeGrain::Zero),
+            (1, SeGrain::Unmapped),
+            (2, SeGrain::Data(vec![3; 4096])),
+        ],
+        false,
+        1,
+    );
+    let read = |n: &str| fs::read(d.join(n)).unwrap();
+    let vmx = b"displayName = \"a|22b\"\nscsi0.present = \"TRUE\"\nscsi0:0.present = \"TRUE\"\nscsi0:0.fileName = \"a.vmdk\"\nsata0:1.present = \"TRUE\"\nsata0:1.fileName = \"b.vmdk\"\n".to_vec();
+    let vmsd = b"snapshot.current = \"1\"\nsnapshot0.uid = \"1\"\nsnapshot0.displayName = \"x\"\nsnapshot0.createTimeHigh = \"388745\"\nsnapshot0.createTimeLow = \"-1991180826\"\nsnapshot0.numDisks = \"1\"\nsnapshot0.disk0.fileName = \"a.vmdk\"\nsnapshot0.disk0.node = \"scsi0:0\"\n".to_vec();
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("descriptor", read("c.vmdk")),
+        (
+            "descriptor",
+            vmfs_descriptor("x-flat.vmdk", 1 << 20).into_bytes(),
+        ),
+        ("vmx", vmx),
+        ("vmsd", vmsd),
+        ("kdmv", read("k.vmdk")),
+        ("kdmv", read("so.vmdk")),
+        ("kdmv", read("end.vmdk")),
+        ("cowd", read("c-delta.vmdk")),
+        ("sesparse", read("s-sesparse.vmdk")),
+        ("qcow2", read("q.qcow2")),
+        ("qcow2", read("qz.qcow2")),
+        ("qcow2", read("qzstd.qcow2")),
+    ];
+    // Every seed is valid as it is.
+    for (parser, seed) in &seeds {
+        vmrepo::fuzzing::exercise(parser, seed);
+    }
+    let mut rng = Rng(0x5eed_1234_abcd_ef01);
+    for (parser, seed) in &seeds {
+        for _ in 0..400 {
+            vmrepo::fuzzing::exercise(parser, &mutate(seed, &mut rng));
+        }
+    }
+}
