@@ -44,6 +44,10 @@ pub struct IngestOptions {
     pub verify_unchanged: f64,
     /// Commands to run before and after.
     pub hooks: crate::hooks::Hooks,
+    /// Snapshot age and chain depth limits checked before reading (warnings), if any.
+    pub limits: Option<crate::preflight::Limits>,
+    /// Refuse to read a VM that breaks the limits instead of warning.
+    pub strict: bool,
     /// Where absolute datastore paths in descriptors are found locally.
     pub datastore_map: Vec<(std::path::PathBuf, std::path::PathBuf)>,
     /// Read each disk as this snapshot (`latest` or a name from the .vmsd) froze it.
@@ -178,6 +182,23 @@ fn ingest_unhooked(
 ) -> Result<IngestReport> {
     let began = Instant::now();
     let started = jiff::Timestamp::now();
+    let chain_opts = crate::source::chain::ChainOptions {
+        datastore_map: opts.datastore_map.clone(),
+    };
+    let mut preflight = Vec::new();
+    if let Some(limits) = &opts.limits {
+        // A chain that cannot be walked is reported by the ingest itself, with its reason.
+        if let Ok(found) = crate::preflight::check(path, &chain_opts, limits) {
+            if !found.is_empty() && opts.strict {
+                return Err(Error::Usage(format!(
+                    "refusing to back up {} (--strict): {}",
+                    path.display(),
+                    found.join("; ")
+                )));
+            }
+            preflight = found;
+        }
+    }
     let plan = open_source_with(
         path,
         &SourceOptions {
@@ -188,6 +209,8 @@ fn ingest_unhooked(
             at_snapshot: opts.at_snapshot.clone(),
         },
     )?;
+    let mut plan = plan;
+    plan.warnings.extend(preflight);
     for w in &plan.warnings {
         progress.note(&format!("warning: {w}"));
     }

@@ -45,6 +45,12 @@ pub struct VmSettings {
     pub name: Option<String>,
     /// Snapshot to read the disks as (`latest` or a snapshot name).
     pub at_snapshot: Option<String>,
+    /// Warn about snapshots older than this many days (default 3).
+    pub max_snapshot_age_days: Option<f64>,
+    /// Warn about disks with more deltas than this above their base (default 2).
+    pub max_chain_depth: Option<usize>,
+    /// Refuse (fail the VM) instead of warning.
+    pub strict: Option<bool>,
 }
 
 /// `[retention]`: prune after the ingests (same rules as `vmrepo prune --policy`).
@@ -179,6 +185,9 @@ impl JobFile {
                 hook_timeout: v.hook_timeout.or(d.hook_timeout),
                 name: v.name.clone(),
                 at_snapshot: v.at_snapshot.clone().or(d.at_snapshot.clone()),
+                max_snapshot_age_days: v.max_snapshot_age_days.or(d.max_snapshot_age_days),
+                max_chain_depth: v.max_chain_depth.or(d.max_chain_depth),
+                strict: v.strict.or(d.strict),
             },
         }
     }
@@ -260,6 +269,13 @@ pub fn run(
                         timeout: Duration::from_secs(s.hook_timeout.unwrap_or(default_timeout())),
                     },
                     at_snapshot: s.at_snapshot.clone(),
+                    limits: Some(crate::preflight::Limits {
+                        max_snapshot_age_days: s
+                            .max_snapshot_age_days
+                            .unwrap_or(crate::inspect::OLD_SNAPSHOT_DAYS),
+                        max_chain_depth: s.max_chain_depth.unwrap_or(crate::inspect::DEEP_CHAIN),
+                    }),
+                    strict: s.strict.unwrap_or(false),
                     ..Default::default()
                 };
                 progress.note(&format!("== {}", path.display()));

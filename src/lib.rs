@@ -31,6 +31,7 @@ pub mod mount;
 pub mod nbd;
 pub mod object;
 pub mod pack;
+pub mod preflight;
 pub mod progress;
 pub mod prune;
 pub mod reader;

@@ -142,6 +142,15 @@ disk; files are only ever opened read-only. Use `vmrepo inspect` to see what wou
         /// Longest the pre- or post-command may run before it is killed.
         #[arg(long, value_name = "SECONDS", default_value_t = 600)]
         hook_timeout: u64,
+        /// Warn (or with --strict refuse) when the VM has a snapshot older than this.
+        #[arg(long, value_name = "DAYS", default_value_t = vmrepo::inspect::OLD_SNAPSHOT_DAYS)]
+        max_snapshot_age: f64,
+        /// Warn (or with --strict refuse) when a disk has more deltas than this above its base.
+        #[arg(long, value_name = "N", default_value_t = vmrepo::inspect::DEEP_CHAIN)]
+        max_chain_depth: usize,
+        /// Refuse to back up a VM with old snapshots or deep chains instead of warning.
+        #[arg(long)]
+        strict: bool,
         /// Read each disk as a snapshot froze it: `latest` (the most recently taken) or a
         /// snapshot name from the .vmsd. The hot-backup case: the running VM writes into the
         /// newer delta while vmrepo reads the frozen links. The disk is restored under the
@@ -496,6 +505,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pre_command,
             post_command,
             hook_timeout,
+            max_snapshot_age,
+            max_chain_depth,
+            strict,
             at_snapshot,
             datastore_map,
             json,
@@ -523,6 +535,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 hooks,
                 datastore_map,
                 at_snapshot,
+                limits: Some(vmrepo::preflight::Limits {
+                    max_snapshot_age_days: max_snapshot_age,
+                    max_chain_depth,
+                }),
+                strict,
             };
             let report = ingest(&r, &source, &opts, &bar).with_context(|| {
                 format!(
