@@ -10,7 +10,7 @@
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -19,6 +19,20 @@ use crate::error::{Error, Result};
 
 /// Process group of the hook running now (0: none), so an interrupt can stop it.
 static RUNNING: AtomicI32 = AtomicI32::new(0);
+
+/// Set when the process is being interrupted: the signal handler runs the post-command, so
+/// the ingest must not run it a second time.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Marks the process as interrupted (the caller runs the post-command and exits).
+pub fn mark_interrupted() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// True once [`mark_interrupted`] was called.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
 
 /// Kills the hook that is running, if any (used when the ingest is interrupted).
 pub fn kill_running() {

@@ -133,6 +133,12 @@ pub fn ingest(
         None => Ok(()),
     }
     .and_then(|()| ingest_unhooked(repo, path, opts, progress));
+    if crate::hooks::interrupted() {
+        // The interrupt handler runs the post-command and ends the process; do not race it.
+        loop {
+            std::thread::park();
+        }
+    }
     if let Some(cmd) = &h.post {
         let status = if result.is_ok() { "success" } else { "failure" };
         progress.note(&format!("post-command ({status}): {cmd}"));
@@ -230,7 +236,7 @@ fn ingest_unhooked(
     };
     let base = match &opts.changes {
         Some(c) => Some(load_base(repo, &plan, c, opts.since.as_deref())?),
-        None => None,
+        None => load_chain_base(repo, &plan)?,
     };
     let store = Store::new(repo)?;
     match run(
@@ -266,7 +272,77 @@ fn ingest_unhooked(
 struct Base<'a> {
     name: String,
     manifest: Manifest,
-    changes: &'a ChangedRanges,
+    /// The changed-ranges list, or `None` to compare snapshot chains with `manifest`'s.
+    changes: Option<&'a ChangedRanges>,
+}
+
+/// For a VM with snapshot chains and no changed-ranges list: its latest generation, whose
+/// recorded chains tell which links tonight's chains add.
+fn load_chain_base(repo: &Repository, plan: &SourcePlan) -> Result<Option<Base<'static>>> {
+    if !plan.disks.iter().any(|d| d.layout.is_some()) {
+        return Ok(None);
+    }
+    let gen = match repo.with_index(|i| i.resolve(&plan.vm)) {
+        Ok(g) => g,
+        Err(Error::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(Some(Base {
+        manifest: repo.load_manifest(&gen.manifest)?,
+        name: gen.name,
+        changes: None,
+    }))
+}
+
+/// Tonight's chain of `d` against the chain `prev` recorded: if the links `prev` read are
+/// unchanged at the bottom of tonight's chain, the ranges the new links on top hold.
+fn chain_changes(
+    d: &DiskPlan,
+    prev: &crate::manifest::DiskEntry,
+    since: &str,
+) -> Result<Option<std::result::Result<Vec<Range<u64>>, String>>> {
+    let Some(now) = &d.layout else {
+        return Ok(None);
+    };
+    let Some(before) = &prev.layout else {
+        return Ok(Some(Err(format!(
+            "disk {}: {since} did not read it as a snapshot chain",
+            d.slot
+        ))));
+    };
+    let (now, before) = (&now.chain, &before.chain);
+    if now.len() < before.len() {
+        return Ok(Some(Err(format!(
+            "disk {}: its chain has {} link(s), {} at {since} (snapshots were consolidated)",
+            d.slot,
+            now.len(),
+            before.len()
+        ))));
+    }
+    let k = now.len() - before.len();
+    for (a, b) in now[k..].iter().zip(before) {
+        let same = a.file == b.file
+            && a.format == b.format
+            && a.cid == b.cid
+            && a.virtual_size == b.virtual_size
+            && a.stamp.is_some()
+            && a.stamp == b.stamp;
+        if !same {
+            return Ok(Some(Err(format!(
+                "disk {}: link {} changed since {since} (CID, size or modification time)",
+                d.slot, a.file
+            ))));
+        }
+    }
+    let mut ranges = Vec::new();
+    for level in 0..k {
+        match d.reader.link_ranges(level) {
+            Some(r) => ranges.extend(r?),
+            None => return Ok(None),
+        }
+    }
+    ranges.sort_by_key(|r| r.start);
+    Ok(Some(Ok(ranges)))
 }
 
 fn load_base<'a>(
@@ -305,7 +381,7 @@ fn load_base<'a>(
     Ok(Base {
         manifest: repo.load_manifest(&gen.manifest)?,
         name: gen.name,
-        changes,
+        changes: Some(changes),
     })
 }
 
@@ -336,37 +412,47 @@ fn plan_reuse(
     d: &DiskPlan,
     disks: usize,
     params: &ChunkerParams,
-) -> Result<std::result::Result<Reuse, String>> {
+) -> Result<Option<std::result::Result<Reuse, String>>> {
     let size = d.reader.size();
-    let Some(ranges) = base.changes.for_disk(&d.slot, disks, size)? else {
-        return Ok(Err(format!(
-            "disk {}: no changed ranges given for it",
-            d.slot
-        )));
-    };
     let Some(prev) = base.manifest.disks.iter().find(|p| p.slot == d.slot) else {
-        return Ok(Err(format!(
+        return Ok(Some(Err(format!(
             "disk {}: {} has no such disk",
             d.slot, base.name
-        )));
+        ))));
+    };
+    let ranges = match base.changes {
+        Some(c) => match c.for_disk(&d.slot, disks, size)? {
+            Some(r) => r,
+            None => {
+                return Ok(Some(Err(format!(
+                    "disk {}: no changed ranges given for it",
+                    d.slot
+                ))))
+            }
+        },
+        None => match chain_changes(d, prev, &base.name)? {
+            None => return Ok(None),
+            Some(Err(why)) => return Ok(Some(Err(why))),
+            Some(Ok(r)) => r,
+        },
     };
     if prev.virtual_size != size {
-        return Ok(Err(format!(
+        return Ok(Some(Err(format!(
             "disk {}: its size changed from {} to {size} bytes since {}",
             d.slot, prev.virtual_size, base.name
-        )));
+        ))));
     }
     let map = repo.load_disk_map(&prev.disk_map)?;
     if map.segment_size != params.segment_size {
-        return Ok(Err(format!(
+        return Ok(Some(Err(format!(
             "disk {}: {} was cut in other segments",
             d.slot, base.name
-        )));
+        ))));
     }
-    Ok(Ok(Reuse {
+    Ok(Some(Ok(Reuse {
         touched: crate::changes::touched_segments(&ranges, size, params.segment_size as u64),
         segments: map.segments,
-    }))
+    })))
 }
 
 /// Re-examines damaged generations: this ingest may have stored again what they had lost.
@@ -429,7 +515,10 @@ fn run(
 
     let mut incremental = base.map(|b| Incremental {
         since: b.name.clone(),
-        source: b.changes.source.clone(),
+        source: match b.changes {
+            Some(c) => c.source.clone(),
+            None => "snapshot chain".into(),
+        },
         ..Default::default()
     });
     let mut reuse = Vec::with_capacity(plan.disks.len());
@@ -437,8 +526,9 @@ fn run(
         reuse.push(match base {
             None => None,
             Some(b) => match plan_reuse(repo, b, d, plan.disks.len(), &params)? {
-                Ok(r) => Some(r),
-                Err(why) => {
+                None => None,
+                Some(Ok(r)) => Some(r),
+                Some(Err(why)) => {
                     progress.note(&format!("full read: {why}"));
                     if let Some(i) = incremental.as_mut() {
                         i.full_reads.push(why);
@@ -503,6 +593,14 @@ fn run(
     if let Some(i) = incremental.as_mut() {
         i.segments_taken = stats.segments_skipped;
         i.segments_verified = counters.segments_verified.load(Ordering::Relaxed);
+    }
+    // Chain comparison that found nothing to say (no chained disk took part): not incremental.
+    if base.is_some_and(|b| b.changes.is_none())
+        && incremental
+            .as_ref()
+            .is_some_and(|i| i.segments_taken == 0 && i.full_reads.is_empty())
+    {
+        incremental = None;
     }
     let mut manifest = Manifest {
         version: crate::manifest::manifest_version_for(&disks),

@@ -937,6 +937,7 @@ fn post_command_on_signal(
     std::thread::spawn(move || {
         let sig = signals.wait();
         eprintln!("vmrepo: {sig}: stopping the ingest (no generation is recorded); running the post-command");
+        vmrepo::hooks::mark_interrupted();
         vmrepo::hooks::kill_running();
         match vmrepo::hooks::run(&cmd, "post", &vm, &source, Some("interrupted"), timeout) {
             Ok(r) if r.ok() => {}

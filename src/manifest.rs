@@ -328,6 +328,11 @@ pub struct ChainLink {
     /// The link's descriptor text (separate or embedded), verbatim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub descriptor: Option<String>,
+    /// Identity of the link's files when read: a hash of each file's name, size and
+    /// modification time. Equal stamps mean an unchanged (frozen) link, which lets the next
+    /// ingest read only the links above it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<String>,
 }
 
 /// How one extent of a disk maps onto a file (or onto nothing, for ZERO extents).

@@ -473,6 +473,21 @@ fn build_extent_disk(
     })
 }
 
+/// Name, size and modification time of a link's files, hashed (see [`ChainLink::stamp`]).
+fn link_stamp(l: &chain::Link) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut h = blake3::Hasher::new();
+    for f in std::iter::once(&l.path).chain(&l.extent_files) {
+        let m = std::fs::metadata(f).ok()?;
+        h.update(f.as_os_str().as_encoded_bytes());
+        h.update(&m.len().to_le_bytes());
+        h.update(&m.mtime().to_le_bytes());
+        h.update(&m.mtime_nsec().to_le_bytes());
+        h.update(&[0]);
+    }
+    Some(h.finalize().to_hex()[..32].to_string())
+}
+
 /// A disk read through the chain reader (sparse formats, snapshot deltas, qcow2): `read` is the
 /// leaf to read, `restore_name` the name the VM refers to the disk by.
 fn open_chain_disk(
@@ -496,6 +511,7 @@ fn open_chain_disk(
                 .descriptor
                 .as_ref()
                 .map(|d| String::from_utf8_lossy(d).into_owned()),
+            stamp: link_stamp(l),
         });
     }
     let leaf_format = links[0].format.clone();

@@ -120,7 +120,10 @@ fn ctrl_c_still_runs_the_post_command_and_records_nothing() {
             p(&repo),
             p(&img),
             s("--pre-command"),
-            s("sleep 2"),
+            s(&format!(
+                "touch '{}'; sleep 5",
+                t.path().join("pre-started").display()
+            )),
             s("--post-command"),
             s(&recorder(t.path(), "hooks.log")),
         ])
@@ -128,7 +131,15 @@ fn ctrl_c_still_runs_the_post_command_and_records_nothing() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Interrupt while the pre-command runs (vmrepo has set up its signal handling by then).
+    let started = std::time::Instant::now();
+    while !t.path().join("pre-started").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the pre-command never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // SAFETY: signalling our own child process.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);

@@ -539,6 +539,20 @@ impl DiskReader for Chain {
         Ok(())
     }
 
+    fn link_ranges(&self, level: usize) -> Option<Result<Vec<Range<u64>>>> {
+        let layer = self.layers.get(level)?;
+        Some(layer.map(0..layer.size()).map(|spans| {
+            let mut out: Vec<Range<u64>> = Vec::new();
+            for s in spans.into_iter().filter(|s| s.state != State::Absent) {
+                match out.last_mut() {
+                    Some(last) if last.end == s.range.start => last.end = s.range.end,
+                    _ => out.push(s.range),
+                }
+            }
+            out
+        }))
+    }
+
     fn allocated(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
         let mut pieces = Vec::new();
         self.resolve(0, range, &mut pieces)?;

@@ -39,6 +39,13 @@ pub trait DiskReader: Send + Sync {
     /// The sub-ranges of `range` that may hold non-zero data, sorted and disjoint. Everything
     /// else in `range` is guaranteed to read as zeros and is never read by ingest.
     fn allocated(&self, range: Range<u64>) -> Result<Vec<Range<u64>>>;
+
+    /// For a snapshot chain: the guest ranges where link `level` (0 = leaf) itself holds
+    /// anything (data or zeros hiding its parent), i.e. where it may differ from the chain below
+    /// it. `None` for readers that are not chains.
+    fn link_ranges(&self, _level: usize) -> Option<Result<Vec<Range<u64>>>> {
+        None
+    }
 }
 
 /// Byte-addressed, read-only access to one input file: a [`FlatFile`] on disk, or a [`MemFile`]
