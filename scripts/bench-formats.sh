@@ -6,12 +6,12 @@
 # does (4 MiB segments, allocation map, one read per allocated range), best of --passes, with
 # every file in the page cache so the figures are the readers' own cost.
 #
-# usage: scripts/bench-formats.sh [--size 2G] [--fill 1800M] [--passes 3] [--work DIR]
+# usage: scripts/bench-formats.sh [--size 2G] [--fill 1600M] [--passes 3] [--work DIR]
 # needs: qemu-utils, e2fsprogs, python3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SIZE=2G FILL=1800M PASSES=3 WORK=/tmp/vmrepo-formats
+SIZE=2G FILL=1600M PASSES=3 WORK=/tmp/vmrepo-formats
 while [ $# -gt 0 ]; do
     case "$1" in
         --size) SIZE=$2; shift 2 ;;
