@@ -152,10 +152,13 @@ impl<F: GrainFormat> Layer for GrainLayer<F> {
     }
 }
 
+/// Loaded tables by key, and their total entry count.
+type Tables = (HashMap<u64, Arc<[u64]>>, usize);
+
 /// Loaded grain tables keyed by their file offset. Bounded: when it holds more than `cap`
 /// entries it is emptied, so memory stays flat however large the disk.
 pub struct TableCache {
-    tables: Mutex<(HashMap<u64, Arc<[u64]>>, usize)>,
+    tables: Mutex<Tables>,
     cap: usize,
 }
 

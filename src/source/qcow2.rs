@@ -134,7 +134,7 @@ impl Qcow2 {
                 "L1 table of {l1_size} entries cannot cover {size} bytes (need {need})"
             )));
         }
-        if need > 0 && l1_offset % cluster != 0 {
+        if need > 0 && !l1_offset.is_multiple_of(cluster) {
             return Err(bad(format!(
                 "L1 table offset {l1_offset} is not cluster aligned"
             )));
@@ -216,7 +216,7 @@ impl Qcow2 {
         if off == 0 {
             return Ok(Grain::Absent);
         }
-        if off % (1 << self.cluster_bits) != 0 {
+        if !off.is_multiple_of(1 << self.cluster_bits) {
             return Err(Error::bad_input(
                 self.file.path(),
                 format!("L2 entry {e:#x} points at an unaligned cluster"),
@@ -252,7 +252,7 @@ impl GrainFormat for Qcow2 {
         if off == 0 {
             return Ok((Grain::Absent, per - i as u64));
         }
-        if off % (1 << self.cluster_bits) != 0 {
+        if !off.is_multiple_of(1 << self.cluster_bits) {
             return Err(Error::bad_input(
                 self.file.path(),
                 format!("L1 entry {l1i} points at an unaligned L2 table"),

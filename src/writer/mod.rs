@@ -197,7 +197,7 @@ pub fn write(
         DiskFormat::Raw => Ok(()),
         DiskFormat::Flat => {
             let sectors = size.div_ceil(512);
-            if size % 512 != 0 {
+            if !size.is_multiple_of(512) {
                 // Flat extents hold whole sectors.
                 let f = std::fs::OpenOptions::new()
                     .write(true)
@@ -235,10 +235,10 @@ pub fn write(
             let src = FlatFile::open(raw)?;
             let total = size.div_ceil(512);
             let mut lines = Vec::new();
-            for i in 1..outputs.len() {
+            for (i, out) in outputs.iter().enumerate().skip(1) {
                 let start = (i as u64 - 1) * TWO_GB_EXTENT_SECTORS;
                 let n = (total - start).min(TWO_GB_EXTENT_SECTORS);
-                kdmv::write_sparse(&outputs[i], &src, start * 512, n, None)?;
+                kdmv::write_sparse(out, &src, start * 512, n, None)?;
                 lines.push(format!("RW {n} SPARSE \"{}\"", name_of(i)));
             }
             let text = descriptor_text(&plan.create_type, &lines, size, source_descriptor, false);

@@ -53,6 +53,7 @@ pub fn vmfs_base(dir: &Path, name: &str, data: &[u8], cid: u32) {
 
 /// A vmfsSparse delta `NAME.vmdk` + `NAME-delta.vmdk` over `parent` (a descriptor name).
 /// `grains` are (grain index, bytes of one grain of `grain_sectors` sectors).
+#[allow(clippy::too_many_arguments)]
 pub fn cowd_delta(
     dir: &Path,
     name: &str,

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Read throughput of each disk reader on a large, mostly allocated image, against reading the
+# same data flat. One guest image (an ext4 filesystem from make-sample-vm.py) is converted to
+# monolithicSparse, streamOptimized, qcow2, compressed qcow2 (qemu-img) and to vmfs base + COWD
+# or seSparse delta (scripts/make-delta.py); examples/read_disk.rs then reads each the way ingest
+# does (4 MiB segments, allocation map, one read per allocated range), best of --passes, with
+# every file in the page cache so the figures are the readers' own cost.
+#
+# usage: scripts/bench-formats.sh [--size 2G] [--fill 1600M] [--passes 3] [--work DIR]
+# needs: qemu-utils, e2fsprogs, python3
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SIZE=2G FILL=1600M PASSES=3 WORK=/tmp/vmrepo-formats
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --size) SIZE=$2; shift 2 ;;
+        --fill) FILL=$2; shift 2 ;;
+        --passes) PASSES=$2; shift 2 ;;
+        --work) WORK=$2; shift 2 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        *) echo "bench-formats.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+cargo build --release --quiet --example read_disk
+READ=$PWD/target/release/examples/read_disk
+SCRIPTS=$PWD/scripts
+rm -rf "$WORK"; mkdir -p "$WORK"
+echo "== generating a $SIZE guest image with $FILL of files"
+python3 "$SCRIPTS/make-sample-vm.py" "$WORK/vm" --name g --size "$SIZE" --fill "$FILL" --seed 7 --hardlink >/dev/null
+cd "$WORK"
+cp --sparse=always vm/g-flat.vmdk flat.img
+echo "== converting"
+qemu-img convert -O vmdk -o subformat=monolithicSparse flat.img sparse.vmdk
+qemu-img convert -O vmdk -o subformat=streamOptimized flat.img stream.vmdk
+qemu-img convert -O qcow2 flat.img plain.qcow2
+qemu-img convert -c -O qcow2 flat.img zlib.qcow2
+python3 "$SCRIPTS/make-delta.py" flat.img cowd --format cowd
+python3 "$SCRIPTS/make-delta.py" flat.img se --format sesparse
+# Warm the page cache: every reader is measured from memory.
+cat flat.img sparse.vmdk stream.vmdk plain.qcow2 zlib.qcow2 cowd/* se/* >/dev/null
+
+printf '%-22s %-18s %12s %9s %10s %8s\n' FILE FORMAT BYTES_READ SECONDS MIB/S OF_FLAT
+flat_rate=""
+for f in flat.img sparse.vmdk stream.vmdk plain.qcow2 zlib.qcow2 cowd/delta.vmdk se/delta.vmdk; do
+    IFS=$'\t' read -r path fmt bytes secs rate _ < <("$READ" "$f" "$PASSES")
+    [ -z "$flat_rate" ] && flat_rate=$rate
+    pct=$(python3 -c "print(f'{100*$rate/$flat_rate:.0f}%')")
+    printf '%-22s %-18s %12s %9s %10s %8s\n' "$path" "$fmt" "$bytes" "$secs" "$rate" "$pct"
+done
