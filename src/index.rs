@@ -342,12 +342,10 @@ impl Index {
         st.exists([&id.0[..]]).map_err(|e| self.err(e))
     }
 
-    /// Records a sealed pack and the objects in it, in one transaction.
-    pub fn add_pack(
+    /// Runs `f` in one immediate (write) transaction and commits it; errors name the index.
+    fn write(
         &mut self,
-        name: &str,
-        size: u64,
-        records: &[(RecordHeader, u64)],
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>,
     ) -> Result<()> {
         let path = self.path.clone();
         let err = |e| Error::Index {
@@ -358,8 +356,21 @@ impl Index {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(err)?;
-        insert_pack(&tx, name, size, records).map_err(err)?;
+        f(&tx).map_err(err)?;
         tx.commit().map_err(err)
+    }
+
+    /// Records a sealed pack and the objects in it, in one transaction.
+    pub fn add_pack(
+        &mut self,
+        name: &str,
+        size: u64,
+        records: &[(RecordHeader, u64)],
+    ) -> Result<()> {
+        self.write(|tx| {
+            insert_pack(tx, name, size, records)?;
+            Ok(())
+        })
     }
 
     /// Prune: in one transaction, records the sealed pack holding the tombstone (if any) and
@@ -369,35 +380,25 @@ impl Index {
         tombstone_pack: Option<&SealedPack>,
         gens: &[GenerationInfo],
     ) -> Result<()> {
-        let path = self.path.clone();
-        let err = |e| Error::Index {
-            path: path.clone(),
-            cause: e,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(err)?;
-        if let Some(p) = tombstone_pack {
-            insert_pack(&tx, &p.name, p.size, &p.records).map_err(err)?;
-        }
-        for g in gens {
-            for table in ["disks", "files", "damaged"] {
-                tx.execute(
-                    &format!("DELETE FROM {table} WHERE generation = ?1"),
-                    [g.row],
-                )
-                .map_err(err)?;
+        self.write(|tx| {
+            if let Some(p) = tombstone_pack {
+                insert_pack(tx, &p.name, p.size, &p.records)?;
             }
-            tx.execute("DELETE FROM generations WHERE id = ?1", [g.row])
-                .map_err(err)?;
-        }
-        tx.execute(
-            "DELETE FROM vms WHERE id NOT IN (SELECT vm FROM generations)",
-            [],
-        )
-        .map_err(err)?;
-        tx.commit().map_err(err)
+            for g in gens {
+                for table in ["disks", "files", "damaged"] {
+                    tx.execute(
+                        &format!("DELETE FROM {table} WHERE generation = ?1"),
+                        [g.row],
+                    )?;
+                }
+                tx.execute("DELETE FROM generations WHERE id = ?1", [g.row])?;
+            }
+            tx.execute(
+                "DELETE FROM vms WHERE id NOT IN (SELECT vm FROM generations)",
+                [],
+            )?;
+            Ok(())
+        })
     }
 
     /// Garbage collection, one step in one transaction: drops `old_packs` with every object row
@@ -409,41 +410,29 @@ impl Index {
         new_packs: &[SealedPack],
         dead: &[ObjectId],
     ) -> Result<()> {
-        let path = self.path.clone();
-        let err = |e| Error::Index {
-            path: path.clone(),
-            cause: e,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(err)?;
-        for name in old_packs {
-            tx.execute(
-                "DELETE FROM objects WHERE pack = (SELECT id FROM packs WHERE name = ?1)",
-                [name],
-            )
-            .map_err(err)?;
-            tx.execute("DELETE FROM packs WHERE name = ?1", [name])
-                .map_err(err)?;
-        }
-        for p in new_packs {
-            insert_pack(&tx, &p.name, p.size, &p.records).map_err(err)?;
-        }
-        {
-            let mut st = tx
-                .prepare_cached("DELETE FROM objects WHERE id = ?1")
-                .map_err(err)?;
-            for id in dead {
-                st.execute([&id.0[..]]).map_err(err)?;
+        self.write(|tx| {
+            for name in old_packs {
+                tx.execute(
+                    "DELETE FROM objects WHERE pack = (SELECT id FROM packs WHERE name = ?1)",
+                    [name],
+                )?;
+                tx.execute("DELETE FROM packs WHERE name = ?1", [name])?;
             }
-        }
-        tx.execute(
-            "DELETE FROM segment_cache WHERE segment NOT IN (SELECT id FROM objects)",
-            [],
-        )
-        .map_err(err)?;
-        tx.commit().map_err(err)
+            for p in new_packs {
+                insert_pack(tx, &p.name, p.size, &p.records)?;
+            }
+            {
+                let mut st = tx.prepare_cached("DELETE FROM objects WHERE id = ?1")?;
+                for id in dead {
+                    st.execute([&id.0[..]])?;
+                }
+            }
+            tx.execute(
+                "DELETE FROM segment_cache WHERE segment NOT IN (SELECT id FROM objects)",
+                [],
+            )?;
+            Ok(())
+        })
     }
 
     /// Repair: forgets objects whose stored bytes are missing or damaged, and segment-cache rows
@@ -453,29 +442,19 @@ impl Index {
         objects: &[ObjectId],
         segments: &[ObjectId],
     ) -> Result<()> {
-        let path = self.path.clone();
-        let err = |e| Error::Index {
-            path: path.clone(),
-            cause: e,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(err)?;
-        for id in objects {
-            tx.execute("DELETE FROM objects WHERE id = ?1", [&id.0[..]])
-                .map_err(err)?;
-        }
-        for id in segments {
-            tx.execute("DELETE FROM segment_cache WHERE segment = ?1", [&id.0[..]])
-                .map_err(err)?;
-        }
-        tx.execute(
-            "DELETE FROM segment_cache WHERE segment NOT IN (SELECT id FROM objects)",
-            [],
-        )
-        .map_err(err)?;
-        tx.commit().map_err(err)
+        self.write(|tx| {
+            for id in objects {
+                tx.execute("DELETE FROM objects WHERE id = ?1", [&id.0[..]])?;
+            }
+            for id in segments {
+                tx.execute("DELETE FROM segment_cache WHERE segment = ?1", [&id.0[..]])?;
+            }
+            tx.execute(
+                "DELETE FROM segment_cache WHERE segment NOT IN (SELECT id FROM objects)",
+                [],
+            )?;
+            Ok(())
+        })
     }
 
     /// Marks a generation damaged (`detail` says what is lost), or clears the mark with `None`.

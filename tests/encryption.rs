@@ -361,13 +361,6 @@ fn copy_tree(from: &Path, to: &Path) {
     .ok();
 }
 
-fn packs(repo: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    all_files(&repo.join("data"), &mut files);
-    files.sort();
-    files
-}
-
 #[test]
 fn flipped_bits_in_data_files_and_index_are_detected_never_restored() {
     let t = tempfile::tempdir().unwrap();
@@ -421,16 +414,4 @@ fn flipped_bits_in_data_files_and_index_are_detected_never_restored() {
         assert!(same_file(&out.join("secret-web01-flat.vmdk"), &flat));
     }
     eprintln!("{reported} of 12 index flips were reported, the rest were harmless");
-}
-
-fn flip_bit(path: &Path, at: u64, bit: u8) {
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8];
-    f.read_exact_at(&mut b, at).unwrap();
-    b[0] ^= 1 << bit;
-    f.write_all_at(&b, at).unwrap();
 }

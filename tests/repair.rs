@@ -4,32 +4,7 @@
 mod common;
 use common::*;
 use std::fs;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-
-fn packs(repo: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for shard in fs::read_dir(repo.join("data")).unwrap() {
-        for f in fs::read_dir(shard.unwrap().path()).unwrap() {
-            out.push(f.unwrap().path());
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Flips one byte at `offset` of `path`.
-fn flip(path: &Path, offset: u64) {
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8];
-    f.read_exact_at(&mut b, offset).unwrap();
-    b[0] ^= 0x5a;
-    f.write_all_at(&b, offset).unwrap();
-}
+use std::path::PathBuf;
 
 #[test]
 fn repair_marks_damage_extract_refuses_and_a_new_ingest_heals() {
@@ -41,7 +16,7 @@ fn repair_marks_damage_extract_refuses_and_a_new_ingest_heals() {
     let gen = generations(&repo, "vm").pop().unwrap();
     let pack = packs(&repo).pop().unwrap();
     // A third of the way into the pack: chunk data, not the metadata written at the end.
-    flip(&pack, fs::metadata(&pack).unwrap().len() / 3);
+    flip_bit(&pack, fs::metadata(&pack).unwrap().len() / 3, 6);
 
     let r = vmrepo([s("check"), p(&repo), s("--read-data")]);
     assert_eq!(r.code, 1, "{}", r.stdout);
@@ -216,7 +191,7 @@ fn read_data_subsets_cover_everything_over_their_slices() {
     }
     // A flipped byte in a slice that is read is found.
     let pack = packs(&repo).remove(0);
-    flip(&pack, 100);
+    flip_bit(&pack, 100, 6);
     let mut found = false;
     for slice in ["1/3", "2/3", "3/3"] {
         let r = vmrepo([s("check"), p(&repo), s("--read-data-subset"), s(slice)]);

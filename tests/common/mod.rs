@@ -234,3 +234,28 @@ pub fn generations(repo: &Path, vm: &str) -> Vec<String> {
         .map(|g| g["name"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// The pack files of a repository, sorted.
+pub fn packs(repo: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for shard in fs::read_dir(repo.join("data")).unwrap() {
+        for f in fs::read_dir(shard.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Flips bit `bit` of the byte at `at` in `path` (damage for the corruption tests).
+pub fn flip_bit(path: &Path, at: u64, bit: u8) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 1 << bit;
+    f.write_all_at(&b, at).unwrap();
+}
