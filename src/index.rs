@@ -457,6 +457,13 @@ impl Index {
         })
     }
 
+    /// True if any generation is marked damaged (cheap: ingest asks after every run).
+    pub fn has_damaged(&self) -> Result<bool> {
+        self.conn
+            .query_row("SELECT EXISTS(SELECT 1 FROM damaged)", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
     /// Marks a generation damaged (`detail` says what is lost), or clears the mark with `None`.
     pub fn set_damaged(&mut self, g: &GenerationInfo, detail: Option<&str>) -> Result<()> {
         match detail {

@@ -97,6 +97,9 @@ pub fn repair(repo: &Repository, progress: &dyn Progress) -> Result<RepairReport
 pub fn heal(repo: &Repository) -> Result<Vec<String>> {
     let mut index = repo.open_index()?;
     let mut healed = Vec::new();
+    if !index.has_damaged()? {
+        return Ok(healed);
+    }
     for g in index.generations(None)? {
         if g.damaged.is_none() {
             continue;
