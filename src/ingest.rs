@@ -87,8 +87,8 @@ impl IngestReport {
 }
 
 /// The VM name hooks see before the source is opened: `--name`, or the directory or file name.
-fn hook_vm_name(path: &std::path::Path, opts: &IngestOptions) -> String {
-    opts.name.clone().unwrap_or_else(|| {
+pub fn hook_vm_name(path: &std::path::Path, name: Option<&str>) -> String {
+    name.map(str::to_string).unwrap_or_else(|| {
         let p = if path.extension().is_some_and(|e| e == "vmx") {
             path.parent().unwrap_or(path)
         } else {
@@ -112,7 +112,7 @@ pub fn ingest(
     if h.pre.is_none() && h.post.is_none() {
         return ingest_unhooked(repo, path, opts, progress);
     }
-    let vm = hook_vm_name(path, opts);
+    let vm = hook_vm_name(path, opts.name.as_deref());
     let mut runs = Vec::new();
     let mut result = match &h.pre {
         Some(cmd) => {

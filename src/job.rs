@@ -421,12 +421,7 @@ pub fn dry_run(job: &JobFile) -> Result<Vec<DryVm>> {
             Ok(plan) => {
                 for disk in &plan.disks {
                     let size = disk.reader.size();
-                    let alloc: u64 = disk
-                        .reader
-                        .allocated(0..size)?
-                        .iter()
-                        .map(|r| r.end - r.start)
-                        .sum();
+                    let alloc = crate::source::allocated_bytes(disk.reader.as_ref())?;
                     d.disks
                         .push((disk.slot.clone(), disk.create_type.clone(), size, alloc));
                 }

@@ -924,16 +924,7 @@ fn post_command_on_signal(
     let cmd = hooks.post.clone().expect("post-command");
     let timeout = hooks.timeout;
     let source = source.to_path_buf();
-    let vm = name.map(str::to_string).unwrap_or_else(|| {
-        let p = if source.extension().is_some_and(|e| e == "vmx") {
-            source.parent().unwrap_or(&source).to_path_buf()
-        } else {
-            source.clone()
-        };
-        p.file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    });
+    let vm = vmrepo::ingest::hook_vm_name(&source, name);
     std::thread::spawn(move || {
         let sig = signals.wait();
         eprintln!("vmrepo: {sig}: stopping the ingest (no generation is recorded); running the post-command");

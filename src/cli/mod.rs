@@ -96,13 +96,8 @@ pub struct PruneArgs {
     /// Run gc afterwards to free the space.
     #[arg(long)]
     gc: bool,
-    /// With --gc: rewrite data files whose live part is below this share.
-    #[arg(long, value_name = "PERCENT", default_value = "20%", value_parser = parse_percent)]
-    repack_threshold: f64,
-    /// With --gc: then rewrite the emptiest data files until unreferenced bytes are at most
-    /// this share of the live data.
-    #[arg(long, value_name = "PERCENT", default_value = "5%", value_parser = parse_percent)]
-    max_unused: f64,
+    #[command(flatten)]
+    repack: RepackArgs,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -138,22 +133,14 @@ pub fn prune(a: PruneArgs, lock_wait: u64) -> anyhow::Result<ExitCode> {
     };
     let report =
         run_prune(&repo, &opts, &bar).context("prune failed; no generation was removed")?;
-    let gc_report = if a.gc && !a.dry_run {
-        Some(
-            run_gc(
-                &repo,
-                &GcOptions {
-                    dry_run: false,
-                    repack_threshold: a.repack_threshold,
-                    max_unused: a.max_unused,
-                },
-                &bar,
-            )
-            .context("gc after prune failed (the prune itself is done; run `vmrepo gc` again)")?,
-        )
-    } else {
-        None
-    };
+    let gc_report =
+        if a.gc && !a.dry_run {
+            Some(run_gc(&repo, &a.repack.gc_options(false), &bar).context(
+                "gc after prune failed (the prune itself is done; run `vmrepo gc` again)",
+            )?)
+        } else {
+            None
+        };
     if a.json {
         print_json(&serde_json::json!({ "prune": report, "gc": gc_report }));
         return Ok(ExitCode::SUCCESS);
@@ -217,16 +204,33 @@ pub struct GcArgs {
     /// Show what would be deleted and rewritten; change nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Rewrite data files whose live part is below this share of the file.
-    #[arg(long, value_name = "PERCENT", default_value = "20%", value_parser = parse_percent)]
-    repack_threshold: f64,
-    /// Then rewrite the emptiest data files until unreferenced bytes are at most this share of
-    /// the live data (100% turns this off).
-    #[arg(long, value_name = "PERCENT", default_value = "5%", value_parser = parse_percent)]
-    max_unused: f64,
+    #[command(flatten)]
+    repack: RepackArgs,
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// How gc compacts data files (`vmrepo gc` and `vmrepo prune --gc`).
+#[derive(Args)]
+pub struct RepackArgs {
+    /// gc: rewrite data files whose live part is below this share of the file.
+    #[arg(long, value_name = "PERCENT", default_value = "20%", value_parser = parse_percent)]
+    repack_threshold: f64,
+    /// gc: then rewrite the emptiest data files until unreferenced bytes are at most this share
+    /// of the live data (100% turns this off).
+    #[arg(long, value_name = "PERCENT", default_value = "5%", value_parser = parse_percent)]
+    max_unused: f64,
+}
+
+impl RepackArgs {
+    fn gc_options(&self, dry_run: bool) -> GcOptions {
+        GcOptions {
+            dry_run,
+            repack_threshold: self.repack_threshold,
+            max_unused: self.max_unused,
+        }
+    }
 }
 
 /// Runs `vmrepo gc`.
@@ -238,16 +242,8 @@ pub fn gc(a: GcArgs, lock_wait: u64) -> anyhow::Result<ExitCode> {
         LockMode::Exclusive
     };
     let repo = open_repo(&a.repo, mode, lock_wait, &bar)?;
-    let report = run_gc(
-        &repo,
-        &GcOptions {
-            dry_run: a.dry_run,
-            repack_threshold: a.repack_threshold,
-            max_unused: a.max_unused,
-        },
-        &bar,
-    )
-    .context("gc failed; every kept generation is intact, run gc again")?;
+    let report = run_gc(&repo, &a.repack.gc_options(a.dry_run), &bar)
+        .context("gc failed; every kept generation is intact, run gc again")?;
     if a.json {
         print_json(&report);
     } else {
