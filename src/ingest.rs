@@ -52,6 +52,8 @@ pub struct IngestOptions {
     pub datastore_map: Vec<(std::path::PathBuf, std::path::PathBuf)>,
     /// Read each disk as this snapshot (`latest` or a name from the .vmsd) froze it.
     pub at_snapshot: Option<String>,
+    /// Read every disk in full even when its snapshot chain tells what changed.
+    pub full_read: bool,
 }
 
 /// What an ingest did.
@@ -236,6 +238,7 @@ fn ingest_unhooked(
     };
     let base = match &opts.changes {
         Some(c) => Some(load_base(repo, &plan, c, opts.since.as_deref())?),
+        None if opts.full_read => None,
         None => load_chain_base(repo, &plan)?,
     };
     let store = Store::new(repo)?;
@@ -657,29 +660,35 @@ fn ingest_disk(
     let mut seed = [0u8; 8];
     getrandom::fill(&mut seed).map_err(|e| Error::Usage(format!("no randomness: {e}")))?;
     let seed = u64::from_le_bytes(seed) | 1;
-    let results: Vec<(ObjectId, Option<CacheRow>)> = (0..nseg)
-        .into_par_iter()
-        .map(|i| {
-            let range = i * seg..((i + 1) * seg).min(size);
-            if let Some(r) = reuse.filter(|r| !r.touched[i as usize]) {
-                let prev = r.segments[i as usize];
-                counters.segments_skipped.fetch_add(1, Ordering::Relaxed);
-                if sampled(seed, i, verify_share) {
-                    verify_unchanged(store, d, range, prev, params, &key, counters)?;
+    let work = || {
+        (0..nseg)
+            .into_par_iter()
+            .map(|i| {
+                let range = i * seg..((i + 1) * seg).min(size);
+                if let Some(r) = reuse.filter(|r| !r.touched[i as usize]) {
+                    let prev = r.segments[i as usize];
+                    counters.segments_skipped.fetch_add(1, Ordering::Relaxed);
+                    if sampled(seed, i, verify_share) {
+                        verify_unchanged(store, d, range, prev, params, &key, counters)?;
+                    }
+                    return Ok((prev, None));
                 }
-                return Ok((prev, None));
-            }
-            ingest_segment(
-                store,
-                d.reader.as_ref(),
-                range,
-                params,
-                &key,
-                counters,
-                progress,
-            )
-        })
-        .collect::<Result<_>>()?;
+                ingest_segment(
+                    store,
+                    d.reader.as_ref(),
+                    range,
+                    params,
+                    &key,
+                    counters,
+                    progress,
+                )
+            })
+            .collect::<Result<Vec<(ObjectId, Option<CacheRow>)>>>()
+    };
+    let results = match segment_pool() {
+        Some(pool) => pool.install(work)?,
+        None => work()?,
+    };
     let mut segments = Vec::with_capacity(results.len());
     let mut rows = Vec::new();
     for (id, row) in results {
@@ -751,6 +760,23 @@ fn store_extent_edges(
         Ok(Some(store.put_blob(ObjectKind::File, &buf)?))
     };
     Ok((read(0..data_start)?, read(data_end..file_size)?))
+}
+
+/// The threads that read and cut segments: twice as many as cores (at least 4), so that while
+/// some wait for the disk (a cold datastore, an NFS mount) the others hash and compress, and the
+/// disk sees several requests at once. Each holds one segment buffer. `None` (the global pool is
+/// used) when the threads cannot be started.
+fn segment_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = (2 * rayon::current_num_threads()).max(4);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("vmrepo-segment-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
 }
 
 thread_local! {

@@ -51,6 +51,8 @@ pub struct VmSettings {
     pub max_chain_depth: Option<usize>,
     /// Refuse (fail the VM) instead of warning.
     pub strict: Option<bool>,
+    /// Read the disks in full even when their snapshot chains tell what changed.
+    pub full_read: Option<bool>,
 }
 
 /// `[retention]`: prune after the ingests (same rules as `vmrepo prune --policy`).
@@ -188,6 +190,7 @@ impl JobFile {
                 max_snapshot_age_days: v.max_snapshot_age_days.or(d.max_snapshot_age_days),
                 max_chain_depth: v.max_chain_depth.or(d.max_chain_depth),
                 strict: v.strict.or(d.strict),
+                full_read: v.full_read.or(d.full_read),
             },
         }
     }
@@ -276,6 +279,7 @@ pub fn run(
                         max_chain_depth: s.max_chain_depth.unwrap_or(crate::inspect::DEEP_CHAIN),
                     }),
                     strict: s.strict.unwrap_or(false),
+                    full_read: s.full_read.unwrap_or(false),
                     ..Default::default()
                 };
                 progress.note(&format!("== {}", path.display()));

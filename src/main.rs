@@ -162,6 +162,11 @@ disk; files are only ever opened read-only. Use `vmrepo inspect` to see what wou
         /// path is looked up by its file name in the disk's own directory.
         #[arg(long, value_name = "DATASTORE=DIR", value_parser = vmrepo::source::chain::ChainOptions::parse_map)]
         datastore_map: Vec<(PathBuf, PathBuf)>,
+        /// Read every disk in full, even when its snapshot chain is last generation's plus new
+        /// links (which otherwise limits reading to what the new links hold): a periodic full
+        /// read, or after storage trouble. Unchanged segments are still not stored again.
+        #[arg(long, conflicts_with = "changed_ranges")]
+        full_read: bool,
         /// Print one JSON summary on stdout instead of text.
         #[arg(long)]
         json: bool,
@@ -510,6 +515,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             strict,
             at_snapshot,
             datastore_map,
+            full_read,
             json,
         } => {
             let bar = Bar::new(!json);
@@ -540,6 +546,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     max_chain_depth,
                 }),
                 strict,
+                full_read,
             };
             let report = ingest(&r, &source, &opts, &bar).with_context(|| {
                 format!(

@@ -77,6 +77,25 @@ fn a_new_overlay_is_all_that_is_read_and_the_result_equals_a_full_ingest() {
         .path();
     assert!(same_file(&restored, &flat));
 
+    // --full-read reads the whole chain all the same, and stores nothing new.
+    let j = vmrepo([
+        s("ingest"),
+        p(&repo),
+        p(&ov1),
+        s("--name"),
+        s("kvm"),
+        s("--full-read"),
+        s("--json"),
+    ])
+    .ok()
+    .json();
+    assert!(j["incremental"].is_null(), "{j}");
+    assert!(
+        j["stats"]["bytes_read"].as_u64().unwrap() >= 40 << 20,
+        "{j}"
+    );
+    assert_eq!(j["stats"]["chunks_new"], 0, "{j}");
+
     // The base changed under the overlay (written behind the VM's back): read everything.
     qemu(&format!(
         "qemu-io -c 'write -P 0x44 0 4k' '{}' >/dev/null",
