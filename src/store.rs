@@ -4,6 +4,11 @@
 //! Durability contract: an object becomes visible in the index only after the pack holding it
 //! has been fsynced, so a dedup hit always points at durable data. Objects of an interrupted
 //! ingest that reached the index stay valid (a re-run reuses them); unsealed packs are garbage.
+//!
+//! A full pack is sealed (fsync, then its index rows in one transaction) by the worker that
+//! filled it, outside the lock the other workers append under: they go on cutting and
+//! compressing while it waits for the disk. Its objects stay in `pending` until they are
+//! indexed, so dedup never misses them in between.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -19,18 +24,25 @@ use crate::repo::Repository;
 pub const PACK_TARGET: u64 = 64 << 20;
 
 struct Writer {
+    /// The pack being appended to.
     pack: Option<PackFile>,
+    /// Objects in this process's packs that are not indexed yet (open or being sealed).
     pending: HashSet<ObjectId>,
+    /// Records of the open pack.
     records: Vec<(RecordHeader, u64)>,
-    index: Index,
     bytes_stored: u64,
 }
+
+/// A pack taken out of the writer to be sealed, with its records.
+type Full = (PackFile, Vec<(RecordHeader, u64)>);
 
 /// Shared by the ingest workers of one process.
 pub struct Store<'r> {
     repo: &'r Repository,
     level: i32,
     writer: Mutex<Writer>,
+    /// The write connection: sealed packs and the final commit, one transaction at a time.
+    index: Mutex<Index>,
 }
 
 impl<'r> Store<'r> {
@@ -43,9 +55,9 @@ impl<'r> Store<'r> {
                 pack: None,
                 pending: HashSet::new(),
                 records: Vec::new(),
-                index: repo.open_index()?,
                 bytes_stored: 0,
             }),
+            index: Mutex::new(repo.open_index()?),
         })
     }
 
@@ -68,21 +80,46 @@ impl<'r> Store<'r> {
             return Ok(false);
         }
         let encoded = object::encode(kind, id, data, self.level, self.repo.keys());
-        let mut w = self.writer.lock().unwrap();
-        if w.pending.contains(&id) || w.index.contains(&id)? {
-            return Ok(false);
-        }
-        if w.pack.is_none() {
-            w.pack = Some(PackFile::create(&self.repo.data_dir())?);
-        }
-        let offset = w.pack.as_mut().unwrap().append(&encoded)?;
-        w.bytes_stored += encoded.record_len();
-        w.pending.insert(id);
-        w.records.push((encoded.header, offset));
-        if w.pack.as_ref().unwrap().len() >= PACK_TARGET {
-            seal(&mut w)?;
+        let full = {
+            let mut w = self.writer.lock().unwrap();
+            // Another worker may have stored it meanwhile (and a seal may have indexed it since).
+            if w.pending.contains(&id) || self.repo.with_index(|i| i.contains(&id))? {
+                return Ok(false);
+            }
+            if w.pack.is_none() {
+                w.pack = Some(PackFile::create(&self.repo.data_dir())?);
+            }
+            let offset = w.pack.as_mut().unwrap().append(&encoded)?;
+            w.bytes_stored += encoded.record_len();
+            w.pending.insert(id);
+            w.records.push((encoded.header, offset));
+            if w.pack.as_ref().unwrap().len() >= PACK_TARGET {
+                take_full(&mut w)
+            } else {
+                None
+            }
+        };
+        if let Some(full) = full {
+            self.seal(full)?;
         }
         Ok(true)
+    }
+
+    /// Seals a pack taken out of the writer and records it in the index; its objects then
+    /// leave `pending`. On failure the pack file is deleted (nothing refers to it).
+    fn seal(&self, (pack, records): Full) -> Result<()> {
+        let path = pack.path().to_path_buf();
+        let result = pack
+            .seal()
+            .and_then(|(name, len)| self.index.lock().unwrap().add_pack(&name, len, &records));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        let mut w = self.writer.lock().unwrap();
+        for (h, _) in &records {
+            w.pending.remove(&h.id);
+        }
+        result
     }
 
     /// Stores a metadata or file object: its id is the hash of `data`.
@@ -94,7 +131,11 @@ impl<'r> Store<'r> {
 
     /// Seals the current pack: afterwards everything put so far is durable and indexed.
     pub fn flush(&self) -> Result<()> {
-        seal(&mut self.writer.lock().unwrap())
+        let full = take_full(&mut self.writer.lock().unwrap());
+        match full {
+            Some(full) => self.seal(full),
+            None => Ok(()),
+        }
     }
 
     /// Bytes appended to packs so far.
@@ -119,10 +160,10 @@ impl<'r> Store<'r> {
         manifest: &crate::manifest::Manifest,
         cache: &[([u8; 32], ObjectId)],
     ) -> Result<()> {
-        let mut w = self.writer.lock().unwrap();
-        seal(&mut w)?;
-        w.index.commit_generation(manifest_id, manifest, cache)?;
-        w.index.checkpoint();
+        self.flush()?;
+        let mut index = self.index.lock().unwrap();
+        index.commit_generation(manifest_id, manifest, cache)?;
+        index.checkpoint();
         Ok(())
     }
 }
@@ -132,14 +173,15 @@ impl Store<'_> {
     /// records it and removes `gens`.
     pub fn commit_removal(&self, gens: &[crate::index::GenerationInfo]) -> Result<()> {
         let mut w = self.writer.lock().unwrap();
+        let mut index = self.index.lock().unwrap();
         let Some(pack) = w.pack.take() else {
-            return w.index.remove_generations(None, gens);
+            return index.remove_generations(None, gens);
         };
         let path = pack.path().to_path_buf();
         let records = std::mem::take(&mut w.records);
         w.pending.clear();
         let result = pack.seal().and_then(|(name, size)| {
-            w.index.remove_generations(
+            index.remove_generations(
                 Some(&crate::index::SealedPack {
                     name,
                     size,
@@ -151,28 +193,18 @@ impl Store<'_> {
         if result.is_err() {
             let _ = std::fs::remove_file(&path);
         }
-        w.index.checkpoint();
+        index.checkpoint();
         result
     }
 }
 
-fn seal(w: &mut Writer) -> Result<()> {
-    let Some(pack) = w.pack.take() else {
-        return Ok(());
-    };
+/// Takes the open pack and its records out of the writer to be sealed; an empty pack is
+/// deleted instead.
+fn take_full(w: &mut Writer) -> Option<Full> {
+    let pack = w.pack.take()?;
     if pack.is_empty() {
         pack.discard();
-        return Ok(());
+        return None;
     }
-    let path = pack.path().to_path_buf();
-    let records = std::mem::take(&mut w.records);
-    w.pending.clear();
-    let result = pack
-        .seal()
-        .and_then(|(name, len)| w.index.add_pack(&name, len, &records));
-    if result.is_err() {
-        // Not indexed, so nothing refers to it: give the space back.
-        let _ = std::fs::remove_file(&path);
-    }
-    result
+    Some((pack, std::mem::take(&mut w.records)))
 }
