@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
 done
 
 cargo build --release --quiet --example read_disk
-READ=$PWD/target/release/examples/read_disk
+READ=${CARGO_TARGET_DIR:-$PWD/target}/release/examples/read_disk
 SCRIPTS=$PWD/scripts
 rm -rf "$WORK"; mkdir -p "$WORK"
 echo "== generating a $SIZE guest image with $FILL of files"

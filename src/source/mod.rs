@@ -10,6 +10,7 @@ pub mod cowd;
 mod extents;
 mod flat;
 pub mod grain;
+mod inflate;
 pub mod qcow2;
 pub mod sesparse;
 pub mod sparse;

@@ -6,6 +6,7 @@
 use std::io::Read;
 
 use super::grain::{read_u64_table, Grain, GrainFormat, TableCache, TABLE_CACHE_ENTRIES};
+use super::inflate::{self, Deflate};
 use super::RandomRead;
 use crate::error::{Error, Result};
 
@@ -285,6 +286,25 @@ impl GrainFormat for Qcow2 {
         let data = self
             .file
             .read_vec(offset, csize, "qcow2 compressed cluster")?;
+        // Fast path: whole-buffer decompression of the one stream at the start of `data` (the
+        // rest is sector padding), straight into `out` for a whole cluster. The last cluster of
+        // an image whose size is not a multiple of the cluster still holds a whole cluster.
+        let fast = |into: &mut [u8]| match self.compression_type {
+            0 => inflate::deflate(&data, Deflate::Raw, into),
+            _ => inflate::zstd_frame(&data, into),
+        };
+        if out.len() as u64 == cluster {
+            if fast(out) == Some(out.len()) {
+                return Ok(());
+            }
+        } else if (out.len() as u64) < cluster {
+            let mut whole = vec![0u8; cluster as usize];
+            if fast(&mut whole) == Some(whole.len()) {
+                out.copy_from_slice(&whole[..out.len()]);
+                return Ok(());
+            }
+        }
+        // Damaged or unusual: the streaming decoders decide, and say why.
         let mut got = Vec::with_capacity(cluster as usize);
         let r = match self.compression_type {
             0 => flate2::read::DeflateDecoder::new(&data[..])
