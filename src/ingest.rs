@@ -660,6 +660,9 @@ fn ingest_disk(
     let mut seed = [0u8; 8];
     getrandom::fill(&mut seed).map_err(|e| Error::Usage(format!("no randomness: {e}")))?;
     let seed = u64::from_le_bytes(seed) | 1;
+    // Segments finished, and whether the workers are done (the prefetcher then stops).
+    let done = AtomicU64::new(0);
+    let finished = std::sync::atomic::AtomicBool::new(false);
     let work = || {
         (0..nseg)
             .into_par_iter()
@@ -673,7 +676,7 @@ fn ingest_disk(
                     }
                     return Ok((prev, None));
                 }
-                ingest_segment(
+                let r = ingest_segment(
                     store,
                     d.reader.as_ref(),
                     range,
@@ -681,14 +684,23 @@ fn ingest_disk(
                     &key,
                     counters,
                     progress,
-                )
+                );
+                done.fetch_add(1, Ordering::Relaxed);
+                r
             })
             .collect::<Result<Vec<(ObjectId, Option<CacheRow>)>>>()
     };
-    let results = match segment_pool() {
-        Some(pool) => pool.install(work)?,
-        None => work()?,
-    };
+    let results = std::thread::scope(|scope| {
+        if let Some(r) = reuse {
+            scope.spawn(|| prefetch_touched(d.reader.as_ref(), r, seg, size, &done, &finished));
+        }
+        let results = match segment_pool() {
+            Some(pool) => pool.install(work),
+            None => work(),
+        };
+        finished.store(true, Ordering::Relaxed);
+        results
+    })?;
     let mut segments = Vec::with_capacity(results.len());
     let mut rows = Vec::new();
     for (id, row) in results {
@@ -760,6 +772,36 @@ fn store_extent_edges(
         Ok(Some(store.put_blob(ObjectKind::File, &buf)?))
     };
     Ok((read(0..data_start)?, read(data_end..file_size)?))
+}
+
+/// How far (in segments) the prefetcher of a change-aware ingest runs ahead of the workers.
+const PREFETCH_AHEAD: u64 = 64;
+
+/// A change-aware ingest reads scattered segments; hinting them to the kernel ahead of the
+/// workers (in order, at most [`PREFETCH_AHEAD`] segments ahead of those finished) lets the disk
+/// work on several at once while the workers hash and compress.
+fn prefetch_touched(
+    reader: &dyn DiskReader,
+    reuse: &Reuse,
+    seg: u64,
+    size: u64,
+    done: &AtomicU64,
+    finished: &std::sync::atomic::AtomicBool,
+) {
+    let touched = reuse.touched.iter().enumerate().filter(|(_, t)| **t);
+    for (issued, (i, _)) in touched.enumerate() {
+        while issued as u64 >= done.load(Ordering::Relaxed) + PREFETCH_AHEAD {
+            if finished.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        if finished.load(Ordering::Relaxed) {
+            return;
+        }
+        let i = i as u64;
+        reader.prefetch(i * seg..((i + 1) * seg).min(size));
+    }
 }
 
 /// The threads that read and cut segments: twice as many as cores (at least 4), so that while

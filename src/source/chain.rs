@@ -539,6 +539,17 @@ impl DiskReader for Chain {
         Ok(())
     }
 
+    fn prefetch(&self, range: Range<u64>) {
+        let mut pieces = Vec::new();
+        if self.resolve(0, range, &mut pieces).is_ok() {
+            for (r, src) in pieces {
+                if let Some(l) = src {
+                    self.layers[l].prefetch(r);
+                }
+            }
+        }
+    }
+
     fn link_ranges(&self, level: usize) -> Option<Result<Vec<Range<u64>>>> {
         let layer = self.layers.get(level)?;
         Some(layer.map(0..layer.size()).map(|spans| {

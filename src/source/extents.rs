@@ -127,6 +127,18 @@ impl DiskReader for ExtentDisk {
         Ok(())
     }
 
+    fn prefetch(&self, range: Range<u64>) {
+        for e in self.overlapping(range.clone()) {
+            let s = e.start.max(range.start);
+            let t = (e.start + e.len).min(range.end);
+            match &e.target {
+                ExtentTarget::File { file, offset } => file.prefetch(offset + (s - e.start), t - s),
+                ExtentTarget::Layer(l) => l.prefetch(s - e.start..t - e.start),
+                ExtentTarget::Zero => {}
+            }
+        }
+    }
+
     fn allocated(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
         let mut out: Vec<Range<u64>> = Vec::new();
         for e in self.overlapping(range.clone()) {
@@ -203,5 +215,9 @@ impl Layer for ExtentDisk {
 
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         DiskReader::read_at(self, buf, offset)
+    }
+
+    fn prefetch(&self, range: Range<u64>) {
+        DiskReader::prefetch(self, range)
     }
 }

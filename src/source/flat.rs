@@ -74,6 +74,20 @@ impl FlatFile {
         })
     }
 
+    /// Asks the kernel to start reading `len` bytes at `offset` into the page cache, without
+    /// waiting. Advisory: errors are ignored (the later read reports them).
+    pub fn prefetch(&self, offset: u64, len: u64) {
+        // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is ours.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
+    }
+
     fn seek(&self, offset: u64, whence: libc::c_int) -> Option<u64> {
         let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
         if r < 0 {
@@ -123,6 +137,10 @@ impl DiskReader for FlatFile {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_exact_at(buf, offset)
+    }
+
+    fn prefetch(&self, range: Range<u64>) {
+        FlatFile::prefetch(self, range.start, range.end - range.start)
     }
 
     fn allocated(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {

@@ -144,6 +144,32 @@ impl<F: GrainFormat> Layer for GrainLayer<F> {
         Ok(out)
     }
 
+    fn prefetch(&self, range: Range<u64>) {
+        let gb = self.0.grain_bytes();
+        let end = range.end.min(self.0.size());
+        let file = self.0.file();
+        // Uncompressed grains back to back in the file become one hint.
+        let mut run: Option<(u64, u64)> = None;
+        let _ = self.walk(range.clone(), |g, n, grain| {
+            if let Grain::At(fo) = grain {
+                let from = fo.saturating_add(range.start.saturating_sub(g * gb));
+                let len = ((g + n) * gb).min(end) - (g * gb).max(range.start);
+                match &mut run {
+                    Some((s, l)) if s.saturating_add(*l) == from => *l += len,
+                    _ => {
+                        if let Some((s, l)) = run.replace((from, len)) {
+                            file.prefetch(s, l);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        });
+        if let Some((s, l)) = run {
+            file.prefetch(s, l);
+        }
+    }
+
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let gb = self.0.grain_bytes();
         let size = self.0.size();

@@ -47,6 +47,11 @@ pub trait DiskReader: Send + Sync {
     fn link_ranges(&self, _level: usize) -> Option<Result<Vec<Range<u64>>>> {
         None
     }
+
+    /// Hints that `range` will be read soon: readers over files ask the kernel to start
+    /// reading the file bytes behind it, so that reads of scattered regions (a change-aware
+    /// ingest) overlap with the work on earlier ones. Advisory; the default does nothing.
+    fn prefetch(&self, _range: Range<u64>) {}
 }
 
 /// Byte-addressed, read-only access to one input file: a [`FlatFile`] on disk, or a [`MemFile`]
@@ -63,6 +68,9 @@ pub trait RandomRead: Send + Sync {
     }
     /// Reads exactly `buf.len()` bytes at `offset`; past the end is an error naming the file.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Hints that `len` bytes at `offset` will be read soon (see [`DiskReader::prefetch`]).
+    fn prefetch(&self, _offset: u64, _len: u64) {}
 
     /// Reads `len` bytes at `offset` into a new buffer, after checking that they lie inside the
     /// file (so a garbled length cannot make us allocate more than the file holds).
@@ -95,6 +103,9 @@ impl RandomRead for FlatFile {
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         FlatFile::read_exact_at(self, buf, offset)
+    }
+    fn prefetch(&self, offset: u64, len: u64) {
+        FlatFile::prefetch(self, offset, len)
     }
 }
 
@@ -181,6 +192,8 @@ pub trait Layer: Send + Sync {
     /// Reads the bytes at `offset` (within `size`): data where [`Layer::map`] says `Data`,
     /// zeros elsewhere. Runs of data stored back to back in the file are read with one request.
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Hints that the data of `range` will be read soon (see [`DiskReader::prefetch`]).
+    fn prefetch(&self, _range: Range<u64>) {}
 }
 
 /// Bytes of `reader` that may hold data, counted in 1 GiB windows so that memory stays small
