@@ -151,8 +151,10 @@ disk; files are only ever opened read-only. Use `vmrepo inspect` to see what wou
         /// Refuse to back up a VM with old snapshots or deep chains instead of warning.
         #[arg(long)]
         strict: bool,
-        /// Read each disk as a snapshot froze it: `latest` (the most recently taken) or a
-        /// snapshot name from the .vmsd. The hot-backup case: the running VM writes into the
+        /// Read each disk as a snapshot froze it: `latest` (the one the VM runs on, the .vmsd's
+        /// snapshot.current: normally the most recently taken, but after a revert the one
+        /// reverted to) or a snapshot name or uid from the .vmsd. The hot-backup case: the
+        /// running VM writes into the
         /// newer delta while vmrepo reads the frozen links. The disk is restored under the
         /// name the .vmx uses.
         #[arg(long, value_name = "latest|NAME")]

@@ -132,8 +132,9 @@ impl Vmsd {
         )))
     }
 
-    /// The snapshot named `which`: `latest` (the most recently taken), or a display name
-    /// (exact, then case-insensitive), or a uid.
+    /// The snapshot named `which`: `latest` (the one the VM runs on: the .vmsd's
+    /// `snapshot.current`, which after a revert is not the most recently taken; without it, the
+    /// most recently taken), or a display name (exact, then case-insensitive), or a uid.
     pub fn select(&self, which: &str, vmsd: &Path) -> Result<&Snapshot> {
         if self.snapshots.is_empty() {
             return Err(Error::Usage(format!(
@@ -142,11 +143,15 @@ impl Vmsd {
             )));
         }
         if which == "latest" {
-            return Ok(self
-                .snapshots
-                .iter()
-                .max_by_key(|s| (s.created, s.uid))
-                .expect("not empty"));
+            let current = self
+                .current
+                .and_then(|c| self.snapshots.iter().find(|s| s.uid == c));
+            return Ok(current.unwrap_or_else(|| {
+                self.snapshots
+                    .iter()
+                    .max_by_key(|s| (s.created, s.uid))
+                    .expect("not empty")
+            }));
         }
         self.snapshots
             .iter()
@@ -214,5 +219,19 @@ snapshot1.disk0.node = "scsi0:0"
         assert_eq!(v.select("1", p).unwrap().name, "before upgrade");
         let e = v.select("nope", p).unwrap_err().to_string();
         assert!(e.contains("\"nightly\" (uid 2)"), "{e}");
+    }
+
+    #[test]
+    fn latest_is_the_snapshot_the_vm_runs_on() {
+        // Reverted to "before upgrade": the running VM's delta sits on snapshot 1's disks, so
+        // snapshot 2 (newer, on another branch) is not what the VM has now.
+        let reverted = SAMPLE.replace("snapshot.current = \"2\"", "snapshot.current = \"1\"");
+        let p = Path::new("vm.vmsd");
+        assert_eq!(Vmsd::parse(&reverted).select("latest", p).unwrap().uid, 1);
+        // No (or a dangling) current: the most recently taken.
+        let none = SAMPLE.replace("snapshot.current = \"2\"\n", "");
+        assert_eq!(Vmsd::parse(&none).select("latest", p).unwrap().uid, 2);
+        let dangling = SAMPLE.replace("snapshot.current = \"2\"", "snapshot.current = \"9\"");
+        assert_eq!(Vmsd::parse(&dangling).select("latest", p).unwrap().uid, 2);
     }
 }
