@@ -804,14 +804,29 @@ fn prefetch_touched(
     }
 }
 
+/// Threads for segments when set by [`limit_threads`].
+static THREAD_LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Caps this process at `n` worker threads (`vmrepo --threads N`): the global rayon pool (check,
+/// extract, inflate) and the ingest's segment pool both get `n`. Call before any parallel work.
+pub fn limit_threads(n: usize) -> std::result::Result<(), rayon::ThreadPoolBuildError> {
+    let _ = THREAD_LIMIT.set(n);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+}
+
 /// The threads that read and cut segments: twice as many as cores (at least 4), so that while
 /// some wait for the disk (a cold datastore, an NFS mount) the others hash and compress, and the
-/// disk sees several requests at once. Each holds one segment buffer. `None` (the global pool is
-/// used) when the threads cannot be started.
+/// disk sees several requests at once; exactly `--threads` when given. Each holds one segment
+/// buffer. `None` (the global pool is used) when the threads cannot be started.
 fn segment_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
-        let threads = (2 * rayon::current_num_threads()).max(4);
+        let threads = THREAD_LIMIT
+            .get()
+            .copied()
+            .unwrap_or_else(|| (2 * rayon::current_num_threads()).max(4));
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("vmrepo-segment-{i}"))

@@ -49,6 +49,11 @@ struct Cli {
     /// the passphrase. Without either option: VMREPO_PASSWORD, else a prompt on a terminal.
     #[arg(long, global = true, value_name = "CMD")]
     password_command: Option<String>,
+    /// Use at most N threads for hashing, compressing and verifying (default: one per core,
+    /// and for ingest twice that to overlap reading with computing). Lower it to leave cores to
+    /// the VMs on a shared host.
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -426,6 +431,10 @@ pub(crate) fn print_json(v: &impl serde::Serialize) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(n) = cli.threads {
+        vmrepo::ingest::limit_threads(n.into())
+            .context("cannot start the worker threads for --threads")?;
+    }
     let _ = PASSPHRASE.set(cli::passphrase::Source {
         file: cli.password_file.clone(),
         command: cli.password_command.clone(),

@@ -229,3 +229,41 @@ fn help_explains_every_command() {
         .stdout
         .contains("--rebuild-index"));
 }
+
+#[test]
+fn threads_option_limits_workers_and_gives_the_same_result() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = d.join("disk.img");
+    sparse_image(&img, 48 << 20, &[(0, 5 << 20, 1), (20 << 20, 9 << 20, 2)]);
+    let repo = init_repo(d);
+    let one = vmrepo([
+        s("--threads"),
+        s("1"),
+        s("ingest"),
+        p(&repo),
+        p(&img),
+        s("--name"),
+        s("one"),
+        s("--json"),
+    ])
+    .ok()
+    .json();
+    let many = ingest(&repo, &img, Some("many"));
+    // Same content, same chunks: the second ingest stores nothing new.
+    assert_eq!(many["stats"]["chunks_new"], 0, "{many} after {one}");
+    let out = d.join("out");
+    vmrepo([
+        s("--threads"),
+        s("1"),
+        s("extract"),
+        p(&repo),
+        s("one"),
+        p(&out),
+    ])
+    .ok();
+    assert!(same_file(&out.join("disk.img"), &img));
+    let r = vmrepo([s("--threads"), s("0"), s("list"), p(&repo)]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("'--threads <N>'"), "{}", r.stderr);
+}
