@@ -352,12 +352,69 @@ it again and heals them). Exit status: 0 when nothing is damaged, 1 otherwise."
 /// indicatif progress on a terminal's stderr; silent otherwise.
 pub(crate) struct Bar {
     bar: Option<ProgressBar>,
+    /// Without a terminal (cron, a log file): a progress line every so often instead.
+    log: Option<LogLines>,
+}
+
+/// Progress as plain lines on stderr, at most one per `every`.
+struct LogLines {
+    every: std::time::Duration,
+    state: std::sync::Mutex<LogState>,
+}
+
+struct LogState {
+    label: String,
+    total: u64,
+    done: u64,
+    began: std::time::Instant,
+    last: std::time::Instant,
+}
+
+/// Seconds between progress lines when stderr is not a terminal (`VMREPO_PROGRESS_INTERVAL`).
+const LOG_INTERVAL_SECONDS: f64 = 60.0;
+
+impl LogLines {
+    fn new() -> LogLines {
+        let secs = std::env::var("VMREPO_PROGRESS_INTERVAL")
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .unwrap_or(LOG_INTERVAL_SECONDS);
+        let now = std::time::Instant::now();
+        LogLines {
+            every: std::time::Duration::from_secs_f64(secs),
+            state: std::sync::Mutex::new(LogState {
+                label: String::new(),
+                total: 0,
+                done: 0,
+                began: now,
+                last: now,
+            }),
+        }
+    }
+
+    fn line(s: &LogState) -> String {
+        let secs = s.began.elapsed().as_secs_f64().max(1e-3);
+        let rate = s.done as f64 / secs;
+        let mut line = format!("{}: {} of {}", s.label, human(s.done), human(s.total));
+        if s.total > 0 {
+            line += &format!(" ({:.0}%)", 100.0 * s.done as f64 / s.total as f64);
+        }
+        line += &format!(", {}/s", human(rate as u64));
+        if rate > 0.0 && s.total > s.done {
+            let left = ((s.total - s.done) as f64 / rate) as u64;
+            line += &format!(", about {}m{:02}s left", left / 60, left % 60);
+        }
+        line
+    }
 }
 
 impl Bar {
     pub(crate) fn new(enabled: bool) -> Bar {
-        let on = enabled && std::io::stderr().is_terminal();
+        let terminal = std::io::stderr().is_terminal();
+        let on = enabled && terminal;
         Bar {
+            log: (enabled && !terminal).then(LogLines::new),
             bar: on.then(|| {
                 let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
                 b.set_style(
@@ -381,10 +438,28 @@ impl Progress for Bar {
             b.set_position(0);
             b.set_message(label.to_string());
         }
+        if let Some(l) = &self.log {
+            let now = std::time::Instant::now();
+            *l.state.lock().unwrap() = LogState {
+                label: label.to_string(),
+                total,
+                done: 0,
+                began: now,
+                last: now,
+            };
+        }
     }
     fn advance(&self, n: u64) {
         if let Some(b) = &self.bar {
             b.inc(n);
+        }
+        if let Some(l) = &self.log {
+            let mut s = l.state.lock().unwrap();
+            s.done += n;
+            if s.last.elapsed() >= l.every {
+                s.last = std::time::Instant::now();
+                eprintln!("{}", LogLines::line(&s));
+            }
         }
     }
     fn note(&self, msg: &str) {

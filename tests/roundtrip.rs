@@ -267,3 +267,35 @@ fn threads_option_limits_workers_and_gives_the_same_result() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("'--threads <N>'"), "{}", r.stderr);
 }
+
+#[test]
+fn without_a_terminal_progress_comes_as_log_lines() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = d.join("disk.img");
+    sparse_image(&img, 64 << 20, &[(0, 40 << 20, 3)]);
+    let repo = init_repo(d);
+    // Output captured (as under cron): no bar, but a line per interval.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmrepo"))
+        .args([s("ingest"), p(&repo), p(&img), s("--name"), s("logged")])
+        .env("VMREPO_PROGRESS_INTERVAL", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("ingest logged: "))
+        .unwrap_or_else(|| panic!("no progress line in: {err}"));
+    assert!(
+        line.contains(" of 40.0 MiB (") && line.contains("/s"),
+        "{line}"
+    );
+    assert!(!err.contains('\r'), "terminal control in a log: {err:?}");
+    // The default interval (a minute) prints nothing for a short ingest.
+    let quiet = vmrepo([s("ingest"), p(&repo), p(&img), s("--name"), s("quiet")])
+        .ok()
+        .stderr
+        .clone();
+    assert!(!quiet.contains("ingest quiet: "), "{quiet}");
+}
