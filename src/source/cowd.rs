@@ -111,7 +111,17 @@ impl GrainFormat for Cowd {
                 Grain::Absent,
                 gt[i..].iter().take_while(|&&x| x == 0).count() as u64,
             )),
-            s => Ok((Grain::At(s * 512), 1)),
+            // Grains stored back to back (ESXi writes a delta's 512-byte grains in guest order
+            // when the guest writes sequentially) are one answer, so a run costs one lookup.
+            s => {
+                let step = self.grain_size;
+                let run = 1 + gt[i + 1..]
+                    .iter()
+                    .zip(1u64..)
+                    .take_while(|(&x, k)| s.checked_add(k * step) == Some(x))
+                    .count() as u64;
+                Ok((Grain::At(s * 512), run))
+            }
         }
     }
 

@@ -34,8 +34,9 @@ pub trait GrainFormat: Send + Sync {
     fn size(&self) -> u64;
     /// Grain size in bytes (a power of two).
     fn grain_bytes(&self) -> u64;
-    /// The grain `index` and how many grains from `index` on share the same answer (≥ 1; more
-    /// than one only for `Absent`/`Zero` answers such as a missing grain table).
+    /// The grain `index` and how many grains from `index` on share the same answer (≥ 1): a
+    /// run of `Absent`/`Zero` grains (such as a missing grain table), or of `At` grains stored
+    /// back to back in the file (the offset is the first one's). `Packed` answers are single.
     fn lookup(&self, index: u64) -> Result<(Grain, u64)>;
     /// Decompresses the grain `index` stored as `Packed(v)` into `out` (the grain's bytes,
     /// shorter than a grain only for the last one).
