@@ -178,14 +178,23 @@ impl GrainFormat for SeSparse {
                     .count() as u64,
             )),
             3 => {
-                let idx = ((e & 0x0FFF_0000_0000_0000) >> 48) | ((e & 0x0000_FFFF_FFFF_FFFF) << 12);
+                let slot = |x: u64| {
+                    ((x & 0x0FFF_0000_0000_0000) >> 48) | ((x & 0x0000_FFFF_FFFF_FFFF) << 12)
+                };
+                let idx = slot(e);
+                // Grains in consecutive slots are back to back in the file: one answer.
+                let run = 1 + gt[i + 1..]
+                    .iter()
+                    .zip(1u64..)
+                    .take_while(|(&x, k)| kind(x) == 3 && idx.checked_add(*k) == Some(slot(x)))
+                    .count() as u64;
                 Ok((
                     Grain::At(
                         self.grains_offset
                             .saturating_add(idx.saturating_mul(8))
                             .saturating_mul(512),
                     ),
-                    1,
+                    run,
                 ))
             }
             _ => Err(Error::bad_input(
