@@ -159,9 +159,8 @@ disk; files are only ever opened read-only. Use `vmrepo inspect` to see what wou
         /// Read each disk as a snapshot froze it: `latest` (the one the VM runs on, the .vmsd's
         /// snapshot.current: normally the most recently taken, but after a revert the one
         /// reverted to) or a snapshot name or uid from the .vmsd. The hot-backup case: the
-        /// running VM writes into the
-        /// newer delta while vmrepo reads the frozen links. The disk is restored under the
-        /// name the .vmx uses.
+        /// running VM writes into the newer delta while vmrepo reads the frozen links. The disk
+        /// is restored under the name the .vmx uses.
         #[arg(long, value_name = "latest|NAME")]
         at_snapshot: Option<String>,
         /// Find files named by absolute datastore paths (parentFileNameHint, extents) in a
@@ -349,7 +348,7 @@ it again and heals them). Exit status: 0 when nothing is damaged, 1 otherwise."
     Inspect(cli::inspect::InspectArgs),
 }
 
-/// indicatif progress on a terminal's stderr; silent otherwise.
+/// indicatif progress on a terminal's stderr; without a terminal, a progress line every minute.
 pub(crate) struct Bar {
     bar: Option<ProgressBar>,
     /// Without a terminal (cron, a log file): a progress line every so often instead.
@@ -375,14 +374,14 @@ const LOG_INTERVAL_SECONDS: f64 = 60.0;
 
 impl LogLines {
     fn new() -> LogLines {
-        let secs = std::env::var("VMREPO_PROGRESS_INTERVAL")
+        let every = std::env::var("VMREPO_PROGRESS_INTERVAL")
             .ok()
             .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .unwrap_or(LOG_INTERVAL_SECONDS);
+            .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+            .unwrap_or(std::time::Duration::from_secs_f64(LOG_INTERVAL_SECONDS));
         let now = std::time::Instant::now();
         LogLines {
-            every: std::time::Duration::from_secs_f64(secs),
+            every,
             state: std::sync::Mutex::new(LogState {
                 label: String::new(),
                 total: 0,
