@@ -16,6 +16,19 @@ fn disk_map(repo: &Path, gen: &str) -> vmrepo::ObjectId {
     r.load_manifest(&g.manifest).unwrap().disks[0].disk_map
 }
 
+/// Converts `image` (a chain) to raw with qemu-img, ingests the copy as VM `full`, and asserts
+/// that generation `gen` has the same disk map as that full ingest; returns the raw copy.
+fn same_as_a_full_ingest(repo: &Path, image: &Path, raw: &Path, gen: &str) -> std::path::PathBuf {
+    qemu(&format!(
+        "qemu-img convert -O raw '{}' '{}'",
+        image.display(),
+        raw.display()
+    ));
+    ingest(repo, raw, Some("full"));
+    assert_eq!(disk_map(repo, gen), disk_map(repo, "full"));
+    raw.to_path_buf()
+}
+
 #[test]
 fn a_new_overlay_is_all_that_is_read_and_the_result_equals_a_full_ingest() {
     let t = tempfile::tempdir().unwrap();
@@ -50,15 +63,8 @@ fn a_new_overlay_is_all_that_is_read_and_the_result_equals_a_full_ingest() {
     assert!(j["stats"]["bytes_read"].as_u64().unwrap() <= 8 << 20, "{j}");
 
     // Same content read in full (as a raw copy) gives the same disk map.
-    let flat = d.join("flat.raw");
-    qemu(&format!(
-        "qemu-img convert -O raw '{}' '{}'",
-        ov1.display(),
-        flat.display()
-    ));
-    ingest(&repo, &flat, Some("full"));
     let g = generations(&repo, "kvm");
-    assert_eq!(disk_map(&repo, &g[1]), disk_map(&repo, "full"));
+    let flat = same_as_a_full_ingest(&repo, &ov1, &d.join("flat.raw"), &g[1]);
     let out = d.join("out");
     vmrepo([
         s("extract"),
@@ -218,15 +224,9 @@ fn esxi_daily_snapshots_read_only_the_newly_frozen_delta() {
     assert!(j["stats"]["bytes_read"].as_u64().unwrap() <= 9 << 20, "{j}");
 
     // The same content read in full gives the same disk map, and restores byte for byte.
-    let flat = d.join("frozen.raw");
-    qemu(&format!(
-        "qemu-img convert -O raw '{}' '{}'",
-        vm.join("app-000001.vmdk").display(),
-        flat.display()
-    ));
-    ingest(&repo, &flat, Some("full"));
     let g = generations(&repo, "app");
-    assert_eq!(disk_map(&repo, &g[1]), disk_map(&repo, "full"));
+    let frozen = vm.join("app-000001.vmdk");
+    let flat = same_as_a_full_ingest(&repo, &frozen, &d.join("frozen.raw"), &g[1]);
     let out = d.join("out");
     vmrepo([s("extract"), p(&repo), s(&g[1]), p(&out)]).ok();
     // Restored under the name the .vmx uses, as one vmfs link.
