@@ -49,6 +49,32 @@ pub fn zstd_frame(data: &[u8], out: &mut [u8]) -> Option<usize> {
     })
 }
 
+/// The fast path shared by the grain readers: runs `decode` (one of the functions above) into
+/// `out` when `out` is a whole grain of `whole` bytes, else into a `whole`-byte buffer whose
+/// first `out.len()` bytes are kept (the last grain of a disk cut short by its end). True when
+/// at least `need` bytes came out; false sends the caller to its streaming decoder.
+pub fn into_grain(
+    out: &mut [u8],
+    whole: usize,
+    need: usize,
+    decode: impl Fn(&mut [u8]) -> Option<usize>,
+) -> bool {
+    if out.len() == whole {
+        return decode(out).is_some_and(|n| n >= need);
+    }
+    if out.len() > whole {
+        return false;
+    }
+    let mut buf = vec![0u8; whole];
+    match decode(&mut buf) {
+        Some(n) if n >= need.max(out.len()) => {
+            out.copy_from_slice(&buf[..out.len()]);
+            true
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

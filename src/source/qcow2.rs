@@ -293,16 +293,8 @@ impl GrainFormat for Qcow2 {
             0 => inflate::deflate(&data, Deflate::Raw, into),
             _ => inflate::zstd_frame(&data, into),
         };
-        if out.len() as u64 == cluster {
-            if fast(out) == Some(out.len()) {
-                return Ok(());
-            }
-        } else if (out.len() as u64) < cluster {
-            let mut whole = vec![0u8; cluster as usize];
-            if fast(&mut whole) == Some(whole.len()) {
-                out.copy_from_slice(&whole[..out.len()]);
-                return Ok(());
-            }
+        if inflate::into_grain(out, cluster as usize, cluster as usize, fast) {
+            return Ok(());
         }
         // Damaged or unusual: the streaming decoders decide, and say why.
         let mut got = Vec::with_capacity(cluster as usize);

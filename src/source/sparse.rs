@@ -338,18 +338,11 @@ pub fn inflate_grain(data: &[u8], limit: u64, out: &mut [u8]) -> std::result::Re
     // Fast path: libdeflate, straight into `out` for a whole grain. A shorter `out` (the last
     // grain of a disk whose size is not a multiple of the grain) goes through a buffer of
     // `limit` bytes, as the stream may hold the whole grain.
-    if out.len() as u64 == limit {
-        if inflate::deflate(data, wrapper, out) == Some(out.len()) {
-            return Ok(());
-        }
-    } else if (out.len() as u64) < limit {
-        let mut whole = vec![0u8; limit as usize];
-        if let Some(n) = inflate::deflate(data, wrapper, &mut whole) {
-            if n >= out.len() {
-                out.copy_from_slice(&whole[..out.len()]);
-                return Ok(());
-            }
-        }
+    let need = out.len();
+    if inflate::into_grain(out, limit as usize, need, |b| {
+        inflate::deflate(data, wrapper, b)
+    }) {
+        return Ok(());
     }
     // Damaged or unusual: the streaming decoder decides, and says why.
     let mut got = Vec::with_capacity(out.len());
