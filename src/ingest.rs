@@ -943,10 +943,13 @@ fn ingest_segment(
     }
     let len = (range.end - range.start) as usize;
     let zb = params.zero_block as usize;
-    SEGMENT_BUF.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        buf.resize(len, 0);
-        let buf = &mut buf[..len];
+    // The buffer is taken out of the thread-local, not borrowed from it: reading a compressed
+    // source decompresses in the same rayon pool, and while this worker waits for that it may
+    // run another segment, which then finds no buffer and makes its own.
+    let mut owned = SEGMENT_BUF.with(|cell| cell.take());
+    owned.resize(len, 0);
+    let buf = &mut owned[..len];
+    let result = (|| {
         // Read the allocated ranges, widened to zero blocks; zero-fill the gaps, which are holes.
         let (hole, read) = fill_segment(buf, reader, &range, &alloc, zb)?;
         counters.bytes_read.fetch_add(read, Ordering::Relaxed);
@@ -989,5 +992,65 @@ fn ingest_segment(
         };
         let id = store.put_blob(ObjectKind::Segment, &segment.encode())?;
         Ok((id, Some((fp, id))))
-    })
+    })();
+    SEGMENT_BUF.with(|cell| cell.replace(owned));
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A disk whose reads wait on a parallel loop in the same pool, as the compressed readers
+    /// do: while waiting, the worker may run another segment. Segment `i` holds the byte `i + 1`.
+    struct Nesting {
+        size: u64,
+    }
+
+    impl DiskReader for Nesting {
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            (0..8u64)
+                .into_par_iter()
+                .for_each(|_| std::thread::sleep(std::time::Duration::from_millis(2)));
+            buf.fill((offset / (4 << 20)) as u8 + 1);
+            Ok(())
+        }
+        fn allocated(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+            Ok(vec![range])
+        }
+    }
+
+    #[test]
+    fn a_worker_running_another_segment_while_it_reads_keeps_the_buffers_apart() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("repo");
+        let params = ChunkerParams::default();
+        crate::Repository::init(&path, params, 1, None).unwrap();
+        let repo = crate::Repository::open(&path, crate::lock::LockMode::Shared).unwrap();
+        let store = Store::new(&repo).unwrap();
+        let nseg = 32u64;
+        let d = DiskPlan {
+            slot: "image".into(),
+            descriptor: None,
+            create_type: "raw".into(),
+            reader: Box::new(Nesting {
+                size: nseg * params.segment_size as u64,
+            }),
+            extents: Vec::new(),
+            layout: None,
+        };
+        let counters = Counters::default();
+        let progress = crate::progress::NoProgress;
+        let (entry, _, n) = ingest_disk(&store, &d, &params, &counters, None, 0.0, &progress)
+            .expect("no worker may trip over another's segment buffer");
+        assert_eq!(n, nseg);
+        store.flush().unwrap();
+        let map = repo.load_disk_map(&entry.disk_map).unwrap();
+        // Every segment kept its own bytes: 32 different contents, 32 different segments.
+        let distinct: std::collections::HashSet<_> = map.segments.iter().collect();
+        assert_eq!(distinct.len(), nseg as usize);
+    }
 }
