@@ -590,6 +590,7 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
         }
     }
     index.insert_cache(&cache)?;
+    index.merge_recent_objects(true)?;
     index.checkpoint();
     drop(index);
     // Swap the new index in; keep the old one for inspection.

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use blake3::hazmat::ChainingValue;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 
@@ -17,9 +18,68 @@ use crate::object::{ObjectKind, RecordHeader};
 /// How long a writer waits for another process's transaction to end.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Schema version stored in `meta`. Versions 1 (no `damaged` table) and 2 (no sealed columns,
-/// no segment-cache check) are upgraded in place.
-pub const SCHEMA_VERSION: i64 = 3;
+/// A segment-cache row an ingest adds: the segment stored for a fingerprint and, for a
+/// one-run segment, its leaf chaining values (encoded by [`crate::leaves::encode`]).
+#[derive(Clone, Debug)]
+pub struct CacheRow {
+    pub fingerprint: [u8; 32],
+    pub segment: ObjectId,
+    pub leaves: Option<Vec<u8>>,
+}
+
+/// Asks the kernel to read the index file at `path` into the page cache, when it is small next
+/// to memory (at most 1/16 of it): an ingest's lookups of a cold index then cost one sequential
+/// read instead of a random read each. Advisory and best effort; may take a moment, so call it
+/// off the critical path.
+pub fn prefetch_file(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(path) else {
+        return;
+    };
+    let Ok(meta) = f.metadata() else {
+        return;
+    };
+    // SAFETY: sysconf only reads its argument.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || page <= 0 || meta.len() > (pages as u64).saturating_mul(page as u64) / 16 {
+        return;
+    }
+    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is ours.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
+    }
+}
+
+/// Drops segment-cache and segment-leaves rows whose segment object is gone.
+fn forget_gone_segments(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute(
+        "DELETE FROM segment_cache WHERE segment NOT IN (SELECT id FROM all_objects)",
+        [],
+    )?;
+    tx.execute(
+        "DELETE FROM segment_leaves WHERE segment NOT IN (SELECT id FROM all_objects)",
+        [],
+    )?;
+    Ok(())
+}
+
+/// Schema version stored in `meta`. Versions 1 (no `damaged` table), 2 (no sealed columns,
+/// no segment-cache check) and 3 (no recent objects, no segment leaves) are upgraded in place.
+pub const SCHEMA_VERSION: i64 = 4;
+
+/// The object index is two tables. Each ingest inserts into `recent_objects`, which stays small
+/// so an ingest dirties few pages; inserting random ids straight into the large `objects`
+/// table would rewrite a page of it for almost every new object. The recent rows move into
+/// `objects` in one sorted pass once they are at least [`MERGE_MIN`] and at least
+/// 1/[`MERGE_SHARE`] of the main table, so each page of it is rewritten once per such batch.
+pub const MERGE_MIN: u64 = 1 << 16;
+/// See [`MERGE_MIN`].
+pub const MERGE_SHARE: u64 = 8;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -39,6 +99,19 @@ CREATE TABLE IF NOT EXISTS segment_cache(
     fingerprint BLOB PRIMARY KEY,
     segment BLOB NOT NULL,
     mac BLOB) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS recent_objects(
+    id BLOB PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    codec INTEGER NOT NULL,
+    pack INTEGER NOT NULL REFERENCES packs(id),
+    offset INTEGER NOT NULL,
+    stored_len INTEGER NOT NULL,
+    raw_len INTEGER NOT NULL) WITHOUT ROWID;
+CREATE VIEW IF NOT EXISTS all_objects AS
+    SELECT * FROM objects UNION ALL SELECT * FROM recent_objects;
+CREATE TABLE IF NOT EXISTS segment_leaves(
+    segment BLOB NOT NULL UNIQUE,
+    leaves BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS vms(
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -198,6 +271,9 @@ pub struct Index {
     conn: Connection,
     path: PathBuf,
     keys: Arc<Keys>,
+    /// Rows of the main object table as last counted (merges add to it), to decide merges
+    /// without counting a large table after every pack.
+    main_rows: Option<u64>,
 }
 
 impl Index {
@@ -221,6 +297,7 @@ impl Index {
             conn,
             path: path.to_path_buf(),
             keys,
+            main_rows: None,
         };
         idx.setup()?;
         Ok(idx)
@@ -234,7 +311,9 @@ impl Index {
             .pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| self.err(e))?;
         self.conn
-            .execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .execute_batch(
+                "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA cache_size=-65536;",
+            )
             .map_err(|e| self.err(e))?;
         let version: Option<String> = self
             .conn
@@ -262,8 +341,8 @@ impl Index {
                     .map_err(|e| self.err(e))?;
             }
             Some(v) if v.parse::<i64>().ok() == Some(SCHEMA_VERSION) => {}
-            Some(v) if v == "1" || v == "2" => {
-                // Versions 2 and 3 only add tables and nullable columns. Cache rows without a
+            Some(v) if v == "1" || v == "2" || v == "3" => {
+                // Versions 2 to 4 only add tables and nullable columns. Cache rows without a
                 // check value are dropped: they are re-learned by the next ingest.
                 self.conn.execute_batch(SCHEMA).map_err(|e| self.err(e))?;
                 for (table, column) in [
@@ -325,7 +404,9 @@ impl Index {
             .conn
             .prepare_cached(
                 "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len
-                 FROM objects o JOIN packs p ON p.id = o.pack WHERE o.id = ?1",
+                 FROM (SELECT * FROM recent_objects WHERE id = ?1
+                       UNION ALL SELECT * FROM objects WHERE id = ?1) o
+                 JOIN packs p ON p.id = o.pack LIMIT 1",
             )
             .map_err(|e| self.err(e))?;
         st.query_row([&id.0[..]], |r| row_location(r, *id))
@@ -337,9 +418,46 @@ impl Index {
     pub fn contains(&self, id: &ObjectId) -> Result<bool> {
         let mut st = self
             .conn
-            .prepare_cached("SELECT 1 FROM objects WHERE id = ?1")
+            .prepare_cached(
+                "SELECT 1 FROM recent_objects WHERE id = ?1
+                 UNION ALL SELECT 1 FROM objects WHERE id = ?1",
+            )
             .map_err(|e| self.err(e))?;
         st.exists([&id.0[..]]).map_err(|e| self.err(e))
+    }
+
+    /// Moves the recent objects into the main table once there are enough of them to be worth
+    /// it (see [`MERGE_MIN`]); `force` merges whatever there is. One transaction: a failure
+    /// leaves both tables as they were. Returns the rows moved.
+    pub fn merge_recent_objects(&mut self, force: bool) -> Result<u64> {
+        let recent: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM recent_objects", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        if recent == 0 || (!force && (recent as u64) < MERGE_MIN) {
+            return Ok(0);
+        }
+        let main = match self.main_rows {
+            Some(n) => n,
+            None => self
+                .conn
+                .query_row("SELECT count(*) FROM objects", [], |r| r.get::<_, i64>(0))
+                .map_err(|e| self.err(e))? as u64,
+        };
+        self.main_rows = Some(main);
+        if !force && (recent as u64) < main / MERGE_SHARE {
+            return Ok(0);
+        }
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO objects SELECT * FROM recent_objects ORDER BY id",
+                [],
+            )?;
+            tx.execute("DELETE FROM recent_objects", [])?;
+            Ok(())
+        })?;
+        self.main_rows = Some(main + recent as u64);
+        Ok(recent as u64)
     }
 
     /// Runs `f` in one immediate (write) transaction and commits it; errors name the index.
@@ -412,10 +530,14 @@ impl Index {
     ) -> Result<()> {
         self.write(|tx| {
             for name in old_packs {
-                tx.execute(
-                    "DELETE FROM objects WHERE pack = (SELECT id FROM packs WHERE name = ?1)",
-                    [name],
-                )?;
+                for table in ["objects", "recent_objects"] {
+                    tx.execute(
+                        &format!(
+                            "DELETE FROM {table} WHERE pack = (SELECT id FROM packs WHERE name = ?1)"
+                        ),
+                        [name],
+                    )?;
+                }
                 tx.execute("DELETE FROM packs WHERE name = ?1", [name])?;
             }
             for p in new_packs {
@@ -423,14 +545,13 @@ impl Index {
             }
             {
                 let mut st = tx.prepare_cached("DELETE FROM objects WHERE id = ?1")?;
+                let mut recent = tx.prepare_cached("DELETE FROM recent_objects WHERE id = ?1")?;
                 for id in dead {
                     st.execute([&id.0[..]])?;
+                    recent.execute([&id.0[..]])?;
                 }
             }
-            tx.execute(
-                "DELETE FROM segment_cache WHERE segment NOT IN (SELECT id FROM objects)",
-                [],
-            )?;
+            forget_gone_segments(tx)?;
             Ok(())
         })
     }
@@ -445,14 +566,13 @@ impl Index {
         self.write(|tx| {
             for id in objects {
                 tx.execute("DELETE FROM objects WHERE id = ?1", [&id.0[..]])?;
+                tx.execute("DELETE FROM recent_objects WHERE id = ?1", [&id.0[..]])?;
             }
             for id in segments {
                 tx.execute("DELETE FROM segment_cache WHERE segment = ?1", [&id.0[..]])?;
+                tx.execute("DELETE FROM segment_leaves WHERE segment = ?1", [&id.0[..]])?;
             }
-            tx.execute(
-                "DELETE FROM segment_cache WHERE segment NOT IN (SELECT id FROM objects)",
-                [],
-            )?;
+            forget_gone_segments(tx)?;
             Ok(())
         })
     }
@@ -487,8 +607,10 @@ impl Index {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT c.segment, c.mac FROM segment_cache c JOIN objects o ON o.id = c.segment
-                 WHERE c.fingerprint = ?1",
+                "SELECT c.segment, c.mac FROM segment_cache c
+                 WHERE c.fingerprint = ?1 AND (
+                     EXISTS(SELECT 1 FROM recent_objects WHERE id = c.segment)
+                     OR EXISTS(SELECT 1 FROM objects WHERE id = c.segment))",
             )
             .map_err(|e| self.err(e))?;
         let v: Option<(Vec<u8>, Option<Vec<u8>>)> = st
@@ -532,7 +654,7 @@ impl Index {
         &mut self,
         manifest_id: ObjectId,
         m: &Manifest,
-        cache: &[([u8; 32], ObjectId)],
+        cache: &[CacheRow],
     ) -> Result<()> {
         let path = self.path.clone();
         let err = |e| Error::Index {
@@ -560,7 +682,8 @@ impl Index {
                     "INSERT OR REPLACE INTO segment_cache(fingerprint, segment, mac) VALUES(?1, ?2, ?3)",
                 )
                 .map_err(err)?;
-            for (fp, seg) in cache {
+            for row in cache {
+                let (fp, seg) = (&row.fingerprint, &row.segment);
                 st.execute(params![
                     &fp[..],
                     &seg.0[..],
@@ -568,8 +691,42 @@ impl Index {
                 ])
                 .map_err(err)?;
             }
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO segment_leaves(segment, leaves) VALUES(?1, ?2)",
+                )
+                .map_err(err)?;
+            for row in cache {
+                if let Some(leaves) = &row.leaves {
+                    st.execute(params![&row.segment.0[..], leaves])
+                        .map_err(err)?;
+                }
+            }
         }
         tx.commit().map_err(err)
+    }
+
+    /// The leaf chaining values kept for segment `id` (see [`crate::leaves`]), if any. They are
+    /// not authenticated: the caller checks them against the segment's fingerprint.
+    pub fn segment_leaves(&self, id: &ObjectId) -> Result<Option<Vec<ChainingValue>>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT leaves FROM segment_leaves WHERE segment = ?1")
+            .map_err(|e| self.err(e))?;
+        let v: Option<Vec<u8>> = st
+            .query_row([&id.0[..]], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok(v.and_then(|b| crate::leaves::decode(&b)))
+    }
+
+    /// True if leaves are kept for segment `id` (the prefetcher of a change-aware ingest asks).
+    pub fn has_segment_leaves(&self, id: &ObjectId) -> Result<bool> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT 1 FROM segment_leaves WHERE segment = ?1")
+            .map_err(|e| self.err(e))?;
+        st.exists([&id.0[..]]).map_err(|e| self.err(e))
     }
 
     /// All VMs with a summary, by name.
@@ -735,7 +892,7 @@ impl Index {
             .conn
             .prepare(
                 "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len, o.id
-                 FROM objects o JOIN packs p ON p.id = o.pack ORDER BY p.name, o.offset",
+                 FROM all_objects o JOIN packs p ON p.id = o.pack ORDER BY p.name, o.offset",
             )
             .map_err(|e| self.err(e))?;
         let mut rows = st.query([]).map_err(|e| self.err(e))?;
@@ -752,7 +909,7 @@ impl Index {
         self.conn
             .query_row(
                 "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len, o.id
-                 FROM objects o JOIN packs p ON p.id = o.pack LIMIT 1",
+                 FROM all_objects o JOIN packs p ON p.id = o.pack LIMIT 1",
                 [],
                 |r| {
                     let id: Vec<u8> = r.get(6)?;
@@ -767,7 +924,7 @@ impl Index {
     pub fn object_totals(&self) -> Result<(u64, u64)> {
         self.conn
             .query_row(
-                "SELECT count(*), coalesce(sum(stored_len + 52), 0) FROM objects",
+                "SELECT count(*), coalesce(sum(stored_len + 52), 0) FROM all_objects",
                 [],
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
             )
@@ -956,9 +1113,11 @@ fn insert_pack(
         params![name, size as i64],
     )?;
     let pack = tx.last_insert_rowid();
+    // New rows go to the small recent table (cheap to insert into: few pages), never twice.
     let mut st = tx.prepare_cached(
-        "INSERT OR IGNORE INTO objects(id, kind, codec, pack, offset, stored_len, raw_len)
-         VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT OR IGNORE INTO recent_objects(id, kind, codec, pack, offset, stored_len, raw_len)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7
+         WHERE NOT EXISTS(SELECT 1 FROM objects WHERE id = ?1)",
     )?;
     for (h, offset) in records {
         st.execute(params![

@@ -3,7 +3,9 @@
 //!
 //! Data flow: source reader → per-segment read (holes skipped) → zero runs → fingerprint →
 //! (segment cache hit: reuse) or FastCDC + BLAKE3 → new chunks compressed into packs →
-//! segment objects → disk maps → manifest → one index transaction.
+//! segment objects → disk maps → manifest → one index transaction. A change-aware ingest takes
+//! untouched segments from the previous generation and patches touched ones around their
+//! changes ([`crate::patch`]) when it can, reading only the changed bytes and some context.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -18,6 +20,8 @@ use crate::chunker::{self, Run};
 use crate::config::ChunkerParams;
 use crate::error::{Error, IoContext, Result};
 use crate::id::ObjectId;
+use crate::index::CacheRow;
+use crate::leaves;
 use crate::lock::lock_vm;
 use crate::manifest::{
     Catalog, DiskEntry, DiskMap, ExtentFile, FileEntry, IngestStats, Manifest, Segment,
@@ -174,6 +178,7 @@ struct Counters {
     segments_zero: AtomicU64,
     segments_skipped: AtomicU64,
     segments_verified: AtomicU64,
+    segments_patched: AtomicU64,
 }
 
 /// Formats a timestamp as a generation time.
@@ -399,14 +404,67 @@ pub struct Incremental {
     pub segments_taken: u64,
     /// Of those, segments re-read and compared (`--verify-unchanged`).
     pub segments_verified: u64,
+    /// Touched segments built from the previous version and the changed bytes alone.
+    #[serde(default)]
+    pub segments_patched: u64,
     /// Disks read in full, and why.
     pub full_reads: Vec<String>,
 }
 
-/// Per disk: the previous segment list and which segments the changes touch.
+/// Per disk: the previous segment list, which segments the changes touch, the changed ranges
+/// (sorted, disjoint) and which touched segments can be patched (one data run with its leaves
+/// kept).
 struct Reuse {
     segments: Vec<ObjectId>,
     touched: Vec<bool>,
+    changed: Vec<Range<u64>>,
+    patchable: Vec<bool>,
+}
+
+impl Reuse {
+    /// The changed ranges that meet `r`.
+    fn changed_in(&self, r: &Range<u64>) -> &[Range<u64>] {
+        let lo = self.changed.partition_point(|c| c.end <= r.start);
+        let hi = self.changed.partition_point(|c| c.start < r.end).max(lo);
+        &self.changed[lo..hi]
+    }
+
+    /// What touched segment `i` (disk bytes `range`) is expected to be read as: the context
+    /// around each change when it can be patched, else all of it.
+    fn planned_reads(
+        &self,
+        i: usize,
+        range: Range<u64>,
+        params: &ChunkerParams,
+    ) -> Vec<Range<u64>> {
+        if !self.patchable[i] {
+            return vec![range];
+        }
+        let (before, after) = crate::patch::context(params);
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for c in self.changed_in(&range) {
+            let w = c.start.saturating_sub(before).max(range.start)..(c.end + after).min(range.end);
+            match out.last_mut() {
+                Some(last) if w.start <= last.end => last.end = last.end.max(w.end),
+                _ => out.push(w),
+            }
+        }
+        out
+    }
+}
+
+/// Sorted, disjoint ranges covering the same bytes as `ranges`.
+fn merged(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.retain(|r| r.start < r.end);
+    ranges.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 fn plan_reuse(
@@ -452,9 +510,19 @@ fn plan_reuse(
             d.slot, base.name
         ))));
     }
+    let touched = crate::changes::touched_segments(&ranges, size, params.segment_size as u64);
+    let patchable = repo.with_index(|i| {
+        touched
+            .iter()
+            .zip(&map.segments)
+            .map(|(&t, s)| Ok(t && !s.is_zero() && i.has_segment_leaves(s)?))
+            .collect::<Result<Vec<bool>>>()
+    })?;
     Ok(Some(Ok(Reuse {
-        touched: crate::changes::touched_segments(&ranges, size, params.segment_size as u64),
+        touched,
         segments: map.segments,
+        changed: merged(ranges),
+        patchable,
     })))
 }
 
@@ -545,23 +613,24 @@ fn run(
     let seg = params.segment_size as u64;
     for (d, r) in plan.disks.iter().zip(&reuse) {
         let size = d.reader.size();
-        let ranges: Vec<Range<u64>> = match r {
-            None => {
-                to_read += crate::source::allocated_bytes(d.reader.as_ref())?;
-                continue;
-            }
-            Some(r) => (0..r.touched.len() as u64)
-                .filter(|&i| r.touched[i as usize])
-                .map(|i| i * seg..((i + 1) * seg).min(size))
-                .collect(),
+        let Some(r) = r else {
+            to_read += crate::source::allocated_bytes(d.reader.as_ref())?;
+            continue;
         };
-        for range in ranges {
-            to_read += d
-                .reader
-                .allocated(range)?
-                .iter()
-                .map(|r| r.end - r.start)
-                .sum::<u64>();
+        for i in (0..r.touched.len()).filter(|&i| r.touched[i]) {
+            let range = i as u64 * seg..((i as u64 + 1) * seg).min(size);
+            for p in r.planned_reads(i, range, &params) {
+                if r.patchable[i] {
+                    to_read += p.end - p.start;
+                } else {
+                    to_read += d
+                        .reader
+                        .allocated(p)?
+                        .iter()
+                        .map(|a| a.end - a.start)
+                        .sum::<u64>();
+                }
+            }
         }
     }
     progress.start(&format!("ingest {}", plan.vm), to_read);
@@ -596,6 +665,7 @@ fn run(
     if let Some(i) = incremental.as_mut() {
         i.segments_taken = stats.segments_skipped;
         i.segments_verified = counters.segments_verified.load(Ordering::Relaxed);
+        i.segments_patched = counters.segments_patched.load(Ordering::Relaxed);
     }
     // Chain comparison that found nothing to say (no chained disk took part): not incremental.
     if base.is_some_and(|b| b.changes.is_none())
@@ -642,8 +712,6 @@ fn read_small_file(path: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(path).ctx("read", path)
 }
 
-type CacheRow = ([u8; 32], ObjectId);
-
 fn ingest_disk(
     store: &Store<'_>,
     d: &DiskPlan,
@@ -676,6 +744,17 @@ fn ingest_disk(
                     }
                     return Ok((prev, None));
                 }
+                if let Some(r) = reuse.filter(|r| r.patchable[i as usize]) {
+                    let prev = r.segments[i as usize];
+                    let changed = r.changed_in(&range);
+                    let patched = patch_segment(
+                        store, d, &range, prev, changed, params, &key, counters, progress,
+                    )?;
+                    if let Some(p) = patched {
+                        done.fetch_add(1, Ordering::Relaxed);
+                        return Ok(p);
+                    }
+                }
                 let r = ingest_segment(
                     store,
                     d.reader.as_ref(),
@@ -692,7 +771,7 @@ fn ingest_disk(
     };
     let results = std::thread::scope(|scope| {
         if let Some(r) = reuse {
-            scope.spawn(|| prefetch_touched(d.reader.as_ref(), r, seg, size, &done, &finished));
+            scope.spawn(|| prefetch_touched(d.reader.as_ref(), r, params, size, &done, &finished));
         }
         let results = match segment_pool() {
             Some(pool) => pool.install(work),
@@ -777,17 +856,19 @@ fn store_extent_edges(
 /// How far (in segments) the prefetcher of a change-aware ingest runs ahead of the workers.
 const PREFETCH_AHEAD: u64 = 64;
 
-/// A change-aware ingest reads scattered segments; hinting them to the kernel ahead of the
-/// workers (in order, at most [`PREFETCH_AHEAD`] segments ahead of those finished) lets the disk
-/// work on several at once while the workers hash and compress.
+/// A change-aware ingest reads scattered pieces; hinting them to the kernel ahead of the workers
+/// (in order, at most [`PREFETCH_AHEAD`] segments ahead of those finished) lets the disk work on
+/// several at once while the workers hash and compress. A segment to be patched is hinted as the
+/// context around its changes, any other touched segment whole.
 fn prefetch_touched(
     reader: &dyn DiskReader,
     reuse: &Reuse,
-    seg: u64,
+    params: &ChunkerParams,
     size: u64,
     done: &AtomicU64,
     finished: &std::sync::atomic::AtomicBool,
 ) {
+    let seg = params.segment_size as u64;
     let touched = reuse.touched.iter().enumerate().filter(|(_, t)| **t);
     for (issued, (i, _)) in touched.enumerate() {
         while issued as u64 >= done.load(Ordering::Relaxed) + PREFETCH_AHEAD {
@@ -799,8 +880,10 @@ fn prefetch_touched(
         if finished.load(Ordering::Relaxed) {
             return;
         }
-        let i = i as u64;
-        reader.prefetch(i * seg..((i + 1) * seg).min(size));
+        let range = i as u64 * seg..((i as u64 + 1) * seg).min(size);
+        for r in reuse.planned_reads(i, range, params) {
+            reader.prefetch(r);
+        }
     }
 }
 
@@ -968,11 +1051,32 @@ fn ingest_segment(
             })
             .sum();
         counters.bytes_data.fetch_add(data_bytes, Ordering::Relaxed);
-        let fp = chunker::fingerprint(key, buf, &runs);
-        if let Some(seg) = store.repo().with_index(|i| i.cached_segment(&fp))? {
+        // A one-run segment's fingerprint is hashed leaf by leaf, and the leaves are kept so a
+        // later change-aware ingest can patch it (same value as hashing it whole).
+        let cvs = match runs.as_slice() {
+            [Run::Data(d)] if d.start == 0 && d.end == len => leaves::all(key, buf),
+            _ => None,
+        };
+        let fp = match &cvs {
+            Some(c) => leaves::root(key, len, c).expect("leaves of this segment's length"),
+            None => chunker::fingerprint(key, buf, &runs),
+        };
+        let cached = store.repo().with_index(|i| {
+            Ok(match i.cached_segment(&fp)? {
+                Some(seg) => Some((seg, cvs.is_none() || i.has_segment_leaves(&seg)?)),
+                None => None,
+            })
+        })?;
+        if let Some((seg, has_leaves)) = cached {
             counters.segments_reused.fetch_add(1, Ordering::Relaxed);
             // Chunk count of a reused segment is not known without loading it; count data bytes only.
-            return Ok((seg, None));
+            // A segment stored before leaves were kept gets them now.
+            let row = (!has_leaves).then(|| CacheRow {
+                fingerprint: fp,
+                segment: seg,
+                leaves: cvs.as_deref().map(leaves::encode),
+            });
+            return Ok((seg, row));
         }
         let (extents, cuts) = chunker::cut(buf, &runs, params, store.repo().keys());
         counters
@@ -991,7 +1095,98 @@ fn ingest_segment(
             extents,
         };
         let id = store.put_blob(ObjectKind::Segment, &segment.encode())?;
-        Ok((id, Some((fp, id))))
+        Ok((
+            id,
+            Some(CacheRow {
+                fingerprint: fp,
+                segment: id,
+                leaves: cvs.as_deref().map(leaves::encode),
+            }),
+        ))
+    })();
+    SEGMENT_BUF.with(|cell| cell.replace(owned));
+    result
+}
+
+/// A touched segment built from its previous version `prev` and the bytes around its `changed`
+/// ranges (disk offsets) alone ([`crate::patch`]); `None` when it must be read whole.
+#[allow(clippy::too_many_arguments)]
+fn patch_segment(
+    store: &Store<'_>,
+    d: &DiskPlan,
+    range: &Range<u64>,
+    prev: ObjectId,
+    changed: &[Range<u64>],
+    params: &ChunkerParams,
+    key: &[u8; 32],
+    counters: &Counters,
+    progress: &dyn Progress,
+) -> Result<Option<(ObjectId, Option<CacheRow>)>> {
+    let Some(prev_leaves) = store.repo().with_index(|i| i.segment_leaves(&prev))? else {
+        return Ok(None);
+    };
+    let prev_segment = store.repo().load_segment(&prev)?;
+    let len = (range.end - range.start) as usize;
+    let changed: Vec<Range<usize>> = changed
+        .iter()
+        .map(|c| {
+            (c.start.max(range.start) - range.start) as usize
+                ..(c.end.min(range.end) - range.start) as usize
+        })
+        .collect();
+    // Taken out of the thread-local for the same reason as in ingest_segment.
+    let mut owned = SEGMENT_BUF.with(|cell| cell.take());
+    owned.resize(len, 0);
+    let result = (|| {
+        let mut source = |dst: &mut [u8], at: usize| -> Result<()> {
+            d.reader.read_at(dst, range.start + at as u64)?;
+            counters
+                .bytes_read
+                .fetch_add(dst.len() as u64, Ordering::Relaxed);
+            progress.advance(dst.len() as u64);
+            Ok(())
+        };
+        let previous = crate::patch::Previous {
+            segment: &prev_segment,
+            leaves: &prev_leaves,
+        };
+        let buf = &mut owned[..len];
+        let keys = store.repo().keys();
+        let Some(p) = crate::patch::patch(buf, previous, &changed, params, keys, key, &mut source)?
+        else {
+            return Ok(None);
+        };
+        counters.segments_patched.fetch_add(1, Ordering::Relaxed);
+        counters.bytes_data.fetch_add(len as u64, Ordering::Relaxed);
+        let fp = p.segment.fingerprint;
+        let row = CacheRow {
+            fingerprint: fp,
+            segment: ObjectId::ZERO,
+            leaves: Some(leaves::encode(&p.leaves)),
+        };
+        if let Some(seg) = store.repo().with_index(|i| i.cached_segment(&fp))? {
+            counters.segments_reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some((
+                seg,
+                Some(CacheRow {
+                    segment: seg,
+                    ..row
+                }),
+            )));
+        }
+        counters
+            .chunks_total
+            .fetch_add(p.segment.extents.len() as u64, Ordering::Relaxed);
+        for c in &p.cuts {
+            if store.put(ObjectKind::Chunk, c.id, &buf[c.range.clone()])? {
+                counters.chunks_new.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .bytes_new
+                    .fetch_add(c.range.len() as u64, Ordering::Relaxed);
+            }
+        }
+        let id = store.put_blob(ObjectKind::Segment, &p.segment.encode())?;
+        Ok(Some((id, Some(CacheRow { segment: id, ..row }))))
     })();
     SEGMENT_BUF.with(|cell| cell.replace(owned));
     result

@@ -665,8 +665,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("  stored      {} after compression", human(s.bytes_stored));
                 if let Some(i) = &report.incremental {
                     println!(
-                        "  changes     since {} ({}): {} segments taken unread, {} re-read to verify",
-                        i.since, i.source, i.segments_taken, i.segments_verified
+                        "  changes     since {} ({}): {} segments taken unread, {} patched around \
+                         their changes, {} re-read to verify",
+                        i.since,
+                        i.source,
+                        i.segments_taken,
+                        i.segments_patched,
+                        i.segments_verified
                     );
                     for f in &i.full_reads {
                         println!("  full read   {f}");

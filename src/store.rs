@@ -48,6 +48,9 @@ pub struct Store<'r> {
 impl<'r> Store<'r> {
     /// A store writing into `repo`.
     pub fn new(repo: &'r Repository) -> Result<Store<'r>> {
+        let index = repo.open_index()?;
+        let path = index.path().to_path_buf();
+        std::thread::spawn(move || crate::index::prefetch_file(&path));
         Ok(Store {
             repo,
             level: repo.config().compression.level,
@@ -57,7 +60,7 @@ impl<'r> Store<'r> {
                 records: Vec::new(),
                 bytes_stored: 0,
             }),
-            index: Mutex::new(repo.open_index()?),
+            index: Mutex::new(index),
         })
     }
 
@@ -109,9 +112,13 @@ impl<'r> Store<'r> {
     /// leave `pending`. On failure the pack file is deleted (nothing refers to it).
     fn seal(&self, (pack, records): Full) -> Result<()> {
         let path = pack.path().to_path_buf();
-        let result = pack
-            .seal()
-            .and_then(|(name, len)| self.index.lock().unwrap().add_pack(&name, len, &records));
+        let result = pack.seal().and_then(|(name, len)| {
+            let mut index = self.index.lock().unwrap();
+            index.add_pack(&name, len, &records)?;
+            // Best effort: a merge that fails leaves both object tables as they were.
+            let _ = index.merge_recent_objects(false);
+            Ok(())
+        });
         if result.is_err() {
             let _ = std::fs::remove_file(&path);
         }
@@ -158,11 +165,14 @@ impl<'r> Store<'r> {
         &self,
         manifest_id: ObjectId,
         manifest: &crate::manifest::Manifest,
-        cache: &[([u8; 32], ObjectId)],
+        cache: &[crate::index::CacheRow],
     ) -> Result<()> {
         self.flush()?;
         let mut index = self.index.lock().unwrap();
         index.commit_generation(manifest_id, manifest, cache)?;
+        // Best effort: the generation is committed; a merge that fails leaves both object
+        // tables as they were and is tried again after the next ingest.
+        let _ = index.merge_recent_objects(false);
         index.checkpoint();
         Ok(())
     }

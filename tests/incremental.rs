@@ -97,6 +97,96 @@ fn change_aware_ingest_equals_a_full_ingest_and_reads_only_what_changed() {
     vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
 }
 
+/// Writes a changed-ranges list of `(offset, length)` pairs.
+fn write_list(path: &Path, changes: &[(u64, u64)]) {
+    let list: Vec<_> = changes
+        .iter()
+        .map(|(o, l)| serde_json::json!({"offset": o, "length": l}))
+        .collect();
+    fs::write(path, serde_json::to_string(&list).unwrap()).unwrap();
+}
+
+#[test]
+fn small_changes_inside_segments_are_patched_reading_little_more_than_they_changed() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("vm.img");
+    sparse_image(&img, 32 * MIB, &[(0, 32 << 20, 5)]);
+    let repo = init_repo(t.path());
+    ingest(&repo, &img, Some("vm"));
+    // Five small writes in five 4 MiB segments: at a segment's start, in the middle, across
+    // a 64 KiB leaf boundary, two in one segment, at the disk's end.
+    let changes = [
+        (4 * MIB, 8192u64),
+        (9 * MIB + 12345, 3000),
+        (14 * MIB + 65536 - 100, 200),
+        (15 * MIB + 5, 4096),
+        (21 * MIB + 777, 50_000),
+        (32 * MIB - 4096, 4096),
+    ];
+    for (i, (off, len)) in changes.iter().enumerate() {
+        overwrite(&img, *off, *len as usize, 300 + i as u64);
+    }
+    let list = t.path().join("changes.json");
+    write_list(&list, &changes);
+    let r = ingest_changes(&repo, &img, &list, &["--since", "vm"]);
+    let j = r.ok().json();
+    assert_eq!(j["incremental"]["segments_patched"], 5, "{j}");
+    assert_eq!(j["incremental"]["segments_taken"], 3, "{j}");
+    // Whole segments would be 20 MiB; each patch reads its change and some 200-300 KiB around.
+    let read = j["stats"]["bytes_read"].as_u64().unwrap();
+    assert!(read < 2 * MIB, "read {read} bytes: {j}");
+    let patched_gen = generations(&repo, "vm").last().unwrap().clone();
+
+    // Exactly what a full ingest of the same image gives: nothing new, the same disk map.
+    let full = ingest(&repo, &img, Some("vm"));
+    assert_eq!(full["stats"]["bytes_new"], 0, "{full}");
+    let full_gen = generations(&repo, "vm").last().unwrap().clone();
+    assert_eq!(disk_maps(&repo, &patched_gen), disk_maps(&repo, &full_gen));
+    let out = t.path().join("out");
+    vmrepo([s("extract"), p(&repo), s(&patched_gen), p(&out)]).ok();
+    assert!(same_file(&out.join("vm.img"), &img));
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+}
+
+#[test]
+fn an_index_of_schema_3_is_upgraded_and_its_segments_are_read_whole_until_they_change() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("vm.img");
+    sparse_image(&img, 16 * MIB, &[(0, 16 << 20, 6)]);
+    let repo = init_repo(t.path());
+    ingest(&repo, &img, Some("vm"));
+    // Make the index what vmrepo wrote before schema 4: one object table, no leaves.
+    {
+        let db = rusqlite::Connection::open(repo.join("index.sqlite")).unwrap();
+        db.execute_batch(
+            "INSERT OR IGNORE INTO objects SELECT * FROM recent_objects;
+             DROP VIEW all_objects; DROP TABLE recent_objects; DROP TABLE segment_leaves;
+             UPDATE meta SET value = '3' WHERE key = 'schema_version';",
+        )
+        .unwrap();
+    }
+    overwrite(&img, 5 * MIB, 4096, 40);
+    let list = t.path().join("changes.json");
+    write_list(&list, &[(5 * MIB, 4096)]);
+    let j = ingest_changes(&repo, &img, &list, &["--since", "vm"])
+        .ok()
+        .json();
+    // No leaves were kept for the old segment: it is read whole, and gets them now.
+    assert_eq!(j["incremental"]["segments_patched"], 0, "{j}");
+    assert_eq!(j["stats"]["bytes_read"], 4 * MIB, "{j}");
+    overwrite(&img, 5 * MIB + 8192, 4096, 41);
+    write_list(&list, &[(5 * MIB + 8192, 4096)]);
+    let j = ingest_changes(&repo, &img, &list, &["--since", "vm"])
+        .ok()
+        .json();
+    assert_eq!(j["incremental"]["segments_patched"], 1, "{j}");
+    let gen = generations(&repo, "vm").last().unwrap().clone();
+    let out = t.path().join("out");
+    vmrepo([s("extract"), p(&repo), s(&gen), p(&out)]).ok();
+    assert!(same_file(&out.join("vm.img"), &img));
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+}
+
 #[test]
 fn a_wrong_list_is_caught_by_verify_unchanged_and_records_nothing() {
     let t = tempfile::tempdir().unwrap();
