@@ -591,6 +591,8 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
     }
     index.insert_cache(&cache)?;
     index.merge_recent_objects(true)?;
+    // The merge leaves the recent table's pages free; the new index is not live yet.
+    index.vacuum_if_sparse()?;
     index.checkpoint();
     drop(index);
     // Swap the new index in; keep the old one for inspection.
