@@ -311,9 +311,7 @@ impl Index {
             .pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| self.err(e))?;
         self.conn
-            .execute_batch(
-                "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA cache_size=-65536;",
-            )
+            .execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
             .map_err(|e| self.err(e))?;
         let version: Option<String> = self
             .conn

@@ -441,30 +441,10 @@ impl Reuse {
             return vec![range];
         }
         let (before, after) = crate::patch::context(params);
-        let mut out: Vec<Range<u64>> = Vec::new();
-        for c in self.changed_in(&range) {
-            let w = c.start.saturating_sub(before).max(range.start)..(c.end + after).min(range.end);
-            match out.last_mut() {
-                Some(last) if w.start <= last.end => last.end = last.end.max(w.end),
-                _ => out.push(w),
-            }
-        }
-        out
+        crate::patch::merged(self.changed_in(&range).iter().map(|c| {
+            c.start.saturating_sub(before).max(range.start)..(c.end + after).min(range.end)
+        }))
     }
-}
-
-/// Sorted, disjoint ranges covering the same bytes as `ranges`.
-fn merged(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
-    ranges.retain(|r| r.start < r.end);
-    ranges.sort_by_key(|r| r.start);
-    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        match out.last_mut() {
-            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-            _ => out.push(r),
-        }
-    }
-    out
 }
 
 fn plan_reuse(
@@ -521,7 +501,7 @@ fn plan_reuse(
     Ok(Some(Ok(Reuse {
         touched,
         segments: map.segments,
-        changed: merged(ranges),
+        changed: crate::patch::merged(ranges),
         patchable,
     })))
 }

@@ -116,19 +116,7 @@ pub fn decode(bytes: &[u8]) -> Option<Vec<ChainingValue>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunker::{fingerprint, Run};
-
-    fn noise(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::chunker::{fingerprint, noise, Run};
 
     #[test]
     fn leaves_merge_to_the_fingerprint_of_the_whole_segment() {

@@ -47,15 +47,11 @@ pub fn context(params: &ChunkerParams) -> (u64, u64) {
     (max.max(leaf), (2 * max).max(leaf))
 }
 
-/// Sorted, disjoint, non-empty ranges of `ranges` (segment offsets) clipped to `len`.
-fn normalize(ranges: &[Range<usize>], len: usize) -> Vec<Range<usize>> {
-    let mut v: Vec<Range<usize>> = ranges
-        .iter()
-        .map(|r| r.start.min(len)..r.end.min(len))
-        .filter(|r| !r.is_empty())
-        .collect();
+/// Sorted, disjoint, non-empty ranges covering the same values as `ranges`.
+pub fn merged<T: Copy + Ord>(ranges: impl IntoIterator<Item = Range<T>>) -> Vec<Range<T>> {
+    let mut v: Vec<Range<T>> = ranges.into_iter().filter(|r| r.start < r.end).collect();
     v.sort_by_key(|r| r.start);
-    let mut out: Vec<Range<usize>> = Vec::with_capacity(v.len());
+    let mut out: Vec<Range<T>> = Vec::with_capacity(v.len());
     for r in v {
         match out.last_mut() {
             Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
@@ -63,6 +59,11 @@ fn normalize(ranges: &[Range<usize>], len: usize) -> Vec<Range<usize>> {
         }
     }
     out
+}
+
+/// [`merged`] ranges of `ranges` (segment offsets) clipped to `len`.
+fn normalize(ranges: &[Range<usize>], len: usize) -> Vec<Range<usize>> {
+    merged(ranges.iter().map(|r| r.start.min(len)..r.end.min(len)))
 }
 
 /// Which zero blocks of the segment buffer hold disk bytes, and reading the missing ones.
@@ -249,19 +250,7 @@ pub fn patch(
 #[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
-    use crate::chunker::{cut, fingerprint, fingerprint_key, runs};
-
-    fn noise(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::chunker::{cut, fingerprint, fingerprint_key, noise, runs};
 
     /// The segment a full read of `buf` gives, and its leaves.
     fn full(buf: &[u8], p: &ChunkerParams, key: &[u8; 32]) -> (Segment, Vec<ChainingValue>) {
