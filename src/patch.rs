@@ -265,31 +265,44 @@ mod tests {
         )
     }
 
-    /// Patches `before` into `after` given `changed`; checks the result against a full read of
-    /// `after` and that only what was read was used. Returns the bytes read, or None.
-    fn check(before: &[u8], after: &[u8], changed: &[Range<usize>]) -> Option<u64> {
+    /// Runs [`patch`] from `prev` with the disk reading `after`; the buffer's unread bytes hold
+    /// garbage, so a patch that used them would not match.
+    fn patch_from(
+        prev: &Segment,
+        leaves: &[ChainingValue],
+        after: &[u8],
+        changed: &[Range<usize>],
+    ) -> Option<Patched> {
         let p = ChunkerParams::default();
         let key = fingerprint_key(&p, &Keys::none());
-        let (prev, prev_leaves) = full(before, &p, &key);
-        // Unread bytes hold garbage: a patch that used them would not match.
         let mut buf = vec![0xA5u8; after.len()];
         let mut source = |dst: &mut [u8], at: usize| {
             dst.copy_from_slice(&after[at..at + dst.len()]);
             Ok(())
         };
-        let patched = patch(
+        let previous = Previous {
+            segment: prev,
+            leaves,
+        };
+        patch(
             &mut buf,
-            Previous {
-                segment: &prev,
-                leaves: &prev_leaves,
-            },
+            previous,
             changed,
             &p,
             &Keys::none(),
             &key,
             &mut source,
         )
-        .unwrap()?;
+        .unwrap()
+    }
+
+    /// Patches `before` into `after` given `changed`; checks the result against a full read of
+    /// `after` and that only what was read was used. Returns the bytes read, or None.
+    fn check(before: &[u8], after: &[u8], changed: &[Range<usize>]) -> Option<u64> {
+        let p = ChunkerParams::default();
+        let key = fingerprint_key(&p, &Keys::none());
+        let (prev, prev_leaves) = full(before, &p, &key);
+        let patched = patch_from(&prev, &prev_leaves, after, changed)?;
         let (want, want_leaves) = full(after, &p, &key);
         assert_eq!(patched.segment, want, "changed {changed:?}");
         assert_eq!(patched.leaves, want_leaves);
@@ -415,24 +428,6 @@ mod tests {
         let base = noise(4 << 20, 8);
         let (prev, mut prev_leaves) = full(&base, &p, &key);
         prev_leaves[3][0] ^= 1;
-        let mut buf = vec![0u8; base.len()];
-        let mut source = |dst: &mut [u8], at: usize| {
-            dst.copy_from_slice(&base[at..at + dst.len()]);
-            Ok(())
-        };
-        let r = patch(
-            &mut buf,
-            Previous {
-                segment: &prev,
-                leaves: &prev_leaves,
-            },
-            &[0..10],
-            &p,
-            &Keys::none(),
-            &key,
-            &mut source,
-        )
-        .unwrap();
-        assert!(r.is_none());
+        assert!(patch_from(&prev, &prev_leaves, &base, &[0..10]).is_none());
     }
 }
