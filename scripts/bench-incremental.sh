@@ -14,6 +14,8 @@
 #   ranges: the image is changed in place; change-aware is `--changed-ranges FILE --since`,
 #           full is a plain `vmrepo ingest`
 # needs: python3, qemu-utils (qemu-img, qemu-io); root to drop the page cache between runs
+# disk: about 3.2x the image (the image, two copies of the repository, the overlays); the work
+# directory is kept for the next run (the image takes minutes to write): rm -rf it when done
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
