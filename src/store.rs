@@ -31,6 +31,10 @@ struct Writer {
     /// Records of the open pack.
     records: Vec<(RecordHeader, u64)>,
     bytes_stored: u64,
+    /// Packs sealed so far: an object leaves `pending` only when a seal has indexed it, so a
+    /// worker that saw neither `pending` nor the index hold an id needs to look in the index
+    /// again only if this moved meanwhile.
+    seals: u64,
 }
 
 /// A pack taken out of the writer to be sealed, with its records.
@@ -59,6 +63,7 @@ impl<'r> Store<'r> {
                 pending: HashSet::new(),
                 records: Vec::new(),
                 bytes_stored: 0,
+                seals: 0,
             }),
             index: Mutex::new(index),
         })
@@ -71,22 +76,35 @@ impl<'r> Store<'r> {
 
     /// True if the object is stored already (or being stored by this process).
     pub fn exists(&self, id: &ObjectId) -> Result<bool> {
-        if self.writer.lock().unwrap().pending.contains(id) {
-            return Ok(true);
-        }
-        self.repo.with_index(|i| i.contains(id))
+        Ok(self.lookup(id)?.is_none())
+    }
+
+    /// `None` if the object is stored already (or being stored by this process); otherwise the
+    /// seal count at the time it was found missing.
+    fn lookup(&self, id: &ObjectId) -> Result<Option<u64>> {
+        let seals = {
+            let w = self.writer.lock().unwrap();
+            if w.pending.contains(id) {
+                return Ok(None);
+            }
+            w.seals
+        };
+        Ok((!self.repo.with_index(|i| i.contains(id))?).then_some(seals))
     }
 
     /// Stores `data` under `id` unless it is stored already; returns true if it was new.
     pub fn put(&self, kind: ObjectKind, id: ObjectId, data: &[u8]) -> Result<bool> {
-        if self.exists(&id)? {
+        let Some(seals) = self.lookup(&id)? else {
             return Ok(false);
-        }
+        };
         let encoded = object::encode(kind, id, data, self.level, self.repo.keys());
         let full = {
             let mut w = self.writer.lock().unwrap();
-            // Another worker may have stored it meanwhile (and a seal may have indexed it since).
-            if w.pending.contains(&id) || self.repo.with_index(|i| i.contains(&id))? {
+            // Another worker may have stored it meanwhile: it is pending, or a seal since the
+            // lookup indexed it (rare: the index is probed under the lock only then).
+            if w.pending.contains(&id)
+                || (w.seals != seals && self.repo.with_index(|i| i.contains(&id))?)
+            {
                 return Ok(false);
             }
             if w.pack.is_none() {
@@ -126,6 +144,7 @@ impl<'r> Store<'r> {
         for (h, _) in &records {
             w.pending.remove(&h.id);
         }
+        w.seals += 1;
         result
     }
 
@@ -157,6 +176,7 @@ impl<'r> Store<'r> {
             p.discard();
         }
         w.pending.clear();
+        w.seals += 1;
         w.records.clear();
     }
 
@@ -190,6 +210,7 @@ impl Store<'_> {
         let path = pack.path().to_path_buf();
         let records = std::mem::take(&mut w.records);
         w.pending.clear();
+        w.seals += 1;
         let result = pack.seal().and_then(|(name, size)| {
             index.remove_generations(
                 Some(&crate::index::SealedPack {
