@@ -94,9 +94,20 @@ impl<'r> Store<'r> {
 
     /// Stores `data` under `id` unless it is stored already; returns true if it was new.
     pub fn put(&self, kind: ObjectKind, id: ObjectId, data: &[u8]) -> Result<bool> {
-        let Some(seals) = self.lookup(&id)? else {
-            return Ok(false);
-        };
+        match self.lookup(&id)? {
+            Some(seals) => self.store_missing(kind, id, data, seals),
+            None => Ok(false),
+        }
+    }
+
+    /// The rest of [`Store::put`] for an object found missing when `seals` packs were sealed.
+    fn store_missing(
+        &self,
+        kind: ObjectKind,
+        id: ObjectId,
+        data: &[u8],
+        seals: u64,
+    ) -> Result<bool> {
         let encoded = object::encode(kind, id, data, self.level, self.repo.keys());
         let full = {
             let mut w = self.writer.lock().unwrap();
@@ -238,4 +249,41 @@ fn take_full(w: &mut Writer) -> Option<Full> {
         return None;
     }
     Some((pack, std::mem::take(&mut w.records)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ChunkerParams;
+    use crate::lock::LockMode;
+
+    /// A worker finds an object missing; before it appends it, another worker stores it (and,
+    /// in the second case, seals the pack, which takes it out of `pending` and into the index).
+    /// The first worker must then not append it again.
+    #[test]
+    fn an_object_stored_by_another_worker_after_the_lookup_is_not_stored_twice() {
+        for sealed in [false, true] {
+            let t = tempfile::tempdir().unwrap();
+            let path = t.path().join("repo");
+            Repository::init(&path, ChunkerParams::default(), 3, None).unwrap();
+            let repo = Repository::open(&path, LockMode::Shared).unwrap();
+            let store = Store::new(&repo).unwrap();
+            let data = b"one chunk of guest data".repeat(100);
+            let id = repo.keys().id_of(&data);
+            let once = object::encode(ObjectKind::Chunk, id, &data, 3, repo.keys()).record_len();
+
+            let seals = store.lookup(&id).unwrap().expect("not stored yet");
+            assert!(store.put(ObjectKind::Chunk, id, &data).unwrap());
+            if sealed {
+                store.flush().unwrap();
+            }
+            let stored = store
+                .store_missing(ObjectKind::Chunk, id, &data, seals)
+                .unwrap();
+            assert!(!stored, "stored again (sealed in between: {sealed})");
+            store.flush().unwrap();
+            assert_eq!(store.bytes_stored(), once);
+            assert!(store.exists(&id).unwrap());
+        }
+    }
 }
