@@ -254,6 +254,7 @@ pub fn import(
         let opts = IngestOptions {
             name: Some(vm.clone()),
             time: Some(time),
+            recorded_source: b.archive.then(|| b.path.clone()),
             ..Default::default()
         };
         let result = if b.archive {

@@ -58,6 +58,9 @@ pub struct IngestOptions {
     pub at_snapshot: Option<String>,
     /// Read every disk in full even when its snapshot chain tells what changed.
     pub full_read: bool,
+    /// Recorded in the catalog as the source instead of the path read (an import records the
+    /// archive, not the temporary directory it was unpacked into).
+    pub recorded_source: Option<std::path::PathBuf>,
 }
 
 /// What an ingest did.
@@ -663,7 +666,12 @@ fn run(
             uuid: plan.uuid.clone(),
             display_name: plan.display_name.clone(),
             source_kind: plan.kind.to_string(),
-            source: plan.source.to_string_lossy().into_owned(),
+            source: opts
+                .recorded_source
+                .as_deref()
+                .unwrap_or(&plan.source)
+                .to_string_lossy()
+                .into_owned(),
             started: format_time(started),
             finished: String::new(),
             vmrepo_version: env!("CARGO_PKG_VERSION").to_string(),

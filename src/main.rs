@@ -632,6 +632,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }),
                 strict,
                 full_read,
+                recorded_source: None,
             };
             let report = ingest(&r, &source, &opts, &bar).with_context(|| {
                 format!(

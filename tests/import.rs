@@ -67,6 +67,27 @@ fn a_ghettovcb_rotation_comes_in_with_its_dates() {
             "web01@2026-11-20T01:00:04Z"
         ]
     );
+    // Each generation names what it came from: the folder, or the archive (not the temporary
+    // directory the archive was unpacked into).
+    let listed = vmrepo([s("list"), p(&repo), s("web01"), s("--json")])
+        .ok()
+        .json();
+    let sources: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sources,
+        [
+            rotation.join(format!("web01-{}", dates[0])),
+            rotation.join(format!("{middle}.gz")),
+            rotation.join(format!("web01-{}", dates[2])),
+        ]
+        .map(|p| p.to_string_lossy().into_owned()),
+        "{listed}"
+    );
     // Dedup: the rotation holds three full disks, the repository about one.
     let stored = tree_size(&repo.join("data"));
     assert!(
