@@ -5,7 +5,7 @@
 # dropped where possible -- the change-aware ingest against a full re-ingest of the same disk.
 #
 # usage: scripts/bench-incremental.sh [--size-gib 20] [--percent 2] [--pattern clustered|scattered]
-#                                     [--source chain|ranges] [--work DIR]
+#                                     [--source chain|ranges] [--work DIR] [--pairs N]
 #   clustered: the changes are 10 MiB runs (files rewritten in place, a database's hot area)
 #   scattered: the changes are 1 MiB pieces at random offsets (a worst case for 4 MiB segments)
 #   chain:  the KVM daily-snapshot scheme: night 1 backs up overlay ov1 (empty) over the raw
@@ -13,13 +13,16 @@
 #           plain `vmrepo ingest` (it sees the chain grew), full is `vmrepo ingest --full-read`
 #   ranges: the image is changed in place; change-aware is `--changed-ranges FILE --since`,
 #           full is a plain `vmrepo ingest`
+#   --pairs N: N pairs of runs, alternating which goes first, each from its own copy of the
+#           one-generation repository; prints each pair and the median speed-up
 # needs: python3, qemu-utils (qemu-img, qemu-io); root to drop the page cache between runs
-# disk: about 3.2x the image (the image, two copies of the repository, the overlays); the work
-# directory is kept for the next run (the image takes minutes to write): rm -rf it when done
+# disk: about 1.6x the image (the image, the repository, the overlays; run copies are hard
+# links plus a copy of the index); the work directory is kept for the next run (the image
+# takes minutes to write): rm -rf it when done
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SIZE_GIB=20 PERCENT=2 PATTERN=clustered SOURCE=chain WORK=/tmp/vmrepo-bench-incr
+SIZE_GIB=20 PERCENT=2 PATTERN=clustered SOURCE=chain WORK=/tmp/vmrepo-bench-incr PAIRS=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --size-gib) SIZE_GIB=$2; shift 2 ;;
@@ -27,6 +30,7 @@ while [ $# -gt 0 ]; do
         --pattern) PATTERN=$2; shift 2 ;;
         --source) SOURCE=$2; shift 2 ;;
         --work) WORK=$2; shift 2 ;;
+        --pairs) PAIRS=$2; shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -102,8 +106,14 @@ json.dump(ranges, open(out, "w"))
 print(f"{n} pieces of {piece >> 20} MiB = {n * piece / size * 100:.1f}% of the disk")
 PY
 
-cp -a "$WORK/repo" "$WORK/repo-incr"
-mv "$WORK/repo" "$WORK/repo-full"
+# Each run gets its own copy of the one-generation repository: pack files are never modified
+# once written, so they are hard-linked; the index (which a run rewrites) is copied.
+copy_repo() {
+    rm -rf "$2"
+    cp -al "$1" "$2"
+    rm -rf "$2/locks"; cp -a "$1/locks" "$2/locks"
+    for f in "$1"/index.sqlite*; do cp --remove-destination "$f" "$2/"; done
+}
 drop_cache() {
     sync
     # Drop the image from the page cache when allowed, so both runs read from the disk.
@@ -118,31 +128,59 @@ timed() {
     t1=$(date +%s.%N)
     awk "BEGIN{print $t1 - $t0}" > "$WORK/$label.seconds"
 }
-if [ "$SOURCE" = chain ]; then
-    echo "== full re-ingest (--full-read)"
-    timed full "$VMREPO" ingest "$WORK/repo-full" "$TARGET" --name bench --json --full-read
-    echo "== change-aware ingest (the chain grew by ov2)"
-    timed incr "$VMREPO" ingest "$WORK/repo-incr" "$TARGET" --name bench --json
-else
-    echo "== full re-ingest"
-    timed full "$VMREPO" ingest "$WORK/repo-full" "$IMG" --name bench --json
-    echo "== change-aware ingest (--changed-ranges)"
-    timed incr "$VMREPO" ingest "$WORK/repo-incr" "$IMG" --name bench --json \
-        --changed-ranges "$WORK/changes.json" --since bench
-fi
+full_run() {
+    copy_repo "$WORK/repo" "$WORK/repo-full"
+    if [ "$SOURCE" = chain ]; then
+        echo "== pair $1: full re-ingest (--full-read)"
+        timed "full-$1" "$VMREPO" ingest "$WORK/repo-full" "$TARGET" --name bench --json --full-read
+    else
+        echo "== pair $1: full re-ingest"
+        timed "full-$1" "$VMREPO" ingest "$WORK/repo-full" "$IMG" --name bench --json
+    fi
+}
+incr_run() {
+    copy_repo "$WORK/repo" "$WORK/repo-incr"
+    if [ "$SOURCE" = chain ]; then
+        echo "== pair $1: change-aware ingest (the chain grew by ov2)"
+        timed "incr-$1" "$VMREPO" ingest "$WORK/repo-incr" "$TARGET" --name bench --json
+    else
+        echo "== pair $1: change-aware ingest (--changed-ranges)"
+        timed "incr-$1" "$VMREPO" ingest "$WORK/repo-incr" "$IMG" --name bench --json \
+            --changed-ranges "$WORK/changes.json" --since bench
+    fi
+}
+# Pairs alternate which run goes first, so that neither always meets the storage right after
+# the other (this shared machine's disk speed drifts between runs).
+rm -f "$WORK"/full-*.json "$WORK"/full-*.seconds "$WORK"/incr-*.json "$WORK"/incr-*.seconds
+for pair in $(seq 1 "$PAIRS"); do
+    if [ $((pair % 2)) = 1 ]; then
+        full_run "$pair"; incr_run "$pair"
+    else
+        incr_run "$pair"; full_run "$pair"
+    fi
+done
 
-python3 - "$WORK" "$SIZE_GIB" "$PERCENT" "$PATTERN" "$SOURCE" <<'PY'
-import json, sys
-w, gib, pct, pattern, source = sys.argv[1:]
-full = json.load(open(f"{w}/full.json")); incr = json.load(open(f"{w}/incr.json"))
-tf = float(open(f"{w}/full.seconds").read()); ti = float(open(f"{w}/incr.seconds").read())
+python3 - "$WORK" "$SIZE_GIB" "$PERCENT" "$PATTERN" "$SOURCE" "$PAIRS" <<'PY'
+import json, statistics, sys
+w, gib, pct, pattern, source, pairs = sys.argv[1:]
 GB = 1e9
 print(f"{gib} GiB disk, {pct}% changed ({pattern}, {source}):")
-print(f"  full re-ingest     {tf:7.2f} s, read {full['stats']['bytes_read']/GB:6.2f} GB ({full['stats']['bytes_read']/tf/1e6:.0f} MB/s), stored {full['stats']['bytes_stored']/1e6:7.1f} MB")
-print(f"  change-aware       {ti:7.2f} s, read {incr['stats']['bytes_read']/GB:6.2f} GB, stored {incr['stats']['bytes_stored']/1e6:7.1f} MB, "
-      f"{incr['incremental']['segments_taken']} of {incr['stats']['segments_total']} segments taken unread")
-print(f"  speed-up           {tf/ti:.1f}x")
-assert incr["incremental"]["full_reads"] == [], incr["incremental"]
+ratios = []
+for p in range(1, int(pairs) + 1):
+    full = json.load(open(f"{w}/full-{p}.json")); incr = json.load(open(f"{w}/incr-{p}.json"))
+    tf = float(open(f"{w}/full-{p}.seconds").read()); ti = float(open(f"{w}/incr-{p}.seconds").read())
+    assert incr["incremental"]["full_reads"] == [], incr["incremental"]
+    assert full["stats"]["bytes_stored"] == incr["stats"]["bytes_stored"], (full["stats"], incr["stats"])
+    first = "full first" if p % 2 == 1 else "change-aware first"
+    print(f" pair {p} ({first}):")
+    print(f"  full re-ingest     {tf:7.2f} s, read {full['stats']['bytes_read']/GB:6.2f} GB ({full['stats']['bytes_read']/tf/1e6:.0f} MB/s), stored {full['stats']['bytes_stored']/1e6:7.1f} MB")
+    print(f"  change-aware       {ti:7.2f} s, read {incr['stats']['bytes_read']/GB:6.2f} GB, stored {incr['stats']['bytes_stored']/1e6:7.1f} MB, "
+          f"{incr['incremental']['segments_taken']} of {incr['stats']['segments_total']} segments taken unread")
+    print(f"  speed-up           {tf/ti:.1f}x")
+    ratios.append(tf / ti)
+if len(ratios) > 1:
+    print(f" median speed-up     {statistics.median(ratios):.1f}x over {len(ratios)} pairs "
+          f"({min(ratios):.1f}x-{max(ratios):.1f}x)")
 PY
-# Same content, same result: both repositories restore the same bytes for the new generation.
+# Same content, same result: the repository of the last change-aware run passes check.
 "$VMREPO" check "$WORK/repo-incr" >/dev/null
