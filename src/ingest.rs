@@ -719,49 +719,48 @@ fn ingest_disk(
     // Segments finished, and whether the workers are done (the prefetcher then stops).
     let done = AtomicU64::new(0);
     let finished = std::sync::atomic::AtomicBool::new(false);
+    // One segment: taken unread, patched, or read.
+    let segment = |i: u64| -> Result<(ObjectId, Option<CacheRow>)> {
+        let range = i * seg..((i + 1) * seg).min(size);
+        if let Some(r) = reuse.filter(|r| !r.touched[i as usize]) {
+            let prev = r.segments[i as usize];
+            counters.segments_skipped.fetch_add(1, Ordering::Relaxed);
+            if sampled(seed, i, verify_share) {
+                verify_unchanged(store, d, range, prev, params, &key, counters)?;
+            }
+            return Ok((prev, None));
+        }
+        if let Some(r) = reuse.filter(|r| r.patchable[i as usize]) {
+            let prev = r.segments[i as usize];
+            let changed = r.changed_in(&range);
+            let patched = patch_segment(
+                store, d, &range, prev, changed, params, &key, counters, progress,
+            )?;
+            if let Some(p) = patched {
+                done.fetch_add(1, Ordering::Relaxed);
+                return Ok(p);
+            }
+        }
+        let r = ingest_segment(
+            store,
+            d.reader.as_ref(),
+            range,
+            params,
+            &key,
+            counters,
+            progress,
+        );
+        done.fetch_add(1, Ordering::Relaxed);
+        r
+    };
     // Segments are handed out in disk order, one at a time, to whichever worker is free
     // (`par_bridge`): reads then move through the disk as one front, in the order the
     // prefetcher hints them, instead of one stream per worker at distant offsets.
     let work = || {
         let mut results = (0..nseg)
             .par_bridge()
-            .map(|i| {
-                let one = || -> Result<(ObjectId, Option<CacheRow>)> {
-                    let range = i * seg..((i + 1) * seg).min(size);
-                    if let Some(r) = reuse.filter(|r| !r.touched[i as usize]) {
-                        let prev = r.segments[i as usize];
-                        counters.segments_skipped.fetch_add(1, Ordering::Relaxed);
-                        if sampled(seed, i, verify_share) {
-                            verify_unchanged(store, d, range, prev, params, &key, counters)?;
-                        }
-                        return Ok((prev, None));
-                    }
-                    if let Some(r) = reuse.filter(|r| r.patchable[i as usize]) {
-                        let prev = r.segments[i as usize];
-                        let changed = r.changed_in(&range);
-                        let patched = patch_segment(
-                            store, d, &range, prev, changed, params, &key, counters, progress,
-                        )?;
-                        if let Some(p) = patched {
-                            done.fetch_add(1, Ordering::Relaxed);
-                            return Ok(p);
-                        }
-                    }
-                    let r = ingest_segment(
-                        store,
-                        d.reader.as_ref(),
-                        range,
-                        params,
-                        &key,
-                        counters,
-                        progress,
-                    );
-                    done.fetch_add(1, Ordering::Relaxed);
-                    r
-                };
-                one().map(|r| (i, r))
-            })
-            .collect::<Result<Vec<(u64, (ObjectId, Option<CacheRow>))>>>()?;
+            .map(|i| segment(i).map(|r| (i, r)))
+            .collect::<Result<Vec<_>>>()?;
         results.sort_unstable_by_key(|(i, _)| *i);
         Ok::<_, Error>(results.into_iter().map(|(_, r)| r).collect::<Vec<_>>())
     };
