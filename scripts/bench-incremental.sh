@@ -128,25 +128,26 @@ timed() {
     t1=$(date +%s.%N)
     awk "BEGIN{print $t1 - $t0}" > "$WORK/$label.seconds"
 }
-full_run() {
-    copy_repo "$WORK/repo" "$WORK/repo-full"
-    if [ "$SOURCE" = chain ]; then
-        echo "== pair $1: full re-ingest (--full-read)"
-        timed "full-$1" "$VMREPO" ingest "$WORK/repo-full" "$TARGET" --name bench --json --full-read
+# What each run ingests: the full re-ingest reads the whole disk, the change-aware one is told
+# (chain) or sees (ranges) what changed.
+if [ "$SOURCE" = chain ]; then
+    FULL=("$TARGET" --full-read) FULL_WHAT="full re-ingest (--full-read)"
+    INCR=("$TARGET") INCR_WHAT="change-aware ingest (the chain grew by ov2)"
+else
+    FULL=("$IMG") FULL_WHAT="full re-ingest"
+    INCR=("$IMG" --changed-ranges "$WORK/changes.json" --since bench)
+    INCR_WHAT="change-aware ingest (--changed-ranges)"
+fi
+# run KIND PAIR: one timed ingest into a fresh copy of the one-generation repository.
+run() {
+    local kind=$1 pair=$2
+    copy_repo "$WORK/repo" "$WORK/repo-$kind"
+    if [ "$kind" = full ]; then
+        echo "== pair $pair: $FULL_WHAT"
+        timed "full-$pair" "$VMREPO" ingest "$WORK/repo-full" "${FULL[@]}" --name bench --json
     else
-        echo "== pair $1: full re-ingest"
-        timed "full-$1" "$VMREPO" ingest "$WORK/repo-full" "$IMG" --name bench --json
-    fi
-}
-incr_run() {
-    copy_repo "$WORK/repo" "$WORK/repo-incr"
-    if [ "$SOURCE" = chain ]; then
-        echo "== pair $1: change-aware ingest (the chain grew by ov2)"
-        timed "incr-$1" "$VMREPO" ingest "$WORK/repo-incr" "$TARGET" --name bench --json
-    else
-        echo "== pair $1: change-aware ingest (--changed-ranges)"
-        timed "incr-$1" "$VMREPO" ingest "$WORK/repo-incr" "$IMG" --name bench --json \
-            --changed-ranges "$WORK/changes.json" --since bench
+        echo "== pair $pair: $INCR_WHAT"
+        timed "incr-$pair" "$VMREPO" ingest "$WORK/repo-incr" "${INCR[@]}" --name bench --json
     fi
 }
 # Pairs alternate which run goes first, so that neither always meets the storage right after
@@ -154,9 +155,9 @@ incr_run() {
 rm -f "$WORK"/full-*.json "$WORK"/full-*.seconds "$WORK"/incr-*.json "$WORK"/incr-*.seconds
 for pair in $(seq 1 "$PAIRS"); do
     if [ $((pair % 2)) = 1 ]; then
-        full_run "$pair"; incr_run "$pair"
+        run full "$pair"; run incr "$pair"
     else
-        incr_run "$pair"; full_run "$pair"
+        run incr "$pair"; run full "$pair"
     fi
 done
 
