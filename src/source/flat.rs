@@ -1,10 +1,14 @@
 //! A plain file read as a disk (raw image or flat extent), with holes found by SEEK_DATA/SEEK_HOLE.
+//! The last hole and data range the kernel reported are remembered, so the many small queries a
+//! snapshot chain makes of a thin base (one per run of grains its delta does not hold) cost a
+//! system call only when they leave what is already known.
 
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use super::DiskReader;
 use crate::error::{Error, IoContext, Result};
@@ -14,6 +18,16 @@ pub struct FlatFile {
     file: File,
     path: PathBuf,
     len: u64,
+    /// The last hole and the last data range found (file offsets; empty until found). The
+    /// file is read-only input, frozen while it is read, so an answer stays true.
+    known: Mutex<Known>,
+}
+
+/// What SEEK_DATA/SEEK_HOLE last said.
+#[derive(Default)]
+struct Known {
+    hole: Range<u64>,
+    data: Range<u64>,
 }
 
 impl FlatFile {
@@ -42,6 +56,7 @@ impl FlatFile {
             file,
             path: path.to_path_buf(),
             len,
+            known: Mutex::default(),
         })
     }
 
@@ -103,30 +118,55 @@ impl FlatFile {
         let mut out = Vec::new();
         let mut pos = range.start;
         while pos < end {
-            let data = match self.seek(pos, libc::SEEK_DATA) {
-                Some(d) => d,
-                None => {
-                    let err = std::io::Error::last_os_error();
-                    match err.raw_os_error() {
-                        // No data after pos: the rest is a hole.
-                        Some(libc::ENXIO) => break,
-                        // Filesystem or device without hole support: treat all as data.
-                        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
-                            out.push(pos..end);
-                            break;
-                        }
-                        _ => return Err(Error::io("find data in", &self.path, err)),
-                    }
-                }
-            };
+            let (data, hole) = self.extent_at(pos)?;
             if data >= end {
                 break;
             }
-            let hole = self.seek(data, libc::SEEK_HOLE).unwrap_or(end).min(end);
+            let hole = hole.min(end);
             out.push(data..hole);
             pos = hole;
         }
         Ok(out)
+    }
+
+    /// The first data range at or after `pos` (`pos < len`): where it starts and where the
+    /// hole after it starts; starts at `len` when only a hole follows. From what is known when
+    /// `pos` lies in it, else from the kernel.
+    fn extent_at(&self, pos: u64) -> Result<(u64, u64)> {
+        {
+            let k = self.known.lock().unwrap();
+            if k.data.contains(&pos) {
+                return Ok((pos, k.data.end));
+            }
+            // The hole ends where the data range recorded with it starts.
+            if k.hole.contains(&pos) {
+                return Ok((k.data.start, k.data.end));
+            }
+        }
+        let data = match self.seek(pos, libc::SEEK_DATA) {
+            Some(d) => d.min(self.len),
+            None => {
+                let err = std::io::Error::last_os_error();
+                match err.raw_os_error() {
+                    // No data after pos: the rest is a hole.
+                    Some(libc::ENXIO) => self.len,
+                    // Filesystem or device without hole support: all data.
+                    Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => return Ok((pos, self.len)),
+                    _ => return Err(Error::io("find data in", &self.path, err)),
+                }
+            }
+        };
+        let hole = if data < self.len {
+            self.seek(data, libc::SEEK_HOLE)
+                .unwrap_or(self.len)
+                .clamp(data, self.len)
+        } else {
+            self.len
+        };
+        let mut k = self.known.lock().unwrap();
+        k.hole = pos..data;
+        k.data = data..hole;
+        Ok((data, hole))
     }
 }
 
@@ -169,5 +209,43 @@ mod tests {
         assert!(ranges
             .iter()
             .any(|r| r.start <= 32 << 20 && r.end >= 33 << 20));
+    }
+
+    #[test]
+    fn remembered_holes_and_data_give_the_answers_a_fresh_query_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("thin.img");
+        let mut f = File::create(&p).unwrap();
+        f.set_len(64 << 20).unwrap();
+        for at in [1u64, 9, 10, 30, 63] {
+            f.seek(SeekFrom::Start(at << 20)).unwrap();
+            f.write_all(&[7u8; 256 << 10]).unwrap();
+        }
+        drop(f);
+        // Queries in an order that goes back, jumps, and starts inside known holes and data.
+        let mib = 1u64 << 20;
+        let queries = [
+            // The second starts in the hole the first found, and ends inside the data after it.
+            0..2 * mib,
+            4 * mib..9 * mib + mib / 2,
+            0..64 * mib,
+            2 * mib..3 * mib,
+            mib + 4096..9 * mib + 8192,
+            12 * mib..31 * mib,
+            0..mib,
+            9 * mib..10 * mib,
+            10 * mib + 100..10 * mib + 200,
+            40 * mib..64 * mib,
+            63 * mib..70 * mib,
+            5 * mib..9 * mib,
+            30 * mib + 1..30 * mib + 2,
+        ];
+        // And segment by segment, as ingest asks: most queries start inside a known hole.
+        let segments: Vec<_> = (0..64).map(|i| i * mib..(i + 1) * mib).collect();
+        let remembering = FlatFile::open(&p).unwrap();
+        for q in segments.iter().chain(&queries).chain(queries.iter().rev()) {
+            let fresh = FlatFile::open(&p).unwrap().data_ranges(q.clone()).unwrap();
+            assert_eq!(remembering.data_ranges(q.clone()).unwrap(), fresh, "{q:?}");
+        }
     }
 }
