@@ -125,7 +125,7 @@ impl GrainFormat for Cowd {
         }
     }
 
-    fn unpack(&self, index: u64, _: u64, _: &mut [u8]) -> Result<()> {
+    fn unpack(&self, index: u64, _: u64, _: &dyn RandomRead, _: &mut [u8]) -> Result<()> {
         Err(Error::bad_input(
             self.file.path(),
             format!("grain {index}: COWD grains are never compressed"),

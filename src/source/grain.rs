@@ -1,8 +1,10 @@
 //! What every grain-table format shares (KDMV, COWD, seSparse, qcow2): a lookup from grain number
 //! to "absent / zero / at this file offset / compressed there", turned into a [`Layer`] that
-//! coalesces runs of grains stored back to back into single large reads and decompresses the
-//! compressed grains of one read in parallel (rayon), plus a bounded cache of loaded tables.
+//! coalesces runs of grains stored back to back into single large reads, fetches the compressed
+//! grains of one read with one request per stretch of the file they lie in and decompresses them
+//! in parallel (rayon), plus a bounded cache of loaded tables.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
@@ -38,9 +40,93 @@ pub trait GrainFormat: Send + Sync {
     /// run of `Absent`/`Zero` grains (such as a missing grain table), or of `At` grains stored
     /// back to back in the file (the offset is the first one's). `Packed` answers are single.
     fn lookup(&self, index: u64) -> Result<(Grain, u64)>;
+    /// The bytes of the file the grain stored as `Packed(v)` lies in: where it starts, and an
+    /// end at or after its real end (the largest size the format allows, when the size is
+    /// stored with the grain). Compressed grains whose spans are close are read with one
+    /// request. Empty (the default) for formats without compressed grains.
+    fn packed_span(&self, v: u64) -> Range<u64> {
+        v..v
+    }
     /// Decompresses the grain `index` stored as `Packed(v)` into `out` (the grain's bytes,
-    /// shorter than a grain only for the last one).
-    fn unpack(&self, index: u64, v: u64, out: &mut [u8]) -> Result<()>;
+    /// shorter than a grain only for the last one), reading its stored bytes through `src`:
+    /// the file, or a stretch of it already read.
+    fn unpack(&self, index: u64, v: u64, src: &dyn RandomRead, out: &mut [u8]) -> Result<()>;
+}
+
+/// A stretch of the file read with one request, for the compressed grains that lie in it;
+/// reads outside it go to the file.
+struct Window<'a> {
+    file: &'a dyn RandomRead,
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl RandomRead for Window<'_> {
+    fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    fn len(&self) -> u64 {
+        self.file.len()
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let inside = offset
+            .checked_sub(self.start)
+            .map(|at| at as usize)
+            .filter(|&at| at + buf.len() <= self.bytes.len());
+        match inside {
+            Some(at) => {
+                buf.copy_from_slice(&self.bytes[at..at + buf.len()]);
+                Ok(())
+            }
+            None => self.file.read_exact_at(buf, offset),
+        }
+    }
+
+    fn read_cow(&self, offset: u64, len: u64, what: &str) -> Result<Cow<'_, [u8]>> {
+        let inside = offset
+            .checked_sub(self.start)
+            .map(|at| at as usize)
+            .filter(|&at| (at as u64).saturating_add(len) <= self.bytes.len() as u64);
+        match inside {
+            Some(at) => Ok(Cow::Borrowed(&self.bytes[at..at + len as usize])),
+            None => self.file.read_cow(offset, len, what),
+        }
+    }
+}
+
+/// Largest stretch of the file read with one request for compressed grains: a segment's
+/// grains come in a few stretches, read in parallel with inflating the others.
+const WINDOW_MAX: u64 = 1 << 20;
+/// Bytes between two compressed grains' spans up to which one request covers both (read and
+/// dropped); at least one stored-size bound of a 64 KiB grain, so an over-estimated span does
+/// not end a window.
+const WINDOW_GAP: u64 = 256 << 10;
+
+/// Groups `spans` (file byte ranges, in the order the grains are met) into stretches read with
+/// one request: each span starts at or after the previous one and within [`WINDOW_GAP`] of the
+/// stretch so far, and a stretch stays under [`WINDOW_MAX`]. Returns, per stretch, its file
+/// range and the indices of its spans; empty spans belong to none.
+fn windows(spans: &[Range<u64>]) -> Vec<(Range<u64>, Vec<usize>)> {
+    let mut out: Vec<(Range<u64>, Vec<usize>)> = Vec::new();
+    for (i, s) in spans.iter().enumerate() {
+        if s.start >= s.end {
+            continue;
+        }
+        match out.last_mut() {
+            Some((w, members))
+                if s.start >= w.start
+                    && s.start <= w.end.saturating_add(WINDOW_GAP)
+                    && s.end.max(w.end) - w.start <= WINDOW_MAX =>
+            {
+                w.end = w.end.max(s.end);
+                members.push(i);
+            }
+            _ => out.push((s.clone(), vec![i])),
+        }
+    }
+    out
 }
 
 /// A [`GrainFormat`] as a [`Layer`].
@@ -82,20 +168,38 @@ struct Packed {
 
 impl<F: GrainFormat> GrainLayer<F> {
     /// Decompresses `packed` (in guest order, disjoint, inside the read) into `buf`, which holds
-    /// the guest bytes from `offset` on. Grains are independent, so they are decompressed in
-    /// parallel, each into its own slice of `buf`; a grain the read covers only in part goes
-    /// through a buffer of its own. On failure the error of the first bad grain is returned.
+    /// the guest bytes from `offset` on. Their stored bytes are read first, one request per
+    /// stretch of the file they lie in ([`windows`]). Grains are independent, so they are
+    /// decompressed in parallel, each into its own slice of `buf`; a grain the read covers only
+    /// in part goes through a buffer of its own. On failure the error of the first bad grain is
+    /// returned.
     fn unpack_all(&self, packed: Vec<Packed>, buf: &mut [u8], offset: u64) -> Result<()> {
         let gb = self.0.grain_bytes();
         let size = self.0.size();
-        let one = |(p, out): (Packed, &mut [u8])| -> Result<()> {
+        let file = self.0.file();
+        let flen = file.len();
+        let spans: Vec<Range<u64>> = packed
+            .iter()
+            .map(|p| {
+                let s = self.0.packed_span(p.v);
+                s.start.min(flen)..s.end.min(flen)
+            })
+            .collect();
+        let stretches = windows(&spans);
+        let mut source: Vec<Option<usize>> = vec![None; packed.len()];
+        for (w, (_, members)) in stretches.iter().enumerate() {
+            for &m in members {
+                source[m] = Some(w);
+            }
+        }
+        let one = |(p, out): (Packed, &mut [u8]), src: &dyn RandomRead| -> Result<()> {
             let start = p.g * gb;
             let glen = gb.min(size - start) as usize;
             if p.range.start == start && out.len() == glen {
-                return self.0.unpack(p.g, p.v, out);
+                return self.0.unpack(p.g, p.v, src, out);
             }
             let mut whole = vec![0u8; glen];
-            self.0.unpack(p.g, p.v, &mut whole)?;
+            self.0.unpack(p.g, p.v, src, &mut whole)?;
             let from = (p.range.start - start) as usize;
             out.copy_from_slice(&whole[from..from + out.len()]);
             Ok(())
@@ -111,11 +215,50 @@ impl<F: GrainFormat> GrainLayer<F> {
             rest = tail;
             jobs.push((p, out));
         }
-        if jobs.len() <= 1 {
-            return jobs.into_iter().try_for_each(one);
+        if jobs.len() <= 1 && stretches.is_empty() {
+            return jobs.into_iter().try_for_each(|j| one(j, file));
         }
-        let done: Vec<Result<()>> = jobs.into_par_iter().map(one).collect();
-        done.into_iter().collect()
+        // One task per stretch: it reads the stretch, then inflates its grains in parallel, so
+        // reading one stretch overlaps inflating another. Grains outside every stretch read
+        // their own bytes. Results keep the grain's position, for the first error in order.
+        let mut groups: Vec<(Option<Range<u64>>, Vec<_>)> = stretches
+            .into_iter()
+            .map(|(range, _)| (Some(range), Vec::new()))
+            .collect();
+        for (i, (job, w)) in jobs.into_iter().zip(source).enumerate() {
+            match w {
+                Some(w) => groups[w].1.push((i, job)),
+                None => groups.push((None, vec![(i, job)])),
+            }
+        }
+        let mut done: Vec<(usize, Result<()>)> = groups
+            .into_par_iter()
+            .flat_map_iter(|(range, jobs)| {
+                let window = match range {
+                    None => None,
+                    Some(r) => {
+                        let mut bytes = vec![0u8; (r.end - r.start) as usize];
+                        if let Err(e) = file.read_exact_at(&mut bytes, r.start) {
+                            return vec![(jobs[0].0, Err(e))];
+                        }
+                        Some(Window {
+                            file,
+                            start: r.start,
+                            bytes,
+                        })
+                    }
+                };
+                let src: &dyn RandomRead = match &window {
+                    Some(w) => w,
+                    None => file,
+                };
+                jobs.into_par_iter()
+                    .map(|(i, job)| (i, one(job, src)))
+                    .collect()
+            })
+            .collect();
+        done.sort_unstable_by_key(|(i, _)| *i);
+        done.into_iter().try_for_each(|(_, r)| r)
     }
 }
 
@@ -149,25 +292,36 @@ impl<F: GrainFormat> Layer for GrainLayer<F> {
         let gb = self.0.grain_bytes();
         let end = range.end.min(self.0.size());
         let file = self.0.file();
-        // Uncompressed grains back to back in the file become one hint.
+        // Uncompressed grains back to back in the file become one hint, and so do the
+        // compressed grains one read would fetch with one request.
         let mut run: Option<(u64, u64)> = None;
+        let mut packed = Vec::new();
         let _ = self.walk(range.clone(), |g, n, grain| {
-            if let Grain::At(fo) = grain {
-                let from = fo.saturating_add(range.start.saturating_sub(g * gb));
-                let len = ((g + n) * gb).min(end) - (g * gb).max(range.start);
-                match &mut run {
-                    Some((s, l)) if s.saturating_add(*l) == from => *l += len,
-                    _ => {
-                        if let Some((s, l)) = run.replace((from, len)) {
-                            file.prefetch(s, l);
+            match grain {
+                Grain::At(fo) => {
+                    let from = fo.saturating_add(range.start.saturating_sub(g * gb));
+                    let len = ((g + n) * gb).min(end) - (g * gb).max(range.start);
+                    match &mut run {
+                        Some((s, l)) if s.saturating_add(*l) == from => *l += len,
+                        _ => {
+                            if let Some((s, l)) = run.replace((from, len)) {
+                                file.prefetch(s, l);
+                            }
                         }
                     }
                 }
+                Grain::Packed(v) => packed.push(self.0.packed_span(v)),
+                Grain::Absent | Grain::Zero => {}
             }
             Ok(())
         });
         if let Some((s, l)) = run {
             file.prefetch(s, l);
+        }
+        let flen = file.len();
+        for (w, _) in windows(&packed) {
+            let w = w.start.min(flen)..w.end.min(flen);
+            file.prefetch(w.start, w.end - w.start);
         }
     }
 
@@ -317,10 +471,31 @@ mod tests {
     const SIZE: u64 = 9 * GB + 1000;
 
     /// Grain `g` is packed when g % 3 == 0, stored when g % 3 == 1, zero otherwise; a packed
-    /// grain "decompresses" to a pattern of its index, and fails for the grains in `bad`.
+    /// grain "decompresses" to its stored bytes (a pattern of its index, at `g * GB` in the
+    /// file), and fails for the grains in `bad`.
     struct Toy {
-        file: MemFile,
+        file: Counting,
         bad: Vec<u64>,
+    }
+
+    /// A file that counts the read requests made of it.
+    struct Counting {
+        inner: MemFile,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl RandomRead for Counting {
+        fn path(&self) -> &Path {
+            self.inner.path()
+        }
+        fn len(&self) -> u64 {
+            self.inner.len()
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.read_exact_at(buf, offset)
+        }
     }
 
     fn byte(at: u64) -> u8 {
@@ -335,7 +510,10 @@ mod tests {
     fn toy(bad: Vec<u64>) -> GrainLayer<Toy> {
         let data = (0..SIZE.div_ceil(GB) * GB).map(byte).collect();
         GrainLayer(Toy {
-            file: MemFile::new("toy", data),
+            file: Counting {
+                inner: MemFile::new("toy", data),
+                reads: Default::default(),
+            },
             bad,
         })
     }
@@ -360,15 +538,16 @@ mod tests {
                 1,
             ))
         }
-        fn unpack(&self, g: u64, v: u64, out: &mut [u8]) -> Result<()> {
+        fn packed_span(&self, g: u64) -> Range<u64> {
+            g * GB..(g + 1) * GB
+        }
+        fn unpack(&self, g: u64, v: u64, src: &dyn RandomRead, out: &mut [u8]) -> Result<()> {
             assert_eq!(g, v);
             assert_eq!(out.len() as u64, GB.min(SIZE - g * GB), "whole grains only");
             if self.bad.contains(&g) {
                 return Err(Error::bad_input("toy", format!("grain {g} is bad")));
             }
-            for (i, b) in out.iter_mut().enumerate() {
-                *b = byte(g * GB + i as u64);
-            }
+            out.copy_from_slice(&src.read_cow(g * GB, out.len() as u64, "grain")?);
             Ok(())
         }
     }
@@ -413,5 +592,46 @@ mod tests {
         }
         let e = layer.read(&mut buf[..GB as usize], 9 * GB).unwrap_err();
         assert!(e.to_string().contains("grain 9 is bad"), "{e}");
+    }
+
+    #[test]
+    fn compressed_grains_of_a_read_are_fetched_with_one_request_per_stretch() {
+        let layer = toy(Vec::new());
+        let mut buf = vec![0; SIZE as usize];
+        layer.read(&mut buf, 0).unwrap();
+        assert!(buf.iter().enumerate().all(|(a, &b)| b == byte(a as u64)));
+        // Packed grains 0, 3, 6, 9 lie 8 KiB apart: one request. Stored grains 1, 4, 7 are
+        // not back to back in the file: one request each.
+        let reads = layer
+            .0
+            .file
+            .reads
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(reads, 1 + 3);
+    }
+
+    #[test]
+    fn stretches_follow_the_file_forward_and_stay_bounded() {
+        let far = 1u64 << 30;
+        let got = windows(&[0..10, 5..20, far..far + 10, 3..4, 7..7, 30..40]);
+        let want = vec![
+            (0..20, vec![0, 1]),
+            (far..far + 10, vec![2]),
+            (3..40, vec![3, 5]),
+        ];
+        assert_eq!(
+            got, want,
+            "a span going back starts a new stretch; a close one joins; empty ones join none"
+        );
+        let gap = windows(&[
+            0..10,
+            10 + WINDOW_GAP..20 + WINDOW_GAP,
+            30 + 2 * WINDOW_GAP..31 + 2 * WINDOW_GAP,
+        ]);
+        assert_eq!(gap.len(), 2, "{gap:?}");
+        let half = WINDOW_MAX / 2;
+        let cap = windows(&[0..half, half..2 * half, 2 * half..3 * half]);
+        assert_eq!(cap.len(), 2, "{cap:?}");
+        assert_eq!(cap[0].0, 0..WINDOW_MAX);
     }
 }

@@ -23,6 +23,7 @@ pub use qcow2::Qcow2;
 pub use sesparse::SeSparse;
 pub use sparse::Kdmv;
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -91,6 +92,11 @@ pub trait RandomRead: Send + Sync {
         let mut v = vec![0u8; len as usize];
         self.read_exact_at(&mut v, offset)?;
         Ok(v)
+    }
+
+    /// [`RandomRead::read_vec`], or the bytes in place when they are in memory already.
+    fn read_cow(&self, offset: u64, len: u64, what: &str) -> Result<Cow<'_, [u8]>> {
+        self.read_vec(offset, len, what).map(Cow::Owned)
     }
 }
 

@@ -4,6 +4,7 @@
 //! extended L2 entries are refused with a message saying so.
 
 use std::io::Read;
+use std::ops::Range;
 
 use super::grain::{read_u64_table, Grain, GrainFormat, TableCache, TABLE_CACHE_ENTRIES};
 use super::inflate::{self, Deflate};
@@ -206,6 +207,18 @@ impl Qcow2 {
         self.version
     }
 
+    /// Where the compressed cluster described by L2 entry bits `e` is stored: its file offset
+    /// and how many bytes it may take (whole sectors from the offset, within the file).
+    fn compressed_at(&self, e: u64) -> (u64, u64) {
+        let x = 62 - (self.cluster_bits - 8);
+        let offset = e & ((1u64 << x) - 1);
+        let sectors = ((e >> x) & ((1u64 << (62 - x)) - 1)) + 1;
+        let csize = (sectors * 512)
+            .saturating_sub(offset & 511)
+            .min(self.file.len().saturating_sub(offset));
+        (offset, csize)
+    }
+
     fn classify(&self, e: u64) -> Result<Grain> {
         if e & COMPRESSED != 0 {
             return Ok(Grain::Packed(e));
@@ -275,17 +288,15 @@ impl GrainFormat for Qcow2 {
         Ok((g, run))
     }
 
-    fn unpack(&self, index: u64, e: u64, out: &mut [u8]) -> Result<()> {
+    fn packed_span(&self, e: u64) -> Range<u64> {
+        let (offset, csize) = self.compressed_at(e);
+        offset..offset.saturating_add(csize)
+    }
+
+    fn unpack(&self, index: u64, e: u64, src: &dyn RandomRead, out: &mut [u8]) -> Result<()> {
         let cluster = 1u64 << self.cluster_bits;
-        let x = 62 - (self.cluster_bits - 8);
-        let offset = e & ((1u64 << x) - 1);
-        let sectors = ((e >> x) & ((1u64 << (62 - x)) - 1)) + 1;
-        let csize = (sectors * 512)
-            .saturating_sub(offset & 511)
-            .min(self.file.len().saturating_sub(offset));
-        let data = self
-            .file
-            .read_vec(offset, csize, "qcow2 compressed cluster")?;
+        let (offset, csize) = self.compressed_at(e);
+        let data = src.read_cow(offset, csize, "qcow2 compressed cluster")?;
         // Fast path: whole-buffer decompression of the one stream at the start of `data` (the
         // rest is sector padding), straight into `out` for a whole cluster. The last cluster of
         // an image whose size is not a multiple of the cluster still holds a whole cluster.

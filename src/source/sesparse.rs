@@ -204,7 +204,7 @@ impl GrainFormat for SeSparse {
         }
     }
 
-    fn unpack(&self, index: u64, _: u64, _: &mut [u8]) -> Result<()> {
+    fn unpack(&self, index: u64, _: u64, _: &dyn RandomRead, _: &mut [u8]) -> Result<()> {
         Err(Error::bad_input(
             self.file.path(),
             format!("grain {index}: seSparse grains are never compressed"),

@@ -7,6 +7,7 @@
 //! the file has been checked, so a garbled header cannot make us allocate more than the file.
 
 use std::io::Read;
+use std::ops::Range;
 
 use super::grain::{
     le32, le64, read_u32_table, Grain, GrainFormat, TableCache, TABLE_CACHE_ENTRIES,
@@ -288,11 +289,21 @@ impl GrainFormat for Kdmv {
         ))
     }
 
-    fn unpack(&self, index: u64, at: u64, out: &mut [u8]) -> Result<()> {
+    fn packed_span(&self, at: u64) -> Range<u64> {
+        // The stored size is in the grain's own header: bound it by what unpack accepts.
+        let header = if self.header.flags & FLAG_MARKERS != 0 {
+            12
+        } else {
+            4
+        };
+        at..at.saturating_add(header + 2 * self.grain_bytes() + 4096)
+    }
+
+    fn unpack(&self, index: u64, at: u64, src: &dyn RandomRead, out: &mut [u8]) -> Result<()> {
         let markers = self.header.flags & FLAG_MARKERS != 0;
         let path = self.file.path();
         let (size, data_at) = if markers {
-            let h = self.file.read_vec(at, 12, "grain marker")?;
+            let h = src.read_cow(at, 12, "grain marker")?;
             let lba = le64(&h, 0);
             if lba != index * self.header.grain_size {
                 return Err(Error::bad_input(
@@ -305,10 +316,7 @@ impl GrainFormat for Kdmv {
             }
             (le32(&h, 8) as u64, at + 12)
         } else {
-            (
-                le32(&self.file.read_vec(at, 4, "grain size")?, 0) as u64,
-                at + 4,
-            )
+            (le32(&src.read_cow(at, 4, "grain size")?, 0) as u64, at + 4)
         };
         let gb = self.grain_bytes();
         if size == 0 || size > 2 * gb + 4096 {
@@ -317,7 +325,7 @@ impl GrainFormat for Kdmv {
                 format!("compressed grain at byte {at} claims {size} bytes (bad marker)"),
             ));
         }
-        let data = self.file.read_vec(data_at, size, "compressed grain")?;
+        let data = src.read_cow(data_at, size, "compressed grain")?;
         inflate_grain(&data, gb, out).map_err(|why| {
             Error::bad_input(
                 path,
