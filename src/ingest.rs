@@ -13,10 +13,9 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use blake3::hazmat::ChainingValue;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-
-use blake3::hazmat::ChainingValue;
 
 use crate::changes::ChangedRanges;
 use crate::chunker::{self, Run};
