@@ -73,8 +73,8 @@ impl RandomRead for Window<'_> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let inside = offset
             .checked_sub(self.start)
-            .map(|at| at as usize)
-            .filter(|&at| at + buf.len() <= self.bytes.len());
+            .and_then(|at| usize::try_from(at).ok())
+            .filter(|&at| at.saturating_add(buf.len()) <= self.bytes.len());
         match inside {
             Some(at) => {
                 buf.copy_from_slice(&self.bytes[at..at + buf.len()]);
@@ -87,7 +87,7 @@ impl RandomRead for Window<'_> {
     fn read_cow(&self, offset: u64, len: u64, what: &str) -> Result<Cow<'_, [u8]>> {
         let inside = offset
             .checked_sub(self.start)
-            .map(|at| at as usize)
+            .and_then(|at| usize::try_from(at).ok())
             .filter(|&at| (at as u64).saturating_add(len) <= self.bytes.len() as u64);
         match inside {
             Some(at) => Ok(Cow::Borrowed(&self.bytes[at..at + len as usize])),
@@ -633,5 +633,28 @@ mod tests {
         let cap = windows(&[0..half, half..2 * half, 2 * half..3 * half]);
         assert_eq!(cap.len(), 2, "{cap:?}");
         assert_eq!(cap[0].0, 0..WINDOW_MAX);
+    }
+
+    #[test]
+    fn a_stretch_serves_what_it_holds_and_sends_the_rest_to_the_file() {
+        let file = MemFile::new("f", (0..=255u8).cycle().take(8192).collect());
+        let mut bytes = vec![0; 1024];
+        file.read_exact_at(&mut bytes, 1000).unwrap();
+        let w = Window {
+            file: &file,
+            start: 1000,
+            bytes,
+        };
+        let inside = w.read_cow(1100, 100, "x").unwrap();
+        assert!(matches!(inside, Cow::Borrowed(_)));
+        assert_eq!(inside[0], (1100 % 256) as u8);
+        let straddling = w.read_cow(1900, 300, "x").unwrap();
+        assert!(matches!(straddling, Cow::Owned(_)));
+        assert_eq!(straddling[299], (2199 % 256) as u8);
+        let mut b = [0u8; 8];
+        w.read_exact_at(&mut b, 1016).unwrap();
+        assert_eq!(b[0], (1016 % 256) as u8);
+        assert!(w.read_exact_at(&mut b, u64::MAX - 2).is_err());
+        assert!(w.read_cow(u64::MAX - 2, 8, "x").is_err());
     }
 }
