@@ -525,8 +525,7 @@ fn plan_reuse(
     let ids: Vec<ObjectId> = leaves.iter().map(|(k, _)| map.segments[*k]).collect();
     let mut preloaded = HashMap::with_capacity(ids.len());
     for ((k, cvs), bytes) in leaves.into_iter().zip(repo.read_objects(&ids)?) {
-        let segment = Segment::decode(&bytes)
-            .map_err(|e| Error::Corrupt(format!("segment {}: {e}", map.segments[k].short())))?;
+        let segment = crate::repo::decode_segment(&map.segments[k], &bytes)?;
         preloaded.insert(k, (segment, cvs));
     }
     Ok(Some(Ok(Reuse {

@@ -275,7 +275,12 @@ impl Repository {
 
     /// Loads a segment.
     pub fn load_segment(&self, id: &ObjectId) -> Result<Segment> {
-        let b = self.read_object(id)?;
-        Segment::decode(&b).map_err(|e| Error::Corrupt(format!("segment {}: {e}", id.short())))
+        decode_segment(id, &self.read_object(id)?)
     }
+}
+
+/// Decodes the bytes of segment object `id` (read with [`Repository::read_object`] or
+/// [`Repository::read_objects`]).
+pub fn decode_segment(id: &ObjectId, bytes: &[u8]) -> Result<Segment> {
+    Segment::decode(bytes).map_err(|e| Error::Corrupt(format!("segment {}: {e}", id.short())))
 }
