@@ -167,6 +167,19 @@ struct Packed {
 }
 
 impl<F: GrainFormat> GrainLayer<F> {
+    /// The stretches of the file ([`windows`]) that hold the compressed grains stored as
+    /// `Packed(v)` for each `v` in `vs` (in the order met), their spans cut at the file's end.
+    fn stretches(&self, vs: impl Iterator<Item = u64>) -> Vec<(Range<u64>, Vec<usize>)> {
+        let flen = self.0.file().len();
+        let spans: Vec<Range<u64>> = vs
+            .map(|v| {
+                let s = self.0.packed_span(v);
+                s.start.min(flen)..s.end.min(flen)
+            })
+            .collect();
+        windows(&spans)
+    }
+
     /// Decompresses `packed` (in guest order, disjoint, inside the read) into `buf`, which holds
     /// the guest bytes from `offset` on. Their stored bytes are read first, one request per
     /// stretch of the file they lie in ([`windows`]). Grains are independent, so they are
@@ -177,15 +190,7 @@ impl<F: GrainFormat> GrainLayer<F> {
         let gb = self.0.grain_bytes();
         let size = self.0.size();
         let file = self.0.file();
-        let flen = file.len();
-        let spans: Vec<Range<u64>> = packed
-            .iter()
-            .map(|p| {
-                let s = self.0.packed_span(p.v);
-                s.start.min(flen)..s.end.min(flen)
-            })
-            .collect();
-        let stretches = windows(&spans);
+        let stretches = self.stretches(packed.iter().map(|p| p.v));
         let mut source: Vec<Option<usize>> = vec![None; packed.len()];
         for (w, (_, members)) in stretches.iter().enumerate() {
             for &m in members {
@@ -310,7 +315,7 @@ impl<F: GrainFormat> Layer for GrainLayer<F> {
                         }
                     }
                 }
-                Grain::Packed(v) => packed.push(self.0.packed_span(v)),
+                Grain::Packed(v) => packed.push(v),
                 Grain::Absent | Grain::Zero => {}
             }
             Ok(())
@@ -318,9 +323,7 @@ impl<F: GrainFormat> Layer for GrainLayer<F> {
         if let Some((s, l)) = run {
             file.prefetch(s, l);
         }
-        let flen = file.len();
-        for (w, _) in windows(&packed) {
-            let w = w.start.min(flen)..w.end.min(flen);
+        for (w, _) in self.stretches(packed.into_iter()) {
             file.prefetch(w.start, w.end - w.start);
         }
     }
