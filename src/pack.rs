@@ -10,15 +10,20 @@
 //! pages was a fifth of a change-aware ingest's CPU; see docs/PERFORMANCE.md). A direct write
 //! is a whole number of [`DIRECT_ALIGN`] blocks at an aligned offset, so the last one of a pack
 //! is padded with zeros and the file cut back to its length before the seal's fsync. Where
-//! direct I/O is refused (tmpfs, some network filesystems) the pack is written through the page
-//! cache instead, handed to the kernel for writeback every [`WRITEBACK_STEP`] bytes
-//! (`sync_file_range`, which does not wait), so the fsync that seals it finds little left.
+//! direct I/O is refused (tmpfs on older kernels, some network filesystems) the pack is written
+//! through the page cache instead, handed to the kernel for writeback every [`WRITEBACK_STEP`]
+//! bytes (`sync_file_range`, which does not wait), so the fsync that seals it finds little left.
+//! Full buffers are written by a thread of the pack's own while the next one fills: an append
+//! (made under the store's writer lock) waits for the device only when two buffers are already
+//! on their way.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, ErrorKind, Read};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use crate::crypto::Keys;
@@ -91,15 +96,159 @@ impl Staging {
 pub struct PackFile {
     name: String,
     path: PathBuf,
-    file: File,
-    /// Written with direct I/O (else through the page cache).
-    direct: bool,
+    /// Writes the staged buffers out; `None` once sealed or discarded.
+    flusher: Option<Flusher>,
     staging: Staging,
-    /// Bytes of the pack in the file (the staged ones follow).
-    written: u64,
+    /// A written buffer back from the flusher, ready to fill again.
+    free: Option<Staging>,
+    /// Buffers handed to the flusher and not back yet.
+    in_flight: usize,
+    /// Bytes of the pack handed to the flusher (the staged ones follow).
+    handed: u64,
     len: u64,
-    /// Bytes from the start already handed to the kernel for writeback (page cache only).
-    kicked: u64,
+}
+
+/// The thread that writes a pack's full staging buffers while the next one fills, so that an
+/// append (made under the store's writer lock) waits for the device only when two buffers are
+/// ahead of it.
+struct Flusher {
+    file: Arc<File>,
+    path: PathBuf,
+    /// Whether writes still go around the page cache (cleared when refused).
+    direct: Arc<AtomicBool>,
+    /// Set on the first failed write; the thread then stops.
+    failed: Arc<Mutex<Option<std::io::Error>>>,
+    to_write: Option<SyncSender<(Staging, u64)>>,
+    written: Receiver<Staging>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    fn start(file: File, path: &Path, direct: bool) -> Flusher {
+        let file = Arc::new(file);
+        let direct = Arc::new(AtomicBool::new(direct));
+        let failed = Arc::new(Mutex::new(None));
+        let (to_write, todo) = sync_channel::<(Staging, u64)>(2);
+        let (done, written) = sync_channel::<Staging>(2);
+        let thread = {
+            let (file, direct, failed) = (file.clone(), direct.clone(), failed.clone());
+            std::thread::Builder::new()
+                .name("vmrepo-pack".into())
+                .spawn(move || {
+                    let mut kicked = 0u64;
+                    for (mut buf, at) in todo {
+                        if let Err(e) = write_at(&file, &direct, &mut buf, at, &mut kicked) {
+                            *failed.lock().unwrap() = Some(e);
+                            return;
+                        }
+                        if done.send(buf).is_err() {
+                            return;
+                        }
+                    }
+                })
+        };
+        // Without a thread (resources exhausted), the failure is reported at the first write.
+        let thread = match thread {
+            Ok(t) => Some(t),
+            Err(e) => {
+                *failed.lock().unwrap() = Some(e);
+                None
+            }
+        };
+        Flusher {
+            file,
+            path: path.to_path_buf(),
+            direct,
+            failed,
+            to_write: Some(to_write),
+            written,
+            thread,
+        }
+    }
+
+    /// Waits for every buffer handed over to be written; the first write error, if any.
+    fn finish(&mut self) -> Result<()> {
+        self.to_write = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.error()
+    }
+
+    /// The write error that stopped the thread, if any.
+    fn error(&self) -> Result<()> {
+        match self.failed.lock().unwrap().take() {
+            Some(e) => Err(Error::io("write pack file", &self.path, e)),
+            None => Ok(()),
+        }
+    }
+
+    /// The error after the thread stopped early (it no longer takes or returns buffers).
+    fn stopped(&mut self) -> Error {
+        match self.finish() {
+            Err(e) => e,
+            Ok(()) => Error::io(
+                "write pack file",
+                &self.path,
+                std::io::Error::other("the pack writer thread stopped"),
+            ),
+        }
+    }
+}
+
+/// Writes `buf`'s bytes at `at`: direct (padded to a [`DIRECT_ALIGN`] block) while `direct`
+/// holds, else through the page cache with a writeback kick every [`WRITEBACK_STEP`] bytes.
+fn write_at(
+    file: &File,
+    direct: &AtomicBool,
+    buf: &mut Staging,
+    at: u64,
+    kicked: &mut u64,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if direct.load(Ordering::Relaxed) {
+        match file.write_all_at(buf.padded(DIRECT_ALIGN), at) {
+            Ok(()) => return Ok(()),
+            // Direct I/O refused for this write (a filesystem that accepts O_DIRECT at open but
+            // not these writes): the same bytes go through the page cache, from now on.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                direct.store(false, Ordering::Relaxed);
+                clear_direct_flag(file)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    file.write_all_at(buf.padded(1), at)?;
+    let end = at + buf.filled as u64;
+    if end >= *kicked + WRITEBACK_STEP {
+        // SAFETY: sync_file_range only reads its integer arguments; the descriptor is open.
+        // Advisory: an error here resurfaces in the seal's fsync.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                *kicked as libc::off64_t,
+                (end - *kicked) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        *kicked = end;
+    }
+    Ok(())
+}
+
+fn clear_direct_flag(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl with F_GETFL/F_SETFL only reads and sets the descriptor's flags.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 impl PackFile {
@@ -128,7 +277,7 @@ impl PackFile {
         };
         let (file, direct) = match open(if try_direct { libc::O_DIRECT } else { 0 }) {
             Ok(f) => (f, try_direct),
-            // Direct I/O refused by this filesystem (tmpfs says so at open).
+            // Direct I/O refused by this filesystem (tmpfs on older kernels says so at open).
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 (open(0).ctx("create pack file", &path)?, false)
             }
@@ -148,13 +297,13 @@ impl PackFile {
         staging.fill(&header);
         Ok(PackFile {
             name,
+            flusher: Some(Flusher::start(file, &path, direct)),
             path,
-            file,
-            direct,
             staging,
-            written: 0,
+            free: None,
+            in_flight: 0,
+            handed: 0,
             len: PACK_HEADER_LEN,
-            kicked: 0,
         })
     }
 
@@ -178,9 +327,11 @@ impl PackFile {
         self.len == PACK_HEADER_LEN
     }
 
-    /// Whether the pack is written with direct I/O.
+    /// Whether the pack is (still) written with direct I/O.
     pub fn is_direct(&self) -> bool {
-        self.direct
+        self.flusher
+            .as_ref()
+            .is_some_and(|f| f.direct.load(Ordering::Relaxed))
     }
 
     /// Appends a record and returns its offset.
@@ -192,109 +343,87 @@ impl PackFile {
         Ok(offset)
     }
 
-    /// Stages `bytes`, writing the staging buffer out each time it fills.
+    /// Stages `bytes`, handing the staging buffer to the flusher each time it fills.
     fn put(&mut self, mut bytes: &[u8]) -> Result<()> {
         while !bytes.is_empty() {
             let n = self.staging.fill(bytes);
             bytes = &bytes[n..];
             if self.staging.is_full() {
-                self.write_staged()?;
+                self.hand_over()?;
             }
         }
         Ok(())
     }
 
-    /// Writes the staged bytes at the end of the file (padded to a direct-I/O block, which
-    /// [`PackFile::seal`] cuts off again) and empties the buffer.
-    fn write_staged(&mut self) -> Result<()> {
-        let n = self.staging.filled;
-        if n == 0 {
-            return Ok(());
-        }
-        if self.direct {
-            match self
-                .file
-                .write_all_at(self.staging.padded(DIRECT_ALIGN), self.written)
-            {
-                Ok(()) => {}
-                // Direct I/O refused for this write (a filesystem that accepts O_DIRECT at open
-                // but not these writes): the same bytes go through the page cache, from now on.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.direct = false;
-                    self.clear_direct_flag()?;
+    /// Hands the staged bytes to the flusher and takes an empty buffer: a new one while fewer
+    /// than two are being written, else the next one written.
+    fn hand_over(&mut self) -> Result<()> {
+        let f = self.flusher.as_mut().expect("pack open");
+        let next = match self.free.take() {
+            Some(b) => b,
+            None if self.in_flight < 2 => Staging::new(),
+            None => match f.written.recv() {
+                Ok(b) => {
+                    self.in_flight -= 1;
+                    b
                 }
-                Err(e) => return Err(Error::io("write pack file", &self.path, e)),
+                Err(_) => return Err(f.stopped()),
+            },
+        };
+        let full = std::mem::replace(&mut self.staging, next);
+        let n = full.filled as u64;
+        let sent = f.to_write.as_ref().map(|t| t.send((full, self.handed)));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(f.stopped());
+        }
+        self.in_flight += 1;
+        self.handed += n;
+        self.staging.filled = 0;
+        // Take back what is already written without waiting, to reuse it.
+        if self.free.is_none() {
+            if let Ok(b) = f.written.try_recv() {
+                self.in_flight -= 1;
+                self.free = Some(b);
             }
         }
-        if !self.direct {
-            self.file
-                .write_all_at(self.staging.padded(1), self.written)
-                .ctx("write pack file", &self.path)?;
-        }
-        self.written += n as u64;
-        self.staging.filled = 0;
-        if !self.direct {
-            self.start_writeback();
-        }
         Ok(())
-    }
-
-    fn clear_direct_flag(&self) -> Result<()> {
-        use std::os::fd::AsRawFd;
-        let fd = self.file.as_raw_fd();
-        // SAFETY: fcntl with F_GETFL/F_SETFL only reads and sets the descriptor's flags.
-        let ok = unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) == 0
-        };
-        if !ok {
-            return Err(Error::io(
-                "turn off direct I/O on pack file",
-                &self.path,
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Starts writeback of the bytes that reached the file since the last kick, once there are
-    /// [`WRITEBACK_STEP`] of them. Advisory: an error here resurfaces in [`PackFile::seal`]'s fsync.
-    fn start_writeback(&mut self) {
-        use std::os::fd::AsRawFd;
-        if self.written < self.kicked + WRITEBACK_STEP {
-            return;
-        }
-        // SAFETY: sync_file_range only reads its integer arguments; the descriptor is ours.
-        unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                self.kicked as libc::off64_t,
-                (self.written - self.kicked) as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
-        self.kicked = self.written;
     }
 
     /// Writes the rest and fsyncs the pack (and its directory); afterwards its records are
     /// durable.
     pub fn seal(mut self) -> Result<(String, u64)> {
-        self.write_staged()?;
+        if self.staging.filled > 0 {
+            self.hand_over()?;
+        }
+        let mut f = self.flusher.take().expect("pack open");
+        f.finish()?;
         // A padded last direct write left zeros past the end.
-        if self.direct && !self.written.is_multiple_of(DIRECT_ALIGN as u64) {
-            self.file
-                .set_len(self.written)
+        if f.direct.load(Ordering::Relaxed) && !self.handed.is_multiple_of(DIRECT_ALIGN as u64) {
+            f.file
+                .set_len(self.handed)
                 .ctx("truncate pack file", &self.path)?;
         }
-        self.file.sync_all().ctx("fsync pack file", &self.path)?;
+        f.file.sync_all().ctx("fsync pack file", &self.path)?;
         sync_dir(self.path.parent().unwrap())?;
-        Ok((self.name, self.len))
+        Ok((std::mem::take(&mut self.name), self.len))
     }
 
     /// Deletes an unsealed pack (used when an ingest fails).
-    pub fn discard(self) {
-        // The staged bytes are dropped unwritten: the file is going away.
+    pub fn discard(mut self) {
+        // What is still staged is dropped unwritten: the file is going away.
+        if let Some(mut f) = self.flusher.take() {
+            let _ = f.finish();
+        }
         let _ = fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for PackFile {
+    /// A pack dropped unsealed (an error on the way) lets its flusher finish and end.
+    fn drop(&mut self) {
+        if let Some(mut f) = self.flusher.take() {
+            let _ = f.finish();
+        }
     }
 }
 
