@@ -32,7 +32,6 @@ pub struct CacheRow {
 /// read instead of a random read each. Advisory and best effort; may take a moment, so call it
 /// off the critical path.
 pub fn prefetch_file(path: &Path) {
-    use std::os::fd::AsRawFd;
     let Ok(f) = std::fs::File::open(path) else {
         return;
     };
@@ -49,10 +48,7 @@ pub fn prefetch_file(path: &Path) {
     if pages <= 0 || page <= 0 || meta.len() > (pages as u64).saturating_mul(page as u64) / 16 {
         return;
     }
-    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is ours.
-    unsafe {
-        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
-    }
+    crate::fsutil::will_need(&f, 0, meta.len());
 }
 
 /// Drops segment-cache and segment-leaves rows whose segment object is gone.

@@ -92,15 +92,7 @@ impl FlatFile {
     /// Asks the kernel to start reading `len` bytes at `offset` into the page cache, without
     /// waiting. Advisory: errors are ignored (the later read reports them).
     pub fn prefetch(&self, offset: u64, len: u64) {
-        // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is ours.
-        unsafe {
-            libc::posix_fadvise(
-                self.file.as_raw_fd(),
-                offset as libc::off_t,
-                len as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            );
-        }
+        crate::fsutil::will_need(&self.file, offset, len)
     }
 
     fn seek(&self, offset: u64, whence: libc::c_int) -> Option<u64> {
