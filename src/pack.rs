@@ -474,6 +474,14 @@ impl PackReader {
         Ok(f)
     }
 
+    /// Asks the kernel to start reading `len` bytes at `offset` of a pack (advisory: a pack
+    /// that cannot be opened is reported by the read that follows).
+    pub fn hint(&self, pack: &str, offset: u64, len: u64) {
+        if let Ok(f) = self.file(pack) {
+            crate::fsutil::will_need(&f, offset, len);
+        }
+    }
+
     /// Reads `len` bytes at `offset` of a pack; `what` names the first record for messages.
     pub fn read_span(
         &self,

@@ -211,8 +211,12 @@ impl Repository {
         self.reader.read_object(&loc.pack, loc.offset, &loc.header)
     }
 
-    /// Reads, decompresses and verifies several objects, in order. Records that sit back to
-    /// back in one pack (chunks written in sequence) are fetched with one read.
+    /// Reads, decompresses and verifies several objects; returned in the order of `ids`.
+    /// Records that sit back to back in one pack (chunks written in sequence) are fetched with
+    /// one read, in pack and offset order; when that takes several reads, all of them are
+    /// hinted to the kernel first, so the device works on them together instead of one
+    /// random read at a time (loading the previous versions of a change-aware ingest's
+    /// touched segments, scattered over the repository).
     pub fn read_objects(&self, ids: &[ObjectId]) -> Result<Vec<Vec<u8>>> {
         const MAX_SPAN: u64 = 8 << 20;
         let locs: Vec<Location> = self.with_index(|i| {
@@ -225,40 +229,57 @@ impl Repository {
                 .collect()
         })?;
         let record_len = |l: &Location| RECORD_HEADER_LEN as u64 + l.header.stored_len as u64;
-        let mut out = Vec::with_capacity(ids.len());
+        let mut order: Vec<usize> = (0..locs.len()).collect();
+        order.sort_by(|&a, &b| {
+            (&locs[a].pack, locs[a].offset).cmp(&(&locs[b].pack, locs[b].offset))
+        });
+        // Runs of `order` read with one request each: (first, end) positions in `order`.
+        let mut spans = Vec::new();
         let mut i = 0;
-        while i < locs.len() {
-            let first = &locs[i];
+        while i < order.len() {
+            let first = &locs[order[i]];
             let mut end = first.offset + record_len(first);
             let mut j = i + 1;
-            while j < locs.len()
-                && locs[j].pack == first.pack
-                && locs[j].offset == end
+            while j < order.len()
+                && locs[order[j]].pack == first.pack
+                && locs[order[j]].offset == end
                 && end - first.offset < MAX_SPAN
             {
-                end += record_len(&locs[j]);
+                end += record_len(&locs[order[j]]);
                 j += 1;
             }
-            let span = self.reader.read_span(
-                &first.pack,
-                first.offset,
-                (end - first.offset) as usize,
-                &first.header,
-            )?;
-            for l in &locs[i..j] {
+            spans.push((i, j, end - first.offset));
+            i = j;
+        }
+        if spans.len() > 1 {
+            for &(i, _, len) in &spans {
+                let first = &locs[order[i]];
+                self.reader.hint(&first.pack, first.offset, len);
+            }
+        }
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; ids.len()];
+        for (i, j, len) in spans {
+            let first = &locs[order[i]];
+            let span =
+                self.reader
+                    .read_span(&first.pack, first.offset, len as usize, &first.header)?;
+            for &k in &order[i..j] {
+                let l = &locs[k];
                 let rel = (l.offset - first.offset) as usize;
                 let record = &span[rel..rel + record_len(l) as usize];
                 let payload = self
                     .reader
                     .check_record(&l.pack, l.offset, record, &l.header)?;
-                out.push(
+                out[k] = Some(
                     self.reader
                         .decode_at(&l.pack, l.offset, &l.header, payload)?,
                 );
             }
-            i = j;
         }
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|o| o.expect("every object is in one span"))
+            .collect())
     }
 
     /// Loads a generation manifest.
