@@ -277,9 +277,16 @@ impl PackFile {
         };
         let (file, direct) = match open(if try_direct { libc::O_DIRECT } else { 0 }) {
             Ok(f) => (f, try_direct),
-            // Direct I/O refused by this filesystem (tmpfs on older kernels says so at open).
+            // Direct I/O refused by this filesystem (tmpfs on older kernels says so at open,
+            // after creating the file: it is opened again as it is, empty).
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                (open(0).ctx("create pack file", &path)?, false)
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .ctx("create pack file", &path)?;
+                (file, false)
             }
             Err(e) => return Err(Error::io("create pack file", &path, e)),
         };

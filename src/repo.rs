@@ -233,7 +233,7 @@ impl Repository {
         order.sort_by(|&a, &b| {
             (&locs[a].pack, locs[a].offset).cmp(&(&locs[b].pack, locs[b].offset))
         });
-        // Runs of `order` read with one request each: (first, end) positions in `order`.
+        // Runs of `order` read with one request each: (first, end) positions in `order`, bytes.
         let mut spans = Vec::new();
         let mut i = 0;
         while i < order.len() {
