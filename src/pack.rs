@@ -277,7 +277,7 @@ impl PackFile {
         };
         let (file, direct) = match open(if try_direct { libc::O_DIRECT } else { 0 }) {
             Ok(f) => (f, try_direct),
-            // Direct I/O refused by this filesystem (tmpfs on older kernels says so at open,
+            // Direct I/O refused by this filesystem (older kernels' tmpfs says so at open,
             // after creating the file: it is opened again as it is, empty).
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 let file = OpenOptions::new()
