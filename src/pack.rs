@@ -71,6 +71,15 @@ impl Staging {
         }
     }
 
+    /// A placeholder holding no memory, for a pack that takes no more bytes.
+    fn unallocated() -> Staging {
+        Staging {
+            mem: Vec::new(),
+            start: 0,
+            filled: 0,
+        }
+    }
+
     /// Copies as much of `bytes` as fits; returns how much did.
     fn fill(&mut self, bytes: &[u8]) -> usize {
         let n = bytes.len().min(STAGING - self.filled);
@@ -99,9 +108,7 @@ pub struct PackFile {
     /// Writes the staged buffers out; `None` once sealed or discarded.
     flusher: Option<Flusher>,
     staging: Staging,
-    /// A written buffer back from the flusher, ready to fill again.
-    free: Option<Staging>,
-    /// Buffers handed to the flusher and not back yet.
+    /// Buffers handed to the flusher and not taken back yet (at most two).
     in_flight: usize,
     /// Bytes of the pack handed to the flusher (the staged ones follow).
     handed: u64,
@@ -129,7 +136,9 @@ impl Flusher {
         let direct = Arc::new(AtomicBool::new(direct));
         let failed = Arc::new(Mutex::new(None));
         let (to_write, todo) = sync_channel::<(Staging, u64)>(2);
-        let (done, written) = sync_channel::<Staging>(2);
+        // Room for every buffer a pack can have out (two on their way and the last one, which
+        // seal hands over without taking one back), so the thread never waits to return one.
+        let (done, written) = sync_channel::<Staging>(3);
         let thread = {
             let (file, direct, failed) = (file.clone(), direct.clone(), failed.clone());
             std::thread::Builder::new()
@@ -307,7 +316,6 @@ impl PackFile {
             flusher: Some(Flusher::start(file, &path, direct)),
             path,
             staging,
-            free: None,
             in_flight: 0,
             handed: 0,
             len: PACK_HEADER_LEN,
@@ -362,37 +370,36 @@ impl PackFile {
         Ok(())
     }
 
-    /// Hands the staged bytes to the flusher and takes an empty buffer: a new one while fewer
-    /// than two are being written, else the next one written.
+    /// Hands the full staging buffer to the flusher and goes on in an empty one: a new one
+    /// while fewer than two are on their way, else the next one written.
     fn hand_over(&mut self) -> Result<()> {
-        let f = self.flusher.as_mut().expect("pack open");
-        let next = match self.free.take() {
-            Some(b) => b,
-            None if self.in_flight < 2 => Staging::new(),
-            None => match f.written.recv() {
+        let mut next = if self.in_flight < 2 {
+            Staging::new()
+        } else {
+            let f = self.flusher.as_mut().expect("pack open");
+            match f.written.recv() {
                 Ok(b) => {
                     self.in_flight -= 1;
                     b
                 }
                 Err(_) => return Err(f.stopped()),
-            },
+            }
         };
+        next.filled = 0;
         let full = std::mem::replace(&mut self.staging, next);
-        let n = full.filled as u64;
-        let sent = f.to_write.as_ref().map(|t| t.send((full, self.handed)));
+        self.send(full)
+    }
+
+    /// Hands `buf` to the flusher, to be written after what was handed before.
+    fn send(&mut self, buf: Staging) -> Result<()> {
+        let f = self.flusher.as_mut().expect("pack open");
+        let n = buf.filled as u64;
+        let sent = f.to_write.as_ref().map(|t| t.send((buf, self.handed)));
         if !matches!(sent, Some(Ok(()))) {
             return Err(f.stopped());
         }
         self.in_flight += 1;
         self.handed += n;
-        self.staging.filled = 0;
-        // Take back what is already written without waiting, to reuse it.
-        if self.free.is_none() {
-            if let Ok(b) = f.written.try_recv() {
-                self.in_flight -= 1;
-                self.free = Some(b);
-            }
-        }
         Ok(())
     }
 
@@ -400,7 +407,9 @@ impl PackFile {
     /// durable.
     pub fn seal(mut self) -> Result<(String, u64)> {
         if self.staging.filled > 0 {
-            self.hand_over()?;
+            // The last buffer needs no successor.
+            let last = std::mem::replace(&mut self.staging, Staging::unallocated());
+            self.send(last)?;
         }
         let mut f = self.flusher.take().expect("pack open");
         f.finish()?;
