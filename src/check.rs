@@ -8,14 +8,14 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::index::Index;
 use crate::manifest::{DiskMap, Extent, Manifest, Segment, Tombstone};
 use crate::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
 use crate::pack::{is_being_written, list_packs, pack_path, scan_pack};
 use crate::progress::Progress;
-use crate::repo::{Repository, INDEX_FILE};
+use crate::repo::Repository;
 
 /// A generation with damage.
 #[derive(Debug, Clone, Serialize)]
@@ -447,15 +447,8 @@ pub struct RebuildReport {
 
 /// Rebuilds `index.sqlite` from the pack files. The repository must be opened exclusively.
 pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<RebuildReport> {
-    let root = repo.root();
     let data_dir = repo.data_dir();
-    let tmp = root.join("index.sqlite.rebuild");
-    for suffix in ["", "-wal", "-shm"] {
-        let p = root.join(format!("index.sqlite.rebuild{suffix}"));
-        if p.exists() {
-            fs::remove_file(&p).ctx("remove", &p)?;
-        }
-    }
+    let tmp = crate::index::fresh_rebuild_path(repo.root())?;
     let mut report = RebuildReport::default();
     let mut index = Index::open(&tmp, true, repo.keys_arc())?;
     let names = list_packs(&data_dir)?;
@@ -596,25 +589,8 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
     index.checkpoint();
     drop(index);
     // Swap the new index in; keep the old one for inspection.
-    let live = root.join(INDEX_FILE);
-    if live.exists() {
-        let stamp = jiff::Timestamp::now()
-            .strftime("%Y%m%dT%H%M%SZ")
-            .to_string();
-        let old = root.join(format!("index.sqlite.old-{stamp}"));
-        fs::rename(&live, &old).ctx("move aside", &live)?;
-        for suffix in ["-wal", "-shm"] {
-            let p = root.join(format!("{INDEX_FILE}{suffix}"));
-            if p.exists() {
-                let _ = fs::rename(&p, root.join(format!("index.sqlite.old-{stamp}{suffix}")));
-            }
-        }
-        report.old_index = Some(old.display().to_string());
-    }
-    for suffix in ["-wal", "-shm"] {
-        let _ = fs::remove_file(root.join(format!("index.sqlite.rebuild{suffix}")));
-    }
-    fs::rename(&tmp, &live).ctx("move into place", &live)?;
-    crate::fsutil::sync_dir(root)?;
+    report.old_index = repo
+        .replace_index(&tmp)?
+        .map(|p| p.display().to_string());
     Ok(report)
 }

@@ -27,12 +27,110 @@ pub struct CacheRow {
     pub leaves: Option<Vec<u8>>,
 }
 
+/// Name of the index database inside a repository.
+pub const INDEX_FILE: &str = "index.sqlite";
+
+/// The index database of the repository at `root`.
+pub fn index_path(root: &Path) -> PathBuf {
+    root.join(INDEX_FILE)
+}
+
+/// A free path for a new index built beside the live one (`index.sqlite.rebuild`): a
+/// left-over of an interrupted rebuild there is removed first.
+pub fn fresh_rebuild_path(root: &Path) -> Result<PathBuf> {
+    for suffix in ["", "-wal", "-shm"] {
+        let p = root.join(format!("{INDEX_FILE}.rebuild{suffix}"));
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove left-over rebuild", &p, e)),
+        }
+    }
+    Ok(root.join(format!("{INDEX_FILE}.rebuild")))
+}
+
+/// Makes the index at `new` (closed, checkpointed) the live index of the repository at `root`.
+/// The previous live index, if any, is moved to `index.sqlite.old-<UTC time>` for inspection
+/// (returned); older such copies are removed, so one is kept. Renames only: no descriptor of a
+/// live index file is opened or closed here (see [`HELD_DESCRIPTORS`]). The caller must hold
+/// the repository exclusively and drop its connections to the old index afterwards.
+pub fn replace_live(root: &Path, new: &Path) -> Result<Option<PathBuf>> {
+    let live = index_path(root);
+    let stale_copies: Vec<PathBuf> = std::fs::read_dir(root)
+        .map_err(|e| Error::io("list", root, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&format!("{INDEX_FILE}.old-")))
+        })
+        .map(|e| e.path())
+        .collect();
+    let mut old_copy = None;
+    if live.exists() {
+        let stamp = jiff::Timestamp::now()
+            .strftime("%Y%m%dT%H%M%SZ")
+            .to_string();
+        let old = root.join(format!("{INDEX_FILE}.old-{stamp}"));
+        std::fs::rename(&live, &old).map_err(|e| Error::io("move aside", &live, e))?;
+        for suffix in ["-wal", "-shm"] {
+            let p = root.join(format!("{INDEX_FILE}{suffix}"));
+            if p.exists() {
+                let _ = std::fs::rename(&p, root.join(format!("{INDEX_FILE}.old-{stamp}{suffix}")));
+            }
+        }
+        old_copy = Some(old);
+    }
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(root.join(format!("{}{suffix}", new.display())));
+    }
+    std::fs::rename(new, &live).map_err(|e| Error::io("move into place", &live, e))?;
+    crate::fsutil::sync_dir(root)?;
+    for p in stale_copies {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(old_copy)
+}
+
+/// Descriptors of index files that this process opened itself (for read-ahead hints): one per
+/// file (device and inode), opened once and never closed.
+///
+/// SQLite guards its database with POSIX advisory locks (`fcntl`), and POSIX drops *every*
+/// such lock a process holds on a file when the process closes *any* descriptor of that file,
+/// whoever opened it. A `File::open` + drop of `index.sqlite` (or its `-wal`/`-shm`) while a
+/// connection of this process holds a lock therefore silently releases it, and a concurrent
+/// writer in another process corrupts the database (SQLite's "How To Corrupt An SQLite
+/// Database File", section 2.2). So vmrepo opens an index file outside SQLite only here, and
+/// keeps that descriptor for the life of the process. Nothing else in the crate may open an
+/// index file but [`Index::open`]; `tests::index_file_is_opened_only_by_sqlite_and_here`
+/// enforces it.
+static HELD_DESCRIPTORS: std::sync::Mutex<Vec<(u64, u64, &'static std::fs::File)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// A descriptor of the index file at `path` that stays open until the process exits (see
+/// [`HELD_DESCRIPTORS`]); `None` if it cannot be opened.
+fn held_descriptor(path: &Path) -> Option<&'static std::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let mut held = HELD_DESCRIPTORS.lock().unwrap();
+    if let Some((_, _, f)) = held
+        .iter()
+        .find(|(dev, ino, _)| *dev == meta.dev() && *ino == meta.ino())
+    {
+        return Some(f);
+    }
+    let file: &'static std::fs::File = Box::leak(Box::new(std::fs::File::open(path).ok()?));
+    let opened = file.metadata().ok()?;
+    held.push((opened.dev(), opened.ino(), file));
+    Some(file)
+}
+
 /// Asks the kernel to read the index file at `path` into the page cache, when it is small next
 /// to memory (at most 1/16 of it): an ingest's lookups of a cold index then cost one sequential
 /// read instead of a random read each. Advisory and best effort; may take a moment, so call it
-/// off the critical path.
+/// off the critical path. Safe beside open connections: the descriptor is never closed.
 pub fn prefetch_file(path: &Path) {
-    let Ok(f) = std::fs::File::open(path) else {
+    let Some(f) = held_descriptor(path) else {
         return;
     };
     let Ok(meta) = f.metadata() else {
@@ -48,7 +146,7 @@ pub fn prefetch_file(path: &Path) {
     if pages <= 0 || page <= 0 || meta.len() > (pages as u64).saturating_mul(page as u64) / 16 {
         return;
     }
-    crate::fsutil::will_need(&f, 0, meta.len());
+    crate::fsutil::will_need(f, 0, meta.len());
 }
 
 /// Drops segment-cache and segment-leaves rows whose segment object is gone.
@@ -1235,4 +1333,70 @@ fn insert_generation(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `.rs` file under `dir`, recursively.
+    fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                sources(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    /// Closing any descriptor of the database file drops this process's SQLite locks on it
+    /// (see [`HELD_DESCRIPTORS`]). Outside this module, the index file may only be named to
+    /// hand it to `Index::open`; any other use of its name or path (a read-ahead hint, a size
+    /// probe, a copy) must come here and go through `held_descriptor`.
+    #[test]
+    fn index_file_is_opened_only_by_sqlite_and_here() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        sources(&root, &mut files);
+        let mut offenders = Vec::new();
+        for f in files {
+            if f.ends_with("index.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&f).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                let names_index = line.contains("INDEX_FILE")
+                    || line.contains("index_path(")
+                    || line.contains("\"index.sqlite");
+                let allowed = line.contains("Index::open(")
+                    || line.contains("pub use crate::index::INDEX_FILE")
+                    || line.trim_start().starts_with("//")
+                    || line.contains("fn index_path(")
+                    || line.contains("crate::index::index_path(&self.root)");
+                if names_index && !allowed {
+                    offenders.push(format!("{}:{}: {}", f.display(), n + 1, line.trim()));
+                }
+            }
+        }
+        assert!(
+            offenders.is_empty(),
+            "the index file is named outside Index::open:\n{}",
+            offenders.join("\n")
+        );
+    }
+
+    /// The held descriptor is opened once per file and reused, so hinting again never closes
+    /// one.
+    #[test]
+    fn prefetch_reuses_one_descriptor_per_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(INDEX_FILE);
+        let _idx = Index::open(&path, true, Arc::new(Keys::none())).unwrap();
+        let a = held_descriptor(&path).unwrap() as *const std::fs::File;
+        prefetch_file(&path);
+        let b = held_descriptor(&path).unwrap() as *const std::fs::File;
+        assert_eq!(a, b);
+    }
 }

@@ -19,8 +19,7 @@ use crate::manifest::{DiskMap, Manifest, Segment};
 use crate::object::RECORD_HEADER_LEN;
 use crate::pack::PackReader;
 
-/// Name of the index database inside a repository.
-pub const INDEX_FILE: &str = "index.sqlite";
+pub use crate::index::INDEX_FILE;
 
 /// How an encrypted repository gets its passphrase, and how long to wait for the lock.
 pub struct OpenOptions<'a> {
@@ -92,7 +91,7 @@ impl Repository {
             }
             None => Arc::new(Keys::none()),
         };
-        let index = Index::open(&path.join(INDEX_FILE), true, keys)?;
+        let index = Index::open(&crate::index::index_path(path), true, keys)?;
         index.checkpoint();
         drop(index);
         // The config goes last: a directory without it is not (yet) a repository.
@@ -178,12 +177,20 @@ impl Repository {
 
     /// Path of the index database.
     pub fn index_path(&self) -> PathBuf {
-        self.root.join(INDEX_FILE)
+        crate::index::index_path(&self.root)
     }
 
     /// Opens a new connection to the index.
     pub fn open_index(&self) -> Result<Index> {
         Index::open(&self.index_path(), false, self.keys.clone())
+    }
+
+    /// Makes the index built at `new` the live one (see [`crate::index::replace_live`]) and
+    /// drops this process's pooled connections to the old one. Returns where the old index went.
+    pub fn replace_index(&self, new: &Path) -> Result<Option<PathBuf>> {
+        let old = crate::index::replace_live(&self.root, new)?;
+        self.pool.lock().unwrap().clear();
+        Ok(old)
     }
 
     /// Runs `f` with a pooled index connection (for parallel readers).

@@ -259,7 +259,7 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
 /// Checks an imported master key against a stored object (when there is one).
 fn verify_master(repo: &std::path::Path, master: &[u8; 32]) -> anyhow::Result<()> {
     let keys = std::sync::Arc::new(Keys::from_master(master));
-    let index = Index::open(&repo.join(vmrepo::repo::INDEX_FILE), false, keys.clone())?;
+    let index = Index::open(&vmrepo::index::index_path(repo), false, keys.clone())?;
     let reader = vmrepo::pack::PackReader::new(&repo.join("data"), keys);
     if let Some(loc) = index.first_object()? {
         reader
