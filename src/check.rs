@@ -43,6 +43,8 @@ pub struct CheckReport {
     pub problems: Vec<String>,
     /// Damaged generations.
     pub damaged: Vec<DamagedGeneration>,
+    /// The index does not cover the data files (generations or objects it lacks).
+    pub index_incomplete: bool,
     /// Harmless findings (leftovers of interrupted ingests).
     pub notes: Vec<String>,
     /// Objects in the index whose stored bytes are missing or damaged (for repair).
@@ -159,7 +161,6 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
 
     // Packs: the index's list against the files.
     let known = index.packs()?;
-    let known_names: HashSet<&str> = known.iter().map(|(n, _)| n.as_str()).collect();
     let mut pack_len: HashMap<String, u64> = HashMap::new();
     for (name, size) in &known {
         let path = pack_path(&data_dir, name);
@@ -183,26 +184,81 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
             }
         }
     }
-    let mut orphans = 0u64;
-    let mut orphan_bytes = 0u64;
-    for name in list_packs(&data_dir)? {
-        if known_names.contains(name.as_str()) {
-            continue;
-        }
-        let path = pack_path(&data_dir, &name);
-        if is_being_written(&path) {
-            report
-                .notes
-                .push(format!("pack {name} is being written by a running ingest"));
-        } else {
-            orphans += 1;
-            orphan_bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        }
+    // Packs the index does not know, and generations in the data files it does not list.
+    let survey = crate::coverage::survey(repo, &index, progress)?;
+    for name in &survey.being_written {
+        report
+            .notes
+            .push(format!("pack {name} is being written by a running ingest"));
     }
-    if orphans > 0 {
-        report.notes.push(format!(
-            "{orphans} pack file(s), {orphan_bytes} bytes, are left over from interrupted ingests and hold nothing any generation uses"
+    if !survey.unlisted.is_empty() {
+        report.index_incomplete = true;
+        let first: Vec<&str> = survey
+            .unlisted
+            .iter()
+            .take(3)
+            .map(|u| u.0.as_str())
+            .collect();
+        report.problems.push(format!(
+            "{} generation(s) are in the data files but not in the index (first: {}{}): an \
+             ingest was killed between writing its last data file and recording it, or the \
+             index is older than the data or was emptied. Nothing is lost; {}",
+            survey.unlisted.len(),
+            first.join(", "),
+            if survey.unlisted.len() > 3 {
+                ", ..."
+            } else {
+                ""
+            },
+            if survey.gaps().is_empty() {
+                "`vmrepo check --repair` (or `vmrepo gc`) lists them"
+            } else {
+                "`vmrepo check --rebuild-index` rebuilds the index from the data files"
+            }
         ));
+    }
+    if !survey.unknown.is_empty() {
+        // What the listed generations need, to tell left-overs from data the index lacks.
+        // Unknown if their metadata cannot be read: then nothing is called a left-over.
+        let live =
+            crate::gc::mark(repo, &index, &HashSet::new(), &crate::progress::NoProgress).ok();
+        let needed = |id: &ObjectId| live.as_ref().is_none_or(|l| l.ids.contains(id));
+        let (mut leftovers, mut leftover_bytes) = (0u64, 0u64);
+        // Kept packs grouped by reason: (count, first pack).
+        let mut kept: Vec<(String, u64, String)> = Vec::new();
+        for (u, verdict) in survey.verdicts(&index, &needed)? {
+            match verdict {
+                crate::coverage::Verdict::Leftover => {
+                    leftovers += 1;
+                    leftover_bytes += u.size;
+                }
+                crate::coverage::Verdict::Keep(why) => match kept.iter_mut().find(|k| k.0 == why) {
+                    Some(k) => k.1 += 1,
+                    None => kept.push((why, 1, u.name.clone())),
+                },
+            }
+        }
+        for (why, count, first) in kept {
+            let line = format!(
+                "{count} pack file(s) not in the index must be kept (first: {first}): {}",
+                why.trim_start_matches("it ")
+            );
+            if why.contains("the index lacks") {
+                report.index_incomplete = true;
+                report.problems.push(format!(
+                    "{line}; `vmrepo check --rebuild-index` rebuilds the index from the data files"
+                ));
+            } else {
+                report.notes.push(line);
+            }
+        }
+        if leftovers > 0 {
+            report.notes.push(format!(
+                "{leftovers} pack file(s), {leftover_bytes} bytes, are left over from \
+                 interrupted runs: read to their end, they hold nothing any generation uses \
+                 (`vmrepo gc` deletes them)"
+            ));
+        }
     }
 
     // Objects: every index row must point at a matching record (and, with read_data, good bytes).
@@ -451,6 +507,7 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
     let tmp = crate::index::fresh_rebuild_path(repo.root())?;
     let mut report = RebuildReport::default();
     let mut index = Index::open(&tmp, true, repo.keys_arc())?;
+    index.set_repository_id(&repo.config().repository_id)?;
     let names = list_packs(&data_dir)?;
     let total: u64 = names
         .iter()
@@ -589,8 +646,6 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
     index.checkpoint();
     drop(index);
     // Swap the new index in; keep the old one for inspection.
-    report.old_index = repo
-        .replace_index(&tmp)?
-        .map(|p| p.display().to_string());
+    report.old_index = repo.replace_index(&tmp)?.map(|p| p.display().to_string());
     Ok(report)
 }

@@ -20,7 +20,7 @@ use crate::fsutil::sync_dir;
 use crate::id::ObjectId;
 use crate::index::{GenerationInfo, Index, SealedPack};
 use crate::object::{EncodedObject, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
-use crate::pack::{is_being_written, list_packs, pack_path, PackFile, PACK_HEADER_LEN};
+use crate::pack::{pack_path, PackFile, PACK_HEADER_LEN};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::store::PACK_TARGET;
@@ -78,6 +78,10 @@ pub struct GcReport {
     pub orphan_bytes: u64,
     /// Metadata bytes (manifests, disk maps, segments) read to find what is live.
     pub metadata_read: u64,
+    /// Generations found in the data files that the index did not list, now listed.
+    pub adopted: Vec<String>,
+    /// Pack files the index does not know that were kept, and why.
+    pub kept_unindexed: Vec<String>,
     /// Packs left alone because a live object in them is damaged.
     pub problems: Vec<String>,
     /// Damaged generations whose unreadable parts could not be followed.
@@ -280,22 +284,59 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
         ..Default::default()
     };
 
-    // Left-overs of killed ingests and gc runs: unindexed and nobody writing them.
-    let known: HashSet<String> = index.packs()?.into_iter().map(|(n, _)| n).collect();
-    let mut orphans = Vec::new();
-    for name in list_packs(&data_dir)? {
-        let path = pack_path(&data_dir, &name);
-        if !known.contains(&name) && !is_being_written(&path) {
-            report.orphan_packs += 1;
-            report.orphan_bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            orphans.push(path);
-        }
+    // The index is a cache: before it says what is dead, prove it covers the data files.
+    // Generations in the data files that it does not list are adopted first; packs it does
+    // not know are deleted only when read and shown to hold nothing anything needs.
+    let survey = crate::coverage::survey(repo, &index, progress)?;
+    let gaps = survey.gaps();
+    if !gaps.is_empty() {
+        return Err(Error::Corrupt(format!(
+            "gc stopped before deleting anything: {}. Run `vmrepo check` to see which \
+             generations are affected, then `vmrepo check --rebuild-index` to rebuild the index \
+             from the data files",
+            gaps.join("; ")
+        )));
     }
+    let survey = if survey.unlisted.is_empty() || opts.dry_run {
+        for (name, _, _) in &survey.unlisted {
+            report.adopted.push(format!("{name} (would be listed)"));
+        }
+        survey
+    } else {
+        let adopted = crate::coverage::adopt(repo, &mut index, &survey, progress)?;
+        report.adopted = adopted.generations.iter().map(|(n, _)| n.clone()).collect();
+        let again = crate::coverage::survey(repo, &index, progress)?;
+        if !again.complete() {
+            return Err(Error::Corrupt(format!(
+                "gc stopped before deleting anything: {} generation(s) in the data files could \
+                 not be added to the index (first: {}). `vmrepo check --rebuild-index` rebuilds \
+                 the index from the data files",
+                again.unlisted.len(),
+                again.unlisted.first().map(|u| u.0.as_str()).unwrap_or("?")
+            )));
+        }
+        again
+    };
 
     let live = mark(repo, &index, &HashSet::new(), progress)?;
     report.generations = live.generations;
     report.metadata_read = live.metadata_read;
     report.damaged_generations = live.damaged.clone();
+    // Which unknown packs are proven left-overs (none while generations are unlisted: in a
+    // dry run, those that would be listed keep what they reference).
+    let mut orphans = Vec::new();
+    for (u, verdict) in survey.verdicts(&index, &|id| live.ids.contains(id))? {
+        match verdict {
+            crate::coverage::Verdict::Leftover => {
+                report.orphan_packs += 1;
+                report.orphan_bytes += u.size;
+                orphans.push(pack_path(&data_dir, &u.name));
+            }
+            crate::coverage::Verdict::Keep(why) => report
+                .kept_unindexed
+                .push(format!("pack {}: {why}", u.name)),
+        }
+    }
     let plans = sweep(&index, &live)?;
     drop(live);
 

@@ -742,11 +742,16 @@ impl Index {
 
     /// Makes a generation visible: one transaction adds it, its disks, files and segment cache rows.
     /// Every object it references must already be in the index.
+    ///
+    /// `last_pack`, the sealed pack holding the manifest, is recorded in the same transaction:
+    /// a manifest is never indexed without its generation, so an indexed manifest that no
+    /// generation lists is always a sign of a damaged index (see [`crate::coverage`]).
     pub fn commit_generation(
         &mut self,
         manifest_id: ObjectId,
         m: &Manifest,
         cache: &[CacheRow],
+        last_pack: Option<&SealedPack>,
     ) -> Result<()> {
         let path = self.path.clone();
         let err = |e| Error::Index {
@@ -757,6 +762,9 @@ impl Index {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(err)?;
+        if let Some(p) = last_pack {
+            insert_pack(&tx, &p.name, p.size, &p.records).map_err(err)?;
+        }
         insert_generation(&tx, &self.keys, manifest_id, m).map_err(|e| match e {
             rusqlite::Error::SqliteFailure(f, _)
                 if f.code == rusqlite::ErrorCode::ConstraintViolation =>
@@ -978,6 +986,54 @@ impl Index {
             .map_err(|e| self.err(e))
     }
 
+    /// The repository this index was built for (`repository_id` of its config.toml), if it
+    /// records one (indexes made before vmrepo recorded it do not, until first opened).
+    pub fn repository_id(&self) -> Result<Option<String>> {
+        self.conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'repository_id'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records the repository this index belongs to (see [`Index::repository_id`]).
+    pub fn set_repository_id(&self, id: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES('repository_id', ?1)",
+                [id],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// The ids of every indexed object of `kind` (manifests and tombstones: few).
+    pub fn ids_of_kind(&self, kind: ObjectKind) -> Result<Vec<ObjectId>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id FROM all_objects WHERE kind = ?1")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([kind as u8], |r| r.get::<_, Vec<u8>>(0))
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let raw = r.map_err(|e| self.err(e))?;
+            out.push(ObjectId::from_slice(&raw).ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "index {}: an object row has an id of {} bytes, not 32; \
+                     `vmrepo check --rebuild-index` rebuilds the index from the data files",
+                    self.path.display(),
+                    raw.len()
+                ))
+            })?);
+        }
+        Ok(out)
+    }
+
     /// Calls `f` for every object in the index, in pack and offset order.
     pub fn for_each_object(&self, mut f: impl FnMut(Location) -> Result<()>) -> Result<()> {
         let mut st = self
@@ -1045,7 +1101,7 @@ impl Index {
         m: &Manifest,
         damage: Option<&str>,
     ) -> Result<()> {
-        self.commit_generation(manifest_id, m, &[])?;
+        self.commit_generation(manifest_id, m, &[], None)?;
         if let Some(d) = damage {
             let (text, sealed) = self.seal_damage(&m.catalog.vm, &m.catalog.time, d);
             self.conn

@@ -978,13 +978,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     &serde_json::json!({ "ok": report.ok(), "check": report, "rebuild": rebuilt }),
                 );
             } else {
-                for p in &report.problems {
-                    println!("PROBLEM  {p}");
-                }
                 cli::print_check_findings(&report);
                 println!(
                     "{}: {} generations, {} objects ({}){}",
-                    if report.ok() { "ok" } else { "DAMAGE FOUND" },
+                    if report.ok() {
+                        "ok"
+                    } else if report.damaged.is_empty() && report.index_incomplete {
+                        "INDEX INCOMPLETE"
+                    } else {
+                        "DAMAGE FOUND"
+                    },
                     report.generations,
                     report.objects,
                     human(report.stored_bytes),

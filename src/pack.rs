@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, ErrorKind, Read};
+use std::io::{BufReader, ErrorKind, Read, Seek};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -675,6 +675,38 @@ pub fn list_packs(data_dir: &Path) -> Result<Vec<String>> {
     }
     names.sort();
     Ok(names)
+}
+
+/// True if what follows `from` in the pack at `path` is what an interrupted writer leaves:
+/// nothing, zeros (the padding of a direct-I/O write), or one well-formed record header whose
+/// record runs past the end of the file. Anything else may hide records a scan cannot reach.
+pub fn is_torn_write(path: &Path, from: u64) -> Result<bool> {
+    let file = File::open(path).ctx("open pack file", path)?;
+    let len = file.metadata().ctx("stat pack file", path)?.len();
+    if from >= len {
+        return Ok(true);
+    }
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    let n = (len - from).min(RECORD_HEADER_LEN as u64) as usize;
+    file.read_exact_at(&mut h[..n], from).ctx("read pack file", path)?;
+    if n == RECORD_HEADER_LEN {
+        if let Ok(header) = RecordHeader::decode(&h) {
+            return Ok(from + RECORD_HEADER_LEN as u64 + header.stored_len as u64 > len);
+        }
+    }
+    // Zeros to the end?
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    r.seek(std::io::SeekFrom::Start(from)).ctx("read pack file", path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut buf).ctx("read pack file", path)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+    }
 }
 
 /// True if some process still holds the pack's write lock (an ingest in progress).

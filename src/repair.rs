@@ -10,12 +10,15 @@
 //!   `list` shows it and `extract` refuses it unless `--allow-damaged`, never writing zeros
 //!   silently. A damaged generation whose objects are all present again is unmarked (healed).
 
+use std::collections::HashSet;
+
 use serde::Serialize;
 
 use crate::check::{check, rebuild_index, CheckReport, ReadData, RebuildReport};
+use crate::coverage;
 use crate::damage;
 use crate::error::Result;
-use crate::index::Index;
+use crate::id::ObjectId;
 use crate::progress::Progress;
 use crate::repo::Repository;
 
@@ -26,6 +29,10 @@ pub struct RepairReport {
     pub rebuilt: Option<RebuildReport>,
     /// Why it was rebuilt.
     pub rebuild_reason: Option<String>,
+    /// Packs that were in the data files but not in the index, now indexed.
+    pub adopted_packs: Vec<String>,
+    /// Generations that were in the data files but not in the index, now listed.
+    pub adopted: Vec<String>,
     /// Index rows dropped because their data is missing or damaged.
     pub objects_dropped: u64,
     /// Pack files the index knew that are gone.
@@ -43,13 +50,47 @@ pub struct RepairReport {
 /// Repairs `repo`, which must be open with the exclusive lock.
 pub fn repair(repo: &Repository, progress: &dyn Progress) -> Result<RepairReport> {
     let mut report = RepairReport::default();
-    let reason = match Index::open(&repo.index_path(), false, repo.keys_arc()) {
+    let reason = match repo.open_index() {
         Err(e) => Some(format!("{e}")),
         Ok(i) => match i.integrity_check() {
             Ok(p) if p.is_empty() => None,
             Ok(p) => Some(format!("SQLite reports damage: {}", p.join("; "))),
             Err(e) => Some(format!("{e}")),
         },
+    };
+    // The index is a cache: generations or objects in data files it does not know are
+    // brought in before anything is dropped or marked on its word. When it also names packs
+    // that are gone, only a full rebuild can tell what the data files hold.
+    let reason = match reason {
+        Some(r) => Some(r),
+        None => {
+            let mut index = repo.open_index()?;
+            let survey = coverage::survey(repo, &index, progress)?;
+            let live = crate::gc::mark(repo, &index, &HashSet::new(), progress).ok();
+            let needed = |id: &ObjectId| live.as_ref().is_none_or(|l| l.ids.contains(id));
+            let unknown_matters = survey
+                .verdicts(&index, &needed)?
+                .iter()
+                .any(|(_, v)| !matches!(v, coverage::Verdict::Leftover));
+            if !survey.unlisted.is_empty() || unknown_matters {
+                if survey.gaps().is_empty() {
+                    let done = coverage::adopt(repo, &mut index, &survey, progress)?;
+                    report.adopted_packs = done.packs;
+                    report.adopted = done.generations.into_iter().map(|g| g.0).collect();
+                    None
+                } else {
+                    Some(format!(
+                        "the index does not cover the data files ({} generation(s) it does not \
+                         list, {} pack file(s) it does not know) and {}",
+                        survey.unlisted.len(),
+                        survey.unknown.len(),
+                        survey.gaps().join("; ")
+                    ))
+                }
+            } else {
+                None
+            }
+        }
     };
     if let Some(r) = reason {
         progress.note(&format!("rebuilding the index from the data files: {r}"));

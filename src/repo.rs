@@ -92,6 +92,7 @@ impl Repository {
             None => Arc::new(Keys::none()),
         };
         let index = Index::open(&crate::index::index_path(path), true, keys)?;
+        index.set_repository_id(&config.repository_id)?;
         index.checkpoint();
         drop(index);
         // The config goes last: a directory without it is not (yet) a repository.
@@ -180,9 +181,30 @@ impl Repository {
         crate::index::index_path(&self.root)
     }
 
-    /// Opens a new connection to the index.
+    /// Opens a new connection to the index. An index built for another repository (its
+    /// recorded `repository_id` differs from config.toml's) is refused: its rows describe
+    /// other pack files. An index that records no id yet (made by an earlier vmrepo, or
+    /// emptied) is given this repository's; whether it covers the data files is
+    /// [`crate::coverage`]'s question.
     pub fn open_index(&self) -> Result<Index> {
-        Index::open(&self.index_path(), false, self.keys.clone())
+        let index = Index::open(&self.index_path(), false, self.keys.clone())?;
+        match index.repository_id()? {
+            Some(id) if id != self.config.repository_id => Err(Error::Corrupt(format!(
+                "index {} belongs to another repository (id {id}, this one is {}): it was \
+                 copied or restored from elsewhere. Nothing was changed; `vmrepo check \
+                 --rebuild-index {}` rebuilds the index from this repository's data files",
+                index.path().display(),
+                self.config.repository_id,
+                self.root.display()
+            ))),
+            Some(_) => Ok(index),
+            None => {
+                // Best effort (a read-only repository cannot record it; it is checked again
+                // the next time).
+                let _ = index.set_repository_id(&self.config.repository_id);
+                Ok(index)
+            }
+        }
     }
 
     /// Makes the index built at `new` the live one (see [`crate::index::replace_live`]) and

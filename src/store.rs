@@ -229,9 +229,49 @@ impl<'r> Store<'r> {
         manifest: &crate::manifest::Manifest,
         cache: &[crate::index::CacheRow],
     ) -> Result<()> {
-        self.flush()?;
+        // The pack holding the manifest is sealed here and recorded in the generation's own
+        // transaction (every earlier pack is sealed and indexed already: the workers are done).
+        let (full, spare) = {
+            let mut w = self.writer.lock().unwrap();
+            (take_full(&mut w), w.spare.take())
+        };
+        if let Some(p) = spare {
+            p.discard();
+        }
         let mut index = self.index.lock().unwrap();
-        index.commit_generation(manifest_id, manifest, cache)?;
+        let last = match full {
+            None => None,
+            Some((pack, records)) => {
+                let path = pack.path().to_path_buf();
+                match pack.seal() {
+                    Ok((name, size)) => Some(crate::index::SealedPack {
+                        name,
+                        size,
+                        records,
+                    }),
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&path);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let committed = index.commit_generation(manifest_id, manifest, cache, last.as_ref());
+        {
+            let mut w = self.writer.lock().unwrap();
+            if let Some(p) = &last {
+                for (h, _) in &p.records {
+                    w.pending.remove(&h.id);
+                }
+            }
+            w.seals += 1;
+        }
+        if committed.is_err() {
+            if let Some(p) = &last {
+                let _ = std::fs::remove_file(crate::pack::pack_path(&self.repo.data_dir(), &p.name));
+            }
+        }
+        committed?;
         // Best effort: the generation is committed; a merge that fails leaves both object
         // tables as they were and is tried again after the next ingest.
         let _ = index.merge_recent_objects(false);

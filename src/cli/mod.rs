@@ -243,7 +243,7 @@ pub fn gc(a: GcArgs, lock_wait: u64) -> anyhow::Result<ExitCode> {
     };
     let repo = open_repo(&a.repo, mode, lock_wait, &bar)?;
     let report = run_gc(&repo, &a.repack.gc_options(a.dry_run), &bar)
-        .context("gc failed; every kept generation is intact, run gc again")?;
+        .context("gc failed; every kept generation is intact")?;
     if a.json {
         print_json(&report);
     } else {
@@ -285,6 +285,12 @@ fn print_gc(r: &GcReport) {
         human(r.metadata_read),
         r.seconds
     );
+    for g in &r.adopted {
+        println!("  listed generation {g}: it was in the data files but not in the index");
+    }
+    for k in &r.kept_unindexed {
+        println!("  kept data file not in the index: {k}");
+    }
     for d in &r.damaged_generations {
         println!("  note: damaged generation {d}: its unreadable parts could not be followed");
     }
@@ -320,6 +326,12 @@ pub fn print_repair(r: &RepairReport, json: bool) -> anyhow::Result<ExitCode> {
                 "index rebuilt from {} data files ({}): {} objects, {} generations",
                 rb.packs, why, rb.objects, rb.generations
             );
+        }
+        for p in &r.adopted_packs {
+            println!("indexed  data file {p}: it was not in the index");
+        }
+        for g in &r.adopted {
+            println!("listed   {g}: it was in the data files but not in the index");
         }
         for p in &r.packs_forgotten {
             println!("forgot   data file {p}: it is gone");

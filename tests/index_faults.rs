@@ -1,0 +1,251 @@
+//! The index is a cache; the data files are the truth. An index that is deleted, emptied,
+//! truncated, older than the data, or another repository's never makes a command delete data
+//! a generation needs, `check` says what is wrong and how to recover, and following that advice
+//! brings every saved generation back byte for byte.
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// A repository with generations of three VMs, and what each generation must restore to.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    work: PathBuf,
+    repo: PathBuf,
+    /// generation name -> (image file name, digest)
+    saved: BTreeMap<String, (String, String)>,
+}
+
+fn digest(path: &Path) -> String {
+    blake3::hash(&fs::read(path).unwrap()).to_hex().to_string()
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().to_path_buf();
+        let repo = init_repo(&work);
+        let mut f = Fixture {
+            _dir: dir,
+            work,
+            repo,
+            saved: BTreeMap::new(),
+        };
+        for (i, vm) in ["a", "b", "c"].iter().enumerate() {
+            f.night(vm, 100 + i as u64);
+        }
+        f
+    }
+
+    /// One more generation of `vm`, its image partly changed (seed).
+    fn night(&mut self, vm: &str, seed: u64) {
+        let img = self.work.join(format!("{vm}.img"));
+        if !img.exists() {
+            fs::write(&img, bytes(6 << 20, seed)).unwrap();
+        } else {
+            overwrite(&img, (seed % 5) << 20, 1 << 20, seed);
+        }
+        // Generations are named by the second; two of one VM in one second collide.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let g = ingest(&self.repo, &img, Some(vm));
+        self.saved.insert(
+            g["generation"].as_str().unwrap().to_string(),
+            (format!("{vm}.img"), digest(&img)),
+        );
+    }
+
+    fn index(&self) -> PathBuf {
+        self.repo.join("index.sqlite")
+    }
+
+    /// A copy of the index files as they are now (checkpointed by the last command).
+    fn save_index(&self, name: &str) -> PathBuf {
+        let copy = self.work.join(name);
+        fs::copy(self.index(), &copy).unwrap();
+        copy
+    }
+
+    fn put_index(&self, from: &Path) {
+        for suffix in ["-wal", "-shm"] {
+            let _ = fs::remove_file(self.repo.join(format!("index.sqlite{suffix}")));
+        }
+        fs::copy(from, self.index()).unwrap();
+    }
+
+    /// Every saved generation is listed and restores to exactly what was read.
+    fn all_restore(&self) {
+        let listed: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .flat_map(|vm| generations(&self.repo, vm))
+            .collect();
+        for (g, (file, want)) in &self.saved {
+            assert!(listed.contains(g), "{g} is gone; listed: {listed:?}");
+            let out = self.work.join("restore");
+            let _ = fs::remove_dir_all(&out);
+            vmrepo([s("extract"), p(&self.repo), s(g), p(&out)]).ok();
+            assert_eq!(&digest(&out.join(file)), want, "{g} restores wrong bytes");
+        }
+        let c = vmrepo([s("check"), p(&self.repo), s("--read-data")]);
+        assert_eq!(c.code, 0, "{}{}", c.stdout, c.stderr);
+    }
+}
+
+#[test]
+fn an_emptied_index_is_not_trusted_and_gc_deletes_nothing_needed() {
+    let f = Fixture::new();
+    let packs = packs(&f.repo);
+    fs::write(f.index(), b"").unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = fs::remove_file(f.repo.join(format!("index.sqlite{suffix}")));
+    }
+    let c = vmrepo([s("check"), p(&f.repo)]);
+    assert_eq!(
+        c.code, 1,
+        "check must not pass an empty index: {}",
+        c.stdout
+    );
+    assert!(
+        c.stdout
+            .contains("3 generation(s) are in the data files but not in the index"),
+        "{}",
+        c.stdout
+    );
+    assert!(c.stdout.contains("vmrepo check --repair"), "{}", c.stdout);
+    assert!(
+        !c.stdout.contains("hold nothing any generation uses"),
+        "{}",
+        c.stdout
+    );
+    // `gc` lists them again before it decides what is dead, and deletes nothing.
+    let g = vmrepo([s("gc"), p(&f.repo)]);
+    assert_eq!(g.code, 0, "{}{}", g.stdout, g.stderr);
+    assert_eq!(common::packs(&f.repo), packs, "gc deleted data files");
+    f.all_restore();
+}
+
+#[test]
+fn repair_of_an_emptied_index_lists_every_generation_again() {
+    let f = Fixture::new();
+    fs::write(f.index(), b"").unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = fs::remove_file(f.repo.join(format!("index.sqlite{suffix}")));
+    }
+    let r = vmrepo([s("check"), p(&f.repo), s("--repair")]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("listed"), "{}", r.stdout);
+    vmrepo([s("gc"), p(&f.repo)]).ok();
+    f.all_restore();
+}
+
+#[test]
+fn an_older_index_copy_never_makes_gc_delete_newer_generations() {
+    let mut f = Fixture::new();
+    let old = f.save_index("old.sqlite");
+    f.night("a", 7);
+    f.night("b", 8);
+    let packs = packs(&f.repo);
+    f.put_index(&old);
+    let c = vmrepo([s("check"), p(&f.repo)]);
+    assert_eq!(c.code, 1, "{}", c.stdout);
+    assert!(
+        c.stdout
+            .contains("2 generation(s) are in the data files but not in the index"),
+        "{}",
+        c.stdout
+    );
+    // gc's own advice path: gc, then check --repair, then gc.
+    vmrepo([s("gc"), p(&f.repo)]).ok();
+    vmrepo([s("check"), p(&f.repo), s("--repair")]).ok();
+    vmrepo([s("gc"), p(&f.repo)]).ok();
+    assert_eq!(common::packs(&f.repo), packs, "gc deleted data files");
+    f.all_restore();
+}
+
+#[test]
+fn an_index_older_than_a_gc_is_refused_until_rebuilt() {
+    let mut f = Fixture::new();
+    let old = f.save_index("old.sqlite");
+    // Newer nights, then prune and gc rewrite the packs the old index names.
+    for i in 0..3 {
+        f.night("c", 20 + i);
+    }
+    vmrepo([s("prune"), p(&f.repo), s("c"), s("--keep-last"), s("1")]).ok();
+    f.saved.retain(|g, _| !g.starts_with("c@"));
+    let newest_c = generations(&f.repo, "c").pop().unwrap();
+    f.saved
+        .insert(newest_c, ("c.img".into(), digest(&f.work.join("c.img"))));
+    vmrepo([
+        s("gc"),
+        p(&f.repo),
+        s("--repack-threshold"),
+        s("100"),
+        s("--max-unused"),
+        s("0"),
+    ])
+    .ok();
+    let packs = packs(&f.repo);
+    f.put_index(&old);
+    let g = vmrepo([s("gc"), p(&f.repo)]);
+    assert_ne!(g.code, 0, "gc must refuse: {}", g.stdout);
+    assert!(
+        g.stderr.contains("gc stopped before deleting anything"),
+        "{}",
+        g.stderr
+    );
+    assert!(g.stderr.contains("--rebuild-index"), "{}", g.stderr);
+    let r = vmrepo([s("check"), p(&f.repo), s("--repair")]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("index rebuilt"), "{}", r.stdout);
+    assert_eq!(common::packs(&f.repo), packs, "data files changed");
+    vmrepo([s("gc"), p(&f.repo)]).ok();
+    f.all_restore();
+}
+
+#[test]
+fn another_repositorys_index_is_refused() {
+    let f = Fixture::new();
+    let other = Fixture::new();
+    let packs = packs(&f.repo);
+    f.put_index(&other.index());
+    for cmd in [vec!["gc"], vec!["list"], vec!["check"]] {
+        let mut args: Vec<std::ffi::OsString> = cmd.iter().map(|c| s(c)).collect();
+        args.push(p(&f.repo));
+        let r = vmrepo(args);
+        assert_ne!(r.code, 0, "{cmd:?} accepted a foreign index: {}", r.stdout);
+        assert!(
+            r.stderr.contains("belongs to another repository"),
+            "{cmd:?}: {}",
+            r.stderr
+        );
+    }
+    assert_eq!(common::packs(&f.repo), packs, "data files changed");
+    vmrepo([s("check"), p(&f.repo), s("--rebuild-index")]).ok();
+    f.all_restore();
+}
+
+#[test]
+fn a_truncated_or_deleted_index_deletes_nothing() {
+    let f = Fixture::new();
+    let packs = packs(&f.repo);
+    let len = fs::metadata(f.index()).unwrap().len();
+    let idx = fs::OpenOptions::new().write(true).open(f.index()).unwrap();
+    idx.set_len(len / 2).unwrap();
+    drop(idx);
+    let g = vmrepo([s("gc"), p(&f.repo)]);
+    assert_ne!(g.code, 0, "gc ran on a truncated index: {}", g.stdout);
+    assert_eq!(common::packs(&f.repo), packs);
+    let c = vmrepo([s("check"), p(&f.repo)]);
+    assert_ne!(c.code, 0);
+    vmrepo([s("check"), p(&f.repo), s("--repair")]).ok();
+    f.all_restore();
+
+    fs::remove_file(f.index()).unwrap();
+    let g = vmrepo([s("gc"), p(&f.repo)]);
+    assert_ne!(g.code, 0);
+    assert!(g.stderr.contains("--rebuild-index"), "{}", g.stderr);
+    assert_eq!(common::packs(&f.repo), packs);
+    vmrepo([s("check"), p(&f.repo), s("--rebuild-index")]).ok();
+    f.all_restore();
+}
