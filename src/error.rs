@@ -17,7 +17,7 @@ pub enum Error {
         cause: io::Error,
     },
     /// The SQLite index failed.
-    #[error("index {}: {cause}", path.display())]
+    #[error("index {}: {cause}{}", path.display(), index_hint(path, cause))]
     Index {
         path: PathBuf,
         cause: rusqlite::Error,
@@ -138,5 +138,27 @@ fn hint(e: &io::Error) -> &'static str {
         }
         Some(libc::EROFS) => "; the filesystem is mounted read-only",
         _ => "",
+    }
+}
+
+/// What a failed index operation most likely means: SQLite reports a full filesystem as a
+/// plain "disk I/O error" when it cannot create or grow its `-wal`/`-shm` files.
+fn index_hint(path: &Path, e: &rusqlite::Error) -> String {
+    let io = matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::SystemIoFailure) | Some(rusqlite::ErrorCode::DiskFull)
+    );
+    if !io {
+        return String::new();
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    match crate::fsutil::free_bytes(dir) {
+        Some(free) if free < crate::fsutil::LOW_SPACE => format!(
+            "; the filesystem holding {} is full ({free} bytes free): free space there (`vmrepo \
+             prune` and `vmrepo gc` can, they release the repository's reserve first) and run \
+             the command again",
+            dir.display()
+        ),
+        _ => String::new(),
     }
 }

@@ -277,6 +277,11 @@ pub fn unreferenced_after(
 /// Runs gc on `repo`, which must be open with the exclusive lock.
 pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Result<GcReport> {
     let began = Instant::now();
+    if !opts.dry_run {
+        if let Some(note) = repo.release_reserve_if_full() {
+            progress.note(&note);
+        }
+    }
     let mut index = repo.open_index()?;
     let data_dir = repo.data_dir();
     let mut report = GcReport {
@@ -464,6 +469,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
     progress.finish();
     index.checkpoint();
     index.vacuum_if_sparse()?;
+    repo.restore_reserve();
     report.seconds = began.elapsed().as_secs_f64();
     Ok(report)
 }

@@ -397,9 +397,62 @@ impl Index {
         Ok(idx)
     }
 
+    /// Opens the index at `path` for reading only, for a command that cannot write the
+    /// repository (read-only media, a filesystem snapshot, another user's repository): first
+    /// read-only, which still shares SQLite's locks with writers; where that fails (a WAL
+    /// database whose `-shm` file is absent and cannot be created), as an immutable file,
+    /// which takes no locks and is right only when nothing writes the repository meanwhile.
+    pub fn open_for_reading(path: &Path, keys: Arc<Keys>) -> Result<Index> {
+        if !path.exists() {
+            return Index::open(path, false, keys);
+        }
+        let read_only = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let try_open = |target: &str, flags: OpenFlags| -> rusqlite::Result<Connection> {
+            let conn = Connection::open_with_flags(target, flags)?;
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            let v: String = conn.query_row(
+                "SELECT value FROM meta WHERE key='schema_version'",
+                [],
+                |r| r.get(0),
+            )?;
+            if v.parse::<i64>().ok() != Some(SCHEMA_VERSION) {
+                return Err(rusqlite::Error::InvalidQuery);
+            }
+            Ok(conn)
+        };
+        let plain = path.to_string_lossy().into_owned();
+        let immutable = format!(
+            "file:{}?immutable=1",
+            plain
+                .replace('%', "%25")
+                .replace('?', "%3f")
+                .replace('#', "%23")
+        );
+        let conn = try_open(&plain, read_only).or_else(|first| {
+            try_open(&immutable, read_only | OpenFlags::SQLITE_OPEN_URI).map_err(|_| first)
+        });
+        match conn {
+            Ok(conn) => Ok(Index {
+                conn,
+                path: path.to_path_buf(),
+                keys,
+                main_rows: None,
+            }),
+            Err(rusqlite::Error::InvalidQuery) => Err(Error::Corrupt(format!(
+                "index {} has another schema version and cannot be upgraded read-only; open \
+                 the repository once with write access",
+                path.display()
+            ))),
+            Err(e) => Err(Error::Index {
+                path: path.to_path_buf(),
+                cause: e,
+            }),
+        }
+    }
+
     fn setup(&self) -> Result<()> {
         self.conn
-            .busy_timeout(Duration::from_secs(600))
+            .busy_timeout(BUSY_TIMEOUT)
             .map_err(|e| self.err(e))?;
         self.conn
             .pragma_update(None, "journal_mode", "WAL")

@@ -15,6 +15,11 @@ use crate::error::{Error, IoContext, Result};
 /// How a command uses the repository.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LockMode {
+    /// Only reads (list, extract, mount, serve-nbd, check): the shared lock when it can be
+    /// taken; on a repository this process cannot write (read-only media, a filesystem
+    /// snapshot, another user's repository) the existing lock file is locked through a
+    /// read-only descriptor, or, if there is none, the command runs unguarded and says so.
+    Read,
     /// Adds or reads data; many may run at once.
     Shared,
     /// Rewrites or deletes data; must run alone.
@@ -24,7 +29,29 @@ pub enum LockMode {
 /// A held lock; released on drop or process exit.
 #[derive(Debug)]
 pub struct Lock {
-    _file: File,
+    file: Option<File>,
+    /// Why no lock is held (a read-only command on a repository it cannot write).
+    unguarded: Option<String>,
+}
+
+impl Lock {
+    /// When no lock could be taken: what the command could not guard against.
+    pub fn unguarded(&self) -> Option<&str> {
+        self.unguarded.as_deref()
+    }
+
+    /// True when a lock file is held.
+    pub fn is_held(&self) -> bool {
+        self.file.is_some()
+    }
+}
+
+/// True for the errors that say "this process may not write here".
+fn is_not_writable(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)
+    )
 }
 
 fn open_lock_file(path: &Path) -> Result<File> {
@@ -46,20 +73,49 @@ pub fn lock_repository(
     on_wait: &dyn Fn(&str),
 ) -> Result<Lock> {
     let path = root.join("locks").join("repository.lock");
-    let file = open_lock_file(&path)?;
+    let file = match (mode, open_lock_file(&path)) {
+        (_, Ok(f)) => f,
+        (LockMode::Read, Err(Error::Io { cause, .. })) if is_not_writable(&cause) => {
+            // flock needs no write access: lock the existing file through a read-only
+            // descriptor; without one, run unguarded.
+            match File::open(&path) {
+                Ok(f) => f,
+                Err(_) => {
+                    return Ok(Lock {
+                        file: None,
+                        unguarded: Some(format!(
+                            "repository {} cannot be written by this process ({cause}), so no \
+                             lock was taken: a prune or gc running elsewhere at the same time \
+                             could remove what this command reads (it would then fail with an \
+                             error; it never returns bytes that do not match their hash)",
+                            root.display()
+                        )),
+                    });
+                }
+            }
+        }
+        (_, Err(e)) => return Err(e),
+    };
     let holder = match mode {
-        LockMode::Shared => "a command that needs it alone (index rebuild, repair, prune or gc)",
+        LockMode::Read | LockMode::Shared => {
+            "a command that needs it alone (index rebuild, repair, prune or gc)"
+        }
         LockMode::Exclusive => "another vmrepo process (ingest, extract, mount or check)",
     };
     let deadline = Instant::now() + wait;
     let mut told = false;
     loop {
         let r = match mode {
-            LockMode::Shared => file.try_lock_shared(),
+            LockMode::Read | LockMode::Shared => file.try_lock_shared(),
             LockMode::Exclusive => file.try_lock(),
         };
         match r {
-            Ok(()) => return Ok(Lock { _file: file }),
+            Ok(()) => {
+                return Ok(Lock {
+                    file: Some(file),
+                    unguarded: None,
+                })
+            }
             Err(TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
             Err(TryLockError::WouldBlock) => {}
         }
@@ -94,7 +150,10 @@ pub fn lock_vm(root: &Path, vm: &str, tag: &str) -> Result<Lock> {
     let path = root.join("locks").join(format!("vm-{tag}.lock"));
     let file = open_lock_file(&path)?;
     match file.try_lock() {
-        Ok(()) => Ok(Lock { _file: file }),
+        Ok(()) => Ok(Lock {
+            file: Some(file),
+            unguarded: None,
+        }),
         Err(TryLockError::WouldBlock) => Err(Error::Locked(format!(
             "another ingest of VM {vm:?} is running on repository {}; one VM is ingested by one process at a time",
             root.display()

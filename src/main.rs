@@ -10,6 +10,24 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// `println!` for this binary: output to a closed pipe (`vmrepo list | head -1`) is dropped
+/// instead of panicking. See [`stdout_line`].
+macro_rules! println {
+    () => {
+        $crate::stdout_write(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::stdout_write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for this binary; see [`println!`].
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::stdout_write(format_args!($($arg)*))
+    };
+}
+
 mod cli;
 
 use vmrepo::check::{check, rebuild_index, ReadData};
@@ -489,6 +507,23 @@ pub(crate) fn human(n: u64) -> String {
     }
 }
 
+/// Set once standard output has failed (its reader went away): nothing more is written to it.
+static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes to standard output. When the reader has gone (a closed pipe), the output is dropped
+/// and the command goes on: an ingest still commits and runs its post-command, and the exit
+/// code says how the work went, not whether someone read about it.
+pub(crate) fn stdout_write(args: std::fmt::Arguments<'_>) {
+    use std::sync::atomic::Ordering;
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if out.write_fmt(args).and_then(|_| out.flush()).is_err() {
+        STDOUT_GONE.store(true, Ordering::Relaxed);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -712,7 +747,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::List { repo, vm, json } => {
-            let r = open_repo(&repo, LockMode::Shared, cli.lock_wait, &Bar::new(false))?;
+            let r = open_repo(&repo, LockMode::Read, cli.lock_wait, &Bar::new(false))?;
             let index = r.open_index()?;
             match vm {
                 None => {
@@ -794,7 +829,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let map = DatastoreMap::parse(&datastore_map)?;
             let bar = Bar::new(!json);
-            let r = open_repo(&repo, LockMode::Shared, cli.lock_wait, &bar)?;
+            let r = open_repo(&repo, LockMode::Read, cli.lock_wait, &bar)?;
             let opts = ExtractOptions {
                 force,
                 disk_only,
@@ -859,7 +894,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let r = Arc::new(open_repo(
                 &repo,
-                LockMode::Shared,
+                LockMode::Read,
                 cli.lock_wait,
                 &Bar::new(false),
             )?);
@@ -902,7 +937,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let r = Arc::new(open_repo(
                 &repo,
-                LockMode::Shared,
+                LockMode::Read,
                 cli.lock_wait,
                 &Bar::new(false),
             )?);
@@ -971,7 +1006,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 rebuilt = Some(rep);
             }
-            let r = open_repo(&repo, LockMode::Shared, cli.lock_wait, &bar)?;
+            let r = open_repo(&repo, LockMode::Read, cli.lock_wait, &bar)?;
             let report = check(&r, read, &bar)?;
             if json {
                 print_json(
@@ -1048,7 +1083,7 @@ fn open_repo(
     lock_wait: u64,
     bar: &Bar,
 ) -> anyhow::Result<Repository> {
-    Ok(Repository::open_with(
+    let repo = Repository::open_with(
         path,
         mode,
         &vmrepo::repo::OpenOptions {
@@ -1063,7 +1098,11 @@ fn open_repo(
                 })
             },
         },
-    )?)
+    )?;
+    if let Some(why) = repo.unguarded() {
+        bar.note(&format!("warning: {why}"));
+    }
+    Ok(repo)
 }
 
 /// Where the passphrase of an encrypted repository comes from (set once from the options).

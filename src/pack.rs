@@ -688,7 +688,8 @@ pub fn is_torn_write(path: &Path, from: u64) -> Result<bool> {
     }
     let mut h = [0u8; RECORD_HEADER_LEN];
     let n = (len - from).min(RECORD_HEADER_LEN as u64) as usize;
-    file.read_exact_at(&mut h[..n], from).ctx("read pack file", path)?;
+    file.read_exact_at(&mut h[..n], from)
+        .ctx("read pack file", path)?;
     if n == RECORD_HEADER_LEN {
         if let Ok(header) = RecordHeader::decode(&h) {
             return Ok(from + RECORD_HEADER_LEN as u64 + header.stored_len as u64 > len);
@@ -696,7 +697,8 @@ pub fn is_torn_write(path: &Path, from: u64) -> Result<bool> {
     }
     // Zeros to the end?
     let mut r = BufReader::with_capacity(1 << 20, file);
-    r.seek(std::io::SeekFrom::Start(from)).ctx("read pack file", path)?;
+    r.seek(std::io::SeekFrom::Start(from))
+        .ctx("read pack file", path)?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = r.read(&mut buf).ctx("read pack file", path)?;

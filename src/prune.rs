@@ -111,6 +111,11 @@ pub fn prune(
     } else {
         TimeZone::UTC
     };
+    if !opts.dry_run {
+        if let Some(note) = repo.release_reserve_if_full() {
+            progress.note(&note);
+        }
+    }
     let all = repo.with_index(|i| i.generations(None))?;
     let mut by_vm: BTreeMap<&str, Vec<&GenerationInfo>> = BTreeMap::new();
     for g in &all {

@@ -21,6 +21,15 @@ use crate::pack::PackReader;
 
 pub use crate::index::INDEX_FILE;
 
+/// A file of [`RESERVE_BYTES`] kept in the repository so that the commands that free space can
+/// work on a full filesystem: SQLite needs room for its write-ahead log before it can delete
+/// anything. prune and gc release it when the filesystem is nearly full and gc makes it again
+/// when there is room.
+pub const RESERVE_FILE: &str = "reserve";
+
+/// Size of the reserve file.
+pub const RESERVE_BYTES: u64 = 16 << 20;
+
 /// How an encrypted repository gets its passphrase, and how long to wait for the lock.
 pub struct OpenOptions<'a> {
     /// Wait up to this long for the repository lock.
@@ -47,7 +56,9 @@ pub struct Repository {
     keys: Arc<Keys>,
     key_id: Option<String>,
     pool: Mutex<Vec<Index>>,
-    _lock: Lock,
+    lock: Lock,
+    /// Opened only to read ([`LockMode::Read`]).
+    reading: bool,
 }
 
 impl Repository {
@@ -95,6 +106,9 @@ impl Repository {
         index.set_repository_id(&config.repository_id)?;
         index.checkpoint();
         drop(index);
+        // Best effort: a repository without its reserve works, it just cannot free space on a
+        // full filesystem without help; gc makes the reserve when there is room.
+        let _ = make_reserve(path);
         // The config goes last: a directory without it is not (yet) a repository.
         config.store(path)?;
         sync_dir(path)?;
@@ -142,8 +156,47 @@ impl Repository {
             key_id,
             config,
             pool: Mutex::new(Vec::new()),
-            _lock: lock,
+            reading: mode == LockMode::Read,
+            lock,
         })
+    }
+
+    /// For the commands that free space (prune, gc; exclusive lock held): when the filesystem
+    /// is nearly full, deletes the reserve file so the index can be written. Returns a note
+    /// saying so.
+    pub fn release_reserve_if_full(&self) -> Option<String> {
+        let free = crate::fsutil::free_bytes(&self.root)?;
+        let path = self.root.join(RESERVE_FILE);
+        if free >= 4 * crate::fsutil::LOW_SPACE || !path.exists() {
+            return None;
+        }
+        std::fs::remove_file(&path).ok()?;
+        Some(format!(
+            "the filesystem holding {} is full ({free} bytes free): released the repository's \
+             {} MiB reserve ({}) so that this command can work; gc makes it again when there is room",
+            self.root.display(),
+            RESERVE_BYTES >> 20,
+            path.display()
+        ))
+    }
+
+    /// Makes the reserve file again if it is missing and the filesystem has room for it and
+    /// more. Best effort.
+    pub fn restore_reserve(&self) {
+        if self.root.join(RESERVE_FILE).exists() {
+            return;
+        }
+        match crate::fsutil::free_bytes(&self.root) {
+            Some(free) if free > RESERVE_BYTES + 16 * crate::fsutil::LOW_SPACE => {
+                let _ = make_reserve(&self.root);
+            }
+            _ => {}
+        }
+    }
+
+    /// When this read-only command could take no lock: what it could not guard against.
+    pub fn unguarded(&self) -> Option<&str> {
+        self.lock.unguarded()
     }
 
     /// The repository's keys ([`Keys::none`] when unencrypted).
@@ -187,7 +240,14 @@ impl Repository {
     /// emptied) is given this repository's; whether it covers the data files is
     /// [`crate::coverage`]'s question.
     pub fn open_index(&self) -> Result<Index> {
-        let index = Index::open(&self.index_path(), false, self.keys.clone())?;
+        let index = match Index::open(&self.index_path(), false, self.keys.clone()) {
+            Ok(i) => i,
+            // A read-only command on a repository it cannot write.
+            Err(Error::Index { ref cause, .. }) if self.reading && is_read_only_failure(cause) => {
+                Index::open_for_reading(&self.index_path(), self.keys.clone())?
+            }
+            Err(e) => return Err(e),
+        };
         match index.repository_id()? {
             Some(id) if id != self.config.repository_id => Err(Error::Corrupt(format!(
                 "index {} belongs to another repository (id {id}, this one is {}): it was \
@@ -333,4 +393,41 @@ impl Repository {
 /// [`Repository::read_objects`]).
 pub fn decode_segment(id: &ObjectId, bytes: &[u8]) -> Result<Segment> {
     Segment::decode(bytes).map_err(|e| Error::Corrupt(format!("segment {}: {e}", id.short())))
+}
+
+/// True when SQLite failed because it may not write (read-only file or filesystem, or a WAL
+/// index whose `-shm` file it cannot create).
+fn is_read_only_failure(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::ReadOnly)
+            | Some(rusqlite::ErrorCode::CannotOpen)
+            | Some(rusqlite::ErrorCode::PermissionDenied)
+            | Some(rusqlite::ErrorCode::SystemIoFailure)
+    )
+}
+
+/// Writes the reserve file (allocated blocks, not a sparse file), atomically.
+fn make_reserve(root: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let path = root.join(RESERVE_FILE);
+    let tmp = root.join(format!("{RESERVE_FILE}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let f = fs::File::create(&tmp).ctx("create", &tmp)?;
+        // SAFETY: the descriptor is open; posix_fallocate reads its integer arguments.
+        let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, RESERVE_BYTES as libc::off_t) };
+        if r != 0 {
+            return Err(Error::io(
+                "allocate",
+                &tmp,
+                std::io::Error::from_raw_os_error(r),
+            ));
+        }
+        f.sync_all().ctx("fsync", &tmp)?;
+        fs::rename(&tmp, &path).ctx("rename into place", &path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }

@@ -81,10 +81,21 @@ impl KeepWithin {
                 continue;
             }
             let n: i64 = num.parse().map_err(|_| bad())?;
-            if n > 100_000 {
-                return Err(bad());
-            }
             num.clear();
+            // No backup is older than 1000 years; past that, the date arithmetic overflows.
+            let most = match c {
+                'y' => 1_000,
+                'm' => 12_000,
+                'w' => 52_000,
+                'd' => 365_000,
+                'h' => 8_760_000,
+                _ => return Err(bad()),
+            };
+            if n > most {
+                return Err(format!(
+                    "duration {s:?} is too long: at most 1000 years ({most}{c})"
+                ));
+            }
             let slot = match c {
                 'y' => &mut parts.years,
                 'm' => &mut parts.months,
@@ -332,6 +343,16 @@ mod tests {
         for bad in ["", "10", "d", "10x", "1d1d", "-3d", "1.5d", "99999999999d"] {
             assert!(KeepWithin::parse(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    /// `--keep-within 20000y` panicked in the date arithmetic (exit 101).
+    #[test]
+    fn huge_durations_are_refused_or_computed_without_panic() {
+        let e = KeepWithin::parse("20000y").unwrap_err();
+        assert!(e.contains("at most 1000 years"), "{e}");
+        let most = KeepWithin::parse("1000y12000m52000w365000d8760000h").unwrap();
+        let now = jiff::Timestamp::now().to_zoned(TimeZone::UTC);
+        assert!(now.checked_sub(most.span()).is_ok());
     }
 
     #[test]

@@ -268,7 +268,8 @@ impl<'r> Store<'r> {
         }
         if committed.is_err() {
             if let Some(p) = &last {
-                let _ = std::fs::remove_file(crate::pack::pack_path(&self.repo.data_dir(), &p.name));
+                let _ =
+                    std::fs::remove_file(crate::pack::pack_path(&self.repo.data_dir(), &p.name));
             }
         }
         committed?;

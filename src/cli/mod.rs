@@ -119,7 +119,7 @@ pub fn prune(a: PruneArgs, lock_wait: u64) -> anyhow::Result<ExitCode> {
     };
     let bar = Bar::new(!a.json);
     let mode = if a.dry_run {
-        LockMode::Shared
+        LockMode::Read
     } else {
         LockMode::Exclusive
     };
@@ -237,7 +237,7 @@ impl RepackArgs {
 pub fn gc(a: GcArgs, lock_wait: u64) -> anyhow::Result<ExitCode> {
     let bar = Bar::new(!a.json);
     let mode = if a.dry_run {
-        LockMode::Shared
+        LockMode::Read
     } else {
         LockMode::Exclusive
     };
