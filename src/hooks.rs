@@ -8,41 +8,113 @@
 //! process group.
 
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-/// Process group of the hook running now (0: none), so an interrupt can stop it.
-static RUNNING: AtomicI32 = AtomicI32::new(0);
+/// Process groups of the hooks running now, so an interrupt can stop them all (a job ingests
+/// several VMs at once).
+static RUNNING: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 
-/// Set when the process is being interrupted: the signal handler runs the post-command, so
-/// the ingest must not run it a second time.
+/// Post-commands owed: registered when a VM's ingest with a post-command starts, taken back
+/// when its post-command runs. An interrupt takes them all and runs them.
+static OWED: Mutex<Vec<OwedPost>> = Mutex::new(Vec::new());
+
+/// Set when the process is being interrupted: [`interrupt`] runs the owed post-commands, so
+/// no ingest may run its own.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// Marks the process as interrupted (the caller runs the post-command and exits).
-pub fn mark_interrupted() {
-    INTERRUPTED.store(true, Ordering::SeqCst);
+/// A post-command that must run whatever happens.
+struct OwedPost {
+    id: u64,
+    command: String,
+    vm: String,
+    vmdir: PathBuf,
+    timeout: Duration,
 }
 
-/// True once [`mark_interrupted`] was called.
+/// True once [`interrupt`] was called.
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
-/// Kills the hook that is running, if any (used when the ingest is interrupted).
-pub fn kill_running() {
-    let pgid = RUNNING.swap(0, Ordering::SeqCst);
-    if pgid > 0 {
+/// Registers `command` as the post-command owed for `vm`; returns the ticket
+/// [`take_owed`] needs.
+fn owe(command: &str, vm: &str, vmdir: &Path, timeout: Duration) -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let id = NEXT.fetch_add(1, Ordering::SeqCst);
+    OWED.lock().unwrap().push(OwedPost {
+        id,
+        command: command.into(),
+        vm: vm.into(),
+        vmdir: vmdir.into(),
+        timeout,
+    });
+    id
+}
+
+/// Takes back the owed post-command `id` so the caller runs it; false when an interrupt has
+/// taken it (and runs it).
+fn take_owed(id: u64) -> bool {
+    let mut owed = OWED.lock().unwrap();
+    match owed.iter().position(|o| o.id == id) {
+        Some(i) if !interrupted() => {
+            owed.remove(i);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Stops everything for an interrupt (SIGINT, SIGTERM, SIGHUP): marks the process
+/// interrupted, kills every running hook with its process group, then runs every owed
+/// post-command with `VMREPO_STATUS=interrupted`, all at once, and waits for them. Returns what
+/// went wrong with them. The caller then ends the process: no generation is recorded by an
+/// ingest that has not committed.
+pub fn interrupt() -> Vec<String> {
+    let owed: Vec<OwedPost> = {
+        let mut owed = OWED.lock().unwrap();
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        std::mem::take(&mut *owed)
+    };
+    for pgid in std::mem::take(&mut *RUNNING.lock().unwrap()) {
         // SAFETY: kill(2) on a process group this process started; no memory is involved.
         unsafe {
             libc::kill(-pgid, libc::SIGKILL);
         }
     }
+    let handles: Vec<_> = owed
+        .into_iter()
+        .map(|o| {
+            std::thread::spawn(move || {
+                match run_unregistered(
+                    &o.command,
+                    "post",
+                    &o.vm,
+                    &o.vmdir,
+                    Some("interrupted"),
+                    o.timeout,
+                ) {
+                    Ok(r) if r.ok() => None,
+                    Ok(r) => Some(format!("VM {}: {}", o.vm, r.error())),
+                    Err(e) => Some(format!("VM {}: {e}", o.vm)),
+                }
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .filter_map(|h| {
+            h.join()
+                .unwrap_or(Some("a post-command thread failed".into()))
+        })
+        .collect()
 }
 
 /// The commands around one VM's ingest.
@@ -98,8 +170,63 @@ impl HookRun {
     }
 }
 
-/// Runs `command` for `phase` with the VM's environment; waits at most `timeout`.
+/// Runs `command` for `phase` with the VM's environment; waits at most `timeout`. Once the
+/// process is interrupted, no new hook starts (the interrupt runs the owed post-commands).
 pub fn run(
+    command: &str,
+    phase: &str,
+    vm: &str,
+    vmdir: &Path,
+    status: Option<&str>,
+    timeout: Duration,
+) -> Result<HookRun> {
+    if interrupted() {
+        return Err(Error::Hook(format!(
+            "the {phase}-command was not started: vmrepo is being interrupted"
+        )));
+    }
+    run_unregistered(command, phase, vm, vmdir, status, timeout)
+}
+
+/// The post-command owed for an ingest: registered so that an interrupt runs it (see
+/// [`interrupt`]); [`OwedGuard::run`] runs it when the ingest ends.
+pub struct OwedGuard {
+    id: u64,
+    command: String,
+    vm: String,
+    vmdir: PathBuf,
+    timeout: Duration,
+}
+
+impl OwedGuard {
+    /// Registers the post-command `command` for `vm`.
+    pub fn new(command: &str, vm: &str, vmdir: &Path, timeout: Duration) -> OwedGuard {
+        OwedGuard {
+            id: owe(command, vm, vmdir, timeout),
+            command: command.into(),
+            vm: vm.into(),
+            vmdir: vmdir.into(),
+            timeout,
+        }
+    }
+
+    /// Runs the post-command with `status`, unless an interrupt has taken it: then `None`
+    /// (the interrupt runs it with status `interrupted`).
+    pub fn run(self, status: &str) -> Option<Result<HookRun>> {
+        take_owed(self.id).then(|| {
+            run_unregistered(
+                &self.command,
+                "post",
+                &self.vm,
+                &self.vmdir,
+                Some(status),
+                self.timeout,
+            )
+        })
+    }
+}
+
+fn run_unregistered(
     command: &str,
     phase: &str,
     vm: &str,
@@ -132,7 +259,7 @@ pub fn run(
         .spawn()
         .map_err(|e| Error::Hook(format!("cannot start the {phase}-command {command:?}: {e}")))?;
     let pgid = child.id() as i32;
-    RUNNING.store(pgid, Ordering::SeqCst);
+    RUNNING.lock().unwrap().push(pgid);
     let _clear = ClearOnDrop(pgid);
     loop {
         match child.try_wait() {
@@ -174,7 +301,7 @@ struct ClearOnDrop(i32);
 
 impl Drop for ClearOnDrop {
     fn drop(&mut self) {
-        let _ = RUNNING.compare_exchange(self.0, 0, Ordering::SeqCst, Ordering::SeqCst);
+        RUNNING.lock().unwrap().retain(|&p| p != self.0);
     }
 }
 

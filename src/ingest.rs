@@ -124,6 +124,11 @@ pub fn ingest(
         return ingest_unhooked(repo, path, opts, progress);
     }
     let vm = hook_vm_name(path, opts.name.as_deref());
+    // Owed from now on: an interrupt (SIGINT, SIGTERM, SIGHUP) runs it if we cannot.
+    let owed = h
+        .post
+        .as_deref()
+        .map(|cmd| crate::hooks::OwedGuard::new(cmd, &vm, path, h.timeout));
     let mut runs = Vec::new();
     let mut result = match &h.pre {
         Some(cmd) => {
@@ -144,16 +149,17 @@ pub fn ingest(
         None => Ok(()),
     }
     .and_then(|()| ingest_unhooked(repo, path, opts, progress));
-    if crate::hooks::interrupted() {
-        // The interrupt handler runs the post-command and ends the process; do not race it.
-        loop {
-            std::thread::park();
-        }
-    }
-    if let Some(cmd) = &h.post {
+    if let (Some(cmd), Some(owed)) = (&h.post, owed) {
         let status = if result.is_ok() { "success" } else { "failure" };
-        progress.note(&format!("post-command ({status}): {cmd}"));
-        let post = crate::hooks::run(cmd, "post", &vm, path, Some(status), h.timeout);
+        if !crate::hooks::interrupted() {
+            progress.note(&format!("post-command ({status}): {cmd}"));
+        }
+        let Some(post) = owed.run(status) else {
+            // The interrupt runs the post-command and ends the process; do not race it.
+            loop {
+                std::thread::park();
+            }
+        };
         match (&mut result, post) {
             (Ok(_), Ok(r)) => runs.push(r),
             (Ok(_), Err(e)) => {

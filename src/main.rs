@@ -525,7 +525,24 @@ pub(crate) fn stdout_write(args: std::fmt::Arguments<'_>) {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts (see stop_on_termination_signals).
+    let signals = vmrepo::shutdown::TerminationSignals::block();
     let cli = Cli::parse();
+    match signals {
+        Ok(s)
+            if !matches!(
+                cli.command,
+                Command::Mount { .. } | Command::ServeNbd { .. }
+            ) =>
+        {
+            stop_on_termination_signals(s)
+        }
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("vmrepo: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -644,9 +661,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 post: post_command,
                 timeout: std::time::Duration::from_secs(hook_timeout),
             };
-            if hooks.post.is_some() {
-                post_command_on_signal(&hooks, &source, name.as_deref())?;
-            }
             let changes = changed_ranges
                 .as_deref()
                 .map(vmrepo::changes::ChangedRanges::load)
@@ -1048,32 +1062,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// With a post-command, Ctrl-C (or SIGTERM/SIGHUP) must still run it: block those signals in
-/// every thread and let one thread wait for them, run the post-command with
-/// `VMREPO_STATUS=interrupted`, and exit 130. An interrupted ingest leaves no generation.
-fn post_command_on_signal(
-    hooks: &vmrepo::hooks::Hooks,
-    source: &std::path::Path,
-    name: Option<&str>,
-) -> anyhow::Result<()> {
-    let signals = vmrepo::shutdown::TerminationSignals::block()?;
-    let cmd = hooks.post.clone().expect("post-command");
-    let timeout = hooks.timeout;
-    let source = source.to_path_buf();
-    let vm = vmrepo::ingest::hook_vm_name(&source, name);
+/// Ctrl-C, SIGTERM and SIGHUP, for every command but mount and serve-nbd (which wait for them
+/// themselves to unmount and close cleanly): blocked before any thread starts, so that every
+/// thread inherits the mask and none is killed by them, and received by one thread, which
+/// kills the running hooks, runs every owed post-command with `VMREPO_STATUS=interrupted`
+/// (each VM of a job in flight gets its own) and exits 130. An interrupted ingest records no
+/// generation: the generation becomes visible only in its last index transaction.
+fn stop_on_termination_signals(signals: vmrepo::shutdown::TerminationSignals) {
     std::thread::spawn(move || {
         let sig = signals.wait();
-        eprintln!("vmrepo: {sig}: stopping the ingest (no generation is recorded); running the post-command");
-        vmrepo::hooks::mark_interrupted();
-        vmrepo::hooks::kill_running();
-        match vmrepo::hooks::run(&cmd, "post", &vm, &source, Some("interrupted"), timeout) {
-            Ok(r) if r.ok() => {}
-            Ok(r) => eprintln!("vmrepo: error: {}", r.error()),
-            Err(e) => eprintln!("vmrepo: error: {e}"),
+        eprintln!(
+            "vmrepo: {sig}: stopping (an ingest that has not committed records no generation)"
+        );
+        for e in vmrepo::hooks::interrupt() {
+            eprintln!("vmrepo: error: {e}");
         }
         std::process::exit(130);
     });
-    Ok(())
 }
 
 /// Opens a repository, waiting up to `lock_wait` seconds for its lock (saying so on stderr).

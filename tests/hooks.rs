@@ -156,3 +156,130 @@ fn ctrl_c_still_runs_the_post_command_and_records_nothing() {
     assert!(generations(&repo, "web01").is_empty());
     vmrepo([s("check"), p(&repo)]).ok();
 }
+
+/// Interrupted while reading (not only while a hook runs), with each termination signal and
+/// with `--threads` (whose worker threads started before the handler once were killed by the
+/// signal, skipping the post-command): the post-command runs with `interrupted`, the exit code
+/// is 130, no generation is recorded and the repository is clean.
+#[test]
+fn a_signal_while_reading_still_runs_the_post_command() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("big.img");
+    fs::write(&img, bytes(160 << 20, 5)).unwrap();
+    let repo = init_repo(t.path());
+    for (i, (sig, threads)) in [
+        (libc::SIGINT, true),
+        (libc::SIGTERM, true),
+        (libc::SIGHUP, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let log = format!("hooks-{i}.log");
+        let mut args = vec![s("ingest"), p(&repo), p(&img), s("--name"), s("big")];
+        args.extend([s("--post-command"), s(&recorder(t.path(), &log))]);
+        if threads {
+            args.splice(0..0, [s("--threads"), s("2")]);
+        }
+        // A marker the pre-command leaves tells when reading is about to start.
+        let started = t.path().join(format!("started-{i}"));
+        args.extend([
+            s("--pre-command"),
+            s(&format!("touch '{}'", started.display())),
+        ]);
+        let child = Command::new(BIN)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while !started.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(60));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        // SAFETY: signalling our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, sig);
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "signal {sig}: {err}");
+        let lines = fs::read_to_string(t.path().join(&log)).unwrap();
+        assert!(
+            lines.starts_with("post big interrupted "),
+            "signal {sig}: {lines}"
+        );
+        assert_eq!(lines.lines().count(), 1, "post-command ran twice: {lines}");
+        assert!(generations(&repo, "big").is_empty(), "signal {sig}");
+    }
+    vmrepo([s("check"), p(&repo)]).ok();
+}
+
+/// `vmrepo run` with two VMs in flight: an interrupt runs the post-command of each, not only
+/// of one.
+#[test]
+fn an_interrupted_job_runs_the_post_command_of_every_vm_in_flight() {
+    let t = tempfile::tempdir().unwrap();
+    let ds = t.path().join("ds1");
+    make_vm(&ds, "web01", &[(8 << 20, vec![(0, 2 << 20, 1)])]);
+    make_vm(&ds, "db01", &[(8 << 20, vec![(0, 2 << 20, 2)])]);
+    let repo = init_repo(t.path());
+    let log = t.path().join("hooks.log");
+    let job = t.path().join("job.toml");
+    fs::write(
+        &job,
+        format!(
+            r#"repository = "{repo}"
+vms = ["{ds}/*"]
+parallel = 2
+
+[defaults]
+pre_command = "echo \"pre $VMREPO_VM\" >> '{log}'; sleep 30"
+post_command = "echo \"post $VMREPO_VM $VMREPO_STATUS\" >> '{log}'"
+"#,
+            repo = repo.display(),
+            ds = ds.display(),
+            log = log.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .args([s("run"), p(&job)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while fs::read_to_string(&log).unwrap_or_default().lines().count() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "pre-commands did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(25),
+        "the pre-commands were not stopped"
+    );
+    let lines = fs::read_to_string(&log).unwrap();
+    for vm in ["web01", "db01"] {
+        assert!(
+            lines.contains(&format!("post {vm} interrupted")),
+            "{vm} got no post-command: {lines}"
+        );
+    }
+    assert!(generations(&repo, "web01").is_empty() && generations(&repo, "db01").is_empty());
+}
