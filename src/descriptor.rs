@@ -95,14 +95,22 @@ pub fn sniff_binary(head: &[u8]) -> Option<&'static str> {
 }
 
 /// Reads and parses the descriptor at `path`; returns its exact bytes too (stored verbatim).
+/// Only for paths the user named or [`crate::confine`] checked; [`read_from`] reads a file
+/// already opened through it.
 pub fn read(path: &Path) -> Result<(Vec<u8>, Descriptor)> {
-    let meta = std::fs::metadata(path).ctx("open descriptor", path)?;
-    if meta.len() > MAX_DESCRIPTOR_LEN {
+    let file = crate::confine::open_read_only(path, false).ctx("open descriptor", path)?;
+    read_from(&file, path)
+}
+
+/// Reads and parses the descriptor in the open `file` (named `path` in messages); returns its
+/// exact bytes too.
+pub fn read_from(file: &std::fs::File, path: &Path) -> Result<(Vec<u8>, Descriptor)> {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    let meta = file.metadata().ctx("stat descriptor", path)?;
+    if meta.len() > MAX_DESCRIPTOR_LEN || !meta.is_file() {
         let mut head = [0u8; 8];
-        use std::io::Read;
-        let n = std::fs::File::open(path)
-            .and_then(|mut f| f.read(&mut head))
-            .ctx("read", path)?;
+        let n = file.read_at(&mut head, 0).ctx("read", path)?;
         if let Some(what) = sniff_binary(&head[..n]) {
             return Err(Error::Unsupported {
                 what: what.into(),
@@ -111,13 +119,30 @@ pub fn read(path: &Path) -> Result<(Vec<u8>, Descriptor)> {
         }
         return Err(Error::bad_input(
             path,
-            format!(
-                "is {} bytes, too large to be a VMDK text descriptor",
-                meta.len()
-            ),
+            if meta.is_file() {
+                format!(
+                    "is {} bytes, too large to be a VMDK text descriptor",
+                    meta.len()
+                )
+            } else {
+                "is not a regular file, so not a VMDK text descriptor".to_string()
+            },
         ));
     }
-    let bytes = std::fs::read(path).ctx("read descriptor", path)?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    let mut reader = file;
+    // A descriptor is read from its start, whatever the descriptor's offset.
+    std::io::Seek::rewind(&mut reader).ctx("read descriptor", path)?;
+    reader
+        .take(MAX_DESCRIPTOR_LEN + 1)
+        .read_to_end(&mut bytes)
+        .ctx("read descriptor", path)?;
+    if bytes.len() as u64 > MAX_DESCRIPTOR_LEN {
+        return Err(Error::bad_input(
+            path,
+            "grew past 1 MiB while being read: not a VMDK text descriptor",
+        ));
+    }
     if let Some(what) = sniff_binary(&bytes) {
         return Err(Error::Unsupported {
             what: what.into(),

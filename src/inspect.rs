@@ -1,12 +1,14 @@
 //! `vmrepo inspect`: what an ingest would read, without reading the data — the VM, each disk's
 //! chain (file, createType, CID/parentCID, virtual size, allocated bytes), the snapshots in the
 //! .vmsd with their age, and warnings an operator should act on (broken chains, old snapshots,
-//! deep chains, independent disks, physical RDMs).
+//! deep chains, independent disks, physical RDMs). It opens only what an ingest may
+//! ([`Confine`]): a file outside the VM's directory and the allowed roots is a broken chain.
 
 use std::path::Path;
 
 use serde::Serialize;
 
+use crate::confine::Confine;
 use crate::error::{IoContext, Result};
 use crate::source::chain::{self, ChainOptions};
 use crate::vmsd::Vmsd;
@@ -87,8 +89,13 @@ fn disk_report(
     mode: Option<String>,
     leaf: &Path,
     opts: &ChainOptions,
+    confine: &Confine,
+    by: Option<&Path>,
 ) -> DiskReport {
-    let (links, err) = chain::walk(leaf, opts);
+    let (links, err) = match by.map(|b| confine.check(leaf, Some(b))) {
+        Some(Err(e)) => (Vec::new(), Some(e)),
+        _ => chain::walk(leaf, opts, confine),
+    };
     let mut chain = Vec::new();
     let mut error = err.map(|e| e.to_string());
     for l in &links {
@@ -121,6 +128,7 @@ fn disk_report(
 pub fn inspect(path: &Path, opts: &ChainOptions, now: jiff::Timestamp) -> Result<Inspection> {
     let abs = std::path::absolute(path).ctx("resolve", path)?;
     let meta = std::fs::metadata(&abs).ctx("open", &abs)?;
+    let confine = Confine::for_source(&abs, opts)?;
     let is_vmx = abs
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("vmx") || e.eq_ignore_ascii_case("vmtx"));
@@ -131,7 +139,7 @@ pub fn inspect(path: &Path, opts: &ChainOptions, now: jiff::Timestamp) -> Result
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned();
-        let disk = disk_report("image", &name, None, &abs, opts);
+        let disk = disk_report("image", &name, None, &abs, opts, &confine, None);
         disk_warnings(&disk, &mut warnings);
         return Ok(Inspection {
             source: abs.display().to_string(),
@@ -151,7 +159,7 @@ pub fn inspect(path: &Path, opts: &ChainOptions, now: jiff::Timestamp) -> Result
         abs.clone()
     };
     let dir = vmx_path.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let text = std::fs::read(&vmx_path).ctx("read", &vmx_path)?;
+    let text = confine.read(&vmx_path, None, u64::from(crate::object::MAX_OBJECT_LEN))?;
     let vmx = Vmx::parse(&String::from_utf8_lossy(&text));
     let vm = vmx
         .get("displayName")
@@ -167,7 +175,15 @@ pub fn inspect(path: &Path, opts: &ChainOptions, now: jiff::Timestamp) -> Result
     let mut disks = Vec::new();
     for d in vmx.disks() {
         let leaf = crate::vm::resolve_in(&dir, &d.file_name);
-        let report = disk_report(&d.slot, &d.file_name, d.mode.clone(), &leaf, opts);
+        let report = disk_report(
+            &d.slot,
+            &d.file_name,
+            d.mode.clone(),
+            &leaf,
+            opts,
+            &confine,
+            Some(&vmx_path),
+        );
         if let Some(mode) = d.mode.as_deref().filter(|m| m.starts_with("independent")) {
             warnings.push(format!(
                 "disk {} ({}) is {mode}: snapshots do not freeze it, so a backup of the running VM copies it while it changes",
@@ -178,7 +194,7 @@ pub fn inspect(path: &Path, opts: &ChainOptions, now: jiff::Timestamp) -> Result
         disks.push(report);
     }
     let mut snapshots = Vec::new();
-    if let Some((vmsd_path, vmsd)) = Vmsd::find(&vmx_path)? {
+    if let Some((vmsd_path, vmsd)) = Vmsd::find(&vmx_path, &confine)? {
         if vmsd.needs_consolidation {
             warnings.push(format!(
                 "{} says the disks need consolidation (a snapshot removal left deltas behind)",

@@ -53,6 +53,10 @@ pub struct VmSettings {
     pub strict: Option<bool>,
     /// Read the disks in full even when their snapshot chains tell what changed.
     pub full_read: Option<bool>,
+    /// Directories outside the VM's own whose files the VM's files may name (`--allow-path`);
+    /// added to the job's `allow_paths` and `[defaults]`'s.
+    #[serde(default)]
+    pub allow_paths: Vec<PathBuf>,
 }
 
 /// `[retention]`: prune after the ingests (same rules as `vmrepo prune --policy`).
@@ -97,6 +101,10 @@ pub struct JobFile {
     /// Seconds to wait for the repository lock (another job, a gc).
     #[serde(default)]
     pub lock_wait: u64,
+    /// Directories outside each VM's own whose files the VMs' files may name, for every VM
+    /// (`--allow-path`): by default only the VM's directory, /vmfs/volumes on an ESXi host.
+    #[serde(default)]
+    pub allow_paths: Vec<PathBuf>,
     /// Where to write the JSON status of the run (default: none).
     pub status_file: Option<PathBuf>,
     /// Settings for every VM.
@@ -176,8 +184,22 @@ impl JobFile {
             .unwrap_or_default()
     }
 
-    /// Settings for `path`: its `[vm.KEY]` section over `[defaults]`.
+    /// Settings for `path`: its `[vm.KEY]` section over `[defaults]`; `allow_paths` are the
+    /// job's, `[defaults]`'s and the VM's together.
     pub fn settings_for(&self, path: &Path) -> VmSettings {
+        let d = &self.defaults;
+        let mut s = self.own_settings(path);
+        let mut allow = self.allow_paths.clone();
+        for a in d.allow_paths.iter().chain(&s.allow_paths) {
+            if !allow.contains(a) {
+                allow.push(a.clone());
+            }
+        }
+        s.allow_paths = allow;
+        s
+    }
+
+    fn own_settings(&self, path: &Path) -> VmSettings {
         let d = &self.defaults;
         match self.vm.get(&Self::key_of(path)) {
             None => d.clone(),
@@ -191,6 +213,7 @@ impl JobFile {
                 max_chain_depth: v.max_chain_depth.or(d.max_chain_depth),
                 strict: v.strict.or(d.strict),
                 full_read: v.full_read.or(d.full_read),
+                allow_paths: v.allow_paths.clone(),
             },
         }
     }
@@ -280,6 +303,7 @@ pub fn run(
                     }),
                     strict: s.strict.unwrap_or(false),
                     full_read: s.full_read.unwrap_or(false),
+                    datastore_map: crate::confine::with_allowed(Vec::new(), &s.allow_paths),
                     ..Default::default()
                 };
                 progress.note(&format!("== {}", path.display()));
@@ -421,7 +445,14 @@ pub fn dry_run(job: &JobFile) -> Result<Vec<DryVm>> {
             warnings: Vec::new(),
             hooks,
         };
-        match crate::vm::open_source(&path, s.name.as_deref()) {
+        let opts = crate::vm::SourceOptions {
+            name: s.name.clone(),
+            chain: crate::source::chain::ChainOptions {
+                datastore_map: crate::confine::with_allowed(Vec::new(), &s.allow_paths),
+            },
+            ..Default::default()
+        };
+        match crate::vm::open_source_with(&path, &opts) {
             Ok(plan) => {
                 for disk in &plan.disks {
                     let size = disk.reader.size();

@@ -9,6 +9,7 @@ pub mod changes;
 pub mod check;
 pub mod chunker;
 pub mod config;
+pub mod confine;
 pub mod coverage;
 pub mod crypto;
 pub mod damage;

@@ -186,6 +186,13 @@ disk; files are only ever opened read-only. Use `vmrepo inspect` to see what wou
         /// path is looked up by its file name in the disk's own directory.
         #[arg(long, value_name = "DATASTORE=DIR", value_parser = vmrepo::source::chain::ChainOptions::parse_map)]
         datastore_map: Vec<(PathBuf, PathBuf)>,
+        /// Also read disks, extents, parents and small files that the VM's files name inside DIR.
+        /// By default ingest reads only the VM's directory (or the given file and its
+        /// directory), /vmfs/volumes on an ESXi host and --datastore-map targets, so that a VM
+        /// directory cannot make it store host files; pass this for a datastore or image
+        /// directory you trust. Repeatable.
+        #[arg(long, value_name = "DIR")]
+        allow_path: Vec<PathBuf>,
         /// Read every disk in full, even when its snapshot chain is last generation's plus new
         /// links (which otherwise limits reading to what the new links hold): a periodic full
         /// read, or after storage trouble. Unchanged segments are still not stored again.
@@ -652,6 +659,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             strict,
             at_snapshot,
             datastore_map,
+            allow_path,
             full_read,
             json,
         } => {
@@ -673,7 +681,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 since,
                 verify_unchanged,
                 hooks,
-                datastore_map,
+                datastore_map: vmrepo::confine::with_allowed(datastore_map, &allow_path),
                 at_snapshot,
                 limits: Some(vmrepo::preflight::Limits {
                     max_snapshot_age_days: max_snapshot_age,

@@ -1,10 +1,15 @@
 //! What an ingest reads: a VM directory (via its .vmx) or a single disk file, turned into the
 //! small files to store verbatim and the disks to chunk, each behind a [`DiskReader`].
+//!
+//! Every file a VM's own files name (disks, extents, parents, the nvram, the .vmsd) and every
+//! small file found in its directory is opened only where [`Confine`] allows: inside the VM's
+//! directory and the datastore roots the user allows, regular files only.
 
 use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
+use crate::confine::Confine;
 use crate::descriptor::{self, Descriptor};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{ChainLink, DiskLayout};
@@ -142,20 +147,21 @@ pub fn open_source_with(path: &Path, opts: &SourceOptions) -> Result<SourcePlan>
     let abs = std::path::absolute(path).ctx("resolve", path)?;
     let meta = std::fs::metadata(&abs).ctx("open", &abs)?;
     let name = opts.name.as_deref();
+    let confine = Confine::for_source(&abs, &opts.chain)?;
     if meta.is_dir() {
         let vmx = find_vmx(&abs)?;
-        return open_vm(&vmx, &abs, opts);
+        return open_vm(&vmx, &abs, opts, &confine);
     }
     let ext = abs
         .extension()
         .and_then(|e| e.to_str())
         .map(|e| e.to_ascii_lowercase());
     match ext.as_deref() {
-        Some("vmx") | Some("vmtx") => open_vm(&abs, &abs, opts),
+        Some("vmx") | Some("vmtx") => open_vm(&abs, &abs, opts, &confine),
         _ if opts.at_snapshot.is_some() => Err(Error::Usage(
             "--at-snapshot needs a VM directory or .vmx file (the .vmsd says which links each snapshot froze)".into(),
         )),
-        _ => open_disk_file(&abs, name, &opts.chain),
+        _ => open_disk_file(&abs, name, &opts.chain, &confine),
     }
 }
 
@@ -189,10 +195,15 @@ pub fn find_vmx(dir: &Path) -> Result<PathBuf> {
     }
 }
 
-fn open_vm(vmx_path: &Path, source: &Path, opts: &SourceOptions) -> Result<SourcePlan> {
+fn open_vm(
+    vmx_path: &Path,
+    source: &Path,
+    opts: &SourceOptions,
+    confine: &Confine,
+) -> Result<SourcePlan> {
     let name = opts.name.as_deref();
     let dir = vmx_path.parent().unwrap().to_path_buf();
-    let text = std::fs::read(vmx_path).ctx("read", vmx_path)?;
+    let text = confine.read(vmx_path, None, u64::from(crate::object::MAX_OBJECT_LEN))?;
     if text.contains(&0) {
         return Err(Error::bad_input(
             vmx_path,
@@ -235,6 +246,8 @@ fn open_vm(vmx_path: &Path, source: &Path, opts: &SourceOptions) -> Result<Sourc
             .is_some_and(|e| SMALL_FILE_EXTENSIONS.contains(&e))
             && p.is_file()
         {
+            // A log (or .vmx, .nvram ...) that is a symlink out of the directory is refused.
+            confine.check(&p, None)?;
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
             seen.insert(name.clone());
             files.push(SmallFile { name, path: p });
@@ -243,6 +256,7 @@ fn open_vm(vmx_path: &Path, source: &Path, opts: &SourceOptions) -> Result<Sourc
     if let Some(nv) = vmx.get("nvram").filter(|n| !n.is_empty()) {
         let p = dir.join(nv);
         if p.is_file() {
+            confine.check(&p, Some(vmx_path))?;
             let name = relative_name(&dir, &p);
             if seen.insert(name.clone()) {
                 files.push(SmallFile { name, path: p });
@@ -255,7 +269,7 @@ fn open_vm(vmx_path: &Path, source: &Path, opts: &SourceOptions) -> Result<Sourc
     let snapshot = match &opts.at_snapshot {
         None => None,
         Some(which) => {
-            let Some((vmsd_path, vmsd)) = Vmsd::find(vmx_path)? else {
+            let Some((vmsd_path, vmsd)) = Vmsd::find(vmx_path, confine)? else {
                 return Err(Error::Usage(format!(
                     "--at-snapshot: {} has no .vmsd file, so the VM has no snapshots to read",
                     dir.display()
@@ -297,8 +311,17 @@ fn open_vm(vmx_path: &Path, source: &Path, opts: &SourceOptions) -> Result<Sourc
                 relative_name(&dir, &desc_path),
                 &d.slot,
                 &opts.chain,
+                confine,
+                snapshot.as_ref().map(|(p, _)| p.as_path()),
             )?,
-            None => open_descriptor_disk(&dir, &desc_path, &d.slot, &opts.chain)?,
+            None => open_descriptor_disk(
+                &dir,
+                &desc_path,
+                &d.slot,
+                &opts.chain,
+                confine,
+                Some(vmx_path),
+            )?,
         };
         if plan.layout.is_none() {
             let desc_name = plan.descriptor.clone().unwrap();
@@ -331,7 +354,8 @@ fn open_vm(vmx_path: &Path, source: &Path, opts: &SourceOptions) -> Result<Sourc
 
 /// Resolves a path from a .vmx or descriptor: relative to `dir`, or absolute. An absolute
 /// datastore path that does not exist here falls back to the same file name inside `dir`
-/// (a VM directory copied off its datastore).
+/// (a VM directory copied off its datastore). Whether the file may be read is [`Confine`]'s
+/// decision.
 pub fn resolve_in(dir: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
     if p.is_absolute() {
@@ -360,37 +384,60 @@ fn relative_name(dir: &Path, p: &Path) -> String {
     }
 }
 
+/// The first up to 8 bytes of an open file.
+fn head8(file: &std::fs::File, path: &Path) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut h = vec![0u8; 8];
+    let n = file.read_at(&mut h, 0).ctx("read", path)?;
+    h.truncate(n);
+    Ok(h)
+}
+
+/// A disk the VM (or the user, `by` = `None`) names by `desc_path`.
 fn open_descriptor_disk(
     dir: &Path,
     desc_path: &Path,
     slot: &str,
     opts: &ChainOptions,
+    confine: &Confine,
+    by: Option<&Path>,
 ) -> Result<DiskPlan> {
     // Sparse extents, snapshot deltas and binary images go through the chain reader; plain
     // flat descriptors keep their file-for-file layout.
-    let head = {
-        use std::io::Read;
-        let mut h = Vec::new();
-        std::fs::File::open(desc_path)
-            .and_then(|f| f.take(8).read_to_end(&mut h))
-            .ctx("open", desc_path)?;
-        h
+    let opened = confine.open(desc_path, by)?;
+    let head = head8(&opened.file, desc_path)?;
+    let parsed = if chain::sniff(&head) == chain::Kind::Other {
+        descriptor::read_from(&opened.file, desc_path).ok()
+    } else {
+        None
     };
-    let plain = chain::sniff(&head) == chain::Kind::Other
-        && descriptor::read(desc_path).is_ok_and(|(_, d)| {
-            d.parent_hint.is_none()
-                && descriptor::FLAT_TYPES.contains(&d.create_type.to_ascii_lowercase().as_str())
+    drop(opened);
+    let desc = match parsed {
+        Some((_, d))
+            if d.parent_hint.is_none()
+                && descriptor::FLAT_TYPES
+                    .contains(&d.create_type.to_ascii_lowercase().as_str())
                 && d.extents
                     .iter()
-                    .all(|e| matches!(e.kind.as_str(), "FLAT" | "VMFS" | "ZERO"))
-        });
-    if !plain {
-        return open_chain_disk(dir, desc_path, relative_name(dir, desc_path), slot, opts);
-    }
-    let (_, desc) = descriptor::read(desc_path)?;
+                    .all(|e| matches!(e.kind.as_str(), "FLAT" | "VMFS" | "ZERO")) =>
+        {
+            d
+        }
+        _ => {
+            return open_chain_disk(
+                dir,
+                desc_path,
+                relative_name(dir, desc_path),
+                slot,
+                opts,
+                confine,
+                None,
+            )
+        }
+    };
     let desc_dir = desc_path.parent().unwrap_or(dir).to_path_buf();
     let name = relative_name(dir, desc_path);
-    build_extent_disk(dir, &desc_dir, desc_path, &desc, slot, name)
+    build_extent_disk(dir, &desc_dir, desc_path, &desc, slot, name, confine)
 }
 
 fn build_extent_disk(
@@ -400,6 +447,7 @@ fn build_extent_disk(
     desc: &Descriptor,
     slot: &str,
     desc_name: String,
+    confine: &Confine,
 ) -> Result<DiskPlan> {
     let mut specs = Vec::new();
     let mut plans = Vec::new();
@@ -432,7 +480,10 @@ fn build_extent_disk(
                         path: desc_path.to_path_buf(),
                     });
                 }
-                let file = Arc::new(FlatFile::open(&path).map_err(|err| match err {
+                let opened = confine
+                    .open(&path, Some(desc_path))
+                    .and_then(|o| FlatFile::from_file(o.file, &path));
+                let file = Arc::new(opened.map_err(|err| match err {
                     Error::Io { cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
                         Error::bad_input(
                             &path,
@@ -489,15 +540,22 @@ fn link_stamp(l: &chain::Link) -> Option<String> {
 }
 
 /// A disk read through the chain reader (sparse formats, snapshot deltas, qcow2): `read` is the
-/// leaf to read, `restore_name` the name the VM refers to the disk by.
+/// leaf to read (named by the file `by`, if the VM names it), `restore_name` the name the VM
+/// refers to the disk by.
 fn open_chain_disk(
     dir: &Path,
     read: &Path,
     restore_name: String,
     slot: &str,
     opts: &ChainOptions,
+    confine: &Confine,
+    by: Option<&Path>,
 ) -> Result<DiskPlan> {
-    let links = chain::open_chain(read, opts)?;
+    if by.is_some() {
+        // Refused before the walk so that the message names the file that names it.
+        confine.check(read, by)?;
+    }
+    let links = chain::open_chain(read, opts, confine)?;
     let mut info = Vec::with_capacity(links.len());
     for l in &links {
         info.push(ChainLink {
@@ -538,7 +596,13 @@ fn open_chain_disk(
     })
 }
 
-fn open_disk_file(path: &Path, name: Option<&str>, opts: &ChainOptions) -> Result<SourcePlan> {
+/// A disk file the user named (trusted, block devices included; what it names is not).
+fn open_disk_file(
+    path: &Path,
+    name: Option<&str>,
+    opts: &ChainOptions,
+    confine: &Confine,
+) -> Result<SourcePlan> {
     let dir = path.parent().unwrap().to_path_buf();
     let vm = match name {
         Some(n) => n.to_string(),
@@ -548,15 +612,10 @@ fn open_disk_file(path: &Path, name: Option<&str>, opts: &ChainOptions) -> Resul
             .unwrap_or_default(),
     };
     validate_vm_name(&vm)?;
-    let mut head = [0u8; 8];
-    let n = {
-        use std::io::Read;
-        std::fs::File::open(path)
-            .and_then(|mut f| f.read(&mut head))
-            .ctx("read", path)?
-    };
+    let opened = confine.open(path, None)?;
+    let head = head8(&opened.file, path)?;
     let base_name = path.file_name().unwrap().to_string_lossy().into_owned();
-    if descriptor::sniff_binary(&head[..n]).is_some() {
+    if descriptor::sniff_binary(&head).is_some() {
         return Ok(SourcePlan {
             kind: "disk-image",
             source: path.to_path_buf(),
@@ -564,49 +623,52 @@ fn open_disk_file(path: &Path, name: Option<&str>, opts: &ChainOptions) -> Resul
             uuid: None,
             display_name: None,
             files: Vec::new(),
-            disks: vec![open_chain_disk(&dir, path, base_name, "image", opts)?],
+            disks: vec![open_chain_disk(
+                &dir, path, base_name, "image", opts, confine, None,
+            )?],
             warnings: Vec::new(),
         });
     }
     let is_vmdk = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("vmdk"));
-    let size = std::fs::metadata(path).ctx("stat", path)?.len();
-    let (files, disk) = if is_vmdk && size <= descriptor::MAX_DESCRIPTOR_LEN {
-        let disk = open_descriptor_disk(&dir, path, "image", opts)?;
-        let files = if disk.layout.is_none() {
-            vec![SmallFile {
-                name: base_name,
-                path: path.to_path_buf(),
-            }]
+    let size = opened.meta.len();
+    let (files, disk) =
+        if is_vmdk && opened.meta.is_file() && size <= descriptor::MAX_DESCRIPTOR_LEN {
+            let disk = open_descriptor_disk(&dir, path, "image", opts, confine, None)?;
+            let files = if disk.layout.is_none() {
+                vec![SmallFile {
+                    name: base_name,
+                    path: path.to_path_buf(),
+                }]
+            } else {
+                Vec::new()
+            };
+            (files, disk)
         } else {
-            Vec::new()
+            let file = FlatFile::from_file(opened.file, path)?;
+            if file.is_empty() {
+                return Err(Error::bad_input(path, "disk image is empty"));
+            }
+            let len = file.len();
+            let disk = DiskPlan {
+                slot: "image".into(),
+                descriptor: None,
+                create_type: "raw".into(),
+                extents: vec![ExtentPlan {
+                    kind: "RAW".into(),
+                    start: 0,
+                    len,
+                    name: Some(base_name),
+                    path: Some(path.to_path_buf()),
+                    file_offset: 0,
+                    file_size: len,
+                }],
+                reader: Box::new(file),
+                layout: None,
+            };
+            (Vec::new(), disk)
         };
-        (files, disk)
-    } else {
-        let file = FlatFile::open(path)?;
-        if file.is_empty() {
-            return Err(Error::bad_input(path, "disk image is empty"));
-        }
-        let len = file.len();
-        let disk = DiskPlan {
-            slot: "image".into(),
-            descriptor: None,
-            create_type: "raw".into(),
-            extents: vec![ExtentPlan {
-                kind: "RAW".into(),
-                start: 0,
-                len,
-                name: Some(base_name),
-                path: Some(path.to_path_buf()),
-                file_offset: 0,
-                file_size: len,
-            }],
-            reader: Box::new(file),
-            layout: None,
-        };
-        (Vec::new(), disk)
-    };
     Ok(SourcePlan {
         kind: "disk-image",
         source: path.to_path_buf(),

@@ -1,8 +1,10 @@
 //! The `.vmsd` snapshot dictionary: which snapshots a VM has, when each was taken, and which
 //! disk link each one froze (`snapshotN.diskK.fileName`). Same `key = "value"` syntax as .vmx.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::confine::Confine;
 use crate::error::{Error, IoContext, Result};
 use crate::vmx::Vmx;
 
@@ -98,8 +100,9 @@ impl Vmsd {
     }
 
     /// The `.vmsd` of the VM whose .vmx is `vmx`: `<name>.vmsd` beside it, or the only .vmsd in
-    /// its directory. `Ok(None)` when there is none.
-    pub fn find(vmx: &Path) -> Result<Option<(PathBuf, Vmsd)>> {
+    /// its directory. `Ok(None)` when there is none. Read only if `confine` allows (a `.vmsd`
+    /// that is a symlink out of the VM directory is refused).
+    pub fn find(vmx: &Path, confine: &Confine) -> Result<Option<(PathBuf, Vmsd)>> {
         let dir = vmx.parent().unwrap_or(Path::new("."));
         let mut path = vmx.with_extension("vmsd");
         if !path.is_file() {
@@ -118,14 +121,18 @@ impl Vmsd {
             }
             path = found.remove(0);
         }
-        let meta = std::fs::metadata(&path).ctx("stat", &path)?;
-        if meta.len() > 16 << 20 {
+        let opened = confine.open(&path, None)?;
+        if opened.meta.len() > 16 << 20 {
             return Err(Error::bad_input(
                 &path,
                 "is larger than 16 MiB: not a .vmsd file",
             ));
         }
-        let bytes = std::fs::read(&path).ctx("read", &path)?;
+        let mut bytes = Vec::new();
+        (&opened.file)
+            .take(16 << 20)
+            .read_to_end(&mut bytes)
+            .ctx("read", &path)?;
         Ok(Some((
             path.clone(),
             Vmsd::parse(&String::from_utf8_lossy(&bytes)),

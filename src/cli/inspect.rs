@@ -17,8 +17,9 @@ file the VM names down to the base (file, createType, CID and parentCID, virtual
 stores); the snapshots listed in the .vmsd with their age; and warnings: a broken chain (missing parent, \
 CID mismatch, loop, damaged file), a snapshot older than 3 days or a chain deeper than 2 links \
 (snapshots left behind slow the VM and fill the datastore), independent disks (a snapshot does not \
-freeze them), physical RDMs (their data is not in files). Files are opened read-only. Exit status: 0, \
-or 1 when a disk's chain is broken.";
+freeze them), physical RDMs (their data is not in files). Files are opened read-only, and only inside \
+the VM's directory, /vmfs/volumes, --datastore-map targets and --allow-path directories (as ingest). \
+Exit status: 0, or 1 when a disk's chain is broken.";
 
 #[derive(Args)]
 pub struct InspectArgs {
@@ -28,6 +29,11 @@ pub struct InspectArgs {
     /// (`/vmfs/volumes/ds1=/mnt/ds1`). Repeatable.
     #[arg(long, value_name = "DATASTORE=DIR", value_parser = ChainOptions::parse_map)]
     datastore_map: Vec<(PathBuf, PathBuf)>,
+    /// Also read files the VM's files name inside DIR (a datastore or image directory you
+    /// trust); by default only the VM's own directory, /vmfs/volumes and --datastore-map
+    /// targets. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    allow_path: Vec<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -35,7 +41,7 @@ pub struct InspectArgs {
 
 pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
     let opts = ChainOptions {
-        datastore_map: a.datastore_map,
+        datastore_map: vmrepo::confine::with_allowed(a.datastore_map, &a.allow_path),
     };
     let r = run_inspect(&a.source, &opts, jiff::Timestamp::now())
         .with_context(|| format!("cannot inspect {}", a.source.display()))?;

@@ -4,10 +4,10 @@
 //!
 //! Reads of a chain resolve per byte range: the leaf answers first; where it says "absent" the
 //! parent answers, down to the base; past the base (or past a shorter parent's end) is zeros.
-//! Every file is opened read-only.
+//! Every file is opened read-only, and only where [`Confine`] allows: a hostile VM directory
+//! must not make a parent, backing file or extent name a host file.
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use super::{
     Cowd, DiskReader, ExtentDisk, ExtentSpec, ExtentTarget, FlatFile, GrainLayer, Kdmv, Layer,
     Qcow2, SeSparse, State,
 };
+use crate::confine::{Confine, Opened};
 use crate::descriptor::{self, Descriptor, NO_PARENT_CID};
 use crate::error::{Error, IoContext, Result};
 
@@ -26,7 +27,9 @@ pub const MAX_CHAIN_DEPTH: usize = 64;
 #[derive(Debug, Default, Clone)]
 pub struct ChainOptions {
     /// `(datastore prefix, local directory)`: an absolute path under the prefix is read from
-    /// the local directory instead (`/vmfs/volumes/ds1=/mnt/ds1`).
+    /// the local directory instead (`/vmfs/volumes/ds1=/mnt/ds1`). Every local directory is a
+    /// root [`Confine`] lets an ingest read; `--allow-path DIR` is the entry `DIR=DIR`
+    /// ([`crate::confine::with_allowed`]).
     pub datastore_map: Vec<(PathBuf, PathBuf)>,
 }
 
@@ -135,13 +138,17 @@ pub fn sniff(head: &[u8]) -> Kind {
     }
 }
 
-fn head_of(path: &Path) -> Result<Vec<u8>> {
-    let mut head = Vec::with_capacity(512);
-    std::fs::File::open(path)
-        .ctx("open", path)?
-        .take(512)
-        .read_to_end(&mut head)
-        .ctx("read", path)?;
+fn head_of(file: &std::fs::File, path: &Path) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut head = vec![0u8; 512];
+    let mut n = 0;
+    while n < head.len() {
+        match file.read_at(&mut head[n..], n as u64).ctx("read", path)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    head.truncate(n);
     Ok(head)
 }
 
@@ -158,20 +165,24 @@ fn missing(path: &Path, by: &Path, what: &str) -> impl FnOnce(Error) -> Error {
     }
 }
 
-/// Opens one link. `format_hint` is a parent format the child names (`raw` forces raw).
-pub fn open_link(path: &Path, format_hint: Option<&str>, opts: &ChainOptions) -> Result<Link> {
-    let meta = std::fs::metadata(path).ctx("open", path)?;
-    if meta.is_dir() {
-        return Err(Error::bad_input(path, "is a directory, not a disk file"));
-    }
+/// Opens one link, if `confine` allows (`by`: the file that names it, for messages).
+/// `format_hint` is a parent format the child names (`raw` forces raw).
+pub fn open_link(
+    path: &Path,
+    format_hint: Option<&str>,
+    opts: &ChainOptions,
+    confine: &Confine,
+    by: Option<&Path>,
+) -> Result<Link> {
+    let opened = confine.open(path, by)?;
     if format_hint.is_some_and(|f| f.eq_ignore_ascii_case("raw")) {
-        return open_raw(path);
+        return open_raw(path, opened);
     }
-    let head = head_of(path)?;
+    let head = head_of(&opened.file, path)?;
     match sniff(&head) {
-        Kind::Kdmv => open_kdmv(path),
+        Kind::Kdmv => open_kdmv(path, opened),
         Kind::Qcow2 => {
-            let q = Qcow2::open(Box::new(FlatFile::open(path)?))?;
+            let q = Qcow2::open(Box::new(FlatFile::from_file(opened.file, path)?))?;
             Ok(Link {
                 path: path.to_path_buf(),
                 format: "qcow2".into(),
@@ -196,17 +207,18 @@ pub fn open_link(path: &Path, format_hint: Option<&str>, opts: &ChainOptions) ->
             let is_vmdk = path
                 .extension()
                 .is_some_and(|e| e.eq_ignore_ascii_case("vmdk"));
-            if is_vmdk && meta.len() <= descriptor::MAX_DESCRIPTOR_LEN {
-                open_descriptor(path, opts)
+            if is_vmdk && opened.meta.is_file() && opened.meta.len() <= descriptor::MAX_DESCRIPTOR_LEN
+            {
+                open_descriptor(path, opened, opts, confine)
             } else {
-                open_raw(path)
+                open_raw(path, opened)
             }
         }
     }
 }
 
-fn open_raw(path: &Path) -> Result<Link> {
-    let file = Arc::new(FlatFile::open(path)?);
+fn open_raw(path: &Path, opened: Opened) -> Result<Link> {
+    let file = Arc::new(FlatFile::from_file(opened.file, path)?);
     let len = file.len();
     let disk = ExtentDisk::new(
         vec![ExtentSpec {
@@ -229,8 +241,8 @@ fn open_raw(path: &Path) -> Result<Link> {
     })
 }
 
-fn open_kdmv(path: &Path) -> Result<Link> {
-    let k = Kdmv::open(Box::new(FlatFile::open(path)?), false)?;
+fn open_kdmv(path: &Path, opened: Opened) -> Result<Link> {
+    let k = Kdmv::open(Box::new(FlatFile::from_file(opened.file, path)?), false)?;
     let compressed = k.header().flags & super::sparse::FLAG_COMPRESSED != 0;
     let (descriptor, parsed) = match k.descriptor() {
         Some(text) if !text.is_empty() => {
@@ -270,8 +282,13 @@ fn open_kdmv(path: &Path) -> Result<Link> {
     })
 }
 
-fn open_descriptor(path: &Path, opts: &ChainOptions) -> Result<Link> {
-    let (bytes, d) = descriptor::read(path)?;
+fn open_descriptor(
+    path: &Path,
+    opened: Opened,
+    opts: &ChainOptions,
+    confine: &Confine,
+) -> Result<Link> {
+    let (bytes, d) = descriptor::read_from(&opened.file, path)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut specs = Vec::new();
     let mut files = Vec::new();
@@ -303,8 +320,10 @@ fn open_descriptor(path: &Path, opts: &ChainOptions) -> Result<Link> {
                 path: path.to_path_buf(),
             });
         }
-        let opened =
-            FlatFile::open(&file_path).map_err(missing(&file_path, path, "extent file"))?;
+        let opened = confine
+            .open(&file_path, Some(path))
+            .and_then(|o| FlatFile::from_file(o.file, &file_path))
+            .map_err(missing(&file_path, path, "extent file"))?;
         let target = match e.kind.as_str() {
             "FLAT" | "VMFS" => ExtentTarget::File {
                 file: Arc::new(opened),
@@ -347,6 +366,7 @@ fn open_descriptor(path: &Path, opts: &ChainOptions) -> Result<Link> {
 /// Resolves a file name found inside a disk file: relative names against `dir`; absolute names
 /// through the datastore map, else the same base name inside `dir`, else the absolute path
 /// itself only when it is on an ESXi datastore (`/vmfs/volumes/...`). `None` when none exists.
+/// Whether the file may then be read is [`Confine`]'s decision (`..` and symlinks included).
 pub fn resolve(dir: &Path, name: &str, opts: &ChainOptions) -> Option<PathBuf> {
     // Windows hosts write hints with backslashes and drive letters.
     let unix = name.replace('\\', "/");
@@ -372,9 +392,10 @@ pub fn resolve(dir: &Path, name: &str, opts: &ChainOptions) -> Option<PathBuf> {
     None
 }
 
-/// Opens `leaf` and every parent below it, leaf first. Errors name the file at fault; a broken
-/// link stops the walk, and the links opened so far are returned with the error.
-pub fn walk(leaf: &Path, opts: &ChainOptions) -> (Vec<Link>, Option<Error>) {
+/// Opens `leaf` and every parent below it, leaf first, reading only what `confine` allows.
+/// Errors name the file at fault; a broken link stops the walk, and the links opened so far are
+/// returned with the error.
+pub fn walk(leaf: &Path, opts: &ChainOptions, confine: &Confine) -> (Vec<Link>, Option<Error>) {
     let mut links: Vec<Link> = Vec::new();
     let mut seen = HashSet::new();
     let mut next = (leaf.to_path_buf(), None::<String>);
@@ -419,7 +440,7 @@ pub fn walk(leaf: &Path, opts: &ChainOptions) -> (Vec<Link>, Option<Error>) {
                 )),
             );
         }
-        let link = match open_link(&path, format.as_deref(), opts) {
+        let link = match open_link(&path, format.as_deref(), opts, confine, child.as_deref()) {
             Ok(l) => l,
             Err(e) => return (links, Some(e)),
         };
@@ -450,7 +471,8 @@ pub fn walk(leaf: &Path, opts: &ChainOptions) -> (Vec<Link>, Option<Error>) {
                             &link.path,
                             format!(
                                 "broken snapshot chain: its parent {hint:?} is not found (not in {}); \
-                                 map its datastore with --datastore-map /vmfs/volumes/DS=/local/dir",
+                                 map its datastore with --datastore-map /vmfs/volumes/DS=/local/dir \
+                                 (or pass --allow-path DIR for the directory it is in, if you trust it)",
                                 dir.display()
                             ),
                         );
@@ -469,8 +491,8 @@ pub fn walk(leaf: &Path, opts: &ChainOptions) -> (Vec<Link>, Option<Error>) {
 }
 
 /// Opens a whole chain or fails naming the file at fault.
-pub fn open_chain(leaf: &Path, opts: &ChainOptions) -> Result<Vec<Link>> {
-    match walk(leaf, opts) {
+pub fn open_chain(leaf: &Path, opts: &ChainOptions, confine: &Confine) -> Result<Vec<Link>> {
+    match walk(leaf, opts, confine) {
         (links, None) => Ok(links),
         (_, Some(e)) => Err(e),
     }
