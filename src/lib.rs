@@ -43,6 +43,7 @@ pub mod relocate;
 pub mod repair;
 pub mod repo;
 pub mod retention;
+pub mod safe_fs;
 pub mod shutdown;
 pub mod source;
 pub mod store;

@@ -71,7 +71,55 @@ enum Kind {
     Dir(Vec<(String, u64)>),
     Generation(Arc<GenerationSlot>),
     Link(String),
-    File(Arc<FileSource>),
+    File(Arc<Content>),
+}
+
+/// A file's bytes: from the repository, or (a descriptor extract writes afresh, see
+/// [`crate::extract::place`]) held in memory.
+enum Content {
+    Stored(FileSource),
+    Bytes(Vec<u8>),
+}
+
+impl Content {
+    fn size(&self) -> u64 {
+        match self {
+            Content::Stored(s) => s.size(),
+            Content::Bytes(b) => b.len() as u64,
+        }
+    }
+
+    fn read(
+        &self,
+        repo: &Repository,
+        cache: &ReadCache,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>> {
+        match self {
+            Content::Stored(s) => s.read(repo, cache, offset, len),
+            Content::Bytes(b) => {
+                let from = (offset.min(b.len() as u64)) as usize;
+                let to = from.saturating_add(len).min(b.len());
+                Ok(b[from..to].to_vec())
+            }
+        }
+    }
+
+    fn seek(&self, from: u64, want_data: bool) -> Result<Option<u64>> {
+        match self {
+            Content::Stored(s) => s.seek(from, want_data),
+            Content::Bytes(b) => {
+                Ok(
+                    (from < b.len() as u64).then_some(if want_data {
+                        from
+                    } else {
+                        b.len() as u64
+                    }),
+                )
+            }
+        }
+    }
 }
 
 struct Node {
@@ -236,17 +284,29 @@ impl RepoFs {
             .repo
             .load_manifest(&info.manifest)
             .map_err(|e| format!("cannot list generation {}: {e}", info.name))?;
-        let mut files: Vec<(String, FileSource)> = Vec::new();
+        // The names extract gives them: a disk whose file names another disk already has
+        // (same VM folder name on two datastores) is shown in a subdirectory named after its
+        // datastore, as extract writes it.
+        let vmx = crate::extract::stored_vmx(&self.repo, &manifest);
+        let placement = crate::extract::place(&manifest, vmx.as_deref(), None)
+            .map_err(|e| format!("cannot list generation {}: {e}", info.name))?;
+        let manifest = placement.manifest;
+        let mut files: Vec<(String, Content)> = Vec::new();
         let mut names = HashSet::new();
         for f in &manifest.files {
             if names.insert(f.name.clone()) {
                 files.push((
                     f.name.clone(),
-                    FileSource::Object {
+                    Content::Stored(FileSource::Object {
                         id: f.object,
                         size: f.size,
-                    },
+                    }),
                 ));
+            }
+        }
+        for (name, bytes) in placement.generated {
+            if names.insert(name.clone()) {
+                files.push((name, Content::Bytes(bytes)));
             }
         }
         for d in &manifest.disks {
@@ -260,10 +320,10 @@ impl RepoFs {
                     if names.insert(name.clone()) {
                         files.push((
                             name.clone(),
-                            FileSource::Extent {
+                            Content::Stored(FileSource::Extent {
                                 disk: disk.clone(),
                                 extent: e.clone(),
-                            },
+                            }),
                         ));
                     }
                 }
@@ -331,7 +391,7 @@ impl RepoFs {
         Ok(top)
     }
 
-    fn source(&self, ino: u64) -> Option<Arc<FileSource>> {
+    fn source(&self, ino: u64) -> Option<Arc<Content>> {
         let nodes = self.nodes.read().unwrap();
         match &nodes.get((ino.max(1) - 1) as usize)?.kind {
             Kind::File(f) => Some(f.clone()),

@@ -232,16 +232,8 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
             let text = Zeroizing::new(serde_json::to_string_pretty(&e)? + "\n");
             match output {
                 Some(path) => {
-                    use std::io::Write;
-                    use std::os::unix::fs::OpenOptionsExt;
-                    let mut f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&path)
-                        .with_context(|| format!("cannot create {}", path.display()))?;
-                    f.write_all(text.as_bytes())?;
-                    f.sync_all()?;
+                    // All or nothing, mode 0600, never through a link or over an existing file.
+                    vmrepo::safe_fs::write_new_file(&path, text.as_bytes(), 0o600)?;
                     eprintln!(
                         "wrote the master key of {} to {}: keep it offline; whoever holds it can \
                          read every backup",

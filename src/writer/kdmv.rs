@@ -7,14 +7,12 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
-use super::for_each_data_block;
+use super::{for_each_data_block, Output, RawFile};
 use crate::error::{Error, IoContext, Result};
 use crate::source::sparse::{
     FLAG_COMPRESSED, FLAG_MARKERS, FLAG_NEWLINE_CHECK, FLAG_RGD, GD_AT_END,
 };
-use crate::source::FlatFile;
 
 const GRAIN_SECTORS: u64 = 128;
 const GTES: u64 = 512;
@@ -59,20 +57,11 @@ fn u32s(v: &[u32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn create(path: &Path) -> Result<File> {
-    File::options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .ctx("create", path)
-}
-
 /// Writes a monolithicSparse file (with `descriptor`) or a bare sparse extent (without) holding
-/// `sectors` sectors of `src` from byte `start`.
+/// `sectors` sectors of `src` from byte `start` into `out` (a new, empty file).
 pub fn write_sparse(
-    path: &Path,
-    src: &FlatFile,
+    out: Output<'_>,
+    src: &RawFile<'_>,
     start: u64,
     sectors: u64,
     descriptor: Option<&str>,
@@ -86,7 +75,7 @@ pub fn write_sparse(
     let gd = rgt + gt_sectors;
     let gt = gd + gd_sectors;
     let overhead = (gt + gt_sectors).div_ceil(GRAIN_SECTORS) * GRAIN_SECTORS;
-    let f = create(path)?;
+    let (f, path) = (out.file, out.path);
     let mut table = vec![0u32; (n_gt * GTES) as usize];
     let mut next = overhead;
     let grain_bytes = GRAIN_SECTORS * 512;
@@ -137,13 +126,19 @@ fn marker(val: u64, kind: u32) -> [u8; 512] {
     m
 }
 
-/// Writes a streamOptimized file in VMware's layout (grain directory at the end).
-pub fn write_stream(path: &Path, src: &FlatFile, sectors: u64, descriptor: &str) -> Result<()> {
+/// Writes a streamOptimized file in VMware's layout (grain directory at the end) into `dest` (a
+/// new, empty file, written from its start).
+pub fn write_stream(
+    dest: Output<'_>,
+    src: &RawFile<'_>,
+    sectors: u64,
+    descriptor: &str,
+) -> Result<()> {
     let n_gt = sectors.div_ceil(GRAIN_SECTORS * GTES);
     let gd_sectors = (n_gt * 4).div_ceil(512);
     let desc_sectors = descriptor_sectors(Some(descriptor));
-    let f = create(path)?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, &f);
+    let (f, path) = (dest.file, dest.path);
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
     let mut header = Header {
         version: 3,
         flags: FLAG_NEWLINE_CHECK | FLAG_COMPRESSED | FLAG_MARKERS,

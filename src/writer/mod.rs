@@ -9,12 +9,15 @@ mod kdmv;
 mod qcow2;
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::str::FromStr;
 
-use crate::error::{Error, Result};
-use crate::manifest::DiskEntry;
-use crate::source::{DiskReader, FlatFile};
+use crate::error::{Error, IoContext, Result};
+use crate::manifest::{DiskEntry, ExtentFile};
 
 /// Output formats of `extract --disk-format`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,14 +181,109 @@ pub fn plan(d: &DiskEntry, requested: Option<DiskFormat>) -> Result<Option<Write
     }))
 }
 
-/// Writes `plan`'s outputs (`outputs[i]` is where `plan.outputs[i]` goes) from the restored
-/// raw disk at `raw`. `source_descriptor` is the disk's original descriptor text, whose disk
-/// database (adapter type, geometry, uuid) is carried over.
+/// A file a writer writes (created by the caller, empty, without following links) and its
+/// path for messages.
+#[derive(Clone, Copy)]
+pub struct Output<'a> {
+    /// The open file.
+    pub file: &'a File,
+    /// Where it is, for messages.
+    pub path: &'a Path,
+}
+
+impl Output<'_> {
+    /// Writes `data` as the whole content of the file.
+    fn write_whole(&self, data: &[u8]) -> Result<()> {
+        self.file.write_all_at(data, 0).ctx("write", self.path)?;
+        self.file
+            .set_len(data.len() as u64)
+            .ctx("set the size of", self.path)
+    }
+}
+
+/// The restored raw disk a writer reads: a sparse file read with `pread`, its holes found with
+/// SEEK_DATA/SEEK_HOLE on the descriptor extract created (never reopened by name).
+pub struct RawFile<'a> {
+    file: &'a File,
+    path: &'a Path,
+    len: u64,
+}
+
+impl<'a> RawFile<'a> {
+    /// The raw disk in `out`.
+    pub fn new(out: Output<'a>) -> Result<RawFile<'a>> {
+        let len = out.file.metadata().ctx("stat", out.path)?.len();
+        Ok(RawFile {
+            file: out.file,
+            path: out.path,
+            len,
+        })
+    }
+
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn seek(&self, pos: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek only reads its integer arguments; the descriptor is open. Reads are
+        // positioned (pread), so moving the file offset disturbs nothing.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), pos as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        }
+    }
+
+    /// The data ranges within `range` (everything else reads as zeros).
+    pub fn allocated(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+        let end = range.end.min(self.len);
+        let mut out = Vec::new();
+        let mut pos = range.start;
+        while pos < end {
+            let data = match self.seek(pos, libc::SEEK_DATA) {
+                Ok(Some(d)) => d,
+                Ok(None) => break,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                    // No hole support: all data.
+                    out.push(pos..end);
+                    break;
+                }
+                Err(e) => return Err(Error::io("find data in", self.path, e)),
+            };
+            if data >= end {
+                break;
+            }
+            let hole = self
+                .seek(data, libc::SEEK_HOLE)
+                .map_err(|e| Error::io("find data in", self.path, e))?
+                .unwrap_or(self.len)
+                .clamp(data + 1, end);
+            out.push(data..hole);
+            pos = hole;
+        }
+        Ok(out)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file.read_exact_at(buf, offset).ctx("read", self.path)
+    }
+}
+
+/// Writes `plan`'s outputs (`outputs[i]` is where `plan.outputs[i]` goes, created empty by the
+/// caller) from the restored raw disk `raw` (for raw and flat formats, `outputs[data_output]`
+/// itself). `source_descriptor` is the disk's original descriptor text, whose disk database
+/// (adapter type, geometry, uuid) is carried over.
 pub fn write(
     plan: &WritePlan,
     d: &DiskEntry,
-    raw: &Path,
-    outputs: &[PathBuf],
+    raw: Output<'_>,
+    outputs: &[Output<'_>],
     source_descriptor: Option<&str>,
 ) -> Result<()> {
     let size = d.virtual_size;
@@ -199,12 +297,10 @@ pub fn write(
             let sectors = size.div_ceil(512);
             if !size.is_multiple_of(512) {
                 // Flat extents hold whole sectors.
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&outputs[1])
-                    .map_err(|e| Error::io("open", &outputs[1], e))?;
-                f.set_len(sectors * 512)
-                    .map_err(|e| Error::io("extend", &outputs[1], e))?;
+                outputs[1]
+                    .file
+                    .set_len(sectors * 512)
+                    .ctx("extend", outputs[1].path)?;
             }
             let line = if plan.create_type == "vmfs" {
                 format!("RW {sectors} VMFS \"{}\"", name_of(1))
@@ -218,34 +314,95 @@ pub fn write(
                 source_descriptor,
                 plan.create_type == "vmfs",
             );
-            std::fs::write(&outputs[0], text).map_err(|e| Error::io("write", &outputs[0], e))
+            outputs[0].write_whole(text.as_bytes())
         }
         DiskFormat::MonolithicSparse | DiskFormat::StreamOptimized => {
             let sectors = size.div_ceil(512);
             let line = format!("RW {sectors} SPARSE \"{}\"", name_of(0));
             let text = descriptor_text(&plan.create_type, &[line], size, source_descriptor, false);
-            let src = FlatFile::open(raw)?;
+            let src = RawFile::new(raw)?;
             if plan.format == DiskFormat::StreamOptimized {
-                kdmv::write_stream(&outputs[0], &src, sectors, &text)
+                kdmv::write_stream(outputs[0], &src, sectors, &text)
             } else {
-                kdmv::write_sparse(&outputs[0], &src, 0, sectors, Some(&text))
+                kdmv::write_sparse(outputs[0], &src, 0, sectors, Some(&text))
             }
         }
         DiskFormat::TwoGbMaxExtentSparse => {
-            let src = FlatFile::open(raw)?;
+            let src = RawFile::new(raw)?;
             let total = size.div_ceil(512);
             let mut lines = Vec::new();
             for (i, out) in outputs.iter().enumerate().skip(1) {
                 let start = (i as u64 - 1) * TWO_GB_EXTENT_SECTORS;
                 let n = (total - start).min(TWO_GB_EXTENT_SECTORS);
-                kdmv::write_sparse(out, &src, start * 512, n, None)?;
+                kdmv::write_sparse(*out, &src, start * 512, n, None)?;
                 lines.push(format!("RW {n} SPARSE \"{}\"", name_of(i)));
             }
             let text = descriptor_text(&plan.create_type, &lines, size, source_descriptor, false);
-            std::fs::write(&outputs[0], text).map_err(|e| Error::io("write", &outputs[0], e))
+            outputs[0].write_whole(text.as_bytes())
         }
-        DiskFormat::Qcow2 => qcow2::write_qcow2(&outputs[0], &FlatFile::open(raw)?, size),
+        DiskFormat::Qcow2 => qcow2::write_qcow2(outputs[0], &RawFile::new(raw)?, size),
     }
+}
+
+/// A descriptor for a flat disk restored file for file whose own descriptor was not stored (at
+/// ingest its name was already taken by another disk's): its extent lines from the stored
+/// extents (file names relative to the descriptor's directory), a CID derived from the disk's
+/// contents (so that extract and mount give the same bytes), and a disk database of defaults.
+pub fn flat_descriptor(d: &DiskEntry) -> String {
+    let desc = d.descriptor.as_deref().unwrap_or("");
+    let desc_dir = match desc.rfind('/') {
+        Some(i) => &desc[..=i],
+        None => "",
+    };
+    let relative = |name: &str| -> String {
+        match name.strip_prefix(desc_dir) {
+            Some(rest) => rest.to_string(),
+            None => {
+                // Up from the descriptor's directory to the common part, then down.
+                let a: Vec<&str> = desc_dir.split('/').filter(|c| !c.is_empty()).collect();
+                let b: Vec<&str> = name.split('/').collect();
+                let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+                let mut parts: Vec<&str> = vec![".."; a.len() - common];
+                parts.extend(&b[common..]);
+                parts.join("/")
+            }
+        }
+    };
+    let lines: Vec<String> = d
+        .extents
+        .iter()
+        .map(|e: &ExtentFile| {
+            let sectors = e.len.div_ceil(512);
+            match &e.file {
+                None => format!("RW {sectors} ZERO"),
+                Some(f) if e.kind.eq_ignore_ascii_case("FLAT") => {
+                    format!(
+                        "RW {sectors} FLAT \"{}\" {}",
+                        relative(f),
+                        e.file_offset / 512
+                    )
+                }
+                Some(f) if e.file_offset == 0 => {
+                    format!("RW {sectors} {} \"{}\"", e.kind, relative(f))
+                }
+                Some(f) => format!(
+                    "RW {sectors} {} \"{}\" {}",
+                    e.kind,
+                    relative(f),
+                    e.file_offset / 512
+                ),
+            }
+        })
+        .collect();
+    let cid = u32::from_le_bytes(d.disk_map.0[..4].try_into().unwrap()) & 0xffff_fffe;
+    descriptor_text_with_cid(
+        cid,
+        &d.create_type,
+        &lines,
+        d.virtual_size,
+        None,
+        d.create_type.eq_ignore_ascii_case("vmfs"),
+    )
 }
 
 /// A descriptor for a fresh single-link disk, keeping the source's disk database.
@@ -257,6 +414,18 @@ fn descriptor_text(
     thin: bool,
 ) -> String {
     let cid = getrandom::u32().unwrap_or(0x1234_5678) & 0xffff_fffe;
+    descriptor_text_with_cid(cid, create_type, extent_lines, size, source, thin)
+}
+
+/// [`descriptor_text`] with a given CID.
+fn descriptor_text_with_cid(
+    cid: u32,
+    create_type: &str,
+    extent_lines: &[String],
+    size: u64,
+    source: Option<&str>,
+    thin: bool,
+) -> String {
     let mut t = format!(
         "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"{create_type}\"\n\n# Extent description\n"
     );
@@ -308,7 +477,7 @@ fn descriptor_text(
 /// len)` that holds a non-zero byte, in order. Allocated ranges are read in large requests;
 /// holes are skipped without reading. The last block may be shorter (`bytes.len()`).
 pub fn for_each_data_block(
-    src: &FlatFile,
+    src: &RawFile<'_>,
     start: u64,
     len: u64,
     block: u64,

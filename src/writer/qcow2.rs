@@ -2,13 +2,10 @@
 //! data, data clusters in guest order, and refcount blocks and table at the end, every used
 //! cluster counted once (so `qemu-img check` finds no leaks or errors).
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
-use super::for_each_data_block;
+use super::{for_each_data_block, Output, RawFile};
 use crate::error::{IoContext, Result};
-use crate::source::FlatFile;
 
 const CLUSTER_BITS: u32 = 16;
 const CLUSTER: u64 = 1 << CLUSTER_BITS;
@@ -16,14 +13,9 @@ const L2_ENTRIES: u64 = CLUSTER / 8;
 const REFCOUNTS_PER_BLOCK: u64 = CLUSTER / 2;
 const COPIED: u64 = 1 << 63;
 
-/// Writes `size` bytes of `src` as a qcow2 image at `path`.
-pub fn write_qcow2(path: &Path, src: &FlatFile, size: u64) -> Result<()> {
-    let f = File::options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .ctx("create", path)?;
+/// Writes `size` bytes of `src` as a qcow2 image into `out` (a new, empty file).
+pub fn write_qcow2(out: Output<'_>, src: &RawFile<'_>, size: u64) -> Result<()> {
+    let (f, path) = (out.file, out.path);
     let l1_size = size.div_ceil(CLUSTER * L2_ENTRIES);
     let l1_clusters = (l1_size * 8).div_ceil(CLUSTER).max(1);
     let mut l1 = vec![0u64; l1_size as usize];
