@@ -191,6 +191,15 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
             .notes
             .push(format!("pack {name} is being written by a running ingest"));
     }
+    if let Some((have, data)) = survey.stale_epoch {
+        report.index_incomplete = true;
+        report.problems.push(format!(
+            "the index is older than the data files (it has seen {have} gc run(s) that deleted \
+             data, the repository {data}): it was restored from a copy made before a gc and may \
+             name data that is gone. Ingest, gc and repair refuse it; `vmrepo check \
+             --rebuild-index` rebuilds it from the data files"
+        ));
+    }
     if !survey.unlisted.is_empty() {
         report.index_incomplete = true;
         let first: Vec<&str> = survey
@@ -508,6 +517,7 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
     let mut report = RebuildReport::default();
     let mut index = Index::open(&tmp, true, repo.keys_arc())?;
     index.set_repository_id(&repo.config().repository_id)?;
+    index.set_gc_epoch(repo.gc_epoch()?)?;
     let names = list_packs(&data_dir)?;
     let total: u64 = names
         .iter()

@@ -76,6 +76,9 @@ pub struct Survey {
     pub unlisted: Vec<(String, ObjectId, Option<String>)>,
     /// Manifests every tombstone (indexed or not) names.
     pub tombstoned: HashSet<ObjectId>,
+    /// The index's gc epoch and the data files', when the index's is lower (it is a copy from
+    /// before a gc that deleted or rewrote packs).
+    pub stale_epoch: Option<(u64, u64)>,
 }
 
 /// Reads `data/` against `index`: missing and short packs, unknown packs (each read to its
@@ -83,6 +86,10 @@ pub struct Survey {
 pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Result<Survey> {
     let data_dir = repo.data_dir();
     let mut s = Survey::default();
+    let (have, data) = (index.gc_epoch()?, repo.gc_epoch()?);
+    if have < data {
+        s.stale_epoch = Some((have, data));
+    }
     let known = index.packs()?;
     s.indexed_packs = known.len();
     let known_names: HashSet<&str> = known.iter().map(|(n, _)| n.as_str()).collect();
@@ -231,6 +238,12 @@ impl Survey {
     /// short (it is older than the data, or data was lost). Empty when it can.
     pub fn gaps(&self) -> Vec<String> {
         let mut g = Vec::new();
+        if let Some((have, data)) = self.stale_epoch {
+            g.push(format!(
+                "the index is older than the data files (it has seen {have} gc run(s) that \
+                 deleted data, the repository {data}): it is a copy from before a gc"
+            ));
+        }
         if !self.missing.is_empty() {
             g.push(format!(
                 "the index names {} pack file(s) that are not in data/ (first: {}): data was \
@@ -260,7 +273,7 @@ impl Survey {
         let unlisted: HashSet<ObjectId> = self.unlisted.iter().map(|u| u.1).collect();
         let mut out = Vec::new();
         for u in &self.unknown {
-            let v = if !self.missing.is_empty() || !self.short.is_empty() {
+            let v = if !self.gaps().is_empty() {
                 Verdict::Keep("the index is not complete (see above)".into())
             } else if let Some(why) = &u.unreadable {
                 Verdict::Keep(format!("it cannot be read to its end ({why})"))

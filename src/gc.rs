@@ -399,6 +399,10 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
         return Ok(report);
     }
 
+    // Any older copy of the index would name what is deleted below: make it known as stale.
+    if !drop_packs.is_empty() || !rewrite.is_empty() {
+        repo.raise_gc_epoch(&index)?;
+    }
     for path in &orphans {
         remove_pack_file(path)?;
     }

@@ -21,6 +21,12 @@ use crate::pack::PackReader;
 
 pub use crate::index::INDEX_FILE;
 
+/// The number of gc runs that deleted or rewrote pack files, as text. gc raises it in the index
+/// (meta `gc_epoch`) and then in this file before it unlinks anything; an index whose epoch is
+/// lower is older than the data files (a copy from before a gc): its rows may point into packs
+/// that are gone, so an ingest must not deduplicate against it, and gc must not trust it.
+pub const GC_EPOCH_FILE: &str = "gc-epoch";
+
 /// A file of [`RESERVE_BYTES`] kept in the repository so that the commands that free space can
 /// work on a full filesystem: SQLite needs room for its write-ahead log before it can delete
 /// anything. prune and gc release it when the filesystem is nearly full and gc makes it again
@@ -192,6 +198,47 @@ impl Repository {
             }
             _ => {}
         }
+    }
+
+    /// The gc epoch recorded beside the data files (0 when there is none yet).
+    pub fn gc_epoch(&self) -> Result<u64> {
+        let path = self.root.join(GC_EPOCH_FILE);
+        match fs::read_to_string(&path) {
+            Ok(t) => t.trim().parse().map_err(|_| {
+                Error::Corrupt(format!(
+                    "{} does not hold a number ({:?}); it counts the gc runs that deleted data files",
+                    path.display(),
+                    t.trim()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(Error::io("read", &path, e)),
+        }
+    }
+
+    /// Before gc deletes or rewrites packs: raises the gc epoch in `index`, then in the file
+    /// beside the data (fsynced), so that any older copy of the index is known to be stale.
+    pub fn raise_gc_epoch(&self, index: &Index) -> Result<()> {
+        let next = self.gc_epoch()?.max(index.gc_epoch()?) + 1;
+        index.set_gc_epoch(next)?;
+        crate::fsutil::write_atomic(&self.root.join(GC_EPOCH_FILE), format!("{next}\n").as_bytes())
+    }
+
+    /// Refuses an index older than the data files (its gc epoch is below the file's): it may
+    /// name objects in packs a later gc deleted. What an ingest checks before deduplicating.
+    pub fn check_index_epoch(&self, index: &Index) -> Result<()> {
+        let (have, data) = (index.gc_epoch()?, self.gc_epoch()?);
+        if have < data {
+            return Err(Error::Corrupt(format!(
+                "index {} is older than the data files (it has seen {have} gc run(s) that \
+                 deleted data, the repository {data}): it was restored from an older copy, and \
+                 may name data that is gone. Nothing was changed; `vmrepo check --rebuild-index \
+                 {}` rebuilds it from the data files",
+                index.path().display(),
+                self.root.display()
+            )));
+        }
+        Ok(())
     }
 
     /// When this read-only command could take no lock: what it could not guard against.

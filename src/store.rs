@@ -58,6 +58,9 @@ impl<'r> Store<'r> {
     /// A store writing into `repo`.
     pub fn new(repo: &'r Repository) -> Result<Store<'r>> {
         let index = repo.open_index()?;
+        // Deduplicating against an index older than the data would record references to data
+        // a gc has deleted.
+        repo.check_index_epoch(&index)?;
         let path = index.path().to_path_buf();
         std::thread::spawn(move || crate::index::prefetch_file(&path));
         Ok(Store {

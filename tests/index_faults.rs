@@ -187,6 +187,15 @@ fn an_index_older_than_a_gc_is_refused_until_rebuilt() {
     .ok();
     let packs = packs(&f.repo);
     f.put_index(&old);
+    // An ingest must not deduplicate against rows that name deleted packs: the new generation
+    // would be reported saved and could not be restored.
+    let img = f.work.join("a.img");
+    let i = vmrepo([s("ingest"), p(&f.repo), p(&img), s("--name"), s("a")]);
+    assert_ne!(i.code, 0, "ingest trusted a stale index: {}", i.stdout);
+    assert!(i.stderr.contains("older than the data files"), "{}", i.stderr);
+    let c = vmrepo([s("check"), p(&f.repo)]);
+    assert_eq!(c.code, 1, "{}", c.stdout);
+    assert!(c.stdout.contains("older than the data files"), "{}", c.stdout);
     let g = vmrepo([s("gc"), p(&f.repo)]);
     assert_ne!(g.code, 0, "gc must refuse: {}", g.stdout);
     assert!(
