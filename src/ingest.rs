@@ -238,7 +238,13 @@ fn ingest_unhooked(
     for w in &plan.warnings {
         progress.note(&format!("warning: {w}"));
     }
-    let _vm_lock = lock_vm(repo.root(), &plan.vm, &repo.keys().name_tag(&plan.vm))?;
+    let _vm_lock = lock_vm(
+        repo.root(),
+        &plan.vm,
+        &repo.keys().name_tag(&plan.vm),
+        repo.lock_wait(),
+        &|m| progress.note(m),
+    )?;
     let time = match opts.time {
         Some(t) => {
             let t = format_time(t);

@@ -144,20 +144,52 @@ pub fn lock_repository(
 }
 
 /// Takes the per-VM ingest lock. The lock file is named by a hash of `tag` (the VM name, or
-/// its keyed tag in an encrypted repository, so the name never shows in the repository).
-pub fn lock_vm(root: &Path, vm: &str, tag: &str) -> Result<Lock> {
+/// its keyed tag in an encrypted repository, so the name never shows in the repository). If
+/// another ingest of the VM holds it, waits up to `wait` (the command's `--lock-wait`), calling
+/// `on_wait` once.
+pub fn lock_vm(
+    root: &Path,
+    vm: &str,
+    tag: &str,
+    wait: Duration,
+    on_wait: &dyn Fn(&str),
+) -> Result<Lock> {
     let tag = &blake3::hash(tag.as_bytes()).to_hex()[..16];
     let path = root.join("locks").join(format!("vm-{tag}.lock"));
     let file = open_lock_file(&path)?;
-    match file.try_lock() {
-        Ok(()) => Ok(Lock {
-            file: Some(file),
-            unguarded: None,
-        }),
-        Err(TryLockError::WouldBlock) => Err(Error::Locked(format!(
-            "another ingest of VM {vm:?} is running on repository {}; one VM is ingested by one process at a time",
-            root.display()
-        ))),
-        Err(TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
+    let deadline = Instant::now() + wait;
+    let mut told = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => {
+                return Ok(Lock {
+                    file: Some(file),
+                    unguarded: None,
+                })
+            }
+            Err(TryLockError::WouldBlock) => {}
+            Err(TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Locked(format!(
+                "another ingest of VM {vm:?} is running on repository {}; one VM is ingested by \
+                 one process at a time: retry when it has finished, or pass --lock-wait SECONDS \
+                 to wait for it{}",
+                root.display(),
+                if wait.is_zero() {
+                    String::new()
+                } else {
+                    format!(" (waited {} s)", wait.as_secs())
+                }
+            )));
+        }
+        if !told {
+            on_wait(&format!(
+                "waiting up to {} s for another ingest of VM {vm:?} to finish",
+                wait.as_secs()
+            ));
+            told = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -65,6 +65,8 @@ pub struct Repository {
     lock: Lock,
     /// Opened only to read ([`LockMode::Read`]).
     reading: bool,
+    /// How long the command may wait for a lock (`--lock-wait`): also for a VM's ingest lock.
+    lock_wait: Duration,
 }
 
 impl Repository {
@@ -163,6 +165,7 @@ impl Repository {
             config,
             pool: Mutex::new(Vec::new()),
             reading: mode == LockMode::Read,
+            lock_wait: opts.lock_wait,
             lock,
         })
     }
@@ -244,6 +247,11 @@ impl Repository {
     /// When this read-only command could take no lock: what it could not guard against.
     pub fn unguarded(&self) -> Option<&str> {
         self.lock.unguarded()
+    }
+
+    /// How long this command may wait for a lock (`--lock-wait`).
+    pub fn lock_wait(&self) -> Duration {
+        self.lock_wait
     }
 
     /// The repository's keys ([`Keys::none`] when unencrypted).

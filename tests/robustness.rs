@@ -264,3 +264,39 @@ fn a_second_ingest_of_the_same_vm_is_refused_while_one_runs() {
     // ...and works once it has finished.
     vmrepo([s("check"), p(&repo), s("--rebuild-index")]).ok();
 }
+
+/// `--lock-wait` also waits for another ingest of the same VM (the README says so), then runs.
+#[test]
+fn a_second_ingest_of_the_same_vm_waits_with_lock_wait() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("vm.img");
+    sparse_image(&img, 200 << 20, &[(0, 200 << 20, 3)]);
+    let repo = init_repo(t.path());
+    let mut first = Command::new(BIN)
+        .args([s("ingest"), p(&repo), p(&img), s("--name"), s("vm")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while packs(&repo).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let second = vmrepo([
+        s("ingest"),
+        p(&repo),
+        p(&img),
+        s("--name"),
+        s("vm"),
+        s("--lock-wait"),
+        s("120"),
+    ]);
+    assert!(first.wait().unwrap().success());
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert!(
+        second.stderr.contains("waiting up to 120 s for another ingest of VM \"vm\""),
+        "{}",
+        second.stderr
+    );
+    assert_eq!(generations(&repo, "vm").len(), 2);
+}
