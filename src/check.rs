@@ -226,6 +226,16 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
             }
         ));
     }
+    if !survey.bad_manifests.is_empty() {
+        let (id, why) = &survey.bad_manifests[0];
+        report.problems.push(format!(
+            "{} manifest(s) in the data files are not generations: they cannot be read or are \
+             not valid (first: {}: {why}); they were not listed and nothing was restored from \
+             them",
+            survey.bad_manifests.len(),
+            id.short()
+        ));
+    }
     if !survey.unknown.is_empty() {
         // What the listed generations need, to tell left-overs from data the index lacks.
         // Unknown if their metadata cannot be read: then nothing is called a left-over.
@@ -369,7 +379,9 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
                     }
                 }
             }
-            match load::<DiskMap>(repo, &index, &bad, &d.disk_map, DiskMap::decode) {
+            let map = load::<DiskMap>(repo, &index, &bad, &d.disk_map, DiskMap::decode)
+                .and_then(|m| d.check_map(&m).map(|()| m));
+            match map {
                 Err(e) => problems.push(format!("disk map: {e}")),
                 Ok(map) => {
                     let mut bad_segments = 0usize;

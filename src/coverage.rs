@@ -40,8 +40,11 @@ pub struct UnknownPack {
     pub valid_len: u64,
     /// Its well-formed records: header and offset.
     pub records: Vec<(RecordHeader, u64)>,
-    /// Manifests in it whose payload decodes, with their generation's name.
+    /// Manifests in it whose payload decodes to a valid manifest, with their generation.
     pub manifests: Vec<(ObjectId, Manifest)>,
+    /// Manifests in it that do not decode or are not valid (see [`Manifest::validate`]): not
+    /// generations; the pack is kept and `check` reports them.
+    pub bad_manifests: Vec<(ObjectId, String)>,
     /// Manifests named by the tombstones in it.
     pub tombstoned: Vec<ObjectId>,
     /// Why it could not be read to its end, when what follows the last well-formed record is
@@ -74,6 +77,9 @@ pub struct Survey {
     /// Generations stored in the data files that the index does not list and no tombstone
     /// removed: (name, manifest, pack name if in an unknown pack).
     pub unlisted: Vec<(String, ObjectId, Option<String>)>,
+    /// Manifests in the data files that are not generations because they cannot be read or
+    /// are not valid (hand-made, damaged): (manifest, why).
+    pub bad_manifests: Vec<(ObjectId, String)>,
     /// Manifests every tombstone (indexed or not) names.
     pub tombstoned: HashSet<ObjectId>,
     /// The index's gc epoch and the data files', when the index's is lower (it is a copy from
@@ -153,25 +159,30 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
         if listed.contains(&id) || s.tombstoned.contains(&id) {
             continue;
         }
-        let name = repo
-            .load_manifest(&id)
-            .map(|m| format!("{}@{}", m.catalog.vm, m.catalog.time))
-            .unwrap_or_else(|e| format!("manifest {} ({e})", id.short()));
-        s.unlisted.push((name, id, None));
+        match repo.load_manifest(&id) {
+            Ok(m) => s
+                .unlisted
+                .push((format!("{}@{}", m.catalog.vm, m.catalog.time), id, None)),
+            Err(e) => s.bad_manifests.push((id, e.to_string())),
+        }
     }
     let mut seen: HashSet<ObjectId> = s.unlisted.iter().map(|u| u.1).collect();
     for u in &s.unknown {
-        for id in u.holds(ObjectKind::Manifest) {
+        for (id, m) in &u.manifests {
             if listed.contains(id) || s.tombstoned.contains(id) || !seen.insert(*id) {
                 continue;
             }
-            let name = u
-                .manifests
-                .iter()
-                .find(|(m, _)| m == id)
-                .map(|(_, m)| format!("{}@{}", m.catalog.vm, m.catalog.time))
-                .unwrap_or_else(|| format!("manifest {} (unreadable)", id.short()));
-            s.unlisted.push((name, *id, Some(u.name.clone())));
+            s.unlisted.push((
+                format!("{}@{}", m.catalog.vm, m.catalog.time),
+                *id,
+                Some(u.name.clone()),
+            ));
+        }
+        for (id, why) in &u.bad_manifests {
+            if !listed.contains(id) && !s.tombstoned.contains(id) {
+                s.bad_manifests
+                    .push((*id, format!("{why} (in pack {})", u.name)));
+            }
         }
     }
     s.unlisted.sort();
@@ -187,6 +198,7 @@ fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack>
         valid_len: PACK_HEADER_LEN,
         records: Vec::new(),
         manifests: Vec::new(),
+        bad_manifests: Vec::new(),
         tombstoned: Vec::new(),
         unreadable: None,
     };
@@ -194,11 +206,12 @@ fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack>
         u.valid_len = rec.offset + RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64;
         match rec.header.kind {
             ObjectKind::Manifest => {
-                if let Ok(m) = object::decode(&rec.header, &rec.payload, repo.keys())
+                match object::decode(&rec.header, &rec.payload, repo.keys())
                     .map_err(|e| e.to_string())
                     .and_then(|b| Manifest::decode(&b))
                 {
-                    u.manifests.push((rec.header.id, m));
+                    Ok(m) => u.manifests.push((rec.header.id, m)),
+                    Err(e) => u.bad_manifests.push((rec.header.id, e)),
                 }
             }
             ObjectKind::Tombstone => {
@@ -282,6 +295,11 @@ impl Survey {
                 .any(|id| unlisted.contains(id))
             {
                 Verdict::Keep("it holds a generation the index does not list".into())
+            } else if !u.bad_manifests.is_empty() {
+                Verdict::Keep(format!(
+                    "it holds a manifest that cannot be used ({})",
+                    u.bad_manifests[0].1
+                ))
             } else if !unlisted.is_empty() {
                 Verdict::Keep("generations the index does not list may use it".into())
             } else if let Some(id) = u

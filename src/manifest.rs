@@ -372,8 +372,140 @@ impl Manifest {
                 m.version
             ));
         }
+        m.validate()?;
         Ok(m)
     }
+
+    /// What makes a manifest unusable, checked by [`Manifest::decode`] and so by every reader
+    /// (check, index rebuild, extract, mount, gc): a VM name that is not one, a time that is
+    /// not a UTC time, file names that would leave the restore directory (`..`, absolute,
+    /// empty, `.`) or repeat, and flat extents that do not cover the disk exactly. What it
+    /// cannot see without reading more (a disk map of another size) is
+    /// [`DiskEntry::check_map`]'s.
+    pub fn validate(&self) -> Result<(), String> {
+        let c = &self.catalog;
+        if let Some(why) = vm_name_problem(&c.vm) {
+            return Err(format!("manifest names VM {:?}, which {why}", c.vm));
+        }
+        if c.time.parse::<jiff::Timestamp>().is_err() || !c.time.ends_with('Z') {
+            return Err(format!(
+                "manifest of VM {:?} has time {:?}, not a UTC time like 2026-11-22T01:00:03Z",
+                c.vm, c.time
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut name_ok = |what: &str, name: &str| -> Result<(), String> {
+            if !is_safe_relative(name) {
+                return Err(format!(
+                    "manifest of {}@{} has {what} {name:?}, which is not a relative path inside \
+                     the VM's directory",
+                    c.vm, c.time
+                ));
+            }
+            if !names.insert(name.to_string()) {
+                return Err(format!(
+                    "manifest of {}@{} names {what} {name:?} twice",
+                    c.vm, c.time
+                ));
+            }
+            Ok(())
+        };
+        for f in &self.files {
+            name_ok("file", &f.name)?;
+        }
+        for d in &self.disks {
+            for e in d.extents.iter().filter_map(|e| e.file.as_deref()) {
+                if !is_safe_relative(e) {
+                    return Err(format!(
+                        "manifest of {}@{}: disk {} has extent file {e:?}, which is not a \
+                         relative path inside the VM's directory",
+                        c.vm, c.time, d.slot
+                    ));
+                }
+            }
+            if let Some(l) = &d.layout {
+                if !is_safe_relative(&l.file) {
+                    return Err(format!(
+                        "manifest of {}@{}: disk {} is restored as {:?}, which is not a \
+                         relative path inside the VM's directory",
+                        c.vm, c.time, d.slot, l.file
+                    ));
+                }
+            }
+            if let Some(desc) = &d.descriptor {
+                if !is_safe_relative(desc) {
+                    return Err(format!(
+                        "manifest of {}@{}: disk {} has descriptor {desc:?}, which is not a \
+                         relative path inside the VM's directory",
+                        c.vm, c.time, d.slot
+                    ));
+                }
+            }
+            if !d.extents.is_empty() {
+                let mut at = 0u64;
+                for e in &d.extents {
+                    if e.start != at || e.len == 0 {
+                        return Err(format!(
+                            "manifest of {}@{}: the extents of disk {} do not cover it end to \
+                             end (one starts at {}, expected {at})",
+                            c.vm, c.time, d.slot, e.start
+                        ));
+                    }
+                    at = at.saturating_add(e.len);
+                }
+                if at != d.virtual_size {
+                    return Err(format!(
+                        "manifest of {}@{}: the extents of disk {} cover {at} bytes, its size is {}",
+                        c.vm, c.time, d.slot, d.virtual_size
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DiskEntry {
+    /// Checks that `map` (this disk's disk map) describes a disk of this disk's size.
+    pub fn check_map(&self, map: &DiskMap) -> Result<(), String> {
+        if map.size != self.virtual_size {
+            return Err(format!(
+                "disk {}: the manifest says {} bytes, its disk map {}",
+                self.slot, self.virtual_size, map.size
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why `name` cannot be a VM name (`None` when it can): empty, `/`, `@` (which separates VM and
+/// generation), control characters, a path component, more than 200 bytes.
+pub fn vm_name_problem(name: &str) -> Option<&'static str> {
+    if name.trim().is_empty() {
+        Some("is empty")
+    } else if name.contains('/') {
+        Some("contains '/'")
+    } else if name.contains('@') {
+        Some("contains '@' (which separates VM and generation)")
+    } else if name.chars().any(|c| c.is_control()) {
+        Some("contains control characters")
+    } else if name == "." || name == ".." {
+        Some("is a path component")
+    } else if name.len() > 200 {
+        Some("is longer than 200 bytes")
+    } else {
+        None
+    }
+}
+
+/// True for a stored relative name that is safe to restore under a directory: not empty, only
+/// normal components (no `..`, `.`, root).
+pub fn is_safe_relative(name: &str) -> bool {
+    let p = std::path::Path::new(name);
+    !name.is_empty()
+        && !name.ends_with('/')
+        && p.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
 /// Written by prune before it removes generations from the index, so that an index rebuilt

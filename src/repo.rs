@@ -224,7 +224,10 @@ impl Repository {
     pub fn raise_gc_epoch(&self, index: &Index) -> Result<()> {
         let next = self.gc_epoch()?.max(index.gc_epoch()?) + 1;
         index.set_gc_epoch(next)?;
-        crate::fsutil::write_atomic(&self.root.join(GC_EPOCH_FILE), format!("{next}\n").as_bytes())
+        crate::fsutil::write_atomic(
+            &self.root.join(GC_EPOCH_FILE),
+            format!("{next}\n").as_bytes(),
+        )
     }
 
     /// Refuses an index older than the data files (its gc epoch is below the file's): it may

@@ -6,7 +6,7 @@
 //! directory and the datastore roots the user allows, regular files only.
 
 use std::collections::HashSet;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::confine::Confine;
@@ -96,40 +96,20 @@ pub struct SourcePlan {
     pub warnings: Vec<String>,
 }
 
-/// Checks a VM name: not empty, no `/`, `@` or control characters, at most 200 bytes.
+/// Checks a VM name: not empty, no `/`, `@` or control characters, at most 200 bytes (the rule
+/// is [`crate::manifest::vm_name_problem`]'s, which a stored manifest is held to as well).
 pub fn validate_vm_name(name: &str) -> Result<()> {
-    let bad = |reason: &str| {
-        Err(Error::InvalidName {
+    match crate::manifest::vm_name_problem(name) {
+        None => Ok(()),
+        Some(why) => Err(Error::InvalidName {
             name: name.to_string(),
-            reason: reason.to_string(),
-        })
-    };
-    if name.trim().is_empty() {
-        return bad("it is empty");
+            reason: format!("it {}", why),
+        }),
     }
-    if name.contains('/') {
-        return bad("it contains '/'");
-    }
-    if name.contains('@') {
-        return bad("it contains '@' (which separates VM and generation)");
-    }
-    if name.chars().any(|c| c.is_control()) {
-        return bad("it contains control characters");
-    }
-    if name == "." || name == ".." {
-        return bad("it is a path component");
-    }
-    if name.len() > 200 {
-        return bad("it is longer than 200 bytes");
-    }
-    Ok(())
 }
 
 /// Checks that a stored relative name is safe to restore under a directory.
-pub fn is_safe_relative(name: &str) -> bool {
-    let p = Path::new(name);
-    !name.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)))
-}
+pub use crate::manifest::is_safe_relative;
 
 /// Opens what `path` names: a VM directory, a .vmx file, a VMDK descriptor or a raw image.
 pub fn open_source(path: &Path, name: Option<&str>) -> Result<SourcePlan> {
