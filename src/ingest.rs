@@ -752,6 +752,61 @@ fn ingest_disk(
     let size = d.reader.size();
     let seg = params.segment_size as u64;
     let nseg = size.div_ceil(seg);
+    // The disk map holds one entry per segment, allocated or not, and an ingest keeps about
+    // SEGMENT_STATE_BYTES per segment: refuse a disk that would not fit in a quarter of memory
+    // (a 1 PiB thin qcow2 was killed by the kernel after taking 24 GB) instead of letting it
+    // push the host into swap or the OOM killer.
+    const SEGMENT_STATE_BYTES: u64 = 200;
+    // The disk map is one object, and no object may exceed MAX_OBJECT_LEN (readers refuse
+    // larger records): a 64 TiB disk was recorded with a 512 MiB disk map that no command
+    // could read back.
+    let map_len = 24 + nseg.saturating_mul(32);
+    if map_len > crate::object::MAX_OBJECT_LEN as u64 {
+        let most = (crate::object::MAX_OBJECT_LEN as u64 - 24) / 32 * seg;
+        return Err(Error::Unsupported {
+            what: format!(
+                "disk {} of {size} bytes (virtual): its disk map (one entry per {} MiB segment) \
+                 would be {} MiB, more than the largest object, {} MiB; disks up to {} TiB can \
+                 be backed up",
+                d.slot,
+                seg >> 20,
+                map_len >> 20,
+                crate::object::MAX_OBJECT_LEN >> 20,
+                most >> 40
+            ),
+            path: d
+                .layout
+                .as_ref()
+                .map(|l| l.file.clone())
+                .or_else(|| d.descriptor.clone())
+                .unwrap_or_else(|| d.slot.clone())
+                .into(),
+        });
+    }
+    if let Some(mem) = physical_memory() {
+        if nseg.saturating_mul(SEGMENT_STATE_BYTES) > mem / 4 {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "disk {} of {} bytes (virtual): vmrepo keeps state for each of its {nseg} \
+                     segments of {} MiB, allocated or not, about {} MiB here, more than a \
+                     quarter of this machine's memory ({} MiB); disks this large need a \
+                     machine with more memory",
+                    d.slot,
+                    size,
+                    seg >> 20,
+                    nseg.saturating_mul(SEGMENT_STATE_BYTES) >> 20,
+                    mem >> 20
+                ),
+                path: d
+                    .layout
+                    .as_ref()
+                    .map(|l| l.file.clone())
+                    .or_else(|| d.descriptor.clone())
+                    .unwrap_or_else(|| d.slot.clone())
+                    .into(),
+            });
+        }
+    }
     let key = chunker::fingerprint_key(params, store.repo().keys());
     let mut seed = [0u8; 8];
     getrandom::fill(&mut seed).map_err(|e| Error::Usage(format!("no randomness: {e}")))?;
@@ -1293,4 +1348,16 @@ mod tests {
         let distinct: std::collections::HashSet<_> = map.segments.iter().collect();
         assert_eq!(distinct.len(), nseg as usize);
     }
+}
+
+/// Bytes of physical memory, if the system says.
+fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf only reads its argument.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages > 0 && page > 0).then(|| (pages as u64).saturating_mul(page as u64))
 }

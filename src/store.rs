@@ -103,6 +103,16 @@ impl<'r> Store<'r> {
 
     /// Stores `data` under `id` unless it is stored already; returns true if it was new.
     pub fn put(&self, kind: ObjectKind, id: ObjectId, data: &[u8]) -> Result<bool> {
+        // Readers refuse records above this size: never write one that no command could read.
+        if data.len() as u64 > object::MAX_OBJECT_LEN as u64 {
+            return Err(crate::error::Error::Usage(format!(
+                "a {} object of {} bytes is larger than the largest object a repository can \
+                 hold ({} bytes); nothing was recorded",
+                kind.name(),
+                data.len(),
+                object::MAX_OBJECT_LEN
+            )));
+        }
         match self.lookup(&id)? {
             Some(seals) => self.store_missing(kind, id, data, seals),
             None => Ok(false),

@@ -31,7 +31,9 @@ pub const FLAG_MARKERS: u32 = 0x2_0000;
 
 const MAX_GD_ENTRIES: u64 = 32 << 20;
 const MAX_GRAIN_SECTORS: u64 = 1 << 16;
-const MAX_CAPACITY_SECTORS: u64 = 1 << 32;
+/// 512 TiB: the header's capacity is 64 bits; qemu-img makes hosted sparse disks above
+/// VMware's 2 TiB, and the grain directory this needs stays within [`MAX_GD_ENTRIES`].
+const MAX_CAPACITY_SECTORS: u64 = 1 << 40;
 const MAX_DESCRIPTOR_SECTORS: u64 = 2048;
 
 /// The fields of a SparseExtentHeader (all sizes and offsets in sectors).
@@ -117,7 +119,7 @@ impl SparseHeader {
         }
         if h.capacity == 0 || h.capacity > MAX_CAPACITY_SECTORS {
             return Err(bad(format!(
-                "capacity of {} sectors is out of range (1 to 2^32)",
+                "capacity of {} sectors is out of range (1 to 2^40, 512 TiB)",
                 h.capacity
             )));
         }
