@@ -200,7 +200,14 @@ impl JobFile {
     }
 
     fn own_settings(&self, path: &Path) -> VmSettings {
-        let d = &self.defaults;
+        let mut d = self.defaults.clone();
+        // `at_snapshot` in [defaults] is for VMware VMs (a directory or .vmx, whose .vmsd
+        // says what each snapshot froze); a disk image in the same job (a KVM qcow2) is read
+        // as it is. Set it in a [vm.X] section to ask it of an image explicitly.
+        if !names_a_vm(path) {
+            d.at_snapshot = None;
+        }
+        let d = &d;
         match self.vm.get(&Self::key_of(path)) {
             None => d.clone(),
             Some(v) => VmSettings {
@@ -429,6 +436,15 @@ pub struct DryVm {
     pub hooks: Vec<String>,
 }
 
+/// True when `path` is a VM directory or a `.vmx`/`.vmtx` file (not a disk image).
+fn names_a_vm(path: &Path) -> bool {
+    path.is_dir()
+        || path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("vmx") || e.eq_ignore_ascii_case("vmtx"))
+}
+
 /// Opens every VM of the job without reading its disks: what a run would do.
 pub fn dry_run(job: &JobFile) -> Result<Vec<DryVm>> {
     let mut out = Vec::new();
@@ -450,7 +466,8 @@ pub fn dry_run(job: &JobFile) -> Result<Vec<DryVm>> {
             chain: crate::source::chain::ChainOptions {
                 datastore_map: crate::confine::with_allowed(Vec::new(), &s.allow_paths),
             },
-            ..Default::default()
+            // Opened as the run will open it: with the snapshot it will read.
+            at_snapshot: s.at_snapshot.clone(),
         };
         match crate::vm::open_source_with(&path, &opts) {
             Ok(plan) => {

@@ -54,10 +54,10 @@ fn a_nightly_job_backs_up_every_vm_it_can_and_says_which_failed() {
     let repo = init_repo(t.path());
     let job = job_file(t.path(), &repo, "");
 
-    let dry = vmrepo([s("run"), p(&job), s("--dry-run")])
-        .ok()
-        .stdout
-        .clone();
+    // The broken VM would fail the run: the dry run says so and exits 1.
+    let dry = vmrepo([s("run"), p(&job), s("--dry-run")]);
+    assert_eq!(dry.code, 1, "{}", dry.stderr);
+    let dry = dry.stdout;
     assert!(dry.contains("web01  ->  web01"), "{dry}");
     assert!(dry.contains("broken  ->  CANNOT BE READ"), "{dry}");
     assert!(!dry.contains("test-x"), "excluded VM listed: {dry}");
@@ -134,4 +134,98 @@ fn a_bad_job_file_is_exit_status_2_naming_the_file() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("nightly.toml"), "{}", r.stderr);
     assert!(r.stderr.contains("paralel"), "{}", r.stderr);
+}
+
+/// The job file of docs/NIGHTLY.md runs as written, once its paths and host commands are the
+/// test's: `at_snapshot = "latest"` in [defaults] applies to the VMware VM (read at its
+/// snapshot) and not to the KVM image beside it, and the dry run opens each VM as the run does.
+#[test]
+fn the_nightly_example_job_runs_as_documented() {
+    let t = tempfile::tempdir().unwrap();
+    let doc = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/NIGHTLY.md")).unwrap();
+    let section = &doc[doc
+        .find("## The job file")
+        .expect("NIGHTLY.md has a job file section")..];
+    let start = section.find("```toml\n").unwrap() + 8;
+    let example = &section[start..start + section[start..].find("```").unwrap()];
+
+    let ds = t.path().join("ds1");
+    let web = make_vm(&ds, "web01", &[(8 << 20, vec![(0, 2 << 20, 1)])]);
+    // The pre-command froze it with a snapshot: the .vmsd names the link the snapshot froze.
+    fs::write(
+        web.join("web01.vmsd"),
+        format!(
+            ".encoding = \"UTF-8\"\nsnapshot.lastUID = \"1\"\nsnapshot.current = \"1\"\nsnapshot.numSnapshots = \"1\"\n\
+             snapshot0.uid = \"1\"\nsnapshot0.displayName = \"vmrepo\"\nsnapshot0.createTimeHigh = \"{}\"\n\
+             snapshot0.createTimeLow = \"0\"\nsnapshot0.numDisks = \"1\"\nsnapshot0.disk0.fileName = \"web01.vmdk\"\n\
+             snapshot0.disk0.node = \"scsi0:0\"\n",
+            (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_micros()
+                >> 32)
+        ),
+    )
+    .unwrap();
+    let qcow = t.path().join("db01.qcow2");
+    sh(&format!(
+        "qemu-img create -q -f qcow2 '{0}' 16M && qemu-io -f qcow2 -c 'write -P 0x42 1M 1M' '{0}' >/dev/null",
+        qcow.display()
+    ))
+    .ok();
+    let repo = init_repo(t.path());
+    let log = t.path().join("hooks.log");
+    let job_text: String = example
+        .replace("/backup/repo", &repo.display().to_string())
+        .replace("/mnt/ds1", &ds.display().to_string())
+        .replace(
+            "/var/lib/libvirt/images/db01.qcow2",
+            &qcow.display().to_string(),
+        )
+        .replace(
+            "/var/lib/vmrepo/nightly.json",
+            &t.path().join("nightly.json").display().to_string(),
+        )
+        .lines()
+        .map(|l| {
+            for hook in ["pre_command", "post_command"] {
+                if l.starts_with(hook) {
+                    return format!("{hook} = \"echo {hook} $VMREPO_VM >> '{}'\"", log.display());
+                }
+            }
+            l.to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let job = t.path().join("nightly.toml");
+    fs::write(&job, job_text).unwrap();
+
+    let dry = vmrepo([s("run"), p(&job), s("--dry-run")]);
+    assert_eq!(dry.code, 0, "{}{}", dry.stdout, dry.stderr);
+    assert!(!dry.stdout.contains("CANNOT BE READ"), "{}", dry.stdout);
+    assert!(dry.stdout.contains("db01-prod"), "{}", dry.stdout);
+    let r = vmrepo([s("run"), p(&job)]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(generations(&repo, "web01").len(), 1);
+    assert_eq!(generations(&repo, "db01-prod").len(), 1);
+    let hooks = fs::read_to_string(&log).unwrap();
+    assert!(
+        hooks.contains("post_command web01") && hooks.contains("post_command db01-prod"),
+        "{hooks}"
+    );
+    let out = t.path().join("out");
+    vmrepo([s("extract"), p(&repo), s("db01-prod"), p(&out)]).ok();
+    assert!(qemu_identical(&qcow, &out.join("db01.qcow2")));
+    let out2 = t.path().join("out2");
+    vmrepo([s("extract"), p(&repo), s("web01"), p(&out2)]).ok();
+    assert!(same_file(
+        &web.join("web01-flat.vmdk"),
+        &out2.join("web01-flat.vmdk")
+    ));
+
+    // A VM the run could not open fails the dry run too (exit 1), naming why.
+    fs::remove_file(web.join("web01.vmsd")).unwrap();
+    let dry = vmrepo([s("run"), p(&job), s("--dry-run")]);
+    assert_eq!(dry.code, 1, "{}", dry.stdout);
+    assert!(dry.stdout.contains("CANNOT BE READ"), "{}", dry.stdout);
 }

@@ -15,8 +15,8 @@ files or images; shell globs and exclusions allowed) into its repository, each w
 post-commands, at most `parallel` at once (default 1, so the datastore is not flooded); one VM \
 failing does not stop the others. Then apply the job's retention (prune and gc) and run its \
 partial check. Prints a table (VM, status, read, new, stored, time) and writes a JSON status file \
-if the job names one. --dry-run opens every VM and prints what would be read, without running \
-hooks or writing anything. Exit status: 0 when everything succeeded, 1 when a VM, the retention \
+if the job names one. --dry-run opens every VM as the run would and prints what would be read, \
+without running hooks or writing anything (exit 1 if a VM cannot be opened). Exit status: 0 when everything succeeded, 1 when a VM, the retention \
 or the check failed, 2 when the job file is unusable. Format: docs/NIGHTLY.md.";
 
 /// `vmrepo run` arguments.
@@ -43,9 +43,15 @@ pub fn run(a: RunArgs, lock_wait: u64) -> anyhow::Result<ExitCode> {
     };
     if a.dry_run {
         let vms = dry_run(&job)?;
+        // Exit 1 when a VM could not be opened as the run would open it: the run would fail it.
+        let verdict = if vms.iter().any(|v| v.vm.is_err()) {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        };
         if a.json {
             print_json(&vms);
-            return Ok(ExitCode::SUCCESS);
+            return Ok(verdict);
         }
         println!(
             "dry run of {} into {}:",
@@ -82,7 +88,7 @@ pub fn run(a: RunArgs, lock_wait: u64) -> anyhow::Result<ExitCode> {
         if let Some(c) = &job.check {
             println!("then check --read-data-subset {}", c.read_data_subset);
         }
-        return Ok(ExitCode::SUCCESS);
+        return Ok(verdict);
     }
     let bar = Bar::new(!a.json && job.parallel == 1);
     let wait = lock_wait.max(job.lock_wait);
