@@ -38,15 +38,20 @@ struct Area {
     length: u64,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// The two forms of a changed-ranges file.
 enum FileForm {
     List(Vec<Area>),
     PerDisk {
-        #[serde(default)]
         since: Option<String>,
         disks: BTreeMap<String, Vec<Area>>,
     },
+}
+
+#[derive(Deserialize)]
+struct PerDiskForm {
+    #[serde(default)]
+    since: Option<String>,
+    disks: BTreeMap<String, Vec<Area>>,
 }
 
 /// Changed ranges of one ingest.
@@ -80,15 +85,41 @@ impl ChangedRanges {
     /// Reads a changed-ranges file.
     pub fn load(path: &Path) -> Result<ChangedRanges> {
         let text = std::fs::read_to_string(path).ctx("read changed-ranges file", path)?;
-        let form: FileForm = serde_json::from_str(&text).map_err(|e| {
+        let bad = |why: String| {
             Error::bad_input(
                 path,
                 format!(
-                    "not a changed-ranges file ({e}); expected a JSON list of {{\"offset\", \"length\"}} \
+                    "not a changed-ranges file: {why}; expected a JSON list of {{\"offset\", \"length\"}} \
                      or {{\"disks\": {{\"scsi0:0\": [...]}}}} (see docs/NIGHTLY.md)"
                 ),
             )
-        })?;
+        };
+        // Decide the form by the top-level shape, then parse as that form, so that an error
+        // says what is wrong in it (an untagged enum only says that no form matched).
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not JSON ({e})")))?;
+        let form = match &value {
+            serde_json::Value::Array(_) => serde_json::from_value::<Vec<Area>>(value)
+                .map(FileForm::List)
+                .map_err(|e| bad(format!("in the list of ranges: {e}")))?,
+            serde_json::Value::Object(_) => serde_json::from_value::<PerDiskForm>(value)
+                .map(|p| FileForm::PerDisk {
+                    since: p.since,
+                    disks: p.disks,
+                })
+                .map_err(|e| bad(format!("in the per-disk form: {e}")))?,
+            other => {
+                return Err(bad(format!(
+                    "the file holds a JSON {}",
+                    match other {
+                        serde_json::Value::Null => "null",
+                        serde_json::Value::Bool(_) => "boolean",
+                        serde_json::Value::Number(_) => "number",
+                        _ => "string",
+                    }
+                )))
+            }
+        };
         let source = path.display().to_string();
         Ok(match form {
             FileForm::List(areas) => ChangedRanges {
@@ -208,6 +239,21 @@ mod tests {
             e.contains("c.json") && e.contains("not a changed-ranges file"),
             "{e}"
         );
+        // The error says what is wrong, not that no variant of an enum matched.
+        for (text, want) in [
+            (r#"[{"offset": 0}]"#, "missing field `length`"),
+            (
+                r#"{"disks": {"scsi0:0": [{"offset": -1, "length": 1}]}}"#,
+                "invalid value",
+            ),
+            (r#"{"nope": 1}"#, "missing field `disks`"),
+            ("17", "holds a JSON number"),
+            ("[", "not JSON"),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            let e = ChangedRanges::load(&f).unwrap_err().to_string();
+            assert!(e.contains(want) && !e.contains("untagged"), "{text}: {e}");
+        }
     }
 
     #[test]

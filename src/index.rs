@@ -933,7 +933,7 @@ impl Index {
                         name: format!("{vm}@{time}"),
                         vm,
                         time,
-                        manifest: ObjectId::from_slice(&manifest).unwrap_or(ObjectId::ZERO),
+                        manifest: row_id(&manifest, "generation's manifest")?,
                         uuid: r.get(4)?,
                         source: r.get(5)?,
                         started: r.get(6)?,
@@ -1123,7 +1123,7 @@ impl Index {
         let mut rows = st.query([]).map_err(|e| self.err(e))?;
         while let Some(r) = rows.next().map_err(|e| self.err(e))? {
             let id: Vec<u8> = r.get(6).map_err(|e| self.err(e))?;
-            let id = ObjectId::from_slice(&id).unwrap_or(ObjectId::ZERO);
+            let id = row_id(&id, "object id").map_err(|e| self.err(e))?;
             f(row_location(r, id).map_err(|e| self.err(e))?)?;
         }
         Ok(())
@@ -1138,7 +1138,7 @@ impl Index {
                 [],
                 |r| {
                     let id: Vec<u8> = r.get(6)?;
-                    row_location(r, ObjectId::from_slice(&id).unwrap_or(ObjectId::ZERO))
+                    row_location(r, row_id(&id, "object id")?)
                 },
             )
             .optional()
@@ -1358,14 +1358,45 @@ fn insert_pack(
     Ok(())
 }
 
+/// A damaged index row, reported as such (never read as something else).
+fn bad_row(what: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Blob,
+        format!(
+            "damaged index row: {what}; `vmrepo check --rebuild-index` rebuilds the index from \
+             the data files"
+        )
+        .into(),
+    )
+}
+
+/// A 32-byte id from an index column.
+fn row_id(raw: &[u8], what: &str) -> rusqlite::Result<ObjectId> {
+    ObjectId::from_slice(raw)
+        .ok_or_else(|| bad_row(format!("a {what} of {} bytes, not 32", raw.len())))
+}
+
 fn row_location(r: &rusqlite::Row<'_>, id: ObjectId) -> rusqlite::Result<Location> {
     let kind: u8 = r.get(0)?;
-    let (codec, encrypted) = RecordHeader::from_codec_byte(r.get(1)?);
+    let codec_byte: u8 = r.get(1)?;
+    if codec_byte & !0x1f != 0 || codec_byte & 0x0f > 1 {
+        return Err(bad_row(format!(
+            "object {} has codec byte {codec_byte:#x}",
+            id.short()
+        )));
+    }
+    let (codec, encrypted) = RecordHeader::from_codec_byte(codec_byte);
+    let offset: i64 = r.get(3)?;
+    if offset < 0 {
+        return Err(bad_row(format!("object {} at offset {offset}", id.short())));
+    }
     Ok(Location {
         pack: r.get(2)?,
-        offset: r.get::<_, i64>(3)? as u64,
+        offset: offset as u64,
         header: RecordHeader {
-            kind: ObjectKind::from_u8(kind).unwrap_or(ObjectKind::Chunk),
+            kind: ObjectKind::from_u8(kind)
+                .ok_or_else(|| bad_row(format!("object {} has kind {kind}", id.short())))?,
             codec,
             encrypted,
             stored_len: r.get(4)?,
@@ -1519,6 +1550,44 @@ mod tests {
             "the index file is named outside Index::open:\n{}",
             offenders.join("\n")
         );
+    }
+
+    /// A damaged row is reported as damaged, never read as something else (an unknown kind
+    /// used to become a chunk, a short id the all-zero id).
+    #[test]
+    fn damaged_rows_are_reported_not_coerced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(INDEX_FILE);
+        let mut idx = Index::open(&path, true, Arc::new(Keys::none())).unwrap();
+        let header = RecordHeader {
+            kind: ObjectKind::Chunk,
+            codec: crate::object::Codec::Raw,
+            encrypted: false,
+            stored_len: 10,
+            raw_len: 10,
+            id: ObjectId([7; 32]),
+        };
+        idx.add_pack("p1", 100, &[(header, 16)]).unwrap();
+        let count = |idx: &Index| {
+            let mut n = 0;
+            idx.for_each_object(|_| {
+                n += 1;
+                Ok(())
+            })
+            .map(|()| n)
+        };
+        assert_eq!(count(&idx).unwrap(), 1);
+        for (sql, want) in [
+            ("UPDATE recent_objects SET kind = 9", "has kind 9"),
+            (
+                "UPDATE recent_objects SET kind = 1, id = x'0102'",
+                "of 2 bytes, not 32",
+            ),
+        ] {
+            idx.conn.execute_batch(sql).unwrap();
+            let e = count(&idx).unwrap_err().to_string();
+            assert!(e.contains("damaged index row") && e.contains(want), "{e}");
+        }
     }
 
     /// The held descriptor is opened once per file and reused, so hinting again never closes
