@@ -311,6 +311,11 @@ fn parse_extent(line: &str) -> std::result::Result<ExtentLine, String> {
     if sectors == 0 || sectors > (1u64 << 50) / 512 {
         return Err("extent size out of range".into());
     }
+    if offset > (1u64 << 50) / 512 {
+        return Err(format!(
+            "extent offset of {offset} sectors is out of range (files up to 1 PiB)"
+        ));
+    }
     Ok(ExtentLine {
         access,
         sectors,

@@ -473,6 +473,18 @@ fn build_extent_disk(
                     other => other,
                 })?);
                 let file_offset = e.offset * 512;
+                if file_offset > file.len() {
+                    return Err(Error::bad_input(
+                        &path,
+                        format!(
+                            "{} says its data starts at byte {file_offset} of this file, which \
+                             is only {} bytes: the descriptor and the file do not belong together \
+                             (or the file was truncated)",
+                            desc_path.display(),
+                            file.len()
+                        ),
+                    ));
+                }
                 plans.push(ExtentPlan {
                     kind: e.kind.clone(),
                     start,

@@ -93,10 +93,25 @@ impl FlatFile {
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.file.read_exact_at(buf, offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::bad_input(
-                    &self.path,
-                    format!("file ended early (shrank while being read?) at offset {offset}"),
-                )
+                let end = offset.saturating_add(buf.len() as u64);
+                let now = std::fs::metadata(&self.path).map(|m| m.len()).ok();
+                let why = if end > self.len {
+                    format!(
+                        "a read of {} bytes at offset {offset} goes past the end of the file \
+                         ({} bytes): a table or header entry points outside it, so the file is \
+                         truncated or damaged",
+                        buf.len(),
+                        self.len
+                    )
+                } else {
+                    format!(
+                        "the file shrank while being read: it was {} bytes when opened, {} now \
+                         (something is writing it; back it up from a snapshot)",
+                        self.len,
+                        now.map_or("unknown".to_string(), |n| n.to_string())
+                    )
+                };
+                Error::bad_input(&self.path, why)
             } else {
                 Error::io("read disk file", &self.path, e)
             }
