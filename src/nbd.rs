@@ -230,6 +230,19 @@ impl Server {
                 let mut stream = stream;
                 match me.session(&mut stream) {
                     Ok(()) => (me.log)(&format!("client {who}: disconnected")),
+                    // The handshake's read timeout surfaces as WouldBlock/TimedOut.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        (me.log)(&format!(
+                            "client {who}: disconnected: it sent nothing for {} s during the \
+                             handshake",
+                            HANDSHAKE_TIMEOUT.as_secs()
+                        ))
+                    }
                     Err(e) => (me.log)(&format!("client {who}: disconnected: {e}")),
                 }
                 me.active.fetch_sub(1, Ordering::SeqCst);
