@@ -595,7 +595,7 @@ fn run(
     let counters = Counters::default();
     let mut files = Vec::new();
     for f in &plan.files {
-        let data = read_small_file(&f.path)?;
+        let data = read_small_file(f)?;
         let object = store.put_blob(ObjectKind::File, &data)?;
         counters
             .bytes_read
@@ -729,15 +729,24 @@ fn run(
     Ok((manifest_id, manifest))
 }
 
-fn read_small_file(path: &std::path::Path) -> Result<Vec<u8>> {
-    let len = std::fs::metadata(path).ctx("stat", path)?.len();
-    if len > MAX_OBJECT_LEN as u64 {
+/// Reads a small file through the descriptor opened when it was checked (a log may still grow
+/// meanwhile: what is there now is read).
+fn read_small_file(f: &crate::vm::SmallFile) -> Result<Vec<u8>> {
+    use std::io::{Read, Seek};
+    let path = &f.path;
+    let mut file = &*f.file;
+    file.seek(std::io::SeekFrom::Start(0)).ctx("read", path)?;
+    let mut data = Vec::new();
+    file.take(MAX_OBJECT_LEN as u64 + 1)
+        .read_to_end(&mut data)
+        .ctx("read", path)?;
+    if data.len() as u64 > MAX_OBJECT_LEN as u64 {
         return Err(Error::bad_input(
             path,
-            format!("is {len} bytes; small VM files (.vmx, .nvram, logs, descriptors) are limited to 256 MiB"),
+            "is larger than 256 MiB; small VM files (.vmx, .nvram, logs, descriptors) are limited to 256 MiB",
         ));
     }
-    std::fs::read(path).ctx("read", path)
+    Ok(data)
 }
 
 fn ingest_disk(

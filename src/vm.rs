@@ -28,6 +28,29 @@ pub struct SmallFile {
     pub name: String,
     /// Where it is now.
     pub path: PathBuf,
+    /// The file, opened when it was checked ([`crate::confine::Confine::open`]): ingest reads
+    /// this descriptor, never the path again, so the path cannot be swapped for a link to a
+    /// host file in between.
+    pub file: std::sync::Arc<std::fs::File>,
+}
+
+impl SmallFile {
+    /// Opens `path` within `confine` (named by `by`, if not found by listing the directory);
+    /// it must be a regular file.
+    fn open(confine: &Confine, name: String, path: PathBuf, by: Option<&Path>) -> Result<Self> {
+        let o = confine.open(&path, by)?;
+        if !o.meta.is_file() {
+            return Err(Error::bad_input(
+                &path,
+                "is not a regular file; a VM's small files (.vmx, .nvram, logs, descriptors) must be",
+            ));
+        }
+        Ok(SmallFile {
+            name,
+            path,
+            file: std::sync::Arc::new(o.file),
+        })
+    }
 }
 
 /// One extent file of a disk, for the catalog and for restore.
@@ -227,19 +250,17 @@ fn open_vm(
             && p.is_file()
         {
             // A log (or .vmx, .nvram ...) that is a symlink out of the directory is refused.
-            confine.check(&p, None)?;
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
             seen.insert(name.clone());
-            files.push(SmallFile { name, path: p });
+            files.push(SmallFile::open(confine, name, p, None)?);
         }
     }
     if let Some(nv) = vmx.get("nvram").filter(|n| !n.is_empty()) {
         let p = dir.join(nv);
         if p.is_file() {
-            confine.check(&p, Some(vmx_path))?;
             let name = relative_name(&dir, &p);
             if seen.insert(name.clone()) {
-                files.push(SmallFile { name, path: p });
+                files.push(SmallFile::open(confine, name, p, Some(vmx_path))?);
             }
         }
     }
@@ -306,10 +327,12 @@ fn open_vm(
         if plan.layout.is_none() {
             let desc_name = plan.descriptor.clone().unwrap();
             if seen.insert(desc_name.clone()) {
-                files.push(SmallFile {
-                    name: desc_name,
-                    path: desc_path,
-                });
+                files.push(SmallFile::open(
+                    confine,
+                    desc_name,
+                    desc_path,
+                    Some(vmx_path),
+                )?);
             }
         }
         disks.push(plan);
@@ -632,6 +655,7 @@ fn open_disk_file(
                 vec![SmallFile {
                     name: base_name,
                     path: path.to_path_buf(),
+                    file: std::sync::Arc::new(opened.file.try_clone().ctx("open", path)?),
                 }]
             } else {
                 Vec::new()

@@ -592,11 +592,11 @@ fn a_job_file_allow_paths_list_lets_a_vm_read_outside() {
     assert!(generations(&h.repo, "web01").is_empty());
     assert_eq!(generations(&h.repo, "db01").len(), 1);
 
-    // The dry run says the same; the job-wide list lets it in.
-    let dry = vmrepo([s("run"), p(&job("", "")), s("--dry-run")])
-        .ok()
-        .stdout
-        .clone();
+    // The dry run says the same (exit 1: the run would fail that VM); the job-wide list lets
+    // it in.
+    let dry = vmrepo([s("run"), p(&job("", "")), s("--dry-run")]);
+    assert_eq!(dry.code, 1, "{}", dry.stderr);
+    let dry = dry.stdout;
     assert!(
         dry.contains("CANNOT BE READ") && dry.contains("--allow-path"),
         "{dry}"
