@@ -29,6 +29,16 @@ use crate::pack::{is_being_written, list_packs, pack_path, scan_pack, PACK_HEADE
 use crate::progress::Progress;
 use crate::repo::Repository;
 
+/// The marker an ingest leaves in `locks/` while it commits its last pack (the one holding its
+/// manifest): `locks/uncommitted-<pack name>`. Created before that pack is sealed and removed
+/// after the commit; a marker whose pack is not in the index says the ingest died in between,
+/// so that pack's manifest is not a generation the index lost but one that was never committed
+/// (never reported saved): the pack is a left-over. Not fsynced: lost in a crash, the pack's
+/// generation is adopted instead, which is also safe.
+pub fn uncommitted_marker(root: &std::path::Path, pack: &str) -> std::path::PathBuf {
+    root.join("locks").join(format!("uncommitted-{pack}"))
+}
+
 /// A pack file in `data/` that the index does not know and no process is writing.
 #[derive(Debug)]
 pub struct UnknownPack {
@@ -50,6 +60,9 @@ pub struct UnknownPack {
     /// Why it could not be read to its end, when what follows the last well-formed record is
     /// not a torn write: what it holds there is unknown.
     pub unreadable: Option<String>,
+    /// The last pack of an ingest that died before its commit ([`uncommitted_marker`]): its
+    /// manifest is not a generation.
+    pub uncommitted: bool,
 }
 
 impl UnknownPack {
@@ -167,7 +180,7 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
         }
     }
     let mut seen: HashSet<ObjectId> = s.unlisted.iter().map(|u| u.1).collect();
-    for u in &s.unknown {
+    for u in s.unknown.iter().filter(|u| !u.uncommitted) {
         for (id, m) in &u.manifests {
             if listed.contains(id) || s.tombstoned.contains(id) || !seen.insert(*id) {
                 continue;
@@ -201,6 +214,7 @@ fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack>
         bad_manifests: Vec::new(),
         tombstoned: Vec::new(),
         unreadable: None,
+        uncommitted: uncommitted_marker(repo.root(), name).exists(),
     };
     let (_, tail) = scan_pack(&path, |rec| {
         u.valid_len = rec.offset + RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64;
@@ -438,4 +452,26 @@ pub fn adopt(
         done.generations.push((name.clone(), detail));
     }
     Ok(done)
+}
+
+/// Removes the [`uncommitted_marker`]s whose pack is indexed (the commit happened and the
+/// process died before removing it) or gone (gc deleted the left-over). Needs the exclusive
+/// lock (no ingest is committing).
+pub fn clean_markers(repo: &Repository, index: &Index) -> Result<()> {
+    let locks = repo.root().join("locks");
+    let known: HashSet<String> = index.packs()?.into_iter().map(|(n, _)| n).collect();
+    let entries = match fs::read_dir(&locks) {
+        Ok(e) => e,
+        Err(e) => return Err(Error::io("list", &locks, e)),
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pack) = name.strip_prefix("uncommitted-") else {
+            continue;
+        };
+        if known.contains(pack) || !pack_path(&repo.data_dir(), pack).exists() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    Ok(())
 }

@@ -471,6 +471,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
         )?;
     }
     progress.finish();
+    crate::coverage::clean_markers(repo, &index)?;
     index.checkpoint();
     index.vacuum_if_sparse()?;
     repo.restore_reserve();

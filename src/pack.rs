@@ -405,7 +405,14 @@ impl PackFile {
 
     /// Writes the rest and fsyncs the pack (and its directory); afterwards its records are
     /// durable.
-    pub fn seal(mut self) -> Result<(String, u64)> {
+    pub fn seal(self) -> Result<(String, u64)> {
+        self.seal_locked().map(|(name, len, _)| (name, len))
+    }
+
+    /// [`PackFile::seal`], keeping the pack's write lock in the returned guard: hold it until
+    /// the pack is indexed, so that a concurrent `check` never reads a sealed but unindexed
+    /// pack as a left-over (or its manifest as a generation the index does not list).
+    pub fn seal_locked(mut self) -> Result<(String, u64, SealedLock)> {
         if self.staging.filled > 0 {
             // The last buffer needs no successor.
             let last = std::mem::replace(&mut self.staging, Staging::unallocated());
@@ -421,7 +428,13 @@ impl PackFile {
         }
         f.file.sync_all().ctx("fsync pack file", &self.path)?;
         sync_dir(self.path.parent().unwrap())?;
-        Ok((std::mem::take(&mut self.name), self.len))
+        Ok((
+            std::mem::take(&mut self.name),
+            self.len,
+            SealedLock {
+                _file: f.file.clone(),
+            },
+        ))
     }
 
     /// Deletes an unsealed pack (used when an ingest fails).
@@ -432,6 +445,11 @@ impl PackFile {
         }
         let _ = fs::remove_file(&self.path);
     }
+}
+
+/// A sealed pack's write lock, released on drop (see [`PackFile::seal_locked`]).
+pub struct SealedLock {
+    _file: Arc<File>,
 }
 
 impl Drop for PackFile {

@@ -175,7 +175,7 @@ impl<'r> Store<'r> {
             }
         }
         let path = pack.path().to_path_buf();
-        let result = pack.seal().and_then(|(name, len)| {
+        let result = pack.seal_locked().and_then(|(name, len, _locked)| {
             let mut index = self.index.lock().unwrap();
             index.add_pack(&name, len, &records)?;
             // Best effort: a merge that fails leaves both object tables as they were.
@@ -252,16 +252,29 @@ impl<'r> Store<'r> {
             p.discard();
         }
         let mut index = self.index.lock().unwrap();
+        // Until the commit, the last pack (which holds the manifest) is marked uncommitted: if
+        // this process dies in between, gc and check know that pack for the left-over of a
+        // killed ingest rather than a generation the index lost (see coverage.rs).
+        let marker = full
+            .as_ref()
+            .map(|(pack, _)| crate::coverage::uncommitted_marker(self.repo.root(), pack.name()));
+        if let Some(m) = &marker {
+            std::fs::write(m, b"").map_err(|e| crate::error::Error::io("create", m, e))?;
+        }
+        let _unmark = marker.map(RemoveOnDrop);
         let last = match full {
             None => None,
             Some((pack, records)) => {
                 let path = pack.path().to_path_buf();
-                match pack.seal() {
-                    Ok((name, size)) => Some(crate::index::SealedPack {
-                        name,
-                        size,
-                        records,
-                    }),
+                match pack.seal_locked() {
+                    Ok((name, size, locked)) => Some((
+                        crate::index::SealedPack {
+                            name,
+                            size,
+                            records,
+                        },
+                        locked,
+                    )),
                     Err(e) => {
                         let _ = std::fs::remove_file(&path);
                         return Err(e);
@@ -269,7 +282,10 @@ impl<'r> Store<'r> {
                 }
             }
         };
-        let committed = index.commit_generation(manifest_id, manifest, cache, last.as_ref());
+        let committed =
+            index.commit_generation(manifest_id, manifest, cache, last.as_ref().map(|l| &l.0));
+        // The pack's lock is released only now that it is indexed (or its commit failed).
+        let last = last.map(|(pack, _locked)| pack);
         {
             let mut w = self.writer.lock().unwrap();
             if let Some(p) = &last {
@@ -317,7 +333,7 @@ impl Store<'_> {
         let records = std::mem::take(&mut w.records);
         w.pending.clear();
         w.seals += 1;
-        let result = pack.seal().and_then(|(name, size)| {
+        let result = pack.seal_locked().and_then(|(name, size, _locked)| {
             index.remove_generations(
                 Some(&crate::index::SealedPack {
                     name,
@@ -332,6 +348,15 @@ impl Store<'_> {
         }
         index.checkpoint();
         result
+    }
+}
+
+/// Deletes a file when dropped (best effort).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

@@ -192,10 +192,18 @@ fn an_index_older_than_a_gc_is_refused_until_rebuilt() {
     let img = f.work.join("a.img");
     let i = vmrepo([s("ingest"), p(&f.repo), p(&img), s("--name"), s("a")]);
     assert_ne!(i.code, 0, "ingest trusted a stale index: {}", i.stdout);
-    assert!(i.stderr.contains("older than the data files"), "{}", i.stderr);
+    assert!(
+        i.stderr.contains("older than the data files"),
+        "{}",
+        i.stderr
+    );
     let c = vmrepo([s("check"), p(&f.repo)]);
     assert_eq!(c.code, 1, "{}", c.stdout);
-    assert!(c.stdout.contains("older than the data files"), "{}", c.stdout);
+    assert!(
+        c.stdout.contains("older than the data files"),
+        "{}",
+        c.stdout
+    );
     let g = vmrepo([s("gc"), p(&f.repo)]);
     assert_ne!(g.code, 0, "gc must refuse: {}", g.stdout);
     assert!(
@@ -256,5 +264,47 @@ fn a_truncated_or_deleted_index_deletes_nothing() {
     assert!(g.stderr.contains("--rebuild-index"), "{}", g.stderr);
     assert_eq!(common::packs(&f.repo), packs);
     vmrepo([s("check"), p(&f.repo), s("--rebuild-index")]).ok();
+    f.all_restore();
+}
+
+/// An ingest killed after sealing its last pack (which holds its manifest) and before its
+/// commit left an `uncommitted-<pack>` marker: that pack is the left-over of a generation never
+/// reported saved, not one the index lost. check stays clean, gc deletes it, nothing appears.
+#[test]
+fn an_ingest_killed_before_its_commit_leaves_no_generation() {
+    let mut f = Fixture::new();
+    let before = f.save_index("before.sqlite");
+    let old_packs = packs(&f.repo);
+    let img = f.work.join("a.img");
+    overwrite(&img, 0, 1 << 20, 77);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    ingest(&f.repo, &img, Some("a"));
+    // As if killed before the commit: the index without it, the marker of its last pack.
+    f.put_index(&before);
+    let new: Vec<PathBuf> = packs(&f.repo)
+        .into_iter()
+        .filter(|p| !old_packs.contains(p))
+        .collect();
+    assert_eq!(new.len(), 1, "{new:?}");
+    let name = new[0].file_stem().unwrap().to_str().unwrap();
+    fs::write(
+        f.repo.join("locks").join(format!("uncommitted-{name}")),
+        b"",
+    )
+    .unwrap();
+    let c = vmrepo([s("check"), p(&f.repo), s("--read-data")]);
+    assert_eq!(c.code, 0, "{}{}", c.stdout, c.stderr);
+    assert!(
+        c.stdout.contains("left over from interrupted runs"),
+        "{}",
+        c.stdout
+    );
+    vmrepo([s("gc"), p(&f.repo)]).ok();
+    assert_eq!(packs(&f.repo), old_packs, "the left-over was not deleted");
+    assert!(fs::read_dir(f.repo.join("locks")).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("uncommitted-")));
     f.all_restore();
 }
