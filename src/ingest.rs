@@ -1301,6 +1301,18 @@ fn patch_segment(
     result
 }
 
+/// Bytes of physical memory, if the system says.
+fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf only reads its argument.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages > 0 && page > 0).then(|| (pages as u64).saturating_mul(page as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1357,16 +1369,4 @@ mod tests {
         let distinct: std::collections::HashSet<_> = map.segments.iter().collect();
         assert_eq!(distinct.len(), nseg as usize);
     }
-}
-
-/// Bytes of physical memory, if the system says.
-fn physical_memory() -> Option<u64> {
-    // SAFETY: sysconf only reads its argument.
-    let (pages, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    (pages > 0 && page > 0).then(|| (pages as u64).saturating_mul(page as u64))
 }

@@ -272,7 +272,7 @@ fn a_truncated_or_deleted_index_deletes_nothing() {
 /// reported saved, not one the index lost. check stays clean, gc deletes it, nothing appears.
 #[test]
 fn an_ingest_killed_before_its_commit_leaves_no_generation() {
-    let mut f = Fixture::new();
+    let f = Fixture::new();
     let before = f.save_index("before.sqlite");
     let old_packs = packs(&f.repo);
     let img = f.work.join("a.img");

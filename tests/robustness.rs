@@ -294,7 +294,9 @@ fn a_second_ingest_of_the_same_vm_waits_with_lock_wait() {
     assert!(first.wait().unwrap().success());
     assert_eq!(second.code, 0, "{}", second.stderr);
     assert!(
-        second.stderr.contains("waiting up to 120 s for another ingest of VM \"vm\""),
+        second
+            .stderr
+            .contains("waiting up to 120 s for another ingest of VM \"vm\""),
         "{}",
         second.stderr
     );
