@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// `println!` for this binary: output to a closed pipe (`vmrepo list | head -1`) is dropped
-/// instead of panicking. See [`stdout_line`].
+/// instead of panicking. See [`stdout_write`].
 macro_rules! println {
     () => {
         $crate::stdout_write(format_args!("\n"))
