@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    vmrepo::fuzzing::exercise("cowd", data);
+    let _ = vmrepo::fuzzing::exercise("cowd", data);
 });

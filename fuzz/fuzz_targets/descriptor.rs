@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    vmrepo::fuzzing::exercise("descriptor", data);
+    let _ = vmrepo::fuzzing::exercise("descriptor", data);
 });
