@@ -151,7 +151,8 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
 
     // Tombstones: indexed ones and those in unknown packs (a prune killed before its commit
     // removed nothing, but what it names is not a generation to adopt either).
-    for id in index.ids_of_kind(ObjectKind::Tombstone)? {
+    let (indexed_manifests, indexed_tombstones) = index.manifests_and_tombstones()?;
+    for id in indexed_tombstones {
         let t = repo.read_object(&id).and_then(|b| {
             Tombstone::decode(&b)
                 .map_err(|e| Error::Corrupt(format!("tombstone {}: {e}", id.short())))
@@ -168,7 +169,7 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
         .into_iter()
         .map(|g| g.manifest)
         .collect();
-    for id in index.ids_of_kind(ObjectKind::Manifest)? {
+    for id in indexed_manifests {
         if listed.contains(&id) || s.tombstoned.contains(&id) {
             continue;
         }
@@ -298,9 +299,10 @@ impl Survey {
         needed: &dyn Fn(&ObjectId) -> bool,
     ) -> Result<Vec<(&UnknownPack, Verdict)>> {
         let unlisted: HashSet<ObjectId> = self.unlisted.iter().map(|u| u.1).collect();
+        let incomplete = !self.gaps().is_empty();
         let mut out = Vec::new();
         for u in &self.unknown {
-            let v = if !self.gaps().is_empty() {
+            let v = if incomplete {
                 Verdict::Keep("the index is not complete (see above)".into())
             } else if let Some(why) = &u.unreadable {
                 Verdict::Keep(format!("it cannot be read to its end ({why})"))

@@ -59,17 +59,15 @@ fn owe(command: &str, vm: &str, vmdir: &Path, timeout: Duration) -> u64 {
     id
 }
 
-/// Takes back the owed post-command `id` so the caller runs it; false when an interrupt has
+/// Takes back the owed post-command `id` so the caller runs it; `None` when an interrupt has
 /// taken it (and runs it).
-fn take_owed(id: u64) -> bool {
+fn take_owed(id: u64) -> Option<OwedPost> {
     let mut owed = OWED.lock().unwrap();
-    match owed.iter().position(|o| o.id == id) {
-        Some(i) if !interrupted() => {
-            owed.remove(i);
-            true
-        }
-        _ => false,
+    if interrupted() {
+        return None;
     }
+    let i = owed.iter().position(|o| o.id == id)?;
+    Some(owed.remove(i))
 }
 
 /// Stops everything for an interrupt (SIGINT, SIGTERM, SIGHUP): marks the process
@@ -192,10 +190,6 @@ pub fn run(
 /// [`interrupt`]); [`OwedGuard::run`] runs it when the ingest ends.
 pub struct OwedGuard {
     id: u64,
-    command: String,
-    vm: String,
-    vmdir: PathBuf,
-    timeout: Duration,
 }
 
 impl OwedGuard {
@@ -203,26 +197,14 @@ impl OwedGuard {
     pub fn new(command: &str, vm: &str, vmdir: &Path, timeout: Duration) -> OwedGuard {
         OwedGuard {
             id: owe(command, vm, vmdir, timeout),
-            command: command.into(),
-            vm: vm.into(),
-            vmdir: vmdir.into(),
-            timeout,
         }
     }
 
     /// Runs the post-command with `status`, unless an interrupt has taken it: then `None`
     /// (the interrupt runs it with status `interrupted`).
     pub fn run(self, status: &str) -> Option<Result<HookRun>> {
-        take_owed(self.id).then(|| {
-            run_unregistered(
-                &self.command,
-                "post",
-                &self.vm,
-                &self.vmdir,
-                Some(status),
-                self.timeout,
-            )
-        })
+        take_owed(self.id)
+            .map(|o| run_unregistered(&o.command, "post", &o.vm, &o.vmdir, Some(status), o.timeout))
     }
 }
 

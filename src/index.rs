@@ -1087,28 +1087,33 @@ impl Index {
             .map_err(|e| self.err(e))
     }
 
-    /// The ids of every indexed object of `kind` (manifests and tombstones: few).
-    pub fn ids_of_kind(&self, kind: ObjectKind) -> Result<Vec<ObjectId>> {
+    /// The ids of every indexed manifest and tombstone (few), in one pass over the objects.
+    pub fn manifests_and_tombstones(&self) -> Result<(Vec<ObjectId>, Vec<ObjectId>)> {
         let mut st = self
             .conn
-            .prepare("SELECT id FROM all_objects WHERE kind = ?1")
+            .prepare("SELECT id, kind FROM all_objects WHERE kind IN (?1, ?2)")
             .map_err(|e| self.err(e))?;
         let rows = st
-            .query_map([kind as u8], |r| r.get::<_, Vec<u8>>(0))
+            .query_map(
+                [ObjectKind::Manifest as u8, ObjectKind::Tombstone as u8],
+                |r| {
+                    Ok((
+                        row_id(&r.get::<_, Vec<u8>>(0)?, "object id")?,
+                        r.get::<_, u8>(1)?,
+                    ))
+                },
+            )
             .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
+        let (mut manifests, mut tombstones) = (Vec::new(), Vec::new());
         for r in rows {
-            let raw = r.map_err(|e| self.err(e))?;
-            out.push(ObjectId::from_slice(&raw).ok_or_else(|| {
-                Error::Corrupt(format!(
-                    "index {}: an object row has an id of {} bytes, not 32; \
-                     `vmrepo check --rebuild-index` rebuilds the index from the data files",
-                    self.path.display(),
-                    raw.len()
-                ))
-            })?);
+            let (id, kind) = r.map_err(|e| self.err(e))?;
+            if kind == ObjectKind::Manifest as u8 {
+                manifests.push(id);
+            } else {
+                tombstones.push(id);
+            }
         }
-        Ok(out)
+        Ok((manifests, tombstones))
     }
 
     /// Calls `f` for every object in the index, in pack and offset order.

@@ -769,6 +769,15 @@ fn ingest_disk(
     // The disk map is one object, and no object may exceed MAX_OBJECT_LEN (readers refuse
     // larger records): a 64 TiB disk was recorded with a 512 MiB disk map that no command
     // could read back.
+    // How the errors below name the disk: the file the VM knows it by.
+    let disk_file = || -> std::path::PathBuf {
+        d.layout
+            .as_ref()
+            .map(|l| l.file.clone())
+            .or_else(|| d.descriptor.clone())
+            .unwrap_or_else(|| d.slot.clone())
+            .into()
+    };
     let map_len = 24 + nseg.saturating_mul(32);
     if map_len > crate::object::MAX_OBJECT_LEN as u64 {
         let most = (crate::object::MAX_OBJECT_LEN as u64 - 24) / 32 * seg;
@@ -783,13 +792,7 @@ fn ingest_disk(
                 crate::object::MAX_OBJECT_LEN >> 20,
                 most >> 40
             ),
-            path: d
-                .layout
-                .as_ref()
-                .map(|l| l.file.clone())
-                .or_else(|| d.descriptor.clone())
-                .unwrap_or_else(|| d.slot.clone())
-                .into(),
+            path: disk_file(),
         });
     }
     if let Some(mem) = physical_memory() {
@@ -806,13 +809,7 @@ fn ingest_disk(
                     nseg.saturating_mul(SEGMENT_STATE_BYTES) >> 20,
                     mem >> 20
                 ),
-                path: d
-                    .layout
-                    .as_ref()
-                    .map(|l| l.file.clone())
-                    .or_else(|| d.descriptor.clone())
-                    .unwrap_or_else(|| d.slot.clone())
-                    .into(),
+                path: disk_file(),
             });
         }
     }

@@ -102,12 +102,44 @@ pub fn lock_repository(
         }
         LockMode::Exclusive => "another vmrepo process (ingest, extract, mount or check)",
     };
+    wait_for(
+        file,
+        &path,
+        mode != LockMode::Exclusive,
+        wait,
+        on_wait,
+        &format!(
+            "repository {} is in use by {holder}; retry when it has finished, or pass \
+             --lock-wait SECONDS to wait for it",
+            root.display()
+        ),
+        &format!(
+            "waiting up to {} s for repository {}: it is in use by {holder}",
+            wait.as_secs(),
+            root.display()
+        ),
+    )
+}
+
+/// Takes `file`'s `flock` (shared or exclusive), retrying every 200 ms for up to `wait`; tells
+/// `on_wait` once (`waiting`) when it has to wait, and fails with `busy` (plus how long it
+/// waited) when the time is up.
+fn wait_for(
+    file: File,
+    path: &Path,
+    shared: bool,
+    wait: Duration,
+    on_wait: &dyn Fn(&str),
+    busy: &str,
+    waiting: &str,
+) -> Result<Lock> {
     let deadline = Instant::now() + wait;
     let mut told = false;
     loop {
-        let r = match mode {
-            LockMode::Read | LockMode::Shared => file.try_lock_shared(),
-            LockMode::Exclusive => file.try_lock(),
+        let r = if shared {
+            file.try_lock_shared()
+        } else {
+            file.try_lock()
         };
         match r {
             Ok(()) => {
@@ -116,27 +148,18 @@ pub fn lock_repository(
                     unguarded: None,
                 })
             }
-            Err(TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
+            Err(TryLockError::Error(e)) => return Err(Error::io("lock", path, e)),
             Err(TryLockError::WouldBlock) => {}
         }
         if Instant::now() >= deadline {
-            return Err(Error::Locked(format!(
-                "repository {} is in use by {holder}; retry when it has finished, or pass \
-                 --lock-wait SECONDS to wait for it{}",
-                root.display(),
-                if wait.is_zero() {
-                    String::new()
-                } else {
-                    format!(" (waited {} s)", wait.as_secs())
-                }
-            )));
+            return Err(Error::Locked(if wait.is_zero() {
+                busy.to_string()
+            } else {
+                format!("{busy} (waited {} s)", wait.as_secs())
+            }));
         }
         if !told {
-            on_wait(&format!(
-                "waiting up to {} s for repository {}: it is in use by {holder}",
-                wait.as_secs(),
-                root.display()
-            ));
+            on_wait(waiting);
             told = true;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -157,39 +180,21 @@ pub fn lock_vm(
     let tag = &blake3::hash(tag.as_bytes()).to_hex()[..16];
     let path = root.join("locks").join(format!("vm-{tag}.lock"));
     let file = open_lock_file(&path)?;
-    let deadline = Instant::now() + wait;
-    let mut told = false;
-    loop {
-        match file.try_lock() {
-            Ok(()) => {
-                return Ok(Lock {
-                    file: Some(file),
-                    unguarded: None,
-                })
-            }
-            Err(TryLockError::WouldBlock) => {}
-            Err(TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::Locked(format!(
-                "another ingest of VM {vm:?} is running on repository {}; one VM is ingested by \
-                 one process at a time: retry when it has finished, or pass --lock-wait SECONDS \
-                 to wait for it{}",
-                root.display(),
-                if wait.is_zero() {
-                    String::new()
-                } else {
-                    format!(" (waited {} s)", wait.as_secs())
-                }
-            )));
-        }
-        if !told {
-            on_wait(&format!(
-                "waiting up to {} s for another ingest of VM {vm:?} to finish",
-                wait.as_secs()
-            ));
-            told = true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for(
+        file,
+        &path,
+        false,
+        wait,
+        on_wait,
+        &format!(
+            "another ingest of VM {vm:?} is running on repository {}; one VM is ingested by one \
+             process at a time: retry when it has finished, or pass --lock-wait SECONDS to wait \
+             for it",
+            root.display()
+        ),
+        &format!(
+            "waiting up to {} s for another ingest of VM {vm:?} to finish",
+            wait.as_secs()
+        ),
+    )
 }
