@@ -187,21 +187,24 @@ impl ChangedRanges {
     }
 }
 
-/// Which segments of a disk of `size` bytes cut in `segment_size` pieces the ranges touch.
-pub fn touched_segments(ranges: &[Range<u64>], size: u64, segment_size: u64) -> Vec<bool> {
-    let n = size.div_ceil(segment_size) as usize;
-    let mut touched = vec![false; n];
-    for r in ranges {
-        if r.start >= r.end {
-            continue;
-        }
-        let first = (r.start / segment_size) as usize;
-        let last = ((r.end - 1) / segment_size) as usize;
-        for t in touched.iter_mut().take(last.min(n - 1) + 1).skip(first) {
-            *t = true;
+/// Which segments of a disk of `size` bytes cut in `segment_size` pieces the ranges touch, as
+/// sorted, disjoint ranges of segment indexes (memory follows the ranges, not the disk's size).
+pub fn touched_segments(ranges: &[Range<u64>], size: u64, segment_size: u64) -> Vec<Range<u64>> {
+    let n = size.div_ceil(segment_size);
+    let mut touched: Vec<Range<u64>> = ranges
+        .iter()
+        .filter(|r| r.start < r.end && r.start < size)
+        .map(|r| r.start / segment_size..((r.end - 1) / segment_size + 1).min(n))
+        .collect();
+    touched.sort_unstable_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(touched.len());
+    for r in touched {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
         }
     }
-    touched
+    merged
 }
 
 #[cfg(test)]
@@ -259,8 +262,13 @@ mod tests {
     #[test]
     fn touched_segments_cover_range_ends() {
         let t = touched_segments(&[0..1, 8..9, 23..24], 24, 8);
-        assert_eq!(t, vec![true, true, true]);
+        assert_eq!(t, vec![0..3]);
         let t = touched_segments(&[9..12, 12..16], 40, 8);
-        assert_eq!(t, vec![false, true, false, false, false]);
+        assert_eq!(t, vec![1..2]);
+        // Unsorted, overlapping, empty and past-the-end ranges; a petabyte disk costs nothing.
+        let t = touched_segments(&[30..33, 5..5, 0..9, 50..60], 40, 8);
+        assert_eq!(t, vec![0..2, 3..5]);
+        let t = touched_segments(&[0..1, (1 << 50) - 1..1 << 50], 1 << 50, 4 << 20);
+        assert_eq!(t, vec![0..1, (1 << 28) - 1..1 << 28]);
     }
 }

@@ -386,10 +386,7 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
                 Ok(map) => {
                     let mut bad_segments = 0usize;
                     let mut first = None;
-                    for (i, seg) in map.segments.iter().enumerate() {
-                        if seg.is_zero() {
-                            continue;
-                        }
+                    for (i, seg) in map.nonzero() {
                         let verdict = seg_ok.entry(*seg).or_insert_with(|| {
                             check_segment(repo, &index, &bad, seg, map.segment_range(i)).err()
                         });
@@ -631,9 +628,8 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
                 None => missing.push(format!("disk map of {}", d.slot)),
                 Some(map) => {
                     let bad = map
-                        .segments
-                        .iter()
-                        .filter(|s| !s.is_zero() && !good_segments.contains(s))
+                        .nonzero()
+                        .filter(|(_, s)| !good_segments.contains(*s))
                         .count();
                     if bad > 0 {
                         missing.push(format!("{bad} segment(s) of disk {}", d.slot));

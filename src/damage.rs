@@ -123,10 +123,7 @@ pub fn find(repo: &Repository, manifest: &Manifest) -> Result<Damage> {
                 continue;
             }
         };
-        for (i, id) in map.segments.iter().enumerate() {
-            if id.is_zero() {
-                continue;
-            }
+        for (i, id) in map.nonzero() {
             let (start, end) = map.segment_range(i);
             let seg = segments
                 .entry(*id)

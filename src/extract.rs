@@ -889,15 +889,18 @@ fn write_disk(
             file,
         });
     }
-    let written: u64 = (0..map.segments.len())
+    // Zero segments are holes already: count them done, then write the others.
+    let nonzero: Vec<(u64, ObjectId)> = map.nonzero().map(|(i, id)| (i, *id)).collect();
+    let data_span: u64 = nonzero
+        .iter()
+        .map(|(i, _)| map.segment_range(*i))
+        .map(|(s, e)| e - s)
+        .sum();
+    progress.advance(map.size - data_span);
+    let written: u64 = nonzero
         .into_par_iter()
-        .map(|i| -> Result<u64> {
+        .map(|(i, id)| -> Result<u64> {
             let (start, end) = map.segment_range(i);
-            let id = map.segments[i];
-            if id.is_zero() {
-                progress.advance(end - start);
-                return Ok(0);
-            }
             let damaged_range = |a: u64, b: u64, e: Error| -> Result<()> {
                 let r = DamagedRange {
                     disk: label.clone(),

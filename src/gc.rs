@@ -168,8 +168,8 @@ pub fn mark(
     for (id, g) in &maps {
         match repo.load_disk_map(id) {
             Ok(map) => {
-                live.metadata_read += 24 + 32 * map.segments.len() as u64;
-                for s in map.segments.iter().filter(|s| !s.is_zero()) {
+                live.metadata_read += map.encoded_len();
+                for (_, s) in map.nonzero() {
                     live.ids.insert(*s);
                     segments.entry(*s).or_insert(g);
                 }

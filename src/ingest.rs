@@ -8,7 +8,7 @@
 //! changes ([`crate::patch`]) when it can, reading only the changed bytes and some context.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -433,11 +433,11 @@ pub struct Incremental {
 /// kept), and the previous versions of those, loaded before the workers start (up to
 /// [`PRELOAD_MAX`]; the rest are loaded when their turn comes).
 struct Reuse {
-    segments: Vec<ObjectId>,
-    touched: Vec<bool>,
+    segments: DiskMap,
+    touched: Vec<Range<u64>>,
     changed: Vec<Range<u64>>,
-    patchable: Vec<bool>,
-    preloaded: HashMap<usize, (Segment, Vec<ChainingValue>)>,
+    patchable: HashSet<u64>,
+    preloaded: HashMap<u64, (Segment, Vec<ChainingValue>)>,
 }
 
 /// Previous segments a change-aware ingest loads up front, at most (about 12 KiB each). Read
@@ -447,6 +447,17 @@ struct Reuse {
 const PRELOAD_MAX: usize = 4096;
 
 impl Reuse {
+    /// Whether the changes touch segment `i`.
+    fn is_touched(&self, i: u64) -> bool {
+        let k = self.touched.partition_point(|t| t.end <= i);
+        self.touched.get(k).is_some_and(|t| t.start <= i)
+    }
+
+    /// The touched segments, in order.
+    fn touched(&self) -> impl Iterator<Item = u64> + '_ {
+        self.touched.iter().flat_map(|t| t.clone())
+    }
+
     /// The changed ranges that meet `r`.
     fn changed_in(&self, r: &Range<u64>) -> &[Range<u64>] {
         let lo = self.changed.partition_point(|c| c.end <= r.start);
@@ -456,13 +467,8 @@ impl Reuse {
 
     /// What touched segment `i` (disk bytes `range`) is expected to be read as: the context
     /// around each change when it can be patched, else all of it.
-    fn planned_reads(
-        &self,
-        i: usize,
-        range: Range<u64>,
-        params: &ChunkerParams,
-    ) -> Vec<Range<u64>> {
-        if !self.patchable[i] {
+    fn planned_reads(&self, i: u64, range: Range<u64>, params: &ChunkerParams) -> Vec<Range<u64>> {
+        if !self.patchable.contains(&i) {
             return vec![range];
         }
         let (before, after) = crate::patch::context(params);
@@ -518,31 +524,31 @@ fn plan_reuse(
     let touched = crate::changes::touched_segments(&ranges, size, params.segment_size as u64);
     let mut leaves = Vec::new();
     let patchable = repo.with_index(|i| {
-        let mut patchable = vec![false; touched.len()];
-        for (k, (&t, s)) in touched.iter().zip(&map.segments).enumerate() {
-            if !t || s.is_zero() {
-                continue;
-            }
-            if leaves.len() < PRELOAD_MAX {
-                if let Some(cvs) = i.segment_leaves(s)? {
-                    leaves.push((k, cvs));
-                    patchable[k] = true;
+        let mut patchable = HashSet::new();
+        for t in &touched {
+            for k in map.nonzero_in(t.start, t.end) {
+                let s = map.get(k);
+                if leaves.len() < PRELOAD_MAX {
+                    if let Some(cvs) = i.segment_leaves(&s)? {
+                        leaves.push((k, cvs));
+                        patchable.insert(k);
+                    }
+                } else if i.has_segment_leaves(&s)? {
+                    patchable.insert(k);
                 }
-            } else {
-                patchable[k] = i.has_segment_leaves(s)?;
             }
         }
         Ok(patchable)
     })?;
-    let ids: Vec<ObjectId> = leaves.iter().map(|(k, _)| map.segments[*k]).collect();
+    let ids: Vec<ObjectId> = leaves.iter().map(|(k, _)| map.get(*k)).collect();
     let mut preloaded = HashMap::with_capacity(ids.len());
     for ((k, cvs), bytes) in leaves.into_iter().zip(repo.read_objects(&ids)?) {
-        let segment = crate::repo::decode_segment(&map.segments[k], &bytes)?;
+        let segment = crate::repo::decode_segment(&map.get(k), &bytes)?;
         preloaded.insert(k, (segment, cvs));
     }
     Ok(Some(Ok(Reuse {
         touched,
-        segments: map.segments,
+        segments: map,
         changed: crate::patch::merged(ranges),
         patchable,
         preloaded,
@@ -640,10 +646,11 @@ fn run(
             to_read += crate::source::allocated_bytes(d.reader.as_ref())?;
             continue;
         };
-        for i in (0..r.touched.len()).filter(|&i| r.touched[i]) {
-            let range = i as u64 * seg..((i as u64 + 1) * seg).min(size);
+        for i in r.touched() {
+            let range = i * seg..((i + 1) * seg).min(size);
+            let patchable = r.patchable.contains(&i);
             for p in r.planned_reads(i, range, &params) {
-                if r.patchable[i] {
+                if patchable {
                     to_read += p.end - p.start;
                 } else {
                     to_read += d
@@ -761,14 +768,6 @@ fn ingest_disk(
     let size = d.reader.size();
     let seg = params.segment_size as u64;
     let nseg = size.div_ceil(seg);
-    // The disk map holds one entry per segment, allocated or not, and an ingest keeps about
-    // SEGMENT_STATE_BYTES per segment: refuse a disk that would not fit in a quarter of memory
-    // (a 1 PiB thin qcow2 was killed by the kernel after taking 24 GB) instead of letting it
-    // push the host into swap or the OOM killer.
-    const SEGMENT_STATE_BYTES: u64 = 200;
-    // The disk map is one object, and no object may exceed MAX_OBJECT_LEN (readers refuse
-    // larger records): a 64 TiB disk was recorded with a 512 MiB disk map that no command
-    // could read back.
     // How the errors below name the disk: the file the VM knows it by.
     let disk_file = || -> std::path::PathBuf {
         d.layout
@@ -778,41 +777,6 @@ fn ingest_disk(
             .unwrap_or_else(|| d.slot.clone())
             .into()
     };
-    let map_len = 24 + nseg.saturating_mul(32);
-    if map_len > crate::object::MAX_OBJECT_LEN as u64 {
-        let most = (crate::object::MAX_OBJECT_LEN as u64 - 24) / 32 * seg;
-        return Err(Error::Unsupported {
-            what: format!(
-                "disk {} of {size} bytes (virtual): its disk map (one entry per {} MiB segment) \
-                 would be {} MiB, more than the largest object, {} MiB; disks up to {} TiB can \
-                 be backed up",
-                d.slot,
-                seg >> 20,
-                map_len >> 20,
-                crate::object::MAX_OBJECT_LEN >> 20,
-                most >> 40
-            ),
-            path: disk_file(),
-        });
-    }
-    if let Some(mem) = physical_memory() {
-        if nseg.saturating_mul(SEGMENT_STATE_BYTES) > mem / 4 {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "disk {} of {} bytes (virtual): vmrepo keeps state for each of its {nseg} \
-                     segments of {} MiB, allocated or not, about {} MiB here, more than a \
-                     quarter of this machine's memory ({} MiB); disks this large need a \
-                     machine with more memory",
-                    d.slot,
-                    size,
-                    seg >> 20,
-                    nseg.saturating_mul(SEGMENT_STATE_BYTES) >> 20,
-                    mem >> 20
-                ),
-                path: disk_file(),
-            });
-        }
-    }
     let key = chunker::fingerprint_key(params, store.repo().keys());
     let mut seed = [0u8; 8];
     getrandom::fill(&mut seed).map_err(|e| Error::Usage(format!("no randomness: {e}")))?;
@@ -823,18 +787,18 @@ fn ingest_disk(
     // One segment: taken unread, patched, or read.
     let segment = |i: u64| -> Result<(ObjectId, Option<CacheRow>)> {
         let range = i * seg..((i + 1) * seg).min(size);
-        if let Some(r) = reuse.filter(|r| !r.touched[i as usize]) {
-            let prev = r.segments[i as usize];
+        if let Some(r) = reuse.filter(|r| !r.is_touched(i)) {
+            let prev = r.segments.get(i);
             counters.segments_skipped.fetch_add(1, Ordering::Relaxed);
             if sampled(seed, i, verify_share) {
                 verify_unchanged(store, d, range, prev, params, &key, counters)?;
             }
             return Ok((prev, None));
         }
-        if let Some(r) = reuse.filter(|r| r.patchable[i as usize]) {
-            let prev = r.segments[i as usize];
+        if let Some(r) = reuse.filter(|r| r.patchable.contains(&i)) {
+            let prev = r.segments.get(i);
             let changed = r.changed_in(&range);
-            let preloaded = r.preloaded.get(&(i as usize));
+            let preloaded = r.preloaded.get(&i);
             let patched = patch_segment(
                 store, d, &range, prev, preloaded, changed, params, &key, counters, progress,
             )?;
@@ -858,13 +822,15 @@ fn ingest_disk(
     // Segments are handed out in disk order, one at a time, to whichever worker is free
     // (`par_bridge`): reads then move through the disk as one front, in the order the
     // prefetcher hints them, instead of one stream per worker at distant offsets.
+    // Only the segments worth a visit (see `visits`) are handed out; every other one is all
+    // zero, so time and memory follow the disk's data, not its virtual size.
     let work = || {
-        let mut results = (0..nseg)
+        let mut results = visits(d.reader.as_ref(), reuse, size, seg, seed, verify_share)
             .par_bridge()
-            .map(|i| segment(i).map(|r| (i, r)))
+            .map(|i| i.and_then(|i| segment(i).map(|r| (i, r))))
             .collect::<Result<Vec<_>>>()?;
         results.sort_unstable_by_key(|(i, _)| *i);
-        Ok::<_, Error>(results.into_iter().map(|(_, r)| r).collect::<Vec<_>>())
+        Ok::<_, Error>(results)
     };
     let results = std::thread::scope(|scope| {
         if let Some(r) = reuse {
@@ -877,17 +843,40 @@ fn ingest_disk(
         finished.store(true, Ordering::Relaxed);
         results
     })?;
-    let mut segments = Vec::with_capacity(results.len());
+    // Segments not visited: all zero (a full ingest), or unchanged and zero before.
+    let unvisited = nseg - results.len() as u64;
+    match reuse {
+        None => counters
+            .segments_zero
+            .fetch_add(unvisited, Ordering::Relaxed),
+        Some(_) => counters
+            .segments_skipped
+            .fetch_add(unvisited, Ordering::Relaxed),
+    };
+    let mut entries = Vec::with_capacity(results.len());
     let mut rows = Vec::new();
-    for (id, row) in results {
-        segments.push(id);
+    for (i, (id, row)) in results {
+        entries.push((i, id));
         rows.extend(row);
     }
-    let map = DiskMap {
-        size,
-        segment_size: params.segment_size,
-        segments,
-    };
+    let map = DiskMap::new(size, params.segment_size, entries);
+    // No object may exceed MAX_OBJECT_LEN (readers refuse larger records).
+    if map.encoded_len() > MAX_OBJECT_LEN as u64 {
+        return Err(Error::Unsupported {
+            what: format!(
+                "disk {}: {} of its {} MiB segments hold data, and their list (the disk map, \
+                 {} MiB) would exceed the largest object, {} MiB; a disk can hold up to about \
+                 {} TiB of data",
+                d.slot,
+                map.nonzero().len(),
+                seg >> 20,
+                map.encoded_len() >> 20,
+                MAX_OBJECT_LEN >> 20,
+                ((MAX_OBJECT_LEN as u64 - 24) / 32 * seg) >> 40
+            ),
+            path: disk_file(),
+        });
+    }
     let disk_map = store.put_blob(ObjectKind::DiskMap, &map.encode())?;
     let mut extents = Vec::new();
     for e in &d.extents {
@@ -950,6 +939,52 @@ fn store_extent_edges(
     Ok((read(0..data_start)?, read(data_end..file_size)?))
 }
 
+/// Segments planned together by [`visits`]: one call of `allocated` covers this many.
+const VISIT_WINDOW: u64 = 4096;
+
+/// The segments of a disk an ingest must visit, in disk order: where the source may hold data
+/// (a full ingest), or, for a change-aware one, the segments the changes touch, those that held
+/// data in the base generation (taken unread) and the sample `--verify-unchanged` re-reads
+/// among those the source may hold data in. Every other segment is all zero. Planned one window
+/// of [`VISIT_WINDOW`] segments at a time, so memory stays small on a huge thin disk.
+fn visits<'a>(
+    reader: &'a dyn DiskReader,
+    reuse: Option<&'a Reuse>,
+    size: u64,
+    seg: u64,
+    seed: u64,
+    verify_share: f64,
+) -> impl Iterator<Item = Result<u64>> + Send + 'a {
+    let nseg = size.div_ceil(seg);
+    (0..nseg.div_ceil(VISIT_WINDOW)).flat_map(move |w| {
+        let (from, to) = (w * VISIT_WINDOW, ((w + 1) * VISIT_WINDOW).min(nseg));
+        let window = || -> Result<Vec<u64>> {
+            let mut v = Vec::new();
+            if reuse.is_none() || verify_share > 0.0 {
+                for a in reader.allocated(from * seg..(to * seg).min(size))? {
+                    if a.start < a.end {
+                        v.extend(a.start / seg..=(a.end - 1) / seg);
+                    }
+                }
+            }
+            if let Some(r) = reuse {
+                v.retain(|&i| sampled(seed, i, verify_share));
+                let first = r.touched.partition_point(|t| t.end <= from);
+                let touched = r.touched[first..].iter().take_while(|t| t.start < to);
+                v.extend(touched.flat_map(|t| t.start.max(from)..t.end.min(to)));
+                v.extend(r.segments.nonzero_in(from, to));
+            }
+            v.sort_unstable();
+            v.dedup();
+            Ok(v)
+        };
+        match window() {
+            Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(e) => vec![Err(e)],
+        }
+    })
+}
+
 /// How far (in segments) the prefetcher of a change-aware ingest runs ahead of the workers.
 const PREFETCH_AHEAD: u64 = 64;
 
@@ -966,8 +1001,7 @@ fn prefetch_touched(
     finished: &std::sync::atomic::AtomicBool,
 ) {
     let seg = params.segment_size as u64;
-    let touched = reuse.touched.iter().enumerate().filter(|(_, t)| **t);
-    for (issued, (i, _)) in touched.enumerate() {
+    for (issued, i) in reuse.touched().enumerate() {
         while issued as u64 >= done.load(Ordering::Relaxed) + PREFETCH_AHEAD {
             if finished.load(Ordering::Relaxed) {
                 return;
@@ -977,7 +1011,7 @@ fn prefetch_touched(
         if finished.load(Ordering::Relaxed) {
             return;
         }
-        let range = i as u64 * seg..((i as u64 + 1) * seg).min(size);
+        let range = i * seg..((i + 1) * seg).min(size);
         for r in reuse.planned_reads(i, range, params) {
             reader.prefetch(r);
         }
@@ -1298,18 +1332,6 @@ fn patch_segment(
     result
 }
 
-/// Bytes of physical memory, if the system says.
-fn physical_memory() -> Option<u64> {
-    // SAFETY: sysconf only reads its argument.
-    let (pages, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    (pages > 0 && page > 0).then(|| (pages as u64).saturating_mul(page as u64))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1363,7 +1385,7 @@ mod tests {
         store.flush().unwrap();
         let map = repo.load_disk_map(&entry.disk_map).unwrap();
         // Every segment kept its own bytes: 32 different contents, 32 different segments.
-        let distinct: std::collections::HashSet<_> = map.segments.iter().collect();
+        let distinct: std::collections::HashSet<_> = map.nonzero().map(|(_, s)| s).collect();
         assert_eq!(distinct.len(), nseg as usize);
     }
 }

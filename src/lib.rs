@@ -14,6 +14,7 @@ pub mod coverage;
 pub mod crypto;
 pub mod damage;
 pub mod descriptor;
+pub mod disk_map;
 pub mod error;
 pub mod extract;
 pub mod fsutil;

@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 use crate::id::ObjectId;
 
 const SEGMENT_MAGIC: &[u8; 4] = b"VRSG";
-const DISKMAP_MAGIC: &[u8; 4] = b"VRDM";
 const ZERO_FLAG: u32 = 1 << 31;
 
 /// One piece of a segment, in disk order.
@@ -115,66 +114,7 @@ impl Segment {
     }
 }
 
-/// The segment list of one disk; [`ObjectId::ZERO`] marks an all-zero segment.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskMap {
-    /// Virtual size of the disk in bytes.
-    pub size: u64,
-    /// Segment size used to cut it.
-    pub segment_size: u32,
-    /// One id per segment.
-    pub segments: Vec<ObjectId>,
-}
-
-impl DiskMap {
-    /// Binary encoding: `"VRDM" | version u32 | size u64 | segment_size u32 | count u32 | ids`.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(24 + self.segments.len() * 32);
-        out.extend_from_slice(DISKMAP_MAGIC);
-        out.extend_from_slice(&1u32.to_le_bytes());
-        out.extend_from_slice(&self.size.to_le_bytes());
-        out.extend_from_slice(&self.segment_size.to_le_bytes());
-        out.extend_from_slice(&(self.segments.len() as u32).to_le_bytes());
-        for s in &self.segments {
-            out.extend_from_slice(&s.0);
-        }
-        out
-    }
-
-    /// Parses [`DiskMap::encode`]'s output and checks it is self-consistent.
-    pub fn decode(b: &[u8]) -> Result<DiskMap, String> {
-        if b.len() < 24 || &b[..4] != DISKMAP_MAGIC {
-            return Err("not a disk map object".into());
-        }
-        if u32_at(b, 4) != 1 {
-            return Err(format!("disk map version {} unknown", u32_at(b, 4)));
-        }
-        let size = u64::from_le_bytes(b[8..16].try_into().unwrap());
-        let segment_size = u32_at(b, 16);
-        let count = u32_at(b, 20) as usize;
-        if b.len() != 24 + count * 32 {
-            return Err("disk map object has the wrong length".into());
-        }
-        if segment_size == 0 || size.div_ceil(segment_size as u64) != count as u64 {
-            return Err("disk map segment count does not match the disk size".into());
-        }
-        let segments = b[24..]
-            .chunks_exact(32)
-            .map(|c| ObjectId::from_slice(c).unwrap())
-            .collect();
-        Ok(DiskMap {
-            size,
-            segment_size,
-            segments,
-        })
-    }
-
-    /// Byte range `[start, end)` of segment `i`.
-    pub fn segment_range(&self, i: usize) -> (u64, u64) {
-        let start = i as u64 * self.segment_size as u64;
-        (start, (start + self.segment_size as u64).min(self.size))
-    }
-}
+pub use crate::disk_map::DiskMap;
 
 fn u32_at(b: &[u8], pos: usize) -> u32 {
     u32::from_le_bytes(b[pos..pos + 4].try_into().unwrap())
@@ -559,21 +499,5 @@ mod tests {
         };
         assert_eq!(Segment::decode(&s.encode()).unwrap(), s);
         assert!(Segment::decode(&s.encode()[..50]).is_err());
-    }
-
-    #[test]
-    fn disk_map_round_trip_and_consistency() {
-        let d = DiskMap {
-            size: 40 << 20,
-            segment_size: 16 << 20,
-            segments: vec![ObjectId::ZERO, ObjectId::of(b"x"), ObjectId::of(b"y")],
-        };
-        assert_eq!(DiskMap::decode(&d.encode()).unwrap(), d);
-        assert_eq!(d.segment_range(2), (32 << 20, 40 << 20));
-        let bad = DiskMap {
-            size: 10 << 20,
-            ..d
-        };
-        assert!(DiskMap::decode(&bad.encode()).is_err());
     }
 }

@@ -220,7 +220,7 @@ impl DiskImage {
         let seg_size = self.map.segment_size as u64;
         let mut pos = offset;
         while pos < end {
-            let i = (pos / seg_size) as usize;
+            let i = pos / seg_size;
             let (s_start, s_end) = self.map.segment_range(i);
             let upto = end.min(s_end);
             let out = &mut buf[(pos - offset) as usize..(upto - offset) as usize];
@@ -230,8 +230,8 @@ impl DiskImage {
         Ok(())
     }
 
-    fn read_in_segment(&self, i: usize, rel: u64, out: &mut [u8], seg_len: u64) -> Result<()> {
-        let id = self.map.segments[i];
+    fn read_in_segment(&self, i: u64, rel: u64, out: &mut [u8], seg_len: u64) -> Result<()> {
+        let id = self.map.get(i);
         if id.is_zero() {
             out.fill(0);
             return Ok(());
@@ -304,14 +304,18 @@ impl DiskImage {
         let seg_size = self.map.segment_size as u64;
         let mut pos = from;
         while pos < self.map.size {
-            let i = (pos / seg_size) as usize;
+            let i = pos / seg_size;
             let (s_start, s_end) = self.map.segment_range(i);
-            let id = self.map.segments[i];
+            let id = self.map.get(i);
             if id.is_zero() {
                 if !want_data {
                     return Ok(Some(pos));
                 }
-                pos = s_end;
+                // Straight to the next segment with data: a thin disk's map lists only those.
+                match self.map.nonzero_in(i + 1, self.map.count()).next() {
+                    Some(next) => pos = self.map.segment_range(next).0,
+                    None => return Ok(None),
+                }
                 continue;
             }
             let seg = self.cache.segment(&self.repo, &id)?;
