@@ -105,7 +105,11 @@ impl Export {
         cache_bytes: usize,
     ) -> Result<Export> {
         let gen = repo.with_index(|i| i.resolve(spec))?;
-        let manifest = repo.load_manifest(&gen.manifest)?;
+        let stored = repo.load_manifest(&gen.manifest)?;
+        // The names extract and mount give the disks: one whose file name another disk has
+        // already (one VM folder name on two datastores) is named under its datastore.
+        let vmx = crate::extract::stored_vmx(&repo, &stored);
+        let manifest = crate::extract::place(&stored, vmx.as_deref(), None)?.manifest;
         let Some(d) = manifest.disks.get(disk) else {
             let list: Vec<String> = manifest
                 .disks
@@ -124,9 +128,13 @@ impl Export {
             .clone()
             .or_else(|| d.extents.iter().find_map(|e| e.file.clone()))
             .unwrap_or_else(|| format!("disk{disk}"));
-        let name = file.rsplit('/').next().unwrap_or(&file).to_string();
+        let name = file.clone();
         let description = format!("{} disk {} ({}, {})", gen.name, disk, d.slot, file);
-        let image = DiskImage::open(repo, d, Arc::new(ReadCache::new(cache_bytes)))?;
+        let image = DiskImage::open(
+            repo,
+            &stored.disks[disk],
+            Arc::new(ReadCache::new(cache_bytes)),
+        )?;
         Ok(Export {
             name,
             description,

@@ -382,6 +382,44 @@ fn the_mount_shows_both_same_named_disks_under_the_names_extract_gives() {
     assert_eq!(ended.code, 0, "{}", ended.stderr);
 }
 
+/// `serve-nbd` names the exports as extract names the files: the second disk's export is
+/// `ds2/web01.vmdk` (both were `web01.vmdk`), and each serves its own disk's bytes.
+#[test]
+fn serve_nbd_names_same_named_disks_apart() {
+    let t = tempfile::tempdir().unwrap();
+    let (repo, vm, ds2) = ingest_two_datastores(t.path());
+    for (disk, name, flat) in [
+        ("0", "web01.vmdk", vm.join("web01-flat.vmdk")),
+        ("1", "ds2/web01.vmdk", ds2.join("web01-flat.vmdk")),
+    ] {
+        let srv = live::serve_nbd(t.path(), &repo, "web01", &["--disk", disk]);
+        let r = sh(&format!(
+            "qemu-img info --output=json '{}/{name}'",
+            srv.uri()
+        ));
+        assert_eq!(r.code, 0, "disk {disk} not served as {name}: {}", r.stderr);
+        let r = sh(&format!(
+            "qemu-img compare -f raw -F raw '{}/{name}' '{}'",
+            srv.uri(),
+            flat.display()
+        ));
+        assert!(
+            r.stdout.contains("Images are identical"),
+            "disk {disk}: {}{}",
+            r.stdout,
+            r.stderr
+        );
+    }
+    // Asking for a disk that is not there lists both under their names.
+    let r = vmrepo([s("serve-nbd"), p(&repo), s("web01"), s("--disk"), s("2")]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("0: web01.vmdk, 1: ds2/web01.vmdk"),
+        "{}",
+        r.stderr
+    );
+}
+
 #[test]
 fn key_export_never_writes_through_a_link_or_over_a_file() {
     let t = tempfile::tempdir().unwrap();
