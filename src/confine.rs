@@ -30,8 +30,6 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
-use crate::source::chain::ChainOptions;
-
 /// Where an ESXi host mounts its datastores: allowed whenever it exists.
 pub const ESXI_DATASTORES: &str = "/vmfs/volumes";
 
@@ -72,8 +70,9 @@ pub struct Opened {
 impl Confine {
     /// The rule for a source the user named: `source` is a VM directory (its files may be
     /// read), or a .vmx or disk file (trusted, and its directory's files may be read).
-    /// `opts` adds the local sides of its datastore map (and `--allow-path` directories).
-    pub fn for_source(source: &Path, opts: &ChainOptions) -> Result<Confine> {
+    /// The local sides of `datastore_map` (`--datastore-map`, and `--allow-path` directories
+    /// as `DIR=DIR` entries) are allowed too.
+    pub fn for_source(source: &Path, datastore_map: &[(PathBuf, PathBuf)]) -> Result<Confine> {
         let source = std::path::absolute(source).ctx("resolve", source)?;
         let meta = std::fs::metadata(&source).ctx("open", &source)?;
         let mut named = Vec::new();
@@ -85,7 +84,7 @@ impl Confine {
         };
         let mut roots = vec![std::fs::canonicalize(&dir).ctx("resolve", &dir)?];
         let mut extra: Vec<PathBuf> = vec![PathBuf::from(ESXI_DATASTORES)];
-        extra.extend(opts.datastore_map.iter().map(|(_, local)| local.clone()));
+        extra.extend(datastore_map.iter().map(|(_, local)| local.clone()));
         for r in extra {
             // A root that does not exist holds nothing to read.
             if let Ok(c) = std::path::absolute(&r).and_then(std::fs::canonicalize) {
@@ -275,13 +274,10 @@ pub fn open_read_only(path: &Path, nofollow: bool) -> std::io::Result<File> {
 mod tests {
     use super::*;
 
-    fn opts(map: &[(&Path, &Path)]) -> ChainOptions {
-        ChainOptions {
-            datastore_map: map
-                .iter()
-                .map(|(a, b)| (a.to_path_buf(), b.to_path_buf()))
-                .collect(),
-        }
+    fn opts(map: &[(&Path, &Path)]) -> Vec<(PathBuf, PathBuf)> {
+        map.iter()
+            .map(|(a, b)| (a.to_path_buf(), b.to_path_buf()))
+            .collect()
     }
 
     #[test]
@@ -307,13 +303,7 @@ mod tests {
         assert!(e.unwrap_err().to_string().contains("named by"));
         // The local side of a datastore map (and so an --allow-path) is allowed.
         let allowed = with_allowed(Vec::new(), std::slice::from_ref(&out));
-        let c2 = Confine::for_source(
-            &vm,
-            &ChainOptions {
-                datastore_map: allowed,
-            },
-        )
-        .unwrap();
+        let c2 = Confine::for_source(&vm, &allowed).unwrap();
         assert!(c2.open(&vm.join("link"), None).is_ok());
         let c3 = Confine::for_source(&vm, &opts(&[(Path::new("/vmfs/volumes/x"), &out)])).unwrap();
         assert!(c3.open(&out.join("secret"), None).is_ok());

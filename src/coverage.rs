@@ -29,16 +29,6 @@ use crate::pack::{is_being_written, list_packs, pack_path, scan_pack, PACK_HEADE
 use crate::progress::Progress;
 use crate::repo::Repository;
 
-/// The marker an ingest leaves in `locks/` while it commits its last pack (the one holding its
-/// manifest): `locks/uncommitted-<pack name>`. Created before that pack is sealed and removed
-/// after the commit; a marker whose pack is not in the index says the ingest died in between,
-/// so that pack's manifest is not a generation the index lost but one that was never committed
-/// (never reported saved): the pack is a left-over. Not fsynced: lost in a crash, the pack's
-/// generation is adopted instead, which is also safe.
-pub fn uncommitted_marker(root: &std::path::Path, pack: &str) -> std::path::PathBuf {
-    root.join("locks").join(format!("uncommitted-{pack}"))
-}
-
 /// A pack file in `data/` that the index does not know and no process is writing.
 #[derive(Debug)]
 pub struct UnknownPack {
@@ -60,7 +50,7 @@ pub struct UnknownPack {
     /// Why it could not be read to its end, when what follows the last well-formed record is
     /// not a torn write: what it holds there is unknown.
     pub unreadable: Option<String>,
-    /// The last pack of an ingest that died before its commit ([`uncommitted_marker`]): its
+    /// The last pack of an ingest that died before its commit ([`crate::repo::uncommitted_marker`]): its
     /// manifest is not a generation.
     pub uncommitted: bool,
 }
@@ -215,7 +205,7 @@ fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack>
         bad_manifests: Vec::new(),
         tombstoned: Vec::new(),
         unreadable: None,
-        uncommitted: uncommitted_marker(repo.root(), name).exists(),
+        uncommitted: crate::repo::uncommitted_marker(repo.root(), name).exists(),
     };
     let (_, tail) = scan_pack(&path, |rec| {
         u.valid_len = rec.offset + RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64;
@@ -456,7 +446,7 @@ pub fn adopt(
     Ok(done)
 }
 
-/// Removes the [`uncommitted_marker`]s whose pack is indexed (the commit happened and the
+/// Removes the [`crate::repo::uncommitted_marker`]s whose pack is indexed (the commit happened and the
 /// process died before removing it) or gone (gc deleted the left-over). Needs the exclusive
 /// lock (no ingest is committing).
 pub fn clean_markers(repo: &Repository, index: &Index) -> Result<()> {

@@ -152,8 +152,8 @@ fn index_hint(path: &Path, e: &rusqlite::Error) -> String {
         return String::new();
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    match crate::fsutil::free_bytes(dir) {
-        Some(free) if free < crate::fsutil::LOW_SPACE => format!(
+    match crate::space::free_bytes(dir) {
+        Some(free) if free < crate::space::LOW_SPACE => format!(
             "; the filesystem holding {} is full ({free} bytes free): free space there (`vmrepo \
              prune` and `vmrepo gc` can, they release the repository's reserve first) and run \
              the command again",

@@ -14,22 +14,6 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .ctx("fsync directory", dir)
 }
 
-/// Free space below which a filesystem counts as full: SQLite cannot grow its write-ahead log,
-/// nor create its shared-memory file, with less.
-pub const LOW_SPACE: u64 = 4 << 20;
-
-/// Bytes an unprivileged process may still write on the filesystem holding `path`.
-pub fn free_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid C string and `st` a writable statvfs.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
-}
-
 /// Fsyncs a file's data and metadata.
 pub fn sync_file(path: &Path) -> Result<()> {
     File::open(path)

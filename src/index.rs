@@ -798,7 +798,7 @@ impl Index {
     ///
     /// `last_pack`, the sealed pack holding the manifest, is recorded in the same transaction:
     /// a manifest is never indexed without its generation, so an indexed manifest that no
-    /// generation lists is always a sign of a damaged index (see [`crate::coverage`]).
+    /// generation lists is always a sign of a damaged index (see the survey in coverage.rs).
     pub fn commit_generation(
         &mut self,
         manifest_id: ObjectId,
@@ -1064,7 +1064,7 @@ impl Index {
     }
 
     /// How many gc runs that deleted or rewrote packs this index has seen (meta `gc_epoch`;
-    /// 0 when unset). See [`crate::repo::GC_EPOCH_FILE`].
+    /// 0 when unset). See `GC_EPOCH_FILE` in repo.rs.
     pub fn gc_epoch(&self) -> Result<u64> {
         let v: Option<String> = self
             .conn

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use blake3::hazmat::ChainingValue;
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::changes::ChangedRanges;
 use crate::chunker::{self, Run};
@@ -25,6 +25,7 @@ use crate::id::ObjectId;
 use crate::index::CacheRow;
 use crate::leaves;
 use crate::lock::lock_vm;
+pub use crate::manifest::Incremental;
 use crate::manifest::{
     Catalog, DiskEntry, DiskMap, ExtentFile, FileEntry, IngestStats, Manifest, Segment,
 };
@@ -82,7 +83,8 @@ pub struct IngestReport {
     pub files: usize,
     /// Warnings about the source.
     pub warnings: Vec<String>,
-    /// Generations marked damaged that this ingest made whole again.
+    /// Generations marked damaged that this ingest made whole again: empty from [`ingest`],
+    /// filled in by `repair::heal_after_ingest`, which its callers run after it.
     pub healed: Vec<String>,
     /// What a change-aware ingest reused and why it fell back, if it was one.
     pub incremental: Option<Incremental>,
@@ -277,7 +279,7 @@ fn ingest_unhooked(
         Ok((manifest_id, manifest)) => Ok(IngestReport {
             incremental: manifest.catalog.incremental.clone(),
             hooks: Vec::new(),
-            healed: heal_after_ingest(repo, progress),
+            healed: Vec::new(),
             generation: format!("{}@{}", plan.vm, time),
             manifest: manifest_id,
             stats: manifest.catalog.stats.clone(),
@@ -410,24 +412,6 @@ fn load_base<'a>(
     })
 }
 
-/// What a change-aware ingest did, recorded in the catalog.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct Incremental {
-    /// The generation unchanged segments were taken from.
-    pub since: String,
-    /// Where the changed ranges came from.
-    pub source: String,
-    /// Segments taken from `since` without reading them.
-    pub segments_taken: u64,
-    /// Of those, segments re-read and compared (`--verify-unchanged`).
-    pub segments_verified: u64,
-    /// Touched segments built from the previous version and the changed bytes alone.
-    #[serde(default)]
-    pub segments_patched: u64,
-    /// Disks read in full, and why.
-    pub full_reads: Vec<String>,
-}
-
 /// Per disk: the previous segment list, which segments the changes touch, the changed ranges
 /// (sorted, disjoint), which touched segments can be patched (one data run with its leaves
 /// kept), and the previous versions of those, loaded before the workers start (up to
@@ -553,20 +537,6 @@ fn plan_reuse(
         patchable,
         preloaded,
     })))
-}
-
-/// Re-examines damaged generations: this ingest may have stored again what they had lost.
-/// A failure here does not fail the ingest (its generation is committed); it is reported.
-fn heal_after_ingest(repo: &Repository, progress: &dyn Progress) -> Vec<String> {
-    match crate::repair::heal(repo) {
-        Ok(h) => h,
-        Err(e) => {
-            progress.note(&format!(
-                "warning: could not re-examine damaged generations: {e}"
-            ));
-            Vec::new()
-        }
-    }
 }
 
 /// The generation time: now, or one second after the VM's newest generation if that is not

@@ -128,7 +128,7 @@ fn disk_report(
 pub fn inspect(path: &Path, opts: &ChainOptions, now: jiff::Timestamp) -> Result<Inspection> {
     let abs = std::path::absolute(path).ctx("resolve", path)?;
     let meta = std::fs::metadata(&abs).ctx("open", &abs)?;
-    let confine = Confine::for_source(&abs, opts)?;
+    let confine = Confine::for_source(&abs, &opts.datastore_map)?;
     let is_vmx = abs
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("vmx") || e.eq_ignore_ascii_case("vmtx"));

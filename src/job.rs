@@ -316,7 +316,10 @@ pub fn run(
                 progress.note(&format!("== {}", path.display()));
                 let began = Instant::now();
                 let shown: &dyn Progress = if job.parallel == 1 { progress } else { &quiet };
-                let result = ingest(&repo, path, &opts, shown);
+                let result = ingest(&repo, path, &opts, shown).map(|mut r| {
+                    r.healed = crate::repair::heal_after_ingest(&repo, shown);
+                    r
+                });
                 let outcome = match result {
                     Ok(r) => {
                         let hook = r.hook_failure().map(|e| e.to_string());

@@ -47,6 +47,7 @@ pub mod retention;
 pub mod safe_fs;
 pub mod shutdown;
 pub mod source;
+pub mod space;
 pub mod store;
 pub mod vm;
 pub mod vmsd;

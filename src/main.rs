@@ -691,12 +691,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 full_read,
                 recorded_source: None,
             };
-            let report = ingest(&r, &source, &opts, &bar).with_context(|| {
+            let mut report = ingest(&r, &source, &opts, &bar).with_context(|| {
                 format!(
                     "ingest of {} failed; no generation was recorded",
                     source.display()
                 )
             })?;
+            report.healed = vmrepo::repair::heal_after_ingest(&r, &bar);
             if json {
                 print_json(&report);
             } else {

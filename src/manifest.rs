@@ -134,6 +134,24 @@ pub fn manifest_version_for(disks: &[DiskEntry]) -> u32 {
     }
 }
 
+/// What a change-aware ingest did, recorded in the catalog.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Incremental {
+    /// The generation unchanged segments were taken from.
+    pub since: String,
+    /// Where the changed ranges came from.
+    pub source: String,
+    /// Segments taken from `since` without reading them.
+    pub segments_taken: u64,
+    /// Of those, segments re-read and compared (`--verify-unchanged`).
+    pub segments_verified: u64,
+    /// Touched segments built from the previous version and the changed bytes alone.
+    #[serde(default)]
+    pub segments_patched: u64,
+    /// Disks read in full, and why.
+    pub full_reads: Vec<String>,
+}
+
 /// A generation manifest: everything needed to list, restore and re-index a generation.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
@@ -172,7 +190,7 @@ pub struct Catalog {
     pub stats: IngestStats,
     /// For a change-aware ingest: what it took from which generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub incremental: Option<crate::ingest::Incremental>,
+    pub incremental: Option<Incremental>,
 }
 
 /// Byte counts of one ingest.

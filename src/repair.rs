@@ -155,3 +155,19 @@ pub fn heal(repo: &Repository) -> Result<Vec<String>> {
     }
     Ok(healed)
 }
+
+/// Re-examines damaged generations after an ingest, which may have stored again what they had
+/// lost; returns those healed. Run by the ingest's callers once its generation is committed, so
+/// the write path does not depend on check and damage. A failure does not fail the ingest; it is
+/// reported as a warning.
+pub fn heal_after_ingest(repo: &Repository, progress: &dyn Progress) -> Vec<String> {
+    match heal(repo) {
+        Ok(h) => h,
+        Err(e) => {
+            progress.note(&format!(
+                "warning: could not re-examine damaged generations: {e}"
+            ));
+            Vec::new()
+        }
+    }
+}

@@ -21,6 +21,16 @@ use crate::pack::PackReader;
 
 pub use crate::index::INDEX_FILE;
 
+/// The marker an ingest leaves in `locks/` while it commits its last pack (the one holding its
+/// manifest): `locks/uncommitted-<pack name>`. Created before that pack is sealed and removed
+/// after the commit; a marker whose pack is not in the index says the ingest died in between,
+/// so that pack's manifest is not a generation the index lost but one that was never committed
+/// (never reported saved): the pack is a left-over. Not fsynced: lost in a crash, the pack's
+/// generation is adopted instead, which is also safe.
+pub fn uncommitted_marker(root: &std::path::Path, pack: &str) -> std::path::PathBuf {
+    root.join("locks").join(format!("uncommitted-{pack}"))
+}
+
 /// The number of gc runs that deleted or rewrote pack files, as text. gc raises it in the index
 /// (meta `gc_epoch`) and then in this file before it unlinks anything; an index whose epoch is
 /// lower is older than the data files (a copy from before a gc): its rows may point into packs
@@ -174,9 +184,9 @@ impl Repository {
     /// is nearly full, deletes the reserve file so the index can be written. Returns a note
     /// saying so.
     pub fn release_reserve_if_full(&self) -> Option<String> {
-        let free = crate::fsutil::free_bytes(&self.root)?;
+        let free = crate::space::free_bytes(&self.root)?;
         let path = self.root.join(RESERVE_FILE);
-        if free >= 4 * crate::fsutil::LOW_SPACE || !path.exists() {
+        if free >= 4 * crate::space::LOW_SPACE || !path.exists() {
             return None;
         }
         std::fs::remove_file(&path).ok()?;
@@ -195,8 +205,8 @@ impl Repository {
         if self.root.join(RESERVE_FILE).exists() {
             return;
         }
-        match crate::fsutil::free_bytes(&self.root) {
-            Some(free) if free > RESERVE_BYTES + 16 * crate::fsutil::LOW_SPACE => {
+        match crate::space::free_bytes(&self.root) {
+            Some(free) if free > RESERVE_BYTES + 16 * crate::space::LOW_SPACE => {
                 let _ = make_reserve(&self.root);
             }
             _ => {}
@@ -296,7 +306,7 @@ impl Repository {
     /// recorded `repository_id` differs from config.toml's) is refused: its rows describe
     /// other pack files. An index that records no id yet (made by an earlier vmrepo, or
     /// emptied) is given this repository's; whether it covers the data files is
-    /// [`crate::coverage`]'s question.
+    /// the survey's question (coverage.rs).
     pub fn open_index(&self) -> Result<Index> {
         let index = match Index::open(&self.index_path(), false, self.keys.clone()) {
             Ok(i) => i,

@@ -257,7 +257,7 @@ impl<'r> Store<'r> {
         // killed ingest rather than a generation the index lost (see coverage.rs).
         let marker = full
             .as_ref()
-            .map(|(pack, _)| crate::coverage::uncommitted_marker(self.repo.root(), pack.name()));
+            .map(|(pack, _)| crate::repo::uncommitted_marker(self.repo.root(), pack.name()));
         if let Some(m) = &marker {
             std::fs::write(m, b"").map_err(|e| crate::error::Error::io("create", m, e))?;
         }

@@ -150,7 +150,7 @@ pub fn open_source_with(path: &Path, opts: &SourceOptions) -> Result<SourcePlan>
     let abs = std::path::absolute(path).ctx("resolve", path)?;
     let meta = std::fs::metadata(&abs).ctx("open", &abs)?;
     let name = opts.name.as_deref();
-    let confine = Confine::for_source(&abs, &opts.chain)?;
+    let confine = Confine::for_source(&abs, &opts.chain.datastore_map)?;
     if meta.is_dir() {
         let vmx = find_vmx(&abs)?;
         return open_vm(&vmx, &abs, opts, &confine);
