@@ -6,8 +6,8 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
 
-use vmrepo::chunker;
-use vmrepo::config::ChunkerParams;
+use vmrepo::ingest::chunker;
+use vmrepo::repo::config::ChunkerParams;
 
 /// 16 MiB of disk-like data: half text-like (compressible), half random.
 fn sample() -> Vec<u8> {
@@ -77,7 +77,7 @@ fn stages(c: &mut Criterion) {
                 .count()
         })
     });
-    let key = chunker::fingerprint_key(&p, &vmrepo::crypto::Keys::none());
+    let key = chunker::fingerprint_key(&p, &vmrepo::repo::crypto::Keys::none());
     g.bench_function("segment_fingerprint", |b| {
         b.iter(|| {
             let runs = chunker::runs(&data, &p, |_| false);
@@ -87,14 +87,19 @@ fn stages(c: &mut Criterion) {
     g.bench_function("segment_cut_and_hash", |b| {
         let runs = chunker::runs(&data, &p, |_| false);
         b.iter(|| {
-            chunker::cut(black_box(&data), &runs, &p, &vmrepo::crypto::Keys::none())
-                .1
-                .len()
+            chunker::cut(
+                black_box(&data),
+                &runs,
+                &p,
+                &vmrepo::repo::crypto::Keys::none(),
+            )
+            .1
+            .len()
         })
     });
     // The object codec of a first ingest: zstd 3 alone vs zstd 3 + AES-256-GCM, 16 KiB chunks.
-    let plain = vmrepo::crypto::Keys::none();
-    let keyed = vmrepo::crypto::Keys::from_master(&[7; 32]);
+    let plain = vmrepo::repo::crypto::Keys::none();
+    let keyed = vmrepo::repo::crypto::Keys::from_master(&[7; 32]);
     for (name, keys) in [
         ("encode_16k_plain", &plain),
         ("encode_16k_aes256gcm", &keyed),
@@ -103,8 +108,8 @@ fn stages(c: &mut Criterion) {
             b.iter(|| {
                 data.chunks(16 << 10)
                     .map(|c| {
-                        vmrepo::object::encode(
-                            vmrepo::object::ObjectKind::Chunk,
+                        vmrepo::repo::object::encode(
+                            vmrepo::repo::object::ObjectKind::Chunk,
                             vmrepo::ObjectId::ZERO,
                             black_box(c),
                             3,

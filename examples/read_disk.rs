@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use vmrepo::vm::open_source;
+use vmrepo::vmware::vm::open_source;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);

@@ -44,24 +44,24 @@ pub fn exercise(which: &str, data: &[u8]) -> Result<(), String> {
     let file = || Box::new(MemFile::new(path, data.to_vec()));
     let err = |e: crate::error::Error| e.to_string();
     match which {
-        "descriptor" => crate::descriptor::parse(data, path)
+        "descriptor" => crate::source::descriptor::parse(data, path)
             .map(|_| ())
             .map_err(err),
         "vmx" => {
-            let v = crate::vmx::Vmx::parse(&String::from_utf8_lossy(data));
+            let v = crate::vmware::vmx::Vmx::parse(&String::from_utf8_lossy(data));
             if v.disks().is_empty() {
                 return Err("no disks".into());
             }
             Ok(())
         }
         "vmsd" => {
-            let v = crate::vmsd::Vmsd::parse(&String::from_utf8_lossy(data));
+            let v = crate::vmware::vmsd::Vmsd::parse(&String::from_utf8_lossy(data));
             v.select("latest", path).map(|_| ()).map_err(err)
         }
         "kdmv" => {
             let k = Kdmv::open(file(), false).map_err(err)?;
             if let Some(d) = k.descriptor() {
-                crate::descriptor::parse(d, path).map_err(err)?;
+                crate::source::descriptor::parse(d, path).map_err(err)?;
             }
             walk(k)
         }

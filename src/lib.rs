@@ -1,59 +1,114 @@
 //! vmrepo: a content-addressed, deduplicating, compressed repository for virtual machine backups.
 //!
-//! Data flow (docs/ARCHITECTURE.md): [`vm`] opens a VM directory or disk image into readers
-//! ([`source`]); [`ingest`] cuts each disk into fixed segments and FastCDC chunks
-//! ([`chunker`]), stores new objects through [`store`] into [`pack`] files and records them in
-//! the SQLite [`index`]; a generation is its [`manifest`]. [`extract`] and [`check`] read back.
+//! Data flow (docs/ARCHITECTURE.md): [`vmware::vm`] opens a VM directory or disk image into
+//! readers ([`source`]); [`ingest`] cuts each disk into fixed segments and FastCDC chunks
+//! ([`ingest::chunker`]), stores new objects through [`repo::store`] into [`repo::pack`] files
+//! and records them in the SQLite [`repo::index`]; a generation is its [`repo::manifest`].
+//! [`restore`] reads generations back; [`maintain`] checks, prunes and collects garbage.
 
-pub mod changes;
-pub mod check;
-pub mod chunker;
-pub mod config;
-pub mod confine;
-pub mod coverage;
-pub mod crypto;
-pub mod damage;
-pub mod descriptor;
-pub mod disk_map;
+// Layers, bottom up (docs/ARCHITECTURE.md): base modules (error, progress, space, fsutil,
+// shutdown, zero); repo; source; vmware; maintain; restore; ingest. A layer uses only those
+// below it; `tests::layers` holds the code to that.
 pub mod error;
-pub mod extract;
 pub mod fsutil;
 pub mod fuzzing;
-pub mod gc;
-pub mod ghettovcb;
-pub mod hooks;
-pub mod id;
-pub mod index;
 pub mod ingest;
-pub mod inspect;
-pub mod job;
-pub mod keyfile;
-pub mod leaves;
-pub mod lock;
-pub mod manifest;
-pub mod mount;
-pub mod nbd;
-pub mod object;
-pub mod pack;
-pub mod patch;
-pub mod preflight;
+pub mod maintain;
 pub mod progress;
-pub mod prune;
-pub mod reader;
-pub mod relocate;
-pub mod repair;
 pub mod repo;
-pub mod retention;
-pub mod safe_fs;
+pub mod restore;
 pub mod shutdown;
 pub mod source;
 pub mod space;
-pub mod store;
-pub mod vm;
-pub mod vmsd;
-pub mod vmx;
-pub mod writer;
-
+pub mod vmware;
+pub mod zero;
 pub use error::{Error, Result};
-pub use id::ObjectId;
+pub use repo::id::ObjectId;
 pub use repo::Repository;
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::{Path, PathBuf};
+
+    /// The layer a top-level module belongs to.
+    fn layer_of(module: &str) -> &str {
+        match module {
+            "error" | "progress" | "space" | "fsutil" | "shutdown" | "zero" | "Error"
+            | "Result" => "base",
+            "ObjectId" | "Repository" => "repo",
+            other => other,
+        }
+    }
+
+    /// Which layers each layer may use (docs/ARCHITECTURE.md, "Layers").
+    fn may_use(layer: &str) -> &'static [&'static str] {
+        match layer {
+            "base" => &["base"],
+            "repo" => &["base", "repo"],
+            "source" => &["base", "source"],
+            "vmware" => &["base", "repo", "source", "vmware"],
+            "maintain" => &["base", "repo", "maintain"],
+            "restore" => &["base", "repo", "source", "vmware", "maintain", "restore"],
+            "ingest" => &["base", "repo", "source", "vmware", "maintain", "ingest"],
+            other => panic!("no rule for layer {other}: add it here and to ARCHITECTURE.md"),
+        }
+    }
+
+    fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                sources(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    /// No module uses a layer above its own (nor a sibling layer it has no business with):
+    /// the import graph has no cycle, and a change to a lower layer never needs a higher one.
+    /// Unit tests (after `#[cfg(test)]`) may use anything.
+    #[test]
+    fn layers() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        sources(&root, &mut files);
+        let mut offenders = Vec::new();
+        for f in files {
+            let rel = f.strip_prefix(&root).unwrap();
+            let first = rel
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_str()
+                .unwrap();
+            let own = match first.strip_suffix(".rs").unwrap_or(first) {
+                // The binary (main.rs, cli/), the crate root and the fuzzing harness sit on top.
+                "main" | "cli" | "lib" | "fuzzing" => continue,
+                m => layer_of(m).to_string(),
+            };
+            let text = std::fs::read_to_string(&f).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap();
+            let mut used = BTreeSet::new();
+            for (k, _) in code.match_indices("crate::") {
+                let name: String = code[k + 7..]
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                used.insert(layer_of(&name).to_string());
+            }
+            for l in used {
+                if !may_use(&own).contains(&l.as_str()) {
+                    offenders.push(format!("{} ({own}) uses {l}", rel.display()));
+                }
+            }
+        }
+        assert!(
+            offenders.is_empty(),
+            "layering broken:\n{}",
+            offenders.join("\n")
+        );
+    }
+}

@@ -30,15 +30,15 @@ macro_rules! print {
 
 mod cli;
 
-use vmrepo::check::{check, rebuild_index, ReadData};
-use vmrepo::config::ChunkerParams;
-use vmrepo::extract::{extract, ExtractOptions};
 use vmrepo::ingest::{ingest, IngestOptions};
-use vmrepo::lock::LockMode;
-use vmrepo::mount::{mount, MountOptions};
-use vmrepo::nbd::{resolve_listen, serve, Export, ServeOptions};
+use vmrepo::maintain::check::{check, rebuild_index, ReadData};
 use vmrepo::progress::Progress;
-use vmrepo::relocate::DatastoreMap;
+use vmrepo::repo::config::ChunkerParams;
+use vmrepo::repo::lock::LockMode;
+use vmrepo::restore::extract::{extract, ExtractOptions};
+use vmrepo::restore::mount::{mount, MountOptions};
+use vmrepo::restore::nbd::{resolve_listen, serve, Export, ServeOptions};
+use vmrepo::vmware::relocate::DatastoreMap;
 use vmrepo::Repository;
 
 #[derive(Parser)]
@@ -107,10 +107,10 @@ export`'s output offline. The default, none, is for repositories on storage only
         compression_level: i32,
         /// `none` or `aes-256-gcm`.
         #[arg(long, default_value = "none", value_name = "MODE",
-              value_parser = clap::builder::PossibleValuesParser::new(vmrepo::config::ENCRYPTION_MODES))]
+              value_parser = clap::builder::PossibleValuesParser::new(vmrepo::repo::config::ENCRYPTION_MODES))]
         encryption: String,
         /// argon2id memory for the first key, in MiB.
-        #[arg(long, value_name = "MIB", default_value_t = vmrepo::keyfile::KdfCost::default().memory_kib >> 10)]
+        #[arg(long, value_name = "MIB", default_value_t = vmrepo::repo::keyfile::KdfCost::default().memory_kib >> 10)]
         kdf_memory: u32,
     },
     /// Back up a VM directory or a disk image as a new generation.
@@ -166,10 +166,10 @@ disk; files are only ever opened read-only. Use `vmrepo inspect` to see what wou
         #[arg(long, value_name = "SECONDS", default_value_t = 600)]
         hook_timeout: u64,
         /// Warn (or with --strict refuse) when the VM has a snapshot older than this.
-        #[arg(long, value_name = "DAYS", default_value_t = vmrepo::inspect::OLD_SNAPSHOT_DAYS)]
+        #[arg(long, value_name = "DAYS", default_value_t = vmrepo::vmware::inspect::OLD_SNAPSHOT_DAYS)]
         max_snapshot_age: f64,
         /// Warn (or with --strict refuse) when a disk has more deltas than this above its base.
-        #[arg(long, value_name = "N", default_value_t = vmrepo::inspect::DEEP_CHAIN)]
+        #[arg(long, value_name = "N", default_value_t = vmrepo::vmware::inspect::DEEP_CHAIN)]
         max_chain_depth: usize,
         /// Refuse to back up a VM with old snapshots or deep chains instead of warning.
         #[arg(long)]
@@ -250,7 +250,7 @@ chunk is verified against its hash; files appear under their final names only wh
         /// twoGbMaxExtentSparse, streamOptimized or qcow2. Output files take the disk's name
         /// with the format's extension (.vmdk, .qcow2, .img).
         #[arg(long, value_name = "FORMAT")]
-        disk_format: Option<vmrepo::writer::DiskFormat>,
+        disk_format: Option<vmrepo::restore::writer::DiskFormat>,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
@@ -276,7 +276,7 @@ shared lock is held while mounted: prune, gc and index rebuilds wait."
         /// Only this VM (VM) or this generation (VM@-N, VM@TIME).
         generation: Option<String>,
         /// Memory for decompressed chunks, in MiB.
-        #[arg(long, default_value_t = (vmrepo::reader::DEFAULT_CACHE_BYTES >> 20) as u32, value_name = "MIB")]
+        #[arg(long, default_value_t = (vmrepo::restore::reader::DEFAULT_CACHE_BYTES >> 20) as u32, value_name = "MIB")]
         cache_size: u32,
     },
     /// Serve one disk of a generation read-only over NBD (instant recovery, qemu-img).
@@ -317,7 +317,7 @@ while serving: prune, gc and index rebuilds wait."
         #[arg(long, default_value_t = 16, value_name = "N")]
         max_clients: usize,
         /// Memory for decompressed chunks, in MiB.
-        #[arg(long, default_value_t = (vmrepo::reader::DEFAULT_CACHE_BYTES >> 20) as u32, value_name = "MIB")]
+        #[arg(long, default_value_t = (vmrepo::restore::reader::DEFAULT_CACHE_BYTES >> 20) as u32, value_name = "MIB")]
         cache_size: u32,
     },
     /// Verify the repository; exits non-zero on any damage.
@@ -608,7 +608,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let enc = pass.as_ref().map(|p| vmrepo::repo::NewEncryption {
                 passphrase: p,
-                cost: vmrepo::keyfile::KdfCost {
+                cost: vmrepo::repo::keyfile::KdfCost {
                     memory_kib: kdf_memory.max(1) << 10,
                     ..Default::default()
                 },
@@ -664,14 +664,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let bar = Bar::new(!json);
-            let hooks = vmrepo::hooks::Hooks {
+            let hooks = vmrepo::ingest::hooks::Hooks {
                 pre: pre_command,
                 post: post_command,
                 timeout: std::time::Duration::from_secs(hook_timeout),
             };
             let changes = changed_ranges
                 .as_deref()
-                .map(vmrepo::changes::ChangedRanges::load)
+                .map(vmrepo::ingest::changes::ChangedRanges::load)
                 .transpose()?;
             let r = open_repo(&repo, LockMode::Shared, cli.lock_wait, &bar)?;
             let opts = IngestOptions {
@@ -681,9 +681,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 since,
                 verify_unchanged,
                 hooks,
-                datastore_map: vmrepo::confine::with_allowed(datastore_map, &allow_path),
+                datastore_map: vmrepo::source::confine::with_allowed(datastore_map, &allow_path),
                 at_snapshot,
-                limits: Some(vmrepo::preflight::Limits {
+                limits: Some(vmrepo::vmware::preflight::Limits {
                     max_snapshot_age_days: max_snapshot_age,
                     max_chain_depth,
                 }),
@@ -697,7 +697,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     source.display()
                 )
             })?;
-            report.healed = vmrepo::repair::heal_after_ingest(&r, &bar);
+            report.healed = vmrepo::maintain::repair::heal_after_ingest(&r, &bar);
             if json {
                 print_json(&report);
             } else {
@@ -926,7 +926,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cache_bytes: (cache_size.max(1) as usize) << 20,
                 ..MountOptions::default()
             };
-            let log: vmrepo::mount::Logger = Arc::new(|m: &str| eprintln!("vmrepo: {m}"));
+            let log: vmrepo::restore::mount::Logger = Arc::new(|m: &str| eprintln!("vmrepo: {m}"));
             mount(r, &mountpoint, &opts, log, |s| {
                 println!(
                     "mounted {} generations of {} VMs read-only at {}; leave with Ctrl-C or `fusermount3 -u {}`",
@@ -978,7 +978,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 allow_remote,
                 max_clients,
             };
-            let log: vmrepo::nbd::Logger = Arc::new(|m: &str| eprintln!("vmrepo: nbd: {m}"));
+            let log: vmrepo::restore::nbd::Logger =
+                Arc::new(|m: &str| eprintln!("vmrepo: nbd: {m}"));
             serve(export, &opts, log, |uris| {
                 println!("serving {what} read-only; stop with Ctrl-C");
                 for u in uris {
@@ -1000,7 +1001,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let bar = Bar::new(!json);
             if repair {
                 let r = open_repo(&repo, LockMode::Exclusive, cli.lock_wait, &bar)?;
-                return cli::print_repair(&vmrepo::repair::repair(&r, &bar)?, json);
+                return cli::print_repair(&vmrepo::maintain::repair::repair(&r, &bar)?, json);
             }
             let read = match (read_data, read_data_subset) {
                 (_, Some(subset)) => subset,
@@ -1083,7 +1084,7 @@ fn stop_on_termination_signals(signals: vmrepo::shutdown::TerminationSignals) {
         eprintln!(
             "vmrepo: {sig}: stopping (an ingest that has not committed records no generation)"
         );
-        for e in vmrepo::hooks::interrupt() {
+        for e in vmrepo::ingest::hooks::interrupt() {
             eprintln!("vmrepo: error: {e}");
         }
         std::process::exit(130);

@@ -11,7 +11,7 @@ fn qemu(cmd: &str) {
 }
 
 fn disk_map(repo: &Path, gen: &str) -> vmrepo::ObjectId {
-    let r = vmrepo::Repository::open(repo, vmrepo::lock::LockMode::Shared).unwrap();
+    let r = vmrepo::Repository::open(repo, vmrepo::repo::lock::LockMode::Shared).unwrap();
     let g = r.open_index().unwrap().resolve(gen).unwrap();
     r.load_manifest(&g.manifest).unwrap().disks[0].disk_map
 }

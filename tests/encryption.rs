@@ -143,10 +143,10 @@ fn equal_data_gets_different_ids_in_different_encrypted_repositories() {
     let img = t.path().join("d.img");
     sparse_image(&img, 4 << 20, &[(0, 4 << 20, 9)]);
     let ids = |repo: &Path| -> std::collections::HashSet<vmrepo::ObjectId> {
-        let index = vmrepo::index::Index::open(
+        let index = vmrepo::repo::index::Index::open(
             &repo.join("index.sqlite"),
             false,
-            std::sync::Arc::new(vmrepo::crypto::Keys::none()),
+            std::sync::Arc::new(vmrepo::repo::crypto::Keys::none()),
         )
         .unwrap();
         let mut out = std::collections::HashSet::new();

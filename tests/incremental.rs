@@ -26,7 +26,7 @@ fn ingest_changes(repo: &Path, img: &Path, changes: &Path, extra: &[&str]) -> Ru
 
 /// The disk map ids of a generation's disks, read through the library.
 fn disk_maps(repo: &Path, gen: &str) -> Vec<vmrepo::ObjectId> {
-    let r = vmrepo::Repository::open(repo, vmrepo::lock::LockMode::Shared).unwrap();
+    let r = vmrepo::Repository::open(repo, vmrepo::repo::lock::LockMode::Shared).unwrap();
     let g = r.open_index().unwrap().resolve(gen).unwrap();
     r.load_manifest(&g.manifest)
         .unwrap()

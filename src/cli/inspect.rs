@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 
-use vmrepo::inspect::{inspect as run_inspect, Inspection};
 use vmrepo::source::chain::ChainOptions;
+use vmrepo::vmware::inspect::{inspect as run_inspect, Inspection};
 
 use crate::{human, print_json};
 
@@ -41,7 +41,7 @@ pub struct InspectArgs {
 
 pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
     let opts = ChainOptions {
-        datastore_map: vmrepo::confine::with_allowed(a.datastore_map, &a.allow_path),
+        datastore_map: vmrepo::source::confine::with_allowed(a.datastore_map, &a.allow_path),
     };
     let r = run_inspect(&a.source, &opts, jiff::Timestamp::now())
         .with_context(|| format!("cannot inspect {}", a.source.display()))?;

@@ -8,11 +8,11 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use zeroize::Zeroizing;
 
-use vmrepo::config::Config;
-use vmrepo::crypto::Keys;
-use vmrepo::index::Index;
-use vmrepo::keyfile::{self, ExportedKey, KdfCost};
-use vmrepo::lock::LockMode;
+use vmrepo::repo::config::Config;
+use vmrepo::repo::crypto::Keys;
+use vmrepo::repo::index::Index;
+use vmrepo::repo::keyfile::{self, ExportedKey, KdfCost};
+use vmrepo::repo::lock::LockMode;
 
 use super::passphrase::Source;
 use crate::{open_repo, print_json, Bar};
@@ -233,7 +233,7 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
             match output {
                 Some(path) => {
                     // All or nothing, mode 0600, never through a link or over an existing file.
-                    vmrepo::safe_fs::write_new_file(&path, text.as_bytes(), 0o600)?;
+                    vmrepo::restore::safe_fs::write_new_file(&path, text.as_bytes(), 0o600)?;
                     eprintln!(
                         "wrote the master key of {} to {}: keep it offline; whoever holds it can \
                          read every backup",
@@ -251,8 +251,8 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
 /// Checks an imported master key against a stored object (when there is one).
 fn verify_master(repo: &std::path::Path, master: &[u8; 32]) -> anyhow::Result<()> {
     let keys = std::sync::Arc::new(Keys::from_master(master));
-    let index = Index::open(&vmrepo::index::index_path(repo), false, keys.clone())?;
-    let reader = vmrepo::pack::PackReader::new(&repo.join("data"), keys);
+    let index = Index::open(&vmrepo::repo::index::index_path(repo), false, keys.clone())?;
+    let reader = vmrepo::repo::pack::PackReader::new(&repo.join("data"), keys);
     if let Some(loc) = index.first_object()? {
         reader
             .read_object(&loc.pack, loc.offset, &loc.header)

@@ -13,12 +13,12 @@ use anyhow::Context;
 use clap::Args;
 use jiff::tz::TimeZone;
 
-use vmrepo::check::CheckReport;
-use vmrepo::gc::{gc as run_gc, GcOptions, GcReport};
-use vmrepo::lock::LockMode;
-use vmrepo::prune::{prune as run_prune, PolicySource, PruneOptions};
-use vmrepo::repair::RepairReport;
-use vmrepo::retention::{KeepWithin, Policy, PolicyFile};
+use vmrepo::maintain::check::CheckReport;
+use vmrepo::maintain::gc::{gc as run_gc, GcOptions, GcReport};
+use vmrepo::maintain::prune::{prune as run_prune, PolicySource, PruneOptions};
+use vmrepo::maintain::repair::RepairReport;
+use vmrepo::maintain::retention::{KeepWithin, Policy, PolicyFile};
+use vmrepo::repo::lock::LockMode;
 
 use crate::{human, open_repo, print_json, Bar};
 
@@ -410,7 +410,7 @@ pub fn import_ghettovcb(a: ImportArgs, lock_wait: u64) -> anyhow::Result<ExitCod
     };
     let tmp = a.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
     let report =
-        vmrepo::ghettovcb::import(&repo, &a.backup_dir, a.name.as_deref(), &tz, &tmp, &bar)
+        vmrepo::ingest::ghettovcb::import(&repo, &a.backup_dir, a.name.as_deref(), &tz, &tmp, &bar)
             .with_context(|| format!("import of {} failed", a.backup_dir.display()))?;
     let failed = report.backups.iter().filter(|b| b.failed).count();
     if a.json {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use vmrepo::job::{dry_run, run as run_job, JobFile};
+use vmrepo::ingest::job::{dry_run, run as run_job, JobFile};
 
 use crate::{human, open_repo, print_json, Bar};
 

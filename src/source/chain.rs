@@ -16,9 +16,9 @@ use super::{
     Cowd, DiskReader, ExtentDisk, ExtentSpec, ExtentTarget, FlatFile, GrainLayer, Kdmv, Layer,
     Qcow2, SeSparse, State,
 };
-use crate::confine::{Confine, Opened};
-use crate::descriptor::{self, Descriptor, NO_PARENT_CID};
 use crate::error::{Error, IoContext, Result};
+use crate::source::confine::{Confine, Opened};
+use crate::source::descriptor::{self, Descriptor, NO_PARENT_CID};
 
 /// Links a chain may have before it is considered a loop or garbage.
 pub const MAX_CHAIN_DEPTH: usize = 64;
@@ -29,7 +29,7 @@ pub struct ChainOptions {
     /// `(datastore prefix, local directory)`: an absolute path under the prefix is read from
     /// the local directory instead (`/vmfs/volumes/ds1=/mnt/ds1`). Every local directory is a
     /// root [`Confine`] lets an ingest read; `--allow-path DIR` is the entry `DIR=DIR`
-    /// ([`crate::confine::with_allowed`]).
+    /// ([`crate::source::confine::with_allowed`]).
     pub datastore_map: Vec<(PathBuf, PathBuf)>,
 }
 

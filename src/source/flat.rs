@@ -32,10 +32,10 @@ struct Known {
 
 impl FlatFile {
     /// Opens `path` read-only. A character device, FIFO or socket is refused without blocking
-    /// on it; which files an ingest may open at all is [`crate::confine`]'s rule (this is for
+    /// on it; which files an ingest may open at all is [`crate::source::confine`]'s rule (this is for
     /// paths already checked by it).
     pub fn open(path: &Path) -> Result<FlatFile> {
-        let file = crate::confine::open_read_only(path, false).map_err(|e| {
+        let file = crate::source::confine::open_read_only(path, false).map_err(|e| {
             if e.kind() == std::io::ErrorKind::InvalidInput {
                 Error::bad_input(path, format!("refused: {e}"))
             } else {
@@ -45,7 +45,7 @@ impl FlatFile {
         FlatFile::from_file(file, path)
     }
 
-    /// Wraps a file already opened read-only (by [`crate::confine::Confine::open`]); `path` names
+    /// Wraps a file already opened read-only (by [`crate::source::confine::Confine::open`]); `path` names
     /// it in messages.
     pub fn from_file(file: File, path: &Path) -> Result<FlatFile> {
         let meta = file.metadata().ctx("stat disk file", path)?;

@@ -6,7 +6,9 @@
 //! [`chain::Chain`] stacks layers into one [`DiskReader`].
 
 pub mod chain;
+pub mod confine;
 pub mod cowd;
+pub mod descriptor;
 mod extents;
 mod flat;
 pub mod grain;

@@ -1,0 +1,254 @@
+//! Cutting one segment of a disk into extents: all-zero runs (recorded, never hashed or stored)
+//! and FastCDC chunks of everything else, plus the segment's content fingerprint.
+//!
+//! The result depends only on the segment's bytes and the repository's [`ChunkerParams`], never
+//! on how the source file is allocated, so the same guest data always yields the same chunks.
+
+use std::ops::Range;
+
+use crate::repo::config::ChunkerParams;
+use crate::repo::crypto::Keys;
+use crate::repo::id::ObjectId;
+use crate::repo::manifest::Extent;
+
+/// A run of a segment: zeros, or data to be chunked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Run {
+    /// All-zero bytes (holes included).
+    Zero(Range<usize>),
+    /// Bytes that go to the chunker.
+    Data(Range<usize>),
+}
+
+pub use crate::zero::is_zero;
+
+/// Splits `buf` (one segment) into zero and data runs. `hole(i)` says block `i` is a known hole
+/// (already zero in `buf`, not read). Zero runs shorter than `zero_run_min` stay inside data.
+pub fn runs(buf: &[u8], params: &ChunkerParams, hole: impl Fn(usize) -> bool) -> Vec<Run> {
+    let zb = params.zero_block as usize;
+    let min_zero = params.zero_run_min as usize;
+    let mut out: Vec<Run> = Vec::new();
+    let mut push = |r: Run| match (out.last_mut(), &r) {
+        (Some(Run::Data(last)), Run::Data(new)) if last.end == new.start => last.end = new.end,
+        _ => out.push(r),
+    };
+    let nblocks = buf.len().div_ceil(zb);
+    let mut zero_start: Option<usize> = None;
+    let mut data_start: Option<usize> = None;
+    for i in 0..=nblocks {
+        let start = i * zb;
+        let zero = i < nblocks && (hole(i) || is_zero(&buf[start..(start + zb).min(buf.len())]));
+        let end = start.min(buf.len());
+        if zero {
+            if zero_start.is_none() {
+                zero_start = Some(start);
+            }
+            continue;
+        }
+        // A non-zero block (or the end): close the zero run, if any.
+        if let Some(z) = zero_start.take() {
+            if end - z >= min_zero || (z == 0 && end == buf.len() && i == nblocks) {
+                if let Some(d) = data_start.take() {
+                    push(Run::Data(d..z));
+                }
+                push(Run::Zero(z..end));
+            } else if data_start.is_none() {
+                data_start = Some(z);
+            }
+        }
+        if i < nblocks && data_start.is_none() {
+            data_start = Some(start);
+        }
+    }
+    if let Some(d) = data_start {
+        push(Run::Data(d..buf.len()));
+    }
+    out
+}
+
+/// The key for segment fingerprints, derived from the chunker parameters so that a change of
+/// parameters can never reuse a segment cut differently, and from the repository's secret
+/// fingerprint key when it is encrypted (so fingerprints confirm nothing to an outsider).
+pub fn fingerprint_key(params: &ChunkerParams, keys: &Keys) -> [u8; 32] {
+    let desc = format!(
+        "seg={} min={} avg={} max={} zb={} zmin={}",
+        params.segment_size,
+        params.min_size,
+        params.avg_size,
+        params.max_size,
+        params.zero_block,
+        params.zero_run_min
+    );
+    match keys.fingerprint_secret() {
+        None => blake3::derive_key("vmrepo segment fingerprint v1", desc.as_bytes()),
+        Some(secret) => *blake3::keyed_hash(secret, desc.as_bytes()).as_bytes(),
+    }
+}
+
+/// Keyed hash of a segment's runs and data bytes: equal fingerprints mean equal segments.
+pub fn fingerprint(key: &[u8; 32], buf: &[u8], runs: &[Run]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(&(buf.len() as u64).to_le_bytes());
+    for r in runs {
+        match r {
+            Run::Zero(z) => {
+                h.update(&[0]);
+                h.update(&((z.end - z.start) as u64).to_le_bytes());
+            }
+            Run::Data(d) => {
+                h.update(&[1]);
+                h.update(&((d.end - d.start) as u64).to_le_bytes());
+                h.update(&buf[d.clone()]);
+            }
+        }
+    }
+    *h.finalize().as_bytes()
+}
+
+/// A chunk cut from a data run.
+pub struct Cut {
+    /// Byte range in the segment buffer.
+    pub range: Range<usize>,
+    /// BLAKE3 of the bytes.
+    pub id: ObjectId,
+}
+
+/// Cuts data runs with FastCDC and hashes every chunk (keyed when `keys` say so). Returns the
+/// segment's extents and the chunks (in order) so the caller can store the new ones.
+pub fn cut(
+    buf: &[u8],
+    runs: &[Run],
+    params: &ChunkerParams,
+    keys: &Keys,
+) -> (Vec<Extent>, Vec<Cut>) {
+    let mut extents = Vec::new();
+    let mut cuts = Vec::new();
+    for r in runs {
+        match r {
+            Run::Zero(z) => extents.push(Extent::Zero {
+                len: (z.end - z.start) as u32,
+            }),
+            Run::Data(d) => {
+                let data = &buf[d.clone()];
+                for c in fastcdc::v2020::FastCDC::new(
+                    data,
+                    params.min_size,
+                    params.avg_size,
+                    params.max_size,
+                ) {
+                    let range = d.start + c.offset..d.start + c.offset + c.length;
+                    let id = keys.id_of(&buf[range.clone()]);
+                    extents.push(Extent::Data {
+                        len: c.length as u32,
+                        id,
+                    });
+                    cuts.push(Cut { range, id });
+                }
+            }
+        }
+    }
+    (extents, cuts)
+}
+
+/// Deterministic pseudo-random bytes (xorshift) for unit tests.
+#[cfg(test)]
+pub(crate) fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> ChunkerParams {
+        ChunkerParams::default()
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 4096]));
+        let mut b = vec![0u8; 4096];
+        b[4095] = 1;
+        assert!(!is_zero(&b));
+        b[4095] = 0;
+        b[1000] = 1;
+        assert!(!is_zero(&b));
+    }
+
+    #[test]
+    fn long_zero_runs_split_data_and_short_ones_do_not() {
+        let p = params();
+        let mut buf = noise(1 << 20, 1);
+        buf[100 << 10..300 << 10].fill(0); // 200 KiB: a zero run
+        buf[500 << 10..508 << 10].fill(0); // 8 KiB: stays in data
+        let r = runs(&buf, &p, |_| false);
+        assert_eq!(
+            r,
+            vec![
+                Run::Data(0..100 << 10),
+                Run::Zero(100 << 10..300 << 10),
+                Run::Data(300 << 10..1 << 20)
+            ]
+        );
+    }
+
+    #[test]
+    fn all_zero_and_holes() {
+        let p = params();
+        let buf = vec![0u8; 1 << 20];
+        assert_eq!(runs(&buf, &p, |_| false), vec![Run::Zero(0..1 << 20)]);
+        assert_eq!(runs(&buf, &p, |_| true), vec![Run::Zero(0..1 << 20)]);
+        // A short zero segment (tail of a disk) is still all zero.
+        assert_eq!(runs(&buf[..8192], &p, |_| false), vec![Run::Zero(0..8192)]);
+    }
+
+    #[test]
+    fn cutting_covers_everything_and_is_deterministic() {
+        let p = params();
+        let mut buf = noise(3 << 20, 7);
+        buf[1 << 20..2 << 20].fill(0);
+        let r = runs(&buf, &p, |_| false);
+        let (ext, cuts) = cut(&buf, &r, &p, &Keys::none());
+        assert_eq!(
+            ext.iter().map(|e| e.len() as usize).sum::<usize>(),
+            buf.len()
+        );
+        assert!(cuts.iter().all(|c| c.range.len() <= p.max_size as usize));
+        let (ext2, _) = cut(&buf, &r, &p, &Keys::none());
+        assert_eq!(ext, ext2);
+        let k = fingerprint_key(&p, &Keys::none());
+        assert_eq!(
+            fingerprint(&k, &buf, &r),
+            fingerprint(&k, &buf, &runs(&buf, &p, |_| false))
+        );
+        let mut other = buf.clone();
+        other[5] ^= 1;
+        assert_ne!(
+            fingerprint(&k, &buf, &r),
+            fingerprint(&k, &other, &runs(&other, &p, |_| false))
+        );
+    }
+
+    #[test]
+    fn local_change_keeps_most_chunks() {
+        let p = params();
+        let a = noise(4 << 20, 3);
+        let mut b = a.clone();
+        b[2 << 20..(2 << 20) + 4096].copy_from_slice(&noise(4096, 9));
+        let ra = runs(&a, &p, |_| false);
+        let rb = runs(&b, &p, |_| false);
+        let (_, ca) = cut(&a, &ra, &p, &Keys::none());
+        let (_, cb) = cut(&b, &rb, &p, &Keys::none());
+        let set: std::collections::HashSet<_> = ca.iter().map(|c| c.id).collect();
+        let changed = cb.iter().filter(|c| !set.contains(&c.id)).count();
+        assert!(changed <= 3, "{changed} chunks changed for a 4 KiB edit");
+    }
+}

@@ -1,0 +1,494 @@
+//! The nightly job (`vmrepo run JOB.toml`): which VMs to back up into which repository, with
+//! which hooks, how many at once, then retention and a partial integrity check — one VM's
+//! failure never stops the others. docs/NIGHTLY.md documents the file with examples.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::ingest::hooks::Hooks;
+use crate::ingest::{ingest, IngestOptions, IngestReport};
+use crate::maintain::check::{check, ReadData};
+use crate::maintain::gc::{gc, GcOptions};
+use crate::maintain::prune::{prune, PolicySource, PruneOptions};
+use crate::maintain::retention::{Policy, PolicyFile};
+use crate::progress::{NoProgress, Progress};
+use crate::repo::Repository;
+
+fn default_parallel() -> usize {
+    1
+}
+
+fn default_timeout() -> u64 {
+    600
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Hook and read settings, for every VM (`[defaults]`) or one (`[vm.NAME]`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSettings {
+    /// Command run before the VM is read.
+    pub pre_command: Option<String>,
+    /// Command run afterwards, whatever happened.
+    pub post_command: Option<String>,
+    /// Seconds either command may run.
+    pub hook_timeout: Option<u64>,
+    /// Generation name to give (default: the VM's displayName or file name).
+    pub name: Option<String>,
+    /// Snapshot to read the disks as (`latest` or a snapshot name).
+    pub at_snapshot: Option<String>,
+    /// Warn about snapshots older than this many days (default 3).
+    pub max_snapshot_age_days: Option<f64>,
+    /// Warn about disks with more deltas than this above their base (default 2).
+    pub max_chain_depth: Option<usize>,
+    /// Refuse (fail the VM) instead of warning.
+    pub strict: Option<bool>,
+    /// Read the disks in full even when their snapshot chains tell what changed.
+    pub full_read: Option<bool>,
+    /// Directories outside the VM's own whose files the VM's files may name (`--allow-path`);
+    /// added to the job's `allow_paths` and `[defaults]`'s.
+    #[serde(default)]
+    pub allow_paths: Vec<PathBuf>,
+}
+
+/// `[retention]`: prune after the ingests (same rules as `vmrepo prune --policy`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRetention {
+    /// Policy for every VM without its own.
+    pub default: Option<Policy>,
+    /// Per-VM policies by VM name.
+    #[serde(default)]
+    pub vm: BTreeMap<String, Policy>,
+    /// Run gc after pruning (default true).
+    #[serde(default = "default_true")]
+    pub gc: bool,
+    /// Buckets in local time instead of UTC.
+    #[serde(default)]
+    pub local_time: bool,
+}
+
+/// `[check]`: a partial integrity check after everything else.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobCheck {
+    /// `10%` or `n/m`; `all` reads everything.
+    pub read_data_subset: String,
+}
+
+/// A job file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFile {
+    /// The repository.
+    pub repository: PathBuf,
+    /// VM directories, .vmx files or disk images; shell globs allowed (`/vmfs/volumes/ds1/*`).
+    pub vms: Vec<String>,
+    /// Globs of paths to leave out.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// How many VMs to ingest at once (default 1, so the datastore is not flooded).
+    #[serde(default = "default_parallel")]
+    pub parallel: usize,
+    /// Seconds to wait for the repository lock (another job, a gc).
+    #[serde(default)]
+    pub lock_wait: u64,
+    /// Directories outside each VM's own whose files the VMs' files may name, for every VM
+    /// (`--allow-path`): by default only the VM's directory, /vmfs/volumes on an ESXi host.
+    #[serde(default)]
+    pub allow_paths: Vec<PathBuf>,
+    /// Where to write the JSON status of the run (default: none).
+    pub status_file: Option<PathBuf>,
+    /// Settings for every VM.
+    #[serde(default)]
+    pub defaults: VmSettings,
+    /// Per-VM settings, by the VM's directory or file name (without extension).
+    #[serde(default)]
+    pub vm: BTreeMap<String, VmSettings>,
+    /// Retention to apply after the ingests.
+    pub retention: Option<JobRetention>,
+    /// Partial check to run at the end.
+    pub check: Option<JobCheck>,
+}
+
+impl JobFile {
+    /// Reads and validates a job file.
+    pub fn load(path: &Path) -> Result<JobFile> {
+        let text = std::fs::read_to_string(path).ctx("read job file", path)?;
+        let job: JobFile = toml::from_str(&text)
+            .map_err(|e| Error::bad_input(path, format!("not a valid job file: {e}")))?;
+        if job.parallel == 0 {
+            return Err(Error::bad_input(path, "parallel must be at least 1"));
+        }
+        if job.vms.is_empty() {
+            return Err(Error::bad_input(path, "`vms` lists no VM to back up"));
+        }
+        if let Some(c) = &job.check {
+            if c.read_data_subset != "all" {
+                ReadData::parse_subset(&c.read_data_subset)
+                    .map_err(|e| Error::bad_input(path, e))?;
+            }
+        }
+        Ok(job)
+    }
+
+    /// The VM paths the job names, globs expanded, exclusions removed, in order, once each.
+    pub fn expand(&self) -> Result<Vec<PathBuf>> {
+        let mut excluded = Vec::new();
+        for pat in &self.exclude {
+            excluded.push(
+                glob::Pattern::new(pat)
+                    .map_err(|e| Error::Usage(format!("bad exclude pattern {pat:?}: {e}")))?,
+            );
+        }
+        let mut out: Vec<PathBuf> = Vec::new();
+        for pat in &self.vms {
+            let mut matched = Vec::new();
+            if pat.contains(['*', '?', '[']) {
+                let paths = glob::glob(pat)
+                    .map_err(|e| Error::Usage(format!("bad VM pattern {pat:?}: {e}")))?;
+                for p in paths {
+                    let p = p.map_err(|e| {
+                        let path = e.path().to_path_buf();
+                        Error::io("list", path, e.into())
+                    })?;
+                    matched.push(p);
+                }
+            } else {
+                matched.push(PathBuf::from(pat));
+            }
+            matched.sort();
+            for p in matched {
+                if excluded.iter().any(|x| x.matches_path(&p)) || out.contains(&p) {
+                    continue;
+                }
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The key under which `[vm.KEY]` settings apply to `path`: its directory or file name
+    /// without extension.
+    pub fn key_of(path: &Path) -> String {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Settings for `path`: its `[vm.KEY]` section over `[defaults]`; `allow_paths` are the
+    /// job's, `[defaults]`'s and the VM's together.
+    pub fn settings_for(&self, path: &Path) -> VmSettings {
+        let d = &self.defaults;
+        let mut s = self.own_settings(path);
+        let mut allow = self.allow_paths.clone();
+        for a in d.allow_paths.iter().chain(&s.allow_paths) {
+            if !allow.contains(a) {
+                allow.push(a.clone());
+            }
+        }
+        s.allow_paths = allow;
+        s
+    }
+
+    fn own_settings(&self, path: &Path) -> VmSettings {
+        let mut d = self.defaults.clone();
+        // `at_snapshot` in [defaults] is for VMware VMs (a directory or .vmx, whose .vmsd
+        // says what each snapshot froze); a disk image in the same job (a KVM qcow2) is read
+        // as it is. Set it in a [vm.X] section to ask it of an image explicitly.
+        if !names_a_vm(path) {
+            d.at_snapshot = None;
+        }
+        let d = &d;
+        match self.vm.get(&Self::key_of(path)) {
+            None => d.clone(),
+            Some(v) => VmSettings {
+                pre_command: v.pre_command.clone().or(d.pre_command.clone()),
+                post_command: v.post_command.clone().or(d.post_command.clone()),
+                hook_timeout: v.hook_timeout.or(d.hook_timeout),
+                name: v.name.clone(),
+                at_snapshot: v.at_snapshot.clone().or(d.at_snapshot.clone()),
+                max_snapshot_age_days: v.max_snapshot_age_days.or(d.max_snapshot_age_days),
+                max_chain_depth: v.max_chain_depth.or(d.max_chain_depth),
+                strict: v.strict.or(d.strict),
+                full_read: v.full_read.or(d.full_read),
+                allow_paths: v.allow_paths.clone(),
+            },
+        }
+    }
+}
+
+/// The outcome for one VM.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmOutcome {
+    /// The path from the job.
+    pub path: String,
+    /// `ok` or `failed`.
+    pub status: String,
+    /// The ingest, when it ran.
+    pub report: Option<IngestReport>,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// Wall-clock seconds including hooks.
+    pub seconds: f64,
+}
+
+/// The outcome of a run, also written as the status file.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    /// When the run started, UTC.
+    pub started: String,
+    /// When it ended, UTC.
+    pub finished: String,
+    /// The repository.
+    pub repository: String,
+    /// One entry per VM, in job order.
+    pub vms: Vec<VmOutcome>,
+    /// Retention: `applied`, `not configured`, or the error.
+    pub retention: String,
+    /// Generations removed by retention.
+    pub removed: u64,
+    /// Bytes gc returned to the filesystem.
+    pub freed: u64,
+    /// Check: `ok`, `damage found: ...`, `not configured`, or the error.
+    pub check: String,
+    /// True when every VM succeeded and retention and check (if configured) are fine.
+    pub ok: bool,
+}
+
+fn now() -> String {
+    crate::ingest::format_time(jiff::Timestamp::now())
+}
+
+/// Opens the job's repository (passphrase and lock wait from the caller).
+pub type Opener<'a> = dyn Fn(&Path, crate::repo::lock::LockMode) -> Result<Repository> + Sync + 'a;
+
+/// Runs the job: ingests (at most `parallel` at once), then retention, then the check.
+pub fn run(
+    job: &JobFile,
+    open: &Opener<'_>,
+    progress: &(dyn Progress + Sync),
+) -> Result<RunReport> {
+    let started = now();
+    let paths = job.expand()?;
+    let repo = open(&job.repository, crate::repo::lock::LockMode::Shared)?;
+    let outcomes: Mutex<Vec<Option<VmOutcome>>> = Mutex::new(vec![None; paths.len()]);
+    let next = Mutex::new(0usize);
+    let quiet = NoProgress;
+    std::thread::scope(|scope| {
+        for _ in 0..job.parallel.min(paths.len()).max(1) {
+            scope.spawn(|| loop {
+                let i = {
+                    let mut n = next.lock().unwrap();
+                    let i = *n;
+                    *n += 1;
+                    i
+                };
+                let Some(path) = paths.get(i) else { break };
+                let s = job.settings_for(path);
+                let opts = IngestOptions {
+                    name: s.name.clone(),
+                    hooks: Hooks {
+                        pre: s.pre_command.clone(),
+                        post: s.post_command.clone(),
+                        timeout: Duration::from_secs(s.hook_timeout.unwrap_or(default_timeout())),
+                    },
+                    at_snapshot: s.at_snapshot.clone(),
+                    limits: Some(crate::vmware::preflight::Limits {
+                        max_snapshot_age_days: s
+                            .max_snapshot_age_days
+                            .unwrap_or(crate::vmware::inspect::OLD_SNAPSHOT_DAYS),
+                        max_chain_depth: s
+                            .max_chain_depth
+                            .unwrap_or(crate::vmware::inspect::DEEP_CHAIN),
+                    }),
+                    strict: s.strict.unwrap_or(false),
+                    full_read: s.full_read.unwrap_or(false),
+                    datastore_map: crate::source::confine::with_allowed(Vec::new(), &s.allow_paths),
+                    ..Default::default()
+                };
+                progress.note(&format!("== {}", path.display()));
+                let began = Instant::now();
+                let shown: &dyn Progress = if job.parallel == 1 { progress } else { &quiet };
+                let result = ingest(&repo, path, &opts, shown).map(|mut r| {
+                    r.healed = crate::maintain::repair::heal_after_ingest(&repo, shown);
+                    r
+                });
+                let outcome = match result {
+                    Ok(r) => {
+                        let hook = r.hook_failure().map(|e| e.to_string());
+                        VmOutcome {
+                            path: path.display().to_string(),
+                            status: if hook.is_none() { "ok" } else { "failed" }.into(),
+                            error: hook,
+                            report: Some(r),
+                            seconds: began.elapsed().as_secs_f64(),
+                        }
+                    }
+                    Err(e) => {
+                        progress.note(&format!("failed: {}: {e}", path.display()));
+                        VmOutcome {
+                            path: path.display().to_string(),
+                            status: "failed".into(),
+                            error: Some(e.to_string()),
+                            report: None,
+                            seconds: began.elapsed().as_secs_f64(),
+                        }
+                    }
+                };
+                outcomes.lock().unwrap()[i] = Some(outcome);
+            });
+        }
+    });
+    drop(repo);
+    let vms: Vec<VmOutcome> = outcomes
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut report = RunReport {
+        started,
+        finished: String::new(),
+        repository: job.repository.display().to_string(),
+        ok: vms.iter().all(|v| v.status == "ok"),
+        vms,
+        retention: "not configured".into(),
+        removed: 0,
+        freed: 0,
+        check: "not configured".into(),
+    };
+
+    if let Some(r) = &job.retention {
+        let outcome =
+            open(&job.repository, crate::repo::lock::LockMode::Exclusive).and_then(|repo| {
+                let opts = PruneOptions {
+                    vms: Vec::new(),
+                    policy: PolicySource::File(PolicyFile {
+                        default: r.default.clone(),
+                        vm: r.vm.clone(),
+                    }),
+                    local_time: r.local_time,
+                    allow_empty: false,
+                    dry_run: false,
+                };
+                let p = prune(&repo, &opts, &quiet)?;
+                report.removed = p.removed;
+                if r.gc {
+                    report.freed = gc(&repo, &GcOptions::default(), &quiet)?.bytes_freed;
+                }
+                Ok(())
+            });
+        report.retention = match outcome {
+            Ok(()) => "applied".into(),
+            Err(e) => {
+                report.ok = false;
+                format!("failed: {e}")
+            }
+        };
+    }
+    if let Some(c) = &job.check {
+        let mode = if c.read_data_subset == "all" {
+            ReadData::All
+        } else {
+            ReadData::parse_subset(&c.read_data_subset).map_err(Error::Usage)?
+        };
+        let outcome = open(&job.repository, crate::repo::lock::LockMode::Shared)
+            .and_then(|repo| check(&repo, mode, &quiet));
+        report.check = match outcome {
+            Ok(c) if c.ok() => format!("ok ({} objects read)", c.objects_read),
+            Ok(c) => {
+                report.ok = false;
+                format!(
+                    "damage found: {} problem(s), {} damaged generation(s); run `vmrepo check`",
+                    c.problems.len(),
+                    c.damaged.len()
+                )
+            }
+            Err(e) => {
+                report.ok = false;
+                format!("failed: {e}")
+            }
+        };
+    }
+    report.finished = now();
+    if let Some(f) = &job.status_file {
+        let text = serde_json::to_vec_pretty(&report).expect("serializable");
+        crate::fsutil::write_atomic(f, &text)?;
+    }
+    Ok(report)
+}
+
+/// What a dry run shows for one VM.
+#[derive(Clone, Debug, Serialize)]
+pub struct DryVm {
+    /// The path from the job.
+    pub path: String,
+    /// The generation name it would get, or the error opening it.
+    pub vm: std::result::Result<String, String>,
+    /// Disks: slot, createType, virtual and allocated bytes.
+    pub disks: Vec<(String, String, u64, u64)>,
+    /// Warnings about the source.
+    pub warnings: Vec<String>,
+    /// Commands it would run.
+    pub hooks: Vec<String>,
+}
+
+/// True when `path` is a VM directory or a `.vmx`/`.vmtx` file (not a disk image).
+fn names_a_vm(path: &Path) -> bool {
+    path.is_dir()
+        || path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("vmx") || e.eq_ignore_ascii_case("vmtx"))
+}
+
+/// Opens every VM of the job without reading its disks: what a run would do.
+pub fn dry_run(job: &JobFile) -> Result<Vec<DryVm>> {
+    let mut out = Vec::new();
+    for path in job.expand()? {
+        let s = job.settings_for(&path);
+        let hooks = [("pre", &s.pre_command), ("post", &s.post_command)]
+            .into_iter()
+            .filter_map(|(p, c)| c.as_ref().map(|c| format!("{p}: {c}")))
+            .collect();
+        let mut d = DryVm {
+            path: path.display().to_string(),
+            vm: Err(String::new()),
+            disks: Vec::new(),
+            warnings: Vec::new(),
+            hooks,
+        };
+        let opts = crate::vmware::vm::SourceOptions {
+            name: s.name.clone(),
+            chain: crate::source::chain::ChainOptions {
+                datastore_map: crate::source::confine::with_allowed(Vec::new(), &s.allow_paths),
+            },
+            // Opened as the run will open it: with the snapshot it will read.
+            at_snapshot: s.at_snapshot.clone(),
+        };
+        match crate::vmware::vm::open_source_with(&path, &opts) {
+            Ok(plan) => {
+                for disk in &plan.disks {
+                    let size = disk.reader.size();
+                    let alloc = crate::source::allocated_bytes(disk.reader.as_ref())?;
+                    d.disks
+                        .push((disk.slot.clone(), disk.create_type.clone(), size, alloc));
+                }
+                d.vm = Ok(plan.vm.clone());
+                d.warnings = plan.warnings.clone();
+            }
+            Err(e) => d.vm = Err(e.to_string()),
+        }
+        out.push(d);
+    }
+    Ok(out)
+}

@@ -1,0 +1,672 @@
+//! Integrity check of a repository (index against pack files, every generation's references,
+//! optionally every byte), and rebuilding the index from the pack files alone.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::repo::id::ObjectId;
+use crate::repo::index::Index;
+use crate::repo::manifest::{DiskMap, Extent, Manifest, Segment, Tombstone};
+use crate::repo::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
+use crate::repo::pack::{is_being_written, list_packs, pack_path, scan_pack};
+use crate::repo::Repository;
+
+/// A generation with damage.
+#[derive(Debug, Clone, Serialize)]
+pub struct DamagedGeneration {
+    /// `vm@time`.
+    pub generation: String,
+    /// Damaged disks (slot and descriptor) or `manifest`/file names.
+    pub parts: Vec<String>,
+    /// One line per problem found.
+    pub problems: Vec<String>,
+}
+
+/// Result of a check.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct CheckReport {
+    /// Generations checked.
+    pub generations: u64,
+    /// Objects in the index.
+    pub objects: u64,
+    /// Stored bytes of those objects.
+    pub stored_bytes: u64,
+    /// Objects whose bytes were read and verified.
+    pub objects_read: u64,
+    /// Problems that are not tied to one generation (missing packs, index damage).
+    pub problems: Vec<String>,
+    /// Damaged generations.
+    pub damaged: Vec<DamagedGeneration>,
+    /// The index does not cover the data files (generations or objects it lacks).
+    pub index_incomplete: bool,
+    /// Harmless findings (leftovers of interrupted ingests).
+    pub notes: Vec<String>,
+    /// Objects in the index whose stored bytes are missing or damaged (for repair).
+    #[serde(skip)]
+    pub bad_objects: Vec<ObjectId>,
+    /// Segments that cannot be read whole (for repair).
+    #[serde(skip)]
+    pub bad_segments: Vec<ObjectId>,
+    /// Packs the index knows whose file is missing (for repair).
+    #[serde(skip)]
+    pub missing_packs: Vec<String>,
+    /// Packs whose file is shorter than the index says, with their real length (for repair).
+    #[serde(skip)]
+    pub truncated_packs: Vec<(String, u64)>,
+}
+
+/// How much stored data a check reads and verifies.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ReadData {
+    /// Headers only: every index row is checked against the record header in its pack.
+    None,
+    /// Every object is read, decompressed and re-hashed.
+    All,
+    /// A random selection of pack files holding about this fraction (0..=1) of the bytes.
+    Fraction(f64),
+    /// Slice `n` of `m` (1-based): the packs whose name hashes to `n-1` modulo `m`, so `m`
+    /// runs with n = 1..m read everything once.
+    Slice(u32, u32),
+}
+
+impl ReadData {
+    /// Parses `--read-data-subset` values: `10%` or `n/m`.
+    pub fn parse_subset(s: &str) -> std::result::Result<ReadData, String> {
+        let bad = || {
+            format!("bad --read-data-subset {s:?}: give a percentage like 10% or a slice like 2/7")
+        };
+        if let Some(p) = s.strip_suffix('%') {
+            let v: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(v > 0.0 && v <= 100.0) {
+                return Err(bad());
+            }
+            return Ok(ReadData::Fraction(v / 100.0));
+        }
+        let (n, m) = s.split_once('/').ok_or_else(bad)?;
+        let n: u32 = n.trim().parse().map_err(|_| bad())?;
+        let m: u32 = m.trim().parse().map_err(|_| bad())?;
+        if m == 0 || n == 0 || n > m {
+            return Err(bad());
+        }
+        Ok(ReadData::Slice(n, m))
+    }
+
+    fn reads_anything(self) -> bool {
+        self != ReadData::None
+    }
+}
+
+/// Which packs a check reads in full.
+fn select_packs(mode: ReadData, packs: &[(String, u64)]) -> HashSet<String> {
+    match mode {
+        ReadData::None => HashSet::new(),
+        ReadData::All => packs.iter().map(|(n, _)| n.clone()).collect(),
+        ReadData::Slice(n, m) => packs
+            .iter()
+            .filter(|(name, _)| {
+                let h = u64::from_str_radix(&name[..16.min(name.len())], 16).unwrap_or(0);
+                h % m as u64 == (n - 1) as u64
+            })
+            .map(|(n, _)| n.clone())
+            .collect(),
+        ReadData::Fraction(f) => {
+            let mut order: Vec<(u64, &String, u64)> = packs
+                .iter()
+                .map(|(n, size)| {
+                    let mut r = [0u8; 8];
+                    let _ = getrandom::fill(&mut r);
+                    (u64::from_le_bytes(r), n, *size)
+                })
+                .collect();
+            order.sort();
+            let total: u64 = packs.iter().map(|(_, s)| s).sum();
+            let want = (total as f64 * f).ceil() as u64;
+            let mut got = 0;
+            let mut out = HashSet::new();
+            for (_, name, size) in order {
+                if got >= want {
+                    break;
+                }
+                got += size;
+                out.insert(name.clone());
+            }
+            out
+        }
+    }
+}
+
+impl CheckReport {
+    /// True when nothing is damaged.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty() && self.damaged.is_empty()
+    }
+}
+
+/// Checks `repo`; `read` says which stored objects are also decompressed and re-hashed.
+pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Result<CheckReport> {
+    let index = repo.open_index()?;
+    let mut report = CheckReport::default();
+    for p in index.integrity_check()? {
+        report
+            .problems
+            .push(format!("index {}: {p}", index.path().display()));
+    }
+    let data_dir = repo.data_dir();
+
+    // Packs: the index's list against the files.
+    let known = index.packs()?;
+    let mut pack_len: HashMap<String, u64> = HashMap::new();
+    for (name, size) in &known {
+        let path = pack_path(&data_dir, name);
+        match fs::metadata(&path) {
+            Ok(m) => {
+                if m.len() < *size {
+                    report.truncated_packs.push((name.clone(), m.len()));
+                    report.problems.push(format!(
+                        "pack file {} is truncated: {} bytes, the index recorded {size}",
+                        path.display(),
+                        m.len()
+                    ));
+                }
+                pack_len.insert(name.clone(), m.len());
+            }
+            Err(_) => {
+                report.missing_packs.push(name.clone());
+                report
+                    .problems
+                    .push(format!("pack file {} is missing", path.display()))
+            }
+        }
+    }
+    // Packs the index does not know, and generations in the data files it does not list.
+    let survey = crate::maintain::coverage::survey(repo, &index, progress)?;
+    for name in &survey.being_written {
+        report
+            .notes
+            .push(format!("pack {name} is being written by a running ingest"));
+    }
+    if let Some((have, data)) = survey.stale_epoch {
+        report.index_incomplete = true;
+        report.problems.push(format!(
+            "the index is older than the data files (it has seen {have} gc run(s) that deleted \
+             data, the repository {data}): it was restored from a copy made before a gc and may \
+             name data that is gone. Ingest, gc and repair refuse it; `vmrepo check \
+             --rebuild-index` rebuilds it from the data files"
+        ));
+    }
+    if !survey.unlisted.is_empty() {
+        report.index_incomplete = true;
+        let first: Vec<&str> = survey
+            .unlisted
+            .iter()
+            .take(3)
+            .map(|u| u.0.as_str())
+            .collect();
+        report.problems.push(format!(
+            "{} generation(s) are in the data files but not in the index (first: {}{}): an \
+             ingest was killed between writing its last data file and recording it, or the \
+             index is older than the data or was emptied. Nothing is lost; {}",
+            survey.unlisted.len(),
+            first.join(", "),
+            if survey.unlisted.len() > 3 {
+                ", ..."
+            } else {
+                ""
+            },
+            if survey.gaps().is_empty() {
+                "`vmrepo check --repair` (or `vmrepo gc`) lists them"
+            } else {
+                "`vmrepo check --rebuild-index` rebuilds the index from the data files"
+            }
+        ));
+    }
+    if !survey.bad_manifests.is_empty() {
+        let (id, why) = &survey.bad_manifests[0];
+        report.problems.push(format!(
+            "{} manifest(s) in the data files are not generations: they cannot be read or are \
+             not valid (first: {}: {why}); they were not listed and nothing was restored from \
+             them",
+            survey.bad_manifests.len(),
+            id.short()
+        ));
+    }
+    if !survey.unknown.is_empty() {
+        // What the listed generations need, to tell left-overs from data the index lacks.
+        // Unknown if their metadata cannot be read: then nothing is called a left-over.
+        let live =
+            crate::maintain::gc::mark(repo, &index, &HashSet::new(), &crate::progress::NoProgress)
+                .ok();
+        let needed = |id: &ObjectId| live.as_ref().is_none_or(|l| l.ids.contains(id));
+        let (mut leftovers, mut leftover_bytes) = (0u64, 0u64);
+        // Kept packs grouped by reason: (count, first pack).
+        let mut kept: Vec<(String, u64, String)> = Vec::new();
+        for (u, verdict) in survey.verdicts(&index, &needed)? {
+            match verdict {
+                crate::maintain::coverage::Verdict::Leftover => {
+                    leftovers += 1;
+                    leftover_bytes += u.size;
+                }
+                crate::maintain::coverage::Verdict::Keep(why) => {
+                    match kept.iter_mut().find(|k| k.0 == why) {
+                        Some(k) => k.1 += 1,
+                        None => kept.push((why, 1, u.name.clone())),
+                    }
+                }
+            }
+        }
+        for (why, count, first) in kept {
+            let line = format!(
+                "{count} pack file(s) not in the index must be kept (first: {first}): {}",
+                why.trim_start_matches("it ")
+            );
+            if why.contains("the index lacks") {
+                report.index_incomplete = true;
+                report.problems.push(format!(
+                    "{line}; `vmrepo check --rebuild-index` rebuilds the index from the data files"
+                ));
+            } else {
+                report.notes.push(line);
+            }
+        }
+        if leftovers > 0 {
+            report.notes.push(format!(
+                "{leftovers} pack file(s), {leftover_bytes} bytes, are left over from \
+                 interrupted runs: read to their end, they hold nothing any generation uses \
+                 (`vmrepo gc` deletes them)"
+            ));
+        }
+    }
+
+    // Objects: every index row must point at a matching record (and, with read_data, good bytes).
+    let mut by_pack: Vec<(String, Vec<(u64, RecordHeader)>)> = Vec::new();
+    index.for_each_object(|loc| {
+        report.objects += 1;
+        report.stored_bytes += RECORD_HEADER_LEN as u64 + loc.header.stored_len as u64;
+        match by_pack.last_mut() {
+            Some((p, v)) if *p == loc.pack => v.push((loc.offset, loc.header)),
+            _ => by_pack.push((loc.pack, vec![(loc.offset, loc.header)])),
+        }
+        Ok(())
+    })?;
+    let selected = select_packs(read, &known);
+    progress.start(
+        if read.reads_anything() {
+            "check (reading data)"
+        } else {
+            "check"
+        },
+        report.stored_bytes,
+    );
+    let bad: Mutex<HashMap<ObjectId, String>> = Mutex::new(HashMap::new());
+    let read_count = std::sync::atomic::AtomicU64::new(0);
+    by_pack.par_iter().for_each(|(pack, objs)| {
+        let path = pack_path(&data_dir, pack);
+        let len = fs::metadata(&path).map(|m| m.len());
+        let read_data = selected.contains(pack);
+        for (offset, h) in objs {
+            progress.advance(RECORD_HEADER_LEN as u64 + h.stored_len as u64);
+            let problem = match len {
+                Err(_) => Some(format!("its pack file {} is missing", path.display())),
+                Ok(len) => {
+                    let r = if read_data {
+                        repo.packs().read_object(pack, *offset, h).map(|_| ())
+                    } else if offset + RECORD_HEADER_LEN as u64 + h.stored_len as u64 > len {
+                        Err(Error::Corrupt(format!(
+                            "pack file {} is truncated at offset {offset}",
+                            path.display()
+                        )))
+                    } else {
+                        repo.packs()
+                            .read_span(pack, *offset, RECORD_HEADER_LEN, h)
+                            .and_then(|b| repo.packs().check_header(pack, *offset, &b, h))
+                    };
+                    read_count.fetch_add(read_data as u64, std::sync::atomic::Ordering::Relaxed);
+                    r.err().map(|e| e.to_string())
+                }
+            };
+            if let Some(p) = problem {
+                bad.lock().unwrap().insert(h.id, p);
+            }
+        }
+    });
+    progress.finish();
+    report.objects_read = read_count.into_inner();
+    let bad = bad.into_inner().unwrap();
+    report.bad_objects = bad.keys().copied().collect();
+
+    // Generations: every reference must resolve to a good object.
+    let gens = index.generations(None)?;
+    report.generations = gens.len() as u64;
+    let mut seg_ok: HashMap<ObjectId, Option<String>> = HashMap::new();
+    for g in &gens {
+        let mut dmg = DamagedGeneration {
+            generation: g.name.clone(),
+            parts: Vec::new(),
+            problems: Vec::new(),
+        };
+        let manifest = match load::<Manifest>(repo, &index, &bad, &g.manifest, Manifest::decode) {
+            Ok(m) => m,
+            Err(e) => {
+                dmg.parts.push("manifest".into());
+                dmg.problems.push(format!("manifest: {e}"));
+                report.damaged.push(dmg);
+                continue;
+            }
+        };
+        for f in &manifest.files {
+            if let Err(e) = object_ok(&index, &bad, &f.object) {
+                dmg.parts.push(f.name.clone());
+                dmg.problems.push(format!("file {}: {e}", f.name));
+            }
+        }
+        for d in &manifest.disks {
+            let label = format!(
+                "disk {} ({})",
+                d.slot,
+                d.descriptor
+                    .as_deref()
+                    .or(d.extents.first().and_then(|e| e.file.as_deref()))
+                    .unwrap_or("?")
+            );
+            let mut problems = Vec::new();
+            for e in &d.extents {
+                for id in [e.head, e.tail].into_iter().flatten() {
+                    if let Err(err) = object_ok(&index, &bad, &id) {
+                        problems.push(format!("extent file bytes: {err}"));
+                    }
+                }
+            }
+            let map = load::<DiskMap>(repo, &index, &bad, &d.disk_map, DiskMap::decode)
+                .and_then(|m| d.check_map(&m).map(|()| m));
+            match map {
+                Err(e) => problems.push(format!("disk map: {e}")),
+                Ok(map) => {
+                    let mut bad_segments = 0usize;
+                    let mut first = None;
+                    for (i, seg) in map.nonzero() {
+                        let verdict = seg_ok.entry(*seg).or_insert_with(|| {
+                            check_segment(repo, &index, &bad, seg, map.segment_range(i)).err()
+                        });
+                        if let Some(p) = verdict {
+                            bad_segments += 1;
+                            if first.is_none() {
+                                let (s, e) = map.segment_range(i);
+                                first = Some(format!("bytes {s}..{e}: {p}"));
+                            }
+                        }
+                    }
+                    if bad_segments > 0 {
+                        problems.push(format!(
+                            "{bad_segments} damaged segment(s) of {} MiB; first: {}",
+                            map.segment_size >> 20,
+                            first.unwrap()
+                        ));
+                    }
+                }
+            }
+            if !problems.is_empty() {
+                dmg.parts.push(label.clone());
+                dmg.problems
+                    .extend(problems.into_iter().map(|p| format!("{label}: {p}")));
+            }
+        }
+        if !dmg.problems.is_empty() {
+            report.damaged.push(dmg);
+        }
+    }
+    report.bad_segments = seg_ok
+        .into_iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(id, _)| id)
+        .collect();
+    let unused_bad = bad.len();
+    if unused_bad > 0 && report.damaged.is_empty() {
+        report.problems.push(format!(
+            "{unused_bad} damaged object(s) that no generation uses; first: {}",
+            bad.values().next().unwrap()
+        ));
+    }
+    Ok(report)
+}
+
+fn object_ok(
+    index: &Index,
+    bad: &HashMap<ObjectId, String>,
+    id: &ObjectId,
+) -> std::result::Result<(), String> {
+    if let Some(p) = bad.get(id) {
+        return Err(p.clone());
+    }
+    match index.contains(id) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "object {} is missing from the repository",
+            id.short()
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn load<T>(
+    repo: &Repository,
+    index: &Index,
+    bad: &HashMap<ObjectId, String>,
+    id: &ObjectId,
+    decode: fn(&[u8]) -> std::result::Result<T, String>,
+) -> std::result::Result<T, String> {
+    object_ok(index, bad, id)?;
+    let b = repo.read_object(id).map_err(|e| e.to_string())?;
+    decode(&b)
+}
+
+fn check_segment(
+    repo: &Repository,
+    index: &Index,
+    bad: &HashMap<ObjectId, String>,
+    id: &ObjectId,
+    (start, end): (u64, u64),
+) -> std::result::Result<(), String> {
+    let seg: Segment = load(repo, index, bad, id, Segment::decode)?;
+    if seg.len() != end - start {
+        return Err(format!("segment {} has the wrong length", id.short()));
+    }
+    let mut damaged = 0;
+    let mut first = None;
+    for e in &seg.extents {
+        if let Extent::Data { len, id } = e {
+            let r = match index.lookup(id) {
+                Ok(Some(loc)) if loc.header.raw_len != *len => {
+                    Err(format!("chunk {} has the wrong length", id.short()))
+                }
+                Ok(Some(_)) => bad.get(id).map_or(Ok(()), |p| Err(p.clone())),
+                Ok(None) => Err(format!(
+                    "chunk {} is missing from the repository",
+                    id.short()
+                )),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(p) = r {
+                damaged += 1;
+                first.get_or_insert(p);
+            }
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some(p) => Err(format!("{damaged} bad chunk(s), first: {p}")),
+    }
+}
+
+/// What an index rebuild found.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct RebuildReport {
+    /// Packs scanned.
+    pub packs: u64,
+    /// Objects recovered.
+    pub objects: u64,
+    /// Generations recovered.
+    pub generations: u64,
+    /// Generations recovered although something they reference is gone: marked damaged.
+    pub incomplete: Vec<String>,
+    /// Manifests left out because prune removed their generation (a tombstone names them).
+    pub pruned: u64,
+    /// Damaged records and torn pack tails found.
+    pub damaged: Vec<String>,
+    /// Where the old index was moved, if there was one.
+    pub old_index: Option<String>,
+}
+
+/// Rebuilds `index.sqlite` from the pack files. The repository must be opened exclusively.
+pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<RebuildReport> {
+    let data_dir = repo.data_dir();
+    let tmp = crate::repo::index::fresh_rebuild_path(repo.root())?;
+    let mut report = RebuildReport::default();
+    let mut index = Index::open(&tmp, true, repo.keys_arc())?;
+    index.set_repository_id(&repo.config().repository_id)?;
+    index.set_gc_epoch(repo.gc_epoch()?)?;
+    let names = list_packs(&data_dir)?;
+    let total: u64 = names
+        .iter()
+        .map(|n| {
+            fs::metadata(pack_path(&data_dir, n))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        })
+        .sum();
+    progress.start("rebuild index", total);
+    let mut manifests: Vec<(ObjectId, Manifest)> = Vec::new();
+    let mut cache = Vec::new();
+    let mut known: HashMap<ObjectId, u32> = HashMap::new();
+    let mut segments: Vec<(ObjectId, Segment)> = Vec::new();
+    let mut maps: HashMap<ObjectId, DiskMap> = HashMap::new();
+    let mut tombstoned: HashSet<ObjectId> = HashSet::new();
+    for name in &names {
+        let path = pack_path(&data_dir, name);
+        if is_being_written(&path) {
+            progress.note(&format!("skipping pack {name}: an ingest is writing it"));
+            continue;
+        }
+        let mut records = Vec::new();
+        let (len, tail) = scan_pack(&path, |rec| {
+            progress.advance(RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64);
+            match object::decode(&rec.header, &rec.payload, repo.keys()) {
+                Err(e) => report
+                    .damaged
+                    .push(format!("pack {name} offset {}: {e}", rec.offset)),
+                Ok(plain) => {
+                    match rec.header.kind {
+                        ObjectKind::Manifest => match Manifest::decode(&plain) {
+                            Ok(m) => manifests.push((rec.header.id, m)),
+                            Err(e) => report
+                                .damaged
+                                .push(format!("manifest {}: {e}", rec.header.id.short())),
+                        },
+                        ObjectKind::Segment => {
+                            if let Ok(s) = Segment::decode(&plain) {
+                                segments.push((rec.header.id, s));
+                            }
+                        }
+                        ObjectKind::DiskMap => {
+                            if let Ok(m) = DiskMap::decode(&plain) {
+                                maps.insert(rec.header.id, m);
+                            }
+                        }
+                        ObjectKind::Tombstone => match Tombstone::decode(&plain) {
+                            Ok(t) => tombstoned.extend(t.removed.iter().map(|r| r.manifest)),
+                            Err(e) => report
+                                .damaged
+                                .push(format!("tombstone {}: {e}", rec.header.id.short())),
+                        },
+                        _ => {}
+                    }
+                    known.insert(rec.header.id, rec.header.raw_len);
+                    records.push((rec.header, rec.offset));
+                }
+            }
+            Ok(())
+        })?;
+        if let Some(t) = tail {
+            report.damaged.push(format!("pack {name}: {t}"));
+        }
+        report.packs += 1;
+        report.objects += records.len() as u64;
+        index.add_pack(name, len, &records)?;
+    }
+    progress.finish();
+    // A segment is usable if all its chunks are there; a manifest if all it references is.
+    let mut good_segments: HashSet<ObjectId> = HashSet::new();
+    for (id, s) in &segments {
+        let complete = s.extents.iter().all(|e| match e {
+            Extent::Data { len, id } => known.get(id) == Some(len),
+            Extent::Zero { .. } => true,
+        });
+        if complete {
+            good_segments.insert(*id);
+            cache.push((s.fingerprint, *id));
+        }
+    }
+    manifests.sort_by(|a, b| {
+        (&a.1.catalog.vm, &a.1.catalog.time).cmp(&(&b.1.catalog.vm, &b.1.catalog.time))
+    });
+    for (id, m) in &manifests {
+        if tombstoned.contains(id) {
+            report.pruned += 1;
+            continue;
+        }
+        let name = format!("{}@{}", m.catalog.vm, m.catalog.time);
+        let mut missing = Vec::new();
+        for f in &m.files {
+            if !known.contains_key(&f.object) {
+                missing.push(format!("file {}", f.name));
+            }
+        }
+        for d in &m.disks {
+            match maps.get(&d.disk_map) {
+                None => missing.push(format!("disk map of {}", d.slot)),
+                Some(map) => {
+                    let bad = map
+                        .nonzero()
+                        .filter(|(_, s)| !good_segments.contains(*s))
+                        .count();
+                    if bad > 0 {
+                        missing.push(format!("{bad} segment(s) of disk {}", d.slot));
+                    }
+                }
+            }
+            for e in &d.extents {
+                for edge in [e.head, e.tail].into_iter().flatten() {
+                    if !known.contains_key(&edge) {
+                        missing.push(format!("extent edge of disk {}", d.slot));
+                    }
+                }
+            }
+        }
+        let damage = (!missing.is_empty()).then(|| format!("missing {}", missing.join(", ")));
+        match index.insert_rebuilt_generation(*id, m, damage.as_deref()) {
+            Ok(()) => {
+                report.generations += 1;
+                if let Some(d) = damage {
+                    report.incomplete.push(format!("{name}: {d}"));
+                }
+            }
+            Err(e) => report
+                .damaged
+                .push(format!("manifest {} ({name}): {e}", id.short())),
+        }
+    }
+    index.insert_cache(&cache)?;
+    index.merge_recent_objects(true)?;
+    // The merge leaves the recent table's pages free; the new index is not live yet.
+    index.vacuum_if_sparse()?;
+    index.checkpoint();
+    drop(index);
+    // Swap the new index in; keep the old one for inspection.
+    report.old_index = repo.replace_index(&tmp)?.map(|p| p.display().to_string());
+    Ok(report)
+}

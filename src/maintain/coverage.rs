@@ -1,0 +1,469 @@
+//! Whether the index covers the data files: the proof a command needs before it deletes
+//! anything, and the adoption of pack files the index does not know.
+//!
+//! The index is a cache; the pack files are the truth. A command that deletes data (gc) or
+//! drops index rows (repair) first surveys the data directory against the index:
+//!
+//! * every pack the index names must be there, at least as long as recorded (otherwise the
+//!   index is older than the data, or data was lost: nothing is deleted);
+//! * every pack the index does not know is read record by record. It is a left-over that may
+//!   be deleted only if it was read to its end (or to a torn write: zero padding, or one record
+//!   cut short), holds no manifest of a generation the index does not list, no tombstone the
+//!   index lacks, and no object a generation needs that the index does not hold elsewhere;
+//! * every manifest in the data files is a generation unless a tombstone names it: one that
+//!   the index does not list (an ingest killed between sealing its last pack and committing, or
+//!   an index older than the data) is *adopted*, its pack indexed and its generation listed,
+//!   before anything is marked dead.
+//!
+//! Packs an ingest is writing (it holds their `flock`) are never touched.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::repo::id::ObjectId;
+use crate::repo::index::Index;
+use crate::repo::manifest::{Manifest, Tombstone};
+use crate::repo::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
+use crate::repo::pack::{is_being_written, list_packs, pack_path, scan_pack, PACK_HEADER_LEN};
+use crate::repo::Repository;
+
+/// A pack file in `data/` that the index does not know and no process is writing.
+#[derive(Debug)]
+pub struct UnknownPack {
+    /// Pack name.
+    pub name: String,
+    /// File length.
+    pub size: u64,
+    /// Length up to the end of the last well-formed record.
+    pub valid_len: u64,
+    /// Its well-formed records: header and offset.
+    pub records: Vec<(RecordHeader, u64)>,
+    /// Manifests in it whose payload decodes to a valid manifest, with their generation.
+    pub manifests: Vec<(ObjectId, Manifest)>,
+    /// Manifests in it that do not decode or are not valid (see [`Manifest::validate`]): not
+    /// generations; the pack is kept and `check` reports them.
+    pub bad_manifests: Vec<(ObjectId, String)>,
+    /// Manifests named by the tombstones in it.
+    pub tombstoned: Vec<ObjectId>,
+    /// Why it could not be read to its end, when what follows the last well-formed record is
+    /// not a torn write: what it holds there is unknown.
+    pub unreadable: Option<String>,
+    /// The last pack of an ingest that died before its commit ([`crate::repo::uncommitted_marker`]): its
+    /// manifest is not a generation.
+    pub uncommitted: bool,
+}
+
+impl UnknownPack {
+    fn holds(&self, kind: ObjectKind) -> impl Iterator<Item = &ObjectId> {
+        self.records
+            .iter()
+            .filter(move |(h, _)| h.kind == kind)
+            .map(|(h, _)| &h.id)
+    }
+}
+
+/// What the data directory holds against what the index says.
+#[derive(Debug, Default)]
+pub struct Survey {
+    /// Packs the index names.
+    pub indexed_packs: usize,
+    /// Indexed packs whose file is gone.
+    pub missing: Vec<String>,
+    /// Indexed packs whose file is shorter than recorded: (name, recorded, actual).
+    pub short: Vec<(String, u64, u64)>,
+    /// Packs not in the index, read.
+    pub unknown: Vec<UnknownPack>,
+    /// Packs a running process is writing.
+    pub being_written: Vec<String>,
+    /// Generations stored in the data files that the index does not list and no tombstone
+    /// removed: (name, manifest, pack name if in an unknown pack).
+    pub unlisted: Vec<(String, ObjectId, Option<String>)>,
+    /// Manifests in the data files that are not generations because they cannot be read or
+    /// are not valid (hand-made, damaged): (manifest, why).
+    pub bad_manifests: Vec<(ObjectId, String)>,
+    /// Manifests every tombstone (indexed or not) names.
+    pub tombstoned: HashSet<ObjectId>,
+    /// The index's gc epoch and the data files', when the index's is lower (it is a copy from
+    /// before a gc that deleted or rewrote packs).
+    pub stale_epoch: Option<(u64, u64)>,
+}
+
+/// Reads `data/` against `index`: missing and short packs, unknown packs (each read to its
+/// end), and generations whose manifest the index does not list.
+pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Result<Survey> {
+    let data_dir = repo.data_dir();
+    let mut s = Survey::default();
+    let (have, data) = (index.gc_epoch()?, repo.gc_epoch()?);
+    if have < data {
+        s.stale_epoch = Some((have, data));
+    }
+    let known = index.packs()?;
+    s.indexed_packs = known.len();
+    let known_names: HashSet<&str> = known.iter().map(|(n, _)| n.as_str()).collect();
+    for (name, size) in &known {
+        let path = pack_path(&data_dir, name);
+        match fs::metadata(&path) {
+            Ok(m) if m.len() < *size => s.short.push((name.clone(), *size, m.len())),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => s.missing.push(name.clone()),
+            Err(e) => return Err(Error::io("stat pack file", &path, e)),
+        }
+    }
+    let unknown: Vec<String> = list_packs(&data_dir)?
+        .into_iter()
+        .filter(|n| !known_names.contains(n.as_str()))
+        .collect();
+    let mut sizes = Vec::new();
+    for name in unknown {
+        let path = pack_path(&data_dir, &name);
+        if is_being_written(&path) {
+            s.being_written.push(name);
+        } else {
+            let size = fs::metadata(&path)
+                .map_err(|e| Error::io("stat pack file", &path, e))?
+                .len();
+            sizes.push((name, size));
+        }
+    }
+    if !sizes.is_empty() {
+        progress.start(
+            "reading pack files the index does not know",
+            sizes.iter().map(|(_, n)| n).sum(),
+        );
+        for (name, size) in sizes {
+            s.unknown.push(read_unknown(repo, &name, size)?);
+            progress.advance(size);
+        }
+        progress.finish();
+    }
+
+    // Tombstones: indexed ones and those in unknown packs (a prune killed before its commit
+    // removed nothing, but what it names is not a generation to adopt either).
+    let (indexed_manifests, indexed_tombstones) = index.manifests_and_tombstones()?;
+    for id in indexed_tombstones {
+        let t = repo.read_object(&id).and_then(|b| {
+            Tombstone::decode(&b)
+                .map_err(|e| Error::Corrupt(format!("tombstone {}: {e}", id.short())))
+        })?;
+        s.tombstoned.extend(t.removed.iter().map(|r| r.manifest));
+    }
+    for u in &s.unknown {
+        s.tombstoned.extend(u.tombstoned.iter().copied());
+    }
+
+    // Generations: every manifest not tombstoned must be listed.
+    let listed: HashSet<ObjectId> = index
+        .generations(None)?
+        .into_iter()
+        .map(|g| g.manifest)
+        .collect();
+    for id in indexed_manifests {
+        if listed.contains(&id) || s.tombstoned.contains(&id) {
+            continue;
+        }
+        match repo.load_manifest(&id) {
+            Ok(m) => s
+                .unlisted
+                .push((format!("{}@{}", m.catalog.vm, m.catalog.time), id, None)),
+            Err(e) => s.bad_manifests.push((id, e.to_string())),
+        }
+    }
+    let mut seen: HashSet<ObjectId> = s.unlisted.iter().map(|u| u.1).collect();
+    for u in s.unknown.iter().filter(|u| !u.uncommitted) {
+        for (id, m) in &u.manifests {
+            if listed.contains(id) || s.tombstoned.contains(id) || !seen.insert(*id) {
+                continue;
+            }
+            s.unlisted.push((
+                format!("{}@{}", m.catalog.vm, m.catalog.time),
+                *id,
+                Some(u.name.clone()),
+            ));
+        }
+        for (id, why) in &u.bad_manifests {
+            if !listed.contains(id) && !s.tombstoned.contains(id) {
+                s.bad_manifests
+                    .push((*id, format!("{why} (in pack {})", u.name)));
+            }
+        }
+    }
+    s.unlisted.sort();
+    Ok(s)
+}
+
+/// Reads an unknown pack record by record.
+fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack> {
+    let path = pack_path(&repo.data_dir(), name);
+    let mut u = UnknownPack {
+        name: name.to_string(),
+        size,
+        valid_len: PACK_HEADER_LEN,
+        records: Vec::new(),
+        manifests: Vec::new(),
+        bad_manifests: Vec::new(),
+        tombstoned: Vec::new(),
+        unreadable: None,
+        uncommitted: crate::repo::uncommitted_marker(repo.root(), name).exists(),
+    };
+    let (_, tail) = scan_pack(&path, |rec| {
+        u.valid_len = rec.offset + RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64;
+        match rec.header.kind {
+            ObjectKind::Manifest => {
+                match object::decode(&rec.header, &rec.payload, repo.keys())
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| Manifest::decode(&b))
+                {
+                    Ok(m) => u.manifests.push((rec.header.id, m)),
+                    Err(e) => u.bad_manifests.push((rec.header.id, e)),
+                }
+            }
+            ObjectKind::Tombstone => {
+                // A tombstone that does not decode names nothing we can honour; it stays
+                // in the pack, which is then kept (it holds a tombstone).
+                if let Ok(t) = object::decode(&rec.header, &rec.payload, repo.keys())
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| Tombstone::decode(&b))
+                {
+                    u.tombstoned.extend(t.removed.iter().map(|r| r.manifest));
+                }
+            }
+            _ => {}
+        }
+        u.records.push((rec.header, rec.offset));
+        Ok(())
+    })?;
+    if let Some(why) = tail {
+        if !crate::repo::pack::is_torn_write(&path, u.valid_len)? {
+            u.unreadable = Some(format!("{why}; the rest of the file cannot be read"));
+        }
+    }
+    Ok(u)
+}
+
+/// An unknown pack's fate.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Holds nothing anything needs: may be deleted.
+    Leftover,
+    /// Must stay; why.
+    Keep(String),
+}
+
+impl Survey {
+    /// Why the index cannot be trusted to say what is dead: packs it names that are gone or
+    /// short (it is older than the data, or data was lost). Empty when it can.
+    pub fn gaps(&self) -> Vec<String> {
+        let mut g = Vec::new();
+        if let Some((have, data)) = self.stale_epoch {
+            g.push(format!(
+                "the index is older than the data files (it has seen {have} gc run(s) that \
+                 deleted data, the repository {data}): it is a copy from before a gc"
+            ));
+        }
+        if !self.missing.is_empty() {
+            g.push(format!(
+                "the index names {} pack file(s) that are not in data/ (first: {}): data was \
+                 lost, or the index is older than the data files",
+                self.missing.len(),
+                self.missing[0]
+            ));
+        }
+        if !self.short.is_empty() {
+            let (n, want, got) = &self.short[0];
+            g.push(format!(
+                "{} pack file(s) are shorter than the index recorded (first: {n}, {got} of \
+                 {want} bytes)",
+                self.short.len()
+            ));
+        }
+        g
+    }
+
+    /// Whether each unknown pack may be deleted, given which objects the remaining
+    /// generations need (`needed`) and what the index holds.
+    pub fn verdicts(
+        &self,
+        index: &Index,
+        needed: &dyn Fn(&ObjectId) -> bool,
+    ) -> Result<Vec<(&UnknownPack, Verdict)>> {
+        let unlisted: HashSet<ObjectId> = self.unlisted.iter().map(|u| u.1).collect();
+        let incomplete = !self.gaps().is_empty();
+        let mut out = Vec::new();
+        for u in &self.unknown {
+            let v = if incomplete {
+                Verdict::Keep("the index is not complete (see above)".into())
+            } else if let Some(why) = &u.unreadable {
+                Verdict::Keep(format!("it cannot be read to its end ({why})"))
+            } else if u
+                .holds(ObjectKind::Manifest)
+                .any(|id| unlisted.contains(id))
+            {
+                Verdict::Keep("it holds a generation the index does not list".into())
+            } else if !u.bad_manifests.is_empty() {
+                Verdict::Keep(format!(
+                    "it holds a manifest that cannot be used ({})",
+                    u.bad_manifests[0].1
+                ))
+            } else if !unlisted.is_empty() {
+                Verdict::Keep("generations the index does not list may use it".into())
+            } else if let Some(id) = u
+                .holds(ObjectKind::Tombstone)
+                .find(|id| !index.contains(id).unwrap_or(false))
+            {
+                Verdict::Keep(format!(
+                    "it holds tombstone {} of a prune that did not finish",
+                    id.short()
+                ))
+            } else {
+                let mut lacking = 0usize;
+                for (h, _) in &u.records {
+                    if needed(&h.id) && !index.contains(&h.id)? {
+                        lacking += 1;
+                    }
+                }
+                if lacking > 0 {
+                    Verdict::Keep(format!(
+                        "it holds {lacking} object(s) that generations use and the index lacks"
+                    ))
+                } else {
+                    Verdict::Leftover
+                }
+            };
+            out.push((u, v));
+        }
+        Ok(out)
+    }
+
+    /// True when every data file is indexed or a proven left-over, every indexed pack is
+    /// there, and every generation in the data files is listed.
+    pub fn complete(&self) -> bool {
+        self.gaps().is_empty() && self.unlisted.is_empty()
+    }
+}
+
+/// What [`adopt`] did.
+#[derive(Debug, Default)]
+pub struct Adopted {
+    /// Packs added to the index.
+    pub packs: Vec<String>,
+    /// Generations listed, with what they lack if anything.
+    pub generations: Vec<(String, Option<String>)>,
+}
+
+/// Makes the index list every generation in the data files: indexes each unknown pack that
+/// holds anything the index lacks (its records verified first; a damaged record is left out),
+/// then lists each unlisted generation, marked damaged with what it lacks. Needs the exclusive
+/// lock. Refuses when indexed packs are missing or short: then only a full rebuild
+/// (`check --rebuild-index`) can tell what the data files hold.
+pub fn adopt(
+    repo: &Repository,
+    index: &mut Index,
+    survey: &Survey,
+    progress: &dyn Progress,
+) -> Result<Adopted> {
+    let mut done = Adopted::default();
+    if survey.unlisted.is_empty() && survey.unknown.is_empty() {
+        return Ok(done);
+    }
+    let gaps = survey.gaps();
+    if !gaps.is_empty() {
+        return Err(Error::Corrupt(format!(
+            "the index does not cover the data files ({} generation(s) it does not list, {} \
+             pack file(s) it does not know), and {}. Nothing was changed; `vmrepo check \
+             --rebuild-index` rebuilds the index from the data files",
+            survey.unlisted.len(),
+            survey.unknown.len(),
+            gaps.join("; ")
+        )));
+    }
+    let data_dir = repo.data_dir();
+    for u in &survey.unknown {
+        if u.unreadable.is_some() {
+            continue;
+        }
+        let mut records = Vec::new();
+        for (h, offset) in &u.records {
+            if index.contains(&h.id)? {
+                continue;
+            }
+            if repo.packs().read_object(&u.name, *offset, h).is_ok() {
+                records.push((h.clone(), *offset));
+            }
+        }
+        if records.is_empty() {
+            continue;
+        }
+        // The pack is recorded as long as its last well-formed record; a torn tail beyond
+        // that is never read.
+        crate::fsutil::sync_file(&pack_path(&data_dir, &u.name))?;
+        index.add_pack(&u.name, u.valid_len, &records)?;
+        progress.note(&format!(
+            "indexed pack {} ({} objects the index lacked)",
+            u.name,
+            records.len()
+        ));
+        done.packs.push(u.name.clone());
+    }
+    let by_id: HashMap<ObjectId, &Manifest> = survey
+        .unknown
+        .iter()
+        .flat_map(|u| u.manifests.iter().map(|(id, m)| (*id, m)))
+        .collect();
+    for (name, id, _) in &survey.unlisted {
+        let loaded;
+        let m = match by_id.get(id) {
+            Some(m) => *m,
+            None => match repo.load_manifest(id) {
+                Ok(m) => {
+                    loaded = m;
+                    &loaded
+                }
+                Err(e) => {
+                    progress.note(&format!(
+                        "{name}: manifest cannot be read ({e}); not listed"
+                    ));
+                    continue;
+                }
+            },
+        };
+        let lacks = crate::maintain::damage::find(repo, m)?;
+        let detail = (!lacks.is_empty()).then(|| lacks.summary());
+        if let Err(e) = index.insert_rebuilt_generation(*id, m, detail.as_deref()) {
+            progress.note(&format!("{name}: not listed: {e}"));
+            continue;
+        }
+        progress.note(&format!(
+            "listed generation {name}, found in the data files{}",
+            detail
+                .as_deref()
+                .map(|d| format!(" (damaged: {d})"))
+                .unwrap_or_default()
+        ));
+        done.generations.push((name.clone(), detail));
+    }
+    Ok(done)
+}
+
+/// Removes the [`crate::repo::uncommitted_marker`]s whose pack is indexed (the commit happened and the
+/// process died before removing it) or gone (gc deleted the left-over). Needs the exclusive
+/// lock (no ingest is committing).
+pub fn clean_markers(repo: &Repository, index: &Index) -> Result<()> {
+    let locks = repo.root().join("locks");
+    let known: HashSet<String> = index.packs()?.into_iter().map(|(n, _)| n).collect();
+    let entries = match fs::read_dir(&locks) {
+        Ok(e) => e,
+        Err(e) => return Err(Error::io("list", &locks, e)),
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pack) = name.strip_prefix("uncommitted-") else {
+            continue;
+        };
+        if known.contains(pack) || !pack_path(&repo.data_dir(), pack).exists() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    Ok(())
+}

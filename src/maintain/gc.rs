@@ -1,0 +1,561 @@
+//! Garbage collection: find the objects no remaining generation references (mark and sweep
+//! over metadata only), drop their index rows, delete pack files that hold nothing live, and
+//! rewrite pack files whose live fraction is below a threshold so the space returns to the
+//! filesystem.
+//!
+//! Safety: gc runs under the exclusive repository lock, so no ingest can dedup against an object
+//! it is about to delete (an ingest waits for gc, or gc for the ingests). Every step is ordered so
+//! that a kill at any instant leaves every kept generation complete: copies are sealed (fsynced)
+//! before one index transaction moves the rows to them, and old files are unlinked only after
+//! that transaction. A killed gc leaves at worst unindexed pack files, which the next gc deletes.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::fsutil::sync_dir;
+use crate::progress::Progress;
+use crate::repo::id::ObjectId;
+use crate::repo::index::{GenerationInfo, Index, SealedPack};
+use crate::repo::object::{EncodedObject, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
+use crate::repo::pack::{pack_path, PackFile, PACK_HEADER_LEN};
+use crate::repo::store::PACK_TARGET;
+use crate::repo::Repository;
+
+/// Options of a gc run.
+#[derive(Clone, Debug)]
+pub struct GcOptions {
+    /// Plan and report only.
+    pub dry_run: bool,
+    /// Rewrite a pack when its live bytes are below this fraction of its size (0.0..=1.0).
+    pub repack_threshold: f64,
+    /// Then also rewrite the emptiest packs until the unreferenced bytes left in pack files are
+    /// at most this fraction of the live bytes (restic's `--max-unused`).
+    pub max_unused: f64,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            dry_run: false,
+            repack_threshold: 0.2,
+            max_unused: 0.05,
+        }
+    }
+}
+
+/// What gc found and did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GcReport {
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// Generations whose objects were kept.
+    pub generations: u64,
+    /// Objects still referenced.
+    pub objects_live: u64,
+    /// Objects no generation references.
+    pub objects_dead: u64,
+    /// Pack bytes (headers included) of those objects.
+    pub bytes_dead: u64,
+    /// Pack files deleted because nothing in them is live.
+    pub packs_deleted: u64,
+    /// Pack files rewritten because their live fraction was below the threshold.
+    pub packs_rewritten: u64,
+    /// New pack files written by the rewrite.
+    pub packs_written: u64,
+    /// Live bytes copied by the rewrite.
+    pub bytes_copied: u64,
+    /// Bytes returned to the filesystem (pack files deleted or shrunk).
+    pub bytes_freed: u64,
+    /// Unreferenced bytes left in pack files that were not worth rewriting.
+    pub bytes_left: u64,
+    /// Left-over pack files of interrupted runs that were deleted.
+    pub orphan_packs: u64,
+    /// Their bytes.
+    pub orphan_bytes: u64,
+    /// Metadata bytes (manifests, disk maps, segments) read to find what is live.
+    pub metadata_read: u64,
+    /// Generations found in the data files that the index did not list, now listed.
+    pub adopted: Vec<String>,
+    /// Pack files the index does not know that were kept, and why.
+    pub kept_unindexed: Vec<String>,
+    /// Packs left alone because a live object in them is damaged.
+    pub problems: Vec<String>,
+    /// Damaged generations whose unreadable parts could not be followed.
+    pub damaged_generations: Vec<String>,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// Everything the remaining generations reference.
+pub struct LiveSet {
+    /// Live object ids (tombstones are live through their kind, not listed here).
+    pub ids: HashSet<ObjectId>,
+    /// Generations marked.
+    pub generations: u64,
+    /// Metadata bytes read.
+    pub metadata_read: u64,
+    /// Damaged generations whose unreadable metadata was skipped.
+    pub damaged: Vec<String>,
+}
+
+/// Marks every object referenced by a generation whose manifest is not in `removed`.
+///
+/// Reads manifests, disk maps and segments (each distinct one once), never chunk data. A
+/// generation marked damaged by `check --repair` may have unreadable metadata: its readable
+/// parts are marked, the rest skipped. Any other unreadable metadata stops gc: it cannot tell
+/// which chunks that generation still needs.
+pub fn mark(
+    repo: &Repository,
+    index: &Index,
+    removed: &HashSet<ObjectId>,
+    progress: &dyn Progress,
+) -> Result<LiveSet> {
+    let gens: Vec<GenerationInfo> = index
+        .generations(None)?
+        .into_iter()
+        .filter(|g| !removed.contains(&g.manifest))
+        .collect();
+    let mut live = LiveSet {
+        ids: HashSet::new(),
+        generations: gens.len() as u64,
+        metadata_read: 0,
+        damaged: Vec::new(),
+    };
+    let fail = |g: &GenerationInfo, what: String, e: Error| -> Error {
+        Error::Corrupt(format!(
+            "gc stopped before deleting anything: the {what} of generation {} cannot be read ({e}); \
+             gc cannot tell which chunks it needs. Run `vmrepo check --repair` first",
+            g.name
+        ))
+    };
+    let mut maps: HashMap<ObjectId, &GenerationInfo> = HashMap::new();
+    progress.start("gc: mark generations", gens.len() as u64);
+    for g in &gens {
+        progress.advance(1);
+        live.ids.insert(g.manifest);
+        let m = match repo.read_object(&g.manifest) {
+            Ok(b) => {
+                live.metadata_read += b.len() as u64;
+                crate::repo::manifest::Manifest::decode(&b).map_err(Error::Corrupt)
+            }
+            Err(e) => Err(e),
+        };
+        let m = match m {
+            Ok(m) => m,
+            Err(_) if g.damaged.is_some() => {
+                live.damaged.push(g.name.clone());
+                continue;
+            }
+            Err(e) => return Err(fail(g, "manifest".into(), e)),
+        };
+        for f in &m.files {
+            live.ids.insert(f.object);
+        }
+        for d in &m.disks {
+            live.ids.insert(d.disk_map);
+            maps.entry(d.disk_map).or_insert(g);
+            for e in &d.extents {
+                live.ids.extend([e.head, e.tail].into_iter().flatten());
+            }
+        }
+    }
+    progress.finish();
+    let mut segments: HashMap<ObjectId, &GenerationInfo> = HashMap::new();
+    for (id, g) in &maps {
+        match repo.load_disk_map(id) {
+            Ok(map) => {
+                live.metadata_read += map.encoded_len();
+                for (_, s) in map.nonzero() {
+                    live.ids.insert(*s);
+                    segments.entry(*s).or_insert(g);
+                }
+            }
+            Err(_) if g.damaged.is_some() => live.damaged.push(g.name.clone()),
+            Err(e) => return Err(fail(g, format!("disk map {}", id.short()), e)),
+        }
+    }
+    progress.start("gc: mark segments", segments.len() as u64);
+    let segs: Vec<(ObjectId, &GenerationInfo)> = segments.into_iter().collect();
+    let results: Vec<(ObjectId, &GenerationInfo, Result<Vec<ObjectId>>)> = segs
+        .par_iter()
+        .map(|(id, g)| {
+            let r = repo.load_segment(id).map(|s| {
+                s.extents
+                    .iter()
+                    .filter_map(|e| match e {
+                        crate::repo::manifest::Extent::Data { id, .. } => Some(*id),
+                        crate::repo::manifest::Extent::Zero { .. } => None,
+                    })
+                    .collect()
+            });
+            progress.advance(1);
+            (*id, *g, r)
+        })
+        .collect();
+    progress.finish();
+    for (id, g, r) in results {
+        match r {
+            Ok(chunks) => {
+                live.metadata_read += 44 + 36 * chunks.len() as u64;
+                live.ids.extend(chunks);
+            }
+            Err(_) if g.damaged.is_some() => live.damaged.push(g.name.clone()),
+            Err(e) => return Err(fail(g, format!("segment {}", id.short()), e)),
+        }
+    }
+    live.damaged.sort();
+    live.damaged.dedup();
+    Ok(live)
+}
+
+struct PackPlan {
+    size: u64,
+    live: Vec<(u64, RecordHeader)>,
+    live_bytes: u64,
+    dead: Vec<ObjectId>,
+    dead_bytes: u64,
+}
+
+fn record_len(h: &RecordHeader) -> u64 {
+    RECORD_HEADER_LEN as u64 + h.stored_len as u64
+}
+
+/// Splits every indexed pack into live and dead records.
+fn sweep(index: &Index, live: &LiveSet) -> Result<HashMap<String, PackPlan>> {
+    let mut plans: HashMap<String, PackPlan> = index
+        .packs()?
+        .into_iter()
+        .map(|(name, size)| {
+            (
+                name,
+                PackPlan {
+                    size,
+                    live: Vec::new(),
+                    live_bytes: 0,
+                    dead: Vec::new(),
+                    dead_bytes: 0,
+                },
+            )
+        })
+        .collect();
+    index.for_each_object(|loc| {
+        let plan = plans
+            .get_mut(&loc.pack)
+            .expect("objects reference known packs");
+        let len = record_len(&loc.header);
+        if loc.header.kind == ObjectKind::Tombstone || live.ids.contains(&loc.header.id) {
+            plan.live_bytes += len;
+            plan.live.push((loc.offset, loc.header));
+        } else {
+            plan.dead_bytes += len;
+            plan.dead.push(loc.header.id);
+        }
+        Ok(())
+    })?;
+    Ok(plans)
+}
+
+/// Bytes that removing the generations with manifests `removed` would leave unreferenced.
+pub fn unreferenced_after(
+    repo: &Repository,
+    removed: &HashSet<ObjectId>,
+    progress: &dyn Progress,
+) -> Result<(u64, u64)> {
+    let index = repo.open_index()?;
+    let live = mark(repo, &index, removed, progress)?;
+    let plans = sweep(&index, &live)?;
+    Ok((
+        plans.values().map(|p| p.dead.len() as u64).sum(),
+        plans.values().map(|p| p.dead_bytes).sum(),
+    ))
+}
+
+/// Runs gc on `repo`, which must be open with the exclusive lock.
+pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Result<GcReport> {
+    let began = Instant::now();
+    if !opts.dry_run {
+        if let Some(note) = repo.release_reserve_if_full() {
+            progress.note(&note);
+        }
+    }
+    let mut index = repo.open_index()?;
+    let data_dir = repo.data_dir();
+    let mut report = GcReport {
+        dry_run: opts.dry_run,
+        ..Default::default()
+    };
+
+    // The index is a cache: before it says what is dead, prove it covers the data files.
+    // Generations in the data files that it does not list are adopted first; packs it does
+    // not know are deleted only when read and shown to hold nothing anything needs.
+    let survey = crate::maintain::coverage::survey(repo, &index, progress)?;
+    let gaps = survey.gaps();
+    if !gaps.is_empty() {
+        return Err(Error::Corrupt(format!(
+            "gc stopped before deleting anything: {}. Run `vmrepo check` to see which \
+             generations are affected, then `vmrepo check --rebuild-index` to rebuild the index \
+             from the data files",
+            gaps.join("; ")
+        )));
+    }
+    let survey = if survey.unlisted.is_empty() || opts.dry_run {
+        for (name, _, _) in &survey.unlisted {
+            report.adopted.push(format!("{name} (would be listed)"));
+        }
+        survey
+    } else {
+        let adopted = crate::maintain::coverage::adopt(repo, &mut index, &survey, progress)?;
+        report.adopted = adopted.generations.iter().map(|(n, _)| n.clone()).collect();
+        let again = crate::maintain::coverage::survey(repo, &index, progress)?;
+        if !again.complete() {
+            return Err(Error::Corrupt(format!(
+                "gc stopped before deleting anything: {} generation(s) in the data files could \
+                 not be added to the index (first: {}). `vmrepo check --rebuild-index` rebuilds \
+                 the index from the data files",
+                again.unlisted.len(),
+                again.unlisted.first().map(|u| u.0.as_str()).unwrap_or("?")
+            )));
+        }
+        again
+    };
+
+    let live = mark(repo, &index, &HashSet::new(), progress)?;
+    report.generations = live.generations;
+    report.metadata_read = live.metadata_read;
+    report.damaged_generations = live.damaged.clone();
+    // Which unknown packs are proven left-overs (none while generations are unlisted: in a
+    // dry run, those that would be listed keep what they reference).
+    let mut orphans = Vec::new();
+    for (u, verdict) in survey.verdicts(&index, &|id| live.ids.contains(id))? {
+        match verdict {
+            crate::maintain::coverage::Verdict::Leftover => {
+                report.orphan_packs += 1;
+                report.orphan_bytes += u.size;
+                orphans.push(pack_path(&data_dir, &u.name));
+            }
+            crate::maintain::coverage::Verdict::Keep(why) => report
+                .kept_unindexed
+                .push(format!("pack {}: {why}", u.name)),
+        }
+    }
+    let plans = sweep(&index, &live)?;
+    drop(live);
+
+    let mut names: Vec<&String> = plans.keys().collect();
+    names.sort();
+    let mut drop_packs: Vec<String> = Vec::new();
+    let mut rewrite: Vec<&String> = Vec::new();
+    let mut keep: Vec<&String> = Vec::new();
+    for name in names {
+        let p = &plans[name];
+        report.objects_live += p.live.len() as u64;
+        report.objects_dead += p.dead.len() as u64;
+        report.bytes_dead += p.dead_bytes;
+        if p.live.is_empty() {
+            drop_packs.push(name.clone());
+        } else if (p.live_bytes as f64) < opts.repack_threshold * p.size as f64 {
+            rewrite.push(name);
+        } else {
+            keep.push(name);
+        }
+    }
+    // Repository-wide bound: while the garbage left in kept packs exceeds `max_unused` of the
+    // live data, also rewrite the kept packs with the smallest live share.
+    let live_total: u64 = plans.values().map(|p| p.live_bytes).sum();
+    let garbage = |p: &PackPlan| p.size.saturating_sub(p.live_bytes + PACK_HEADER_LEN);
+    let mut left: u64 = keep.iter().map(|n| garbage(&plans[*n])).sum();
+    keep.sort_by(|a, b| {
+        let share = |n: &String| plans[n].live_bytes as f64 / plans[n].size.max(1) as f64;
+        share(a).total_cmp(&share(b)).then(a.cmp(b))
+    });
+    let mut keep = keep.into_iter().peekable();
+    while (left as f64) > opts.max_unused * live_total as f64 {
+        let Some(name) = keep.next_if(|n| garbage(&plans[*n]) > 0) else {
+            break;
+        };
+        left -= garbage(&plans[name]);
+        rewrite.push(name);
+    }
+    let mut dead_rows: Vec<ObjectId> = Vec::new();
+    for name in keep {
+        report.bytes_left += garbage(&plans[name]);
+        dead_rows.extend(plans[name].dead.iter().copied());
+    }
+    if opts.dry_run {
+        report.packs_deleted = drop_packs.len() as u64;
+        report.packs_rewritten = rewrite.len() as u64;
+        report.bytes_freed = report.orphan_bytes
+            + drop_packs.iter().map(|n| plans[n].size).sum::<u64>()
+            + rewrite
+                .iter()
+                .map(|n| plans[*n].size - plans[*n].live_bytes)
+                .sum::<u64>();
+        report.bytes_copied = rewrite.iter().map(|n| plans[*n].live_bytes).sum();
+        report.seconds = began.elapsed().as_secs_f64();
+        return Ok(report);
+    }
+
+    // Any older copy of the index would name what is deleted below: make it known as stale.
+    if !drop_packs.is_empty() || !rewrite.is_empty() {
+        repo.raise_gc_epoch(&index)?;
+    }
+    for path in &orphans {
+        remove_pack_file(path)?;
+    }
+    report.bytes_freed += report.orphan_bytes;
+
+    // 1. Forget dead rows and packs with nothing live, in one transaction; then unlink those.
+    index.apply_gc(&drop_packs, &[], &dead_rows)?;
+    for name in &drop_packs {
+        remove_pack_file(&pack_path(&data_dir, name))?;
+        report.packs_deleted += 1;
+        report.bytes_freed += plans[name].size;
+    }
+    sync_parent_dirs(&data_dir, &drop_packs)?;
+
+    // 2. Rewrite packs that are mostly garbage: copy their live records (verified) into new
+    //    packs, seal, move the rows in one transaction, then unlink the old files.
+    let total: u64 = rewrite.iter().map(|n| plans[*n].live_bytes).sum();
+    progress.start("gc: rewrite packs", total);
+    let mut out: Option<PackFile> = None;
+    let mut out_records: Vec<(RecordHeader, u64)> = Vec::new();
+    let mut batch: Vec<String> = Vec::new();
+    for name in rewrite {
+        let p = &plans[name];
+        let records = match read_live(repo, name, p) {
+            Ok(r) => r,
+            Err(e) => {
+                report.problems.push(format!(
+                    "pack {name} was not rewritten: {e}; run `vmrepo check --repair`"
+                ));
+                progress.advance(p.live_bytes);
+                continue;
+            }
+        };
+        if out.is_none() {
+            out = Some(PackFile::create(&data_dir)?);
+        }
+        let pack = out.as_mut().unwrap();
+        for obj in &records {
+            let offset = pack.append(obj)?;
+            out_records.push((obj.header.clone(), offset));
+            report.bytes_copied += obj.record_len();
+        }
+        progress.advance(p.live_bytes);
+        batch.push(name.clone());
+        if pack.len() >= PACK_TARGET {
+            commit_rewrite(
+                &mut index,
+                &data_dir,
+                out.take().unwrap(),
+                &mut out_records,
+                &mut batch,
+                &plans,
+                &mut report,
+            )?;
+        }
+    }
+    if let Some(pack) = out.take() {
+        commit_rewrite(
+            &mut index,
+            &data_dir,
+            pack,
+            &mut out_records,
+            &mut batch,
+            &plans,
+            &mut report,
+        )?;
+    }
+    progress.finish();
+    crate::maintain::coverage::clean_markers(repo, &index)?;
+    index.checkpoint();
+    index.vacuum_if_sparse()?;
+    repo.restore_reserve();
+    report.seconds = began.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Reads and verifies the live records of a pack (at most one pack's worth of memory).
+fn read_live(repo: &Repository, name: &str, p: &PackPlan) -> Result<Vec<EncodedObject>> {
+    let mut live = p.live.clone();
+    live.sort_by_key(|(o, _)| *o);
+    live.into_iter()
+        .map(|(offset, header)| {
+            let payload = repo.packs().read_record(name, offset, &header)?;
+            repo.packs().decode_at(name, offset, &header, &payload)?;
+            Ok(EncodedObject { header, payload })
+        })
+        .collect()
+}
+
+fn commit_rewrite(
+    index: &mut Index,
+    data_dir: &std::path::Path,
+    pack: PackFile,
+    records: &mut Vec<(RecordHeader, u64)>,
+    batch: &mut Vec<String>,
+    plans: &HashMap<String, PackPlan>,
+    report: &mut GcReport,
+) -> Result<()> {
+    let mut written = 0;
+    let new = if pack.is_empty() {
+        pack.discard();
+        Vec::new()
+    } else {
+        let path = pack.path().to_path_buf();
+        match pack.seal() {
+            Ok((name, len)) => {
+                report.packs_written += 1;
+                written = len;
+                vec![SealedPack {
+                    name,
+                    size: len,
+                    records: std::mem::take(records),
+                }]
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        }
+    };
+    index.apply_gc(batch, &new, &[])?;
+    let mut old = 0;
+    for name in batch.iter() {
+        remove_pack_file(&pack_path(data_dir, name))?;
+        report.packs_rewritten += 1;
+        old += plans[name].size;
+    }
+    report.bytes_freed += old.saturating_sub(written);
+    sync_parent_dirs(data_dir, batch)?;
+    batch.clear();
+    records.clear();
+    Ok(())
+}
+
+fn remove_pack_file(path: &std::path::Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("delete pack file", path, e)),
+    }
+}
+
+fn sync_parent_dirs(data_dir: &std::path::Path, names: &[String]) -> Result<()> {
+    let mut dirs: Vec<std::path::PathBuf> = names
+        .iter()
+        .filter_map(|n| pack_path(data_dir, n).parent().map(|p| p.to_path_buf()))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for d in dirs {
+        if d.is_dir() {
+            sync_dir(&d)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! Keeping a repository healthy: `check` (and the survey of data files against the index that
+//! proves the index complete, [`coverage`]), damage reports, `check --repair`, `prune` by
+//! retention policy, and `gc`.
+//!
+//! May use: `repo` and the base modules. Never source, vmware, ingest or restore.
+
+pub mod check;
+pub mod coverage;
+pub mod damage;
+pub mod gc;
+pub mod prune;
+pub mod repair;
+pub mod retention;

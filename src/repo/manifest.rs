@@ -1,0 +1,527 @@
+//! The metadata objects that describe a generation: segments (chunk lists), disk maps
+//! (segment lists) and the generation manifest (catalog, small files, disks).
+//!
+//! Segments and disk maps are compact binary objects so that unchanged ones dedup like data;
+//! the manifest is JSON so that it stays readable and extensible (see docs/FORMAT.md).
+
+use serde::{Deserialize, Serialize};
+
+use crate::repo::id::ObjectId;
+
+const SEGMENT_MAGIC: &[u8; 4] = b"VRSG";
+const ZERO_FLAG: u32 = 1 << 31;
+
+/// One piece of a segment, in disk order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extent {
+    /// `len` bytes of the chunk `id`.
+    Data { len: u32, id: ObjectId },
+    /// `len` bytes of zeros; nothing stored.
+    Zero { len: u32 },
+}
+
+impl Extent {
+    /// Length in bytes.
+    pub fn len(&self) -> u32 {
+        match *self {
+            Extent::Data { len, .. } | Extent::Zero { len } => len,
+        }
+    }
+
+    /// True for an empty extent (never produced by the chunker).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The chunk list of one fixed-size segment of a disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Keyed hash of the segment's content, used to skip re-chunking an unchanged segment.
+    pub fingerprint: [u8; 32],
+    /// Extents covering the segment exactly.
+    pub extents: Vec<Extent>,
+}
+
+impl Segment {
+    /// Total bytes covered.
+    pub fn len(&self) -> u64 {
+        self.extents.iter().map(|e| e.len() as u64).sum()
+    }
+
+    /// True if the segment covers nothing.
+    pub fn is_empty(&self) -> bool {
+        self.extents.is_empty()
+    }
+
+    /// Binary encoding: `"VRSG" | version u32 | fingerprint [32] | count u32 | entries`, each entry
+    /// `u32 (bit 31 = zero run, low bits = length)` followed by a 32-byte chunk id for data.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(44 + self.extents.len() * 36);
+        out.extend_from_slice(SEGMENT_MAGIC);
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&self.fingerprint);
+        out.extend_from_slice(&(self.extents.len() as u32).to_le_bytes());
+        for e in &self.extents {
+            match e {
+                Extent::Data { len, id } => {
+                    out.extend_from_slice(&len.to_le_bytes());
+                    out.extend_from_slice(&id.0);
+                }
+                Extent::Zero { len } => out.extend_from_slice(&(len | ZERO_FLAG).to_le_bytes()),
+            }
+        }
+        out
+    }
+
+    /// Parses [`Segment::encode`]'s output.
+    pub fn decode(b: &[u8]) -> Result<Segment, String> {
+        if b.len() < 44 || &b[..4] != SEGMENT_MAGIC {
+            return Err("not a segment object".into());
+        }
+        if u32_at(b, 4) != 1 {
+            return Err(format!("segment version {} unknown", u32_at(b, 4)));
+        }
+        let fingerprint: [u8; 32] = b[8..40].try_into().unwrap();
+        let count = u32_at(b, 40) as usize;
+        let mut pos = 44;
+        let mut extents = Vec::with_capacity(count.min(1 << 20));
+        for _ in 0..count {
+            if pos + 4 > b.len() {
+                return Err("segment object truncated".into());
+            }
+            let word = u32_at(b, pos);
+            pos += 4;
+            if word & ZERO_FLAG != 0 {
+                extents.push(Extent::Zero {
+                    len: word & !ZERO_FLAG,
+                });
+            } else {
+                let id =
+                    ObjectId::from_slice(b.get(pos..pos + 32).ok_or("segment object truncated")?)
+                        .unwrap();
+                pos += 32;
+                extents.push(Extent::Data { len: word, id });
+            }
+        }
+        if pos != b.len() {
+            return Err("segment object has trailing bytes".into());
+        }
+        Ok(Segment {
+            fingerprint,
+            extents,
+        })
+    }
+}
+
+pub use crate::repo::disk_map::DiskMap;
+
+fn u32_at(b: &[u8], pos: usize) -> u32 {
+    u32::from_le_bytes(b[pos..pos + 4].try_into().unwrap())
+}
+
+/// Highest manifest format version this vmrepo reads. Version 2 adds [`DiskEntry::layout`]
+/// (disks read from sparse files or chains); ingest writes version 1 when no disk has one, so
+/// older vmrepo versions keep reading what they can restore and refuse what they cannot.
+pub const MANIFEST_VERSION: u32 = 2;
+
+/// The version a manifest with these disks is written as.
+pub fn manifest_version_for(disks: &[DiskEntry]) -> u32 {
+    if disks.iter().any(|d| d.layout.is_some()) {
+        2
+    } else {
+        1
+    }
+}
+
+/// Formats a timestamp as a generation time (UTC, to the second), as generation names and the
+/// catalog's times are written.
+pub fn format_time(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// What a change-aware ingest did, recorded in the catalog.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Incremental {
+    /// The generation unchanged segments were taken from.
+    pub since: String,
+    /// Where the changed ranges came from.
+    pub source: String,
+    /// Segments taken from `since` without reading them.
+    pub segments_taken: u64,
+    /// Of those, segments re-read and compared (`--verify-unchanged`).
+    pub segments_verified: u64,
+    /// Touched segments built from the previous version and the changed bytes alone.
+    #[serde(default)]
+    pub segments_patched: u64,
+    /// Disks read in full, and why.
+    pub full_reads: Vec<String>,
+}
+
+/// A generation manifest: everything needed to list, restore and re-index a generation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// [`MANIFEST_VERSION`].
+    pub version: u32,
+    /// The catalog.
+    pub catalog: Catalog,
+    /// Small files stored verbatim, by path relative to the VM directory.
+    pub files: Vec<FileEntry>,
+    /// Disks in controller-slot order.
+    pub disks: Vec<DiskEntry>,
+}
+
+/// Like vcbMounter's catalog: what was backed up, from where, when, by which version.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Catalog {
+    /// VM name (the generation is `name@time`).
+    pub vm: String,
+    /// Generation time, UTC, `YYYY-MM-DDTHH:MM:SSZ`.
+    pub time: String,
+    /// `uuid.bios` from the .vmx, if any.
+    pub uuid: Option<String>,
+    /// `displayName` from the .vmx, decoded, if any.
+    pub display_name: Option<String>,
+    /// `vm-directory` or `disk-image`.
+    pub source_kind: String,
+    /// Absolute path ingested.
+    pub source: String,
+    /// Ingest start, UTC.
+    pub started: String,
+    /// Ingest end, UTC.
+    pub finished: String,
+    /// vmrepo version that wrote it.
+    pub vmrepo_version: String,
+    /// Statistics of the ingest.
+    pub stats: IngestStats,
+    /// For a change-aware ingest: what it took from which generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental: Option<Incremental>,
+}
+
+/// Byte counts of one ingest.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct IngestStats {
+    /// Virtual size of all disks.
+    pub virtual_bytes: u64,
+    /// Bytes read from the source files (holes are not read).
+    pub bytes_read: u64,
+    /// Bytes of non-zero content chunked (read minus zero runs).
+    pub bytes_data: u64,
+    /// Plaintext bytes of chunks that were new to the repository.
+    pub bytes_new: u64,
+    /// Bytes written to pack files (compressed, headers included).
+    pub bytes_stored: u64,
+    /// Chunks cut by the chunker (segments reused from the segment cache are not re-cut).
+    pub chunks_total: u64,
+    /// Chunks that were new to the repository.
+    pub chunks_new: u64,
+    /// Segments whose content matched a known segment and were not re-chunked.
+    pub segments_reused: u64,
+    /// Segments that were all zero (holes or zero bytes): nothing stored.
+    #[serde(default)]
+    pub segments_zero: u64,
+    /// Segments a change-aware ingest took from the previous generation without reading them.
+    #[serde(default)]
+    pub segments_skipped: u64,
+    /// All segments of all disks.
+    pub segments_total: u64,
+}
+
+/// A small file stored verbatim.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FileEntry {
+    /// Path relative to the VM directory (`/`-separated, no `..`).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The file object.
+    pub object: ObjectId,
+}
+
+/// One disk of the generation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DiskEntry {
+    /// Controller slot from the .vmx (`scsi0:0`), or `image` for a disk given directly.
+    pub slot: String,
+    /// The descriptor's file name (a [`FileEntry`]) or `None` for a raw image.
+    pub descriptor: Option<String>,
+    /// `createType` from the descriptor, or `raw`.
+    pub create_type: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// The disk map object.
+    pub disk_map: ObjectId,
+    /// Files that hold the disk, in guest-address order (empty when `layout` is set).
+    pub extents: Vec<ExtentFile>,
+    /// For a disk read from sparse files or a snapshot chain: what it was and how to restore
+    /// it (absent for flat disks, which restore file for file from `extents`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<DiskLayout>,
+}
+
+/// How a disk that was not a plain flat file set was stored, and how to restore it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DiskLayout {
+    /// Format restored by default: the leaf's createType (`qcow2`, `raw`), or the base link's
+    /// when the leaf is an ESXi delta (vmfsSparse, seSparse) that cannot stand alone.
+    pub format: String,
+    /// Name the VM refers to the disk by, relative to the VM directory; restored under it.
+    pub file: String,
+    /// The links that were read, leaf first (one for a disk without snapshots).
+    pub chain: Vec<ChainLink>,
+}
+
+/// One link of a disk's chain as it was read.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ChainLink {
+    /// File name (relative to the VM directory when inside it).
+    pub file: String,
+    /// createType, `qcow2` or `raw`.
+    pub format: String,
+    /// `CID`, 8 hex digits (VMDK only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cid: Option<String>,
+    /// `parentCID`, 8 hex digits (VMDK only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_cid: Option<String>,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Bytes this link itself held.
+    pub allocated: u64,
+    /// The link's descriptor text (separate or embedded), verbatim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descriptor: Option<String>,
+    /// Identity of the link's files when read: a hash of each file's name, size and
+    /// modification time. Equal stamps mean an unchanged (frozen) link, which lets the next
+    /// ingest read only the links above it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<String>,
+}
+
+/// How one extent of a disk maps onto a file (or onto nothing, for ZERO extents).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ExtentFile {
+    /// Extent type from the descriptor (`FLAT`, `VMFS`, `ZERO`) or `RAW`.
+    pub kind: String,
+    /// Guest byte offset where the extent starts.
+    pub start: u64,
+    /// Length in guest bytes.
+    pub len: u64,
+    /// File name relative to the VM directory (`None` for ZERO).
+    pub file: Option<String>,
+    /// Byte offset inside the file where the extent's data starts.
+    pub file_offset: u64,
+    /// Size of the file as it was.
+    pub file_size: u64,
+    /// Bytes of the file before `file_offset`, stored as a file object, if any.
+    pub head: Option<ObjectId>,
+    /// Bytes of the file after the extent's data, stored as a file object, if any.
+    pub tail: Option<ObjectId>,
+}
+
+impl Manifest {
+    /// JSON bytes as stored.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("manifest serializes")
+    }
+
+    /// Parses a stored manifest.
+    pub fn decode(b: &[u8]) -> Result<Manifest, String> {
+        let m: Manifest =
+            serde_json::from_slice(b).map_err(|e| format!("manifest is not valid: {e}"))?;
+        if m.version > MANIFEST_VERSION {
+            return Err(format!(
+                "manifest version {} is newer than this vmrepo understands",
+                m.version
+            ));
+        }
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// What makes a manifest unusable, checked by [`Manifest::decode`] and so by every reader
+    /// (check, index rebuild, extract, mount, gc): a VM name that is not one, a time that is
+    /// not a UTC time, file names that would leave the restore directory (`..`, absolute,
+    /// empty, `.`) or repeat, and flat extents that do not cover the disk exactly. What it
+    /// cannot see without reading more (a disk map of another size) is
+    /// [`DiskEntry::check_map`]'s.
+    pub fn validate(&self) -> Result<(), String> {
+        let c = &self.catalog;
+        if let Some(why) = vm_name_problem(&c.vm) {
+            return Err(format!("manifest names VM {:?}, which {why}", c.vm));
+        }
+        if c.time.parse::<jiff::Timestamp>().is_err() || !c.time.ends_with('Z') {
+            return Err(format!(
+                "manifest of VM {:?} has time {:?}, not a UTC time like 2026-11-22T01:00:03Z",
+                c.vm, c.time
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut name_ok = |what: &str, name: &str| -> Result<(), String> {
+            if !is_safe_relative(name) {
+                return Err(format!(
+                    "manifest of {}@{} has {what} {name:?}, which is not a relative path inside \
+                     the VM's directory",
+                    c.vm, c.time
+                ));
+            }
+            if !names.insert(name.to_string()) {
+                return Err(format!(
+                    "manifest of {}@{} names {what} {name:?} twice",
+                    c.vm, c.time
+                ));
+            }
+            Ok(())
+        };
+        for f in &self.files {
+            name_ok("file", &f.name)?;
+        }
+        for d in &self.disks {
+            for e in d.extents.iter().filter_map(|e| e.file.as_deref()) {
+                if !is_safe_relative(e) {
+                    return Err(format!(
+                        "manifest of {}@{}: disk {} has extent file {e:?}, which is not a \
+                         relative path inside the VM's directory",
+                        c.vm, c.time, d.slot
+                    ));
+                }
+            }
+            if let Some(l) = &d.layout {
+                if !is_safe_relative(&l.file) {
+                    return Err(format!(
+                        "manifest of {}@{}: disk {} is restored as {:?}, which is not a \
+                         relative path inside the VM's directory",
+                        c.vm, c.time, d.slot, l.file
+                    ));
+                }
+            }
+            if let Some(desc) = &d.descriptor {
+                if !is_safe_relative(desc) {
+                    return Err(format!(
+                        "manifest of {}@{}: disk {} has descriptor {desc:?}, which is not a \
+                         relative path inside the VM's directory",
+                        c.vm, c.time, d.slot
+                    ));
+                }
+            }
+            if !d.extents.is_empty() {
+                let mut at = 0u64;
+                for e in &d.extents {
+                    if e.start != at || e.len == 0 {
+                        return Err(format!(
+                            "manifest of {}@{}: the extents of disk {} do not cover it end to \
+                             end (one starts at {}, expected {at})",
+                            c.vm, c.time, d.slot, e.start
+                        ));
+                    }
+                    at = at.saturating_add(e.len);
+                }
+                if at != d.virtual_size {
+                    return Err(format!(
+                        "manifest of {}@{}: the extents of disk {} cover {at} bytes, its size is {}",
+                        c.vm, c.time, d.slot, d.virtual_size
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DiskEntry {
+    /// Checks that `map` (this disk's disk map) describes a disk of this disk's size.
+    pub fn check_map(&self, map: &DiskMap) -> Result<(), String> {
+        if map.size != self.virtual_size {
+            return Err(format!(
+                "disk {}: the manifest says {} bytes, its disk map {}",
+                self.slot, self.virtual_size, map.size
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why `name` cannot be a VM name (`None` when it can): empty, `/`, `@` (which separates VM and
+/// generation), control characters, a path component, more than 200 bytes.
+pub fn vm_name_problem(name: &str) -> Option<&'static str> {
+    if name.trim().is_empty() {
+        Some("is empty")
+    } else if name.contains('/') {
+        Some("contains '/'")
+    } else if name.contains('@') {
+        Some("contains '@' (which separates VM and generation)")
+    } else if name.chars().any(|c| c.is_control()) {
+        Some("contains control characters")
+    } else if name == "." || name == ".." {
+        Some("is a path component")
+    } else if name.len() > 200 {
+        Some("is longer than 200 bytes")
+    } else {
+        None
+    }
+}
+
+/// True for a stored relative name that is safe to restore under a directory: not empty, only
+/// normal components (no `..`, `.`, root).
+pub fn is_safe_relative(name: &str) -> bool {
+    let p = std::path::Path::new(name);
+    !name.is_empty()
+        && !name.ends_with('/')
+        && p.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
+/// Written by prune before it removes generations from the index, so that an index rebuilt
+/// from the pack files does not bring them back while their manifests still sit in a pack.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Tombstone {
+    /// [`MANIFEST_VERSION`].
+    pub version: u32,
+    /// When prune ran, UTC.
+    pub time: String,
+    /// The removed generations.
+    pub removed: Vec<RemovedGeneration>,
+}
+
+/// One generation a prune removed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RemovedGeneration {
+    /// `vm@time`.
+    pub generation: String,
+    /// Its manifest object.
+    pub manifest: ObjectId,
+}
+
+impl Tombstone {
+    /// JSON bytes as stored.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("tombstone serializes")
+    }
+
+    /// Parses a stored tombstone.
+    pub fn decode(b: &[u8]) -> Result<Tombstone, String> {
+        serde_json::from_slice(b).map_err(|e| format!("tombstone is not valid: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_round_trip() {
+        let s = Segment {
+            fingerprint: [9; 32],
+            extents: vec![
+                Extent::Data {
+                    len: 70_000,
+                    id: ObjectId::of(b"a"),
+                },
+                Extent::Zero { len: 1 << 20 },
+            ],
+        };
+        assert_eq!(Segment::decode(&s.encode()).unwrap(), s);
+        assert!(Segment::decode(&s.encode()[..50]).is_err());
+    }
+}

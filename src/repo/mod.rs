@@ -1,0 +1,516 @@
+//! The repository on disk: creating it, opening it (config, lock, index), and reading objects.
+
+// The repository core, bottom up: ids and the object codec, keys, packs and the store, the
+// index, locks, and the persisted formats (manifest, disk map, fingerprint leaves).
+pub mod config;
+pub mod crypto;
+pub mod disk_map;
+pub mod id;
+pub mod index;
+pub mod keyfile;
+pub mod leaves;
+pub mod lock;
+pub mod manifest;
+pub mod object;
+pub mod pack;
+pub mod store;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use zeroize::Zeroizing;
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::sync_dir;
+use crate::repo::config::{ChunkerParams, Config};
+use crate::repo::crypto::Keys;
+use crate::repo::id::ObjectId;
+use crate::repo::index::{Index, Location};
+use crate::repo::keyfile::KdfCost;
+use crate::repo::lock::{lock_repository, Lock, LockMode};
+use crate::repo::manifest::{DiskMap, Manifest, Segment};
+use crate::repo::object::RECORD_HEADER_LEN;
+use crate::repo::pack::PackReader;
+
+pub use crate::repo::index::INDEX_FILE;
+
+/// The marker an ingest leaves in `locks/` while it commits its last pack (the one holding its
+/// manifest): `locks/uncommitted-<pack name>`. Created before that pack is sealed and removed
+/// after the commit; a marker whose pack is not in the index says the ingest died in between,
+/// so that pack's manifest is not a generation the index lost but one that was never committed
+/// (never reported saved): the pack is a left-over. Not fsynced: lost in a crash, the pack's
+/// generation is adopted instead, which is also safe.
+pub fn uncommitted_marker(root: &std::path::Path, pack: &str) -> std::path::PathBuf {
+    root.join("locks").join(format!("uncommitted-{pack}"))
+}
+
+/// The number of gc runs that deleted or rewrote pack files, as text. gc raises it in the index
+/// (meta `gc_epoch`) and then in this file before it unlinks anything; an index whose epoch is
+/// lower is older than the data files (a copy from before a gc): its rows may point into packs
+/// that are gone, so an ingest must not deduplicate against it, and gc must not trust it.
+pub const GC_EPOCH_FILE: &str = "gc-epoch";
+
+/// A file of [`RESERVE_BYTES`] kept in the repository so that the commands that free space can
+/// work on a full filesystem: SQLite needs room for its write-ahead log before it can delete
+/// anything. prune and gc release it when the filesystem is nearly full and gc makes it again
+/// when there is room.
+pub const RESERVE_FILE: &str = "reserve";
+
+/// Size of the reserve file.
+pub const RESERVE_BYTES: u64 = 16 << 20;
+
+/// How an encrypted repository gets its passphrase, and how long to wait for the lock.
+pub struct OpenOptions<'a> {
+    /// Wait up to this long for the repository lock.
+    pub lock_wait: Duration,
+    /// Told once when the lock is busy and we wait.
+    pub on_wait: &'a dyn Fn(&str),
+    /// Asked (at most once) for the passphrase when the repository is encrypted.
+    pub passphrase: &'a dyn Fn() -> Result<Zeroizing<String>>,
+}
+
+/// Encryption of a new repository.
+pub struct NewEncryption<'a> {
+    /// The first key's passphrase.
+    pub passphrase: &'a str,
+    /// argon2id cost for its key file.
+    pub cost: KdfCost,
+}
+
+/// An open repository.
+pub struct Repository {
+    root: PathBuf,
+    config: Config,
+    reader: PackReader,
+    keys: Arc<Keys>,
+    key_id: Option<String>,
+    pool: Mutex<Vec<Index>>,
+    lock: Lock,
+    /// Opened only to read ([`LockMode::Read`]).
+    reading: bool,
+    /// How long the command may wait for a lock (`--lock-wait`): also for a VM's ingest lock.
+    lock_wait: Duration,
+}
+
+impl Repository {
+    /// Creates a repository in `path`, which must not exist or be an empty directory; encrypted
+    /// (AES-256-GCM, first key file wrapped with `encryption.passphrase`) if `encryption` is given.
+    pub fn init(
+        path: &Path,
+        chunker: ChunkerParams,
+        level: i32,
+        encryption: Option<NewEncryption<'_>>,
+    ) -> Result<Config> {
+        if path.exists() {
+            let mut entries = fs::read_dir(path).ctx("read directory", path)?;
+            if entries.next().is_some() {
+                return Err(Error::NotEmpty(path.to_path_buf()));
+            }
+        } else {
+            fs::create_dir_all(path).ctx("create directory", path)?;
+        }
+        let mode = if encryption.is_some() {
+            "aes-256-gcm"
+        } else {
+            "none"
+        };
+        let config = Config::new(chunker, level, mode)?;
+        for dir in ["data", "locks"] {
+            fs::create_dir(path.join(dir)).ctx("create directory", path.join(dir))?;
+        }
+        let keys = match &encryption {
+            Some(e) => {
+                let master = Keys::new_master()?;
+                keyfile::create(
+                    path,
+                    &config.repository_id,
+                    &master,
+                    e.passphrase,
+                    e.cost,
+                    "initial",
+                )?;
+                Arc::new(Keys::from_master(&master))
+            }
+            None => Arc::new(Keys::none()),
+        };
+        let index = Index::open(&crate::repo::index::index_path(path), true, keys)?;
+        index.set_repository_id(&config.repository_id)?;
+        index.checkpoint();
+        drop(index);
+        // Best effort: a repository without its reserve works, it just cannot free space on a
+        // full filesystem without help; gc makes the reserve when there is room.
+        let _ = make_reserve(path);
+        // The config goes last: a directory without it is not (yet) a repository.
+        config.store(path)?;
+        sync_dir(path)?;
+        Ok(config)
+    }
+
+    /// Opens the unencrypted repository at `path`, taking its lock in `mode`; fails at once if
+    /// the lock is held (and with [`Error::NeedPassphrase`] if the repository is encrypted).
+    pub fn open(path: &Path, mode: LockMode) -> Result<Repository> {
+        Repository::open_with(
+            path,
+            mode,
+            &OpenOptions {
+                lock_wait: Duration::ZERO,
+                on_wait: &|_| {},
+                passphrase: &|| Err(Error::NeedPassphrase(path.to_path_buf())),
+            },
+        )
+    }
+
+    /// Opens the repository at `path`: unlocks its keys if it is encrypted (before taking any
+    /// lock, so a wrong passphrase changes nothing), then takes its lock in `mode`.
+    pub fn open_with(path: &Path, mode: LockMode, opts: &OpenOptions<'_>) -> Result<Repository> {
+        let config = Config::load(path)?;
+        for dir in ["data", "locks"] {
+            if !path.join(dir).is_dir() {
+                return Err(Error::NotARepository {
+                    path: path.to_path_buf(),
+                    reason: format!("its {dir}/ directory is missing"),
+                });
+            }
+        }
+        let (keys, key_id) = if config.encrypted() {
+            let pass = (opts.passphrase)()?;
+            let (master, id) = keyfile::unlock(path, &config.repository_id, &pass)?;
+            (Arc::new(Keys::from_master(&master)), Some(id))
+        } else {
+            (Arc::new(Keys::none()), None)
+        };
+        let lock = lock_repository(path, mode, opts.lock_wait, opts.on_wait)?;
+        Ok(Repository {
+            root: path.to_path_buf(),
+            reader: PackReader::new(&path.join("data"), keys.clone()),
+            keys,
+            key_id,
+            config,
+            pool: Mutex::new(Vec::new()),
+            reading: mode == LockMode::Read,
+            lock_wait: opts.lock_wait,
+            lock,
+        })
+    }
+
+    /// For the commands that free space (prune, gc; exclusive lock held): when the filesystem
+    /// is nearly full, deletes the reserve file so the index can be written. Returns a note
+    /// saying so.
+    pub fn release_reserve_if_full(&self) -> Option<String> {
+        let free = crate::space::free_bytes(&self.root)?;
+        let path = self.root.join(RESERVE_FILE);
+        if free >= 4 * crate::space::LOW_SPACE || !path.exists() {
+            return None;
+        }
+        std::fs::remove_file(&path).ok()?;
+        Some(format!(
+            "the filesystem holding {} is full ({free} bytes free): released the repository's \
+             {} MiB reserve ({}) so that this command can work; gc makes it again when there is room",
+            self.root.display(),
+            RESERVE_BYTES >> 20,
+            path.display()
+        ))
+    }
+
+    /// Makes the reserve file again if it is missing and the filesystem has room for it and
+    /// more. Best effort.
+    pub fn restore_reserve(&self) {
+        if self.root.join(RESERVE_FILE).exists() {
+            return;
+        }
+        match crate::space::free_bytes(&self.root) {
+            Some(free) if free > RESERVE_BYTES + 16 * crate::space::LOW_SPACE => {
+                let _ = make_reserve(&self.root);
+            }
+            _ => {}
+        }
+    }
+
+    /// The gc epoch recorded beside the data files (0 when there is none yet).
+    pub fn gc_epoch(&self) -> Result<u64> {
+        let path = self.root.join(GC_EPOCH_FILE);
+        match fs::read_to_string(&path) {
+            Ok(t) => t.trim().parse().map_err(|_| {
+                Error::Corrupt(format!(
+                    "{} does not hold a number ({:?}); it counts the gc runs that deleted data files",
+                    path.display(),
+                    t.trim()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(Error::io("read", &path, e)),
+        }
+    }
+
+    /// Before gc deletes or rewrites packs: raises the gc epoch in `index`, then in the file
+    /// beside the data (fsynced), so that any older copy of the index is known to be stale.
+    pub fn raise_gc_epoch(&self, index: &Index) -> Result<()> {
+        let next = self.gc_epoch()?.max(index.gc_epoch()?) + 1;
+        index.set_gc_epoch(next)?;
+        crate::fsutil::write_atomic(
+            &self.root.join(GC_EPOCH_FILE),
+            format!("{next}\n").as_bytes(),
+        )
+    }
+
+    /// Refuses an index older than the data files (its gc epoch is below the file's): it may
+    /// name objects in packs a later gc deleted. What an ingest checks before deduplicating.
+    pub fn check_index_epoch(&self, index: &Index) -> Result<()> {
+        let (have, data) = (index.gc_epoch()?, self.gc_epoch()?);
+        if have < data {
+            return Err(Error::Corrupt(format!(
+                "index {} is older than the data files (it has seen {have} gc run(s) that \
+                 deleted data, the repository {data}): it was restored from an older copy, and \
+                 may name data that is gone. Nothing was changed; `vmrepo check --rebuild-index \
+                 {}` rebuilds it from the data files",
+                index.path().display(),
+                self.root.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// When this read-only command could take no lock: what it could not guard against.
+    pub fn unguarded(&self) -> Option<&str> {
+        self.lock.unguarded()
+    }
+
+    /// How long this command may wait for a lock (`--lock-wait`).
+    pub fn lock_wait(&self) -> Duration {
+        self.lock_wait
+    }
+
+    /// The repository's keys ([`Keys::none`] when unencrypted).
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A shared handle to the keys.
+    pub fn keys_arc(&self) -> Arc<Keys> {
+        self.keys.clone()
+    }
+
+    /// The key file that unlocked the repository, if it is encrypted.
+    pub fn key_id(&self) -> Option<&str> {
+        self.key_id.as_deref()
+    }
+
+    /// The repository directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The data directory holding the packs.
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
+    /// Path of the index database.
+    pub fn index_path(&self) -> PathBuf {
+        crate::repo::index::index_path(&self.root)
+    }
+
+    /// Opens a new connection to the index. An index built for another repository (its
+    /// recorded `repository_id` differs from config.toml's) is refused: its rows describe
+    /// other pack files. An index that records no id yet (made by an earlier vmrepo, or
+    /// emptied) is given this repository's; whether it covers the data files is
+    /// the survey's question (maintain/coverage.rs).
+    pub fn open_index(&self) -> Result<Index> {
+        let index = match Index::open(&self.index_path(), false, self.keys.clone()) {
+            Ok(i) => i,
+            // A read-only command on a repository it cannot write.
+            Err(Error::Index { ref cause, .. }) if self.reading && is_read_only_failure(cause) => {
+                Index::open_for_reading(&self.index_path(), self.keys.clone())?
+            }
+            Err(e) => return Err(e),
+        };
+        match index.repository_id()? {
+            Some(id) if id != self.config.repository_id => Err(Error::Corrupt(format!(
+                "index {} belongs to another repository (id {id}, this one is {}): it was \
+                 copied or restored from elsewhere. Nothing was changed; `vmrepo check \
+                 --rebuild-index {}` rebuilds the index from this repository's data files",
+                index.path().display(),
+                self.config.repository_id,
+                self.root.display()
+            ))),
+            Some(_) => Ok(index),
+            None => {
+                // Best effort (a read-only repository cannot record it; it is checked again
+                // the next time).
+                let _ = index.set_repository_id(&self.config.repository_id);
+                Ok(index)
+            }
+        }
+    }
+
+    /// Makes the index built at `new` the live one (see [`crate::repo::index::replace_live`]) and
+    /// drops this process's pooled connections to the old one. Returns where the old index went.
+    pub fn replace_index(&self, new: &Path) -> Result<Option<PathBuf>> {
+        let old = crate::repo::index::replace_live(&self.root, new)?;
+        self.pool.lock().unwrap().clear();
+        Ok(old)
+    }
+
+    /// Runs `f` with a pooled index connection (for parallel readers).
+    pub fn with_index<T>(&self, f: impl FnOnce(&Index) -> Result<T>) -> Result<T> {
+        let idx = self.pool.lock().unwrap().pop();
+        let idx = match idx {
+            Some(i) => i,
+            None => self.open_index()?,
+        };
+        let r = f(&idx);
+        self.pool.lock().unwrap().push(idx);
+        r
+    }
+
+    /// The pack reader.
+    pub fn packs(&self) -> &PackReader {
+        &self.reader
+    }
+
+    /// Reads, decompresses and verifies object `id`.
+    pub fn read_object(&self, id: &ObjectId) -> Result<Vec<u8>> {
+        let loc = self
+            .with_index(|i| i.lookup(id))?
+            .ok_or_else(|| Error::Corrupt(format!("object {} is not in the index", id.short())))?;
+        self.reader.read_object(&loc.pack, loc.offset, &loc.header)
+    }
+
+    /// Reads, decompresses and verifies several objects; returned in the order of `ids`.
+    /// Records that sit back to back in one pack (chunks written in sequence) are fetched with
+    /// one read, in pack and offset order; when that takes several reads, all of them are
+    /// hinted to the kernel first, so the device works on them together instead of one
+    /// random read at a time (loading the previous versions of a change-aware ingest's
+    /// touched segments, scattered over the repository).
+    pub fn read_objects(&self, ids: &[ObjectId]) -> Result<Vec<Vec<u8>>> {
+        const MAX_SPAN: u64 = 8 << 20;
+        let locs: Vec<Location> = self.with_index(|i| {
+            ids.iter()
+                .map(|id| {
+                    i.lookup(id)?.ok_or_else(|| {
+                        Error::Corrupt(format!("object {} is not in the index", id.short()))
+                    })
+                })
+                .collect()
+        })?;
+        let record_len = |l: &Location| RECORD_HEADER_LEN as u64 + l.header.stored_len as u64;
+        let mut order: Vec<usize> = (0..locs.len()).collect();
+        order.sort_by(|&a, &b| {
+            (&locs[a].pack, locs[a].offset).cmp(&(&locs[b].pack, locs[b].offset))
+        });
+        // Runs of `order` read with one request each: (first, end) positions in `order`, bytes.
+        let mut spans = Vec::new();
+        let mut i = 0;
+        while i < order.len() {
+            let first = &locs[order[i]];
+            let mut end = first.offset + record_len(first);
+            let mut j = i + 1;
+            while j < order.len()
+                && locs[order[j]].pack == first.pack
+                && locs[order[j]].offset == end
+                && end - first.offset < MAX_SPAN
+            {
+                end += record_len(&locs[order[j]]);
+                j += 1;
+            }
+            spans.push((i, j, end - first.offset));
+            i = j;
+        }
+        if spans.len() > 1 {
+            for &(i, _, len) in &spans {
+                let first = &locs[order[i]];
+                self.reader.hint(&first.pack, first.offset, len);
+            }
+        }
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; ids.len()];
+        for (i, j, len) in spans {
+            let first = &locs[order[i]];
+            let span =
+                self.reader
+                    .read_span(&first.pack, first.offset, len as usize, &first.header)?;
+            for &k in &order[i..j] {
+                let l = &locs[k];
+                let rel = (l.offset - first.offset) as usize;
+                let record = &span[rel..rel + record_len(l) as usize];
+                let payload = self
+                    .reader
+                    .check_record(&l.pack, l.offset, record, &l.header)?;
+                out[k] = Some(
+                    self.reader
+                        .decode_at(&l.pack, l.offset, &l.header, payload)?,
+                );
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|o| o.expect("every object is in one span"))
+            .collect())
+    }
+
+    /// Loads a generation manifest.
+    pub fn load_manifest(&self, id: &ObjectId) -> Result<Manifest> {
+        let b = self.read_object(id)?;
+        Manifest::decode(&b).map_err(|e| Error::Corrupt(format!("manifest {}: {e}", id.short())))
+    }
+
+    /// Loads a disk map.
+    pub fn load_disk_map(&self, id: &ObjectId) -> Result<DiskMap> {
+        let b = self.read_object(id)?;
+        DiskMap::decode(&b).map_err(|e| Error::Corrupt(format!("disk map {}: {e}", id.short())))
+    }
+
+    /// Loads a segment.
+    pub fn load_segment(&self, id: &ObjectId) -> Result<Segment> {
+        decode_segment(id, &self.read_object(id)?)
+    }
+}
+
+/// Decodes the bytes of segment object `id` (read with [`Repository::read_object`] or
+/// [`Repository::read_objects`]).
+pub fn decode_segment(id: &ObjectId, bytes: &[u8]) -> Result<Segment> {
+    Segment::decode(bytes).map_err(|e| Error::Corrupt(format!("segment {}: {e}", id.short())))
+}
+
+/// True when SQLite failed because it may not write (read-only file or filesystem, or a WAL
+/// index whose `-shm` file it cannot create).
+fn is_read_only_failure(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::ReadOnly)
+            | Some(rusqlite::ErrorCode::CannotOpen)
+            | Some(rusqlite::ErrorCode::PermissionDenied)
+            | Some(rusqlite::ErrorCode::SystemIoFailure)
+    )
+}
+
+/// Writes the reserve file (allocated blocks, not a sparse file), atomically.
+fn make_reserve(root: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let path = root.join(RESERVE_FILE);
+    let tmp = root.join(format!("{RESERVE_FILE}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let f = fs::File::create(&tmp).ctx("create", &tmp)?;
+        // SAFETY: the descriptor is open; posix_fallocate reads its integer arguments.
+        let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, RESERVE_BYTES as libc::off_t) };
+        if r != 0 {
+            return Err(Error::io(
+                "allocate",
+                &tmp,
+                std::io::Error::from_raw_os_error(r),
+            ));
+        }
+        f.sync_all().ctx("fsync", &tmp)?;
+        fs::rename(&tmp, &path).ctx("rename into place", &path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}

@@ -1,0 +1,461 @@
+//! The write side of the object store used by an ingest: dedup against the index, compress,
+//! append to this process's pack files, and make each sealed pack known to the index.
+//!
+//! Durability contract: an object becomes visible in the index only after the pack holding it
+//! has been fsynced, so a dedup hit always points at durable data. Objects of an interrupted
+//! ingest that reached the index stay valid (a re-run reuses them); unsealed packs are garbage.
+//!
+//! A full pack is sealed (fsync, then its index rows in one transaction) by the worker that
+//! filled it, outside the lock the other workers append under: they go on cutting and
+//! compressing while it waits for the disk. Its objects stay in `pending` until they are
+//! indexed, so dedup never misses them in between. That worker also creates the next pack
+//! file (the spare), also outside the lock: creating a file waits for the filesystem journal,
+//! which a concurrent fsync keeps busy (0.46 s seen), and under the lock that wait stopped
+//! every worker.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use crate::error::Result;
+use crate::repo::id::ObjectId;
+use crate::repo::index::Index;
+use crate::repo::object::{self, ObjectKind, RecordHeader};
+use crate::repo::pack::PackFile;
+use crate::repo::Repository;
+
+/// Target size of a pack before it is sealed and a new one started.
+pub const PACK_TARGET: u64 = 64 << 20;
+
+struct Writer {
+    /// The pack being appended to.
+    pack: Option<PackFile>,
+    /// An empty pack made ready for when `pack` is full (deleted if unused).
+    spare: Option<PackFile>,
+    /// Objects in this process's packs that are not indexed yet (open or being sealed).
+    pending: HashSet<ObjectId>,
+    /// Records of the open pack.
+    records: Vec<(RecordHeader, u64)>,
+    bytes_stored: u64,
+    /// Packs sealed so far: an object leaves `pending` only when a seal has indexed it, so a
+    /// worker that saw neither `pending` nor the index hold an id needs to look in the index
+    /// again only if this moved meanwhile.
+    seals: u64,
+}
+
+/// A pack taken out of the writer to be sealed, with its records.
+type Full = (PackFile, Vec<(RecordHeader, u64)>);
+
+/// Shared by the ingest workers of one process.
+pub struct Store<'r> {
+    repo: &'r Repository,
+    level: i32,
+    writer: Mutex<Writer>,
+    /// The write connection: sealed packs and the final commit, one transaction at a time.
+    index: Mutex<Index>,
+}
+
+impl<'r> Store<'r> {
+    /// A store writing into `repo`.
+    pub fn new(repo: &'r Repository) -> Result<Store<'r>> {
+        let index = repo.open_index()?;
+        // Deduplicating against an index older than the data would record references to data
+        // a gc has deleted.
+        repo.check_index_epoch(&index)?;
+        let path = index.path().to_path_buf();
+        std::thread::spawn(move || crate::repo::index::prefetch_file(&path));
+        Ok(Store {
+            repo,
+            level: repo.config().compression.level,
+            writer: Mutex::new(Writer {
+                pack: None,
+                spare: None,
+                pending: HashSet::new(),
+                records: Vec::new(),
+                bytes_stored: 0,
+                seals: 0,
+            }),
+            index: Mutex::new(index),
+        })
+    }
+
+    /// The repository.
+    pub fn repo(&self) -> &Repository {
+        self.repo
+    }
+
+    /// True if the object is stored already (or being stored by this process).
+    pub fn exists(&self, id: &ObjectId) -> Result<bool> {
+        Ok(self.lookup(id)?.is_none())
+    }
+
+    /// `None` if the object is stored already (or being stored by this process); otherwise the
+    /// seal count at the time it was found missing.
+    fn lookup(&self, id: &ObjectId) -> Result<Option<u64>> {
+        let seals = {
+            let w = self.writer.lock().unwrap();
+            if w.pending.contains(id) {
+                return Ok(None);
+            }
+            w.seals
+        };
+        Ok((!self.repo.with_index(|i| i.contains(id))?).then_some(seals))
+    }
+
+    /// Stores `data` under `id` unless it is stored already; returns true if it was new.
+    pub fn put(&self, kind: ObjectKind, id: ObjectId, data: &[u8]) -> Result<bool> {
+        // Readers refuse records above this size: never write one that no command could read.
+        if data.len() as u64 > object::MAX_OBJECT_LEN as u64 {
+            return Err(crate::error::Error::Usage(format!(
+                "a {} object of {} bytes is larger than the largest object a repository can \
+                 hold ({} bytes); nothing was recorded",
+                kind.name(),
+                data.len(),
+                object::MAX_OBJECT_LEN
+            )));
+        }
+        match self.lookup(&id)? {
+            Some(seals) => self.store_missing(kind, id, data, seals),
+            None => Ok(false),
+        }
+    }
+
+    /// The rest of [`Store::put`] for an object found missing when `seals` packs were sealed.
+    fn store_missing(
+        &self,
+        kind: ObjectKind,
+        id: ObjectId,
+        data: &[u8],
+        seals: u64,
+    ) -> Result<bool> {
+        let encoded = object::encode(kind, id, data, self.level, self.repo.keys());
+        let full = {
+            let mut w = self.writer.lock().unwrap();
+            // Another worker may have stored it meanwhile: it is pending, or a seal since the
+            // lookup indexed it (rare: the index is probed under the lock only then).
+            if w.pending.contains(&id)
+                || (w.seals != seals && self.repo.with_index(|i| i.contains(&id))?)
+            {
+                return Ok(false);
+            }
+            if w.pack.is_none() {
+                w.pack = Some(match w.spare.take() {
+                    Some(p) => p,
+                    None => PackFile::create(&self.repo.data_dir())?,
+                });
+            }
+            let offset = w.pack.as_mut().unwrap().append(&encoded)?;
+            w.bytes_stored += encoded.record_len();
+            w.pending.insert(id);
+            w.records.push((encoded.header, offset));
+            if w.pack.as_ref().unwrap().len() >= PACK_TARGET {
+                take_full(&mut w)
+            } else {
+                None
+            }
+        };
+        if let Some(full) = full {
+            self.seal(full, true)?;
+        }
+        Ok(true)
+    }
+
+    /// Seals a pack taken out of the writer and records it in the index; its objects then
+    /// leave `pending`. On failure the pack file is deleted (nothing refers to it). With
+    /// `spare` (more objects will come), first makes the next pack file ready.
+    fn seal(&self, (pack, records): Full, spare: bool) -> Result<()> {
+        if spare {
+            // Best effort: without a spare the next append creates its pack itself, and says
+            // why if it cannot.
+            if let Ok(next) = PackFile::create(&self.repo.data_dir()) {
+                let mut w = self.writer.lock().unwrap();
+                match w.spare {
+                    None => w.spare = Some(next),
+                    Some(_) => next.discard(),
+                }
+            }
+        }
+        let path = pack.path().to_path_buf();
+        let result = pack.seal_locked().and_then(|(name, len, _locked)| {
+            let mut index = self.index.lock().unwrap();
+            index.add_pack(&name, len, &records)?;
+            // Best effort: a merge that fails leaves both object tables as they were.
+            let _ = index.merge_recent_objects(false);
+            Ok(())
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        let mut w = self.writer.lock().unwrap();
+        for (h, _) in &records {
+            w.pending.remove(&h.id);
+        }
+        w.seals += 1;
+        result
+    }
+
+    /// Stores a metadata or file object: its id is the hash of `data`.
+    pub fn put_blob(&self, kind: ObjectKind, data: &[u8]) -> Result<ObjectId> {
+        let id = self.repo.keys().id_of(data);
+        self.put(kind, id, data)?;
+        Ok(id)
+    }
+
+    /// Seals the current pack: afterwards everything put so far is durable and indexed. The
+    /// spare pack, if any, is deleted.
+    pub fn flush(&self) -> Result<()> {
+        let (full, spare) = {
+            let mut w = self.writer.lock().unwrap();
+            (take_full(&mut w), w.spare.take())
+        };
+        if let Some(p) = spare {
+            p.discard();
+        }
+        match full {
+            Some(full) => self.seal(full, false),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes appended to packs so far.
+    pub fn bytes_stored(&self) -> u64 {
+        self.writer.lock().unwrap().bytes_stored
+    }
+
+    /// Deletes the unsealed pack after a failure; sealed packs stay (their objects are indexed).
+    pub fn abort(&self) {
+        let mut w = self.writer.lock().unwrap();
+        if let Some(p) = w.pack.take() {
+            p.discard();
+        }
+        if let Some(p) = w.spare.take() {
+            p.discard();
+        }
+        w.pending.clear();
+        w.seals += 1;
+        w.records.clear();
+    }
+
+    /// Commits a generation (consumes the store's index connection for the final transaction).
+    pub fn commit_generation(
+        &self,
+        manifest_id: ObjectId,
+        manifest: &crate::repo::manifest::Manifest,
+        cache: &[crate::repo::index::CacheRow],
+    ) -> Result<()> {
+        // The pack holding the manifest is sealed here and recorded in the generation's own
+        // transaction (every earlier pack is sealed and indexed already: the workers are done).
+        let (full, spare) = {
+            let mut w = self.writer.lock().unwrap();
+            (take_full(&mut w), w.spare.take())
+        };
+        if let Some(p) = spare {
+            p.discard();
+        }
+        let mut index = self.index.lock().unwrap();
+        // Until the commit, the last pack (which holds the manifest) is marked uncommitted: if
+        // this process dies in between, gc and check know that pack for the left-over of a
+        // killed ingest rather than a generation the index lost (see maintain/coverage.rs).
+        let marker = full
+            .as_ref()
+            .map(|(pack, _)| crate::repo::uncommitted_marker(self.repo.root(), pack.name()));
+        if let Some(m) = &marker {
+            std::fs::write(m, b"").map_err(|e| crate::error::Error::io("create", m, e))?;
+        }
+        let _unmark = marker.map(RemoveOnDrop);
+        let last = match full {
+            None => None,
+            Some((pack, records)) => {
+                let path = pack.path().to_path_buf();
+                match pack.seal_locked() {
+                    Ok((name, size, locked)) => Some((
+                        crate::repo::index::SealedPack {
+                            name,
+                            size,
+                            records,
+                        },
+                        locked,
+                    )),
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&path);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let committed =
+            index.commit_generation(manifest_id, manifest, cache, last.as_ref().map(|l| &l.0));
+        // The pack's lock is released only now that it is indexed (or its commit failed).
+        let last = last.map(|(pack, _locked)| pack);
+        {
+            let mut w = self.writer.lock().unwrap();
+            if let Some(p) = &last {
+                for (h, _) in &p.records {
+                    w.pending.remove(&h.id);
+                }
+            }
+            w.seals += 1;
+        }
+        if committed.is_err() {
+            if let Some(p) = &last {
+                let _ = std::fs::remove_file(crate::repo::pack::pack_path(
+                    &self.repo.data_dir(),
+                    &p.name,
+                ));
+            }
+        }
+        committed?;
+        // Best effort: the generation is committed; a merge that fails leaves both object
+        // tables as they were and is tried again after the next ingest.
+        let _ = index.merge_recent_objects(false);
+        index.checkpoint();
+        Ok(())
+    }
+}
+
+impl Drop for Store<'_> {
+    /// A spare pack left by a run that ended without [`Store::flush`] (an error on the way) is
+    /// deleted: it holds nothing.
+    fn drop(&mut self) {
+        if let Some(p) = self.writer.get_mut().ok().and_then(|w| w.spare.take()) {
+            p.discard();
+        }
+    }
+}
+
+impl Store<'_> {
+    /// Prune's commit: seals the pack holding the tombstone and, in the same index transaction,
+    /// records it and removes `gens`.
+    pub fn commit_removal(&self, gens: &[crate::repo::index::GenerationInfo]) -> Result<()> {
+        let mut w = self.writer.lock().unwrap();
+        let mut index = self.index.lock().unwrap();
+        let Some(pack) = w.pack.take() else {
+            return index.remove_generations(None, gens);
+        };
+        let path = pack.path().to_path_buf();
+        let records = std::mem::take(&mut w.records);
+        w.pending.clear();
+        w.seals += 1;
+        let result = pack.seal_locked().and_then(|(name, size, _locked)| {
+            index.remove_generations(
+                Some(&crate::repo::index::SealedPack {
+                    name,
+                    size,
+                    records,
+                }),
+                gens,
+            )
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        index.checkpoint();
+        result
+    }
+}
+
+/// Deletes a file when dropped (best effort).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Takes the open pack and its records out of the writer to be sealed; an empty pack is
+/// deleted instead.
+fn take_full(w: &mut Writer) -> Option<Full> {
+    let pack = w.pack.take()?;
+    if pack.is_empty() {
+        pack.discard();
+        return None;
+    }
+    Some((pack, std::mem::take(&mut w.records)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::config::ChunkerParams;
+    use crate::repo::lock::LockMode;
+
+    /// A worker finds an object missing; before it appends it, another worker stores it (and,
+    /// in the second case, seals the pack, which takes it out of `pending` and into the index).
+    /// The first worker must then not append it again.
+    #[test]
+    fn an_object_stored_by_another_worker_after_the_lookup_is_not_stored_twice() {
+        for sealed in [false, true] {
+            let t = tempfile::tempdir().unwrap();
+            let path = t.path().join("repo");
+            Repository::init(&path, ChunkerParams::default(), 3, None).unwrap();
+            let repo = Repository::open(&path, LockMode::Shared).unwrap();
+            let store = Store::new(&repo).unwrap();
+            let data = b"one chunk of guest data".repeat(100);
+            let id = repo.keys().id_of(&data);
+            let once = object::encode(ObjectKind::Chunk, id, &data, 3, repo.keys()).record_len();
+
+            let seals = store.lookup(&id).unwrap().expect("not stored yet");
+            assert!(store.put(ObjectKind::Chunk, id, &data).unwrap());
+            if sealed {
+                store.flush().unwrap();
+            }
+            let stored = store
+                .store_missing(ObjectKind::Chunk, id, &data, seals)
+                .unwrap();
+            assert!(!stored, "stored again (sealed in between: {sealed})");
+            store.flush().unwrap();
+            assert_eq!(store.bytes_stored(), once);
+            assert!(store.exists(&id).unwrap());
+        }
+    }
+
+    /// Pack files under `data/`.
+    fn pack_files(repo: &Repository) -> usize {
+        std::fs::read_dir(repo.data_dir())
+            .unwrap()
+            .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+            .filter(|f| f.as_ref().unwrap().path().extension() == Some("pack".as_ref()))
+            .count()
+    }
+
+    /// Filling a pack makes the next pack file ready; it holds the objects that come after, or
+    /// is deleted when none come, whether the store is flushed or dropped on an error path.
+    #[test]
+    fn the_pack_made_ready_at_a_seal_is_used_or_deleted() {
+        for (more, flush) in [(true, true), (false, true), (false, false)] {
+            let t = tempfile::tempdir().unwrap();
+            let path = t.path().join("repo");
+            Repository::init(&path, ChunkerParams::default(), 3, None).unwrap();
+            let repo = Repository::open(&path, LockMode::Shared).unwrap();
+            let store = Store::new(&repo).unwrap();
+            // Incompressible 1 MiB objects until one fills the pack (it is then sealed).
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let mut object = || {
+                (0..1 << 17)
+                    .flat_map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x.to_le_bytes()
+                    })
+                    .collect::<Vec<u8>>()
+            };
+            let mut ids = Vec::new();
+            while store.bytes_stored() < PACK_TARGET {
+                let data = object();
+                ids.push(store.put_blob(ObjectKind::Chunk, &data).unwrap());
+            }
+            assert!(store.writer.lock().unwrap().spare.is_some());
+            if more {
+                ids.push(store.put_blob(ObjectKind::Chunk, &object()).unwrap());
+            }
+            if flush {
+                store.flush().unwrap();
+                assert!(ids.iter().all(|id| store.exists(id).unwrap()));
+            }
+            drop(store);
+            let want = if more { 2 } else { 1 };
+            assert_eq!(pack_files(&repo), want, "more: {more}, flush: {flush}");
+        }
+    }
+}

@@ -1,0 +1,536 @@
+//! Random access to a stored generation without restoring it: the guest bytes of a disk
+//! ([`DiskImage`]) and the files of a generation as `extract` would write them ([`FileSource`]),
+//! read through a bounded cache of decompressed chunks ([`ReadCache`]).
+//!
+//! A read fetches only the chunks it touches (records that sit back to back in a pack are read
+//! with one `pread`); all-zero segments and zero runs are filled without any I/O. Every chunk is
+//! verified against its BLAKE3 id before a byte of it is returned, so damage is an error
+//! ([`Error::Corrupt`]), never silently wrong or zero data. This is what the FUSE mount
+//! (`mount.rs`) and the NBD server (`nbd.rs`) serve.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::error::{Error, Result};
+use crate::repo::id::ObjectId;
+use crate::repo::manifest::{DiskEntry, DiskMap, Extent, ExtentFile};
+use crate::repo::Repository;
+
+/// Default memory for decompressed chunks and decoded segments, shared by all open files.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
+/// A least-recently-used map from object id to a value, bounded by the values' total weight.
+struct Lru<V> {
+    capacity: usize,
+    inner: Mutex<LruInner<V>>,
+}
+
+struct LruInner<V> {
+    map: HashMap<ObjectId, (V, usize, u64)>,
+    order: BTreeMap<u64, ObjectId>,
+    weight: usize,
+    tick: u64,
+}
+
+impl<V: Clone> Lru<V> {
+    fn new(capacity: usize) -> Lru<V> {
+        Lru {
+            capacity,
+            inner: Mutex::new(LruInner {
+                map: HashMap::new(),
+                order: BTreeMap::new(),
+                weight: 0,
+                tick: 0,
+            }),
+        }
+    }
+
+    fn get(&self, id: &ObjectId) -> Option<V> {
+        let mut g = self.inner.lock().unwrap();
+        let inner = &mut *g;
+        inner.tick += 1;
+        let tick = inner.tick;
+        let (v, _, t) = inner.map.get_mut(id)?;
+        inner.order.remove(t);
+        *t = tick;
+        inner.order.insert(tick, *id);
+        Some(v.clone())
+    }
+
+    fn insert(&self, id: ObjectId, v: V, weight: usize) {
+        let mut g = self.inner.lock().unwrap();
+        let inner = &mut *g;
+        inner.tick += 1;
+        let tick = inner.tick;
+        if let Some((_, w, t)) = inner.map.insert(id, (v, weight, tick)) {
+            inner.order.remove(&t);
+            inner.weight -= w;
+        }
+        inner.order.insert(tick, id);
+        inner.weight += weight;
+        // Keep the newest entry even if it alone exceeds the capacity.
+        while inner.weight > self.capacity && inner.order.len() > 1 {
+            let (_, old) = inner.order.pop_first().expect("not empty");
+            if let Some((_, w, _)) = inner.map.remove(&old) {
+                inner.weight -= w;
+            }
+        }
+    }
+
+    fn weight(&self) -> usize {
+        self.inner.lock().unwrap().weight
+    }
+}
+
+/// A decoded segment with the guest offset (relative to the segment) of each extent.
+struct SegmentView {
+    extents: Vec<Extent>,
+    starts: Vec<u64>,
+}
+
+impl SegmentView {
+    fn weight(&self) -> usize {
+        64 + self.extents.len() * (std::mem::size_of::<Extent>() + 8)
+    }
+}
+
+/// The memory shared by readers: decompressed, verified objects and decoded segments, together
+/// bounded by the capacity given to [`ReadCache::new`].
+pub struct ReadCache {
+    objects: Lru<Arc<Vec<u8>>>,
+    segments: Lru<Arc<SegmentView>>,
+}
+
+impl ReadCache {
+    /// A cache holding at most about `bytes` bytes (7/8 for data, 1/8 for segment lists).
+    pub fn new(bytes: usize) -> ReadCache {
+        ReadCache {
+            objects: Lru::new(bytes - bytes / 8),
+            segments: Lru::new(bytes / 8),
+        }
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.objects.weight() + self.segments.weight()
+    }
+
+    /// The plaintext of object `id` (a small file, a head or tail of an extent file).
+    pub fn object(&self, repo: &Repository, id: &ObjectId) -> Result<Arc<Vec<u8>>> {
+        if let Some(v) = self.objects.get(id) {
+            return Ok(v);
+        }
+        let v = Arc::new(repo.read_object(id)?);
+        self.objects.insert(*id, v.clone(), v.len());
+        Ok(v)
+    }
+
+    fn segment(&self, repo: &Repository, id: &ObjectId) -> Result<Arc<SegmentView>> {
+        if let Some(s) = self.segments.get(id) {
+            return Ok(s);
+        }
+        let seg = repo.load_segment(id)?;
+        let mut starts = Vec::with_capacity(seg.extents.len());
+        let mut pos = 0u64;
+        for e in &seg.extents {
+            starts.push(pos);
+            pos += e.len() as u64;
+        }
+        let view = Arc::new(SegmentView {
+            extents: seg.extents,
+            starts,
+        });
+        self.segments.insert(*id, view.clone(), view.weight());
+        Ok(view)
+    }
+
+    /// Chunks `ids` (distinct), from the cache or fetched in one batch.
+    fn chunks(&self, repo: &Repository, ids: &[ObjectId]) -> Result<Vec<Arc<Vec<u8>>>> {
+        let mut out: Vec<Option<Arc<Vec<u8>>>> =
+            ids.iter().map(|id| self.objects.get(id)).collect();
+        let missing: Vec<ObjectId> = ids
+            .iter()
+            .zip(&out)
+            .filter(|(_, v)| v.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        if !missing.is_empty() {
+            let mut fetched = repo.read_objects(&missing)?.into_iter();
+            for (slot, id) in out.iter_mut().zip(ids) {
+                if slot.is_none() {
+                    let data = Arc::new(fetched.next().expect("one result per id"));
+                    self.objects.insert(*id, data.clone(), data.len());
+                    *slot = Some(data);
+                }
+            }
+        }
+        Ok(out.into_iter().map(|v| v.expect("filled")).collect())
+    }
+}
+
+/// The guest-visible bytes of one disk of a generation.
+pub struct DiskImage {
+    repo: Arc<Repository>,
+    cache: Arc<ReadCache>,
+    map: DiskMap,
+    slot: String,
+}
+
+impl DiskImage {
+    /// Opens `disk` (loads its disk map) for reading through `cache`.
+    pub fn open(repo: Arc<Repository>, disk: &DiskEntry, cache: Arc<ReadCache>) -> Result<Self> {
+        let map = repo.load_disk_map(&disk.disk_map)?;
+        if map.size != disk.virtual_size {
+            return Err(Error::Corrupt(format!(
+                "disk {} map says {} bytes, the manifest {}",
+                disk.slot, map.size, disk.virtual_size
+            )));
+        }
+        Ok(DiskImage {
+            repo,
+            cache,
+            map,
+            slot: disk.slot.clone(),
+        })
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.map.size
+    }
+
+    /// The controller slot of the disk.
+    pub fn slot(&self) -> &str {
+        &self.slot
+    }
+
+    /// Fills `buf` with the guest bytes at `offset`. The range must lie inside the disk.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.map.size)
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "read of {} bytes at offset {offset} is outside disk {} ({} bytes)",
+                    buf.len(),
+                    self.slot,
+                    self.map.size
+                ))
+            })?;
+        let seg_size = self.map.segment_size as u64;
+        let mut pos = offset;
+        while pos < end {
+            let i = pos / seg_size;
+            let (s_start, s_end) = self.map.segment_range(i);
+            let upto = end.min(s_end);
+            let out = &mut buf[(pos - offset) as usize..(upto - offset) as usize];
+            self.read_in_segment(i, pos - s_start, out, s_end - s_start)?;
+            pos = upto;
+        }
+        Ok(())
+    }
+
+    fn read_in_segment(&self, i: u64, rel: u64, out: &mut [u8], seg_len: u64) -> Result<()> {
+        let id = self.map.get(i);
+        if id.is_zero() {
+            out.fill(0);
+            return Ok(());
+        }
+        let seg = self.cache.segment(&self.repo, &id)?;
+        let covered = seg
+            .starts
+            .last()
+            .map_or(0, |s| s + seg.extents.last().map_or(0, |e| e.len() as u64));
+        if covered != seg_len {
+            return Err(Error::Corrupt(format!(
+                "segment {} of disk {} covers {covered} bytes, expected {seg_len}",
+                id.short(),
+                self.slot
+            )));
+        }
+        let end = rel + out.len() as u64;
+        // The extents overlapping [rel, end).
+        let first = seg.starts.partition_point(|&s| s <= rel) - 1;
+        let last = seg.starts.partition_point(|&s| s < end);
+        // Each distinct chunk once (a run of identical blocks repeats one chunk).
+        let mut ids: Vec<ObjectId> = Vec::new();
+        let mut slot: HashMap<ObjectId, usize> = HashMap::new();
+        for e in &seg.extents[first..last] {
+            if let Extent::Data { id, .. } = e {
+                slot.entry(*id).or_insert_with(|| {
+                    ids.push(*id);
+                    ids.len() - 1
+                });
+            }
+        }
+        let chunks = self.cache.chunks(&self.repo, &ids)?;
+        for (k, e) in seg.extents[first..last].iter().enumerate() {
+            let e_start = seg.starts[first + k];
+            let e_end = e_start + e.len() as u64;
+            let s = e_start.max(rel);
+            let t = e_end.min(end);
+            let dst = &mut out[(s - rel) as usize..(t - rel) as usize];
+            match e {
+                Extent::Zero { .. } => dst.fill(0),
+                Extent::Data { id, len } => {
+                    let data = &chunks[slot[id]];
+                    if data.len() != *len as usize {
+                        return Err(Error::Corrupt(format!(
+                            "chunk {} has {} bytes, its segment says {len}",
+                            id.short(),
+                            data.len()
+                        )));
+                    }
+                    dst.copy_from_slice(&data[(s - e_start) as usize..(t - e_start) as usize]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The first offset at or after `from` that may hold data, at extent granularity (a
+    /// conservative answer for `SEEK_DATA`); `None` if only zeros follow.
+    pub fn next_data(&self, from: u64) -> Result<Option<u64>> {
+        self.seek(from, true)
+    }
+
+    /// The first offset at or after `from` where a zero run starts (`SEEK_HOLE`); the disk size
+    /// if there is none before the end.
+    pub fn next_hole(&self, from: u64) -> Result<u64> {
+        Ok(self.seek(from, false)?.unwrap_or(self.map.size))
+    }
+
+    fn seek(&self, from: u64, want_data: bool) -> Result<Option<u64>> {
+        let seg_size = self.map.segment_size as u64;
+        let mut pos = from;
+        while pos < self.map.size {
+            let i = pos / seg_size;
+            let (s_start, s_end) = self.map.segment_range(i);
+            let id = self.map.get(i);
+            if id.is_zero() {
+                if !want_data {
+                    return Ok(Some(pos));
+                }
+                // Straight to the next segment with data: a thin disk's map lists only those.
+                match self.map.nonzero_in(i + 1, self.map.count()).next() {
+                    Some(next) => pos = self.map.segment_range(next).0,
+                    None => return Ok(None),
+                }
+                continue;
+            }
+            let seg = self.cache.segment(&self.repo, &id)?;
+            let rel = pos - s_start;
+            let first = seg.starts.partition_point(|&s| s <= rel).max(1) - 1;
+            for (k, e) in seg.extents.iter().enumerate().skip(first) {
+                let is_data = matches!(e, Extent::Data { .. });
+                if is_data == want_data {
+                    return Ok(Some(s_start + seg.starts[k].max(rel)));
+                }
+            }
+            pos = s_end;
+        }
+        Ok(None)
+    }
+}
+
+/// Where the bytes of one file of a generation come from.
+pub enum FileSource {
+    /// A small file stored verbatim (.vmx, .nvram, log, descriptor).
+    Object {
+        /// The file object.
+        id: ObjectId,
+        /// Its size.
+        size: u64,
+    },
+    /// An extent file of a disk: its head and tail objects around a range of guest bytes.
+    Extent {
+        /// The disk, opened on first use.
+        disk: Arc<LazyDisk>,
+        /// How the extent maps onto the file.
+        extent: ExtentFile,
+    },
+}
+
+/// A [`DiskImage`] opened on first use, so that listing a generation loads no disk map.
+pub struct LazyDisk {
+    repo: Arc<Repository>,
+    cache: Arc<ReadCache>,
+    entry: DiskEntry,
+    image: OnceLock<Arc<DiskImage>>,
+}
+
+impl LazyDisk {
+    /// A disk to open when first read.
+    pub fn new(repo: Arc<Repository>, entry: DiskEntry, cache: Arc<ReadCache>) -> LazyDisk {
+        LazyDisk {
+            repo,
+            cache,
+            entry,
+            image: OnceLock::new(),
+        }
+    }
+
+    /// The opened disk (its disk map is loaded the first time).
+    pub fn image(&self) -> Result<Arc<DiskImage>> {
+        if let Some(i) = self.image.get() {
+            return Ok(i.clone());
+        }
+        let img = Arc::new(DiskImage::open(
+            self.repo.clone(),
+            &self.entry,
+            self.cache.clone(),
+        )?);
+        Ok(self.image.get_or_init(|| img).clone())
+    }
+}
+
+impl FileSource {
+    /// The file's size.
+    pub fn size(&self) -> u64 {
+        match self {
+            FileSource::Object { size, .. } => *size,
+            FileSource::Extent { extent, .. } => extent.file_size,
+        }
+    }
+
+    /// Reads up to `len` bytes at `offset` (fewer at the end of the file), exactly as
+    /// `vmrepo extract` would have written them.
+    pub fn read(
+        &self,
+        repo: &Repository,
+        cache: &ReadCache,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>> {
+        let size = self.size();
+        if offset >= size {
+            return Ok(Vec::new());
+        }
+        let end = size.min(offset.saturating_add(len as u64));
+        let mut out = vec![0u8; (end - offset) as usize];
+        match self {
+            FileSource::Object { id, .. } => {
+                let data = cache.object(repo, id)?;
+                copy_overlap(&data, 0, offset, &mut out);
+            }
+            FileSource::Extent { disk, extent: e } => {
+                // Head and tail first, then the extent's data over them, as extract writes them.
+                if let Some(id) = e.head {
+                    if offset < e.file_offset {
+                        copy_overlap(&cache.object(repo, &id)?, 0, offset, &mut out);
+                    }
+                }
+                if let Some(id) = e.tail {
+                    let at = e.file_offset + e.len;
+                    if end > at {
+                        copy_overlap(&cache.object(repo, &id)?, at, offset, &mut out);
+                    }
+                }
+                let s = offset.max(e.file_offset);
+                let t = end.min(e.file_offset + e.len);
+                if s < t {
+                    let img = disk.image()?;
+                    let guest = e.start + (s - e.file_offset);
+                    img.read_at(
+                        guest,
+                        &mut out[(s - offset) as usize..(t - offset) as usize],
+                    )?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `SEEK_DATA` (`want_data`) or `SEEK_HOLE` from `from`: the next offset of that kind, or
+    /// `None` for `SEEK_DATA` when only zeros follow. Head and tail bytes count as data.
+    pub fn seek(&self, from: u64, want_data: bool) -> Result<Option<u64>> {
+        let size = self.size();
+        if from >= size {
+            return Ok(None);
+        }
+        let FileSource::Extent { disk, extent: e } = self else {
+            return Ok(Some(if want_data { from } else { size }));
+        };
+        let data_start = e.file_offset;
+        let data_end = e.file_offset + e.len;
+        // Bytes of head and tail are data; bytes beyond them (but outside the extent) are holes.
+        let head_end = if e.head.is_some() { data_start } else { 0 };
+        let tail_start = data_end;
+        let tail_end = if e.tail.is_some() { size } else { data_end };
+        let is_edge = |p: u64| p < head_end || (p >= tail_start && p < tail_end);
+        let mut pos = from;
+        while pos < size {
+            if pos < data_start || pos >= data_end {
+                let edge = is_edge(pos);
+                if edge == want_data {
+                    return Ok(Some(pos));
+                }
+                // Move to the next boundary of the edge/gap layout.
+                pos = [head_end, data_start, data_end, tail_end, size]
+                    .into_iter()
+                    .filter(|&b| b > pos)
+                    .min()
+                    .unwrap_or(size);
+                continue;
+            }
+            let img = disk.image()?;
+            let guest = e.start + (pos - data_start);
+            let found = if want_data {
+                img.next_data(guest)?
+            } else {
+                Some(img.next_hole(guest)?)
+            };
+            match found {
+                Some(g) if g < e.start + e.len => return Ok(Some(data_start + (g - e.start))),
+                _ => pos = data_end,
+            }
+        }
+        Ok(if want_data { None } else { Some(size) })
+    }
+}
+
+/// Copies the part of `src` (placed at file offset `at`) that overlaps `out` (at `offset`).
+fn copy_overlap(src: &[u8], at: u64, offset: u64, out: &mut [u8]) {
+    let s = at.max(offset);
+    let t = (at + src.len() as u64).min(offset + out.len() as u64);
+    if s < t {
+        out[(s - offset) as usize..(t - offset) as usize]
+            .copy_from_slice(&src[(s - at) as usize..(t - at) as usize]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lru_evicts_least_recently_used_by_weight() {
+        let c: Lru<u32> = Lru::new(100);
+        let (a, b, d) = (ObjectId::of(b"a"), ObjectId::of(b"b"), ObjectId::of(b"d"));
+        c.insert(a, 1, 40);
+        c.insert(b, 2, 40);
+        assert_eq!(c.get(&a), Some(1)); // a is now the most recent
+        c.insert(d, 3, 40); // 120 > 100: evicts b
+        assert_eq!(c.get(&b), None);
+        assert_eq!(c.get(&a), Some(1));
+        assert_eq!(c.get(&d), Some(3));
+        assert_eq!(c.weight(), 80);
+        // An entry larger than the capacity stays alone.
+        c.insert(b, 2, 500);
+        assert_eq!(c.weight(), 500);
+        assert_eq!(c.get(&a), None);
+    }
+
+    #[test]
+    fn copy_overlap_clips_both_sides() {
+        let mut out = [9u8; 4];
+        copy_overlap(b"abcdef", 10, 12, &mut out);
+        assert_eq!(&out, b"cdef");
+        let mut out = [0u8; 4];
+        copy_overlap(b"ab", 14, 12, &mut out);
+        assert_eq!(&out, b"\0\0ab");
+        let mut out = [7u8; 2];
+        copy_overlap(b"ab", 20, 12, &mut out);
+        assert_eq!(&out, &[7, 7]);
+    }
+}

@@ -1,0 +1,719 @@
+//! What an ingest reads: a VM directory (via its .vmx) or a single disk file, turned into the
+//! small files to store verbatim and the disks to chunk, each behind a [`DiskReader`].
+//!
+//! Every file a VM's own files name (disks, extents, parents, the nvram, the .vmsd) and every
+//! small file found in its directory is opened only where [`Confine`] allows: inside the VM's
+//! directory and the datastore roots the user allows, regular files only.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, IoContext, Result};
+use crate::repo::manifest::{ChainLink, DiskLayout};
+use crate::source::chain::{self, ChainOptions};
+use crate::source::confine::Confine;
+use crate::source::descriptor::{self, Descriptor};
+use crate::source::{DiskReader, ExtentDisk, ExtentSpec, ExtentTarget, FlatFile};
+use crate::vmware::vmsd::Vmsd;
+use crate::vmware::vmx::Vmx;
+
+/// Extensions of the small files kept from a VM directory.
+pub const SMALL_FILE_EXTENSIONS: &[&str] = &["vmx", "vmtx", "vmxf", "vmsd", "nvram", "log"];
+
+/// A small file to store verbatim.
+#[derive(Debug, Clone)]
+pub struct SmallFile {
+    /// Name relative to the VM directory, `/`-separated.
+    pub name: String,
+    /// Where it is now.
+    pub path: PathBuf,
+    /// The file, opened when it was checked ([`crate::source::confine::Confine::open`]): ingest reads
+    /// this descriptor, never the path again, so the path cannot be swapped for a link to a
+    /// host file in between.
+    pub file: std::sync::Arc<std::fs::File>,
+}
+
+impl SmallFile {
+    /// Opens `path` within `confine` (named by `by`, if not found by listing the directory);
+    /// it must be a regular file.
+    fn open(confine: &Confine, name: String, path: PathBuf, by: Option<&Path>) -> Result<Self> {
+        let o = confine.open(&path, by)?;
+        if !o.meta.is_file() {
+            return Err(Error::bad_input(
+                &path,
+                "is not a regular file; a VM's small files (.vmx, .nvram, logs, descriptors) must be",
+            ));
+        }
+        Ok(SmallFile {
+            name,
+            path,
+            file: std::sync::Arc::new(o.file),
+        })
+    }
+}
+
+/// One extent file of a disk, for the catalog and for restore.
+#[derive(Debug, Clone)]
+pub struct ExtentPlan {
+    /// `FLAT`, `VMFS`, `ZERO` or `RAW`.
+    pub kind: String,
+    /// Guest offset.
+    pub start: u64,
+    /// Guest length.
+    pub len: u64,
+    /// File name relative to the VM directory.
+    pub name: Option<String>,
+    /// Where it is now.
+    pub path: Option<PathBuf>,
+    /// Offset of the extent's data in the file.
+    pub file_offset: u64,
+    /// File size.
+    pub file_size: u64,
+}
+
+/// A disk to ingest.
+pub struct DiskPlan {
+    /// Controller slot or `image`.
+    pub slot: String,
+    /// Descriptor name (also among the small files), if any.
+    pub descriptor: Option<String>,
+    /// createType or `raw`.
+    pub create_type: String,
+    /// The guest-visible bytes.
+    pub reader: Box<dyn DiskReader>,
+    /// Its files (flat disks; empty when `layout` is set).
+    pub extents: Vec<ExtentPlan>,
+    /// For a sparse or chained disk: what was read and how to restore it.
+    pub layout: Option<DiskLayout>,
+}
+
+/// How to open a source.
+#[derive(Debug, Default, Clone)]
+pub struct SourceOptions {
+    /// VM name instead of the .vmx displayName / file name.
+    pub name: Option<String>,
+    /// How paths inside disk files are resolved.
+    pub chain: ChainOptions,
+    /// Read each disk as this snapshot (`latest` or a name) froze it.
+    pub at_snapshot: Option<String>,
+}
+
+/// Everything an ingest will read.
+pub struct SourcePlan {
+    /// `vm-directory` or `disk-image`.
+    pub kind: &'static str,
+    /// Absolute path given by the user.
+    pub source: PathBuf,
+    /// VM name for the generation.
+    pub vm: String,
+    /// `uuid.bios`.
+    pub uuid: Option<String>,
+    /// `displayName`, decoded.
+    pub display_name: Option<String>,
+    /// Small files.
+    pub files: Vec<SmallFile>,
+    /// Disks.
+    pub disks: Vec<DiskPlan>,
+    /// Things worth telling the user (independent disks, ...).
+    pub warnings: Vec<String>,
+}
+
+/// Checks a VM name: not empty, no `/`, `@` or control characters, at most 200 bytes (the rule
+/// is [`crate::repo::manifest::vm_name_problem`]'s, which a stored manifest is held to as well).
+pub fn validate_vm_name(name: &str) -> Result<()> {
+    match crate::repo::manifest::vm_name_problem(name) {
+        None => Ok(()),
+        Some(why) => Err(Error::InvalidName {
+            name: name.to_string(),
+            reason: format!("it {}", why),
+        }),
+    }
+}
+
+/// Checks that a stored relative name is safe to restore under a directory.
+pub use crate::repo::manifest::is_safe_relative;
+
+/// Opens what `path` names: a VM directory, a .vmx file, a VMDK descriptor or a raw image.
+pub fn open_source(path: &Path, name: Option<&str>) -> Result<SourcePlan> {
+    open_source_with(
+        path,
+        &SourceOptions {
+            name: name.map(str::to_string),
+            ..SourceOptions::default()
+        },
+    )
+}
+
+/// [`open_source`] with all options.
+pub fn open_source_with(path: &Path, opts: &SourceOptions) -> Result<SourcePlan> {
+    let abs = std::path::absolute(path).ctx("resolve", path)?;
+    let meta = std::fs::metadata(&abs).ctx("open", &abs)?;
+    let name = opts.name.as_deref();
+    let confine = Confine::for_source(&abs, &opts.chain.datastore_map)?;
+    if meta.is_dir() {
+        let vmx = find_vmx(&abs)?;
+        return open_vm(&vmx, &abs, opts, &confine);
+    }
+    let ext = abs
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("vmx") | Some("vmtx") => open_vm(&abs, &abs, opts, &confine),
+        _ if opts.at_snapshot.is_some() => Err(Error::Usage(
+            "--at-snapshot needs a VM directory or .vmx file (the .vmsd says which links each snapshot froze)".into(),
+        )),
+        _ => open_disk_file(&abs, name, &opts.chain, &confine),
+    }
+}
+
+/// Finds the one .vmx (or .vmtx) file in a VM directory.
+pub fn find_vmx(dir: &Path) -> Result<PathBuf> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).ctx("list", dir)? {
+        let p = e.ctx("list", dir)?.path();
+        let ext = p
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase());
+        if matches!(ext.as_deref(), Some("vmx") | Some("vmtx")) && p.is_file() {
+            found.push(p);
+        }
+    }
+    found.sort();
+    match found.len() {
+        0 => Err(Error::bad_input(
+            dir,
+            "no .vmx file in this VM directory; give a VM directory as ESXi or ghettoVCB leaves it, or a disk image with --name",
+        )),
+        1 => Ok(found.remove(0)),
+        _ => Err(Error::bad_input(
+            dir,
+            format!(
+                "several .vmx files ({}); give the path of the one to ingest",
+                found.iter().map(|p| p.file_name().unwrap().to_string_lossy()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    }
+}
+
+fn open_vm(
+    vmx_path: &Path,
+    source: &Path,
+    opts: &SourceOptions,
+    confine: &Confine,
+) -> Result<SourcePlan> {
+    let name = opts.name.as_deref();
+    let dir = vmx_path.parent().unwrap().to_path_buf();
+    let text = confine.read(
+        vmx_path,
+        None,
+        u64::from(crate::repo::object::MAX_OBJECT_LEN),
+    )?;
+    if text.contains(&0) {
+        return Err(Error::bad_input(
+            vmx_path,
+            "not a .vmx file (contains binary data)",
+        ));
+    }
+    let vmx = Vmx::parse(&String::from_utf8_lossy(&text));
+    let display_name = vmx.get("displayName").map(str::to_string);
+    let vm = match (name, &display_name) {
+        (Some(n), _) => n.to_string(),
+        (None, Some(d)) if !d.is_empty() => d.clone(),
+        _ => vmx_path.file_stem().unwrap().to_string_lossy().into_owned(),
+    };
+    validate_vm_name(&vm).map_err(|e| match (name, e) {
+        (None, Error::InvalidName { name, reason }) => Error::InvalidName {
+            name,
+            reason: format!(
+                "{reason} (taken from displayName in {}; pass --name)",
+                vmx_path.display()
+            ),
+        },
+        (_, e) => e,
+    })?;
+
+    let mut files = Vec::new();
+    let mut seen = HashSet::new();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .ctx("list", &dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .ctx("list", &dir)?;
+    entries.sort();
+    for p in entries {
+        let ext = p
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase());
+        if ext
+            .as_deref()
+            .is_some_and(|e| SMALL_FILE_EXTENSIONS.contains(&e))
+            && p.is_file()
+        {
+            // A log (or .vmx, .nvram ...) that is a symlink out of the directory is refused.
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            seen.insert(name.clone());
+            files.push(SmallFile::open(confine, name, p, None)?);
+        }
+    }
+    if let Some(nv) = vmx.get("nvram").filter(|n| !n.is_empty()) {
+        let p = dir.join(nv);
+        if p.is_file() {
+            let name = relative_name(&dir, &p);
+            if seen.insert(name.clone()) {
+                files.push(SmallFile::open(confine, name, p, Some(vmx_path))?);
+            }
+        }
+    }
+
+    let mut disks = Vec::new();
+    let mut warnings = Vec::new();
+    let snapshot = match &opts.at_snapshot {
+        None => None,
+        Some(which) => {
+            let Some((vmsd_path, vmsd)) = Vmsd::find(vmx_path, confine)? else {
+                return Err(Error::Usage(format!(
+                    "--at-snapshot: {} has no .vmsd file, so the VM has no snapshots to read",
+                    dir.display()
+                )));
+            };
+            Some((vmsd_path.clone(), vmsd.select(which, &vmsd_path)?.clone()))
+        }
+    };
+    for d in vmx.disks() {
+        let independent = d.mode.as_deref().filter(|m| m.starts_with("independent"));
+        if let Some(mode) = independent {
+            warnings.push(format!(
+                "disk {} ({}) is {mode}: a VM snapshot does not freeze it, so a copy of a running VM's disk may be inconsistent",
+                d.slot, d.file_name
+            ));
+        }
+        let desc_path = resolve_in(&dir, &d.file_name);
+        // With --at-snapshot, read the link the snapshot froze, restored under the VM's name.
+        let frozen = match &snapshot {
+            None => None,
+            Some((vmsd_path, snap)) => match snap.disk_for(&d.slot) {
+                Some(f) => Some(resolve_in(&dir, f)),
+                None if independent.is_some() => None,
+                None => {
+                    return Err(Error::bad_input(
+                        vmsd_path,
+                        format!(
+                            "snapshot {:?} has no disk for {} ({}): it was added after the snapshot; ingest without --at-snapshot",
+                            snap.name, d.slot, d.file_name
+                        ),
+                    ))
+                }
+            },
+        };
+        let plan = match frozen {
+            Some(read) => open_chain_disk(
+                &dir,
+                &read,
+                relative_name(&dir, &desc_path),
+                &d.slot,
+                &opts.chain,
+                confine,
+                snapshot.as_ref().map(|(p, _)| p.as_path()),
+            )?,
+            None => open_descriptor_disk(
+                &dir,
+                &desc_path,
+                &d.slot,
+                &opts.chain,
+                confine,
+                Some(vmx_path),
+            )?,
+        };
+        if plan.layout.is_none() {
+            let desc_name = plan.descriptor.clone().unwrap();
+            if seen.insert(desc_name.clone()) {
+                files.push(SmallFile::open(
+                    confine,
+                    desc_name,
+                    desc_path,
+                    Some(vmx_path),
+                )?);
+            }
+        }
+        disks.push(plan);
+    }
+    if let Some((_, snap)) = &snapshot {
+        warnings.push(format!(
+            "read the disks as snapshot {:?} (uid {}) froze them",
+            snap.name, snap.uid
+        ));
+    }
+    Ok(SourcePlan {
+        kind: "vm-directory",
+        source: source.to_path_buf(),
+        vm,
+        uuid: vmx.get("uuid.bios").map(str::to_string),
+        display_name,
+        files,
+        disks,
+        warnings,
+    })
+}
+
+/// Resolves a path from a .vmx or descriptor: relative to `dir`, or absolute. An absolute
+/// datastore path that does not exist here falls back to the same file name inside `dir`
+/// (a VM directory copied off its datastore). Whether the file may be read is [`Confine`]'s
+/// decision.
+pub fn resolve_in(dir: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        if p.exists() {
+            return p.to_path_buf();
+        }
+        if let Some(base) = p.file_name() {
+            let local = dir.join(base);
+            if local.exists() {
+                return local;
+            }
+        }
+        return p.to_path_buf();
+    }
+    dir.join(p)
+}
+
+/// The name a file is stored under: relative to the VM directory when inside it, else its base name.
+fn relative_name(dir: &Path, p: &Path) -> String {
+    match p.strip_prefix(dir) {
+        Ok(rel) if is_safe_relative(&rel.to_string_lossy()) => rel.to_string_lossy().into_owned(),
+        _ => p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
+}
+
+/// The first up to 8 bytes of an open file.
+fn head8(file: &std::fs::File, path: &Path) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut h = vec![0u8; 8];
+    let n = file.read_at(&mut h, 0).ctx("read", path)?;
+    h.truncate(n);
+    Ok(h)
+}
+
+/// A disk the VM (or the user, `by` = `None`) names by `desc_path`.
+fn open_descriptor_disk(
+    dir: &Path,
+    desc_path: &Path,
+    slot: &str,
+    opts: &ChainOptions,
+    confine: &Confine,
+    by: Option<&Path>,
+) -> Result<DiskPlan> {
+    // Sparse extents, snapshot deltas and binary images go through the chain reader; plain
+    // flat descriptors keep their file-for-file layout.
+    let opened = confine.open(desc_path, by)?;
+    let head = head8(&opened.file, desc_path)?;
+    let parsed = if chain::sniff(&head) == chain::Kind::Other {
+        descriptor::read_from(&opened.file, desc_path).ok()
+    } else {
+        None
+    };
+    drop(opened);
+    let desc = match parsed {
+        Some((_, d))
+            if d.parent_hint.is_none()
+                && descriptor::FLAT_TYPES
+                    .contains(&d.create_type.to_ascii_lowercase().as_str())
+                && d.extents
+                    .iter()
+                    .all(|e| matches!(e.kind.as_str(), "FLAT" | "VMFS" | "ZERO")) =>
+        {
+            d
+        }
+        _ => {
+            return open_chain_disk(
+                dir,
+                desc_path,
+                relative_name(dir, desc_path),
+                slot,
+                opts,
+                confine,
+                None,
+            )
+        }
+    };
+    let desc_dir = desc_path.parent().unwrap_or(dir).to_path_buf();
+    let name = relative_name(dir, desc_path);
+    build_extent_disk(dir, &desc_dir, desc_path, &desc, slot, name, confine)
+}
+
+fn build_extent_disk(
+    dir: &Path,
+    desc_dir: &Path,
+    desc_path: &Path,
+    desc: &Descriptor,
+    slot: &str,
+    desc_name: String,
+    confine: &Confine,
+) -> Result<DiskPlan> {
+    let mut specs = Vec::new();
+    let mut plans = Vec::new();
+    let mut start = 0u64;
+    let mut used_files = HashSet::new();
+    for e in &desc.extents {
+        let len = e.sectors * 512;
+        match e.kind.as_str() {
+            "ZERO" => {
+                specs.push(ExtentSpec {
+                    len,
+                    target: ExtentTarget::Zero,
+                });
+                plans.push(ExtentPlan {
+                    kind: e.kind.clone(),
+                    start,
+                    len,
+                    name: None,
+                    path: None,
+                    file_offset: 0,
+                    file_size: 0,
+                });
+            }
+            _ => {
+                let fname = e.file.as_deref().unwrap();
+                let path = resolve_in(desc_dir, fname);
+                if !used_files.insert(path.clone()) {
+                    return Err(Error::Unsupported {
+                        what: format!("the file {fname:?} used by several extents"),
+                        path: desc_path.to_path_buf(),
+                    });
+                }
+                let opened = confine
+                    .open(&path, Some(desc_path))
+                    .and_then(|o| FlatFile::from_file(o.file, &path));
+                let file = Arc::new(opened.map_err(|err| match err {
+                    Error::Io { cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
+                        Error::bad_input(
+                            &path,
+                            format!("extent file named by {} is missing", desc_path.display()),
+                        )
+                    }
+                    other => other,
+                })?);
+                let file_offset = e.offset * 512;
+                if file_offset > file.len() {
+                    return Err(Error::bad_input(
+                        &path,
+                        format!(
+                            "{} says its data starts at byte {file_offset} of this file, which \
+                             is only {} bytes: the descriptor and the file do not belong together \
+                             (or the file was truncated)",
+                            desc_path.display(),
+                            file.len()
+                        ),
+                    ));
+                }
+                plans.push(ExtentPlan {
+                    kind: e.kind.clone(),
+                    start,
+                    len,
+                    name: Some(relative_name(dir, &path)),
+                    path: Some(path),
+                    file_offset,
+                    file_size: file.len(),
+                });
+                specs.push(ExtentSpec {
+                    len,
+                    target: ExtentTarget::File {
+                        file,
+                        offset: file_offset,
+                    },
+                });
+            }
+        }
+        start += len;
+    }
+    let reader = ExtentDisk::new(specs, desc_path)?;
+    Ok(DiskPlan {
+        slot: slot.to_string(),
+        descriptor: Some(desc_name),
+        create_type: desc.create_type.clone(),
+        reader: Box::new(reader),
+        extents: plans,
+        layout: None,
+    })
+}
+
+/// Name, size and modification time of a link's files, hashed (see [`ChainLink::stamp`]).
+fn link_stamp(l: &chain::Link) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut h = blake3::Hasher::new();
+    for f in std::iter::once(&l.path).chain(&l.extent_files) {
+        let m = std::fs::metadata(f).ok()?;
+        h.update(f.as_os_str().as_encoded_bytes());
+        h.update(&m.len().to_le_bytes());
+        h.update(&m.mtime().to_le_bytes());
+        h.update(&m.mtime_nsec().to_le_bytes());
+        h.update(&[0]);
+    }
+    Some(h.finalize().to_hex()[..32].to_string())
+}
+
+/// A disk read through the chain reader (sparse formats, snapshot deltas, qcow2): `read` is the
+/// leaf to read (named by the file `by`, if the VM names it), `restore_name` the name the VM
+/// refers to the disk by.
+fn open_chain_disk(
+    dir: &Path,
+    read: &Path,
+    restore_name: String,
+    slot: &str,
+    opts: &ChainOptions,
+    confine: &Confine,
+    by: Option<&Path>,
+) -> Result<DiskPlan> {
+    if by.is_some() {
+        // Refused before the walk so that the message names the file that names it.
+        confine.check(read, by)?;
+    }
+    let links = chain::open_chain(read, opts, confine)?;
+    let mut info = Vec::with_capacity(links.len());
+    for l in &links {
+        info.push(ChainLink {
+            file: relative_name(dir, &l.path),
+            format: l.format.clone(),
+            cid: l.cid.map(|c| format!("{c:08x}")),
+            parent_cid: l.parent_cid.map(|c| format!("{c:08x}")),
+            virtual_size: l.layer.size(),
+            allocated: l.allocated_bytes()?,
+            descriptor: l
+                .descriptor
+                .as_ref()
+                .map(|d| String::from_utf8_lossy(d).into_owned()),
+            stamp: link_stamp(l),
+        });
+    }
+    let leaf_format = links[0].format.clone();
+    // Restored in the leaf's format, unless the leaf is an ESXi delta (which cannot stand
+    // alone): then in the base's (a vmfs base with seSparse deltas comes back as vmfs).
+    let base_format =
+        if ["vmfssparse", "sesparse"].contains(&leaf_format.to_ascii_lowercase().as_str()) {
+            links.last().expect("a chain has a link").format.clone()
+        } else {
+            leaf_format.clone()
+        };
+    let is_vmdk = leaf_format != "qcow2" && leaf_format != "raw";
+    Ok(DiskPlan {
+        slot: slot.to_string(),
+        descriptor: is_vmdk.then(|| restore_name.clone()),
+        create_type: leaf_format,
+        reader: Box::new(chain::Chain::new(links)),
+        extents: Vec::new(),
+        layout: Some(DiskLayout {
+            format: base_format,
+            file: restore_name,
+            chain: info,
+        }),
+    })
+}
+
+/// A disk file the user named (trusted, block devices included; what it names is not).
+fn open_disk_file(
+    path: &Path,
+    name: Option<&str>,
+    opts: &ChainOptions,
+    confine: &Confine,
+) -> Result<SourcePlan> {
+    let dir = path.parent().unwrap().to_path_buf();
+    let vm = match name {
+        Some(n) => n.to_string(),
+        None => path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    validate_vm_name(&vm)?;
+    let opened = confine.open(path, None)?;
+    let head = head8(&opened.file, path)?;
+    let base_name = path.file_name().unwrap().to_string_lossy().into_owned();
+    if descriptor::sniff_binary(&head).is_some() {
+        return Ok(SourcePlan {
+            kind: "disk-image",
+            source: path.to_path_buf(),
+            vm,
+            uuid: None,
+            display_name: None,
+            files: Vec::new(),
+            disks: vec![open_chain_disk(
+                &dir, path, base_name, "image", opts, confine, None,
+            )?],
+            warnings: Vec::new(),
+        });
+    }
+    let is_vmdk = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("vmdk"));
+    let size = opened.meta.len();
+    let (files, disk) =
+        if is_vmdk && opened.meta.is_file() && size <= descriptor::MAX_DESCRIPTOR_LEN {
+            let disk = open_descriptor_disk(&dir, path, "image", opts, confine, None)?;
+            let files = if disk.layout.is_none() {
+                vec![SmallFile {
+                    name: base_name,
+                    path: path.to_path_buf(),
+                    file: std::sync::Arc::new(opened.file.try_clone().ctx("open", path)?),
+                }]
+            } else {
+                Vec::new()
+            };
+            (files, disk)
+        } else {
+            let file = FlatFile::from_file(opened.file, path)?;
+            if file.is_empty() {
+                return Err(Error::bad_input(path, "disk image is empty"));
+            }
+            let len = file.len();
+            let disk = DiskPlan {
+                slot: "image".into(),
+                descriptor: None,
+                create_type: "raw".into(),
+                extents: vec![ExtentPlan {
+                    kind: "RAW".into(),
+                    start: 0,
+                    len,
+                    name: Some(base_name),
+                    path: Some(path.to_path_buf()),
+                    file_offset: 0,
+                    file_size: len,
+                }],
+                reader: Box::new(file),
+                layout: None,
+            };
+            (Vec::new(), disk)
+        };
+    Ok(SourcePlan {
+        kind: "disk-image",
+        source: path.to_path_buf(),
+        vm,
+        uuid: None,
+        display_name: None,
+        files,
+        disks: vec![disk],
+        warnings: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_vm_name("web01").is_ok());
+        assert!(validate_vm_name("db 01 (prod)").is_ok());
+        for bad in ["", "  ", "a/b", "a@b", "a\nb", "..", "x\u{7f}"] {
+            assert!(validate_vm_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(is_safe_relative("a/b.vmdk"));
+        assert!(!is_safe_relative("../x"));
+        assert!(!is_safe_relative("/etc/x"));
+    }
+}
