@@ -568,12 +568,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         vmrepo::ingest::limit_threads(n.into())
             .context("cannot start the worker threads for --threads")?;
     }
-    let _ = PASSPHRASE.set(cli::passphrase::Source {
-        file: cli.password_file.clone(),
-        command: cli.password_command.clone(),
-        env: "VMREPO_PASSWORD",
-        what: "passphrase",
-    });
+    let _ = PASSPHRASE.set(cli::passphrase::Source::repository(
+        cli.password_file.clone(),
+        cli.password_command.clone(),
+    ));
     match cli.command {
         Command::Init {
             repo,
@@ -597,12 +595,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None
             } else {
                 Some(
-                    cli::passphrase::Source {
-                        file: cli.password_file.clone(),
-                        command: cli.password_command.clone(),
-                        env: "VMREPO_PASSWORD",
-                        what: "passphrase",
-                    }
+                    cli::passphrase::Source::repository(
+                        cli.password_file.clone(),
+                        cli.password_command.clone(),
+                    )
                     .get(true)?,
                 )
             };
@@ -1135,11 +1131,7 @@ pub(crate) fn current_passphrase() -> anyhow::Result<zeroize::Zeroizing<String>>
     let p = PASSPHRASE
         .get()
         .cloned()
-        .unwrap_or(cli::passphrase::Source {
-            env: "VMREPO_PASSWORD",
-            what: "passphrase",
-            ..Default::default()
-        })
+        .unwrap_or_else(|| cli::passphrase::Source::repository(None, None))
         .get(false)?;
     *cached = Some(p.clone());
     Ok(p)

@@ -26,6 +26,17 @@ fn first_line(s: &str) -> Zeroizing<String> {
 }
 
 impl Source {
+    /// The repository passphrase: `--password-file`, `--password-command`, `VMREPO_PASSWORD`,
+    /// else a prompt.
+    pub fn repository(file: Option<PathBuf>, command: Option<String>) -> Source {
+        Source {
+            file,
+            command,
+            env: "VMREPO_PASSWORD",
+            what: "passphrase",
+        }
+    }
+
     /// Gets the passphrase; `confirm` asks twice at a prompt (for a new passphrase).
     pub fn get(&self, confirm: bool) -> anyhow::Result<Zeroizing<String>> {
         let pass = if let Some(f) = &self.file {

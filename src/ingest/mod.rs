@@ -29,6 +29,7 @@ use crate::ingest::changes::ChangedRanges;
 use crate::ingest::chunker::Run;
 use crate::progress::Progress;
 use crate::repo::config::ChunkerParams;
+use crate::repo::disk_map::segment_range;
 use crate::repo::id::ObjectId;
 use crate::repo::index::CacheRow;
 use crate::repo::leaves;
@@ -620,7 +621,7 @@ fn run(
             continue;
         };
         for i in r.touched() {
-            let range = i * seg..((i + 1) * seg).min(size);
+            let range = segment_range(i, seg, size);
             let patchable = r.patchable.contains(&i);
             for p in r.planned_reads(i, range, &params) {
                 if patchable {
@@ -759,7 +760,7 @@ fn ingest_disk(
     let finished = std::sync::atomic::AtomicBool::new(false);
     // One segment: taken unread, patched, or read.
     let segment = |i: u64| -> Result<(ObjectId, Option<CacheRow>)> {
-        let range = i * seg..((i + 1) * seg).min(size);
+        let range = segment_range(i, seg, size);
         if let Some(r) = reuse.filter(|r| !r.is_touched(i)) {
             let prev = r.segments.get(i);
             counters.segments_skipped.fetch_add(1, Ordering::Relaxed);
@@ -984,7 +985,7 @@ fn prefetch_touched(
         if finished.load(Ordering::Relaxed) {
             return;
         }
-        let range = i * seg..((i + 1) * seg).min(size);
+        let range = segment_range(i, seg, size);
         for r in reuse.planned_reads(i, range, params) {
             reader.prefetch(r);
         }

@@ -366,14 +366,7 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
             }
         }
         for d in &manifest.disks {
-            let label = format!(
-                "disk {} ({})",
-                d.slot,
-                d.descriptor
-                    .as_deref()
-                    .or(d.extents.first().and_then(|e| e.file.as_deref()))
-                    .unwrap_or("?")
-            );
+            let label = crate::maintain::damage::disk_label(d);
             let mut problems = Vec::new();
             for e in &d.extents {
                 for id in [e.head, e.tail].into_iter().flatten() {

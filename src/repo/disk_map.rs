@@ -73,8 +73,8 @@ impl DiskMap {
 
     /// Byte range `[start, end)` of segment `i`.
     pub fn segment_range(&self, i: u64) -> (u64, u64) {
-        let start = i * self.segment_size as u64;
-        (start, (start + self.segment_size as u64).min(self.size))
+        let r = segment_range(i, self.segment_size as u64, self.size);
+        (r.start, r.end)
     }
 
     /// Runs of consecutive non-zero segments: `(first index, entries)`.
@@ -153,6 +153,13 @@ impl DiskMap {
             entries,
         })
     }
+}
+
+/// Bytes of segment `i` of a disk of `size` bytes cut in `segment_size` pieces (the last one
+/// may be short).
+pub fn segment_range(i: u64, segment_size: u64, size: u64) -> std::ops::Range<u64> {
+    let start = i * segment_size;
+    start..(start + segment_size).min(size)
 }
 
 /// The runs of a version 2 map: `runs` of them in `body`, on a disk of `count` segments.

@@ -1508,29 +1508,14 @@ fn insert_generation(
 mod tests {
     use super::*;
 
-    /// Every `.rs` file under `dir`, recursively.
-    fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                sources(&p, out);
-            } else if p.extension().is_some_and(|x| x == "rs") {
-                out.push(p);
-            }
-        }
-    }
-
     /// Closing any descriptor of the database file drops this process's SQLite locks on it
     /// (see [`HELD_DESCRIPTORS`]). Outside this module, the index file may only be named to
     /// hand it to `Index::open`; any other use of its name or path (a read-ahead hint, a size
     /// probe, a copy) must come here and go through `held_descriptor`.
     #[test]
     fn index_file_is_opened_only_by_sqlite_and_here() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        let mut files = Vec::new();
-        sources(&root, &mut files);
         let mut offenders = Vec::new();
-        for f in files {
+        for f in crate::tests::rust_sources() {
             if f.ends_with("index.rs") {
                 continue;
             }
