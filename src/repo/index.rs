@@ -1150,17 +1150,6 @@ impl Index {
             .map_err(|e| self.err(e))
     }
 
-    /// Counts objects and their stored bytes.
-    pub fn object_totals(&self) -> Result<(u64, u64)> {
-        self.conn
-            .query_row(
-                "SELECT count(*), coalesce(sum(stored_len + 52), 0) FROM all_objects",
-                [],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
-            )
-            .map_err(|e| self.err(e))
-    }
-
     /// Runs SQLite's own consistency check; returns its complaints.
     pub fn integrity_check(&self) -> Result<Vec<String>> {
         let mut st = self

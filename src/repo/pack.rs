@@ -343,6 +343,7 @@ impl PackFile {
     }
 
     /// Whether the pack is (still) written with direct I/O.
+    #[cfg(test)]
     pub fn is_direct(&self) -> bool {
         self.flusher
             .as_ref()

@@ -84,6 +84,7 @@ impl<'r> Store<'r> {
     }
 
     /// True if the object is stored already (or being stored by this process).
+    #[cfg(test)]
     pub fn exists(&self, id: &ObjectId) -> Result<bool> {
         Ok(self.lookup(id)?.is_none())
     }

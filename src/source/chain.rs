@@ -72,19 +72,6 @@ pub struct Link {
 }
 
 impl Link {
-    /// True for a VMDK descriptor with only FLAT/VMFS/ZERO extents and no parent, or a raw
-    /// file: what earlier versions restored byte for byte as it was.
-    pub fn is_plain_flat(&self) -> bool {
-        self.format == "raw"
-            || (self.parent_hint.is_none()
-                && self.parsed.as_ref().is_some_and(|d| {
-                    descriptor::FLAT_TYPES.contains(&d.create_type.to_ascii_lowercase().as_str())
-                        && d.extents
-                            .iter()
-                            .all(|e| matches!(e.kind.as_str(), "FLAT" | "VMFS" | "ZERO"))
-                }))
-    }
-
     /// Bytes this link itself stores (its allocation map's data ranges), counted in 1 GiB
     /// windows so that memory stays small however fragmented the map is.
     pub fn allocated_bytes(&self) -> Result<u64> {
