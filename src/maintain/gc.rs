@@ -259,6 +259,64 @@ fn sweep(index: &Index, live: &LiveSet) -> Result<HashMap<String, PackPlan>> {
     Ok(plans)
 }
 
+/// What gc does with each indexed pack: delete it, rewrite its live records into a new pack,
+/// or keep it (dropping only its dead rows).
+struct PackActions<'a> {
+    drop: Vec<String>,
+    rewrite: Vec<&'a String>,
+    keep: Vec<&'a String>,
+}
+
+/// Decides per pack: nothing live → delete; live share under `repack_threshold` → rewrite;
+/// then, while the garbage left in kept packs exceeds `max_unused` of all live bytes, rewrite
+/// the kept packs with the smallest live share too (ties by name, so the plan is the same on
+/// every run).
+fn plan_packs(
+    plans: &HashMap<String, PackPlan>,
+    repack_threshold: f64,
+    max_unused: f64,
+) -> PackActions<'_> {
+    let mut names: Vec<&String> = plans.keys().collect();
+    names.sort();
+    let mut drop = Vec::new();
+    let mut rewrite = Vec::new();
+    let mut keep = Vec::new();
+    for name in names {
+        let p = &plans[name];
+        if p.live.is_empty() {
+            drop.push(name.clone());
+        } else if (p.live_bytes as f64) < repack_threshold * p.size as f64 {
+            rewrite.push(name);
+        } else {
+            keep.push(name);
+        }
+    }
+    let live_total: u64 = plans.values().map(|p| p.live_bytes).sum();
+    let mut left: u64 = keep.iter().map(|n| garbage(&plans[*n])).sum();
+    keep.sort_by(|a, b| {
+        let share = |n: &String| plans[n].live_bytes as f64 / plans[n].size.max(1) as f64;
+        share(a).total_cmp(&share(b)).then(a.cmp(b))
+    });
+    let mut kept = keep.into_iter().peekable();
+    while (left as f64) > max_unused * live_total as f64 {
+        let Some(name) = kept.next_if(|n| garbage(&plans[*n]) > 0) else {
+            break;
+        };
+        left -= garbage(&plans[name]);
+        rewrite.push(name);
+    }
+    PackActions {
+        drop,
+        rewrite,
+        keep: kept.collect(),
+    }
+}
+
+/// Bytes of a pack that hold no live record.
+fn garbage(p: &PackPlan) -> u64 {
+    p.size.saturating_sub(p.live_bytes + PACK_HEADER_LEN)
+}
+
 /// Bytes that removing the generations with manifests `removed` would leave unreferenced.
 pub fn unreferenced_after(
     repo: &Repository,
@@ -345,41 +403,16 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
     let plans = sweep(&index, &live)?;
     drop(live);
 
-    let mut names: Vec<&String> = plans.keys().collect();
-    names.sort();
-    let mut drop_packs: Vec<String> = Vec::new();
-    let mut rewrite: Vec<&String> = Vec::new();
-    let mut keep: Vec<&String> = Vec::new();
-    for name in names {
-        let p = &plans[name];
+    for p in plans.values() {
         report.objects_live += p.live.len() as u64;
         report.objects_dead += p.dead.len() as u64;
         report.bytes_dead += p.dead_bytes;
-        if p.live.is_empty() {
-            drop_packs.push(name.clone());
-        } else if (p.live_bytes as f64) < opts.repack_threshold * p.size as f64 {
-            rewrite.push(name);
-        } else {
-            keep.push(name);
-        }
     }
-    // Repository-wide bound: while the garbage left in kept packs exceeds `max_unused` of the
-    // live data, also rewrite the kept packs with the smallest live share.
-    let live_total: u64 = plans.values().map(|p| p.live_bytes).sum();
-    let garbage = |p: &PackPlan| p.size.saturating_sub(p.live_bytes + PACK_HEADER_LEN);
-    let mut left: u64 = keep.iter().map(|n| garbage(&plans[*n])).sum();
-    keep.sort_by(|a, b| {
-        let share = |n: &String| plans[n].live_bytes as f64 / plans[n].size.max(1) as f64;
-        share(a).total_cmp(&share(b)).then(a.cmp(b))
-    });
-    let mut keep = keep.into_iter().peekable();
-    while (left as f64) > opts.max_unused * live_total as f64 {
-        let Some(name) = keep.next_if(|n| garbage(&plans[*n]) > 0) else {
-            break;
-        };
-        left -= garbage(&plans[name]);
-        rewrite.push(name);
-    }
+    let PackActions {
+        drop: drop_packs,
+        rewrite,
+        keep,
+    } = plan_packs(&plans, opts.repack_threshold, opts.max_unused);
     let mut dead_rows: Vec<ObjectId> = Vec::new();
     for name in keep {
         report.bytes_left += garbage(&plans[name]);
@@ -558,4 +591,84 @@ fn sync_parent_dirs(data_dir: &std::path::Path, names: &[String]) -> Result<()> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::object::Codec;
+
+    /// A pack of `size` bytes holding `live` bytes of live records (one record) and the rest
+    /// dead, or nothing live at all when `live` is 0.
+    fn pack(size: u64, live: u64) -> PackPlan {
+        let header = RecordHeader {
+            kind: ObjectKind::Chunk,
+            codec: Codec::Raw,
+            stored_len: live.saturating_sub(RECORD_HEADER_LEN as u64) as u32,
+            raw_len: 0,
+            id: ObjectId::of(&size.to_le_bytes()),
+            encrypted: false,
+        };
+        PackPlan {
+            size,
+            live: if live > 0 {
+                vec![(16, header)]
+            } else {
+                Vec::new()
+            },
+            live_bytes: live,
+            dead: Vec::new(),
+            dead_bytes: size - PACK_HEADER_LEN - live,
+        }
+    }
+
+    fn plan(packs: &[(&str, u64, u64)], threshold: f64, max_unused: f64) -> [Vec<String>; 3] {
+        let plans: HashMap<String, PackPlan> = packs
+            .iter()
+            .map(|(n, size, live)| (n.to_string(), pack(*size, *live)))
+            .collect();
+        let a = plan_packs(&plans, threshold, max_unused);
+        let names = |v: Vec<&String>| v.into_iter().cloned().collect::<Vec<_>>();
+        [a.drop, names(a.rewrite), names(a.keep)]
+    }
+
+    #[test]
+    fn empty_packs_are_deleted_and_mostly_dead_ones_rewritten() {
+        let [drop, rewrite, keep] = plan(
+            &[
+                ("a", 1016, 0),
+                ("b", 1016, 100),
+                ("c", 1016, 900),
+                ("d", 1016, 1000),
+            ],
+            0.2,
+            1.0,
+        );
+        assert_eq!(drop, ["a"]);
+        assert_eq!(rewrite, ["b"]);
+        assert_eq!(keep, ["c", "d"]);
+    }
+
+    #[test]
+    fn garbage_over_the_bound_rewrites_the_emptiest_kept_packs_first() {
+        // Live 2500 in all; garbage in kept packs: c 400, d 300, e 100 = 800. With
+        // max_unused 0.2 (500 allowed) the emptiest, c, goes; 400 left is under the bound.
+        let packs = [
+            ("c", 1016, 600),
+            ("d", 1016, 700),
+            ("e", 1016, 900),
+            ("f", 316, 300),
+        ];
+        let [drop, rewrite, keep] = plan(&packs, 0.2, 0.2);
+        assert!(drop.is_empty());
+        assert_eq!(rewrite, ["c"]);
+        assert_eq!(keep, ["d", "e", "f"]);
+        // A tighter bound takes d as well; a bound of 0 takes every pack with any garbage,
+        // never one without (f).
+        let [_, rewrite, _] = plan(&packs, 0.2, 0.05);
+        assert_eq!(rewrite, ["c", "d"]);
+        let [_, rewrite, keep] = plan(&packs, 0.2, 0.0);
+        assert_eq!(rewrite, ["c", "d", "e"]);
+        assert_eq!(keep, ["f"]);
+    }
 }
