@@ -7,6 +7,7 @@
 //! ingest.
 
 pub mod extract;
+pub mod log;
 pub mod mount;
 pub mod nbd;
 pub mod reader;

@@ -13,7 +13,7 @@
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -32,8 +32,8 @@ use crate::vmware::vm::is_safe_relative;
 /// How long the kernel may cache names and attributes: the tree never changes while mounted.
 const TTL: Duration = Duration::from_secs(3600);
 
-/// Receives one-line notes (damaged data met, unmount problems) while the mount runs.
-pub type Logger = Arc<dyn Fn(&str) + Send + Sync>;
+pub use crate::restore::log::Logger;
+use crate::restore::log::ServiceLog;
 
 /// Options of a mount.
 #[derive(Clone, Debug)]
@@ -141,8 +141,7 @@ struct RepoFs {
     nodes: RwLock<Vec<Node>>,
     uid: u32,
     gid: u32,
-    log: Logger,
-    logged: Mutex<HashSet<String>>,
+    log: ServiceLog,
 }
 
 const ROOT: u64 = 1;
@@ -211,17 +210,13 @@ impl RepoFs {
             nodes: RwLock::new(nodes),
             uid,
             gid,
-            log,
-            logged: Mutex::new(HashSet::new()),
+            log: ServiceLog::new(log),
         }
     }
 
     /// Reports an error once (a damaged chunk is met again on every retry).
     fn note_once(&self, msg: String) {
-        let mut seen = self.logged.lock().unwrap();
-        if seen.len() < 1000 && seen.insert(msg.clone()) {
-            (self.log)(&msg);
-        }
+        self.log.note_once(msg);
     }
 
     fn attr(&self, ino: u64) -> Option<FileAttr> {

@@ -13,14 +13,13 @@
 //!
 //! NBD has no authentication: the server listens on loopback addresses unless told otherwise.
 
-use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, IoContext, Result};
@@ -83,8 +82,8 @@ const MAX_OPTION_LEN: u32 = 16 << 10;
 /// A client has this long to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Receives one-line notes (clients, errors) while the server runs.
-pub type Logger = Arc<dyn Fn(&str) + Send + Sync>;
+pub use crate::restore::log::Logger;
+use crate::restore::log::ServiceLog;
 
 /// The one export of a server.
 pub struct Export {
@@ -207,24 +206,20 @@ impl Transport for UnixStream {
 /// Shared state of a running server.
 struct Server {
     export: Export,
-    log: Logger,
+    log: ServiceLog,
     active: AtomicUsize,
     max_clients: usize,
-    logged: Mutex<HashSet<String>>,
 }
 
 impl Server {
     fn note_once(&self, msg: String) {
-        let mut seen = self.logged.lock().unwrap();
-        if seen.len() < 1000 && seen.insert(msg.clone()) {
-            (self.log)(&msg);
-        }
+        self.log.note_once(msg);
     }
 
     fn serve_client<S: Transport>(self: &Arc<Self>, stream: S, peer: String) {
         if self.active.fetch_add(1, Ordering::SeqCst) >= self.max_clients {
             self.active.fetch_sub(1, Ordering::SeqCst);
-            (self.log)(&format!(
+            self.log.note(&format!(
                 "client {peer}: refused, {} clients are connected already",
                 self.max_clients
             ));
@@ -237,7 +232,7 @@ impl Server {
             .spawn(move || {
                 let mut stream = stream;
                 match me.session(&mut stream) {
-                    Ok(()) => (me.log)(&format!("client {who}: disconnected")),
+                    Ok(()) => me.log.note(&format!("client {who}: disconnected")),
                     // The handshake's read timeout surfaces as WouldBlock/TimedOut.
                     Err(e)
                         if matches!(
@@ -245,19 +240,20 @@ impl Server {
                             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                         ) =>
                     {
-                        (me.log)(&format!(
+                        me.log.note(&format!(
                             "client {who}: disconnected: it sent nothing for {} s during the \
                              handshake",
                             HANDSHAKE_TIMEOUT.as_secs()
                         ))
                     }
-                    Err(e) => (me.log)(&format!("client {who}: disconnected: {e}")),
+                    Err(e) => me.log.note(&format!("client {who}: disconnected: {e}")),
                 }
                 me.active.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
             self.active.fetch_sub(1, Ordering::SeqCst);
-            (self.log)(&format!("client {peer}: cannot start a thread: {e}"));
+            self.log
+                .note(&format!("client {peer}: cannot start a thread: {e}"));
         }
     }
 
@@ -567,10 +563,9 @@ pub fn serve(
     let signals = TerminationSignals::block()?;
     let server = Arc::new(Server {
         export,
-        log: log.clone(),
+        log: ServiceLog::new(log.clone()),
         active: AtomicUsize::new(0),
         max_clients: opts.max_clients.max(1),
-        logged: Mutex::new(HashSet::new()),
     });
     let mut uris = Vec::new();
     for l in tcp {
@@ -586,11 +581,11 @@ pub fn serve(
                 match l.accept() {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
-                        (srv.log)(&format!("client {peer}: connected"));
+                        srv.log.note(&format!("client {peer}: connected"));
                         srv.serve_client(stream, peer.to_string());
                     }
                     Err(e) => {
-                        (srv.log)(&format!("accept on {local} failed: {e}"));
+                        srv.log.note(&format!("accept on {local} failed: {e}"));
                         std::thread::sleep(Duration::from_millis(100));
                     }
                 }
@@ -610,11 +605,11 @@ pub fn serve(
                         Ok((stream, _)) => {
                             n += 1;
                             let peer = format!("{shown}#{n}");
-                            (srv.log)(&format!("client {peer}: connected"));
+                            srv.log.note(&format!("client {peer}: connected"));
                             srv.serve_client(stream, peer);
                         }
                         Err(e) => {
-                            (srv.log)(&format!("accept on {shown} failed: {e}"));
+                            srv.log.note(&format!("accept on {shown} failed: {e}"));
                             std::thread::sleep(Duration::from_millis(100));
                         }
                     }
