@@ -14,13 +14,6 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .ctx("fsync directory", dir)
 }
 
-/// Fsyncs a file's data and metadata.
-pub fn sync_file(path: &Path) -> Result<()> {
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .ctx("fsync", path)
-}
-
 /// Writes `data` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));

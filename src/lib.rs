@@ -7,8 +7,9 @@
 //! [`restore`] reads generations back; [`maintain`] checks, prunes and collects garbage.
 
 // Layers, bottom up (docs/ARCHITECTURE.md): base modules (error, progress, space, fsutil,
-// shutdown, zero); repo; source; vmware; maintain; restore; ingest. A layer uses only those
+// shutdown, zero); backend (the storage seam); repo; source; vmware; maintain; restore; ingest. A layer uses only those
 // below it; `tests::layers` holds the code to that.
+pub mod backend;
 pub mod error;
 pub mod fsutil;
 pub mod fuzzing;
@@ -45,10 +46,11 @@ pub(crate) mod tests {
     fn may_use(layer: &str) -> &'static [&'static str] {
         match layer {
             "base" => &["base"],
-            "repo" => &["base", "repo"],
+            "backend" => &["base", "backend"],
+            "repo" => &["base", "backend", "repo"],
             "source" => &["base", "source"],
             "vmware" => &["base", "repo", "source", "vmware"],
-            "maintain" => &["base", "repo", "maintain"],
+            "maintain" => &["base", "backend", "repo", "maintain"],
             "restore" => &["base", "repo", "source", "vmware", "maintain", "restore"],
             "ingest" => &["base", "repo", "source", "vmware", "maintain", "ingest"],
             other => panic!("no rule for layer {other}: add it here and to ARCHITECTURE.md"),

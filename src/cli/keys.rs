@@ -8,9 +8,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use zeroize::Zeroizing;
 
+use vmrepo::backend::Backend;
 use vmrepo::repo::config::Config;
-use vmrepo::repo::crypto::Keys;
-use vmrepo::repo::index::Index;
 use vmrepo::repo::keyfile::{self, ExportedKey, KdfCost};
 use vmrepo::repo::lock::LockMode;
 
@@ -106,8 +105,10 @@ pub enum KeyCommand {
     },
 }
 
-fn need_encrypted(repo: &std::path::Path) -> anyhow::Result<Config> {
-    let config = Config::load(repo)?;
+/// The repository's backend and its configuration, which must say it is encrypted.
+fn need_encrypted(repo: &std::path::Path) -> anyhow::Result<(std::sync::Arc<dyn Backend>, Config)> {
+    let backend = vmrepo::backend::open(repo)?;
+    let config = Config::load(&*backend)?;
     if !config.encrypted() {
         bail!(
             "repository {} is not encrypted: it has no keys (create an encrypted one with \
@@ -115,7 +116,7 @@ fn need_encrypted(repo: &std::path::Path) -> anyhow::Result<Config> {
             repo.display()
         );
     }
-    Ok(config)
+    Ok((backend, config))
 }
 
 /// Runs `vmrepo key ...`.
@@ -123,8 +124,8 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
     let bar = Bar::new(false);
     match cmd {
         KeyCommand::List { repo, json } => {
-            need_encrypted(&repo)?;
-            let keys = keyfile::list(&repo)?;
+            let (backend, _) = need_encrypted(&repo)?;
+            let keys = keyfile::list(&*backend)?;
             if json {
                 let v: Vec<_> = keys
                     .iter()
@@ -154,7 +155,7 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
             from_master_key,
             new,
         } => {
-            let config = need_encrypted(&repo)?;
+            let (backend, config) = need_encrypted(&repo)?;
             let master = match from_master_key {
                 Some(path) => {
                     let text = Zeroizing::new(
@@ -162,7 +163,8 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
                             .with_context(|| format!("cannot read {}", path.display()))?,
                     );
                     let m = ExportedKey::parse(&path, &text, &config.repository_id)?;
-                    verify_master(&repo, &m)?;
+                    vmrepo::repo::verify_master_key(&repo, &m)
+                        .context("this master key does not decrypt the repository's data")?;
                     m
                 }
                 None => {
@@ -170,12 +172,12 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
                     let r = open_repo(&repo, LockMode::Shared, lock_wait, &bar)?;
                     drop(r);
                     let pass = crate::current_passphrase()?;
-                    keyfile::unlock(&repo, &config.repository_id, &pass)?.0
+                    keyfile::unlock(&*backend, &config.repository_id, &pass)?.0
                 }
             };
             let pass = new.source().get(true)?;
             let k = keyfile::create(
-                &repo,
+                &*backend,
                 &config.repository_id,
                 &master,
                 &pass,
@@ -185,7 +187,7 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
             println!("added key {} to {}", k.id, repo.display());
         }
         KeyCommand::Remove { repo, id } => {
-            need_encrypted(&repo)?;
+            let (backend, _) = need_encrypted(&repo)?;
             let r = open_repo(&repo, LockMode::Shared, lock_wait, &bar)?;
             if r.key_id() == Some(id.as_str()) {
                 bail!(
@@ -193,26 +195,26 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
                      or use `vmrepo key passwd` to replace it"
                 );
             }
-            keyfile::remove(&repo, &id)?;
+            keyfile::remove(&*backend, &id)?;
             println!("removed key {id} from {}", repo.display());
         }
         KeyCommand::Passwd { repo, new } => {
-            let config = need_encrypted(&repo)?;
+            let (backend, config) = need_encrypted(&repo)?;
             let r = open_repo(&repo, LockMode::Shared, lock_wait, &bar)?;
             let old = r.key_id().expect("encrypted").to_string();
             drop(r);
             let pass = crate::current_passphrase()?;
-            let (master, _) = keyfile::unlock(&repo, &config.repository_id, &pass)?;
+            let (master, _) = keyfile::unlock(&*backend, &config.repository_id, &pass)?;
             let newpass = new.source().get(true)?;
             let k = keyfile::create(
-                &repo,
+                &*backend,
                 &config.repository_id,
                 &master,
                 &newpass,
                 new.cost(),
                 "",
             )?;
-            keyfile::remove(&repo, &old)?;
+            keyfile::remove(&*backend, &old)?;
             println!(
                 "passphrase changed: key {old} replaced by {} in {}",
                 k.id,
@@ -220,10 +222,10 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
             );
         }
         KeyCommand::Export { repo, output } => {
-            let config = need_encrypted(&repo)?;
+            let (backend, config) = need_encrypted(&repo)?;
             drop(open_repo(&repo, LockMode::Shared, lock_wait, &bar)?);
             let pass = crate::current_passphrase()?;
-            let (master, _) = keyfile::unlock(&repo, &config.repository_id, &pass)?;
+            let (master, _) = keyfile::unlock(&*backend, &config.repository_id, &pass)?;
             let e = ExportedKey {
                 kind: "vmrepo master key".into(),
                 repository_id: config.repository_id.clone(),
@@ -246,17 +248,4 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Checks an imported master key against a stored object (when there is one).
-fn verify_master(repo: &std::path::Path, master: &[u8; 32]) -> anyhow::Result<()> {
-    let keys = std::sync::Arc::new(Keys::from_master(master));
-    let index = Index::open(&vmrepo::repo::index::index_path(repo), false, keys.clone())?;
-    let reader = vmrepo::repo::pack::PackReader::new(&repo.join("data"), keys);
-    if let Some(loc) = index.first_object()? {
-        reader
-            .read_object(&loc.pack, loc.offset, &loc.header)
-            .context("this master key does not decrypt the repository's data")?;
-    }
-    Ok(())
 }

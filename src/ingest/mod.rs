@@ -244,7 +244,7 @@ fn ingest_unhooked(
         progress.note(&format!("warning: {w}"));
     }
     let _vm_lock = lock_vm(
-        repo.root(),
+        &**repo.backend(),
         &plan.vm,
         &repo.keys().name_tag(&plan.vm),
         repo.lock_wait(),

@@ -2,7 +2,6 @@
 //! optionally every byte), and rebuilding the index from the pack files alone.
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
 use std::sync::Mutex;
 
 use rayon::prelude::*;
@@ -12,9 +11,10 @@ use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
 use crate::repo::index::Index;
+use crate::repo::layout;
 use crate::repo::manifest::{DiskMap, Extent, Manifest, Segment, Tombstone};
 use crate::repo::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
-use crate::repo::pack::{is_being_written, list_packs, pack_path, scan_pack};
+use crate::repo::pack::{is_being_written, list_packs, pack_len, scan_pack};
 use crate::repo::Repository;
 
 /// A generation with damage.
@@ -157,26 +157,23 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
             .problems
             .push(format!("index {}: {p}", index.path().display()));
     }
-    let data_dir = repo.data_dir();
+    let backend = &**repo.backend();
 
     // Packs: the index's list against the files.
     let known = index.packs()?;
-    let mut pack_len: HashMap<String, u64> = HashMap::new();
     for (name, size) in &known {
-        let path = pack_path(&data_dir, name);
-        match fs::metadata(&path) {
-            Ok(m) => {
-                if m.len() < *size {
-                    report.truncated_packs.push((name.clone(), m.len()));
+        let path = backend.path(&layout::pack(name));
+        match pack_len(backend, name) {
+            Ok(Some(len)) => {
+                if len < *size {
+                    report.truncated_packs.push((name.clone(), len));
                     report.problems.push(format!(
-                        "pack file {} is truncated: {} bytes, the index recorded {size}",
+                        "pack file {} is truncated: {len} bytes, the index recorded {size}",
                         path.display(),
-                        m.len()
                     ));
                 }
-                pack_len.insert(name.clone(), m.len());
             }
-            Err(_) => {
+            _ => {
                 report.missing_packs.push(name.clone());
                 report
                     .problems
@@ -306,14 +303,14 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
     let bad: Mutex<HashMap<ObjectId, String>> = Mutex::new(HashMap::new());
     let read_count = std::sync::atomic::AtomicU64::new(0);
     by_pack.par_iter().for_each(|(pack, objs)| {
-        let path = pack_path(&data_dir, pack);
-        let len = fs::metadata(&path).map(|m| m.len());
+        let path = backend.path(&layout::pack(pack));
+        let len = pack_len(backend, pack);
         let read_data = selected.contains(pack);
         for (offset, h) in objs {
             progress.advance(RECORD_HEADER_LEN as u64 + h.stored_len as u64);
             let problem = match len {
-                Err(_) => Some(format!("its pack file {} is missing", path.display())),
-                Ok(len) => {
+                Err(_) | Ok(None) => Some(format!("its pack file {} is missing", path.display())),
+                Ok(Some(len)) => {
                     let r = if read_data {
                         repo.packs().read_object(pack, *offset, h).map(|_| ())
                     } else if offset + RECORD_HEADER_LEN as u64 + h.stored_len as u64 > len {
@@ -517,21 +514,14 @@ pub struct RebuildReport {
 
 /// Rebuilds `index.sqlite` from the pack files. The repository must be opened exclusively.
 pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<RebuildReport> {
-    let data_dir = repo.data_dir();
-    let tmp = crate::repo::index::fresh_rebuild_path(repo.root())?;
+    let backend = &**repo.backend();
+    let tmp = crate::repo::index::fresh_rebuild_path(repo.index_dir())?;
     let mut report = RebuildReport::default();
     let mut index = Index::open(&tmp, true, repo.keys_arc())?;
     index.set_repository_id(&repo.config().repository_id)?;
     index.set_gc_epoch(repo.gc_epoch()?)?;
-    let names = list_packs(&data_dir)?;
-    let total: u64 = names
-        .iter()
-        .map(|n| {
-            fs::metadata(pack_path(&data_dir, n))
-                .map(|m| m.len())
-                .unwrap_or(0)
-        })
-        .sum();
+    let packs = list_packs(backend)?;
+    let total: u64 = packs.iter().map(|(_, len)| len).sum();
     progress.start("rebuild index", total);
     let mut manifests: Vec<(ObjectId, Manifest)> = Vec::new();
     let mut cache = Vec::new();
@@ -539,14 +529,13 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
     let mut segments: Vec<(ObjectId, Segment)> = Vec::new();
     let mut maps: HashMap<ObjectId, DiskMap> = HashMap::new();
     let mut tombstoned: HashSet<ObjectId> = HashSet::new();
-    for name in &names {
-        let path = pack_path(&data_dir, name);
-        if is_being_written(&path) {
+    for (name, _) in &packs {
+        if is_being_written(backend, name) {
             progress.note(&format!("skipping pack {name}: an ingest is writing it"));
             continue;
         }
         let mut records = Vec::new();
-        let (len, tail) = scan_pack(&path, |rec| {
+        let (len, tail) = scan_pack(backend, name, |rec| {
             progress.advance(RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64);
             match object::decode(&rec.header, &rec.payload, repo.keys()) {
                 Err(e) => report

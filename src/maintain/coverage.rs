@@ -18,15 +18,16 @@
 //! Packs an ingest is writing (it holds their `flock`) are never touched.
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
 
-use crate::error::{Error, Result};
+use crate::backend::Durability;
+use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
 use crate::repo::index::Index;
+use crate::repo::layout;
 use crate::repo::manifest::{Manifest, Tombstone};
 use crate::repo::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
-use crate::repo::pack::{is_being_written, list_packs, pack_path, scan_pack, PACK_HEADER_LEN};
+use crate::repo::pack::{is_being_written, list_packs, pack_len, scan_pack, PACK_HEADER_LEN};
 use crate::repo::Repository;
 
 /// A pack file in `data/` that the index does not know and no process is writing.
@@ -50,7 +51,7 @@ pub struct UnknownPack {
     /// Why it could not be read to its end, when what follows the last well-formed record is
     /// not a torn write: what it holds there is unknown.
     pub unreadable: Option<String>,
-    /// The last pack of an ingest that died before its commit ([`crate::repo::uncommitted_marker`]): its
+    /// The last pack of an ingest that died before its commit ([`layout::uncommitted_marker`]): its
     /// manifest is not a generation.
     pub uncommitted: bool,
 }
@@ -93,7 +94,7 @@ pub struct Survey {
 /// Reads `data/` against `index`: missing and short packs, unknown packs (each read to its
 /// end), and generations whose manifest the index does not list.
 pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Result<Survey> {
-    let data_dir = repo.data_dir();
+    let backend = &**repo.backend();
     let mut s = Survey::default();
     let (have, data) = (index.gc_epoch()?, repo.gc_epoch()?);
     if have < data {
@@ -103,27 +104,23 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
     s.indexed_packs = known.len();
     let known_names: HashSet<&str> = known.iter().map(|(n, _)| n.as_str()).collect();
     for (name, size) in &known {
-        let path = pack_path(&data_dir, name);
-        match fs::metadata(&path) {
-            Ok(m) if m.len() < *size => s.short.push((name.clone(), *size, m.len())),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => s.missing.push(name.clone()),
-            Err(e) => return Err(Error::io("stat pack file", &path, e)),
+        match pack_len(backend, name)? {
+            Some(len) if len < *size => s.short.push((name.clone(), *size, len)),
+            Some(_) => {}
+            None => s.missing.push(name.clone()),
         }
     }
-    let unknown: Vec<String> = list_packs(&data_dir)?
+    let unknown: Vec<(String, u64)> = list_packs(backend)?
         .into_iter()
-        .filter(|n| !known_names.contains(n.as_str()))
+        .filter(|(n, _)| !known_names.contains(n.as_str()))
         .collect();
     let mut sizes = Vec::new();
-    for name in unknown {
-        let path = pack_path(&data_dir, &name);
-        if is_being_written(&path) {
+    for (name, listed) in unknown {
+        if is_being_written(backend, &name) {
             s.being_written.push(name);
         } else {
-            let size = fs::metadata(&path)
-                .map_err(|e| Error::io("stat pack file", &path, e))?
-                .len();
+            // Its length now: it may have grown since it was listed (a writer that finished).
+            let size = pack_len(backend, &name)?.unwrap_or(listed);
             sizes.push((name, size));
         }
     }
@@ -195,7 +192,7 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
 
 /// Reads an unknown pack record by record.
 fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack> {
-    let path = pack_path(&repo.data_dir(), name);
+    let backend = &**repo.backend();
     let mut u = UnknownPack {
         name: name.to_string(),
         size,
@@ -205,9 +202,11 @@ fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack>
         bad_manifests: Vec::new(),
         tombstoned: Vec::new(),
         unreadable: None,
-        uncommitted: crate::repo::uncommitted_marker(repo.root(), name).exists(),
+        uncommitted: backend
+            .size(&layout::uncommitted_marker(name))
+            .is_ok_and(|m| m.is_some()),
     };
-    let (_, tail) = scan_pack(&path, |rec| {
+    let (_, tail) = scan_pack(backend, name, |rec| {
         u.valid_len = rec.offset + RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64;
         match rec.header.kind {
             ObjectKind::Manifest => {
@@ -235,7 +234,7 @@ fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack>
         Ok(())
     })?;
     if let Some(why) = tail {
-        if !crate::repo::pack::is_torn_write(&path, u.valid_len)? {
+        if !crate::repo::pack::is_torn_write(backend, name, u.valid_len)? {
             u.unreadable = Some(format!("{why}; the rest of the file cannot be read"));
         }
     }
@@ -378,7 +377,7 @@ pub fn adopt(
             gaps.join("; ")
         )));
     }
-    let data_dir = repo.data_dir();
+    let backend = &**repo.backend();
     for u in &survey.unknown {
         if u.unreadable.is_some() {
             continue;
@@ -397,7 +396,8 @@ pub fn adopt(
         }
         // The pack is recorded as long as its last well-formed record; a torn tail beyond
         // that is never read.
-        crate::fsutil::sync_file(&pack_path(&data_dir, &u.name))?;
+        let key = layout::pack(&u.name);
+        backend.sync(&key).ctx("fsync", backend.path(&key))?;
         index.add_pack(&u.name, u.valid_len, &records)?;
         progress.note(&format!(
             "indexed pack {} ({} objects the index lacked)",
@@ -446,24 +446,24 @@ pub fn adopt(
     Ok(done)
 }
 
-/// Removes the [`crate::repo::uncommitted_marker`]s whose pack is indexed (the commit happened and the
-/// process died before removing it) or gone (gc deleted the left-over). Needs the exclusive
+/// Removes the [`layout::uncommitted_marker`]s whose pack is indexed (the commit happened and
+/// the process died before removing it) or gone (gc deleted the left-over). Needs the exclusive
 /// lock (no ingest is committing).
 pub fn clean_markers(repo: &Repository, index: &Index) -> Result<()> {
-    let locks = repo.root().join("locks");
+    let backend = &**repo.backend();
     let known: HashSet<String> = index.packs()?.into_iter().map(|(n, _)| n).collect();
-    let entries = match fs::read_dir(&locks) {
-        Ok(e) => e,
-        Err(e) => return Err(Error::io("list", &locks, e)),
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pack) = name.strip_prefix("uncommitted-") else {
+    let markers = backend
+        .list(layout::UNCOMMITTED)
+        .ctx("list", backend.path(layout::LOCKS))?;
+    let mut done = Vec::new();
+    for m in markers {
+        let Some(pack) = m.key.strip_prefix(layout::UNCOMMITTED) else {
             continue;
         };
-        if known.contains(pack) || !pack_path(&repo.data_dir(), pack).exists() {
-            let _ = fs::remove_file(e.path());
+        if known.contains(pack) || crate::repo::pack::pack_len(backend, pack)?.is_none() {
+            done.push(m.key.clone());
         }
     }
+    let _ = backend.delete(&done, Durability::Unsynced);
     Ok(())
 }

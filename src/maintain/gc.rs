@@ -15,13 +15,13 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::backend::Durability;
 use crate::error::{Error, Result};
-use crate::fsutil::sync_dir;
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
-use crate::repo::index::{GenerationInfo, Index, SealedPack};
+use crate::repo::index::{GenerationInfo, Index};
 use crate::repo::object::{EncodedObject, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
-use crate::repo::pack::{pack_path, PackFile, PACK_HEADER_LEN};
+use crate::repo::pack::{delete_packs, PackWriter, PACK_HEADER_LEN};
 use crate::repo::store::PACK_TARGET;
 use crate::repo::Repository;
 
@@ -341,7 +341,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
         }
     }
     let mut index = repo.open_index()?;
-    let data_dir = repo.data_dir();
+    let backend = &**repo.backend();
     let mut report = GcReport {
         dry_run: opts.dry_run,
         ..Default::default()
@@ -393,7 +393,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
             crate::maintain::coverage::Verdict::Leftover => {
                 report.orphan_packs += 1;
                 report.orphan_bytes += u.size;
-                orphans.push(pack_path(&data_dir, &u.name));
+                orphans.push(u.name.clone());
             }
             crate::maintain::coverage::Verdict::Keep(why) => report
                 .kept_unindexed
@@ -436,25 +436,22 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
     if !drop_packs.is_empty() || !rewrite.is_empty() {
         repo.raise_gc_epoch(&index)?;
     }
-    for path in &orphans {
-        remove_pack_file(path)?;
-    }
+    delete_packs(backend, &orphans, Durability::Synced)?;
     report.bytes_freed += report.orphan_bytes;
 
     // 1. Forget dead rows and packs with nothing live, in one transaction; then unlink those.
     index.apply_gc(&drop_packs, &[], &dead_rows)?;
+    delete_packs(backend, &drop_packs, Durability::Synced)?;
     for name in &drop_packs {
-        remove_pack_file(&pack_path(&data_dir, name))?;
         report.packs_deleted += 1;
         report.bytes_freed += plans[name].size;
     }
-    sync_parent_dirs(&data_dir, &drop_packs)?;
 
     // 2. Rewrite packs that are mostly garbage: copy their live records (verified) into new
     //    packs, seal, move the rows in one transaction, then unlink the old files.
     let total: u64 = rewrite.iter().map(|n| plans[*n].live_bytes).sum();
     progress.start("gc: rewrite packs", total);
-    let mut out: Option<PackFile> = None;
+    let mut out: Option<PackWriter> = None;
     let mut out_records: Vec<(RecordHeader, u64)> = Vec::new();
     let mut batch: Vec<String> = Vec::new();
     for name in rewrite {
@@ -470,7 +467,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
             }
         };
         if out.is_none() {
-            out = Some(PackFile::create(&data_dir)?);
+            out = Some(PackWriter::create(repo.backend())?);
         }
         let pack = out.as_mut().unwrap();
         for obj in &records {
@@ -483,7 +480,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
         if pack.len() >= PACK_TARGET {
             commit_rewrite(
                 &mut index,
-                &data_dir,
+                backend,
                 out.take().unwrap(),
                 &mut out_records,
                 &mut batch,
@@ -495,7 +492,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
     if let Some(pack) = out.take() {
         commit_rewrite(
             &mut index,
-            &data_dir,
+            backend,
             pack,
             &mut out_records,
             &mut batch,
@@ -527,69 +524,33 @@ fn read_live(repo: &Repository, name: &str, p: &PackPlan) -> Result<Vec<EncodedO
 
 fn commit_rewrite(
     index: &mut Index,
-    data_dir: &std::path::Path,
-    pack: PackFile,
+    backend: &dyn crate::backend::Backend,
+    pack: PackWriter,
     records: &mut Vec<(RecordHeader, u64)>,
     batch: &mut Vec<String>,
     plans: &HashMap<String, PackPlan>,
     report: &mut GcReport,
 ) -> Result<()> {
-    let mut written = 0;
-    let new = if pack.is_empty() {
+    // The rows move to the new pack and the old packs are forgotten in one transaction; the
+    // old files are deleted only after it.
+    let written = if pack.is_empty() {
         pack.discard();
-        Vec::new()
+        index.apply_gc(batch, &[], &[])?;
+        0
     } else {
-        let path = pack.path().to_path_buf();
-        match pack.seal() {
-            Ok((name, len)) => {
-                report.packs_written += 1;
-                written = len;
-                vec![SealedPack {
-                    name,
-                    size: len,
-                    records: std::mem::take(records),
-                }]
-            }
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                return Err(e);
-            }
-        }
+        let written = pack.seal_then(std::mem::take(records), |sealed| {
+            index.apply_gc(batch, std::slice::from_ref(sealed), &[])?;
+            Ok(sealed.size)
+        })?;
+        report.packs_written += 1;
+        written
     };
-    index.apply_gc(batch, &new, &[])?;
-    let mut old = 0;
-    for name in batch.iter() {
-        remove_pack_file(&pack_path(data_dir, name))?;
-        report.packs_rewritten += 1;
-        old += plans[name].size;
-    }
+    delete_packs(backend, batch, Durability::Synced)?;
+    let old: u64 = batch.iter().map(|name| plans[name].size).sum();
+    report.packs_rewritten += batch.len() as u64;
     report.bytes_freed += old.saturating_sub(written);
-    sync_parent_dirs(data_dir, batch)?;
     batch.clear();
     records.clear();
-    Ok(())
-}
-
-fn remove_pack_file(path: &std::path::Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("delete pack file", path, e)),
-    }
-}
-
-fn sync_parent_dirs(data_dir: &std::path::Path, names: &[String]) -> Result<()> {
-    let mut dirs: Vec<std::path::PathBuf> = names
-        .iter()
-        .filter_map(|n| pack_path(data_dir, n).parent().map(|p| p.to_path_buf()))
-        .collect();
-    dirs.sort();
-    dirs.dedup();
-    for d in dirs {
-        if d.is_dir() {
-            sync_dir(&d)?;
-        }
-    }
     Ok(())
 }
 

@@ -1,17 +1,16 @@
 //! The repository's versioned configuration file (`config.toml`): format version, chunker and
 //! compression parameters fixed at `init`, and the encryption mode.
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::backend::{Backend, Durability};
+use crate::error::{Error, IoContext, Result};
 
 /// The newest repository format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Name of the configuration file inside a repository.
-pub const CONFIG_FILE: &str = "config.toml";
+/// Key of the configuration file in a repository.
+pub const CONFIG_FILE: &str = crate::repo::layout::CONFIG;
 
 /// Everything fixed for the life of a repository.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -169,16 +168,14 @@ impl Config {
     }
 
     /// Reads and validates `config.toml` of the repository at `repo`.
-    pub fn load(repo: &Path) -> Result<Config> {
-        let path = repo.join(CONFIG_FILE);
-        if !repo.is_dir() {
-            return Err(Error::NotARepository {
+    pub fn load(backend: &dyn Backend) -> Result<Config> {
+        let repo = backend.location();
+        let path = backend.path(CONFIG_FILE);
+        let text = match backend.get(CONFIG_FILE) {
+            Ok(t) => String::from_utf8(t).map_err(|_| Error::NotARepository {
                 path: repo.to_path_buf(),
-                reason: "no such directory".into(),
-            });
-        }
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
+                reason: format!("{CONFIG_FILE} is not text"),
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::NotARepository {
                     path: repo.to_path_buf(),
@@ -238,9 +235,11 @@ impl Config {
         format!("# vmrepo repository configuration. Do not edit: the parameters are fixed at init.\n{body}")
     }
 
-    /// Writes the file durably (temp file, fsync, rename, fsync directory).
-    pub fn store(&self, repo: &Path) -> Result<()> {
-        crate::fsutil::write_atomic(&repo.join(CONFIG_FILE), self.to_toml().as_bytes())
+    /// Writes the file durably and atomically.
+    pub fn store(&self, backend: &dyn Backend) -> Result<()> {
+        backend
+            .put(CONFIG_FILE, self.to_toml().as_bytes(), Durability::Synced)
+            .ctx("write", backend.path(CONFIG_FILE))
     }
 }
 

@@ -3,18 +3,17 @@
 //! one per passphrase; any one unlocks the repository. The argon2 parameters and salt are stored
 //! in the file, so they can be raised for new keys without touching old ones.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::backend::{Backend, Durability};
 use crate::error::{Error, IoContext, Result};
 use crate::repo::crypto::MasterKey;
-
-/// Directory of the key files inside a repository.
-pub const KEYS_DIR: &str = "keys";
+use crate::repo::layout;
 
 /// argon2id cost parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,14 +78,10 @@ fn random<const N: usize>() -> Result<[u8; N]> {
     Ok(b)
 }
 
-fn key_path(root: &Path, id: &str) -> PathBuf {
-    root.join(KEYS_DIR).join(format!("{id}.key"))
-}
-
 /// Wraps `master` under `passphrase` and writes a new key file; returns it. `repository_id` is
 /// bound into the wrapping so a key file cannot be moved to another repository.
 pub fn create(
-    root: &Path,
+    backend: &dyn Backend,
     repository_id: &str,
     master: &MasterKey,
     passphrase: &str,
@@ -122,23 +117,24 @@ pub fn create(
         nonce: hex::encode(nonce),
         wrapped: hex::encode(wrapped),
     };
-    let dir = root.join(KEYS_DIR);
-    std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
     let text = serde_json::to_string_pretty(&file).expect("key file serializes");
-    crate::fsutil::write_atomic(&key_path(root, &file.id), text.as_bytes())?;
+    let key = layout::key_file(&file.id);
+    backend
+        .put(&key, text.as_bytes(), Durability::Synced)
+        .ctx("write key file", backend.path(&key))?;
     Ok(file)
 }
 
 /// Every key file of the repository, oldest first.
-pub fn list(root: &Path) -> Result<Vec<KeyFile>> {
-    let dir = root.join(KEYS_DIR);
+pub fn list(backend: &dyn Backend) -> Result<Vec<KeyFile>> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir(&dir).ctx("read directory", &dir)? {
-        let path = e.ctx("read directory", &dir)?.path();
-        if path.extension().and_then(|x| x.to_str()) != Some("key") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).ctx("read key file", &path)?;
+    let found = backend
+        .list(layout::KEYS)
+        .ctx("read directory", backend.path(layout::KEYS))?;
+    for e in found.iter().filter(|e| e.key.ends_with(".key")) {
+        let path = backend.path(&e.key);
+        let text = backend.get(&e.key).ctx("read key file", &path)?;
+        let text = String::from_utf8_lossy(&text);
         let k: KeyFile = serde_json::from_str(&text)
             .map_err(|e| Error::bad_input(&path, format!("not a vmrepo key file: {e}")))?;
         if k.version != 1 || k.kdf != "argon2id" {
@@ -186,14 +182,18 @@ fn try_unwrap(k: &KeyFile, repository_id: &str, passphrase: &str) -> Result<Opti
 }
 
 /// Unlocks the master key with `passphrase`; returns it and the id of the key file that opened.
-pub fn unlock(root: &Path, repository_id: &str, passphrase: &str) -> Result<(MasterKey, String)> {
-    let keys = list(root)?;
+pub fn unlock(
+    backend: &dyn Backend,
+    repository_id: &str,
+    passphrase: &str,
+) -> Result<(MasterKey, String)> {
+    let keys = list(backend)?;
     if keys.is_empty() {
         return Err(Error::Corrupt(format!(
-            "repository {} is encrypted but has no key files in {}/; without a key (or an exported \
-             master key) its data cannot be read",
-            root.display(),
-            KEYS_DIR
+            "repository {} is encrypted but has no key files in {}; without a key (or an \
+             exported master key) its data cannot be read",
+            backend.location().display(),
+            layout::KEYS
         )));
     }
     for k in &keys {
@@ -202,18 +202,18 @@ pub fn unlock(root: &Path, repository_id: &str, passphrase: &str) -> Result<(Mas
         }
     }
     Err(Error::WrongPassphrase {
-        repo: root.to_path_buf(),
+        repo: backend.location().to_path_buf(),
         keys: keys.len(),
     })
 }
 
 /// Deletes key file `id`. Refuses to delete the last one.
-pub fn remove(root: &Path, id: &str) -> Result<()> {
-    let keys = list(root)?;
+pub fn remove(backend: &dyn Backend, id: &str) -> Result<()> {
+    let keys = list(backend)?;
     if !keys.iter().any(|k| k.id == id) {
         return Err(Error::NotFound(format!(
             "no key {id:?} in repository {} (see `vmrepo key list`)",
-            root.display()
+            backend.location().display()
         )));
     }
     if keys.len() == 1 {
@@ -221,9 +221,10 @@ pub fn remove(root: &Path, id: &str) -> Result<()> {
             "refusing to remove the only key: without a key the repository cannot be read".into(),
         ));
     }
-    let path = key_path(root, id);
-    std::fs::remove_file(&path).ctx("delete key file", &path)?;
-    crate::fsutil::sync_dir(&root.join(KEYS_DIR))
+    let key = layout::key_file(id);
+    backend
+        .delete(std::slice::from_ref(&key), Durability::Synced)
+        .ctx("delete key file", backend.path(&key))
 }
 
 /// The exported form of a master key (`vmrepo key export`).
@@ -274,20 +275,21 @@ mod tests {
     #[test]
     fn wrap_unlock_and_refuse_wrong_passphrases() {
         let t = tempfile::tempdir().unwrap();
+        let b = crate::backend::LocalBackend::create(t.path()).unwrap();
         let master = Zeroizing::new([9u8; 32]);
-        let k1 = create(t.path(), "repo1", &master, "correct horse", CHEAP, "a").unwrap();
-        let k2 = create(t.path(), "repo1", &master, "battery staple", CHEAP, "b").unwrap();
-        let (m, id) = unlock(t.path(), "repo1", "battery staple").unwrap();
+        let k1 = create(&b, "repo1", &master, "correct horse", CHEAP, "a").unwrap();
+        let k2 = create(&b, "repo1", &master, "battery staple", CHEAP, "b").unwrap();
+        let (m, id) = unlock(&b, "repo1", "battery staple").unwrap();
         assert_eq!(*m, *master);
         assert_eq!(id, k2.id);
         assert!(matches!(
-            unlock(t.path(), "repo1", "wrong"),
+            unlock(&b, "repo1", "wrong"),
             Err(Error::WrongPassphrase { keys: 2, .. })
         ));
         // Bound to the repository id.
-        assert!(unlock(t.path(), "repo2", "correct horse").is_err());
-        remove(t.path(), &k1.id).unwrap();
-        assert!(unlock(t.path(), "repo1", "correct horse").is_err());
-        assert!(remove(t.path(), &k2.id).is_err(), "the last key must stay");
+        assert!(unlock(&b, "repo2", "correct horse").is_err());
+        remove(&b, &k1.id).unwrap();
+        assert!(unlock(&b, "repo1", "correct horse").is_err());
+        assert!(remove(&b, &k2.id).is_err(), "the last key must stay");
     }
 }

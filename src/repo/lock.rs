@@ -1,4 +1,5 @@
-//! Repository locks (`locks/`), held with `flock` so that they vanish with a killed process.
+//! Repository locks (`locks/`), taken through the backend (`flock`s on files for a local
+//! repository, so that they vanish with a killed process).
 //!
 //! * `locks/repository.lock`: shared by every command that adds or reads data (ingest, extract,
 //!   check, mount); exclusive for commands that rewrite or delete (index rebuild, repair, prune,
@@ -6,11 +7,11 @@
 //! * `locks/vm-<hash>.lock`: exclusive per VM while it is being ingested, so two ingests of
 //!   different VMs run side by side but two of the same VM do not.
 
-use std::fs::{File, OpenOptions, TryLockError};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, IoContext, Result};
+use crate::backend::{is_not_writable, Backend, LockAttempt, LockGuard, LockKind};
+use crate::error::{Error, Result};
+use crate::repo::layout;
 
 /// How a command uses the repository.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,7 +30,7 @@ pub enum LockMode {
 /// A held lock; released on drop or process exit.
 #[derive(Debug)]
 pub struct Lock {
-    file: Option<File>,
+    guard: Option<LockGuard>,
     /// Why no lock is held (a read-only command on a repository it cannot write).
     unguarded: Option<String>,
 }
@@ -40,72 +41,36 @@ impl Lock {
         self.unguarded.as_deref()
     }
 
-    /// True when a lock file is held.
+    /// True when a lock is held.
     pub fn is_held(&self) -> bool {
-        self.file.is_some()
+        self.guard.is_some()
     }
-}
-
-/// True for the errors that say "this process may not write here".
-fn is_not_writable(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)
-    )
-}
-
-fn open_lock_file(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .ctx("open lock file", path)
 }
 
 /// Takes the repository lock in `mode`. If another process holds it, waits up to `wait`
 /// (calling `on_wait` once with a message), then fails with a message saying who holds it.
 pub fn lock_repository(
-    root: &Path,
+    backend: &dyn Backend,
     mode: LockMode,
     wait: Duration,
     on_wait: &dyn Fn(&str),
 ) -> Result<Lock> {
-    let path = root.join("locks").join("repository.lock");
-    let file = match (mode, open_lock_file(&path)) {
-        (_, Ok(f)) => f,
-        (LockMode::Read, Err(Error::Io { cause, .. })) if is_not_writable(&cause) => {
-            // flock needs no write access: lock the existing file through a read-only
-            // descriptor; without one, run unguarded.
-            match File::open(&path) {
-                Ok(f) => f,
-                Err(_) => {
-                    return Ok(Lock {
-                        file: None,
-                        unguarded: Some(format!(
-                            "repository {} cannot be written by this process ({cause}), so no \
-                             lock was taken: a prune or gc running elsewhere at the same time \
-                             could remove what this command reads (it would then fail with an \
-                             error; it never returns bytes that do not match their hash)",
-                            root.display()
-                        )),
-                    });
-                }
-            }
-        }
-        (_, Err(e)) => return Err(e),
-    };
+    let root = backend.location();
     let holder = match mode {
         LockMode::Read | LockMode::Shared => {
             "a command that needs it alone (index rebuild, repair, prune or gc)"
         }
         LockMode::Exclusive => "another vmrepo process (ingest, extract, mount or check)",
     };
-    wait_for(
-        file,
-        &path,
-        mode != LockMode::Exclusive,
+    let kind = match mode {
+        LockMode::Exclusive => LockKind::Exclusive,
+        _ => LockKind::Shared,
+    };
+    let taken = wait_for(
+        backend,
+        layout::REPOSITORY_LOCK,
+        kind,
+        mode == LockMode::Read,
         wait,
         on_wait,
         &format!(
@@ -118,16 +83,33 @@ pub fn lock_repository(
             wait.as_secs(),
             root.display()
         ),
-    )
+    );
+    match taken {
+        // A reader with no lock it can take: run unguarded, and say so.
+        Err(Error::Io { cause, .. }) if mode == LockMode::Read && is_not_writable(&cause) => {
+            Ok(Lock {
+                guard: None,
+                unguarded: Some(format!(
+                    "repository {} cannot be written by this process ({cause}), so no lock \
+                     was taken: a prune or gc running elsewhere at the same time could remove \
+                     what this command reads (it would then fail with an error; it never \
+                     returns bytes that do not match their hash)",
+                    root.display()
+                )),
+            })
+        }
+        other => other,
+    }
 }
 
-/// Takes `file`'s `flock` (shared or exclusive), retrying every 200 ms for up to `wait`; tells
-/// `on_wait` once (`waiting`) when it has to wait, and fails with `busy` (plus how long it
-/// waited) when the time is up.
+/// Takes lock `key`, retrying every 200 ms for up to `wait`; tells `on_wait` once (`waiting`)
+/// when it has to wait, and fails with `busy` (plus how long it waited) when the time is up.
+#[allow(clippy::too_many_arguments)]
 fn wait_for(
-    file: File,
-    path: &Path,
-    shared: bool,
+    backend: &dyn Backend,
+    key: &str,
+    kind: LockKind,
+    read_only: bool,
     wait: Duration,
     on_wait: &dyn Fn(&str),
     busy: &str,
@@ -136,20 +118,15 @@ fn wait_for(
     let deadline = Instant::now() + wait;
     let mut told = false;
     loop {
-        let r = if shared {
-            file.try_lock_shared()
-        } else {
-            file.try_lock()
-        };
-        match r {
-            Ok(()) => {
+        match backend.try_lock(key, kind, read_only) {
+            Ok(LockAttempt::Held(guard)) => {
                 return Ok(Lock {
-                    file: Some(file),
+                    guard: Some(guard),
                     unguarded: None,
                 })
             }
-            Err(TryLockError::Error(e)) => return Err(Error::io("lock", path, e)),
-            Err(TryLockError::WouldBlock) => {}
+            Ok(LockAttempt::Busy) => {}
+            Err(e) => return Err(Error::io("lock", backend.path(key), e)),
         }
         if Instant::now() >= deadline {
             return Err(Error::Locked(if wait.is_zero() {
@@ -166,23 +143,22 @@ fn wait_for(
     }
 }
 
-/// Takes the per-VM ingest lock. The lock file is named by a hash of `tag` (the VM name, or
-/// its keyed tag in an encrypted repository, so the name never shows in the repository). If
+/// Takes the per-VM ingest lock. The lock is named by a hash of `tag` (the VM name, or its
+/// keyed tag in an encrypted repository, so the name never shows in the repository). If
 /// another ingest of the VM holds it, waits up to `wait` (the command's `--lock-wait`), calling
 /// `on_wait` once.
 pub fn lock_vm(
-    root: &Path,
+    backend: &dyn Backend,
     vm: &str,
     tag: &str,
     wait: Duration,
     on_wait: &dyn Fn(&str),
 ) -> Result<Lock> {
     let tag = &blake3::hash(tag.as_bytes()).to_hex()[..16];
-    let path = root.join("locks").join(format!("vm-{tag}.lock"));
-    let file = open_lock_file(&path)?;
     wait_for(
-        file,
-        &path,
+        backend,
+        &layout::vm_lock(tag),
+        LockKind::Exclusive,
         false,
         wait,
         on_wait,
@@ -190,7 +166,7 @@ pub fn lock_vm(
             "another ingest of VM {vm:?} is running on repository {}; one VM is ingested by one \
              process at a time: retry when it has finished, or pass --lock-wait SECONDS to wait \
              for it",
-            root.display()
+            backend.location().display()
         ),
         &format!(
             "waiting up to {} s for another ingest of VM {vm:?} to finish",

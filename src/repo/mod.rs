@@ -8,6 +8,7 @@ pub mod disk_map;
 pub mod id;
 pub mod index;
 pub mod keyfile;
+pub mod layout;
 pub mod leaves;
 pub mod lock;
 pub mod manifest;
@@ -22,8 +23,8 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
+use crate::backend::{Backend, Durability, LocalBackend};
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::sync_dir;
 use crate::repo::config::{ChunkerParams, Config};
 use crate::repo::crypto::Keys;
 use crate::repo::id::ObjectId;
@@ -36,23 +37,7 @@ use crate::repo::pack::PackReader;
 
 pub use crate::repo::index::INDEX_FILE;
 
-/// The marker an ingest leaves in `locks/` while it commits its last pack (the one holding its
-/// manifest): `locks/uncommitted-<pack name>`. Created before that pack is sealed and removed
-/// after the commit; a marker whose pack is not in the index says the ingest died in between,
-/// so that pack's manifest is not a generation the index lost but one that was never committed
-/// (never reported saved): the pack is a left-over. Not fsynced: lost in a crash, the pack's
-/// generation is adopted instead, which is also safe.
-pub fn uncommitted_marker(root: &std::path::Path, pack: &str) -> std::path::PathBuf {
-    root.join("locks").join(format!("uncommitted-{pack}"))
-}
-
-/// The number of gc runs that deleted or rewrote pack files, as text. gc raises it in the index
-/// (meta `gc_epoch`) and then in this file before it unlinks anything; an index whose epoch is
-/// lower is older than the data files (a copy from before a gc): its rows may point into packs
-/// that are gone, so an ingest must not deduplicate against it, and gc must not trust it.
-pub const GC_EPOCH_FILE: &str = "gc-epoch";
-
-/// A file of [`RESERVE_BYTES`] kept in the repository so that the commands that free space can
+/// A file of [`RESERVE_BYTES`] kept beside the index so that the commands that free space can
 /// work on a full filesystem: SQLite needs room for its write-ahead log before it can delete
 /// anything. prune and gc release it when the filesystem is nearly full and gc makes it again
 /// when there is room.
@@ -81,7 +66,9 @@ pub struct NewEncryption<'a> {
 
 /// An open repository.
 pub struct Repository {
-    root: PathBuf,
+    backend: Arc<dyn Backend>,
+    /// Where the index (a cache of what the packs hold) and its reserve file live.
+    index_dir: PathBuf,
     config: Config,
     reader: PackReader,
     keys: Arc<Keys>,
@@ -103,28 +90,23 @@ impl Repository {
         level: i32,
         encryption: Option<NewEncryption<'_>>,
     ) -> Result<Config> {
-        if path.exists() {
-            let mut entries = fs::read_dir(path).ctx("read directory", path)?;
-            if entries.next().is_some() {
-                return Err(Error::NotEmpty(path.to_path_buf()));
-            }
-        } else {
-            fs::create_dir_all(path).ctx("create directory", path)?;
-        }
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::create(path)?);
         let mode = if encryption.is_some() {
             "aes-256-gcm"
         } else {
             "none"
         };
         let config = Config::new(chunker, level, mode)?;
-        for dir in ["data", "locks"] {
-            fs::create_dir(path.join(dir)).ctx("create directory", path.join(dir))?;
+        for folder in [layout::DATA, layout::LOCKS] {
+            backend
+                .make_folder(folder)
+                .ctx("create directory", backend.path(folder))?;
         }
         let keys = match &encryption {
             Some(e) => {
                 let master = Keys::new_master()?;
                 keyfile::create(
-                    path,
+                    &*backend,
                     &config.repository_id,
                     &master,
                     e.passphrase,
@@ -135,16 +117,16 @@ impl Repository {
             }
             None => Arc::new(Keys::none()),
         };
-        let index = Index::open(&crate::repo::index::index_path(path), true, keys)?;
+        let index_dir = index_dir(&backend)?;
+        let index = Index::open(&crate::repo::index::index_path(index_dir), true, keys)?;
         index.set_repository_id(&config.repository_id)?;
         index.checkpoint();
         drop(index);
         // Best effort: a repository without its reserve works, it just cannot free space on a
         // full filesystem without help; gc makes the reserve when there is room.
-        let _ = make_reserve(path);
+        let _ = make_reserve(index_dir);
         // The config goes last: a directory without it is not (yet) a repository.
-        config.store(path)?;
-        sync_dir(path)?;
+        config.store(&*backend)?;
         Ok(config)
     }
 
@@ -165,26 +147,36 @@ impl Repository {
     /// Opens the repository at `path`: unlocks its keys if it is encrypted (before taking any
     /// lock, so a wrong passphrase changes nothing), then takes its lock in `mode`.
     pub fn open_with(path: &Path, mode: LockMode, opts: &OpenOptions<'_>) -> Result<Repository> {
-        let config = Config::load(path)?;
-        for dir in ["data", "locks"] {
-            if !path.join(dir).is_dir() {
+        Repository::open_backend(crate::backend::open(path)?, mode, opts)
+    }
+
+    /// [`Repository::open_with`] for a repository in `backend`.
+    pub fn open_backend(
+        backend: Arc<dyn Backend>,
+        mode: LockMode,
+        opts: &OpenOptions<'_>,
+    ) -> Result<Repository> {
+        let config = Config::load(&*backend)?;
+        for folder in [layout::DATA, layout::LOCKS] {
+            if !backend.has_folder(folder) {
                 return Err(Error::NotARepository {
-                    path: path.to_path_buf(),
-                    reason: format!("its {dir}/ directory is missing"),
+                    path: backend.location().to_path_buf(),
+                    reason: format!("its {folder} directory is missing"),
                 });
             }
         }
         let (keys, key_id) = if config.encrypted() {
             let pass = (opts.passphrase)()?;
-            let (master, id) = keyfile::unlock(path, &config.repository_id, &pass)?;
+            let (master, id) = keyfile::unlock(&*backend, &config.repository_id, &pass)?;
             (Arc::new(Keys::from_master(&master)), Some(id))
         } else {
             (Arc::new(Keys::none()), None)
         };
-        let lock = lock_repository(path, mode, opts.lock_wait, opts.on_wait)?;
+        let lock = lock_repository(&*backend, mode, opts.lock_wait, opts.on_wait)?;
         Ok(Repository {
-            root: path.to_path_buf(),
-            reader: PackReader::new(&path.join("data"), keys.clone()),
+            index_dir: index_dir(&backend)?.to_path_buf(),
+            reader: PackReader::new(backend.clone(), keys.clone()),
+            backend,
             keys,
             key_id,
             config,
@@ -199,8 +191,8 @@ impl Repository {
     /// is nearly full, deletes the reserve file so the index can be written. Returns a note
     /// saying so.
     pub fn release_reserve_if_full(&self) -> Option<String> {
-        let free = crate::space::free_bytes(&self.root)?;
-        let path = self.root.join(RESERVE_FILE);
+        let free = crate::space::free_bytes(&self.index_dir)?;
+        let path = self.index_dir.join(RESERVE_FILE);
         if free >= 4 * crate::space::LOW_SPACE || !path.exists() {
             return None;
         }
@@ -208,7 +200,7 @@ impl Repository {
         Some(format!(
             "the filesystem holding {} is full ({free} bytes free): released the repository's \
              {} MiB reserve ({}) so that this command can work; gc makes it again when there is room",
-            self.root.display(),
+            self.index_dir.display(),
             RESERVE_BYTES >> 20,
             path.display()
         ))
@@ -217,28 +209,36 @@ impl Repository {
     /// Makes the reserve file again if it is missing and the filesystem has room for it and
     /// more. Best effort.
     pub fn restore_reserve(&self) {
-        if self.root.join(RESERVE_FILE).exists() {
+        if self.index_dir.join(RESERVE_FILE).exists() {
             return;
         }
-        match crate::space::free_bytes(&self.root) {
+        match crate::space::free_bytes(&self.index_dir) {
             Some(free) if free > RESERVE_BYTES + 16 * crate::space::LOW_SPACE => {
-                let _ = make_reserve(&self.root);
+                let _ = make_reserve(&self.index_dir);
             }
             _ => {}
         }
     }
 
-    /// The gc epoch recorded beside the data files (0 when there is none yet).
+    /// The gc epoch recorded beside the data files (0 when there is none yet): the number of
+    /// gc runs that deleted or rewrote pack files. gc raises it in the index (meta `gc_epoch`)
+    /// and then in the repository before it deletes anything; an index whose epoch is lower is
+    /// older than the data files (a copy from before a gc): its rows may point into packs that
+    /// are gone, so an ingest must not deduplicate against it, and gc must not trust it.
     pub fn gc_epoch(&self) -> Result<u64> {
-        let path = self.root.join(GC_EPOCH_FILE);
-        match fs::read_to_string(&path) {
-            Ok(t) => t.trim().parse().map_err(|_| {
-                Error::Corrupt(format!(
-                    "{} does not hold a number ({:?}); it counts the gc runs that deleted data files",
-                    path.display(),
-                    t.trim()
-                ))
-            }),
+        let path = self.backend.path(layout::GC_EPOCH);
+        match self.backend.get(layout::GC_EPOCH) {
+            Ok(t) => {
+                let t = String::from_utf8_lossy(&t);
+                t.trim().parse().map_err(|_| {
+                    Error::Corrupt(format!(
+                        "{} does not hold a number ({:?}); it counts the gc runs that deleted \
+                         data files",
+                        path.display(),
+                        t.trim()
+                    ))
+                })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
             Err(e) => Err(Error::io("read", &path, e)),
         }
@@ -249,10 +249,13 @@ impl Repository {
     pub fn raise_gc_epoch(&self, index: &Index) -> Result<()> {
         let next = self.gc_epoch()?.max(index.gc_epoch()?) + 1;
         index.set_gc_epoch(next)?;
-        crate::fsutil::write_atomic(
-            &self.root.join(GC_EPOCH_FILE),
-            format!("{next}\n").as_bytes(),
-        )
+        self.backend
+            .put(
+                layout::GC_EPOCH,
+                format!("{next}\n").as_bytes(),
+                Durability::Synced,
+            )
+            .ctx("write", self.backend.path(layout::GC_EPOCH))
     }
 
     /// Refuses an index older than the data files (its gc epoch is below the file's): it may
@@ -266,7 +269,7 @@ impl Repository {
                  may name data that is gone. Nothing was changed; `vmrepo check --rebuild-index \
                  {}` rebuilds it from the data files",
                 index.path().display(),
-                self.root.display()
+                self.location().display()
             )));
         }
         Ok(())
@@ -297,9 +300,14 @@ impl Repository {
         self.key_id.as_deref()
     }
 
-    /// The repository directory.
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// Where the repository is, as users name it (its directory).
+    pub fn location(&self) -> &Path {
+        self.backend.location()
+    }
+
+    /// The backend holding its objects.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
     }
 
     /// Its configuration.
@@ -307,14 +315,14 @@ impl Repository {
         &self.config
     }
 
-    /// The data directory holding the packs.
-    pub fn data_dir(&self) -> PathBuf {
-        self.root.join("data")
+    /// Where the index and its reserve file live.
+    pub fn index_dir(&self) -> &Path {
+        &self.index_dir
     }
 
     /// Path of the index database.
     pub fn index_path(&self) -> PathBuf {
-        crate::repo::index::index_path(&self.root)
+        crate::repo::index::index_path(&self.index_dir)
     }
 
     /// Opens a new connection to the index. An index built for another repository (its
@@ -338,7 +346,7 @@ impl Repository {
                  --rebuild-index {}` rebuilds the index from this repository's data files",
                 index.path().display(),
                 self.config.repository_id,
-                self.root.display()
+                self.location().display()
             ))),
             Some(_) => Ok(index),
             None => {
@@ -353,7 +361,7 @@ impl Repository {
     /// Makes the index built at `new` the live one (see [`crate::repo::index::replace_live`]) and
     /// drops this process's pooled connections to the old one. Returns where the old index went.
     pub fn replace_index(&self, new: &Path) -> Result<Option<PathBuf>> {
-        let old = crate::repo::index::replace_live(&self.root, new)?;
+        let old = crate::repo::index::replace_live(&self.index_dir, new)?;
         self.pool.lock().unwrap().clear();
         Ok(old)
     }
@@ -476,6 +484,29 @@ impl Repository {
 /// [`Repository::read_objects`]).
 pub fn decode_segment(id: &ObjectId, bytes: &[u8]) -> Result<Segment> {
     Segment::decode(bytes).map_err(|e| Error::Corrupt(format!("segment {}: {e}", id.short())))
+}
+
+/// Checks that `master` (an imported master key) decrypts the repository's data, when it holds
+/// any: reads the first object the index lists. No lock is taken.
+pub fn verify_master_key(path: &Path, master: &crate::repo::crypto::MasterKey) -> Result<()> {
+    let backend = crate::backend::open(path)?;
+    let keys = Arc::new(Keys::from_master(master));
+    let dir = index_dir(&backend)?;
+    let index = Index::open(&crate::repo::index::index_path(dir), false, keys.clone())?;
+    if let Some(loc) = index.first_object()? {
+        PackReader::new(backend, keys).read_object(&loc.pack, loc.offset, &loc.header)?;
+    }
+    Ok(())
+}
+
+/// Where the index of the repository in `backend` lives.
+fn index_dir(backend: &Arc<dyn Backend>) -> Result<&Path> {
+    backend.local_dir().ok_or_else(|| {
+        Error::Usage(format!(
+            "repository {} has no local directory for its index",
+            backend.location().display()
+        ))
+    })
 }
 
 /// True when SQLite failed because it may not write (read-only file or filesystem, or a WAL

@@ -1,34 +1,20 @@
-//! Pack files: append-only files under `data/` that hold object records back to back.
+//! Pack files: append-only objects under `data/` that hold object records back to back.
 //!
-//! A pack is written by exactly one process, which holds an exclusive `flock` on it while
-//! writing; it is fsynced (file and directory) before any index row points into it. A pack
-//! starts with a 16-byte header: `"VMREPACK" | version u32 | 0u32`.
-//!
-//! A pack's bytes are gathered in a [`STAGING`]-byte buffer and written out with direct I/O
-//! (`O_DIRECT`) where the filesystem allows it: they are never read back by the ingest, and the
-//! page cache path cost more than the device (copying a night's packs into fresh page-cache
-//! pages was a fifth of a change-aware ingest's CPU; see docs/PERFORMANCE.md). A direct write
-//! is a whole number of [`DIRECT_ALIGN`] blocks at an aligned offset, so the last one of a pack
-//! is padded with zeros and the file cut back to its length before the seal's fsync. Where
-//! direct I/O is refused (tmpfs on older kernels, some network filesystems) the pack is written
-//! through the page cache instead, handed to the kernel for writeback every [`WRITEBACK_STEP`]
-//! bytes (`sync_file_range`, which does not wait), so the fsync that seals it finds little left.
-//! Full buffers are written by a thread of the pack's own while the next one fills: an append
-//! (made under the store's writer lock) waits for the device only when two buffers are already
-//! on their way.
+//! A pack starts with a 16-byte header: `"VMREPACK" | version u32 | 0u32`, then records
+//! (docs/FORMAT.md). It is written by exactly one process, streamed into the backend
+//! ([`crate::backend::Backend::create`]), and made durable before any index row points into
+//! it; it stays marked as being written until it is indexed ([`PackWriter::seal_then`]), so
+//! that a concurrent `check` or gc never takes a sealed but unindexed pack for a left-over.
 
-use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, ErrorKind, Read, Seek};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
 
+use crate::backend::{Backend, Durability, ObjectWriter};
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::sync_dir;
 use crate::repo::crypto::Keys;
+use crate::repo::index::SealedPack;
+use crate::repo::layout;
 use crate::repo::object::{EncodedObject, RecordHeader, RECORD_HEADER_LEN};
 
 /// Magic at the start of every pack file.
@@ -38,286 +24,35 @@ pub const PACK_VERSION: u32 = 1;
 /// Bytes before the first record.
 pub const PACK_HEADER_LEN: u64 = 16;
 
-/// Where a pack named `name` lives under the data directory.
-pub fn pack_path(data_dir: &Path, name: &str) -> PathBuf {
-    data_dir.join(&name[..2]).join(format!("{name}.pack"))
-}
-
-/// Bytes written to a pack through the page cache between two writeback kicks.
-pub const WRITEBACK_STEP: u64 = 8 << 20;
-
-/// Bytes of records gathered before they are written to the file.
-pub const STAGING: usize = 4 << 20;
-
-/// Alignment of direct writes (memory, file offset and length): 4 KiB suits devices with 512-byte
-/// and with 4 KiB sectors.
-pub const DIRECT_ALIGN: usize = 4096;
-
-/// A staging buffer whose usable part starts at a [`DIRECT_ALIGN`] boundary.
-struct Staging {
-    mem: Vec<u8>,
-    start: usize,
-    filled: usize,
-}
-
-impl Staging {
-    fn new() -> Staging {
-        let mem = vec![0u8; STAGING + DIRECT_ALIGN];
-        let start = mem.as_ptr().align_offset(DIRECT_ALIGN);
-        Staging {
-            mem,
-            start,
-            filled: 0,
-        }
-    }
-
-    /// A placeholder holding no memory, for a pack that takes no more bytes.
-    fn unallocated() -> Staging {
-        Staging {
-            mem: Vec::new(),
-            start: 0,
-            filled: 0,
-        }
-    }
-
-    /// Copies as much of `bytes` as fits; returns how much did.
-    fn fill(&mut self, bytes: &[u8]) -> usize {
-        let n = bytes.len().min(STAGING - self.filled);
-        let at = self.start + self.filled;
-        self.mem[at..at + n].copy_from_slice(&bytes[..n]);
-        self.filled += n;
-        n
-    }
-
-    fn is_full(&self) -> bool {
-        self.filled == STAGING
-    }
-
-    /// The gathered bytes followed by zeros up to the next multiple of `align`.
-    fn padded(&mut self, align: usize) -> &[u8] {
-        let end = self.filled.next_multiple_of(align);
-        self.mem[self.start + self.filled..self.start + end].fill(0);
-        &self.mem[self.start..self.start + end]
-    }
-}
-
 /// A pack being written.
-pub struct PackFile {
+pub struct PackWriter {
+    backend: Arc<dyn Backend>,
     name: String,
-    path: PathBuf,
-    /// Writes the staged buffers out; `None` once sealed or discarded.
-    flusher: Option<Flusher>,
-    staging: Staging,
-    /// Buffers handed to the flusher and not taken back yet (at most two).
-    in_flight: usize,
-    /// Bytes of the pack handed to the flusher (the staged ones follow).
-    handed: u64,
+    sink: Option<Box<dyn ObjectWriter>>,
     len: u64,
 }
 
-/// The thread that writes a pack's full staging buffers while the next one fills, so that an
-/// append (made under the store's writer lock) waits for the device only when two buffers are
-/// ahead of it.
-struct Flusher {
-    file: Arc<File>,
-    path: PathBuf,
-    /// Whether writes still go around the page cache (cleared when refused).
-    direct: Arc<AtomicBool>,
-    /// Set on the first failed write; the thread then stops.
-    failed: Arc<Mutex<Option<std::io::Error>>>,
-    to_write: Option<SyncSender<(Staging, u64)>>,
-    written: Receiver<Staging>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Flusher {
-    fn start(file: File, path: &Path, direct: bool) -> Flusher {
-        let file = Arc::new(file);
-        let direct = Arc::new(AtomicBool::new(direct));
-        let failed = Arc::new(Mutex::new(None));
-        let (to_write, todo) = sync_channel::<(Staging, u64)>(2);
-        // Room for every buffer a pack can have out (two on their way and the last one, which
-        // seal hands over without taking one back), so the thread never waits to return one.
-        let (done, written) = sync_channel::<Staging>(3);
-        let thread = {
-            let (file, direct, failed) = (file.clone(), direct.clone(), failed.clone());
-            std::thread::Builder::new()
-                .name("vmrepo-pack".into())
-                .spawn(move || {
-                    let mut kicked = 0u64;
-                    for (mut buf, at) in todo {
-                        if let Err(e) = write_at(&file, &direct, &mut buf, at, &mut kicked) {
-                            *failed.lock().unwrap() = Some(e);
-                            return;
-                        }
-                        if done.send(buf).is_err() {
-                            return;
-                        }
-                    }
-                })
-        };
-        // Without a thread (resources exhausted), the failure is reported at the first write.
-        let thread = match thread {
-            Ok(t) => Some(t),
-            Err(e) => {
-                *failed.lock().unwrap() = Some(e);
-                None
-            }
-        };
-        Flusher {
-            file,
-            path: path.to_path_buf(),
-            direct,
-            failed,
-            to_write: Some(to_write),
-            written,
-            thread,
-        }
-    }
-
-    /// Waits for every buffer handed over to be written; the first write error, if any.
-    fn finish(&mut self) -> Result<()> {
-        self.to_write = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.error()
-    }
-
-    /// The write error that stopped the thread, if any.
-    fn error(&self) -> Result<()> {
-        match self.failed.lock().unwrap().take() {
-            Some(e) => Err(Error::io("write pack file", &self.path, e)),
-            None => Ok(()),
-        }
-    }
-
-    /// The error after the thread stopped early (it no longer takes or returns buffers).
-    fn stopped(&mut self) -> Error {
-        match self.finish() {
-            Err(e) => e,
-            Ok(()) => Error::io(
-                "write pack file",
-                &self.path,
-                std::io::Error::other("the pack writer thread stopped"),
-            ),
-        }
-    }
-}
-
-/// Writes `buf`'s bytes at `at`: direct (padded to a [`DIRECT_ALIGN`] block) while `direct`
-/// holds, else through the page cache with a writeback kick every [`WRITEBACK_STEP`] bytes.
-fn write_at(
-    file: &File,
-    direct: &AtomicBool,
-    buf: &mut Staging,
-    at: u64,
-    kicked: &mut u64,
-) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    if direct.load(Ordering::Relaxed) {
-        match file.write_all_at(buf.padded(DIRECT_ALIGN), at) {
-            Ok(()) => return Ok(()),
-            // Direct I/O refused for this write (a filesystem that accepts O_DIRECT at open but
-            // not these writes): the same bytes go through the page cache, from now on.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                direct.store(false, Ordering::Relaxed);
-                clear_direct_flag(file)?;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    file.write_all_at(buf.padded(1), at)?;
-    let end = at + buf.filled as u64;
-    if end >= *kicked + WRITEBACK_STEP {
-        // SAFETY: sync_file_range only reads its integer arguments; the descriptor is open.
-        // Advisory: an error here resurfaces in the seal's fsync.
-        unsafe {
-            libc::sync_file_range(
-                file.as_raw_fd(),
-                *kicked as libc::off64_t,
-                (end - *kicked) as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
-        *kicked = end;
-    }
-    Ok(())
-}
-
-fn clear_direct_flag(file: &File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl with F_GETFL/F_SETFL only reads and sets the descriptor's flags.
-    let ok = unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) == 0
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-impl PackFile {
-    /// Creates a new pack with a random name and locks it for writing.
-    pub fn create(data_dir: &Path) -> Result<PackFile> {
-        PackFile::create_with(data_dir, true)
-    }
-
-    /// [`PackFile::create`], with direct I/O tried only if `try_direct`.
-    fn create_with(data_dir: &Path, try_direct: bool) -> Result<PackFile> {
+impl PackWriter {
+    /// Starts a new pack with a random name.
+    pub fn create(backend: &Arc<dyn Backend>) -> Result<PackWriter> {
         let mut raw = [0u8; 16];
         getrandom::fill(&mut raw).map_err(|e| Error::Usage(format!("no randomness: {e}")))?;
         let name = hex::encode(raw);
-        let path = pack_path(data_dir, &name);
-        let dir = path.parent().unwrap();
-        if !dir.is_dir() {
-            fs::create_dir_all(dir).ctx("create directory", dir)?;
-            sync_dir(data_dir)?;
-        }
-        let open = |flags| {
-            OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(flags)
-                .open(&path)
-        };
-        let (file, direct) = match open(if try_direct { libc::O_DIRECT } else { 0 }) {
-            Ok(f) => (f, try_direct),
-            // Direct I/O refused by this filesystem (older kernels' tmpfs says so at open,
-            // after creating the file: it is opened again as it is, empty).
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                let file = OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&path)
-                    .ctx("create pack file", &path)?;
-                (file, false)
-            }
-            Err(e) => return Err(Error::io("create pack file", &path, e)),
-        };
-        file.try_lock().map_err(|e| {
-            Error::io(
-                "lock pack file",
-                &path,
-                std::io::Error::other(e.to_string()),
-            )
-        })?;
+        let key = layout::pack(&name);
+        let mut sink = backend
+            .create(&key)
+            .ctx("create pack file", backend.path(&key))?;
         let mut header = [0u8; PACK_HEADER_LEN as usize];
         header[..8].copy_from_slice(PACK_MAGIC);
         header[8..12].copy_from_slice(&PACK_VERSION.to_le_bytes());
-        let mut staging = Staging::new();
-        staging.fill(&header);
-        Ok(PackFile {
+        if let Err(e) = sink.write(&header) {
+            sink.abandon();
+            return Err(Error::io("write pack file", backend.path(&key), e));
+        }
+        Ok(PackWriter {
+            backend: backend.clone(),
             name,
-            flusher: Some(Flusher::start(file, &path, direct)),
-            path,
-            staging,
-            in_flight: 0,
-            handed: 0,
+            sink: Some(sink),
             len: PACK_HEADER_LEN,
         })
     }
@@ -327,9 +62,9 @@ impl PackFile {
         &self.name
     }
 
-    /// Its path.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// How messages name it.
+    pub fn path(&self) -> PathBuf {
+        self.backend.path(&layout::pack(&self.name))
     }
 
     /// Bytes written so far.
@@ -342,143 +77,72 @@ impl PackFile {
         self.len == PACK_HEADER_LEN
     }
 
-    /// Whether the pack is (still) written with direct I/O.
+    /// Whether the pack is (still) written around the page cache.
     #[cfg(test)]
     pub fn is_direct(&self) -> bool {
-        self.flusher
-            .as_ref()
-            .is_some_and(|f| f.direct.load(Ordering::Relaxed))
+        self.sink.as_ref().is_some_and(|s| s.is_direct())
     }
 
     /// Appends a record and returns its offset.
     pub fn append(&mut self, obj: &EncodedObject) -> Result<u64> {
         let offset = self.len;
-        self.put(&obj.header.encode())?;
-        self.put(&obj.payload)?;
+        let sink = self.sink.as_mut().expect("pack open");
+        sink.write(&obj.header.encode())
+            .and_then(|()| sink.write(&obj.payload))
+            .ctx("write pack file", self.path())?;
         self.len += obj.record_len();
         Ok(offset)
     }
 
-    /// Stages `bytes`, handing the staging buffer to the flusher each time it fills.
-    fn put(&mut self, mut bytes: &[u8]) -> Result<()> {
-        while !bytes.is_empty() {
-            let n = self.staging.fill(bytes);
-            bytes = &bytes[n..];
-            if self.staging.is_full() {
-                self.hand_over()?;
-            }
+    /// Makes the pack durable, then runs `index` (which records `records`, the pack's records,
+    /// in the index) while the pack is still marked as being written: the one way a pack
+    /// becomes part of the repository. If the seal or `index` fails, the pack is deleted
+    /// (nothing refers to it).
+    pub fn seal_then<T>(
+        mut self,
+        records: Vec<(RecordHeader, u64)>,
+        index: impl FnOnce(&SealedPack) -> Result<T>,
+    ) -> Result<T> {
+        let path = self.path();
+        let sealed = self
+            .sink
+            .take()
+            .expect("pack open")
+            .finish()
+            .ctx("seal pack file", &path);
+        let result = sealed.and_then(|_marked| {
+            index(&SealedPack {
+                name: self.name.clone(),
+                size: self.len,
+                records,
+            })
+        });
+        if result.is_err() {
+            let _ = self
+                .backend
+                .delete(&[layout::pack(&self.name)], Durability::Unsynced);
         }
-        Ok(())
-    }
-
-    /// Hands the full staging buffer to the flusher and goes on in an empty one: a new one
-    /// while fewer than two are on their way, else the next one written.
-    fn hand_over(&mut self) -> Result<()> {
-        let mut next = if self.in_flight < 2 {
-            Staging::new()
-        } else {
-            let f = self.flusher.as_mut().expect("pack open");
-            match f.written.recv() {
-                Ok(b) => {
-                    self.in_flight -= 1;
-                    b
-                }
-                Err(_) => return Err(f.stopped()),
-            }
-        };
-        next.filled = 0;
-        let full = std::mem::replace(&mut self.staging, next);
-        self.send(full)
-    }
-
-    /// Hands `buf` to the flusher, to be written after what was handed before.
-    fn send(&mut self, buf: Staging) -> Result<()> {
-        let f = self.flusher.as_mut().expect("pack open");
-        let n = buf.filled as u64;
-        let sent = f.to_write.as_ref().map(|t| t.send((buf, self.handed)));
-        if !matches!(sent, Some(Ok(()))) {
-            return Err(f.stopped());
-        }
-        self.in_flight += 1;
-        self.handed += n;
-        Ok(())
-    }
-
-    /// Writes the rest and fsyncs the pack (and its directory); afterwards its records are
-    /// durable.
-    pub fn seal(self) -> Result<(String, u64)> {
-        self.seal_locked().map(|(name, len, _)| (name, len))
-    }
-
-    /// [`PackFile::seal`], keeping the pack's write lock in the returned guard: hold it until
-    /// the pack is indexed, so that a concurrent `check` never reads a sealed but unindexed
-    /// pack as a left-over (or its manifest as a generation the index does not list).
-    pub fn seal_locked(mut self) -> Result<(String, u64, SealedLock)> {
-        if self.staging.filled > 0 {
-            // The last buffer needs no successor.
-            let last = std::mem::replace(&mut self.staging, Staging::unallocated());
-            self.send(last)?;
-        }
-        let mut f = self.flusher.take().expect("pack open");
-        f.finish()?;
-        // A padded last direct write left zeros past the end.
-        if f.direct.load(Ordering::Relaxed) && !self.handed.is_multiple_of(DIRECT_ALIGN as u64) {
-            f.file
-                .set_len(self.handed)
-                .ctx("truncate pack file", &self.path)?;
-        }
-        f.file.sync_all().ctx("fsync pack file", &self.path)?;
-        sync_dir(self.path.parent().unwrap())?;
-        Ok((
-            std::mem::take(&mut self.name),
-            self.len,
-            SealedLock {
-                _file: f.file.clone(),
-            },
-        ))
+        result
     }
 
     /// Deletes an unsealed pack (used when an ingest fails).
     pub fn discard(mut self) {
-        // What is still staged is dropped unwritten: the file is going away.
-        if let Some(mut f) = self.flusher.take() {
-            let _ = f.finish();
-        }
-        let _ = fs::remove_file(&self.path);
-    }
-}
-
-/// A sealed pack's write lock, released on drop (see [`PackFile::seal_locked`]).
-pub struct SealedLock {
-    _file: Arc<File>,
-}
-
-impl Drop for PackFile {
-    /// A pack dropped unsealed (an error on the way) lets its flusher finish and end.
-    fn drop(&mut self) {
-        if let Some(mut f) = self.flusher.take() {
-            let _ = f.finish();
+        if let Some(s) = self.sink.take() {
+            s.abandon();
         }
     }
 }
 
-/// Random-access reader over the packs of a repository, with a bounded cache of open files.
+/// Random-access reader over the packs of a repository.
 pub struct PackReader {
-    data_dir: PathBuf,
-    open: Mutex<HashMap<String, Arc<File>>>,
+    backend: Arc<dyn Backend>,
     keys: Arc<Keys>,
 }
 
-const MAX_OPEN_PACKS: usize = 256;
-
 impl PackReader {
-    /// A reader for packs under `data_dir`.
-    pub fn new(data_dir: &Path, keys: Arc<Keys>) -> PackReader {
-        PackReader {
-            data_dir: data_dir.to_path_buf(),
-            open: Mutex::new(HashMap::new()),
-            keys,
-        }
+    /// A reader for the packs in `backend`.
+    pub fn new(backend: Arc<dyn Backend>, keys: Arc<Keys>) -> PackReader {
+        PackReader { backend, keys }
     }
 
     /// The keys objects are decoded with.
@@ -486,35 +150,15 @@ impl PackReader {
         &self.keys
     }
 
-    fn file(&self, pack: &str) -> Result<Arc<File>> {
-        let mut open = self.open.lock().unwrap();
-        if let Some(f) = open.get(pack) {
-            return Ok(f.clone());
-        }
-        let path = pack_path(&self.data_dir, pack);
-        let f = match File::open(&path) {
-            Ok(f) => Arc::new(f),
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                return Err(Error::Corrupt(format!(
-                    "pack file {} is missing",
-                    path.display()
-                )))
-            }
-            Err(e) => return Err(Error::io("open pack file", &path, e)),
-        };
-        if open.len() >= MAX_OPEN_PACKS {
-            open.clear();
-        }
-        open.insert(pack.to_string(), f.clone());
-        Ok(f)
+    /// How messages name pack `pack`.
+    fn path(&self, pack: &str) -> PathBuf {
+        self.backend.path(&layout::pack(pack))
     }
 
-    /// Asks the kernel to start reading `len` bytes at `offset` of a pack (advisory: a pack
+    /// Asks the backend to start fetching `len` bytes at `offset` of a pack (advisory: a pack
     /// that cannot be opened is reported by the read that follows).
     pub fn hint(&self, pack: &str, offset: u64, len: u64) {
-        if let Ok(f) = self.file(pack) {
-            crate::fsutil::will_need(&f, offset, len);
-        }
+        self.backend.will_need(&layout::pack(pack), offset, len);
     }
 
     /// Reads `len` bytes at `offset` of a pack; `what` names the first record for messages.
@@ -525,21 +169,25 @@ impl PackReader {
         len: usize,
         what: &RecordHeader,
     ) -> Result<Vec<u8>> {
-        let f = self.file(pack)?;
         let mut buf = vec![0u8; len];
-        match f.read_exact_at(&mut buf, offset) {
+        match self
+            .backend
+            .get_range(&layout::pack(pack), offset, &mut buf)
+        {
             Ok(()) => Ok(buf),
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(Error::Corrupt(format!(
-                "pack file {} is truncated: {} {} at offset {offset} is cut off",
-                pack_path(&self.data_dir, pack).display(),
-                what.kind.name(),
-                what.id.short()
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Corrupt(format!(
+                "pack file {} is missing",
+                self.path(pack).display()
             ))),
-            Err(e) => Err(Error::io(
-                "read pack file",
-                pack_path(&self.data_dir, pack),
-                e,
-            )),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(Error::Corrupt(format!(
+                    "pack file {} is truncated: {} {} at offset {offset} is cut off",
+                    self.path(pack).display(),
+                    what.kind.name(),
+                    what.id.short()
+                )))
+            }
+            Err(e) => Err(Error::io("read pack file", self.path(pack), e)),
         }
     }
 
@@ -551,7 +199,7 @@ impl PackReader {
         header: &[u8],
         expect: &RecordHeader,
     ) -> Result<()> {
-        let path = || pack_path(&self.data_dir, pack).display().to_string();
+        let path = || self.path(pack).display().to_string();
         let found = RecordHeader::decode(header).map_err(|why| {
             Error::Corrupt(format!(
                 "pack file {} offset {offset}: {why} (expected {} {})",
@@ -608,7 +256,7 @@ impl PackReader {
         crate::repo::object::decode(expect, payload, &self.keys).map_err(|e| match e {
             Error::Corrupt(m) => Error::Corrupt(format!(
                 "{m} (pack file {} offset {offset})",
-                pack_path(&self.data_dir, pack).display()
+                self.path(pack).display()
             )),
             other => other,
         })
@@ -631,15 +279,17 @@ pub struct ScannedRecord {
     pub payload: Vec<u8>,
 }
 
-/// Reads every well-formed record of a pack in order, calling `f` for each. Returns the pack's
-/// length and, if the pack ends in a torn or damaged record, a description of where.
+/// Reads every well-formed record of pack `name` in order, calling `f` for each. Returns the
+/// pack's length and, if the pack ends in a torn or damaged record, a description of where.
 pub fn scan_pack(
-    path: &Path,
+    backend: &dyn Backend,
+    name: &str,
     mut f: impl FnMut(ScannedRecord) -> Result<()>,
 ) -> Result<(u64, Option<String>)> {
-    let file = File::open(path).ctx("open pack file", path)?;
-    let len = file.metadata().ctx("stat pack file", path)?.len();
-    let mut r = BufReader::with_capacity(4 << 20, file);
+    let key = layout::pack(name);
+    let (mut r, len) = backend
+        .open_sequential(&key)
+        .ctx("open pack file", backend.path(&key))?;
     let mut header = [0u8; PACK_HEADER_LEN as usize];
     if r.read_exact(&mut header).is_err() || &header[..8] != PACK_MAGIC {
         return Ok((len, Some("not a pack file (bad header)".into())));
@@ -671,89 +321,93 @@ pub fn scan_pack(
     }
 }
 
-/// Lists the names of all pack files under `data_dir`.
-pub fn list_packs(data_dir: &Path) -> Result<Vec<String>> {
-    let mut names = Vec::new();
-    for shard in fs::read_dir(data_dir).ctx("list", data_dir)? {
-        let shard = shard.ctx("list", data_dir)?.path();
-        if !shard.is_dir() {
-            continue;
-        }
-        for entry in fs::read_dir(&shard).ctx("list", &shard)? {
-            let p = entry.ctx("list", &shard)?.path();
-            if let Some(stem) = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".pack"))
-            {
-                if stem.len() == 32 && stem.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    names.push(stem.to_string());
-                }
-            }
-        }
-    }
-    names.sort();
-    Ok(names)
+/// Every pack in the backend: name and length, in name order.
+pub fn list_packs(backend: &dyn Backend) -> Result<Vec<(String, u64)>> {
+    Ok(backend
+        .list(layout::DATA)
+        .ctx("list", backend.path(layout::DATA))?
+        .into_iter()
+        .filter_map(|e| layout::pack_name(&e.key).map(|n| (n.to_string(), e.size)))
+        .collect())
 }
 
-/// True if what follows `from` in the pack at `path` is what an interrupted writer leaves:
-/// nothing, zeros (the padding of a direct-I/O write), or one well-formed record header whose
-/// record runs past the end of the file. Anything else may hide records a scan cannot reach.
-pub fn is_torn_write(path: &Path, from: u64) -> Result<bool> {
-    let file = File::open(path).ctx("open pack file", path)?;
-    let len = file.metadata().ctx("stat pack file", path)?.len();
+/// The length of pack `name`, or `None` when it is gone.
+pub fn pack_len(backend: &dyn Backend, name: &str) -> Result<Option<u64>> {
+    let key = layout::pack(name);
+    backend.size(&key).ctx("stat pack file", backend.path(&key))
+}
+
+/// True if some process is writing pack `name` (an ingest in progress).
+pub fn is_being_written(backend: &dyn Backend, name: &str) -> bool {
+    backend.is_being_written(&layout::pack(name))
+}
+
+/// Deletes packs (those already gone are skipped).
+pub fn delete_packs(backend: &dyn Backend, names: &[String], durability: Durability) -> Result<()> {
+    let keys: Vec<String> = names.iter().map(|n| layout::pack(n)).collect();
+    backend.delete(&keys, durability).map_err(|e| {
+        let first = keys.first().map(|k| backend.path(k)).unwrap_or_default();
+        Error::io("delete pack file", first, e)
+    })
+}
+
+/// True if what follows `from` in pack `name` is what an interrupted writer leaves: nothing,
+/// zeros (the padding of a direct-I/O write), or one well-formed record header whose record
+/// runs past the end of the file. Anything else may hide records a scan cannot reach.
+pub fn is_torn_write(backend: &dyn Backend, name: &str, from: u64) -> Result<bool> {
+    let key = layout::pack(name);
+    let path = backend.path(&key);
+    let len = backend
+        .size(&key)
+        .ctx("stat pack file", &path)?
+        .unwrap_or(0);
     if from >= len {
         return Ok(true);
     }
     let mut h = [0u8; RECORD_HEADER_LEN];
     let n = (len - from).min(RECORD_HEADER_LEN as u64) as usize;
-    file.read_exact_at(&mut h[..n], from)
-        .ctx("read pack file", path)?;
+    backend
+        .get_range(&key, from, &mut h[..n])
+        .ctx("read pack file", &path)?;
     if n == RECORD_HEADER_LEN {
         if let Ok(header) = RecordHeader::decode(&h) {
             return Ok(from + RECORD_HEADER_LEN as u64 + header.stored_len as u64 > len);
         }
     }
     // Zeros to the end?
-    let mut r = BufReader::with_capacity(1 << 20, file);
-    r.seek(std::io::SeekFrom::Start(from))
-        .ctx("read pack file", path)?;
+    let mut at = from;
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = r.read(&mut buf).ctx("read pack file", path)?;
-        if n == 0 {
-            return Ok(true);
-        }
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        backend
+            .get_range(&key, at, &mut buf[..n])
+            .ctx("read pack file", &path)?;
         if buf[..n].iter().any(|&b| b != 0) {
             return Ok(false);
         }
+        at += n as u64;
     }
-}
-
-/// True if some process still holds the pack's write lock (an ingest in progress).
-pub fn is_being_written(path: &Path) -> bool {
-    match File::open(path) {
-        Ok(f) => f.try_lock_shared().is_err(),
-        Err(_) => false,
-    }
+    Ok(true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::LocalBackend;
     use crate::repo::id::ObjectId;
     use crate::repo::object::{self, ObjectKind};
 
-    /// Records of awkward sizes: some straddle the staging buffer's end, one is bigger than it.
+    /// Records of awkward sizes: some straddle the local writer's 4 MiB staging buffer's end,
+    /// one is bigger than it.
     fn records() -> Vec<EncodedObject> {
         let keys = Keys::none();
         [
             1usize,
             4000,
             70_001,
-            STAGING - 100,
+            (4 << 20) - 100,
             3,
-            STAGING + 12_345,
+            (4 << 20) + 12_345,
             999,
             4096,
         ]
@@ -767,57 +421,57 @@ mod tests {
         .collect()
     }
 
-    fn write_pack(dir: &Path, try_direct: bool) -> (PathBuf, Vec<u64>, u64, bool) {
-        let mut p = PackFile::create_with(dir, try_direct).unwrap();
-        let offsets = records().iter().map(|r| p.append(r).unwrap()).collect();
-        let direct = p.is_direct();
-        let path = p.path().to_path_buf();
-        let (_, len) = p.seal().unwrap();
-        (path, offsets, len, direct)
-    }
-
     #[test]
-    fn a_sealed_pack_holds_exactly_its_records_written_either_way() {
+    fn a_sealed_pack_holds_exactly_its_records() {
         let t = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::create(t.path()).unwrap());
         let expected = records();
-        let mut files = Vec::new();
-        for try_direct in [true, false] {
-            let (path, offsets, len, direct) = write_pack(t.path(), try_direct);
-            if !try_direct {
-                assert!(!direct);
-            }
-            // The padding of the last direct write is cut off: the file is the records.
-            assert_eq!(fs::metadata(&path).unwrap().len(), len);
-            let mut seen = Vec::new();
-            let (scanned_len, damage) = scan_pack(&path, |r| {
-                seen.push(r);
-                Ok(())
+        let mut p = PackWriter::create(&backend).unwrap();
+        let offsets: Vec<u64> = expected.iter().map(|r| p.append(r).unwrap()).collect();
+        let name = p.name().to_string();
+        let len = p
+            .seal_then(Vec::new(), |sealed| {
+                assert!(
+                    is_being_written(&*backend, &sealed.name),
+                    "marked until indexed"
+                );
+                Ok(sealed.size)
             })
             .unwrap();
-            assert_eq!((scanned_len, damage), (len, None));
-            assert_eq!(seen.len(), expected.len());
-            for ((r, e), off) in seen.iter().zip(&expected).zip(&offsets) {
-                assert_eq!(r.header, e.header);
-                assert_eq!(r.payload, e.payload);
-                assert_eq!(r.offset, *off);
-            }
-            files.push(fs::read(&path).unwrap());
+        assert!(!is_being_written(&*backend, &name));
+        assert_eq!(pack_len(&*backend, &name).unwrap(), Some(len));
+        let mut seen = Vec::new();
+        let (scanned_len, damage) = scan_pack(&*backend, &name, |r| {
+            seen.push(r);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((scanned_len, damage), (len, None));
+        assert_eq!(seen.len(), expected.len());
+        for ((r, e), off) in seen.iter().zip(&expected).zip(&offsets) {
+            assert_eq!(r.header, e.header);
+            assert_eq!(r.payload, e.payload);
+            assert_eq!(r.offset, *off);
         }
-        // Byte for byte the same whether the page cache was bypassed or not (packs differ only
-        // in name).
-        assert_eq!(files[0], files[1]);
+        assert_eq!(list_packs(&*backend).unwrap(), vec![(name, len)]);
     }
 
+    /// The one rule of sealing: a pack whose indexing fails is deleted, as is a discarded one.
     #[test]
-    fn a_discarded_pack_leaves_no_file() {
+    fn a_pack_that_is_not_indexed_leaves_no_file() {
         let t = tempfile::tempdir().unwrap();
-        let mut p = PackFile::create(t.path()).unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::create(t.path()).unwrap());
+        let mut p = PackWriter::create(&backend).unwrap();
+        p.append(&records()[0]).unwrap();
+        let r: Result<()> = p.seal_then(Vec::new(), |_| Err(Error::Usage("index says no".into())));
+        assert!(r.is_err());
+        assert!(list_packs(&*backend).unwrap().is_empty());
+        let mut p = PackWriter::create(&backend).unwrap();
         for r in records() {
             p.append(&r).unwrap();
         }
-        let path = p.path().to_path_buf();
-        assert!(path.exists());
+        assert_eq!(list_packs(&*backend).unwrap().len(), 1);
         p.discard();
-        assert!(!path.exists());
+        assert!(list_packs(&*backend).unwrap().is_empty());
     }
 }

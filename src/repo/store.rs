@@ -16,11 +16,13 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use crate::error::Result;
+use crate::backend::{Backend, Durability};
+use crate::error::{IoContext, Result};
 use crate::repo::id::ObjectId;
 use crate::repo::index::Index;
+use crate::repo::layout;
 use crate::repo::object::{self, ObjectKind, RecordHeader};
-use crate::repo::pack::PackFile;
+use crate::repo::pack::PackWriter;
 use crate::repo::Repository;
 
 /// Target size of a pack before it is sealed and a new one started.
@@ -28,9 +30,9 @@ pub const PACK_TARGET: u64 = 64 << 20;
 
 struct Writer {
     /// The pack being appended to.
-    pack: Option<PackFile>,
+    pack: Option<PackWriter>,
     /// An empty pack made ready for when `pack` is full (deleted if unused).
-    spare: Option<PackFile>,
+    spare: Option<PackWriter>,
     /// Objects in this process's packs that are not indexed yet (open or being sealed).
     pending: HashSet<ObjectId>,
     /// Records of the open pack.
@@ -43,7 +45,7 @@ struct Writer {
 }
 
 /// A pack taken out of the writer to be sealed, with its records.
-type Full = (PackFile, Vec<(RecordHeader, u64)>);
+type Full = (PackWriter, Vec<(RecordHeader, u64)>);
 
 /// Shared by the ingest workers of one process.
 pub struct Store<'r> {
@@ -141,7 +143,7 @@ impl<'r> Store<'r> {
             if w.pack.is_none() {
                 w.pack = Some(match w.spare.take() {
                     Some(p) => p,
-                    None => PackFile::create(&self.repo.data_dir())?,
+                    None => PackWriter::create(self.repo.backend())?,
                 });
             }
             let offset = w.pack.as_mut().unwrap().append(&encoded)?;
@@ -161,13 +163,14 @@ impl<'r> Store<'r> {
     }
 
     /// Seals a pack taken out of the writer and records it in the index; its objects then
-    /// leave `pending`. On failure the pack file is deleted (nothing refers to it). With
-    /// `spare` (more objects will come), first makes the next pack file ready.
+    /// leave `pending`. On failure the pack file is deleted (nothing refers to it, see
+    /// [`PackWriter::seal_then`]). With `spare` (more objects will come), first makes the
+    /// next pack file ready.
     fn seal(&self, (pack, records): Full, spare: bool) -> Result<()> {
         if spare {
             // Best effort: without a spare the next append creates its pack itself, and says
             // why if it cannot.
-            if let Ok(next) = PackFile::create(&self.repo.data_dir()) {
+            if let Ok(next) = PackWriter::create(self.repo.backend()) {
                 let mut w = self.writer.lock().unwrap();
                 match w.spare {
                     None => w.spare = Some(next),
@@ -175,20 +178,17 @@ impl<'r> Store<'r> {
                 }
             }
         }
-        let path = pack.path().to_path_buf();
-        let result = pack.seal_locked().and_then(|(name, len, _locked)| {
+        let ids: Vec<ObjectId> = records.iter().map(|(h, _)| h.id).collect();
+        let result = pack.seal_then(records, |sealed| {
             let mut index = self.index.lock().unwrap();
-            index.add_pack(&name, len, &records)?;
+            index.add_pack(&sealed.name, sealed.size, &sealed.records)?;
             // Best effort: a merge that fails leaves both object tables as they were.
             let _ = index.merge_recent_objects(false);
             Ok(())
         });
-        if result.is_err() {
-            let _ = std::fs::remove_file(&path);
-        }
         let mut w = self.writer.lock().unwrap();
-        for (h, _) in &records {
-            w.pending.remove(&h.id);
+        for id in &ids {
+            w.pending.remove(id);
         }
         w.seals += 1;
         result
@@ -256,54 +256,33 @@ impl<'r> Store<'r> {
         // Until the commit, the last pack (which holds the manifest) is marked uncommitted: if
         // this process dies in between, gc and check know that pack for the left-over of a
         // killed ingest rather than a generation the index lost (see maintain/coverage.rs).
+        let backend = self.repo.backend();
         let marker = full
             .as_ref()
-            .map(|(pack, _)| crate::repo::uncommitted_marker(self.repo.root(), pack.name()));
+            .map(|(pack, _)| layout::uncommitted_marker(pack.name()));
         if let Some(m) = &marker {
-            std::fs::write(m, b"").map_err(|e| crate::error::Error::io("create", m, e))?;
+            backend
+                .put(m, b"", Durability::Unsynced)
+                .ctx("create", backend.path(m))?;
         }
-        let _unmark = marker.map(RemoveOnDrop);
-        let last = match full {
-            None => None,
+        let _unmark = marker.map(|key| RemoveOnDrop(&**backend, key));
+        let committed = match full {
+            None => index.commit_generation(manifest_id, manifest, cache, None),
             Some((pack, records)) => {
-                let path = pack.path().to_path_buf();
-                match pack.seal_locked() {
-                    Ok((name, size, locked)) => Some((
-                        crate::repo::index::SealedPack {
-                            name,
-                            size,
-                            records,
-                        },
-                        locked,
-                    )),
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&path);
-                        return Err(e);
-                    }
+                let ids: Vec<ObjectId> = records.iter().map(|(h, _)| h.id).collect();
+                // The pack stays marked as being written until it is indexed (or deleted, when
+                // its commit failed).
+                let r = pack.seal_then(records, |sealed| {
+                    index.commit_generation(manifest_id, manifest, cache, Some(sealed))
+                });
+                let mut w = self.writer.lock().unwrap();
+                for id in &ids {
+                    w.pending.remove(id);
                 }
+                r
             }
         };
-        let committed =
-            index.commit_generation(manifest_id, manifest, cache, last.as_ref().map(|l| &l.0));
-        // The pack's lock is released only now that it is indexed (or its commit failed).
-        let last = last.map(|(pack, _locked)| pack);
-        {
-            let mut w = self.writer.lock().unwrap();
-            if let Some(p) = &last {
-                for (h, _) in &p.records {
-                    w.pending.remove(&h.id);
-                }
-            }
-            w.seals += 1;
-        }
-        if committed.is_err() {
-            if let Some(p) = &last {
-                let _ = std::fs::remove_file(crate::repo::pack::pack_path(
-                    &self.repo.data_dir(),
-                    &p.name,
-                ));
-            }
-        }
+        self.writer.lock().unwrap().seals += 1;
         committed?;
         // Best effort: the generation is committed; a merge that fails leaves both object
         // tables as they were and is tried again after the next ingest.
@@ -332,34 +311,25 @@ impl Store<'_> {
         let Some(pack) = w.pack.take() else {
             return index.remove_generations(None, gens);
         };
-        let path = pack.path().to_path_buf();
         let records = std::mem::take(&mut w.records);
         w.pending.clear();
         w.seals += 1;
-        let result = pack.seal_locked().and_then(|(name, size, _locked)| {
-            index.remove_generations(
-                Some(&crate::repo::index::SealedPack {
-                    name,
-                    size,
-                    records,
-                }),
-                gens,
-            )
+        let result = pack.seal_then(records, |sealed| {
+            index.remove_generations(Some(sealed), gens)
         });
-        if result.is_err() {
-            let _ = std::fs::remove_file(&path);
-        }
         index.checkpoint();
         result
     }
 }
 
-/// Deletes a file when dropped (best effort).
-struct RemoveOnDrop(std::path::PathBuf);
+/// Deletes an object when dropped (best effort).
+struct RemoveOnDrop<'b>(&'b dyn Backend, String);
 
-impl Drop for RemoveOnDrop {
+impl Drop for RemoveOnDrop<'_> {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = self
+            .0
+            .delete(&[std::mem::take(&mut self.1)], Durability::Unsynced);
     }
 }
 
@@ -412,11 +382,9 @@ mod tests {
 
     /// Pack files under `data/`.
     fn pack_files(repo: &Repository) -> usize {
-        std::fs::read_dir(repo.data_dir())
+        crate::repo::pack::list_packs(&**repo.backend())
             .unwrap()
-            .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
-            .filter(|f| f.as_ref().unwrap().path().extension() == Some("pack".as_ref()))
-            .count()
+            .len()
     }
 
     /// Filling a pack makes the next pack file ready; it holds the objects that come after, or

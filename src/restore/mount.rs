@@ -579,7 +579,7 @@ fn select(repo: &Repository, selection: Option<&str>) -> Result<Vec<GenerationIn
             if gens.is_empty() {
                 return Err(Error::NotFound(format!(
                     "repository {} holds no generations yet; nothing to mount",
-                    repo.root().display()
+                    repo.location().display()
                 )));
             }
             Ok(gens)
@@ -618,7 +618,7 @@ pub fn mount(
         vms: vms.len(),
         generations: gens.len(),
     };
-    let fsname = format!("vmrepo:{}", repo.root().display());
+    let fsname = format!("vmrepo:{}", repo.location().display());
     let fs = RepoFs::new(repo, gens, opts.cache_bytes, log.clone());
     let mut config = fuser::Config::default();
     config.mount_options = vec![

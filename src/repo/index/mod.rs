@@ -1223,7 +1223,7 @@ mod tests {
                     || line.contains("pub use crate::repo::index::INDEX_FILE")
                     || line.trim_start().starts_with("//")
                     || line.contains("fn index_path(")
-                    || line.contains("crate::repo::index::index_path(&self.root)");
+                    || line.contains("crate::repo::index::index_path(&self.index_dir)");
                 if names_index && !allowed {
                     offenders.push(format!("{}:{}: {}", f.display(), n + 1, line.trim()));
                 }

@@ -1,0 +1,169 @@
+//! The storage seam: the one place a repository's files are reached. Everything above it
+//! (the `repo` layer and up) names objects by key and never by path.
+//!
+//! A key is a relative name with `/` separators, laid out by the repository layer (`repo/layout.rs`):
+//! `config.toml`, `keys/<id>.key`, `data/<xx>/<name>.pack`, `gc-epoch`, `locks/...`. The
+//! index, a cache of what the data files hold, is not an object: it lives in the backend's
+//! [`Backend::local_dir`] (the repository directory for [`local::LocalBackend`]).
+//!
+//! ## Durability contract
+//!
+//! * [`Backend::put`] with [`Durability::Synced`] is atomic and durable when it returns: after
+//!   a crash the key holds the old bytes or the new ones, never a mix. With
+//!   [`Durability::Unsynced`] it is atomic but may be lost in a crash (markers whose loss is
+//!   safe).
+//! * An object streamed with [`Backend::create`] is durable once [`ObjectWriter::finish`]
+//!   returns. Until then a crash may leave it absent, empty, or cut short anywhere (the pack
+//!   format tells a torn tail from damage); while it is being written
+//!   [`Backend::is_being_written`] says so to every process, and keeps saying so until the
+//!   [`Finished`] guard is dropped.
+//! * [`Backend::delete`] with [`Durability::Synced`] is durable when it returns; deleting a
+//!   key that is not there is not an error.
+//! * Reads see every put and finished object of this and other processes that returned
+//!   before the read began.
+//!
+//! Errors are plain `std::io::Error`s (`NotFound` when a key is absent, `UnexpectedEof` when a
+//! range runs past an object's end): callers add what they were doing and [`Backend::path`],
+//! the name a user knows the object by.
+
+pub mod local;
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+pub use local::LocalBackend;
+
+/// The backend of the existing repository at `location` (a directory).
+pub fn open(location: &Path) -> crate::Result<std::sync::Arc<dyn Backend>> {
+    Ok(std::sync::Arc::new(LocalBackend::open(location)?))
+}
+
+/// Whether a write or delete must survive a crash once it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Survives a crash (fsync, or the store's acknowledgement).
+    Synced,
+    /// May be lost in a crash; used only where losing it is safe.
+    Unsynced,
+}
+
+/// One object found by [`Backend::list`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Its key.
+    pub key: String,
+    /// Its length in bytes.
+    pub size: u64,
+}
+
+/// How a lock is shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockKind {
+    /// Many holders at once.
+    Shared,
+    /// One holder, alone.
+    Exclusive,
+}
+
+/// What one attempt to take a lock found.
+pub enum LockAttempt {
+    /// Taken; released when the guard is dropped (or the process ends).
+    Held(LockGuard),
+    /// Another holder has it.
+    Busy,
+}
+
+/// A held lock: released on drop, or when the process holding it ends.
+pub struct LockGuard(#[allow(dead_code)] Box<dyn std::any::Any + Send + Sync>);
+
+impl LockGuard {
+    /// Wraps whatever keeps the lock held.
+    pub fn new(held: impl std::any::Any + Send + Sync) -> LockGuard {
+        LockGuard(Box::new(held))
+    }
+}
+
+impl std::fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LockGuard")
+    }
+}
+
+/// Keeps a finished object marked as being written until dropped (see
+/// [`ObjectWriter::finish`]).
+pub struct Finished(#[allow(dead_code)] Box<dyn std::any::Any + Send + Sync>);
+
+impl Finished {
+    /// Wraps whatever keeps the object marked.
+    pub fn new(held: impl std::any::Any + Send + Sync) -> Finished {
+        Finished(Box::new(held))
+    }
+}
+
+/// An object being streamed into the backend (a pack).
+pub trait ObjectWriter: Send {
+    /// Appends bytes.
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Writes what is left and makes the object durable. The returned guard keeps it marked
+    /// as being written (see [`Backend::is_being_written`]) until it is dropped: hold it until
+    /// the object is recorded wherever it must be before others may judge it.
+    fn finish(self: Box<Self>) -> io::Result<Finished>;
+    /// Stops and deletes the object.
+    fn abandon(self: Box<Self>);
+    /// Whether writes bypass the page cache (local backend; for tests).
+    fn is_direct(&self) -> bool {
+        false
+    }
+}
+
+/// A place to keep a repository's objects. See the module documentation for the contract.
+pub trait Backend: Send + Sync {
+    /// The repository's location as users name it (a directory, a URL).
+    fn location(&self) -> &Path;
+    /// How messages name the object `key`.
+    fn path(&self, key: &str) -> PathBuf;
+    /// A local directory for what is kept beside the objects on this host (the index and its
+    /// reserve file). `None` when there is none.
+    fn local_dir(&self) -> Option<&Path>;
+    /// Whether the folder `prefix` (such as `data/`) exists; stores without folders say true.
+    fn has_folder(&self, prefix: &str) -> bool;
+    /// Makes the folder `prefix` (durably); a no-op for stores without folders.
+    fn make_folder(&self, prefix: &str) -> io::Result<()>;
+
+    /// The whole object.
+    fn get(&self, key: &str) -> io::Result<Vec<u8>>;
+    /// Fills `buf` from `offset` of the object.
+    fn get_range(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// A sequential reader over the whole object, and its length.
+    fn open_sequential(&self, key: &str) -> io::Result<(Box<dyn Read + Send>, u64)>;
+    /// The object's length, or `None` when it is absent.
+    fn size(&self, key: &str) -> io::Result<Option<u64>>;
+    /// Every object whose key starts with `prefix` (a folder such as `data/`), in key order.
+    fn list(&self, prefix: &str) -> io::Result<Vec<Entry>>;
+    /// Asks for `len` bytes at `offset` to be fetched ahead of a read. Advisory.
+    fn will_need(&self, key: &str, offset: u64, len: u64);
+
+    /// Writes a whole object, atomically.
+    fn put(&self, key: &str, bytes: &[u8], durability: Durability) -> io::Result<()>;
+    /// Starts streaming a new object; fails if `key` exists.
+    fn create(&self, key: &str) -> io::Result<Box<dyn ObjectWriter>>;
+    /// True while some process streams `key` (or holds its [`Finished`] guard).
+    fn is_being_written(&self, key: &str) -> bool;
+    /// Makes an object found in the backend durable (one an interrupted writer left).
+    fn sync(&self, key: &str) -> io::Result<()>;
+    /// Deletes objects; those already gone are skipped.
+    fn delete(&self, keys: &[String], durability: Durability) -> io::Result<()>;
+
+    /// Tries once to take the lock `name`. `read_only` asks only to keep writers of the lock
+    /// out (a reader on a repository it may not write). `Err` with
+    /// [`is_not_writable`] when the lock cannot be taken here at all.
+    fn try_lock(&self, name: &str, kind: LockKind, read_only: bool) -> io::Result<LockAttempt>;
+}
+
+/// True for the errors that say "this process may not write here".
+pub fn is_not_writable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)
+    )
+}

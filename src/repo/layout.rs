@@ -1,0 +1,77 @@
+//! Where each part of a repository lives in its backend: the key of every object, in one
+//! place (docs/FORMAT.md, "Layout").
+
+/// The configuration (TOML), written last at init: a location without it is not a repository.
+pub const CONFIG: &str = "config.toml";
+/// The folder of pack files, sharded by the first two hex digits of a pack's name.
+pub const DATA: &str = "data/";
+/// The folder of lock files and commit markers.
+pub const LOCKS: &str = "locks/";
+/// The folder of key files (encrypted repositories).
+pub const KEYS: &str = "keys/";
+/// The number of gc runs that deleted or rewrote pack files, as text.
+pub const GC_EPOCH: &str = "gc-epoch";
+/// The repository lock: shared by commands that add or read, exclusive for those that delete.
+pub const REPOSITORY_LOCK: &str = "locks/repository.lock";
+
+/// The key of the pack named `name` (32 hex digits; anything else, which only a damaged or
+/// hostile index can name, gets a key no pack has).
+pub fn pack(name: &str) -> String {
+    if is_pack_name(name) {
+        format!("{DATA}{}/{name}.pack", &name[..2])
+    } else {
+        format!("{DATA}not-a-pack-name/{}", hex::encode(name))
+    }
+}
+
+/// True for a well-formed pack name: 32 hex digits.
+pub fn is_pack_name(name: &str) -> bool {
+    name.len() == 32 && name.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The pack name in a key listed under [`DATA`], if the key is a pack's.
+pub fn pack_name(key: &str) -> Option<&str> {
+    let file = key.strip_prefix(DATA)?.rsplit('/').next()?;
+    let stem = file.strip_suffix(".pack")?;
+    is_pack_name(stem).then_some(stem)
+}
+
+/// The key of key file `id`.
+pub fn key_file(id: &str) -> String {
+    format!("{KEYS}{id}.key")
+}
+
+/// The key of a VM's ingest lock (`tag` is a hash, so the VM's name never shows).
+pub fn vm_lock(tag: &str) -> String {
+    format!("{LOCKS}vm-{tag}.lock")
+}
+
+/// The prefix of the uncommitted markers.
+pub const UNCOMMITTED: &str = "locks/uncommitted-";
+
+/// The marker an ingest leaves while it commits its last pack (the one holding its manifest):
+/// `locks/uncommitted-<pack name>`. Created before that pack is sealed and removed after the
+/// commit; a marker whose pack is not in the index says the ingest died in between, so that
+/// pack's manifest is not a generation the index lost but one that was never committed (never
+/// reported saved): the pack is a left-over. Not made durable: lost in a crash, the pack's
+/// generation is adopted instead, which is also safe.
+pub fn uncommitted_marker(pack: &str) -> String {
+    format!("{UNCOMMITTED}{pack}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_keys_round_trip_and_strangers_are_not_packs() {
+        let name = "0123456789abcdef0123456789abcdef";
+        assert_eq!(pack(name), format!("data/01/{name}.pack"));
+        assert_eq!(pack_name(&pack(name)), Some(name));
+        assert_eq!(pack_name("data/01/short.pack"), None);
+        assert_eq!(pack_name(&format!("data/01/{name}.pack.tmp-1")), None);
+        assert_eq!(pack_name(&format!("keys/{name}.pack")), None);
+        assert!(pack("../../etc/passwd").starts_with("data/not-a-pack-name/"));
+        assert!(pack("").starts_with("data/"));
+    }
+}
