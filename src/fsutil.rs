@@ -1,34 +1,52 @@
 //! Small file helpers: atomic replace, directory fsync, read-ahead hints.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use crate::error::{IoContext, Result};
 
 /// Fsyncs a directory so that entries created or renamed in it survive a crash.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .ctx("fsync directory", dir)
+pub fn sync_directory(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
-/// Writes `data` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+/// Replaces `path` with `data` atomically: a temp file beside it, then a rename over `path`. With
+/// `durable`, the temp file is fsynced before the rename and the directory after it, so that a
+/// crash leaves either the old or the new whole file; without, only the atomicity holds.
+pub fn replace_file(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let result = (|| {
-        let mut f = File::create(&tmp).ctx("create", &tmp)?;
-        f.write_all(data).ctx("write", &tmp)?;
-        f.sync_all().ctx("fsync", &tmp)?;
-        fs::rename(&tmp, path).ctx("rename into place", path)?;
-        sync_dir(dir)
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+        if durable {
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, path)?;
+        if durable {
+            sync_directory(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// [`sync_directory`] with the directory named in the error.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    sync_directory(dir).ctx("fsync directory", dir)
+}
+
+/// [`replace_file`], durable, with the file named in the error.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    replace_file(path, data, true).ctx("write (temp file, fsync, rename)", path)
 }
 
 /// Bytes per read-ahead hint. Linux reads at most max(read_ahead_kb, max_sectors_kb) of one

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{Backend, Durability, Entry, LockAttempt, LockGuard, LockKind, ObjectWriter};
 use crate::error::{Error, IoContext, Result};
+use crate::fsutil;
 
 /// Open files kept for range reads; the cache is emptied when it is full.
 const MAX_OPEN: usize = 256;
@@ -79,10 +80,6 @@ impl LocalBackend {
 }
 
 /// Fsyncs a directory so that entries created, renamed or removed in it survive a crash.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 impl Backend for LocalBackend {
     fn location(&self) -> &Path {
         &self.root
@@ -103,7 +100,7 @@ impl Backend for LocalBackend {
     fn make_folder(&self, prefix: &str) -> io::Result<()> {
         let dir = self.path(prefix);
         fs::create_dir_all(&dir)?;
-        sync_dir(dir.parent().unwrap_or(&self.root))
+        fsutil::sync_directory(dir.parent().unwrap_or(&self.root))
     }
 
     fn get(&self, key: &str) -> io::Result<Vec<u8>> {
@@ -169,34 +166,17 @@ impl Backend for LocalBackend {
 
     fn will_need(&self, key: &str, offset: u64, len: u64) {
         if let Ok(f) = self.file(key) {
-            crate::fsutil::will_need(&f, offset, len);
+            fsutil::will_need(&f, offset, len);
         }
     }
 
     fn put(&self, key: &str, bytes: &[u8], durability: Durability) -> io::Result<()> {
-        use std::io::Write;
         let path = self.path(key);
-        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        let dir = path.parent().unwrap_or(&self.root);
         if !dir.is_dir() {
-            fs::create_dir_all(&dir)?;
+            fs::create_dir_all(dir)?;
         }
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-        let result = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(bytes)?;
-            if durability == Durability::Synced {
-                f.sync_all()?;
-            }
-            fs::rename(&tmp, &path)?;
-            if durability == Durability::Synced {
-                sync_dir(&dir)?;
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        fsutil::replace_file(&path, bytes, durability == Durability::Synced)
     }
 
     fn create(&self, key: &str) -> io::Result<Box<dyn ObjectWriter>> {
@@ -204,7 +184,7 @@ impl Backend for LocalBackend {
         let dir = path.parent().unwrap_or(&self.root);
         if !dir.is_dir() {
             fs::create_dir_all(dir)?;
-            sync_dir(dir.parent().unwrap_or(&self.root))?;
+            fsutil::sync_directory(dir.parent().unwrap_or(&self.root))?;
         }
         Ok(Box::new(writer::LocalWriter::create(&path, true)?))
     }
@@ -238,7 +218,7 @@ impl Backend for LocalBackend {
             dirs.sort();
             dirs.dedup();
             for d in dirs.iter().filter(|d| d.is_dir()) {
-                sync_dir(d)?;
+                fsutil::sync_directory(d)?;
             }
         }
         Ok(())

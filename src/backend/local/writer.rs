@@ -330,7 +330,7 @@ impl ObjectWriter for LocalWriter {
             f.file.set_len(self.handed)?;
         }
         f.file.sync_all()?;
-        File::open(self.path.parent().unwrap_or(Path::new(".")))?.sync_all()?;
+        crate::fsutil::sync_directory(self.path.parent().unwrap_or(Path::new(".")))?;
         Ok(Finished::new(f.file.clone()))
     }
 
