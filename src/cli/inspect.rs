@@ -9,9 +9,9 @@ use clap::Args;
 use vmrepo::source::chain::ChainOptions;
 use vmrepo::vmware::inspect::{inspect as run_inspect, Inspection};
 
-use crate::{human, print_json};
+use crate::cli::output::{human, print_json};
 
-pub const INSPECT_HELP: &str = "Show what `vmrepo ingest` would read from SOURCE (a VM directory, a \
+pub const HELP: &str = "Show what `vmrepo ingest` would read from SOURCE (a VM directory, a \
 .vmx file or a disk file) without reading the data: the VM name; each disk with its chain from the \
 file the VM names down to the base (file, createType, CID and parentCID, virtual size, bytes each link \
 stores); the snapshots listed in the .vmsd with their age; and warnings: a broken chain (missing parent, \
@@ -39,7 +39,7 @@ pub struct InspectArgs {
     json: bool,
 }
 
-pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
+pub fn run(a: InspectArgs) -> anyhow::Result<ExitCode> {
     let opts = ChainOptions {
         datastore_map: vmrepo::source::confine::with_allowed(a.datastore_map, &a.allow_path),
     };

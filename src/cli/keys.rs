@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
 use zeroize::Zeroizing;
 
@@ -14,10 +14,10 @@ use vmrepo::repo::keyfile::{self, ExportedKey, KdfCost};
 use vmrepo::repo::lock::LockMode;
 
 use super::passphrase::Source;
-use crate::{open_repo, print_json, Bar};
+use crate::cli::context::Context;
+use crate::cli::output::{print_json, Bar};
 
-pub const KEY_HELP: &str =
-    "Manage the passphrases of an encrypted repository. Each passphrase is a \
+pub const HELP: &str = "Manage the passphrases of an encrypted repository. Each passphrase is a \
 key file in REPO/keys/ holding the repository's random master key, wrapped with a key derived from \
 the passphrase by argon2id; any one of them opens the repository. Losing every passphrase (and any \
 exported master key) means losing the data: nobody can recover it. New passphrases come from \
@@ -120,7 +120,7 @@ fn need_encrypted(repo: &std::path::Path) -> anyhow::Result<(std::sync::Arc<dyn 
 }
 
 /// Runs `vmrepo key ...`.
-pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: KeyCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
     let bar = Bar::new(false);
     match cmd {
         KeyCommand::List { repo, json } => {
@@ -169,9 +169,9 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
                 }
                 None => {
                     // Unlock with a current passphrase (proves the caller may add one).
-                    let r = open_repo(&repo, LockMode::Shared, lock_wait, &bar)?;
+                    let r = ctx.open_repo(&repo, LockMode::Shared, &bar)?;
                     drop(r);
-                    let pass = crate::current_passphrase()?;
+                    let pass = ctx.passphrase()?;
                     keyfile::unlock(&*backend, &config.repository_id, &pass)?.0
                 }
             };
@@ -188,7 +188,7 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
         }
         KeyCommand::Remove { repo, id } => {
             let (backend, _) = need_encrypted(&repo)?;
-            let r = open_repo(&repo, LockMode::Shared, lock_wait, &bar)?;
+            let r = ctx.open_repo(&repo, LockMode::Shared, &bar)?;
             if r.key_id() == Some(id.as_str()) {
                 bail!(
                     "key {id} is the one your passphrase opened; remove it with another passphrase, \
@@ -200,10 +200,10 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
         }
         KeyCommand::Passwd { repo, new } => {
             let (backend, config) = need_encrypted(&repo)?;
-            let r = open_repo(&repo, LockMode::Shared, lock_wait, &bar)?;
+            let r = ctx.open_repo(&repo, LockMode::Shared, &bar)?;
             let old = r.key_id().expect("encrypted").to_string();
             drop(r);
-            let pass = crate::current_passphrase()?;
+            let pass = ctx.passphrase()?;
             let (master, _) = keyfile::unlock(&*backend, &config.repository_id, &pass)?;
             let newpass = new.source().get(true)?;
             let k = keyfile::create(
@@ -223,8 +223,8 @@ pub fn run(cmd: KeyCommand, lock_wait: u64) -> anyhow::Result<ExitCode> {
         }
         KeyCommand::Export { repo, output } => {
             let (backend, config) = need_encrypted(&repo)?;
-            drop(open_repo(&repo, LockMode::Shared, lock_wait, &bar)?);
-            let pass = crate::current_passphrase()?;
+            drop(ctx.open_repo(&repo, LockMode::Shared, &bar)?);
+            let pass = ctx.passphrase()?;
             let (master, _) = keyfile::unlock(&*backend, &config.repository_id, &pass)?;
             let e = ExportedKey {
                 kind: "vmrepo master key".into(),

@@ -8,9 +8,10 @@ use clap::Args;
 
 use vmrepo::ingest::job::{dry_run, run as run_job, JobFile};
 
-use crate::{human, open_repo, print_json, Bar};
+use crate::cli::context::Context;
+use crate::cli::output::{human, print_json, Bar};
 
-pub const RUN_HELP: &str = "Run a nightly job file: ingest every VM it lists (directories, .vmx \
+pub const HELP: &str = "Run a nightly job file: ingest every VM it lists (directories, .vmx \
 files or images; shell globs and exclusions allowed) into its repository, each with its pre- and \
 post-commands, at most `parallel` at once (default 1, so the datastore is not flooded); one VM \
 failing does not stop the others. Then apply the job's retention (prune and gc) and run its \
@@ -33,7 +34,7 @@ pub struct RunArgs {
 }
 
 /// Runs `vmrepo run`.
-pub fn run(a: RunArgs, lock_wait: u64) -> anyhow::Result<ExitCode> {
+pub fn run(a: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let job = match JobFile::load(&a.job) {
         Ok(j) => j,
         Err(e) => {
@@ -91,12 +92,12 @@ pub fn run(a: RunArgs, lock_wait: u64) -> anyhow::Result<ExitCode> {
         return Ok(verdict);
     }
     let bar = Bar::new(!a.json && job.parallel == 1);
-    let wait = lock_wait.max(job.lock_wait);
+    let wait = ctx.lock_wait.max(job.lock_wait);
     let opener = |path: &std::path::Path, mode| -> vmrepo::Result<vmrepo::Repository> {
-        open_repo(path, mode, wait, &Bar::new(false))
+        ctx.open_repo_waiting(path, mode, wait, &Bar::new(false))
             .map_err(|e| vmrepo::Error::Usage(format!("{e:#}")))
     };
-    let report = run_job(&job, &opener, &bar)?;
+    let report = run_job(&job, &opener, &ctx.interrupt, &bar)?;
     if a.json {
         print_json(&report);
     } else {

@@ -11,24 +11,43 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-/// Process groups of the hooks running now, so an interrupt can stop them all (a job ingests
-/// several VMs at once).
-static RUNNING: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+/// The interrupt token: what an interrupt (SIGINT, SIGTERM, SIGHUP) must stop and run. The
+/// command line makes one, gives a clone to every ingest through [`IngestOptions`] and one to
+/// the thread that receives the signals, which calls [`Interrupt::interrupt`]. It tracks the
+/// hooks running now (a job ingests several VMs at once) and the post-commands owed.
+///
+/// [`IngestOptions`]: crate::ingest::IngestOptions
+#[derive(Clone, Default)]
+pub struct Interrupt(Arc<InterruptState>);
 
-/// Post-commands owed: registered when a VM's ingest with a post-command starts, taken back
-/// when its post-command runs. An interrupt takes them all and runs them.
-static OWED: Mutex<Vec<OwedPost>> = Mutex::new(Vec::new());
+#[derive(Default)]
+struct InterruptState {
+    /// Process groups of the hooks running now.
+    running: Mutex<Vec<i32>>,
+    /// Post-commands owed: registered when a VM's ingest with a post-command starts, taken
+    /// back when its post-command runs. An interrupt takes them all and runs them.
+    owed: Mutex<Vec<OwedPost>>,
+    /// Set by [`Interrupt::interrupt`], which runs the owed post-commands, so no ingest may
+    /// run its own.
+    interrupted: AtomicBool,
+    /// The next owed post-command's ticket.
+    next: AtomicU64,
+}
 
-/// Set when the process is being interrupted: [`interrupt`] runs the owed post-commands, so
-/// no ingest may run its own.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+impl std::fmt::Debug for Interrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interrupt")
+            .field("interrupted", &self.is_interrupted())
+            .finish()
+    }
+}
 
 /// A post-command that must run whatever happens.
 struct OwedPost {
@@ -39,80 +58,90 @@ struct OwedPost {
     timeout: Duration,
 }
 
-/// True once [`interrupt`] was called.
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
-/// Registers `command` as the post-command owed for `vm`; returns the ticket
-/// [`take_owed`] needs.
-fn owe(command: &str, vm: &str, vmdir: &Path, timeout: Duration) -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    let id = NEXT.fetch_add(1, Ordering::SeqCst);
-    OWED.lock().unwrap().push(OwedPost {
-        id,
-        command: command.into(),
-        vm: vm.into(),
-        vmdir: vmdir.into(),
-        timeout,
-    });
-    id
-}
-
-/// Takes back the owed post-command `id` so the caller runs it; `None` when an interrupt has
-/// taken it (and runs it).
-fn take_owed(id: u64) -> Option<OwedPost> {
-    let mut owed = OWED.lock().unwrap();
-    if interrupted() {
-        return None;
+impl Interrupt {
+    /// A token no interrupt has reached yet.
+    pub fn new() -> Interrupt {
+        Interrupt::default()
     }
-    let i = owed.iter().position(|o| o.id == id)?;
-    Some(owed.remove(i))
-}
 
-/// Stops everything for an interrupt (SIGINT, SIGTERM, SIGHUP): marks the process
-/// interrupted, kills every running hook with its process group, then runs every owed
-/// post-command with `VMREPO_STATUS=interrupted`, all at once, and waits for them. Returns what
-/// went wrong with them. The caller then ends the process: no generation is recorded by an
-/// ingest that has not committed.
-pub fn interrupt() -> Vec<String> {
-    let owed: Vec<OwedPost> = {
-        let mut owed = OWED.lock().unwrap();
-        INTERRUPTED.store(true, Ordering::SeqCst);
-        std::mem::take(&mut *owed)
-    };
-    for pgid in std::mem::take(&mut *RUNNING.lock().unwrap()) {
-        // SAFETY: kill(2) on a process group this process started; no memory is involved.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
+    /// True once [`Interrupt::interrupt`] was called.
+    pub fn is_interrupted(&self) -> bool {
+        self.0.interrupted.load(Ordering::SeqCst)
+    }
+
+    /// Registers `command` as the post-command owed for `vm`: an interrupt runs it if the
+    /// ingest cannot; [`OwedGuard::run`] runs it when the ingest ends.
+    pub fn owe_post(&self, command: &str, vm: &str, vmdir: &Path, timeout: Duration) -> OwedGuard {
+        let id = self.0.next.fetch_add(1, Ordering::SeqCst);
+        self.0.owed.lock().unwrap().push(OwedPost {
+            id,
+            command: command.into(),
+            vm: vm.into(),
+            vmdir: vmdir.into(),
+            timeout,
+        });
+        OwedGuard {
+            id,
+            interrupt: self.clone(),
         }
     }
-    let handles: Vec<_> = owed
-        .into_iter()
-        .map(|o| {
-            std::thread::spawn(move || {
-                match run_unregistered(
-                    &o.command,
-                    "post",
-                    &o.vm,
-                    &o.vmdir,
-                    Some("interrupted"),
-                    o.timeout,
-                ) {
-                    Ok(r) if r.ok() => None,
-                    Ok(r) => Some(format!("VM {}: {}", o.vm, r.error())),
-                    Err(e) => Some(format!("VM {}: {e}", o.vm)),
-                }
+
+    /// Takes back the owed post-command `id` so the caller runs it; `None` when an interrupt
+    /// has taken it (and runs it).
+    fn take_owed(&self, id: u64) -> Option<OwedPost> {
+        let mut owed = self.0.owed.lock().unwrap();
+        if self.is_interrupted() {
+            return None;
+        }
+        let i = owed.iter().position(|o| o.id == id)?;
+        Some(owed.remove(i))
+    }
+
+    /// Stops everything for an interrupt: marks the token interrupted, kills every running
+    /// hook with its process group, then runs every owed post-command with
+    /// `VMREPO_STATUS=interrupted`, all at once, and waits for them. Returns what went wrong
+    /// with them. The caller then ends the process: no generation is recorded by an ingest
+    /// that has not committed.
+    pub fn interrupt(&self) -> Vec<String> {
+        let owed: Vec<OwedPost> = {
+            let mut owed = self.0.owed.lock().unwrap();
+            self.0.interrupted.store(true, Ordering::SeqCst);
+            std::mem::take(&mut *owed)
+        };
+        for pgid in std::mem::take(&mut *self.0.running.lock().unwrap()) {
+            // SAFETY: kill(2) on a process group this process started; no memory is involved.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+        let handles: Vec<_> = owed
+            .into_iter()
+            .map(|o| {
+                let me = self.clone();
+                std::thread::spawn(move || {
+                    match me.spawn_and_wait(
+                        &o.command,
+                        "post",
+                        &o.vm,
+                        &o.vmdir,
+                        Some("interrupted"),
+                        o.timeout,
+                    ) {
+                        Ok(r) if r.ok() => None,
+                        Ok(r) => Some(format!("VM {}: {}", o.vm, r.error())),
+                        Err(e) => Some(format!("VM {}: {e}", o.vm)),
+                    }
+                })
             })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .filter_map(|h| {
-            h.join()
-                .unwrap_or(Some("a post-command thread failed".into()))
-        })
-        .collect()
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| {
+                h.join()
+                    .unwrap_or(Some("a post-command thread failed".into()))
+            })
+            .collect()
+    }
 }
 
 /// The commands around one VM's ingest.
@@ -168,122 +197,122 @@ impl HookRun {
     }
 }
 
-/// Runs `command` for `phase` with the VM's environment; waits at most `timeout`. Once the
-/// process is interrupted, no new hook starts (the interrupt runs the owed post-commands).
-pub fn run(
-    command: &str,
-    phase: &str,
-    vm: &str,
-    vmdir: &Path,
-    status: Option<&str>,
-    timeout: Duration,
-) -> Result<HookRun> {
-    if interrupted() {
-        return Err(Error::Hook(format!(
-            "the {phase}-command was not started: vmrepo is being interrupted"
-        )));
-    }
-    run_unregistered(command, phase, vm, vmdir, status, timeout)
-}
-
-/// The post-command owed for an ingest: registered so that an interrupt runs it (see
-/// [`interrupt`]); [`OwedGuard::run`] runs it when the ingest ends.
+/// The post-command owed for an ingest (see [`Interrupt::owe_post`]).
 pub struct OwedGuard {
     id: u64,
+    interrupt: Interrupt,
 }
 
 impl OwedGuard {
-    /// Registers the post-command `command` for `vm`.
-    pub fn new(command: &str, vm: &str, vmdir: &Path, timeout: Duration) -> OwedGuard {
-        OwedGuard {
-            id: owe(command, vm, vmdir, timeout),
-        }
-    }
-
     /// Runs the post-command with `status`, unless an interrupt has taken it: then `None`
     /// (the interrupt runs it with status `interrupted`).
     pub fn run(self, status: &str) -> Option<Result<HookRun>> {
-        take_owed(self.id)
-            .map(|o| run_unregistered(&o.command, "post", &o.vm, &o.vmdir, Some(status), o.timeout))
+        let i = &self.interrupt;
+        i.take_owed(self.id)
+            .map(|o| i.spawn_and_wait(&o.command, "post", &o.vm, &o.vmdir, Some(status), o.timeout))
     }
 }
 
-fn run_unregistered(
-    command: &str,
-    phase: &str,
-    vm: &str,
-    vmdir: &Path,
-    status: Option<&str>,
-    timeout: Duration,
-) -> Result<HookRun> {
-    let began = Instant::now();
-    let stderr = std::io::stderr();
-    let out = std::os::fd::AsFd::as_fd(&stderr)
-        .try_clone_to_owned()
-        .map_err(|e| {
-            Error::Hook(format!(
-                "cannot pass standard error to the {phase}-command: {e}"
-            ))
-        })?;
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(command)
-        .env("VMREPO_VM", vm)
-        .env("VMREPO_VMDIR", vmdir)
-        .env("VMREPO_PHASE", phase)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .process_group(0);
-    if let Some(s) = status {
-        cmd.env("VMREPO_STATUS", s);
+impl Interrupt {
+    /// Runs `command` for `phase` with the VM's environment; waits at most `timeout`. Once
+    /// interrupted, no new hook starts (the interrupt runs the owed post-commands).
+    pub fn run_hook(
+        &self,
+        command: &str,
+        phase: &str,
+        vm: &str,
+        vmdir: &Path,
+        status: Option<&str>,
+        timeout: Duration,
+    ) -> Result<HookRun> {
+        if self.is_interrupted() {
+            return Err(Error::Hook(format!(
+                "the {phase}-command was not started: vmrepo is being interrupted"
+            )));
+        }
+        self.spawn_and_wait(command, phase, vm, vmdir, status, timeout)
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| Error::Hook(format!("cannot start the {phase}-command {command:?}: {e}")))?;
-    let pgid = child.id() as i32;
-    RUNNING.lock().unwrap().push(pgid);
-    let _clear = ClearOnDrop(pgid);
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) => {
+
+    /// Runs a hook, registered as running (so that an interrupt kills it) until it ends.
+    fn spawn_and_wait(
+        &self,
+        command: &str,
+        phase: &str,
+        vm: &str,
+        vmdir: &Path,
+        status: Option<&str>,
+        timeout: Duration,
+    ) -> Result<HookRun> {
+        let began = Instant::now();
+        let stderr = std::io::stderr();
+        let out = std::os::fd::AsFd::as_fd(&stderr)
+            .try_clone_to_owned()
+            .map_err(|e| {
+                Error::Hook(format!(
+                    "cannot pass standard error to the {phase}-command: {e}"
+                ))
+            })?;
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(command)
+            .env("VMREPO_VM", vm)
+            .env("VMREPO_VMDIR", vmdir)
+            .env("VMREPO_PHASE", phase)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .process_group(0);
+        if let Some(s) = status {
+            cmd.env("VMREPO_STATUS", s);
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            Error::Hook(format!("cannot start the {phase}-command {command:?}: {e}"))
+        })?;
+        let pgid = child.id() as i32;
+        self.0.running.lock().unwrap().push(pgid);
+        let _clear = ClearOnDrop(self, pgid);
+        loop {
+            match child.try_wait() {
+                Ok(Some(st)) => {
+                    return Ok(HookRun {
+                        phase: phase.into(),
+                        command: command.into(),
+                        status: st.code(),
+                        timed_out: false,
+                        seconds: began.elapsed().as_secs_f64(),
+                    })
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(Error::Hook(format!(
+                        "cannot wait for the {phase}-command: {e}"
+                    )))
+                }
+            }
+            if began.elapsed() >= timeout {
+                // SAFETY: kill(2) on the child's own process group; no memory is involved.
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+                let _ = child.wait();
                 return Ok(HookRun {
                     phase: phase.into(),
                     command: command.into(),
-                    status: st.code(),
-                    timed_out: false,
+                    status: None,
+                    timed_out: true,
                     seconds: began.elapsed().as_secs_f64(),
-                })
+                });
             }
-            Ok(None) => {}
-            Err(e) => {
-                return Err(Error::Hook(format!(
-                    "cannot wait for the {phase}-command: {e}"
-                )))
-            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        if began.elapsed() >= timeout {
-            // SAFETY: kill(2) on the child's own process group; no memory is involved.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
-            let _ = child.wait();
-            return Ok(HookRun {
-                phase: phase.into(),
-                command: command.into(),
-                status: None,
-                timed_out: true,
-                seconds: began.elapsed().as_secs_f64(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-struct ClearOnDrop(i32);
+/// Takes a hook's process group off the running list when it ends.
+struct ClearOnDrop<'a>(&'a Interrupt, i32);
 
-impl Drop for ClearOnDrop {
+impl Drop for ClearOnDrop<'_> {
     fn drop(&mut self) {
-        RUNNING.lock().unwrap().retain(|&p| p != self.0);
+        self.0 .0.running.lock().unwrap().retain(|&p| p != self.1);
     }
 }
 
@@ -299,44 +328,47 @@ mod tests {
             "echo \"$VMREPO_VM $VMREPO_PHASE $VMREPO_STATUS $VMREPO_VMDIR\" > {}",
             f.display()
         );
-        let r = run(
-            &cmd,
-            "post",
-            "web01",
-            Path::new("/vm/web01"),
-            Some("failure"),
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let r = Interrupt::new()
+            .run_hook(
+                &cmd,
+                "post",
+                "web01",
+                Path::new("/vm/web01"),
+                Some("failure"),
+                Duration::from_secs(10),
+            )
+            .unwrap();
         assert!(r.ok());
         assert_eq!(
             std::fs::read_to_string(&f).unwrap(),
             "web01 post failure /vm/web01\n"
         );
-        let r = run(
-            "exit 3",
-            "pre",
-            "v",
-            Path::new("/"),
-            None,
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let r = Interrupt::new()
+            .run_hook(
+                "exit 3",
+                "pre",
+                "v",
+                Path::new("/"),
+                None,
+                Duration::from_secs(10),
+            )
+            .unwrap();
         assert_eq!(r.status, Some(3));
         assert!(r
             .error()
             .to_string()
             .contains("pre-command \"exit 3\" failed with exit status 3"));
         // A child of the hook that would outlive it is killed with it.
-        let r = run(
-            "sleep 30 & sleep 30",
-            "pre",
-            "v",
-            Path::new("/"),
-            None,
-            Duration::from_millis(300),
-        )
-        .unwrap();
+        let r = Interrupt::new()
+            .run_hook(
+                "sleep 30 & sleep 30",
+                "pre",
+                "v",
+                Path::new("/"),
+                None,
+                Duration::from_millis(300),
+            )
+            .unwrap();
         assert!(r.timed_out && !r.ok());
         assert!(r.seconds < 10.0);
     }

@@ -5,13 +5,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::ingest::hooks::Hooks;
-use crate::ingest::{ingest, IngestOptions, IngestReport};
+use crate::ingest::hooks::Interrupt;
+pub use crate::ingest::options::VmSettings;
+use crate::ingest::{ingest, IngestReport};
 use crate::maintain::check::{check, ReadData};
 use crate::maintain::gc::{gc, GcOptions};
 use crate::maintain::prune::{prune, PolicySource, PruneOptions};
@@ -23,40 +24,8 @@ fn default_parallel() -> usize {
     1
 }
 
-fn default_timeout() -> u64 {
-    600
-}
-
 fn default_true() -> bool {
     true
-}
-
-/// Hook and read settings, for every VM (`[defaults]`) or one (`[vm.NAME]`).
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmSettings {
-    /// Command run before the VM is read.
-    pub pre_command: Option<String>,
-    /// Command run afterwards, whatever happened.
-    pub post_command: Option<String>,
-    /// Seconds either command may run.
-    pub hook_timeout: Option<u64>,
-    /// Generation name to give (default: the VM's displayName or file name).
-    pub name: Option<String>,
-    /// Snapshot to read the disks as (`latest` or a snapshot name).
-    pub at_snapshot: Option<String>,
-    /// Warn about snapshots older than this many days (default 3).
-    pub max_snapshot_age_days: Option<f64>,
-    /// Warn about disks with more deltas than this above their base (default 2).
-    pub max_chain_depth: Option<usize>,
-    /// Refuse (fail the VM) instead of warning.
-    pub strict: Option<bool>,
-    /// Read the disks in full even when their snapshot chains tell what changed.
-    pub full_read: Option<bool>,
-    /// Directories outside the VM's own whose files the VM's files may name (`--allow-path`);
-    /// added to the job's `allow_paths` and `[defaults]`'s.
-    #[serde(default)]
-    pub allow_paths: Vec<PathBuf>,
 }
 
 /// `[retention]`: prune after the ingests (same rules as `vmrepo prune --policy`).
@@ -275,6 +244,7 @@ pub type Opener<'a> = dyn Fn(&Path, crate::repo::lock::LockMode) -> Result<Repos
 pub fn run(
     job: &JobFile,
     open: &Opener<'_>,
+    interrupt: &Interrupt,
     progress: &(dyn Progress + Sync),
 ) -> Result<RunReport> {
     let started = now();
@@ -294,27 +264,7 @@ pub fn run(
                 };
                 let Some(path) = paths.get(i) else { break };
                 let s = job.settings_for(path);
-                let opts = IngestOptions {
-                    name: s.name.clone(),
-                    hooks: Hooks {
-                        pre: s.pre_command.clone(),
-                        post: s.post_command.clone(),
-                        timeout: Duration::from_secs(s.hook_timeout.unwrap_or(default_timeout())),
-                    },
-                    at_snapshot: s.at_snapshot.clone(),
-                    limits: Some(crate::vmware::preflight::Limits {
-                        max_snapshot_age_days: s
-                            .max_snapshot_age_days
-                            .unwrap_or(crate::vmware::inspect::OLD_SNAPSHOT_DAYS),
-                        max_chain_depth: s
-                            .max_chain_depth
-                            .unwrap_or(crate::vmware::inspect::DEEP_CHAIN),
-                    }),
-                    strict: s.strict.unwrap_or(false),
-                    full_read: s.full_read.unwrap_or(false),
-                    datastore_map: crate::source::confine::with_allowed(Vec::new(), &s.allow_paths),
-                    ..Default::default()
-                };
+                let opts = s.ingest_options(Vec::new(), interrupt);
                 progress.note(&format!("== {}", path.display()));
                 let began = Instant::now();
                 let shown: &dyn Progress = if job.parallel == 1 { progress } else { &quiet };

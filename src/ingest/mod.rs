@@ -12,6 +12,7 @@ pub mod chunker;
 pub mod ghettovcb;
 pub mod hooks;
 pub mod job;
+pub mod options;
 pub mod patch;
 
 use std::cell::RefCell;
@@ -43,36 +44,7 @@ use crate::repo::store::Store;
 use crate::repo::Repository;
 use crate::source::DiskReader;
 use crate::vmware::vm::{open_source_with, DiskPlan, SourceOptions, SourcePlan};
-
-/// Options of an ingest.
-#[derive(Debug, Default, Clone)]
-pub struct IngestOptions {
-    /// VM name instead of the .vmx displayName / file name.
-    pub name: Option<String>,
-    /// Record the generation at this time instead of now (bringing old backups in).
-    pub time: Option<jiff::Timestamp>,
-    /// Only these ranges may differ from the `since` generation (change-aware ingest).
-    pub changes: Option<ChangedRanges>,
-    /// The generation the changes are relative to (`VM@GEN`; else the file's `since`).
-    pub since: Option<String>,
-    /// Share (0..=1) of supposedly unchanged segments to re-read and compare.
-    pub verify_unchanged: f64,
-    /// Commands to run before and after.
-    pub hooks: crate::ingest::hooks::Hooks,
-    /// Snapshot age and chain depth limits checked before reading (warnings), if any.
-    pub limits: Option<crate::vmware::preflight::Limits>,
-    /// Refuse to read a VM that breaks the limits instead of warning.
-    pub strict: bool,
-    /// Where absolute datastore paths in descriptors are found locally.
-    pub datastore_map: Vec<(std::path::PathBuf, std::path::PathBuf)>,
-    /// Read each disk as this snapshot (`latest` or a name from the .vmsd) froze it.
-    pub at_snapshot: Option<String>,
-    /// Read every disk in full even when its snapshot chain tells what changed.
-    pub full_read: bool,
-    /// Recorded in the catalog as the source instead of the path read (an import records the
-    /// archive, not the temporary directory it was unpacked into).
-    pub recorded_source: Option<std::path::PathBuf>,
-}
+pub use options::IngestOptions;
 
 /// What an ingest did.
 #[derive(Debug, Clone, Serialize)]
@@ -138,12 +110,15 @@ pub fn ingest(
     let owed = h
         .post
         .as_deref()
-        .map(|cmd| crate::ingest::hooks::OwedGuard::new(cmd, &vm, path, h.timeout));
+        .map(|cmd| opts.interrupt.owe_post(cmd, &vm, path, h.timeout));
     let mut runs = Vec::new();
     let mut result = match &h.pre {
         Some(cmd) => {
             progress.note(&format!("pre-command: {cmd}"));
-            match crate::ingest::hooks::run(cmd, "pre", &vm, path, None, h.timeout) {
+            match opts
+                .interrupt
+                .run_hook(cmd, "pre", &vm, path, None, h.timeout)
+            {
                 Ok(r) if r.ok() => {
                     runs.push(r);
                     Ok(())
@@ -161,7 +136,7 @@ pub fn ingest(
     .and_then(|()| ingest_unhooked(repo, path, opts, progress));
     if let (Some(cmd), Some(owed)) = (&h.post, owed) {
         let status = if result.is_ok() { "success" } else { "failure" };
-        if !crate::ingest::hooks::interrupted() {
+        if !opts.interrupt.is_interrupted() {
             progress.note(&format!("post-command ({status}): {cmd}"));
         }
         let Some(post) = owed.run(status) else {

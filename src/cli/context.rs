@@ -1,0 +1,89 @@
+//! What every command shares: how long to wait for the repository's lock, the interrupt token, and where the passphrase of an encrypted repository comes from (asked at most once).
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use vmrepo::ingest::hooks::Interrupt;
+use vmrepo::progress::Progress;
+use vmrepo::repo::lock::LockMode;
+use vmrepo::Repository;
+use zeroize::Zeroizing;
+
+use crate::cli::output::Bar;
+use crate::cli::passphrase::Source;
+
+/// The global options, as the commands use them.
+pub struct Context {
+    /// `--lock-wait`: seconds to wait for other vmrepo processes to release the repository.
+    pub lock_wait: u64,
+    /// The interrupt token the signal thread holds too: ingests run their hooks under it.
+    pub interrupt: Interrupt,
+    passphrase: Source,
+    /// The passphrase once asked for (a prompt is shown at most once per run).
+    passphrase_value: Mutex<Option<Zeroizing<String>>>,
+}
+
+impl Context {
+    pub fn new(lock_wait: u64, interrupt: Interrupt, passphrase: Source) -> Context {
+        Context {
+            lock_wait,
+            interrupt,
+            passphrase,
+            passphrase_value: Mutex::new(None),
+        }
+    }
+
+    /// Where the passphrase comes from (`--password-file`, `--password-command`,
+    /// VMREPO_PASSWORD or a prompt).
+    pub fn passphrase_source(&self) -> Source {
+        self.passphrase.clone()
+    }
+
+    /// The passphrase of the repository being opened, asked for at most once.
+    pub fn passphrase(&self) -> anyhow::Result<Zeroizing<String>> {
+        let mut cached = self.passphrase_value.lock().unwrap();
+        if let Some(p) = cached.as_ref() {
+            return Ok(p.clone());
+        }
+        let p = self.passphrase.get(false)?;
+        *cached = Some(p.clone());
+        Ok(p)
+    }
+
+    /// Opens a repository, waiting up to `--lock-wait` seconds for its lock (saying so on
+    /// stderr).
+    pub fn open_repo(&self, path: &Path, mode: LockMode, bar: &Bar) -> anyhow::Result<Repository> {
+        self.open_repo_waiting(path, mode, self.lock_wait, bar)
+    }
+
+    /// [`Context::open_repo`] with another lock wait (a job file may set a longer one).
+    pub fn open_repo_waiting(
+        &self,
+        path: &Path,
+        mode: LockMode,
+        lock_wait: u64,
+        bar: &Bar,
+    ) -> anyhow::Result<Repository> {
+        let repo = Repository::open_with(
+            path,
+            mode,
+            &vmrepo::repo::OpenOptions {
+                lock_wait: Duration::from_secs(lock_wait),
+                on_wait: &|msg| bar.note(msg),
+                passphrase: &|| {
+                    self.passphrase().map_err(|e| {
+                        vmrepo::Error::Usage(format!(
+                            "repository {} is encrypted: {e:#}",
+                            path.display()
+                        ))
+                    })
+                },
+            },
+        )?;
+        if let Some(why) = repo.unguarded() {
+            bar.note(&format!("warning: {why}"));
+        }
+        Ok(repo)
+    }
+}
