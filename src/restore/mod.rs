@@ -10,6 +10,7 @@ pub mod extract;
 pub mod log;
 pub mod mount;
 pub mod nbd;
+pub mod placement;
 pub mod reader;
 pub mod safe_fs;
 pub mod writer;

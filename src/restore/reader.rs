@@ -5,10 +5,12 @@
 //! A read fetches only the chunks it touches (records that sit back to back in a pack are read
 //! with one `pread`); all-zero segments and zero runs are filled without any I/O. Every chunk is
 //! verified against its BLAKE3 id before a byte of it is returned, so damage is an error
-//! ([`Error::Corrupt`]), never silently wrong or zero data. This is what the FUSE mount
-//! (`mount.rs`) and the NBD server (`nbd.rs`) serve.
+//! ([`Error::Corrupt`]), never silently wrong or zero data. This is the one read path: the
+//! FUSE mount (`mount.rs`) and the NBD server (`nbd.rs`) serve it, and extract writes what it
+//! reads (`extract/disk.rs`).
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::{Deref, Range};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
@@ -168,17 +170,19 @@ impl ReadCache {
     }
 }
 
-/// The guest-visible bytes of one disk of a generation.
-pub struct DiskImage {
-    repo: Arc<Repository>,
+/// The guest-visible bytes of one disk of a generation. `R` is how the repository is held:
+/// shared (`Arc`, the default) by the mount's and the NBD server's threads, or borrowed
+/// (`&Repository`) for the length of an extract.
+pub struct DiskImage<R: Deref<Target = Repository> = Arc<Repository>> {
+    repo: R,
     cache: Arc<ReadCache>,
     map: DiskMap,
     slot: String,
 }
 
-impl DiskImage {
+impl<R: Deref<Target = Repository>> DiskImage<R> {
     /// Opens `disk` (loads its disk map) for reading through `cache`.
-    pub fn open(repo: Arc<Repository>, disk: &DiskEntry, cache: Arc<ReadCache>) -> Result<Self> {
+    pub fn open(repo: R, disk: &DiskEntry, cache: Arc<ReadCache>) -> Result<Self> {
         let map = repo.load_disk_map(&disk.disk_map)?;
         if map.size != disk.virtual_size {
             return Err(Error::Corrupt(format!(
@@ -204,6 +208,62 @@ impl DiskImage {
         &self.slot
     }
 
+    /// The segments that are not all zero, in order.
+    pub fn nonzero_segments(&self) -> impl Iterator<Item = u64> + '_ {
+        self.map.nonzero().map(|(i, _)| i)
+    }
+
+    /// The guest bytes segment `i` covers.
+    pub fn segment_range(&self, i: u64) -> Range<u64> {
+        let (s, e) = self.map.segment_range(i);
+        s..e
+    }
+
+    /// The guest ranges of segment `i` that hold stored data: each maximal run of data
+    /// extents, or with `per_chunk` each chunk on its own (to tell a damaged chunk from its
+    /// neighbours). The rest of the segment is zero. Loads (and checks) the segment's list of
+    /// extents, not its data.
+    pub fn data_ranges(&self, i: u64, per_chunk: bool) -> Result<Vec<Range<u64>>> {
+        let Some(seg) = self.segment_view(i)? else {
+            return Ok(Vec::new());
+        };
+        let base = self.map.segment_range(i).0;
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for (e, &at) in seg.extents.iter().zip(&seg.starts) {
+            if let Extent::Data { len, .. } = e {
+                let r = base + at..base + at + *len as u64;
+                match out.last_mut() {
+                    Some(last) if !per_chunk && last.end == r.start => last.end = r.end,
+                    _ => out.push(r),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Segment `i`'s extents, checked to cover exactly the segment; `None` for a zero segment.
+    fn segment_view(&self, i: u64) -> Result<Option<Arc<SegmentView>>> {
+        let id = self.map.get(i);
+        if id.is_zero() {
+            return Ok(None);
+        }
+        let seg = self.cache.segment(&self.repo, &id)?;
+        let (s_start, s_end) = self.map.segment_range(i);
+        let covered = seg
+            .starts
+            .last()
+            .map_or(0, |s| s + seg.extents.last().map_or(0, |e| e.len() as u64));
+        if covered != s_end - s_start {
+            return Err(Error::Corrupt(format!(
+                "segment {} of disk {} covers {covered} bytes, expected {}",
+                id.short(),
+                self.slot,
+                s_end - s_start
+            )));
+        }
+        Ok(Some(seg))
+    }
+
     /// Fills `buf` with the guest bytes at `offset`. The range must lie inside the disk.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset
@@ -224,30 +284,17 @@ impl DiskImage {
             let (s_start, s_end) = self.map.segment_range(i);
             let upto = end.min(s_end);
             let out = &mut buf[(pos - offset) as usize..(upto - offset) as usize];
-            self.read_in_segment(i, pos - s_start, out, s_end - s_start)?;
+            self.read_in_segment(i, pos - s_start, out)?;
             pos = upto;
         }
         Ok(())
     }
 
-    fn read_in_segment(&self, i: u64, rel: u64, out: &mut [u8], seg_len: u64) -> Result<()> {
-        let id = self.map.get(i);
-        if id.is_zero() {
+    fn read_in_segment(&self, i: u64, rel: u64, out: &mut [u8]) -> Result<()> {
+        let Some(seg) = self.segment_view(i)? else {
             out.fill(0);
             return Ok(());
-        }
-        let seg = self.cache.segment(&self.repo, &id)?;
-        let covered = seg
-            .starts
-            .last()
-            .map_or(0, |s| s + seg.extents.last().map_or(0, |e| e.len() as u64));
-        if covered != seg_len {
-            return Err(Error::Corrupt(format!(
-                "segment {} of disk {} covers {covered} bytes, expected {seg_len}",
-                id.short(),
-                self.slot
-            )));
-        }
+        };
         let end = rel + out.len() as u64;
         // The extents overlapping [rel, end).
         let first = seg.starts.partition_point(|&s| s <= rel) - 1;
