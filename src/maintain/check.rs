@@ -8,17 +8,18 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::maintain::walk::{Reference, SegmentPlace, Visitor, Walk};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
 use crate::repo::index::Index;
 use crate::repo::layout;
-use crate::repo::manifest::{DiskMap, Extent, Manifest, Segment, Tombstone};
+use crate::repo::manifest::{DiskEntry, DiskMap, Extent, Manifest, Segment, Tombstone};
 use crate::repo::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
 use crate::repo::pack::{is_being_written, list_packs, pack_len, scan_pack};
 use crate::repo::Repository;
 
 /// A generation with damage.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct DamagedGeneration {
     /// `vm@time`.
     pub generation: String,
@@ -340,77 +341,36 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
     // Generations: every reference must resolve to a good object.
     let gens = index.generations(None)?;
     report.generations = gens.len() as u64;
-    let mut seg_ok: HashMap<ObjectId, Option<String>> = HashMap::new();
+    let mut walk = Walk::every_place();
+    let mut checker = Checker {
+        repo,
+        index: &index,
+        bad: &bad,
+        generation: DamagedGeneration::default(),
+        disk_problems: HashMap::new(),
+        segment_size: 0,
+        bad_segments: 0,
+        first_bad: None,
+    };
     for g in &gens {
-        let mut dmg = DamagedGeneration {
+        checker.generation = DamagedGeneration {
             generation: g.name.clone(),
             parts: Vec::new(),
             problems: Vec::new(),
         };
-        let manifest = match load::<Manifest>(repo, &index, &bad, &g.manifest, Manifest::decode) {
-            Ok(m) => m,
+        match load::<Manifest>(repo, &index, &bad, &g.manifest, Manifest::decode) {
+            Ok(manifest) => walk.manifest(&mut checker, &manifest)?,
             Err(e) => {
-                dmg.parts.push("manifest".into());
-                dmg.problems.push(format!("manifest: {e}"));
-                report.damaged.push(dmg);
-                continue;
-            }
-        };
-        for f in &manifest.files {
-            if let Err(e) = object_ok(&index, &bad, &f.object) {
-                dmg.parts.push(f.name.clone());
-                dmg.problems.push(format!("file {}: {e}", f.name));
+                checker.generation.parts.push("manifest".into());
+                checker.generation.problems.push(format!("manifest: {e}"));
             }
         }
-        for d in &manifest.disks {
-            let label = crate::maintain::damage::disk_label(d);
-            let mut problems = Vec::new();
-            for e in &d.extents {
-                for id in [e.head, e.tail].into_iter().flatten() {
-                    if let Err(err) = object_ok(&index, &bad, &id) {
-                        problems.push(format!("extent file bytes: {err}"));
-                    }
-                }
-            }
-            let map = load::<DiskMap>(repo, &index, &bad, &d.disk_map, DiskMap::decode)
-                .and_then(|m| d.check_map(&m).map(|()| m));
-            match map {
-                Err(e) => problems.push(format!("disk map: {e}")),
-                Ok(map) => {
-                    let mut bad_segments = 0usize;
-                    let mut first = None;
-                    for (i, seg) in map.nonzero() {
-                        let verdict = seg_ok.entry(*seg).or_insert_with(|| {
-                            check_segment(repo, &index, &bad, seg, map.segment_range(i)).err()
-                        });
-                        if let Some(p) = verdict {
-                            bad_segments += 1;
-                            if first.is_none() {
-                                let (s, e) = map.segment_range(i);
-                                first = Some(format!("bytes {s}..{e}: {p}"));
-                            }
-                        }
-                    }
-                    if bad_segments > 0 {
-                        problems.push(format!(
-                            "{bad_segments} damaged segment(s) of {} MiB; first: {}",
-                            map.segment_size >> 20,
-                            first.unwrap()
-                        ));
-                    }
-                }
-            }
-            if !problems.is_empty() {
-                dmg.parts.push(label.clone());
-                dmg.problems
-                    .extend(problems.into_iter().map(|p| format!("{label}: {p}")));
-            }
-        }
-        if !dmg.problems.is_empty() {
-            report.damaged.push(dmg);
+        if !checker.generation.problems.is_empty() {
+            report.damaged.push(std::mem::take(&mut checker.generation));
         }
     }
-    report.bad_segments = seg_ok
+    report.bad_segments = walk
+        .into_verdicts()
         .into_iter()
         .filter(|(_, v)| v.is_some())
         .map(|(id, _)| id)
@@ -423,6 +383,110 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
         ));
     }
     Ok(report)
+}
+
+/// check's visitor of the reference graph: every reference must resolve to a good object;
+/// what does not is reported per generation and per disk.
+struct Checker<'a> {
+    repo: &'a Repository,
+    index: &'a Index,
+    /// Objects found damaged by the pass over the pack files, with why.
+    bad: &'a HashMap<ObjectId, String>,
+    /// The generation being walked, with what is wrong with it so far.
+    generation: DamagedGeneration,
+    /// What is wrong with each disk (by slot) of the generation being walked.
+    disk_problems: HashMap<String, Vec<String>>,
+    /// The segment size of the disk being walked.
+    segment_size: u32,
+    /// Damaged segments of the disk being walked, and the first of them.
+    bad_segments: usize,
+    first_bad: Option<String>,
+}
+
+impl Visitor for Checker<'_> {
+    /// What is wrong with the segment, if anything.
+    type Segment = Option<String>;
+
+    fn reference(&mut self, r: Reference<'_>) -> Result<()> {
+        match r {
+            Reference::File(f) => {
+                if let Err(e) = object_ok(self.index, self.bad, &f.object) {
+                    self.generation.parts.push(f.name.clone());
+                    self.generation
+                        .problems
+                        .push(format!("file {}: {e}", f.name));
+                }
+            }
+            Reference::ExtentEdge { disk, id, .. } => {
+                if let Err(e) = object_ok(self.index, self.bad, &id) {
+                    self.disk_problems
+                        .entry(disk.slot.clone())
+                        .or_default()
+                        .push(format!("extent file bytes: {e}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn disk_map(&mut self, disk: &DiskEntry) -> Result<Option<DiskMap>> {
+        let map = load::<DiskMap>(
+            self.repo,
+            self.index,
+            self.bad,
+            &disk.disk_map,
+            DiskMap::decode,
+        )
+        .and_then(|m| disk.check_map(&m).map(|()| m));
+        match map {
+            Ok(map) => {
+                self.segment_size = map.segment_size;
+                Ok(Some(map))
+            }
+            Err(e) => {
+                self.disk_problems
+                    .entry(disk.slot.clone())
+                    .or_default()
+                    .push(format!("disk map: {e}"));
+                Ok(None)
+            }
+        }
+    }
+
+    fn segment(&self, id: &ObjectId, len: u64) -> Option<String> {
+        check_segment(self.repo, self.index, self.bad, id, len).err()
+    }
+
+    fn segment_at(&mut self, place: SegmentPlace<'_>, verdict: &Option<String>) -> Result<()> {
+        if let Some(p) = verdict {
+            self.bad_segments += 1;
+            if self.first_bad.is_none() {
+                let r = &place.range;
+                self.first_bad = Some(format!("bytes {}..{}: {p}", r.start, r.end));
+            }
+        }
+        Ok(())
+    }
+
+    fn disk_done(&mut self, disk: &DiskEntry) -> Result<()> {
+        let mut problems = self.disk_problems.remove(&disk.slot).unwrap_or_default();
+        if let Some(first) = self.first_bad.take() {
+            problems.push(format!(
+                "{} damaged segment(s) of {} MiB; first: {first}",
+                self.bad_segments,
+                self.segment_size >> 20,
+            ));
+        }
+        self.bad_segments = 0;
+        if !problems.is_empty() {
+            let label = crate::maintain::damage::disk_label(disk);
+            self.generation.parts.push(label.clone());
+            self.generation
+                .problems
+                .extend(problems.into_iter().map(|p| format!("{label}: {p}")));
+        }
+        Ok(())
+    }
 }
 
 fn object_ok(
@@ -460,10 +524,10 @@ fn check_segment(
     index: &Index,
     bad: &HashMap<ObjectId, String>,
     id: &ObjectId,
-    (start, end): (u64, u64),
+    len: u64,
 ) -> std::result::Result<(), String> {
     let seg: Segment = load(repo, index, bad, id, Segment::decode)?;
-    if seg.len() != end - start {
+    if seg.len() != len {
         return Err(format!("segment {} has the wrong length", id.short()));
     }
     let mut damaged = 0;

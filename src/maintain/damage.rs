@@ -3,13 +3,16 @@
 //! data is read. Used by repair (to describe damage), by ingest (to see whether a damaged
 //! generation has healed) and by extract (to list damaged ranges before writing anything).
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::ops::Range;
 
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::maintain::walk::{Reference, SegmentPlace, Visitor, Walk};
 use crate::repo::id::ObjectId;
-use crate::repo::manifest::{Extent, Manifest, Segment};
+use crate::repo::index::Index;
+use crate::repo::manifest::{DiskEntry, DiskMap, Extent, Manifest};
 use crate::repo::Repository;
 
 /// A byte range of a disk whose data is gone.
@@ -88,65 +91,122 @@ pub fn disk_label(d: &crate::repo::manifest::DiskEntry) -> String {
 /// Lists what of `manifest`'s generation is missing from `repo`.
 pub fn find(repo: &Repository, manifest: &Manifest) -> Result<Damage> {
     let index = repo.open_index()?;
-    let mut damage = Damage::default();
-    for f in &manifest.files {
-        if !index.contains(&f.object)? {
-            damage.files.push(f.name.clone());
+    let mut finder = Finder {
+        repo,
+        index: &index,
+        damage: Damage::default(),
+        failed: RefCell::new(None),
+    };
+    Walk::every_place().manifest(&mut finder, manifest)?;
+    Ok(finder.damage)
+}
+
+/// What a segment lacks.
+enum Lacks {
+    /// The segment object itself (why).
+    Segment(String),
+    /// These chunks: their bytes relative to the segment, and why.
+    Chunks(Vec<(Range<u64>, String)>),
+}
+
+/// The damage report's visitor of the reference graph: index lookups and metadata reads only.
+struct Finder<'a> {
+    repo: &'a Repository,
+    index: &'a Index,
+    damage: Damage,
+    /// An index lookup that failed while a segment was evaluated (reported at its place).
+    failed: RefCell<Option<Error>>,
+}
+
+impl Finder<'_> {
+    /// Adds a damaged range, merged with the previous one when adjacent on the same disk.
+    fn push(&mut self, disk: &DiskEntry, range: Range<u64>, reason: String) {
+        let label = disk_label(disk);
+        match self.damage.ranges.last_mut() {
+            Some(r) if r.disk == label && r.end == range.start => r.end = range.end,
+            _ => self.damage.ranges.push(DamagedRange {
+                disk: label,
+                start: range.start,
+                end: range.end,
+                reason,
+            }),
         }
     }
-    let mut segments: HashMap<ObjectId, Option<Segment>> = HashMap::new();
-    for d in &manifest.disks {
-        let label = disk_label(d);
-        for e in &d.extents {
-            for id in [e.head, e.tail].into_iter().flatten() {
-                if !index.contains(&id)? {
-                    damage.files.push(format!(
+}
+
+impl Visitor for Finder<'_> {
+    type Segment = Lacks;
+
+    fn reference(&mut self, r: Reference<'_>) -> Result<()> {
+        match r {
+            Reference::File(f) => {
+                if !self.index.contains(&f.object)? {
+                    self.damage.files.push(f.name.clone());
+                }
+            }
+            Reference::ExtentEdge { extent, id, .. } => {
+                if !self.index.contains(&id)? {
+                    self.damage.files.push(format!(
                         "{} (bytes outside the extent)",
-                        e.file.as_deref().unwrap_or("?")
+                        extent.file.as_deref().unwrap_or("?")
                     ));
                 }
             }
         }
-        let mut push = |start: u64, end: u64, reason: String| match damage.ranges.last_mut() {
-            Some(r) if r.disk == label && r.end == start => r.end = end,
-            _ => damage.ranges.push(DamagedRange {
-                disk: label.clone(),
-                start,
-                end,
-                reason,
-            }),
-        };
-        let map = match repo.load_disk_map(&d.disk_map) {
-            Ok(m) => m,
+        Ok(())
+    }
+
+    fn disk_map(&mut self, disk: &DiskEntry) -> Result<Option<DiskMap>> {
+        match self.repo.load_disk_map(&disk.disk_map) {
+            Ok(m) => Ok(Some(m)),
             Err(e) => {
-                push(0, d.virtual_size, format!("disk map unreadable: {e}"));
-                continue;
-            }
-        };
-        for (i, id) in map.nonzero() {
-            let (start, end) = map.segment_range(i);
-            let seg = segments
-                .entry(*id)
-                .or_insert_with(|| repo.load_segment(id).ok());
-            let Some(seg) = seg else {
-                push(start, end, format!("segment {} missing", id.short()));
-                continue;
-            };
-            let mut pos = start;
-            for e in &seg.extents {
-                if let Extent::Data { len, id } = e {
-                    let ok = index.lookup(id)?.is_some_and(|l| l.header.raw_len == *len);
-                    if !ok {
-                        push(
-                            pos,
-                            pos + *len as u64,
-                            format!("chunk {} missing", id.short()),
-                        );
-                    }
-                }
-                pos += e.len() as u64;
+                self.push(
+                    disk,
+                    0..disk.virtual_size,
+                    format!("disk map unreadable: {e}"),
+                );
+                Ok(None)
             }
         }
     }
-    Ok(damage)
+
+    fn segment(&self, id: &ObjectId, _len: u64) -> Lacks {
+        let Ok(seg) = self.repo.load_segment(id) else {
+            return Lacks::Segment(format!("segment {} missing", id.short()));
+        };
+        let mut missing = Vec::new();
+        let mut pos = 0u64;
+        for e in &seg.extents {
+            if let Extent::Data { len, id } = e {
+                match self.index.lookup(id) {
+                    Ok(l) if l.as_ref().is_some_and(|l| l.header.raw_len == *len) => {}
+                    Ok(_) => missing.push((
+                        pos..pos + *len as u64,
+                        format!("chunk {} missing", id.short()),
+                    )),
+                    Err(err) => {
+                        self.failed.borrow_mut().get_or_insert(err);
+                    }
+                }
+            }
+            pos += e.len() as u64;
+        }
+        Lacks::Chunks(missing)
+    }
+
+    fn segment_at(&mut self, place: SegmentPlace<'_>, lacks: &Lacks) -> Result<()> {
+        if let Some(e) = self.failed.borrow_mut().take() {
+            return Err(e);
+        }
+        match lacks {
+            Lacks::Segment(why) => self.push(place.disk, place.range, why.clone()),
+            Lacks::Chunks(chunks) => {
+                let at = place.range.start;
+                for (r, why) in chunks {
+                    self.push(place.disk, at + r.start..at + r.end, why.clone());
+                }
+            }
+        }
+        Ok(())
+    }
 }

@@ -10,16 +10,19 @@
 //! that transaction. A killed gc leaves at worst unindexed pack files, which the next gc deletes.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
-use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::backend::Durability;
 use crate::error::{Error, Result};
+use crate::maintain::walk::{Reference, SegmentPlace, Visitor, Walk};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
 use crate::repo::index::{GenerationInfo, Index};
+use crate::repo::manifest::{DiskEntry, DiskMap, Extent};
 use crate::repo::object::{EncodedObject, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
 use crate::repo::pack::{delete_packs, PackWriter, PACK_HEADER_LEN};
 use crate::repo::store::PACK_TARGET;
@@ -125,21 +128,21 @@ pub fn mark(
         metadata_read: 0,
         damaged: Vec::new(),
     };
-    let fail = |g: &GenerationInfo, what: String, e: Error| -> Error {
-        Error::Corrupt(format!(
-            "gc stopped before deleting anything: the {what} of generation {} cannot be read ({e}); \
-             gc cannot tell which chunks it needs. Run `vmrepo check --repair` first",
-            g.name
-        ))
+    let mut marker = Marker {
+        repo,
+        generation: None,
+        live: Mutex::new(HashSet::new()),
+        metadata_read: AtomicU64::new(0),
+        damaged: Vec::new(),
     };
-    let mut maps: HashMap<ObjectId, &GenerationInfo> = HashMap::new();
+    let mut walk = Walk::each_map_once();
     progress.start("gc: mark generations", gens.len() as u64);
     for g in &gens {
         progress.advance(1);
-        live.ids.insert(g.manifest);
+        marker.live.get_mut().unwrap().insert(g.manifest);
         let m = match repo.read_object(&g.manifest) {
             Ok(b) => {
-                live.metadata_read += b.len() as u64;
+                *marker.metadata_read.get_mut() += b.len() as u64;
                 crate::repo::manifest::Manifest::decode(&b).map_err(Error::Corrupt)
             }
             Err(e) => Err(e),
@@ -147,69 +150,116 @@ pub fn mark(
         let m = match m {
             Ok(m) => m,
             Err(_) if g.damaged.is_some() => {
-                live.damaged.push(g.name.clone());
+                marker.damaged.push(g.name.clone());
                 continue;
             }
-            Err(e) => return Err(fail(g, "manifest".into(), e)),
+            Err(e) => return Err(unreadable(g, "manifest", e)),
         };
-        for f in &m.files {
-            live.ids.insert(f.object);
-        }
-        for d in &m.disks {
-            live.ids.insert(d.disk_map);
-            maps.entry(d.disk_map).or_insert(g);
-            for e in &d.extents {
-                live.ids.extend([e.head, e.tail].into_iter().flatten());
-            }
-        }
+        marker.generation = Some(g);
+        walk.manifest_parallel(&mut marker, &m)?;
     }
     progress.finish();
-    let mut segments: HashMap<ObjectId, &GenerationInfo> = HashMap::new();
-    for (id, g) in &maps {
-        match repo.load_disk_map(id) {
-            Ok(map) => {
-                live.metadata_read += map.encoded_len();
-                for (_, s) in map.nonzero() {
-                    live.ids.insert(*s);
-                    segments.entry(*s).or_insert(g);
-                }
-            }
-            Err(_) if g.damaged.is_some() => live.damaged.push(g.name.clone()),
-            Err(e) => return Err(fail(g, format!("disk map {}", id.short()), e)),
-        }
-    }
-    progress.start("gc: mark segments", segments.len() as u64);
-    let segs: Vec<(ObjectId, &GenerationInfo)> = segments.into_iter().collect();
-    let results: Vec<(ObjectId, &GenerationInfo, Result<Vec<ObjectId>>)> = segs
-        .par_iter()
-        .map(|(id, g)| {
-            let r = repo.load_segment(id).map(|s| {
-                s.extents
-                    .iter()
-                    .filter_map(|e| match e {
-                        crate::repo::manifest::Extent::Data { id, .. } => Some(*id),
-                        crate::repo::manifest::Extent::Zero { .. } => None,
-                    })
-                    .collect()
-            });
-            progress.advance(1);
-            (*id, *g, r)
-        })
-        .collect();
-    progress.finish();
-    for (id, g, r) in results {
-        match r {
-            Ok(chunks) => {
-                live.metadata_read += 44 + 36 * chunks.len() as u64;
-                live.ids.extend(chunks);
-            }
-            Err(_) if g.damaged.is_some() => live.damaged.push(g.name.clone()),
-            Err(e) => return Err(fail(g, format!("segment {}", id.short()), e)),
-        }
-    }
+    live.ids = marker.live.into_inner().unwrap();
+    live.metadata_read = marker.metadata_read.into_inner();
+    live.damaged = marker.damaged;
     live.damaged.sort();
     live.damaged.dedup();
     Ok(live)
+}
+
+/// gc's error for metadata of a (not damaged) generation that cannot be read.
+fn unreadable(g: &GenerationInfo, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Corrupt(format!(
+        "gc stopped before deleting anything: the {what} of generation {} cannot be read ({e}); \
+         gc cannot tell which chunks it needs. Run `vmrepo check --repair` first",
+        g.name
+    ))
+}
+
+/// gc's visitor of the reference graph: every object met is live; unreadable metadata is
+/// tolerated only in a generation marked damaged.
+struct Marker<'a> {
+    repo: &'a Repository,
+    /// The generation being walked.
+    generation: Option<&'a GenerationInfo>,
+    live: Mutex<HashSet<ObjectId>>,
+    metadata_read: AtomicU64,
+    damaged: Vec<String>,
+}
+
+impl Marker<'_> {
+    fn generation(&self) -> &GenerationInfo {
+        self.generation.expect("set before each manifest is walked")
+    }
+}
+
+impl Visitor for Marker<'_> {
+    /// Why the segment cannot be read, if it cannot.
+    type Segment = Option<String>;
+
+    fn reference(&mut self, r: Reference<'_>) -> Result<()> {
+        let id = match r {
+            Reference::File(f) => f.object,
+            Reference::ExtentEdge { id, .. } => id,
+        };
+        self.live.get_mut().unwrap().insert(id);
+        Ok(())
+    }
+
+    fn disk_map(&mut self, disk: &DiskEntry) -> Result<Option<DiskMap>> {
+        self.live.get_mut().unwrap().insert(disk.disk_map);
+        match self.repo.load_disk_map(&disk.disk_map) {
+            Ok(map) => {
+                *self.metadata_read.get_mut() += map.encoded_len();
+                Ok(Some(map))
+            }
+            Err(_) if self.generation().damaged.is_some() => {
+                self.damaged.push(self.generation().name.clone());
+                Ok(None)
+            }
+            Err(e) => Err(unreadable(
+                self.generation(),
+                &format!("disk map {}", disk.disk_map.short()),
+                e,
+            )),
+        }
+    }
+
+    fn segment(&self, id: &ObjectId, _len: u64) -> Option<String> {
+        match self.repo.load_segment(id) {
+            Ok(s) => {
+                let chunks: Vec<ObjectId> = s
+                    .extents
+                    .iter()
+                    .filter_map(|e| match e {
+                        Extent::Data { id, .. } => Some(*id),
+                        Extent::Zero { .. } => None,
+                    })
+                    .collect();
+                self.metadata_read
+                    .fetch_add(44 + 36 * chunks.len() as u64, Ordering::Relaxed);
+                self.live.lock().unwrap().extend(chunks);
+                None
+            }
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
+    fn segment_at(&mut self, place: SegmentPlace<'_>, verdict: &Option<String>) -> Result<()> {
+        self.live.get_mut().unwrap().insert(place.id);
+        match verdict {
+            None => Ok(()),
+            Some(_) if self.generation().damaged.is_some() => {
+                self.damaged.push(self.generation().name.clone());
+                Ok(())
+            }
+            Some(e) => Err(unreadable(
+                self.generation(),
+                &format!("segment {}", place.id.short()),
+                e,
+            )),
+        }
+    }
 }
 
 struct PackPlan {

@@ -1,6 +1,6 @@
 //! Keeping a repository healthy: `check` (and the survey of data files against the index that
 //! proves the index complete, [`coverage`]), damage reports, `check --repair`, `prune` by
-//! retention policy, and `gc`.
+//! retention policy, and `gc`; the one walk of the reference graph they share ([`walk`]).
 //!
 //! May use: `repo` and the base modules. Never source, vmware, ingest or restore.
 
@@ -11,3 +11,4 @@ pub mod gc;
 pub mod prune;
 pub mod repair;
 pub mod retention;
+pub mod walk;
