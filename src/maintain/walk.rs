@@ -240,7 +240,8 @@ mod tests {
         }
         fn segment_at(&mut self, p: SegmentPlace<'_>, good: &bool) -> Result<()> {
             assert_eq!(p.range.start, p.index * SEG as u64);
-            self.places.push((p.disk.slot.clone(), p.index, p.id, *good));
+            self.places
+                .push((p.disk.slot.clone(), p.index, p.id, *good));
             Ok(())
         }
         fn disk_done(&mut self, disk: &DiskEntry) -> Result<()> {
@@ -253,8 +254,14 @@ mod tests {
         let size = 3 * SEG as u64;
         let mut r = Recorder::default();
         // Map 1: segments 0 and 2 (a shared one and a bad one); map 2 shares segment 0x55.
-        r.maps.insert(id(1), DiskMap::new(size, SEG, [(0, id(0x55)), (2, id(0x66))]));
-        r.maps.insert(id(2), DiskMap::new(size, SEG, [(1, id(0x55)), (2, id(0x77))]));
+        r.maps.insert(
+            id(1),
+            DiskMap::new(size, SEG, [(0, id(0x55)), (2, id(0x66))]),
+        );
+        r.maps.insert(
+            id(2),
+            DiskMap::new(size, SEG, [(1, id(0x55)), (2, id(0x77))]),
+        );
         r
     }
 

@@ -187,3 +187,107 @@ impl Index {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rusqlite::Connection;
+
+    use super::*;
+    use crate::repo::crypto::Keys;
+    use crate::repo::id::ObjectId;
+
+    /// An index as schema version `version` left it: today's tables without the columns
+    /// version 4 added, holding one pack with one object, one generation with a disk and a
+    /// file, and one segment-cache row.
+    fn old_index(path: &std::path::Path, version: &str) {
+        let c = Connection::open(path).unwrap();
+        c.execute_batch(SCHEMA).unwrap();
+        for (table, column) in [
+            ("vms", "sealed"),
+            ("generations", "sealed"),
+            ("damaged", "sealed"),
+            ("segment_cache", "mac"),
+        ] {
+            c.execute_batch(&format!("ALTER TABLE {table} DROP COLUMN {column}"))
+                .unwrap();
+        }
+        c.execute_batch(&format!(
+            "INSERT INTO meta VALUES('schema_version', '{version}');
+             INSERT INTO packs VALUES(1, 'aa', 4096);
+             INSERT INTO objects VALUES(x'{id}', 1, 1, 1, 16, 100, 200);
+             INSERT INTO segment_cache VALUES(x'{fp}', x'{id}');
+             INSERT INTO vms VALUES(1, 'web01');
+             INSERT INTO generations VALUES(1, 1, '2026-11-01T00:00:00Z', x'{id}', 'u-1',
+                 '/vmfs/web01', 's', 'f', '0.1.0', 1000, 900, 800, 700, 6);
+             INSERT INTO disks VALUES(1, 0, 'scsi0:0', 'web01.vmdk', 'vmfs', 1000, x'{id}');
+             INSERT INTO files VALUES(1, 'web01.vmx', x'{id}', 12);",
+            id = "11".repeat(32),
+            fp = "22".repeat(32),
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn versions_1_to_3_are_migrated_in_place_and_keep_their_rows() {
+        for version in ["1", "2", "3"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("index.sqlite");
+            old_index(&path, version);
+            let idx = Index::open(&path, false, Arc::new(Keys::none())).unwrap();
+            let v: String = idx
+                .conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key='schema_version'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(v, SCHEMA_VERSION.to_string(), "from version {version}");
+            // Objects and packs are read as before.
+            let loc = idx.lookup(&ObjectId([0x11; 32])).unwrap().unwrap();
+            assert_eq!((loc.pack.as_str(), loc.offset), ("aa", 16));
+            assert_eq!((loc.header.stored_len, loc.header.raw_len), (100, 200));
+            assert_eq!(idx.packs().unwrap(), [("aa".to_string(), 4096)]);
+            // The catalog too.
+            let gens = idx.generations(None).unwrap();
+            assert_eq!(gens.len(), 1);
+            let g = &gens[0];
+            assert_eq!(g.name, "web01@2026-11-01T00:00:00Z");
+            assert_eq!((g.virtual_bytes, g.bytes_stored, g.files), (1000, 700, 1));
+            assert_eq!(g.disks[0].slot, "scsi0:0");
+            assert!(g.damaged.is_none());
+            // Cache rows without a MAC cannot be trusted and are dropped.
+            assert_eq!(idx.cached_segment(&[0x22; 32]).unwrap(), None);
+            drop(idx);
+            // A second open finds the current version and changes nothing.
+            let idx = Index::open(&path, false, Arc::new(Keys::none())).unwrap();
+            assert_eq!(idx.generations(None).unwrap().len(), 1);
+        }
+    }
+
+    #[test]
+    fn an_index_from_a_newer_vmrepo_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        old_index(&path, "9");
+        let e = Index::open(&path, false, Arc::new(Keys::none()))
+            .err()
+            .expect("version 9 is refused")
+            .to_string();
+        assert!(
+            e.contains("schema version 9") && e.contains("knows 4"),
+            "{e}"
+        );
+        let c = Connection::open(&path).unwrap();
+        let has_mac: i64 = c
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('segment_cache') WHERE name = 'mac'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(has_mac, 0, "no column was added to a newer index");
+    }
+}

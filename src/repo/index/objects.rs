@@ -1,0 +1,326 @@
+//! Where objects live: the object tables (recent and main, merged in batches), the packs,
+//! and what gc and repair change in them.
+
+use rusqlite::{params, OptionalExtension};
+
+use crate::error::Result;
+use crate::repo::id::ObjectId;
+use crate::repo::object::{ObjectKind, RecordHeader};
+
+use super::schema::{forget_gone_segments, MERGE_MIN, MERGE_SHARE};
+use super::{bad_row, row_id, Index};
+
+/// Where an object is stored.
+#[derive(Clone, Debug)]
+pub struct Location {
+    /// Pack name.
+    pub pack: String,
+    /// Offset of the record header in the pack.
+    pub offset: u64,
+    /// The record header the pack must hold there.
+    pub header: RecordHeader,
+}
+
+/// A sealed pack and the records in it, ready to be recorded.
+#[derive(Clone, Debug)]
+pub struct SealedPack {
+    /// Pack name.
+    pub name: String,
+    /// Its length in bytes.
+    pub size: u64,
+    /// Each record's header and offset.
+    pub records: Vec<(RecordHeader, u64)>,
+}
+
+impl Index {
+    /// Where object `id` is stored, if the index knows it.
+    pub fn lookup(&self, id: &ObjectId) -> Result<Option<Location>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len
+                 FROM (SELECT * FROM recent_objects WHERE id = ?1
+                       UNION ALL SELECT * FROM objects WHERE id = ?1) o
+                 JOIN packs p ON p.id = o.pack LIMIT 1",
+            )
+            .map_err(|e| self.err(e))?;
+        st.query_row([&id.0[..]], |r| row_location(r, *id))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// True if the index knows object `id`.
+    pub fn contains(&self, id: &ObjectId) -> Result<bool> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM recent_objects WHERE id = ?1
+                 UNION ALL SELECT 1 FROM objects WHERE id = ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        st.exists([&id.0[..]]).map_err(|e| self.err(e))
+    }
+
+    /// Moves the recent objects into the main table once there are enough of them to be worth
+    /// it (see [`MERGE_MIN`]); `force` merges whatever there is. One transaction: a failure
+    /// leaves both tables as they were. Returns the rows moved.
+    pub fn merge_recent_objects(&mut self, force: bool) -> Result<u64> {
+        let recent: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM recent_objects", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        if recent == 0 || (!force && (recent as u64) < MERGE_MIN) {
+            return Ok(0);
+        }
+        let main = match self.main_rows {
+            Some(n) => n,
+            None => self
+                .conn
+                .query_row("SELECT count(*) FROM objects", [], |r| r.get::<_, i64>(0))
+                .map_err(|e| self.err(e))? as u64,
+        };
+        self.main_rows = Some(main);
+        if !force && (recent as u64) < main / MERGE_SHARE {
+            return Ok(0);
+        }
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO objects SELECT * FROM recent_objects ORDER BY id",
+                [],
+            )?;
+            tx.execute("DELETE FROM recent_objects", [])?;
+            Ok(())
+        })?;
+        self.main_rows = Some(main + recent as u64);
+        Ok(recent as u64)
+    }
+
+    /// Records a sealed pack and the objects in it, in one transaction.
+    pub fn add_pack(
+        &mut self,
+        name: &str,
+        size: u64,
+        records: &[(RecordHeader, u64)],
+    ) -> Result<()> {
+        self.write(|tx| {
+            insert_pack(tx, name, size, records)?;
+            Ok(())
+        })
+    }
+
+    /// Garbage collection, one step in one transaction: drops `old_packs` with every object row
+    /// in them, records `new_packs` (sealed copies of their live records), deletes the rows of
+    /// `dead` objects elsewhere, and forgets segment-cache rows whose segment is gone.
+    pub fn apply_gc(
+        &mut self,
+        old_packs: &[String],
+        new_packs: &[SealedPack],
+        dead: &[ObjectId],
+    ) -> Result<()> {
+        self.write(|tx| {
+            for name in old_packs {
+                for table in ["objects", "recent_objects"] {
+                    tx.execute(
+                        &format!(
+                            "DELETE FROM {table} WHERE pack = (SELECT id FROM packs WHERE name = ?1)"
+                        ),
+                        [name],
+                    )?;
+                }
+                tx.execute("DELETE FROM packs WHERE name = ?1", [name])?;
+            }
+            for p in new_packs {
+                insert_pack(tx, &p.name, p.size, &p.records)?;
+            }
+            {
+                let mut st = tx.prepare_cached("DELETE FROM objects WHERE id = ?1")?;
+                let mut recent = tx.prepare_cached("DELETE FROM recent_objects WHERE id = ?1")?;
+                for id in dead {
+                    st.execute([&id.0[..]])?;
+                    recent.execute([&id.0[..]])?;
+                }
+            }
+            forget_gone_segments(tx)?;
+            Ok(())
+        })
+    }
+
+    /// Repair: forgets objects whose stored bytes are missing or damaged, and segment-cache rows
+    /// of segments that cannot be fully read (so a later ingest re-chunks and re-stores them).
+    pub fn forget_damaged_objects(
+        &mut self,
+        objects: &[ObjectId],
+        segments: &[ObjectId],
+    ) -> Result<()> {
+        self.write(|tx| {
+            for id in objects {
+                tx.execute("DELETE FROM objects WHERE id = ?1", [&id.0[..]])?;
+                tx.execute("DELETE FROM recent_objects WHERE id = ?1", [&id.0[..]])?;
+            }
+            for id in segments {
+                tx.execute("DELETE FROM segment_cache WHERE segment = ?1", [&id.0[..]])?;
+                tx.execute("DELETE FROM segment_leaves WHERE segment = ?1", [&id.0[..]])?;
+            }
+            forget_gone_segments(tx)?;
+            Ok(())
+        })
+    }
+
+    /// Every pack the index knows, with its recorded size.
+    pub fn packs(&self) -> Result<Vec<(String, u64)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, size FROM packs ORDER BY name")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Calls `f` for every object in the index, in pack and offset order.
+    pub fn for_each_object(&self, mut f: impl FnMut(Location) -> Result<()>) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len, o.id
+                 FROM all_objects o JOIN packs p ON p.id = o.pack ORDER BY p.name, o.offset",
+            )
+            .map_err(|e| self.err(e))?;
+        let mut rows = st.query([]).map_err(|e| self.err(e))?;
+        while let Some(r) = rows.next().map_err(|e| self.err(e))? {
+            let id: Vec<u8> = r.get(6).map_err(|e| self.err(e))?;
+            let id = row_id(&id, "object id").map_err(|e| self.err(e))?;
+            f(row_location(r, id).map_err(|e| self.err(e))?)?;
+        }
+        Ok(())
+    }
+
+    /// Some object of the index, if it has any.
+    pub fn first_object(&self) -> Result<Option<Location>> {
+        self.conn
+            .query_row(
+                "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len, o.id
+                 FROM all_objects o JOIN packs p ON p.id = o.pack LIMIT 1",
+                [],
+                |r| {
+                    let id: Vec<u8> = r.get(6)?;
+                    row_location(r, row_id(&id, "object id")?)
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Updates the recorded size of a pack whose file is shorter (repair of a truncated pack).
+    pub fn set_pack_size(&mut self, name: &str, size: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE packs SET size = ?2 WHERE name = ?1",
+                params![name, size as i64],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Forgets a pack whose file is gone, with every object row in it (repair).
+    pub fn forget_pack(&mut self, name: &str) -> Result<()> {
+        self.apply_gc(&[name.to_string()], &[], &[])
+    }
+}
+
+pub(super) fn insert_pack(
+    tx: &rusqlite::Transaction<'_>,
+    name: &str,
+    size: u64,
+    records: &[(RecordHeader, u64)],
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO packs(name, size) VALUES(?1, ?2)",
+        params![name, size as i64],
+    )?;
+    let pack = tx.last_insert_rowid();
+    // New rows go to the small recent table (cheap to insert into: few pages), never twice.
+    let mut st = tx.prepare_cached(
+        "INSERT OR IGNORE INTO recent_objects(id, kind, codec, pack, offset, stored_len, raw_len)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7
+         WHERE NOT EXISTS(SELECT 1 FROM objects WHERE id = ?1)",
+    )?;
+    for (h, offset) in records {
+        st.execute(params![
+            &h.id.0[..],
+            h.kind as u8,
+            h.codec_byte(),
+            pack,
+            *offset as i64,
+            h.stored_len,
+            h.raw_len
+        ])?;
+    }
+    Ok(())
+}
+
+/// A damaged index row, reported as such (never read as something else).
+pub(super) fn row_location(r: &rusqlite::Row<'_>, id: ObjectId) -> rusqlite::Result<Location> {
+    let kind: u8 = r.get(0)?;
+    let codec_byte: u8 = r.get(1)?;
+    if codec_byte & !0x1f != 0 || codec_byte & 0x0f > 1 {
+        return Err(bad_row(format!(
+            "object {} has codec byte {codec_byte:#x}",
+            id.short()
+        )));
+    }
+    let (codec, encrypted) = RecordHeader::from_codec_byte(codec_byte);
+    let offset: i64 = r.get(3)?;
+    if offset < 0 {
+        return Err(bad_row(format!("object {} at offset {offset}", id.short())));
+    }
+    Ok(Location {
+        pack: r.get(2)?,
+        offset: offset as u64,
+        header: RecordHeader {
+            kind: ObjectKind::from_u8(kind)
+                .ok_or_else(|| bad_row(format!("object {} has kind {kind}", id.short())))?,
+            codec,
+            encrypted,
+            stored_len: r.get(4)?,
+            raw_len: r.get(5)?,
+            id,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::repo::crypto::Keys;
+    use crate::repo::object::ObjectKind;
+
+    #[test]
+    fn a_pack_added_is_found_object_by_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let mut idx = Index::open(&path, true, Arc::new(Keys::none())).unwrap();
+        let header = |b: u8, stored: u32| RecordHeader {
+            kind: ObjectKind::Chunk,
+            codec: crate::repo::object::Codec::Raw,
+            encrypted: false,
+            id: ObjectId([b; 32]),
+            stored_len: stored,
+            raw_len: 4096,
+        };
+        idx.add_pack("p1", 500, &[(header(1, 100), 16), (header(2, 200), 200)])
+            .unwrap();
+        let two = idx.lookup(&ObjectId([2; 32])).unwrap().unwrap();
+        assert_eq!(
+            (two.pack.as_str(), two.offset, two.header.stored_len),
+            ("p1", 200, 200)
+        );
+        assert!(idx.contains(&ObjectId([1; 32])).unwrap());
+        assert!(!idx.contains(&ObjectId([3; 32])).unwrap());
+        assert_eq!(idx.packs().unwrap(), [("p1".to_string(), 500)]);
+    }
+}
