@@ -9,5 +9,7 @@ pub mod inspect;
 pub mod preflight;
 pub mod relocate;
 pub mod vm;
+
+mod disk;
 pub mod vmsd;
 pub mod vmx;
