@@ -62,12 +62,7 @@ impl RepackArgs {
 /// Runs `vmrepo gc`.
 pub fn run(a: GcArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let bar = Bar::new(!a.json);
-    let mode = if a.dry_run {
-        LockMode::Read
-    } else {
-        LockMode::Exclusive
-    };
-    let repo = ctx.open_repo(&a.repo, mode, &bar)?;
+    let repo = ctx.open_repo(&a.repo, LockMode::for_changes(a.dry_run), &bar)?;
     let report = run_gc(&repo, &a.repack.gc_options(a.dry_run), &bar)
         .context("gc failed; every kept generation is intact")?;
     if a.json {

@@ -92,12 +92,7 @@ pub fn run(a: PruneArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         }),
     };
     let bar = Bar::new(!a.json);
-    let mode = if a.dry_run {
-        LockMode::Read
-    } else {
-        LockMode::Exclusive
-    };
-    let repo = ctx.open_repo(&a.repo, mode, &bar)?;
+    let repo = ctx.open_repo(&a.repo, LockMode::for_changes(a.dry_run), &bar)?;
     let opts = PruneOptions {
         vms: a.vms.clone(),
         policy,

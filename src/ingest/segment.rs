@@ -249,22 +249,11 @@ pub(super) fn ingest_segment(
             return Ok((seg, row));
         }
         let (extents, cuts) = chunker::cut(buf, &runs, params, store.repo().keys());
-        counters
-            .chunks_total
-            .fetch_add(cuts.len() as u64, Ordering::Relaxed);
-        for c in &cuts {
-            if store.put(ObjectKind::Chunk, c.id, &buf[c.range.clone()])? {
-                counters.chunks_new.fetch_add(1, Ordering::Relaxed);
-                counters
-                    .bytes_new
-                    .fetch_add(c.range.len() as u64, Ordering::Relaxed);
-            }
-        }
         let segment = Segment {
             fingerprint: fp,
             extents,
         };
-        let id = store.put_blob(ObjectKind::Segment, &segment.encode())?;
+        let id = store_segment(cx, buf, &cuts, &segment)?;
         Ok((
             id,
             Some(CacheRow {
@@ -356,20 +345,35 @@ pub(super) fn patch_segment(
                 }),
             )));
         }
-        counters
-            .chunks_total
-            .fetch_add(p.segment.extents.len() as u64, Ordering::Relaxed);
-        for c in &p.cuts {
-            if store.put(ObjectKind::Chunk, c.id, &buf[c.range.clone()])? {
-                counters.chunks_new.fetch_add(1, Ordering::Relaxed);
-                counters
-                    .bytes_new
-                    .fetch_add(c.range.len() as u64, Ordering::Relaxed);
-            }
-        }
-        let id = store.put_blob(ObjectKind::Segment, &p.segment.encode())?;
+        let id = store_segment(cx, buf, &p.cuts, &p.segment)?;
         Ok(Some((id, Some(CacheRow { segment: id, ..row }))))
     })();
     SEGMENT_BUF.with(|cell| cell.replace(owned));
     result
+}
+
+/// Stores a new segment: the chunks `cuts` cut from `buf` that the repository lacks, then the
+/// segment object; counts them. Returns the segment's id.
+fn store_segment(
+    cx: &SegmentContext<'_, '_>,
+    buf: &[u8],
+    cuts: &[chunker::Cut],
+    segment: &Segment,
+) -> Result<ObjectId> {
+    let counters = cx.counters;
+    counters
+        .chunks_total
+        .fetch_add(cuts.len() as u64, Ordering::Relaxed);
+    for c in cuts {
+        if cx
+            .store
+            .put(ObjectKind::Chunk, c.id, &buf[c.range.clone()])?
+        {
+            counters.chunks_new.fetch_add(1, Ordering::Relaxed);
+            counters
+                .bytes_new
+                .fetch_add(c.range.len() as u64, Ordering::Relaxed);
+        }
+    }
+    cx.store.put_blob(ObjectKind::Segment, &segment.encode())
 }

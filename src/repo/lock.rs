@@ -27,6 +27,18 @@ pub enum LockMode {
     Exclusive,
 }
 
+impl LockMode {
+    /// The lock of a command that rewrites or deletes data (prune, gc): exclusive, or for a
+    /// dry run, which changes nothing, only [`LockMode::Read`].
+    pub fn for_changes(dry_run: bool) -> LockMode {
+        if dry_run {
+            LockMode::Read
+        } else {
+            LockMode::Exclusive
+        }
+    }
+}
+
 /// A held lock; released on drop or process exit.
 #[derive(Debug)]
 pub struct Lock {

@@ -11,6 +11,7 @@ use crate::repo::manifest::Manifest;
 use crate::repo::object::ObjectKind;
 
 use super::objects::insert_pack;
+use super::segments::insert_cache_rows;
 use super::{row_id, CacheRow, Index, SealedPack};
 
 /// A generation as the index lists it.
@@ -194,57 +195,26 @@ impl Index {
         cache: &[CacheRow],
         last_pack: Option<&SealedPack>,
     ) -> Result<()> {
-        let path = self.path.clone();
-        let err = |e| Error::Index {
-            path: path.clone(),
-            cause: e,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(err)?;
-        if let Some(p) = last_pack {
-            insert_pack(&tx, &p.name, p.size, &p.records).map_err(err)?;
-        }
-        insert_generation(&tx, &self.keys, manifest_id, m).map_err(|e| match e {
-            rusqlite::Error::SqliteFailure(f, _)
-                if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
-                Error::Usage(format!(
-                    "VM {} already has a generation at {}",
-                    m.catalog.vm, m.catalog.time
-                ))
+        let keys = self.keys.clone();
+        let duplicate = std::cell::Cell::new(false);
+        let written = self.write(|tx| {
+            if let Some(p) = last_pack {
+                insert_pack(tx, &p.name, p.size, &p.records)?;
             }
-            e => err(e),
-        })?;
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO segment_cache(fingerprint, segment, mac) VALUES(?1, ?2, ?3)",
-                )
-                .map_err(err)?;
-            for row in cache {
-                let (fp, seg) = (&row.fingerprint, &row.segment);
-                st.execute(params![
-                    &fp[..],
-                    &seg.0[..],
-                    &self.keys.cache_mac(fp, seg)[..]
-                ])
-                .map_err(err)?;
-            }
-            let mut st = tx
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO segment_leaves(segment, leaves) VALUES(?1, ?2)",
-                )
-                .map_err(err)?;
-            for row in cache {
-                if let Some(leaves) = &row.leaves {
-                    st.execute(params![&row.segment.0[..], leaves])
-                        .map_err(err)?;
+            insert_generation(tx, &keys, manifest_id, m).inspect_err(|e| {
+                if let rusqlite::Error::SqliteFailure(f, _) = e {
+                    duplicate.set(f.code == rusqlite::ErrorCode::ConstraintViolation);
                 }
-            }
+            })?;
+            insert_cache_rows(tx, &keys, cache)
+        });
+        if duplicate.get() {
+            return Err(Error::Usage(format!(
+                "VM {} already has a generation at {}",
+                m.catalog.vm, m.catalog.time
+            )));
         }
-        tx.commit().map_err(err)
+        written
     }
 
     /// All VMs with a summary, by name.

@@ -4,7 +4,8 @@
 use blake3::hazmat::ChainingValue;
 use rusqlite::{params, OptionalExtension};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::repo::crypto::Keys;
 use crate::repo::id::ObjectId;
 
 use super::Index;
@@ -66,27 +67,39 @@ impl Index {
 
     /// Inserts segment cache rows (index rebuild).
     pub fn insert_cache(&mut self, cache: &[([u8; 32], ObjectId)]) -> Result<()> {
-        let path = self.path.clone();
-        let err = |e| Error::Index {
-            path: path.clone(),
-            cause: e,
-        };
-        let tx = self.conn.transaction().map_err(err)?;
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO segment_cache(fingerprint, segment, mac) VALUES(?1, ?2, ?3)",
-                )
-                .map_err(err)?;
-            for (fp, seg) in cache {
-                st.execute(params![
-                    &fp[..],
-                    &seg.0[..],
-                    &self.keys.cache_mac(fp, seg)[..]
-                ])
-                .map_err(err)?;
-            }
-        }
-        tx.commit().map_err(err)
+        let keys = self.keys.clone();
+        let rows: Vec<CacheRow> = cache
+            .iter()
+            .map(|(fp, seg)| CacheRow {
+                fingerprint: *fp,
+                segment: *seg,
+                leaves: None,
+            })
+            .collect();
+        self.write(|tx| insert_cache_rows(tx, &keys, &rows))
     }
+}
+
+/// Adds segment-cache rows (each with its MAC, so a row planted in the index cannot make an
+/// ingest reuse another segment) and the leaves of one-run segments.
+pub(super) fn insert_cache_rows(
+    tx: &rusqlite::Transaction<'_>,
+    keys: &Keys,
+    rows: &[CacheRow],
+) -> rusqlite::Result<()> {
+    let mut st = tx.prepare_cached(
+        "INSERT OR REPLACE INTO segment_cache(fingerprint, segment, mac) VALUES(?1, ?2, ?3)",
+    )?;
+    for row in rows {
+        let (fp, seg) = (&row.fingerprint, &row.segment);
+        st.execute(params![&fp[..], &seg.0[..], &keys.cache_mac(fp, seg)[..]])?;
+    }
+    let mut st =
+        tx.prepare_cached("INSERT OR REPLACE INTO segment_leaves(segment, leaves) VALUES(?1, ?2)")?;
+    for row in rows {
+        if let Some(leaves) = &row.leaves {
+            st.execute(params![&row.segment.0[..], leaves])?;
+        }
+    }
+    Ok(())
 }
