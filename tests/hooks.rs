@@ -132,18 +132,10 @@ fn ctrl_c_still_runs_the_post_command_and_records_nothing() {
         .spawn()
         .unwrap();
     // Interrupt while the pre-command runs (vmrepo has set up its signal handling by then).
-    let started = std::time::Instant::now();
-    while !t.path().join("pre-started").exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the pre-command never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // SAFETY: signalling our own child process.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
-    }
+    wait_for("the pre-command's start", 60, || {
+        t.path().join("pre-started").exists()
+    });
+    signal(&child, libc::SIGINT);
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),
@@ -193,16 +185,9 @@ fn a_signal_while_reading_still_runs_the_post_command() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let t0 = std::time::Instant::now();
-        while !started.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(60));
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for("the pre-command's start", 60, || started.exists());
         std::thread::sleep(Duration::from_millis(150));
-        // SAFETY: signalling our own child process.
-        unsafe {
-            libc::kill(child.id() as i32, sig);
-        }
+        signal(&child, sig);
         let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(130), "signal {sig}: {err}");
@@ -252,17 +237,10 @@ post_command = "echo \"post $VMREPO_VM $VMREPO_STATUS\" >> '{log}'"
         .spawn()
         .unwrap();
     let t0 = std::time::Instant::now();
-    while fs::read_to_string(&log).unwrap_or_default().lines().count() < 2 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "pre-commands did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // SAFETY: signalling our own child process.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
+    wait_for("the start of both pre-commands", 60, || {
+        fs::read_to_string(&log).unwrap_or_default().lines().count() >= 2
+    });
+    signal(&child, libc::SIGTERM);
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),

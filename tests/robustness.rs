@@ -236,10 +236,9 @@ fn a_second_ingest_of_the_same_vm_is_refused_while_one_runs() {
         .spawn()
         .unwrap();
     // Wait until the first ingest holds its lock (it has created a pack), then try a second.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while packs(&repo).is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for("the first ingest's first pack", 30, || {
+        !packs(&repo).is_empty()
+    });
     let second = vmrepo([s("ingest"), p(&repo), p(&img), s("--name"), s("vm")]);
     let rebuild = vmrepo([s("check"), p(&repo), s("--rebuild-index")]);
     let done = first.wait().unwrap();
@@ -278,10 +277,9 @@ fn a_second_ingest_of_the_same_vm_waits_with_lock_wait() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while packs(&repo).is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for("the first ingest's first pack", 30, || {
+        !packs(&repo).is_empty()
+    });
     let second = vmrepo([
         s("ingest"),
         p(&repo),

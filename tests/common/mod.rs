@@ -303,3 +303,24 @@ pub fn flip_bit(path: &Path, at: u64, bit: u8) {
     b[0] ^= 1 << bit;
     f.write_all_at(&b, at).unwrap();
 }
+
+/// Waits (polling every 10 ms) until `ready` holds; fails the test naming `what` after `secs`
+/// seconds.
+pub fn wait_for(what: &str, secs: u64, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not happen within {secs} s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Sends signal `sig` to a vmrepo this test started.
+pub fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill(2) on our own child process; no memory is involved.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
