@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Args;
 
-use vmrepo::maintain::check::{check, rebuild_index, CheckReport, ReadData};
+use vmrepo::maintain::check::{check, CheckReport, ReadData};
+use vmrepo::maintain::rebuild::rebuild_index;
 use vmrepo::maintain::repair::RepairReport;
 use vmrepo::repo::lock::LockMode;
 

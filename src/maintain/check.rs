@@ -1,5 +1,5 @@
-//! Integrity check of a repository (index against pack files, every generation's references,
-//! optionally every byte), and rebuilding the index from the pack files alone.
+//! Integrity check of a repository: index against pack files, every generation's references
+//! (through the reference walk), optionally every byte.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -13,9 +13,9 @@ use crate::progress::Progress;
 use crate::repo::id::ObjectId;
 use crate::repo::index::Index;
 use crate::repo::layout;
-use crate::repo::manifest::{DiskEntry, DiskMap, Extent, Manifest, Segment, Tombstone};
-use crate::repo::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
-use crate::repo::pack::{is_being_written, list_packs, pack_len, scan_pack};
+use crate::repo::manifest::{DiskEntry, DiskMap, Extent, Manifest, Segment};
+use crate::repo::object::{RecordHeader, RECORD_HEADER_LEN};
+use crate::repo::pack::pack_len;
 use crate::repo::Repository;
 
 /// A generation with damage.
@@ -237,9 +237,13 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
     if !survey.unknown.is_empty() {
         // What the listed generations need, to tell left-overs from data the index lacks.
         // Unknown if their metadata cannot be read: then nothing is called a left-over.
-        let live =
-            crate::maintain::gc::mark(repo, &index, &HashSet::new(), &crate::progress::NoProgress)
-                .ok();
+        let live = crate::maintain::mark::mark(
+            repo,
+            &index,
+            &HashSet::new(),
+            &crate::progress::NoProgress,
+        )
+        .ok();
         let needed = |id: &ObjectId| live.as_ref().is_none_or(|l| l.ids.contains(id));
         let (mut leftovers, mut leftover_bytes) = (0u64, 0u64);
         // Kept packs grouped by reason: (count, first pack).
@@ -555,164 +559,4 @@ fn check_segment(
         None => Ok(()),
         Some(p) => Err(format!("{damaged} bad chunk(s), first: {p}")),
     }
-}
-
-/// What an index rebuild found.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct RebuildReport {
-    /// Packs scanned.
-    pub packs: u64,
-    /// Objects recovered.
-    pub objects: u64,
-    /// Generations recovered.
-    pub generations: u64,
-    /// Generations recovered although something they reference is gone: marked damaged.
-    pub incomplete: Vec<String>,
-    /// Manifests left out because prune removed their generation (a tombstone names them).
-    pub pruned: u64,
-    /// Damaged records and torn pack tails found.
-    pub damaged: Vec<String>,
-    /// Where the old index was moved, if there was one.
-    pub old_index: Option<String>,
-}
-
-/// Rebuilds `index.sqlite` from the pack files. The repository must be opened exclusively.
-pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<RebuildReport> {
-    let backend = &**repo.backend();
-    let tmp = crate::repo::index::fresh_rebuild_path(repo.index_dir())?;
-    let mut report = RebuildReport::default();
-    let mut index = Index::open(&tmp, true, repo.keys_arc())?;
-    index.set_repository_id(&repo.config().repository_id)?;
-    index.set_gc_epoch(repo.gc_epoch()?)?;
-    let packs = list_packs(backend)?;
-    let total: u64 = packs.iter().map(|(_, len)| len).sum();
-    progress.start("rebuild index", total);
-    let mut manifests: Vec<(ObjectId, Manifest)> = Vec::new();
-    let mut cache = Vec::new();
-    let mut known: HashMap<ObjectId, u32> = HashMap::new();
-    let mut segments: Vec<(ObjectId, Segment)> = Vec::new();
-    let mut maps: HashMap<ObjectId, DiskMap> = HashMap::new();
-    let mut tombstoned: HashSet<ObjectId> = HashSet::new();
-    for (name, _) in &packs {
-        if is_being_written(backend, name) {
-            progress.note(&format!("skipping pack {name}: an ingest is writing it"));
-            continue;
-        }
-        let mut records = Vec::new();
-        let (len, tail) = scan_pack(backend, name, |rec| {
-            progress.advance(RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64);
-            match object::decode(&rec.header, &rec.payload, repo.keys()) {
-                Err(e) => report
-                    .damaged
-                    .push(format!("pack {name} offset {}: {e}", rec.offset)),
-                Ok(plain) => {
-                    match rec.header.kind {
-                        ObjectKind::Manifest => match Manifest::decode(&plain) {
-                            Ok(m) => manifests.push((rec.header.id, m)),
-                            Err(e) => report
-                                .damaged
-                                .push(format!("manifest {}: {e}", rec.header.id.short())),
-                        },
-                        ObjectKind::Segment => {
-                            if let Ok(s) = Segment::decode(&plain) {
-                                segments.push((rec.header.id, s));
-                            }
-                        }
-                        ObjectKind::DiskMap => {
-                            if let Ok(m) = DiskMap::decode(&plain) {
-                                maps.insert(rec.header.id, m);
-                            }
-                        }
-                        ObjectKind::Tombstone => match Tombstone::decode(&plain) {
-                            Ok(t) => tombstoned.extend(t.removed.iter().map(|r| r.manifest)),
-                            Err(e) => report
-                                .damaged
-                                .push(format!("tombstone {}: {e}", rec.header.id.short())),
-                        },
-                        _ => {}
-                    }
-                    known.insert(rec.header.id, rec.header.raw_len);
-                    records.push((rec.header, rec.offset));
-                }
-            }
-            Ok(())
-        })?;
-        if let Some(t) = tail {
-            report.damaged.push(format!("pack {name}: {t}"));
-        }
-        report.packs += 1;
-        report.objects += records.len() as u64;
-        index.add_pack(name, len, &records)?;
-    }
-    progress.finish();
-    // A segment is usable if all its chunks are there; a manifest if all it references is.
-    let mut good_segments: HashSet<ObjectId> = HashSet::new();
-    for (id, s) in &segments {
-        let complete = s.extents.iter().all(|e| match e {
-            Extent::Data { len, id } => known.get(id) == Some(len),
-            Extent::Zero { .. } => true,
-        });
-        if complete {
-            good_segments.insert(*id);
-            cache.push((s.fingerprint, *id));
-        }
-    }
-    manifests.sort_by(|a, b| {
-        (&a.1.catalog.vm, &a.1.catalog.time).cmp(&(&b.1.catalog.vm, &b.1.catalog.time))
-    });
-    for (id, m) in &manifests {
-        if tombstoned.contains(id) {
-            report.pruned += 1;
-            continue;
-        }
-        let name = format!("{}@{}", m.catalog.vm, m.catalog.time);
-        let mut missing = Vec::new();
-        for f in &m.files {
-            if !known.contains_key(&f.object) {
-                missing.push(format!("file {}", f.name));
-            }
-        }
-        for d in &m.disks {
-            match maps.get(&d.disk_map) {
-                None => missing.push(format!("disk map of {}", d.slot)),
-                Some(map) => {
-                    let bad = map
-                        .nonzero()
-                        .filter(|(_, s)| !good_segments.contains(*s))
-                        .count();
-                    if bad > 0 {
-                        missing.push(format!("{bad} segment(s) of disk {}", d.slot));
-                    }
-                }
-            }
-            for e in &d.extents {
-                for edge in [e.head, e.tail].into_iter().flatten() {
-                    if !known.contains_key(&edge) {
-                        missing.push(format!("extent edge of disk {}", d.slot));
-                    }
-                }
-            }
-        }
-        let damage = (!missing.is_empty()).then(|| format!("missing {}", missing.join(", ")));
-        match index.insert_rebuilt_generation(*id, m, damage.as_deref()) {
-            Ok(()) => {
-                report.generations += 1;
-                if let Some(d) = damage {
-                    report.incomplete.push(format!("{name}: {d}"));
-                }
-            }
-            Err(e) => report
-                .damaged
-                .push(format!("manifest {} ({name}): {e}", id.short())),
-        }
-    }
-    index.insert_cache(&cache)?;
-    index.merge_recent_objects(true)?;
-    // The merge leaves the recent table's pages free; the new index is not live yet.
-    index.vacuum_if_sparse()?;
-    index.checkpoint();
-    drop(index);
-    // Swap the new index in; keep the old one for inspection.
-    report.old_index = repo.replace_index(&tmp)?.map(|p| p.display().to_string());
-    Ok(report)
 }

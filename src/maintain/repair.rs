@@ -15,9 +15,10 @@ use std::collections::HashSet;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::maintain::check::{check, rebuild_index, CheckReport, ReadData, RebuildReport};
+use crate::maintain::check::{check, CheckReport, ReadData};
 use crate::maintain::coverage;
 use crate::maintain::damage;
+use crate::maintain::rebuild::{rebuild_index, RebuildReport};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
 use crate::repo::Repository;
@@ -66,7 +67,7 @@ pub fn repair(repo: &Repository, progress: &dyn Progress) -> Result<RepairReport
         None => {
             let mut index = repo.open_index()?;
             let survey = coverage::survey(repo, &index, progress)?;
-            let live = crate::maintain::gc::mark(repo, &index, &HashSet::new(), progress).ok();
+            let live = crate::maintain::mark::mark(repo, &index, &HashSet::new(), progress).ok();
             let needed = |id: &ObjectId| live.as_ref().is_none_or(|l| l.ids.contains(id));
             let unknown_matters = survey
                 .verdicts(&index, &needed)?
