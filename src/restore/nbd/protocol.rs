@@ -1,31 +1,15 @@
-//! `vmrepo serve-nbd`: one disk of a generation served read-only over the NBD protocol, so that
-//! `qemu-img`, `qemu-nbd`, `nbd-client` or a booting `qemu-system-x86_64` read it straight from
-//! the repository (instant recovery).
-//!
-//! Implemented from the public NBD protocol description: fixed newstyle handshake with
-//! `NBD_OPT_EXPORT_NAME`, `NBD_OPT_ABORT`, `NBD_OPT_LIST`, `NBD_OPT_INFO` and `NBD_OPT_GO`
-//! (export size and flags, name, description, block sizes); other options are refused with
-//! `NBD_REP_ERR_UNSUP` (TLS with `NBD_REP_ERR_POLICY`). Transmission uses simple replies:
-//! `NBD_CMD_READ` and `NBD_CMD_DISC`; writes and trims get `EPERM`, reads outside the export or
-//! longer than the advertised maximum `EINVAL`, reads of damaged data `EIO`. A client that
-//! breaks the protocol is disconnected; no client can stop the server or disturb another. Each
-//! client has its own thread; all share one [`DiskImage`] and its chunk cache.
-//!
-//! NBD has no authentication: the server listens on loopback addresses unless told otherwise.
+//! The NBD wire protocol as the server speaks it: the fixed newstyle handshake and its options,
+//! then transmission with simple replies, one client per thread.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::{Error, IoContext, Result};
-use crate::repo::Repository;
-use crate::restore::reader::{DiskImage, ReadCache};
-use crate::shutdown::TerminationSignals;
+use super::Export;
+use crate::restore::log::ServiceLog;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -82,112 +66,8 @@ const MAX_OPTION_LEN: u32 = 16 << 10;
 /// A client has this long to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub use crate::restore::log::Logger;
-use crate::restore::log::ServiceLog;
-
-/// The one export of a server.
-pub struct Export {
-    /// Name clients may ask for (the empty name, the default export, works too).
-    pub name: String,
-    /// Human-readable description (`NBD_INFO_DESCRIPTION`).
-    pub description: String,
-    /// The disk's bytes.
-    pub image: DiskImage,
-}
-
-impl Export {
-    /// Disk `disk` (0-based, in the order `vmrepo list` shows) of generation `spec`.
-    pub fn open(
-        repo: Arc<Repository>,
-        spec: &str,
-        disk: usize,
-        cache_bytes: usize,
-    ) -> Result<Export> {
-        let gen = repo.with_index(|i| i.resolve(spec))?;
-        let stored = repo.load_manifest(&gen.manifest)?;
-        // The names extract and mount give the disks: one whose file name another disk has
-        // already (one VM folder name on two datastores) is named under its datastore.
-        let vmx = crate::restore::extract::stored_vmx(&repo, &stored);
-        let manifest = crate::restore::extract::place(&stored, vmx.as_deref(), None)?.manifest;
-        let Some(d) = manifest.disks.get(disk) else {
-            let list: Vec<String> = manifest
-                .disks
-                .iter()
-                .enumerate()
-                .map(|(i, d)| format!("{i}: {}", d.descriptor.as_deref().unwrap_or(&d.slot)))
-                .collect();
-            return Err(Error::Usage(format!(
-                "generation {} has no disk {disk} (its disks: {})",
-                gen.name,
-                list.join(", ")
-            )));
-        };
-        let file = d
-            .descriptor
-            .clone()
-            .or_else(|| d.extents.iter().find_map(|e| e.file.clone()))
-            .unwrap_or_else(|| format!("disk{disk}"));
-        let name = file.clone();
-        let description = format!("{} disk {} ({}, {})", gen.name, disk, d.slot, file);
-        let image = DiskImage::open(
-            repo,
-            &stored.disks[disk],
-            Arc::new(ReadCache::new(cache_bytes)),
-        )?;
-        Ok(Export {
-            name,
-            description,
-            image,
-        })
-    }
-}
-
-/// Where and how to listen.
-#[derive(Clone, Debug, Default)]
-pub struct ServeOptions {
-    /// TCP addresses (`HOST:PORT`; port 0 picks a free port).
-    pub tcp: Vec<String>,
-    /// A Unix socket path.
-    pub unix: Option<PathBuf>,
-    /// Allow addresses other than loopback.
-    pub allow_remote: bool,
-    /// Clients served at once; more are disconnected at once.
-    pub max_clients: usize,
-}
-
-/// Resolves `addr` and refuses non-loopback addresses unless `allow_remote`.
-pub fn resolve_listen(addr: &str, allow_remote: bool) -> Result<Vec<SocketAddr>> {
-    let addrs: Vec<SocketAddr> = match addr.parse::<SocketAddr>() {
-        Ok(a) => vec![a],
-        Err(_) => addr
-            .to_socket_addrs()
-            .map_err(|e| {
-                Error::Usage(format!(
-                    "--listen {addr:?} is not an address: {e}; give HOST:PORT, e.g. 127.0.0.1:10809"
-                ))
-            })?
-            .collect(),
-    };
-    if addrs.is_empty() {
-        return Err(Error::Usage(format!(
-            "--listen {addr:?} resolves to nothing"
-        )));
-    }
-    if !allow_remote {
-        if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
-            return Err(Error::Usage(format!(
-                "--listen {addr}: {} is not a loopback address; NBD has no authentication, so \
-                 anyone who can reach it could read the whole disk. Pass --allow-remote to serve \
-                 it on the network anyway (only on a network you trust)",
-                a.ip()
-            )));
-        }
-    }
-    Ok(addrs)
-}
-
 /// A client connection: TCP or Unix socket.
-trait Transport: Read + Write + Send + 'static {
+pub(super) trait Transport: Read + Write + Send + 'static {
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()>;
 }
 
@@ -204,11 +84,11 @@ impl Transport for UnixStream {
 }
 
 /// Shared state of a running server.
-struct Server {
-    export: Export,
-    log: ServiceLog,
-    active: AtomicUsize,
-    max_clients: usize,
+pub(super) struct Server {
+    pub(super) export: Export,
+    pub(super) log: ServiceLog,
+    pub(super) active: AtomicUsize,
+    pub(super) max_clients: usize,
 }
 
 impl Server {
@@ -216,7 +96,7 @@ impl Server {
         self.log.note_once(msg);
     }
 
-    fn serve_client<S: Transport>(self: &Arc<Self>, stream: S, peer: String) {
+    pub(super) fn serve_client<S: Transport>(self: &Arc<Self>, stream: S, peer: String) {
         if self.active.fetch_add(1, Ordering::SeqCst) >= self.max_clients {
             self.active.fetch_sub(1, Ordering::SeqCst);
             self.log.note(&format!(
@@ -469,11 +349,11 @@ impl Server {
     }
 }
 
-fn protocol(msg: String) -> io::Error {
+pub(super) fn protocol(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("protocol error: {msg}"))
 }
 
-fn reply_header(error: u32, handle: &[u8; 8]) -> [u8; 16] {
+pub(super) fn reply_header(error: u32, handle: &[u8; 8]) -> [u8; 16] {
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     h[4..8].copy_from_slice(&error.to_be_bytes());
@@ -481,24 +361,24 @@ fn reply_header(error: u32, handle: &[u8; 8]) -> [u8; 16] {
     h
 }
 
-fn simple_reply<S: Write>(s: &mut S, error: u32, handle: &[u8; 8]) -> io::Result<()> {
+pub(super) fn simple_reply<S: Write>(s: &mut S, error: u32, handle: &[u8; 8]) -> io::Result<()> {
     s.write_all(&reply_header(error, handle))
 }
 
-fn read_u32<S: Read>(s: &mut S) -> io::Result<u32> {
+pub(super) fn read_u32<S: Read>(s: &mut S) -> io::Result<u32> {
     let mut b = [0u8; 4];
     s.read_exact(&mut b)?;
     Ok(u32::from_be_bytes(b))
 }
 
-fn read_u64<S: Read>(s: &mut S) -> io::Result<u64> {
+pub(super) fn read_u64<S: Read>(s: &mut S) -> io::Result<u64> {
     let mut b = [0u8; 8];
     s.read_exact(&mut b)?;
     Ok(u64::from_be_bytes(b))
 }
 
 /// `NBD_OPT_INFO`/`GO` data: name length u32, name, count u16, that many u16 info types.
-fn parse_info_request(d: &[u8]) -> Option<(&[u8], Vec<u16>)> {
+pub(super) fn parse_info_request(d: &[u8]) -> Option<(&[u8], Vec<u16>)> {
     let n = u32::from_be_bytes(d.get(0..4)?.try_into().ok()?) as usize;
     let name = d.get(4..4usize.checked_add(n)?)?;
     let rest = &d[4 + n..];
@@ -511,119 +391,6 @@ fn parse_info_request(d: &[u8]) -> Option<(&[u8], Vec<u16>)> {
         .map(|c| u16::from_be_bytes([c[0], c[1]]))
         .collect();
     Some((name, reqs))
-}
-
-/// Prepares a Unix socket path: a stale socket left by a killed server is removed; a live one
-/// or any other file is refused.
-fn bind_unix(path: &Path) -> Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(Error::Usage(format!(
-                "--listen-unix {}: a file that is not a socket is in the way; remove it or choose another path",
-                path.display()
-            )));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::Usage(format!(
-                "--listen-unix {}: another server is listening on this socket",
-                path.display()
-            )));
-        }
-        std::fs::remove_file(path).ctx("remove stale socket", path)?;
-    }
-    UnixListener::bind(path).ctx("listen on socket", path)
-}
-
-/// Serves `export` on the listeners in `opts` until SIGINT, SIGTERM or SIGHUP. `on_ready`
-/// receives the URI of each listener (`nbd://127.0.0.1:10809`, `nbd+unix:///?socket=PATH`)
-/// once clients can connect.
-pub fn serve(
-    export: Export,
-    opts: &ServeOptions,
-    log: Logger,
-    on_ready: impl FnOnce(&[String]),
-) -> Result<()> {
-    let mut tcp = Vec::new();
-    for a in &opts.tcp {
-        for addr in resolve_listen(a, opts.allow_remote)? {
-            let l = TcpListener::bind(addr).ctx("listen on", addr.to_string())?;
-            tcp.push(l);
-        }
-    }
-    let unix = match &opts.unix {
-        Some(p) => Some(bind_unix(p)?),
-        None => None,
-    };
-    if tcp.is_empty() && unix.is_none() {
-        return Err(Error::Usage(
-            "nothing to listen on: give --listen or --listen-unix".into(),
-        ));
-    }
-    // Before any thread is started: only the wait below receives the termination signals.
-    let signals = TerminationSignals::block()?;
-    let server = Arc::new(Server {
-        export,
-        log: ServiceLog::new(log.clone()),
-        active: AtomicUsize::new(0),
-        max_clients: opts.max_clients.max(1),
-    });
-    let mut uris = Vec::new();
-    for l in tcp {
-        let local = l.local_addr().ctx("listen on", "tcp socket")?;
-        uris.push(match local {
-            SocketAddr::V6(a) => format!("nbd://[{}]:{}", a.ip(), a.port()),
-            SocketAddr::V4(a) => format!("nbd://{a}"),
-        });
-        let srv = server.clone();
-        std::thread::Builder::new()
-            .name("nbd-accept".into())
-            .spawn(move || loop {
-                match l.accept() {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        srv.log.note(&format!("client {peer}: connected"));
-                        srv.serve_client(stream, peer.to_string());
-                    }
-                    Err(e) => {
-                        srv.log.note(&format!("accept on {local} failed: {e}"));
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            })
-            .ctx("start a thread for", local.to_string())?;
-    }
-    if let (Some(l), Some(path)) = (unix, &opts.unix) {
-        uris.push(format!("nbd+unix:///?socket={}", path.display()));
-        let srv = server.clone();
-        let shown = path.display().to_string();
-        std::thread::Builder::new()
-            .name("nbd-accept-unix".into())
-            .spawn(move || {
-                let mut n = 0u64;
-                loop {
-                    match l.accept() {
-                        Ok((stream, _)) => {
-                            n += 1;
-                            let peer = format!("{shown}#{n}");
-                            srv.log.note(&format!("client {peer}: connected"));
-                            srv.serve_client(stream, peer);
-                        }
-                        Err(e) => {
-                            srv.log.note(&format!("accept on {shown} failed: {e}"));
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
-                    }
-                }
-            })
-            .ctx("start a thread for", path)?;
-    }
-    on_ready(&uris);
-    let sig = signals.wait();
-    log(&format!("{sig}: stopping"));
-    if let Some(p) = &opts.unix {
-        let _ = std::fs::remove_file(p);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -647,15 +414,5 @@ mod tests {
         let mut huge = u32::MAX.to_be_bytes().to_vec();
         huge.extend_from_slice(&[0, 0]);
         assert!(parse_info_request(&huge).is_none());
-    }
-
-    #[test]
-    fn listen_addresses_must_be_loopback_unless_allowed() {
-        assert!(resolve_listen("127.0.0.1:0", false).is_ok());
-        assert!(resolve_listen("[::1]:0", false).is_ok());
-        let e = resolve_listen("0.0.0.0:10809", false).unwrap_err();
-        assert!(e.to_string().contains("--allow-remote"), "{e}");
-        assert!(resolve_listen("0.0.0.0:10809", true).is_ok());
-        assert!(resolve_listen("not an address", false).is_err());
     }
 }
