@@ -1,73 +1,22 @@
-//! `vmrepo mount`: a read-only FUSE filesystem showing generations as VM directories.
-//!
-//! Tree: `/<vm>/<generation time>/` holds the generation's files exactly as `vmrepo extract`
-//! would write them (small files, descriptors, flat extent files), and `/<vm>/latest` is a
-//! symlink to the newest generation shown. A generation's manifest is loaded when its directory
-//! is first listed, a disk's map when one of its files is first read; file bytes come from
-//! [`crate::restore::reader`] (only the chunks a read touches, verified, through a bounded cache). A read
-//! that meets damaged data fails with EIO; it never returns zeros in its place.
-//!
-//! The repository stays open with its shared lock for as long as the filesystem is mounted, so
-//! commands that need it alone (prune, gc, index rebuild) wait. Nothing is ever written.
+//! The mounted tree: one node per VM directory, generation directory, `latest` link and file,
+//! numbered as FUSE inodes; a generation's files are added from its manifest (placed as
+//! extract would) when its directory is first listed.
 
 use std::collections::HashSet;
-use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, LockOwner, MountOption,
-    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, Request,
-};
+use fuser::{Errno, FileAttr, FileType, INodeNo};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::Result;
 use crate::repo::index::GenerationInfo;
 use crate::repo::Repository;
+use crate::restore::log::{Logger, ServiceLog};
 use crate::restore::reader::{FileSource, LazyDisk, ReadCache};
-use crate::shutdown::TerminationSignals;
 use crate::vmware::vm::is_safe_relative;
 
 /// How long the kernel may cache names and attributes: the tree never changes while mounted.
-const TTL: Duration = Duration::from_secs(3600);
-
-pub use crate::restore::log::Logger;
-use crate::restore::log::ServiceLog;
-
-/// Options of a mount.
-#[derive(Clone, Debug)]
-pub struct MountOptions {
-    /// `VM` (its generations) or `VM@GEN` (one generation); `None` for every VM.
-    pub selection: Option<String>,
-    /// Bytes of decompressed chunks kept in memory.
-    pub cache_bytes: usize,
-    /// Threads serving FUSE requests.
-    pub threads: usize,
-}
-
-impl Default for MountOptions {
-    fn default() -> Self {
-        MountOptions {
-            selection: None,
-            cache_bytes: crate::restore::reader::DEFAULT_CACHE_BYTES,
-            threads: 4,
-        }
-    }
-}
-
-/// What a mount shows.
-#[derive(Clone, Debug)]
-pub struct MountSummary {
-    /// The mount point.
-    pub mountpoint: PathBuf,
-    /// VMs shown.
-    pub vms: usize,
-    /// Generations shown.
-    pub generations: usize,
-}
-
-enum Kind {
+pub(super) enum Kind {
     Dir(Vec<(String, u64)>),
     Generation(Arc<GenerationSlot>),
     Link(String),
@@ -76,20 +25,20 @@ enum Kind {
 
 /// A file's bytes: from the repository, or (a descriptor extract writes afresh, see
 /// [`crate::restore::extract::place`]) held in memory.
-enum Content {
+pub(super) enum Content {
     Stored(FileSource),
     Bytes(Vec<u8>),
 }
 
 impl Content {
-    fn size(&self) -> u64 {
+    pub(super) fn size(&self) -> u64 {
         match self {
             Content::Stored(s) => s.size(),
             Content::Bytes(b) => b.len() as u64,
         }
     }
 
-    fn read(
+    pub(super) fn read(
         &self,
         repo: &Repository,
         cache: &ReadCache,
@@ -106,7 +55,7 @@ impl Content {
         }
     }
 
-    fn seek(&self, from: u64, want_data: bool) -> Result<Option<u64>> {
+    pub(super) fn seek(&self, from: u64, want_data: bool) -> Result<Option<u64>> {
         match self {
             Content::Stored(s) => s.seek(from, want_data),
             Content::Bytes(b) => {
@@ -122,31 +71,31 @@ impl Content {
     }
 }
 
-struct Node {
-    parent: u64,
-    kind: Kind,
-    mtime: SystemTime,
+pub(super) struct Node {
+    pub(super) parent: u64,
+    pub(super) kind: Kind,
+    pub(super) mtime: SystemTime,
 }
 
 /// A generation directory, filled from its manifest on first use.
-struct GenerationSlot {
-    info: GenerationInfo,
-    children: OnceLock<std::result::Result<Vec<(String, u64)>, String>>,
+pub(super) struct GenerationSlot {
+    pub(super) info: GenerationInfo,
+    pub(super) children: OnceLock<std::result::Result<Vec<(String, u64)>, String>>,
 }
 
 /// The filesystem handed to fuser.
-struct RepoFs {
-    repo: Arc<Repository>,
-    cache: Arc<ReadCache>,
-    nodes: RwLock<Vec<Node>>,
-    uid: u32,
-    gid: u32,
-    log: ServiceLog,
+pub(super) struct RepoFs {
+    pub(super) repo: Arc<Repository>,
+    pub(super) cache: Arc<ReadCache>,
+    pub(super) nodes: RwLock<Vec<Node>>,
+    pub(super) uid: u32,
+    pub(super) gid: u32,
+    pub(super) log: ServiceLog,
 }
 
-const ROOT: u64 = 1;
+pub(super) const ROOT: u64 = 1;
 
-fn time_of(generation_time: &str) -> SystemTime {
+pub(super) fn time_of(generation_time: &str) -> SystemTime {
     generation_time
         .parse::<jiff::Timestamp>()
         .map(SystemTime::from)
@@ -154,7 +103,7 @@ fn time_of(generation_time: &str) -> SystemTime {
 }
 
 impl RepoFs {
-    fn new(
+    pub(super) fn new(
         repo: Arc<Repository>,
         gens: Vec<GenerationInfo>,
         cache_bytes: usize,
@@ -215,11 +164,11 @@ impl RepoFs {
     }
 
     /// Reports an error once (a damaged chunk is met again on every retry).
-    fn note_once(&self, msg: String) {
+    pub(super) fn note_once(&self, msg: String) {
         self.log.note_once(msg);
     }
 
-    fn attr(&self, ino: u64) -> Option<FileAttr> {
+    pub(super) fn attr(&self, ino: u64) -> Option<FileAttr> {
         let nodes = self.nodes.read().unwrap();
         let n = nodes.get(ino.checked_sub(1)? as usize)?;
         let (kind, size, perm, nlink) = match &n.kind {
@@ -247,7 +196,7 @@ impl RepoFs {
     }
 
     /// The entries of directory `ino`, loading a generation's manifest the first time.
-    fn children(&self, ino: u64) -> std::result::Result<Vec<(String, u64)>, Errno> {
+    pub(super) fn children(&self, ino: u64) -> std::result::Result<Vec<(String, u64)>, Errno> {
         let slot = {
             let nodes = self.nodes.read().unwrap();
             let n = nodes.get((ino.max(1) - 1) as usize).ok_or(Errno::ENOENT)?;
@@ -270,7 +219,7 @@ impl RepoFs {
         }
     }
 
-    fn load_generation(
+    pub(super) fn load_generation(
         &self,
         gen_ino: u64,
         info: &GenerationInfo,
@@ -386,7 +335,7 @@ impl RepoFs {
         Ok(top)
     }
 
-    fn source(&self, ino: u64) -> Option<Arc<Content>> {
+    pub(super) fn source(&self, ino: u64) -> Option<Arc<Content>> {
         let nodes = self.nodes.read().unwrap();
         match &nodes.get((ino.max(1) - 1) as usize)?.kind {
             Kind::File(f) => Some(f.clone()),
@@ -394,7 +343,7 @@ impl RepoFs {
         }
     }
 
-    fn path_of(&self, ino: u64) -> String {
+    pub(super) fn path_of(&self, ino: u64) -> String {
         let nodes = self.nodes.read().unwrap();
         let mut parts = Vec::new();
         let mut cur = ino;
@@ -417,7 +366,7 @@ impl RepoFs {
     }
 }
 
-fn add_child(
+pub(super) fn add_child(
     nodes: &mut [Node],
     top: &mut Vec<(String, u64)>,
     gen_ino: u64,
@@ -430,242 +379,4 @@ fn add_child(
     } else if let Kind::Dir(c) = &mut nodes[(parent - 1) as usize].kind {
         c.push((name.to_string(), ino));
     }
-}
-
-impl Filesystem for RepoFs {
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let children = match self.children(parent.0) {
-            Ok(c) => c,
-            Err(e) => return reply.error(e),
-        };
-        let Some(name) = name.to_str() else {
-            return reply.error(Errno::ENOENT);
-        };
-        match children.iter().find(|(n, _)| n == name) {
-            Some((_, ino)) => match self.attr(*ino) {
-                Some(a) => reply.entry(&TTL, &a, fuser::Generation(0)),
-                None => reply.error(Errno::ENOENT),
-            },
-            None => reply.error(Errno::ENOENT),
-        }
-    }
-
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.attr(ino.0) {
-            Some(a) => reply.attr(&TTL, &a),
-            None => reply.error(Errno::ENOENT),
-        }
-    }
-
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let nodes = self.nodes.read().unwrap();
-        match nodes.get((ino.0.max(1) - 1) as usize).map(|n| &n.kind) {
-            Some(Kind::Link(t)) => reply.data(t.as_bytes()),
-            _ => reply.error(Errno::EINVAL),
-        }
-    }
-
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return reply.error(Errno::EROFS);
-        }
-        match self.source(ino.0) {
-            // The content never changes: let the kernel keep cached pages across opens.
-            Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            None => reply.error(Errno::EISDIR),
-        }
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        let Some(src) = self.source(ino.0) else {
-            return reply.error(Errno::EISDIR);
-        };
-        match src.read(&self.repo, &self.cache, offset, size as usize) {
-            Ok(data) => reply.data(&data),
-            Err(e) => {
-                self.note_once(format!(
-                    "read of {} at offset {offset} failed (EIO): {e}",
-                    self.path_of(ino.0)
-                ));
-                reply.error(Errno::EIO)
-            }
-        }
-    }
-
-    fn lseek(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: i64,
-        whence: i32,
-        reply: ReplyLseek,
-    ) {
-        let Some(src) = self.source(ino.0) else {
-            return reply.error(Errno::EINVAL);
-        };
-        if offset < 0 {
-            return reply.error(Errno::ENXIO);
-        }
-        let want_data = match whence {
-            libc::SEEK_DATA => true,
-            libc::SEEK_HOLE => false,
-            _ => return reply.error(Errno::EINVAL),
-        };
-        match src.seek(offset as u64, want_data) {
-            Ok(Some(o)) => reply.offset(o as i64),
-            Ok(None) => reply.error(Errno::ENXIO),
-            Err(e) => {
-                self.note_once(format!("seek in {} failed (EIO): {e}", self.path_of(ino.0)));
-                reply.error(Errno::EIO)
-            }
-        }
-    }
-
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        let children = match self.children(ino.0) {
-            Ok(c) => c,
-            Err(e) => return reply.error(e),
-        };
-        let parent = {
-            let nodes = self.nodes.read().unwrap();
-            nodes[(ino.0 - 1) as usize].parent
-        };
-        let mut entries: Vec<(u64, FileType, String)> = vec![
-            (ino.0, FileType::Directory, ".".into()),
-            (parent, FileType::Directory, "..".into()),
-        ];
-        for (name, i) in children {
-            let kind = self.attr(i).map_or(FileType::RegularFile, |a| a.kind);
-            entries.push((i, kind, name));
-        }
-        for (k, (i, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(i), k as u64 + 1, kind, &name) {
-                break;
-            }
-        }
-        reply.ok();
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let files = self.nodes.read().unwrap().len() as u64;
-        reply.statfs(0, 0, 0, files, 0, 4096, 255, 4096);
-    }
-}
-
-/// Resolves which generations a mount shows.
-fn select(repo: &Repository, selection: Option<&str>) -> Result<Vec<GenerationInfo>> {
-    let index = repo.open_index()?;
-    match selection {
-        None => {
-            let gens = index.generations(None)?;
-            if gens.is_empty() {
-                return Err(Error::NotFound(format!(
-                    "repository {} holds no generations yet; nothing to mount",
-                    repo.location().display()
-                )));
-            }
-            Ok(gens)
-        }
-        Some(spec) if spec.contains('@') => Ok(vec![index.resolve(spec)?]),
-        Some(vm) => {
-            // resolve() gives the helpful message for an unknown VM.
-            index.resolve(vm)?;
-            index.generations(Some(vm))
-        }
-    }
-}
-
-/// Mounts the repository at `mountpoint` and serves it until it is unmounted (`fusermount3 -u`,
-/// `umount`) or the process gets SIGINT, SIGTERM or SIGHUP, which unmount it. `on_mounted` is
-/// called once the filesystem is visible.
-pub fn mount(
-    repo: Arc<Repository>,
-    mountpoint: &Path,
-    opts: &MountOptions,
-    log: Logger,
-    on_mounted: impl FnOnce(&MountSummary),
-) -> Result<()> {
-    let gens = select(&repo, opts.selection.as_deref())?;
-    let meta = std::fs::metadata(mountpoint).ctx("use as mount point", mountpoint)?;
-    if !meta.is_dir() {
-        return Err(Error::Usage(format!(
-            "mount point {} is not a directory",
-            mountpoint.display()
-        )));
-    }
-    let mut vms: Vec<&str> = gens.iter().map(|g| g.vm.as_str()).collect();
-    vms.dedup();
-    let summary = MountSummary {
-        mountpoint: mountpoint.to_path_buf(),
-        vms: vms.len(),
-        generations: gens.len(),
-    };
-    let fsname = format!("vmrepo:{}", repo.location().display());
-    let fs = RepoFs::new(repo, gens, opts.cache_bytes, log.clone());
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        MountOption::RO,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::DefaultPermissions,
-        MountOption::FSName(fsname),
-        MountOption::Subtype("vmrepo".into()),
-    ];
-    config.n_threads = Some(opts.threads.max(1));
-    config.clone_fd = true;
-    // Block the signals before fuser starts its threads, so that only the waiter below gets them.
-    let signals = TerminationSignals::block()?;
-    let mut session = fuser::Session::new(fs, mountpoint, &config).map_err(|e| {
-        let hint = match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                "; is FUSE available (/dev/fuse, and fusermount3 from the fuse3 package)?"
-            }
-            std::io::ErrorKind::PermissionDenied => {
-                "; mounting needs root, or fusermount3 and access to /dev/fuse"
-            }
-            _ => "",
-        };
-        Error::Usage(format!(
-            "cannot mount a FUSE filesystem at {}: {e}{hint}",
-            mountpoint.display()
-        ))
-    })?;
-    let mut unmounter = session.unmount_callable();
-    on_mounted(&summary);
-    let mp = mountpoint.to_path_buf();
-    std::thread::Builder::new()
-        .name("vmrepo-signals".into())
-        .spawn(move || loop {
-            let sig = signals.wait();
-            match unmounter.unmount() {
-                Ok(()) => break,
-                Err(e) => log(&format!(
-                    "{sig}: cannot unmount {} yet: {e}; close the files and shells using it, \
-                     then press Ctrl-C again (or run `fusermount3 -u {}`)",
-                    mp.display(),
-                    mp.display()
-                )),
-            }
-        })
-        .ctx("start a thread for", mountpoint)?;
-    session.run().ctx("serve FUSE requests at", mountpoint)?;
-    Ok(())
 }
