@@ -99,7 +99,9 @@ impl SegmentView {
 /// The memory shared by readers: decompressed, verified objects and decoded segments, together
 /// bounded by the capacity given to [`ReadCache::new`].
 pub struct ReadCache {
-    objects: Lru<Arc<Vec<u8>>>,
+    /// Decompressed objects; `None` when every byte is read once (extract), so keeping them
+    /// would only cost time and memory.
+    objects: Option<Lru<Arc<Vec<u8>>>>,
     segments: Lru<Arc<SegmentView>>,
 }
 
@@ -107,23 +109,35 @@ impl ReadCache {
     /// A cache holding at most about `bytes` bytes (7/8 for data, 1/8 for segment lists).
     pub fn new(bytes: usize) -> ReadCache {
         ReadCache {
-            objects: Lru::new(bytes - bytes / 8),
+            objects: Some(Lru::new(bytes - bytes / 8)),
             segments: Lru::new(bytes / 8),
+        }
+    }
+
+    /// For a reader that reads each byte once, in order (extract): decoded segments are kept
+    /// (at most `segment_bytes`), objects are not.
+    pub fn single_pass(segment_bytes: usize) -> ReadCache {
+        ReadCache {
+            objects: None,
+            segments: Lru::new(segment_bytes),
         }
     }
 
     /// Bytes held now.
     pub fn held(&self) -> usize {
-        self.objects.weight() + self.segments.weight()
+        self.objects.as_ref().map_or(0, |o| o.weight()) + self.segments.weight()
     }
 
     /// The plaintext of object `id` (a small file, a head or tail of an extent file).
     pub fn object(&self, repo: &Repository, id: &ObjectId) -> Result<Arc<Vec<u8>>> {
-        if let Some(v) = self.objects.get(id) {
+        let Some(objects) = &self.objects else {
+            return Ok(Arc::new(repo.read_object(id)?));
+        };
+        if let Some(v) = objects.get(id) {
             return Ok(v);
         }
         let v = Arc::new(repo.read_object(id)?);
-        self.objects.insert(*id, v.clone(), v.len());
+        objects.insert(*id, v.clone(), v.len());
         Ok(v)
     }
 
@@ -148,8 +162,10 @@ impl ReadCache {
 
     /// Chunks `ids` (distinct), from the cache or fetched in one batch.
     fn chunks(&self, repo: &Repository, ids: &[ObjectId]) -> Result<Vec<Arc<Vec<u8>>>> {
-        let mut out: Vec<Option<Arc<Vec<u8>>>> =
-            ids.iter().map(|id| self.objects.get(id)).collect();
+        let Some(objects) = &self.objects else {
+            return Ok(repo.read_objects(ids)?.into_iter().map(Arc::new).collect());
+        };
+        let mut out: Vec<Option<Arc<Vec<u8>>>> = ids.iter().map(|id| objects.get(id)).collect();
         let missing: Vec<ObjectId> = ids
             .iter()
             .zip(&out)
@@ -161,7 +177,7 @@ impl ReadCache {
             for (slot, id) in out.iter_mut().zip(ids) {
                 if slot.is_none() {
                     let data = Arc::new(fetched.next().expect("one result per id"));
-                    self.objects.insert(*id, data.clone(), data.len());
+                    objects.insert(*id, data.clone(), data.len());
                     *slot = Some(data);
                 }
             }

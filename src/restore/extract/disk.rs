@@ -98,9 +98,9 @@ pub(super) struct OpenExtent {
     file: Option<(File, u64, PathBuf)>,
 }
 
-/// Memory for chunks while a disk is extracted: each segment's chunks are read once, so the
-/// cache only needs to hold what the workers are writing.
-const EXTRACT_CACHE_BYTES: usize = 32 << 20;
+/// Memory for decoded segments while a disk is extracted (each is used twice: for its data
+/// ranges, then to read them). Chunks are read once, so they are not cached.
+const EXTRACT_SEGMENT_CACHE_BYTES: usize = 4 << 20;
 
 /// Writes disk `d` into its extent files (opened by `open`): the bytes come from the reader
 /// ([`DiskImage`]) that the mount and the NBD server use, a data run at a time; zero segments
@@ -116,7 +116,11 @@ pub(super) fn write_disk(
     progress: &dyn Progress,
 ) -> Result<u64> {
     let label = damage::disk_label(d);
-    let image = DiskImage::open(repo, d, Arc::new(ReadCache::new(EXTRACT_CACHE_BYTES)))?;
+    let image = DiskImage::open(
+        repo,
+        d,
+        Arc::new(ReadCache::single_pass(EXTRACT_SEGMENT_CACHE_BYTES)),
+    )?;
     let mut extents = Vec::new();
     for e in &d.extents {
         let file = match &e.file {
