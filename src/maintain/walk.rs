@@ -89,7 +89,8 @@ impl<S: Send> Walk<S> {
         }
     }
 
-    /// A walk that visits each disk map once (what a mark of everything live needs).
+    /// A walk that visits each disk map once (what a mark of everything live needs); a map the
+    /// visitor could not load is offered again where it occurs next.
     pub fn each_map_once() -> Walk<S> {
         Walk {
             verdicts: HashMap::new(),
@@ -142,15 +143,22 @@ impl<S: Send> Walk<S> {
             }
         }
         for d in &m.disks {
-            if let Some(walked) = &mut self.maps_walked {
-                if !walked.insert(d.disk_map) {
-                    continue;
-                }
+            if self
+                .maps_walked
+                .as_ref()
+                .is_some_and(|w| w.contains(&d.disk_map))
+            {
+                continue;
             }
             let Some(map) = v.disk_map(d)? else {
+                // Not remembered as walked: the next disk that names it is judged on its own
+                // (gc tolerates an unreadable map only in a generation marked damaged).
                 v.disk_done(d)?;
                 continue;
             };
+            if let Some(walked) = &mut self.maps_walked {
+                walked.insert(d.disk_map);
+            }
             let mut new: Vec<(ObjectId, u64)> = Vec::new();
             let mut queued = HashSet::new();
             for (i, id) in map.nonzero() {
@@ -291,7 +299,7 @@ mod tests {
     }
 
     #[test]
-    fn each_map_once_skips_a_map_met_before_and_a_missing_map_still_ends_its_disk() {
+    fn each_map_once_skips_a_map_walked_before_but_not_one_that_failed() {
         let mut v = recorder();
         let mut walk = Walk::each_map_once();
         // Both disks of the first generation use map 1; the second generation adds map 9,
@@ -301,5 +309,9 @@ mod tests {
         assert_eq!(v.places.len(), 2);
         assert_eq!(v.evaluated.load(Ordering::SeqCst), 2);
         assert_eq!(v.done, ["a", "b"]);
+        // A map that could not be loaded is not taken as walked: the next disk naming it asks
+        // the visitor again.
+        walk.manifest(&mut v, &manifest([9, 9])).unwrap();
+        assert_eq!(v.done, ["a", "b", "a", "b"]);
     }
 }
