@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
-use crate::repo::index::Index;
+use crate::repo::index::{CacheRow, Index};
 use crate::repo::manifest::{DiskMap, Extent, Manifest, Segment, Tombstone};
 use crate::repo::object::{self, ObjectKind, RECORD_HEADER_LEN};
 use crate::repo::pack::{is_being_written, list_packs, scan_pack};
@@ -112,7 +112,11 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
         });
         if complete {
             good_segments.insert(*id);
-            cache.push((s.fingerprint, *id));
+            cache.push(CacheRow {
+                fingerprint: s.fingerprint,
+                segment: *id,
+                leaves: None,
+            });
         }
     }
     manifests.sort_by(|a, b| {

@@ -66,17 +66,9 @@ impl Index {
     }
 
     /// Inserts segment cache rows (index rebuild).
-    pub fn insert_cache(&mut self, cache: &[([u8; 32], ObjectId)]) -> Result<()> {
+    pub fn insert_cache(&mut self, rows: &[CacheRow]) -> Result<()> {
         let keys = self.keys.clone();
-        let rows: Vec<CacheRow> = cache
-            .iter()
-            .map(|(fp, seg)| CacheRow {
-                fingerprint: *fp,
-                segment: *seg,
-                leaves: None,
-            })
-            .collect();
-        self.write(|tx| insert_cache_rows(tx, &keys, &rows))
+        self.write(|tx| insert_cache_rows(tx, &keys, rows))
     }
 }
 
