@@ -74,14 +74,151 @@ pub enum Error {
     #[error("{0}")]
     Hook(String),
     /// Another process holds a lock we need.
-    #[error("{0}")]
-    Locked(String),
+    #[error("{}", .0.spelled(Spelling::CommandLine))]
+    Locked(Advice),
     /// Refusing to overwrite an existing file.
     #[error("{} already exists; pass --force to overwrite it", .0.display())]
     Exists(PathBuf),
     /// A request that makes no sense (bad generation syntax, bad option value).
     #[error("{0}")]
     Usage(String),
+    /// A request refused, or a remedy offered, in terms of the user's settings: shown with
+    /// command-line flags, or with job-file keys by [`Error::spelled`].
+    #[error("{}", .0.spelled(Spelling::CommandLine))]
+    Refused(Advice),
+}
+
+/// A setting a user gives on the command line or in a job file. The library names settings in
+/// its messages through this type, never by a flag, so each front end shows them the way its
+/// user wrote them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setting {
+    /// The VM name to record.
+    Name,
+    /// The time to record a generation at.
+    Time,
+    /// Refuse a VM that breaks the snapshot limits.
+    Strict,
+    /// Read the disks as a snapshot froze them.
+    AtSnapshot,
+    /// A directory outside the VM's own that its files may name.
+    AllowPath,
+    /// Where an absolute datastore path is found locally.
+    DatastoreMap,
+    /// The list of ranges that changed since a generation.
+    ChangedRanges,
+    /// A retention rule (keep last, daily, ...).
+    KeepRule,
+    /// A retention policy file.
+    PolicyFile,
+    /// Remove every generation when a policy keeps nothing.
+    AllowEmpty,
+    /// The generation a changed-ranges list is relative to.
+    Since,
+    /// Seconds to wait for a lock another process holds.
+    LockWait,
+    /// Serve NBD on addresses other than loopback.
+    AllowRemote,
+    /// The TCP address an NBD server listens on.
+    Listen,
+    /// The Unix socket an NBD server listens on.
+    ListenUnix,
+}
+
+/// Who gave the settings, and so how a message spells them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spelling {
+    /// Flags of a `vmrepo` command.
+    CommandLine,
+    /// Keys of a `vmrepo run` job file.
+    JobFile,
+}
+
+impl Setting {
+    /// How a user of `how` gives this setting.
+    pub fn spelled(self, how: Spelling) -> &'static str {
+        use Setting::*;
+        let job = how == Spelling::JobFile;
+        match self {
+            Name if job => "name = \"NAME\" in the VM's [vm.\"...\"] table",
+            Name => "--name NAME",
+            Time => "--time",
+            Strict if job => "strict = true",
+            Strict => "--strict",
+            AtSnapshot if job => "at_snapshot",
+            AtSnapshot => "--at-snapshot",
+            AllowPath if job => "allow_paths = [\"DIR\"]",
+            AllowPath => "--allow-path DIR",
+            DatastoreMap if job => "datastore_map = [\"DATASTORE=DIR\"]",
+            DatastoreMap => "--datastore-map DATASTORE=DIR",
+            ChangedRanges => "--changed-ranges",
+            KeepRule if job => "keep_* rule",
+            KeepRule => "--keep-* option",
+            PolicyFile if job => "[retention] table",
+            PolicyFile => "--policy FILE",
+            AllowEmpty => "`vmrepo prune --allow-empty`",
+            Since => "--since VM@GEN",
+            LockWait if job => "lock_wait = SECONDS",
+            LockWait => "--lock-wait SECONDS",
+            AllowRemote => "--allow-remote",
+            Listen => "--listen",
+            ListenUnix => "--listen-unix",
+        }
+    }
+}
+
+/// A message that names settings: text and settings in turn, spelled when shown.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Advice(Vec<Piece>);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Setting(Setting),
+}
+
+impl Advice {
+    /// A message starting with `text`.
+    pub fn new(text: impl Into<String>) -> Advice {
+        Advice(vec![Piece::Text(text.into())])
+    }
+
+    /// Goes on with a setting.
+    pub fn setting(mut self, setting: Setting) -> Advice {
+        self.0.push(Piece::Setting(setting));
+        self
+    }
+
+    /// Goes on with text.
+    pub fn text(mut self, text: impl Into<String>) -> Advice {
+        self.0.push(Piece::Text(text.into()));
+        self
+    }
+
+    /// The message as a user of `how` reads it.
+    pub fn spelled(&self, how: Spelling) -> String {
+        self.0
+            .iter()
+            .map(|p| match p {
+                Piece::Text(t) => t.as_str(),
+                Piece::Setting(s) => s.spelled(how),
+            })
+            .collect()
+    }
+
+    /// The settings it names.
+    pub fn settings(&self) -> impl Iterator<Item = Setting> + '_ {
+        self.0.iter().filter_map(|p| match p {
+            Piece::Setting(s) => Some(*s),
+            Piece::Text(_) => None,
+        })
+    }
+}
+
+impl From<Advice> for Error {
+    fn from(a: Advice) -> Error {
+        Error::Refused(a)
+    }
 }
 
 impl Error {
@@ -91,6 +228,15 @@ impl Error {
             op,
             path: path.as_ref().to_path_buf(),
             cause: source,
+        }
+    }
+
+    /// The message as a user of `how` reads it: a job file's keys instead of flags where the
+    /// error names settings.
+    pub fn spelled(&self, how: Spelling) -> String {
+        match self {
+            Error::Refused(a) | Error::Locked(a) => a.spelled(how),
+            e => e.to_string(),
         }
     }
 

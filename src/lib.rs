@@ -117,4 +117,60 @@ pub(crate) mod tests {
             offenders.join("\n")
         );
     }
+
+    /// Library messages name the user's settings through `error::Setting`, so a job file's
+    /// user reads its keys and a command-line user the flags. What stays spelled as a flag
+    /// here: whole commands to run (`vmrepo check --repair`), and the flags of what only the
+    /// command line does (extract's --force and --allow-damaged, ingest's --changed-ranges,
+    /// the passphrase flags that every command, `vmrepo run` too, takes).
+    #[test]
+    fn library_messages_name_settings_not_flags() {
+        const COMMAND_LINE_ONLY: &[&str] = &[
+            "--force",
+            "--allow-damaged",
+            "--password-file",
+            "--password-command",
+            "--changed-ranges",
+        ];
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut offenders = Vec::new();
+        for f in rust_sources() {
+            let rel = f.strip_prefix(&root).unwrap();
+            if rel.starts_with("cli") || rel == Path::new("main.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&f).unwrap();
+            let code: String = text
+                .split("#[cfg(test)]")
+                .next()
+                .unwrap()
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .filter(|l| !(rel == Path::new("error.rs") && l.contains("=> \"--")))
+                .map(|l| l.trim_start().to_string() + "\n")
+                .collect::<String>()
+                .replace("\\\n", "");
+            for (k, _) in code.match_indices("--") {
+                let flag: String = code[k..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '-')
+                    .collect();
+                if flag.len() < 3 || COMMAND_LINE_ONLY.contains(&flag.as_str()) {
+                    continue;
+                }
+                let before = &code[..k];
+                let command = before.rfind('`').is_some_and(|b| {
+                    before[b..].starts_with("`vmrepo ") && !before[b..].contains('\n')
+                });
+                if !command {
+                    offenders.push(format!("{}: {flag}", rel.display()));
+                }
+            }
+        }
+        assert!(
+            offenders.is_empty(),
+            "library messages naming flags (use error::Setting):\n{}",
+            offenders.join("\n")
+        );
+    }
 }

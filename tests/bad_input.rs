@@ -138,7 +138,7 @@ fn bad_vm_names_are_refused() {
     assert_refused(
         &repo,
         &[p(&vm)],
-        &["\"db@prod\"", "displayName", "pass --name"],
+        &["\"db@prod\"", "displayName", "use --name NAME"],
     );
 }
 

@@ -586,7 +586,7 @@ fn a_job_file_allow_paths_list_lets_a_vm_read_outside() {
     assert_eq!(web_outcome["status"], "failed");
     let err = web_outcome["error"].as_str().unwrap();
     assert!(
-        err.contains("web01-flat.vmdk") && err.contains("--allow-path"),
+        err.contains("web01-flat.vmdk") && err.contains("allow_paths = [\"DIR\"]"),
         "{err}"
     );
     assert!(generations(&h.repo, "web01").is_empty());
@@ -598,7 +598,7 @@ fn a_job_file_allow_paths_list_lets_a_vm_read_outside() {
     assert_eq!(dry.code, 1, "{}", dry.stderr);
     let dry = dry.stdout;
     assert!(
-        dry.contains("CANNOT BE READ") && dry.contains("--allow-path"),
+        dry.contains("CANNOT BE READ") && dry.contains("allow_paths = [\"DIR\"]"),
         "{dry}"
     );
     let top = format!("allow_paths = [\"{}\"]", h.outside.display());

@@ -229,3 +229,85 @@ fn the_nightly_example_job_runs_as_documented() {
     assert_eq!(dry.code, 1, "{}", dry.stdout);
     assert!(dry.stdout.contains("CANNOT BE READ"), "{}", dry.stdout);
 }
+
+/// A job's errors name the job file's keys, not `vmrepo ingest` flags, and `datastore_map`
+/// finds a disk that a descriptor names by its absolute datastore path.
+#[test]
+fn a_job_speaks_in_its_own_keys_and_maps_datastores() {
+    let t = tempfile::tempdir().unwrap();
+    let ds = t.path().join("ds1");
+    let web = make_vm(&ds, "web01", &[(8 << 20, vec![(0, 2 << 20, 7)])]);
+    // The extent lives on another mount; the descriptor names it as ESXi does.
+    let nfs = t.path().join("nfs/web01");
+    fs::create_dir_all(&nfs).unwrap();
+    fs::rename(web.join("web01-flat.vmdk"), nfs.join("web01-flat.vmdk")).unwrap();
+    let desc = fs::read_to_string(web.join("web01.vmdk")).unwrap();
+    let abs = desc.replace(
+        "\"web01-flat.vmdk\"",
+        "\"/vmfs/volumes/datastore9/web01/web01-flat.vmdk\"",
+    );
+    assert_ne!(abs, desc, "descriptor not rewritten");
+    fs::write(web.join("web01.vmdk"), abs).unwrap();
+    // A VM without snapshots asked to be read at one.
+    make_vm(&ds, "db01", &[(8 << 20, vec![(0, 1 << 20, 8)])]);
+    let repo = init_repo(t.path());
+    let write_job = |map: &str| {
+        let job = t.path().join("keys.toml");
+        fs::write(
+            &job,
+            format!(
+                "repository = \"{}\"\nvms = [\"{}/*\"]\n{map}\n[vm.db01]\nat_snapshot = \"latest\"\n",
+                repo.display(),
+                ds.display()
+            ),
+        )
+        .unwrap();
+        job
+    };
+
+    let job = write_job("");
+    let r = vmrepo([s("run"), p(&job), s("--json")]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let j = r.json();
+    let errors: Vec<String> = j["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["error"].as_str().unwrap_or("").to_string())
+        .collect();
+    let all = errors.join("\n");
+    assert!(all.contains("datastore_map = [\"DATASTORE=DIR\"]"), "{all}");
+    assert!(all.contains("without at_snapshot"), "{all}");
+    assert!(!all.contains("--"), "a flag named in a job's errors: {all}");
+    // The same VM on the command line is told about the flag.
+    let r = vmrepo([s("ingest"), p(&repo), p(&web)]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("--datastore-map"), "{}", r.stderr);
+
+    // With the map (and db01 without a snapshot to read), both VMs are backed up.
+    let job = write_job(&format!(
+        "datastore_map = [\"/vmfs/volumes/datastore9={}\"]",
+        t.path().join("nfs").display()
+    ));
+    let text = fs::read_to_string(&job)
+        .unwrap()
+        .replace("at_snapshot = \"latest\"\n", "");
+    fs::write(&job, text).unwrap();
+    vmrepo([s("run"), p(&job)]).ok();
+    let out = t.path().join("out");
+    vmrepo([s("extract"), p(&repo), s("web01"), p(&out)]).ok();
+    assert!(same_file(
+        &out.join("web01-flat.vmdk"),
+        &nfs.join("web01-flat.vmdk")
+    ));
+
+    // A bad map is the job file's error, naming it.
+    let job = write_job("datastore_map = [\"datastore9\"]");
+    let r = vmrepo([s("run"), p(&job)]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("keys.toml") && r.stderr.contains("datastore_map"),
+        "{}",
+        r.stderr
+    );
+}

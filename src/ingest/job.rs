@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, Result, Spelling};
 use crate::ingest::hooks::Interrupt;
 pub use crate::ingest::options::VmSettings;
 use crate::ingest::{ingest, IngestReport};
@@ -19,6 +19,7 @@ use crate::maintain::prune::{prune, PolicySource, PruneOptions};
 use crate::maintain::retention::{Policy, PolicyFile};
 use crate::progress::{NoProgress, Progress};
 use crate::repo::Repository;
+use crate::source::chain::ChainOptions;
 
 fn default_parallel() -> usize {
     1
@@ -74,6 +75,10 @@ pub struct JobFile {
     /// (`--allow-path`): by default only the VM's directory, /vmfs/volumes on an ESXi host.
     #[serde(default)]
     pub allow_paths: Vec<PathBuf>,
+    /// Where files named by absolute datastore paths are found on this host, for every VM
+    /// (`--datastore-map`): `["/vmfs/volumes/ds1=/mnt/ds1"]`.
+    #[serde(default)]
+    pub datastore_map: Vec<String>,
     /// Where to write the JSON status of the run (default: none).
     pub status_file: Option<PathBuf>,
     /// Settings for every VM.
@@ -99,6 +104,10 @@ impl JobFile {
         }
         if job.vms.is_empty() {
             return Err(Error::bad_input(path, "`vms` lists no VM to back up"));
+        }
+        for m in &job.datastore_map {
+            ChainOptions::parse_map(m)
+                .map_err(|e| Error::bad_input(path, format!("datastore_map: {e}")))?;
         }
         if let Some(c) = &job.check {
             if c.read_data_subset != "all" {
@@ -143,6 +152,14 @@ impl JobFile {
             }
         }
         Ok(out)
+    }
+
+    /// The datastore map (checked by [`JobFile::load`]).
+    pub fn datastore_map(&self) -> Vec<(PathBuf, PathBuf)> {
+        self.datastore_map
+            .iter()
+            .filter_map(|m| ChainOptions::parse_map(m).ok())
+            .collect()
     }
 
     /// The key under which `[vm.KEY]` settings apply to `path`: its directory or file name
@@ -264,7 +281,7 @@ pub fn run(
                 };
                 let Some(path) = paths.get(i) else { break };
                 let s = job.settings_for(path);
-                let opts = s.ingest_options(Vec::new(), interrupt);
+                let opts = s.ingest_options(job.datastore_map(), interrupt);
                 progress.note(&format!("== {}", path.display()));
                 let began = Instant::now();
                 let shown: &dyn Progress = if job.parallel == 1 { progress } else { &quiet };
@@ -284,11 +301,12 @@ pub fn run(
                         }
                     }
                     Err(e) => {
+                        let e = e.spelled(Spelling::JobFile);
                         progress.note(&format!("failed: {}: {e}", path.display()));
                         VmOutcome {
                             path: path.display().to_string(),
                             status: "failed".into(),
-                            error: Some(e.to_string()),
+                            error: Some(e),
                             report: None,
                             seconds: began.elapsed().as_secs_f64(),
                         }
@@ -341,7 +359,7 @@ pub fn run(
             Ok(()) => "applied".into(),
             Err(e) => {
                 report.ok = false;
-                format!("failed: {e}")
+                format!("failed: {}", e.spelled(Spelling::JobFile))
             }
         };
     }
@@ -365,7 +383,7 @@ pub fn run(
             }
             Err(e) => {
                 report.ok = false;
-                format!("failed: {e}")
+                format!("failed: {}", e.spelled(Spelling::JobFile))
             }
         };
     }
@@ -419,8 +437,11 @@ pub fn dry_run(job: &JobFile) -> Result<Vec<DryVm>> {
         };
         let opts = crate::vmware::vm::SourceOptions {
             name: s.name.clone(),
-            chain: crate::source::chain::ChainOptions {
-                datastore_map: crate::source::confine::with_allowed(Vec::new(), &s.allow_paths),
+            chain: ChainOptions {
+                datastore_map: crate::source::confine::with_allowed(
+                    job.datastore_map(),
+                    &s.allow_paths,
+                ),
             },
             // Opened as the run will open it: with the snapshot it will read.
             at_snapshot: s.at_snapshot.clone(),
@@ -436,7 +457,7 @@ pub fn dry_run(job: &JobFile) -> Result<Vec<DryVm>> {
                 d.vm = Ok(plan.vm.clone());
                 d.warnings = plan.warnings.clone();
             }
-            Err(e) => d.vm = Err(e.to_string()),
+            Err(e) => d.vm = Err(e.spelled(Spelling::JobFile)),
         }
         out.push(d);
     }

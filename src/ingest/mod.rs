@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Advice, Error, IoContext, Result, Setting};
 use crate::progress::Progress;
 use crate::repo::disk_map::segment_range;
 use crate::repo::id::ObjectId;
@@ -189,11 +189,12 @@ fn ingest_unhooked(
         // A chain that cannot be walked is reported by the ingest itself, with its reason.
         if let Ok(found) = crate::vmware::preflight::check(path, &chain_opts, limits) {
             if !found.is_empty() && opts.strict {
-                return Err(Error::Usage(format!(
-                    "refusing to back up {} (--strict): {}",
-                    path.display(),
-                    found.join("; ")
-                )));
+                return Err(
+                    Advice::new(format!("refusing to back up {} (", path.display()))
+                        .setting(Setting::Strict)
+                        .text(format!("): {}", found.join("; ")))
+                        .into(),
+                );
             }
             preflight = found;
         }
@@ -224,10 +225,12 @@ fn ingest_unhooked(
         Some(t) => {
             let t = format_time(t);
             if repo.with_index(|i| i.has_generation(&plan.vm, &t))? {
-                return Err(Error::Usage(format!(
-                    "VM {} already has a generation at {t}; pick another --time",
+                return Err(Advice::new(format!(
+                    "VM {} already has a generation at {t}; pick another ",
                     plan.vm
-                )));
+                ))
+                .setting(Setting::Time)
+                .into());
             }
             t
         }

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use blake3::hazmat::ChainingValue;
 
-use crate::error::{Error, Result};
+use crate::error::{Advice, Error, Result, Setting};
 use crate::ingest::changes::ChangedRanges;
 use crate::repo::config::ChunkerParams;
 use crate::repo::id::ObjectId;
@@ -102,11 +102,16 @@ pub(super) fn load_base<'a>(
     since: Option<&str>,
 ) -> Result<Base<'a>> {
     let spec = since.or(changes.since.as_deref()).ok_or_else(|| {
-        Error::Usage(format!(
-            "--changed-ranges {} needs the generation the changes are relative to: pass \
-             --since VM@GEN or put \"since\" in the file",
-            changes.source
-        ))
+        Error::from(
+            Advice::new("")
+                .setting(Setting::ChangedRanges)
+                .text(format!(
+                    " {} needs the generation the changes are relative to: use ",
+                    changes.source
+                ))
+                .setting(Setting::Since)
+                .text(" or put \"since\" in the file"),
+        )
     })?;
     let gen = repo.with_index(|i| i.resolve(spec))?;
     if gen.vm != plan.vm {

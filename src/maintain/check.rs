@@ -80,7 +80,7 @@ impl ReadData {
     /// Parses `--read-data-subset` values: `10%` or `n/m`.
     pub fn parse_subset(s: &str) -> std::result::Result<ReadData, String> {
         let bad = || {
-            format!("bad --read-data-subset {s:?}: give a percentage like 10% or a slice like 2/7")
+            format!("bad read-data subset {s:?}: give a percentage like 10% or a slice like 2/7")
         };
         if let Some(p) = s.strip_suffix('%') {
             let v: f64 = p.trim().parse().map_err(|_| bad())?;

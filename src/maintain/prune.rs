@@ -12,7 +12,7 @@ use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Advice, Error, Result, Setting};
 use crate::maintain::retention::{apply, Policy, PolicyFile};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
@@ -99,11 +99,14 @@ pub fn prune(
 ) -> Result<PruneReport> {
     if let PolicySource::Rules(p) = &opts.policy {
         if p.is_empty() && !opts.allow_empty {
-            return Err(Error::Usage(
-                "this policy keeps nothing: give at least one --keep-* option or --policy FILE \
-                 (pass --allow-empty to really remove every generation)"
-                    .into(),
-            ));
+            return Err(Advice::new("this policy keeps nothing: give at least one ")
+                .setting(Setting::KeepRule)
+                .text(" or ")
+                .setting(Setting::PolicyFile)
+                .text(" (use ")
+                .setting(Setting::AllowEmpty)
+                .text(" to really remove every generation)")
+                .into());
         }
     }
     let tz = if opts.local_time {
@@ -171,11 +174,17 @@ pub fn prune(
             continue;
         };
         if policy.is_empty() && !opts.allow_empty {
-            return Err(Error::Usage(format!(
-                "the policy for VM {vm} keeps nothing; give it a keep-* rule, or pass --allow-empty \
-                 to really remove all {} of its generations",
-                gens.len()
-            )));
+            return Err(
+                Advice::new(format!("the policy for VM {vm} keeps nothing; give it a "))
+                    .setting(Setting::KeepRule)
+                    .text(", or use ")
+                    .setting(Setting::AllowEmpty)
+                    .text(format!(
+                        " to really remove all {} of its generations",
+                        gens.len()
+                    ))
+                    .into(),
+            );
         }
         let mut times = Vec::with_capacity(gens.len());
         for g in gens {

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use crate::backend::{is_not_writable, Backend, LockAttempt, LockGuard, LockKind};
-use crate::error::{Error, Result};
+use crate::error::{Advice, Error, Result, Setting};
 use crate::repo::layout;
 
 /// How a command uses the repository.
@@ -85,11 +85,12 @@ pub fn lock_repository(
         mode == LockMode::Read,
         wait,
         on_wait,
-        &format!(
-            "repository {} is in use by {holder}; retry when it has finished, or pass \
-             --lock-wait SECONDS to wait for it",
+        Advice::new(format!(
+            "repository {} is in use by {holder}; retry when it has finished, or use ",
             root.display()
-        ),
+        ))
+        .setting(Setting::LockWait)
+        .text(" to wait for it"),
         &format!(
             "waiting up to {} s for repository {}: it is in use by {holder}",
             wait.as_secs(),
@@ -124,7 +125,7 @@ fn wait_for(
     read_only: bool,
     wait: Duration,
     on_wait: &dyn Fn(&str),
-    busy: &str,
+    busy: Advice,
     waiting: &str,
 ) -> Result<Lock> {
     let deadline = Instant::now() + wait;
@@ -142,9 +143,9 @@ fn wait_for(
         }
         if Instant::now() >= deadline {
             return Err(Error::Locked(if wait.is_zero() {
-                busy.to_string()
+                busy
             } else {
-                format!("{busy} (waited {} s)", wait.as_secs())
+                busy.text(format!(" (waited {} s)", wait.as_secs()))
             }));
         }
         if !told {
@@ -174,12 +175,13 @@ pub fn lock_vm(
         false,
         wait,
         on_wait,
-        &format!(
+        Advice::new(format!(
             "another ingest of VM {vm:?} is running on repository {}; one VM is ingested by one \
-             process at a time: retry when it has finished, or pass --lock-wait SECONDS to wait \
-             for it",
+             process at a time: retry when it has finished, or use ",
             backend.location().display()
-        ),
+        ))
+        .setting(Setting::LockWait)
+        .text(" to wait for it"),
         &format!(
             "waiting up to {} s for another ingest of VM {vm:?} to finish",
             wait.as_secs()

@@ -16,7 +16,7 @@ use super::{
     Cowd, DiskReader, ExtentDisk, ExtentSpec, ExtentTarget, FlatFile, GrainLayer, Kdmv, Layer,
     Qcow2, SeSparse, State,
 };
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Advice, Error, IoContext, Result, Setting};
 use crate::source::confine::{Confine, Opened};
 use crate::source::descriptor::{self, Descriptor, NO_PARENT_CID};
 
@@ -139,14 +139,24 @@ fn head_of(file: &std::fs::File, path: &Path) -> Result<Vec<u8>> {
     Ok(head)
 }
 
-fn missing(path: &Path, by: &Path, what: &str) -> impl FnOnce(Error) -> Error {
+/// Turns "not found" into "`what` named by `by` is missing"; a file named by an absolute
+/// (datastore) path may be mounted elsewhere on this host, so that message says how to map it.
+pub fn missing(path: &Path, by: &Path, what: &str, absolute: bool) -> impl FnOnce(Error) -> Error {
     let (path, by, what) = (path.to_path_buf(), by.to_path_buf(), what.to_string());
     move |err| match err {
         Error::Io { cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
-            Error::bad_input(
-                &path,
-                format!("{what} named by {} is missing", by.display()),
-            )
+            let reason = format!("{what} named by {} is missing", by.display());
+            if absolute {
+                Advice::new(format!(
+                    "{}: {reason}; if its datastore is mounted elsewhere on this host, map it \
+                     with ",
+                    path.display()
+                ))
+                .setting(Setting::DatastoreMap)
+                .into()
+            } else {
+                Error::bad_input(&path, reason)
+            }
         }
         other => other,
     }
@@ -296,9 +306,12 @@ fn open_descriptor(
             continue;
         };
         let file_path = resolve(dir, name, opts).ok_or_else(|| {
-            Error::bad_input(
-                path,
-                format!("extent file {name:?} is not in the VM directory; map its datastore with --datastore-map"),
+            Error::from(
+                Advice::new(format!(
+                    "{}: extent file {name:?} is not in the VM directory; map its datastore with ",
+                    path.display()
+                ))
+                .setting(Setting::DatastoreMap),
             )
         })?;
         if !used.insert(file_path.clone()) {
@@ -310,7 +323,12 @@ fn open_descriptor(
         let opened = confine
             .open(&file_path, Some(path))
             .and_then(|o| FlatFile::from_file(o.file, &file_path))
-            .map_err(missing(&file_path, path, "extent file"))?;
+            .map_err(missing(
+                &file_path,
+                path,
+                "extent file",
+                Path::new(name).is_absolute(),
+            ))?;
         let target = match e.kind.as_str() {
             "FLAT" | "VMFS" => ExtentTarget::File {
                 file: Arc::new(opened),
@@ -454,15 +472,17 @@ pub fn walk(leaf: &Path, opts: &ChainOptions, confine: &Confine) -> (Vec<Link>, 
                 match resolve(dir, hint, opts) {
                     Some(p) => Some((p, link.parent_format.clone())),
                     None => {
-                        let err = Error::bad_input(
-                            &link.path,
-                            format!(
-                                "broken snapshot chain: its parent {hint:?} is not found (not in {}); \
-                                 map its datastore with --datastore-map /vmfs/volumes/DS=/local/dir \
-                                 (or pass --allow-path DIR for the directory it is in, if you trust it)",
-                                dir.display()
-                            ),
-                        );
+                        let err: Error = Advice::new(format!(
+                            "{}: broken snapshot chain: its parent {hint:?} is not found (not in \
+                             {}); map its datastore with ",
+                            link.path.display(),
+                            dir.display()
+                        ))
+                        .setting(Setting::DatastoreMap)
+                        .text(" (or use ")
+                        .setting(Setting::AllowPath)
+                        .text(" for the directory it is in, if you trust it)")
+                        .into();
                         links.push(link);
                         return (links, Some(err));
                     }

@@ -29,7 +29,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Advice, Error, IoContext, Result, Setting};
 /// Where an ESXi host mounts its datastores: allowed whenever it exists.
 pub const ESXI_DATASTORES: &str = "/vmfs/volumes";
 
@@ -125,16 +125,20 @@ impl Confine {
             .map(|r| r.display().to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        self.refuse(
-            path,
-            by,
-            format!(
-                "{resolves} outside the directories this ingest may read ({roots}); a VM's files \
-                 may only name files in its own directory and the datastores you allow, so it may \
-                 have been made to read a host file. Pass --allow-path DIR (or --datastore-map \
-                 OLD=DIR) if you trust it"
-            ),
-        )
+        let by = by
+            .map(|b| format!(" (named by {})", b.display()))
+            .unwrap_or_default();
+        Advice::new(format!(
+            "{}: refused{by}: {resolves} outside the directories this ingest may read \
+             ({roots}); a VM's files may only name files in its own directory and the datastores \
+             you allow, so it may have been made to read a host file. Use ",
+            path.display()
+        ))
+        .setting(Setting::AllowPath)
+        .text(" (or ")
+        .setting(Setting::DatastoreMap)
+        .text(") if you trust it")
+        .into()
     }
 
     fn check_type(&self, path: &Path, real: &Path, t: FileType, by: Option<&Path>) -> Result<()> {
@@ -149,7 +153,7 @@ impl Confine {
         }
         let what = if t.is_block_device() {
             "a block device; vmrepo reads a block device only when you name it on the command \
-             line (vmrepo ingest REPO /dev/... --name NAME)"
+             line (`vmrepo ingest REPO /dev/... --name NAME`)"
         } else if t.is_char_device() {
             "a character device, not a regular file; vmrepo reads only regular files (and block \
              devices named on the command line)"

@@ -6,7 +6,7 @@
 
 use super::grain::{le64, read_u64_table, Grain, GrainFormat, TableCache, TABLE_CACHE_ENTRIES};
 use super::RandomRead;
-use crate::error::{Error, Result};
+use crate::error::{Advice, Error, Result, Setting};
 
 /// seSparse constant-header magic.
 pub const SESPARSE_MAGIC: u64 = 0xCAFE_BABE;
@@ -77,11 +77,15 @@ impl SeSparse {
             return Err(bad("the volatile header has no 0xCAFECAFE magic".into()));
         }
         if le64(&v, 24) != 0 {
-            return Err(Error::bad_input(
-                file.path(),
-                "seSparse delta has a journal that must be replayed (it was open for writing, e.g. the running VM's \
-                 newest delta): back up the frozen links below it (ingest --at-snapshot), or consolidate the snapshot first",
-            ));
+            return Err(Advice::new(format!(
+                "{}: seSparse delta has a journal that must be replayed (it was open for \
+                 writing, e.g. the running VM's newest delta): back up the frozen links below it \
+                 (",
+                file.path().display()
+            ))
+            .setting(Setting::AtSnapshot)
+            .text("), or consolidate the snapshot first")
+            .into());
         }
         let entries = gd_size.saturating_mul(512) / 8;
         let need = capacity.div_ceil(SESPARSE_GT_ENTRIES * 8);

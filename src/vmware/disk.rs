@@ -68,18 +68,17 @@ pub(super) fn open_descriptor_disk(
             )
         }
     };
-    let desc_dir = desc_path.parent().unwrap_or(dir).to_path_buf();
     let name = relative_name(dir, desc_path);
-    build_extent_disk(dir, &desc_dir, desc_path, &desc, slot, name, confine)
+    build_extent_disk(dir, desc_path, &desc, slot, name, opts, confine)
 }
 
 pub(super) fn build_extent_disk(
     dir: &Path,
-    desc_dir: &Path,
     desc_path: &Path,
     desc: &Descriptor,
     slot: &str,
     desc_name: String,
+    opts: &ChainOptions,
     confine: &Confine,
 ) -> Result<DiskPlan> {
     let mut specs = Vec::new();
@@ -106,7 +105,8 @@ pub(super) fn build_extent_disk(
             }
             _ => {
                 let fname = e.file.as_deref().unwrap();
-                let path = resolve_in(desc_dir, fname);
+                let desc_dir = desc_path.parent().unwrap_or(dir);
+                let path = resolve_in(desc_dir, fname, opts);
                 if !used_files.insert(path.clone()) {
                     return Err(Error::Unsupported {
                         what: format!("the file {fname:?} used by several extents"),
@@ -116,15 +116,12 @@ pub(super) fn build_extent_disk(
                 let opened = confine
                     .open(&path, Some(desc_path))
                     .and_then(|o| FlatFile::from_file(o.file, &path));
-                let file = Arc::new(opened.map_err(|err| match err {
-                    Error::Io { cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
-                        Error::bad_input(
-                            &path,
-                            format!("extent file named by {} is missing", desc_path.display()),
-                        )
-                    }
-                    other => other,
-                })?);
+                let file = Arc::new(opened.map_err(chain::missing(
+                    &path,
+                    desc_path,
+                    "extent file",
+                    Path::new(fname).is_absolute(),
+                ))?);
                 let file_offset = e.offset * 512;
                 if file_offset > file.len() {
                     return Err(Error::bad_input(

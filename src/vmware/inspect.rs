@@ -178,7 +178,7 @@ pub fn inspect(path: &Path, opts: &ChainOptions, now: jiff::Timestamp) -> Result
         });
     let mut disks = Vec::new();
     for d in vmx.disks() {
-        let leaf = crate::vmware::vm::resolve_in(&dir, &d.file_name);
+        let leaf = crate::vmware::vm::resolve_in(&dir, &d.file_name, opts);
         let report = disk_report(
             &d.slot,
             &d.file_name,

@@ -48,18 +48,18 @@ impl DatastoreMap {
             let r = r.as_ref();
             let Some((old, new)) = r.split_once('=') else {
                 return Err(Error::Usage(format!(
-                    "--datastore-map {r:?}: expected OLD=NEW, e.g. /vmfs/volumes/ds1=/vmfs/volumes/ds2"
+                    "datastore map {r:?}: expected OLD=NEW, e.g. /vmfs/volumes/ds1=/vmfs/volumes/ds2"
                 )));
             };
             let (old, new) = (trim_slash(old.trim()), trim_slash(new.trim()));
             if old.is_empty() || new.is_empty() {
                 return Err(Error::Usage(format!(
-                    "--datastore-map {r:?}: OLD and NEW must both be non-empty paths"
+                    "datastore map {r:?}: OLD and NEW must both be non-empty paths"
                 )));
             }
             if out.iter().any(|(o, _): &(String, String)| o == old) {
                 return Err(Error::Usage(format!(
-                    "--datastore-map: {old:?} is mapped twice"
+                    "datastore map: {old:?} is mapped twice"
                 )));
             }
             out.push((old.to_string(), new.to_string()));

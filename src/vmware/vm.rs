@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Advice, Error, IoContext, Result, Setting};
 use crate::repo::manifest::DiskLayout;
 use crate::source::chain::ChainOptions;
 use crate::source::confine::Confine;
@@ -160,9 +160,10 @@ pub fn open_source_with(path: &Path, opts: &SourceOptions) -> Result<SourcePlan>
         .map(|e| e.to_ascii_lowercase());
     match ext.as_deref() {
         Some("vmx") | Some("vmtx") => open_vm(&abs, &abs, opts, &confine),
-        _ if opts.at_snapshot.is_some() => Err(Error::Usage(
-            "--at-snapshot needs a VM directory or .vmx file (the .vmsd says which links each snapshot froze)".into(),
-        )),
+        _ if opts.at_snapshot.is_some() => Err(Advice::new(format!("{}: ", abs.display()))
+            .setting(Setting::AtSnapshot)
+            .text(" needs a VM directory or .vmx file (the .vmsd says which links each snapshot froze)")
+            .into()),
         _ => open_disk_file(&abs, name, &opts.chain, &confine),
     }
 }
@@ -182,16 +183,23 @@ pub fn find_vmx(dir: &Path) -> Result<PathBuf> {
     }
     found.sort();
     match found.len() {
-        0 => Err(Error::bad_input(
-            dir,
-            "no .vmx file in this VM directory; give a VM directory as ESXi or ghettoVCB leaves it, or a disk image with --name",
-        )),
+        0 => Err(Advice::new(format!(
+            "{}: no .vmx file in this VM directory; give a VM directory as ESXi or ghettoVCB \
+             leaves it, or a disk image and ",
+            dir.display()
+        ))
+        .setting(Setting::Name)
+        .into()),
         1 => Ok(found.remove(0)),
         _ => Err(Error::bad_input(
             dir,
             format!(
                 "several .vmx files ({}); give the path of the one to ingest",
-                found.iter().map(|p| p.file_name().unwrap().to_string_lossy()).collect::<Vec<_>>().join(", ")
+                found
+                    .iter()
+                    .map(|p| p.file_name().unwrap().to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )),
     }
@@ -224,13 +232,13 @@ fn open_vm(
         _ => vmx_path.file_stem().unwrap().to_string_lossy().into_owned(),
     };
     validate_vm_name(&vm).map_err(|e| match (name, e) {
-        (None, Error::InvalidName { name, reason }) => Error::InvalidName {
-            name,
-            reason: format!(
-                "{reason} (taken from displayName in {}; pass --name)",
-                vmx_path.display()
-            ),
-        },
+        (None, e @ Error::InvalidName { .. }) => Advice::new(format!(
+            "{e} (taken from displayName in {}; use ",
+            vmx_path.display()
+        ))
+        .setting(Setting::Name)
+        .text(")")
+        .into(),
         (_, e) => e,
     })?;
 
@@ -274,10 +282,13 @@ fn open_vm(
         None => None,
         Some(which) => {
             let Some((vmsd_path, vmsd)) = Vmsd::find(vmx_path, confine)? else {
-                return Err(Error::Usage(format!(
-                    "--at-snapshot: {} has no .vmsd file, so the VM has no snapshots to read",
-                    dir.display()
-                )));
+                return Err(Advice::new("")
+                    .setting(Setting::AtSnapshot)
+                    .text(format!(
+                        ": {} has no .vmsd file, so the VM has no snapshots to read",
+                        dir.display()
+                    ))
+                    .into());
             };
             Some((vmsd_path.clone(), vmsd.select(which, &vmsd_path)?.clone()))
         }
@@ -290,21 +301,24 @@ fn open_vm(
                 d.slot, d.file_name
             ));
         }
-        let desc_path = resolve_in(&dir, &d.file_name);
+        let desc_path = resolve_in(&dir, &d.file_name, &opts.chain);
         // With --at-snapshot, read the link the snapshot froze, restored under the VM's name.
         let frozen = match &snapshot {
             None => None,
             Some((vmsd_path, snap)) => match snap.disk_for(&d.slot) {
-                Some(f) => Some(resolve_in(&dir, f)),
+                Some(f) => Some(resolve_in(&dir, f, &opts.chain)),
                 None if independent.is_some() => None,
                 None => {
-                    return Err(Error::bad_input(
-                        vmsd_path,
-                        format!(
-                            "snapshot {:?} has no disk for {} ({}): it was added after the snapshot; ingest without --at-snapshot",
-                            snap.name, d.slot, d.file_name
-                        ),
+                    return Err(Advice::new(format!(
+                        "{}: snapshot {:?} has no disk for {} ({}): it was added after the \
+                         snapshot; ingest without ",
+                        vmsd_path.display(),
+                        snap.name,
+                        d.slot,
+                        d.file_name
                     ))
+                    .setting(Setting::AtSnapshot)
+                    .into())
                 }
             },
         };
@@ -358,25 +372,11 @@ fn open_vm(
     })
 }
 
-/// Resolves a path from a .vmx or descriptor: relative to `dir`, or absolute. An absolute
-/// datastore path that does not exist here falls back to the same file name inside `dir`
-/// (a VM directory copied off its datastore). Whether the file may be read is [`Confine`]'s
-/// decision.
-pub fn resolve_in(dir: &Path, name: &str) -> PathBuf {
-    let p = Path::new(name);
-    if p.is_absolute() {
-        if p.exists() {
-            return p.to_path_buf();
-        }
-        if let Some(base) = p.file_name() {
-            let local = dir.join(base);
-            if local.exists() {
-                return local;
-            }
-        }
-        return p.to_path_buf();
-    }
-    dir.join(p)
+/// Where the file a .vmx or .vmsd names is on this host: a relative name in `dir`; an
+/// absolute (datastore) name through the datastore map, else by its base name in `dir`, else
+/// as written. Whether the file may be read is [`Confine`]'s decision.
+pub fn resolve_in(dir: &Path, name: &str, opts: &ChainOptions) -> PathBuf {
+    crate::source::chain::resolve(dir, name, opts).unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// The name a file is stored under: relative to the VM directory when inside it, else its base name.

@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Advice, Error, IoContext, Result, Setting};
 use crate::source::confine::Confine;
 use crate::vmware::vmx::Vmx;
 
@@ -144,10 +144,13 @@ impl Vmsd {
     /// most recently taken), or a display name (exact, then case-insensitive), or a uid.
     pub fn select(&self, which: &str, vmsd: &Path) -> Result<&Snapshot> {
         if self.snapshots.is_empty() {
-            return Err(Error::Usage(format!(
-                "{} lists no snapshots; take one first (vim-cmd vmsvc/snapshot.create) or ingest without --at-snapshot",
+            return Err(Advice::new(format!(
+                "{} lists no snapshots; take one first (vim-cmd vmsvc/snapshot.create) or ingest \
+                 without ",
                 vmsd.display()
-            )));
+            ))
+            .setting(Setting::AtSnapshot)
+            .into());
         }
         if which == "latest" {
             let current = self

@@ -21,7 +21,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Advice, Error, IoContext, Result, Setting};
 use crate::repo::Repository;
 use crate::restore::reader::{DiskImage, ReadCache};
 use crate::shutdown::TerminationSignals;
@@ -110,25 +110,30 @@ pub fn resolve_listen(addr: &str, allow_remote: bool) -> Result<Vec<SocketAddr>>
         Err(_) => addr
             .to_socket_addrs()
             .map_err(|e| {
-                Error::Usage(format!(
-                    "--listen {addr:?} is not an address: {e}; give HOST:PORT, e.g. 127.0.0.1:10809"
-                ))
+                Error::from(Advice::new("").setting(Setting::Listen).text(format!(
+                    " {addr:?} is not an address: {e}; give HOST:PORT, e.g. 127.0.0.1:10809"
+                )))
             })?
             .collect(),
     };
     if addrs.is_empty() {
-        return Err(Error::Usage(format!(
-            "--listen {addr:?} resolves to nothing"
-        )));
+        return Err(Advice::new("")
+            .setting(Setting::Listen)
+            .text(format!(" {addr:?} resolves to nothing"))
+            .into());
     }
     if !allow_remote {
         if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
-            return Err(Error::Usage(format!(
-                "--listen {addr}: {} is not a loopback address; NBD has no authentication, so \
-                 anyone who can reach it could read the whole disk. Pass --allow-remote to serve \
-                 it on the network anyway (only on a network you trust)",
-                a.ip()
-            )));
+            return Err(Advice::new("")
+                .setting(Setting::Listen)
+                .text(format!(
+                    " {addr}: {} is not a loopback address; NBD has no authentication, so \
+                     anyone who can reach it could read the whole disk. Use ",
+                    a.ip()
+                ))
+                .setting(Setting::AllowRemote)
+                .text(" to serve it on the network anyway (only on a network you trust)")
+                .into());
         }
     }
     Ok(addrs)
@@ -139,16 +144,23 @@ pub fn resolve_listen(addr: &str, allow_remote: bool) -> Result<Vec<SocketAddr>>
 fn bind_unix(path: &Path) -> Result<UnixListener> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            return Err(Error::Usage(format!(
-                "--listen-unix {}: a file that is not a socket is in the way; remove it or choose another path",
-                path.display()
-            )));
+            return Err(Advice::new("")
+                .setting(Setting::ListenUnix)
+                .text(format!(
+                    " {}: a file that is not a socket is in the way; remove it or choose another \
+                     path",
+                    path.display()
+                ))
+                .into());
         }
         if UnixStream::connect(path).is_ok() {
-            return Err(Error::Usage(format!(
-                "--listen-unix {}: another server is listening on this socket",
-                path.display()
-            )));
+            return Err(Advice::new("")
+                .setting(Setting::ListenUnix)
+                .text(format!(
+                    " {}: another server is listening on this socket",
+                    path.display()
+                ))
+                .into());
         }
         std::fs::remove_file(path).ctx("remove stale socket", path)?;
     }
@@ -176,9 +188,11 @@ pub fn serve(
         None => None,
     };
     if tcp.is_empty() && unix.is_none() {
-        return Err(Error::Usage(
-            "nothing to listen on: give --listen or --listen-unix".into(),
-        ));
+        return Err(Advice::new("nothing to listen on: give ")
+            .setting(Setting::Listen)
+            .text(" or ")
+            .setting(Setting::ListenUnix)
+            .into());
     }
     // Before any thread is started: only the wait below receives the termination signals.
     let signals = TerminationSignals::block()?;
