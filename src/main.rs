@@ -128,13 +128,17 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<ExitCode> {
+    // --threads caps the global pool (check, extract, inflate) and the ingest's segment workers.
     if let Some(n) = cli.threads {
-        vmrepo::ingest::limit_threads(n.into())
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.into())
+            .build_global()
             .context("cannot start the worker threads for --threads")?;
     }
     let ctx = cli::context::Context::new(
         cli.lock_wait,
         interrupt,
+        vmrepo::ingest::SegmentWorkers::new(cli.threads.map(usize::from)),
         cli::passphrase::Source::repository(cli.password_file, cli.password_command),
     );
     match cli.command {

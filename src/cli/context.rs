@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use vmrepo::ingest::hooks::Interrupt;
+use vmrepo::ingest::SegmentWorkers;
 use vmrepo::progress::Progress;
 use vmrepo::repo::lock::LockMode;
 use vmrepo::Repository;
@@ -19,16 +20,24 @@ pub struct Context {
     pub lock_wait: u64,
     /// The interrupt token the signal thread holds too: ingests run their hooks under it.
     pub interrupt: Interrupt,
+    /// The threads that read and cut segments (`--threads`), shared by every ingest of the run.
+    pub workers: SegmentWorkers,
     passphrase: Source,
     /// The passphrase once asked for (a prompt is shown at most once per run).
     passphrase_value: Mutex<Option<Zeroizing<String>>>,
 }
 
 impl Context {
-    pub fn new(lock_wait: u64, interrupt: Interrupt, passphrase: Source) -> Context {
+    pub fn new(
+        lock_wait: u64,
+        interrupt: Interrupt,
+        workers: SegmentWorkers,
+        passphrase: Source,
+    ) -> Context {
         Context {
             lock_wait,
             interrupt,
+            workers,
             passphrase,
             passphrase_value: Mutex::new(None),
         }

@@ -50,9 +50,16 @@ pub fn run(a: ImportArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         TimeZone::UTC
     };
     let tmp = a.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let report =
-        vmrepo::ingest::ghettovcb::import(&repo, &a.backup_dir, a.name.as_deref(), &tz, &tmp, &bar)
-            .with_context(|| format!("import of {} failed", a.backup_dir.display()))?;
+    let report = vmrepo::ingest::ghettovcb::import(
+        &repo,
+        &a.backup_dir,
+        a.name.as_deref(),
+        &tz,
+        &tmp,
+        &ctx.workers,
+        &bar,
+    )
+    .with_context(|| format!("import of {} failed", a.backup_dir.display()))?;
     let failed = report.backups.iter().filter(|b| b.failed).count();
     if a.json {
         print_json(&report);

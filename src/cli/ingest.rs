@@ -149,7 +149,7 @@ pub fn run(a: IngestArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         changes,
         since,
         verify_unchanged,
-        ..settings.ingest_options(datastore_map, &ctx.interrupt)
+        ..settings.ingest_options(datastore_map, &ctx.interrupt, &ctx.workers)
     };
     let mut report = ingest(&r, &source, &opts, &bar).with_context(|| {
         format!(

@@ -97,7 +97,7 @@ pub fn run(a: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         ctx.open_repo_waiting(path, mode, wait, &Bar::new(false))
             .map_err(|e| vmrepo::Error::Usage(format!("{e:#}")))
     };
-    let report = run_job(&job, &opener, &ctx.interrupt, &bar)?;
+    let report = run_job(&job, &opener, &ctx.interrupt, &ctx.workers, &bar)?;
     if a.json {
         print_json(&report);
     } else {

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::plan::Reuse;
 use super::segment::{
-    ingest_segment, patch_segment, sampled, segment_pool, verify_unchanged, SegmentContext,
+    ingest_segment, patch_segment, sampled, verify_unchanged, SegmentContext, SegmentWorkers,
 };
 #[cfg(test)]
 use super::Counters;
@@ -31,6 +31,7 @@ pub(super) fn ingest_disk(
     d: &DiskPlan,
     reuse: Option<&Reuse>,
     verify_share: f64,
+    workers: &SegmentWorkers,
 ) -> Result<(DiskEntry, Vec<CacheRow>, u64)> {
     let SegmentContext {
         store,
@@ -98,7 +99,7 @@ pub(super) fn ingest_disk(
         if let Some(r) = reuse {
             scope.spawn(|| prefetch_touched(d.reader.as_ref(), r, params, size, &done, &finished));
         }
-        let results = match segment_pool() {
+        let results = match workers.pool() {
             Some(pool) => pool.install(work),
             None => work(),
         };
@@ -328,7 +329,7 @@ mod tests {
         let counters = Counters::default();
         let progress = crate::progress::NoProgress;
         let cx = SegmentContext::new(&store, &counters, &progress);
-        let (entry, _, n) = ingest_disk(&cx, &d, None, 0.0)
+        let (entry, _, n) = ingest_disk(&cx, &d, None, 0.0, &SegmentWorkers::default())
             .expect("no worker may trip over another's segment buffer");
         assert_eq!(n, nseg);
         store.flush().unwrap();

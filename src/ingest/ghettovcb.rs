@@ -17,7 +17,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result};
-use crate::ingest::{format_time, ingest, IngestOptions, IngestReport};
+use crate::ingest::{format_time, ingest, IngestOptions, IngestReport, SegmentWorkers};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::vmware::vm::{is_safe_relative, validate_vm_name};
@@ -223,6 +223,7 @@ pub fn import(
     name: Option<&str>,
     tz: &TimeZone,
     tmp: &Path,
+    workers: &SegmentWorkers,
     progress: &dyn Progress,
 ) -> Result<ImportReport> {
     if let Some(n) = name {
@@ -255,6 +256,7 @@ pub fn import(
             name: Some(vm.clone()),
             time: Some(time),
             recorded_source: b.archive.then(|| b.path.clone()),
+            workers: workers.clone(),
             ..Default::default()
         };
         let result = if b.archive {

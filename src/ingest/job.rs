@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result, Spelling};
 use crate::ingest::hooks::Interrupt;
 pub use crate::ingest::options::VmSettings;
-use crate::ingest::{ingest, IngestReport};
+use crate::ingest::{ingest, IngestReport, SegmentWorkers};
 use crate::maintain::check::{check, ReadData};
 use crate::maintain::gc::{gc, GcOptions};
 use crate::maintain::prune::{prune, PolicySource, PruneOptions};
@@ -262,6 +262,7 @@ pub fn run(
     job: &JobFile,
     open: &Opener<'_>,
     interrupt: &Interrupt,
+    workers: &SegmentWorkers,
     progress: &(dyn Progress + Sync),
 ) -> Result<RunReport> {
     let started = now();
@@ -281,7 +282,7 @@ pub fn run(
                 };
                 let Some(path) = paths.get(i) else { break };
                 let s = job.settings_for(path);
-                let opts = s.ingest_options(job.datastore_map(), interrupt);
+                let opts = s.ingest_options(job.datastore_map(), interrupt, workers);
                 progress.note(&format!("== {}", path.display()));
                 let began = Instant::now();
                 let shown: &dyn Progress = if job.parallel == 1 { progress } else { &quiet };

@@ -36,7 +36,7 @@ use crate::repo::store::Store;
 use crate::repo::Repository;
 use crate::vmware::vm::{open_source_with, SourceOptions, SourcePlan};
 pub use options::IngestOptions;
-pub use segment::limit_threads;
+pub use segment::SegmentWorkers;
 
 use disk::ingest_disk;
 use plan::{load_base, load_chain_base, plan_reuse, Base};
@@ -371,7 +371,8 @@ fn run(
     let mut cache_rows = Vec::new();
     let mut stats = IngestStats::default();
     for (d, r) in plan.disks.iter().zip(&reuse) {
-        let (entry, rows, nseg) = ingest_disk(&cx, d, r.as_ref(), opts.verify_unchanged)?;
+        let (entry, rows, nseg) =
+            ingest_disk(&cx, d, r.as_ref(), opts.verify_unchanged, &opts.workers)?;
         stats.virtual_bytes += d.reader.size();
         stats.segments_total += nseg;
         disks.push(entry);

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::ingest::changes::ChangedRanges;
 use crate::ingest::hooks::{Hooks, Interrupt};
+use crate::ingest::segment::SegmentWorkers;
 use crate::vmware::preflight::Limits;
 
 /// Seconds a pre- or post-command may run when no timeout is set.
@@ -41,6 +42,8 @@ pub struct IngestOptions {
     pub at_snapshot: Option<String>,
     /// Read every disk in full even when its snapshot chain tells what changed.
     pub full_read: bool,
+    /// The threads that read and cut segments (shared by the ingests of one process).
+    pub workers: SegmentWorkers,
     /// Recorded in the catalog as the source instead of the path read (an import records the
     /// archive, not the temporary directory it was unpacked into).
     pub recorded_source: Option<PathBuf>,
@@ -83,6 +86,7 @@ impl VmSettings {
         &self,
         datastore_map: Vec<(PathBuf, PathBuf)>,
         interrupt: &Interrupt,
+        workers: &SegmentWorkers,
     ) -> IngestOptions {
         let limits = Limits::default();
         IngestOptions {
@@ -95,6 +99,7 @@ impl VmSettings {
                 ),
             },
             interrupt: interrupt.clone(),
+            workers: workers.clone(),
             at_snapshot: self.at_snapshot.clone(),
             limits: Some(Limits {
                 max_snapshot_age_days: self

@@ -5,6 +5,7 @@
 use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use blake3::hazmat::ChainingValue;
 
@@ -50,36 +51,49 @@ impl<'a, 's> SegmentContext<'a, 's> {
     }
 }
 
-/// Threads for segments when set by [`limit_threads`].
-static THREAD_LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-
-/// Caps this process at `n` worker threads (`vmrepo --threads N`): the global rayon pool (check,
-/// extract, inflate) and the ingest's segment pool both get `n`. Call before any parallel work.
-pub fn limit_threads(n: usize) -> std::result::Result<(), rayon::ThreadPoolBuildError> {
-    let _ = THREAD_LIMIT.set(n);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global()
-}
-
 /// The threads that read and cut segments: twice as many as cores (at least 4), so that while
 /// some wait for the disk (a cold datastore, an NFS mount) the others hash and compress, and the
-/// disk sees several requests at once; exactly `--threads` when given. Each holds one segment
-/// buffer. `None` (the global pool is used) when the threads cannot be started.
-pub(super) fn segment_pool() -> Option<&'static rayon::ThreadPool> {
-    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    POOL.get_or_init(|| {
-        let threads = THREAD_LIMIT
-            .get()
-            .copied()
-            .unwrap_or_else(|| (2 * rayon::current_num_threads()).max(4));
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("vmrepo-segment-{i}"))
-            .build()
-            .ok()
-    })
-    .as_ref()
+/// disk sees several requests at once; exactly `threads` when given (`vmrepo --threads N`).
+/// Each holds one segment buffer. Clones share one pool, started on first use: the ingests of
+/// one job share it, so running VMs in parallel does not multiply the threads.
+#[derive(Clone, Default)]
+pub struct SegmentWorkers {
+    threads: Option<usize>,
+    pool: Arc<std::sync::OnceLock<Option<rayon::ThreadPool>>>,
+}
+
+impl SegmentWorkers {
+    /// Workers of `threads` threads, or the default number when `None`.
+    pub fn new(threads: Option<usize>) -> SegmentWorkers {
+        SegmentWorkers {
+            threads,
+            pool: Arc::default(),
+        }
+    }
+
+    /// The pool; `None` (the caller's pool is used) when its threads cannot be started.
+    pub(super) fn pool(&self) -> Option<&rayon::ThreadPool> {
+        self.pool
+            .get_or_init(|| {
+                let threads = self
+                    .threads
+                    .unwrap_or_else(|| (2 * rayon::current_num_threads()).max(4));
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("vmrepo-segment-{i}"))
+                    .build()
+                    .ok()
+            })
+            .as_ref()
+    }
+}
+
+impl std::fmt::Debug for SegmentWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentWorkers")
+            .field("threads", &self.threads)
+            .finish_non_exhaustive()
+    }
 }
 
 thread_local! {
@@ -376,4 +390,19 @@ fn store_segment(
         }
     }
     cx.store.put_blob(ObjectKind::Segment, &segment.encode())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SegmentWorkers;
+
+    #[test]
+    fn workers_have_the_threads_asked_for_and_clones_share_them() {
+        let one = SegmentWorkers::new(Some(1));
+        assert_eq!(one.pool().unwrap().current_num_threads(), 1);
+        let default = SegmentWorkers::default();
+        assert!(default.pool().unwrap().current_num_threads() >= 4);
+        let clone = default.clone();
+        assert!(std::ptr::eq(default.pool().unwrap(), clone.pool().unwrap()));
+    }
 }
