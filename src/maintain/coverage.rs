@@ -103,17 +103,21 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
     let known = index.packs()?;
     s.indexed_packs = known.len();
     let known_names: HashSet<&str> = known.iter().map(|(n, _)| n.as_str()).collect();
+    // One listing of the data files gives every length (one request per thousand packs in
+    // an object store, not one per pack).
+    let listed: HashMap<String, u64> = list_packs(backend)?.into_iter().collect();
     for (name, size) in &known {
-        match pack_len(backend, name)? {
-            Some(len) if len < *size => s.short.push((name.clone(), *size, len)),
+        match listed.get(name) {
+            Some(&len) if len < *size => s.short.push((name.clone(), *size, len)),
             Some(_) => {}
             None => s.missing.push(name.clone()),
         }
     }
-    let unknown: Vec<(String, u64)> = list_packs(backend)?
+    let mut unknown: Vec<(String, u64)> = listed
         .into_iter()
         .filter(|(n, _)| !known_names.contains(n.as_str()))
         .collect();
+    unknown.sort();
     let mut sizes = Vec::new();
     for (name, listed) in unknown {
         if is_being_written(backend, &name) {
