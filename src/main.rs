@@ -59,6 +59,10 @@ struct Cli {
     /// the VMs on a shared host.
     #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
+    /// Keep the index of repositories in object storage (s3://) under DIR: a cache, rebuilt
+    /// from the repository when lost. Default: $XDG_CACHE_HOME/vmrepo, else ~/.cache/vmrepo.
+    #[arg(long, global = true, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -139,6 +143,7 @@ fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<
         cli.lock_wait,
         interrupt,
         vmrepo::ingest::SegmentWorkers::new(cli.threads.map(usize::from)),
+        cli.cache_dir,
         cli::passphrase::Source::repository(cli.password_file, cli.password_command),
     );
     match cli.command {

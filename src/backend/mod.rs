@@ -27,15 +27,94 @@
 //! the name a user knows the object by.
 
 pub mod local;
+pub mod s3;
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use local::LocalBackend;
+pub use s3::S3Backend;
 
-/// The backend of the existing repository at `location` (a directory).
-pub fn open(location: &Path) -> crate::Result<std::sync::Arc<dyn Backend>> {
-    Ok(std::sync::Arc::new(LocalBackend::open(location)?))
+use crate::error::{Error, Result};
+
+/// What a repository location names.
+enum Place<'a> {
+    /// A directory.
+    Directory(&'a Path),
+    /// `s3://BUCKET/PREFIX`.
+    S3(&'a str),
+}
+
+fn place(location: &Path) -> Result<Place<'_>> {
+    let Some(text) = location.to_str() else {
+        return Ok(Place::Directory(location));
+    };
+    if text.starts_with(s3::SCHEME) {
+        return Ok(Place::S3(text));
+    }
+    // `gs://x`, `S3://x`, `sftp://x`: a URL this build cannot reach is an error, never a
+    // directory named `gs:`.
+    if let Some((scheme, _)) = text.split_once("://") {
+        if !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        {
+            return Err(Error::Usage(format!(
+                "repository {text:?}: {scheme}:// repositories are not supported; give a \
+                 directory or s3://BUCKET/PREFIX"
+            )));
+        }
+    }
+    Ok(Place::Directory(location))
+}
+
+/// True when `location` names a repository in an object store (its index is a cache on this
+/// host that can be rebuilt at any time).
+pub fn is_remote(location: &Path) -> bool {
+    matches!(place(location), Ok(Place::S3(_)))
+}
+
+/// Where host-local caches are kept when no directory is given: `$XDG_CACHE_HOME/vmrepo`,
+/// else `~/.cache/vmrepo`.
+pub fn default_cache_root() -> PathBuf {
+    match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d).join("vmrepo"),
+        None => {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            PathBuf::from(home).join(".cache/vmrepo")
+        }
+    }
+}
+
+/// The backend of the existing repository at `location` (a directory or `s3://BUCKET/PREFIX`);
+/// the index of a repository in an object store is kept under `cache_root` (default:
+/// [`default_cache_root`]).
+pub fn open(location: &Path, cache_root: Option<&Path>) -> Result<Arc<dyn Backend>> {
+    Ok(match place(location)? {
+        Place::Directory(d) => Arc::new(LocalBackend::open(d)?),
+        Place::S3(url) => {
+            let root = cache_root.map_or_else(default_cache_root, Path::to_path_buf);
+            Arc::new(S3Backend::open(url, &root)?)
+        }
+    })
+}
+
+/// The backend of a new repository at `location`: a directory that must not exist or be empty,
+/// or an S3 prefix that must hold no object.
+pub fn create(location: &Path, cache_root: Option<&Path>) -> Result<Arc<dyn Backend>> {
+    Ok(match place(location)? {
+        Place::Directory(d) => Arc::new(LocalBackend::create(d)?),
+        Place::S3(_) => {
+            let b = open(location, cache_root)?;
+            let found = b.list("").map_err(|e| Error::io("list", location, e))?;
+            if !found.is_empty() {
+                return Err(Error::NotEmpty(location.to_path_buf()));
+            }
+            b
+        }
+    })
 }
 
 /// Whether a write or delete must survive a crash once it returns.

@@ -1,6 +1,8 @@
 //! What every command shares: how long to wait for the repository's lock, the interrupt token, and where the passphrase of an encrypted repository comes from (asked at most once).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -22,6 +24,8 @@ pub struct Context {
     pub interrupt: Interrupt,
     /// The threads that read and cut segments (`--threads`), shared by every ingest of the run.
     pub workers: SegmentWorkers,
+    /// `--cache-dir`: where the index of a repository in object storage is cached.
+    pub cache_dir: Option<PathBuf>,
     passphrase: Source,
     /// The passphrase once asked for (a prompt is shown at most once per run).
     passphrase_value: Mutex<Option<Zeroizing<String>>>,
@@ -32,12 +36,14 @@ impl Context {
         lock_wait: u64,
         interrupt: Interrupt,
         workers: SegmentWorkers,
+        cache_dir: Option<PathBuf>,
         passphrase: Source,
     ) -> Context {
         Context {
             lock_wait,
             interrupt,
             workers,
+            cache_dir,
             passphrase,
             passphrase_value: Mutex::new(None),
         }
@@ -88,10 +94,33 @@ impl Context {
                         ))
                     })
                 },
+                cache_root: self.cache_dir.as_deref(),
             },
         )?;
         if let Some(why) = repo.unguarded() {
             bar.note(&format!("warning: {why}"));
+        }
+        if vmrepo::backend::is_remote(path) {
+            use vmrepo::maintain::cache::{refresh, Refreshed};
+            match refresh(&repo, bar).with_context(|| {
+                format!(
+                    "cannot bring this host's cache of the index of {} up to date",
+                    path.display()
+                )
+            })? {
+                Refreshed::Current => {}
+                Refreshed::Added {
+                    packs,
+                    generations,
+                    pruned,
+                } => bar.note(&format!(
+                    "index cache: added {packs} pack(s) and {generations} generation(s) that \
+                     other hosts wrote, removed {pruned} generation(s) they pruned"
+                )),
+                Refreshed::Rebuilt(why) => {
+                    bar.note(&format!("index cache rebuilt from the repository: {why}"))
+                }
+            }
         }
         Ok(repo)
     }

@@ -106,8 +106,11 @@ pub enum KeyCommand {
 }
 
 /// The repository's backend and its configuration, which must say it is encrypted.
-fn need_encrypted(repo: &std::path::Path) -> anyhow::Result<(std::sync::Arc<dyn Backend>, Config)> {
-    let backend = vmrepo::backend::open(repo)?;
+fn need_encrypted(
+    repo: &std::path::Path,
+    ctx: &Context,
+) -> anyhow::Result<(std::sync::Arc<dyn Backend>, Config)> {
+    let backend = vmrepo::backend::open(repo, ctx.cache_dir.as_deref())?;
     let config = Config::load(&*backend)?;
     if !config.encrypted() {
         bail!(
@@ -124,7 +127,7 @@ pub fn run(cmd: KeyCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
     let bar = Bar::new(false);
     match cmd {
         KeyCommand::List { repo, json } => {
-            let (backend, _) = need_encrypted(&repo)?;
+            let (backend, _) = need_encrypted(&repo, ctx)?;
             let keys = keyfile::list(&*backend)?;
             if json {
                 let v: Vec<_> = keys
@@ -155,7 +158,7 @@ pub fn run(cmd: KeyCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
             from_master_key,
             new,
         } => {
-            let (backend, config) = need_encrypted(&repo)?;
+            let (backend, config) = need_encrypted(&repo, ctx)?;
             let master = match from_master_key {
                 Some(path) => {
                     let text = Zeroizing::new(
@@ -163,7 +166,7 @@ pub fn run(cmd: KeyCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
                             .with_context(|| format!("cannot read {}", path.display()))?,
                     );
                     let m = ExportedKey::parse(&path, &text, &config.repository_id)?;
-                    vmrepo::repo::verify_master_key(&repo, &m)
+                    vmrepo::repo::verify_master_key(&repo, ctx.cache_dir.as_deref(), &m)
                         .context("this master key does not decrypt the repository's data")?;
                     m
                 }
@@ -187,7 +190,7 @@ pub fn run(cmd: KeyCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
             println!("added key {} to {}", k.id, repo.display());
         }
         KeyCommand::Remove { repo, id } => {
-            let (backend, _) = need_encrypted(&repo)?;
+            let (backend, _) = need_encrypted(&repo, ctx)?;
             let r = ctx.open_repo(&repo, LockMode::Shared, &bar)?;
             if r.key_id() == Some(id.as_str()) {
                 bail!(
@@ -199,7 +202,7 @@ pub fn run(cmd: KeyCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
             println!("removed key {id} from {}", repo.display());
         }
         KeyCommand::Passwd { repo, new } => {
-            let (backend, config) = need_encrypted(&repo)?;
+            let (backend, config) = need_encrypted(&repo, ctx)?;
             let r = ctx.open_repo(&repo, LockMode::Shared, &bar)?;
             let old = r.key_id().expect("encrypted").to_string();
             drop(r);
@@ -222,7 +225,7 @@ pub fn run(cmd: KeyCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
             );
         }
         KeyCommand::Export { repo, output } => {
-            let (backend, config) = need_encrypted(&repo)?;
+            let (backend, config) = need_encrypted(&repo, ctx)?;
             drop(ctx.open_repo(&repo, LockMode::Shared, &bar)?);
             let pass = ctx.passphrase()?;
             let (master, _) = keyfile::unlock(&*backend, &config.repository_id, &pass)?;

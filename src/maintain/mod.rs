@@ -4,6 +4,7 @@
 //!
 //! May use: `repo` and the base modules. Never source, vmware, ingest or restore.
 
+pub mod cache;
 pub mod check;
 pub mod coverage;
 pub mod damage;

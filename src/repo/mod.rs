@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
-use crate::backend::{Backend, Durability, LocalBackend};
+use crate::backend::{Backend, Durability};
 use crate::error::{Error, IoContext, Result};
 use crate::repo::config::{ChunkerParams, Config};
 use crate::repo::crypto::Keys;
@@ -54,6 +54,8 @@ pub struct OpenOptions<'a> {
     pub on_wait: &'a dyn Fn(&str),
     /// Asked (at most once) for the passphrase when the repository is encrypted.
     pub passphrase: &'a dyn Fn() -> Result<Zeroizing<String>>,
+    /// Where the index of a repository in an object store is cached (`None`: the default).
+    pub cache_root: Option<&'a Path>,
 }
 
 /// Encryption of a new repository.
@@ -90,7 +92,21 @@ impl Repository {
         level: i32,
         encryption: Option<NewEncryption<'_>>,
     ) -> Result<Config> {
-        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::create(path)?);
+        Repository::init_in(
+            crate::backend::create(path, None)?,
+            chunker,
+            level,
+            encryption,
+        )
+    }
+
+    /// [`Repository::init`] in a backend made by [`crate::backend::create`].
+    pub fn init_in(
+        backend: Arc<dyn Backend>,
+        chunker: ChunkerParams,
+        level: i32,
+        encryption: Option<NewEncryption<'_>>,
+    ) -> Result<Config> {
         let mode = if encryption.is_some() {
             "aes-256-gcm"
         } else {
@@ -140,6 +156,7 @@ impl Repository {
                 lock_wait: Duration::ZERO,
                 on_wait: &|_| {},
                 passphrase: &|| Err(Error::NeedPassphrase(path.to_path_buf())),
+                cache_root: None,
             },
         )
     }
@@ -147,7 +164,7 @@ impl Repository {
     /// Opens the repository at `path`: unlocks its keys if it is encrypted (before taking any
     /// lock, so a wrong passphrase changes nothing), then takes its lock in `mode`.
     pub fn open_with(path: &Path, mode: LockMode, opts: &OpenOptions<'_>) -> Result<Repository> {
-        Repository::open_backend(crate::backend::open(path)?, mode, opts)
+        Repository::open_backend(crate::backend::open(path, opts.cache_root)?, mode, opts)
     }
 
     /// [`Repository::open_with`] for a repository in `backend`.
@@ -325,6 +342,12 @@ impl Repository {
         crate::repo::index::index_path(&self.index_dir)
     }
 
+    /// Whether the index exists (for a repository in object storage: whether this host has
+    /// a cache of it).
+    pub fn has_index(&self) -> bool {
+        crate::repo::index::index_exists(&self.index_dir)
+    }
+
     /// Opens a new connection to the index. An index built for another repository (its
     /// recorded `repository_id` differs from config.toml's) is refused: its rows describe
     /// other pack files. An index that records no id yet (made by an earlier vmrepo, or
@@ -488,8 +511,12 @@ pub fn decode_segment(id: &ObjectId, bytes: &[u8]) -> Result<Segment> {
 
 /// Checks that `master` (an imported master key) decrypts the repository's data, when it holds
 /// any: reads the first object the index lists. No lock is taken.
-pub fn verify_master_key(path: &Path, master: &crate::repo::crypto::MasterKey) -> Result<()> {
-    let backend = crate::backend::open(path)?;
+pub fn verify_master_key(
+    path: &Path,
+    cache_root: Option<&Path>,
+    master: &crate::repo::crypto::MasterKey,
+) -> Result<()> {
+    let backend = crate::backend::open(path, cache_root)?;
     let keys = Arc::new(Keys::from_master(master));
     let dir = index_dir(&backend)?;
     let index = Index::open(&crate::repo::index::index_path(dir), false, keys.clone())?;

@@ -14,6 +14,11 @@ pub fn index_path(root: &Path) -> PathBuf {
     root.join(INDEX_FILE)
 }
 
+/// Whether the directory `root` holds an index (a `stat`, which opens no descriptor).
+pub fn index_exists(root: &Path) -> bool {
+    index_path(root).exists()
+}
+
 /// A free path for a new index built beside the live one (`index.sqlite.rebuild`): a
 /// left-over of an interrupted rebuild there is removed first.
 pub fn fresh_rebuild_path(root: &Path) -> Result<PathBuf> {

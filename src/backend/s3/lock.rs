@@ -1,0 +1,135 @@
+//! Locks in an S3 repository, without a server and without conditional writes.
+//!
+//! A holder writes an object `<lock name>/<shared|exclusive>-<random>`, then lists the lock's
+//! folder. It holds the lock if no other live object conflicts (an exclusive one, or any other
+//! when it wants exclusive); otherwise it deletes its object and reports the lock busy. Two
+//! that race both see each other and both back off, which is safe; a later attempt succeeds.
+//! This needs only what every store here gives: a listing shows an object whose PUT has
+//! returned (a listing that lags a delete shows a lock a little longer: safe too).
+//!
+//! A held lock's object is written again every [`REFRESH`] by a thread of the guard and
+//! deleted when the guard is dropped. A holder that was killed leaves its object behind; it is
+//! ignored once it is [`STALE`] old. Age is measured on the store's clock alone: the
+//! Last-Modified of the object just written is "now", so the clocks of the hosts may disagree
+//! by any amount.
+
+use std::io;
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use super::{io_error, S3Backend};
+use crate::backend::{LockAttempt, LockGuard, LockKind};
+
+/// How often a held lock's object is written again.
+pub const REFRESH: Duration = Duration::from_secs(5 * 60);
+/// Age (on the store's clock) after which a lock object no longer counts: a holder that could
+/// not refresh it for this long is taken to be gone.
+pub const STALE: Duration = Duration::from_secs(30 * 60);
+
+pub(super) fn try_lock(
+    b: &S3Backend,
+    name: &str,
+    kind: LockKind,
+    _read_only: bool,
+) -> io::Result<LockAttempt> {
+    let mut token = [0u8; 8];
+    getrandom::fill(&mut token).map_err(|e| io::Error::other(e.to_string()))?;
+    let kind_name = match kind {
+        LockKind::Shared => "shared",
+        LockKind::Exclusive => "exclusive",
+    };
+    let key = format!("{name}/{kind_name}-{}", hex::encode(token));
+    let path = b.object(&key);
+    let body = PutPayload::from(holder_text());
+    // A reader that may not write gets EACCES here, which the caller takes as "run unlocked".
+    b.block_on(b.store.put(&path, body.clone()))
+        .map_err(io_error)?;
+    let folder = b.object(name);
+    let listed: Vec<_> = b
+        .block_on(b.store.list(Some(&folder)).try_collect::<Vec<_>>())
+        .map_err(io_error)?;
+    let release = || {
+        let _ = b.block_on(b.store.delete(&path));
+    };
+    let Some(now) = listed
+        .iter()
+        .find(|m| m.location == path)
+        .map(|m| m.last_modified)
+    else {
+        // The listing does not show our own object yet: it cannot be trusted to show others.
+        release();
+        return Ok(LockAttempt::Busy);
+    };
+    for other in listed.iter().filter(|m| m.location != path) {
+        if (now - other.last_modified).num_seconds() > STALE.as_secs() as i64 {
+            continue;
+        }
+        let theirs = other.location.filename().unwrap_or_default();
+        let conflict = kind == LockKind::Exclusive || theirs.starts_with("exclusive-");
+        if conflict {
+            release();
+            return Ok(LockAttempt::Busy);
+        }
+    }
+    match Held::start(b.store.clone(), b.runtime.clone(), path.clone(), body) {
+        Ok(held) => Ok(LockAttempt::Held(LockGuard::new(held))),
+        Err(e) => {
+            release();
+            Err(e)
+        }
+    }
+}
+
+/// Who holds a lock, for people reading the bucket.
+fn holder_text() -> Vec<u8> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("host={} pid={}\n", host.trim(), std::process::id()).into_bytes()
+}
+
+/// A held lock: its refresher thread, stopped (and the object deleted) on drop.
+struct Held {
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Held {
+    fn start(
+        store: Arc<AmazonS3>,
+        runtime: Arc<tokio::runtime::Runtime>,
+        path: ObjectPath,
+        body: PutPayload,
+    ) -> io::Result<Held> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("vmrepo-s3-lock".into())
+            .spawn(move || {
+                // Until the guard is dropped (a message, or the sender gone). A failed refresh
+                // is tried again at the next turn; the lock is lost to others only after STALE
+                // without one.
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(REFRESH) {
+                    let _ = runtime.block_on(store.put(&path, body.clone()));
+                }
+                let _ = runtime.block_on(store.delete(&path));
+            })?;
+        Ok(Held {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

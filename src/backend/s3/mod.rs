@@ -1,0 +1,296 @@
+//! The S3 backend: a repository is a prefix in a bucket of an S3-compatible object store (AWS
+//! S3, Ceph RGW, MinIO, Garage, SeaweedFS), named `s3://BUCKET/PREFIX`.
+//!
+//! It is reached through the `object_store` crate, configured as AWS tools are
+//! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL` with
+//! path-style requests, `AWS_ALLOW_HTTP=true` for a plain `http://` endpoint), and driven
+//! from the library's threads through a small tokio runtime of its own.
+//!
+//! How the contract of [`Backend`] is kept without relying on conditional writes (which
+//! some stores ignore):
+//! * a whole object is one PUT, which S3 makes visible atomically and durably when it answers;
+//! * a pack is a multipart upload ([`writer::S3Writer`]), invisible to every reader until it is
+//!   completed, so no reader ever sees a torn pack; pack names are 128 random bits, so two
+//!   writers never pick the same key;
+//! * locks are small objects judged by the store's own clock ([`lock`]), so a killed holder's
+//!   lock expires and client clocks may disagree.
+//!
+//! The index is a cache on this host: a directory of the cache dir per repository URL.
+
+mod lock;
+mod writer;
+
+use std::collections::HashSet;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use super::{Backend, Durability, Entry, LockAttempt, LockKind, ObjectWriter};
+use crate::error::{Error, IoContext, Result};
+
+/// The URL scheme of S3 repositories.
+pub const SCHEME: &str = "s3://";
+
+/// Bytes fetched per request by a sequential reader.
+const SEQUENTIAL_STEP: u64 = 8 << 20;
+
+/// A repository in a bucket of an S3-compatible store.
+pub struct S3Backend {
+    location: PathBuf,
+    store: Arc<AmazonS3>,
+    /// The key prefix of the repository's objects: empty or ending in `/`.
+    prefix: String,
+    runtime: Arc<tokio::runtime::Runtime>,
+    cache: PathBuf,
+    /// Keys this process is streaming (or holds the finished guard of).
+    writing: Arc<Mutex<HashSet<String>>>,
+}
+
+impl S3Backend {
+    /// The backend of `url` (`s3://BUCKET/PREFIX`), keeping its host-local files (the index)
+    /// under `cache_root`.
+    pub fn open(url: &str, cache_root: &Path) -> Result<S3Backend> {
+        let bad = |reason: String| Error::Usage(format!("repository {url:?}: {reason}"));
+        let rest = url
+            .strip_prefix(SCHEME)
+            .ok_or_else(|| bad("not an s3://BUCKET/PREFIX URL".into()))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad("no bucket named: give s3://BUCKET/PREFIX".into()));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|p| p == "." || p == "..") {
+            return Err(bad("the prefix may not contain . or .. parts".into()));
+        }
+        let store = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_virtual_hosted_style_request(false)
+            .build()
+            .map_err(|e| bad(format!("cannot configure the S3 client: {e}")))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("vmrepo-s3")
+            .enable_all()
+            .build()
+            .ctx("start the S3 client's threads for", url)?;
+        let id = blake3::hash(format!("{bucket}/{prefix}").as_bytes()).to_hex();
+        let cache = cache_root.join("s3").join(&id[..32]);
+        std::fs::create_dir_all(&cache).ctx("create cache directory", &cache)?;
+        Ok(S3Backend {
+            location: PathBuf::from(format!("{SCHEME}{bucket}/{prefix}")),
+            store: Arc::new(store),
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+            runtime: Arc::new(runtime),
+            cache,
+            writing: Arc::default(),
+        })
+    }
+
+    fn object(&self, key: &str) -> ObjectPath {
+        ObjectPath::from(format!("{}{key}", self.prefix))
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+}
+
+/// An `object_store` error as an I/O error: absent objects are `NotFound`, refused requests
+/// `EACCES` (so callers tell "may not write here"), the rest keep the store's message.
+pub(crate) fn io_error(e: object_store::Error) -> io::Error {
+    match e {
+        object_store::Error::NotFound { .. } => io::Error::new(io::ErrorKind::NotFound, e),
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => io::Error::from_raw_os_error(libc::EACCES),
+        e => io::Error::other(e.to_string()),
+    }
+}
+
+impl Backend for S3Backend {
+    fn location(&self) -> &Path {
+        &self.location
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.location.join(key)
+    }
+
+    fn local_dir(&self) -> Option<&Path> {
+        Some(&self.cache)
+    }
+
+    fn has_folder(&self, _prefix: &str) -> bool {
+        true
+    }
+
+    fn make_folder(&self, _prefix: &str) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> io::Result<Vec<u8>> {
+        let path = self.object(key);
+        self.block_on(async {
+            let r = self.store.get(&path).await.map_err(io_error)?;
+            r.bytes().await.map(|b| b.to_vec()).map_err(io_error)
+        })
+    }
+
+    fn get_range(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let path = self.object(key);
+        let end = offset + buf.len() as u64;
+        match self.block_on(self.store.get_range(&path, offset..end)) {
+            Ok(b) if b.len() == buf.len() => {
+                buf.copy_from_slice(&b);
+                Ok(())
+            }
+            Ok(_) => Err(io::ErrorKind::UnexpectedEof.into()),
+            Err(e @ object_store::Error::NotFound { .. }) => Err(io_error(e)),
+            Err(e) => match self.size(key)? {
+                // A range past the end is refused by the store; say it as a short read.
+                Some(size) if size < end => Err(io::ErrorKind::UnexpectedEof.into()),
+                _ => Err(io_error(e)),
+            },
+        }
+    }
+
+    fn open_sequential(&self, key: &str) -> io::Result<(Box<dyn Read + Send>, u64)> {
+        let size = self
+            .size(key)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, key.to_string()))?;
+        let reader = Sequential {
+            store: self.store.clone(),
+            runtime: self.runtime.clone(),
+            path: self.object(key),
+            size,
+            pos: 0,
+            buf: Vec::new(),
+            at: 0,
+        };
+        Ok((Box::new(reader), size))
+    }
+
+    fn size(&self, key: &str) -> io::Result<Option<u64>> {
+        match self.block_on(self.store.head(&self.object(key))) {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(io_error(e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> io::Result<Vec<Entry>> {
+        // Stores list by folder; a prefix that ends inside a name (`locks/uncommitted-`) is
+        // its folder, filtered.
+        let folder = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let listed = format!("{}{folder}", self.prefix);
+        let listed = listed.trim_end_matches('/');
+        let path = (!listed.is_empty()).then(|| ObjectPath::from(listed));
+        let metas: Vec<_> = self
+            .block_on(self.store.list(path.as_ref()).try_collect::<Vec<_>>())
+            .map_err(io_error)?;
+        let mut out: Vec<Entry> = metas
+            .into_iter()
+            .filter_map(|m| {
+                let key = m.location.as_ref().strip_prefix(&self.prefix)?.to_string();
+                key.starts_with(prefix)
+                    .then_some(Entry { key, size: m.size })
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn will_need(&self, _key: &str, _offset: u64, _len: u64) {}
+
+    fn put(&self, key: &str, bytes: &[u8], _durability: Durability) -> io::Result<()> {
+        let payload = PutPayload::from(bytes.to_vec());
+        self.block_on(self.store.put(&self.object(key), payload))
+            .map(|_| ())
+            .map_err(io_error)
+    }
+
+    fn create(&self, key: &str) -> io::Result<Box<dyn ObjectWriter>> {
+        Ok(Box::new(writer::S3Writer::start(
+            self.store.clone(),
+            self.runtime.clone(),
+            self.object(key),
+            key,
+            self.writing.clone(),
+        )?))
+    }
+
+    fn is_being_written(&self, key: &str) -> bool {
+        self.writing.lock().unwrap().contains(key)
+    }
+
+    fn sync(&self, _key: &str) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn delete(&self, keys: &[String], _durability: Durability) -> io::Result<()> {
+        for key in keys {
+            match self.block_on(self.store.delete(&self.object(key))) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(io_error(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn try_lock(&self, name: &str, kind: LockKind, read_only: bool) -> io::Result<LockAttempt> {
+        lock::try_lock(self, name, kind, read_only)
+    }
+}
+
+/// Reads an object front to back in ranges of [`SEQUENTIAL_STEP`] bytes.
+struct Sequential {
+    store: Arc<AmazonS3>,
+    runtime: Arc<tokio::runtime::Runtime>,
+    path: ObjectPath,
+    size: u64,
+    /// Object offset of `buf[0]`.
+    pos: u64,
+    buf: Vec<u8>,
+    /// Next byte of `buf` to hand out.
+    at: usize,
+}
+
+impl Read for Sequential {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.at == self.buf.len() {
+            let start = self.pos + self.buf.len() as u64;
+            if start >= self.size {
+                return Ok(0);
+            }
+            let end = (start + SEQUENTIAL_STEP).min(self.size);
+            let bytes = self
+                .runtime
+                .block_on(self.store.get_range(&self.path, start..end))
+                .map_err(io_error)?;
+            self.pos = start;
+            self.buf = bytes.to_vec();
+            self.at = 0;
+            if self.buf.is_empty() {
+                return Ok(0);
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}

@@ -1,0 +1,98 @@
+//! A pack streamed into S3 as a multipart upload: parts go up as they fill, a few at a time,
+//! so memory stays bounded whatever the pack's size; nothing is visible until the upload is
+//! completed, and an abandoned upload is aborted (its parts deleted).
+
+use std::collections::HashSet;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use object_store::aws::AmazonS3;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStoreExt, WriteMultipart};
+
+use super::io_error;
+use crate::backend::{Finished, ObjectWriter};
+
+/// Bytes per part (S3 wants at least 5 MiB for every part but the last).
+const PART: usize = 8 << 20;
+/// Parts uploaded at once by one writer.
+const PARTS_IN_FLIGHT: usize = 2;
+
+/// One pack being uploaded.
+pub(super) struct S3Writer {
+    upload: Option<WriteMultipart>,
+    runtime: Arc<tokio::runtime::Runtime>,
+    mark: Option<WritingMark>,
+}
+
+/// Keeps a key in the backend's set of keys being written until dropped.
+struct WritingMark {
+    key: String,
+    writing: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Drop for WritingMark {
+    fn drop(&mut self) {
+        self.writing.lock().unwrap().remove(&self.key);
+    }
+}
+
+impl S3Writer {
+    pub(super) fn start(
+        store: Arc<AmazonS3>,
+        runtime: Arc<tokio::runtime::Runtime>,
+        path: ObjectPath,
+        key: &str,
+        writing: Arc<Mutex<HashSet<String>>>,
+    ) -> io::Result<S3Writer> {
+        writing.lock().unwrap().insert(key.to_string());
+        let mark = WritingMark {
+            key: key.to_string(),
+            writing,
+        };
+        let upload = runtime
+            .block_on(store.put_multipart(&path))
+            .map_err(io_error)?;
+        Ok(S3Writer {
+            upload: Some(WriteMultipart::new_with_chunk_size(upload, PART)),
+            runtime,
+            mark: Some(mark),
+        })
+    }
+}
+
+impl ObjectWriter for S3Writer {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let upload = self.upload.as_mut().expect("writer used after finish");
+        self.runtime.block_on(async {
+            upload
+                .wait_for_capacity(PARTS_IN_FLIGHT)
+                .await
+                .map_err(io_error)?;
+            upload.write(bytes);
+            Ok(())
+        })
+    }
+
+    fn finish(mut self: Box<Self>) -> io::Result<Finished> {
+        let upload = self.upload.take().expect("writer finished twice");
+        self.runtime.block_on(upload.finish()).map_err(io_error)?;
+        Ok(Finished::new(self.mark.take()))
+    }
+
+    fn abandon(mut self: Box<Self>) {
+        if let Some(upload) = self.upload.take() {
+            let _ = self.runtime.block_on(upload.abort());
+        }
+    }
+}
+
+impl Drop for S3Writer {
+    fn drop(&mut self) {
+        // Dropped without finish or abandon (an error unwound past it): abort the upload so
+        // its parts do not linger in the bucket.
+        if let Some(upload) = self.upload.take() {
+            let _ = self.runtime.block_on(upload.abort());
+        }
+    }
+}
