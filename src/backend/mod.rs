@@ -153,12 +153,38 @@ pub enum LockAttempt {
 }
 
 /// A held lock: released on drop, or when the process holding it ends.
-pub struct LockGuard(#[allow(dead_code)] Box<dyn std::any::Any + Send + Sync>);
+pub struct LockGuard {
+    _held: Box<dyn std::any::Any + Send + Sync>,
+    /// Cleared when the lock may have been lost (a lock that must be renewed and could not be).
+    alive: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
 
 impl LockGuard {
-    /// Wraps whatever keeps the lock held.
+    /// Wraps whatever keeps the lock held, for as long as the process runs.
     pub fn new(held: impl std::any::Any + Send + Sync) -> LockGuard {
-        LockGuard(Box::new(held))
+        LockGuard {
+            _held: Box::new(held),
+            alive: None,
+        }
+    }
+
+    /// Wraps a lock that lasts only while it is renewed: `alive` is cleared when it may have
+    /// expired for others.
+    pub fn renewed(
+        held: impl std::any::Any + Send + Sync,
+        alive: Arc<std::sync::atomic::AtomicBool>,
+    ) -> LockGuard {
+        LockGuard {
+            _held: Box::new(held),
+            alive: Some(alive),
+        }
+    }
+
+    /// True when the lock may no longer be held: others may have taken it.
+    pub fn is_lost(&self) -> bool {
+        self.alive
+            .as_ref()
+            .is_some_and(|a| !a.load(std::sync::atomic::Ordering::SeqCst))
     }
 }
 

@@ -310,6 +310,8 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
         return Ok(report);
     }
 
+    // Deleting is safe only while no ingest can run: stop if the lock may be lost.
+    repo.ensure_locked()?;
     // Any older copy of the index would name what is deleted below: make it known as stale.
     if !drop_packs.is_empty() || !rewrite.is_empty() {
         repo.raise_gc_epoch(&index)?;
@@ -358,7 +360,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
         if pack.len() >= PACK_TARGET {
             commit_rewrite(
                 &mut index,
-                backend,
+                repo,
                 out.take().unwrap(),
                 &mut out_records,
                 &mut batch,
@@ -370,7 +372,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
     if let Some(pack) = out.take() {
         commit_rewrite(
             &mut index,
-            backend,
+            repo,
             pack,
             &mut out_records,
             &mut batch,
@@ -402,7 +404,7 @@ fn read_live(repo: &Repository, name: &str, p: &PackPlan) -> Result<Vec<EncodedO
 
 fn commit_rewrite(
     index: &mut Index,
-    backend: &dyn crate::backend::Backend,
+    repo: &Repository,
     pack: PackWriter,
     records: &mut Vec<(RecordHeader, u64)>,
     batch: &mut Vec<String>,
@@ -423,7 +425,8 @@ fn commit_rewrite(
         report.packs_written += 1;
         written
     };
-    delete_packs(backend, batch, Durability::Synced)?;
+    repo.ensure_locked()?;
+    delete_packs(&**repo.backend(), batch, Durability::Synced)?;
     let old: u64 = batch.iter().map(|name| plans[name].size).sum();
     report.packs_rewritten += batch.len() as u64;
     report.bytes_freed += old.saturating_sub(written);

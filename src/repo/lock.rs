@@ -53,6 +53,12 @@ impl Lock {
         self.unguarded.as_deref()
     }
 
+    /// True when the lock was held but may have been lost since: a lock in object storage
+    /// that could not be renewed in time, which others may since have taken.
+    pub fn is_lost(&self) -> bool {
+        self.guard.as_ref().is_some_and(|g| g.is_lost())
+    }
+
     /// True when a lock is held.
     pub fn is_held(&self) -> bool {
         self.guard.is_some()

@@ -297,6 +297,21 @@ impl Repository {
         self.lock.unguarded()
     }
 
+    /// Fails when the repository lock may have been lost (in object storage: it could not be
+    /// renewed in time, so a gc elsewhere may have started): called before a change that is
+    /// safe only under the lock (an ingest's commit, gc's deletions).
+    pub fn ensure_locked(&self) -> Result<()> {
+        if self.lock.is_lost() {
+            return Err(Error::Locked(crate::error::Advice::new(format!(
+                "the lock on repository {} could not be renewed for too long (the store was \
+                 unreachable), so other hosts may have taken it; nothing more was written. Run \
+                 the command again",
+                self.location().display()
+            ))));
+        }
+        Ok(())
+    }
+
     /// How long this command may wait for a lock (`--lock-wait`).
     pub fn lock_wait(&self) -> Duration {
         self.lock_wait

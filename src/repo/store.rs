@@ -243,6 +243,7 @@ impl<'r> Store<'r> {
         manifest: &crate::repo::manifest::Manifest,
         cache: &[crate::repo::index::CacheRow],
     ) -> Result<()> {
+        self.repo.ensure_locked()?;
         // The pack holding the manifest is sealed here and recorded in the generation's own
         // transaction (every earlier pack is sealed and indexed already: the workers are done).
         let (full, spare) = {

@@ -14,10 +14,11 @@
 //! by any amount.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3;
@@ -78,8 +79,15 @@ pub(super) fn try_lock(
             return Ok(LockAttempt::Busy);
         }
     }
-    match Held::start(b.store.clone(), b.runtime.clone(), path.clone(), body) {
-        Ok(held) => Ok(LockAttempt::Held(LockGuard::new(held))),
+    let alive = Arc::new(AtomicBool::new(true));
+    match Held::start(
+        b.store.clone(),
+        b.runtime.clone(),
+        path.clone(),
+        body,
+        alive.clone(),
+    ) {
+        Ok(held) => Ok(LockAttempt::Held(LockGuard::renewed(held, alive))),
         Err(e) => {
             release();
             Err(e)
@@ -105,6 +113,7 @@ impl Held {
         runtime: Arc<tokio::runtime::Runtime>,
         path: ObjectPath,
         body: PutPayload,
+        alive: Arc<AtomicBool>,
     ) -> io::Result<Held> {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -113,8 +122,14 @@ impl Held {
                 // Until the guard is dropped (a message, or the sender gone). A failed refresh
                 // is tried again at the next turn; the lock is lost to others only after STALE
                 // without one.
+                let mut renewed = Instant::now();
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(REFRESH) {
-                    let _ = runtime.block_on(store.put(&path, body.clone()));
+                    if runtime.block_on(store.put(&path, body.clone())).is_ok() {
+                        renewed = Instant::now();
+                    } else if renewed.elapsed() + REFRESH >= STALE {
+                        // Before the next turn others may count it stale: it is lost.
+                        alive.store(false, Ordering::SeqCst);
+                    }
                 }
                 let _ = runtime.block_on(store.delete(&path));
             })?;
