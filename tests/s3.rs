@@ -24,17 +24,25 @@ impl Store {
     fn start() -> Store {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/s3-store.sh");
         let dir = tempfile::tempdir().unwrap();
-        // Each test its own ports (the script derives the store's other ports from this one).
-        let port = 9100
-            + 40 * NEXT_PORT.fetch_add(1, Ordering::SeqCst)
-            + (std::process::id() % 10) as u16 * 400;
-        let out = Command::new("bash")
-            .arg(&script)
-            .args(["start", "seaweedfs"])
-            .arg(dir.path().join("store"))
-            .env("S3_PORT", port.to_string())
-            .output()
-            .expect("run scripts/s3-store.sh");
+        // Each test its own ports (the script derives the store's other ports from this one);
+        // a port some other program holds moves the store on.
+        let mut tries = 0;
+        let out = loop {
+            let n = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+            let port = 9100 + 40 * (n % 200);
+            let out = Command::new("bash")
+                .arg(&script)
+                .args(["start", "seaweedfs"])
+                .arg(dir.path().join("store"))
+                .env("S3_PORT", port.to_string())
+                .output()
+                .expect("run scripts/s3-store.sh");
+            tries += 1;
+            let busy = String::from_utf8_lossy(&out.stderr).contains("already in use");
+            if !busy || tries == 5 {
+                break out;
+            }
+        };
         assert!(
             out.status.success(),
             "cannot start the S3 store (run `scripts/s3-store.sh install seaweedfs` first):\n{}",
@@ -79,6 +87,36 @@ impl Store {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
+    }
+}
+
+impl Store {
+    /// Kills one storage node of the cluster (kill -9 of a volume server).
+    fn kill_node(&self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/s3-store.sh");
+        let out = Command::new("bash")
+            .arg(script)
+            .arg("kill-node")
+            .arg(self.dir.path().join("store"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `vmrepo ARGS` started in the background.
+    fn spawn(&self, cache: &Path, args: &[std::ffi::OsString]) -> std::process::Child {
+        Command::new(BIN)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("XDG_CACHE_HOME", cache)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
     }
 }
 
@@ -362,4 +400,67 @@ fn a_url_this_build_cannot_reach_is_an_error_not_a_directory() {
             "{url} made a directory"
         );
     }
+}
+
+/// A storage node killed during an ingest, then the ingest itself killed mid-upload: each run
+/// either records a generation that restores exactly or records none, a re-run succeeds, and
+/// the repository reads back clean.
+#[test]
+fn a_killed_storage_node_or_a_killed_ingest_loses_nothing() {
+    let store = Store::start();
+    let t = tempfile::tempdir().unwrap();
+    let url = store.url("faults");
+    let cache = t.path().join("cache");
+    store.vmrepo(&cache, [s("init"), s(&url)]).ok();
+    let img = t.path().join("vm.img");
+    sparse_image(
+        &img,
+        96 << 20,
+        &[(0, 40 << 20, 21), (64 << 20, 20 << 20, 22)],
+    );
+    let ingest = [s("ingest"), s(&url), p(&img), s("--name"), s("vm")];
+
+    // A node dies while the ingest uploads.
+    let child = store.spawn(&cache, &ingest);
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    store.kill_node();
+    let out = child.wait_with_output().unwrap();
+    let listed = generation_names(&store, &cache, &url, "vm");
+    if out.status.success() {
+        assert_eq!(listed.len(), 1, "reported saved but not listed");
+        let o = t.path().join("o1");
+        store
+            .vmrepo(&cache, [s("extract"), s(&url), s("vm"), p(&o)])
+            .ok();
+        assert!(same_file(&o.join("vm.img"), &img));
+    } else {
+        assert!(listed.is_empty(), "a failed ingest left {listed:?}");
+    }
+
+    // The ingest itself killed mid-upload: no generation appears from it.
+    overwrite(&img, 0, 8 << 20, 23);
+    let before = generation_names(&store, &cache, &url, "vm");
+    let mut child = store.spawn(&cache, &ingest);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    signal(&child, libc::SIGKILL);
+    let killed = child.wait().unwrap();
+    let after = generation_names(&store, &cache, &url, "vm");
+    if killed.success() {
+        assert_eq!(after.len(), before.len() + 1);
+    } else {
+        assert_eq!(after, before, "a killed ingest left a generation");
+    }
+
+    // A re-run succeeds at once (the killed process's VM lock is known dead: same host, no such
+    // process) and restores exactly; the repository is clean.
+    store.vmrepo(&cache, &ingest).ok();
+    let o = t.path().join("o2");
+    store
+        .vmrepo(&cache, [s("extract"), s(&url), s("vm"), p(&o)])
+        .ok();
+    assert!(same_file(&o.join("vm.img"), &img));
+    let fresh = t.path().join("fresh");
+    store
+        .vmrepo(&fresh, [s("check"), s(&url), s("--read-data")])
+        .ok();
 }

@@ -74,7 +74,7 @@ pub(super) fn try_lock(
         }
         let theirs = other.location.filename().unwrap_or_default();
         let conflict = kind == LockKind::Exclusive || theirs.starts_with("exclusive-");
-        if conflict {
+        if conflict && !left_by_dead_process_here(b, &other.location) {
             release();
             return Ok(LockAttempt::Busy);
         }
@@ -95,10 +95,49 @@ pub(super) fn try_lock(
     }
 }
 
-/// Who holds a lock, for people reading the bucket.
+/// This host's name.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Who holds a lock: for people reading the bucket, and for [`left_by_dead_process_here`].
 fn holder_text() -> Vec<u8> {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!("host={} pid={}\n", host.trim(), std::process::id()).into_bytes()
+    format!("host={} pid={}\n", hostname(), std::process::id()).into_bytes()
+}
+
+/// True when the lock object at `path` was written by a process of this host that no longer
+/// runs (a killed ingest): it is deleted and does not count, so a killed run does not keep the
+/// next one out until its lock goes stale. A process of another host, or one whose object
+/// cannot be read, is taken to be alive.
+fn left_by_dead_process_here(b: &S3Backend, path: &ObjectPath) -> bool {
+    let Ok(body) = b.block_on(async { b.store.get(path).await?.bytes().await }) else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&body);
+    let field = |name: &str| {
+        text.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .map(str::to_string)
+    };
+    let (Some(host), Some(pid)) = (field("host="), field("pid=")) else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<i32>() else {
+        return false;
+    };
+    if host != hostname() || pid <= 0 || pid as u32 == std::process::id() {
+        return false;
+    }
+    // SAFETY: signal 0 only asks whether the process exists; nothing is sent.
+    let gone = unsafe { libc::kill(pid, 0) } == -1
+        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    if gone {
+        let _ = b.block_on(b.store.delete(path));
+    }
+    gone
 }
 
 /// A held lock: its refresher thread, stopped (and the object deleted) on drop.
