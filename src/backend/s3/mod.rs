@@ -18,9 +18,10 @@
 //! The index is a cache on this host: a directory of the cache dir per repository URL.
 
 mod lock;
+mod readahead;
 mod writer;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -49,6 +50,9 @@ pub struct S3Backend {
     cache: PathBuf,
     /// Keys this process is streaming (or holds the finished guard of).
     writing: Arc<Mutex<HashSet<String>>>,
+    readahead: readahead::ReadAhead,
+    /// Lengths of objects read by range (packs never change once written).
+    sizes: Mutex<HashMap<String, u64>>,
 }
 
 impl S3Backend {
@@ -92,6 +96,8 @@ impl S3Backend {
             runtime: Arc::new(runtime),
             cache,
             writing: Arc::default(),
+            readahead: readahead::ReadAhead::default(),
+            sizes: Mutex::default(),
         })
     }
 
@@ -145,14 +151,35 @@ impl Backend for S3Backend {
     }
 
     fn get_range(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        if buf.is_empty() {
+        if buf.is_empty() || self.readahead.serve(key, offset, buf) {
             return Ok(());
         }
         let path = self.object(key);
         let end = offset + buf.len() as u64;
-        match self.block_on(self.store.get_range(&path, offset..end)) {
-            Ok(b) if b.len() == buf.len() => {
-                buf.copy_from_slice(&b);
+        let known = self.sizes.lock().unwrap().get(key).copied();
+        let size = match known {
+            Some(s) => s,
+            None => {
+                let s = self
+                    .size(key)?
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, key.to_string()))?;
+                self.sizes.lock().unwrap().insert(key.to_string(), s);
+                s
+            }
+        };
+        if end > size {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let plan = self.readahead.plan(key, offset, buf.len() as u64, size);
+        match self.block_on(
+            self.store
+                .get_range(&path, plan.start..plan.start + plan.len),
+        ) {
+            Ok(b) if b.len() as u64 == plan.len => {
+                buf.copy_from_slice(&b[..buf.len()]);
+                // Kept even when no larger than the read: it tells where this object's
+                // reader is, so the next read can be seen to follow it.
+                self.readahead.keep(key, &plan, b.to_vec());
                 Ok(())
             }
             Ok(_) => Err(io::ErrorKind::UnexpectedEof.into()),
@@ -243,6 +270,8 @@ impl Backend for S3Backend {
 
     fn delete(&self, keys: &[String], _durability: Durability) -> io::Result<()> {
         for key in keys {
+            self.readahead.forget(key);
+            self.sizes.lock().unwrap().remove(key);
             match self.block_on(self.store.delete(&self.object(key))) {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(io_error(e)),
