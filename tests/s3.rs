@@ -1,6 +1,8 @@
-//! Repositories in S3-compatible object storage, against a real store on loopback (SeaweedFS:
-//! three masters, three volume servers, the filer's S3 gateway), started for each test by
-//! `scripts/s3-store.sh` (`scripts/s3-store.sh install seaweedfs` installs it; .ci/run does).
+//! Repositories in S3-compatible object storage, against a real store on loopback, started for
+//! each test by `scripts/s3-store.sh`: SeaweedFS (three masters, three volume servers, the
+//! filer's S3 gateway), or with `VMREPO_TEST_S3_STORE=ceph` Ceph RGW (a monitor, three OSDs
+//! keeping three copies, radosgw). `scripts/s3-store.sh install seaweedfs|ceph` installs them;
+//! .ci/run runs this file against both.
 //! Every command runs on an `s3://` repository; a host with a fresh cache restores from the
 //! bucket alone; two hosts ingest at once while a third prunes and collects garbage.
 
@@ -30,9 +32,11 @@ impl Store {
         let out = loop {
             let n = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
             let port = 9100 + 40 * (n % 200);
+            let kind = std::env::var("VMREPO_TEST_S3_STORE").unwrap_or("seaweedfs".into());
             let out = Command::new("bash")
                 .arg(&script)
-                .args(["start", "seaweedfs"])
+                .arg("start")
+                .arg(&kind)
                 .arg(dir.path().join("store"))
                 .env("S3_PORT", port.to_string())
                 .output()
@@ -45,7 +49,8 @@ impl Store {
         };
         assert!(
             out.status.success(),
-            "cannot start the S3 store (run `scripts/s3-store.sh install seaweedfs` first):\n{}",
+            "cannot start the S3 store (run `scripts/s3-store.sh install seaweedfs` (or ceph) \
+             first):\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
         let env_file = String::from_utf8_lossy(&out.stdout).trim().to_string();
