@@ -15,12 +15,15 @@ use crate::backend::{Finished, ObjectWriter};
 
 /// Bytes per part (S3 wants at least 5 MiB for every part but the last).
 const PART: usize = 8 << 20;
-/// Parts uploaded at once by one writer.
-const PARTS_IN_FLIGHT: usize = 2;
+/// Parts uploaded at once by one writer (memory: this many parts, plus the one filling).
+const PARTS_IN_FLIGHT: usize = 4;
 
 /// One pack being uploaded.
 pub(super) struct S3Writer {
     upload: Option<WriteMultipart>,
+    /// The part being filled: records are appended here, and a full part is handed to the
+    /// upload whole (one call into the runtime per part, not per record).
+    part: Vec<u8>,
     runtime: Arc<tokio::runtime::Runtime>,
     mark: Option<WritingMark>,
 }
@@ -55,6 +58,7 @@ impl S3Writer {
             .map_err(io_error)?;
         Ok(S3Writer {
             upload: Some(WriteMultipart::new_with_chunk_size(upload, PART)),
+            part: Vec::with_capacity(PART),
             runtime,
             mark: Some(mark),
         })
@@ -62,21 +66,37 @@ impl S3Writer {
 }
 
 impl ObjectWriter for S3Writer {
-    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let upload = self.upload.as_mut().expect("writer used after finish");
-        self.runtime.block_on(async {
-            upload
-                .wait_for_capacity(PARTS_IN_FLIGHT)
-                .await
-                .map_err(io_error)?;
-            upload.write(bytes);
-            Ok(())
-        })
+    fn write(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            let n = bytes.len().min(PART - self.part.len());
+            self.part.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.part.len() == PART {
+                let upload = self.upload.as_mut().expect("writer used after finish");
+                let part = &self.part;
+                self.runtime.block_on(async {
+                    upload
+                        .wait_for_capacity(PARTS_IN_FLIGHT)
+                        .await
+                        .map_err(io_error)?;
+                    upload.write(part);
+                    Ok::<_, io::Error>(())
+                })?;
+                self.part.clear();
+            }
+        }
+        Ok(())
     }
 
     fn finish(mut self: Box<Self>) -> io::Result<Finished> {
-        let upload = self.upload.take().expect("writer finished twice");
-        self.runtime.block_on(upload.finish()).map_err(io_error)?;
+        let mut upload = self.upload.take().expect("writer finished twice");
+        let part = std::mem::take(&mut self.part);
+        self.runtime
+            .block_on(async {
+                upload.write(&part);
+                upload.finish().await
+            })
+            .map_err(io_error)?;
         Ok(Finished::new(self.mark.take()))
     }
 
