@@ -469,3 +469,46 @@ fn a_killed_storage_node_or_a_killed_ingest_loses_nothing() {
         .vmrepo(&fresh, [s("check"), s(&url), s("--read-data")])
         .ok();
 }
+
+/// Commands of one host share its cache: while an ingest uploads and records its packs, other
+/// commands bring the same cache up to date again and again; none of them may take the
+/// ingest's packs for another host's, and the ingest succeeds.
+#[test]
+fn commands_of_one_host_share_its_cache_while_an_ingest_runs() {
+    let store = Store::start();
+    let t = tempfile::tempdir().unwrap();
+    let url = store.url("one-host");
+    let cache = t.path().join("cache");
+    store.vmrepo(&cache, [s("init"), s(&url)]).ok();
+    let img = t.path().join("big.img");
+    // Random data, so it needs several packs.
+    sparse_image(&img, 192 << 20, &[(0, 150 << 20, 31)]);
+    let ingest = store.spawn(
+        &cache,
+        &[s("ingest"), s(&url), p(&img), s("--name"), s("big")],
+    );
+    let out = std::thread::scope(|scope| {
+        let lister = scope.spawn(|| {
+            let mut runs = 0;
+            for _ in 0..40 {
+                let r = store.vmrepo(&cache, [s("list"), s(&url)]);
+                assert_eq!(r.code, 0, "{}", r.stderr);
+                runs += 1;
+            }
+            runs
+        });
+        let out = ingest.wait_with_output().unwrap();
+        assert!(lister.join().unwrap() > 0);
+        out
+    });
+    assert!(
+        out.status.success(),
+        "the ingest failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let o = t.path().join("o");
+    store
+        .vmrepo(&cache, [s("extract"), s(&url), s("big"), p(&o)])
+        .ok();
+    assert!(same_file(&o.join("big.img"), &img));
+}

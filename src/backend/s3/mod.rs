@@ -257,11 +257,18 @@ impl Backend for S3Backend {
             self.object(key),
             key,
             self.writing.clone(),
+            &self.cache,
         )?))
     }
 
     fn is_being_written(&self, key: &str) -> bool {
-        self.writing.lock().unwrap().contains(key)
+        if self.writing.lock().unwrap().contains(key) {
+            return true;
+        }
+        match std::fs::File::open(writer::writing_file(&self.cache, key)) {
+            Ok(f) => f.try_lock_shared().is_err(),
+            Err(_) => false,
+        }
     }
 
     fn sync(&self, _key: &str) -> io::Result<()> {
@@ -321,5 +328,41 @@ impl Read for Sequential {
         out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
         self.at += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pack another process of this host is writing (its marker file locked) counts as being
+    /// written, and stops counting once the marker is released.
+    #[test]
+    fn packs_other_processes_here_write_count_as_being_written() {
+        let t = tempfile::tempdir().unwrap();
+        let b = S3Backend::open("s3://bucket/prefix", t.path()).unwrap();
+        assert_eq!(b.location(), Path::new("s3://bucket/prefix"));
+        let key = "data/ab/ab00000000000000000000000000000000.pack";
+        assert!(!b.is_being_written(key));
+        let marker = writer::writing_file(b.local_dir().unwrap(), key);
+        std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+        let held = std::fs::File::create(&marker).unwrap();
+        held.lock().unwrap();
+        assert!(b.is_being_written(key));
+        drop(held);
+        assert!(!b.is_being_written(key));
+    }
+
+    #[test]
+    fn bad_urls_are_refused_with_the_reason() {
+        let t = tempfile::tempdir().unwrap();
+        for (url, why) in [
+            ("s3://", "no bucket"),
+            ("s3:///x", "no bucket"),
+            ("s3://b/a/../c", ". or .."),
+        ] {
+            let e = S3Backend::open(url, t.path()).err().unwrap().to_string();
+            assert!(e.contains(why) && e.contains(url), "{url}: {e}");
+        }
     }
 }

@@ -28,16 +28,30 @@ pub(super) struct S3Writer {
     mark: Option<WritingMark>,
 }
 
-/// Keeps a key in the backend's set of keys being written until dropped.
+/// Marks a key as being written until dropped: in the backend's set (this process), and by an
+/// exclusive `flock` on a file in the host's cache directory (other processes of this host,
+/// which share the cache: a command that brings the cache up to date must not adopt a pack
+/// that an ingest here has uploaded but not yet recorded).
 struct WritingMark {
     key: String,
     writing: Arc<Mutex<HashSet<String>>>,
+    file: Option<(std::fs::File, std::path::PathBuf)>,
 }
 
 impl Drop for WritingMark {
     fn drop(&mut self) {
         self.writing.lock().unwrap().remove(&self.key);
+        if let Some((_, path)) = self.file.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
+}
+
+/// The file whose `flock` says, to the processes of this host, that `key` is being written.
+pub(super) fn writing_file(cache: &std::path::Path, key: &str) -> std::path::PathBuf {
+    cache
+        .join("writing")
+        .join(blake3::hash(key.as_bytes()).to_hex().as_str())
 }
 
 impl S3Writer {
@@ -47,11 +61,22 @@ impl S3Writer {
         path: ObjectPath,
         key: &str,
         writing: Arc<Mutex<HashSet<String>>>,
+        cache: &std::path::Path,
     ) -> io::Result<S3Writer> {
+        let marker = writing_file(cache, key);
+        std::fs::create_dir_all(marker.parent().unwrap())?;
+        let file = std::fs::File::create(&marker)?;
+        file.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::Error(e) => e,
+            std::fs::TryLockError::WouldBlock => io::Error::other(format!(
+                "{key} is being written by another process of this host"
+            )),
+        })?;
         writing.lock().unwrap().insert(key.to_string());
         let mark = WritingMark {
             key: key.to_string(),
             writing,
+            file: Some((file, marker)),
         };
         let upload = runtime
             .block_on(store.put_multipart(&path))
