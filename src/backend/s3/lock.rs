@@ -52,12 +52,16 @@ pub(super) fn try_lock(
     // A reader that may not write gets EACCES here, which the caller takes as "run unlocked".
     b.block_on(b.store.put(&path, body.clone()))
         .map_err(io_error)?;
-    let folder = b.object(name);
-    let listed: Vec<_> = b
-        .block_on(b.store.list(Some(&folder)).try_collect::<Vec<_>>())
-        .map_err(io_error)?;
     let release = || {
         let _ = b.block_on(b.store.delete(&path));
+    };
+    let folder = b.object(name);
+    let listed: Vec<_> = match b.block_on(b.store.list(Some(&folder)).try_collect::<Vec<_>>()) {
+        Ok(l) => l,
+        Err(e) => {
+            release();
+            return Err(io_error(e));
+        }
     };
     let Some(now) = listed
         .iter()
