@@ -265,10 +265,11 @@ pub trait Backend: Send + Sync {
     fn try_lock(&self, name: &str, kind: LockKind, read_only: bool) -> io::Result<LockAttempt>;
 }
 
-/// True for the errors that say "this process may not write here".
+/// True for the errors that say "this process may not write here" (a read-only or forbidden
+/// file, a store that refuses the request).
 pub fn is_not_writable(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)
-    )
+    ) || (e.raw_os_error().is_none() && e.kind() == io::ErrorKind::PermissionDenied)
 }

@@ -110,15 +110,16 @@ impl S3Backend {
     }
 }
 
-/// An `object_store` error as an I/O error: absent objects are `NotFound`, refused requests
-/// `EACCES` (so callers tell "may not write here"), the rest keep the store's message.
+/// An `object_store` error as an I/O error that keeps the store's message: absent objects
+/// are `NotFound`, refused requests `PermissionDenied` (so callers tell "may not write here").
 pub(crate) fn io_error(e: object_store::Error) -> io::Error {
-    match e {
-        object_store::Error::NotFound { .. } => io::Error::new(io::ErrorKind::NotFound, e),
+    let kind = match e {
+        object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
         object_store::Error::PermissionDenied { .. }
-        | object_store::Error::Unauthenticated { .. } => io::Error::from_raw_os_error(libc::EACCES),
-        e => io::Error::other(e.to_string()),
-    }
+        | object_store::Error::Unauthenticated { .. } => io::ErrorKind::PermissionDenied,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e.to_string())
 }
 
 impl Backend for S3Backend {
