@@ -512,3 +512,57 @@ fn commands_of_one_host_share_its_cache_while_an_ingest_runs() {
         .ok();
     assert!(same_file(&o.join("big.img"), &img));
 }
+
+/// Reading in place from the bucket: `serve-nbd` serves a generation of an S3 repository, and
+/// qemu-img reads it back identical to what was ingested.
+#[test]
+fn serve_nbd_reads_a_generation_from_the_bucket() {
+    use std::io::BufRead;
+    let store = Store::start();
+    let t = tempfile::tempdir().unwrap();
+    let url = store.url("nbd");
+    let cache = t.path().join("cache");
+    store.vmrepo(&cache, [s("init"), s(&url)]).ok();
+    let img = t.path().join("disk.img");
+    sparse_image(&img, 40 << 20, &[(0, 6 << 20, 41), (30 << 20, 2 << 20, 42)]);
+    store
+        .vmrepo(
+            &cache,
+            [s("ingest"), s(&url), p(&img), s("--name"), s("disk")],
+        )
+        .ok();
+    let sock = t.path().join("nbd.sock");
+    let mut server = Command::new(BIN)
+        .args([
+            s("serve-nbd"),
+            s(&url),
+            s("disk"),
+            s("--listen-unix"),
+            p(&sock),
+        ])
+        .envs(store.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("XDG_CACHE_HOME", &cache)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(server.stdout.take().unwrap()).lines();
+    let ready = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.starts_with("listening on"));
+    assert!(ready.is_some(), "serve-nbd did not start");
+    let r = sh(&format!(
+        "qemu-img compare -f raw -F raw 'nbd+unix:///?socket={}' '{}'",
+        sock.display(),
+        img.display()
+    ));
+    signal(&server, libc::SIGINT);
+    let end = server.wait_with_output().unwrap();
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        end.status.success(),
+        "{}",
+        String::from_utf8_lossy(&end.stderr)
+    );
+}
