@@ -21,11 +21,7 @@ fn enc_with(pass: &str, args: &[std::ffi::OsString]) -> Run {
         .args(args)
         .output()
         .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from(out)
 }
 
 fn enc(args: &[std::ffi::OsString]) -> Run {

@@ -79,11 +79,7 @@ fn vmrepo_limited(args: &[OsString]) -> Run {
         .args(args)
         .output()
         .expect("run vmrepo");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from(out)
 }
 
 /// A temporary "host": a repository, an outside directory with the secret, VM directories.

@@ -22,9 +22,15 @@ struct Store {
 
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
+/// `bash scripts/s3-store.sh`, to be given its command.
+fn store_script() -> Command {
+    let mut c = Command::new("bash");
+    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/s3-store.sh"));
+    c
+}
+
 impl Store {
     fn start() -> Store {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/s3-store.sh");
         let dir = tempfile::tempdir().unwrap();
         // Each test its own ports (the script derives the store's other ports from this one);
         // a port some other program holds moves the store on.
@@ -33,8 +39,7 @@ impl Store {
             let n = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
             let port = 9100 + 40 * (n % 200);
             let kind = std::env::var("VMREPO_TEST_S3_STORE").unwrap_or("seaweedfs".into());
-            let out = Command::new("bash")
-                .arg(&script)
+            let out = store_script()
                 .arg("start")
                 .arg(&kind)
                 .arg(dir.path().join("store"))
@@ -80,27 +85,23 @@ impl Store {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let out = Command::new(BIN)
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        Run::from(self.command(cache).args(args).output().expect("run vmrepo"))
+    }
+
+    /// `vmrepo` with the store's credentials and `cache` as this host's cache.
+    fn command(&self, cache: &Path) -> Command {
+        let mut c = Command::new(BIN);
+        c.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("XDG_CACHE_HOME", cache)
-            .env("VMREPO_PASSWORD", "s3 test passphrase")
-            .output()
-            .expect("run vmrepo");
-        Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+            .env("VMREPO_PASSWORD", "s3 test passphrase");
+        c
     }
 }
 
 impl Store {
     /// Kills one storage node of the cluster (kill -9 of a volume server).
     fn kill_node(&self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/s3-store.sh");
-        let out = Command::new("bash")
-            .arg(script)
+        let out = store_script()
             .arg("kill-node")
             .arg(self.dir.path().join("store"))
             .output()
@@ -114,10 +115,8 @@ impl Store {
 
     /// `vmrepo ARGS` started in the background.
     fn spawn(&self, cache: &Path, args: &[std::ffi::OsString]) -> std::process::Child {
-        Command::new(BIN)
+        self.command(cache)
             .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("XDG_CACHE_HOME", cache)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -127,9 +126,7 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/s3-store.sh");
-        let _ = Command::new("bash")
-            .arg(script)
+        let _ = store_script()
             .arg("stop")
             .arg(self.dir.path().join("store"))
             .output();
@@ -532,7 +529,8 @@ fn serve_nbd_reads_a_generation_from_the_bucket() {
         )
         .ok();
     let sock = t.path().join("nbd.sock");
-    let mut server = Command::new(BIN)
+    let mut server = store
+        .command(&cache)
         .args([
             s("serve-nbd"),
             s(&url),
@@ -540,8 +538,6 @@ fn serve_nbd_reads_a_generation_from_the_bucket() {
             s("--listen-unix"),
             p(&sock),
         ])
-        .envs(store.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("XDG_CACHE_HOME", &cache)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

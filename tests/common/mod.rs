@@ -33,11 +33,13 @@ impl Run {
     }
 }
 
-fn finish(out: Output) -> Run {
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+impl From<Output> for Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 }
 
@@ -47,7 +49,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    finish(Command::new(BIN).args(args).output().expect("run vmrepo"))
+    Run::from(Command::new(BIN).args(args).output().expect("run vmrepo"))
 }
 
 /// Runs `vmrepo ARGS` and also returns the most memory it held at once (peak resident set, in
@@ -96,7 +98,7 @@ where
 
 /// Runs any command and returns its result.
 pub fn sh(cmd: &str) -> Run {
-    finish(
+    Run::from(
         Command::new("sh")
             .arg("-c")
             .arg(cmd)
