@@ -1,10 +1,10 @@
 //! What every command shares: how long to wait for the repository's lock, the interrupt token, and where the passphrase of an encrypted repository comes from (asked at most once).
 
 use std::path::{Path, PathBuf};
-
-use anyhow::Context as _;
 use std::sync::Mutex;
 use std::time::Duration;
+
+use anyhow::Context as _;
 
 use vmrepo::ingest::hooks::Interrupt;
 use vmrepo::ingest::SegmentWorkers;

@@ -12,10 +12,9 @@ use crate::progress::Progress;
 use crate::repo::Repository;
 
 /// What [`refresh`] did.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Refreshed {
     /// The cache knew every pack already.
-    #[default]
     Current,
     /// Packs written by others were added (how many), with the generations they hold and
     /// the generations their tombstones removed (how many).
