@@ -562,3 +562,86 @@ fn serve_nbd_reads_a_generation_from_the_bucket() {
         String::from_utf8_lossy(&end.stderr)
     );
 }
+
+/// gc on one host finds chunks dead but keeps the pack they are in (its live share is high);
+/// another host, whose cache still lists them, backs up a VM holding the same bytes and
+/// deduplicates against them, which makes them live again. A later gc that rewrites every pack
+/// must copy them: the first host's index still knows where they are. A fresh host then
+/// restores that VM byte for byte and the repository reads back clean.
+#[test]
+fn chunks_gc_left_in_a_kept_pack_stay_known_when_another_host_revives_them() {
+    let store = Store::start();
+    let t = tempfile::tempdir().unwrap();
+    let url = store.url("revived");
+    let (a, b, c) = (
+        t.path().join("cache-a"),
+        t.path().join("cache-b"),
+        t.path().join("cache-c"),
+    );
+    let db = t.path().join("db01.img");
+    sparse_image(&db, 32 << 20, &[(0, 8 << 20, 5), (8 << 20, 8 << 20, 6)]);
+    let twin = t.path().join("web02.img");
+    fs::copy(&db, &twin).unwrap();
+    store.vmrepo(&a, [s("init"), s(&url)]).ok();
+    let ingest = |cache: &Path, img: &Path, name: &str| {
+        store
+            .vmrepo(cache, [s("ingest"), s(&url), p(img), s("--name"), s(name)])
+            .ok();
+    };
+    ingest(&a, &db, "db01");
+    // Host B learns the repository: its cache now lists every chunk of that night.
+    assert_eq!(generation_names(&store, &b, &url, "db01").len(), 1);
+
+    // The second half changes; the first night is pruned. gc keeps every pack (the first one
+    // is half live), so nothing is deleted and no other cache is told to rebuild.
+    sparse_image(&db, 32 << 20, &[(0, 8 << 20, 5), (8 << 20, 8 << 20, 7)]);
+    ingest(&a, &db, "db01");
+    store
+        .vmrepo(&a, [s("prune"), s(&url), s("--keep-last"), s("1")])
+        .ok();
+    let gc = |cache: &Path, threshold: &str| {
+        store
+            .vmrepo(
+                cache,
+                [
+                    s("gc"),
+                    s(&url),
+                    s("--repack-threshold"),
+                    s(threshold),
+                    s("--max-unused"),
+                    s("100%"),
+                ],
+            )
+            .ok();
+    };
+    gc(&a, "0%");
+
+    // Host B backs up a VM with the first night's bytes: deduplicated, almost nothing sent.
+    let r = store
+        .vmrepo(
+            &b,
+            [
+                s("ingest"),
+                s(&url),
+                p(&twin),
+                s("--name"),
+                s("web02"),
+                s("--json"),
+            ],
+        )
+        .ok()
+        .json();
+    let new = r["stats"]["bytes_new"].as_u64().unwrap();
+    assert!(new < 1 << 20, "web02 stored {new} new bytes: {r}");
+
+    // Host A rewrites every pack: what web02 uses must be copied.
+    gc(&a, "100%");
+    let out = t.path().join("out");
+    store
+        .vmrepo(&c, [s("extract"), s(&url), s("web02"), p(&out)])
+        .ok();
+    assert!(same_file(&out.join("web02.img"), &twin));
+    store
+        .vmrepo(&c, [s("check"), s(&url), s("--read-data")])
+        .ok();
+}

@@ -94,7 +94,7 @@ struct PackPlan {
     size: u64,
     live: Vec<(u64, RecordHeader)>,
     live_bytes: u64,
-    dead: Vec<ObjectId>,
+    dead: Vec<(ObjectId, ObjectKind)>,
     dead_bytes: u64,
 }
 
@@ -130,7 +130,7 @@ fn sweep(index: &Index, live: &LiveSet) -> Result<HashMap<String, PackPlan>> {
             plan.live.push((loc.offset, loc.header));
         } else {
             plan.dead_bytes += len;
-            plan.dead.push(loc.header.id);
+            plan.dead.push((loc.header.id, loc.header.kind));
         }
         Ok(())
     })?;
@@ -138,7 +138,7 @@ fn sweep(index: &Index, live: &LiveSet) -> Result<HashMap<String, PackPlan>> {
 }
 
 /// What gc does with each indexed pack: delete it, rewrite its live records into a new pack,
-/// or keep it (dropping only its dead rows).
+/// or keep it (see [`kept_pack_rows`] for what happens to its dead rows).
 struct PackActions<'a> {
     drop: Vec<String>,
     rewrite: Vec<&'a String>,
@@ -176,7 +176,8 @@ fn plan_packs(
         share(a).total_cmp(&share(b)).then(a.cmp(b))
     });
     let mut kept = keep.into_iter().peekable();
-    while (left as f64) > max_unused * live_total as f64 {
+    // 100% or more turns the bound off, as `--max-unused` says (garbage may exceed live data).
+    while max_unused < 1.0 && (left as f64) > max_unused * live_total as f64 {
         let Some(name) = kept.next_if(|n| garbage(&plans[*n]) > 0) else {
             break;
         };
@@ -187,6 +188,27 @@ fn plan_packs(
         drop,
         rewrite,
         keep: kept.collect(),
+    }
+}
+
+/// The dead records of a pack gc keeps: which index rows to drop and which segment-cache rows
+/// to forget.
+///
+/// The records stay in the pack, so their rows stay in the index: an index describes what the
+/// data files hold. Another host's cache of the index still lists them (nothing was deleted, so
+/// nothing tells it to rebuild), and an ingest there may deduplicate against them and make them
+/// live again. This index must then still know where they are, or a later rewrite of the pack
+/// would copy only what it knows and lose them. Only two things go: manifest rows (a tombstone
+/// names each, so they are never generations again) and the segment-cache rows of dead segments
+/// (a cache hit reuses a segment without storing its chunks, and the chunks of a dead segment
+/// may be in a pack this gc deletes).
+fn kept_pack_rows(p: &PackPlan, rows: &mut Vec<ObjectId>, segments: &mut Vec<ObjectId>) {
+    for (id, kind) in &p.dead {
+        match kind {
+            ObjectKind::Manifest => rows.push(*id),
+            ObjectKind::Segment => segments.push(*id),
+            _ => {}
+        }
     }
 }
 
@@ -291,10 +313,10 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
         rewrite,
         keep,
     } = plan_packs(&plans, opts.repack_threshold, opts.max_unused);
-    let mut dead_rows: Vec<ObjectId> = Vec::new();
+    let (mut dead_rows, mut dead_segments) = (Vec::new(), Vec::new());
     for name in keep {
         report.bytes_left += garbage(&plans[name]);
-        dead_rows.extend(plans[name].dead.iter().copied());
+        kept_pack_rows(&plans[name], &mut dead_rows, &mut dead_segments);
     }
     if opts.dry_run {
         report.packs_deleted = drop_packs.len() as u64;
@@ -320,7 +342,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
     report.bytes_freed += report.orphan_bytes;
 
     // 1. Forget dead rows and packs with nothing live, in one transaction; then unlink those.
-    index.apply_gc(&drop_packs, &[], &dead_rows)?;
+    index.apply_gc(&drop_packs, &[], &dead_rows, &dead_segments)?;
     delete_packs(backend, &drop_packs, Durability::Synced)?;
     for name in &drop_packs {
         report.packs_deleted += 1;
@@ -415,11 +437,11 @@ fn commit_rewrite(
     // old files are deleted only after it.
     let written = if pack.is_empty() {
         pack.discard();
-        index.apply_gc(batch, &[], &[])?;
+        index.apply_gc(batch, &[], &[], &[])?;
         0
     } else {
         let written = pack.seal_then(std::mem::take(records), |sealed| {
-            index.apply_gc(batch, std::slice::from_ref(sealed), &[])?;
+            index.apply_gc(batch, std::slice::from_ref(sealed), &[], &[])?;
             Ok(sealed.size)
         })?;
         report.packs_written += 1;
@@ -512,5 +534,10 @@ mod tests {
         let [_, rewrite, keep] = plan(&packs, 0.2, 0.0);
         assert_eq!(rewrite, ["c", "d", "e"]);
         assert_eq!(keep, ["f"]);
+        // 100% turns the bound off, even where the garbage exceeds the live bytes.
+        let mostly_dead = [("g", 1016, 300), ("h", 1016, 300)];
+        let [_, rewrite, keep] = plan(&mostly_dead, 0.2, 1.0);
+        assert!(rewrite.is_empty());
+        assert_eq!(keep, ["g", "h"]);
     }
 }

@@ -110,12 +110,14 @@ impl Index {
 
     /// Garbage collection, one step in one transaction: drops `old_packs` with every object row
     /// in them, records `new_packs` (sealed copies of their live records), deletes the rows of
-    /// `dead` objects elsewhere, and forgets segment-cache rows whose segment is gone.
+    /// `dead` objects elsewhere, and forgets the segment-cache rows of `uncache` and of segments
+    /// that are gone.
     pub fn apply_gc(
         &mut self,
         old_packs: &[String],
         new_packs: &[SealedPack],
         dead: &[ObjectId],
+        uncache: &[ObjectId],
     ) -> Result<()> {
         self.write(|tx| {
             for name in old_packs {
@@ -138,6 +140,13 @@ impl Index {
                 for id in dead {
                     st.execute([&id.0[..]])?;
                     recent.execute([&id.0[..]])?;
+                }
+                let mut cache = tx.prepare_cached("DELETE FROM segment_cache WHERE segment = ?1")?;
+                let mut leaves =
+                    tx.prepare_cached("DELETE FROM segment_leaves WHERE segment = ?1")?;
+                for id in uncache {
+                    cache.execute([&id.0[..]])?;
+                    leaves.execute([&id.0[..]])?;
                 }
             }
             forget_gone_segments(tx)?;
@@ -226,7 +235,7 @@ impl Index {
 
     /// Forgets a pack whose file is gone, with every object row in it (repair).
     pub fn forget_pack(&mut self, name: &str) -> Result<()> {
-        self.apply_gc(&[name.to_string()], &[], &[])
+        self.apply_gc(&[name.to_string()], &[], &[], &[])
     }
 }
 
