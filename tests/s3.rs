@@ -124,6 +124,40 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Runs Python `code` with `s3` (a boto3 client of the store) and `bucket` defined, and
+    /// returns what it prints: to look at and tamper with objects behind vmrepo's back.
+    fn python(&self, code: &str) -> String {
+        let root = std::env::var("VMREPO_S3_ROOT").unwrap_or("/opt/vmrepo-s3".into());
+        let prelude = "import os, boto3\nfrom botocore.config import Config\n\
+            s3 = boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'], \
+            config=Config(s3={'addressing_style': 'path'}))\nbucket = os.environ['S3_BUCKET']\n";
+        let out = Command::new(Path::new(&root).join("venv/bin/python"))
+            .arg("-c")
+            .arg(format!("{prelude}{code}"))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("run the store's Python");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Keys under `prefix` in the bucket.
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        self.python(&format!(
+            "for page in s3.get_paginator('list_objects_v2').paginate(Bucket=bucket, \
+             Prefix='{prefix}'):\n    for o in page.get('Contents', []): print(o['Key'])"
+        ))
+        .lines()
+        .map(str::to_string)
+        .collect()
+    }
+}
+
 impl Drop for Store {
     fn drop(&mut self) {
         let _ = store_script()
@@ -643,5 +677,99 @@ fn chunks_gc_left_in_a_kept_pack_stay_known_when_another_host_revives_them() {
     assert!(same_file(&out.join("web02.img"), &twin));
     store
         .vmrepo(&c, [s("check"), s(&url), s("--read-data")])
+        .ok();
+}
+
+/// A host building its cache reads the packs' descriptions, not the packs. Descriptions that
+/// are garbled or missing only cost time: those packs are read instead, and the restore is the
+/// same. gc compacts the descriptions into a few objects per shard, and a fresh host restores
+/// from those.
+#[test]
+fn a_fresh_cache_is_built_from_pack_descriptions_and_bad_ones_only_cost_time() {
+    let store = Store::start();
+    let t = tempfile::tempdir().unwrap();
+    let url = store.url("described");
+    let img = t.path().join("app01.img");
+    sparse_image(&img, 48 << 20, &[(0, 12 << 20, 3), (30 << 20, 6 << 20, 4)]);
+    let a = t.path().join("cache-a");
+    store
+        .vmrepo(
+            &a,
+            [s("init"), s(&url), s("--encryption"), s("aes-256-gcm")],
+        )
+        .ok();
+    let ingest = || {
+        store
+            .vmrepo(&a, [s("ingest"), s(&url), p(&img), s("--name"), s("app01")])
+            .ok();
+    };
+    ingest();
+    overwrite(&img, 2 << 20, 1 << 20, 5);
+    ingest();
+    let packs = store.keys("described/data/");
+    let described = store.keys("described/pack-index/");
+    assert_eq!(described.len(), packs.len(), "{described:?} {packs:?}");
+
+    let restore = |cache: &Path, out: &str| {
+        let out = t.path().join(out);
+        let r = store.vmrepo(cache, [s("extract"), s(&url), s("app01"), p(&out)]);
+        r.ok();
+        assert!(same_file(&out.join("app01.img"), &img));
+        r.stderr
+    };
+    let n = packs.len();
+    let said = restore(&t.path().join("cache-b"), "out-b");
+    assert!(
+        said.contains(&format!(
+            "({n} pack(s), {n} of them known from their descriptions"
+        )),
+        "{said}"
+    );
+
+    // One description garbled, one deleted: those two packs are read instead.
+    store.python(&format!(
+        "s3.put_object(Bucket=bucket, Key='{}', Body=b'not a description')\n\
+         s3.delete_object(Bucket=bucket, Key='{}')",
+        described[0], described[1]
+    ));
+    let said = restore(&t.path().join("cache-c"), "out-c");
+    assert!(
+        said.contains(&format!("({n} pack(s), {} of them known", n - 2)),
+        "{said}"
+    );
+    assert!(said.contains("pack description not used"), "{said}");
+
+    // gc compacts: no per-pack description is left, and a fresh host restores from the rest.
+    store
+        .vmrepo(&a, [s("prune"), s(&url), s("--keep-last"), s("1")])
+        .ok();
+    let gc = store.vmrepo(&a, [s("gc"), s(&url), s("--repack-threshold"), s("100%")]);
+    gc.ok();
+    assert!(
+        gc.stdout.contains("pack descriptions compacted"),
+        "{}",
+        gc.stdout
+    );
+    let packs = store.keys("described/data/");
+    let described = store.keys("described/pack-index/");
+    assert!(
+        described
+            .iter()
+            .all(|k| k.rsplit('/').next().unwrap().len() == 2 + 1 + 16),
+        "{described:?}"
+    );
+    let n = packs.len();
+    let said = restore(&t.path().join("cache-d"), "out-d");
+    assert!(
+        said.contains(&format!(
+            "({n} pack(s), {n} of them known from their descriptions"
+        )),
+        "{said}"
+    );
+    store
+        .vmrepo(
+            &t.path().join("cache-d"),
+            [s("check"), s(&url), s("--read-data")],
+        )
         .ok();
 }

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::Args;
 
 use vmrepo::maintain::check::{check, CheckReport, ReadData};
-use vmrepo::maintain::rebuild::rebuild_index;
+use vmrepo::maintain::rebuild::{rebuild_index, RecordSource};
 use vmrepo::maintain::repair::RepairReport;
 use vmrepo::repo::lock::LockMode;
 
@@ -71,8 +71,8 @@ pub fn run(a: CheckArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let mut rebuilt = None;
     if rebuild {
         let r = ctx.open_repo(&repo, LockMode::Exclusive, &bar)?;
-        let rep =
-            rebuild_index(&r, &bar).context("index rebuild failed; the old index is untouched")?;
+        let rep = rebuild_index(&r, RecordSource::PackFiles, &bar)
+            .context("index rebuild failed; the old index is untouched")?;
         if !json {
             println!(
                 "rebuilt index from {} packs: {} objects, {} generations",

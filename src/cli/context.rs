@@ -111,15 +111,22 @@ impl Context {
                 Refreshed::Current => {}
                 Refreshed::Added {
                     packs,
+                    described,
                     generations,
                     pruned,
                 } => bar.note(&format!(
-                    "index cache: added {packs} pack(s) and {generations} generation(s) that \
-                     other hosts wrote, removed {pruned} generation(s) they pruned"
+                    "index cache: added {packs} pack(s) ({described} known from their \
+                     descriptions, the rest read) and {generations} generation(s) that other \
+                     hosts wrote, removed {pruned} generation(s) they pruned"
                 )),
-                Refreshed::Rebuilt(why) => {
-                    bar.note(&format!("index cache rebuilt from the repository: {why}"))
-                }
+                Refreshed::Rebuilt {
+                    why,
+                    packs,
+                    described,
+                } => bar.note(&format!(
+                    "index cache rebuilt from the repository ({packs} pack(s), {described} of \
+                     them known from their descriptions, the rest read): {why}"
+                )),
             }
         }
         Ok(repo)

@@ -106,6 +106,12 @@ pub fn print_gc(r: &GcReport) {
         human(r.metadata_read),
         r.seconds
     );
+    if let Some(c) = &r.descriptions {
+        println!(
+            "  pack descriptions compacted: {} pack(s) in {} object(s), {} old object(s) removed",
+            c.packs, c.written, c.removed
+        );
+    }
     for g in &r.adopted {
         println!("  listed generation {g}: it was in the data files but not in the index");
     }

@@ -7,7 +7,7 @@
 
 use crate::error::Result;
 use crate::maintain::coverage::{adopt, survey};
-use crate::maintain::rebuild::rebuild_index;
+use crate::maintain::rebuild::{rebuild_index, RebuildReport, RecordSource};
 use crate::progress::Progress;
 use crate::repo::Repository;
 
@@ -16,32 +16,46 @@ use crate::repo::Repository;
 pub enum Refreshed {
     /// The cache knew every pack already.
     Current,
-    /// Packs written by others were added (how many), with the generations they hold and
-    /// the generations their tombstones removed (how many).
+    /// Packs written by others were added (how many, and how many of those were known from
+    /// their descriptions rather than read), with the generations they hold and the
+    /// generations their tombstones removed (how many).
     Added {
         packs: usize,
+        described: usize,
         generations: usize,
         pruned: usize,
     },
     /// The cache was (re)built from the data files, for the reason given.
-    Rebuilt(String),
+    Rebuilt {
+        why: String,
+        /// Packs indexed, and how many of them from their descriptions.
+        packs: u64,
+        described: u64,
+    },
+}
+
+fn rebuilt(r: RebuildReport, why: String) -> Refreshed {
+    Refreshed::Rebuilt {
+        why,
+        packs: r.packs,
+        described: r.described,
+    }
 }
 
 /// Brings the index of `repo` level with its data files (see the module documentation).
 pub fn refresh(repo: &Repository, progress: &dyn Progress) -> Result<Refreshed> {
     if !repo.has_index() {
-        rebuild_index(repo, progress)?;
-        return Ok(Refreshed::Rebuilt(
+        let r = rebuild_index(repo, RecordSource::Descriptions, progress)?;
+        return Ok(rebuilt(
+            r,
             "this host had no cache of the repository's index".into(),
         ));
     }
     let mut index = match repo.open_index() {
         Ok(i) => i,
         Err(e) => {
-            rebuild_index(repo, progress)?;
-            return Ok(Refreshed::Rebuilt(format!(
-                "the cached index was unusable: {e}"
-            )));
+            let r = rebuild_index(repo, RecordSource::Descriptions, progress)?;
+            return Ok(rebuilt(r, format!("the cached index was unusable: {e}")));
         }
     };
     let s = survey(repo, &index, progress)?;
@@ -54,8 +68,8 @@ pub fn refresh(repo: &Repository, progress: &dyn Progress) -> Result<Refreshed> 
     };
     if let Some(why) = why {
         drop(index);
-        rebuild_index(repo, progress)?;
-        return Ok(Refreshed::Rebuilt(why));
+        let r = rebuild_index(repo, RecordSource::Descriptions, progress)?;
+        return Ok(rebuilt(r, why));
     }
     if s.unknown.is_empty() && s.unlisted.is_empty() {
         return Ok(Refreshed::Current);
@@ -72,6 +86,11 @@ pub fn refresh(repo: &Repository, progress: &dyn Progress) -> Result<Refreshed> 
     }
     Ok(Refreshed::Added {
         packs: done.packs.len(),
+        described: s
+            .unknown
+            .iter()
+            .filter(|u| u.described && done.packs.contains(&u.name))
+            .count(),
         generations: done.generations.len(),
         pruned: pruned.len(),
     })

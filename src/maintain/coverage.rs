@@ -28,6 +28,7 @@ use crate::repo::layout;
 use crate::repo::manifest::{Manifest, Tombstone};
 use crate::repo::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
 use crate::repo::pack::{is_being_written, list_packs, pack_len, scan_pack, PACK_HEADER_LEN};
+use crate::repo::pack_index::{Descriptions, PackDescription};
 use crate::repo::Repository;
 
 /// A pack file in `data/` that the index does not know and no process is writing.
@@ -54,6 +55,9 @@ pub struct UnknownPack {
     /// The last pack of an ingest that died before its commit ([`layout::uncommitted_marker`]): its
     /// manifest is not a generation.
     pub uncommitted: bool,
+    /// Its records come from its description (`pack-index/`), not from reading it: only its
+    /// manifests and tombstones were read.
+    pub described: bool,
 }
 
 impl UnknownPack {
@@ -119,6 +123,16 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
         .collect();
     unknown.sort();
     let mut sizes = Vec::new();
+    // Packs with a description are known from it; the others are read record by record.
+    let mut described = match Descriptions::list(backend, repo.keys()) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            progress.note(&format!(
+                "pack descriptions cannot be listed ({e}); reading the packs instead"
+            ));
+            None
+        }
+    };
     for (name, listed) in unknown {
         if is_being_written(backend, &name) {
             s.being_written.push(name);
@@ -134,10 +148,17 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
             sizes.iter().map(|(_, n)| n).sum(),
         );
         for (name, size) in sizes {
-            s.unknown.push(read_unknown(repo, &name, size)?);
+            let d = described.as_mut().and_then(|d| d.get(&name, size));
+            s.unknown.push(match d {
+                Some(d) => described_unknown(repo, d)?,
+                None => read_unknown(repo, &name, size)?,
+            });
             progress.advance(size);
         }
         progress.finish();
+        for why in described.iter().flat_map(|d| &d.ignored) {
+            progress.note(&format!("pack description not used: {why}"));
+        }
     }
 
     // Tombstones: indexed ones and those in unknown packs (a prune killed before its commit
@@ -194,10 +215,45 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
     Ok(s)
 }
 
-/// Reads an unknown pack record by record.
-fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack> {
-    let backend = &**repo.backend();
-    let mut u = UnknownPack {
+/// An unknown pack known from its description: its records as described, its manifests and
+/// tombstones read (a few range reads instead of the whole pack).
+fn described_unknown(repo: &Repository, d: PackDescription) -> Result<UnknownPack> {
+    let mut u = unknown_pack(repo, &d.name, d.len);
+    u.valid_len = d.len;
+    u.described = true;
+    for (h, offset) in &d.records {
+        match h.kind {
+            ObjectKind::Manifest => {
+                match repo
+                    .packs()
+                    .read_object(&d.name, *offset, h)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| Manifest::decode(&b))
+                {
+                    Ok(m) => u.manifests.push((h.id, m)),
+                    Err(e) => u.bad_manifests.push((h.id, e)),
+                }
+            }
+            ObjectKind::Tombstone => {
+                if let Ok(t) = repo
+                    .packs()
+                    .read_object(&d.name, *offset, h)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| Tombstone::decode(&b))
+                {
+                    u.tombstoned.extend(t.removed.iter().map(|r| r.manifest));
+                }
+            }
+            _ => {}
+        }
+    }
+    u.records = d.records;
+    Ok(u)
+}
+
+/// An unknown pack of which nothing is known yet.
+fn unknown_pack(repo: &Repository, name: &str, size: u64) -> UnknownPack {
+    UnknownPack {
         name: name.to_string(),
         size,
         valid_len: PACK_HEADER_LEN,
@@ -206,10 +262,18 @@ fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack>
         bad_manifests: Vec::new(),
         tombstoned: Vec::new(),
         unreadable: None,
-        uncommitted: backend
+        uncommitted: repo
+            .backend()
             .size(&layout::uncommitted_marker(name))
             .is_ok_and(|m| m.is_some()),
-    };
+        described: false,
+    }
+}
+
+/// Reads an unknown pack record by record.
+fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack> {
+    let backend = &**repo.backend();
+    let mut u = unknown_pack(repo, name, size);
     let (_, tail) = scan_pack(backend, name, |rec| {
         u.valid_len = rec.offset + RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64;
         match rec.header.kind {
@@ -386,12 +450,14 @@ pub fn adopt(
         if u.unreadable.is_some() {
             continue;
         }
+        // A described pack's records are taken as described (the description is verified
+        // like any record); a pack read whole has each record verified before it is indexed.
         let mut records = Vec::new();
         for (h, offset) in &u.records {
             if index.contains(&h.id)? {
                 continue;
             }
-            if repo.packs().read_object(&u.name, *offset, h).is_ok() {
+            if u.described || repo.packs().read_object(&u.name, *offset, h).is_ok() {
                 records.push((h.clone(), *offset));
             }
         }

@@ -86,6 +86,8 @@ pub struct GcReport {
     pub problems: Vec<String>,
     /// Damaged generations whose unreadable parts could not be followed.
     pub damaged_generations: Vec<String>,
+    /// The pack descriptions compacted, if they were.
+    pub descriptions: Option<crate::maintain::describe::Compaction>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -369,7 +371,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
             }
         };
         if out.is_none() {
-            out = Some(PackWriter::create(repo.backend())?);
+            out = Some(PackWriter::create(repo.backend(), &repo.keys_arc())?);
         }
         let pack = out.as_mut().unwrap();
         for obj in &records {
@@ -404,6 +406,15 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
     }
     progress.finish();
     crate::maintain::coverage::clean_markers(repo, &index)?;
+    // Descriptions of the packs deleted above are now wrong: compact them from the index. A
+    // failure here loses nothing (a description is a hint; packs without one are read).
+    let changed = report.packs_deleted + report.packs_rewritten + report.orphan_packs > 0;
+    match crate::maintain::describe::compact(repo, &index, changed) {
+        Ok(c) => report.descriptions = c,
+        Err(e) => report
+            .problems
+            .push(format!("the pack descriptions were not compacted: {e}")),
+    }
     index.checkpoint();
     index.vacuum_if_sparse()?;
     repo.restore_reserve();

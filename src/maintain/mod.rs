@@ -8,6 +8,7 @@ pub mod cache;
 pub mod check;
 pub mod coverage;
 pub mod damage;
+pub mod describe;
 pub mod gc;
 pub mod mark;
 pub mod prune;

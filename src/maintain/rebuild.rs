@@ -1,25 +1,30 @@
 //! Rebuilding the index from the pack files alone: every record read back, manifests and
 //! tombstones decoded, generations recovered where everything they reference is there; the old
-//! index kept beside the new one.
+//! index kept beside the new one. A cache of a repository in object storage is rebuilt from the
+//! packs' descriptions instead where they have one (see [`RecordSource`]).
 
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
 use crate::repo::index::{CacheRow, Index};
+use crate::repo::layout;
 use crate::repo::manifest::{DiskMap, Extent, Manifest, Segment, Tombstone};
 use crate::repo::object::{self, ObjectKind, RECORD_HEADER_LEN};
 use crate::repo::pack::{is_being_written, list_packs, scan_pack};
+use crate::repo::pack_index::Descriptions;
 use crate::repo::Repository;
 
 /// What an index rebuild found.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct RebuildReport {
-    /// Packs scanned.
+    /// Packs indexed.
     pub packs: u64,
+    /// Of those, packs taken from their description rather than read.
+    pub described: u64,
     /// Objects recovered.
     pub objects: u64,
     /// Generations recovered.
@@ -34,8 +39,27 @@ pub struct RebuildReport {
     pub old_index: Option<String>,
 }
 
+/// Where an index rebuild takes each pack's records from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordSource {
+    /// Every pack is read and each record verified; a generation is marked damaged when a
+    /// chunk, segment or disk map it references is missing (`check --rebuild-index`).
+    PackFiles,
+    /// A pack's description (`pack-index/`) where it has a usable one: only its manifests and
+    /// tombstones are read, and its segments and disk maps are taken as complete (their ingest
+    /// stored what they reference before them). Packs without one are read. For a host's cache
+    /// of a repository in object storage, where reading every pack would cost its size in
+    /// downloads; the segment cache starts empty (a first ingest of a VM on this host chunks
+    /// its disks again, storing nothing new).
+    Descriptions,
+}
+
 /// Rebuilds `index.sqlite` from the pack files. The repository must be opened exclusively.
-pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<RebuildReport> {
+pub fn rebuild_index(
+    repo: &Repository,
+    source: RecordSource,
+    progress: &dyn Progress,
+) -> Result<RebuildReport> {
     let backend = &**repo.backend();
     let tmp = crate::repo::index::fresh_rebuild_path(repo.index_dir())?;
     let mut report = RebuildReport::default();
@@ -51,9 +75,62 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
     let mut segments: Vec<(ObjectId, Segment)> = Vec::new();
     let mut maps: HashMap<ObjectId, DiskMap> = HashMap::new();
     let mut tombstoned: HashSet<ObjectId> = HashSet::new();
-    for (name, _) in &packs {
+    // Segments and disk maps known from descriptions only: taken as complete.
+    let mut described_maps: HashSet<ObjectId> = HashSet::new();
+    let mut descriptions = match source {
+        RecordSource::PackFiles => None,
+        RecordSource::Descriptions => Some(
+            Descriptions::list(backend, repo.keys())
+                .ctx("list", backend.path(layout::PACK_INDEX))?,
+        ),
+    };
+    let mut good_segments: HashSet<ObjectId> = HashSet::new();
+    for (name, listed) in &packs {
         if is_being_written(backend, name) {
             progress.note(&format!("skipping pack {name}: an ingest is writing it"));
+            continue;
+        }
+        if let Some(d) = descriptions.as_mut().and_then(|d| d.get(name, *listed)) {
+            for (h, offset) in &d.records {
+                let plain = || repo.packs().read_object(name, *offset, h);
+                match h.kind {
+                    ObjectKind::Manifest => {
+                        match plain()
+                            .map_err(|e| e.to_string())
+                            .and_then(|b| Manifest::decode(&b))
+                        {
+                            Ok(m) => manifests.push((h.id, m)),
+                            Err(e) => report
+                                .damaged
+                                .push(format!("manifest {}: {e}", h.id.short())),
+                        }
+                    }
+                    ObjectKind::Tombstone => {
+                        match plain()
+                            .map_err(|e| e.to_string())
+                            .and_then(|b| Tombstone::decode(&b))
+                        {
+                            Ok(t) => tombstoned.extend(t.removed.iter().map(|r| r.manifest)),
+                            Err(e) => report
+                                .damaged
+                                .push(format!("tombstone {}: {e}", h.id.short())),
+                        }
+                    }
+                    ObjectKind::Segment => {
+                        good_segments.insert(h.id);
+                    }
+                    ObjectKind::DiskMap => {
+                        described_maps.insert(h.id);
+                    }
+                    _ => {}
+                }
+                known.insert(h.id, h.raw_len);
+            }
+            progress.advance(d.len);
+            report.packs += 1;
+            report.described += 1;
+            report.objects += d.records.len() as u64;
+            index.add_pack(name, d.len, &d.records)?;
             continue;
         }
         let mut records = Vec::new();
@@ -103,8 +180,10 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
         index.add_pack(name, len, &records)?;
     }
     progress.finish();
+    for why in descriptions.iter().flat_map(|d| &d.ignored) {
+        progress.note(&format!("pack description not used: {why}"));
+    }
     // A segment is usable if all its chunks are there; a manifest if all it references is.
-    let mut good_segments: HashSet<ObjectId> = HashSet::new();
     for (id, s) in &segments {
         let complete = s.extents.iter().all(|e| match e {
             Extent::Data { len, id } => known.get(id) == Some(len),
@@ -136,6 +215,7 @@ pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<Rebui
         }
         for d in &m.disks {
             match maps.get(&d.disk_map) {
+                None if described_maps.contains(&d.disk_map) => {}
                 None => missing.push(format!("disk map of {}", d.slot)),
                 Some(map) => {
                     let bad = map

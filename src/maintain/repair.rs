@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::maintain::check::{check, CheckReport, ReadData};
 use crate::maintain::coverage;
 use crate::maintain::damage;
-use crate::maintain::rebuild::{rebuild_index, RebuildReport};
+use crate::maintain::rebuild::{rebuild_index, RebuildReport, RecordSource};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
 use crate::repo::Repository;
@@ -95,7 +95,7 @@ pub fn repair(repo: &Repository, progress: &dyn Progress) -> Result<RepairReport
     };
     if let Some(r) = reason {
         progress.note(&format!("rebuilding the index from the data files: {r}"));
-        report.rebuilt = Some(rebuild_index(repo, progress)?);
+        report.rebuilt = Some(rebuild_index(repo, RecordSource::PackFiles, progress)?);
         report.rebuild_reason = Some(r);
     }
 

@@ -14,6 +14,40 @@ pub const GC_EPOCH: &str = "gc-epoch";
 /// The repository lock: shared by commands that add or read, exclusive for those that delete.
 pub const REPOSITORY_LOCK: &str = "locks/repository.lock";
 
+/// The folder of pack descriptions (`repo/pack_index.rs`).
+pub const PACK_INDEX: &str = "pack-index/";
+
+/// The key of the description of pack `name` alone.
+pub fn pack_description(name: &str) -> String {
+    format!("{PACK_INDEX}{name}")
+}
+
+/// The key of a compacted description of packs whose names start with `shard` (two hex
+/// digits); `tag` (16 hex digits) tells apart the objects of one shard.
+pub fn shard_description(shard: &str, tag: &str) -> String {
+    format!("{PACK_INDEX}{shard}-{tag}")
+}
+
+/// What a key listed under [`PACK_INDEX`] describes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Described<'k> {
+    /// One pack, by name.
+    Pack(&'k str),
+    /// Packs of one shard, compacted.
+    Shard(&'k str),
+}
+
+/// What the key of a description describes; `None` for anything else.
+pub fn description_of(key: &str) -> Option<Described<'_>> {
+    let rest = key.strip_prefix(PACK_INDEX)?;
+    if is_pack_name(rest) {
+        return Some(Described::Pack(rest));
+    }
+    let (shard, tag) = rest.split_once('-')?;
+    let hex = |s: &str, n| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex(shard, 2) && hex(tag, 16)).then_some(Described::Shard(shard))
+}
+
 /// The key of the pack named `name` (32 hex digits; anything else, which only a damaged or
 /// hostile index can name, gets a key no pack has).
 pub fn pack(name: &str) -> String {
@@ -73,5 +107,23 @@ mod tests {
         assert_eq!(pack_name(&format!("keys/{name}.pack")), None);
         assert!(pack("../../etc/passwd").starts_with("data/not-a-pack-name/"));
         assert!(pack("").starts_with("data/"));
+    }
+
+    #[test]
+    fn description_keys_round_trip() {
+        let name = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            description_of(&pack_description(name)),
+            Some(Described::Pack(name))
+        );
+        let shard = shard_description("0a", "0011223344556677");
+        assert_eq!(description_of(&shard), Some(Described::Shard("0a")));
+        for stranger in [
+            "pack-index/0a-00",
+            "pack-index/zz-0011223344556677",
+            "data/0a",
+        ] {
+            assert_eq!(description_of(stranger), None, "{stranger}");
+        }
     }
 }

@@ -14,6 +14,7 @@ pub mod lock;
 pub mod manifest;
 pub mod object;
 pub mod pack;
+pub mod pack_index;
 pub mod store;
 
 use std::fs;

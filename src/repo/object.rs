@@ -32,6 +32,8 @@ pub enum ObjectKind {
     Manifest = 5,
     /// A prune record: the manifests of generations that prune removed (see docs/FORMAT.md).
     Tombstone = 6,
+    /// A description of pack files (`pack-index/`, never inside a pack).
+    PackIndex = 7,
 }
 
 impl ObjectKind {
@@ -44,6 +46,7 @@ impl ObjectKind {
             4 => ObjectKind::File,
             5 => ObjectKind::Manifest,
             6 => ObjectKind::Tombstone,
+            7 => ObjectKind::PackIndex,
             _ => return None,
         })
     }
@@ -57,6 +60,7 @@ impl ObjectKind {
             ObjectKind::File => "file",
             ObjectKind::Manifest => "manifest",
             ObjectKind::Tombstone => "tombstone",
+            ObjectKind::PackIndex => "pack description",
         }
     }
 }

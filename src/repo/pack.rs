@@ -16,6 +16,7 @@ use crate::repo::crypto::Keys;
 use crate::repo::index::SealedPack;
 use crate::repo::layout;
 use crate::repo::object::{EncodedObject, RecordHeader, RECORD_HEADER_LEN};
+use crate::repo::pack_index::{self, PackDescription};
 
 /// Magic at the start of every pack file.
 pub const PACK_MAGIC: &[u8; 8] = b"VMREPACK";
@@ -27,14 +28,15 @@ pub const PACK_HEADER_LEN: u64 = 16;
 /// A pack being written.
 pub struct PackWriter {
     backend: Arc<dyn Backend>,
+    keys: Arc<Keys>,
     name: String,
     sink: Option<Box<dyn ObjectWriter>>,
     len: u64,
 }
 
 impl PackWriter {
-    /// Starts a new pack with a random name.
-    pub fn create(backend: &Arc<dyn Backend>) -> Result<PackWriter> {
+    /// Starts a new pack with a random name; `keys` encrypt its description.
+    pub fn create(backend: &Arc<dyn Backend>, keys: &Arc<Keys>) -> Result<PackWriter> {
         let mut raw = [0u8; 16];
         getrandom::fill(&mut raw).map_err(|e| Error::Usage(format!("no randomness: {e}")))?;
         let name = hex::encode(raw);
@@ -51,6 +53,7 @@ impl PackWriter {
         }
         Ok(PackWriter {
             backend: backend.clone(),
+            keys: keys.clone(),
             name,
             sink: Some(sink),
             len: PACK_HEADER_LEN,
@@ -94,10 +97,10 @@ impl PackWriter {
         Ok(offset)
     }
 
-    /// Makes the pack durable, then runs `index` (which records `records`, the pack's records,
-    /// in the index) while the pack is still marked as being written: the one way a pack
-    /// becomes part of the repository. If the seal or `index` fails, the pack is deleted
-    /// (nothing refers to it).
+    /// Makes the pack durable, writes its description (`records`, the pack's records; see
+    /// [`crate::repo::pack_index`]), then runs `index` (which records them in the index) while
+    /// the pack is still marked as being written: the one way a pack becomes part of the
+    /// repository. If any step fails, the pack is deleted (nothing refers to it).
     pub fn seal_then<T>(
         mut self,
         records: Vec<(RecordHeader, u64)>,
@@ -111,10 +114,23 @@ impl PackWriter {
             .finish()
             .ctx("seal pack file", &path);
         let result = sealed.and_then(|_marked| {
-            index(&SealedPack {
+            let description = PackDescription {
                 name: self.name.clone(),
-                size: self.len,
+                len: self.len,
                 records,
+            };
+            let key = layout::pack_description(&self.name);
+            pack_index::write(
+                &*self.backend,
+                &self.keys,
+                &key,
+                std::slice::from_ref(&description),
+            )
+            .ctx("write pack description", self.backend.path(&key))?;
+            index(&SealedPack {
+                name: description.name,
+                size: description.len,
+                records: description.records,
             })
         });
         if result.is_err() {
@@ -426,11 +442,17 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::create(t.path()).unwrap());
         let expected = records();
-        let mut p = PackWriter::create(&backend).unwrap();
+        let keys = Arc::new(Keys::none());
+        let mut p = PackWriter::create(&backend, &keys).unwrap();
         let offsets: Vec<u64> = expected.iter().map(|r| p.append(r).unwrap()).collect();
         let name = p.name().to_string();
+        let described: Vec<(RecordHeader, u64)> = expected
+            .iter()
+            .zip(&offsets)
+            .map(|(r, o)| (r.header.clone(), *o))
+            .collect();
         let len = p
-            .seal_then(Vec::new(), |sealed| {
+            .seal_then(described.clone(), |sealed| {
                 assert!(
                     is_being_written(&*backend, &sealed.name),
                     "marked until indexed"
@@ -453,6 +475,16 @@ mod tests {
             assert_eq!(r.payload, e.payload);
             assert_eq!(r.offset, *off);
         }
+        // Its description, written at the seal, says the same.
+        let d = pack_index::read(&*backend, &keys, &layout::pack_description(&name)).unwrap();
+        assert_eq!(
+            d,
+            vec![PackDescription {
+                name: name.clone(),
+                len,
+                records: described
+            }]
+        );
         assert_eq!(list_packs(&*backend).unwrap(), vec![(name, len)]);
     }
 
@@ -461,12 +493,13 @@ mod tests {
     fn a_pack_that_is_not_indexed_leaves_no_file() {
         let t = tempfile::tempdir().unwrap();
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::create(t.path()).unwrap());
-        let mut p = PackWriter::create(&backend).unwrap();
+        let keys = Arc::new(Keys::none());
+        let mut p = PackWriter::create(&backend, &keys).unwrap();
         p.append(&records()[0]).unwrap();
         let r: Result<()> = p.seal_then(Vec::new(), |_| Err(Error::Usage("index says no".into())));
         assert!(r.is_err());
         assert!(list_packs(&*backend).unwrap().is_empty());
-        let mut p = PackWriter::create(&backend).unwrap();
+        let mut p = PackWriter::create(&backend, &keys).unwrap();
         for r in records() {
             p.append(&r).unwrap();
         }

@@ -143,7 +143,7 @@ impl<'r> Store<'r> {
             if w.pack.is_none() {
                 w.pack = Some(match w.spare.take() {
                     Some(p) => p,
-                    None => PackWriter::create(self.repo.backend())?,
+                    None => PackWriter::create(self.repo.backend(), &self.repo.keys_arc())?,
                 });
             }
             let offset = w.pack.as_mut().unwrap().append(&encoded)?;
@@ -170,7 +170,7 @@ impl<'r> Store<'r> {
         if spare {
             // Best effort: without a spare the next append creates its pack itself, and says
             // why if it cannot.
-            if let Ok(next) = PackWriter::create(self.repo.backend()) {
+            if let Ok(next) = PackWriter::create(self.repo.backend(), &self.repo.keys_arc()) {
                 let mut w = self.writer.lock().unwrap();
                 match w.spare {
                     None => w.spare = Some(next),
