@@ -10,6 +10,7 @@
 // shutdown, zero); backend (the storage seam); repo; source; vmware; maintain; restore; ingest. A layer uses only those
 // below it; `tests::layers` holds the code to that.
 pub mod backend;
+pub mod copy;
 pub mod error;
 pub mod fsutil;
 pub mod fuzzing;
@@ -51,8 +52,11 @@ pub(crate) mod tests {
             "source" => &["base", "source"],
             "vmware" => &["base", "repo", "source", "vmware"],
             "maintain" => &["base", "backend", "repo", "maintain"],
+            "copy" => &["base", "backend", "repo", "maintain", "copy"],
             "restore" => &["base", "repo", "source", "vmware", "maintain", "restore"],
-            "ingest" => &["base", "repo", "source", "vmware", "maintain", "ingest"],
+            "ingest" => &[
+                "base", "repo", "source", "vmware", "maintain", "copy", "ingest",
+            ],
             other => panic!("no rule for layer {other}: add it here and to ARCHITECTURE.md"),
         }
     }

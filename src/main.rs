@@ -93,6 +93,9 @@ enum Command {
     /// Delete data no generation references and compact half-empty data files.
     #[command(long_about = cli::gc::HELP)]
     Gc(cli::gc::GcArgs),
+    /// Copy generations to another repository (off-site, or back), sending only what it lacks.
+    #[command(long_about = cli::copy::HELP)]
+    Copy(cli::copy::CopyArgs),
     /// Import a ghettoVCB backup rotation as generations, with their original dates.
     #[command(long_about = cli::import::HELP)]
     ImportGhettovcb(cli::import::ImportArgs),
@@ -156,6 +159,7 @@ fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<
         Command::Check(a) => cli::check::run(a, &ctx),
         Command::Prune(a) => cli::prune::run(a, &ctx),
         Command::Gc(a) => cli::gc::run(a, &ctx),
+        Command::Copy(a) => cli::copy::run(a, &ctx),
         Command::ImportGhettovcb(a) => cli::import::run(a, &ctx),
         Command::Key(cmd) => cli::keys::run(cmd, &ctx),
         Command::Run(a) => cli::run::run(a, &ctx),

@@ -175,7 +175,18 @@ fn the_nightly_example_job_runs_as_documented() {
     .ok();
     let repo = init_repo(t.path());
     let log = t.path().join("hooks.log");
+    // The off-site copy goes to an encrypted repository beside it.
+    let offsite = t.path().join("offsite");
+    let offsite_pass = t.path().join("offsite.pass");
+    fs::write(&offsite_pass, "off-site passphrase\n").unwrap();
+    sh(&format!(
+        "VMREPO_PASSWORD='off-site passphrase' '{BIN}' init '{}' --encryption aes-256-gcm",
+        offsite.display()
+    ))
+    .ok();
     let job_text: String = example
+        .replace("s3://offsite-bucket/vmrepo", &offsite.display().to_string())
+        .replace("/root/.vmrepo-offsite", &offsite_pass.display().to_string())
         .replace("/backup/repo", &repo.display().to_string())
         .replace("/mnt/ds1", &ds.display().to_string())
         .replace(
@@ -208,6 +219,22 @@ fn the_nightly_example_job_runs_as_documented() {
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert_eq!(generations(&repo, "web01").len(), 1);
     assert_eq!(generations(&repo, "db01-prod").len(), 1);
+    assert!(
+        r.stdout.contains("ok (2 generation(s) copied"),
+        "{}",
+        r.stdout
+    );
+    let copied = sh(&format!(
+        "VMREPO_PASSWORD='off-site passphrase' '{BIN}' list '{}' --json",
+        offsite.display()
+    ));
+    copied.ok();
+    assert_eq!(
+        copied.json().as_array().unwrap().len(),
+        2,
+        "{}",
+        copied.stdout
+    );
     let hooks = fs::read_to_string(&log).unwrap();
     assert!(
         hooks.contains("post_command web01") && hooks.contains("post_command db01-prod"),

@@ -773,3 +773,81 @@ fn a_fresh_cache_is_built_from_pack_descriptions_and_bad_ones_only_cost_time() {
         )
         .ok();
 }
+
+/// `vmrepo copy` between a local repository and a bucket, both ways: off-site and back. The
+/// bucket's repository has its own passphrase; the copy back restores byte for byte.
+#[test]
+fn copy_sends_generations_off_site_and_brings_them_back() {
+    let store = Store::start();
+    let t = tempfile::tempdir().unwrap();
+    let url = store.url("offsite");
+    let cache = t.path().join("cache");
+    let local = t.path().join("local");
+    let img = t.path().join("fs01.img");
+    sparse_image(&img, 40 << 20, &[(0, 9 << 20, 11), (24 << 20, 5 << 20, 12)]);
+    let plain = |args: &[std::ffi::OsString]| {
+        Run::from(
+            store
+                .command(&cache)
+                .args(args)
+                .env_remove("VMREPO_PASSWORD")
+                .output()
+                .unwrap(),
+        )
+    };
+    plain(&[s("init"), p(&local)]).ok();
+    plain(&[s("ingest"), p(&local), p(&img), s("--name"), s("fs01")]).ok();
+    store
+        .vmrepo(
+            &cache,
+            [s("init"), s(&url), s("--encryption"), s("aes-256-gcm")],
+        )
+        .ok();
+    let to_bucket = |cache: &Path| {
+        Run::from(
+            store
+                .command(cache)
+                .args([s("copy"), p(&local), s(&url), s("--json")])
+                .env_remove("VMREPO_PASSWORD")
+                .env("VMREPO_TO_PASSWORD", "s3 test passphrase")
+                .output()
+                .unwrap(),
+        )
+    };
+    let r = to_bucket(&cache);
+    r.ok();
+    assert_eq!(
+        r.json()["copied"].as_array().unwrap().len(),
+        1,
+        "{}",
+        r.stdout
+    );
+    // The next night: only the change goes.
+    overwrite(&img, 1 << 20, 256 << 10, 13);
+    plain(&[s("ingest"), p(&local), p(&img), s("--name"), s("fs01")]).ok();
+    let r = to_bucket(&cache);
+    r.ok();
+    let j = r.json();
+    assert_eq!(j["copied"].as_array().unwrap().len(), 1, "{j}");
+    assert!(j["bytes_stored"].as_u64().unwrap() < 1 << 20, "{j}");
+
+    // Back, from a host with nothing but the bucket, into a new local repository.
+    let back = t.path().join("back");
+    plain(&[s("init"), p(&back)]).ok();
+    let r = Run::from(
+        store
+            .command(&t.path().join("cache-fresh"))
+            .args([s("copy"), s(&url), p(&back)])
+            .output()
+            .unwrap(),
+    );
+    r.ok();
+    assert_eq!(generations(&back, "fs01").len(), 2);
+    let out = t.path().join("out");
+    plain(&[s("extract"), p(&back), s("fs01"), p(&out)]).ok();
+    assert!(same_file(&out.join("fs01.img"), &img));
+    plain(&[s("check"), p(&back), s("--read-data")]).ok();
+    store
+        .vmrepo(&cache, [s("check"), s(&url), s("--read-data")])
+        .ok();
+}

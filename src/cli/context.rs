@@ -80,6 +80,29 @@ impl Context {
         lock_wait: u64,
         bar: &Bar,
     ) -> anyhow::Result<Repository> {
+        self.open_with_passphrase(path, mode, lock_wait, &|| self.passphrase(), bar)
+    }
+
+    /// [`Context::open_repo`] for a second repository whose passphrase comes from `source`
+    /// (the destination of `vmrepo copy`).
+    pub fn open_other_repo(
+        &self,
+        path: &Path,
+        mode: LockMode,
+        source: &Source,
+        bar: &Bar,
+    ) -> anyhow::Result<Repository> {
+        self.open_with_passphrase(path, mode, self.lock_wait, &|| source.get(false), bar)
+    }
+
+    fn open_with_passphrase(
+        &self,
+        path: &Path,
+        mode: LockMode,
+        lock_wait: u64,
+        passphrase: &dyn Fn() -> anyhow::Result<Zeroizing<String>>,
+        bar: &Bar,
+    ) -> anyhow::Result<Repository> {
         let repo = Repository::open_with(
             path,
             mode,
@@ -87,7 +110,7 @@ impl Context {
                 lock_wait: Duration::from_secs(lock_wait),
                 on_wait: &|msg| bar.note(msg),
                 passphrase: &|| {
-                    self.passphrase().map_err(|e| {
+                    passphrase().map_err(|e| {
                         vmrepo::Error::Usage(format!(
                             "repository {} is encrypted: {e:#}",
                             path.display()

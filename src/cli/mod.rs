@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod context;
+pub mod copy;
 pub mod extract;
 pub mod gc;
 pub mod import;

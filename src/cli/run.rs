@@ -6,16 +6,19 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use vmrepo::ingest::job::{dry_run, run as run_job, JobFile};
+use vmrepo::ingest::job::{dry_run, run as run_job, JobCopy, JobFile};
+use vmrepo::repo::lock::LockMode;
 
 use crate::cli::context::Context;
 use crate::cli::output::{human, print_json, Bar};
+use crate::cli::passphrase::Source;
 
 pub const HELP: &str = "Run a nightly job file: ingest every VM it lists (directories, .vmx \
 files or images; shell globs and exclusions allowed) into its repository, each with its pre- and \
 post-commands, at most `parallel` at once (default 1, so the datastore is not flooded); one VM \
-failing does not stop the others. Then apply the job's retention (prune and gc) and run its \
-partial check. Prints a table (VM, status, read, new, stored, time) and writes a JSON status file \
+failing does not stop the others. Then apply the job's retention (prune and gc), copy the \
+generations to each [[copy]] destination (off-site; only what it lacks), and run its partial \
+check. Prints a table (VM, status, read, new, stored, time) and writes a JSON status file \
 if the job names one. --dry-run opens every VM as the run would and prints what would be read, \
 without running hooks or writing anything (exit 1 if a VM cannot be opened). Exit status: 0 when everything succeeded, 1 when a VM, the retention \
 or the check failed, 2 when the job file is unusable. Format: docs/NIGHTLY.md.";
@@ -86,6 +89,9 @@ pub fn run(a: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
                 if r.gc { " and gc" } else { "" }
             );
         }
+        for c in &job.copy {
+            println!("then copy to {}", c.to.display());
+        }
         if let Some(c) = &job.check {
             println!("then check --read-data-subset {}", c.read_data_subset);
         }
@@ -97,7 +103,24 @@ pub fn run(a: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         ctx.open_repo_waiting(path, mode, wait, &Bar::new(false))
             .map_err(|e| vmrepo::Error::Usage(format!("{e:#}")))
     };
-    let report = run_job(&job, &opener, &ctx.interrupt, &ctx.workers, &bar)?;
+    let copy_opener = |c: &JobCopy| -> vmrepo::Result<vmrepo::Repository> {
+        let source = Source {
+            file: c.password_file.clone(),
+            command: c.password_command.clone(),
+            env: "VMREPO_TO_PASSWORD",
+            what: "passphrase of the copy's destination",
+        };
+        ctx.open_other_repo(&c.to, LockMode::Shared, &source, &Bar::new(false))
+            .map_err(|e| vmrepo::Error::Usage(format!("{e:#}")))
+    };
+    let report = run_job(
+        &job,
+        &opener,
+        &copy_opener,
+        &ctx.interrupt,
+        &ctx.workers,
+        &bar,
+    )?;
     if a.json {
         print_json(&report);
     } else {
@@ -136,6 +159,9 @@ pub fn run(a: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
                 String::new()
             }
         );
+        for c in &report.copies {
+            println!("copy to {c}");
+        }
         println!("check: {}", report.check);
         let failed = report.vms.iter().filter(|v| v.status != "ok").count();
         println!(

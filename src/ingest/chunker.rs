@@ -66,43 +66,19 @@ pub fn runs(buf: &[u8], params: &ChunkerParams, hole: impl Fn(usize) -> bool) ->
     out
 }
 
-/// The key for segment fingerprints, derived from the chunker parameters so that a change of
-/// parameters can never reuse a segment cut differently, and from the repository's secret
-/// fingerprint key when it is encrypted (so fingerprints confirm nothing to an outsider).
-pub fn fingerprint_key(params: &ChunkerParams, keys: &Keys) -> [u8; 32] {
-    let desc = format!(
-        "seg={} min={} avg={} max={} zb={} zmin={}",
-        params.segment_size,
-        params.min_size,
-        params.avg_size,
-        params.max_size,
-        params.zero_block,
-        params.zero_run_min
-    );
-    match keys.fingerprint_secret() {
-        None => blake3::derive_key("vmrepo segment fingerprint v1", desc.as_bytes()),
-        Some(secret) => *blake3::keyed_hash(secret, desc.as_bytes()).as_bytes(),
-    }
-}
+pub use crate::repo::fingerprint::key as fingerprint_key;
 
 /// Keyed hash of a segment's runs and data bytes: equal fingerprints mean equal segments.
 pub fn fingerprint(key: &[u8; 32], buf: &[u8], runs: &[Run]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_keyed(key);
-    h.update(&(buf.len() as u64).to_le_bytes());
-    for r in runs {
-        match r {
-            Run::Zero(z) => {
-                h.update(&[0]);
-                h.update(&((z.end - z.start) as u64).to_le_bytes());
-            }
-            Run::Data(d) => {
-                h.update(&[1]);
-                h.update(&((d.end - d.start) as u64).to_le_bytes());
-                h.update(&buf[d.clone()]);
-            }
-        }
-    }
-    *h.finalize().as_bytes()
+    use crate::repo::fingerprint::{hash, Piece};
+    hash(
+        key,
+        buf.len() as u64,
+        runs.iter().map(|r| match r {
+            Run::Zero(z) => Piece::Zero((z.end - z.start) as u64),
+            Run::Data(d) => Piece::Data(&buf[d.clone()]),
+        }),
+    )
 }
 
 /// A chunk cut from a data run.

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::copy::{copy, CopyOptions};
 use crate::error::{Error, IoContext, Result, Spelling};
 use crate::ingest::hooks::Interrupt;
 pub use crate::ingest::options::VmSettings;
@@ -54,6 +55,22 @@ pub struct JobCheck {
     pub read_data_subset: String,
 }
 
+/// `[[copy]]`: after retention, copy the repository's generations to another repository
+/// (off-site), sending only what it lacks (same as `vmrepo copy`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobCopy {
+    /// The destination: a repository directory or `s3://BUCKET/PREFIX`.
+    pub to: PathBuf,
+    /// The destination's passphrase file, when it is encrypted.
+    pub password_file: Option<PathBuf>,
+    /// A command printing the destination's passphrase, when it is encrypted.
+    pub password_command: Option<String>,
+    /// Read back and verify what was stored (default true).
+    #[serde(default = "default_true")]
+    pub verify: bool,
+}
+
 /// A job file.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,6 +108,9 @@ pub struct JobFile {
     pub retention: Option<JobRetention>,
     /// Partial check to run at the end.
     pub check: Option<JobCheck>,
+    /// Repositories to copy the generations to, after retention.
+    #[serde(default)]
+    pub copy: Vec<JobCopy>,
 }
 
 impl JobFile {
@@ -246,6 +266,8 @@ pub struct RunReport {
     pub freed: u64,
     /// Check: `ok`, `damage found: ...`, `not configured`, or the error.
     pub check: String,
+    /// One line per `[[copy]]` destination: what was copied, or the error.
+    pub copies: Vec<String>,
     /// True when every VM succeeded and retention and check (if configured) are fine.
     pub ok: bool,
 }
@@ -257,10 +279,15 @@ fn now() -> String {
 /// Opens the job's repository (passphrase and lock wait from the caller).
 pub type Opener<'a> = dyn Fn(&Path, crate::repo::lock::LockMode) -> Result<Repository> + Sync + 'a;
 
-/// Runs the job: ingests (at most `parallel` at once), then retention, then the check.
+/// Opens a `[[copy]]` destination (its passphrase as the entry says).
+pub type CopyOpener<'a> = dyn Fn(&JobCopy) -> Result<Repository> + Sync + 'a;
+
+/// Runs the job: ingests (at most `parallel` at once), then retention, the copies, and the
+/// check.
 pub fn run(
     job: &JobFile,
     open: &Opener<'_>,
+    open_copy: &CopyOpener<'_>,
     interrupt: &Interrupt,
     workers: &SegmentWorkers,
     progress: &(dyn Progress + Sync),
@@ -334,6 +361,7 @@ pub fn run(
         removed: 0,
         freed: 0,
         check: "not configured".into(),
+        copies: Vec::new(),
     };
 
     if let Some(r) = &job.retention {
@@ -363,6 +391,41 @@ pub fn run(
                 format!("failed: {}", e.spelled(Spelling::JobFile))
             }
         };
+    }
+    for c in &job.copy {
+        let outcome = open(&job.repository, crate::repo::lock::LockMode::Read).and_then(|src| {
+            let dst = open_copy(c)?;
+            let gens = src.with_index(|i| i.generations(None))?;
+            copy(&src, &dst, &gens, &CopyOptions { verify: c.verify }, &quiet)
+        });
+        let line = match outcome {
+            Ok(r) if r.failed.is_empty() => format!(
+                "{}: ok ({} generation(s) copied, {} already there)",
+                c.to.display(),
+                r.copied.len(),
+                r.present.len()
+            ),
+            Ok(r) => {
+                report.ok = false;
+                format!(
+                    "{}: {} generation(s) NOT copied (first: {}: {})",
+                    c.to.display(),
+                    r.failed.len(),
+                    r.failed[0].0,
+                    r.failed[0].1
+                )
+            }
+            Err(e) => {
+                report.ok = false;
+                format!(
+                    "{}: failed: {}",
+                    c.to.display(),
+                    e.spelled(Spelling::JobFile)
+                )
+            }
+        };
+        progress.note(&format!("copy to {line}"));
+        report.copies.push(line);
     }
     if let Some(c) = &job.check {
         let mode = if c.read_data_subset == "all" {
