@@ -61,16 +61,22 @@ fresh() { # a new cache directory, then `vmrepo list`
     rm -rf "$work/cache-fresh"
     XDG_CACHE_HOME=$work/cache-fresh t "$V" list "$url"
 }
-echo "per-pack descriptions: $(sizes)"
-echo "fresh host, per-pack descriptions: $(fresh) s"
-$V gc "$url" --repack-threshold 100% >/dev/null 2>&1
-echo "after gc (compacted):  $(sizes)"
-echo "fresh host, compacted descriptions: $(fresh) s"
-"$PY" - "$S3_BUCKET" <<'PYEOF'
+stash() { # move pack-index/ to stash/ (or back): a repository without descriptions
+    "$PY" - "$S3_BUCKET" "$1" "$2" <<'PYEOF'
 import boto3, os, sys
 s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name=os.environ["AWS_REGION"])
-for page in s3.get_paginator("list_objects_v2").paginate(Bucket=sys.argv[1], Prefix="fleet/pack-index/"):
+bucket, src, dst = sys.argv[1:4]
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=src):
     for o in page.get("Contents", []):
-        s3.delete_object(Bucket=sys.argv[1], Key=o["Key"])
+        s3.copy_object(Bucket=bucket, Key=dst + o["Key"][len(src):], CopySource={"Bucket": bucket, "Key": o["Key"]})
+        s3.delete_object(Bucket=bucket, Key=o["Key"])
 PYEOF
+}
+echo "$(sizes)"
+echo "fresh host, a description per pack: $(fresh) s"
+stash fleet/pack-index/ fleet-stash/
 echo "fresh host, no descriptions (every pack read): $(fresh) s"
+stash fleet-stash/ fleet/pack-index/
+$V gc "$url" >/dev/null 2>&1
+echo "after gc (descriptions compacted, nothing else changed): $(sizes)"
+echo "fresh host, compacted descriptions: $(fresh) s"

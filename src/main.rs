@@ -63,6 +63,23 @@ struct Cli {
     /// from the repository when lost. Default: $XDG_CACHE_HOME/vmrepo, else ~/.cache/vmrepo.
     #[arg(long, global = true, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Repositories in object storage: send at most this many MB (10^6 bytes) per second, all
+    /// uploads of the process together, so a backup leaves room on a shared link.
+    #[arg(long, global = true, value_name = "MB/s", value_parser = parse_rate)]
+    limit_upload: Option<f64>,
+    /// Repositories in object storage: receive at most this many MB per second.
+    #[arg(long, global = true, value_name = "MB/s", value_parser = parse_rate)]
+    limit_download: Option<f64>,
+}
+
+/// A transfer limit in MB/s (decimal), as bytes per second.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim_end_matches("MB/s").trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v * 1e6),
+        _ => Err(format!(
+            "{s:?} is not a rate in MB/s above 0 (e.g. 20 or 0.5)"
+        )),
+    }
 }
 
 #[derive(Subcommand)]
@@ -146,7 +163,11 @@ fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<
         cli.lock_wait,
         interrupt,
         vmrepo::ingest::SegmentWorkers::new(cli.threads.map(usize::from)),
-        cli.cache_dir,
+        vmrepo::backend::RemoteOptions {
+            cache_root: cli.cache_dir,
+            limit_upload: cli.limit_upload,
+            limit_download: cli.limit_download,
+        },
         cli::passphrase::Source::repository(cli.password_file, cli.password_command),
     );
     match cli.command {

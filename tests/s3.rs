@@ -851,3 +851,127 @@ fn copy_sends_generations_off_site_and_brings_them_back() {
         .vmrepo(&cache, [s("check"), s(&url), s("--read-data")])
         .ok();
 }
+
+/// `--limit-upload` and `--limit-download` hold a transfer to the rate asked: 24 MB of data
+/// that does not compress take at least the time the limit allows (less the one request that
+/// may go at once). A lower bound only: a slow machine makes it longer, never shorter.
+#[test]
+fn transfer_limits_hold_the_rate() {
+    let store = Store::start();
+    let t = tempfile::tempdir().unwrap();
+    let url = store.url("limited");
+    let cache = t.path().join("cache");
+    let img = t.path().join("noise.img");
+    sh(&format!(
+        "head -c 24000000 /dev/urandom > '{}'",
+        img.display()
+    ))
+    .ok();
+    store.vmrepo(&cache, [s("init"), s(&url)]).ok();
+    let began = std::time::Instant::now();
+    store
+        .vmrepo(
+            &cache,
+            [s("ingest"), s(&url), p(&img), s("--limit-upload"), s("4")],
+        )
+        .ok();
+    let up = began.elapsed().as_secs_f64();
+    // 24 MB at 4 MB/s, the first 8 MiB part free: at least 4 s.
+    assert!(up >= 3.5, "uploaded 24 MB in {up:.2} s at --limit-upload 4");
+    let began = std::time::Instant::now();
+    let out = t.path().join("out");
+    store
+        .vmrepo(
+            &cache,
+            [
+                s("extract"),
+                s(&url),
+                s("noise"),
+                p(&out),
+                s("--limit-download"),
+                s("8"),
+            ],
+        )
+        .ok();
+    let down = began.elapsed().as_secs_f64();
+    assert!(
+        down >= 1.5,
+        "downloaded 24 MB in {down:.2} s at --limit-download 8"
+    );
+    assert!(same_file(&out.join("noise.img"), &img));
+    let bad = store.vmrepo(&cache, [s("list"), s(&url), s("--limit-upload"), s("0")]);
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("not a rate in MB/s"), "{}", bad.stderr);
+}
+
+/// Credentials, region and endpoint from an AWS profile when the environment does not set
+/// them, as AWS tools read them; a profile no file holds is an error that says so.
+#[test]
+fn an_aws_profile_configures_the_client() {
+    let store = Store::start();
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    fs::create_dir_all(home.join(".aws")).unwrap();
+    let var = |k: &str| {
+        store
+            .env
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    fs::write(
+        home.join(".aws/credentials"),
+        format!(
+            "[backup]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            var("AWS_ACCESS_KEY_ID"),
+            var("AWS_SECRET_ACCESS_KEY")
+        ),
+    )
+    .unwrap();
+    fs::write(
+        home.join(".aws/config"),
+        format!(
+            "[profile backup]\nregion = {}\nendpoint_url = {}\n",
+            var("AWS_REGION"),
+            var("AWS_ENDPOINT_URL")
+        ),
+    )
+    .unwrap();
+    let url = store.url("profiled");
+    let run = |profile: &str, args: &[std::ffi::OsString]| {
+        let mut c = store.command(&t.path().join("cache"));
+        for k in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+            "AWS_ENDPOINT_URL",
+        ] {
+            c.env_remove(k);
+        }
+        Run::from(
+            c.env("HOME", &home)
+                .env("AWS_PROFILE", profile)
+                .args(args)
+                .output()
+                .unwrap(),
+        )
+    };
+    run("backup", &[s("init"), s(&url)]).ok();
+    run("backup", &[s("list"), s(&url)]).ok();
+    let r = run("nobody", &[s("list"), s(&url)]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("\"nobody\""), "{}", r.stderr);
+    assert!(r.stderr.contains(".aws/credentials"), "{}", r.stderr);
+    // A bucket that does not exist is named as such, not as a missing repository.
+    for cmd in ["init", "list"] {
+        let r = run("backup", &[s(cmd), s("s3://no-such-bucket-here/x")]);
+        assert_ne!(r.code, 0);
+        assert!(
+            r.stderr.contains("the bucket does not exist"),
+            "{cmd}: {}",
+            r.stderr
+        );
+    }
+}

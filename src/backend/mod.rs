@@ -88,26 +88,32 @@ pub fn default_cache_root() -> PathBuf {
     }
 }
 
-/// The backend of the existing repository at `location` (a directory or `s3://BUCKET/PREFIX`);
-/// the index of a repository in an object store is kept under `cache_root` (default:
-/// [`default_cache_root`]).
-pub fn open(location: &Path, cache_root: Option<&Path>) -> Result<Arc<dyn Backend>> {
+/// Settings of a repository in an object store (ignored for a directory).
+#[derive(Clone, Debug, Default)]
+pub struct RemoteOptions {
+    /// Where the index is cached on this host (`None`: [`default_cache_root`]).
+    pub cache_root: Option<PathBuf>,
+    /// Upload at most this many bytes per second (the whole process, all requests).
+    pub limit_upload: Option<f64>,
+    /// Download at most this many bytes per second.
+    pub limit_download: Option<f64>,
+}
+
+/// The backend of the existing repository at `location` (a directory or `s3://BUCKET/PREFIX`).
+pub fn open(location: &Path, remote: &RemoteOptions) -> Result<Arc<dyn Backend>> {
     Ok(match place(location)? {
         Place::Directory(d) => Arc::new(LocalBackend::open(d)?),
-        Place::S3(url) => {
-            let root = cache_root.map_or_else(default_cache_root, Path::to_path_buf);
-            Arc::new(S3Backend::open(url, &root)?)
-        }
+        Place::S3(url) => Arc::new(S3Backend::open(url, remote)?),
     })
 }
 
 /// The backend of a new repository at `location`: a directory that must not exist or be empty,
 /// or an S3 prefix that must hold no object.
-pub fn create(location: &Path, cache_root: Option<&Path>) -> Result<Arc<dyn Backend>> {
+pub fn create(location: &Path, remote: &RemoteOptions) -> Result<Arc<dyn Backend>> {
     Ok(match place(location)? {
         Place::Directory(d) => Arc::new(LocalBackend::create(d)?),
         Place::S3(_) => {
-            let b = open(location, cache_root)?;
+            let b = open(location, remote)?;
             let found = b.list("").map_err(|e| Error::io("list", location, e))?;
             if !found.is_empty() {
                 return Err(Error::NotEmpty(location.to_path_buf()));

@@ -1,11 +1,12 @@
 //! What every command shares: how long to wait for the repository's lock, the interrupt token, and where the passphrase of an encrypted repository comes from (asked at most once).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context as _;
 
+use vmrepo::backend::RemoteOptions;
 use vmrepo::ingest::hooks::Interrupt;
 use vmrepo::ingest::SegmentWorkers;
 use vmrepo::progress::Progress;
@@ -24,8 +25,9 @@ pub struct Context {
     pub interrupt: Interrupt,
     /// The threads that read and cut segments (`--threads`), shared by every ingest of the run.
     pub workers: SegmentWorkers,
-    /// `--cache-dir`: where the index of a repository in object storage is cached.
-    pub cache_dir: Option<PathBuf>,
+    /// Repositories in object storage: `--cache-dir` (where the index is cached),
+    /// `--limit-upload`, `--limit-download`.
+    pub remote: RemoteOptions,
     passphrase: Source,
     /// The passphrase once asked for (a prompt is shown at most once per run).
     passphrase_value: Mutex<Option<Zeroizing<String>>>,
@@ -36,14 +38,14 @@ impl Context {
         lock_wait: u64,
         interrupt: Interrupt,
         workers: SegmentWorkers,
-        cache_dir: Option<PathBuf>,
+        remote: RemoteOptions,
         passphrase: Source,
     ) -> Context {
         Context {
             lock_wait,
             interrupt,
             workers,
-            cache_dir,
+            remote,
             passphrase,
             passphrase_value: Mutex::new(None),
         }
@@ -117,7 +119,7 @@ impl Context {
                         ))
                     })
                 },
-                cache_root: self.cache_dir.as_deref(),
+                remote: &self.remote,
             },
         )?;
         if let Some(why) = repo.unguarded() {

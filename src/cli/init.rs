@@ -81,7 +81,7 @@ pub fn run(a: InitArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             ..Default::default()
         },
     });
-    let config = vmrepo::backend::create(&repo, ctx.cache_dir.as_deref())
+    let config = vmrepo::backend::create(&repo, &ctx.remote)
         .and_then(|backend| Repository::init_in(backend, params, compression_level, enc))
         .with_context(|| format!("cannot create a repository in {}", repo.display()))?;
     let c = config.chunker;

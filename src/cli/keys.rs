@@ -110,7 +110,7 @@ fn need_encrypted(
     repo: &std::path::Path,
     ctx: &Context,
 ) -> anyhow::Result<(std::sync::Arc<dyn Backend>, Config)> {
-    let backend = vmrepo::backend::open(repo, ctx.cache_dir.as_deref())?;
+    let backend = vmrepo::backend::open(repo, &ctx.remote)?;
     let config = Config::load(&*backend)?;
     if !config.encrypted() {
         bail!(
@@ -166,7 +166,7 @@ pub fn run(cmd: KeyCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
                             .with_context(|| format!("cannot read {}", path.display()))?,
                     );
                     let m = ExportedKey::parse(&path, &text, &config.repository_id)?;
-                    vmrepo::repo::verify_master_key(&repo, ctx.cache_dir.as_deref(), &m)
+                    vmrepo::repo::verify_master_key(&repo, &ctx.remote, &m)
                         .context("this master key does not decrypt the repository's data")?;
                     m
                 }

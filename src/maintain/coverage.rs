@@ -28,7 +28,7 @@ use crate::repo::layout;
 use crate::repo::manifest::{Manifest, Tombstone};
 use crate::repo::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
 use crate::repo::pack::{is_being_written, list_packs, pack_len, scan_pack, PACK_HEADER_LEN};
-use crate::repo::pack_index::{Descriptions, PackDescription};
+use crate::repo::pack_index::{Described, Descriptions};
 use crate::repo::Repository;
 
 /// A pack file in `data/` that the index does not know and no process is writing.
@@ -124,7 +124,7 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
     unknown.sort();
     let mut sizes = Vec::new();
     // Packs with a description are known from it; the others are read record by record.
-    let mut described = match Descriptions::list(backend, repo.keys()) {
+    let described = match Descriptions::list(backend, repo.keys()) {
         Ok(d) => Some(d),
         Err(e) => {
             progress.note(&format!(
@@ -147,16 +147,21 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
             "reading pack files the index does not know",
             sizes.iter().map(|(_, n)| n).sum(),
         );
-        for (name, size) in sizes {
-            let d = described.as_mut().and_then(|d| d.get(&name, size));
-            s.unknown.push(match d {
-                Some(d) => described_unknown(repo, d)?,
-                None => read_unknown(repo, &name, size)?,
-            });
-            progress.advance(size);
+        for batch in sizes.chunks(256) {
+            let fetched = match &described {
+                Some(d) => d.fetch(repo.packs(), batch),
+                None => batch.iter().map(|_| None).collect(),
+            };
+            for ((name, size), d) in batch.iter().zip(fetched) {
+                s.unknown.push(match d {
+                    Some(d) => described_unknown(repo, d),
+                    None => read_unknown(repo, name, *size)?,
+                });
+                progress.advance(*size);
+            }
         }
         progress.finish();
-        for why in described.iter().flat_map(|d| &d.ignored) {
+        for why in described.iter().flat_map(|d| d.take_ignored()) {
             progress.note(&format!("pack description not used: {why}"));
         }
     }
@@ -216,31 +221,23 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
 }
 
 /// An unknown pack known from its description: its records as described, its manifests and
-/// tombstones read (a few range reads instead of the whole pack).
-fn described_unknown(repo: &Repository, d: PackDescription) -> Result<UnknownPack> {
+/// tombstones as read (a few range reads instead of the whole pack).
+fn described_unknown(repo: &Repository, d: Described) -> UnknownPack {
+    let Described {
+        description: d,
+        metadata,
+    } = d;
     let mut u = unknown_pack(repo, &d.name, d.len);
     u.valid_len = d.len;
     u.described = true;
-    for (h, offset) in &d.records {
+    for (h, plain) in metadata {
         match h.kind {
-            ObjectKind::Manifest => {
-                match repo
-                    .packs()
-                    .read_object(&d.name, *offset, h)
-                    .map_err(|e| e.to_string())
-                    .and_then(|b| Manifest::decode(&b))
-                {
-                    Ok(m) => u.manifests.push((h.id, m)),
-                    Err(e) => u.bad_manifests.push((h.id, e)),
-                }
-            }
+            ObjectKind::Manifest => match plain.and_then(|b| Manifest::decode(&b)) {
+                Ok(m) => u.manifests.push((h.id, m)),
+                Err(e) => u.bad_manifests.push((h.id, e)),
+            },
             ObjectKind::Tombstone => {
-                if let Ok(t) = repo
-                    .packs()
-                    .read_object(&d.name, *offset, h)
-                    .map_err(|e| e.to_string())
-                    .and_then(|b| Tombstone::decode(&b))
-                {
+                if let Ok(t) = plain.and_then(|b| Tombstone::decode(&b)) {
                     u.tombstoned.extend(t.removed.iter().map(|r| r.manifest));
                 }
             }
@@ -248,7 +245,7 @@ fn described_unknown(repo: &Repository, d: PackDescription) -> Result<UnknownPac
         }
     }
     u.records = d.records;
-    Ok(u)
+    u
 }
 
 /// An unknown pack of which nothing is known yet.

@@ -15,7 +15,7 @@ use crate::repo::layout;
 use crate::repo::manifest::{DiskMap, Extent, Manifest, Segment, Tombstone};
 use crate::repo::object::{self, ObjectKind, RECORD_HEADER_LEN};
 use crate::repo::pack::{is_being_written, list_packs, scan_pack};
-use crate::repo::pack_index::Descriptions;
+use crate::repo::pack_index::{Described, Descriptions};
 use crate::repo::Repository;
 
 /// What an index rebuild found.
@@ -77,7 +77,7 @@ pub fn rebuild_index(
     let mut tombstoned: HashSet<ObjectId> = HashSet::new();
     // Segments and disk maps known from descriptions only: taken as complete.
     let mut described_maps: HashSet<ObjectId> = HashSet::new();
-    let mut descriptions = match source {
+    let descriptions = match source {
         RecordSource::PackFiles => None,
         RecordSource::Descriptions => Some(
             Descriptions::list(backend, repo.keys())
@@ -85,102 +85,110 @@ pub fn rebuild_index(
         ),
     };
     let mut good_segments: HashSet<ObjectId> = HashSet::new();
-    for (name, listed) in &packs {
-        if is_being_written(backend, name) {
-            progress.note(&format!("skipping pack {name}: an ingest is writing it"));
-            continue;
-        }
-        if let Some(d) = descriptions.as_mut().and_then(|d| d.get(name, *listed)) {
-            for (h, offset) in &d.records {
-                let plain = || repo.packs().read_object(name, *offset, h);
-                match h.kind {
-                    ObjectKind::Manifest => {
-                        match plain()
-                            .map_err(|e| e.to_string())
-                            .and_then(|b| Manifest::decode(&b))
-                        {
-                            Ok(m) => manifests.push((h.id, m)),
-                            Err(e) => report
-                                .damaged
-                                .push(format!("manifest {}: {e}", h.id.short())),
-                        }
-                    }
-                    ObjectKind::Tombstone => {
-                        match plain()
-                            .map_err(|e| e.to_string())
-                            .and_then(|b| Tombstone::decode(&b))
-                        {
-                            Ok(t) => tombstoned.extend(t.removed.iter().map(|r| r.manifest)),
-                            Err(e) => report
-                                .damaged
-                                .push(format!("tombstone {}: {e}", h.id.short())),
-                        }
-                    }
-                    ObjectKind::Segment => {
-                        good_segments.insert(h.id);
-                    }
-                    ObjectKind::DiskMap => {
-                        described_maps.insert(h.id);
-                    }
-                    _ => {}
-                }
-                known.insert(h.id, h.raw_len);
+    let packs: Vec<(String, u64)> = packs
+        .into_iter()
+        .filter(|(name, _)| {
+            let busy = is_being_written(backend, name);
+            if busy {
+                progress.note(&format!("skipping pack {name}: an ingest is writing it"));
             }
-            progress.advance(d.len);
-            report.packs += 1;
-            report.described += 1;
-            report.objects += d.records.len() as u64;
-            index.add_pack(name, d.len, &d.records)?;
-            continue;
-        }
-        let mut records = Vec::new();
-        let (len, tail) = scan_pack(backend, name, |rec| {
-            progress.advance(RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64);
-            match object::decode(&rec.header, &rec.payload, repo.keys()) {
-                Err(e) => report
-                    .damaged
-                    .push(format!("pack {name} offset {}: {e}", rec.offset)),
-                Ok(plain) => {
-                    match rec.header.kind {
-                        ObjectKind::Manifest => match Manifest::decode(&plain) {
-                            Ok(m) => manifests.push((rec.header.id, m)),
-                            Err(e) => report
-                                .damaged
-                                .push(format!("manifest {}: {e}", rec.header.id.short())),
+            !busy
+        })
+        .collect();
+    // In batches, so that descriptions are fetched many at a time and a batch's worth is held.
+    for batch in packs.chunks(256) {
+        let fetched: Vec<Option<Described>> = match &descriptions {
+            Some(d) => d.fetch(repo.packs(), batch),
+            None => batch.iter().map(|_| None).collect(),
+        };
+        for ((name, _), d) in batch.iter().zip(fetched) {
+            if let Some(Described {
+                description: d,
+                metadata,
+            }) = d
+            {
+                for (h, plain) in metadata {
+                    let what = h.kind.name();
+                    match (h.kind, plain) {
+                        (_, Err(e)) => report.damaged.push(format!("{what} {}: {e}", h.id.short())),
+                        (ObjectKind::Manifest, Ok(b)) => match Manifest::decode(&b) {
+                            Ok(m) => manifests.push((h.id, m)),
+                            Err(e) => report.damaged.push(format!("{what} {}: {e}", h.id.short())),
                         },
+                        (_, Ok(b)) => match Tombstone::decode(&b) {
+                            Ok(t) => tombstoned.extend(t.removed.iter().map(|r| r.manifest)),
+                            Err(e) => report.damaged.push(format!("{what} {}: {e}", h.id.short())),
+                        },
+                    }
+                }
+                for (h, _) in &d.records {
+                    match h.kind {
                         ObjectKind::Segment => {
-                            if let Ok(s) = Segment::decode(&plain) {
-                                segments.push((rec.header.id, s));
-                            }
+                            good_segments.insert(h.id);
                         }
                         ObjectKind::DiskMap => {
-                            if let Ok(m) = DiskMap::decode(&plain) {
-                                maps.insert(rec.header.id, m);
-                            }
+                            described_maps.insert(h.id);
                         }
-                        ObjectKind::Tombstone => match Tombstone::decode(&plain) {
-                            Ok(t) => tombstoned.extend(t.removed.iter().map(|r| r.manifest)),
-                            Err(e) => report
-                                .damaged
-                                .push(format!("tombstone {}: {e}", rec.header.id.short())),
-                        },
                         _ => {}
                     }
-                    known.insert(rec.header.id, rec.header.raw_len);
-                    records.push((rec.header, rec.offset));
+                    known.insert(h.id, h.raw_len);
                 }
+                progress.advance(d.len);
+                report.packs += 1;
+                report.described += 1;
+                report.objects += d.records.len() as u64;
+                index.add_pack(name, d.len, &d.records)?;
+                continue;
             }
-            Ok(())
-        })?;
-        if let Some(t) = tail {
-            report.damaged.push(format!("pack {name}: {t}"));
+            let mut records = Vec::new();
+            let (len, tail) = scan_pack(backend, name, |rec| {
+                progress.advance(RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64);
+                match object::decode(&rec.header, &rec.payload, repo.keys()) {
+                    Err(e) => report
+                        .damaged
+                        .push(format!("pack {name} offset {}: {e}", rec.offset)),
+                    Ok(plain) => {
+                        match rec.header.kind {
+                            ObjectKind::Manifest => match Manifest::decode(&plain) {
+                                Ok(m) => manifests.push((rec.header.id, m)),
+                                Err(e) => report
+                                    .damaged
+                                    .push(format!("manifest {}: {e}", rec.header.id.short())),
+                            },
+                            ObjectKind::Segment => {
+                                if let Ok(s) = Segment::decode(&plain) {
+                                    segments.push((rec.header.id, s));
+                                }
+                            }
+                            ObjectKind::DiskMap => {
+                                if let Ok(m) = DiskMap::decode(&plain) {
+                                    maps.insert(rec.header.id, m);
+                                }
+                            }
+                            ObjectKind::Tombstone => match Tombstone::decode(&plain) {
+                                Ok(t) => tombstoned.extend(t.removed.iter().map(|r| r.manifest)),
+                                Err(e) => report
+                                    .damaged
+                                    .push(format!("tombstone {}: {e}", rec.header.id.short())),
+                            },
+                            _ => {}
+                        }
+                        known.insert(rec.header.id, rec.header.raw_len);
+                        records.push((rec.header, rec.offset));
+                    }
+                }
+                Ok(())
+            })?;
+            if let Some(t) = tail {
+                report.damaged.push(format!("pack {name}: {t}"));
+            }
+            report.packs += 1;
+            report.objects += records.len() as u64;
+            index.add_pack(name, len, &records)?;
         }
-        report.packs += 1;
-        report.objects += records.len() as u64;
-        index.add_pack(name, len, &records)?;
     }
     progress.finish();
-    for why in descriptions.iter().flat_map(|d| &d.ignored) {
+    for why in descriptions.iter().flat_map(|d| d.take_ignored()) {
         progress.note(&format!("pack description not used: {why}"));
     }
     // A segment is usable if all its chunks are there; a manifest if all it references is.

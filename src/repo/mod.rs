@@ -18,6 +18,7 @@ pub mod pack;
 pub mod pack_index;
 pub mod store;
 
+use crate::backend::RemoteOptions;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -56,8 +57,8 @@ pub struct OpenOptions<'a> {
     pub on_wait: &'a dyn Fn(&str),
     /// Asked (at most once) for the passphrase when the repository is encrypted.
     pub passphrase: &'a dyn Fn() -> Result<Zeroizing<String>>,
-    /// Where the index of a repository in an object store is cached (`None`: the default).
-    pub cache_root: Option<&'a Path>,
+    /// A repository in an object store: where its index is cached, transfer limits.
+    pub remote: &'a RemoteOptions,
 }
 
 /// Encryption of a new repository.
@@ -95,7 +96,7 @@ impl Repository {
         encryption: Option<NewEncryption<'_>>,
     ) -> Result<Config> {
         Repository::init_in(
-            crate::backend::create(path, None)?,
+            crate::backend::create(path, &RemoteOptions::default())?,
             chunker,
             level,
             encryption,
@@ -158,7 +159,7 @@ impl Repository {
                 lock_wait: Duration::ZERO,
                 on_wait: &|_| {},
                 passphrase: &|| Err(Error::NeedPassphrase(path.to_path_buf())),
-                cache_root: None,
+                remote: &RemoteOptions::default(),
             },
         )
     }
@@ -166,7 +167,7 @@ impl Repository {
     /// Opens the repository at `path`: unlocks its keys if it is encrypted (before taking any
     /// lock, so a wrong passphrase changes nothing), then takes its lock in `mode`.
     pub fn open_with(path: &Path, mode: LockMode, opts: &OpenOptions<'_>) -> Result<Repository> {
-        Repository::open_backend(crate::backend::open(path, opts.cache_root)?, mode, opts)
+        Repository::open_backend(crate::backend::open(path, opts.remote)?, mode, opts)
     }
 
     /// [`Repository::open_with`] for a repository in `backend`.
@@ -530,10 +531,10 @@ pub fn decode_segment(id: &ObjectId, bytes: &[u8]) -> Result<Segment> {
 /// any: reads the first object the index lists. No lock is taken.
 pub fn verify_master_key(
     path: &Path,
-    cache_root: Option<&Path>,
+    remote: &RemoteOptions,
     master: &crate::repo::crypto::MasterKey,
 ) -> Result<()> {
-    let backend = crate::backend::open(path, cache_root)?;
+    let backend = crate::backend::open(path, remote)?;
     let keys = Arc::new(Keys::from_master(master));
     let dir = index_dir(&backend)?;
     let index = Index::open(&crate::repo::index::index_path(dir), false, keys.clone())?;

@@ -12,12 +12,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
+use std::sync::Mutex;
 
 use crate::backend::{Backend, Durability};
 use crate::repo::crypto::Keys;
 use crate::repo::layout;
 use crate::repo::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
-use crate::repo::pack::PACK_HEADER_LEN;
+use crate::repo::pack::{PackReader, PACK_HEADER_LEN};
 
 /// Magic at the start of a description's plaintext.
 const MAGIC: &[u8; 4] = b"VRPI";
@@ -160,6 +161,20 @@ pub fn read(backend: &dyn Backend, keys: &Keys, key: &str) -> Result<Vec<PackDes
     decode(&plain)
 }
 
+/// A pack known from its description, with the plaintext of its manifests and tombstones
+/// (read from the pack: generations and prunes are the pack's word, not the description's).
+pub struct Described {
+    /// The description.
+    pub description: PackDescription,
+    /// Its manifest and tombstone records: header, and the plaintext or why it cannot be read.
+    pub metadata: Vec<(RecordHeader, std::result::Result<Vec<u8>, String>)>,
+}
+
+/// Requests in flight at once while descriptions are fetched (an object store answers each in
+/// milliseconds to tens of milliseconds; one at a time, a few hundred packs took half a
+/// minute).
+const FETCHERS: usize = 16;
+
 /// What `pack-index/` holds, and the descriptions read from it on demand.
 pub struct Descriptions<'a> {
     backend: &'a dyn Backend,
@@ -168,10 +183,10 @@ pub struct Descriptions<'a> {
     singles: HashSet<String>,
     /// Compacted objects by shard (two hex digits).
     shards: HashMap<String, Vec<String>>,
-    /// The shard whose compacted objects were read last, by pack name.
-    loaded: Option<(String, HashMap<String, PackDescription>)>,
+    /// Compacted descriptions read, by shard, then by pack name.
+    loaded: Mutex<HashMap<String, HashMap<String, PackDescription>>>,
     /// Descriptions that could not be used, and why.
-    pub ignored: Vec<String>,
+    ignored: Mutex<Vec<String>>,
 }
 
 impl<'a> Descriptions<'a> {
@@ -182,8 +197,8 @@ impl<'a> Descriptions<'a> {
             keys,
             singles: HashSet::new(),
             shards: HashMap::new(),
-            loaded: None,
-            ignored: Vec::new(),
+            loaded: Mutex::default(),
+            ignored: Mutex::default(),
         };
         for e in backend.list(layout::PACK_INDEX)? {
             match layout::description_of(&e.key) {
@@ -209,36 +224,94 @@ impl<'a> Descriptions<'a> {
         self.shards.values().flatten()
     }
 
-    /// True when nothing is described.
-    pub fn is_empty(&self) -> bool {
-        self.singles.is_empty() && self.shards.is_empty()
+    /// Descriptions that could not be used so far, and why (each said once).
+    pub fn take_ignored(&self) -> Vec<String> {
+        std::mem::take(&mut self.ignored.lock().unwrap())
     }
 
-    /// The description of pack `name`, if one exists, can be read, and describes a pack of
-    /// `len` bytes (the pack as it is now). Anything else is `None`: read the pack.
-    pub fn get(&mut self, name: &str, len: u64) -> Option<PackDescription> {
+    fn ignore(&self, why: String) {
+        self.ignored.lock().unwrap().push(why);
+    }
+
+    /// For each `(pack name, length now)`, its description if it has a usable one (it can be
+    /// read and describes a pack of that length), with its manifests and tombstones read
+    /// through `packs`; `None` means: read the pack. Fetched [`FETCHERS`] at a time. Callers
+    /// going through a repository's packs in name order in batches keep memory to a batch's
+    /// worth: the compacted objects of shards before a batch are dropped.
+    pub fn fetch(&self, packs: &PackReader, wanted: &[(String, u64)]) -> Vec<Option<Described>> {
+        let first = wanted.iter().map(|(n, _)| n.get(..2).unwrap_or("")).min();
+        if let Some(first) = first {
+            self.loaded
+                .lock()
+                .unwrap()
+                .retain(|shard, _| shard.as_str() >= first);
+        }
+        // The shards whose compacted objects these packs need, read first.
+        let mut shards: Vec<&str> = wanted
+            .iter()
+            .filter(|(n, _)| !self.singles.contains(n))
+            .filter_map(|(n, _)| n.get(..2))
+            .filter(|s| self.shards.contains_key(*s))
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        shards.retain(|s| !self.loaded.lock().unwrap().contains_key(*s));
+        parallel(&shards, |shard| {
+            let mut map = HashMap::new();
+            for key in &self.shards[*shard] {
+                match read(self.backend, self.keys, key) {
+                    Ok(v) => map.extend(v.into_iter().map(|d| (d.name.clone(), d))),
+                    Err(e) => self.ignore(format!("{key}: {e}")),
+                }
+            }
+            self.loaded.lock().unwrap().insert(shard.to_string(), map);
+        });
+        parallel(wanted, |(name, len)| {
+            let d = self.one(name, *len)?;
+            let metadata = d
+                .records
+                .iter()
+                .filter(|(h, _)| matches!(h.kind, ObjectKind::Manifest | ObjectKind::Tombstone))
+                .map(|(h, offset)| {
+                    let plain = packs
+                        .read_object(&d.name, *offset, h)
+                        .map_err(|e| e.to_string());
+                    (h.clone(), plain)
+                })
+                .collect();
+            Some(Described {
+                description: d,
+                metadata,
+            })
+        })
+    }
+
+    /// The usable description of pack `name` (`len` bytes now), if there is one.
+    fn one(&self, name: &str, len: u64) -> Option<PackDescription> {
         let found = if self.singles.contains(name) {
             let key = layout::pack_description(name);
             match read(self.backend, self.keys, &key) {
                 Ok(mut v) if v.len() == 1 && v[0].name == name => v.pop(),
                 Ok(_) => {
-                    self.ignored
-                        .push(format!("{key}: describes other packs than {name}"));
+                    self.ignore(format!("{key}: describes other packs than {name}"));
                     None
                 }
                 Err(e) => {
-                    self.ignored.push(format!("{key}: {e}"));
+                    self.ignore(format!("{key}: {e}"));
                     None
                 }
             }
         } else {
             None
         };
-        let found = found.or_else(|| self.in_shard(name));
+        let found = found.or_else(|| {
+            let mut loaded = self.loaded.lock().unwrap();
+            loaded.get_mut(name.get(..2)?)?.remove(name)
+        });
         match found {
             Some(d) if d.len == len => Some(d),
             Some(d) => {
-                self.ignored.push(format!(
+                self.ignore(format!(
                     "the description of pack {name} is for {} bytes, the pack has {len}",
                     d.len
                 ));
@@ -247,23 +320,31 @@ impl<'a> Descriptions<'a> {
             None => None,
         }
     }
+}
 
-    /// Looks `name` up in the compacted objects of its shard (read once per shard: callers go
-    /// through packs in name order).
-    fn in_shard(&mut self, name: &str) -> Option<PackDescription> {
-        let shard = name.get(..2)?;
-        if self.loaded.as_ref().is_none_or(|(s, _)| s != shard) {
-            let mut map = HashMap::new();
-            for key in self.shards.get(shard).into_iter().flatten() {
-                match read(self.backend, self.keys, key) {
-                    Ok(v) => map.extend(v.into_iter().map(|d| (d.name.clone(), d))),
-                    Err(e) => self.ignored.push(format!("{key}: {e}")),
-                }
-            }
-            self.loaded = Some((shard.to_string(), map));
-        }
-        self.loaded.as_mut()?.1.remove(name)
+/// `f` of every item, [`FETCHERS`] at a time; the results in the items' order.
+fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if items.len() <= 1 {
+        return items.iter().map(f).collect();
     }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<R>>> = Mutex::new((0..items.len()).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..FETCHERS.min(items.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let r = f(item);
+                results.lock().unwrap()[i] = Some(r);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.expect("every item was done"))
+        .collect()
 }
 
 #[cfg(test)]

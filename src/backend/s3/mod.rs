@@ -18,7 +18,9 @@
 //! The index is a cache on this host: a directory of the cache dir per repository URL.
 
 mod lock;
+mod profile;
 mod readahead;
+mod throttle;
 mod writer;
 
 use std::collections::{HashMap, HashSet};
@@ -31,8 +33,9 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
-use super::{Backend, Durability, Entry, LockAttempt, LockKind, ObjectWriter};
+use super::{Backend, Durability, Entry, LockAttempt, LockKind, ObjectWriter, RemoteOptions};
 use crate::error::{Error, IoContext, Result};
+use throttle::Throttle;
 
 /// The URL scheme of S3 repositories.
 pub const SCHEME: &str = "s3://";
@@ -53,12 +56,15 @@ pub struct S3Backend {
     readahead: readahead::ReadAhead,
     /// Lengths of objects read by range (packs never change once written).
     sizes: Mutex<HashMap<String, u64>>,
+    /// `--limit-upload`, `--limit-download`.
+    up: Option<Arc<Throttle>>,
+    down: Option<Arc<Throttle>>,
 }
 
 impl S3Backend {
     /// The backend of `url` (`s3://BUCKET/PREFIX`), keeping its host-local files (the index)
-    /// under `cache_root`.
-    pub fn open(url: &str, cache_root: &Path) -> Result<S3Backend> {
+    /// under the cache root of `remote`, moving data within its limits.
+    pub fn open(url: &str, remote: &RemoteOptions) -> Result<S3Backend> {
         let bad = |reason: String| Error::Usage(format!("repository {url:?}: {reason}"));
         let rest = url
             .strip_prefix(SCHEME)
@@ -71,9 +77,12 @@ impl S3Backend {
         if prefix.split('/').any(|p| p == "." || p == "..") {
             return Err(bad("the prefix may not contain . or .. parts".into()));
         }
-        let store = AmazonS3Builder::from_env()
+        let builder = profile::apply(AmazonS3Builder::from_env())
+            .map_err(|e| bad(format!("cannot read the AWS profile: {e}")))?;
+        let store = builder
             .with_bucket_name(bucket)
             .with_virtual_hosted_style_request(false)
+            .with_retry(retry())
             .build()
             .map_err(|e| bad(format!("cannot configure the S3 client: {e}")))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -83,6 +92,10 @@ impl S3Backend {
             .build()
             .ctx("start the S3 client's threads for", url)?;
         let id = blake3::hash(format!("{bucket}/{prefix}").as_bytes()).to_hex();
+        let cache_root = remote
+            .cache_root
+            .clone()
+            .unwrap_or_else(super::default_cache_root);
         let cache = cache_root.join("s3").join(&id[..32]);
         std::fs::create_dir_all(&cache).ctx("create cache directory", &cache)?;
         Ok(S3Backend {
@@ -98,6 +111,8 @@ impl S3Backend {
             writing: Arc::default(),
             readahead: readahead::ReadAhead::default(),
             sizes: Mutex::default(),
+            up: remote.limit_upload.map(|r| Arc::new(Throttle::new(r))),
+            down: remote.limit_download.map(|r| Arc::new(Throttle::new(r))),
         })
     }
 
@@ -110,9 +125,35 @@ impl S3Backend {
     }
 }
 
+/// How requests are retried: timeouts, dropped connections, 5xx answers and throttling (429,
+/// 503 SlowDown) are tried again up to 10 times, waiting 0.1 s, then twice as long each time
+/// up to 15 s, for at most 3 minutes from the first attempt (a request's signature must stay
+/// valid); then the error reaches the command, which fails without recording anything.
+fn retry() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(100),
+            max_backoff: std::time::Duration::from_secs(15),
+            base: 2.0,
+        },
+        max_retries: 10,
+        retry_timeout: std::time::Duration::from_secs(180),
+    }
+}
+
 /// An `object_store` error as an I/O error that keeps the store's message: absent objects
 /// are `NotFound`, refused requests `PermissionDenied` (so callers tell "may not write here").
 pub(crate) fn io_error(e: object_store::Error) -> io::Error {
+    // A missing bucket answers 404 too; it is not a missing object (which callers take for
+    // "no such repository here" or "nothing to read"), and the remedy is elsewhere.
+    let text = e.to_string();
+    if text.contains("NoSuchBucket") {
+        return io::Error::other(
+            "the bucket does not exist (the store answered NoSuchBucket); vmrepo does not create \
+             buckets: create it with the store's own tools (aws s3 mb, radosgw-admin, garage \
+             bucket create, weed shell s3.bucket.create), or check the URL and AWS_ENDPOINT_URL",
+        );
+    }
     let kind = match e {
         object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
         object_store::Error::PermissionDenied { .. }
@@ -145,10 +186,12 @@ impl Backend for S3Backend {
 
     fn get(&self, key: &str) -> io::Result<Vec<u8>> {
         let path = self.object(key);
-        self.block_on(async {
+        let bytes = self.block_on(async {
             let r = self.store.get(&path).await.map_err(io_error)?;
             r.bytes().await.map(|b| b.to_vec()).map_err(io_error)
-        })
+        })?;
+        throttle::take(self.down.as_deref(), bytes.len() as u64);
+        Ok(bytes)
     }
 
     fn get_range(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -172,6 +215,7 @@ impl Backend for S3Backend {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         let plan = self.readahead.plan(key, offset, buf.len() as u64, size);
+        throttle::take(self.down.as_deref(), plan.len);
         match self.block_on(
             self.store
                 .get_range(&path, plan.start..plan.start + plan.len),
@@ -199,6 +243,7 @@ impl Backend for S3Backend {
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, key.to_string()))?;
         let reader = Sequential {
             store: self.store.clone(),
+            down: self.down.clone(),
             runtime: self.runtime.clone(),
             path: self.object(key),
             size,
@@ -239,12 +284,20 @@ impl Backend for S3Backend {
             })
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
+        // Ranged reads need an object's length; what a listing shows saves them a HEAD each
+        // (an object read by range is never rewritten: packs, descriptions).
+        let mut sizes = self.sizes.lock().unwrap();
+        for e in &out {
+            sizes.insert(e.key.clone(), e.size);
+        }
+        drop(sizes);
         Ok(out)
     }
 
     fn will_need(&self, _key: &str, _offset: u64, _len: u64) {}
 
     fn put(&self, key: &str, bytes: &[u8], _durability: Durability) -> io::Result<()> {
+        throttle::take(self.up.as_deref(), bytes.len() as u64);
         let payload = PutPayload::from(bytes.to_vec());
         self.block_on(self.store.put(&self.object(key), payload))
             .map(|_| ())
@@ -259,6 +312,7 @@ impl Backend for S3Backend {
             key,
             self.writing.clone(),
             &self.cache,
+            self.up.clone(),
         )?))
     }
 
@@ -296,6 +350,7 @@ impl Backend for S3Backend {
 /// Reads an object front to back in ranges of [`SEQUENTIAL_STEP`] bytes.
 struct Sequential {
     store: Arc<AmazonS3>,
+    down: Option<Arc<Throttle>>,
     runtime: Arc<tokio::runtime::Runtime>,
     path: ObjectPath,
     size: u64,
@@ -314,6 +369,7 @@ impl Read for Sequential {
                 return Ok(0);
             }
             let end = (start + SEQUENTIAL_STEP).min(self.size);
+            throttle::take(self.down.as_deref(), end - start);
             let bytes = self
                 .runtime
                 .block_on(self.store.get_range(&self.path, start..end))
@@ -341,7 +397,11 @@ mod tests {
     #[test]
     fn packs_other_processes_here_write_count_as_being_written() {
         let t = tempfile::tempdir().unwrap();
-        let b = S3Backend::open("s3://bucket/prefix", t.path()).unwrap();
+        let remote = RemoteOptions {
+            cache_root: Some(t.path().to_path_buf()),
+            ..Default::default()
+        };
+        let b = S3Backend::open("s3://bucket/prefix", &remote).unwrap();
         assert_eq!(b.location(), Path::new("s3://bucket/prefix"));
         let key = "data/ab/ab00000000000000000000000000000000.pack";
         assert!(!b.is_being_written(key));
@@ -362,7 +422,11 @@ mod tests {
             ("s3:///x", "no bucket"),
             ("s3://b/a/../c", ". or .."),
         ] {
-            let e = S3Backend::open(url, t.path()).err().unwrap().to_string();
+            let remote = RemoteOptions {
+                cache_root: Some(t.path().to_path_buf()),
+                ..Default::default()
+            };
+            let e = S3Backend::open(url, &remote).err().unwrap().to_string();
             assert!(e.contains(why) && e.contains(url), "{url}: {e}");
         }
     }

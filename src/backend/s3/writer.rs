@@ -11,6 +11,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, WriteMultipart};
 
 use super::io_error;
+use super::throttle::{self, Throttle};
 use crate::backend::{Finished, ObjectWriter};
 
 /// Bytes per part (S3 wants at least 5 MiB for every part but the last).
@@ -26,6 +27,8 @@ pub(super) struct S3Writer {
     part: Vec<u8>,
     runtime: Arc<tokio::runtime::Runtime>,
     mark: Option<WritingMark>,
+    /// `--limit-upload`.
+    up: Option<Arc<Throttle>>,
 }
 
 /// Marks a key as being written until dropped: in the backend's set (this process), and by an
@@ -62,6 +65,7 @@ impl S3Writer {
         key: &str,
         writing: Arc<Mutex<HashSet<String>>>,
         cache: &std::path::Path,
+        up: Option<Arc<Throttle>>,
     ) -> io::Result<S3Writer> {
         let marker = writing_file(cache, key);
         std::fs::create_dir_all(marker.parent().unwrap())?;
@@ -86,6 +90,7 @@ impl S3Writer {
             part: Vec::with_capacity(PART),
             runtime,
             mark: Some(mark),
+            up,
         })
     }
 }
@@ -97,6 +102,7 @@ impl ObjectWriter for S3Writer {
             self.part.extend_from_slice(&bytes[..n]);
             bytes = &bytes[n..];
             if self.part.len() == PART {
+                throttle::take(self.up.as_deref(), PART as u64);
                 let upload = self.upload.as_mut().expect("writer used after finish");
                 let part = &self.part;
                 self.runtime.block_on(async {
@@ -116,6 +122,7 @@ impl ObjectWriter for S3Writer {
     fn finish(mut self: Box<Self>) -> io::Result<Finished> {
         let mut upload = self.upload.take().expect("writer finished twice");
         let part = std::mem::take(&mut self.part);
+        throttle::take(self.up.as_deref(), part.len() as u64);
         self.runtime
             .block_on(async {
                 upload.write(&part);
