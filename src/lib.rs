@@ -55,7 +55,7 @@ pub(crate) mod tests {
             "copy" => &["base", "backend", "repo", "maintain", "copy"],
             "restore" => &["base", "repo", "source", "vmware", "maintain", "restore"],
             "ingest" => &[
-                "base", "repo", "source", "vmware", "maintain", "copy", "ingest",
+                "base", "backend", "repo", "source", "vmware", "maintain", "copy", "ingest",
             ],
             other => panic!("no rule for layer {other}: add it here and to ARCHITECTURE.md"),
         }

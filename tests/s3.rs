@@ -218,6 +218,14 @@ fn every_command_works_on_an_encrypted_s3_repository() {
         new < 1 << 20,
         "the second night stored {new} bytes: {second}"
     );
+    // What each night cost in requests and bytes: the first sent at least what it stored.
+    let (t1, t2) = (&first["transfer"], &second["transfer"]);
+    assert!(
+        t1["bytes_up"].as_u64().unwrap() >= first["stats"]["bytes_stored"].as_u64().unwrap(),
+        "{first}"
+    );
+    assert!(t2["requests"].as_u64().unwrap() > 0, "{second}");
+    assert!(t2["bytes_up"].as_u64().unwrap() < 2 << 20, "{second}");
     let gens = generation_names(&store, &cache, &url, "web01");
     assert_eq!(gens.len(), 2);
 

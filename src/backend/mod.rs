@@ -88,6 +88,17 @@ pub fn default_cache_root() -> PathBuf {
     }
 }
 
+/// Requests a backend made and bytes it moved since it was opened (object storage).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traffic {
+    /// Requests sent (GET, HEAD, PUT, LIST pages, DELETE, multipart steps).
+    pub requests: u64,
+    /// Payload bytes sent.
+    pub bytes_up: u64,
+    /// Payload bytes received.
+    pub bytes_down: u64,
+}
+
 /// Settings of a repository in an object store (ignored for a directory).
 #[derive(Clone, Debug, Default)]
 pub struct RemoteOptions {
@@ -269,6 +280,11 @@ pub trait Backend: Send + Sync {
     /// out (a reader on a repository it may not write). `Err` with
     /// [`is_not_writable`] when the lock cannot be taken here at all.
     fn try_lock(&self, name: &str, kind: LockKind, read_only: bool) -> io::Result<LockAttempt>;
+    /// Requests made and bytes moved so far, for a backend that pays per request (object
+    /// storage); `None` for a directory.
+    fn traffic(&self) -> Option<Traffic> {
+        None
+    }
 }
 
 /// True for the errors that say "this process may not write here" (a read-only or forbidden

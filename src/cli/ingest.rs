@@ -182,6 +182,14 @@ pub fn run(a: IngestArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             s.segments_zero
         );
         println!("  stored      {} after compression", human(s.bytes_stored));
+        if let Some(t) = &report.transfer {
+            println!(
+                "  transfer    {} requests, {} sent, {} received (object storage, whole command)",
+                t.requests,
+                human(t.bytes_up),
+                human(t.bytes_down)
+            );
+        }
         if let Some(i) = &report.incremental {
             println!(
                 "  changes     since {} ({}): {} segments taken unread, {} patched around \

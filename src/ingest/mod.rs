@@ -65,6 +65,10 @@ pub struct IngestReport {
     pub incremental: Option<Incremental>,
     /// The pre- and post-commands that ran.
     pub hooks: Vec<crate::ingest::hooks::HookRun>,
+    /// A repository in object storage: requests made and bytes moved since it was opened (for
+    /// `vmrepo ingest`, the whole command up to the commit: opening, bringing the cache level,
+    /// locks, uploads). `None` for a directory.
+    pub transfer: Option<crate::backend::Traffic>,
 }
 
 impl IngestReport {
@@ -263,6 +267,7 @@ fn ingest_unhooked(
             disks: manifest.disks.len(),
             files: manifest.files.len(),
             warnings: plan.warnings.clone(),
+            transfer: repo.backend().traffic(),
         }),
         Err(e) => {
             store.abort();

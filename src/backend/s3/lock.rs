@@ -50,12 +50,15 @@ pub(super) fn try_lock(
     let path = b.object(&key);
     let body = PutPayload::from(holder_text());
     // A reader that may not write gets EACCES here, which the caller takes as "run unlocked".
+    b.counters.add(1, body.content_length() as u64, 0);
     b.block_on(b.store.put(&path, body.clone()))
         .map_err(io_error)?;
     let release = || {
+        b.counters.add(1, 0, 0);
         let _ = b.block_on(b.store.delete(&path));
     };
     let folder = b.object(name);
+    b.counters.add(1, 0, 0);
     let listed: Vec<_> = match b.block_on(b.store.list(Some(&folder)).try_collect::<Vec<_>>()) {
         Ok(l) => l,
         Err(e) => {
@@ -117,6 +120,7 @@ fn holder_text() -> Vec<u8> {
 /// next one out until its lock goes stale. A process of another host, or one whose object
 /// cannot be read, is taken to be alive.
 fn left_by_dead_process_here(b: &S3Backend, path: &ObjectPath) -> bool {
+    b.counters.add(1, 0, 0);
     let Ok(body) = b.block_on(async { b.store.get(path).await?.bytes().await }) else {
         return false;
     };
@@ -139,6 +143,7 @@ fn left_by_dead_process_here(b: &S3Backend, path: &ObjectPath) -> bool {
     let gone = unsafe { libc::kill(pid, 0) } == -1
         && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
     if gone {
+        b.counters.add(1, 0, 0);
         let _ = b.block_on(b.store.delete(path));
     }
     gone

@@ -26,6 +26,7 @@ mod writer;
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
@@ -59,6 +60,25 @@ pub struct S3Backend {
     /// `--limit-upload`, `--limit-download`.
     up: Option<Arc<Throttle>>,
     down: Option<Arc<Throttle>>,
+    /// Requests and bytes so far.
+    counters: Arc<Counters>,
+}
+
+/// Requests made and bytes moved (see [`Backend::traffic`]).
+#[derive(Default)]
+pub(super) struct Counters {
+    requests: AtomicU64,
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Counters {
+    /// Counts `requests` requests that sent `up` and received `down` payload bytes.
+    pub(super) fn add(&self, requests: u64, up: u64, down: u64) {
+        self.requests.fetch_add(requests, Ordering::Relaxed);
+        self.up.fetch_add(up, Ordering::Relaxed);
+        self.down.fetch_add(down, Ordering::Relaxed);
+    }
 }
 
 impl S3Backend {
@@ -113,6 +133,7 @@ impl S3Backend {
             sizes: Mutex::default(),
             up: remote.limit_upload.map(|r| Arc::new(Throttle::new(r))),
             down: remote.limit_download.map(|r| Arc::new(Throttle::new(r))),
+            counters: Arc::default(),
         })
     }
 
@@ -190,6 +211,7 @@ impl Backend for S3Backend {
             let r = self.store.get(&path).await.map_err(io_error)?;
             r.bytes().await.map(|b| b.to_vec()).map_err(io_error)
         })?;
+        self.counters.add(1, 0, bytes.len() as u64);
         throttle::take(self.down.as_deref(), bytes.len() as u64);
         Ok(bytes)
     }
@@ -216,6 +238,7 @@ impl Backend for S3Backend {
         }
         let plan = self.readahead.plan(key, offset, buf.len() as u64, size);
         throttle::take(self.down.as_deref(), plan.len);
+        self.counters.add(1, 0, plan.len);
         match self.block_on(
             self.store
                 .get_range(&path, plan.start..plan.start + plan.len),
@@ -244,6 +267,7 @@ impl Backend for S3Backend {
         let reader = Sequential {
             store: self.store.clone(),
             down: self.down.clone(),
+            counters: self.counters.clone(),
             runtime: self.runtime.clone(),
             path: self.object(key),
             size,
@@ -255,6 +279,7 @@ impl Backend for S3Backend {
     }
 
     fn size(&self, key: &str) -> io::Result<Option<u64>> {
+        self.counters.add(1, 0, 0);
         match self.block_on(self.store.head(&self.object(key))) {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -275,6 +300,9 @@ impl Backend for S3Backend {
         let metas: Vec<_> = self
             .block_on(self.store.list(path.as_ref()).try_collect::<Vec<_>>())
             .map_err(io_error)?;
+        // A listing answers a thousand keys per request.
+        self.counters
+            .add((metas.len() as u64).div_ceil(1000).max(1), 0, 0);
         let mut out: Vec<Entry> = metas
             .into_iter()
             .filter_map(|m| {
@@ -298,6 +326,7 @@ impl Backend for S3Backend {
 
     fn put(&self, key: &str, bytes: &[u8], _durability: Durability) -> io::Result<()> {
         throttle::take(self.up.as_deref(), bytes.len() as u64);
+        self.counters.add(1, bytes.len() as u64, 0);
         let payload = PutPayload::from(bytes.to_vec());
         self.block_on(self.store.put(&self.object(key), payload))
             .map(|_| ())
@@ -305,15 +334,7 @@ impl Backend for S3Backend {
     }
 
     fn create(&self, key: &str) -> io::Result<Box<dyn ObjectWriter>> {
-        Ok(Box::new(writer::S3Writer::start(
-            self.store.clone(),
-            self.runtime.clone(),
-            self.object(key),
-            key,
-            self.writing.clone(),
-            &self.cache,
-            self.up.clone(),
-        )?))
+        Ok(Box::new(writer::S3Writer::start(self, key)?))
     }
 
     fn is_being_written(&self, key: &str) -> bool {
@@ -334,6 +355,7 @@ impl Backend for S3Backend {
         for key in keys {
             self.readahead.forget(key);
             self.sizes.lock().unwrap().remove(key);
+            self.counters.add(1, 0, 0);
             match self.block_on(self.store.delete(&self.object(key))) {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(io_error(e)),
@@ -345,12 +367,22 @@ impl Backend for S3Backend {
     fn try_lock(&self, name: &str, kind: LockKind, read_only: bool) -> io::Result<LockAttempt> {
         lock::try_lock(self, name, kind, read_only)
     }
+
+    fn traffic(&self) -> Option<super::Traffic> {
+        let c = &self.counters;
+        Some(super::Traffic {
+            requests: c.requests.load(Ordering::Relaxed),
+            bytes_up: c.up.load(Ordering::Relaxed),
+            bytes_down: c.down.load(Ordering::Relaxed),
+        })
+    }
 }
 
 /// Reads an object front to back in ranges of [`SEQUENTIAL_STEP`] bytes.
 struct Sequential {
     store: Arc<AmazonS3>,
     down: Option<Arc<Throttle>>,
+    counters: Arc<Counters>,
     runtime: Arc<tokio::runtime::Runtime>,
     path: ObjectPath,
     size: u64,
@@ -370,6 +402,7 @@ impl Read for Sequential {
             }
             let end = (start + SEQUENTIAL_STEP).min(self.size);
             throttle::take(self.down.as_deref(), end - start);
+            self.counters.add(1, 0, end - start);
             let bytes = self
                 .runtime
                 .block_on(self.store.get_range(&self.path, start..end))

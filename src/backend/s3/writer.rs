@@ -6,12 +6,10 @@ use std::collections::HashSet;
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use object_store::aws::AmazonS3;
-use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, WriteMultipart};
 
-use super::io_error;
 use super::throttle::{self, Throttle};
+use super::{io_error, Counters, S3Backend};
 use crate::backend::{Finished, ObjectWriter};
 
 /// Bytes per part (S3 wants at least 5 MiB for every part but the last).
@@ -29,6 +27,7 @@ pub(super) struct S3Writer {
     mark: Option<WritingMark>,
     /// `--limit-upload`.
     up: Option<Arc<Throttle>>,
+    counters: Arc<Counters>,
 }
 
 /// Marks a key as being written until dropped: in the backend's set (this process), and by an
@@ -58,16 +57,9 @@ pub(super) fn writing_file(cache: &std::path::Path, key: &str) -> std::path::Pat
 }
 
 impl S3Writer {
-    pub(super) fn start(
-        store: Arc<AmazonS3>,
-        runtime: Arc<tokio::runtime::Runtime>,
-        path: ObjectPath,
-        key: &str,
-        writing: Arc<Mutex<HashSet<String>>>,
-        cache: &std::path::Path,
-        up: Option<Arc<Throttle>>,
-    ) -> io::Result<S3Writer> {
-        let marker = writing_file(cache, key);
+    /// Starts the upload of `key` into the repository of `b`.
+    pub(super) fn start(b: &S3Backend, key: &str) -> io::Result<S3Writer> {
+        let marker = writing_file(&b.cache, key);
         std::fs::create_dir_all(marker.parent().unwrap())?;
         let file = std::fs::File::create(&marker)?;
         file.try_lock().map_err(|e| match e {
@@ -76,21 +68,23 @@ impl S3Writer {
                 "{key} is being written by another process of this host"
             )),
         })?;
-        writing.lock().unwrap().insert(key.to_string());
+        b.writing.lock().unwrap().insert(key.to_string());
         let mark = WritingMark {
             key: key.to_string(),
-            writing,
+            writing: b.writing.clone(),
             file: Some((file, marker)),
         };
-        let upload = runtime
-            .block_on(store.put_multipart(&path))
+        b.counters.add(1, 0, 0);
+        let upload = b
+            .block_on(b.store.put_multipart(&b.object(key)))
             .map_err(io_error)?;
         Ok(S3Writer {
             upload: Some(WriteMultipart::new_with_chunk_size(upload, PART)),
             part: Vec::with_capacity(PART),
-            runtime,
+            runtime: b.runtime.clone(),
             mark: Some(mark),
-            up,
+            up: b.up.clone(),
+            counters: b.counters.clone(),
         })
     }
 }
@@ -103,6 +97,7 @@ impl ObjectWriter for S3Writer {
             bytes = &bytes[n..];
             if self.part.len() == PART {
                 throttle::take(self.up.as_deref(), PART as u64);
+                self.counters.add(1, PART as u64, 0);
                 let upload = self.upload.as_mut().expect("writer used after finish");
                 let part = &self.part;
                 self.runtime.block_on(async {
@@ -123,6 +118,9 @@ impl ObjectWriter for S3Writer {
         let mut upload = self.upload.take().expect("writer finished twice");
         let part = std::mem::take(&mut self.part);
         throttle::take(self.up.as_deref(), part.len() as u64);
+        // The last part (if any), then the completion.
+        self.counters
+            .add(1 + u64::from(!part.is_empty()), part.len() as u64, 0);
         self.runtime
             .block_on(async {
                 upload.write(&part);
