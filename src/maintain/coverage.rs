@@ -22,6 +22,7 @@ use std::collections::{HashMap, HashSet};
 use crate::backend::Durability;
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
+use crate::repo::fanout;
 use crate::repo::id::ObjectId;
 use crate::repo::index::Index;
 use crate::repo::layout;
@@ -123,19 +124,13 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
         .collect();
     unknown.sort();
     let mut sizes = Vec::new();
-    // Packs with a description are known from it; the others are read record by record.
-    let described = match Descriptions::list(backend, repo.keys()) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            progress.note(&format!(
-                "pack descriptions cannot be listed ({e}); reading the packs instead"
-            ));
-            None
-        }
-    };
+    // In an object store a listed object is complete: its listed length is its length.
+    let remote = crate::backend::is_remote(backend.location());
     for (name, listed) in unknown {
         if is_being_written(backend, &name) {
             s.being_written.push(name);
+        } else if remote {
+            sizes.push((name, listed));
         } else {
             // Its length now: it may have grown since it was listed (a writer that finished).
             let size = pack_len(backend, &name)?.unwrap_or(listed);
@@ -143,6 +138,23 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
         }
     }
     if !sizes.is_empty() {
+        // The markers of ingests still committing (or killed while committing), listed once.
+        let markers: HashSet<String> = backend
+            .list(layout::UNCOMMITTED)
+            .ctx("list", backend.path(layout::LOCKS))?
+            .into_iter()
+            .filter_map(|e| Some(e.key.strip_prefix(layout::UNCOMMITTED)?.to_string()))
+            .collect();
+        // Packs with a description are known from it; the others are read record by record.
+        let described = match Descriptions::list(backend, repo.keys()) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                progress.note(&format!(
+                    "pack descriptions cannot be listed ({e}); reading the packs instead"
+                ));
+                None
+            }
+        };
         progress.start(
             "reading pack files the index does not know",
             sizes.iter().map(|(_, n)| n).sum(),
@@ -153,10 +165,12 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
                 None => batch.iter().map(|_| None).collect(),
             };
             for ((name, size), d) in batch.iter().zip(fetched) {
-                s.unknown.push(match d {
-                    Some(d) => described_unknown(repo, d),
+                let mut u = match d {
+                    Some(d) => described_unknown(d),
                     None => read_unknown(repo, name, *size)?,
-                });
+                };
+                u.uncommitted = markers.contains(name);
+                s.unknown.push(u);
                 progress.advance(*size);
             }
         }
@@ -168,13 +182,16 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
 
     // Tombstones: indexed ones and those in unknown packs (a prune killed before its commit
     // removed nothing, but what it names is not a generation to adopt either).
+    // One per prune ever run: read many at once.
     let (indexed_manifests, indexed_tombstones) = index.manifests_and_tombstones()?;
-    for id in indexed_tombstones {
-        let t = repo.read_object(&id).and_then(|b| {
+    let read = fanout::parallel(&indexed_tombstones, |id| {
+        repo.read_object(id).and_then(|b| {
             Tombstone::decode(&b)
                 .map_err(|e| Error::Corrupt(format!("tombstone {}: {e}", id.short())))
-        })?;
-        s.tombstoned.extend(t.removed.iter().map(|r| r.manifest));
+        })
+    });
+    for t in read {
+        s.tombstoned.extend(t?.removed.iter().map(|r| r.manifest));
     }
     for u in &s.unknown {
         s.tombstoned.extend(u.tombstoned.iter().copied());
@@ -222,12 +239,12 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
 
 /// An unknown pack known from its description: its records as described, its manifests and
 /// tombstones as read (a few range reads instead of the whole pack).
-fn described_unknown(repo: &Repository, d: Described) -> UnknownPack {
+fn described_unknown(d: Described) -> UnknownPack {
     let Described {
         description: d,
         metadata,
     } = d;
-    let mut u = unknown_pack(repo, &d.name, d.len);
+    let mut u = unknown_pack(&d.name, d.len);
     u.valid_len = d.len;
     u.described = true;
     for (h, plain) in metadata {
@@ -249,7 +266,7 @@ fn described_unknown(repo: &Repository, d: Described) -> UnknownPack {
 }
 
 /// An unknown pack of which nothing is known yet.
-fn unknown_pack(repo: &Repository, name: &str, size: u64) -> UnknownPack {
+fn unknown_pack(name: &str, size: u64) -> UnknownPack {
     UnknownPack {
         name: name.to_string(),
         size,
@@ -259,10 +276,7 @@ fn unknown_pack(repo: &Repository, name: &str, size: u64) -> UnknownPack {
         bad_manifests: Vec::new(),
         tombstoned: Vec::new(),
         unreadable: None,
-        uncommitted: repo
-            .backend()
-            .size(&layout::uncommitted_marker(name))
-            .is_ok_and(|m| m.is_some()),
+        uncommitted: false,
         described: false,
     }
 }
@@ -270,7 +284,7 @@ fn unknown_pack(repo: &Repository, name: &str, size: u64) -> UnknownPack {
 /// Reads an unknown pack record by record.
 fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack> {
     let backend = &**repo.backend();
-    let mut u = unknown_pack(repo, name, size);
+    let mut u = unknown_pack(name, size);
     let (_, tail) = scan_pack(backend, name, |rec| {
         u.valid_len = rec.offset + RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64;
         match rec.header.kind {

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod crypto;
 pub mod disk_map;
+pub mod fanout;
 pub mod fingerprint;
 pub mod id;
 pub mod index;

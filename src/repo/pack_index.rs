@@ -16,6 +16,7 @@ use std::sync::Mutex;
 
 use crate::backend::{Backend, Durability};
 use crate::repo::crypto::Keys;
+use crate::repo::fanout;
 use crate::repo::layout;
 use crate::repo::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
 use crate::repo::pack::{PackReader, PACK_HEADER_LEN};
@@ -170,11 +171,6 @@ pub struct Described {
     pub metadata: Vec<(RecordHeader, std::result::Result<Vec<u8>, String>)>,
 }
 
-/// Requests in flight at once while descriptions are fetched (an object store answers each in
-/// milliseconds to tens of milliseconds; one at a time, a few hundred packs took half a
-/// minute).
-const FETCHERS: usize = 16;
-
 /// What `pack-index/` holds, and the descriptions read from it on demand.
 pub struct Descriptions<'a> {
     backend: &'a dyn Backend,
@@ -256,7 +252,7 @@ impl<'a> Descriptions<'a> {
         shards.sort_unstable();
         shards.dedup();
         shards.retain(|s| !self.loaded.lock().unwrap().contains_key(*s));
-        parallel(&shards, |shard| {
+        fanout::parallel(&shards, |shard| {
             let mut map = HashMap::new();
             for key in &self.shards[*shard] {
                 match read(self.backend, self.keys, key) {
@@ -266,7 +262,7 @@ impl<'a> Descriptions<'a> {
             }
             self.loaded.lock().unwrap().insert(shard.to_string(), map);
         });
-        parallel(wanted, |(name, len)| {
+        fanout::parallel(wanted, |(name, len)| {
             let d = self.one(name, *len)?;
             let metadata = d
                 .records
@@ -320,31 +316,6 @@ impl<'a> Descriptions<'a> {
             None => None,
         }
     }
-}
-
-/// `f` of every item, [`FETCHERS`] at a time; the results in the items' order.
-fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    if items.len() <= 1 {
-        return items.iter().map(f).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<R>>> = Mutex::new((0..items.len()).map(|_| None).collect());
-    std::thread::scope(|scope| {
-        for _ in 0..FETCHERS.min(items.len()) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(item) = items.get(i) else { break };
-                let r = f(item);
-                results.lock().unwrap()[i] = Some(r);
-            });
-        }
-    });
-    results
-        .into_inner()
-        .unwrap()
-        .into_iter()
-        .map(|r| r.expect("every item was done"))
-        .collect()
 }
 
 #[cfg(test)]
