@@ -361,6 +361,13 @@ impl Repository {
         crate::repo::index::index_path(&self.index_dir)
     }
 
+    /// Threads a restore should read with when more than the cores pay: a repository in object
+    /// storage, where each read waits on a round trip, so reads in flight (not cores) set the
+    /// speed. `None` for a directory (the global worker pool is right).
+    pub fn remote_readers(&self) -> Option<usize> {
+        crate::backend::is_remote(self.location()).then_some(8)
+    }
+
     /// Whether the index exists (for a repository in object storage: whether this host has
     /// a cache of it).
     pub fn has_index(&self) -> bool {

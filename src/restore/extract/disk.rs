@@ -158,7 +158,8 @@ pub(super) fn write_disk(
         .map(|r| r.end - r.start)
         .sum();
     progress.advance(image.size() - data_span);
-    let written: u64 = nonzero
+    let write_all = || -> Result<u64> {
+        nonzero
         .into_par_iter()
         .map(|i| -> Result<u64> {
             let seg = image.segment_range(i);
@@ -218,7 +219,18 @@ pub(super) fn write_disk(
             progress.advance(seg.end - seg.start);
             Ok(n)
         })
-        .try_reduce(|| 0, |a, b| Ok(a + b))?;
+        .try_reduce(|| 0, |a, b| Ok(a + b))
+    };
+    // From object storage, more reads in flight than cores: each waits on a round trip.
+    let written = match repo.remote_readers() {
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("vmrepo-restore-{i}"))
+            .build()
+            .map_err(|e| Error::Usage(format!("cannot start the restore's reader threads: {e}")))?
+            .install(write_all)?,
+        None => write_all()?,
+    };
     for e in &extents {
         if let Some((f, _, path)) = &e.file {
             f.sync_all().ctx("fsync", path)?;
