@@ -110,6 +110,9 @@ pub fn copy(
         match copy_one(src, dst, g, opts, &mut report, &mut segments, progress) {
             Ok(c) => report.copied.push(c),
             Err(e) => {
+                // What it stored in its last, unsealed pack is gone: forget every translation
+                // rather than point a later generation at a segment that is not there.
+                segments.clear();
                 progress.note(&format!("{} was not copied: {e}", g.name));
                 report.failed.push((g.name.clone(), e.to_string()));
             }
