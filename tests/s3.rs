@@ -983,3 +983,125 @@ fn an_aws_profile_configures_the_client() {
         );
     }
 }
+
+/// import-ghettovcb and mount on a repository in object storage: a ghettoVCB rotation comes in
+/// at its folder dates, and the FUSE mount shows each generation's disk byte for byte as the
+/// backup folder held it.
+#[test]
+fn a_ghettovcb_rotation_is_imported_and_mounted_from_the_bucket() {
+    use std::io::BufRead;
+    let store = Store::start();
+    let t = tempfile::tempdir().unwrap();
+    let url = store.url("mounted");
+    let cache = t.path().join("cache");
+    let rotation = t.path().join("web01");
+    fs::create_dir(&rotation).unwrap();
+    let mut flats = Vec::new();
+    for (i, date) in ["2026-11-18_01-00-03", "2026-11-19_01-00-02"]
+        .iter()
+        .enumerate()
+    {
+        let i = i as u64;
+        let vm = make_vm(
+            &t.path().join(format!("build{i}")),
+            "web01",
+            &[(
+                16 << 20,
+                vec![(0, 6 << 20, 1), ((8 + i) << 20, 1 << 20, 10 + i)],
+            )],
+        );
+        let dated = rotation.join(format!("web01-{date}"));
+        fs::rename(&vm, &dated).unwrap();
+        flats.push(dated.join("web01-flat.vmdk"));
+    }
+    store.vmrepo(&cache, [s("init"), s(&url)]).ok();
+    let r = store.vmrepo(&cache, [s("import-ghettovcb"), s(&url), p(&rotation)]);
+    r.ok();
+    assert!(r.stdout.contains("imported 2 backup(s)"), "{}", r.stdout);
+    let gens = generation_names(&store, &cache, &url, "web01");
+    assert_eq!(gens.len(), 2, "{gens:?}");
+    assert!(gens[0].starts_with("web01@2026-11-18"), "{gens:?}");
+
+    let mp = t.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    let mut child = store
+        .command(&cache)
+        .args([s("mount"), s(&url), p(&mp)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let unmount = || {
+        Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(&mp)
+            .status()
+            .expect("run fusermount3 (apt-get install fuse3)")
+    };
+    let checked = std::panic::catch_unwind(|| {
+        assert!(first.starts_with("mounted "), "{first}");
+        for (g, flat) in gens.iter().zip(&flats) {
+            let time = g.split_once('@').unwrap().1;
+            let shown = mp.join("web01").join(time).join("web01-flat.vmdk");
+            assert!(same_file(&shown, flat), "{g}: the mounted disk differs");
+        }
+    });
+    let unmounted = unmount();
+    if checked.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    if let Err(e) = checked {
+        std::panic::resume_unwind(e);
+    }
+    assert!(unmounted.success(), "fusermount3 -u failed");
+    assert!(status.success(), "vmrepo mount ended with {status}");
+}
+
+/// A nightly job file whose repository is a bucket: ingest, retention, a copy back to a local
+/// directory, and a check, all in one `vmrepo run`.
+#[test]
+fn a_nightly_job_runs_against_the_bucket() {
+    let store = Store::start();
+    let t = tempfile::tempdir().unwrap();
+    let url = store.url("nightly");
+    let cache = t.path().join("cache");
+    let img = t.path().join("app02.img");
+    sparse_image(&img, 24 << 20, &[(0, 5 << 20, 51)]);
+    let local = t.path().join("local-copy");
+    store.vmrepo(&cache, [s("init"), s(&url)]).ok();
+    Run::from(
+        store
+            .command(&cache)
+            .env_remove("VMREPO_PASSWORD")
+            .args([s("init"), p(&local)])
+            .output()
+            .unwrap(),
+    )
+    .ok();
+    let job = t.path().join("job.toml");
+    fs::write(
+        &job,
+        format!(
+            "repository = {url:?}\nvms = [{img:?}]\n\n[retention]\ndefault = {{ keep-last = 2 }}\n\n\
+             [[copy]]\nto = {local:?}\n\n[check]\nread_data_subset = \"all\"\n"
+        ),
+    )
+    .unwrap();
+    for night in 0..3 {
+        overwrite(&img, 0, 4096, 60 + night);
+        let r = store.vmrepo(&cache, [s("run"), p(&job)]);
+        r.ok();
+        assert!(r.stdout.contains("check: ok"), "{}", r.stdout);
+    }
+    assert_eq!(generation_names(&store, &cache, &url, "app02").len(), 2);
+    // The copy got every night the bucket held when it ran.
+    assert_eq!(generations(&local, "app02").len(), 3);
+    let out = t.path().join("out");
+    vmrepo([s("extract"), p(&local), s("app02"), p(&out)]).ok();
+    assert!(same_file(&out.join("app02.img"), &img));
+}
