@@ -447,7 +447,6 @@ impl Repository {
     /// random read at a time (loading the previous versions of a change-aware ingest's
     /// touched segments, scattered over the repository).
     pub fn read_objects(&self, ids: &[ObjectId]) -> Result<Vec<Vec<u8>>> {
-        const MAX_SPAN: u64 = 8 << 20;
         let locs: Vec<Location> = self.with_index(|i| {
             ids.iter()
                 .map(|id| {
@@ -457,29 +456,7 @@ impl Repository {
                 })
                 .collect()
         })?;
-        let record_len = |l: &Location| RECORD_HEADER_LEN as u64 + l.header.stored_len as u64;
-        let mut order: Vec<usize> = (0..locs.len()).collect();
-        order.sort_by(|&a, &b| {
-            (&locs[a].pack, locs[a].offset).cmp(&(&locs[b].pack, locs[b].offset))
-        });
-        // Runs of `order` read with one request each: (first, end) positions in `order`, bytes.
-        let mut spans = Vec::new();
-        let mut i = 0;
-        while i < order.len() {
-            let first = &locs[order[i]];
-            let mut end = first.offset + record_len(first);
-            let mut j = i + 1;
-            while j < order.len()
-                && locs[order[j]].pack == first.pack
-                && locs[order[j]].offset == end
-                && end - first.offset < MAX_SPAN
-            {
-                end += record_len(&locs[order[j]]);
-                j += 1;
-            }
-            spans.push((i, j, end - first.offset));
-            i = j;
-        }
+        let (order, spans) = plan_spans(&locs);
         if spans.len() > 1 {
             for &(i, _, len) in &spans {
                 let first = &locs[order[i]];
@@ -511,6 +488,26 @@ impl Repository {
             .collect())
     }
 
+    /// Asks the storage to start fetching objects `ids` ahead of their reads (the records of
+    /// the segments a restore reaches next), in the spans [`Repository::read_objects`] will
+    /// read them with. Advisory: objects the index does not know are skipped (their read
+    /// reports it).
+    pub fn hint_objects(&self, ids: &[ObjectId]) {
+        let Ok(locs) = self.with_index(|i| {
+            Ok(ids
+                .iter()
+                .filter_map(|id| i.lookup(id).ok().flatten())
+                .collect::<Vec<Location>>())
+        }) else {
+            return;
+        };
+        let (order, spans) = plan_spans(&locs);
+        for (i, _, len) in spans {
+            let first = &locs[order[i]];
+            self.reader.hint(&first.pack, first.offset, len);
+        }
+    }
+
     /// Loads a generation manifest.
     pub fn load_manifest(&self, id: &ObjectId) -> Result<Manifest> {
         let b = self.read_object(id)?;
@@ -527,6 +524,38 @@ impl Repository {
     pub fn load_segment(&self, id: &ObjectId) -> Result<Segment> {
         decode_segment(id, &self.read_object(id)?)
     }
+}
+
+/// Bytes a record takes in its pack (header and stored payload).
+fn record_len(l: &Location) -> u64 {
+    RECORD_HEADER_LEN as u64 + l.header.stored_len as u64
+}
+
+/// How records at `locs` are read: `order` sorts them by pack and offset, and each span
+/// `(first, end, bytes)` covers `order[first..end]`, records that sit back to back in one pack
+/// (chunks written in sequence), at most 8 MiB, read with one request.
+fn plan_spans(locs: &[Location]) -> (Vec<usize>, Vec<(usize, usize, u64)>) {
+    const MAX_SPAN: u64 = 8 << 20;
+    let mut order: Vec<usize> = (0..locs.len()).collect();
+    order.sort_by(|&a, &b| (&locs[a].pack, locs[a].offset).cmp(&(&locs[b].pack, locs[b].offset)));
+    let mut spans = Vec::new();
+    let mut i = 0;
+    while i < order.len() {
+        let first = &locs[order[i]];
+        let mut end = first.offset + record_len(first);
+        let mut j = i + 1;
+        while j < order.len()
+            && locs[order[j]].pack == first.pack
+            && locs[order[j]].offset == end
+            && end - first.offset < MAX_SPAN
+        {
+            end += record_len(&locs[order[j]]);
+            j += 1;
+        }
+        spans.push((i, j, end - first.offset));
+        i = j;
+    }
+    (order, spans)
 }
 
 /// Decodes the bytes of segment object `id` (read with [`Repository::read_object`] or

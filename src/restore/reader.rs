@@ -9,13 +9,13 @@
 //! FUSE mount (`mount.rs`) and the NBD server (`nbd.rs`) serve it, and extract writes what it
 //! reads (`extract/disk.rs`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::{Deref, Range};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::repo::id::ObjectId;
-use crate::repo::manifest::{DiskEntry, DiskMap, Extent, ExtentFile};
+use crate::repo::manifest::{DiskEntry, DiskMap, Extent, ExtentFile, Segment};
 use crate::repo::Repository;
 
 /// Default memory for decompressed chunks and decoded segments, shared by all open files.
@@ -91,6 +91,19 @@ struct SegmentView {
 }
 
 impl SegmentView {
+    fn new(seg: Segment) -> SegmentView {
+        let mut starts = Vec::with_capacity(seg.extents.len());
+        let mut pos = 0u64;
+        for e in &seg.extents {
+            starts.push(pos);
+            pos += e.len() as u64;
+        }
+        SegmentView {
+            extents: seg.extents,
+            starts,
+        }
+    }
+
     fn weight(&self) -> usize {
         64 + self.extents.len() * (std::mem::size_of::<Extent>() + 8)
     }
@@ -145,19 +158,33 @@ impl ReadCache {
         if let Some(s) = self.segments.get(id) {
             return Ok(s);
         }
-        let seg = repo.load_segment(id)?;
-        let mut starts = Vec::with_capacity(seg.extents.len());
-        let mut pos = 0u64;
-        for e in &seg.extents {
-            starts.push(pos);
-            pos += e.len() as u64;
-        }
-        let view = Arc::new(SegmentView {
-            extents: seg.extents,
-            starts,
-        });
+        let view = Arc::new(SegmentView::new(repo.load_segment(id)?));
         self.segments.insert(*id, view.clone(), view.weight());
         Ok(view)
+    }
+
+    /// Loads the segments `ids` not held yet with one batch of reads (best effort: a segment
+    /// that cannot be read is left for the read that needs it, which reports why).
+    fn load_segments(&self, repo: &Repository, ids: &[ObjectId]) {
+        let mut missing: Vec<ObjectId> = ids
+            .iter()
+            .filter(|id| self.segments.get(id).is_none())
+            .copied()
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return;
+        }
+        let Ok(bytes) = repo.read_objects(&missing) else {
+            return;
+        };
+        for (id, b) in missing.iter().zip(bytes) {
+            if let Ok(seg) = crate::repo::decode_segment(id, &b) {
+                let view = Arc::new(SegmentView::new(seg));
+                self.segments.insert(*id, view.clone(), view.weight());
+            }
+        }
     }
 
     /// Chunks `ids` (distinct), from the cache or fetched in one batch.
@@ -255,6 +282,33 @@ impl<R: Deref<Target = Repository>> DiskImage<R> {
             }
         }
         Ok(out)
+    }
+
+    /// Asks the storage to start fetching segments `segs` (their lists of extents, read now
+    /// in one batch, then their chunks), so that reading them later waits on no round trip:
+    /// what a restore from object storage does for the segments ahead of its readers.
+    /// Advisory: what cannot be read is left for the read that needs it, which reports why.
+    pub fn prefetch(&self, segs: &[u64]) {
+        let ids: Vec<ObjectId> = segs
+            .iter()
+            .map(|&i| self.map.get(i))
+            .filter(|id| !id.is_zero())
+            .collect();
+        self.cache.load_segments(&self.repo, &ids);
+        let mut seen = HashSet::new();
+        let mut chunks = Vec::new();
+        for id in &ids {
+            if let Some(view) = self.cache.segments.get(id) {
+                for e in &view.extents {
+                    if let Extent::Data { id, .. } = e {
+                        if seen.insert(*id) {
+                            chunks.push(*id);
+                        }
+                    }
+                }
+            }
+        }
+        self.repo.hint_objects(&chunks);
     }
 
     /// Segment `i`'s extents, checked to cover exactly the segment; `None` for a zero segment.

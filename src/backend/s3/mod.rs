@@ -18,6 +18,7 @@
 //! The index is a cache on this host: a directory of the cache dir per repository URL.
 
 mod lock;
+mod prefetch;
 mod profile;
 mod readahead;
 mod throttle;
@@ -43,6 +44,8 @@ pub const SCHEME: &str = "s3://";
 
 /// Bytes fetched per request by a sequential reader.
 const SEQUENTIAL_STEP: u64 = 8 << 20;
+/// Prefetching GETs in flight at once (see [`prefetch`]).
+const PREFETCH_IN_FLIGHT: usize = 16;
 
 /// A repository in a bucket of an S3-compatible store.
 pub struct S3Backend {
@@ -55,6 +58,10 @@ pub struct S3Backend {
     /// Keys this process is streaming (or holds the finished guard of).
     writing: Arc<Mutex<HashSet<String>>>,
     readahead: readahead::ReadAhead,
+    /// Ranges asked for ahead of their reads, and the GETs fetching them (at most
+    /// [`PREFETCH_IN_FLIGHT`] at once).
+    prefetch: prefetch::Prefetch,
+    prefetching: Arc<tokio::sync::Semaphore>,
     /// Lengths of objects read by range (packs never change once written).
     sizes: Mutex<HashMap<String, u64>>,
     /// `--limit-upload`, `--limit-download`.
@@ -130,6 +137,8 @@ impl S3Backend {
             cache,
             writing: Arc::default(),
             readahead: readahead::ReadAhead::default(),
+            prefetch: prefetch::Prefetch::default(),
+            prefetching: Arc::new(tokio::sync::Semaphore::new(PREFETCH_IN_FLIGHT)),
             sizes: Mutex::default(),
             up: remote.limit_upload.map(|r| Arc::new(Throttle::new(r))),
             down: remote.limit_download.map(|r| Arc::new(Throttle::new(r))),
@@ -217,7 +226,10 @@ impl Backend for S3Backend {
     }
 
     fn get_range(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        if buf.is_empty() || self.readahead.serve(key, offset, buf) {
+        if buf.is_empty()
+            || self.prefetch.serve(key, offset, buf)
+            || self.readahead.serve(key, offset, buf)
+        {
             return Ok(());
         }
         let path = self.object(key);
@@ -322,7 +334,26 @@ impl Backend for S3Backend {
         Ok(out)
     }
 
-    fn will_need(&self, _key: &str, _offset: u64, _len: u64) {}
+    fn will_need(&self, key: &str, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let Some(done) = self.prefetch.begin(key, offset, len) else {
+            return;
+        };
+        throttle::take(self.down.as_deref(), len);
+        self.counters.add(1, 0, len);
+        let (store, path, permits) = (
+            self.store.clone(),
+            self.object(key),
+            self.prefetching.clone(),
+        );
+        self.runtime.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let fetched = store.get_range(&path, offset..offset + len).await;
+            done.finish(fetched.ok().map(|b| b.to_vec()));
+        });
+    }
 
     fn put(&self, key: &str, bytes: &[u8], _durability: Durability) -> io::Result<()> {
         throttle::take(self.up.as_deref(), bytes.len() as u64);
@@ -354,6 +385,7 @@ impl Backend for S3Backend {
     fn delete(&self, keys: &[String], _durability: Durability) -> io::Result<()> {
         for key in keys {
             self.readahead.forget(key);
+            self.prefetch.forget(key);
             self.sizes.lock().unwrap().remove(key);
             self.counters.add(1, 0, 0);
             match self.block_on(self.store.delete(&self.object(key))) {
