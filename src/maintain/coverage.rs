@@ -101,16 +101,22 @@ pub struct Survey {
 pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Result<Survey> {
     let backend = &**repo.backend();
     let mut s = Survey::default();
-    let (have, data) = (index.gc_epoch()?, repo.gc_epoch()?);
+    // One listing of the data files gives every length (one request per thousand packs in
+    // an object store, not one per pack); the gc epoch is read meanwhile (in object storage
+    // both are round trips).
+    let (data_epoch, listed) = std::thread::scope(|scope| {
+        let epoch = scope.spawn(|| repo.gc_epoch());
+        let listed = list_packs(backend);
+        (epoch.join().expect("gc epoch reader panicked"), listed)
+    });
+    let (have, data) = (index.gc_epoch()?, data_epoch?);
     if have < data {
         s.stale_epoch = Some((have, data));
     }
     let known = index.packs()?;
     s.indexed_packs = known.len();
     let known_names: HashSet<&str> = known.iter().map(|(n, _)| n.as_str()).collect();
-    // One listing of the data files gives every length (one request per thousand packs in
-    // an object store, not one per pack).
-    let listed: HashMap<String, u64> = list_packs(backend)?.into_iter().collect();
+    let listed: HashMap<String, u64> = listed?.into_iter().collect();
     for (name, size) in &known {
         match listed.get(name) {
             Some(&len) if len < *size => s.short.push((name.clone(), *size, len)),
@@ -145,10 +151,13 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
             .into_iter()
             .filter_map(|e| Some(e.key.strip_prefix(layout::UNCOMMITTED)?.to_string()))
             .collect();
-        // Packs with a description are known from it; the others are read record by record.
-        let described = match Descriptions::list(backend, repo.keys()) {
-            Ok(d) => Some(d),
-            Err(e) => {
+        // In an object store, packs with a description are known from it (reading them costs
+        // their size in downloads); the others, and every pack of a directory (where reading
+        // is cheap and verifies each record), are read record by record.
+        let described = match remote.then(|| Descriptions::list(backend, repo.keys())) {
+            None => None,
+            Some(Ok(d)) => Some(d),
+            Some(Err(e)) => {
                 progress.note(&format!(
                     "pack descriptions cannot be listed ({e}); reading the packs instead"
                 ));

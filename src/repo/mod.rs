@@ -85,6 +85,10 @@ pub struct Repository {
     reading: bool,
     /// How long the command may wait for a lock (`--lock-wait`): also for a VM's ingest lock.
     lock_wait: Duration,
+    /// The gc epoch once read under the lock: it cannot change while the lock is held (only
+    /// gc raises it, under the exclusive lock), so a command reads it once (a round trip in
+    /// object storage).
+    gc_epoch: Mutex<Option<u64>>,
 }
 
 impl Repository {
@@ -205,6 +209,7 @@ impl Repository {
             reading: mode == LockMode::Read,
             lock_wait: opts.lock_wait,
             lock,
+            gc_epoch: Mutex::new(None),
         })
     }
 
@@ -247,6 +252,17 @@ impl Repository {
     /// older than the data files (a copy from before a gc): its rows may point into packs that
     /// are gone, so an ingest must not deduplicate against it, and gc must not trust it.
     pub fn gc_epoch(&self) -> Result<u64> {
+        if let Some(epoch) = *self.gc_epoch.lock().unwrap() {
+            return Ok(epoch);
+        }
+        let epoch = self.read_gc_epoch()?;
+        if self.lock.unguarded().is_none() {
+            *self.gc_epoch.lock().unwrap() = Some(epoch);
+        }
+        Ok(epoch)
+    }
+
+    fn read_gc_epoch(&self) -> Result<u64> {
         let path = self.backend.path(layout::GC_EPOCH);
         match self.backend.get(layout::GC_EPOCH) {
             Ok(t) => {
@@ -270,13 +286,17 @@ impl Repository {
     pub fn raise_gc_epoch(&self, index: &Index) -> Result<()> {
         let next = self.gc_epoch()?.max(index.gc_epoch()?) + 1;
         index.set_gc_epoch(next)?;
+        // Unknown until the write is known to have happened.
+        *self.gc_epoch.lock().unwrap() = None;
         self.backend
             .put(
                 layout::GC_EPOCH,
                 format!("{next}\n").as_bytes(),
                 Durability::Synced,
             )
-            .ctx("write", self.backend.path(layout::GC_EPOCH))
+            .ctx("write", self.backend.path(layout::GC_EPOCH))?;
+        *self.gc_epoch.lock().unwrap() = Some(next);
+        Ok(())
     }
 
     /// Refuses an index older than the data files (its gc epoch is below the file's): it may

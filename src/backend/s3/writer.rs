@@ -1,12 +1,16 @@
 //! A pack streamed into S3 as a multipart upload: parts go up as they fill, a few at a time,
 //! so memory stays bounded whatever the pack's size; nothing is visible until the upload is
-//! completed, and an abandoned upload is aborted (its parts deleted).
+//! completed, and an abandoned upload is aborted (its parts deleted). A pack that ends before
+//! its first part is full (a night that changed little) goes up as one PUT instead: one
+//! request rather than three, and just as atomic.
 
 use std::collections::HashSet;
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use object_store::{ObjectStoreExt, WriteMultipart};
+use object_store::aws::AmazonS3;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
 
 use super::throttle::{self, Throttle};
 use super::{io_error, Counters, S3Backend};
@@ -19,7 +23,11 @@ const PARTS_IN_FLIGHT: usize = 4;
 
 /// One pack being uploaded.
 pub(super) struct S3Writer {
+    store: Arc<AmazonS3>,
+    path: ObjectPath,
+    /// The multipart upload, started when the first part is full.
     upload: Option<WriteMultipart>,
+    finished: bool,
     /// The part being filled: records are appended here, and a full part is handed to the
     /// upload whole (one call into the runtime per part, not per record).
     part: Vec<u8>,
@@ -74,12 +82,11 @@ impl S3Writer {
             writing: b.writing.clone(),
             file: Some((file, marker)),
         };
-        b.counters.add(1, 0, 0);
-        let upload = b
-            .block_on(b.store.put_multipart(&b.object(key)))
-            .map_err(io_error)?;
         Ok(S3Writer {
-            upload: Some(WriteMultipart::new_with_chunk_size(upload, PART)),
+            store: b.store.clone(),
+            path: b.object(key),
+            upload: None,
+            finished: false,
             part: Vec::with_capacity(PART),
             runtime: b.runtime.clone(),
             mark: Some(mark),
@@ -96,9 +103,18 @@ impl ObjectWriter for S3Writer {
             self.part.extend_from_slice(&bytes[..n]);
             bytes = &bytes[n..];
             if self.part.len() == PART {
+                assert!(!self.finished, "writer used after finish");
                 throttle::take(self.up.as_deref(), PART as u64);
+                if self.upload.is_none() {
+                    self.counters.add(1, 0, 0);
+                    let started = self
+                        .runtime
+                        .block_on(self.store.put_multipart(&self.path))
+                        .map_err(io_error)?;
+                    self.upload = Some(WriteMultipart::new_with_chunk_size(started, PART));
+                }
                 self.counters.add(1, PART as u64, 0);
-                let upload = self.upload.as_mut().expect("writer used after finish");
+                let upload = self.upload.as_mut().expect("started above");
                 let part = &self.part;
                 self.runtime.block_on(async {
                     upload
@@ -115,18 +131,30 @@ impl ObjectWriter for S3Writer {
     }
 
     fn finish(mut self: Box<Self>) -> io::Result<Finished> {
-        let mut upload = self.upload.take().expect("writer finished twice");
+        assert!(!self.finished, "writer finished twice");
+        self.finished = true;
         let part = std::mem::take(&mut self.part);
         throttle::take(self.up.as_deref(), part.len() as u64);
-        // The last part (if any), then the completion.
-        self.counters
-            .add(1 + u64::from(!part.is_empty()), part.len() as u64, 0);
-        self.runtime
-            .block_on(async {
-                upload.write(&part);
-                upload.finish().await
-            })
-            .map_err(io_error)?;
+        match self.upload.take() {
+            // Smaller than a part: one PUT.
+            None => {
+                self.counters.add(1, part.len() as u64, 0);
+                self.runtime
+                    .block_on(self.store.put(&self.path, PutPayload::from(part)))
+                    .map_err(io_error)?;
+            }
+            // The last part (if any), then the completion.
+            Some(mut upload) => {
+                self.counters
+                    .add(1 + u64::from(!part.is_empty()), part.len() as u64, 0);
+                self.runtime
+                    .block_on(async {
+                        upload.write(&part);
+                        upload.finish().await
+                    })
+                    .map_err(io_error)?;
+            }
+        }
         Ok(Finished::new(self.mark.take()))
     }
 
