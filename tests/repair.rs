@@ -199,3 +199,49 @@ fn read_data_subsets_cover_everything_over_their_slices() {
     }
     assert!(found, "no slice found the flipped byte");
 }
+
+/// Pack descriptions (`pack-index/`) are what a new host builds its cache from: check reports
+/// one that cannot be read or describes another pack, names the remedy, and is clean again
+/// once the bad description is deleted (the pack itself is then read).
+#[test]
+fn check_reports_pack_descriptions_that_do_not_fit_their_packs() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = init_repo(t.path());
+    for (name, seed) in [("a", 1), ("b", 2)] {
+        let img = t.path().join(format!("{name}.img"));
+        sparse_image(&img, 4 << 20, &[(0, 2 << 20, seed)]);
+        ingest(&repo, &img, Some(name));
+    }
+    vmrepo([s("check"), p(&repo)]).ok();
+    let names: Vec<String> = packs(&repo)
+        .iter()
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let desc = |n: &str| repo.join("pack-index").join(n);
+    assert!(desc(&names[0]).is_file() && desc(&names[1]).is_file());
+    let first = fs::read(desc(&names[0])).unwrap();
+
+    // The first pack's description under the second's name.
+    fs::write(desc(&names[1]), &first).unwrap();
+    let r = vmrepo([s("check"), p(&repo)]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("1 pack description(s)"), "{}", r.stdout);
+    assert!(r.stdout.contains("describes other packs"), "{}", r.stdout);
+    assert!(r.stdout.contains(&names[1]), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("delete those objects under pack-index/"),
+        "{}",
+        r.stdout
+    );
+
+    // Garbage where a description should be.
+    fs::write(desc(&names[1]), b"not a description").unwrap();
+    let r = vmrepo([s("check"), p(&repo)]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("cannot be read"), "{}", r.stdout);
+
+    // The remedy: without a description the pack is read itself.
+    fs::remove_file(desc(&names[1])).unwrap();
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+}

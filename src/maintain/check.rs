@@ -16,6 +16,7 @@ use crate::repo::layout;
 use crate::repo::manifest::{DiskEntry, DiskMap, Extent, Manifest, Segment};
 use crate::repo::object::{RecordHeader, RECORD_HEADER_LEN};
 use crate::repo::pack::pack_len;
+use crate::repo::pack_index::{Descriptions, PackDescription};
 use crate::repo::Repository;
 
 /// A generation with damage.
@@ -341,6 +342,7 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
     report.objects_read = read_count.into_inner();
     let bad = bad.into_inner().unwrap();
     report.bad_objects = bad.keys().copied().collect();
+    check_descriptions(repo, &known, &by_pack, &mut report);
 
     // Generations: every reference must resolve to a good object.
     let gens = index.generations(None)?;
@@ -387,6 +389,81 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
         ));
     }
     Ok(report)
+}
+
+/// Pack descriptions (`pack-index/`) against the index: a host with an empty cache takes a
+/// described pack's records from its description instead of reading the pack, so a
+/// description must list every record the index knows in that pack, at the same offset, and
+/// the pack's length. One that does not (or cannot be read) is a problem: nothing is lost
+/// (the pack is the truth), but a new host's cache would be wrong. Packs without a description
+/// are fine (they are read whole).
+fn check_descriptions(
+    repo: &Repository,
+    known: &[(String, u64)],
+    by_pack: &[(String, Vec<(u64, RecordHeader)>)],
+    report: &mut CheckReport,
+) {
+    let backend = &**repo.backend();
+    let listed = match Descriptions::list(backend, repo.keys()) {
+        Ok(d) => d,
+        Err(e) => {
+            report.problems.push(format!(
+                "the pack descriptions in {} cannot be listed: {e}",
+                backend.path(layout::PACK_INDEX).display()
+            ));
+            return;
+        }
+    };
+    let rows: HashMap<&str, &Vec<(u64, RecordHeader)>> =
+        by_pack.iter().map(|(p, v)| (p.as_str(), v)).collect();
+    let mut wrong: Vec<String> = Vec::new();
+    for (name, len) in known {
+        let d = match listed.stored(name) {
+            None => continue,
+            Some(Err(why)) => {
+                wrong.push(format!(
+                    "pack {name}: its description cannot be read: {why}"
+                ));
+                continue;
+            }
+            Some(Ok(d)) => d,
+        };
+        let objs = rows.get(name.as_str()).map_or(&[][..], |v| &v[..]);
+        if let Some(why) = disagreement(&d, *len, objs) {
+            wrong.push(format!("pack {name}: {why}"));
+        }
+    }
+    if let Some(first) = wrong.first() {
+        report.problems.push(format!(
+            "{} pack description(s) in {} disagree with the index (first: {first}). No data \
+             is affected, but a host building its cache from them would miss or misplace \
+             objects: delete those objects under pack-index/ (hosts then read the packs \
+             themselves); a gc that compacts the descriptions describes the packs again",
+            wrong.len(),
+            backend.path(layout::PACK_INDEX).display()
+        ));
+    }
+}
+
+/// Why description `d` of a pack of `len` bytes does not fit the index's rows `objs` of that
+/// pack (offset, header), if it does not: another length, or a row it does not list as such.
+fn disagreement(d: &PackDescription, len: u64, objs: &[(u64, RecordHeader)]) -> Option<String> {
+    if d.len != len {
+        return Some(format!(
+            "its description says {} bytes, the index {len}",
+            d.len
+        ));
+    }
+    let described: HashMap<u64, &RecordHeader> =
+        d.records.iter().map(|(h, offset)| (*offset, h)).collect();
+    let (offset, h) = objs
+        .iter()
+        .find(|(offset, h)| described.get(offset) != Some(&h))?;
+    Some(format!(
+        "its description does not list {} {} at offset {offset}, where the index has it",
+        h.kind.name(),
+        h.id.short()
+    ))
 }
 
 /// check's visitor of the reference graph: every reference must resolve to a good object;
@@ -558,5 +635,49 @@ fn check_segment(
     match first {
         None => Ok(()),
         Some(p) => Err(format!("{damaged} bad chunk(s), first: {p}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::object::{Codec, ObjectKind};
+
+    fn header(kind: ObjectKind, seed: u8) -> RecordHeader {
+        RecordHeader {
+            kind,
+            codec: Codec::Zstd,
+            stored_len: 100,
+            raw_len: 200,
+            id: ObjectId([seed; 32]),
+            encrypted: false,
+        }
+    }
+
+    /// A description must have the pack's length and list every record the index has in the
+    /// pack where the index has it; records the index dropped (dead manifests) may remain.
+    #[test]
+    fn a_description_fits_only_the_index_rows_it_lists_in_place() {
+        let (a, b, dead) = (
+            header(ObjectKind::Chunk, 1),
+            header(ObjectKind::Segment, 2),
+            header(ObjectKind::Manifest, 3),
+        );
+        let d = PackDescription {
+            name: "00".repeat(16),
+            len: 500,
+            records: vec![(a.clone(), 16), (b.clone(), 168), (dead, 320)],
+        };
+        let rows = vec![(16, a.clone()), (168, b.clone())];
+        assert_eq!(disagreement(&d, 500, &rows), None);
+        assert_eq!(disagreement(&d, 500, &[]), None);
+        let why = disagreement(&d, 400, &rows).unwrap();
+        assert!(why.contains("500 bytes, the index 400"), "{why}");
+        // A record at another offset, or another record at that offset.
+        let why = disagreement(&d, 500, &[(168, a.clone())]).unwrap();
+        assert!(why.contains("does not list chunk"), "{why}");
+        assert!(why.contains("offset 168"), "{why}");
+        let other = header(ObjectKind::Chunk, 9);
+        assert!(disagreement(&d, 500, &[(16, other)]).is_some());
     }
 }

@@ -282,6 +282,52 @@ impl<'a> Descriptions<'a> {
         })
     }
 
+    /// The description of pack `name` as stored, not judged: `None` when it has none, else
+    /// the description or why it cannot be read. For `vmrepo check`, going through packs in
+    /// name order (the compacted objects of earlier shards are dropped as it goes).
+    pub fn stored(&self, name: &str) -> Option<std::result::Result<PackDescription, String>> {
+        if self.singles.contains(name) {
+            let key = layout::pack_description(name);
+            return Some(match read(self.backend, self.keys, &key) {
+                Ok(mut v) if v.len() == 1 && v[0].name == name => Ok(v.pop().expect("one")),
+                Ok(_) => Err(format!("{key} describes other packs than {name}")),
+                Err(e) => Err(format!("{key}: {e}")),
+            });
+        }
+        let shard = name.get(..2)?;
+        let keys = self.shards.get(shard)?;
+        let mut loaded = self.loaded.lock().unwrap();
+        loaded.retain(|s, _| s.as_str() >= shard);
+        if !loaded.contains_key(shard) {
+            let mut map = HashMap::new();
+            for key in keys {
+                match read(self.backend, self.keys, key) {
+                    Ok(v) => map.extend(v.into_iter().map(|d| (d.name.clone(), d))),
+                    Err(e) => self.ignore(format!("{key}: {e}")),
+                }
+            }
+            loaded.insert(shard.to_string(), map);
+        }
+        let found = loaded[shard].get(name).cloned().map(Ok);
+        drop(loaded);
+        match found {
+            Some(d) => Some(d),
+            // The shard has objects, but none describes this pack: unless one could not be
+            // read, it simply has no description.
+            None => {
+                let unreadable: Vec<String> = self
+                    .ignored
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|w| keys.iter().any(|k| w.starts_with(k.as_str())))
+                    .cloned()
+                    .collect();
+                (!unreadable.is_empty()).then(|| Err(unreadable.join("; ")))
+            }
+        }
+    }
+
     /// The usable description of pack `name` (`len` bytes now), if there is one.
     fn one(&self, name: &str, len: u64) -> Option<PackDescription> {
         let found = if self.singles.contains(name) {
