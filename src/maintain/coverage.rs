@@ -190,17 +190,28 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
     }
 
     // Tombstones: indexed ones and those in unknown packs (a prune killed before its commit
-    // removed nothing, but what it names is not a generation to adopt either).
-    // One per prune ever run: read many at once.
+    // removed nothing, but what it names is not a generation to adopt either). One per prune
+    // ever run: what each names is remembered in the index once read (a tombstone never
+    // changes), and those not yet remembered are read many at once.
     let (indexed_manifests, indexed_tombstones) = index.manifests_and_tombstones()?;
-    let read = fanout::parallel(&indexed_tombstones, |id| {
+    let mut unread = Vec::new();
+    for id in indexed_tombstones {
+        match index.tombstone_names(&id)? {
+            Some(names) => s.tombstoned.extend(names),
+            None => unread.push(id),
+        }
+    }
+    let read = fanout::parallel(&unread, |id| {
         repo.read_object(id).and_then(|b| {
             Tombstone::decode(&b)
                 .map_err(|e| Error::Corrupt(format!("tombstone {}: {e}", id.short())))
         })
     });
-    for t in read {
-        s.tombstoned.extend(t?.removed.iter().map(|r| r.manifest));
+    for (id, t) in unread.iter().zip(read) {
+        let names: Vec<ObjectId> = t?.removed.iter().map(|r| r.manifest).collect();
+        // Best effort: an index this process may not write is read again next time.
+        let _ = index.remember_tombstone(id, &names);
+        s.tombstoned.extend(names);
     }
     for u in &s.unknown {
         s.tombstoned.extend(u.tombstoned.iter().copied());

@@ -194,6 +194,22 @@ impl Keys {
         out
     }
 
+    /// Check value of a `tombstone_names` row (tombstone id, the manifest ids it names,
+    /// concatenated): keyed like [`Keys::cache_mac`], in a domain of its own.
+    pub fn tombstone_mac(&self, tombstone: &ObjectId, manifests: &[u8]) -> [u8; 16] {
+        let key = match &self.inner {
+            Some(s) => *s.tag_key,
+            None => blake3::derive_key("vmrepo 2026-12 tombstone row check", b""),
+        };
+        let mut h = blake3::Hasher::new_keyed(&key);
+        h.update(b"tombstone names\0");
+        h.update(&tombstone.0);
+        h.update(manifests);
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        out
+    }
+
     /// The tag under which a VM name is stored and looked up: the name itself when unencrypted,
     /// a keyed hash otherwise.
     pub fn name_tag(&self, name: &str) -> String {

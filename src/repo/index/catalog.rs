@@ -1,7 +1,7 @@
 //! The catalog: VMs and their generations (sealed when the repository is encrypted), damage
 //! notes, and adding and removing generations.
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -361,22 +361,26 @@ impl Index {
         })
     }
 
-    /// The ids of every indexed manifest and tombstone (few), in one pass over the objects.
+    /// The ids of every indexed manifest and tombstone (few among many objects: read through
+    /// the partial indexes on their kinds, not a pass over every object).
     pub fn manifests_and_tombstones(&self) -> Result<(Vec<ObjectId>, Vec<ObjectId>)> {
+        // The kinds are literals: a partial index is used only for the condition it was made
+        // with, written out (see schema.rs).
+        const _: () = assert!(ObjectKind::Manifest as u8 == 5 && ObjectKind::Tombstone as u8 == 6);
         let mut st = self
             .conn
-            .prepare("SELECT id, kind FROM all_objects WHERE kind IN (?1, ?2)")
+            .prepare(
+                "SELECT id, kind FROM objects WHERE kind IN (5, 6)
+                 UNION ALL SELECT id, kind FROM recent_objects WHERE kind IN (5, 6)",
+            )
             .map_err(|e| self.err(e))?;
         let rows = st
-            .query_map(
-                [ObjectKind::Manifest as u8, ObjectKind::Tombstone as u8],
-                |r| {
-                    Ok((
-                        row_id(&r.get::<_, Vec<u8>>(0)?, "object id")?,
-                        r.get::<_, u8>(1)?,
-                    ))
-                },
-            )
+            .query_map([], |r| {
+                Ok((
+                    row_id(&r.get::<_, Vec<u8>>(0)?, "object id")?,
+                    r.get::<_, u8>(1)?,
+                ))
+            })
             .map_err(|e| self.err(e))?;
         let (mut manifests, mut tombstones) = (Vec::new(), Vec::new());
         for r in rows {
@@ -388,6 +392,45 @@ impl Index {
             }
         }
         Ok((manifests, tombstones))
+    }
+
+    /// The manifests tombstone `id` names, as remembered from an earlier read (a tombstone
+    /// never changes: its id is its content's hash); `None` when not remembered, or when the
+    /// row's check value does not match (a damaged or forged row is not trusted).
+    pub fn tombstone_names(&self, id: &ObjectId) -> Result<Option<Vec<ObjectId>>> {
+        let row: Option<(Vec<u8>, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT manifests, mac FROM tombstone_names WHERE tombstone = ?1")
+            .and_then(|mut st| {
+                st.query_row([&id.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(|e| self.err(e))?;
+        let Some((manifests, mac)) = row else {
+            return Ok(None);
+        };
+        if manifests.len() % 32 != 0 || mac != self.keys.tombstone_mac(id, &manifests) {
+            return Ok(None);
+        }
+        Ok(Some(
+            manifests
+                .chunks_exact(32)
+                .map(|c| ObjectId(c.try_into().expect("32 bytes")))
+                .collect(),
+        ))
+    }
+
+    /// Remembers the manifests tombstone `id` names (see [`Index::tombstone_names`]).
+    pub fn remember_tombstone(&self, id: &ObjectId, manifests: &[ObjectId]) -> Result<()> {
+        let joined: Vec<u8> = manifests.iter().flat_map(|m| m.0).collect();
+        let mac = self.keys.tombstone_mac(id, &joined);
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO tombstone_names(tombstone, manifests, mac) VALUES(?1, ?2, ?3)",
+            )
+            .and_then(|mut st| st.execute(params![&id.0[..], joined, &mac[..]]))
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// Inserts a generation read back from its manifest (index rebuild), marked damaged with

@@ -332,4 +332,73 @@ mod tests {
         assert!(!idx.contains(&ObjectId([3; 32])).unwrap());
         assert_eq!(idx.packs().unwrap(), [("p1".to_string(), 500)]);
     }
+
+    /// Manifests and tombstones are found through their own index, in both object tables;
+    /// what a tombstone names is remembered under a check value that a changed row fails.
+    #[test]
+    fn tombstones_are_found_and_what_they_name_is_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let mut idx = Index::open(&path, true, Arc::new(Keys::none())).unwrap();
+        let header = |kind: ObjectKind, b: u8| RecordHeader {
+            kind,
+            codec: crate::repo::object::Codec::Raw,
+            encrypted: false,
+            id: ObjectId([b; 32]),
+            stored_len: 10,
+            raw_len: 10,
+        };
+        idx.add_pack(
+            "p1",
+            500,
+            &[
+                (header(ObjectKind::Chunk, 1), 16),
+                (header(ObjectKind::Manifest, 2), 100),
+                (header(ObjectKind::Tombstone, 3), 200),
+            ],
+        )
+        .unwrap();
+        // Into the main table, then one more of each into the recent one.
+        idx.merge_recent_objects(true).unwrap();
+        idx.add_pack(
+            "p2",
+            500,
+            &[
+                (header(ObjectKind::Manifest, 4), 16),
+                (header(ObjectKind::Tombstone, 5), 100),
+            ],
+        )
+        .unwrap();
+        let (mut m, mut t) = idx.manifests_and_tombstones().unwrap();
+        m.sort();
+        t.sort();
+        assert_eq!(m, [ObjectId([2; 32]), ObjectId([4; 32])]);
+        assert_eq!(t, [ObjectId([3; 32]), ObjectId([5; 32])]);
+        let plan: String = idx
+            .conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT id, kind FROM objects WHERE kind IN (5, 6)",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("objects_metadata"), "{plan}");
+
+        let tomb = ObjectId([3; 32]);
+        assert_eq!(idx.tombstone_names(&tomb).unwrap(), None);
+        let names = [ObjectId([2; 32]), ObjectId([9; 32])];
+        idx.remember_tombstone(&tomb, &names).unwrap();
+        assert_eq!(
+            idx.tombstone_names(&tomb).unwrap().as_deref(),
+            Some(&names[..])
+        );
+        // A row changed behind the index's back is not trusted.
+        idx.conn
+            .execute(
+                "UPDATE tombstone_names SET manifests = ?1",
+                [&[7u8; 32][..]],
+            )
+            .unwrap();
+        assert_eq!(idx.tombstone_names(&tomb).unwrap(), None);
+    }
 }

@@ -6,8 +6,13 @@ use rusqlite::OptionalExtension;
 use super::{Index, BUSY_TIMEOUT};
 use crate::error::{Error, Result};
 
-/// Drops segment-cache and segment-leaves rows whose segment object is gone.
+/// Drops segment-cache and segment-leaves rows whose segment object is gone, and what the
+/// index remembers of tombstones that are gone.
 pub(super) fn forget_gone_segments(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute(
+        "DELETE FROM tombstone_names WHERE tombstone NOT IN (SELECT id FROM all_objects)",
+        [],
+    )?;
     tx.execute(
         "DELETE FROM segment_cache WHERE segment NOT IN (SELECT id FROM all_objects)",
         [],
@@ -20,8 +25,9 @@ pub(super) fn forget_gone_segments(tx: &rusqlite::Transaction<'_>) -> rusqlite::
 }
 
 /// Schema version stored in `meta`. Versions 1 (no `damaged` table), 2 (no sealed columns,
-/// no segment-cache check) and 3 (no recent objects, no segment leaves) are upgraded in place.
-pub const SCHEMA_VERSION: i64 = 4;
+/// no segment-cache check), 3 (no recent objects, no segment leaves) and 4 (no index of
+/// manifests and tombstones, no `tombstone_names`) are upgraded in place.
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The object index is two tables. Each ingest inserts into `recent_objects`, which stays small
 /// so an ingest dirties few pages; inserting random ids straight into the large `objects`
@@ -60,6 +66,12 @@ CREATE TABLE IF NOT EXISTS recent_objects(
     raw_len INTEGER NOT NULL) WITHOUT ROWID;
 CREATE VIEW IF NOT EXISTS all_objects AS
     SELECT * FROM objects UNION ALL SELECT * FROM recent_objects;
+CREATE INDEX IF NOT EXISTS objects_metadata ON objects(kind) WHERE kind IN (5, 6);
+CREATE INDEX IF NOT EXISTS recent_objects_metadata ON recent_objects(kind) WHERE kind IN (5, 6);
+CREATE TABLE IF NOT EXISTS tombstone_names(
+    tombstone BLOB PRIMARY KEY,
+    manifests BLOB NOT NULL,
+    mac BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS segment_leaves(
     segment BLOB NOT NULL UNIQUE,
     leaves BLOB NOT NULL);
@@ -142,9 +154,9 @@ impl Index {
                     .map_err(|e| self.err(e))?;
             }
             Some(v) if v.parse::<i64>().ok() == Some(SCHEMA_VERSION) => {}
-            Some(v) if v == "1" || v == "2" || v == "3" => {
-                // Versions 2 to 4 only add tables and nullable columns. Cache rows without a
-                // check value are dropped: they are re-learned by the next ingest.
+            Some(v) if v == "1" || v == "2" || v == "3" || v == "4" => {
+                // Versions 2 to 5 only add tables, indexes and nullable columns. Cache rows
+                // without a check value are dropped: they are re-learned by the next ingest.
                 self.conn.execute_batch(SCHEMA).map_err(|e| self.err(e))?;
                 for (table, column) in [
                     ("vms", "sealed"),
@@ -198,18 +210,24 @@ mod tests {
     use crate::repo::crypto::Keys;
     use crate::repo::id::ObjectId;
 
-    /// An index as schema version `version` left it: today's tables without the columns
-    /// version 4 added, holding one pack with one object, one generation with a disk and a
-    /// file, and one segment-cache row.
+    /// An index as schema version `version` left it: today's tables without what version 5
+    /// added, and before version 4 without the columns version 4 added, holding one pack
+    /// with one object, one generation with a disk and a file, and one segment-cache row.
     fn old_index(path: &std::path::Path, version: &str) {
         let c = Connection::open(path).unwrap();
         c.execute_batch(SCHEMA).unwrap();
-        for (table, column) in [
+        c.execute_batch(
+            "DROP INDEX objects_metadata; DROP INDEX recent_objects_metadata;
+             DROP TABLE tombstone_names;",
+        )
+        .unwrap();
+        let v4_columns = [
             ("vms", "sealed"),
             ("generations", "sealed"),
             ("damaged", "sealed"),
             ("segment_cache", "mac"),
-        ] {
+        ];
+        for (table, column) in v4_columns {
             c.execute_batch(&format!("ALTER TABLE {table} DROP COLUMN {column}"))
                 .unwrap();
         }
@@ -227,11 +245,17 @@ mod tests {
             fp = "22".repeat(32),
         ))
         .unwrap();
+        if version == "4" {
+            for (table, column) in v4_columns {
+                c.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} BLOB"))
+                    .unwrap();
+            }
+        }
     }
 
     #[test]
-    fn versions_1_to_3_are_migrated_in_place_and_keep_their_rows() {
-        for version in ["1", "2", "3"] {
+    fn versions_1_to_4_are_migrated_in_place_and_keep_their_rows() {
+        for version in ["1", "2", "3", "4"] {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("index.sqlite");
             old_index(&path, version);
@@ -277,7 +301,7 @@ mod tests {
             .expect("version 9 is refused")
             .to_string();
         assert!(
-            e.contains("schema version 9") && e.contains("knows 4"),
+            e.contains("schema version 9") && e.contains("knows 5"),
             "{e}"
         );
         let c = Connection::open(&path).unwrap();
