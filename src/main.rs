@@ -107,6 +107,9 @@ enum Command {
     /// Remove generations by a retention policy (then `gc` frees their space).
     #[command(long_about = cli::prune::HELP)]
     Prune(cli::prune::PruneArgs),
+    /// Remove generations named one by one (then `gc` frees their space).
+    #[command(long_about = cli::forget::HELP)]
+    Forget(cli::forget::ForgetArgs),
     /// Delete data no generation references and compact half-empty data files.
     #[command(long_about = cli::gc::HELP)]
     Gc(cli::gc::GcArgs),
@@ -179,6 +182,7 @@ fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<
         Command::ServeNbd(a) => cli::serve_nbd::run(a, &ctx),
         Command::Check(a) => cli::check::run(a, &ctx),
         Command::Prune(a) => cli::prune::run(a, &ctx),
+        Command::Forget(a) => cli::forget::run(a, &ctx),
         Command::Gc(a) => cli::gc::run(a, &ctx),
         Command::Copy(a) => cli::copy::run(a, &ctx),
         Command::ImportGhettovcb(a) => cli::import::run(a, &ctx),

@@ -512,3 +512,96 @@ fn local_time_buckets_follow_the_zone_in_tz_across_a_dst_change() {
     assert_eq!(prune(&["--keep-hourly", "24", "--local-time"]).len(), 5);
     assert_eq!(prune(&["--keep-hourly", "24"]).len(), 6);
 }
+
+/// `forget` removes exactly the generations named, all or none, refuses a bare VM name, and the
+/// removal survives an index rebuild (its tombstone); gc then frees what only they used, and
+/// every other generation restores byte for byte.
+#[test]
+fn forget_removes_named_generations_all_or_none() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("d.img");
+    sparse_image(&img, 8 << 20, &[(0, 8 << 20, 1)]);
+    let repo = init_repo(t.path());
+    let times = [
+        "2026-11-20T01:00:00Z",
+        "2026-11-21T01:00:00Z",
+        "2026-11-22T01:00:00Z",
+    ];
+    let mut copies = Vec::new();
+    for (i, time) in times.iter().enumerate() {
+        churn(&img, 8 << 20, i as u64, 8);
+        ingest_at(&repo, &img, "web01", time);
+        let copy = t.path().join(format!("night{i}.img"));
+        fs::copy(&img, &copy).unwrap();
+        copies.push(copy);
+    }
+    ingest_at(&repo, &img, "db01", times[0]);
+
+    // A bare VM name would mean its newest generation: refused.
+    let r = vmrepo([s("forget"), p(&repo), s("web01")]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("names a VM, not one of its generations"),
+        "{}",
+        r.stderr
+    );
+    // One unknown name: nothing is removed.
+    let r = vmrepo([
+        s("forget"),
+        p(&repo),
+        s("web01@-1"),
+        s("web01@2026-01-01T00:00:00Z"),
+    ]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("no generation"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no generation was removed"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(gen_times(&repo, "web01").len(), 3);
+    // A dry run says what would go and changes nothing.
+    let r = vmrepo([s("forget"), p(&repo), s("web01@-1"), s("--dry-run")]);
+    r.ok();
+    assert!(
+        r.stdout
+            .contains(&format!("would remove  web01@{}", times[1])),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(gen_times(&repo, "web01").len(), 3);
+
+    // web01@-1 is the middle night; naming it twice removes it once.
+    let r = vmrepo([
+        s("forget"),
+        p(&repo),
+        s("web01@-1"),
+        s(&format!("web01@{}", times[1])),
+        s("--json"),
+    ]);
+    r.ok();
+    let removed = r.json()["forget"]["removed"].clone();
+    assert_eq!(removed, serde_json::json!([format!("web01@{}", times[1])]));
+    assert!(r.json()["forget"]["bytes_unreferenced"].as_u64().unwrap() > 0);
+    assert_eq!(gen_times(&repo, "web01"), [times[0], times[2]]);
+    assert_eq!(gen_times(&repo, "db01"), [times[0]]);
+
+    // The tombstone keeps it removed when the index is rebuilt from the data files.
+    vmrepo([s("check"), p(&repo), s("--rebuild-index")]).ok();
+    assert_eq!(gen_times(&repo, "web01"), [times[0], times[2]]);
+
+    vmrepo([s("gc"), p(&repo)]).ok();
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+    for (i, time) in [(0, times[0]), (2, times[2])] {
+        let out = t.path().join(format!("out{i}"));
+        vmrepo([s("extract"), p(&repo), s(&format!("web01@{time}")), p(&out)]).ok();
+        assert!(same_file(&out.join("d.img"), &copies[i]), "night {i}");
+    }
+    let r = vmrepo([
+        s("extract"),
+        p(&repo),
+        s(&format!("web01@{}", times[1])),
+        p(&t.path().join("gone")),
+    ]);
+    assert_ne!(r.code, 0);
+}

@@ -6,6 +6,7 @@ pub mod check;
 pub mod context;
 pub mod copy;
 pub mod extract;
+pub mod forget;
 pub mod gc;
 pub mod import;
 pub mod ingest;

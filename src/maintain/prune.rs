@@ -1,5 +1,6 @@
 //! Prune: apply retention policies to the generations of a repository, remove the ones no rule
-//! keeps, and say why each kept one was kept.
+//! keeps, and say why each kept one was kept; or ([`forget`]) remove generations named one by
+//! one.
 //!
 //! Removal is one index transaction that also records a tombstone object (written to a sealed
 //! pack first): an index rebuilt from the pack files later skips the removed generations
@@ -224,12 +225,79 @@ pub fn prune(
     if doomed.is_empty() {
         return Ok(report);
     }
+    (report.objects_unreferenced, report.bytes_unreferenced) =
+        remove(repo, &doomed, opts.dry_run, progress)?;
+    Ok(report)
+}
+
+/// What [`forget`] removed.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForgetReport {
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// The generations removed (or that would be), `vm@time`, oldest first.
+    pub removed: Vec<String>,
+    /// Objects that no remaining generation references after the removal.
+    pub objects_unreferenced: u64,
+    /// Their pack bytes: what `gc` can free.
+    pub bytes_unreferenced: u64,
+}
+
+/// Removes the generations `specs` name, each `VM@TIME` or `VM@-N` (counted before anything
+/// is removed), all or none: a spec that names no generation fails before anything changes.
+/// A bare VM name is refused (it would mean its newest generation). The repository must be
+/// open with the exclusive lock.
+pub fn forget(
+    repo: &Repository,
+    specs: &[String],
+    dry_run: bool,
+    progress: &dyn Progress,
+) -> Result<ForgetReport> {
+    let mut doomed: Vec<GenerationInfo> = Vec::new();
+    for spec in specs {
+        if !spec.contains('@') {
+            return Err(Error::Usage(format!(
+                "{spec:?} names a VM, not one of its generations: give VM@TIME or VM@-N (see \
+                 `vmrepo list REPO {spec}`); to remove generations by age use `vmrepo prune`"
+            )));
+        }
+        let g = repo.with_index(|i| i.resolve(spec))?;
+        if !doomed.iter().any(|d| d.manifest == g.manifest) {
+            doomed.push(g);
+        }
+    }
+    doomed.sort_by(|a, b| (&a.vm, &a.time).cmp(&(&b.vm, &b.time)));
+    if !dry_run {
+        if let Some(note) = repo.release_reserve_if_full() {
+            progress.note(&note);
+        }
+    }
+    let (objects_unreferenced, bytes_unreferenced) = if doomed.is_empty() {
+        (0, 0)
+    } else {
+        remove(repo, &doomed, dry_run, progress)?
+    };
+    Ok(ForgetReport {
+        dry_run,
+        removed: doomed.into_iter().map(|g| g.name).collect(),
+        objects_unreferenced,
+        bytes_unreferenced,
+    })
+}
+
+/// Removes `doomed` (unless `dry_run`): a tombstone naming their manifests, stored in a sealed
+/// pack, then one index transaction. Returns the objects, and their bytes, that no remaining
+/// generation references.
+fn remove(
+    repo: &Repository,
+    doomed: &[GenerationInfo],
+    dry_run: bool,
+    progress: &dyn Progress,
+) -> Result<(u64, u64)> {
     let removed: HashSet<ObjectId> = doomed.iter().map(|g| g.manifest).collect();
-    let (objects, bytes) = crate::maintain::gc::unreferenced_after(repo, &removed, progress)?;
-    report.objects_unreferenced = objects;
-    report.bytes_unreferenced = bytes;
-    if opts.dry_run {
-        return Ok(report);
+    let unreferenced = crate::maintain::gc::unreferenced_after(repo, &removed, progress)?;
+    if dry_run {
+        return Ok(unreferenced);
     }
     let tombstone = Tombstone {
         version: MANIFEST_VERSION,
@@ -245,10 +313,10 @@ pub fn prune(
     let store = Store::new(repo)?;
     let result = store
         .put_blob(ObjectKind::Tombstone, &tombstone.encode())
-        .and_then(|_| store.commit_removal(&doomed));
+        .and_then(|_| store.commit_removal(doomed));
     if result.is_err() {
         store.abort();
     }
     result?;
-    Ok(report)
+    Ok(unreferenced)
 }
