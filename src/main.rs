@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// `println!` for this binary: output to a closed pipe (`vmrepo list | head -1`) is dropped
 /// instead of panicking. See [`cli::output::stdout_write`].
@@ -128,6 +128,12 @@ enum Command {
     /// Show the disks, snapshot chains and snapshots a VM has, and what needs attention.
     #[command(long_about = cli::inspect::HELP)]
     Inspect(cli::inspect::InspectArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(long_about = cli::docs::COMPLETIONS_HELP)]
+    Completions(cli::docs::CompletionsArgs),
+    /// Write the man pages (or print vmrepo.1).
+    #[command(long_about = cli::docs::MAN_HELP)]
+    Man(cli::docs::ManArgs),
 }
 
 fn main() -> ExitCode {
@@ -189,6 +195,8 @@ fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<
         Command::Key(cmd) => cli::keys::run(cmd, &ctx),
         Command::Run(a) => cli::run::run(a, &ctx),
         Command::Inspect(a) => cli::inspect::run(a),
+        Command::Completions(a) => cli::docs::completions(a, Cli::command()),
+        Command::Man(a) => cli::docs::man(a, Cli::command()),
     }
 }
 
