@@ -338,3 +338,146 @@ fn a_job_speaks_in_its_own_keys_and_maps_datastores() {
         r.stderr
     );
 }
+
+/// A run tells the outside world: the notify command gets the JSON status and VMREPO_STATUS,
+/// sendmail gets a summary (here only on failure), and the metrics file keeps a VM's last
+/// success time through a failed night. A failing notification is a warning, never a failed
+/// backup.
+#[test]
+fn a_run_notifies_by_command_email_and_metrics_file() {
+    let t = tempfile::tempdir().unwrap();
+    let ds = t.path().join("ds1");
+    let web = make_vm(&ds, "web01", &[(8 << 20, vec![(0, 2 << 20, 1)])]);
+    let broken = make_vm(&ds, "broken", &[(8 << 20, vec![(0, 1 << 20, 4)])]);
+    fs::remove_file(broken.join("broken-flat.vmdk")).unwrap();
+    let repo = init_repo(t.path());
+    let sendmail = t.path().join("sendmail");
+    fs::write(
+        &sendmail,
+        format!(
+            "#!/bin/sh\necho \"$@\" > '{args}'\ncat > '{mail}'\n",
+            args = t.path().join("args").display(),
+            mail = t.path().join("mail.txt").display()
+        ),
+    )
+    .unwrap();
+    sh(&format!("chmod +x {}", sendmail.display())).ok();
+    let metrics = t.path().join("vmrepo.prom");
+    let write_job = |notify: &str| {
+        let job = t.path().join("notify.toml");
+        fs::write(
+            &job,
+            format!(
+                r#"repository = "{repo}"
+vms = ["{ds}/*"]
+notify_command = "{notify}"
+metrics_file = "{metrics}"
+status_file = "{status}"
+
+[email]
+to = ["ops@example.com"]
+sendmail = "{sendmail}"
+when = "failure"
+"#,
+                repo = repo.display(),
+                ds = ds.display(),
+                metrics = metrics.display(),
+                status = t.path().join("status.json").display(),
+                sendmail = sendmail.display(),
+            ),
+        )
+        .unwrap();
+        job
+    };
+    let notified = t.path().join("notify.json");
+    let job = write_job(&format!(
+        "cat > '{}'; echo $VMREPO_STATUS > '{}'",
+        notified.display(),
+        t.path().join("notify.status").display()
+    ));
+
+    let r = vmrepo([s("run"), p(&job)]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let sent: serde_json::Value = serde_json::from_slice(&fs::read(&notified).unwrap()).unwrap();
+    assert_eq!(sent["ok"], false);
+    assert_eq!(sent["vms"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        fs::read_to_string(t.path().join("notify.status"))
+            .unwrap()
+            .trim(),
+        "failed"
+    );
+    assert_eq!(
+        fs::read_to_string(t.path().join("args")).unwrap().trim(),
+        "-t -oi"
+    );
+    let mail = fs::read_to_string(t.path().join("mail.txt")).unwrap();
+    assert!(mail.contains("To: ops@example.com\r\n"), "{mail}");
+    assert!(mail.contains("Subject: vmrepo: FAILED on "), "{mail}");
+    assert!(mail.contains("2 VM(s), 1 failed"), "{mail}");
+    assert!(mail.contains("ok      web01@"), "{mail}");
+    assert!(mail.contains("error: "), "{mail}");
+    let prom = fs::read_to_string(&metrics).unwrap();
+    let value = |series: &str| -> i64 {
+        prom.lines()
+            .find(|l| l.starts_with(series))
+            .unwrap_or_else(|| panic!("{series} missing:\n{prom}"))
+            .rsplit_once(' ')
+            .unwrap()
+            .1
+            .parse::<f64>()
+            .unwrap() as i64
+    };
+    let web_label = format!("{{repository=\"{}\",vm=\"web01\"}}", repo.display());
+    let broken_label = format!("{{repository=\"{}\",vm=\"broken\"}}", repo.display());
+    assert_eq!(value(&format!("vmrepo_vm_ok{web_label}")), 1);
+    assert_eq!(value(&format!("vmrepo_vm_ok{broken_label}")), 0);
+    let web_success = value(&format!(
+        "vmrepo_vm_last_success_timestamp_seconds{web_label}"
+    ));
+    assert!(web_success > 1_700_000_000, "{prom}");
+    assert_eq!(
+        value(&format!(
+            "vmrepo_vm_last_success_timestamp_seconds{broken_label}"
+        )),
+        0
+    );
+    assert!(value(&format!("vmrepo_vm_read_bytes{web_label}")) >= 2 << 20);
+    assert!(prom.contains("# TYPE vmrepo_run_ok gauge"), "{prom}");
+
+    // The next night web01 fails too: its last success stays where it was. A notify command
+    // that fails is a warning: it changes neither the exit status nor the backups.
+    fs::remove_dir_all(&broken).unwrap();
+    fs::remove_file(web.join("web01-flat.vmdk")).unwrap();
+    let job = write_job("exit 3");
+    let r = vmrepo([s("run"), p(&job)]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("exited with status 3"), "{}", r.stderr);
+    let prom = fs::read_to_string(&metrics).unwrap();
+    let again = prom
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "vmrepo_vm_last_success_timestamp_seconds{web_label}"
+            ))
+        })
+        .unwrap();
+    assert!(again.ends_with(&format!(" {web_success}")), "{prom}");
+    let status: serde_json::Value =
+        serde_json::from_slice(&fs::read(t.path().join("status.json")).unwrap()).unwrap();
+    assert!(
+        status["notification_errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("notify_command"),
+        "{status}"
+    );
+    // A night that succeeds sends no mail (`when = "failure"`) and runs fine with a failing
+    // notify command: exit 0.
+    fs::remove_file(t.path().join("mail.txt")).unwrap();
+    make_vm(&ds, "web01", &[(8 << 20, vec![(0, 2 << 20, 1)])]);
+    let r = vmrepo([s("run"), p(&job)]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("exited with status 3"), "{}", r.stderr);
+    assert!(!t.path().join("mail.txt").exists());
+}

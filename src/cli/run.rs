@@ -19,7 +19,11 @@ post-commands, at most `parallel` at once (default 1, so the datastore is not fl
 failing does not stop the others. Then apply the job's retention (prune and gc), copy the \
 generations to each [[copy]] destination (off-site; only what it lacks), and run its partial \
 check. Prints a table (VM, status, read, new, stored, time) and writes a JSON status file \
-if the job names one. --dry-run opens every VM as the run would and prints what would be read, \
+if the job names one. At the end it tells the outside world as the job says: `notify_command` gets \
+the JSON status on its standard input, `[email]` sends a summary through the local sendmail, and \
+`metrics_file` (or --metrics-file) is a Prometheus text file for node_exporter's textfile \
+collector (last success per VM, duration, bytes read, new and stored); a notification that fails \
+is reported but does not change the exit status. --dry-run opens every VM as the run would and prints what would be read, \
 without running hooks or writing anything (exit 1 if a VM cannot be opened). Exit status: 0 when everything succeeded, 1 when a VM, the retention \
 or the check failed, 2 when the job file is unusable. Format: docs/NIGHTLY.md.";
 
@@ -34,11 +38,15 @@ pub struct RunArgs {
     /// Print the run's status as JSON.
     #[arg(long)]
     json: bool,
+    /// Write the run's metrics in the Prometheus text format to FILE (node_exporter's textfile
+    /// collector), instead of the job's `metrics_file`.
+    #[arg(long, value_name = "FILE")]
+    metrics_file: Option<PathBuf>,
 }
 
 /// Runs `vmrepo run`.
 pub fn run(a: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
-    let job = match JobFile::load(&a.job) {
+    let mut job = match JobFile::load(&a.job) {
         Ok(j) => j,
         Err(e) => {
             eprintln!("vmrepo: error: {e}");
@@ -97,6 +105,9 @@ pub fn run(a: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         }
         return Ok(verdict);
     }
+    if a.metrics_file.is_some() {
+        job.metrics_file = a.metrics_file.clone();
+    }
     let bar = Bar::new(!a.json && job.parallel == 1);
     let wait = ctx.lock_wait.max(job.lock_wait);
     let opener = |path: &std::path::Path, mode| -> vmrepo::Result<vmrepo::Repository> {
@@ -121,6 +132,9 @@ pub fn run(a: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         &ctx.workers,
         &bar,
     )?;
+    for e in &report.notification_errors {
+        eprintln!("vmrepo: warning: {e}");
+    }
     if a.json {
         print_json(&report);
     } else {

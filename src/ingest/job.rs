@@ -98,6 +98,14 @@ pub struct JobFile {
     pub datastore_map: Vec<String>,
     /// Where to write the JSON status of the run (default: none).
     pub status_file: Option<PathBuf>,
+    /// Where to write the run's metrics in the Prometheus text format, for node_exporter's
+    /// textfile collector (default: none; `--metrics-file` sets it too).
+    pub metrics_file: Option<PathBuf>,
+    /// A command (`sh -c`) given the run's JSON status on its standard input, with
+    /// `VMREPO_STATUS` = `ok` or `failed`.
+    pub notify_command: Option<String>,
+    /// E-mail the run's summary through the local sendmail.
+    pub email: Option<crate::ingest::notify::Email>,
     /// Settings for every VM.
     #[serde(default)]
     pub defaults: VmSettings,
@@ -134,6 +142,9 @@ impl JobFile {
                 ReadData::parse_subset(&c.read_data_subset)
                     .map_err(|e| Error::bad_input(path, e))?;
             }
+        }
+        if let Some(e) = &job.email {
+            e.validate().map_err(|e| Error::bad_input(path, e))?;
         }
         Ok(job)
     }
@@ -270,6 +281,9 @@ pub struct RunReport {
     pub copies: Vec<String>,
     /// True when every VM succeeded and retention and check (if configured) are fine.
     pub ok: bool,
+    /// Notifications that failed (notify command, e-mail, metrics file), each with why. They
+    /// do not change `ok`: the backups are what they are.
+    pub notification_errors: Vec<String>,
 }
 
 fn now() -> String {
@@ -362,6 +376,7 @@ pub fn run(
         freed: 0,
         check: "not configured".into(),
         copies: Vec::new(),
+        notification_errors: Vec::new(),
     };
 
     if let Some(r) = &job.retention {
@@ -452,6 +467,26 @@ pub fn run(
         };
     }
     report.finished = now();
+    // The notifications see the run as it ended; what fails among them is in the status file.
+    let mut failed = Vec::new();
+    if let Some(c) = &job.notify_command {
+        if let Err(e) = crate::ingest::notify::run_command(c, &report) {
+            failed.push(e.to_string());
+        }
+    }
+    if let Some(e) = &job.email {
+        if e.when == crate::ingest::notify::When::Always || !report.ok {
+            if let Err(e) = crate::ingest::notify::send_email(e, &report) {
+                failed.push(e.to_string());
+            }
+        }
+    }
+    if let Some(m) = &job.metrics_file {
+        if let Err(e) = crate::ingest::notify::write_metrics(m, &report) {
+            failed.push(format!("metrics file: {e}"));
+        }
+    }
+    report.notification_errors = failed;
     if let Some(f) = &job.status_file {
         let text = serde_json::to_vec_pretty(&report).expect("serializable");
         crate::fsutil::write_atomic(f, &text)?;

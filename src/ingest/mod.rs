@@ -12,6 +12,7 @@ pub mod chunker;
 pub mod ghettovcb;
 pub mod hooks;
 pub mod job;
+pub mod notify;
 pub mod options;
 pub mod patch;
 
