@@ -15,6 +15,7 @@ pub mod error;
 pub mod fsutil;
 pub mod fuzzing;
 pub mod ingest;
+pub mod ioprio;
 pub mod maintain;
 pub mod progress;
 pub mod repo;
@@ -22,6 +23,7 @@ pub mod restore;
 pub mod shutdown;
 pub mod source;
 pub mod space;
+pub mod throttle;
 pub mod vmware;
 pub mod zero;
 pub use error::{Error, Result};
@@ -36,8 +38,8 @@ pub(crate) mod tests {
     /// The layer a top-level module belongs to.
     fn layer_of(module: &str) -> &str {
         match module {
-            "error" | "progress" | "space" | "fsutil" | "shutdown" | "zero" | "Error"
-            | "Result" => "base",
+            "error" | "progress" | "space" | "fsutil" | "ioprio" | "shutdown" | "throttle"
+            | "zero" | "Error" | "Result" => "base",
             "ObjectId" | "Repository" => "repo",
             other => other,
         }

@@ -70,6 +70,14 @@ struct Cli {
     /// Repositories in object storage: receive at most this many MB per second.
     #[arg(long, global = true, value_name = "MB/s", value_parser = parse_rate)]
     limit_download: Option<f64>,
+    /// Read the VMs' disks at most this many MB per second, all disks and VMs of the process
+    /// together (ingest, run, import-ghettovcb), so the datastore keeps serving the VMs.
+    #[arg(long, global = true, value_name = "MB/s", value_parser = parse_rate)]
+    limit_read: Option<f64>,
+    /// The process's I/O priority, as ionice sets it: `idle` (the disk only when no one else
+    /// wants it), `best-effort` or `best-effort:0..7` (0 highest).
+    #[arg(long, global = true, value_name = "CLASS", value_parser = vmrepo::ioprio::IoPriority::parse)]
+    io_priority: Option<vmrepo::ioprio::IoPriority>,
 }
 
 /// A transfer limit in MB/s (decimal), as bytes per second.
@@ -161,6 +169,11 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<ExitCode> {
+    // Before the worker threads start, so that they inherit it.
+    if let Some(p) = cli.io_priority {
+        p.apply()
+            .with_context(|| format!("cannot set the I/O priority {p:?} (--io-priority)"))?;
+    }
     // --threads caps the global pool (check, extract, inflate) and the ingest's segment workers.
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new()
@@ -171,7 +184,8 @@ fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<
     let ctx = cli::context::Context::new(
         cli.lock_wait,
         interrupt,
-        vmrepo::ingest::SegmentWorkers::new(cli.threads.map(usize::from)),
+        vmrepo::ingest::SegmentWorkers::new(cli.threads.map(usize::from))
+            .with_read_limit(cli.limit_read),
         vmrepo::backend::RemoteOptions {
             cache_root: cli.cache_dir,
             limit_upload: cli.limit_upload,

@@ -85,6 +85,10 @@ pub struct JobFile {
     /// How many VMs to ingest at once (default 1, so the datastore is not flooded).
     #[serde(default = "default_parallel")]
     pub parallel: usize,
+    /// Seconds between the starts of two VMs' ingests (default 0): with `parallel` above 1,
+    /// the datastore meets one new reader at a time.
+    #[serde(default)]
+    pub stagger: u64,
     /// Seconds to wait for the repository lock (another job, a gc).
     #[serde(default)]
     pub lock_wait: u64,
@@ -311,6 +315,8 @@ pub fn run(
     let repo = open(&job.repository, crate::repo::lock::LockMode::Shared)?;
     let outcomes: Mutex<Vec<Option<VmOutcome>>> = Mutex::new(vec![None; paths.len()]);
     let next = Mutex::new(0usize);
+    // When the last VM started (for `stagger`).
+    let last_start: Mutex<Option<Instant>> = Mutex::new(None);
     let quiet = NoProgress;
     std::thread::scope(|scope| {
         for _ in 0..job.parallel.min(paths.len()).max(1) {
@@ -322,6 +328,21 @@ pub fn run(
                     i
                 };
                 let Some(path) = paths.get(i) else { break };
+                if job.stagger > 0 {
+                    // Each start waits for the previous one plus `stagger`; the lock is held
+                    // while waiting so starts stay in job order.
+                    let mut last = last_start.lock().unwrap();
+                    if let Some(t) = *last {
+                        let due = t + std::time::Duration::from_secs(job.stagger);
+                        while Instant::now() < due && !interrupt.is_interrupted() {
+                            std::thread::sleep(
+                                due.saturating_duration_since(Instant::now())
+                                    .min(std::time::Duration::from_millis(100)),
+                            );
+                        }
+                    }
+                    *last = Some(Instant::now());
+                }
                 let s = job.settings_for(path);
                 let opts = s.ingest_options(job.datastore_map(), interrupt, workers);
                 progress.note(&format!("== {}", path.display()));

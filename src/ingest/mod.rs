@@ -215,6 +215,16 @@ fn ingest_unhooked(
         },
     )?;
     let mut plan = plan;
+    if let Some(limit) = opts.workers.read_limit() {
+        plan.disks = plan
+            .disks
+            .into_iter()
+            .map(|d| crate::vmware::vm::DiskPlan {
+                reader: Box::new(crate::source::Limited::new(d.reader, limit.clone())),
+                ..d
+            })
+            .collect();
+    }
     plan.warnings.extend(preflight);
     for w in &plan.warnings {
         progress.note(&format!("warning: {w}"));

@@ -60,6 +60,8 @@ impl<'a, 's> SegmentContext<'a, 's> {
 pub struct SegmentWorkers {
     threads: Option<usize>,
     pool: Arc<std::sync::OnceLock<Option<rayon::ThreadPool>>>,
+    /// `--limit-read`: the most the process reads from the VMs' disks, all together.
+    read_limit: Option<Arc<crate::throttle::Throttle>>,
 }
 
 impl SegmentWorkers {
@@ -68,7 +70,19 @@ impl SegmentWorkers {
         SegmentWorkers {
             threads,
             pool: Arc::default(),
+            read_limit: None,
         }
+    }
+
+    /// The same workers reading the VMs' disks at most `bytes_per_second`, all together.
+    pub fn with_read_limit(mut self, bytes_per_second: Option<f64>) -> SegmentWorkers {
+        self.read_limit = bytes_per_second.map(|r| Arc::new(crate::throttle::Throttle::new(r)));
+        self
+    }
+
+    /// The read limit, if any.
+    pub(super) fn read_limit(&self) -> Option<&Arc<crate::throttle::Throttle>> {
+        self.read_limit.as_ref()
     }
 
     /// The pool; `None` (the caller's pool is used) when its threads cannot be started.

@@ -21,7 +21,6 @@ mod lock;
 mod prefetch;
 mod profile;
 mod readahead;
-mod throttle;
 mod writer;
 
 use std::collections::{HashMap, HashSet};
@@ -37,7 +36,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::{Backend, Durability, Entry, LockAttempt, LockKind, ObjectWriter, RemoteOptions};
 use crate::error::{Error, IoContext, Result};
-use throttle::Throttle;
+use crate::throttle::{self, Throttle};
 
 /// The URL scheme of S3 repositories.
 pub const SCHEME: &str = "s3://";

@@ -12,9 +12,9 @@ use object_store::aws::AmazonS3;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
 
-use super::throttle::{self, Throttle};
 use super::{io_error, Counters, S3Backend};
 use crate::backend::{Finished, ObjectWriter};
+use crate::throttle::{self, Throttle};
 
 /// Bytes per part (S3 wants at least 5 MiB for every part but the last).
 const PART: usize = 8 << 20;

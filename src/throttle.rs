@@ -1,7 +1,7 @@
-//! Transfer limits (`--limit-upload`, `--limit-download`): every request's bytes are given a
-//! start time so that, over any stretch, the process moves at most the limit. A caller whose
-//! bytes would go out too early waits (its own thread: requests are driven from the library's
-//! threads), so a limit also holds back the work that produces or consumes the bytes.
+//! Rate limits (`--limit-upload`, `--limit-download` to object storage, `--limit-read` from the
+//! VMs' disks): every transfer's bytes are given a start time so that, over any stretch, the
+//! process moves at most the limit. A caller whose bytes would go too early waits (its own
+//! thread), so a limit also holds back the work that produces or consumes the bytes.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
