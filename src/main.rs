@@ -100,6 +100,9 @@ enum Command {
     Ingest(cli::ingest::IngestArgs),
     /// List VMs, or the generations of one VM.
     List(cli::list::ListArgs),
+    /// Show what the repository holds and what each VM and generation costs after dedup.
+    #[command(long_about = cli::stats::HELP)]
+    Stats(cli::stats::StatsArgs),
     /// Restore a generation into a directory.
     #[command(long_about = cli::extract::HELP)]
     Extract(cli::extract::ExtractArgs),
@@ -197,6 +200,7 @@ fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<
         Command::Init(a) => cli::init::run(a, &ctx),
         Command::Ingest(a) => cli::ingest::run(a, &ctx),
         Command::List(a) => cli::list::run(a, &ctx),
+        Command::Stats(a) => cli::stats::run(a, &ctx),
         Command::Extract(a) => cli::extract::run(a, &ctx),
         Command::Mount(a) => cli::mount::run(a, &ctx),
         Command::ServeNbd(a) => cli::serve_nbd::run(a, &ctx),

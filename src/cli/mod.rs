@@ -21,6 +21,7 @@ pub mod passphrase;
 pub mod prune;
 pub mod run;
 pub mod serve_nbd;
+pub mod stats;
 
 /// Parses `--time`: an RFC 3339 instant (`2026-09-01T01:30:00Z`, or with an offset).
 pub fn parse_time(s: &str) -> Result<jiff::Timestamp, String> {

@@ -15,4 +15,5 @@ pub mod prune;
 pub mod rebuild;
 pub mod repair;
 pub mod retention;
+pub mod stats;
 pub mod walk;
