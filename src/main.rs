@@ -103,6 +103,9 @@ enum Command {
     /// Show what the repository holds and what each VM and generation costs after dedup.
     #[command(long_about = cli::stats::HELP)]
     Stats(cli::stats::StatsArgs),
+    /// Write a self-contained HTML report with charts (nights, growth, durations, last run).
+    #[command(long_about = cli::report::HELP)]
+    Report(cli::report::ReportArgs),
     /// Restore a generation into a directory.
     #[command(long_about = cli::extract::HELP)]
     Extract(cli::extract::ExtractArgs),
@@ -201,6 +204,7 @@ fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<
         Command::Ingest(a) => cli::ingest::run(a, &ctx),
         Command::List(a) => cli::list::run(a, &ctx),
         Command::Stats(a) => cli::stats::run(a, &ctx),
+        Command::Report(a) => cli::report::run(a, &ctx),
         Command::Extract(a) => cli::extract::run(a, &ctx),
         Command::Mount(a) => cli::mount::run(a, &ctx),
         Command::ServeNbd(a) => cli::serve_nbd::run(a, &ctx),

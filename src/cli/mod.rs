@@ -19,6 +19,7 @@ pub mod mount;
 pub mod output;
 pub mod passphrase;
 pub mod prune;
+pub mod report;
 pub mod run;
 pub mod serve_nbd;
 pub mod stats;
