@@ -78,6 +78,16 @@ struct Cli {
     /// wants it), `best-effort` or `best-effort:0..7` (0 highest).
     #[arg(long, global = true, value_name = "CLASS", value_parser = vmrepo::ioprio::IoPriority::parse)]
     io_priority: Option<vmrepo::ioprio::IoPriority>,
+    /// The repository of commands given none: their REPO argument may then be left out.
+    /// Default: VMREPO_REPOSITORY, else `repository` in ~/.config/vmrepo/config.toml.
+    #[arg(
+        id = "default_repository",
+        short = 'R',
+        long = "repo",
+        global = true,
+        value_name = "REPO"
+    )]
+    default_repository: Option<PathBuf>,
 }
 
 /// A transfer limit in MB/s (decimal), as bytes per second.
@@ -153,7 +163,17 @@ enum Command {
 fn main() -> ExitCode {
     // Before any thread starts (see stop_on_termination_signals).
     let signals = vmrepo::shutdown::TerminationSignals::block();
-    let cli = Cli::parse();
+    // Built, so that the subcommands know the global options.
+    let mut definition = Cli::command();
+    definition.build();
+    let args = match cli::default_repo::apply(std::env::args_os().collect(), &definition) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("vmrepo: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let interrupt = vmrepo::ingest::hooks::Interrupt::new();
     match signals {
         Ok(s) if !matches!(cli.command, Command::Mount(_) | Command::ServeNbd(_)) => {

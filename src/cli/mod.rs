@@ -5,6 +5,7 @@
 pub mod check;
 pub mod context;
 pub mod copy;
+pub mod default_repo;
 pub mod docs;
 pub mod extract;
 pub mod forget;
