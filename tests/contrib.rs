@@ -59,10 +59,10 @@ fn systemd_accepts_the_units_and_vmrepo_their_command_line() {
     let units = t.path().join("units");
     fs::create_dir(&units).unwrap();
     let service = fs::read_to_string(format!("{CONTRIB}/systemd/vmrepo-nightly.service")).unwrap();
-    // systemd checks that ExecStart's program exists: the built binary stands in.
+    // systemd checks that ExecStart's program exists: the built binary stands in for /usr/bin/vmrepo.
     fs::write(
         units.join("vmrepo-nightly.service"),
-        service.replace("/usr/local/bin/vmrepo", BIN),
+        service.replace("/usr/bin/vmrepo", BIN),
     )
     .unwrap();
     fs::copy(
