@@ -58,6 +58,17 @@ fn commands_without_a_repository_use_the_default_and_an_explicit_one_wins() {
     let r3 = t.path().join("r3");
     run(&home, &env, &["init", r3.to_str().unwrap()]).ok();
     assert!(r3.join("config.toml").is_file());
+    // copy with one repository: it is the destination, the default the source.
+    run(&home, &env, &["copy", r3.to_str().unwrap(), "web01"]).ok();
+    let r = run(&home, &[], &["list", r3.to_str().unwrap()]);
+    assert!(r.ok().stdout.contains("web01"), "{}", r.stdout);
+    // Both given: both as given.
+    run(
+        &home,
+        &env,
+        &["copy", r2.to_str().unwrap(), r3.to_str().unwrap()],
+    )
+    .ok();
 
     // The config file, when nothing else names one.
     let config = home.join("config/vmrepo/config.toml");

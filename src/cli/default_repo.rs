@@ -165,6 +165,8 @@ pub fn apply(mut args: Vec<OsString>, cmd: &clap::Command) -> Result<Vec<OsStrin
         None => false,
         // init makes a repository: any path it is given is the one meant.
         Some(_) if name == "init" => true,
+        // copy SRC DST: a single repository given is the destination.
+        Some(_) if name == "copy" => given.get(1).is_some_and(|&i| is_repository(&args[i])),
         Some(&i) => is_repository(&args[i]),
     };
     if !explicit {
