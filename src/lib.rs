@@ -7,8 +7,9 @@
 //! [`restore`] reads generations back; [`maintain`] checks, prunes and collects garbage.
 
 // Layers, bottom up (docs/ARCHITECTURE.md): base modules (error, progress, space, fsutil,
-// shutdown, zero); backend (the storage seam); repo; source; vmware; maintain; restore; ingest. A layer uses only those
-// below it; `tests::layers` holds the code to that.
+// ioprio, shutdown, throttle, zero); backend (the storage seam); repo; source; vmware;
+// maintain; copy; restore; ingest. A layer uses only those below it; `tests::layers` holds the
+// code to that.
 pub mod backend;
 pub mod copy;
 pub mod error;
