@@ -88,6 +88,9 @@ fn commands_without_a_repository_use_the_default_and_an_explicit_one_wins() {
         "{}",
         r.stderr
     );
+    // ... but not for a command given its repository.
+    let r = run(&home, &[], &["list", r1.to_str().unwrap()]);
+    assert!(r.ok().stdout.contains("web01"), "{}", r.stdout);
 
     // No default at all: REPO is required, as before.
     fs::remove_file(&config).unwrap();

@@ -150,16 +150,6 @@ pub fn apply(mut args: Vec<OsString>, cmd: &clap::Command) -> Result<Vec<OsStrin
         }
         i += 1;
     }
-    let default = match flag {
-        Some(f) => Some(f),
-        None => match std::env::var_os("VMREPO_REPOSITORY").filter(|v| !v.is_empty()) {
-            Some(e) => Some(e),
-            None => configured()?,
-        },
-    };
-    let Some(default) = default else {
-        return Ok(args);
-    };
     let given = positionals(&args, insert_at, sub);
     let explicit = match given.first() {
         None => false,
@@ -169,7 +159,19 @@ pub fn apply(mut args: Vec<OsString>, cmd: &clap::Command) -> Result<Vec<OsStrin
         Some(_) if name == "copy" => given.get(1).is_some_and(|&i| is_repository(&args[i])),
         Some(&i) => is_repository(&args[i]),
     };
-    if !explicit {
+    if explicit {
+        return Ok(args);
+    }
+    // Only now the environment and the config file: a command given its repository does not
+    // depend on them (nor fail on a broken config file).
+    let default = match flag {
+        Some(f) => Some(f),
+        None => match std::env::var_os("VMREPO_REPOSITORY").filter(|v| !v.is_empty()) {
+            Some(e) => Some(e),
+            None => configured()?,
+        },
+    };
+    if let Some(default) = default {
         args.insert(insert_at, default);
     }
     Ok(args)
