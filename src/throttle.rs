@@ -1,7 +1,9 @@
 //! Rate limits (`--limit-upload`, `--limit-download` to object storage, `--limit-read` from the
-//! VMs' disks): every transfer's bytes are given a start time so that, over any stretch, the
-//! process moves at most the limit. A caller whose bytes would go too early waits (its own
-//! thread), so a limit also holds back the work that produces or consumes the bytes.
+//! VMs' disks): every transfer's bytes are given a slot of time, `n / rate` long, after the
+//! slots already given, and the caller waits (its own thread) until its slot has passed. So from
+//! the first transfer on, the process has moved at most `rate × elapsed` bytes: `N` bytes take at
+//! least `N / rate`, however large each transfer is. A limit also holds back the work that
+//! produces or consumes the bytes.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 /// One direction's limit.
 pub struct Throttle {
     bytes_per_second: f64,
-    /// When the bytes reserved so far will have gone.
+    /// When the slots given so far end.
     next: Mutex<Instant>,
 }
 
@@ -22,13 +24,13 @@ impl Throttle {
         }
     }
 
-    /// Reserves `n` bytes and returns how long to wait before moving them.
+    /// Gives `n` bytes the next slot and returns how long to wait until it has passed.
     fn reserve(&self, n: u64) -> Duration {
         let now = Instant::now();
         let mut next = self.next.lock().unwrap();
-        let start = (*next).max(now);
-        *next = start + Duration::from_secs_f64(n as f64 / self.bytes_per_second);
-        start - now
+        let end = (*next).max(now) + Duration::from_secs_f64(n as f64 / self.bytes_per_second);
+        *next = end;
+        end - now
     }
 
     /// Waits until `n` more bytes may move.
@@ -54,10 +56,14 @@ mod tests {
     #[test]
     fn reservations_are_spaced_by_the_rate() {
         let t = Throttle::new(1e6);
-        assert!(t.reserve(500_000) < Duration::from_millis(5));
+        let first = t.reserve(500_000);
+        assert!(
+            first > Duration::from_millis(450) && first <= Duration::from_millis(500),
+            "{first:?}"
+        );
         let second = t.reserve(500_000);
         assert!(
-            second > Duration::from_millis(450) && second <= Duration::from_millis(500),
+            second > Duration::from_millis(950) && second <= Duration::from_millis(1000),
             "{second:?}"
         );
         let third = t.reserve(1);

@@ -871,8 +871,7 @@ fn copy_sends_generations_off_site_and_brings_them_back() {
 }
 
 /// `--limit-upload` and `--limit-download` hold a transfer to the rate asked: 24 MB of data
-/// that does not compress take at least the time the limit allows (less the one request that
-/// may go at once). A lower bound only: a slow machine makes it longer, never shorter.
+/// that does not compress take at least the time the limit allows. A lower bound only: a slow machine makes it longer, never shorter.
 #[test]
 fn transfer_limits_hold_the_rate() {
     let store = Store::start();
@@ -894,8 +893,8 @@ fn transfer_limits_hold_the_rate() {
         )
         .ok();
     let up = began.elapsed().as_secs_f64();
-    // 24 MB at 4 MB/s, the first 8 MiB part free: at least 4 s.
-    assert!(up >= 3.5, "uploaded 24 MB in {up:.2} s at --limit-upload 4");
+    // 24 MB at 4 MB/s: at least 6 s.
+    assert!(up >= 5.9, "uploaded 24 MB in {up:.2} s at --limit-upload 4");
     let began = std::time::Instant::now();
     let out = t.path().join("out");
     store
@@ -913,7 +912,7 @@ fn transfer_limits_hold_the_rate() {
         .ok();
     let down = began.elapsed().as_secs_f64();
     assert!(
-        down >= 1.5,
+        down >= 2.9,
         "downloaded 24 MB in {down:.2} s at --limit-download 8"
     );
     assert!(same_file(&out.join("noise.img"), &img));
