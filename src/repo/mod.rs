@@ -2,6 +2,7 @@
 
 // The repository core, bottom up: ids and the object codec, keys, packs and the store, the
 // index, locks, and the persisted formats (manifest, disk map, fingerprint leaves).
+pub mod compressibility;
 pub mod config;
 pub mod crypto;
 pub mod disk_map;

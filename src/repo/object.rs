@@ -6,6 +6,7 @@
 //! crc32(previous 48 bytes) u32 | payload[stored_len]`.
 
 use crate::error::{Error, Result};
+use crate::repo::compressibility::looks_incompressible;
 use crate::repo::crypto::{Keys, CIPHER_OVERHEAD};
 use crate::repo::id::ObjectId;
 
@@ -202,8 +203,9 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Compresses `data` with zstd at `level`, keeping it raw when that is not smaller, then
-/// encrypts it if `keys` say the repository is encrypted.
+/// Compresses `data` with zstd at `level`, keeping it raw when that is not smaller or when its
+/// bytes look random ([`looks_incompressible`]), then encrypts it if `keys` say the repository
+/// is encrypted.
 pub fn encode(
     kind: ObjectKind,
     id: ObjectId,
@@ -211,14 +213,16 @@ pub fn encode(
     level: i32,
     keys: &Keys,
 ) -> EncodedObject {
-    let compressed = COMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.as_ref().map(|(l, _)| *l) != Some(level) {
-            *slot = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
-        }
-        slot.as_mut().and_then(|(_, c)| c.compress(data).ok())
+    let compressed = (!looks_incompressible(data)).then(|| {
+        COMPRESSOR.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().map(|(l, _)| *l) != Some(level) {
+                *slot = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
+            }
+            slot.as_mut().and_then(|(_, c)| c.compress(data).ok())
+        })
     });
-    let (codec, payload) = match compressed {
+    let (codec, payload) = match compressed.flatten() {
         Some(c) if c.len() < data.len() => (Codec::Zstd, c),
         _ => (Codec::Raw, data.to_vec()),
     };
