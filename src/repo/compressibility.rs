@@ -30,27 +30,41 @@ pub fn looks_incompressible(data: &[u8]) -> bool {
     if data.len() < MIN_SAMPLED_LEN {
         return false;
     }
-    let mut counts = [0u32; 256];
+    // Four histograms, filled in turn, so that runs of one byte value do not make each count
+    // wait for the previous increment of the same counter.
+    let mut counts = [[0u16; 256]; 4];
     let stride = (data.len() - WINDOW_LEN) / (WINDOWS - 1);
     for w in 0..WINDOWS {
         let start = w * stride;
-        for &b in &data[start..start + WINDOW_LEN] {
-            counts[b as usize] += 1;
+        for quad in data[start..start + WINDOW_LEN].chunks_exact(4) {
+            for (lane, &b) in quad.iter().enumerate() {
+                counts[lane][b as usize] += 1;
+            }
         }
     }
-    bits_per_byte(&counts, (WINDOWS * WINDOW_LEN) as f64) > RANDOM_BITS_PER_BYTE
+    let table = c_log2_c();
+    let [a, b, c, d] = &counts;
+    let sum_c_log_c: f64 = (0..256)
+        .map(|v| table[(a[v] + b[v] + c[v] + d[v]) as usize])
+        .sum();
+    // H = log2(n) - (1/n) * sum(c * log2(c)), for a sample of n bytes.
+    let n = SAMPLE_LEN as f64;
+    n.log2() - sum_c_log_c / n > RANDOM_BITS_PER_BYTE
 }
 
-/// Shannon entropy of a byte histogram holding `total` bytes.
-fn bits_per_byte(counts: &[u32; 256], total: f64) -> f64 {
-    counts
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let p = c as f64 / total;
-            -p * p.log2()
-        })
-        .sum()
+/// Bytes in a sample.
+const SAMPLE_LEN: usize = WINDOWS * WINDOW_LEN;
+
+/// `c * log2(c)` for every count a sample can hold (0 for 0), computed once.
+fn c_log2_c() -> &'static [f64; SAMPLE_LEN + 1] {
+    static TABLE: std::sync::OnceLock<Box<[f64; SAMPLE_LEN + 1]>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = Box::new([0.0; SAMPLE_LEN + 1]);
+        for (c, v) in t.iter_mut().enumerate().skip(1) {
+            *v = c as f64 * (c as f64).log2();
+        }
+        t
+    })
 }
 
 #[cfg(test)]
@@ -87,6 +101,18 @@ mod tests {
         assert!(!looks_incompressible(&narrow));
         // Small objects are always tried.
         assert!(!looks_incompressible(&noise(4095, 11)));
+    }
+
+    #[test]
+    fn the_guess_reads_byte_values_only() {
+        // A counting pattern holds every byte value about equally often: it is taken for random
+        // although zstd would shrink it to almost nothing. This is the blind spot the module
+        // comment names (even byte values, repetition inside the object).
+        let even: Vec<u8> = (0..8192).map(|i| i as u8).collect();
+        assert!(looks_incompressible(&even));
+        // Two values only, evenly: 1 bit.
+        let two: Vec<u8> = (0..8192).map(|i| (i % 2) as u8).collect();
+        assert!(!looks_incompressible(&two));
     }
 
     #[test]
