@@ -166,6 +166,77 @@ fn equal_data_gets_different_ids_in_different_encrypted_repositories() {
     assert!(ia.is_disjoint(&ip), "keyed ids equal plain BLAKE3 ids");
 }
 
+/// An encrypted repository cuts disks where only its key says: the chunk lengths an outsider
+/// reads in the record headers are not the ones they get by backing the same data up themselves,
+/// as they are between unencrypted repositories. Its config says so, and a config that claims
+/// keyed cut points without a key is refused.
+#[test]
+fn an_outsider_cannot_compute_where_an_encrypted_repository_cuts() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("d.img");
+    sparse_image(&img, 8 << 20, &[(0, 8 << 20, 4)]);
+    let lengths = |repo: &Path| -> Vec<u32> {
+        let index = vmrepo::repo::index::Index::open(
+            &repo.join("index.sqlite"),
+            false,
+            std::sync::Arc::new(vmrepo::repo::crypto::Keys::none()),
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        index
+            .for_each_object(|l| {
+                if l.header.kind == vmrepo::repo::object::ObjectKind::Chunk {
+                    out.push(l.header.raw_len);
+                }
+                Ok(())
+            })
+            .unwrap();
+        out.sort_unstable();
+        out
+    };
+    let a = init_encrypted(&t.path().join("a"));
+    let b = init_encrypted(&t.path().join("b"));
+    let (p1, p2) = (
+        init_repo(&t.path().join("p1")),
+        init_repo(&t.path().join("p2")),
+    );
+    for r in [&a, &b] {
+        enc(&[s("ingest"), p(r), p(&img), s("--name"), s("d")]).ok();
+    }
+    for r in [&p1, &p2] {
+        ingest(r, &img, Some("d"));
+    }
+    let (la, lb, l1, l2) = (lengths(&a), lengths(&b), lengths(&p1), lengths(&p2));
+    assert!(l1.len() > 200, "{} chunks", l1.len());
+    assert_eq!(
+        l1, l2,
+        "public cut points: the same lengths for the same data"
+    );
+    assert_ne!(la, l1, "an encrypted repository cut at the public points");
+    assert_ne!(la, lb, "two keys cut alike");
+    let config = fs::read_to_string(a.join("config.toml")).unwrap();
+    assert!(config.contains("format_version = 2"), "{config}");
+    assert!(config.contains("cut_points = \"keyed\""), "{config}");
+    let out = t.path().join("out");
+    enc(&[s("extract"), p(&a), s("d"), p(&out)]).ok();
+    assert!(same_file(&out.join("d.img"), &img));
+    enc(&[s("check"), p(&a), s("--read-data")]).ok();
+
+    let plain = fs::read_to_string(p1.join("config.toml")).unwrap();
+    assert!(plain.contains("format_version = 1"), "{plain}");
+    assert!(!plain.contains("cut_points"), "{plain}");
+    let forged = plain.replace("[chunker]", "[chunker]\ncut_points = \"keyed\"");
+    fs::write(p1.join("config.toml"), forged).unwrap();
+    let r = vmrepo([s("list"), p(&p1)]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr
+            .contains("keyed cut points need an encrypted repository"),
+        "{}",
+        r.stderr
+    );
+}
+
 /// Paths, sizes and modification times of every file under `dir`.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, std::time::SystemTime)> {
     let mut files = Vec::new();

@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::progress::Progress;
+use crate::repo::config::{ChunkerParams, CutPoints};
 use crate::repo::disk_map::DiskMap;
 use crate::repo::id::ObjectId;
 use crate::repo::index::{CacheRow, GenerationInfo};
@@ -85,8 +86,14 @@ pub fn copy(
             src.config().repository_id
         )));
     }
+    // Copied segments keep the source's cut points (their chunks are re-named and re-sealed,
+    // never re-cut), so only the sizes must agree, not which gear table cut them.
     let (from, to) = (src.config().chunker, dst.config().chunker);
-    if from != to {
+    let sizes = |c: ChunkerParams| ChunkerParams {
+        cut_points: CutPoints::Public,
+        ..c
+    };
+    if sizes(from) != sizes(to) {
         return Err(Error::Usage(format!(
             "{} cuts disks with other chunker parameters than {} ({from:?} against {to:?}): \
              copy into a repository made with the same ones",

@@ -6,8 +6,8 @@
 
 use std::ops::Range;
 
-use crate::repo::config::ChunkerParams;
-use crate::repo::crypto::Keys;
+use crate::repo::config::{ChunkerParams, CutPoints};
+use crate::repo::crypto::{GearTables, Keys};
 use crate::repo::id::ObjectId;
 use crate::repo::manifest::Extent;
 
@@ -89,6 +89,80 @@ pub struct Cut {
     pub id: ObjectId,
 }
 
+/// FastCDC (the fastcdc crate's v2020 algorithm, normalization level 1) with the repository's
+/// gear table: the published one, or an encrypted repository's secret one (keyed cut points).
+/// With the published table it cuts exactly where `fastcdc::v2020::FastCDC` cuts.
+pub struct Cutter<'a> {
+    min: usize,
+    avg: usize,
+    max: usize,
+    mask_s: u64,
+    mask_l: u64,
+    gear: &'a GearTables,
+}
+
+impl<'a> Cutter<'a> {
+    /// The cutter of a repository with `params` and `keys`.
+    pub fn new(params: &ChunkerParams, keys: &'a Keys) -> Cutter<'a> {
+        use fastcdc::v2020 as cdc;
+        let bits = cdc::logarithm2(params.avg_size) as usize;
+        let gear = match params.cut_points {
+            CutPoints::Public => public_gear(),
+            // Config::load refuses keyed cut points in a repository without a key.
+            CutPoints::Keyed => keys
+                .gear()
+                .expect("keyed cut points only in encrypted repositories"),
+        };
+        Cutter {
+            min: params.min_size as usize,
+            avg: params.avg_size as usize,
+            max: params.max_size as usize,
+            mask_s: cdc::MASKS[bits + 1],
+            mask_l: cdc::MASKS[bits - 1],
+            gear,
+        }
+    }
+
+    /// The length of the first chunk of `data` (not empty).
+    pub fn first_chunk(&self, data: &[u8]) -> usize {
+        let (_, len) = fastcdc::v2020::cut_gear(
+            data,
+            self.min,
+            self.avg,
+            self.max,
+            self.mask_s,
+            self.mask_l,
+            self.mask_s << 1,
+            self.mask_l << 1,
+            &self.gear.0,
+            &self.gear.1,
+        );
+        len
+    }
+
+    /// The chunks of `data`, in order, as ranges of it.
+    pub fn chunks<'d>(&'d self, data: &'d [u8]) -> impl Iterator<Item = Range<usize>> + 'd {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            if at == data.len() {
+                return None;
+            }
+            let len = self.first_chunk(&data[at..]);
+            at += len;
+            Some(at - len..at)
+        })
+    }
+}
+
+/// FastCDC's published gear tables, built once.
+fn public_gear() -> &'static GearTables {
+    static TABLES: std::sync::OnceLock<Box<GearTables>> = std::sync::OnceLock::new();
+    TABLES.get_or_init(|| {
+        let (gear, gear_ls) = fastcdc::v2020::get_gear_with_seed(0);
+        Box::new((*gear, *gear_ls))
+    })
+}
+
 /// Cuts data runs with FastCDC and hashes every chunk (keyed when `keys` say so). Returns the
 /// segment's extents and the chunks (in order) so the caller can store the new ones.
 pub fn cut(
@@ -97,6 +171,7 @@ pub fn cut(
     params: &ChunkerParams,
     keys: &Keys,
 ) -> (Vec<Extent>, Vec<Cut>) {
+    let cutter = Cutter::new(params, keys);
     let mut extents = Vec::new();
     let mut cuts = Vec::new();
     for r in runs {
@@ -105,17 +180,11 @@ pub fn cut(
                 len: (z.end - z.start) as u32,
             }),
             Run::Data(d) => {
-                let data = &buf[d.clone()];
-                for c in fastcdc::v2020::FastCDC::new(
-                    data,
-                    params.min_size,
-                    params.avg_size,
-                    params.max_size,
-                ) {
-                    let range = d.start + c.offset..d.start + c.offset + c.length;
+                for c in cutter.chunks(&buf[d.clone()]) {
+                    let range = d.start + c.start..d.start + c.end;
                     let id = keys.id_of(&buf[range.clone()]);
                     extents.push(Extent::Data {
-                        len: c.length as u32,
+                        len: range.len() as u32,
                         id,
                     });
                     cuts.push(Cut { range, id });
@@ -146,6 +215,63 @@ mod tests {
 
     fn params() -> ChunkerParams {
         ChunkerParams::default()
+    }
+
+    #[test]
+    fn public_cut_points_are_fastcdc_s() {
+        let none = Keys::none();
+        for (seed, len) in [(1, 3 << 20), (2, 70_000), (3, 5000), (4, 100)] {
+            let data = noise(len, seed);
+            let ours: Vec<_> = Cutter::new(&params(), &none).chunks(&data).collect();
+            let theirs: Vec<_> = fastcdc::v2020::FastCDC::new(&data, 4 << 10, 16 << 10, 64 << 10)
+                .map(|c| c.offset..c.offset + c.length)
+                .collect();
+            assert_eq!(ours, theirs, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn keyed_cut_points_differ_between_keys_and_keep_the_size_bounds() {
+        let keyed = ChunkerParams {
+            cut_points: CutPoints::Keyed,
+            ..params()
+        };
+        let data = noise(4 << 20, 9);
+        let (a, b) = (Keys::from_master(&[1; 32]), Keys::from_master(&[2; 32]));
+        let cuts_a: Vec<_> = Cutter::new(&keyed, &a).chunks(&data).collect();
+        let cuts_b: Vec<_> = Cutter::new(&keyed, &b).chunks(&data).collect();
+        let public: Vec<_> = Cutter::new(&params(), &a).chunks(&data).collect();
+        assert_eq!(
+            cuts_a,
+            Cutter::new(&keyed, &a).chunks(&data).collect::<Vec<_>>()
+        );
+        let ends = |c: &[Range<usize>]| {
+            c.iter()
+                .map(|r| r.end)
+                .collect::<std::collections::HashSet<_>>()
+        };
+        // Random data: a few cut points may coincide by chance, most must not.
+        let shared_ab = ends(&cuts_a).intersection(&ends(&cuts_b)).count();
+        let shared_pub = ends(&cuts_a).intersection(&ends(&public)).count();
+        assert!(
+            shared_ab * 10 < cuts_a.len(),
+            "{shared_ab} of {}",
+            cuts_a.len()
+        );
+        assert!(
+            shared_pub * 10 < cuts_a.len(),
+            "{shared_pub} of {}",
+            cuts_a.len()
+        );
+        for c in [&cuts_a, &cuts_b] {
+            assert_eq!(c.last().unwrap().end, data.len());
+            for r in &c[..c.len() - 1] {
+                assert!((4 << 10..=64 << 10).contains(&r.len()), "{r:?}");
+            }
+            // About the average size the parameters ask for.
+            let avg = data.len() / c.len();
+            assert!((10 << 10..24 << 10).contains(&avg), "{avg}");
+        }
     }
 
     #[test]

@@ -135,8 +135,8 @@ pub fn patch(
     for e in old {
         bounds.push(bounds.last().unwrap() + e.len() as usize);
     }
-    let (min, avg, max) = (params.min_size, params.avg_size, params.max_size);
-    let maxu = max as usize;
+    let cutter = crate::ingest::chunker::Cutter::new(params, keys);
+    let maxu = params.max_size as usize;
 
     // What the usual case reads: from the last old cut before each change (and the start of
     // its first leaf) to two maximal chunks after it (and the end of its last leaf).
@@ -195,17 +195,15 @@ pub fn patch(
         loop {
             let end = (at + maxu).min(len);
             filled.ensure(at..end)?;
-            let c = fastcdc::v2020::FastCDC::new(&filled.buf[at..end], min, avg, max)
-                .next()
-                .expect("a non-empty slice gives a chunk");
-            let range = at..at + c.length;
+            let length = cutter.first_chunk(&filled.buf[at..end]);
+            let range = at..at + length;
             let id = keys.id_of(&filled.buf[range.clone()]);
             extents.push(Extent::Data {
-                len: c.length as u32,
+                len: length as u32,
                 id,
             });
             cuts.push(Cut { range, id });
-            at += c.length;
+            at += length;
             // A later change this chunk reached is cut in the same run.
             while j < changed.len() && changed[j].start <= at {
                 until = until.max(changed[j].end);

@@ -6,8 +6,18 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, Durability};
 use crate::error::{Error, IoContext, Result};
 
-/// The newest repository format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest repository format this build reads and writes: 2 since cut points can be keyed
+/// (an encrypted repository made by `init` from then on); a repository with public cut points
+/// keeps format 1, which older builds still read.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The format of a repository whose chunker cuts at `cut_points`.
+pub fn format_version_for(cut_points: CutPoints) -> u32 {
+    match cut_points {
+        CutPoints::Public => 1,
+        CutPoints::Keyed => 2,
+    }
+}
 
 /// Key of the configuration file in a repository.
 pub const CONFIG_FILE: &str = crate::repo::layout::CONFIG;
@@ -44,6 +54,29 @@ pub struct ChunkerParams {
     pub zero_block: u32,
     /// Shortest all-zero run recorded as a zero extent instead of data.
     pub zero_run_min: u32,
+    /// Which gear table FastCDC cuts with (absent in config.toml: the published one).
+    #[serde(default, skip_serializing_if = "CutPoints::is_public")]
+    pub cut_points: CutPoints,
+}
+
+/// Where FastCDC may cut: decided by the published gear table, so anyone can compute the chunk
+/// lengths of a known file, or by a table derived from an encrypted repository's master key
+/// (docs/SECURITY.md, "Chunk lengths").
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CutPoints {
+    /// FastCDC's published gear table (fastcdc crate, v2020, seed 0).
+    #[default]
+    Public,
+    /// A secret gear table derived from the master key; encrypted repositories only.
+    Keyed,
+}
+
+impl CutPoints {
+    /// True for [`CutPoints::Public`].
+    pub fn is_public(&self) -> bool {
+        *self == CutPoints::Public
+    }
 }
 
 impl Default for ChunkerParams {
@@ -57,6 +90,7 @@ impl Default for ChunkerParams {
             max_size: 64 << 10,
             zero_block: 4096,
             zero_run_min: 64 << 10,
+            cut_points: CutPoints::Public,
         }
     }
 }
@@ -134,8 +168,9 @@ impl Default for EncryptionParams {
 }
 
 impl Config {
-    /// A fresh configuration with default parameters.
-    pub fn new(chunker: ChunkerParams, level: i32, encryption: &str) -> Result<Config> {
+    /// A fresh configuration with default parameters. An encrypted repository cuts at keyed
+    /// points.
+    pub fn new(mut chunker: ChunkerParams, level: i32, encryption: &str) -> Result<Config> {
         if !ENCRYPTION_MODES.contains(&encryption) {
             return Err(Error::Usage(format!(
                 "unknown encryption {encryption:?}: use one of {}",
@@ -148,10 +183,15 @@ impl Config {
                 "compression level must be 1..19, got {level}"
             )));
         }
+        chunker.cut_points = if encryption == "none" {
+            CutPoints::Public
+        } else {
+            CutPoints::Keyed
+        };
         let mut id = [0u8; 16];
         getrandom::fill(&mut id).map_err(|e| Error::Usage(format!("no randomness: {e}")))?;
         Ok(Config {
-            format_version: FORMAT_VERSION,
+            format_version: format_version_for(chunker.cut_points),
             repository_id: hex::encode(id),
             created: jiff::Timestamp::now()
                 .strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -220,6 +260,24 @@ impl Config {
                 what: format!("encryption {:?}", config.encryption.mode),
                 path,
             });
+        }
+        if config.chunker.cut_points == CutPoints::Keyed && !config.encrypted() {
+            return Err(Error::bad_input(
+                &path,
+                "keyed cut points need an encrypted repository (the key derives them); \
+                 this config.toml was edited or damaged: restore it from a copy",
+            ));
+        }
+        if config.format_version < format_version_for(config.chunker.cut_points) {
+            return Err(Error::bad_input(
+                &path,
+                format!(
+                    "keyed cut points need format_version {}, the file says {}: \
+                     this config.toml was edited or damaged: restore it from a copy",
+                    format_version_for(config.chunker.cut_points),
+                    config.format_version
+                ),
+            ));
         }
         Ok(config)
     }
