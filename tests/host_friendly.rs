@@ -50,35 +50,21 @@ fn io_priority_is_inherited_by_the_hooks_and_bad_classes_are_refused() {
     sparse_image(&img, 4 << 20, &[(0, 1 << 20, 1)]);
     let repo = init_repo(t.path());
     let seen = t.path().join("ionice.txt");
-    vmrepo([
-        s("--io-priority"),
-        s("idle"),
-        s("ingest"),
-        p(&repo),
-        p(&img),
-        s("--name"),
-        s("vm"),
-        s("--pre-command"),
-        s(&format!("ionice -p $$ > '{}'", seen.display())),
-    ])
-    .ok();
-    assert_eq!(fs::read_to_string(&seen).unwrap().trim(), "idle");
-    vmrepo([
-        s("--io-priority"),
-        s("best-effort:7"),
-        s("ingest"),
-        p(&repo),
-        p(&img),
-        s("--name"),
-        s("vm"),
-        s("--pre-command"),
-        s(&format!("ionice -p $$ > '{}'", seen.display())),
-    ])
-    .ok();
-    assert_eq!(
-        fs::read_to_string(&seen).unwrap().trim(),
-        "best-effort: prio 7"
-    );
+    for (class, ionice_says) in [("idle", "idle"), ("best-effort:7", "best-effort: prio 7")] {
+        vmrepo([
+            s("--io-priority"),
+            s(class),
+            s("ingest"),
+            p(&repo),
+            p(&img),
+            s("--name"),
+            s("vm"),
+            s("--pre-command"),
+            s(&format!("ionice -p $$ > '{}'", seen.display())),
+        ])
+        .ok();
+        assert_eq!(fs::read_to_string(&seen).unwrap().trim(), ionice_says);
+    }
     let r = vmrepo([s("--io-priority"), s("realtime"), s("list"), p(&repo)]);
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("not an I/O priority"), "{}", r.stderr);

@@ -32,16 +32,7 @@ fn the_report_renders_its_charts_numbers_and_the_last_run_in_a_browser() {
     let repo = init_repo(t.path());
     for (day, seed) in [(1, 10), (2, 11), (3, 12)] {
         overwrite(&img, 1 << 20, 256 << 10, seed);
-        vmrepo([
-            s("ingest"),
-            p(&repo),
-            p(&img),
-            s("--name"),
-            s("web<01>"),
-            s("--time"),
-            s(&format!("2026-11-0{day}T01:00:00Z")),
-        ])
-        .ok();
+        ingest_at(&repo, &img, "web<01>", &format!("2026-11-0{day}T01:00:00Z"));
     }
     // A job run (one VM) gives the status file the report shows.
     let ds = t.path().join("ds1");

@@ -11,19 +11,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Ingests `img` as `vm` at `time`.
-fn ingest_at(repo: &Path, img: &Path, vm: &str, time: &str) {
-    vmrepo([
-        s("ingest"),
-        p(repo),
-        p(img),
-        s("--name"),
-        s(vm),
-        s("--time"),
-        s(time),
-    ])
-    .ok();
-}
-
 /// Changes a few pseudo-random 256 KiB pieces of the image (a night's churn).
 fn churn(img: &Path, size: u64, night: u64, pieces: u64) {
     for k in 0..pieces {

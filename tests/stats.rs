@@ -12,18 +12,7 @@ fn stats_says_what_each_generation_costs_and_what_removing_it_frees() {
     sparse_image(&a, 16 << 20, &[(0, 8 << 20, 1)]);
     sparse_image(&b, 16 << 20, &[(0, 4 << 20, 2)]);
     let repo = init_repo(t.path());
-    let at = |img: &std::path::Path, vm: &str, time: &str| {
-        vmrepo([
-            s("ingest"),
-            p(&repo),
-            p(img),
-            s("--name"),
-            s(vm),
-            s("--time"),
-            s(time),
-        ])
-        .ok();
-    };
+    let at = |img: &std::path::Path, vm: &str, time: &str| ingest_at(&repo, img, vm, time);
     at(&a, "a", "2026-11-01T00:00:00Z");
     // The second night rewrites 1 MiB in the middle.
     overwrite(&a, 3 << 20, 1 << 20, 99);

@@ -7,11 +7,9 @@ use anyhow::Context as _;
 use clap::Args;
 
 use crate::cli::context::Context;
-use crate::cli::gc::{print_gc, RepackArgs};
-use crate::cli::output::{human, print_json, Bar};
-use vmrepo::maintain::gc::gc as run_gc;
+use crate::cli::gc::{print_gc, RemovalArgs};
+use crate::cli::output::{human, print_json};
 use vmrepo::maintain::prune::forget as run_forget;
-use vmrepo::repo::lock::LockMode;
 
 pub const HELP: &str = "Remove the named generations from the repository: a night that should \
 not be kept (it captured a broken VM, or data that must go). Each GENERATION is VM@TIME as `vmrepo \
@@ -29,37 +27,23 @@ pub struct ForgetArgs {
     /// Generations to remove: VM@TIME or VM@-N.
     #[arg(required = true, value_name = "GENERATION")]
     generations: Vec<String>,
-    /// Show what would be removed; change nothing.
-    #[arg(long)]
-    dry_run: bool,
-    /// Run gc afterwards to free the space.
-    #[arg(long)]
-    gc: bool,
     #[command(flatten)]
-    repack: RepackArgs,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
+    removal: RemovalArgs,
 }
 
 /// Runs `vmrepo forget`.
 pub fn run(a: ForgetArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
-    let bar = Bar::new(!a.json);
-    let repo = ctx.open_repo(&a.repo, LockMode::for_changes(a.dry_run), &bar)?;
-    let report = run_forget(&repo, &a.generations, a.dry_run, &bar)
+    let r = &a.removal;
+    let bar = r.bar();
+    let repo = ctx.open_repo(&a.repo, r.lock_mode(), &bar)?;
+    let report = run_forget(&repo, &a.generations, r.dry_run, &bar)
         .context("forget failed; no generation was removed")?;
-    let gc_report = if a.gc && !a.dry_run {
-        Some(run_gc(&repo, &a.repack.gc_options(false), &bar).context(
-            "gc after forget failed (the generations are removed; run `vmrepo gc` again)",
-        )?)
-    } else {
-        None
-    };
-    if a.json {
+    let gc_report = r.gc_after(&repo, "forget", &bar)?;
+    if r.json {
         print_json(&serde_json::json!({ "forget": report, "gc": gc_report }));
         return Ok(ExitCode::SUCCESS);
     }
-    let verb = if a.dry_run { "would remove" } else { "removed" };
+    let verb = if r.dry_run { "would remove" } else { "removed" };
     for g in &report.removed {
         println!("{verb}  {g}");
     }
@@ -67,7 +51,7 @@ pub fn run(a: ForgetArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         "{} in {} object(s) is referenced by no remaining generation{}",
         human(report.bytes_unreferenced),
         report.objects_unreferenced,
-        if a.dry_run {
+        if r.dry_run {
             " (dry run: nothing changed)"
         } else if gc_report.is_some() {
             ""

@@ -59,6 +59,52 @@ impl RepackArgs {
     }
 }
 
+/// What `prune` and `forget` share: a dry run, gc afterwards, and JSON output.
+#[derive(Args)]
+pub struct RemovalArgs {
+    /// Show what would be removed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run gc afterwards to free the space.
+    #[arg(long)]
+    pub gc: bool,
+    #[command(flatten)]
+    pub repack: RepackArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RemovalArgs {
+    /// The progress bar (none with --json).
+    pub fn bar(&self) -> Bar {
+        Bar::new(!self.json)
+    }
+
+    /// The lock the command takes: shared for a dry run.
+    pub fn lock_mode(&self) -> LockMode {
+        LockMode::for_changes(self.dry_run)
+    }
+
+    /// Runs gc after the removal `command` made, when --gc asks for it (never in a dry run).
+    pub fn gc_after(
+        &self,
+        repo: &vmrepo::repo::Repository,
+        command: &str,
+        bar: &Bar,
+    ) -> anyhow::Result<Option<GcReport>> {
+        if !self.gc || self.dry_run {
+            return Ok(None);
+        }
+        let report = run_gc(repo, &self.repack.gc_options(false), bar).with_context(|| {
+            format!(
+                "gc after {command} failed (the generations are removed; run `vmrepo gc` again)"
+            )
+        })?;
+        Ok(Some(report))
+    }
+}
+
 /// Runs `vmrepo gc`.
 pub fn run(a: GcArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let bar = Bar::new(!a.json);

@@ -7,13 +7,11 @@ use anyhow::Context as _;
 use clap::Args;
 
 use crate::cli::context::Context;
-use crate::cli::output::{human, print_json, Bar};
-use vmrepo::maintain::gc::gc as run_gc;
+use crate::cli::output::{human, print_json};
 use vmrepo::maintain::prune::{prune as run_prune, PolicySource, PruneOptions};
 use vmrepo::maintain::retention::{KeepWithin, Policy, PolicyFile};
-use vmrepo::repo::lock::LockMode;
 
-use crate::cli::gc::{print_gc, RepackArgs};
+use crate::cli::gc::{print_gc, RemovalArgs};
 
 pub const HELP: &str = "Decide, for each VM, which generations a retention policy keeps and \
 remove the others from the repository. A generation is kept if any rule keeps it: --keep-last N keeps \
@@ -64,17 +62,8 @@ pub struct PruneArgs {
     /// Accept a policy that keeps nothing (removes every generation it applies to).
     #[arg(long)]
     allow_empty: bool,
-    /// Show what would be removed; change nothing.
-    #[arg(long)]
-    dry_run: bool,
-    /// Run gc afterwards to free the space.
-    #[arg(long)]
-    gc: bool,
     #[command(flatten)]
-    repack: RepackArgs,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
+    removal: RemovalArgs,
 }
 
 /// Runs `vmrepo prune`.
@@ -91,26 +80,20 @@ pub fn run(a: PruneArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             keep_within: a.keep_within.clone(),
         }),
     };
-    let bar = Bar::new(!a.json);
-    let repo = ctx.open_repo(&a.repo, LockMode::for_changes(a.dry_run), &bar)?;
+    let r = &a.removal;
+    let bar = r.bar();
+    let repo = ctx.open_repo(&a.repo, r.lock_mode(), &bar)?;
     let opts = PruneOptions {
         vms: a.vms.clone(),
         policy,
         local_time: a.local_time,
         allow_empty: a.allow_empty,
-        dry_run: a.dry_run,
+        dry_run: r.dry_run,
     };
     let report =
         run_prune(&repo, &opts, &bar).context("prune failed; no generation was removed")?;
-    let gc_report =
-        if a.gc && !a.dry_run {
-            Some(run_gc(&repo, &a.repack.gc_options(false), &bar).context(
-                "gc after prune failed (the prune itself is done; run `vmrepo gc` again)",
-            )?)
-        } else {
-            None
-        };
-    if a.json {
+    let gc_report = r.gc_after(&repo, "prune", &bar)?;
+    if r.json {
         print_json(&serde_json::json!({ "prune": report, "gc": gc_report }));
         return Ok(ExitCode::SUCCESS);
     }
@@ -127,12 +110,12 @@ pub fn run(a: PruneArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let verb = if a.dry_run { "would remove" } else { "removed" };
+    let verb = if r.dry_run { "would remove" } else { "removed" };
     println!(
         "{verb} {} generation(s), kept {}{}",
         report.removed,
         report.kept,
-        if a.dry_run {
+        if r.dry_run {
             " (dry run: nothing changed)"
         } else {
             ""

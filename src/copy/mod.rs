@@ -302,14 +302,7 @@ impl Translator<'_> {
 
     /// Stores a segment's chunks and the segment itself in the destination.
     fn store_segment(&mut self, s: &Segment) -> Result<(ObjectId, [u8; 32])> {
-        let chunks: Vec<ObjectId> = s
-            .extents
-            .iter()
-            .filter_map(|e| match e {
-                Extent::Data { id, .. } => Some(*id),
-                Extent::Zero { .. } => None,
-            })
-            .collect();
+        let chunks: Vec<ObjectId> = s.data_chunks().map(|(id, _)| id).collect();
         // With the same ids, chunks the destination holds need not be read, and the
         // fingerprint stays; otherwise every chunk is read to hash it again.
         let mut wanted = Vec::new();

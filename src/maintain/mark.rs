@@ -11,7 +11,7 @@ use crate::maintain::walk::{Reference, SegmentPlace, Visitor, Walk};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
 use crate::repo::index::{GenerationInfo, Index};
-use crate::repo::manifest::{DiskEntry, DiskMap, Extent};
+use crate::repo::manifest::{DiskEntry, DiskMap};
 use crate::repo::Repository;
 
 /// Options of a gc run.
@@ -152,14 +152,7 @@ impl Visitor for Marker<'_> {
     fn segment(&self, id: &ObjectId, _len: u64) -> Option<String> {
         match self.repo.load_segment(id) {
             Ok(s) => {
-                let chunks: Vec<ObjectId> = s
-                    .extents
-                    .iter()
-                    .filter_map(|e| match e {
-                        Extent::Data { id, .. } => Some(*id),
-                        Extent::Zero { .. } => None,
-                    })
-                    .collect();
+                let chunks: Vec<ObjectId> = s.data_chunks().map(|(id, _)| id).collect();
                 self.metadata_read
                     .fetch_add(44 + 36 * chunks.len() as u64, Ordering::Relaxed);
                 self.live.lock().unwrap().extend(chunks);

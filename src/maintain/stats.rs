@@ -17,7 +17,7 @@ use crate::maintain::walk::{Reference, SegmentPlace, Visitor, Walk};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
 use crate::repo::index::GenerationInfo;
-use crate::repo::manifest::{DiskEntry, DiskMap, Extent, Manifest};
+use crate::repo::manifest::{DiskEntry, DiskMap, Manifest};
 use crate::repo::object::{ObjectKind, RECORD_HEADER_LEN};
 use crate::repo::Repository;
 
@@ -169,14 +169,7 @@ impl Visitor for Counter<'_> {
 
     fn segment(&self, id: &ObjectId, _len: u64) -> Self::Segment {
         let seg = self.repo.load_segment(id).map_err(|e| e.to_string())?;
-        let mut chunks: Vec<(ObjectId, u32)> = seg
-            .extents
-            .iter()
-            .filter_map(|e| match e {
-                Extent::Data { id, len } => Some((*id, *len)),
-                Extent::Zero { .. } => None,
-            })
-            .collect();
+        let mut chunks: Vec<(ObjectId, u32)> = seg.data_chunks().collect();
         chunks.sort_unstable();
         chunks.dedup();
         Ok(chunks)

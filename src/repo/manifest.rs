@@ -54,6 +54,14 @@ impl Segment {
         self.extents.is_empty()
     }
 
+    /// The id and length of each data extent's chunk, in order (repeats included).
+    pub fn data_chunks(&self) -> impl Iterator<Item = (ObjectId, u32)> + '_ {
+        self.extents.iter().filter_map(|e| match e {
+            Extent::Data { id, len } => Some((*id, *len)),
+            Extent::Zero { .. } => None,
+        })
+    }
+
     /// Binary encoding: `"VRSG" | version u32 | fingerprint [32] | count u32 | entries`, each entry
     /// `u32 (bit 31 = zero run, low bits = length)` followed by a 32-byte chunk id for data.
     pub fn encode(&self) -> Vec<u8> {

@@ -132,6 +132,20 @@ pub fn ingest(repo: &Path, src: &Path, name: Option<&str>) -> serde_json::Value 
     vmrepo(args).ok().json()
 }
 
+/// Ingests `src` into `repo` as VM `vm`, recording the generation at `time` (RFC 3339).
+pub fn ingest_at(repo: &Path, src: &Path, vm: &str, time: &str) {
+    vmrepo([
+        s("ingest"),
+        p(repo),
+        p(src),
+        s("--name"),
+        s(vm),
+        s("--time"),
+        s(time),
+    ])
+    .ok();
+}
+
 /// Deterministic pseudo-random bytes (xorshift), compressible by about `text_share`.
 pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
