@@ -158,6 +158,9 @@ enum Command {
     /// Write the man pages (or print vmrepo.1).
     #[command(long_about = cli::docs::MAN_HELP)]
     Man(cli::docs::ManArgs),
+    /// The names completing the last word of a command line (called by completion scripts).
+    #[command(name = "__complete", hide = true)]
+    Complete(cli::complete::CompleteArgs),
 }
 
 fn main() -> ExitCode {
@@ -239,6 +242,11 @@ fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Completions(a) => cli::docs::completions(a, Cli::command()),
         Command::Man(a) => cli::docs::man(a, Cli::command()),
+        Command::Complete(a) => {
+            let mut definition = Cli::command();
+            definition.build();
+            Ok(cli::complete::run(a, &ctx, &definition))
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Shell completions and man pages are generated from the command definitions: they list every
-//! command and option `--help` does, and bash accepts the script.
+//! command and option `--help` does, and bash accepts the script. In bash, VM and generation
+//! names are completed from the repository, including the default one, and never by a prompt.
 
 mod common;
 use common::*;
@@ -69,4 +70,125 @@ fn man_pages_are_written_for_every_command_with_its_help() {
     let r = vmrepo(["man"]);
     r.ok();
     assert!(r.stdout.contains(".TH"), "{}", r.stdout);
+}
+
+/// Runs bash completion of `line` (cursor at its end) with the script loaded, as bash would:
+/// the words split at blanks and at `:`, the function `complete` names called. Returns what
+/// bash offers in place of the last word.
+fn bash_complete(script: &std::path::Path, line: &str, env: &[(&str, &str)]) -> Vec<String> {
+    let dir = std::path::Path::new(BIN).parent().unwrap();
+    let program = format!(
+        r#"source '{}'
+PATH='{}':$PATH
+COMP_LINE="$1"; COMP_POINT=${{#COMP_LINE}}
+read -ra COMP_WORDS <<< "$(sed 's/:/ : /g' <<< "$COMP_LINE")"
+[[ "$COMP_LINE" == *" " ]] && COMP_WORDS+=("")
+COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1))
+f=$(complete -p vmrepo | sed 's/.*-F \([^ ]*\) .*/\1/')
+"$f" vmrepo "${{COMP_WORDS[COMP_CWORD]}}" "${{COMP_WORDS[COMP_CWORD-1]}}" < /dev/null
+printf '%s\n' "${{COMPREPLY[@]}}""#,
+        script.display(),
+        dir.display()
+    );
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(program)
+        .arg("bash")
+        .arg(line)
+        .env_remove("VMREPO_PASSWORD")
+        .env_remove("VMREPO_REPOSITORY")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run bash");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn bash_completes_vm_and_generation_names_from_the_repository() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("d.img");
+    sparse_image(&img, 1 << 20, &[(0, 256 << 10, 1)]);
+    let repo = init_repo(t.path());
+    ingest_at(&repo, &img, "web01", "2026-11-01T01:00:00Z");
+    ingest_at(&repo, &img, "web01", "2026-11-02T01:00:00Z");
+    ingest_at(&repo, &img, "db01", "2026-11-02T02:00:00Z");
+    let script = t.path().join("vmrepo.bash");
+    fs::write(
+        &script,
+        vmrepo(["completions", "bash"]).ok().stdout.as_bytes(),
+    )
+    .unwrap();
+    let r = repo.display();
+
+    assert_eq!(
+        bash_complete(&script, &format!("vmrepo extract {r} w"), &[]),
+        ["web01"]
+    );
+    assert_eq!(
+        bash_complete(&script, &format!("vmrepo extract {r} web01@"), &[]),
+        ["web01@2026-11-01T01:00:00Z", "web01@2026-11-02T01:00:00Z"]
+    );
+    // Past a `:`, bash replaces only what follows it.
+    assert_eq!(
+        bash_complete(
+            &script,
+            &format!("vmrepo forget {r} web01@2026-11-02T01:0"),
+            &[]
+        ),
+        ["00:00Z"]
+    );
+    // An empty word: the options as well, then the names.
+    let all = bash_complete(&script, &format!("vmrepo list {r} "), &[]);
+    assert!(all.contains(&"--json".to_string()), "{all:?}");
+    let names: Vec<_> = all.iter().filter(|w| !w.starts_with('-')).collect();
+    assert_eq!(names, ["db01", "web01"]);
+    // The default repository, when the command line names none.
+    let env = [("VMREPO_REPOSITORY", r.to_string())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_eq!(bash_complete(&script, "vmrepo stats d", &env), ["db01"]);
+    // Where a command takes no name (extract's destination), none is offered.
+    let dest = bash_complete(&script, &format!("vmrepo extract {r} web01 zz"), &[]);
+    assert!(dest.is_empty(), "{dest:?}");
+
+    // An encrypted repository without a passphrase at hand: nothing, and no prompt (stdin is
+    // closed above, so a prompt would fail the run rather than wait).
+    let enc = t.path().join("enc");
+    let init = std::process::Command::new(BIN)
+        .args([
+            s("init"),
+            p(&enc),
+            s("--encryption"),
+            s("aes-256-gcm"),
+            s("--kdf-memory"),
+            s("8"),
+        ])
+        .env("VMREPO_PASSWORD", "pw")
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let ingest = std::process::Command::new(BIN)
+        .args([s("ingest"), p(&enc), p(&img), s("--name"), s("secret01")])
+        .env("VMREPO_PASSWORD", "pw")
+        .output()
+        .unwrap();
+    assert!(ingest.status.success());
+    let e = enc.display();
+    assert!(bash_complete(&script, &format!("vmrepo extract {e} s"), &[]).is_empty());
+    assert_eq!(
+        bash_complete(
+            &script,
+            &format!("vmrepo extract {e} s"),
+            &[("VMREPO_PASSWORD", "pw")]
+        ),
+        ["secret01"]
+    );
 }

@@ -85,6 +85,18 @@ impl Context {
         self.open_with_passphrase(path, mode, lock_wait, &|| self.passphrase(), bar)
     }
 
+    /// Opens a repository for a shell completion: no waiting for its lock, and a passphrase
+    /// only from a file, a command or the environment, never a prompt.
+    pub fn open_repo_for_completion(
+        &self,
+        path: &Path,
+        mode: LockMode,
+        bar: &Bar,
+    ) -> anyhow::Result<Repository> {
+        let source = self.passphrase.clone();
+        self.open_with_passphrase(path, mode, 0, &|| source.get_without_prompt(), bar)
+    }
+
     /// [`Context::open_repo`] for a second repository whose passphrase comes from `source`
     /// (the destination of `vmrepo copy`).
     pub fn open_other_repo(

@@ -88,7 +88,7 @@ fn value_options(cmd: &clap::Command) -> Vec<String> {
 
 /// The positional words of `args[from..]` as indices, skipping options of `cmd` and their
 /// values.
-fn positionals(args: &[OsString], from: usize, cmd: &clap::Command) -> Vec<usize> {
+pub fn positionals(args: &[OsString], from: usize, cmd: &clap::Command) -> Vec<usize> {
     let takes = value_options(cmd);
     let mut out = Vec::new();
     let mut i = from;

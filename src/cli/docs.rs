@@ -10,8 +10,11 @@ use clap::{Args, ValueEnum};
 pub const COMPLETIONS_HELP: &str = "Print a completion script for SHELL on standard output. \
 Install it where your shell looks, for example:\n  vmrepo completions bash > \
 /etc/bash_completion.d/vmrepo\n  vmrepo completions zsh > \"${fpath[1]}/_vmrepo\"\n  vmrepo \
-completions fish > ~/.config/fish/completions/vmrepo.fish\nCommands and options are completed; \
-VM and generation names are not (`vmrepo list REPO` shows them).";
+completions fish > ~/.config/fish/completions/vmrepo.fish\nCommands and options are completed \
+in every shell. In bash and fish, VM names and generations (type VM@ first) are completed from the \
+repository on the command line, or the default one (-R, VMREPO_REPOSITORY, the config file); an \
+encrypted repository's names need its passphrase from VMREPO_PASSWORD, --password-file or \
+--password-command, since a completion never prompts.";
 
 pub const MAN_HELP: &str = "Write man pages generated from the commands' help: vmrepo.1 and \
 one vmrepo-COMMAND.1 per command, into DIR (created if missing), for example \
@@ -54,6 +57,11 @@ pub fn completions(a: CompletionsArgs, mut cmd: clap::Command) -> anyhow::Result
     let mut out = Vec::new();
     clap_complete::generate(shell, &mut cmd, "vmrepo", &mut out);
     print!("{}", String::from_utf8_lossy(&out));
+    match a.shell {
+        Shell::Bash => print!("{}", crate::cli::complete::BASH_NAMES),
+        Shell::Fish => print!("{}", crate::cli::complete::FISH_NAMES),
+        Shell::Zsh | Shell::Elvish | Shell::Powershell => {}
+    }
     Ok(ExitCode::SUCCESS)
 }
 

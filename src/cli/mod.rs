@@ -3,6 +3,7 @@
 //! argument parsers.
 
 pub mod check;
+pub mod complete;
 pub mod context;
 pub mod copy;
 pub mod default_repo;

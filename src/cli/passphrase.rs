@@ -37,6 +37,14 @@ impl Source {
         }
     }
 
+    /// Gets the passphrase from a file, a command or the environment, never from a prompt.
+    pub fn get_without_prompt(&self) -> anyhow::Result<Zeroizing<String>> {
+        if self.file.is_none() && self.command.is_none() && std::env::var_os(self.env).is_none() {
+            bail!("no {} without a prompt", self.what);
+        }
+        self.get(false)
+    }
+
     /// Gets the passphrase; `confirm` asks twice at a prompt (for a new passphrase).
     pub fn get(&self, confirm: bool) -> anyhow::Result<Zeroizing<String>> {
         let pass = if let Some(f) = &self.file {
