@@ -1,6 +1,7 @@
 //! Shell completions and man pages are generated from the command definitions: they list every
-//! command and option `--help` does, and bash accepts the script. In bash, VM and generation
-//! names are completed from the repository, including the default one, and never by a prompt.
+//! command and option `--help` does, and bash accepts the script. In bash, zsh and fish, VM and
+//! generation names are completed from the repository, including the default one, and never by a
+//! prompt.
 
 mod common;
 use common::*;
@@ -115,12 +116,8 @@ printf '%s\n' "${{COMPREPLY[@]}}""#,
 #[test]
 fn bash_completes_vm_and_generation_names_from_the_repository() {
     let t = tempfile::tempdir().unwrap();
+    let repo = named_repo(t.path());
     let img = t.path().join("d.img");
-    sparse_image(&img, 1 << 20, &[(0, 256 << 10, 1)]);
-    let repo = init_repo(t.path());
-    ingest_at(&repo, &img, "web01", "2026-11-01T01:00:00Z");
-    ingest_at(&repo, &img, "web01", "2026-11-02T01:00:00Z");
-    ingest_at(&repo, &img, "db01", "2026-11-02T02:00:00Z");
     let script = t.path().join("vmrepo.bash");
     fs::write(
         &script,
@@ -191,4 +188,113 @@ fn bash_completes_vm_and_generation_names_from_the_repository() {
         ),
         ["secret01"]
     );
+}
+
+/// A repository with VMs web01 (two generations) and db01, for the completion tests.
+fn named_repo(dir: &std::path::Path) -> std::path::PathBuf {
+    let img = dir.join("d.img");
+    sparse_image(&img, 1 << 20, &[(0, 256 << 10, 1)]);
+    let repo = init_repo(dir);
+    ingest_at(&repo, &img, "web01", "2026-11-01T01:00:00Z");
+    ingest_at(&repo, &img, "web01", "2026-11-02T01:00:00Z");
+    ingest_at(&repo, &img, "db01", "2026-11-02T02:00:00Z");
+    repo
+}
+
+/// The directory of the binary under test, for PATH: the scripts call `vmrepo`.
+fn path_with_vmrepo() -> String {
+    let dir = std::path::Path::new(BIN).parent().unwrap();
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+#[test]
+fn fish_completes_vm_and_generation_names_from_the_repository() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = named_repo(t.path());
+    let script = t.path().join("vmrepo.fish");
+    fs::write(
+        &script,
+        vmrepo(["completions", "fish"]).ok().stdout.as_bytes(),
+    )
+    .unwrap();
+    let complete = |line: &str| -> Vec<String> {
+        let out = std::process::Command::new("fish")
+            .arg("-c")
+            .arg(format!(
+                "source '{}'; complete -C '{line}'",
+                script.display()
+            ))
+            .env("PATH", path_with_vmrepo())
+            .current_dir(t.path())
+            .output()
+            .expect("run fish (apt-get install -y fish)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let r = repo.display();
+    assert_eq!(complete(&format!("vmrepo extract {r} w")), ["web01"]);
+    assert_eq!(
+        complete(&format!("vmrepo forget {r} web01@")),
+        ["web01@2026-11-01T01:00:00Z", "web01@2026-11-02T01:00:00Z"]
+    );
+}
+
+/// zsh completes in its line editor only: an interactive zsh in a pseudo-terminal (zsh/zpty)
+/// gets the line and a TAB, then prints what the line became.
+#[test]
+fn zsh_completes_generation_names_from_the_repository() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = named_repo(t.path());
+    let functions = t.path().join("zfunc");
+    fs::create_dir(&functions).unwrap();
+    fs::write(
+        functions.join("_vmrepo"),
+        vmrepo(["completions", "zsh"]).ok().stdout.as_bytes(),
+    )
+    .unwrap();
+    let driver = r#"
+zmodload zsh/zpty
+zpty z zsh -f -i
+zpty -w z "PS1='> '; fpath=($ZDIR \$fpath); autoload -U compinit; compinit -u -D"
+zpty -w -n z "$ZLINE"$'\t'
+local all="" chunk
+for i in {1..200}; do
+    while zpty -r -t z chunk; do all+=$chunk; done
+    [[ $all == *$ZWANT* ]] && break
+    sleep 0.05
+done
+zpty -w z $'\C-aprint -r -- BUF='
+for i in {1..200}; do
+    while zpty -r -t z chunk; do all+=$chunk; done
+    [[ $all == *BUF=vmrepo* ]] && break
+    sleep 0.05
+done
+zpty -d z
+print -r -- "$all"
+"#;
+    let line = format!("vmrepo extract {} web01@", repo.display());
+    let out = std::process::Command::new("zsh")
+        .arg("-f")
+        .arg("-c")
+        .arg(driver)
+        .env("PATH", path_with_vmrepo())
+        .env("ZDIR", &functions)
+        .env("ZLINE", &line)
+        .env("ZWANT", "2026-11-0")
+        .output()
+        .expect("run zsh (apt-get install -y zsh)");
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let want = format!("BUF={line}2026-11-0");
+    assert!(text.contains(&want), "{want} not in: {text}");
 }

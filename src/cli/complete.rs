@@ -1,6 +1,6 @@
 //! Completing VM and generation names from the repository: the hidden `vmrepo __complete
 //! --line LINE` that the completion scripts call with the command line up to the cursor, and
-//! the shell glue appended to the generated bash and fish scripts.
+//! the shell glue added to the generated bash, zsh and fish scripts.
 //!
 //! The line is split at whitespace (no quoting). The repository is found as the command would
 //! find it (the argument given, else `-R`, `VMREPO_REPOSITORY` or the config file), opened for
@@ -112,6 +112,28 @@ _vmrepo_with_names() {
 }
 complete -F _vmrepo_with_names -o bashdefault -o default vmrepo
 "#;
+
+/// Zsh glue, in place of the generated script's last lines (which bind `_vmrepo`): names first,
+/// then clap's completion. The script runs either as an autoloaded `_vmrepo` (its first call
+/// completes) or sourced; both bind the wrapper for the calls that follow.
+pub const ZSH_NAMES: &str = r#"_vmrepo_names() {
+    local -a names
+    names=(${(f)"$(vmrepo __complete --line "${words[1,CURRENT]}" 2>/dev/null)"})
+    (( $#names )) && compadd -Q -- $names
+}
+_vmrepo_with_names() {
+    _vmrepo_names
+    _vmrepo "$@"
+}
+compdef _vmrepo_with_names vmrepo
+if [ "$funcstack[1]" = "_vmrepo" ]; then
+    _vmrepo_with_names "$@"
+fi
+"#;
+
+/// The line where the generated zsh script starts binding `_vmrepo`; [`ZSH_NAMES`] replaces it
+/// and what follows.
+pub const ZSH_BINDING: &str = "if [ \"$funcstack[1]\" = \"_vmrepo\" ]; then";
 
 /// Fish glue: names added to what the generated script offers.
 pub const FISH_NAMES: &str = r#"

@@ -11,7 +11,7 @@ pub const COMPLETIONS_HELP: &str = "Print a completion script for SHELL on stand
 Install it where your shell looks, for example:\n  vmrepo completions bash > \
 /etc/bash_completion.d/vmrepo\n  vmrepo completions zsh > \"${fpath[1]}/_vmrepo\"\n  vmrepo \
 completions fish > ~/.config/fish/completions/vmrepo.fish\nCommands and options are completed \
-in every shell. In bash and fish, VM names and generations (type VM@ first) are completed from the \
+in every shell. In bash, zsh and fish, VM names and generations (type VM@ first) are completed from the \
 repository on the command line, or the default one (-R, VMREPO_REPOSITORY, the config file); an \
 encrypted repository's names need its passphrase from VMREPO_PASSWORD, --password-file or \
 --password-command, since a completion never prompts.";
@@ -56,11 +56,18 @@ pub fn completions(a: CompletionsArgs, mut cmd: clap::Command) -> anyhow::Result
     };
     let mut out = Vec::new();
     clap_complete::generate(shell, &mut cmd, "vmrepo", &mut out);
-    print!("{}", String::from_utf8_lossy(&out));
+    let script = String::from_utf8_lossy(&out);
+    use crate::cli::complete::{BASH_NAMES, FISH_NAMES, ZSH_BINDING, ZSH_NAMES};
     match a.shell {
-        Shell::Bash => print!("{}", crate::cli::complete::BASH_NAMES),
-        Shell::Fish => print!("{}", crate::cli::complete::FISH_NAMES),
-        Shell::Zsh | Shell::Elvish | Shell::Powershell => {}
+        Shell::Bash => print!("{script}{BASH_NAMES}"),
+        Shell::Fish => print!("{script}{FISH_NAMES}"),
+        Shell::Zsh => {
+            let binding = script
+                .rfind(ZSH_BINDING)
+                .context("the generated zsh script has no binding to replace")?;
+            print!("{}{ZSH_NAMES}", &script[..binding]);
+        }
+        Shell::Elvish | Shell::Powershell => print!("{script}"),
     }
     Ok(ExitCode::SUCCESS)
 }
