@@ -252,8 +252,17 @@ mod tests {
 
     /// The segment a full read of `buf` gives, and its leaves.
     fn full(buf: &[u8], p: &ChunkerParams, key: &[u8; 32]) -> (Segment, Vec<ChainingValue>) {
+        full_with(buf, p, &Keys::none(), key)
+    }
+
+    fn full_with(
+        buf: &[u8],
+        p: &ChunkerParams,
+        keys: &Keys,
+        key: &[u8; 32],
+    ) -> (Segment, Vec<ChainingValue>) {
         let r = runs(buf, p, |_| false);
-        let (extents, _) = cut(buf, &r, p, &Keys::none());
+        let (extents, _) = cut(buf, &r, p, keys);
         (
             Segment {
                 fingerprint: fingerprint(key, buf, &r),
@@ -271,8 +280,19 @@ mod tests {
         after: &[u8],
         changed: &[Range<usize>],
     ) -> Option<Patched> {
-        let p = ChunkerParams::default();
-        let key = fingerprint_key(&p, &Keys::none());
+        patch_with(prev, leaves, after, changed, &Keys::none())
+    }
+
+    /// [`patch_from`] in a repository with `keys` (keyed cut points when they encrypt).
+    fn patch_with(
+        prev: &Segment,
+        leaves: &[ChainingValue],
+        after: &[u8],
+        changed: &[Range<usize>],
+        keys: &Keys,
+    ) -> Option<Patched> {
+        let p = params_for(keys);
+        let key = fingerprint_key(&p, keys);
         let mut buf = vec![0xA5u8; after.len()];
         let mut source = |dst: &mut [u8], at: usize| {
             dst.copy_from_slice(&after[at..at + dst.len()]);
@@ -282,30 +302,43 @@ mod tests {
             segment: prev,
             leaves,
         };
-        patch(
-            &mut buf,
-            previous,
-            changed,
-            &p,
-            &Keys::none(),
-            &key,
-            &mut source,
-        )
-        .unwrap()
+        patch(&mut buf, previous, changed, &p, keys, &key, &mut source).unwrap()
+    }
+
+    /// The chunker parameters of a repository with `keys`, as `init` makes them.
+    fn params_for(keys: &Keys) -> ChunkerParams {
+        ChunkerParams {
+            cut_points: if keys.encrypted() {
+                crate::repo::config::CutPoints::Keyed
+            } else {
+                crate::repo::config::CutPoints::Public
+            },
+            ..ChunkerParams::default()
+        }
     }
 
     /// Patches `before` into `after` given `changed`; checks the result against a full read of
     /// `after` and that only what was read was used. Returns the bytes read, or None.
     fn check(before: &[u8], after: &[u8], changed: &[Range<usize>]) -> Option<u64> {
-        let p = ChunkerParams::default();
-        let key = fingerprint_key(&p, &Keys::none());
-        let (prev, prev_leaves) = full(before, &p, &key);
-        let patched = patch_from(&prev, &prev_leaves, after, changed)?;
-        let (want, want_leaves) = full(after, &p, &key);
+        check_with(before, after, changed, &Keys::none())
+    }
+
+    /// [`check`] in a repository with `keys`.
+    fn check_with(
+        before: &[u8],
+        after: &[u8],
+        changed: &[Range<usize>],
+        keys: &Keys,
+    ) -> Option<u64> {
+        let p = params_for(keys);
+        let key = fingerprint_key(&p, keys);
+        let (prev, prev_leaves) = full_with(before, &p, keys, &key);
+        let patched = patch_with(&prev, &prev_leaves, after, changed, keys)?;
+        let (want, want_leaves) = full_with(after, &p, keys, &key);
         assert_eq!(patched.segment, want, "changed {changed:?}");
         assert_eq!(patched.leaves, want_leaves);
         for c in &patched.cuts {
-            assert_eq!(c.id, Keys::none().id_of(&after[c.range.clone()]));
+            assert_eq!(c.id, keys.id_of(&after[c.range.clone()]));
         }
         Some(patched.read)
     }
@@ -393,7 +426,13 @@ mod tests {
                 let s = rnd(len);
                 listed.push(s..(s + 8192).min(len));
             }
-            patched += check(&base, &after, &listed).is_some() as usize;
+            // Every other round in an encrypted repository: keyed cut points, keyed ids.
+            let keys = if round % 2 == 1 {
+                Keys::from_master(&[round as u8; 32])
+            } else {
+                Keys::none()
+            };
+            patched += check_with(&base, &after, &listed, &keys).is_some() as usize;
         }
         assert!(patched >= 30, "only {patched} of 40 patched");
     }
