@@ -40,6 +40,13 @@ fn stages(c: &mut Criterion) {
                 .count()
         })
     });
+    // The same cut points through vmrepo's own loop (ingest/chunker.rs), which also serves the
+    // keyed gear table of encrypted repositories.
+    let none = vmrepo::repo::crypto::Keys::none();
+    let cutter = chunker::Cutter::new(&p, &none);
+    g.bench_function("cutter_public_gear", |b| {
+        b.iter(|| cutter.chunks(black_box(&data)).count())
+    });
     g.bench_function("blake3_64k_chunks", |b| {
         b.iter(|| {
             data.chunks(64 << 10)

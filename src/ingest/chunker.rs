@@ -96,6 +96,7 @@ pub struct Cutter<'a> {
     min: usize,
     avg: usize,
     max: usize,
+    /// The stricter mask (before the average size) and the looser one (after).
     mask_s: u64,
     mask_l: u64,
     gear: &'a GearTables,
@@ -220,13 +221,22 @@ mod tests {
     #[test]
     fn public_cut_points_are_fastcdc_s() {
         let none = Keys::none();
-        for (seed, len) in [(1, 3 << 20), (2, 70_000), (3, 5000), (4, 100)] {
-            let data = noise(len, seed);
-            let ours: Vec<_> = Cutter::new(&params(), &none).chunks(&data).collect();
-            let theirs: Vec<_> = fastcdc::v2020::FastCDC::new(&data, 4 << 10, 16 << 10, 64 << 10)
+        let text: Vec<u8> = (0..20_000)
+            .flat_map(|i| format!("{i} lines of text\n").into_bytes())
+            .collect();
+        let lengths = [
+            100, 4095, 4096, 4097, 4098, 5000, 16383, 16384, 16385, 65535, 65536, 65537, 70_001,
+        ];
+        let mut inputs: Vec<Vec<u8>> = vec![noise(3 << 20, 1), text, vec![0; 300_000]];
+        for (i, len) in lengths.iter().enumerate() {
+            inputs.push(noise(*len, 10 + i as u64));
+        }
+        for data in &inputs {
+            let ours: Vec<_> = Cutter::new(&params(), &none).chunks(data).collect();
+            let theirs: Vec<_> = fastcdc::v2020::FastCDC::new(data, 4 << 10, 16 << 10, 64 << 10)
                 .map(|c| c.offset..c.offset + c.length)
                 .collect();
-            assert_eq!(ours, theirs, "seed {seed}");
+            assert_eq!(ours, theirs, "{} bytes", data.len());
         }
     }
 
