@@ -135,8 +135,8 @@ impl<'a> Cutter<'a> {
             self.mask_l,
             self.mask_s << 1,
             self.mask_l << 1,
-            &self.gear.0,
-            &self.gear.1,
+            &self.gear[0],
+            &self.gear[1],
         );
         len
     }
@@ -160,7 +160,7 @@ fn public_gear() -> &'static GearTables {
     static TABLES: std::sync::OnceLock<Box<GearTables>> = std::sync::OnceLock::new();
     TABLES.get_or_init(|| {
         let (gear, gear_ls) = fastcdc::v2020::get_gear_with_seed(0);
-        Box::new((*gear, *gear_ls))
+        Box::new([*gear, *gear_ls])
     })
 }
 

@@ -42,7 +42,7 @@ struct Secret {
     fingerprint_key: Zeroizing<[u8; 32]>,
     tag_key: Zeroizing<[u8; 32]>,
     /// The chunker's gear table and its left-shifted twin (see [`Keys::gear`]).
-    gear: Box<GearTables>,
+    gear: Box<Zeroizing<GearTables>>,
     data: Aes256Gcm,
     index: Aes256Gcm,
 }
@@ -70,22 +70,22 @@ fn subkey(context: &str, master: &[u8; 32]) -> Zeroizing<[u8; 32]> {
     Zeroizing::new(blake3::derive_key(context, master))
 }
 
-/// A gear table for FastCDC (256 values) and the same values shifted left by one, which the
-/// two-bytes-per-step cutting loop uses.
-pub type GearTables = ([u64; 256], [u64; 256]);
+/// A gear table for FastCDC (256 values, `[0]`) and the same values shifted left by one (`[1]`),
+/// which the two-bytes-per-step cutting loop uses.
+pub type GearTables = [[u64; 256]; 2];
 
 /// The secret gear table of an encrypted repository: 2 KiB of BLAKE3 output in key-derivation
 /// mode from the master key, so nobody without the key can say where a known plaintext is cut.
-fn gear_tables(master: &[u8; 32]) -> Box<GearTables> {
+fn gear_tables(master: &[u8; 32]) -> Box<Zeroizing<GearTables>> {
     let mut bytes = Zeroizing::new([0u8; 256 * 8]);
     blake3::Hasher::new_derive_key("vmrepo 2026-12 chunker gear table")
         .update(master)
         .finalize_xof()
         .fill(&mut bytes[..]);
-    let mut t = Box::new(([0u64; 256], [0u64; 256]));
+    let mut t = Box::new(Zeroizing::new([[0u64; 256]; 2]));
     for (i, v) in bytes.chunks_exact(8).enumerate() {
-        t.0[i] = u64::from_le_bytes(v.try_into().expect("8 bytes"));
-        t.1[i] = t.0[i] << 1;
+        t[0][i] = u64::from_le_bytes(v.try_into().expect("8 bytes"));
+        t[1][i] = t[0][i] << 1;
     }
     t
 }
@@ -127,7 +127,7 @@ impl Keys {
     /// The secret gear tables an encrypted repository with keyed cut points cuts with; `None`
     /// without encryption.
     pub fn gear(&self) -> Option<&GearTables> {
-        self.inner.as_ref().map(|s| &*s.gear)
+        self.inner.as_ref().map(|s| &**s.gear)
     }
 
     /// The id of an object's plaintext.
