@@ -9,7 +9,7 @@
 # of the disk through `vmrepo mount`, and `qemu-img convert` from `vmrepo serve-nbd`.
 # usage: scripts/bench.sh [--size 4G] [--fill 1500M] [--nights 7] [--percent 2]
 #                         [--work DIR] [--tools vmrepo,restic,borg] [--chunk-avg KIB] [--segment-size MIB]
-# needs: restic borgbackup b3sum time fuse3 qemu-utils (apt-get install -y restic borgbackup b3sum time fuse3 qemu-utils)
+# needs: restic borgbackup b3sum time fuse3 qemu-utils zstd (apt-get install -y restic borgbackup b3sum time fuse3 qemu-utils zstd)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 has() { case ",$TOOLS," in *,"$1",*) return 0 ;; *) return 1 ;; esac; }
-for t in b3sum /usr/bin/time; do command -v "$t" >/dev/null || { echo "bench.sh: $t missing (apt-get install -y b3sum time)" >&2; exit 1; }; done
+for t in b3sum /usr/bin/time zstd; do command -v "$t" >/dev/null || { echo "bench.sh: $t missing (apt-get install -y b3sum time zstd)" >&2; exit 1; }; done
 has restic && { command -v restic >/dev/null || { echo "bench.sh: restic missing (apt-get install -y restic)" >&2; exit 1; }; }
 has borg && { command -v borg >/dev/null || { echo "bench.sh: borg missing (apt-get install -y borgbackup)" >&2; exit 1; }; }
 
@@ -81,6 +81,9 @@ for night in $(seq 1 "$NIGHTS"); do
     timed cat "$night" "$WORK/ds1" cat "$FLAT"
     timed b3sum "$night" "$WORK/ds1" b3sum "$FLAT"
     has vmrepo && timed vmrepo "$night" "$WORK/vmrepo" "$VMREPO" ingest "$WORK/vmrepo" "$VM" --json
+    # The floor of exact 4 KiB-block dedup: tonight's new blocks, compressed with zstd -3.
+    read -r floor _ < <(python3 scripts/block-floor.py "$WORK/floor.state" "$FLAT")
+    printf '%s\tfloor4k\t0\t%s\t0\n' "$night" "$floor" >> "$RES"
     has restic && timed restic "$night" "$WORK/restic" restic backup -q --exclude "$EXCL" "$VM"
     has borg && timed borg "$night" "$WORK/borg" borg create --compression zstd,3 --exclude "$EXCL" "::night$night" "$VM"
     grep -P "^$night\t" "$RES" | cut -f2- | column -t
@@ -192,6 +195,14 @@ for t in ("restic", "borg"):
         print(f"- vmrepo vs {t}: first ingest {d[t]['1'][0]/d['vmrepo']['1'][0]:.2f}x faster, "
               f"nightly {night_avg(t,0)/night_avg('vmrepo',0):.2f}x faster, "
               f"nightly stored {night_avg('vmrepo',1)/night_avg(t,1):.2f}x of {t}'s")
+if "vmrepo" in d and "floor4k" in d:
+    per_night = [d["vmrepo"][str(n)][1] / d["floor4k"][str(n)][1]
+                 for n in range(2, int(nights) + 1) if str(n) in d["floor4k"] and d["floor4k"][str(n)][1]]
+    print(f"- stored per night against exact 4 KiB-block dedup + zstd -3 of the new blocks: vmrepo "
+          f"{night_avg('vmrepo',1)/MB:.1f} MB, floor {night_avg('floor4k',1)/MB:.1f} MB "
+          f"(ratio of averages {night_avg('vmrepo',1)/night_avg('floor4k',1):.2f}; per night "
+          + ", ".join(f"{r:.2f}" for r in per_night) + f"); first night {d['vmrepo']['1'][1]/MB:.1f} MB "
+          f"against {d['floor4k']['1'][1]/MB:.1f} MB")
 if "vmrepo" in d:
     print(f"- vmrepo nightly time / b3sum time over the same flat file: {night_avg('vmrepo',0)/night_avg('b3sum',0):.2f}")
     print(f"- vmrepo index.sqlite after all nights: {int(index_bytes)/MB:.2f} MB")
