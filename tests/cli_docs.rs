@@ -77,10 +77,8 @@ fn man_pages_are_written_for_every_command_with_its_help() {
 /// the words split at blanks and at `:`, the function `complete` names called. Returns what
 /// bash offers in place of the last word.
 fn bash_complete(script: &std::path::Path, line: &str, env: &[(&str, &str)]) -> Vec<String> {
-    let dir = std::path::Path::new(BIN).parent().unwrap();
     let program = format!(
         r#"source '{}'
-PATH='{}':$PATH
 COMP_LINE="$1"; COMP_POINT=${{#COMP_LINE}}
 read -ra COMP_WORDS <<< "$(sed 's/:/ : /g' <<< "$COMP_LINE")"
 [[ "$COMP_LINE" == *" " ]] && COMP_WORDS+=("")
@@ -88,14 +86,14 @@ COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1))
 f=$(complete -p vmrepo | sed 's/.*-F \([^ ]*\) .*/\1/')
 "$f" vmrepo "${{COMP_WORDS[COMP_CWORD]}}" "${{COMP_WORDS[COMP_CWORD-1]}}" < /dev/null
 printf '%s\n' "${{COMPREPLY[@]}}""#,
-        script.display(),
-        dir.display()
+        script.display()
     );
     let out = std::process::Command::new("bash")
         .arg("-c")
         .arg(program)
         .arg("bash")
         .arg(line)
+        .env("PATH", path_with_vmrepo())
         .env_remove("VMREPO_PASSWORD")
         .env_remove("VMREPO_REPOSITORY")
         .envs(env.iter().copied())

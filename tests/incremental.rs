@@ -346,18 +346,13 @@ fn change_aware_ingest_works_in_an_encrypted_repository() {
     }
     let list = t.path().join("changes.json");
     write_list(&list, &changes);
-    let j = run(&[
-        s("ingest"),
-        p(&repo),
-        p(&img),
-        s("--name"),
-        s("vm"),
-        s("--changed-ranges"),
-        p(&list),
-        s("--since"),
-        s("vm"),
-        s("--json"),
-    ])
+    let pw_arg = pw.to_str().unwrap();
+    let j = ingest_changes(
+        &repo,
+        &img,
+        &list,
+        &["--since", "vm", "--password-file", pw_arg],
+    )
     .ok()
     .json();
     assert_eq!(j["incremental"]["segments_patched"], 2, "{j}");

@@ -308,11 +308,7 @@ mod tests {
     /// The chunker parameters of a repository with `keys`, as `init` makes them.
     fn params_for(keys: &Keys) -> ChunkerParams {
         ChunkerParams {
-            cut_points: if keys.encrypted() {
-                crate::repo::config::CutPoints::Keyed
-            } else {
-                crate::repo::config::CutPoints::Public
-            },
+            cut_points: crate::repo::config::CutPoints::for_encryption(keys.encrypted()),
             ..ChunkerParams::default()
         }
     }

@@ -70,17 +70,7 @@ fn c_log2_c() -> &'static [f64; SAMPLE_LEN + 1] {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn noise(n: usize, mut x: u64) -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::ingest::chunker::noise;
 
     #[test]
     fn random_bytes_are_skipped_and_compressible_ones_are_not() {

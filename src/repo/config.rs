@@ -73,6 +73,15 @@ pub enum CutPoints {
 }
 
 impl CutPoints {
+    /// What `init` chooses: keyed cut points exactly when the repository is encrypted.
+    pub fn for_encryption(encrypted: bool) -> CutPoints {
+        if encrypted {
+            CutPoints::Keyed
+        } else {
+            CutPoints::Public
+        }
+    }
+
     /// True for [`CutPoints::Public`].
     pub fn is_public(&self) -> bool {
         *self == CutPoints::Public
@@ -183,11 +192,7 @@ impl Config {
                 "compression level must be 1..19, got {level}"
             )));
         }
-        chunker.cut_points = if encryption == "none" {
-            CutPoints::Public
-        } else {
-            CutPoints::Keyed
-        };
+        chunker.cut_points = CutPoints::for_encryption(encryption != "none");
         let mut id = [0u8; 16];
         getrandom::fill(&mut id).map_err(|e| Error::Usage(format!("no randomness: {e}")))?;
         Ok(Config {
