@@ -308,3 +308,46 @@ fn an_ingest_killed_before_its_commit_leaves_no_generation() {
         .starts_with("uncommitted-")));
     f.all_restore();
 }
+
+/// An ingest killed before its commit whose marker a crash lost, then the next ingest of that
+/// VM in the same second: two manifests name one generation. The committed one stays listed
+/// and restores; `check` says what the other is and stays clean; a rebuilt index lists the one
+/// that finished last; gc drops the other.
+#[test]
+fn a_generation_name_recorded_twice_lists_the_committed_one() {
+    let mut f = Fixture::new();
+    let before = f.save_index("before.sqlite");
+    let img = f.work.join("a.img");
+    let time = "2026-12-04T03:00:00Z";
+    overwrite(&img, 0, 1 << 20, 91);
+    ingest_at(&f.repo, &img, "a", time);
+    // Killed before the commit, and no marker: the index without it.
+    f.put_index(&before);
+    // Finish times are in seconds: the rerun finishes in a later one.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    overwrite(&img, 0, 1 << 20, 92);
+    ingest_at(&f.repo, &img, "a", time);
+    f.saved
+        .insert(format!("a@{time}"), ("a.img".into(), digest(&img)));
+    let shadowed = "1 manifest(s) are not generations because a generation of their name";
+    let c = vmrepo([s("check"), p(&f.repo)]);
+    assert_eq!(c.code, 0, "{}{}", c.stdout, c.stderr);
+    assert!(c.stdout.contains(shadowed), "{}", c.stdout);
+    f.all_restore();
+
+    let r = vmrepo([s("check"), p(&f.repo), s("--rebuild-index")]);
+    r.ok();
+    assert!(
+        r.stdout
+            .contains(&format!("not listed: a@{time} (manifest")),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains(shadowed), "{}", r.stdout);
+    f.all_restore();
+
+    vmrepo([s("gc"), p(&f.repo)]).ok();
+    let c = vmrepo([s("check"), p(&f.repo)]);
+    assert!(!c.stdout.contains("are not generations"), "{}", c.stdout);
+    f.all_restore();
+}

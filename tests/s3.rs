@@ -519,6 +519,91 @@ fn a_killed_storage_node_or_a_killed_ingest_loses_nothing() {
         .ok();
 }
 
+/// An ingest killed after uploading its last pack and before its commit (the pending marker
+/// still names that pack) saved nothing: no host lists it, the next ingest of the VM may take
+/// the same second, a fresh host's cache and `check` list only the committed generation, and
+/// gc deletes the left-over and its marker.
+#[test]
+fn an_ingest_killed_before_its_commit_is_never_a_generation() {
+    let store = Store::start();
+    let t = tempfile::tempdir().unwrap();
+    let url = store.url("killed");
+    let cache = t.path().join("cache");
+    store.vmrepo(&cache, [s("init"), s(&url)]).ok();
+    let img = t.path().join("vm.img");
+    sparse_image(&img, 32 << 20, &[(0, 8 << 20, 41)]);
+    let at = |time: &str| {
+        [
+            s("ingest"),
+            s(&url),
+            p(&img),
+            s("--name"),
+            s("vm"),
+            s("--time"),
+            s(time),
+        ]
+    };
+    store.vmrepo(&cache, at("2026-12-01T01:00:00Z")).ok();
+
+    // The killed ingest: run on another host, then put back in the state of a process that died
+    // between uploading its last pack and deleting that pack's marker.
+    overwrite(&img, 0, 4 << 20, 42);
+    let before = store.keys("killed/data/");
+    store
+        .vmrepo(&t.path().join("other"), at("2026-12-02T01:00:00Z"))
+        .ok();
+    let killed: Vec<String> = store
+        .keys("killed/data/")
+        .into_iter()
+        .filter(|k| !before.contains(k))
+        .collect();
+    assert_eq!(killed.len(), 1, "{killed:?}");
+    let pack = killed[0]
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .trim_end_matches(".pack");
+    store.python(&format!(
+        "s3.put_object(Bucket=bucket, Key='killed/locks/pending-{pack}', Body=b'')"
+    ));
+    assert_eq!(
+        generation_names(&store, &cache, &url, "vm"),
+        ["vm@2026-12-01T01:00:00Z"]
+    );
+
+    // The next ingest of the same second, from other bytes, is the generation of that name.
+    overwrite(&img, 0, 4 << 20, 43);
+    store.vmrepo(&cache, at("2026-12-02T01:00:00Z")).ok();
+    for (i, host) in ["cache", "fresh"].into_iter().enumerate() {
+        let host = t.path().join(host);
+        let c = store.vmrepo(&host, [s("check"), s(&url), s("--read-data")]);
+        c.ok();
+        assert_eq!(
+            generation_names(&store, &host, &url, "vm"),
+            ["vm@2026-12-01T01:00:00Z", "vm@2026-12-02T01:00:00Z"]
+        );
+        let o = t.path().join(format!("out-{i}"));
+        store
+            .vmrepo(
+                &host,
+                [s("extract"), s(&url), s("vm@2026-12-02T01:00:00Z"), p(&o)],
+            )
+            .ok();
+        assert!(same_file(&o.join("vm.img"), &img));
+    }
+
+    // gc deletes the left-over pack and its marker; the repository reads back clean.
+    store.vmrepo(&cache, [s("gc"), s(&url)]).ok();
+    assert!(!store.keys("killed/data/").contains(&killed[0]));
+    assert!(store.keys("killed/locks/pending-").is_empty());
+    store
+        .vmrepo(
+            &t.path().join("after-gc"),
+            [s("check"), s(&url), s("--read-data")],
+        )
+        .ok();
+}
+
 /// Commands of one host share its cache: while an ingest uploads and records its packs, other
 /// commands bring the same cache up to date again and again; none of them may take the
 /// ingest's packs for another host's, and the ingest succeeds.

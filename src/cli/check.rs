@@ -87,6 +87,17 @@ pub fn run(a: CheckArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             for d in &rep.damaged {
                 println!("  damaged: {d}");
             }
+            for d in &rep.shadowed {
+                println!(
+                    "  not listed: {d}: a generation of that name is listed from another manifest"
+                );
+            }
+            if rep.uncommitted > 0 {
+                println!(
+                    "  left out {} pack(s) of ingests that never committed (gc deletes them)",
+                    rep.uncommitted
+                );
+            }
         }
         rebuilt = Some(rep);
     }

@@ -235,6 +235,13 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
             id.short()
         ));
     }
+    if let Some((name, id)) = survey.shadowed.first() {
+        report.notes.push(format!(
+            "{} manifest(s) are not generations because a generation of their name is listed              from another manifest (first: {name}, manifest {}): left by an ingest killed before              its commit, never reported saved (`vmrepo gc` deletes what only they use)",
+            survey.shadowed.len(),
+            id.short()
+        ));
+    }
     if !survey.unknown.is_empty() {
         // What the listed generations need, to tell left-overs from data the index lacks.
         // Unknown if their metadata cannot be read: then nothing is called a left-over.

@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::backend::Durability;
+use crate::backend::{Backend, Durability};
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 use crate::repo::fanout;
@@ -86,6 +86,11 @@ pub struct Survey {
     /// Generations stored in the data files that the index does not list and no tombstone
     /// removed: (name, manifest, pack name if in an unknown pack).
     pub unlisted: Vec<(String, ObjectId, Option<String>)>,
+    /// Manifests in the data files that are not listed because the generation of their name is
+    /// listed from another manifest: (name, manifest). Two ingests of a VM in one second
+    /// record the same name only when the first was killed before its commit (it was never
+    /// reported saved).
+    pub shadowed: Vec<(String, ObjectId)>,
     /// Manifests in the data files that are not generations because they cannot be read or
     /// are not valid (hand-made, damaged): (manifest, why).
     pub bad_manifests: Vec<(ObjectId, String)>,
@@ -145,12 +150,7 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
     }
     if !sizes.is_empty() {
         // The markers of ingests still committing (or killed while committing), listed once.
-        let markers: HashSet<String> = backend
-            .list(layout::UNCOMMITTED)
-            .ctx("list", backend.path(layout::LOCKS))?
-            .into_iter()
-            .filter_map(|e| Some(e.key.strip_prefix(layout::UNCOMMITTED)?.to_string()))
-            .collect();
+        let markers = uncommitted_packs(backend, !remote)?;
         // In an object store, packs with a description are known from it (reading them costs
         // their size in downloads); the others, and every pack of a directory (where reading
         // is cheap and verifies each record), are read record by record.
@@ -217,34 +217,35 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
         s.tombstoned.extend(u.tombstoned.iter().copied());
     }
 
-    // Generations: every manifest not tombstoned must be listed.
-    let listed: HashSet<ObjectId> = index
-        .generations(None)?
-        .into_iter()
-        .map(|g| g.manifest)
-        .collect();
+    // Generations: every manifest not tombstoned must be listed, unless the generation of its
+    // name is listed from another manifest.
+    let generations = index.generations(None)?;
+    let listed: HashSet<ObjectId> = generations.iter().map(|g| g.manifest).collect();
+    let names: HashSet<&str> = generations.iter().map(|g| g.name.as_str()).collect();
+    let unlisted = |s: &mut Survey, name: String, id: ObjectId, pack: Option<String>| {
+        if names.contains(name.as_str()) {
+            s.shadowed.push((name, id));
+        } else {
+            s.unlisted.push((name, id, pack));
+        }
+    };
     for id in indexed_manifests {
         if listed.contains(&id) || s.tombstoned.contains(&id) {
             continue;
         }
         match repo.load_manifest(&id) {
-            Ok(m) => s
-                .unlisted
-                .push((format!("{}@{}", m.catalog.vm, m.catalog.time), id, None)),
+            Ok(m) => unlisted(&mut s, generation_name(&m), id, None),
             Err(e) => s.bad_manifests.push((id, e.to_string())),
         }
     }
     let mut seen: HashSet<ObjectId> = s.unlisted.iter().map(|u| u.1).collect();
+    let mut found = Vec::new();
     for u in s.unknown.iter().filter(|u| !u.uncommitted) {
         for (id, m) in &u.manifests {
             if listed.contains(id) || s.tombstoned.contains(id) || !seen.insert(*id) {
                 continue;
             }
-            s.unlisted.push((
-                format!("{}@{}", m.catalog.vm, m.catalog.time),
-                *id,
-                Some(u.name.clone()),
-            ));
+            found.push((generation_name(m), *id, u.name.clone()));
         }
         for (id, why) in &u.bad_manifests {
             if !listed.contains(id) && !s.tombstoned.contains(id) {
@@ -253,8 +254,40 @@ pub fn survey(repo: &Repository, index: &Index, progress: &dyn Progress) -> Resu
             }
         }
     }
+    for (name, id, pack) in found {
+        unlisted(&mut s, name, id, Some(pack));
+    }
     s.unlisted.sort();
     Ok(s)
+}
+
+/// `vm@time`: the name of the generation `m` records.
+fn generation_name(m: &Manifest) -> String {
+    format!("{}@{}", m.catalog.vm, m.catalog.time)
+}
+
+/// The packs whose ingest never committed, by their markers (see
+/// [`layout::uncommitted_marker`]): those of `pending-` markers, and with `directory_markers`
+/// (the index is the repository's own) those of `uncommitted-` markers, which only say so
+/// against that index.
+pub fn uncommitted_packs(
+    backend: &dyn Backend,
+    directory_markers: bool,
+) -> Result<HashSet<String>> {
+    let mut packs = HashSet::new();
+    for e in backend
+        .list(layout::LOCKS)
+        .ctx("list", backend.path(layout::LOCKS))?
+    {
+        if let Some(p) = e.key.strip_prefix(layout::PENDING) {
+            packs.insert(p.to_string());
+        } else if let Some(p) = e.key.strip_prefix(layout::UNCOMMITTED) {
+            if directory_markers {
+                packs.insert(p.to_string());
+            }
+        }
+    }
+    Ok(packs)
 }
 
 /// An unknown pack known from its description: its records as described, its manifests and
@@ -478,7 +511,8 @@ pub fn adopt(
     }
     let backend = &**repo.backend();
     for u in &survey.unknown {
-        if u.unreadable.is_some() {
+        // A left-over is not indexed: then nothing can come to depend on it.
+        if u.unreadable.is_some() || u.uncommitted {
             continue;
         }
         // A described pack's records are taken as described (the description is verified
@@ -547,21 +581,29 @@ pub fn adopt(
     Ok(done)
 }
 
-/// Removes the [`layout::uncommitted_marker`]s whose pack is indexed (the commit happened and
-/// the process died before removing it) or gone (gc deleted the left-over). Needs the exclusive
+/// Removes the [`layout::uncommitted_marker`]s that no longer say anything: those whose pack is
+/// gone (gc deleted the left-over), `uncommitted-` markers of a directory whose pack is indexed
+/// (the commit happened and the process died before removing it), and `uncommitted-` markers in
+/// a bucket (left by earlier builds, see [`layout::uncommitted_marker`]). Needs the exclusive
 /// lock (no ingest is committing).
 pub fn clean_markers(repo: &Repository, index: &Index) -> Result<()> {
     let backend = &**repo.backend();
+    let remote = crate::backend::is_remote(backend.location());
     let known: HashSet<String> = index.packs()?.into_iter().map(|(n, _)| n).collect();
     let markers = backend
-        .list(layout::UNCOMMITTED)
+        .list(layout::LOCKS)
         .ctx("list", backend.path(layout::LOCKS))?;
     let mut done = Vec::new();
     for m in markers {
-        let Some(pack) = m.key.strip_prefix(layout::UNCOMMITTED) else {
+        let (pack, directory) = if let Some(p) = m.key.strip_prefix(layout::PENDING) {
+            (p, false)
+        } else if let Some(p) = m.key.strip_prefix(layout::UNCOMMITTED) {
+            (p, true)
+        } else {
             continue;
         };
-        if known.contains(pack) || crate::repo::pack::pack_len(backend, pack)?.is_none() {
+        let meaningless = directory && (remote || known.contains(pack));
+        if meaningless || crate::repo::pack::pack_len(backend, pack)?.is_none() {
             done.push(m.key.clone());
         }
     }

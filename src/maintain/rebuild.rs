@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 
 use crate::error::{IoContext, Result};
+use crate::maintain::coverage::uncommitted_packs;
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
 use crate::repo::index::{CacheRow, Index};
@@ -33,6 +34,10 @@ pub struct RebuildReport {
     pub incomplete: Vec<String>,
     /// Manifests left out because prune removed their generation (a tombstone names them).
     pub pruned: u64,
+    /// Manifests not listed because a generation of the same name was (`vm@time (manifest)`).
+    pub shadowed: Vec<String>,
+    /// Packs left out because their ingest never committed (a pending marker names them).
+    pub uncommitted: u64,
     /// Damaged records and torn pack tails found.
     pub damaged: Vec<String>,
     /// Where the old index was moved, if there was one.
@@ -85,14 +90,22 @@ pub fn rebuild_index(
         ),
     };
     let mut good_segments: HashSet<ObjectId> = HashSet::new();
+    // Packs whose ingest never committed (pending markers) are left-overs, not indexed. An
+    // `uncommitted-` marker of a directory says so only against the index being replaced: its
+    // pack is indexed, and its generation listed, like any other (which is safe).
+    let pending = uncommitted_packs(backend, false)?;
     let packs: Vec<(String, u64)> = packs
         .into_iter()
         .filter(|(name, _)| {
-            let busy = is_being_written(backend, name);
-            if busy {
+            if is_being_written(backend, name) {
                 progress.note(&format!("skipping pack {name}: an ingest is writing it"));
+                false
+            } else if pending.contains(name) {
+                report.uncommitted += 1;
+                false
+            } else {
+                true
             }
-            !busy
         })
         .collect();
     // In batches, so that descriptions are fetched many at a time and a batch's worth is held.
@@ -206,15 +219,32 @@ pub fn rebuild_index(
             });
         }
     }
+    // By name; of two manifests with one name (an ingest killed before its commit and the
+    // next one of the same second) the one that finished last is listed.
     manifests.sort_by(|a, b| {
-        (&a.1.catalog.vm, &a.1.catalog.time).cmp(&(&b.1.catalog.vm, &b.1.catalog.time))
+        let key = |(id, m): &(ObjectId, Manifest)| {
+            (
+                m.catalog.vm.clone(),
+                m.catalog.time.clone(),
+                std::cmp::Reverse(m.catalog.finished.clone()),
+                *id,
+            )
+        };
+        key(a).cmp(&key(b))
     });
+    let mut listed_names = HashSet::new();
     for (id, m) in &manifests {
         if tombstoned.contains(id) {
             report.pruned += 1;
             continue;
         }
         let name = format!("{}@{}", m.catalog.vm, m.catalog.time);
+        if !listed_names.insert(name.clone()) {
+            report
+                .shadowed
+                .push(format!("{name} (manifest {})", id.short()));
+            continue;
+        }
         let mut missing = Vec::new();
         for f in &m.files {
             if !known.contains_key(&f.object) {

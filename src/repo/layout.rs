@@ -80,17 +80,33 @@ pub fn vm_lock(tag: &str) -> String {
     format!("{LOCKS}vm-{tag}.lock")
 }
 
-/// The prefix of the uncommitted markers.
+/// The prefix of the markers of a repository whose index is its own (a directory).
 pub const UNCOMMITTED: &str = "locks/uncommitted-";
 
-/// The marker an ingest leaves while it commits its last pack (the one holding its manifest):
-/// `locks/uncommitted-<pack name>`. Created before that pack is sealed and removed after the
-/// commit; a marker whose pack is not in the index says the ingest died in between, so that
-/// pack's manifest is not a generation the index lost but one that was never committed (never
-/// reported saved): the pack is a left-over. Not made durable: lost in a crash, the pack's
-/// generation is adopted instead, which is also safe.
-pub fn uncommitted_marker(pack: &str) -> String {
-    format!("{UNCOMMITTED}{pack}")
+/// The prefix of the markers of a repository in object storage.
+pub const PENDING: &str = "locks/pending-";
+
+/// The marker an ingest leaves while it commits its last pack (the one holding its manifest).
+///
+/// In a directory, where the index is the repository's own and its transaction is the commit,
+/// the marker is `locks/uncommitted-<pack>`: created before that pack is sealed and removed
+/// after the commit. A marker whose pack is not in the index says the ingest died in between,
+/// so that pack's manifest is not a generation the index lost but one never committed (never
+/// reported saved): the pack is a left-over. A marker whose pack is indexed is one the process
+/// did not live to remove. Not made durable: lost in a crash, the pack's generation is adopted
+/// instead, which is also safe.
+///
+/// In object storage each host's index is a cache, so the commit must be in the bucket: the
+/// marker is `locks/pending-<pack>`, created before that pack is uploaded and deleted (the
+/// commit) before the host's cache records the generation. A pending marker always means the
+/// pack's manifest was never committed. A marker named `uncommitted-` in a bucket (earlier builds used
+/// the directory protocol there too, deleting it after the commit) says nothing and is ignored.
+pub fn uncommitted_marker(pack: &str, remote: bool) -> String {
+    if remote {
+        format!("{PENDING}{pack}")
+    } else {
+        format!("{UNCOMMITTED}{pack}")
+    }
 }
 
 #[cfg(test)]

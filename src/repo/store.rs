@@ -256,29 +256,52 @@ impl<'r> Store<'r> {
         let mut index = self.index.lock().unwrap();
         // Until the commit, the last pack (which holds the manifest) is marked uncommitted: if
         // this process dies in between, gc and check know that pack for the left-over of a
-        // killed ingest rather than a generation the index lost (see maintain/coverage.rs).
+        // killed ingest rather than a generation the index lost (see layout::uncommitted_marker
+        // and maintain/coverage.rs). In a directory the index transaction is the commit and the
+        // marker goes after it; in object storage, where the index is this host's cache, the
+        // marker's deletion is the commit and the transaction follows.
         let backend = self.repo.backend();
+        let remote = crate::backend::is_remote(backend.location());
         let marker = full
             .as_ref()
-            .map(|(pack, _)| layout::uncommitted_marker(pack.name()));
+            .map(|(pack, _)| layout::uncommitted_marker(pack.name(), remote));
         if let Some(m) = &marker {
             backend
                 .put(m, b"", Durability::Unsynced)
                 .ctx("create", backend.path(m))?;
         }
-        let _unmark = marker.map(|key| RemoveOnDrop(&**backend, key));
         let committed = match full {
             None => index.commit_generation(manifest_id, manifest, cache, None),
             Some((pack, records)) => {
                 let ids: Vec<ObjectId> = records.iter().map(|(h, _)| h.id).collect();
+                let name = pack.name().to_string();
+                let marker = marker.as_deref().expect("a sealed pack has a marker");
                 // The pack stays marked as being written until it is indexed (or deleted, when
                 // its commit failed).
                 let r = pack.seal_then(records, |sealed| {
+                    if remote {
+                        unmark(&**backend, marker)?;
+                    }
                     index.commit_generation(manifest_id, manifest, cache, Some(sealed))
                 });
                 let mut w = self.writer.lock().unwrap();
                 for id in &ids {
                     w.pending.remove(id);
+                }
+                drop(w);
+                match &r {
+                    // Best effort: a marker left behind with its pack indexed is removed by gc.
+                    Ok(()) if !remote => {
+                        let _ = backend.delete(&[marker.to_string()], Durability::Unsynced);
+                    }
+                    Ok(()) => {}
+                    // The pack was deleted: its marker goes too. A pack that could not be
+                    // deleted keeps its marker, so that it stays a left-over.
+                    Err(_) => {
+                        if matches!(crate::repo::pack::pack_len(&**backend, &name), Ok(None)) {
+                            let _ = backend.delete(&[marker.to_string()], Durability::Unsynced);
+                        }
+                    }
                 }
                 r
             }
@@ -323,15 +346,11 @@ impl Store<'_> {
     }
 }
 
-/// Deletes an object when dropped (best effort).
-struct RemoveOnDrop<'b>(&'b dyn Backend, String);
-
-impl Drop for RemoveOnDrop<'_> {
-    fn drop(&mut self) {
-        let _ = self
-            .0
-            .delete(&[std::mem::take(&mut self.1)], Durability::Unsynced);
-    }
+/// Deletes an ingest's uncommitted marker in object storage: the commit of its generation.
+fn unmark(backend: &dyn Backend, marker: &str) -> Result<()> {
+    backend
+        .delete(&[marker.to_string()], Durability::Synced)
+        .ctx("delete (commit)", backend.path(marker))
 }
 
 /// Takes the open pack and its records out of the writer to be sealed; an empty pack is
