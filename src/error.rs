@@ -52,6 +52,13 @@ pub enum Error {
         "damaged repository data: {0}; run `vmrepo check --read-data` to see what is affected"
     )]
     Corrupt(String),
+    /// A filesystem inside a generation's disk cannot be read, though every byte of the disk
+    /// was read back intact.
+    #[error(
+        "{0}. The guest filesystem itself is damaged or uses a feature this build cannot read; \
+         the backup of the disk is intact (`vmrepo extract` restores the whole disk)"
+    )]
+    GuestFilesystem(String),
     /// A generation lost data (found by `check --repair` or while reading it).
     #[error("generation {generation} is damaged:\n  {detail}\npass --allow-damaged to write what is left (damaged ranges stay zero and are listed)")]
     Damaged { generation: String, detail: String },

@@ -1,6 +1,7 @@
 //! Every input parser driven from bytes in memory, for the cargo-fuzz targets in `fuzz/` and the
-//! mutation test: descriptor, .vmx, .vmsd, KDMV, COWD, seSparse and qcow2. Each call parses the
-//! input and, when it opens, walks its allocation map and reads its data, in bounded windows.
+//! mutation test: descriptor, .vmx, .vmsd, KDMV, COWD, seSparse, qcow2, partition tables and
+//! ext2/3/4. Each call parses the input and, when it opens, walks its allocation map (or its
+//! directory tree) and reads its data, in bounded windows.
 //! Errors are the expected outcome for most inputs; a panic, hang or huge allocation is a bug.
 
 use std::path::Path;
@@ -16,6 +17,8 @@ pub const PARSERS: &[&str] = &[
     "cowd",
     "sesparse",
     "qcow2",
+    "partitions",
+    "ext4",
 ];
 
 /// Guest bytes read per input at most (start and end of the disk, and the map around them).
@@ -31,6 +34,38 @@ fn walk<F: GrainFormat>(f: F) -> Result<(), String> {
         layer.map(start..end).map_err(|e| e.to_string())?;
         buf.resize((end - start) as usize, 0);
         layer.read(&mut buf, start).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Lists directory `path` of `fs` and what is under it (at most 4 levels, 64 entries each),
+/// reading up to [`READ_WINDOW`] of each file and each symlink's target.
+fn walk_ext4(fs: &ext4_view::Ext4, path: &str, depth: usize) -> Result<(), String> {
+    let entries = fs.read_dir(path).map_err(|e| e.to_string())?;
+    for e in entries.take(64) {
+        let e = e.map_err(|e| e.to_string())?;
+        let name = String::from_utf8_lossy(e.file_name().as_ref()).into_owned();
+        if name == "." || name == ".." {
+            continue;
+        }
+        let full = crate::guest::join(path, &name);
+        let t = e.file_type().map_err(|e| e.to_string())?;
+        if t.is_dir() && depth < 4 {
+            walk_ext4(fs, &full, depth + 1)?;
+        } else if t.is_symlink() {
+            fs.read_link(full.as_str()).map_err(|e| e.to_string())?;
+        } else if t.is_regular_file() {
+            let mut f = fs.open(full.as_str()).map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; 64 << 10];
+            let mut total = 0u64;
+            while total < READ_WINDOW {
+                let n = f.read_bytes(&mut buf).map_err(|e| e.to_string())?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+        }
     }
     Ok(())
 }
@@ -68,6 +103,31 @@ pub fn exercise(which: &str, data: &[u8]) -> Result<(), String> {
         "cowd" => walk(Cowd::open(file()).map_err(err)?),
         "sesparse" => walk(SeSparse::open(file()).map_err(err)?),
         "qcow2" => walk(Qcow2::open(file()).map_err(err)?),
+        "partitions" => {
+            let mut read = |at: u64, buf: &mut [u8]| -> crate::error::Result<()> {
+                let at = usize::try_from(at).unwrap_or(usize::MAX);
+                let src = data
+                    .get(at..at.saturating_add(buf.len()))
+                    .ok_or_else(|| crate::error::Error::Corrupt("read past the end".into()))?;
+                buf.copy_from_slice(src);
+                Ok(())
+            };
+            let parts = match crate::guest::partitions::read_table(data.len() as u64, &mut read)
+                .map_err(err)?
+            {
+                crate::guest::partitions::Table::None => return Err("no table".into()),
+                crate::guest::partitions::Table::Mbr(p)
+                | crate::guest::partitions::Table::Gpt(p) => p,
+            };
+            for p in parts {
+                crate::guest::probe::probe_at(p.start, p.len, &mut read).map_err(err)?;
+            }
+            Ok(())
+        }
+        "ext4" => {
+            let fs = ext4_view::Ext4::load(Box::new(data.to_vec())).map_err(|e| e.to_string())?;
+            walk_ext4(&fs, "/", 0)
+        }
         other => panic!("unknown parser {other}"),
     }
 }

@@ -8,13 +8,14 @@
 
 // Layers, bottom up (docs/ARCHITECTURE.md): base modules (error, progress, space, fsutil,
 // ioprio, shutdown, throttle, zero); backend (the storage seam); repo; source; vmware;
-// maintain; copy; restore; ingest. A layer uses only those below it; `tests::layers` holds the
+// maintain; copy; restore; guest; ingest. A layer uses only those below it; `tests::layers` holds the
 // code to that.
 pub mod backend;
 pub mod copy;
 pub mod error;
 pub mod fsutil;
 pub mod fuzzing;
+pub mod guest;
 pub mod ingest;
 pub mod ioprio;
 pub mod maintain;
@@ -57,6 +58,7 @@ pub(crate) mod tests {
             "maintain" => &["base", "backend", "repo", "maintain"],
             "copy" => &["base", "backend", "repo", "maintain", "copy"],
             "restore" => &["base", "repo", "source", "vmware", "maintain", "restore"],
+            "guest" => &["base", "repo", "restore", "guest"],
             "ingest" => &[
                 "base", "backend", "repo", "source", "vmware", "maintain", "copy", "ingest",
             ],

@@ -122,6 +122,12 @@ enum Command {
     /// Mount generations read-only as VM directories (FUSE), for single-file restore.
     #[command(long_about = cli::mount::HELP)]
     Mount(cli::mount::MountArgs),
+    /// List the volumes, directories and files inside a generation's disks.
+    #[command(long_about = cli::files::LS_HELP)]
+    Ls(cli::files::LsArgs),
+    /// Write one file from inside a generation's disk to standard output.
+    #[command(long_about = cli::files::CAT_HELP)]
+    Cat(cli::files::CatArgs),
     /// Serve one disk of a generation read-only over NBD (instant recovery, qemu-img).
     #[command(name = "serve-nbd", long_about = cli::serve_nbd::HELP)]
     ServeNbd(cli::serve_nbd::ServeNbdArgs),
@@ -231,6 +237,8 @@ fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<
         Command::Extract(a) => cli::extract::run(a, &ctx),
         Command::Mount(a) => cli::mount::run(a, &ctx),
         Command::ServeNbd(a) => cli::serve_nbd::run(a, &ctx),
+        Command::Ls(a) => cli::files::ls(a, &ctx),
+        Command::Cat(a) => cli::files::cat(a, &ctx),
         Command::Check(a) => cli::check::run(a, &ctx),
         Command::Prune(a) => cli::prune::run(a, &ctx),
         Command::Forget(a) => cli::forget::run(a, &ctx),

@@ -75,7 +75,13 @@ fn parsers_survive_thousands_of_mutated_inputs() {
          qemu-io -c 'write -P 0x11 0 64k' -c 'write -z 64k 64k' -c 'write -P 0x22 3M 4k' k.vmdk && \
          qemu-img convert -O vmdk -o subformat=streamOptimized k.vmdk so.vmdk && \
          qemu-img convert -O qcow2 k.vmdk q.qcow2 && qemu-img convert -c -O qcow2 k.vmdk qz.qcow2 && \
-         qemu-img convert -c -O qcow2 -o compression_type=zstd k.vmdk qzstd.qcow2",
+         qemu-img convert -c -O qcow2 -o compression_type=zstd k.vmdk qzstd.qcow2 && \
+         mkdir -p tree/etc/sub && echo hi > tree/etc/hosts && ln -s etc/hosts tree/link && \
+         seq 1 3000 > tree/etc/sub/numbers && mkfs.ext4 -q -d tree fs.ext4 1M && \
+         truncate -s 2M gpt.img && sgdisk -n 1:2048:+512K -t 1:8300 gpt.img >/dev/null && \
+         dd if=fs.ext4 of=gpt.img bs=512 seek=2048 count=1024 conv=notrunc status=none && \
+         truncate -s 2M mbr.img && printf 'start=64, size=512, type=83\nstart=600, type=5\n\
+         start=700, size=100, type=83\nstart=900, size=100, type=7\n' | sfdisk -q mbr.img",
         d.display()
     ))
     .ok();
@@ -124,6 +130,9 @@ fn parsers_survive_thousands_of_mutated_inputs() {
         ("qcow2", read("q.qcow2")),
         ("qcow2", read("qz.qcow2")),
         ("qcow2", read("qzstd.qcow2")),
+        ("partitions", read("gpt.img")),
+        ("partitions", read("mbr.img")),
+        ("ext4", read("fs.ext4")),
     ];
     // Every seed is valid as it is: it parses, opens and reads, so the mutations below start
     // from inputs that reach the parsers' deeper code (a parser refusing everything fails here).

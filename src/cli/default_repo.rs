@@ -17,6 +17,8 @@ const TAKES_REPO: &[&str] = &[
     "extract",
     "mount",
     "serve-nbd",
+    "ls",
+    "cat",
     "check",
     "prune",
     "forget",

@@ -9,6 +9,7 @@ pub mod copy;
 pub mod default_repo;
 pub mod docs;
 pub mod extract;
+pub mod files;
 pub mod forget;
 pub mod gc;
 pub mod import;

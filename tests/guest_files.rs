@@ -1,0 +1,404 @@
+//! Single files out of a generation without root, FUSE or a VM: `vmrepo ls` and `vmrepo cat` on
+//! disks partitioned by the real tools (sgdisk for GPT, sfdisk for MBR with logical partitions)
+//! holding filesystems made by the real tools (`mkfs.ext4 -d`, `mkfs.vfat`), ingested raw and as
+//! qcow2. Every file the tree holds is compared with what `cat` gives, every directory with
+//! what `ls` lists.
+
+mod common;
+use common::*;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+fn run(cmd: &str) {
+    let r = sh(cmd);
+    assert_eq!(r.code, 0, "{cmd}\n{}{}", r.stdout, r.stderr);
+}
+
+/// A tree for the guest filesystem: nested directories, a setuid binary, a file of random bytes
+/// larger than a segment, an empty file, a symlink, a name with spaces and non-ASCII letters.
+fn guest_tree(dir: &Path) {
+    fs::create_dir_all(dir.join("etc/nginx/sites")).unwrap();
+    fs::create_dir_all(dir.join("home/anna/Documents")).unwrap();
+    fs::write(
+        dir.join("etc/hosts"),
+        "127.0.0.1 localhost\n::1 localhost\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("etc/nginx/nginx.conf"),
+        "worker_processes auto;\n".repeat(400),
+    )
+    .unwrap();
+    fs::write(
+        dir.join("etc/nginx/sites/default"),
+        "server { listen 80; }\n",
+    )
+    .unwrap();
+    // Incompressible, so that it is stored verbatim (see the damage test).
+    let mut noise = vec![0u8; 5 << 20];
+    std::io::Read::read_exact(&mut fs::File::open("/dev/urandom").unwrap(), &mut noise).unwrap();
+    fs::write(dir.join("home/anna/Documents/big.bin"), noise).unwrap();
+    fs::write(dir.join("home/anna/Documents/Résumé 2026.txt"), "Ünïcödé\n").unwrap();
+    fs::write(dir.join("home/anna/empty"), "").unwrap();
+    fs::write(dir.join("home/anna/tool"), bytes(10_000, 8)).unwrap();
+    fs::set_permissions(
+        dir.join("home/anna/tool"),
+        fs::Permissions::from_mode(0o4750),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("../../etc/hosts", dir.join("home/anna/hosts-link")).unwrap();
+}
+
+/// Writes `part` (a filesystem image) into `disk` at sector `start`.
+fn place(part: &Path, disk: &Path, start: u64) {
+    run(&format!(
+        "dd if={} of={} bs=512 seek={start} conv=notrunc status=none",
+        part.display(),
+        disk.display()
+    ));
+}
+
+/// A 160 MiB GPT disk: p1 an EFI system partition (FAT), p2 an ext4 root holding `tree`.
+fn gpt_disk(work: &Path, tree: &Path) -> PathBuf {
+    let disk = work.join("gpt.img");
+    run(&format!("truncate -s 160M {}", disk.display()));
+    run(&format!(
+        "sgdisk -n 1:2048:+16M -t 1:EF00 -c 1:EFI -n 2:0:+96M -t 2:8300 -c 2:root {} >/dev/null",
+        disk.display()
+    ));
+    let efi = work.join("efi.img");
+    run(&format!("mkfs.vfat -C {} 16384 >/dev/null", efi.display()));
+    place(&efi, &disk, 2048);
+    let root = work.join("root.img");
+    run(&format!(
+        "mkfs.ext4 -q -L guestroot -d {} {} 96M",
+        tree.display(),
+        root.display()
+    ));
+    place(&root, &disk, 2048 + 16 * 2048);
+    disk
+}
+
+/// A 64 MiB MBR disk: p1 primary (ext4, holding `tree`), p2 extended holding logical p5 (empty)
+/// and p6 (ext2, one file).
+fn mbr_disk(work: &Path, tree: &Path) -> PathBuf {
+    let disk = work.join("mbr.img");
+    run(&format!("truncate -s 64M {}", disk.display()));
+    run(&format!(
+        "printf 'start=2048, size=40960, type=83\\nstart=43008, type=5\\nstart=45056, \
+         size=8192, type=83\\nstart=55296, size=8192, type=83\\n' | sfdisk -q {}",
+        disk.display()
+    ));
+    let p1 = work.join("p1.img");
+    run(&format!(
+        "mkfs.ext4 -q -d {} {} 20M",
+        tree.display(),
+        p1.display()
+    ));
+    place(&p1, &disk, 2048);
+    let small = work.join("small");
+    fs::create_dir_all(&small).unwrap();
+    fs::write(small.join("note.txt"), "on a logical partition\n").unwrap();
+    let p6 = work.join("p6.img");
+    run(&format!(
+        "mkfs.ext2 -q -d {} {} 4M",
+        small.display(),
+        p6.display()
+    ));
+    place(&p6, &disk, 55296);
+    disk
+}
+
+/// Every directory `ls` lists as the tree holds it (names, kinds, sizes, modes), and every
+/// file `cat` gives byte for byte.
+fn compare_tree(repo: &Path, gen: &str, volume: &str, tree: &Path, rel: &str) {
+    let dir = tree.join(rel.trim_start_matches('/'));
+    let listed = vmrepo([
+        s("ls"),
+        p(repo),
+        s(gen),
+        s(&format!("{volume}:{rel}")),
+        s("--json"),
+    ])
+    .ok()
+    .json();
+    let mut names: Vec<String> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .filter(|n| n != "lost+found")
+        .collect();
+    let mut want: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    want.sort();
+    assert_eq!(names, want, "{volume}:{rel}");
+    for e in listed.as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        if name == "lost+found" {
+            continue;
+        }
+        let path = dir.join(name);
+        let meta = fs::symlink_metadata(&path).unwrap();
+        let guest = format!("{}/{name}", rel.trim_end_matches('/'));
+        assert_eq!(
+            e["mode"].as_u64().unwrap() as u32,
+            meta.mode() & 0o7777,
+            "{guest}"
+        );
+        match e["kind"].as_str().unwrap() {
+            "dir" => compare_tree(repo, gen, volume, tree, &guest),
+            "symlink" => assert_eq!(
+                e["target"].as_str().unwrap(),
+                fs::read_link(&path).unwrap().to_str().unwrap()
+            ),
+            "file" => {
+                assert_eq!(e["size"].as_u64().unwrap(), meta.len(), "{guest}");
+                let out = std::process::Command::new(BIN)
+                    .arg("cat")
+                    .arg(repo)
+                    .arg(gen)
+                    .arg(format!("{volume}:{guest}"))
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{guest}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert!(out.stdout == fs::read(&path).unwrap(), "{guest} differs");
+            }
+            other => panic!("{guest}: unexpected kind {other}"),
+        }
+    }
+}
+
+#[test]
+fn files_inside_gpt_and_mbr_disks_list_and_read_back_exactly() {
+    let t = tempfile::tempdir().unwrap();
+    let work = t.path();
+    let tree = work.join("tree");
+    guest_tree(&tree);
+    let repo = init_repo(work);
+    let gpt = gpt_disk(work, &tree);
+    let mbr = mbr_disk(work, &tree);
+    // The GPT disk also as qcow2: the same files come out of either format.
+    let qcow = work.join("gpt.qcow2");
+    run(&format!(
+        "qemu-img convert -f raw -O qcow2 {} {}",
+        gpt.display(),
+        qcow.display()
+    ));
+    ingest(&repo, &gpt, Some("gpt"));
+    ingest(&repo, &qcow, Some("qcow"));
+    ingest(&repo, &mbr, Some("mbr"));
+
+    let vols = vmrepo([s("ls"), p(&repo), s("gpt"), s("--json")])
+        .ok()
+        .json();
+    let summary: Vec<(String, String, Option<String>)> = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_string(),
+                v["content"].as_str().unwrap().to_string(),
+                v["label"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("disk0/p1".into(), "fat".into(), None),
+            (
+                "disk0/p2".into(),
+                "ext2/3/4".into(),
+                Some("guestroot".into())
+            )
+        ]
+    );
+    let text = vmrepo([s("ls"), p(&repo), s("mbr")]).ok().stdout.clone();
+    let names: Vec<&str> = text
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(names, ["disk0/p1", "disk0/p5", "disk0/p6"], "{text}");
+    assert!(text.contains("MBR 0x83"), "{text}");
+
+    for gen in ["gpt", "qcow"] {
+        compare_tree(&repo, gen, "disk0/p2", &tree, "/");
+    }
+    compare_tree(&repo, "mbr", "disk0/p1", &tree, "/");
+    let note = vmrepo([s("cat"), p(&repo), s("mbr"), s("disk0/p6:/note.txt")])
+        .ok()
+        .stdout
+        .clone();
+    assert_eq!(note, "on a logical partition\n");
+
+    // A symlink is shown by ls and followed by cat; a path without its leading slash works.
+    let r = vmrepo([
+        s("ls"),
+        p(&repo),
+        s("gpt"),
+        s("disk0/p2:home/anna/hosts-link"),
+    ]);
+    assert!(
+        r.ok().stdout.contains("hosts-link -> ../../etc/hosts"),
+        "{}",
+        r.stdout
+    );
+    let r = vmrepo([
+        s("cat"),
+        p(&repo),
+        s("gpt"),
+        s("disk0/p2:/home/anna/hosts-link"),
+    ]);
+    assert_eq!(
+        r.ok().stdout,
+        fs::read_to_string(tree.join("etc/hosts")).unwrap()
+    );
+}
+
+#[test]
+fn wrong_addresses_and_unreadable_volumes_get_errors_that_say_what_to_do() {
+    let t = tempfile::tempdir().unwrap();
+    let work = t.path();
+    let tree = work.join("tree");
+    guest_tree(&tree);
+    let repo = init_repo(work);
+    let gpt = gpt_disk(work, &tree);
+    ingest(&repo, &gpt, Some("web"));
+    let fail = |args: &[&str], want: &str| {
+        let mut all = vec![s(args[0]), p(&repo)];
+        all.extend(args[1..].iter().map(|a| s(a)));
+        let r = vmrepo(all);
+        assert_eq!(r.code, 1, "{args:?}: {}{}", r.stdout, r.stderr);
+        assert!(r.stderr.contains(want), "{args:?}: {}", r.stderr);
+    };
+    fail(
+        &["ls", "web", "disk0/p7"],
+        "has no volume disk0/p7 (its volumes: disk0/p1, disk0/p2)",
+    );
+    fail(
+        &["ls", "web", "disk0/p2:/nope"],
+        "disk0/p2:/nope: no such file or directory",
+    );
+    fail(
+        &["cat", "web", "disk0/p2:/etc"],
+        "disk0/p2:/etc is a directory",
+    );
+    fail(&["cat", "web", "disk0/p2:/etc/hosts/x"], "not a directory");
+    fail(
+        &["ls", "web", "disk0/p1:/"],
+        "volume disk0/p1 holds fat: this build reads files on ext2/3/4",
+    );
+    fail(&["ls", "nosuchvm"], "nosuchvm");
+
+    // The reader closing the pipe early stops cat quietly, as SIGPIPE stops a shell tool.
+    let r = Run::from(
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "{BIN} cat {} web disk0/p2:/home/anna/Documents/big.bin | head -c 100 \
+                 >/dev/null; echo \"status ${{PIPESTATUS[0]}}\"",
+                repo.display()
+            ))
+            .output()
+            .unwrap(),
+    );
+    assert!(r.stdout.contains("status 141"), "{}{}", r.stdout, r.stderr);
+    assert!(!r.stderr.contains("error"), "{}", r.stderr);
+}
+
+/// A damaged guest filesystem (its metadata overwritten with noise) gives errors, never a
+/// panic or a hang; the other volumes stay readable.
+#[test]
+fn a_hostile_guest_filesystem_gives_errors_not_panics() {
+    let t = tempfile::tempdir().unwrap();
+    let work = t.path();
+    let tree = work.join("tree");
+    guest_tree(&tree);
+    let repo = init_repo(work);
+    let disk = mbr_disk(work, &tree);
+    // p1's block group descriptors and inode table start at its block 1: noise over 2 MiB of
+    // it, from byte 2048 of the partition on.
+    let noise = bytes(2 << 20, 99);
+    let f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &noise, 2048 * 512 + 4096).unwrap();
+    ingest(&repo, &disk, Some("bad"));
+    let listed = vmrepo([s("ls"), p(&repo), s("bad")]);
+    assert_ne!(listed.code, 101, "panicked: {}", listed.stderr);
+    for args in [
+        ["ls", "disk0/p1:/"],
+        ["ls", "disk0/p1:/etc/nginx"],
+        ["cat", "disk0/p1:/etc/hosts"],
+        ["cat", "disk0/p1:/home/anna/Documents/big.bin"],
+    ] {
+        let r = std::process::Command::new("timeout")
+            .args([s("60"), s(BIN), s(args[0]), p(&repo), s("bad"), s(args[1])])
+            .output()
+            .unwrap();
+        let code = r.status.code().unwrap_or(-1);
+        assert!(
+            code == 0 || code == 1,
+            "{args:?} exited {code}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+    }
+    let r = vmrepo([s("cat"), p(&repo), s("bad"), s("disk0/p6:/note.txt")]);
+    assert_eq!(r.ok().stdout, "on a logical partition\n");
+}
+
+/// A damaged chunk under one file: `cat` of that file fails naming it and pointing to `check`,
+/// other files of the volume still read back exactly.
+#[test]
+fn a_damaged_chunk_names_the_file_and_the_rest_stays_readable() {
+    let t = tempfile::tempdir().unwrap();
+    let work = t.path();
+    let tree = work.join("tree");
+    guest_tree(&tree);
+    let repo = init_repo(work);
+    let gpt = gpt_disk(work, &tree);
+    ingest(&repo, &gpt, Some("web"));
+    // big.bin is random, so stored verbatim: find a piece of its middle in a pack file.
+    let big = fs::read(tree.join("home/anna/Documents/big.bin")).unwrap();
+    let needle = &big[(2 << 20)..(2 << 20) + 64];
+    let (pack, at) = packs(&repo)
+        .into_iter()
+        .find_map(|pack| {
+            let data = fs::read(&pack).unwrap();
+            let at = data.windows(needle.len()).position(|w| w == needle)?;
+            Some((pack, at as u64))
+        })
+        .expect("a stored piece of big.bin");
+    flip_bit(&pack, at + 10, 3);
+    let r = vmrepo([
+        s("cat"),
+        p(&repo),
+        s("web"),
+        s("disk0/p2:/home/anna/Documents/big.bin"),
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("disk0/p2:/home/anna/Documents/big.bin")
+            && r.stderr.contains("vmrepo check --read-data"),
+        "{}",
+        r.stderr
+    );
+    let r = vmrepo([
+        s("cat"),
+        p(&repo),
+        s("web"),
+        s("disk0/p2:/etc/nginx/nginx.conf"),
+    ]);
+    assert_eq!(
+        r.ok().stdout,
+        fs::read_to_string(tree.join("etc/nginx/nginx.conf")).unwrap()
+    );
+}
