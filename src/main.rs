@@ -128,6 +128,9 @@ enum Command {
     /// Write one file from inside a generation's disk to standard output.
     #[command(long_about = cli::files::CAT_HELP)]
     Cat(cli::files::CatArgs),
+    /// Restore a file or directory tree from inside a generation's disk into a directory.
+    #[command(name = "restore-file", long_about = cli::files::RESTORE_FILE_HELP)]
+    RestoreFile(cli::files::RestoreFileArgs),
     /// Serve one disk of a generation read-only over NBD (instant recovery, qemu-img).
     #[command(name = "serve-nbd", long_about = cli::serve_nbd::HELP)]
     ServeNbd(cli::serve_nbd::ServeNbdArgs),
@@ -239,6 +242,7 @@ fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<
         Command::ServeNbd(a) => cli::serve_nbd::run(a, &ctx),
         Command::Ls(a) => cli::files::ls(a, &ctx),
         Command::Cat(a) => cli::files::cat(a, &ctx),
+        Command::RestoreFile(a) => cli::files::restore_file(a, &ctx),
         Command::Check(a) => cli::check::run(a, &ctx),
         Command::Prune(a) => cli::prune::run(a, &ctx),
         Command::Forget(a) => cli::forget::run(a, &ctx),

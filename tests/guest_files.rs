@@ -48,6 +48,57 @@ fn guest_tree(dir: &Path) {
     )
     .unwrap();
     std::os::unix::fs::symlink("../../etc/hosts", dir.join("home/anna/hosts-link")).unwrap();
+    // 4 MiB with data only at its end: a hole for restore-file to keep.
+    let sparse = fs::File::create(dir.join("home/anna/sparse.img")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"end", (4 << 20) - 3).unwrap();
+    // Owned by someone else (mkfs.ext4 -d keeps owners), where this test may set owners.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::lchown(dir.join("home/anna"), Some(1234), Some(5678)).unwrap();
+        std::os::unix::fs::lchown(dir.join("home/anna/hosts-link"), Some(1234), Some(5678))
+            .unwrap();
+    }
+}
+
+/// `got` holds what `want` holds: names, kinds, contents, symlink targets, modes, modification
+/// times and (as root) owners.
+fn same_tree(got: &Path, want: &Path) {
+    let names = |d: &Path| {
+        let mut v: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(got), names(want), "{}", got.display());
+    for name in names(want) {
+        let (g, w) = (got.join(&name), want.join(&name));
+        let (gm, wm) = (
+            fs::symlink_metadata(&g).unwrap(),
+            fs::symlink_metadata(&w).unwrap(),
+        );
+        assert_eq!(gm.mode(), wm.mode(), "{}", g.display());
+        assert_eq!(gm.mtime(), wm.mtime(), "{}", g.display());
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(
+                (gm.uid(), gm.gid()),
+                (wm.uid(), wm.gid()),
+                "{}",
+                g.display()
+            );
+        }
+        if wm.is_dir() {
+            same_tree(&g, &w);
+        } else if wm.file_type().is_symlink() {
+            assert_eq!(fs::read_link(&g).unwrap(), fs::read_link(&w).unwrap());
+        } else {
+            assert!(
+                fs::read(&g).unwrap() == fs::read(&w).unwrap(),
+                "{} differs",
+                g.display()
+            );
+        }
+    }
 }
 
 /// Writes `part` (a filesystem image) into `disk` at sector `start`.
@@ -401,4 +452,91 @@ fn a_damaged_chunk_names_the_file_and_the_rest_stays_readable() {
         r.ok().stdout,
         fs::read_to_string(tree.join("etc/nginx/nginx.conf")).unwrap()
     );
+    // restore-file names the file it could not restore, restores the rest, and exits 1.
+    let out = work.join("out");
+    let r = vmrepo([
+        s("restore-file"),
+        p(&repo),
+        s("web"),
+        s("disk0/p2:/home"),
+        p(&out),
+    ]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("NOT RESTORED web@")
+            && r.stdout.contains("disk0/p2:/home/anna/Documents/big.bin"),
+        "{}",
+        r.stdout
+    );
+    assert!(!out.join("home/anna/Documents/big.bin").exists());
+    assert!(same_file(
+        &out.join("home/anna/tool"),
+        &tree.join("home/anna/tool")
+    ));
+    let leftovers = sh(&format!("find {} -name '*.vmrepo-partial'", out.display()));
+    assert_eq!(leftovers.stdout, "");
+}
+
+/// restore-file copies files and trees out with modes, times, symlinks, holes and (as root)
+/// owners; refuses existing files without --force; never writes through a link planted in the
+/// destination.
+#[test]
+fn restore_file_copies_trees_exactly_and_only_into_the_destination() {
+    let t = tempfile::tempdir().unwrap();
+    let work = t.path();
+    let tree = work.join("tree");
+    guest_tree(&tree);
+    let repo = init_repo(work);
+    let gpt = gpt_disk(work, &tree);
+    ingest(&repo, &gpt, Some("web"));
+    let restore = |what: &str, dest: &Path, force: bool| {
+        let mut args = vec![s("restore-file"), p(&repo), s("web"), s(what), p(dest)];
+        if force {
+            args.push(s("--force"));
+        }
+        vmrepo(args)
+    };
+
+    // A tree, then the whole volume.
+    let out = work.join("out");
+    let r = restore("disk0/p2:/home/anna", &out, false);
+    r.ok();
+    assert!(r.stdout.contains("restored 5 file(s)"), "{}", r.stdout);
+    same_tree(&out.join("anna"), &tree.join("home/anna"));
+    let sparse = out.join("anna/sparse.img");
+    assert!(allocated(&sparse) < 1 << 20, "the hole was written");
+    let all = work.join("all");
+    restore("disk0/p2:/", &all, false).ok();
+    fs::remove_dir_all(all.join("lost+found")).ok();
+    same_tree(&all, &tree);
+    // One file.
+    let one = work.join("one");
+    restore("disk0/p2:/etc/nginx/nginx.conf", &one, false).ok();
+    assert!(same_file(
+        &one.join("nginx.conf"),
+        &tree.join("etc/nginx/nginx.conf")
+    ));
+
+    // Existing files are refused and left alone, replaced with --force.
+    fs::write(out.join("anna/empty"), "mine").unwrap();
+    let r = restore("disk0/p2:/home/anna", &out, false);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("pass --force"), "{}", r.stderr);
+    assert_eq!(fs::read_to_string(out.join("anna/empty")).unwrap(), "mine");
+    restore("disk0/p2:/home/anna", &out, true).ok();
+    same_tree(&out.join("anna"), &tree.join("home/anna"));
+
+    // A link planted where a directory of the tree goes is refused, never followed.
+    let planted = work.join("planted");
+    let outside = work.join("outside");
+    fs::create_dir_all(&planted).unwrap();
+    fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, planted.join("anna")).unwrap();
+    let r = restore("disk0/p2:/home/anna", &planted, true);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("symbolic link"), "{}", r.stderr);
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+    // No partial file is left anywhere.
+    let leftovers = sh(&format!("find {} -name '*.vmrepo-partial'", work.display()));
+    assert_eq!(leftovers.stdout, "");
 }

@@ -19,6 +19,7 @@ const TAKES_REPO: &[&str] = &[
     "serve-nbd",
     "ls",
     "cat",
+    "restore-file",
     "check",
     "prune",
     "forget",

@@ -11,6 +11,7 @@
 
 pub mod partitions;
 pub mod probe;
+pub mod restore_file;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -62,8 +63,13 @@ pub struct Entry {
     pub gid: u32,
     /// Size in bytes.
     pub size: u64,
-    /// Modification time, seconds since the Unix epoch.
+    /// Modification time, seconds since the Unix epoch, and its nanoseconds.
     pub mtime: i64,
+    #[serde(skip)]
+    pub mtime_nanos: u32,
+    /// Access time, as the modification time.
+    #[serde(skip)]
+    pub atime: (i64, u32),
     /// A symlink's target.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
@@ -320,6 +326,27 @@ impl Filesystem {
         Ok(out)
     }
 
+    /// Opens file `path` (symlinks followed) for reading.
+    pub fn open(&self, path: &str) -> Result<ext4_view::File> {
+        self.fs.open(path).map_err(|e| self.err(path, e))
+    }
+
+    /// Reads from `f`, a file at `path`, into `buf`; 0 at its end.
+    pub fn read(&self, f: &mut ext4_view::File, path: &str, buf: &mut [u8]) -> Result<usize> {
+        f.read_bytes(buf).map_err(|e| self.err(path, e))
+    }
+
+    /// The target of symlink `path`, as stored.
+    pub fn link_bytes(&self, path: &str) -> Result<Vec<u8>> {
+        let t = self.fs.read_link(path).map_err(|e| self.err(path, e))?;
+        Ok(t.as_ref().to_vec())
+    }
+
+    /// `vm@time:volume:path`, for messages.
+    pub fn describe(&self, path: &str) -> String {
+        format!("{}:{path}", self.at)
+    }
+
     /// Writes the content of file `path` (symlinks followed) to `out`; its length.
     pub fn copy_to(&self, path: &str, out: &mut dyn Write) -> Result<u64> {
         let mut f = self.fs.open(path).map_err(|e| self.err(path, e))?;
@@ -386,6 +413,8 @@ fn entry(name: String, m: &ext4_view::Metadata, target: Option<String>) -> Entry
         gid: m.gid(),
         size: m.len(),
         mtime: m.modified().seconds(),
+        mtime_nanos: m.modified().nanoseconds(),
+        atime: (m.accessed().seconds(), m.accessed().nanoseconds()),
         target,
     }
 }

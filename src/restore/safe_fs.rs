@@ -319,6 +319,99 @@ impl Dir {
             .map_err(|e| Error::io("remove directory", &path, e))
     }
 
+    /// Opens the existing regular file `name` for reading; a link there is refused.
+    pub fn open_file(&self, name: &str) -> Result<File> {
+        let path = self.path_of(name);
+        let c = cname(name).map_err(|e| Error::io("open", &path, e))?;
+        // SAFETY: valid descriptor and name; the returned descriptor is owned below.
+        let r = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if r < 0 {
+            return Err(Error::io("open", &path, io::Error::last_os_error()));
+        }
+        // SAFETY: `r` was just opened and is owned by nobody else.
+        Ok(unsafe { File::from_raw_fd(r) })
+    }
+
+    /// Creates the symbolic link `name` pointing to `target`; `name` must not exist.
+    pub fn symlink(&self, name: &str, target: &[u8]) -> Result<()> {
+        let path = self.path_of(name);
+        let c = cname(name).map_err(|e| Error::io("create link", &path, e))?;
+        let t = CString::new(target).map_err(|_| {
+            Error::io(
+                "create link",
+                &path,
+                io::Error::new(io::ErrorKind::InvalidInput, "NUL in the link's target"),
+            )
+        })?;
+        // SAFETY: valid descriptor and NUL-terminated strings.
+        cvt(unsafe { libc::symlinkat(t.as_ptr(), self.fd.as_raw_fd(), c.as_ptr()) })
+            .map(drop)
+            .map_err(|e| Error::io("create link", &path, e))
+    }
+
+    /// Sets the access and modification times of `name` (a link itself, never what it points
+    /// to), as (seconds, nanoseconds) since the Unix epoch.
+    pub fn set_times(&self, name: &str, atime: (i64, u32), mtime: (i64, u32)) -> Result<()> {
+        let path = self.path_of(name);
+        let c = cname(name).map_err(|e| Error::io("set times of", &path, e))?;
+        let spec = |(s, ns): (i64, u32)| libc::timespec {
+            tv_sec: s as libc::time_t,
+            tv_nsec: ns.min(999_999_999) as _,
+        };
+        let times = [spec(atime), spec(mtime)];
+        // SAFETY: valid descriptor, name and a two-element array.
+        cvt(unsafe {
+            libc::utimensat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })
+        .map(drop)
+        .map_err(|e| Error::io("set times of", &path, e))
+    }
+
+    /// Sets the owner and group of `name` (a link itself, never what it points to).
+    pub fn set_owner(&self, name: &str, uid: u32, gid: u32) -> Result<()> {
+        let path = self.path_of(name);
+        let c = cname(name).map_err(|e| Error::io("set owner of", &path, e))?;
+        // SAFETY: valid descriptor and name.
+        cvt(unsafe {
+            libc::fchownat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                uid,
+                gid,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })
+        .map(drop)
+        .map_err(|e| Error::io("set owner of", &path, e))
+    }
+
+    /// Sets the permission bits of this directory itself.
+    pub fn set_mode(&self, mode: u32) -> Result<()> {
+        // SAFETY: valid descriptor.
+        cvt(unsafe { libc::fchmod(self.fd.as_raw_fd(), mode as libc::mode_t) })
+            .map(drop)
+            .map_err(|e| Error::io("set mode of", &self.path, e))
+    }
+
+    /// Flushes everything written to the filesystem this directory is on.
+    pub fn sync_filesystem(&self) -> Result<()> {
+        // SAFETY: valid descriptor.
+        cvt(unsafe { libc::syncfs(self.fd.as_raw_fd()) })
+            .map(drop)
+            .map_err(|e| Error::io("sync the filesystem of", &self.path, e))
+    }
+
     /// Fsyncs the directory, so that entries created or renamed in it survive a crash.
     pub fn sync(&self) -> Result<()> {
         // SAFETY: valid descriptor.
