@@ -131,6 +131,12 @@ enum Command {
     /// Restore a file or directory tree from inside a generation's disk into a directory.
     #[command(name = "restore-file", long_about = cli::files::RESTORE_FILE_HELP)]
     RestoreFile(cli::files::RestoreFileArgs),
+    /// Show the files added, removed and changed between two generations.
+    #[command(long_about = cli::files::DIFF_HELP)]
+    Diff(cli::files::DiffArgs),
+    /// List the generations in which one guest file changed.
+    #[command(long_about = cli::files::LOG_HELP)]
+    Log(cli::files::LogArgs),
     /// Serve one disk of a generation read-only over NBD (instant recovery, qemu-img).
     #[command(name = "serve-nbd", long_about = cli::serve_nbd::HELP)]
     ServeNbd(cli::serve_nbd::ServeNbdArgs),
@@ -243,6 +249,8 @@ fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<
         Command::Ls(a) => cli::files::ls(a, &ctx),
         Command::Cat(a) => cli::files::cat(a, &ctx),
         Command::RestoreFile(a) => cli::files::restore_file(a, &ctx),
+        Command::Diff(a) => cli::files::diff(a, &ctx),
+        Command::Log(a) => cli::files::log(a, &ctx),
         Command::Check(a) => cli::check::run(a, &ctx),
         Command::Prune(a) => cli::prune::run(a, &ctx),
         Command::Forget(a) => cli::forget::run(a, &ctx),

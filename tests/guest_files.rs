@@ -540,3 +540,103 @@ fn restore_file_copies_trees_exactly_and_only_into_the_destination() {
     let leftovers = sh(&format!("find {} -name '*.vmrepo-partial'", work.display()));
     assert_eq!(leftovers.stdout, "");
 }
+
+/// diff names what changed between two nights inside the guest, and log follows one file
+/// through every night: added, changed (content, mode), removed.
+#[test]
+fn diff_and_log_follow_files_through_the_nights() {
+    let t = tempfile::tempdir().unwrap();
+    let work = t.path();
+    let tree = work.join("tree");
+    guest_tree(&tree);
+    let repo = init_repo(work);
+    let night = |n: u32| {
+        let dir = work.join(format!("night{n}"));
+        fs::create_dir_all(&dir).unwrap();
+        let disk = gpt_disk(&dir, &tree);
+        ingest_at(&repo, &disk, "web", &format!("2026-12-0{n}T01:00:00Z"));
+    };
+    night(1);
+    // Night 2: hosts edited, a file and a directory tree added, a symlink removed.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    fs::write(tree.join("etc/hosts"), "127.0.0.1 localhost\n10.0.0.7 db\n").unwrap();
+    fs::write(tree.join("etc/new.conf"), "x = 1\n").unwrap();
+    fs::create_dir_all(tree.join("srv/www")).unwrap();
+    fs::write(tree.join("srv/www/index.html"), "<p>hi</p>\n").unwrap();
+    fs::remove_file(tree.join("home/anna/hosts-link")).unwrap();
+    night(2);
+    // Night 3: a mode changed, a file removed.
+    fs::set_permissions(
+        tree.join("home/anna/tool"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    fs::remove_file(tree.join("etc/nginx/nginx.conf")).unwrap();
+    night(3);
+
+    let d = vmrepo([s("diff"), p(&repo), s("web@-2"), s("web@-1")]);
+    let lines: Vec<&str> = d.ok().stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "M disk0/p2:/etc/hosts  (size 34 -> 32, mtime)",
+            "+ disk0/p2:/etc/new.conf  (file, 6 bytes)",
+            "- disk0/p2:/home/anna/hosts-link  (symlink, 15 bytes)",
+            "+ disk0/p2:/srv  (directory, 2 entries)",
+        ],
+        "{}",
+        d.stdout
+    );
+    let d = vmrepo([
+        s("diff"),
+        p(&repo),
+        s("web@-1"),
+        s("web"),
+        s("disk0/p2:/home"),
+    ]);
+    assert_eq!(
+        d.ok().stdout.trim(),
+        "M disk0/p2:/home/anna/tool  (mode 4750 -> 755)"
+    );
+
+    let log = |file: &str| {
+        let j = vmrepo([s("log"), p(&repo), s("web"), s(file), s("--json")])
+            .ok()
+            .json();
+        j.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                format!(
+                    "{} {}",
+                    v["generation"].as_str().unwrap(),
+                    v["what"].as_str().unwrap()
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        log("disk0/p2:/etc/hosts"),
+        [
+            "web@2026-12-01T01:00:00Z added",
+            "web@2026-12-02T01:00:00Z changed"
+        ]
+    );
+    assert_eq!(
+        log("disk0/p2:/etc/nginx/nginx.conf"),
+        [
+            "web@2026-12-01T01:00:00Z added",
+            "web@2026-12-03T01:00:00Z removed"
+        ]
+    );
+    assert_eq!(
+        log("disk0/p2:/srv/www/index.html"),
+        ["web@2026-12-02T01:00:00Z added"]
+    );
+    let r = vmrepo([s("log"), p(&repo), s("web"), s("disk0/p2:/nowhere")]);
+    assert!(
+        r.ok().stdout.contains("is in no generation of web"),
+        "{}",
+        r.stdout
+    );
+}

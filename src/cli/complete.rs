@@ -37,11 +37,11 @@ enum Names {
 /// What `command` takes as its positional argument number `n` (0 is the repository).
 fn names_at(command: &str, n: usize) -> Option<Names> {
     match (command, n) {
-        ("extract" | "serve-nbd" | "ls" | "cat" | "restore-file", 1) | ("mount", 2) => {
-            Some(Names::Generations)
-        }
+        ("extract" | "serve-nbd" | "ls" | "cat" | "restore-file" | "diff", 1)
+        | ("diff", 2)
+        | ("mount", 2) => Some(Names::Generations),
         ("forget", 1..) | ("copy", 2..) => Some(Names::Generations),
-        ("list", 1) | ("stats" | "prune", 1..) => Some(Names::Vms),
+        ("list" | "log", 1) | ("stats" | "prune", 1..) => Some(Names::Vms),
         _ => None,
     }
 }

@@ -20,6 +20,8 @@ const TAKES_REPO: &[&str] = &[
     "ls",
     "cat",
     "restore-file",
+    "diff",
+    "log",
     "check",
     "prune",
     "forget",

@@ -65,6 +65,52 @@ pub struct RestoreFileArgs {
     json: bool,
 }
 
+pub const DIFF_HELP: &str = "Show the files added, removed and changed between two generations \
+inside their disks, read straight from the repository: `vmrepo diff /backup web01@-3 web01` \
+compares every ext2/3/4 volume the two have in common; `vmrepo diff /backup web01@-1 web01 \
+disk0/p2:/etc` only that directory. A file is changed when its kind, size, modification time, \
+mode, owner or symlink target differs (contents are not compared); a directory added or removed \
+is one line with the number of entries under it. Lines start with + (added), - (removed) or M \
+(changed, with what differs).";
+
+pub const LOG_HELP: &str = "List the generations of VM in which one guest file appeared, \
+changed or disappeared, oldest first, with its size and modification time: `vmrepo log /backup \
+web01 disk0/p2:/etc/nginx/nginx.conf`. A change is a different kind, size, modification time, \
+mode, owner or symlink target. Each generation's disk is read straight from the repository; \
+only the chunks leading to the file are fetched.";
+
+/// `vmrepo diff` arguments.
+#[derive(Args)]
+pub struct DiffArgs {
+    /// Repository directory.
+    repo: PathBuf,
+    /// The older generation (VM, VM@-N or VM@TIME).
+    old: String,
+    /// The newer generation.
+    new: String,
+    /// VOLUME or VOLUME:/PATH to compare (default: every readable volume both have).
+    #[arg(value_name = "WHERE")]
+    address: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `vmrepo log` arguments.
+#[derive(Args)]
+pub struct LogArgs {
+    /// Repository directory.
+    repo: PathBuf,
+    /// The VM.
+    vm: String,
+    /// VOLUME:/PATH of the file (`disk0/p2:/etc/hosts`).
+    #[arg(value_name = "FILE")]
+    address: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// `vmrepo ls` arguments.
 #[derive(Args)]
 pub struct LsArgs {
@@ -231,6 +277,99 @@ pub fn restore_file(a: RestoreFileArgs, ctx: &Context) -> anyhow::Result<ExitCod
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Runs `vmrepo diff`.
+pub fn diff(a: DiffArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
+    let r = Arc::new(ctx.open_repo(&a.repo, LockMode::Read, &Bar::new(false))?);
+    let open = |spec: &str| {
+        Guest::open(r.clone(), spec).with_context(|| format!("cannot open generation {spec}"))
+    };
+    let (old, new) = (open(&a.old)?, open(&a.new)?);
+    let pairs: Vec<(String, String)> = match &a.address {
+        Some(address) => {
+            let (volume, path) = split_address(address);
+            vec![(volume.to_string(), path)]
+        }
+        None => {
+            let theirs: Vec<String> = old
+                .volumes()?
+                .into_iter()
+                .filter(|v| v.readable)
+                .map(|v| v.name)
+                .collect();
+            new.volumes()?
+                .into_iter()
+                .filter(|v| v.readable && theirs.contains(&v.name))
+                .map(|v| (v.name, "/".to_string()))
+                .collect()
+        }
+    };
+    if pairs.is_empty() {
+        anyhow::bail!(
+            "{} and {} have no ext2/3/4 volume in common (see `vmrepo ls` for each)",
+            old.generation(),
+            new.generation()
+        );
+    }
+    let mut all = Vec::new();
+    for (volume, path) in pairs {
+        let a_fs = old.filesystem(&old.find(&volume)?)?;
+        let b_fs = new.filesystem(&new.find(&volume)?)?;
+        for c in vmrepo::guest::diff::diff(&a_fs, &b_fs, &path)? {
+            all.push((volume.clone(), c));
+        }
+    }
+    if a.json {
+        let rows: Vec<serde_json::Value> = all
+            .iter()
+            .map(|(v, c)| {
+                serde_json::json!({ "volume": v, "what": c.what, "path": c.path, "detail": c.detail })
+            })
+            .collect();
+        print_json(&rows);
+    } else {
+        for (v, c) in &all {
+            let mark = match c.what {
+                "added" => '+',
+                "removed" => '-',
+                _ => 'M',
+            };
+            println!("{mark} {v}:{}  ({})", c.path, c.detail);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `vmrepo log`.
+pub fn log(a: LogArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
+    let r = Arc::new(ctx.open_repo(&a.repo, LockMode::Read, &Bar::new(false))?);
+    let (volume, path) = split_address(&a.address);
+    let bar = Bar::new(!a.json);
+    let versions = vmrepo::guest::history::history(r, &a.vm, volume, &path, &bar)
+        .with_context(|| format!("cannot follow {volume}:{path} through {}", a.vm))?;
+    if a.json {
+        print_json(&versions);
+    } else if versions.is_empty() {
+        println!("{volume}:{path} is in no generation of {}", a.vm);
+    } else {
+        for v in &versions {
+            let when = v
+                .mtime
+                .and_then(|t| jiff::Timestamp::from_second(t).ok())
+                .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+                .unwrap_or_default();
+            let size = v.size.map(|s| format!("{s} bytes")).unwrap_or_default();
+            let detail = if v.detail.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", v.detail)
+            };
+            let line = format!("{}  {:<8} {size:>14}  {when}{detail}", v.generation, v.what);
+            println!("{}", line.trim_end());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn volume_line(v: &Volume) -> String {

@@ -9,6 +9,8 @@
 //! told by [`probe`]; ext2/3/4 is read through the `ext4-view` crate. Other filesystems and
 //! encrypted volumes are listed as what they are and refused by name, never guessed at.
 
+pub mod diff;
+pub mod history;
 pub mod partitions;
 pub mod probe;
 pub mod restore_file;
