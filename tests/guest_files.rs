@@ -640,3 +640,125 @@ fn diff_and_log_follow_files_through_the_nights() {
         r.stdout
     );
 }
+
+/// An NTFS volume (made by mkntfs, filled through ntfs-3g) on an MBR disk: `ls`, `cat` (with
+/// Windows' case-insensitive names) and `restore-file` give what ntfscat reads from the same
+/// image, and NTFS's own metadata files are not listed.
+#[test]
+fn files_on_an_ntfs_volume_read_back_as_ntfscat_reads_them() {
+    let t = tempfile::tempdir().unwrap();
+    let work = t.path();
+    let part = work.join("ntfs.img");
+    run(&format!(
+        "truncate -s 48M {0} && mkntfs -q -F -f -L WINDATA {0} 2>/dev/null",
+        part.display()
+    ));
+    let mnt = work.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    run(&format!("ntfs-3g {} {}", part.display(), mnt.display()));
+    let filled = (|| -> std::io::Result<()> {
+        fs::create_dir_all(mnt.join("Users/Anna/Documents"))?;
+        fs::write(
+            mnt.join("Users/Anna/Documents/Report 2026.txt"),
+            "quarterly\r\n",
+        )?;
+        let mut noise = vec![0u8; 3 << 20];
+        std::io::Read::read_exact(&mut fs::File::open("/dev/urandom")?, &mut noise)?;
+        fs::write(mnt.join("Users/Anna/big.bin"), noise)?;
+        fs::create_dir_all(mnt.join("Windows/System32/drivers/etc"))?;
+        fs::write(
+            mnt.join("Windows/System32/drivers/etc/hosts"),
+            "127.0.0.1 localhost\r\n",
+        )
+    })();
+    run(&format!("umount {}", mnt.display()));
+    filled.unwrap();
+    let disk = work.join("win.img");
+    run(&format!("truncate -s 64M {}", disk.display()));
+    run(&format!(
+        "printf 'start=2048, size=98304, type=7\\n' | sfdisk -q {}",
+        disk.display()
+    ));
+    place(&part, &disk, 2048);
+    let repo = init_repo(work);
+    ingest(&repo, &disk, Some("win"));
+
+    let vols = vmrepo([s("ls"), p(&repo), s("win")]).ok().stdout.clone();
+    assert!(
+        vols.contains("disk0/p1") && vols.contains("ntfs") && vols.contains("\"WINDATA\""),
+        "{vols}"
+    );
+    let root = vmrepo([s("ls"), p(&repo), s("win"), s("disk0/p1:/"), s("--json")])
+        .ok()
+        .json();
+    let names: Vec<&str> = root
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Users", "Windows"]);
+    for (path, asked) in [
+        (
+            "/Users/Anna/Documents/Report 2026.txt",
+            "/users/anna/documents/REPORT 2026.TXT",
+        ),
+        ("/Users/Anna/big.bin", "/Users/Anna/big.bin"),
+        (
+            "/Windows/System32/drivers/etc/hosts",
+            "/windows/system32/drivers/etc/hosts",
+        ),
+    ] {
+        let want = std::process::Command::new("ntfscat")
+            .arg(&part)
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(want.status.success(), "ntfscat {path}");
+        let got = std::process::Command::new(BIN)
+            .args([
+                s("cat"),
+                p(&repo),
+                s("win"),
+                s(&format!("disk0/p1:{asked}")),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            got.status.success(),
+            "{}",
+            String::from_utf8_lossy(&got.stderr)
+        );
+        assert!(
+            got.stdout == want.stdout,
+            "{path} differs from what ntfscat reads"
+        );
+    }
+    let out = work.join("out");
+    vmrepo([
+        s("restore-file"),
+        p(&repo),
+        s("win"),
+        s("disk0/p1:/Users"),
+        p(&out),
+    ])
+    .ok();
+    let want = std::process::Command::new("ntfscat")
+        .arg(&part)
+        .arg("/Users/Anna/big.bin")
+        .output()
+        .unwrap();
+    assert!(fs::read(out.join("Users/Anna/big.bin")).unwrap() == want.stdout);
+    let r = vmrepo([
+        s("cat"),
+        p(&repo),
+        s("win"),
+        s("disk0/p1:/Users/nobody.txt"),
+    ]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("no such file or directory"),
+        "{}",
+        r.stderr
+    );
+}

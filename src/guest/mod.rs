@@ -6,11 +6,14 @@
 //!
 //! Volumes are named `disk<N>` (a disk without a partition table) or `disk<N>/p<M>` (Linux's
 //! partition numbering, see [`partitions`]); a file is `VOLUME:/PATH`. What a volume holds is
-//! told by [`probe`]; ext2/3/4 is read through the `ext4-view` crate. Other filesystems and
-//! encrypted volumes are listed as what they are and refused by name, never guessed at.
+//! told by [`probe`]; ext2/3/4 is read through the `ext4-view` crate ([`ext`]), NTFS through the
+//! `ntfs` crate ([`ntfs`]), both behind [`GuestFs`]. Other filesystems and encrypted volumes are
+//! listed as what they are and refused by name, never guessed at.
 
 pub mod diff;
+pub mod ext;
 pub mod history;
+pub mod ntfs;
 pub mod partitions;
 pub mod probe;
 pub mod restore_file;
@@ -18,7 +21,6 @@ pub mod restore_file;
 use std::io::Write;
 use std::sync::Arc;
 
-use ext4_view::{Ext4, Ext4Error, Ext4Read};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -45,6 +47,8 @@ pub struct Volume {
     pub partition_name: Option<String>,
     /// What it holds (`ext2/3/4`, `ntfs`, `luks (encrypted)`, ...).
     pub content: &'static str,
+    #[serde(skip)]
+    pub kind: Content,
     /// Whether `ls`, `cat` and `restore-file` read its files.
     pub readable: bool,
     /// The filesystem label, where it is readable and has one.
@@ -154,20 +158,14 @@ impl Guest {
             partition_type,
             partition_name,
             content: content.name(),
+            kind: content,
             readable: content.readable(),
             label: None,
         };
         if content.readable() {
-            // A volume that looks like ext but does not load is listed, with the reason.
-            match self.load(&v) {
-                Ok(fs) => {
-                    v.label = fs
-                        .label()
-                        .to_str()
-                        .ok()
-                        .filter(|l| !l.is_empty())
-                        .map(str::to_string);
-                }
+            // A volume that looks readable but does not load is listed, with the reason.
+            match self.load(&v, content) {
+                Ok(fs) => v.label = fs.label(),
                 Err(e) => {
                     v.readable = false;
                     v.label = Some(format!("cannot be read: {e}"));
@@ -192,12 +190,21 @@ impl Guest {
             })
     }
 
-    fn load(&self, v: &Volume) -> std::result::Result<Ext4, Ext4Error> {
-        Ext4::load(Box::new(VolumeReader {
+    fn load(&self, v: &Volume, content: Content) -> Result<Box<dyn GuestFs>> {
+        let io = VolumeIo {
             disk: self.disks[v.disk].clone(),
             start: v.start,
             size: v.size,
-        }))
+        };
+        let at = format!("{}:{}", self.generation, v.name);
+        match content {
+            Content::Ext => Ok(Box::new(ext::Ext::load(io, &at)?)),
+            Content::Ntfs => Ok(Box::new(ntfs::Ntfs::load(io, &at)?)),
+            other => Err(Error::Usage(format!(
+                "{at} holds {}, which this build does not read",
+                other.name()
+            ))),
+        }
     }
 
     /// The filesystem of volume `v`, or why it cannot be read.
@@ -209,7 +216,7 @@ impl Guest {
                 v.content
             };
             return Err(Error::Usage(format!(
-                "{}: volume {} holds {holds}{}: this build reads files on ext2/3/4 volumes only",
+                "{}: volume {} holds {holds}{}: this build reads files on ext2/3/4 and NTFS volumes only",
                 self.generation,
                 v.name,
                 v.label
@@ -219,47 +226,59 @@ impl Guest {
                     .unwrap_or_default()
             )));
         }
-        let fs = self
-            .load(v)
-            .map_err(|e| guest_error(&format!("{}:{}", self.generation, v.name), e))?;
         Ok(Filesystem {
-            fs,
+            fs: self.load(v, v.kind)?,
             at: format!("{}:{}", self.generation, v.name),
         })
     }
 }
 
-/// Reads a volume's bytes out of the generation's disk for `ext4-view`.
-struct VolumeReader {
+/// A volume's bytes, read out of the generation's disk.
+#[derive(Clone)]
+pub struct VolumeIo {
     disk: Arc<DiskImage>,
     start: u64,
     size: u64,
 }
 
-impl Ext4Read for VolumeReader {
-    fn read(
-        &mut self,
-        at: u64,
-        dst: &mut [u8],
-    ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
+impl VolumeIo {
+    /// The volume's length.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Fills `dst` from byte `at` of the volume; reading past its end is an error.
+    pub fn read_at(&self, at: u64, dst: &mut [u8]) -> Result<()> {
         let end = at.checked_add(dst.len() as u64);
         if end.is_none_or(|e| e > self.size) {
-            return Err(format!(
+            return Err(Error::GuestFilesystem(format!(
                 "read of {} bytes at byte {at} is past the end of the volume ({} bytes)",
                 dst.len(),
                 self.size
-            )
-            .into());
+            )));
         }
-        self.disk
-            .read_at(self.start + at, dst)
-            .map_err(|e| Box::new(e) as _)
+        self.disk.read_at(self.start + at, dst)
     }
+}
+
+/// One guest filesystem type, read-only. Paths are absolute guest paths (`/etc/hosts`);
+/// errors name `at` and the path.
+pub trait GuestFs {
+    /// The volume's label, if it has one.
+    fn label(&self) -> Option<String>;
+    /// The entry at `path` itself (a symlink is not followed).
+    fn stat(&self, path: &str) -> Result<Entry>;
+    /// The entries of directory `path`, without `.` and `..`, in any order.
+    fn list(&self, path: &str) -> Result<Vec<Entry>>;
+    /// The target of symlink `path`, as stored.
+    fn link_target(&self, path: &str) -> Result<Vec<u8>>;
+    /// Hands the content of file `path` (symlinks followed) to `sink` in order; its length.
+    fn read_file(&self, path: &str, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64>;
 }
 
 /// A readable guest filesystem.
 pub struct Filesystem {
-    fs: Ext4,
+    fs: Box<dyn GuestFs>,
     /// `vm@time:volume`, for messages.
     at: String,
 }
@@ -274,74 +293,26 @@ pub fn split_address(address: &str) -> (&str, String) {
 }
 
 impl Filesystem {
-    fn err(&self, path: &str, e: Ext4Error) -> Error {
-        let what = format!("{}:{path}", self.at);
-        match e {
-            Ext4Error::NotFound => Error::NotFound(format!("{what}: no such file or directory")),
-            Ext4Error::NotADirectory => Error::Usage(format!("{what}: not a directory")),
-            Ext4Error::IsADirectory => {
-                Error::Usage(format!("{what} is a directory (`vmrepo ls` lists it)"))
-            }
-            e => guest_error(&what, e),
-        }
-    }
-
     /// The entry at `path` itself (a symlink is not followed).
     pub fn stat(&self, path: &str) -> Result<Entry> {
-        let m = self
-            .fs
-            .symlink_metadata(path)
-            .map_err(|e| self.err(path, e))?;
-        let target = if m.is_symlink() {
-            Some(self.link_target(path)?)
-        } else {
-            None
-        };
-        Ok(entry(path.to_string(), &m, target))
-    }
-
-    fn link_target(&self, path: &str) -> Result<String> {
-        let t = self.fs.read_link(path).map_err(|e| self.err(path, e))?;
-        Ok(String::from_utf8_lossy(t.as_ref()).into_owned())
+        self.fs.stat(path)
     }
 
     /// The entries of directory `path`, sorted by name, without `.` and `..`.
     pub fn list(&self, path: &str) -> Result<Vec<Entry>> {
-        let dir = self.fs.read_dir(path).map_err(|e| self.err(path, e))?;
-        let mut out = Vec::new();
-        for e in dir {
-            let e = e.map_err(|e| self.err(path, e))?;
-            let name = String::from_utf8_lossy(e.file_name().as_ref()).into_owned();
-            if name == "." || name == ".." {
-                continue;
-            }
-            let full = join(path, &name);
-            let m = e.metadata().map_err(|e| self.err(&full, e))?;
-            let target = if m.is_symlink() {
-                Some(self.link_target(&full)?)
-            } else {
-                None
-            };
-            out.push(entry(name, &m, target));
-        }
+        let mut out = self.fs.list(path)?;
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
-    /// Opens file `path` (symlinks followed) for reading.
-    pub fn open(&self, path: &str) -> Result<ext4_view::File> {
-        self.fs.open(path).map_err(|e| self.err(path, e))
-    }
-
-    /// Reads from `f`, a file at `path`, into `buf`; 0 at its end.
-    pub fn read(&self, f: &mut ext4_view::File, path: &str, buf: &mut [u8]) -> Result<usize> {
-        f.read_bytes(buf).map_err(|e| self.err(path, e))
-    }
-
     /// The target of symlink `path`, as stored.
     pub fn link_bytes(&self, path: &str) -> Result<Vec<u8>> {
-        let t = self.fs.read_link(path).map_err(|e| self.err(path, e))?;
-        Ok(t.as_ref().to_vec())
+        self.fs.link_target(path)
+    }
+
+    /// Hands the content of file `path` to `sink` in order; its length.
+    pub fn read_file(&self, path: &str, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64> {
+        self.fs.read_file(path, sink)
     }
 
     /// `vm@time:volume:path`, for messages.
@@ -351,33 +322,10 @@ impl Filesystem {
 
     /// Writes the content of file `path` (symlinks followed) to `out`; its length.
     pub fn copy_to(&self, path: &str, out: &mut dyn Write) -> Result<u64> {
-        let mut f = self.fs.open(path).map_err(|e| self.err(path, e))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = f.read_bytes(&mut buf).map_err(|e| self.err(path, e))?;
-            if n == 0 {
-                return Ok(total);
-            }
-            out.write_all(&buf[..n])
-                .map_err(|e| Error::io("write", std::path::PathBuf::from("stdout"), e))?;
-            total += n as u64;
-        }
-    }
-}
-
-/// What went wrong reading `what` in a guest filesystem: a failed read of the disk (the
-/// repository's error, with where it happened) or the filesystem's own fault.
-fn guest_error(what: &str, e: Ext4Error) -> Error {
-    match e {
-        Ext4Error::Io(e) => match e.downcast::<Error>() {
-            Ok(inner) => match *inner {
-                Error::Corrupt(m) => Error::Corrupt(format!("{what}: {m}")),
-                other => other,
-            },
-            Err(e) => Error::Corrupt(format!("{what}: cannot be read: {e}")),
-        },
-        e => Error::GuestFilesystem(format!("{what}: {e}")),
+        self.fs.read_file(path, &mut |b| {
+            out.write_all(b)
+                .map_err(|e| Error::io("write", std::path::PathBuf::from("stdout"), e))
+        })
     }
 }
 
@@ -387,37 +335,6 @@ pub fn join(dir: &str, name: &str) -> String {
         format!("{dir}{name}")
     } else {
         format!("{dir}/{name}")
-    }
-}
-
-fn entry(name: String, m: &ext4_view::Metadata, target: Option<String>) -> Entry {
-    let t = m.file_type();
-    let kind = if t.is_dir() {
-        "dir"
-    } else if t.is_symlink() {
-        "symlink"
-    } else if t.is_regular_file() {
-        "file"
-    } else if t.is_block_dev() {
-        "block"
-    } else if t.is_char_dev() {
-        "char"
-    } else if t.is_fifo() {
-        "fifo"
-    } else {
-        "socket"
-    };
-    Entry {
-        name,
-        kind,
-        mode: m.mode() & 0o7777,
-        uid: m.uid(),
-        gid: m.gid(),
-        size: m.len(),
-        mtime: m.modified().seconds(),
-        mtime_nanos: m.modified().nanoseconds(),
-        atime: (m.accessed().seconds(), m.accessed().nanoseconds()),
-        target,
     }
 }
 

@@ -10,7 +10,7 @@ pub enum Content {
     Ext,
     /// XFS.
     Xfs,
-    /// NTFS.
+    /// NTFS: readable.
     Ntfs,
     /// FAT12/16/32.
     Fat,
@@ -47,7 +47,7 @@ impl Content {
 
     /// Whether this build reads the files in it.
     pub fn readable(self) -> bool {
-        self == Content::Ext
+        matches!(self, Content::Ext | Content::Ntfs)
     }
 }
 

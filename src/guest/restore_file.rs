@@ -53,7 +53,6 @@ struct Restorer<'a> {
     owners: bool,
     progress: &'a dyn Progress,
     report: RestoreReport,
-    buf: Vec<u8>,
 }
 
 /// Restores `path` of `fs` into directory `dest` (made if missing): a file or link as
@@ -79,7 +78,6 @@ pub fn restore(
             owners,
             ..Default::default()
         },
-        buf: vec![0u8; 1 << 20],
     };
     progress.start(&format!("restore {}", fs.describe(path)), 0);
     if path.trim_end_matches('/').is_empty() {
@@ -158,27 +156,25 @@ impl Restorer<'_> {
     fn file(&mut self, dir: &Dir, path: &str, name: &str, e: &Entry) -> Result<()> {
         let partial = partial_name(name);
         let out = dir.create_replacing(&partial, 0o600)?;
-        let written = (|| -> Result<()> {
-            let mut f = self.fs.open(path)?;
-            let mut at = 0u64;
-            loop {
-                let n = self.fs.read(&mut f, path, &mut self.buf)?;
-                if n == 0 {
-                    break;
-                }
-                let data = &self.buf[..n];
+        let progress = self.progress;
+        let mut at = 0u64;
+        let written = self
+            .fs
+            .read_file(path, &mut |data| {
                 if !crate::zero::is_zero(data) {
                     out.write_all_at(data, at)
                         .map_err(|err| Error::io("write", dir.path_of(&partial), err))?;
                 }
-                at += n as u64;
-                self.progress.advance(n as u64);
-            }
-            out.set_len(at)
-                .map_err(|err| Error::io("write", dir.path_of(&partial), err))?;
-            self.report.bytes += at;
-            Ok(())
-        })();
+                at += data.len() as u64;
+                progress.advance(data.len() as u64);
+                Ok(())
+            })
+            .and_then(|len| {
+                out.set_len(len)
+                    .map_err(|err| Error::io("write", dir.path_of(&partial), err))?;
+                Ok(len)
+            });
+        let written = written.map(|len| self.report.bytes += len);
         if let Err(err) = written {
             drop(out);
             let _ = dir.remove_file(&partial);
