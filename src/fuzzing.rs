@@ -1,7 +1,7 @@
 //! Every input parser driven from bytes in memory, for the cargo-fuzz targets in `fuzz/` and the
-//! mutation test: descriptor, .vmx, .vmsd, KDMV, COWD, seSparse, qcow2, partition tables and
-//! ext2/3/4. Each call parses the input and, when it opens, walks its allocation map (or its
-//! directory tree) and reads its data, in bounded windows.
+//! mutation test: descriptor, .vmx, .vmsd, KDMV, COWD, seSparse, qcow2, partition tables, LVM2
+//! metadata and ext2/3/4. Each call parses the input and, when it opens, walks its allocation map
+//! (or its directory tree) and reads its data, in bounded windows.
 //! Errors are the expected outcome for most inputs; a panic, hang or huge allocation is a bug.
 
 use std::path::Path;
@@ -19,6 +19,7 @@ pub const PARSERS: &[&str] = &[
     "qcow2",
     "partitions",
     "ext4",
+    "lvm",
 ];
 
 /// Guest bytes read per input at most (start and end of the disk, and the map around them).
@@ -121,6 +122,21 @@ pub fn exercise(which: &str, data: &[u8]) -> Result<(), String> {
             };
             for p in parts {
                 crate::guest::probe::probe_at(p.start, p.len, &mut read).map_err(err)?;
+            }
+            Ok(())
+        }
+        "lvm" => {
+            let mut read = |at: u64, buf: &mut [u8]| -> crate::error::Result<()> {
+                let at = usize::try_from(at).unwrap_or(usize::MAX);
+                let src = data
+                    .get(at..at.saturating_add(buf.len()))
+                    .ok_or_else(|| crate::error::Error::Corrupt("read past the end".into()))?;
+                buf.copy_from_slice(src);
+                Ok(())
+            };
+            let lvs = crate::guest::lvm::read_pv(data.len() as u64, &mut read).map_err(err)?;
+            if lvs.is_empty() {
+                return Err("no logical volumes".into());
             }
             Ok(())
         }

@@ -762,3 +762,90 @@ fn files_on_an_ntfs_volume_read_back_as_ntfscat_reads_them() {
         r.stderr
     );
 }
+
+/// Logical volumes of an LVM2 physical volume on an MBR partition. The PV's first 8 KiB
+/// (label and metadata area) were written by lvm itself (pvcreate, vgcreate, then vgcfgrestore
+/// of metadata with two linear LVs: root in two segments, extents 0-2 and 6-7, home in extents
+/// 3-5, 4 MiB each, data from 1 MiB on), kept in tests/fixtures/lvm2-pv-head.bin; the LVs'
+/// filesystems are made here and written where those extents lie.
+#[test]
+fn files_on_lvm2_logical_volumes_read_back_exactly() {
+    let t = tempfile::tempdir().unwrap();
+    let work = t.path();
+    let tree = work.join("tree");
+    guest_tree(&tree);
+    // 9 MiB more, so that root's files fill its second segment too.
+    let mut noise = vec![0u8; 9 << 20];
+    std::io::Read::read_exact(&mut fs::File::open("/dev/urandom").unwrap(), &mut noise).unwrap();
+    fs::write(tree.join("home/anna/Documents/more.bin"), noise).unwrap();
+    let small = work.join("small");
+    fs::create_dir_all(small.join("anna")).unwrap();
+    fs::write(small.join("anna/notes.txt"), "on the home LV\n").unwrap();
+    let disk = work.join("lvm.img");
+    run(&format!("truncate -s 80M {}", disk.display()));
+    run(&format!(
+        "printf 'start=2048, size=131072, type=8e\\n' | sfdisk -q {}",
+        disk.display()
+    ));
+    let pv = 2048 * 512u64;
+    let head =
+        fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lvm2-pv-head.bin"))
+            .unwrap();
+    let f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &head, pv).unwrap();
+    let (root, home) = (work.join("root.img"), work.join("home.img"));
+    run(&format!(
+        "mkfs.ext4 -q -L lvroot -d {} {} 20M",
+        tree.display(),
+        root.display()
+    ));
+    run(&format!(
+        "mkfs.ext4 -q -d {} {} 12M",
+        small.display(),
+        home.display()
+    ));
+    let (root, home) = (fs::read(&root).unwrap(), fs::read(&home).unwrap());
+    let mib = 1u64 << 20;
+    // The second segment of root holds filesystem data, so reading root crosses the seam.
+    assert!(root[12 << 20..].iter().any(|&b| b != 0));
+    let data = pv + mib;
+    std::os::unix::fs::FileExt::write_all_at(&f, &root[..12 << 20], data).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &root[12 << 20..], data + 24 * mib).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &home, data + 12 * mib).unwrap();
+    drop(f);
+    let repo = init_repo(work);
+    ingest(&repo, &disk, Some("lvm"));
+
+    let vols = vmrepo([s("ls"), p(&repo), s("lvm"), s("--json")])
+        .ok()
+        .json();
+    let summary: Vec<(String, String, u64)> = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_string(),
+                v["content"].as_str().unwrap().to_string(),
+                v["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("disk0/p1".into(), "lvm2 physical volume".into(), 64 * mib),
+            ("disk0/lvm/vgtest/home".into(), "ext2/3/4".into(), 12 * mib),
+            ("disk0/lvm/vgtest/root".into(), "ext2/3/4".into(), 20 * mib),
+        ]
+    );
+    // Root spans both of its segments: every file compares, big.bin crosses the seam or not.
+    compare_tree(&repo, "lvm", "disk0/lvm/vgtest/root", &tree, "/");
+    let r = vmrepo([
+        s("cat"),
+        p(&repo),
+        s("lvm"),
+        s("disk0/lvm/vgtest/home:/anna/notes.txt"),
+    ]);
+    assert_eq!(r.ok().stdout, "on the home LV\n");
+}

@@ -18,7 +18,8 @@ use crate::cli::output::{human, print_json, Bar};
 pub const LS_HELP: &str = "List what is inside a generation's disks, read straight from the \
 repository: no root, no FUSE, no loop device, and only the chunks the guest filesystem touches \
 are read.\n\nWithout WHERE: the volumes of every disk, `disk0` for a disk without a partition \
-table or `disk0/p2` for its partitions (MBR, with logical partitions from p5, or GPT), each with \
+table or `disk0/p2` for its partitions (MBR, with logical partitions from p5, or GPT), then \
+`disk0/lvm/VG/LV` for the linear logical volumes of an LVM2 physical volume, each with \
 its size, what it holds (ext2/3/4, xfs, ntfs, fat, exfat, luks, bitlocker, lvm2, swap or \
 unknown) and its label. With WHERE = VOLUME or VOLUME:/PATH on an ext2/3/4 or NTFS volume: the entries \
 of that directory (mode, owner, group, size, modification time in UTC, name, and a symlink's \

@@ -13,6 +13,7 @@
 pub mod diff;
 pub mod ext;
 pub mod history;
+pub mod lvm;
 pub mod ntfs;
 pub mod partitions;
 pub mod probe;
@@ -53,6 +54,9 @@ pub struct Volume {
     pub readable: bool,
     /// The filesystem label, where it is readable and has one.
     pub label: Option<String>,
+    /// Its bytes.
+    #[serde(skip)]
+    pub io: VolumeIo,
 }
 
 /// One entry of a guest directory (or one file).
@@ -109,58 +113,115 @@ impl Guest {
         &self.generation
     }
 
-    /// Every volume of every disk, in disk and partition order.
+    /// Every volume of every disk, in disk and partition order; the logical volumes of an
+    /// LVM2 physical volume follow it.
     pub fn volumes(&self) -> Result<Vec<Volume>> {
         let mut out = Vec::new();
         for (n, disk) in self.disks.iter().enumerate() {
             let mut read = |at: u64, buf: &mut [u8]| disk.read_at(at, buf);
             let table = partitions::read_table(disk.size(), &mut read)
                 .map_err(|e| Error::Corrupt(format!("disk{n}: partition table: {e}")))?;
+            let whole = |start, len| VolumeIo {
+                disk: disk.clone(),
+                start,
+                size: len,
+                map: None,
+            };
             let parts = match table {
                 partitions::Table::None => {
-                    out.push(self.volume(n, format!("disk{n}"), 0, disk.size(), None, None)?);
+                    let v =
+                        self.volume(n, format!("disk{n}"), whole(0, disk.size()), None, None)?;
+                    self.push_with_lvs(&mut out, v)?;
                     continue;
                 }
                 partitions::Table::Mbr(p) | partitions::Table::Gpt(p) => p,
             };
             for p in parts {
-                out.push(self.volume(
+                let v = self.volume(
                     n,
                     format!("disk{n}/p{}", p.number),
-                    p.start,
-                    p.len,
+                    whole(p.start, p.len),
                     Some(p.kind),
                     p.name,
-                )?);
+                )?;
+                self.push_with_lvs(&mut out, v)?;
             }
         }
         Ok(out)
+    }
+
+    /// Adds `v`, and when it is an LVM2 physical volume its logical volumes
+    /// (`disk<N>/lvm/<vg>/<lv>`) after it.
+    fn push_with_lvs(&self, out: &mut Vec<Volume>, mut v: Volume) -> Result<()> {
+        if v.kind != Content::LvmPv {
+            out.push(v);
+            return Ok(());
+        }
+        let io = v.io.clone();
+        let lvs = match lvm::read_pv(io.size, &mut |at, buf: &mut [u8]| io.read_at(at, buf)) {
+            Ok(lvs) => lvs,
+            Err(e) => {
+                v.label = Some(format!("cannot be read: {e}"));
+                out.push(v);
+                return Ok(());
+            }
+        };
+        let disk = v.disk;
+        let pv = v.name.clone();
+        let prefix = pv.split('/').next().unwrap_or(&pv).to_string();
+        out.push(v);
+        for lv in lvs {
+            let name = format!("{prefix}/lvm/{}/{}", lv.vg, lv.name);
+            let kind = Some(format!("LVM2 logical volume on {pv}"));
+            match lv.map {
+                Ok(map) => {
+                    let lv_io = VolumeIo {
+                        disk: io.disk.clone(),
+                        start: io.start,
+                        size: lv.size,
+                        map: Some(Arc::new(map)),
+                    };
+                    out.push(self.volume(disk, name, lv_io, kind, None)?);
+                }
+                Err(why) => out.push(Volume {
+                    name,
+                    disk,
+                    start: io.start,
+                    size: lv.size,
+                    partition_type: kind,
+                    partition_name: None,
+                    content: Content::Unknown.name(),
+                    kind: Content::Unknown,
+                    readable: false,
+                    label: Some(format!("cannot be read: {why}")),
+                    io: io.clone(),
+                }),
+            }
+        }
+        Ok(())
     }
 
     fn volume(
         &self,
         disk: usize,
         name: String,
-        start: u64,
-        size: u64,
+        io: VolumeIo,
         partition_type: Option<String>,
         partition_name: Option<String>,
     ) -> Result<Volume> {
-        let image = &self.disks[disk];
-        let content = probe::probe_at(start, size, &mut |at, buf: &mut [u8]| {
-            image.read_at(at, buf)
-        })?;
+        let content = probe::probe_at(0, io.size, &mut |at, buf: &mut [u8]| io.read_at(at, buf))?;
         let mut v = Volume {
             name,
             disk,
-            start,
-            size,
+            start: io.start,
+            size: io.size,
             partition_type,
             partition_name,
             content: content.name(),
             kind: content,
             readable: content.readable(),
             label: None,
+            io,
         };
         if content.readable() {
             // A volume that looks readable but does not load is listed, with the reason.
@@ -191,11 +252,7 @@ impl Guest {
     }
 
     fn load(&self, v: &Volume, content: Content) -> Result<Box<dyn GuestFs>> {
-        let io = VolumeIo {
-            disk: self.disks[v.disk].clone(),
-            start: v.start,
-            size: v.size,
-        };
+        let io = v.io.clone();
         let at = format!("{}:{}", self.generation, v.name);
         match content {
             Content::Ext => Ok(Box::new(ext::Ext::load(io, &at)?)),
@@ -237,8 +294,17 @@ impl Guest {
 #[derive(Clone)]
 pub struct VolumeIo {
     disk: Arc<DiskImage>,
+    /// Where the volume (or, for a logical volume, its physical volume) starts on the disk.
     start: u64,
     size: u64,
+    /// A logical volume's extents: (offset in it, offset in the physical volume, length).
+    map: Option<Arc<Vec<(u64, u64, u64)>>>,
+}
+
+impl std::fmt::Debug for VolumeIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VolumeIo({} bytes at {})", self.size, self.start)
+    }
 }
 
 impl VolumeIo {
@@ -257,7 +323,24 @@ impl VolumeIo {
                 self.size
             )));
         }
-        self.disk.read_at(self.start + at, dst)
+        let Some(map) = &self.map else {
+            return self.disk.read_at(self.start + at, dst);
+        };
+        let mut done = 0usize;
+        while done < dst.len() {
+            let pos = at + done as u64;
+            let &(lv_at, pv_at, len) = map
+                .iter()
+                .find(|(lv_at, _, len)| (*lv_at..lv_at + len).contains(&pos))
+                .ok_or_else(|| {
+                    Error::GuestFilesystem(format!("byte {pos} of the logical volume is unmapped"))
+                })?;
+            let n = ((lv_at + len - pos) as usize).min(dst.len() - done);
+            self.disk
+                .read_at(self.start + pv_at + (pos - lv_at), &mut dst[done..done + n])?;
+            done += n;
+        }
+        Ok(())
     }
 }
 
