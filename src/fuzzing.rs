@@ -1,7 +1,7 @@
 //! Every input parser driven from bytes in memory, for the cargo-fuzz targets in `fuzz/` and the
 //! mutation test: descriptor, .vmx, .vmsd, KDMV, COWD, seSparse, qcow2, partition tables, LVM2
-//! metadata and ext2/3/4. Each call parses the input and, when it opens, walks its allocation map
-//! (or its directory tree) and reads its data, in bounded windows.
+//! metadata, ext2/3/4, NTFS and FAT. Each call parses the input and, when it opens, walks its
+//! allocation map (or its directory tree) and reads its data, in bounded windows.
 //! Errors are the expected outcome for most inputs; a panic, hang or huge allocation is a bug.
 
 use std::path::Path;
@@ -19,6 +19,8 @@ pub const PARSERS: &[&str] = &[
     "qcow2",
     "partitions",
     "ext4",
+    "ntfs",
+    "fat",
     "lvm",
 ];
 
@@ -40,32 +42,25 @@ fn walk<F: GrainFormat>(f: F) -> Result<(), String> {
 }
 
 /// Lists directory `path` of `fs` and what is under it (at most 4 levels, 64 entries each),
-/// reading up to [`READ_WINDOW`] of each file and each symlink's target.
-fn walk_ext4(fs: &ext4_view::Ext4, path: &str, depth: usize) -> Result<(), String> {
-    let entries = fs.read_dir(path).map_err(|e| e.to_string())?;
-    for e in entries.take(64) {
-        let e = e.map_err(|e| e.to_string())?;
-        let name = String::from_utf8_lossy(e.file_name().as_ref()).into_owned();
-        if name == "." || name == ".." {
-            continue;
-        }
-        let full = crate::guest::join(path, &name);
-        let t = e.file_type().map_err(|e| e.to_string())?;
-        if t.is_dir() && depth < 4 {
-            walk_ext4(fs, &full, depth + 1)?;
-        } else if t.is_symlink() {
-            fs.read_link(full.as_str()).map_err(|e| e.to_string())?;
-        } else if t.is_regular_file() {
-            let mut f = fs.open(full.as_str()).map_err(|e| e.to_string())?;
-            let mut buf = vec![0u8; 64 << 10];
-            let mut total = 0u64;
-            while total < READ_WINDOW {
-                let n = f.read_bytes(&mut buf).map_err(|e| e.to_string())?;
-                if n == 0 {
-                    break;
-                }
-                total += n as u64;
+/// reading each file and each symlink's target.
+fn walk_guest(fs: &dyn crate::guest::GuestFs, path: &str, depth: usize) -> Result<(), String> {
+    let entries = fs.list(path).map_err(|e| e.to_string())?;
+    for e in entries.into_iter().take(64) {
+        let full = crate::guest::join(path, &e.name);
+        match e.kind {
+            "dir" if depth < 4 => walk_guest(fs, &full, depth + 1)?,
+            "symlink" => {
+                fs.link_target(&full).map_err(|e| e.to_string())?;
             }
+            "file" => {
+                let mut n = 0u64;
+                fs.read_file(&full, &mut |b| {
+                    n += b.len() as u64;
+                    Ok(())
+                })
+                .map_err(|e| e.to_string())?;
+            }
+            _ => {}
         }
     }
     Ok(())
@@ -140,9 +135,15 @@ pub fn exercise(which: &str, data: &[u8]) -> Result<(), String> {
             }
             Ok(())
         }
-        "ext4" => {
-            let fs = ext4_view::Ext4::load(Box::new(data.to_vec())).map_err(|e| e.to_string())?;
-            walk_ext4(&fs, "/", 0)
+        "ext4" | "ntfs" | "fat" => {
+            let content = match which {
+                "ext4" => crate::guest::Content::Ext,
+                "ntfs" => crate::guest::Content::Ntfs,
+                _ => crate::guest::Content::Fat,
+            };
+            let io = crate::guest::VolumeIo::in_memory(data.to_vec());
+            let fs = crate::guest::open_fs(io, content, "fuzz-input").map_err(err)?;
+            walk_guest(&*fs, "/", 0)
         }
         other => panic!("unknown parser {other}"),
     }

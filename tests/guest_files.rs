@@ -120,6 +120,15 @@ fn gpt_disk(work: &Path, tree: &Path) -> PathBuf {
     ));
     let efi = work.join("efi.img");
     run(&format!("mkfs.vfat -C {} 16384 >/dev/null", efi.display()));
+    // The EFI partition's files, put there by mtools.
+    let loader = work.join("grubx64.efi");
+    fs::write(&loader, bytes(300_000, 5)).unwrap();
+    run(&format!(
+        "mmd -i {0} ::/EFI ::/EFI/debian && mcopy -i {0} {1} ::/EFI/debian/ && \
+         mcopy -i {0} {1} '::/EFI/A long name.efi'",
+        efi.display(),
+        loader.display()
+    ));
     place(&efi, &disk, 2048);
     let root = work.join("root.img");
     run(&format!(
@@ -274,6 +283,23 @@ fn files_inside_gpt_and_mbr_disks_list_and_read_back_exactly() {
             )
         ]
     );
+    // The EFI system partition (FAT, filled by mtools), names found whatever their case.
+    let want = fs::read(work.join("grubx64.efi")).unwrap();
+    for path in [
+        "disk0/p1:/EFI/debian/grubx64.efi",
+        "disk0/p1:/efi/A LONG NAME.EFI",
+    ] {
+        let got = std::process::Command::new(BIN)
+            .args([s("cat"), p(&repo), s("gpt"), s(path)])
+            .output()
+            .unwrap();
+        assert!(
+            got.status.success(),
+            "{}",
+            String::from_utf8_lossy(&got.stderr)
+        );
+        assert!(got.stdout == want, "{path} differs");
+    }
     let text = vmrepo([s("ls"), p(&repo), s("mbr")]).ok().stdout.clone();
     let names: Vec<&str> = text
         .lines()
@@ -346,10 +372,21 @@ fn wrong_addresses_and_unreadable_volumes_get_errors_that_say_what_to_do() {
     );
     fail(&["cat", "web", "disk0/p2:/etc/hosts/x"], "not a directory");
     fail(
-        &["ls", "web", "disk0/p1:/"],
-        "volume disk0/p1 holds fat: this build reads files on ext2/3/4",
+        &["ls", "web", "disk0/p1:/nope"],
+        "disk0/p1:/nope: no such file or directory",
     );
     fail(&["ls", "nosuchvm"], "nosuchvm");
+    // A volume holding nothing known is refused by name.
+    let mbr = mbr_disk(work, &tree);
+    ingest(&repo, &mbr, Some("mbr"));
+    let r = vmrepo([s("ls"), p(&repo), s("mbr"), s("disk0/p5:/")]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("volume disk0/p5 holds no filesystem this build recognises"),
+        "{}",
+        r.stderr
+    );
 
     // The reader closing the pipe early stops cat quietly, as SIGPIPE stops a shell tool.
     let r = Run::from(
@@ -574,8 +611,17 @@ fn diff_and_log_follow_files_through_the_nights() {
     fs::remove_file(tree.join("etc/nginx/nginx.conf")).unwrap();
     night(3);
 
-    let d = vmrepo([s("diff"), p(&repo), s("web@-2"), s("web@-1")]);
+    let d = vmrepo([s("diff"), p(&repo), s("web@-2"), s("web@-1"), s("disk0/p2")]);
     let lines: Vec<&str> = d.ok().stdout.lines().collect();
+    // Without WHERE every readable volume is compared: the root's changes are among them.
+    let all = vmrepo([s("diff"), p(&repo), s("web@-2"), s("web@-1")]);
+    for l in &lines {
+        assert!(
+            all.ok().stdout.lines().any(|a| a == *l),
+            "{l}: {}",
+            all.stdout
+        );
+    }
     assert_eq!(
         lines,
         [

@@ -82,7 +82,11 @@ fn parsers_survive_thousands_of_mutated_inputs() {
          truncate -s 2M gpt.img && sgdisk -n 1:2048:+512K -t 1:8300 gpt.img >/dev/null && \
          dd if=fs.ext4 of=gpt.img bs=512 seek=2048 count=1024 conv=notrunc status=none && \
          truncate -s 2M mbr.img && printf 'start=64, size=512, type=83\nstart=600, type=5\n\
-         start=700, size=100, type=83\nstart=900, size=100, type=7\n' | sfdisk -q mbr.img",
+         start=700, size=100, type=83\nstart=900, size=100, type=7\n' | sfdisk -q mbr.img && \
+         truncate -s 2M fs.ntfs && mkntfs -q -F -f fs.ntfs 2>/dev/null && \
+         ntfscp -q fs.ntfs tree/etc/sub/numbers numbers.txt && \
+         mkfs.vfat -C fs.fat 1024 >/dev/null && mmd -i fs.fat ::/EFI && \
+         mcopy -i fs.fat tree/etc/sub/numbers '::/EFI/Long Name.txt'",
         d.display()
     ))
     .ok();
@@ -134,6 +138,8 @@ fn parsers_survive_thousands_of_mutated_inputs() {
         ("partitions", read("gpt.img")),
         ("partitions", read("mbr.img")),
         ("ext4", read("fs.ext4")),
+        ("ntfs", read("fs.ntfs")),
+        ("fat", read("fs.fat")),
         ("lvm", {
             // A PV's label and metadata (written by lvm), as long as its metadata area needs
             // (its logical volumes then lie past the end: listed, each with why it is unreadable).

@@ -7,11 +7,13 @@
 //! Volumes are named `disk<N>` (a disk without a partition table) or `disk<N>/p<M>` (Linux's
 //! partition numbering, see [`partitions`]); a file is `VOLUME:/PATH`. What a volume holds is
 //! told by [`probe`]; ext2/3/4 is read through the `ext4-view` crate ([`ext`]), NTFS through the
-//! `ntfs` crate ([`ntfs`]), both behind [`GuestFs`]. Other filesystems and encrypted volumes are
+//! `ntfs` crate ([`ntfs`]), FAT through the `fatfs` crate ([`fat`]), all behind [`GuestFs`]; the
+//! logical volumes of LVM2 are found by [`lvm`]. Other filesystems and encrypted volumes are
 //! listed as what they are and refused by name, never guessed at.
 
 pub mod diff;
 pub mod ext;
+pub mod fat;
 pub mod history;
 pub mod lvm;
 pub mod ntfs;
@@ -19,7 +21,7 @@ pub mod partitions;
 pub mod probe;
 pub mod restore_file;
 
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -122,7 +124,7 @@ impl Guest {
             let table = partitions::read_table(disk.size(), &mut read)
                 .map_err(|e| Error::Corrupt(format!("disk{n}: partition table: {e}")))?;
             let whole = |start, len| VolumeIo {
-                disk: disk.clone(),
+                disk: Source::Disk(disk.clone()),
                 start,
                 size: len,
                 map: None,
@@ -252,16 +254,11 @@ impl Guest {
     }
 
     fn load(&self, v: &Volume, content: Content) -> Result<Box<dyn GuestFs>> {
-        let io = v.io.clone();
-        let at = format!("{}:{}", self.generation, v.name);
-        match content {
-            Content::Ext => Ok(Box::new(ext::Ext::load(io, &at)?)),
-            Content::Ntfs => Ok(Box::new(ntfs::Ntfs::load(io, &at)?)),
-            other => Err(Error::Usage(format!(
-                "{at} holds {}, which this build does not read",
-                other.name()
-            ))),
-        }
+        open_fs(
+            v.io.clone(),
+            content,
+            &format!("{}:{}", self.generation, v.name),
+        )
     }
 
     /// The filesystem of volume `v`, or why it cannot be read.
@@ -273,7 +270,7 @@ impl Guest {
                 v.content
             };
             return Err(Error::Usage(format!(
-                "{}: volume {} holds {holds}{}: this build reads files on ext2/3/4 and NTFS volumes only",
+                "{}: volume {} holds {holds}{}: this build reads files on ext2/3/4, NTFS and FAT volumes only",
                 self.generation,
                 v.name,
                 v.label
@@ -290,10 +287,23 @@ impl Guest {
     }
 }
 
+/// Opens the filesystem of kind `content` on `io`; `at` names it in messages.
+pub fn open_fs(io: VolumeIo, content: Content, at: &str) -> Result<Box<dyn GuestFs>> {
+    match content {
+        Content::Ext => Ok(Box::new(ext::Ext::load(io, at)?)),
+        Content::Ntfs => Ok(Box::new(ntfs::Ntfs::load(io, at)?)),
+        Content::Fat => Ok(Box::new(fat::Fat::load(io, at)?)),
+        other => Err(Error::Usage(format!(
+            "{at} holds {}, which this build does not read",
+            other.name()
+        ))),
+    }
+}
+
 /// A volume's bytes, read out of the generation's disk.
 #[derive(Clone)]
 pub struct VolumeIo {
-    disk: Arc<DiskImage>,
+    disk: Source,
     /// Where the volume (or, for a logical volume, its physical volume) starts on the disk.
     start: u64,
     size: u64,
@@ -307,7 +317,42 @@ impl std::fmt::Debug for VolumeIo {
     }
 }
 
+/// Where a volume's bytes come from.
+#[derive(Clone)]
+enum Source {
+    /// A generation's disk.
+    Disk(Arc<DiskImage>),
+    /// Bytes in memory (the fuzzing harness).
+    Memory(Arc<Vec<u8>>),
+}
+
+impl Source {
+    fn read_at(&self, at: u64, dst: &mut [u8]) -> Result<()> {
+        match self {
+            Source::Disk(d) => d.read_at(at, dst),
+            Source::Memory(m) => {
+                let at = usize::try_from(at).unwrap_or(usize::MAX);
+                let src = m
+                    .get(at..at.saturating_add(dst.len()))
+                    .ok_or_else(|| Error::GuestFilesystem("read past the end".into()))?;
+                dst.copy_from_slice(src);
+                Ok(())
+            }
+        }
+    }
+}
+
 impl VolumeIo {
+    /// A volume made of `bytes` (for the fuzzing harness).
+    pub fn in_memory(bytes: Vec<u8>) -> VolumeIo {
+        VolumeIo {
+            size: bytes.len() as u64,
+            disk: Source::Memory(Arc::new(bytes)),
+            start: 0,
+            map: None,
+        }
+    }
+
     /// The volume's length.
     pub fn size(&self) -> u64 {
         self.size
@@ -343,6 +388,78 @@ impl VolumeIo {
         Ok(())
     }
 }
+
+/// `Read + Seek` over a volume, one block held (the filesystem crates read small structures
+/// one by one). Writes fail: every reader here is read-only.
+pub struct VolumeCursor {
+    io: VolumeIo,
+    pos: u64,
+    block: Option<(u64, Vec<u8>)>,
+}
+
+impl Read for VolumeCursor {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let size = self.io.size();
+        if self.pos >= size || buf.is_empty() {
+            return Ok(0);
+        }
+        let start = self.pos / BLOCK * BLOCK;
+        if self.block.as_ref().is_none_or(|(at, _)| *at != start) {
+            let mut b = vec![0u8; (size - start).min(BLOCK) as usize];
+            self.io
+                .read_at(start, &mut b)
+                .map_err(std::io::Error::other)?;
+            self.block = Some((start, b));
+        }
+        let (_, b) = self.block.as_ref().expect("block just read");
+        let from = (self.pos - start) as usize;
+        let n = buf.len().min(b.len() - from);
+        buf[..n].copy_from_slice(&b[from..from + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for VolumeCursor {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let pos = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.io.size().checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = pos.ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the volume")
+        })?;
+        Ok(self.pos)
+    }
+}
+
+impl std::io::Write for VolumeCursor {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "guest volumes are read-only",
+        ))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl VolumeCursor {
+    /// A cursor at the start of `io`.
+    pub fn new(io: VolumeIo) -> VolumeCursor {
+        VolumeCursor {
+            io,
+            pos: 0,
+            block: None,
+        }
+    }
+}
+
+/// Bytes read from a volume at once by [`VolumeCursor`].
+const BLOCK: u64 = 64 << 10;
 
 /// One guest filesystem type, read-only. Paths are absolute guest paths (`/etc/hosts`);
 /// errors name `at` and the path.

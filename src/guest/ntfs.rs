@@ -5,7 +5,6 @@
 //! files (`$MFT`, `$Bitmap`, ...) are not shown.
 
 use std::cell::RefCell;
-use std::io::{Read, Seek, SeekFrom};
 
 use ::ntfs::indexes::NtfsFileNameIndex;
 use ::ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
@@ -13,73 +12,23 @@ use ::ntfs::NtfsReadSeek;
 use ::ntfs::{NtfsError, NtfsFile, NtfsTime};
 
 use crate::error::{Error, Result};
-use crate::guest::{Entry, GuestFs, VolumeIo};
+use crate::guest::{Entry, GuestFs, VolumeCursor, VolumeIo};
 
 /// Records below this number are NTFS's own metadata files.
 const FIRST_USER_RECORD: u64 = 24;
-/// Bytes read from the volume at once (the crate reads small structures one by one).
-const BLOCK: u64 = 64 << 10;
 
 /// An NTFS filesystem on a volume.
 pub struct Ntfs {
     ntfs: ::ntfs::Ntfs,
-    io: RefCell<Cursor>,
+    io: RefCell<VolumeCursor>,
     /// `vm@time:volume`, for messages.
     at: String,
-}
-
-/// `Read + Seek` over a volume, one block held.
-struct Cursor {
-    io: VolumeIo,
-    pos: u64,
-    block: Option<(u64, Vec<u8>)>,
-}
-
-impl Read for Cursor {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let size = self.io.size();
-        if self.pos >= size || buf.is_empty() {
-            return Ok(0);
-        }
-        let start = self.pos / BLOCK * BLOCK;
-        if self.block.as_ref().is_none_or(|(at, _)| *at != start) {
-            let mut b = vec![0u8; (size - start).min(BLOCK) as usize];
-            self.io
-                .read_at(start, &mut b)
-                .map_err(std::io::Error::other)?;
-            self.block = Some((start, b));
-        }
-        let (_, b) = self.block.as_ref().expect("block just read");
-        let from = (self.pos - start) as usize;
-        let n = buf.len().min(b.len() - from);
-        buf[..n].copy_from_slice(&b[from..from + n]);
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-impl Seek for Cursor {
-    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
-        let pos = match to {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => self.io.size().checked_add_signed(d),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-        };
-        self.pos = pos.ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the volume")
-        })?;
-        Ok(self.pos)
-    }
 }
 
 impl Ntfs {
     /// Loads the filesystem on `io` (its boot sector and upcase table).
     pub fn load(io: VolumeIo, at: &str) -> Result<Ntfs> {
-        let mut cursor = Cursor {
-            io,
-            pos: 0,
-            block: None,
-        };
+        let mut cursor = VolumeCursor::new(io);
         let mut ntfs = ::ntfs::Ntfs::new(&mut cursor).map_err(|e| error(at, e))?;
         ntfs.read_upcase_table(&mut cursor)
             .map_err(|e| error(at, e))?;

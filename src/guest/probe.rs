@@ -12,7 +12,7 @@ pub enum Content {
     Xfs,
     /// NTFS: readable.
     Ntfs,
-    /// FAT12/16/32.
+    /// FAT12/16/32: readable.
     Fat,
     /// exFAT.
     ExFat,
@@ -47,7 +47,7 @@ impl Content {
 
     /// Whether this build reads the files in it.
     pub fn readable(self) -> bool {
-        matches!(self, Content::Ext | Content::Ntfs)
+        matches!(self, Content::Ext | Content::Ntfs | Content::Fat)
     }
 }
 
