@@ -296,12 +296,17 @@ impl<'r> Store<'r> {
                     }
                     Ok(()) => {}
                     // The pack was deleted: its marker goes too. A pack that could not be
-                    // deleted keeps its marker, so that it stays a left-over.
-                    Err(_) => {
-                        if matches!(crate::repo::pack::pack_len(&**backend, &name), Ok(None)) {
+                    // deleted keeps its marker (put back in object storage, where deleting it
+                    // was the commit), so that it stays a left-over, never a generation.
+                    Err(_) => match crate::repo::pack::pack_len(&**backend, &name) {
+                        Ok(None) => {
                             let _ = backend.delete(&[marker.to_string()], Durability::Unsynced);
                         }
-                    }
+                        _ if remote => {
+                            let _ = backend.put(marker, b"", Durability::Synced);
+                        }
+                        _ => {}
+                    },
                 }
                 r
             }
