@@ -4,8 +4,9 @@
 //! verified as in any restore, so one file of a large disk costs a few MiB of reads, needs no
 //! root, no FUSE and no loop device, and works on a read-only repository.
 //!
-//! Volumes are named `disk<N>` (a disk without a partition table) or `disk<N>/p<M>` (Linux's
-//! partition numbering, see [`partitions`]); a file is `VOLUME:/PATH`. What a volume holds is
+//! Volumes are named `disk<N>` (a disk without a partition table), `disk<N>/p<M>` (Linux's
+//! partition numbering, see [`partitions`]) or `disk<N>/lvm/<vg>/<lv>`; a file is
+//! `VOLUME:/PATH`. What a volume holds is
 //! told by [`probe`]; ext2/3/4 is read through the `ext4-view` crate ([`ext`]), NTFS through the
 //! `ntfs` crate ([`ntfs`]), FAT through the `fatfs` crate ([`fat`]), all behind [`GuestFs`]; the
 //! logical volumes of LVM2 are found by [`lvm`]. Other filesystems and encrypted volumes are
@@ -35,12 +36,12 @@ pub use probe::Content;
 /// A volume of a generation's disk.
 #[derive(Clone, Debug, Serialize)]
 pub struct Volume {
-    /// `disk0` or `disk0/p2`.
+    /// `disk0`, `disk0/p2` or `disk0/lvm/vg0/root`.
     pub name: String,
     /// Index of the disk in the generation.
     #[serde(skip)]
     pub disk: usize,
-    /// First byte on the disk.
+    /// First byte on the disk (for a logical volume: of its physical volume).
     pub start: u64,
     /// Length in bytes.
     pub size: u64,
@@ -50,6 +51,7 @@ pub struct Volume {
     pub partition_name: Option<String>,
     /// What it holds (`ext2/3/4`, `ntfs`, `luks (encrypted)`, ...).
     pub content: &'static str,
+    /// The same, as a value.
     #[serde(skip)]
     pub kind: Content,
     /// Whether `ls`, `cat` and `restore-file` read its files.
@@ -66,7 +68,8 @@ pub struct Volume {
 pub struct Entry {
     /// Its name (for a single file, its path).
     pub name: String,
-    /// `file`, `dir`, `symlink`, `block`, `char`, `fifo` or `socket`.
+    /// `file`, `dir`, `symlink`, `block`, `char`, `fifo`, `socket`, or `reparse` (an NTFS
+    /// reparse point).
     pub kind: &'static str,
     /// Permission bits (the low 12 bits of the mode).
     pub mode: u16,
@@ -264,20 +267,25 @@ impl Guest {
     /// The filesystem of volume `v`, or why it cannot be read.
     pub fn filesystem(&self, v: &Volume) -> Result<Filesystem> {
         if !v.readable {
-            let holds = if v.content == Content::Unknown.name() {
+            if let Some(why) = v
+                .label
+                .as_deref()
+                .and_then(|l| l.strip_prefix("cannot be read: "))
+            {
+                return Err(Error::GuestFilesystem(format!(
+                    "{}: volume {} ({}) cannot be read: {why}",
+                    self.generation, v.name, v.content
+                )));
+            }
+            let holds = if v.kind == Content::Unknown {
                 "no filesystem this build recognises"
             } else {
                 v.content
             };
             return Err(Error::Usage(format!(
-                "{}: volume {} holds {holds}{}: this build reads files on ext2/3/4, NTFS and FAT volumes only",
-                self.generation,
-                v.name,
-                v.label
-                    .as_deref()
-                    .filter(|l| l.starts_with("cannot be read"))
-                    .map(|l| format!(" ({l})"))
-                    .unwrap_or_default()
+                "{}: volume {} holds {holds}: this build reads files on ext2/3/4, NTFS and FAT \
+                 volumes only",
+                self.generation, v.name,
             )));
         }
         Ok(Filesystem {
