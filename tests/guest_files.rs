@@ -895,3 +895,56 @@ fn files_on_lvm2_logical_volumes_read_back_exactly() {
     ]);
     assert_eq!(r.ok().stdout, "on the home LV\n");
 }
+
+/// restore-file into a filesystem that fills up: it stops with an error naming the file and the
+/// reason, and leaves no partial file behind.
+#[test]
+fn restore_file_on_a_full_disk_fails_cleanly() {
+    let t = tempfile::tempdir().unwrap();
+    let work = t.path();
+    let tree = work.join("tree");
+    guest_tree(&tree);
+    let repo = init_repo(work);
+    let gpt = gpt_disk(work, &tree);
+    ingest(&repo, &gpt, Some("web"));
+    // A real small filesystem when we may mount one; otherwise a file-size limit (EFBIG).
+    let small = work.join("small");
+    fs::create_dir(&small).unwrap();
+    let tmpfs = sh(&format!(
+        "mount -t tmpfs -o size=2m tmpfs '{}'",
+        small.display()
+    ))
+    .code
+        == 0;
+    let dest = small.join("out");
+    let r = if tmpfs {
+        vmrepo([
+            s("restore-file"),
+            p(&repo),
+            s("web"),
+            s("disk0/p2:/home/anna"),
+            p(&dest),
+        ])
+    } else {
+        sh(&format!(
+            "trap '' XFSZ; ulimit -f 2000; exec '{BIN}' restore-file '{}' web disk0/p2:/home/anna '{}'",
+            repo.display(),
+            dest.display()
+        ))
+    };
+    let leftovers = sh(&format!(
+        "find {} -name '*.vmrepo-partial'",
+        small.display()
+    ));
+    if tmpfs {
+        sh(&format!("umount '{}'", small.display()));
+    }
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        (r.stderr.contains("No space left on device") || r.stderr.contains("File too large"))
+            && r.stderr.contains("big.bin"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(leftovers.stdout, "");
+}
