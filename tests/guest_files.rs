@@ -48,6 +48,11 @@ fn guest_tree(dir: &Path) {
     )
     .unwrap();
     std::os::unix::fs::symlink("../../etc/hosts", dir.join("home/anna/hosts-link")).unwrap();
+    // A directory of many small files (a listing larger than a pipe holds).
+    fs::create_dir_all(dir.join("usr/share/many")).unwrap();
+    for i in 0..1200 {
+        fs::write(dir.join(format!("usr/share/many/file-{i:04}")), "x").unwrap();
+    }
     // 4 MiB with data only at its end: a hole for restore-file to keep.
     let sparse = fs::File::create(dir.join("home/anna/sparse.img")).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&sparse, b"end", (4 << 20) - 3).unwrap();
@@ -216,6 +221,11 @@ fn compare_tree(repo: &Path, gen: &str, volume: &str, tree: &Path, rel: &str) {
                 e["target"].as_str().unwrap(),
                 fs::read_link(&path).unwrap().to_str().unwrap()
             ),
+            // The 1200 one-byte files are compared by size (a process per file costs more
+            // than the rest of the test).
+            "file" if guest.contains("/many/") => {
+                assert_eq!(e["size"].as_u64().unwrap(), meta.len(), "{guest}")
+            }
             "file" => {
                 assert_eq!(e["size"].as_u64().unwrap(), meta.len(), "{guest}");
                 let out = std::process::Command::new(BIN)
@@ -318,6 +328,33 @@ fn files_inside_gpt_and_mbr_disks_list_and_read_back_exactly() {
         .clone();
     assert_eq!(note, "on a logical partition\n");
 
+    // ls -r lists every path below WHERE.
+    let all = vmrepo([
+        s("ls"),
+        p(&repo),
+        s("gpt"),
+        s("disk0/p2:/"),
+        s("-r"),
+        s("--json"),
+    ])
+    .ok()
+    .json();
+    let mut listed: Vec<String> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .filter(|n| !n.starts_with("lost+found"))
+        .collect();
+    listed.sort();
+    let mut want: Vec<String> = sh(&format!("cd {} && find . -mindepth 1", tree.display()))
+        .stdout
+        .lines()
+        .map(|l| l.trim_start_matches("./").to_string())
+        .collect();
+    want.sort();
+    assert_eq!(listed, want);
+
     // A symlink is shown by ls and followed by cat; a path without its leading slash works.
     let r = vmrepo([
         s("ls"),
@@ -395,6 +432,19 @@ fn wrong_addresses_and_unreadable_volumes_get_errors_that_say_what_to_do() {
             .arg(format!(
                 "{BIN} cat {} web disk0/p2:/home/anna/Documents/big.bin | head -c 100 \
                  >/dev/null; echo \"status ${{PIPESTATUS[0]}}\"",
+                repo.display()
+            ))
+            .output()
+            .unwrap(),
+    );
+    assert!(r.stdout.contains("status 141"), "{}{}", r.stdout, r.stderr);
+    assert!(!r.stderr.contains("error"), "{}", r.stderr);
+    let r = Run::from(
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "{BIN} ls {} web disk0/p2:/ -r | head -n 3 >/dev/null; \
+                 echo \"status ${{PIPESTATUS[0]}}\"",
                 repo.display()
             ))
             .output()

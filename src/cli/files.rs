@@ -122,6 +122,9 @@ pub struct LsArgs {
     /// VOLUME or VOLUME:/PATH (`disk0/p2:/etc`); without it, the volumes.
     #[arg(value_name = "WHERE")]
     address: Option<String>,
+    /// List subdirectories too, all the way down (JSON: one list, names as paths below WHERE).
+    #[arg(short = 'r', long)]
+    recursive: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -164,19 +167,96 @@ pub fn ls(a: LsArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let v = guest.find(volume)?;
     let fs = guest.filesystem(&v)?;
     let top = fs.stat(&path)?;
-    let entries = if top.kind == "dir" {
-        fs.list(&path)?
-    } else {
-        vec![top]
+    let stdout = std::io::stdout();
+    let mut out = PipeWriter {
+        inner: std::io::BufWriter::new(stdout.lock()),
+        closed: false,
     };
-    if a.json {
-        print_json(&entries);
+    let written: anyhow::Result<()> = if top.kind != "dir" {
+        print_entries(&mut out, a.json, &[top]).map_err(anyhow::Error::from)
+    } else if a.recursive {
+        let mut all = Vec::new();
+        let walked = list_tree(&fs, &path, "", 0, &mut |dir, entries| {
+            if a.json {
+                all.extend(entries.iter().cloned().map(|mut e| {
+                    e.name = vmrepo::guest::join(dir, &e.name)
+                        .trim_start_matches('/')
+                        .to_string();
+                    e
+                }));
+                Ok(())
+            } else {
+                let here = match dir.trim_start_matches('/') {
+                    "" => path.clone(),
+                    below => vmrepo::guest::join(&path, below),
+                };
+                writeln!(out, "{here}:")
+                    .and_then(|_| print_entries(&mut out, false, entries))
+                    .and_then(|_| writeln!(out))
+                    .map_err(anyhow::Error::from)
+            }
+        });
+        walked.and_then(|_| {
+            if a.json {
+                print_entries(&mut out, true, &all)?;
+            }
+            Ok(())
+        })
     } else {
-        for e in &entries {
-            println!("{}", entry_line(e));
+        fs.list(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|l| Ok(print_entries(&mut out, a.json, &l)?))
+    };
+    match written.and_then(|_| Ok(out.flush()?)) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // The reader went away (`| head`): stop quietly, as a process killed by SIGPIPE would.
+        Err(_) if out.closed => Ok(ExitCode::from(141)),
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some() => {
+            Err(e.context("cannot write the listing to standard output"))
         }
+        Err(e) => Err(e),
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// Lists `path` of `fs` and every directory below it, depth first, handing each directory's
+/// entries to `each` with the directory's path relative to the start.
+fn list_tree(
+    fs: &vmrepo::guest::Filesystem,
+    path: &str,
+    rel: &str,
+    depth: usize,
+    each: &mut dyn FnMut(&str, &[Entry]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if depth > 256 {
+        anyhow::bail!(
+            "{}: directories nested deeper than 256 levels (a loop?)",
+            fs.describe(path)
+        );
+    }
+    let entries = fs.list(path)?;
+    each(rel, &entries)?;
+    for e in entries.iter().filter(|e| e.kind == "dir") {
+        list_tree(
+            fs,
+            &vmrepo::guest::join(path, &e.name),
+            &vmrepo::guest::join(rel, &e.name),
+            depth + 1,
+            each,
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes entries as JSON or as `ls -l` lines.
+fn print_entries(out: &mut dyn Write, json: bool, entries: &[Entry]) -> std::io::Result<()> {
+    if json {
+        serde_json::to_writer_pretty(&mut *out, entries)?;
+        writeln!(out)
+    } else {
+        entries
+            .iter()
+            .try_for_each(|e| writeln!(out, "{}", entry_line(e)))
+    }
 }
 
 /// Runs `vmrepo cat`.
