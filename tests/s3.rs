@@ -604,6 +604,55 @@ fn an_ingest_killed_before_its_commit_is_never_a_generation() {
         .ok();
 }
 
+/// Single files out of a generation in a bucket: `ls`, `cat` and `restore-file` read an ext4
+/// disk's files on a host that has only the bucket (its cache built on the way).
+#[test]
+fn files_inside_a_disk_read_straight_from_the_bucket() {
+    let store = Store::start();
+    let t = tempfile::tempdir().unwrap();
+    let url = store.url("files");
+    let tree = t.path().join("tree");
+    fs::create_dir_all(tree.join("etc")).unwrap();
+    fs::write(tree.join("etc/hosts"), "127.0.0.1 localhost\n").unwrap();
+    fs::write(tree.join("etc/big.bin"), bytes(3 << 20, 12)).unwrap();
+    let img = t.path().join("root.img");
+    let r = sh(&format!(
+        "mkfs.ext4 -q -d {} {} 32M",
+        tree.display(),
+        img.display()
+    ));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    store.vmrepo(&t.path().join("a"), [s("init"), s(&url)]).ok();
+    store
+        .vmrepo(
+            &t.path().join("a"),
+            [s("ingest"), s(&url), p(&img), s("--name"), s("web")],
+        )
+        .ok();
+    let fresh = t.path().join("fresh");
+    let ls = store.vmrepo(&fresh, [s("ls"), s(&url), s("web"), s("disk0:/etc")]);
+    assert!(ls.ok().stdout.contains(" hosts"), "{}", ls.stdout);
+    let cat = store.vmrepo(&fresh, [s("cat"), s(&url), s("web"), s("disk0:/etc/hosts")]);
+    assert_eq!(cat.ok().stdout, "127.0.0.1 localhost\n");
+    let out = t.path().join("out");
+    store
+        .vmrepo(
+            &fresh,
+            [
+                s("restore-file"),
+                s(&url),
+                s("web"),
+                s("disk0:/etc"),
+                p(&out),
+            ],
+        )
+        .ok();
+    assert!(same_file(
+        &out.join("etc/big.bin"),
+        &tree.join("etc/big.bin")
+    ));
+}
+
 /// Commands of one host share its cache: while an ingest uploads and records its packs, other
 /// commands bring the same cache up to date again and again; none of them may take the
 /// ingest's packs for another host's, and the ingest succeeds.

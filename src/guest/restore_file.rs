@@ -105,7 +105,7 @@ impl Restorer<'_> {
                 continue;
             }
             let child = join(path, &e.name);
-            self.entry(dir, &child, &e.name.clone(), &e, depth + 1)?;
+            self.entry(dir, &child, &e.name, &e, depth + 1)?;
         }
         Ok(())
     }
@@ -126,8 +126,7 @@ impl Restorer<'_> {
                 Err(
                     err @ (Error::Corrupt(_) | Error::GuestFilesystem(_) | Error::Damaged { .. }),
                 ) => {
-                    self.progress
-                        .note(&format!("not restored: {}: {err}", self.fs.describe(path)));
+                    // Listed at the end (NOT RESTORED): no note on the way, once is enough.
                     self.report
                         .failed
                         .push(format!("{}: {err}", self.fs.describe(path)));
