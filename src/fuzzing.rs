@@ -100,14 +100,8 @@ pub fn exercise(which: &str, data: &[u8]) -> Result<(), String> {
         "sesparse" => walk(SeSparse::open(file()).map_err(err)?),
         "qcow2" => walk(Qcow2::open(file()).map_err(err)?),
         "partitions" => {
-            let mut read = |at: u64, buf: &mut [u8]| -> crate::error::Result<()> {
-                let at = usize::try_from(at).unwrap_or(usize::MAX);
-                let src = data
-                    .get(at..at.saturating_add(buf.len()))
-                    .ok_or_else(|| crate::error::Error::Corrupt("read past the end".into()))?;
-                buf.copy_from_slice(src);
-                Ok(())
-            };
+            let io = crate::guest::VolumeIo::in_memory(data.to_vec());
+            let mut read = |at: u64, buf: &mut [u8]| io.read_at(at, buf);
             let parts = match crate::guest::partitions::read_table(data.len() as u64, &mut read)
                 .map_err(err)?
             {
@@ -121,14 +115,8 @@ pub fn exercise(which: &str, data: &[u8]) -> Result<(), String> {
             Ok(())
         }
         "lvm" => {
-            let mut read = |at: u64, buf: &mut [u8]| -> crate::error::Result<()> {
-                let at = usize::try_from(at).unwrap_or(usize::MAX);
-                let src = data
-                    .get(at..at.saturating_add(buf.len()))
-                    .ok_or_else(|| crate::error::Error::Corrupt("read past the end".into()))?;
-                buf.copy_from_slice(src);
-                Ok(())
-            };
+            let io = crate::guest::VolumeIo::in_memory(data.to_vec());
+            let mut read = |at: u64, buf: &mut [u8]| io.read_at(at, buf);
             let lvs = crate::guest::lvm::read_pv(data.len() as u64, &mut read).map_err(err)?;
             if lvs.is_empty() {
                 return Err("no logical volumes".into());

@@ -4,7 +4,7 @@
 use ext4_view::{Ext4, Ext4Error, Ext4Read};
 
 use crate::error::{Error, Result};
-use crate::guest::{join, Entry, GuestFs, VolumeIo};
+use crate::guest::{join, repository_error, Entry, GuestFs, VolumeIo};
 
 /// An ext2/3/4 filesystem on a volume.
 pub struct Ext {
@@ -50,13 +50,8 @@ impl Ext {
 /// where it happened) or the filesystem's own fault.
 fn error(what: &str, e: Ext4Error) -> Error {
     match e {
-        Ext4Error::Io(e) => match e.downcast::<Error>() {
-            Ok(inner) => match *inner {
-                Error::Corrupt(m) => Error::Corrupt(format!("{what}: {m}")),
-                other => other,
-            },
-            Err(e) => Error::Corrupt(format!("{what}: cannot be read: {e}")),
-        },
+        Ext4Error::Io(e) => repository_error(what, e)
+            .unwrap_or_else(|e| Error::Corrupt(format!("{what}: cannot be read: {e}"))),
         e => Error::GuestFilesystem(format!("{what}: {e}")),
     }
 }

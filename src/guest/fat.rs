@@ -7,7 +7,7 @@
 use ::fatfs::{Date, DateTime, Dir, FileSystem, FsOptions};
 
 use crate::error::{Error, Result};
-use crate::guest::{Entry, GuestFs, VolumeCursor, VolumeIo};
+use crate::guest::{repository_error, Entry, GuestFs, VolumeCursor, VolumeIo};
 
 /// A FAT filesystem on a volume.
 pub struct Fat {
@@ -52,12 +52,9 @@ impl Fat {
 
 /// A failed read of the disk (the repository's error) or the filesystem's own fault.
 fn error(what: &str, e: std::io::Error) -> Error {
-    match e.into_inner().map(|i| i.downcast::<Error>()) {
-        Some(Ok(inner)) => match *inner {
-            Error::Corrupt(m) => Error::Corrupt(format!("{what}: {m}")),
-            other => other,
-        },
-        Some(Err(e)) => Error::GuestFilesystem(format!("{what}: {e}")),
+    match e.into_inner() {
+        Some(e) => repository_error(what, e)
+            .unwrap_or_else(|e| Error::GuestFilesystem(format!("{what}: {e}"))),
         None => Error::GuestFilesystem(format!("{what}: the FAT filesystem cannot be read")),
     }
 }

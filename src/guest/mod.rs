@@ -537,6 +537,18 @@ impl Filesystem {
     }
 }
 
+/// The repository's own error behind a failed read of a volume (a damaged chunk), with `what`
+/// (the file or volume being read) added to it; the error itself back when it is not ours.
+pub(crate) fn repository_error(
+    what: &str,
+    e: Box<dyn std::error::Error + Send + Sync>,
+) -> std::result::Result<Error, Box<dyn std::error::Error + Send + Sync>> {
+    e.downcast::<Error>().map(|inner| match *inner {
+        Error::Corrupt(m) => Error::Corrupt(format!("{what}: {m}")),
+        other => other,
+    })
+}
+
 /// `dir/name` in the guest.
 pub fn join(dir: &str, name: &str) -> String {
     if dir.ends_with('/') {

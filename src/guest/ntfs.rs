@@ -12,7 +12,7 @@ use ::ntfs::NtfsReadSeek;
 use ::ntfs::{NtfsError, NtfsFile, NtfsTime};
 
 use crate::error::{Error, Result};
-use crate::guest::{Entry, GuestFs, VolumeCursor, VolumeIo};
+use crate::guest::{repository_error, Entry, GuestFs, VolumeCursor, VolumeIo};
 
 /// Records below this number are NTFS's own metadata files.
 const FIRST_USER_RECORD: u64 = 24;
@@ -134,12 +134,9 @@ fn unix_time(t: NtfsTime) -> (i64, u32) {
 /// filesystem's own fault.
 fn error(what: &str, e: NtfsError) -> Error {
     match e {
-        NtfsError::Io(e) => match e.into_inner().map(|i| i.downcast::<Error>()) {
-            Some(Ok(inner)) => match *inner {
-                Error::Corrupt(m) => Error::Corrupt(format!("{what}: {m}")),
-                other => other,
-            },
-            Some(Err(e)) => Error::Corrupt(format!("{what}: cannot be read: {e}")),
+        NtfsError::Io(e) => match e.into_inner() {
+            Some(e) => repository_error(what, e)
+                .unwrap_or_else(|e| Error::Corrupt(format!("{what}: cannot be read: {e}"))),
             None => Error::Corrupt(format!("{what}: cannot be read")),
         },
         e => Error::GuestFilesystem(format!("{what}: {e}")),
