@@ -15,6 +15,55 @@ fn run(cmd: &str) {
     assert_eq!(r.code, 0, "{cmd}\n{}{}", r.stdout, r.stderr);
 }
 
+/// A repository holding generation `web` of the GPT disk of [`gpt_disk`] made from
+/// [`guest_tree`]: the work directory, the tree and the repository.
+fn web_generation() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let tree = t.path().join("tree");
+    guest_tree(&tree);
+    let repo = init_repo(t.path());
+    let gpt = gpt_disk(t.path(), &tree);
+    ingest(&repo, &gpt, Some("web"));
+    (t, tree, repo)
+}
+
+/// `n` bytes from /dev/urandom: incompressible, so stored verbatim.
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    std::io::Read::read_exact(&mut fs::File::open("/dev/urandom").unwrap(), &mut b).unwrap();
+    b
+}
+
+/// What `vmrepo cat REPO GEN ADDRESS` writes, as bytes; it must succeed.
+fn cat_bytes(repo: &Path, gen: &str, address: &str) -> Vec<u8> {
+    let out = std::process::Command::new(BIN)
+        .arg("cat")
+        .arg(repo)
+        .arg(gen)
+        .arg(address)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cat {address}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `COMMAND | READER` in bash: COMMAND's exit status (`status N` on stdout) and its stderr.
+fn with_reader(command: &str, reader: &str) -> Run {
+    Run::from(
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "{command} | {reader} >/dev/null; echo \"status ${{PIPESTATUS[0]}}\""
+            ))
+            .output()
+            .unwrap(),
+    )
+}
+
 /// A tree for the guest filesystem: nested directories, a setuid binary, a file of random bytes
 /// larger than a segment, an empty file, a symlink, a name with spaces and non-ASCII letters.
 fn guest_tree(dir: &Path) {
@@ -36,9 +85,11 @@ fn guest_tree(dir: &Path) {
     )
     .unwrap();
     // Incompressible, so that it is stored verbatim (see the damage test).
-    let mut noise = vec![0u8; 5 << 20];
-    std::io::Read::read_exact(&mut fs::File::open("/dev/urandom").unwrap(), &mut noise).unwrap();
-    fs::write(dir.join("home/anna/Documents/big.bin"), noise).unwrap();
+    fs::write(
+        dir.join("home/anna/Documents/big.bin"),
+        random_bytes(5 << 20),
+    )
+    .unwrap();
     fs::write(dir.join("home/anna/Documents/Résumé 2026.txt"), "Ünïcödé\n").unwrap();
     fs::write(dir.join("home/anna/empty"), "").unwrap();
     fs::write(dir.join("home/anna/tool"), bytes(10_000, 8)).unwrap();
@@ -228,19 +279,8 @@ fn compare_tree(repo: &Path, gen: &str, volume: &str, tree: &Path, rel: &str) {
             }
             "file" => {
                 assert_eq!(e["size"].as_u64().unwrap(), meta.len(), "{guest}");
-                let out = std::process::Command::new(BIN)
-                    .arg("cat")
-                    .arg(repo)
-                    .arg(gen)
-                    .arg(format!("{volume}:{guest}"))
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{guest}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                assert!(out.stdout == fs::read(&path).unwrap(), "{guest} differs");
+                let got = cat_bytes(repo, gen, &format!("{volume}:{guest}"));
+                assert!(got == fs::read(&path).unwrap(), "{guest} differs");
             }
             other => panic!("{guest}: unexpected kind {other}"),
         }
@@ -299,16 +339,8 @@ fn files_inside_gpt_and_mbr_disks_list_and_read_back_exactly() {
         "disk0/p1:/EFI/debian/grubx64.efi",
         "disk0/p1:/efi/A LONG NAME.EFI",
     ] {
-        let got = std::process::Command::new(BIN)
-            .args([s("cat"), p(&repo), s("gpt"), s(path)])
-            .output()
-            .unwrap();
-        assert!(
-            got.status.success(),
-            "{}",
-            String::from_utf8_lossy(&got.stderr)
-        );
-        assert!(got.stdout == want, "{path} differs");
+        let got = cat_bytes(&repo, "gpt", path);
+        assert!(got == want, "{path} differs");
     }
     let text = vmrepo([s("ls"), p(&repo), s("mbr")]).ok().stdout.clone();
     let names: Vec<&str> = text
@@ -381,13 +413,8 @@ fn files_inside_gpt_and_mbr_disks_list_and_read_back_exactly() {
 
 #[test]
 fn wrong_addresses_and_unreadable_volumes_get_errors_that_say_what_to_do() {
-    let t = tempfile::tempdir().unwrap();
+    let (t, tree, repo) = web_generation();
     let work = t.path();
-    let tree = work.join("tree");
-    guest_tree(&tree);
-    let repo = init_repo(work);
-    let gpt = gpt_disk(work, &tree);
-    ingest(&repo, &gpt, Some("web"));
     let fail = |args: &[&str], want: &str| {
         let mut all = vec![s(args[0]), p(&repo)];
         all.extend(args[1..].iter().map(|a| s(a)));
@@ -426,29 +453,18 @@ fn wrong_addresses_and_unreadable_volumes_get_errors_that_say_what_to_do() {
     );
 
     // The reader closing the pipe early stops cat quietly, as SIGPIPE stops a shell tool.
-    let r = Run::from(
-        std::process::Command::new("bash")
-            .arg("-c")
-            .arg(format!(
-                "{BIN} cat {} web disk0/p2:/home/anna/Documents/big.bin | head -c 100 \
-                 >/dev/null; echo \"status ${{PIPESTATUS[0]}}\"",
-                repo.display()
-            ))
-            .output()
-            .unwrap(),
+    let r = with_reader(
+        &format!(
+            "{BIN} cat {} web disk0/p2:/home/anna/Documents/big.bin",
+            repo.display()
+        ),
+        "head -c 100",
     );
     assert!(r.stdout.contains("status 141"), "{}{}", r.stdout, r.stderr);
     assert!(!r.stderr.contains("error"), "{}", r.stderr);
-    let r = Run::from(
-        std::process::Command::new("bash")
-            .arg("-c")
-            .arg(format!(
-                "{BIN} ls {} web disk0/p2:/ -r | head -n 3 >/dev/null; \
-                 echo \"status ${{PIPESTATUS[0]}}\"",
-                repo.display()
-            ))
-            .output()
-            .unwrap(),
+    let r = with_reader(
+        &format!("{BIN} ls {} web disk0/p2:/ -r", repo.display()),
+        "head -n 3",
     );
     assert!(r.stdout.contains("status 141"), "{}{}", r.stdout, r.stderr);
     assert!(!r.stderr.contains("error"), "{}", r.stderr);
@@ -497,13 +513,8 @@ fn a_hostile_guest_filesystem_gives_errors_not_panics() {
 /// other files of the volume still read back exactly.
 #[test]
 fn a_damaged_chunk_names_the_file_and_the_rest_stays_readable() {
-    let t = tempfile::tempdir().unwrap();
+    let (t, tree, repo) = web_generation();
     let work = t.path();
-    let tree = work.join("tree");
-    guest_tree(&tree);
-    let repo = init_repo(work);
-    let gpt = gpt_disk(work, &tree);
-    ingest(&repo, &gpt, Some("web"));
     // big.bin is random, so stored verbatim: find a piece of its middle in a pack file.
     let big = fs::read(tree.join("home/anna/Documents/big.bin")).unwrap();
     let needle = &big[(2 << 20)..(2 << 20) + 64];
@@ -569,13 +580,8 @@ fn a_damaged_chunk_names_the_file_and_the_rest_stays_readable() {
 /// destination.
 #[test]
 fn restore_file_copies_trees_exactly_and_only_into_the_destination() {
-    let t = tempfile::tempdir().unwrap();
+    let (t, tree, repo) = web_generation();
     let work = t.path();
-    let tree = work.join("tree");
-    guest_tree(&tree);
-    let repo = init_repo(work);
-    let gpt = gpt_disk(work, &tree);
-    ingest(&repo, &gpt, Some("web"));
     let restore = |what: &str, dest: &Path, force: bool| {
         let mut args = vec![s("restore-file"), p(&repo), s("web"), s(what), p(dest)];
         if force {
@@ -758,9 +764,7 @@ fn files_on_an_ntfs_volume_read_back_as_ntfscat_reads_them() {
             mnt.join("Users/Anna/Documents/Report 2026.txt"),
             "quarterly\r\n",
         )?;
-        let mut noise = vec![0u8; 3 << 20];
-        std::io::Read::read_exact(&mut fs::File::open("/dev/urandom")?, &mut noise)?;
-        fs::write(mnt.join("Users/Anna/big.bin"), noise)?;
+        fs::write(mnt.join("Users/Anna/big.bin"), random_bytes(3 << 20))?;
         fs::create_dir_all(mnt.join("Windows/System32/drivers/etc"))?;
         fs::write(
             mnt.join("Windows/System32/drivers/etc/hosts"),
@@ -811,24 +815,8 @@ fn files_on_an_ntfs_volume_read_back_as_ntfscat_reads_them() {
             .output()
             .unwrap();
         assert!(want.status.success(), "ntfscat {path}");
-        let got = std::process::Command::new(BIN)
-            .args([
-                s("cat"),
-                p(&repo),
-                s("win"),
-                s(&format!("disk0/p1:{asked}")),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            got.status.success(),
-            "{}",
-            String::from_utf8_lossy(&got.stderr)
-        );
-        assert!(
-            got.stdout == want.stdout,
-            "{path} differs from what ntfscat reads"
-        );
+        let got = cat_bytes(&repo, "win", &format!("disk0/p1:{asked}"));
+        assert!(got == want.stdout, "{path} differs from what ntfscat reads");
     }
     let out = work.join("out");
     vmrepo([
@@ -871,9 +859,11 @@ fn files_on_lvm2_logical_volumes_read_back_exactly() {
     let tree = work.join("tree");
     guest_tree(&tree);
     // 9 MiB more, so that root's files fill its second segment too.
-    let mut noise = vec![0u8; 9 << 20];
-    std::io::Read::read_exact(&mut fs::File::open("/dev/urandom").unwrap(), &mut noise).unwrap();
-    fs::write(tree.join("home/anna/Documents/more.bin"), noise).unwrap();
+    fs::write(
+        tree.join("home/anna/Documents/more.bin"),
+        random_bytes(9 << 20),
+    )
+    .unwrap();
     let small = work.join("small");
     fs::create_dir_all(small.join("anna")).unwrap();
     fs::write(small.join("anna/notes.txt"), "on the home LV\n").unwrap();
@@ -950,13 +940,8 @@ fn files_on_lvm2_logical_volumes_read_back_exactly() {
 /// reason, and leaves no partial file behind.
 #[test]
 fn restore_file_on_a_full_disk_fails_cleanly() {
-    let t = tempfile::tempdir().unwrap();
+    let (t, _tree, repo) = web_generation();
     let work = t.path();
-    let tree = work.join("tree");
-    guest_tree(&tree);
-    let repo = init_repo(work);
-    let gpt = gpt_disk(work, &tree);
-    ingest(&repo, &gpt, Some("web"));
     // A real small filesystem when we may mount one; otherwise a file-size limit (EFBIG).
     let small = work.join("small");
     fs::create_dir(&small).unwrap();
