@@ -44,7 +44,8 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Wait up to SECONDS for other vmrepo processes to release the repository (an ingest
-    /// waiting for gc, gc waiting for ingests) instead of failing at once.
+    /// waiting for gc, gc waiting for ingests) instead of failing at once. Backups come first:
+    /// prune and gc do not start while an ingest or restore waits.
     #[arg(long, global = true, value_name = "SECONDS", default_value_t = 0)]
     lock_wait: u64,
     /// Encrypted repositories: read the passphrase from this file (first line).

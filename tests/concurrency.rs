@@ -317,3 +317,71 @@ fn soak_concurrent_commands_with_random_kills() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// A command waiting for the repository marks itself waiting (a file it keeps locked under
+/// `locks/repository.lock.waiting/`), and gc gives way to a live mark: maintenance cannot keep
+/// the night's backups out. A mark whose process is gone is removed, not obeyed.
+#[test]
+fn gc_gives_way_to_a_waiting_backup_and_ignores_a_dead_one() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = init_repo(t.path());
+    let img = t.path().join("vm.img");
+    sparse_image(&img, 8 << 20, &[(0, 1 << 20, 1)]);
+    ingest(&repo, &img, Some("vm"));
+    let waiting = repo.join("locks/repository.lock.waiting");
+
+    // A real ingest waiting behind an exclusive holder (held here) leaves its mark while it
+    // waits and removes it once it has run.
+    let lock = fs::File::open(repo.join("locks/repository.lock")).unwrap();
+    lock.lock().unwrap();
+    overwrite(&img, 0, 65536, 2);
+    let child = spawn(&[
+        s("--lock-wait"),
+        s("60"),
+        s("ingest"),
+        p(&repo),
+        p(&img),
+        s("--name"),
+        s("vm"),
+    ]);
+    wait_for("the waiting ingest's mark", 30, || {
+        fs::read_dir(&waiting).is_ok_and(|d| d.count() == 1)
+    });
+    // The mark is live: gc, once the lock is free, gives way to it.
+    let mark = fs::read_dir(&waiting)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let held = fs::File::open(&mark).unwrap();
+    assert!(
+        held.try_lock().is_err(),
+        "the waiter must keep its mark locked"
+    );
+    drop(held);
+    drop(lock);
+    let done = finish(child);
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    assert_eq!(fs::read_dir(&waiting).unwrap().count(), 0);
+
+    // A waiter's live mark (this test's own) keeps gc out, with the reason; ingests go on.
+    let mark = waiting.join("1-0a0a0a0a0a0a0a0a");
+    let held = fs::File::create(&mark).unwrap();
+    held.lock_shared().unwrap();
+    let gc = vmrepo([s("gc"), p(&repo)]);
+    assert_ne!(gc.code, 0);
+    assert!(
+        gc.stderr.contains("a backup or restore is waiting for it"),
+        "{}",
+        gc.stderr
+    );
+    overwrite(&img, 0, 65536, 3);
+    ingest(&repo, &img, Some("vm"));
+    // The same mark with no process behind it is removed and gc runs.
+    drop(held);
+    vmrepo([s("gc"), p(&repo)]).ok();
+    assert!(!mark.exists());
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+    assert_eq!(generations(&repo, "vm").len(), 3);
+}

@@ -387,13 +387,13 @@ fn two_hosts_ingest_at_once_while_a_third_prunes_and_collects_garbage() {
             for cmd in [
                 vec![
                     s("--lock-wait"),
-                    s("120"),
+                    s("300"),
                     s("prune"),
                     s(&url),
                     s("--keep-last"),
                     s("2"),
                 ],
-                vec![s("--lock-wait"), s("120"), s("gc"), s(&url)],
+                vec![s("--lock-wait"), s("300"), s("gc"), s(&url)],
             ] {
                 store.vmrepo(&admin, cmd).ok();
             }
@@ -424,6 +424,92 @@ fn two_hosts_ingest_at_once_while_a_third_prunes_and_collects_garbage() {
             );
         }
     }
+}
+
+/// A backup waiting for the repository marks itself waiting; gc and prune give way to such a
+/// mark (and say whose it is) instead of keeping the backups out one run after another. A
+/// mark left by a killed process of this host does not count.
+#[test]
+fn commands_that_need_the_repository_alone_give_way_to_waiting_backups() {
+    let store = Store::start();
+    let t = tempfile::tempdir().unwrap();
+    let url = store.url("turns");
+    let cache = t.path().join("cache");
+    store.vmrepo(&cache, [s("init"), s(&url)]).ok();
+    let img = t.path().join("vm.img");
+    sparse_image(&img, 8 << 20, &[(0, 1 << 20, 1)]);
+    let ingest = [s("ingest"), s(&url), p(&img), s("--name"), s("vm")];
+    store.vmrepo(&cache, &ingest).ok();
+    let folder = "turns/locks/repository.lock/";
+    let plant = |name: &str, holder: &str| {
+        store.python(&format!(
+            "s3.put_object(Bucket=bucket, Key='{folder}{name}', Body=b'{holder}\\n')"
+        ));
+    };
+    let remove = |name: &str| {
+        store.python(&format!(
+            "s3.delete_object(Bucket=bucket, Key='{folder}{name}')"
+        ));
+    };
+
+    // Another host's backup waits: gc gives way and names it; backups go on.
+    plant("waiting-0a0a0a0a0a0a0a0a", "host=esx-other pid=4242");
+    let gc = store.vmrepo(&cache, [s("gc"), s(&url)]);
+    assert_ne!(gc.code, 0, "gc ran while a backup waited:\n{}", gc.stderr);
+    assert!(
+        gc.stderr
+            .contains("process 4242 on host esx-other is waiting for it"),
+        "{}",
+        gc.stderr
+    );
+    overwrite(&img, 0, 65536, 2);
+    store.vmrepo(&cache, &ingest).ok();
+    remove("waiting-0a0a0a0a0a0a0a0a");
+
+    // A real backup waiting behind another host's gc marks itself while it waits, takes its
+    // turn when the gc ends, and removes its mark.
+    plant("exclusive-0b0b0b0b0b0b0b0b", "host=esx-other pid=4243");
+    let mut waiting = store.command(&cache);
+    waiting
+        .args([s("--lock-wait"), s("60")])
+        .args(&ingest)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    overwrite(&img, 0, 65536, 3);
+    let child = waiting.spawn().unwrap();
+    wait_for("the waiting backup's mark", 30, || {
+        store.keys(folder).iter().any(|k| k.contains("/waiting-"))
+    });
+    let gc = store.vmrepo(&cache, [s("gc"), s(&url)]);
+    assert_ne!(gc.code, 0, "{}", gc.stderr);
+    remove("exclusive-0b0b0b0b0b0b0b0b");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(store.keys(folder).is_empty(), "{:?}", store.keys(folder));
+
+    // The mark of a killed waiter of this host is no obstacle, and is removed.
+    let hostname = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let dead = Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    let mut dead = dead;
+    dead.wait().unwrap();
+    plant(
+        "waiting-0c0c0c0c0c0c0c0c",
+        &format!("host={} pid={dead_pid}", hostname.trim()),
+    );
+    store.vmrepo(&cache, [s("gc"), s(&url)]).ok();
+    assert!(store.keys(folder).is_empty(), "{:?}", store.keys(folder));
+    store
+        .vmrepo(
+            &t.path().join("fresh"),
+            [s("check"), s(&url), s("--read-data")],
+        )
+        .ok();
+    assert_eq!(generation_names(&store, &cache, &url, "vm").len(), 3);
 }
 
 #[test]

@@ -165,8 +165,9 @@ pub enum LockKind {
 pub enum LockAttempt {
     /// Taken; released when the guard is dropped (or the process ends).
     Held(LockGuard),
-    /// Another holder has it.
-    Busy,
+    /// Another holder has it; who, when the backend can tell ("process 4242 on host esx-backup
+    /// holds it alone (since 37 s)").
+    Busy { holder: Option<String> },
 }
 
 /// A held lock: released on drop, or when the process holding it ends.
@@ -280,6 +281,11 @@ pub trait Backend: Send + Sync {
     /// out (a reader on a repository it may not write). `Err` with
     /// [`is_not_writable`] when the lock cannot be taken here at all.
     fn try_lock(&self, name: &str, kind: LockKind, read_only: bool) -> io::Result<LockAttempt>;
+    /// Marks this process as waiting for a shared hold of lock `name`, after an attempt found
+    /// it busy: while the returned guard lives, exclusive attempts on `name` find it busy, so a
+    /// command that needs the repository alone gives way to backups and restores already
+    /// waiting. `Err` when the mark cannot be written (the caller then waits without it).
+    fn wait_turn(&self, name: &str) -> io::Result<LockGuard>;
     /// Requests made and bytes moved so far, for a backend that pays per request (object
     /// storage); `None` for a directory.
     fn traffic(&self) -> Option<Traffic> {

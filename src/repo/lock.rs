@@ -4,6 +4,8 @@
 //! * `locks/repository.lock`: shared by every command that adds or reads data (ingest, extract,
 //!   check, mount); exclusive for commands that rewrite or delete (index rebuild, repair, prune,
 //!   gc). A command waits for the lock only as long as `--lock-wait` says (default: not at all).
+//!   A command waiting for a shared hold marks itself waiting, and exclusive attempts give way
+//!   to it: maintenance never keeps backups and restores out run after run.
 //! * `locks/vm-<hash>.lock`: exclusive per VM while it is being ingested, so two ingests of
 //!   different VMs run side by side but two of the same VM do not.
 
@@ -121,8 +123,10 @@ pub fn lock_repository(
     }
 }
 
-/// Takes lock `key`, retrying every 200 ms for up to `wait`; tells `on_wait` once (`waiting`)
-/// when it has to wait, and fails with `busy` (plus how long it waited) when the time is up.
+/// Takes lock `key`, retrying about every 200 ms for up to `wait`; tells `on_wait` once
+/// (`waiting`) when it has to wait, and fails with `busy` (plus how long it waited and the last
+/// holder seen) when the time is up. A shared waiter marks itself waiting
+/// ([`Backend::wait_turn`]), so exclusive commands give way to it.
 #[allow(clippy::too_many_arguments)]
 fn wait_for(
     backend: &dyn Backend,
@@ -136,6 +140,9 @@ fn wait_for(
 ) -> Result<Lock> {
     let deadline = Instant::now() + wait;
     let mut told = false;
+    let mut holder = None;
+    // Dropped (the mark removed) once the lock is taken or the wait given up.
+    let mut _turn = None;
     loop {
         match backend.try_lock(key, kind, read_only) {
             Ok(LockAttempt::Held(guard)) => {
@@ -144,22 +151,36 @@ fn wait_for(
                     unguarded: None,
                 })
             }
-            Ok(LockAttempt::Busy) => {}
+            Ok(LockAttempt::Busy { holder: h }) => holder = h.or(holder),
             Err(e) => return Err(Error::io("lock", backend.path(key), e)),
         }
         if Instant::now() >= deadline {
-            return Err(Error::Locked(if wait.is_zero() {
-                busy
-            } else {
-                busy.text(format!(" (waited {} s)", wait.as_secs()))
-            }));
+            let mut busy = busy;
+            if !wait.is_zero() {
+                busy = busy.text(format!(" (waited {} s)", wait.as_secs()));
+            }
+            if let Some(h) = holder {
+                busy = busy.text(format!("; last seen: {h}"));
+            }
+            return Err(Error::Locked(busy));
         }
         if !told {
             on_wait(waiting);
             told = true;
+            if kind == LockKind::Shared {
+                // Without the mark the wait still works, only without priority.
+                _turn = backend.wait_turn(key).ok();
+            }
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(retry_pause());
     }
+}
+
+/// 150 to 250 ms: waiters that started together do not retry in step.
+fn retry_pause() -> Duration {
+    let mut b = [0u8; 1];
+    let jitter = getrandom::fill(&mut b).map_or(50, |()| u64::from(b[0]) * 100 / 255);
+    Duration::from_millis(150 + jitter)
 }
 
 /// Takes the per-VM ingest lock. The lock is named by a hash of `tag` (the VM name, or its

@@ -246,10 +246,103 @@ impl Backend for LocalBackend {
             LockKind::Exclusive => file.try_lock(),
         };
         match r {
+            Ok(()) if kind == LockKind::Exclusive && self.someone_waits(key) => {
+                // Dropping `file` releases the flock just taken.
+                Ok(LockAttempt::Busy {
+                    holder: Some("a backup or restore is waiting for it".into()),
+                })
+            }
             Ok(()) => Ok(LockAttempt::Held(LockGuard::new(file))),
-            Err(TryLockError::WouldBlock) => Ok(LockAttempt::Busy),
+            Err(TryLockError::WouldBlock) => Ok(LockAttempt::Busy { holder: None }),
             Err(TryLockError::Error(e)) => Err(e),
         }
+    }
+
+    fn wait_turn(&self, key: &str) -> io::Result<LockGuard> {
+        let folder = self.path(&waiting_folder(key));
+        match fs::create_dir(&folder) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let mut token = [0u8; 8];
+        getrandom::fill(&mut token).map_err(|e| io::Error::other(e.to_string()))?;
+        let name = format!("{}-{}", std::process::id(), hex::encode(token));
+        // Locked under a hidden name, then renamed: an exclusive attempt sees only marks
+        // already locked, so it never takes a live waiter's mark for a dead one.
+        let hidden = folder.join(format!(".{name}"));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&hidden)?;
+        let placed = file
+            .try_lock_shared()
+            .map_err(io::Error::from)
+            .and_then(|()| fs::rename(&hidden, folder.join(&name)));
+        if let Err(e) = placed {
+            let _ = fs::remove_file(&hidden);
+            return Err(e);
+        }
+        Ok(LockGuard::new(WaitMark {
+            path: folder.join(name),
+            _file: file,
+        }))
+    }
+}
+
+/// The folder of the marks of processes waiting for a shared hold of lock `key`.
+fn waiting_folder(key: &str) -> String {
+    format!("{key}.waiting")
+}
+
+/// A waiting process's mark: a file it keeps `flock`ed (so a killed waiter's mark is known
+/// dead), removed when dropped.
+struct WaitMark {
+    path: PathBuf,
+    _file: File,
+}
+
+impl Drop for WaitMark {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+impl LocalBackend {
+    /// True when a live process waits for a shared hold of lock `key` (see
+    /// [`Backend::wait_turn`]). Marks left by killed waiters are removed on the way; a mark
+    /// that cannot be read counts as no one.
+    fn someone_waits(&self, key: &str) -> bool {
+        let folder = self.path(&waiting_folder(key));
+        let Ok(entries) = fs::read_dir(&folder) else {
+            return false;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let hidden = entry.file_name().to_string_lossy().starts_with('.');
+            let Ok(file) = File::open(&path) else {
+                continue;
+            };
+            match file.try_lock() {
+                Err(TryLockError::WouldBlock) if !hidden => return true,
+                // A hidden mark is being placed (or was left by a waiter killed while placing
+                // it): only an old one is removed.
+                Ok(()) if hidden => {
+                    let old = entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t.elapsed().unwrap_or_default().as_secs() > 60);
+                    if old {
+                        let _ = fs::remove_file(&path);
+                    }
+                }
+                Ok(()) => {
+                    let _ = fs::remove_file(&path);
+                }
+                Err(_) => {}
+            }
+        }
+        false
     }
 }
 
@@ -316,6 +409,36 @@ mod tests {
         drop(s1);
         let e = b.try_lock("locks/x", LockKind::Exclusive, false).unwrap();
         assert!(held(e));
+    }
+
+    #[test]
+    fn an_exclusive_attempt_gives_way_to_a_live_waiter_only() {
+        let t = tempfile::tempdir().unwrap();
+        let b = LocalBackend::create(t.path()).unwrap();
+        b.make_folder("locks/").unwrap();
+        let held = |a: LockAttempt| matches!(a, LockAttempt::Held(_));
+        let mark = b.wait_turn("locks/x").unwrap();
+        let busy = b.try_lock("locks/x", LockKind::Exclusive, false).unwrap();
+        assert!(
+            matches!(&busy, LockAttempt::Busy { holder: Some(h) } if h.contains("waiting")),
+            "an exclusive attempt with a waiter present must be refused"
+        );
+        drop(busy);
+        // The waiter itself still gets its shared hold.
+        assert!(held(
+            b.try_lock("locks/x", LockKind::Shared, false).unwrap()
+        ));
+        drop(mark);
+        assert!(held(
+            b.try_lock("locks/x", LockKind::Exclusive, false).unwrap()
+        ));
+        // A mark no process keeps locked (its waiter was killed) is removed, not obeyed.
+        let dead = t.path().join("locks/x.waiting/4242-dead");
+        std::fs::write(&dead, b"").unwrap();
+        assert!(held(
+            b.try_lock("locks/x", LockKind::Exclusive, false).unwrap()
+        ));
+        assert!(!dead.exists());
     }
 
     #[test]

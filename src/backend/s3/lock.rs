@@ -7,6 +7,11 @@
 //! This needs only what every store here gives: a listing shows an object whose PUT has
 //! returned (a listing that lags a delete shows a lock a little longer: safe too).
 //!
+//! A shared attempt that found the lock busy leaves `<lock name>/waiting-<random>` for as long
+//! as it waits ([`wait_turn`]); an exclusive attempt counts a live waiting object as a
+//! conflict, so a command that needs the repository alone (prune, gc) gives way to the backups
+//! already waiting instead of keeping them out one exclusive run after another.
+//!
 //! A held lock's object is written again every [`REFRESH`] by a thread of the guard and
 //! deleted when the guard is dropped. A holder that was killed leaves its object behind; it is
 //! ignored once it is [`STALE`] old. Age is measured on the store's clock alone: the
@@ -40,19 +45,11 @@ pub(super) fn try_lock(
     kind: LockKind,
     _read_only: bool,
 ) -> io::Result<LockAttempt> {
-    let mut token = [0u8; 8];
-    getrandom::fill(&mut token).map_err(|e| io::Error::other(e.to_string()))?;
     let kind_name = match kind {
         LockKind::Shared => "shared",
         LockKind::Exclusive => "exclusive",
     };
-    let key = format!("{name}/{kind_name}-{}", hex::encode(token));
-    let path = b.object(&key);
-    let body = PutPayload::from(holder_text());
-    // A reader that may not write gets EACCES here, which the caller takes as "run unlocked".
-    b.counters.add(1, body.content_length() as u64, 0);
-    b.block_on(b.store.put(&path, body.clone()))
-        .map_err(io_error)?;
+    let (path, body) = put_holder(b, name, kind_name)?;
     let release = || {
         b.counters.add(1, 0, 0);
         let _ = b.block_on(b.store.delete(&path));
@@ -73,17 +70,43 @@ pub(super) fn try_lock(
     else {
         // The listing does not show our own object yet: it cannot be trusted to show others.
         release();
-        return Ok(LockAttempt::Busy);
+        return Ok(LockAttempt::Busy { holder: None });
     };
     for other in listed.iter().filter(|m| m.location != path) {
-        if (now - other.last_modified).num_seconds() > STALE.as_secs() as i64 {
+        let age = (now - other.last_modified).num_seconds();
+        if age > STALE.as_secs() as i64 {
             continue;
         }
         let theirs = other.location.filename().unwrap_or_default();
-        let conflict = kind == LockKind::Exclusive || theirs.starts_with("exclusive-");
-        if conflict && !left_by_dead_process_here(b, &other.location) {
-            release();
-            return Ok(LockAttempt::Busy);
+        let conflict = match kind {
+            LockKind::Exclusive => true,
+            LockKind::Shared => theirs.starts_with("exclusive-"),
+        };
+        if !conflict {
+            continue;
+        }
+        match holder_of(b, &other.location) {
+            Some(h) if h.is_dead_process_here() => {
+                // A killed process of this host: its object does not count.
+                b.counters.add(1, 0, 0);
+                let _ = b.block_on(b.store.delete(&other.location));
+            }
+            holder => {
+                release();
+                let what = if theirs.starts_with("exclusive-") {
+                    "holds it alone"
+                } else if theirs.starts_with("waiting-") {
+                    "is waiting for it"
+                } else {
+                    "holds it"
+                };
+                let who = holder.map_or("a process (no holder recorded)".to_string(), |h| {
+                    format!("process {} on host {}", h.pid, h.host)
+                });
+                return Ok(LockAttempt::Busy {
+                    holder: Some(format!("{who} {what} (since {} s)", age.max(0))),
+                });
+            }
         }
     }
     let alive = Arc::new(AtomicBool::new(true));
@@ -102,6 +125,40 @@ pub(super) fn try_lock(
     }
 }
 
+/// Marks a shared holder waiting for lock `name`: while the guard lives, exclusive attempts
+/// give way (see the module comment). The object is renewed like a held lock's and deleted
+/// when the guard is dropped; one left by a killed waiter stops counting as a held lock's does.
+pub(super) fn wait_turn(b: &S3Backend, name: &str) -> io::Result<LockGuard> {
+    let (path, body) = put_holder(b, name, "waiting")?;
+    let held = Held::start(
+        b.store.clone(),
+        b.runtime.clone(),
+        path.clone(),
+        body,
+        Arc::new(AtomicBool::new(true)),
+    );
+    match held {
+        Ok(held) => Ok(LockGuard::new(held)),
+        Err(e) => {
+            let _ = b.block_on(b.store.delete(&path));
+            Err(e)
+        }
+    }
+}
+
+/// Writes this process's object `<name>/<kind>-<random>` under the lock's folder. A reader
+/// that may not write gets EACCES here, which the caller takes as "run unlocked".
+fn put_holder(b: &S3Backend, name: &str, kind: &str) -> io::Result<(ObjectPath, PutPayload)> {
+    let mut token = [0u8; 8];
+    getrandom::fill(&mut token).map_err(|e| io::Error::other(e.to_string()))?;
+    let path = b.object(&format!("{name}/{kind}-{}", hex::encode(token)));
+    let body = PutPayload::from(holder_text());
+    b.counters.add(1, body.content_length() as u64, 0);
+    b.block_on(b.store.put(&path, body.clone()))
+        .map_err(io_error)?;
+    Ok((path, body))
+}
+
 /// This host's name.
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -110,43 +167,48 @@ fn hostname() -> String {
         .to_string()
 }
 
-/// Who holds a lock: for people reading the bucket, and for [`left_by_dead_process_here`].
+/// Who holds a lock: for people reading the bucket, and for [`holder_of`].
 fn holder_text() -> Vec<u8> {
     format!("host={} pid={}\n", hostname(), std::process::id()).into_bytes()
 }
 
-/// True when the lock object at `path` was written by a process of this host that no longer
-/// runs (a killed ingest): it is deleted and does not count, so a killed run does not keep the
-/// next one out until its lock goes stale. A process of another host, or one whose object
-/// cannot be read, is taken to be alive.
-fn left_by_dead_process_here(b: &S3Backend, path: &ObjectPath) -> bool {
+/// Who wrote a lock object, from its body.
+struct Holder {
+    host: String,
+    pid: i32,
+}
+
+impl Holder {
+    /// True for a process of this host that no longer runs (a killed ingest): its object
+    /// does not count, so a killed run does not keep the next one out until the object goes
+    /// stale. A process of another host is taken to be alive.
+    fn is_dead_process_here(&self) -> bool {
+        if self.host != hostname() || self.pid <= 0 || self.pid as u32 == std::process::id() {
+            return false;
+        }
+        // SAFETY: signal 0 only asks whether the process exists; nothing is sent.
+        let failed = unsafe { libc::kill(self.pid, 0) } == -1;
+        failed && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    }
+}
+
+/// The holder recorded in the lock object at `path`; `None` when it cannot be read or names
+/// none (such an object is taken to belong to a live process).
+fn holder_of(b: &S3Backend, path: &ObjectPath) -> Option<Holder> {
     b.counters.add(1, 0, 0);
-    let Ok(body) = b.block_on(async { b.store.get(path).await?.bytes().await }) else {
-        return false;
-    };
+    let body = b
+        .block_on(async { b.store.get(path).await?.bytes().await })
+        .ok()?;
     let text = String::from_utf8_lossy(&body);
     let field = |name: &str| {
         text.split_whitespace()
             .find_map(|f| f.strip_prefix(name))
             .map(str::to_string)
     };
-    let (Some(host), Some(pid)) = (field("host="), field("pid=")) else {
-        return false;
-    };
-    let Ok(pid) = pid.parse::<i32>() else {
-        return false;
-    };
-    if host != hostname() || pid <= 0 || pid as u32 == std::process::id() {
-        return false;
-    }
-    // SAFETY: signal 0 only asks whether the process exists; nothing is sent.
-    let gone = unsafe { libc::kill(pid, 0) } == -1
-        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-    if gone {
-        b.counters.add(1, 0, 0);
-        let _ = b.block_on(b.store.delete(path));
-    }
-    gone
+    Some(Holder {
+        host: field("host=")?,
+        pid: field("pid=")?.parse().ok()?,
+    })
 }
 
 /// A held lock: its refresher thread, stopped (and the object deleted) on drop.

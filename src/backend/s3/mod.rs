@@ -34,7 +34,9 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
-use super::{Backend, Durability, Entry, LockAttempt, LockKind, ObjectWriter, RemoteOptions};
+use super::{
+    Backend, Durability, Entry, LockAttempt, LockGuard, LockKind, ObjectWriter, RemoteOptions,
+};
 use crate::error::{Error, IoContext, Result};
 use crate::throttle::{self, Throttle};
 
@@ -397,6 +399,10 @@ impl Backend for S3Backend {
 
     fn try_lock(&self, name: &str, kind: LockKind, read_only: bool) -> io::Result<LockAttempt> {
         lock::try_lock(self, name, kind, read_only)
+    }
+
+    fn wait_turn(&self, name: &str) -> io::Result<LockGuard> {
+        lock::wait_turn(self, name)
     }
 
     fn traffic(&self) -> Option<super::Traffic> {
