@@ -86,7 +86,13 @@ fn parsers_survive_thousands_of_mutated_inputs() {
          truncate -s 2M fs.ntfs && mkntfs -q -F -f fs.ntfs 2>/dev/null && \
          ntfscp -q fs.ntfs tree/etc/sub/numbers numbers.txt && \
          mkfs.vfat -C fs.fat 1024 >/dev/null && mmd -i fs.fat ::/EFI && \
-         mcopy -i fs.fat tree/etc/sub/numbers '::/EFI/Long Name.txt'",
+         mcopy -i fs.fat tree/etc/sub/numbers '::/EFI/Long Name.txt' && \
+         {{ printf 'x\n0 0\nd--755 0 0\n hosts ---644 0 0 tree/etc/hosts\n \
+         numbers ---644 0 0 tree/etc/sub/numbers\n link l--777 0 0 numbers\n'; \
+         for i in $(seq 100 250); do echo \" entry-with-a-longer-name-$i ---644 0 0 tree/etc/hosts\"; done; \
+         echo '$'; }} > xfs.proto && truncate -s 16M fs.xfs && \
+         TEST_DIR=1 TEST_DEV=1 QA_CHECK_FS=1 mkfs.xfs -q -f -p xfs.proto fs.xfs && \
+         truncate -s 7M fs.xfs",
         d.display()
     ))
     .ok();
@@ -140,6 +146,8 @@ fn parsers_survive_thousands_of_mutated_inputs() {
         ("ext4", read("fs.ext4")),
         ("ntfs", read("fs.ntfs")),
         ("fat", read("fs.fat")),
+        // An XFS volume's first 7 MiB: its superblock, root directory (block form) and files.
+        ("xfs", read("fs.xfs")),
         ("lvm", {
             // A PV's label and metadata (written by lvm), as long as its metadata area needs
             // (its logical volumes then lie past the end: listed, each with why it is unreadable).

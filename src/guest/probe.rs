@@ -8,7 +8,7 @@ use crate::error::Result;
 pub enum Content {
     /// ext2, ext3 or ext4: readable.
     Ext,
-    /// XFS.
+    /// XFS: readable.
     Xfs,
     /// NTFS: readable.
     Ntfs,
@@ -47,7 +47,10 @@ impl Content {
 
     /// Whether this build reads the files in it.
     pub fn readable(self) -> bool {
-        matches!(self, Content::Ext | Content::Ntfs | Content::Fat)
+        matches!(
+            self,
+            Content::Ext | Content::Ntfs | Content::Fat | Content::Xfs
+        )
     }
 }
 
