@@ -1,6 +1,6 @@
 //! Every input parser driven from bytes in memory, for the cargo-fuzz targets in `fuzz/` and the
 //! mutation test: descriptor, .vmx, .vmsd, KDMV, COWD, seSparse, qcow2, partition tables, LVM2
-//! metadata, ext2/3/4, NTFS, FAT and XFS. Each call parses the input and, when it opens, walks its
+//! metadata, ext2/3/4, NTFS, FAT, XFS and exFAT. Each call parses the input and, when it opens, walks its
 //! allocation map (or its directory tree) and reads its data, in bounded windows.
 //! Errors are the expected outcome for most inputs; a panic, hang or huge allocation is a bug.
 
@@ -22,6 +22,7 @@ pub const PARSERS: &[&str] = &[
     "ntfs",
     "fat",
     "xfs",
+    "exfat",
     "lvm",
 ];
 
@@ -137,11 +138,12 @@ pub fn exercise(which: &str, data: &[u8]) -> Result<(), String> {
             }
             Ok(())
         }
-        "ext4" | "ntfs" | "fat" | "xfs" => {
+        "ext4" | "ntfs" | "fat" | "xfs" | "exfat" => {
             let content = match which {
                 "ext4" => crate::guest::Content::Ext,
                 "ntfs" => crate::guest::Content::Ntfs,
                 "xfs" => crate::guest::Content::Xfs,
+                "exfat" => crate::guest::Content::ExFat,
                 _ => crate::guest::Content::Fat,
             };
             let io = crate::guest::VolumeIo::in_memory(data.to_vec());

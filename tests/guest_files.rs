@@ -1,7 +1,8 @@
 //! Single files out of a generation without root, FUSE or a VM: `vmrepo ls` and `vmrepo cat` on
 //! disks partitioned by the real tools (sgdisk for GPT, sfdisk for MBR with logical partitions)
-//! holding filesystems made by the real tools (`mkfs.ext4 -d`, `mkfs.vfat`), ingested raw and as
-//! qcow2. Every file the tree holds is compared with what `cat` gives, every directory with
+//! holding filesystems made by the real tools (`mkfs.ext4 -d`, `mkfs.vfat`, `mkfs.xfs -p`, ntfs-3g,
+//! and an exFAT volume written by mkfs.exfat and exfat-fuse, kept as a fixture), ingested raw and
+//! as qcow2. Every file the tree holds is compared with what `cat` gives, every directory with
 //! what `ls` lists.
 
 mod common;
@@ -1134,5 +1135,102 @@ fn files_on_xfs_volumes_read_back_exactly_in_every_directory_form() {
             .contains("disk0:/home/anna/no-such-file: no such file or directory"),
         "{}",
         missing.stderr
+    );
+}
+
+/// The contents `scripts/make-exfat-fixture.sh` wrote to `a.bin` (lower case) or `b.bin`.
+fn interleaved(first: u8) -> Vec<u8> {
+    (0..40u8).flat_map(|i| vec![first + i % 26; 4096]).collect()
+}
+
+#[test]
+fn files_on_an_exfat_volume_read_back_as_written() {
+    let t = tempfile::tempdir().unwrap();
+    let work = t.path();
+    // The volume made by mkfs.exfat and filled through the exfat-fuse driver (see
+    // scripts/make-exfat-fixture.sh), in an MBR partition of type 7.
+    let volume = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/exfat.img");
+    let disk = work.join("card.img");
+    run(&format!("truncate -s 8M {}", disk.display()));
+    run(&format!(
+        "printf 'start=2048, size=8192, type=7\\n' | sfdisk -q {}",
+        disk.display()
+    ));
+    place(&volume, &disk, 2048);
+    let repo = init_repo(work);
+    ingest(&repo, &disk, Some("card"));
+
+    let vols = vmrepo([s("ls"), p(&repo), s("card"), s("--json")])
+        .ok()
+        .json();
+    assert_eq!(vols[0]["name"], "disk0/p1");
+    assert_eq!(vols[0]["content"], "exfat");
+    assert_eq!(vols[0]["label"], "CAMERA");
+    let tree = vmrepo([
+        s("ls"),
+        p(&repo),
+        s("card"),
+        s("disk0/p1:/"),
+        s("-r"),
+        s("--json"),
+    ])
+    .ok()
+    .json();
+    let paths: Vec<&str> = tree
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths.len(), 5 + 4 + 1 + 120, "{paths:?}");
+    let numbers: String = (1..=20000).map(|i| format!("{i}\n")).collect();
+    let cat = |path: &str| cat_bytes(&repo, "card", &format!("disk0/p1:{path}"));
+    assert_eq!(cat("/Docs/hello.txt"), b"hello from exFAT\n");
+    // Names are found without regard to case, as Windows finds them.
+    assert_eq!(cat("/docs/SUB/Numbers.TXT"), numbers.as_bytes());
+    assert_eq!(
+        cat("/Docs/A rather long file name – ünïcödé.txt"),
+        "ünïcödé\n".as_bytes()
+    );
+    // Clusters interleaved with another file's: read through the FAT chain.
+    assert_eq!(cat("/a.bin"), interleaved(b'a'));
+    assert_eq!(cat("/b.bin"), interleaved(b'A'));
+    assert!(cat("/empty").is_empty());
+    for i in [1, 57, 120] {
+        assert_eq!(
+            cat(&format!("/DCIM/100CAMERA/IMG_{i:04}.JPG")),
+            format!("photo {i}\n").as_bytes()
+        );
+    }
+    // Times carry the volume's UTC offset: the fixture was written on 2026-12-04.
+    let hello = vmrepo([
+        s("ls"),
+        p(&repo),
+        s("card"),
+        s("disk0/p1:/Docs/hello.txt"),
+        s("--json"),
+    ])
+    .ok()
+    .json();
+    let mtime = hello[0]["mtime"].as_i64().unwrap();
+    assert!(
+        (1_796_342_400..1_796_428_800).contains(&mtime),
+        "mtime {mtime} is not on 2026-12-04"
+    );
+    // A whole directory restored: every photo, as a file of the same bytes.
+    let out = work.join("restored");
+    vmrepo([
+        s("restore-file"),
+        p(&repo),
+        s("card"),
+        s("disk0/p1:/DCIM"),
+        p(&out),
+    ])
+    .ok();
+    let photos = out.join("DCIM/100CAMERA");
+    assert_eq!(fs::read_dir(&photos).unwrap().count(), 120);
+    assert_eq!(
+        fs::read(photos.join("IMG_0033.JPG")).unwrap(),
+        b"photo 33\n"
     );
 }

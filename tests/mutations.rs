@@ -148,6 +148,12 @@ fn parsers_survive_thousands_of_mutated_inputs() {
         ("fat", read("fs.fat")),
         // An XFS volume's first 7 MiB: its superblock, root directory (block form) and files.
         ("xfs", read("fs.xfs")),
+        // The exFAT volume of tests/guest_files.rs (made by mkfs.exfat and exfat-fuse).
+        (
+            "exfat",
+            fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/exfat.img"))
+                .unwrap(),
+        ),
         ("lvm", {
             // A PV's label and metadata (written by lvm), as long as its metadata area needs
             // (its logical volumes then lie past the end: listed, each with why it is unreadable).

@@ -21,7 +21,7 @@ are read.\n\nWithout WHERE: the volumes of every disk, `disk0` for a disk withou
 table or `disk0/p2` for its partitions (MBR, with logical partitions from p5, or GPT), then \
 `disk0/lvm/VG/LV` for the linear logical volumes of an LVM2 physical volume, each with \
 its size, what it holds (ext2/3/4, xfs, ntfs, fat, exfat, luks, bitlocker, lvm2, swap or \
-unknown) and its label. With WHERE = VOLUME or VOLUME:/PATH on an ext2/3/4, XFS, NTFS or FAT volume: the entries \
+unknown) and its label. With WHERE = VOLUME or VOLUME:/PATH on an ext2/3/4, XFS, NTFS, FAT or exFAT volume: the entries \
 of that directory (mode, owner, group, size, modification time in UTC, name, and a symlink's \
 target), or the one entry when PATH is not a directory. Symlinks are shown, never followed. \
 Other filesystems are named and refused; encrypted volumes are never guessed at.\n\nExamples: \
@@ -68,7 +68,7 @@ pub struct RestoreFileArgs {
 
 pub const DIFF_HELP: &str = "Show the files added, removed and changed between two generations \
 inside their disks, read straight from the repository: `vmrepo diff /backup web01@-3 web01` \
-compares every readable (ext2/3/4, XFS, NTFS, FAT) volume the two have in common; `vmrepo diff /backup web01@-1 web01 \
+compares every readable (ext2/3/4, XFS, NTFS, FAT, exFAT) volume the two have in common; `vmrepo diff /backup web01@-1 web01 \
 disk0/p2:/etc` only that directory. A file is changed when its kind, size, modification time, \
 mode, owner or symlink target differs (contents are not compared); a directory added or removed \
 is one line with the number of entries under it. Lines start with + (added), - (removed) or M \
@@ -388,7 +388,7 @@ pub fn diff(a: DiffArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     };
     if pairs.is_empty() {
         anyhow::bail!(
-            "{} and {} have no readable (ext2/3/4, XFS, NTFS or FAT) volume in common (see `vmrepo ls` for each)",
+            "{} and {} have no readable (ext2/3/4, XFS, NTFS, FAT or exFAT) volume in common (see `vmrepo ls` for each)",
             old.generation(),
             new.generation()
         );

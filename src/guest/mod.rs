@@ -8,12 +8,13 @@
 //! partition numbering, see [`partitions`]) or `disk<N>/lvm/<vg>/<lv>`; a file is
 //! `VOLUME:/PATH`. What a volume holds is
 //! told by [`probe`]; ext2/3/4 is read through the `ext4-view` crate ([`ext`]), NTFS through the
-//! `ntfs` crate ([`ntfs`]), FAT through the `fatfs` crate ([`fat`]), XFS by vmrepo's own reader
-//! ([`xfs`]), all behind [`GuestFs`]; the
+//! `ntfs` crate ([`ntfs`]), FAT through the `fatfs` crate ([`fat`]), XFS and exFAT by vmrepo's
+//! own readers ([`xfs`], [`exfat`]), all behind [`GuestFs`]; the
 //! logical volumes of LVM2 are found by [`lvm`]. Other filesystems and encrypted volumes are
 //! listed as what they are and refused by name, never guessed at.
 
 pub mod diff;
+pub mod exfat;
 pub mod ext;
 pub mod fat;
 pub mod history;
@@ -285,7 +286,7 @@ impl Guest {
                 v.content
             };
             return Err(Error::Usage(format!(
-                "{}: volume {} holds {holds}: this build reads files on ext2/3/4, XFS, NTFS and FAT \
+                "{}: volume {} holds {holds}: this build reads files on ext2/3/4, XFS, NTFS, FAT and exFAT \
                  volumes only",
                 self.generation, v.name,
             )));
@@ -304,6 +305,7 @@ pub fn open_fs(io: VolumeIo, content: Content, at: &str) -> Result<Box<dyn Guest
         Content::Ntfs => Ok(Box::new(ntfs::Ntfs::load(io, at)?)),
         Content::Fat => Ok(Box::new(fat::Fat::load(io, at)?)),
         Content::Xfs => Ok(Box::new(xfs::Xfs::load(io, at)?)),
+        Content::ExFat => Ok(Box::new(exfat::ExFat::load(io, at)?)),
         other => Err(Error::Usage(format!(
             "{at} holds {}, which this build does not read",
             other.name()

@@ -14,7 +14,7 @@ pub enum Content {
     Ntfs,
     /// FAT12/16/32: readable.
     Fat,
-    /// exFAT.
+    /// exFAT: readable.
     ExFat,
     /// A LUKS-encrypted volume.
     Luks,
@@ -49,7 +49,7 @@ impl Content {
     pub fn readable(self) -> bool {
         matches!(
             self,
-            Content::Ext | Content::Ntfs | Content::Fat | Content::Xfs
+            Content::Ext | Content::Ntfs | Content::Fat | Content::Xfs | Content::ExFat
         )
     }
 }
