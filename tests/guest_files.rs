@@ -6,6 +6,8 @@
 //! what `ls` lists.
 
 mod common;
+#[path = "common/live.rs"]
+mod live;
 use common::*;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -1233,4 +1235,81 @@ fn files_on_an_exfat_volume_read_back_as_written() {
         fs::read(photos.join("IMG_0033.JPG")).unwrap(),
         b"photo 33\n"
     );
+}
+
+/// Every file of `want` reads back through the mount under `got` byte for byte, with its mode,
+/// size, symlink target and (as root) owner.
+fn same_through_mount(got: &Path, want: &Path) {
+    for e in fs::read_dir(want).unwrap() {
+        let e = e.unwrap();
+        let (g, w) = (got.join(e.file_name()), e.path());
+        let (gm, wm) = (
+            fs::symlink_metadata(&g).unwrap(),
+            fs::symlink_metadata(&w).unwrap(),
+        );
+        assert_eq!(gm.mode() & 0o777, wm.mode() & 0o555, "{}", g.display());
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(
+                (gm.uid(), gm.gid()),
+                (wm.uid(), wm.gid()),
+                "{}",
+                g.display()
+            );
+        }
+        if wm.is_dir() {
+            same_through_mount(&g, &w);
+        } else if wm.file_type().is_symlink() {
+            assert_eq!(fs::read_link(&g).unwrap(), fs::read_link(&w).unwrap());
+        } else {
+            assert_eq!(gm.len(), wm.len(), "{}", g.display());
+            // The 1200 one-byte files by size only.
+            if !g.to_string_lossy().contains("/many/") {
+                assert!(same_file(&g, &w), "{} differs", g.display());
+            }
+        }
+    }
+}
+
+#[test]
+fn the_mount_shows_the_files_inside_each_generation() {
+    let (t, tree, repo) = web_generation();
+    let m = live::mount(t.path(), &repo, None);
+    let gen = fs::read_link(m.mp.join("web/latest")).unwrap();
+    let files = m.mp.join("web").join(gen).join("files");
+    let names = |d: &Path| {
+        let mut v: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&files), ["disk0"]);
+    assert_eq!(names(&files.join("disk0")), ["p1", "p2"]);
+    let root = files.join("disk0/p2");
+    same_through_mount(&root, &tree);
+    // Reads at odd offsets and lengths across the reader's 1 MiB steps.
+    let big = fs::read(tree.join("home/anna/Documents/big.bin")).unwrap();
+    let f = fs::File::open(root.join("home/anna/Documents/big.bin")).unwrap();
+    for (off, len) in [(0u64, 1usize), ((1 << 20) - 7, 20), (3_333_333, 70_000)] {
+        let mut buf = vec![0u8; len];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, off).unwrap();
+        assert!(buf[..] == big[off as usize..off as usize + len], "at {off}");
+    }
+    drop(f);
+    // The FAT partition beside it.
+    assert_eq!(
+        fs::read(files.join("disk0/p1/EFI/debian/grubx64.efi")).unwrap(),
+        bytes(300_000, 5)
+    );
+    // Nothing can be written, and a missing name is ENOENT, not an I/O error.
+    assert!(fs::write(root.join("etc/new"), "x").is_err());
+    assert_eq!(
+        fs::metadata(root.join("etc/no-such-file"))
+            .unwrap_err()
+            .kind(),
+        std::io::ErrorKind::NotFound
+    );
+    let end = m.fusermount_u();
+    assert_eq!(end.code, 0, "{}", end.stderr);
 }

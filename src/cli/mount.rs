@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::Args;
 
 use vmrepo::repo::lock::LockMode;
-use vmrepo::restore::mount::{mount, MountOptions};
+use vmrepo::restore::mount::{mount, FilesViews, MountOptions};
 
 use crate::cli::context::Context;
 use crate::cli::output::Bar;
@@ -19,7 +19,11 @@ until it is unmounted. The tree is MOUNTPOINT/<vm>/<generation time>/ with each 
 exactly as `vmrepo extract` would write them (.vmx, .nvram, logs, descriptors and flat disk images \
 next to them), and MOUNTPOINT/<vm>/latest, a symlink to the newest generation. With VM only that \
 VM's generations are shown, with VM@GEN only that one. The tree shows the generations that existed when it was mounted; \
-mount again to see newer ones.\n\nReads fetch only the chunks they touch \
+mount again to see newer ones.\n\nEach generation directory also holds files/: the files inside its \
+disks, by volume (files/disk0/p2/etc/hosts, files/disk0/lvm/vg0/root/...), on the volumes `vmrepo ls` \
+reads (ext2/3/4, XFS, NTFS, FAT, exFAT), with the guest's modes and owners, which the kernel \
+enforces (root reads everything). No root tools and no loop device are needed for them.\n\n\
+Reads fetch only the chunks they touch \
 and verify them; zero regions cost nothing. Damaged data gives an I/O error (EIO), never zeros. \
 Open a disk in place with qemu-img, debugfs or fuse2fs -o ro, or loop-mount it read-only. Leave \
 with Ctrl-C (or SIGTERM), or `fusermount3 -u MOUNTPOINT` from another shell. The repository's \
@@ -48,9 +52,13 @@ pub fn run(a: MountArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         cache_size,
     } = a;
     let r = Arc::new(ctx.open_repo(&repo, LockMode::Read, &Bar::new(false))?);
+    let for_files = r.clone();
     let opts = MountOptions {
         selection: generation,
         cache_bytes: (cache_size.max(1) as usize) << 20,
+        files: Some(FilesViews(Arc::new(move |info, cache| {
+            vmrepo::guest::view::open(for_files.clone(), info, cache)
+        }))),
         ..MountOptions::default()
     };
     let log: vmrepo::restore::mount::Logger = Arc::new(|m: &str| eprintln!("vmrepo: {m}"));

@@ -155,34 +155,76 @@ impl ExFat {
         Ok(runs)
     }
 
-    /// Hands the first `len` bytes of `node`'s clusters to `sink`, at most 1 MiB at a time.
+    /// Hands bytes `[from, end)` of `node`'s clusters to `sink`, at most 1 MiB at a time.
     fn read_clusters(
         &self,
         node: &Node,
-        len: u64,
+        from: u64,
+        end: u64,
         what: &str,
         sink: &mut dyn FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
         let g = &self.geometry;
-        let mut left = len;
         let mut buf = Vec::new();
+        // Position in the file of the current run's start.
+        let mut run_start = 0u64;
+        let mut pos = from;
         for (first, count) in self.runs(node, what)? {
-            let mut at = g.heap_offset + (first as u64 - 2) * g.cluster_size;
-            let mut run = count * g.cluster_size;
-            while left > 0 && run > 0 {
-                let take = run.min(left).min(1 << 20);
+            let run_len = count * g.cluster_size;
+            let run_end = run_start + run_len;
+            while pos < end && pos < run_end {
+                let take = (run_end - pos).min(end - pos).min(1 << 20);
+                let at = g.heap_offset + (first as u64 - 2) * g.cluster_size + (pos - run_start);
                 buf.resize(take as usize, 0);
                 self.io.read_at(at, &mut buf)?;
                 sink(&buf)?;
-                at += take;
-                run -= take;
-                left -= take;
+                pos += take;
+            }
+            run_start = run_end;
+            if pos >= end {
+                return Ok(());
             }
         }
-        if left > 0 {
+        if pos < end {
             return Err(Self::corrupt(what, "shorter than its recorded size"));
         }
         Ok(())
+    }
+
+    /// Hands bytes `[from, end)` of file `n` to `sink`: its clusters up to its valid length,
+    /// zeros after.
+    fn read_content(
+        &self,
+        n: &Node,
+        from: u64,
+        end: u64,
+        what: &str,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let stored_end = end.min(n.valid);
+        if from < stored_end {
+            self.read_clusters(n, from, stored_end, what, sink)?;
+        }
+        let zeros = vec![0u8; 1 << 20];
+        let mut pos = from.max(stored_end);
+        while pos < end {
+            let k = (end - pos).min(zeros.len() as u64);
+            sink(&zeros[..k as usize])?;
+            pos += k;
+        }
+        Ok(())
+    }
+
+    /// The file (not directory) at `path`.
+    fn file(&self, path: &str) -> Result<Node> {
+        let n = self.find(path)?;
+        if n.dir {
+            return Err(Error::Usage(format!(
+                "{} is a directory (`vmrepo ls` lists it)",
+                self.what(path)
+            )));
+        }
+        Ok(n)
     }
 
     /// A directory's raw entries.
@@ -194,7 +236,7 @@ impl ExFat {
         } else {
             dir.length.min(MAX_DIR_BYTES)
         };
-        self.read_clusters(dir, len, what, &mut |b| {
+        self.read_clusters(dir, 0, len, what, &mut |b| {
             raw.extend_from_slice(b);
             Ok(())
         })?;
@@ -406,23 +448,21 @@ impl GuestFs for ExFat {
     }
 
     fn read_file(&self, path: &str, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64> {
-        let n = self.find(path)?;
-        let what = self.what(path);
-        if n.dir {
-            return Err(Error::Usage(format!(
-                "{what} is a directory (`vmrepo ls` lists it)"
-            )));
-        }
-        self.read_clusters(&n, n.valid, &what, sink)?;
-        // Allocated but never written: zeros.
-        let zeros = vec![0u8; 1 << 20];
-        let mut left = n.length - n.valid;
-        while left > 0 {
-            let k = left.min(zeros.len() as u64);
-            sink(&zeros[..k as usize])?;
-            left -= k;
-        }
+        let n = self.file(path)?;
+        self.read_content(&n, 0, n.length, &self.what(path), sink)?;
         Ok(n.length)
+    }
+
+    fn read_range(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let n = self.file(path)?;
+        let from = offset.min(n.length);
+        let end = offset.saturating_add(len as u64).min(n.length);
+        let mut out = Vec::with_capacity((end - from) as usize);
+        self.read_content(&n, from, end, &self.what(path), &mut |b| {
+            out.extend_from_slice(b);
+            Ok(())
+        })?;
+        Ok(out)
     }
 }
 

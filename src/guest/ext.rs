@@ -105,6 +105,21 @@ impl GuestFs for Ext {
         Ok(t.as_ref().to_vec())
     }
 
+    fn read_range(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut f = self.fs.open(path).map_err(|e| self.err(path, e))?;
+        let size = f.metadata().len();
+        let mut buf = vec![0u8; (size.saturating_sub(offset)).min(len as u64) as usize];
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+        f.seek_to(offset).map_err(|e| self.err(path, e))?;
+        let n = fill(&mut buf, &mut |b| {
+            f.read_bytes(b).map_err(|e| self.err(path, e))
+        })?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
     fn read_file(&self, path: &str, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64> {
         let mut f = self.fs.open(path).map_err(|e| self.err(path, e))?;
         let mut buf = vec![0u8; 1 << 20];
@@ -118,6 +133,22 @@ impl GuestFs for Ext {
             total += n as u64;
         }
     }
+}
+
+/// Fills `buf` from `read` until it is full or the file ends; the bytes read.
+pub(crate) fn fill(
+    buf: &mut [u8],
+    read: &mut dyn FnMut(&mut [u8]) -> Result<usize>,
+) -> Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = read(&mut buf[got..])?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    Ok(got)
 }
 
 fn entry(name: String, m: &ext4_view::Metadata, target: Option<String>) -> Entry {

@@ -153,6 +153,26 @@ impl GuestFs for Fat {
         )))
     }
 
+    fn read_range(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let size = self.stat(path)?.size;
+        let mut f = self
+            .fs
+            .root_dir()
+            .open_file(path.trim_matches('/'))
+            .map_err(|e| self.fail(path, e))?;
+        let mut buf = vec![0u8; (size.saturating_sub(offset)).min(len as u64) as usize];
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset))
+            .map_err(|e| self.fail(path, e))?;
+        let n = crate::guest::ext::fill(&mut buf, &mut |b| {
+            std::io::Read::read(&mut f, b).map_err(|e| self.fail(path, e))
+        })?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
     fn read_file(&self, path: &str, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64> {
         if self.stat(path)?.kind == "dir" {
             return Err(Error::Usage(format!(

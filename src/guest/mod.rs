@@ -23,6 +23,7 @@ pub mod ntfs;
 pub mod partitions;
 pub mod probe;
 pub mod restore_file;
+pub mod view;
 pub mod xfs;
 
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -102,9 +103,17 @@ pub struct Guest {
 impl Guest {
     /// Opens the disks of generation `spec` (`VM`, `VM@-N`, `VM@TIME`) in `repo`.
     pub fn open(repo: Arc<Repository>, spec: &str) -> Result<Guest> {
+        Guest::open_with_cache(repo, spec, Arc::new(ReadCache::new(DEFAULT_CACHE_BYTES)))
+    }
+
+    /// [`Guest::open`], reading chunks through `cache` (shared with other readers).
+    pub fn open_with_cache(
+        repo: Arc<Repository>,
+        spec: &str,
+        cache: Arc<ReadCache>,
+    ) -> Result<Guest> {
         let gen = repo.with_index(|i| i.resolve(spec))?;
         let manifest = repo.load_manifest(&gen.manifest)?;
-        let cache = Arc::new(ReadCache::new(DEFAULT_CACHE_BYTES));
         let disks = manifest
             .disks
             .iter()
@@ -487,6 +496,9 @@ pub trait GuestFs {
     fn link_target(&self, path: &str) -> Result<Vec<u8>>;
     /// Hands the content of file `path` (symlinks followed) to `sink` in order; its length.
     fn read_file(&self, path: &str, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64>;
+    /// Up to `len` bytes of file `path` (symlinks followed) from byte `offset`; fewer at its
+    /// end, none past it.
+    fn read_range(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>>;
 }
 
 /// A readable guest filesystem.
@@ -526,6 +538,11 @@ impl Filesystem {
     /// Hands the content of file `path` to `sink` in order; its length.
     pub fn read_file(&self, path: &str, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64> {
         self.fs.read_file(path, sink)
+    }
+
+    /// Up to `len` bytes of file `path` from byte `offset` (fewer at its end).
+    pub fn read_range(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.fs.read_range(path, offset, len)
     }
 
     /// `vm@time:volume:path`, for messages.

@@ -209,6 +209,35 @@ impl GuestFs for Ntfs {
         )))
     }
 
+    fn read_range(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let file = self.file(path)?;
+        let fail = |e| error(&self.what(path), e);
+        if file.is_directory() {
+            return Err(Error::Usage(format!(
+                "{} is a directory (`vmrepo ls` lists it)",
+                self.what(path)
+            )));
+        }
+        let io = &mut *self.io.borrow_mut();
+        let Some(item) = file.data(io, "") else {
+            return Ok(Vec::new());
+        };
+        let item = item.map_err(fail)?;
+        let attribute = item.to_attribute().map_err(fail)?;
+        let mut value = attribute.value(io).map_err(fail)?;
+        let size = value.len();
+        let mut buf = vec![0u8; (size.saturating_sub(offset)).min(len as u64) as usize];
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+        value
+            .seek(io, std::io::SeekFrom::Start(offset))
+            .map_err(fail)?;
+        let n = crate::guest::ext::fill(&mut buf, &mut |b| value.read(io, b).map_err(fail))?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
     fn read_file(&self, path: &str, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64> {
         let file = self.file(path)?;
         let fail = |e| error(&self.what(path), e);

@@ -209,22 +209,24 @@ impl Xfs {
         Ok(())
     }
 
-    /// Hands bytes `[0, len)` of a file mapped by `extents` to `sink` in pieces of at most
+    /// Hands bytes `[from, end)` of a file mapped by `extents` to `sink` in pieces of at most
     /// 1 MiB; holes and unwritten extents as zeros.
     fn read_mapped(
         &self,
         extents: &[Extent],
-        len: u64,
+        from: u64,
+        end: u64,
         what: &str,
         sink: &mut dyn FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
         let bs = self.sb.block_size;
         let piece = (1u64 << 20).max(bs);
-        let mut pos = 0u64;
+        let mut pos = from;
         let zeros = vec![0u8; piece as usize];
         let mut next = extents.iter().peekable();
-        while pos < len {
+        while pos < end {
             let block = pos / bs;
+            let skip = pos % bs;
             while next.peek().is_some_and(|e| e.logical + e.len <= block) {
                 next.next();
             }
@@ -232,18 +234,18 @@ impl Xfs {
                 Some(e) if e.logical <= block => {
                     let within = block - e.logical;
                     let blocks = (e.len - within).min(piece / bs);
-                    let n = (blocks * bs).min(len - pos);
+                    let n = (blocks * bs - skip).min(end - pos);
                     if e.unwritten {
                         sink(&zeros[..n as usize])?;
                     } else {
                         let b = self.read_blocks(e.physical + within, blocks, what)?;
-                        sink(&b[..n as usize])?;
+                        sink(&b[skip as usize..(skip + n) as usize])?;
                     }
                     pos += n;
                 }
                 // A hole up to the next extent (or the end).
                 found => {
-                    let upto = found.map_or(len, |e| e.logical.saturating_mul(bs).min(len));
+                    let upto = found.map_or(end, |e| e.logical.saturating_mul(bs).min(end));
                     let n = (upto - pos).min(piece);
                     sink(&zeros[..n as usize])?;
                     pos += n;
@@ -251,6 +253,48 @@ impl Xfs {
             }
         }
         Ok(())
+    }
+
+    /// The regular file at `path` (symlinks followed), or why it is not one this reader reads.
+    fn regular(&self, path: &str) -> Result<Inode> {
+        let (_, inode) = self.resolve(path, true)?;
+        let what = self.what(path);
+        match inode.mode & S_IFMT {
+            S_IFDIR => {
+                return Err(Error::Usage(format!(
+                    "{what} is a directory (`vmrepo ls` lists it)"
+                )))
+            }
+            S_IFREG => {}
+            _ => return Err(Error::Usage(format!("{what} is not a regular file"))),
+        }
+        if inode.realtime {
+            return Err(Error::GuestFilesystem(format!(
+                "{what}: its data is on the filesystem's realtime device, which is not part \
+                 of this volume"
+            )));
+        }
+        Ok(inode)
+    }
+
+    /// Hands bytes `[from, end)` of the regular file in `inode` to `sink`.
+    fn read_content(
+        &self,
+        inode: &Inode,
+        from: u64,
+        end: u64,
+        what: &str,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        if inode.format == 1 {
+            let data = inode
+                .fork
+                .get(..inode.size as usize)
+                .ok_or_else(|| self.corrupt(what, "inline data outside its inode"))?;
+            return sink(&data[from as usize..end as usize]);
+        }
+        let extents = self.extents(inode, what)?;
+        self.read_mapped(&extents, from, end, what, sink)
     }
 
     /// The entries of the directory in `inode`: (name, inode number), `.` and `..` left out.
@@ -643,34 +687,21 @@ impl GuestFs for Xfs {
     }
 
     fn read_file(&self, path: &str, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64> {
-        let (_, inode) = self.resolve(path, true)?;
-        let what = self.what(path);
-        match inode.mode & S_IFMT {
-            S_IFDIR => {
-                return Err(Error::Usage(format!(
-                    "{what} is a directory (`vmrepo ls` lists it)"
-                )))
-            }
-            S_IFREG => {}
-            _ => return Err(Error::Usage(format!("{what} is not a regular file"))),
-        }
-        if inode.realtime {
-            return Err(Error::GuestFilesystem(format!(
-                "{what}: its data is on the filesystem's realtime device, which is not part \
-                 of this volume"
-            )));
-        }
-        if inode.format == 1 {
-            let data = inode
-                .fork
-                .get(..inode.size as usize)
-                .ok_or_else(|| self.corrupt(&what, "inline data outside its inode"))?;
-            sink(data)?;
-            return Ok(inode.size);
-        }
-        let extents = self.extents(&inode, &what)?;
-        self.read_mapped(&extents, inode.size, &what, sink)?;
+        let inode = self.regular(path)?;
+        self.read_content(&inode, 0, inode.size, &self.what(path), sink)?;
         Ok(inode.size)
+    }
+
+    fn read_range(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let inode = self.regular(path)?;
+        let from = offset.min(inode.size);
+        let end = offset.saturating_add(len as u64).min(inode.size);
+        let mut out = Vec::with_capacity((end - from) as usize);
+        self.read_content(&inode, from, end, &self.what(path), &mut |b| {
+            out.extend_from_slice(b);
+            Ok(())
+        })?;
+        Ok(out)
     }
 }
 

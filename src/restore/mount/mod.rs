@@ -7,6 +7,10 @@
 //! [`crate::restore::reader`] (only the chunks a read touches, verified, through a bounded cache). A read
 //! that meets damaged data fails with EIO; it never returns zeros in its place.
 //!
+//! With a [`FilesViews`] each generation directory also holds `files/`: the files inside its
+//! disks (`files/disk0/p2/etc/hosts`), read by the guest layer through the same chunk cache,
+//! with the guest's modes and owners (the kernel enforces them, as on a loop-mounted disk).
+//!
 //! The repository stays open with its shared lock for as long as the filesystem is mounted, so
 //! commands that need it alone (prune, gc, index rebuild) wait. Nothing is ever written.
 
@@ -28,8 +32,10 @@ use crate::shutdown::TerminationSignals;
 
 /// How long the kernel may cache names and attributes: the tree never changes while mounted.
 mod tree;
+mod view;
 
 use tree::{Kind, RepoFs};
+pub use view::{FilesView, FilesViews, ViewEntry, ViewKind};
 
 const TTL: Duration = Duration::from_secs(3600);
 
@@ -44,6 +50,8 @@ pub struct MountOptions {
     pub cache_bytes: usize,
     /// Threads serving FUSE requests.
     pub threads: usize,
+    /// The files inside each generation's disks, shown under `<generation>/files/`.
+    pub files: Option<FilesViews>,
 }
 
 impl Default for MountOptions {
@@ -52,6 +60,7 @@ impl Default for MountOptions {
             selection: None,
             cache_bytes: crate::restore::reader::DEFAULT_CACHE_BYTES,
             threads: 4,
+            files: None,
         }
     }
 }
@@ -104,10 +113,11 @@ impl Filesystem for RepoFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        match self.source(ino.0) {
+        if self.source(ino.0).is_some() || self.guest_file(ino.0).is_some() {
             // The content never changes: let the kernel keep cached pages across opens.
-            Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            None => reply.error(Errno::EISDIR),
+            reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+        } else {
+            reply.error(Errno::EISDIR)
         }
     }
 
@@ -122,10 +132,14 @@ impl Filesystem for RepoFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(src) = self.source(ino.0) else {
+        let read = if let Some(f) = self.guest_file(ino.0) {
+            f.read(offset, size as usize)
+        } else if let Some(src) = self.source(ino.0) {
+            src.read(&self.repo, &self.cache, offset, size as usize)
+        } else {
             return reply.error(Errno::EISDIR);
         };
-        match src.read(&self.repo, &self.cache, offset, size as usize) {
+        match read {
             Ok(data) => reply.data(&data),
             Err(e) => {
                 self.note_once(format!(
@@ -146,9 +160,6 @@ impl Filesystem for RepoFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let Some(src) = self.source(ino.0) else {
-            return reply.error(Errno::EINVAL);
-        };
         if offset < 0 {
             return reply.error(Errno::ENXIO);
         }
@@ -156,6 +167,18 @@ impl Filesystem for RepoFs {
             libc::SEEK_DATA => true,
             libc::SEEK_HOLE => false,
             _ => return reply.error(Errno::EINVAL),
+        };
+        if let Some(f) = self.guest_file(ino.0) {
+            // A guest file is all data, as far as the mount tells.
+            let offset = offset as u64;
+            return if offset >= f.size {
+                reply.error(Errno::ENXIO)
+            } else {
+                reply.offset(if want_data { offset } else { f.size } as i64)
+            };
+        }
+        let Some(src) = self.source(ino.0) else {
+            return reply.error(Errno::EINVAL);
         };
         match src.seek(offset as u64, want_data) {
             Ok(Some(o)) => reply.offset(o as i64),
@@ -254,7 +277,13 @@ pub fn mount(
         generations: gens.len(),
     };
     let fsname = format!("vmrepo:{}", repo.location().display());
-    let fs = RepoFs::new(repo, gens, opts.cache_bytes, log.clone());
+    let fs = RepoFs::new(
+        repo,
+        gens,
+        opts.cache_bytes,
+        opts.files.clone(),
+        log.clone(),
+    );
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         MountOption::RO,

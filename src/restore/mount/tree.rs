@@ -12,6 +12,7 @@ use crate::error::Result;
 use crate::repo::index::GenerationInfo;
 use crate::repo::Repository;
 use crate::restore::log::{Logger, ServiceLog};
+use crate::restore::mount::view::{FilesView, FilesViews, ViewKind};
 use crate::restore::reader::{FileSource, LazyDisk, ReadCache};
 use crate::vmware::vm::is_safe_relative;
 
@@ -21,6 +22,51 @@ pub(super) enum Kind {
     Generation(Arc<GenerationSlot>),
     Link(String),
     File(Arc<Content>),
+    /// A directory of a generation's `files/` view (its top, a volume, or inside one).
+    GuestDir(Arc<GuestDir>),
+    /// A file inside a generation's disks.
+    GuestFile(Arc<GuestFile>),
+}
+
+/// A generation's files view, opened when its `files/` directory is first listed.
+pub(super) struct ViewSlot {
+    info: GenerationInfo,
+    views: FilesViews,
+    view: OnceLock<std::result::Result<Arc<dyn FilesView>, String>>,
+}
+
+/// A directory of a files view, listed on first use.
+pub(super) struct GuestDir {
+    slot: Arc<ViewSlot>,
+    path: String,
+    children: OnceLock<std::result::Result<Vec<(String, u64)>, String>>,
+}
+
+/// A file of a files view.
+pub(super) struct GuestFile {
+    slot: Arc<ViewSlot>,
+    pub(super) path: String,
+    pub(super) size: u64,
+}
+
+impl GuestFile {
+    /// Up to `len` bytes from `offset`.
+    pub(super) fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        match self.slot.view.get() {
+            Some(Ok(view)) => view.read(&self.path, offset, len),
+            _ => Err(crate::error::Error::NotFound(format!(
+                "the files of generation {} are not open",
+                self.slot.info.name
+            ))),
+        }
+    }
+}
+
+/// The mode and owner a guest filesystem recorded for an entry of a files view.
+pub(super) struct GuestAttr {
+    mode: u16,
+    uid: u32,
+    gid: u32,
 }
 
 /// A file's bytes: from the repository, or (a descriptor extract writes afresh, see
@@ -75,6 +121,8 @@ pub(super) struct Node {
     pub(super) parent: u64,
     pub(super) kind: Kind,
     pub(super) mtime: SystemTime,
+    /// Inside a files view: the guest's mode and owner (else read-only, owned by the mounter).
+    pub(super) guest: Option<GuestAttr>,
 }
 
 /// A generation directory, filled from its manifest on first use.
@@ -91,6 +139,7 @@ pub(super) struct RepoFs {
     pub(super) uid: u32,
     pub(super) gid: u32,
     pub(super) log: ServiceLog,
+    files: Option<FilesViews>,
 }
 
 pub(super) const ROOT: u64 = 1;
@@ -107,6 +156,7 @@ impl RepoFs {
         repo: Arc<Repository>,
         gens: Vec<GenerationInfo>,
         cache_bytes: usize,
+        files: Option<FilesViews>,
         log: Logger,
     ) -> RepoFs {
         let now = SystemTime::now();
@@ -114,6 +164,7 @@ impl RepoFs {
             parent: ROOT,
             kind: Kind::Dir(Vec::new()),
             mtime: now,
+            guest: None,
         }];
         let mut root_children: Vec<(String, u64)> = Vec::new();
         let mut vms: Vec<&str> = gens.iter().map(|g| g.vm.as_str()).collect();
@@ -126,6 +177,7 @@ impl RepoFs {
                 parent: ROOT,
                 kind: Kind::Dir(Vec::new()),
                 mtime: time_of(newest),
+                guest: None,
             });
             root_children.push((vm.to_string(), vm_ino));
             let mut children = Vec::new();
@@ -138,6 +190,7 @@ impl RepoFs {
                         children: OnceLock::new(),
                     })),
                     mtime: time_of(&g.time),
+                    guest: None,
                 });
                 children.push((g.time.clone(), ino));
             }
@@ -146,6 +199,7 @@ impl RepoFs {
                 parent: vm_ino,
                 kind: Kind::Link(newest.to_string()),
                 mtime: time_of(newest),
+                guest: None,
             });
             children.push(("latest".to_string(), link));
             nodes[(vm_ino - 1) as usize].kind = Kind::Dir(children);
@@ -160,6 +214,7 @@ impl RepoFs {
             uid,
             gid,
             log: ServiceLog::new(log),
+            files,
         }
     }
 
@@ -171,11 +226,20 @@ impl RepoFs {
     pub(super) fn attr(&self, ino: u64) -> Option<FileAttr> {
         let nodes = self.nodes.read().unwrap();
         let n = nodes.get(ino.checked_sub(1)? as usize)?;
-        let (kind, size, perm, nlink) = match &n.kind {
-            Kind::Dir(_) | Kind::Generation(_) => (FileType::Directory, 0, 0o555, 2),
+        let (kind, size, mut perm, nlink) = match &n.kind {
+            Kind::Dir(_) | Kind::Generation(_) | Kind::GuestDir(_) => {
+                (FileType::Directory, 0, 0o555, 2)
+            }
             Kind::Link(t) => (FileType::Symlink, t.len() as u64, 0o777, 1),
             Kind::File(f) => (FileType::RegularFile, f.size(), 0o444, 1),
+            Kind::GuestFile(f) => (FileType::RegularFile, f.size, 0o444, 1),
         };
+        let (mut uid, mut gid) = (self.uid, self.gid);
+        if let Some(g) = &n.guest {
+            // Shown as the guest has them; nothing here is writable.
+            perm = g.mode & 0o7555;
+            (uid, gid) = (g.uid, g.gid);
+        }
         Some(FileAttr {
             ino: INodeNo(ino),
             size,
@@ -187,8 +251,8 @@ impl RepoFs {
             kind,
             perm,
             nlink,
-            uid: self.uid,
-            gid: self.gid,
+            uid,
+            gid,
             rdev: 0,
             flags: 0,
             blksize: 4096,
@@ -203,6 +267,17 @@ impl RepoFs {
             match &n.kind {
                 Kind::Dir(c) => return Ok(c.clone()),
                 Kind::Generation(slot) => slot.clone(),
+                Kind::GuestDir(d) => {
+                    let d = d.clone();
+                    drop(nodes);
+                    return match d.children.get_or_init(|| self.load_guest_dir(ino, &d)) {
+                        Ok(c) => Ok(c.clone()),
+                        Err(msg) => {
+                            self.note_once(msg.clone());
+                            Err(Errno::EIO)
+                        }
+                    };
+                }
                 _ => return Err(Errno::ENOTDIR),
             }
         };
@@ -275,6 +350,13 @@ impl RepoFs {
         }
         files.sort_by(|a, b| a.0.cmp(&b.0));
         let mtime = time_of(&info.time);
+        let view = self.files.as_ref().map(|views| {
+            Arc::new(ViewSlot {
+                info: info.clone(),
+                views: views.clone(),
+                view: OnceLock::new(),
+            })
+        });
         let mut nodes = self.nodes.write().unwrap();
         let mut top: Vec<(String, u64)> = Vec::new();
         for (name, source) in files {
@@ -314,6 +396,7 @@ impl RepoFs {
                             parent,
                             kind: Kind::Dir(Vec::new()),
                             mtime,
+                            guest: None,
                         });
                         add_child(&mut nodes, &mut top, gen_ino, parent, d, i);
                         i
@@ -329,10 +412,108 @@ impl RepoFs {
                 parent,
                 kind: Kind::File(Arc::new(source)),
                 mtime,
+                guest: None,
             });
             add_child(&mut nodes, &mut top, gen_ino, parent, leaf, i);
         }
+        if let Some(slot) = view {
+            if top.iter().any(|(n, _)| n == FILES) {
+                self.note_once(format!(
+                    "generation {} has a file named {FILES:?}: the files inside its disks are \
+                     not shown",
+                    info.name
+                ));
+            } else {
+                let i = nodes.len() as u64 + 1;
+                nodes.push(Node {
+                    parent: gen_ino,
+                    kind: Kind::GuestDir(Arc::new(GuestDir {
+                        slot,
+                        path: String::new(),
+                        children: OnceLock::new(),
+                    })),
+                    mtime,
+                    guest: None,
+                });
+                top.push((FILES.to_string(), i));
+            }
+        }
         Ok(top)
+    }
+
+    /// Lists directory `d` of a files view (opening the view on first use) and adds its
+    /// entries as nodes under `ino`. Devices, FIFOs and sockets are left out, and so are names
+    /// no directory may hold.
+    fn load_guest_dir(
+        &self,
+        ino: u64,
+        d: &GuestDir,
+    ) -> std::result::Result<Vec<(String, u64)>, String> {
+        let info = &d.slot.info;
+        let view = d
+            .slot
+            .view
+            .get_or_init(|| {
+                (d.slot.views.0)(info, self.cache.clone())
+                    .map_err(|e| format!("cannot read the files of generation {}: {e}", info.name))
+            })
+            .clone()?;
+        let entries = view
+            .list(&d.path)
+            .map_err(|e| format!("cannot list {}/files/{}: {e}", info.name, d.path))?;
+        let mut nodes = self.nodes.write().unwrap();
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            if e.name.is_empty() || e.name == "." || e.name == ".." || e.name.contains(['/', '\0'])
+            {
+                continue;
+            }
+            let path = if d.path.is_empty() {
+                e.name.clone()
+            } else {
+                format!("{}/{}", d.path, e.name)
+            };
+            let kind = match e.kind {
+                ViewKind::Dir => Kind::GuestDir(Arc::new(GuestDir {
+                    slot: d.slot.clone(),
+                    path,
+                    children: OnceLock::new(),
+                })),
+                ViewKind::File => Kind::GuestFile(Arc::new(GuestFile {
+                    slot: d.slot.clone(),
+                    path,
+                    size: e.size,
+                })),
+                ViewKind::Symlink(t) => Kind::Link(t),
+            };
+            let i = nodes.len() as u64 + 1;
+            nodes.push(Node {
+                parent: ino,
+                kind,
+                // A directory above the volumes has no time of its own: the generation's.
+                mtime: if e.mtime == (0, 0) {
+                    time_of(&info.time)
+                } else {
+                    guest_time(e.mtime)
+                },
+                guest: Some(GuestAttr {
+                    mode: e.mode,
+                    uid: e.uid,
+                    gid: e.gid,
+                }),
+            });
+            out.push((e.name, i));
+        }
+        Ok(out)
+    }
+
+    /// The guest file at `ino`, if it is one.
+    pub(super) fn guest_file(&self, ino: u64) -> Option<Arc<GuestFile>> {
+        let nodes = self.nodes.read().unwrap();
+        match &nodes.get((ino.max(1) - 1) as usize)?.kind {
+            Kind::GuestFile(f) => Some(f.clone()),
+            _ => None,
+        }
     }
 
     pub(super) fn source(&self, ino: u64) -> Option<Arc<Content>> {
@@ -356,6 +537,11 @@ impl RepoFs {
                     .get()
                     .and_then(|r| r.as_ref().ok())
                     .and_then(|c| c.iter().find(|(_, i)| *i == cur).map(|(n, _)| n.clone())),
+                Kind::GuestDir(d) => d
+                    .children
+                    .get()
+                    .and_then(|r| r.as_ref().ok())
+                    .and_then(|c| c.iter().find(|(_, i)| *i == cur).map(|(n, _)| n.clone())),
                 _ => None,
             };
             parts.push(name.unwrap_or_else(|| "?".into()));
@@ -364,6 +550,16 @@ impl RepoFs {
         parts.reverse();
         parts.join("/")
     }
+}
+
+/// The name of a generation's files view.
+const FILES: &str = "files";
+
+/// A guest time as a `SystemTime` (before 1970 clamps to 1970).
+fn guest_time((secs, nanos): (i64, u32)) -> SystemTime {
+    u64::try_from(secs).map_or(UNIX_EPOCH, |s| {
+        UNIX_EPOCH + std::time::Duration::new(s, nanos.min(999_999_999))
+    })
 }
 
 pub(super) fn add_child(
