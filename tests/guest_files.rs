@@ -543,6 +543,28 @@ fn a_damaged_chunk_names_the_file_and_the_rest_stays_readable() {
         "{}",
         r.stderr
     );
+    // It says which bytes are damaged: a range around the flipped bit, not the whole file.
+    let flipped = (2u64 << 20) + 10;
+    let listed = r
+        .stderr
+        .split("damaged in ")
+        .nth(1)
+        .and_then(|l| l.split("bytes ").nth(1))
+        .and_then(|l| l.split(" (").next())
+        .unwrap_or_else(|| panic!("no damaged ranges in: {}", r.stderr));
+    let ranges: Vec<(u64, u64)> = listed
+        .split(", ")
+        .map(|r| {
+            let (a, b) = r.split_once('-').unwrap();
+            (a.parse().unwrap(), b.parse::<u64>().unwrap() + 1)
+        })
+        .collect();
+    assert!(
+        ranges.iter().any(|&(a, b)| a <= flipped && flipped < b),
+        "{ranges:?}"
+    );
+    let total: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+    assert!(total <= 1 << 20, "{ranges:?} of a 5 MiB file");
     let r = vmrepo([
         s("cat"),
         p(&repo),
@@ -570,6 +592,30 @@ fn a_damaged_chunk_names_the_file_and_the_rest_stays_readable() {
         r.stdout
     );
     assert!(!out.join("home/anna/Documents/big.bin").exists());
+    let json = vmrepo([
+        s("restore-file"),
+        p(&repo),
+        s("web"),
+        s("disk0/p2:/home/anna/Documents"),
+        p(&work.join("out-json")),
+        s("--json"),
+    ]);
+    assert_eq!(json.code, 1, "{}", json.stderr);
+    let damaged = &json.json()["damaged"];
+    assert!(
+        damaged[0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("disk0/p2:/home/anna/Documents/big.bin"),
+        "{damaged}"
+    );
+    let json_ranges: Vec<(u64, u64)> = damaged[0]["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
+        .collect();
+    assert_eq!(json_ranges, ranges);
     assert!(same_file(
         &out.join("home/anna/tool"),
         &tree.join("home/anna/tool")

@@ -278,7 +278,26 @@ pub fn cat(a: CatArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         Ok(()) => Ok(ExitCode::SUCCESS),
         // The reader went away (`| head`): stop quietly, as a process killed by SIGPIPE would.
         Err(_) if out.closed => Ok(ExitCode::from(141)),
-        Err(e) => Err(e),
+        Err(e) => {
+            let damaged = matches!(
+                e.downcast_ref::<vmrepo::Error>(),
+                Some(vmrepo::Error::Corrupt(_) | vmrepo::Error::Damaged { .. })
+            );
+            let ranges = if damaged {
+                fs.damaged_ranges(&path)
+            } else {
+                Vec::new()
+            };
+            if ranges.is_empty() {
+                return Err(e);
+            }
+            Err(anyhow::anyhow!(
+                "{e:#}\n  damaged in {}: {}; the rest of the file reads (`vmrepo restore-file` \
+                 names each damaged file of a tree)",
+                fs.describe(&path),
+                vmrepo::guest::describe_ranges(&ranges)
+            ))
+        }
     }
 }
 

@@ -545,6 +545,31 @@ impl Filesystem {
         self.fs.read_range(path, offset, len)
     }
 
+    /// The byte ranges of regular file `path` that cannot be read (the repository's data
+    /// behind them is damaged), found by reading it in steps: 64 KiB, larger for files over
+    /// 256 MiB so that a file costs at most 4096 reads. Adjacent ranges are merged; a read
+    /// that fails for another reason counts as damaged too. Empty for anything but a file.
+    pub fn damaged_ranges(&self, path: &str) -> Vec<(u64, u64)> {
+        let size = match self.fs.stat(path) {
+            Ok(e) if e.kind == "file" => e.size,
+            _ => return Vec::new(),
+        };
+        let step = (64u64 << 10).max(size.div_ceil(4096).next_multiple_of(4096));
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut at = 0;
+        while at < size {
+            let len = step.min(size - at);
+            if self.fs.read_range(path, at, len as usize).is_err() {
+                match out.last_mut() {
+                    Some((_, end)) if *end == at => *end = at + len,
+                    _ => out.push((at, at + len)),
+                }
+            }
+            at += len;
+        }
+        out
+    }
+
     /// `vm@time:volume:path`, for messages.
     pub fn describe(&self, path: &str) -> String {
         format!("{}:{path}", self.at)
@@ -569,6 +594,17 @@ pub(crate) fn repository_error(
         Error::Corrupt(m) => Error::Corrupt(format!("{what}: {m}")),
         other => other,
     })
+}
+
+/// Byte ranges as people read them: `bytes 0-65535, 131072-196607 (131072 bytes)`, the last
+/// byte of each range included.
+pub fn describe_ranges(ranges: &[(u64, u64)]) -> String {
+    let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+    let list: Vec<String> = ranges
+        .iter()
+        .map(|(s, e)| format!("{s}-{}", e - 1))
+        .collect();
+    format!("bytes {} ({total} bytes)", list.join(", "))
 }
 
 /// `dir/name` in the guest.

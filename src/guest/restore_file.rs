@@ -45,6 +45,17 @@ pub struct RestoreReport {
     pub skipped: Vec<String>,
     /// What could not be restored, and why.
     pub failed: Vec<String>,
+    /// Of those, the files whose stored data is damaged, with the byte ranges that are.
+    pub damaged: Vec<DamagedFile>,
+}
+
+/// A file not restored because some of its stored data is damaged.
+#[derive(Debug, Serialize)]
+pub struct DamagedFile {
+    /// `vm@time:volume:path`.
+    pub path: String,
+    /// The damaged byte ranges, `[start, end)`.
+    pub ranges: Vec<[u64; 2]>,
 }
 
 struct Restorer<'a> {
@@ -127,9 +138,22 @@ impl Restorer<'_> {
                     err @ (Error::Corrupt(_) | Error::GuestFilesystem(_) | Error::Damaged { .. }),
                 ) => {
                     // Listed at the end (NOT RESTORED): no note on the way, once is enough.
-                    self.report
-                        .failed
-                        .push(format!("{}: {err}", self.fs.describe(path)));
+                    let what = self.fs.describe(path);
+                    let mut line = format!("{what}: {err}");
+                    if matches!(err, Error::Corrupt(_) | Error::Damaged { .. }) {
+                        let ranges = self.fs.damaged_ranges(path);
+                        if !ranges.is_empty() {
+                            line.push_str(&format!(
+                                " (damaged: {})",
+                                crate::guest::describe_ranges(&ranges)
+                            ));
+                            self.report.damaged.push(DamagedFile {
+                                path: what,
+                                ranges: ranges.iter().map(|&(s, e)| [s, e]).collect(),
+                            });
+                        }
+                    }
+                    self.report.failed.push(line);
                 }
                 Err(err) => return Err(err),
             },
