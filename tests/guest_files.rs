@@ -1,8 +1,8 @@
 //! Single files out of a generation without root, FUSE or a VM: `vmrepo ls` and `vmrepo cat` on
 //! disks partitioned by the real tools (sgdisk for GPT, sfdisk for MBR with logical partitions)
 //! holding filesystems made by the real tools (`mkfs.ext4 -d`, `mkfs.vfat`, `mkfs.xfs -p`, ntfs-3g,
-//! and an exFAT volume written by mkfs.exfat and exfat-fuse, kept as a fixture), ingested raw and
-//! as qcow2. Every file the tree holds is compared with what `cat` gives, every directory with
+//! and an exFAT volume written by mkfs.exfat and exfat-fuse, kept as a fixture), ingested raw, as
+//! qcow2 and as VMDK; the filesystems' own tools (debugfs, xfs_db, ntfscat) read the same images. Every file the tree holds is compared with what `cat` gives, every directory with
 //! what `ls` lists.
 
 mod common;
@@ -306,8 +306,16 @@ fn files_inside_gpt_and_mbr_disks_list_and_read_back_exactly() {
         gpt.display(),
         qcow.display()
     ));
+    // And as a VMDK (monolithic sparse, as VMware Workstation and exports write it).
+    let vmdk = work.join("gpt.vmdk");
+    run(&format!(
+        "qemu-img convert -f raw -O vmdk {} {}",
+        gpt.display(),
+        vmdk.display()
+    ));
     ingest(&repo, &gpt, Some("gpt"));
     ingest(&repo, &qcow, Some("qcow"));
+    ingest(&repo, &vmdk, Some("vmdk"));
     ingest(&repo, &mbr, Some("mbr"));
 
     let vols = vmrepo([s("ls"), p(&repo), s("gpt"), s("--json")])
@@ -353,9 +361,32 @@ fn files_inside_gpt_and_mbr_disks_list_and_read_back_exactly() {
     assert_eq!(names, ["disk0/p1", "disk0/p5", "disk0/p6"], "{text}");
     assert!(text.contains("MBR 0x83"), "{text}");
 
-    for gen in ["gpt", "qcow"] {
+    for gen in ["gpt", "qcow", "vmdk"] {
         compare_tree(&repo, gen, "disk0/p2", &tree, "/");
     }
+    // e2fsprogs' own reader agrees on the partition image: the same bytes, size and mode.
+    let root = work.join("root.img");
+    for path in ["/etc/nginx/nginx.conf", "/home/anna/tool"] {
+        let want = std::process::Command::new("debugfs")
+            .args(["-R", &format!("cat {path}")])
+            .arg(&root)
+            .output()
+            .unwrap();
+        assert!(want.status.success(), "debugfs cat {path}");
+        assert!(
+            cat_bytes(&repo, "vmdk", &format!("disk0/p2:{path}")) == want.stdout,
+            "{path} differs from what debugfs reads"
+        );
+    }
+    let stat = sh(&format!(
+        "debugfs -R 'stat /home/anna/tool' {}",
+        root.display()
+    ));
+    assert!(
+        stat.stdout.contains("Mode:  04750") && stat.stdout.contains("Size: 10000"),
+        "{}",
+        stat.stdout
+    );
     compare_tree(&repo, "mbr", "disk0/p1", &tree, "/");
     let note = vmrepo([s("cat"), p(&repo), s("mbr"), s("disk0/p6:/note.txt")])
         .ok()
