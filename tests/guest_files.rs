@@ -821,6 +821,32 @@ fn diff_and_log_follow_files_through_the_nights() {
         "{}",
         r.stdout
     );
+
+    // Night 4 backs up the same disk again: every volume is stored as the same segments, so
+    // diff knows nothing changed without walking either tree, and says so.
+    ingest_at(
+        &repo,
+        &work.join("night3/gpt.img"),
+        "web",
+        "2026-12-04T01:00:00Z",
+    );
+    let d = vmrepo([s("diff"), p(&repo), s("web@-1"), s("web")]);
+    assert_eq!(d.ok().stdout, "");
+    for v in ["disk0/p1", "disk0/p2"] {
+        assert!(
+            d.stderr
+                .contains(&format!("{v}: the same stored data in both generations")),
+            "{}",
+            d.stderr
+        );
+    }
+    // Night 3 against night 2 walks the root (it changed) and reports its change.
+    let d = vmrepo([s("diff"), p(&repo), s("web@-3"), s("web@-2")]);
+    assert!(
+        !d.ok().stderr.contains("disk0/p2: the same"),
+        "{}",
+        d.stderr
+    );
 }
 
 /// An NTFS volume (made by mkntfs, filled through ntfs-3g) on an MBR disk: `ls`, `cat` (with

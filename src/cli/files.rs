@@ -414,8 +414,19 @@ pub fn diff(a: DiffArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     }
     let mut all = Vec::new();
     for (volume, path) in pairs {
-        let a_fs = old.filesystem(&old.find(&volume)?)?;
-        let b_fs = new.filesystem(&new.find(&volume)?)?;
+        let (a_vol, b_vol) = (old.find(&volume)?, new.find(&volume)?);
+        if a_vol.io.same_stored(&b_vol.io) {
+            // The same stored segments: the same bytes, so nothing in the volume changed.
+            if !a.json {
+                eprintln!(
+                    "vmrepo: {volume}: the same stored data in both generations, nothing changed \
+                     (not walked)"
+                );
+            }
+            continue;
+        }
+        let a_fs = old.filesystem(&a_vol)?;
+        let b_fs = new.filesystem(&b_vol)?;
         for c in vmrepo::guest::diff::diff(&a_fs, &b_fs, &path)? {
             all.push((volume.clone(), c));
         }

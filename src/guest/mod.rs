@@ -380,6 +380,25 @@ impl VolumeIo {
         self.size
     }
 
+    /// True when this volume and `other` (the same volume in another generation) are stored
+    /// as the same segments, so hold the same bytes: nothing in them changed. Told from the
+    /// disk maps alone; false when it cannot be told.
+    pub fn same_stored(&self, other: &VolumeIo) -> bool {
+        let (Source::Disk(a), Source::Disk(b)) = (&self.disk, &other.disk) else {
+            return false;
+        };
+        if self.start != other.start || self.size != other.size || self.map != other.map {
+            return false;
+        }
+        match &self.map {
+            None => a.same_stored(b, self.start..self.start + self.size),
+            Some(map) => map.iter().all(|&(_, pv_off, len)| {
+                let at = self.start + pv_off;
+                a.same_stored(b, at..at + len)
+            }),
+        }
+    }
+
     /// Fills `dst` from byte `at` of the volume; reading past its end is an error.
     pub fn read_at(&self, at: u64, dst: &mut [u8]) -> Result<()> {
         let end = at.checked_add(dst.len() as u64);

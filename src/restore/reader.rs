@@ -251,6 +251,31 @@ impl<R: Deref<Target = Repository>> DiskImage<R> {
         &self.slot
     }
 
+    /// True when guest bytes `range` are stored as the same segments here and in `other` (a
+    /// disk of another generation): then they are the same bytes, known without reading them.
+    /// False when that cannot be told (different segment sizes, a range past either end).
+    pub fn same_stored<R2: Deref<Target = Repository>>(
+        &self,
+        other: &DiskImage<R2>,
+        range: Range<u64>,
+    ) -> bool {
+        let seg = self.map.segment_size as u64;
+        if seg != other.map.segment_size as u64
+            || range.end > self.size()
+            || range.end > other.size()
+        {
+            return false;
+        }
+        let (first, last) = (range.start / seg, range.end.div_ceil(seg));
+        self.map
+            .nonzero_in(first, last)
+            .eq(other.map.nonzero_in(first, last))
+            && self
+                .map
+                .nonzero_in(first, last)
+                .all(|i| self.map.get(i) == other.map.get(i))
+    }
+
     /// The segments that are not all zero, in order.
     pub fn nonzero_segments(&self) -> impl Iterator<Item = u64> + '_ {
         self.map.nonzero().map(|(i, _)| i)
