@@ -164,9 +164,10 @@ impl Xfs {
                 if level == 0 || n > max {
                     return Err(self.corrupt(what, "bad extent tree root"));
                 }
+                let mut seen = std::collections::HashSet::new();
                 for i in 0..n {
                     let ptr = be64(fork, 4 + max * 8 + i * 8).unwrap_or(0);
-                    self.btree_block(ptr, level - 1, 0, what, &mut out)?;
+                    self.btree_block(ptr, level - 1, 0, what, &mut seen, &mut out)?;
                 }
             }
             _ => return Err(self.corrupt(what, "data is not stored in blocks")),
@@ -175,17 +176,20 @@ impl Xfs {
         Ok(out)
     }
 
-    /// Adds the extents of the B+tree block `fsb` (at `level`; 0 is a leaf) to `out`.
+    /// Adds the extents of the B+tree block `fsb` (at `level`; 0 is a leaf) to `out`. A block
+    /// met twice (`seen`) is a loop or a shared subtree: refused, so that a hostile tree
+    /// cannot make the walk exponential.
     fn btree_block(
         &self,
         fsb: u64,
         level: u32,
         depth: u32,
         what: &str,
+        seen: &mut std::collections::HashSet<u64>,
         out: &mut Vec<Extent>,
     ) -> Result<()> {
-        if depth > MAX_BTREE_DEPTH {
-            return Err(self.corrupt(what, "extent tree too deep (a loop?)"));
+        if depth > MAX_BTREE_DEPTH || !seen.insert(fsb) {
+            return Err(self.corrupt(what, "extent tree loops or is too deep"));
         }
         let b = self.read_blocks(fsb, 1, what)?;
         let (magic, hdr) = if self.sb.v5 {
@@ -204,7 +208,7 @@ impl Xfs {
         }
         for i in 0..n {
             let ptr = be64(&b, hdr + max * 8 + i * 8).unwrap_or(0);
-            self.btree_block(ptr, level - 1, depth + 1, what, out)?;
+            self.btree_block(ptr, level - 1, depth + 1, what, seen, out)?;
         }
         Ok(())
     }
@@ -332,9 +336,12 @@ impl Xfs {
         out: &mut Vec<u8>,
     ) -> Result<()> {
         for l in first..first + count {
-            let e = extents
-                .iter()
-                .find(|e| e.logical <= l && l < e.logical + e.len)
+            // Sorted by logical block: the last extent starting at or before `l`.
+            let k = extents.partition_point(|e| e.logical <= l);
+            let e = k
+                .checked_sub(1)
+                .map(|k| &extents[k])
+                .filter(|e| l < e.logical + e.len)
                 .ok_or_else(|| self.corrupt(what, "directory block not mapped"))?;
             out.extend(self.read_blocks(e.physical + (l - e.logical), 1, what)?);
         }
