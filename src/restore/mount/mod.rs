@@ -133,7 +133,7 @@ impl Filesystem for RepoFs {
         reply: ReplyData,
     ) {
         let read = if let Some(f) = self.guest_file(ino.0) {
-            f.read(offset, size as usize)
+            self.guest_read(&f, offset, size as usize)
         } else if let Some(src) = self.source(ino.0) {
             src.read(&self.repo, &self.cache, offset, size as usize)
         } else {

@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::repo::index::GenerationInfo;
 use crate::repo::Repository;
 use crate::restore::log::{Logger, ServiceLog};
-use crate::restore::mount::view::{FilesView, FilesViews, ViewKind};
+use crate::restore::mount::view::{FilesView, FilesViews, OpenViews, ViewKind};
 use crate::restore::reader::{FileSource, LazyDisk, ReadCache};
 use crate::vmware::vm::is_safe_relative;
 
@@ -28,11 +28,13 @@ pub(super) enum Kind {
     GuestFile(Arc<GuestFile>),
 }
 
-/// A generation's files view, opened when its `files/` directory is first listed.
+/// A generation's files view: opened when its `files/` directory is first listed, closed when
+/// other generations' views push it out of [`OpenViews`], opened again on use.
 pub(super) struct ViewSlot {
+    /// The generation directory's inode: the view's key among the open ones.
+    id: u64,
     info: GenerationInfo,
     views: FilesViews,
-    view: OnceLock<std::result::Result<Arc<dyn FilesView>, String>>,
 }
 
 /// A directory of a files view, listed on first use.
@@ -47,19 +49,6 @@ pub(super) struct GuestFile {
     slot: Arc<ViewSlot>,
     pub(super) path: String,
     pub(super) size: u64,
-}
-
-impl GuestFile {
-    /// Up to `len` bytes from `offset`.
-    pub(super) fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        match self.slot.view.get() {
-            Some(Ok(view)) => view.read(&self.path, offset, len),
-            _ => Err(crate::error::Error::NotFound(format!(
-                "the files of generation {} are not open",
-                self.slot.info.name
-            ))),
-        }
-    }
 }
 
 /// The mode and owner a guest filesystem recorded for an entry of a files view.
@@ -140,6 +129,7 @@ pub(super) struct RepoFs {
     pub(super) gid: u32,
     pub(super) log: ServiceLog,
     files: Option<FilesViews>,
+    open_views: OpenViews,
 }
 
 pub(super) const ROOT: u64 = 1;
@@ -215,6 +205,7 @@ impl RepoFs {
             gid,
             log: ServiceLog::new(log),
             files,
+            open_views: OpenViews::new(MAX_OPEN_VIEWS),
         }
     }
 
@@ -352,9 +343,9 @@ impl RepoFs {
         let mtime = time_of(&info.time);
         let view = self.files.as_ref().map(|views| {
             Arc::new(ViewSlot {
+                id: gen_ino,
                 info: info.clone(),
                 views: views.clone(),
-                view: OnceLock::new(),
             })
         });
         let mut nodes = self.nodes.write().unwrap();
@@ -450,14 +441,7 @@ impl RepoFs {
         d: &GuestDir,
     ) -> std::result::Result<Vec<(String, u64)>, String> {
         let info = &d.slot.info;
-        let view = d
-            .slot
-            .view
-            .get_or_init(|| {
-                (d.slot.views.0)(info, self.cache.clone())
-                    .map_err(|e| format!("cannot read the files of generation {}: {e}", info.name))
-            })
-            .clone()?;
+        let view = self.view(&d.slot)?;
         let entries = view
             .list(&d.path)
             .map_err(|e| format!("cannot list {}/files/{}: {e}", info.name, d.path))?;
@@ -507,6 +491,26 @@ impl RepoFs {
         Ok(out)
     }
 
+    /// The files view of `slot`'s generation, opened if it is not open.
+    fn view(&self, slot: &ViewSlot) -> std::result::Result<Arc<dyn FilesView>, String> {
+        self.open_views.get(slot.id, || {
+            (slot.views.0)(&slot.info, self.cache.clone()).map_err(|e| {
+                format!(
+                    "cannot read the files of generation {}: {e}",
+                    slot.info.name
+                )
+            })
+        })
+    }
+
+    /// Up to `len` bytes of guest file `f` from `offset`.
+    pub(super) fn guest_read(&self, f: &GuestFile, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let view = self
+            .view(&f.slot)
+            .map_err(crate::error::Error::GuestFilesystem)?;
+        view.read(&f.path, offset, len)
+    }
+
     /// The guest file at `ino`, if it is one.
     pub(super) fn guest_file(&self, ino: u64) -> Option<Arc<GuestFile>> {
         let nodes = self.nodes.read().unwrap();
@@ -554,6 +558,8 @@ impl RepoFs {
 
 /// The name of a generation's files view.
 const FILES: &str = "files";
+/// Generations whose files views stay open at once (see [`OpenViews`]).
+const MAX_OPEN_VIEWS: usize = 8;
 
 /// A guest time as a `SystemTime` (before 1970 clamps to 1970).
 fn guest_time((secs, nanos): (i64, u32)) -> SystemTime {
