@@ -1415,4 +1415,33 @@ fn the_mount_shows_the_files_inside_each_generation() {
     );
     let end = m.fusermount_u();
     assert_eq!(end.code, 0, "{}", end.stderr);
+
+    // A damaged chunk under one guest file: reading that file fails with EIO (never zeros),
+    // the files beside it still read.
+    let big = fs::read(tree.join("home/anna/Documents/big.bin")).unwrap();
+    let needle = &big[(2 << 20)..(2 << 20) + 64];
+    let (pack, at) = packs(&repo)
+        .into_iter()
+        .find_map(|pack| {
+            let data = fs::read(&pack).unwrap();
+            let at = data.windows(needle.len()).position(|w| w == needle)?;
+            Some((pack, at as u64))
+        })
+        .expect("a stored piece of big.bin");
+    flip_bit(&pack, at + 10, 3);
+    let m = live::mount(t.path(), &repo, None);
+    let root = m.mp.join("web/latest/files/disk0/p2");
+    let err = fs::read(root.join("home/anna/Documents/big.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(
+        fs::read(root.join("etc/hosts")).unwrap(),
+        fs::read(tree.join("etc/hosts")).unwrap()
+    );
+    let end = m.fusermount_u();
+    assert_eq!(end.code, 0, "{}", end.stderr);
+    assert!(
+        end.stderr.contains("big.bin") && end.stderr.contains("EIO"),
+        "the failed read is reported: {}",
+        end.stderr
+    );
 }
