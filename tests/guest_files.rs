@@ -543,16 +543,12 @@ fn a_hostile_guest_filesystem_gives_errors_not_panics() {
     assert_eq!(r.ok().stdout, "on a logical partition\n");
 }
 
-/// A damaged chunk under one file: `cat` of that file fails naming it and pointing to `check`,
-/// other files of the volume still read back exactly.
-#[test]
-fn a_damaged_chunk_names_the_file_and_the_rest_stays_readable() {
-    let (t, tree, repo) = web_generation();
-    let work = t.path();
-    // big.bin is random, so stored verbatim: find a piece of its middle in a pack file.
+/// Flips a bit of the stored copy of byte `2 MiB + 10` of the tree's big.bin: it is random,
+/// so stored verbatim, and a piece of its middle is found in a pack file.
+fn damage_big_bin(repo: &Path, tree: &Path) {
     let big = fs::read(tree.join("home/anna/Documents/big.bin")).unwrap();
     let needle = &big[(2 << 20)..(2 << 20) + 64];
-    let (pack, at) = packs(&repo)
+    let (pack, at) = packs(repo)
         .into_iter()
         .find_map(|pack| {
             let data = fs::read(&pack).unwrap();
@@ -561,6 +557,15 @@ fn a_damaged_chunk_names_the_file_and_the_rest_stays_readable() {
         })
         .expect("a stored piece of big.bin");
     flip_bit(&pack, at + 10, 3);
+}
+
+/// A damaged chunk under one file: `cat` of that file fails naming it and pointing to `check`,
+/// other files of the volume still read back exactly.
+#[test]
+fn a_damaged_chunk_names_the_file_and_the_rest_stays_readable() {
+    let (t, tree, repo) = web_generation();
+    let work = t.path();
+    damage_big_bin(&repo, &tree);
     let r = vmrepo([
         s("cat"),
         p(&repo),
@@ -1418,17 +1423,7 @@ fn the_mount_shows_the_files_inside_each_generation() {
 
     // A damaged chunk under one guest file: reading that file fails with EIO (never zeros),
     // the files beside it still read.
-    let big = fs::read(tree.join("home/anna/Documents/big.bin")).unwrap();
-    let needle = &big[(2 << 20)..(2 << 20) + 64];
-    let (pack, at) = packs(&repo)
-        .into_iter()
-        .find_map(|pack| {
-            let data = fs::read(&pack).unwrap();
-            let at = data.windows(needle.len()).position(|w| w == needle)?;
-            Some((pack, at as u64))
-        })
-        .expect("a stored piece of big.bin");
-    flip_bit(&pack, at + 10, 3);
+    damage_big_bin(&repo, &tree);
     let m = live::mount(t.path(), &repo, None);
     let root = m.mp.join("web/latest/files/disk0/p2");
     let err = fs::read(root.join("home/anna/Documents/big.bin")).unwrap_err();

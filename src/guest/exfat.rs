@@ -6,7 +6,7 @@
 //! recorded one and are shown as UTC otherwise. Bytes past a file's valid length read as zeros.
 
 use crate::error::{Error, Result};
-use crate::guest::{join, Entry, GuestFs, VolumeIo};
+use crate::guest::{collect_span, join, Entry, GuestFs, VolumeIo};
 
 /// An exFAT filesystem on a volume.
 pub struct ExFat {
@@ -455,14 +455,9 @@ impl GuestFs for ExFat {
 
     fn read_range(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let n = self.file(path)?;
-        let from = offset.min(n.length);
-        let end = offset.saturating_add(len as u64).min(n.length);
-        let mut out = Vec::with_capacity((end - from) as usize);
-        self.read_content(&n, from, end, &self.what(path), &mut |b| {
-            out.extend_from_slice(b);
-            Ok(())
-        })?;
-        Ok(out)
+        collect_span(n.length, offset, len, |from, end, sink| {
+            self.read_content(&n, from, end, &self.what(path), sink)
+        })
     }
 }
 

@@ -4,7 +4,9 @@
 use ext4_view::{Ext4, Ext4Error, Ext4Read};
 
 use crate::error::{Error, Result};
-use crate::guest::{join, repository_error, Entry, GuestFs, VolumeIo};
+use std::cell::RefCell;
+
+use crate::guest::{join, pump, read_span, repository_error, Entry, GuestFs, VolumeIo};
 
 /// An ext2/3/4 filesystem on a volume.
 pub struct Ext {
@@ -106,49 +108,25 @@ impl GuestFs for Ext {
     }
 
     fn read_range(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let mut f = self.fs.open(path).map_err(|e| self.err(path, e))?;
+        let f = self.fs.open(path).map_err(|e| self.err(path, e))?;
         let size = f.metadata().len();
-        let mut buf = vec![0u8; (size.saturating_sub(offset)).min(len as u64) as usize];
-        if buf.is_empty() {
-            return Ok(buf);
-        }
-        f.seek_to(offset).map_err(|e| self.err(path, e))?;
-        let n = fill(&mut buf, &mut |b| {
-            f.read_bytes(b).map_err(|e| self.err(path, e))
-        })?;
-        buf.truncate(n);
-        Ok(buf)
+        let f = RefCell::new(f);
+        read_span(
+            size,
+            offset,
+            len,
+            &mut |at| f.borrow_mut().seek_to(at).map_err(|e| self.err(path, e)),
+            &mut |b| f.borrow_mut().read_bytes(b).map_err(|e| self.err(path, e)),
+        )
     }
 
     fn read_file(&self, path: &str, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64> {
         let mut f = self.fs.open(path).map_err(|e| self.err(path, e))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = f.read_bytes(&mut buf).map_err(|e| self.err(path, e))?;
-            if n == 0 {
-                return Ok(total);
-            }
-            sink(&buf[..n])?;
-            total += n as u64;
-        }
+        pump(
+            &mut |b| f.read_bytes(b).map_err(|e| self.err(path, e)),
+            sink,
+        )
     }
-}
-
-/// Fills `buf` from `read` until it is full or the file ends; the bytes read.
-pub(crate) fn fill(
-    buf: &mut [u8],
-    read: &mut dyn FnMut(&mut [u8]) -> Result<usize>,
-) -> Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        let n = read(&mut buf[got..])?;
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    Ok(got)
 }
 
 fn entry(name: String, m: &ext4_view::Metadata, target: Option<String>) -> Entry {

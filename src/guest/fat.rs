@@ -7,7 +7,9 @@
 use ::fatfs::{Date, DateTime, Dir, FileSystem, FsOptions};
 
 use crate::error::{Error, Result};
-use crate::guest::{repository_error, Entry, GuestFs, VolumeCursor, VolumeIo};
+use std::cell::RefCell;
+
+use crate::guest::{pump, read_span, repository_error, Entry, GuestFs, VolumeCursor, VolumeIo};
 
 /// A FAT filesystem on a volume.
 pub struct Fat {
@@ -155,22 +157,23 @@ impl GuestFs for Fat {
 
     fn read_range(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let size = self.stat(path)?.size;
-        let mut f = self
+        let f = self
             .fs
             .root_dir()
             .open_file(path.trim_matches('/'))
             .map_err(|e| self.fail(path, e))?;
-        let mut buf = vec![0u8; (size.saturating_sub(offset)).min(len as u64) as usize];
-        if buf.is_empty() {
-            return Ok(buf);
-        }
-        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset))
-            .map_err(|e| self.fail(path, e))?;
-        let n = crate::guest::ext::fill(&mut buf, &mut |b| {
-            std::io::Read::read(&mut f, b).map_err(|e| self.fail(path, e))
-        })?;
-        buf.truncate(n);
-        Ok(buf)
+        let f = RefCell::new(f);
+        read_span(
+            size,
+            offset,
+            len,
+            &mut |at| {
+                std::io::Seek::seek(&mut *f.borrow_mut(), std::io::SeekFrom::Start(at))
+                    .map(drop)
+                    .map_err(|e| self.fail(path, e))
+            },
+            &mut |b| std::io::Read::read(&mut *f.borrow_mut(), b).map_err(|e| self.fail(path, e)),
+        )
     }
 
     fn read_file(&self, path: &str, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64> {
@@ -185,15 +188,9 @@ impl GuestFs for Fat {
             .root_dir()
             .open_file(path.trim_matches('/'))
             .map_err(|e| self.fail(path, e))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = std::io::Read::read(&mut f, &mut buf).map_err(|e| self.fail(path, e))?;
-            if n == 0 {
-                return Ok(total);
-            }
-            sink(&buf[..n])?;
-            total += n as u64;
-        }
+        pump(
+            &mut |b| std::io::Read::read(&mut f, b).map_err(|e| self.fail(path, e)),
+            sink,
+        )
     }
 }

@@ -626,6 +626,69 @@ pub fn describe_ranges(ranges: &[(u64, u64)]) -> String {
     format!("bytes {} ({total} bytes)", list.join(", "))
 }
 
+/// Hands everything `read` gives (a file read on from where it is) to `sink`, in pieces of
+/// up to 1 MiB, until `read` gives nothing; the bytes handed.
+pub(crate) fn pump(
+    read: &mut dyn FnMut(&mut [u8]) -> Result<usize>,
+    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        sink(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+/// Up to `len` bytes from byte `offset` of a file of `size` bytes, none past its end, through
+/// a reader that can seek: `seek` (called only when there is something to read) moves it to
+/// `offset`, then `read` is called until the buffer is full or it reads nothing.
+pub(crate) fn read_span(
+    size: u64,
+    offset: u64,
+    len: usize,
+    seek: &mut dyn FnMut(u64) -> Result<()>,
+    read: &mut dyn FnMut(&mut [u8]) -> Result<usize>,
+) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; size.saturating_sub(offset).min(len as u64) as usize];
+    if buf.is_empty() {
+        return Ok(buf);
+    }
+    seek(offset)?;
+    let mut got = 0;
+    while got < buf.len() {
+        let n = read(&mut buf[got..])?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// Bytes `[offset, offset + len)` of a file of `size` bytes, cut at its end, collected from a
+/// reader that streams any span `[from, end)` of it to a sink.
+pub(crate) fn collect_span(
+    size: u64,
+    offset: u64,
+    len: usize,
+    read: impl FnOnce(u64, u64, &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+) -> Result<Vec<u8>> {
+    let from = offset.min(size);
+    let end = offset.saturating_add(len as u64).min(size);
+    let mut out = Vec::with_capacity((end - from) as usize);
+    read(from, end, &mut |b| {
+        out.extend_from_slice(b);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// `dir/name` in the guest.
 pub fn join(dir: &str, name: &str) -> String {
     if dir.ends_with('/') {

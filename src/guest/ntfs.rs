@@ -6,13 +6,14 @@
 
 use std::cell::RefCell;
 
+use ::ntfs::attribute_value::NtfsAttributeValue;
 use ::ntfs::indexes::NtfsFileNameIndex;
 use ::ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
 use ::ntfs::NtfsReadSeek;
 use ::ntfs::{NtfsError, NtfsFile, NtfsTime};
 
 use crate::error::{Error, Result};
-use crate::guest::{repository_error, Entry, GuestFs, VolumeCursor, VolumeIo};
+use crate::guest::{pump, read_span, repository_error, Entry, GuestFs, VolumeCursor, VolumeIo};
 
 /// Records below this number are NTFS's own metadata files.
 const FIRST_USER_RECORD: u64 = 24;
@@ -44,6 +45,31 @@ impl Ntfs {
     }
 
     /// The file at `path`.
+    /// Runs `f` on the unnamed data stream of file `path` (`None` when it has none: it reads
+    /// as empty), with the volume cursor to read it through. A directory is refused.
+    fn with_data<T>(
+        &self,
+        path: &str,
+        f: impl FnOnce(&mut VolumeCursor, Option<&mut NtfsAttributeValue<'_, '_>>) -> Result<T>,
+    ) -> Result<T> {
+        let file = self.file(path)?;
+        let fail = |e| error(&self.what(path), e);
+        if file.is_directory() {
+            return Err(Error::Usage(format!(
+                "{} is a directory (`vmrepo ls` lists it)",
+                self.what(path)
+            )));
+        }
+        let io = &mut *self.io.borrow_mut();
+        let Some(item) = file.data(io, "") else {
+            return f(io, None);
+        };
+        let item = item.map_err(fail)?;
+        let attribute = item.to_attribute().map_err(fail)?;
+        let mut value = attribute.value(io).map_err(fail)?;
+        f(io, Some(&mut value))
+    }
+
     fn file(&self, path: &str) -> Result<NtfsFile<'_>> {
         let io = &mut *self.io.borrow_mut();
         let fail = |e| error(&self.what(path), e);
@@ -210,59 +236,39 @@ impl GuestFs for Ntfs {
     }
 
     fn read_range(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let file = self.file(path)?;
-        let fail = |e| error(&self.what(path), e);
-        if file.is_directory() {
-            return Err(Error::Usage(format!(
-                "{} is a directory (`vmrepo ls` lists it)",
-                self.what(path)
-            )));
-        }
-        let io = &mut *self.io.borrow_mut();
-        let Some(item) = file.data(io, "") else {
-            return Ok(Vec::new());
-        };
-        let item = item.map_err(fail)?;
-        let attribute = item.to_attribute().map_err(fail)?;
-        let mut value = attribute.value(io).map_err(fail)?;
-        let size = value.len();
-        let mut buf = vec![0u8; (size.saturating_sub(offset)).min(len as u64) as usize];
-        if buf.is_empty() {
-            return Ok(buf);
-        }
-        value
-            .seek(io, std::io::SeekFrom::Start(offset))
-            .map_err(fail)?;
-        let n = crate::guest::ext::fill(&mut buf, &mut |b| value.read(io, b).map_err(fail))?;
-        buf.truncate(n);
-        Ok(buf)
+        self.with_data(path, |io, value| {
+            let Some(value) = value else {
+                return Ok(Vec::new());
+            };
+            let fail = |e| error(&self.what(path), e);
+            let size = value.len();
+            let reader = RefCell::new((value, io));
+            read_span(
+                size,
+                offset,
+                len,
+                &mut |at| {
+                    let (value, io) = &mut *reader.borrow_mut();
+                    value
+                        .seek(&mut **io, std::io::SeekFrom::Start(at))
+                        .map(drop)
+                        .map_err(fail)
+                },
+                &mut |b| {
+                    let (value, io) = &mut *reader.borrow_mut();
+                    value.read(&mut **io, b).map_err(fail)
+                },
+            )
+        })
     }
 
     fn read_file(&self, path: &str, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64> {
-        let file = self.file(path)?;
-        let fail = |e| error(&self.what(path), e);
-        if file.is_directory() {
-            return Err(Error::Usage(format!(
-                "{} is a directory (`vmrepo ls` lists it)",
-                self.what(path)
-            )));
-        }
-        let io = &mut *self.io.borrow_mut();
-        let Some(item) = file.data(io, "") else {
-            return Ok(0);
-        };
-        let item = item.map_err(fail)?;
-        let attribute = item.to_attribute().map_err(fail)?;
-        let mut value = attribute.value(io).map_err(fail)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = value.read(io, &mut buf).map_err(fail)?;
-            if n == 0 {
-                return Ok(total);
-            }
-            sink(&buf[..n])?;
-            total += n as u64;
-        }
+        self.with_data(path, |io, value| {
+            let Some(value) = value else {
+                return Ok(0);
+            };
+            let fail = |e| error(&self.what(path), e);
+            pump(&mut |b| value.read(&mut *io, b).map_err(fail), sink)
+        })
     }
 }

@@ -7,7 +7,7 @@
 //! for that. Every structure is bounds-checked before use; a hostile image gives an error.
 
 use crate::error::{Error, Result};
-use crate::guest::{join, Entry, GuestFs, VolumeIo};
+use crate::guest::{collect_span, join, Entry, GuestFs, VolumeIo};
 
 /// An XFS filesystem on a volume.
 pub struct Xfs {
@@ -701,14 +701,9 @@ impl GuestFs for Xfs {
 
     fn read_range(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let inode = self.regular(path)?;
-        let from = offset.min(inode.size);
-        let end = offset.saturating_add(len as u64).min(inode.size);
-        let mut out = Vec::with_capacity((end - from) as usize);
-        self.read_content(&inode, from, end, &self.what(path), &mut |b| {
-            out.extend_from_slice(b);
-            Ok(())
-        })?;
-        Ok(out)
+        collect_span(inode.size, offset, len, |from, end, sink| {
+            self.read_content(&inode, from, end, &self.what(path), sink)
+        })
     }
 }
 
