@@ -592,3 +592,91 @@ fn forget_removes_named_generations_all_or_none() {
     ]);
     assert_ne!(r.code, 0);
 }
+
+/// Runs `vmrepo ARGS` with its memory-bounding batches made tiny (live sets on disk in many
+/// partitions, check and gc rewrites in many batches), as on a repository of millions of
+/// objects.
+fn vmrepo_tiny_batches(args: &[std::ffi::OsString]) -> Run {
+    Run::from(
+        Command::new(BIN)
+            .args(args)
+            .env("VMREPO_TEST_TINY_BATCHES", "1")
+            .output()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn gc_and_check_in_bounded_memory_decide_exactly_as_in_memory() {
+    let t = tempfile::tempdir().unwrap();
+    let size = 16u64 << 20;
+    let img = t.path().join("disk.img");
+    sparse_image(&img, size, &[(0, 12 << 20, 9)]);
+    let repo = init_repo(t.path());
+    let saved_dir = t.path().join("saved");
+    fs::create_dir(&saved_dir).unwrap();
+    let mut saved = Vec::new();
+    for night in 0..10u64 {
+        if night > 0 {
+            churn(&img, size, night, 8);
+        }
+        let time = format!("2026-10-{:02}T01:00:00Z", night + 1);
+        ingest_at(&repo, &img, "web01", &time);
+        if night >= 6 {
+            let copy = saved_dir.join(format!("{night}.img"));
+            fs::copy(&img, &copy).unwrap();
+            saved.push((time, copy));
+        }
+    }
+    // A VM of its own data, then forgotten: its packs hold nothing live.
+    let other = t.path().join("other.img");
+    sparse_image(&other, 4 << 20, &[(0, 4 << 20, 77)]);
+    ingest_at(&repo, &other, "old01", "2026-09-01T01:00:00Z");
+    vmrepo([s("forget"), p(&repo), s("old01@2026-09-01T01:00:00Z")]).ok();
+    vmrepo([s("prune"), p(&repo), s("web01"), s("--keep-last"), s("4")]).ok();
+    let twin = t.path().join("twin");
+    sh(&format!("cp -a {} {}", repo.display(), twin.display())).ok();
+
+    // --max-unused 0 rewrites every pack with garbage left in it, so both paths rewrite.
+    let gc = |r: &Path| vec![s("gc"), p(r), s("--max-unused"), s("0"), s("--json")];
+    let plain = vmrepo(gc(&repo)).ok().json();
+    let tiny = vmrepo_tiny_batches(&gc(&twin)).ok().json();
+    for field in [
+        "objects_live",
+        "objects_dead",
+        "bytes_dead",
+        "packs_deleted",
+        "packs_rewritten",
+        "bytes_copied",
+        "bytes_freed",
+    ] {
+        assert_eq!(plain[field], tiny[field], "{field}:\n{plain}\n{tiny}");
+    }
+    assert!(plain["objects_live"].as_u64().unwrap() > 64 * 4, "{plain}");
+    assert!(plain["packs_deleted"].as_u64().unwrap() > 0, "{plain}");
+    assert!(plain["packs_rewritten"].as_u64().unwrap() > 1, "{plain}");
+
+    let check = |r: &Path| vec![s("check"), p(r), s("--read-data"), s("--json")];
+    let plain = vmrepo(check(&repo)).ok().json();
+    let tiny = vmrepo_tiny_batches(&check(&twin)).ok().json();
+    assert_eq!(tiny["ok"], true, "{tiny}");
+    let (plain, tiny) = (&plain["check"], &tiny["check"]);
+    assert_eq!(plain["objects"], tiny["objects"]);
+    assert!(tiny["objects"].as_u64().unwrap() > 64 * 4, "{tiny}");
+    assert_eq!(tiny["objects_read"], tiny["objects"]);
+    let out = t.path().join("out");
+    for (time, copy) in &saved {
+        let _ = fs::remove_dir_all(&out);
+        vmrepo([s("extract"), p(&twin), s(&format!("web01@{time}")), p(&out)]).ok();
+        assert!(
+            same_file(&out.join("disk.img"), copy),
+            "web01@{time} does not restore byte-identical after gc in bounded memory"
+        );
+    }
+    let left: Vec<String> = fs::read_dir(&twin)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("idset-"))
+        .collect();
+    assert!(left.is_empty(), "temporary id sets left behind: {left:?}");
+}

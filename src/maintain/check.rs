@@ -245,14 +245,16 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
     if !survey.unknown.is_empty() {
         // What the listed generations need, to tell left-overs from data the index lacks.
         // Unknown if their metadata cannot be read: then nothing is called a left-over.
-        let live = crate::maintain::mark::mark(
+        let needed = match crate::maintain::mark::mark(
             repo,
             &index,
             &HashSet::new(),
             &crate::progress::NoProgress,
-        )
-        .ok();
-        let needed = |id: &ObjectId| live.as_ref().is_none_or(|l| l.ids.contains(id));
+        ) {
+            Ok(live) => Some(survey.needed(&index, &live.ids)?),
+            Err(_) => None,
+        };
+        let needed = |id: &ObjectId| needed.as_ref().is_none_or(|n| n.contains(id));
         let (mut leftovers, mut leftover_bytes) = (0u64, 0u64);
         // Kept packs grouped by reason: (count, first pack).
         let mut kept: Vec<(String, u64, String)> = Vec::new();
@@ -293,63 +295,86 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
         }
     }
 
-    // Objects: every index row must point at a matching record (and, with read_data, good bytes).
-    let mut by_pack: Vec<(String, Vec<(u64, RecordHeader)>)> = Vec::new();
-    index.for_each_object(|loc| {
-        report.objects += 1;
-        report.stored_bytes += RECORD_HEADER_LEN as u64 + loc.header.stored_len as u64;
-        match by_pack.last_mut() {
-            Some((p, v)) if *p == loc.pack => v.push((loc.offset, loc.header)),
-            _ => by_pack.push((loc.pack, vec![(loc.offset, loc.header)])),
-        }
-        Ok(())
-    })?;
-    let selected = select_packs(read, &known);
+    // Objects: every index row must point at a matching record (and, with read_data, good
+    // bytes). The rows come in pack order and are checked a batch of whole packs at a time,
+    // so memory holds one batch, not the repository.
+    let (objects, stored_bytes) = index.object_totals()?;
     progress.start(
         if read.reads_anything() {
             "check (reading data)"
         } else {
             "check"
         },
-        report.stored_bytes,
+        stored_bytes,
     );
-    let bad: Mutex<HashMap<ObjectId, String>> = Mutex::new(HashMap::new());
-    let read_count = std::sync::atomic::AtomicU64::new(0);
-    by_pack.par_iter().for_each(|(pack, objs)| {
-        let path = backend.path(&layout::pack(pack));
-        let len = pack_len(backend, pack);
-        let read_data = selected.contains(pack);
-        for (offset, h) in objs {
-            progress.advance(RECORD_HEADER_LEN as u64 + h.stored_len as u64);
-            let problem = match len {
-                Err(_) | Ok(None) => Some(format!("its pack file {} is missing", path.display())),
-                Ok(Some(len)) => {
-                    let r = if read_data {
-                        repo.packs().read_object(pack, *offset, h).map(|_| ())
-                    } else if offset + RECORD_HEADER_LEN as u64 + h.stored_len as u64 > len {
-                        Err(Error::Corrupt(format!(
-                            "pack file {} is truncated at offset {offset}",
-                            path.display()
-                        )))
-                    } else {
-                        repo.packs()
-                            .read_span(pack, *offset, RECORD_HEADER_LEN, h)
-                            .and_then(|b| repo.packs().check_header(pack, *offset, &b, h))
-                    };
-                    read_count.fetch_add(read_data as u64, std::sync::atomic::Ordering::Relaxed);
-                    r.err().map(|e| e.to_string())
+    let mut pass = ObjectPass {
+        repo,
+        selected: select_packs(read, &known),
+        descriptions: Descriptions::list(backend, repo.keys()).map_err(|e| {
+            format!(
+                "the pack descriptions in {} cannot be listed: {e}",
+                backend.path(layout::PACK_INDEX).display()
+            )
+        }),
+        progress,
+        bad: Mutex::new(HashMap::new()),
+        read_count: std::sync::atomic::AtomicU64::new(0),
+        described_wrong: Vec::new(),
+        packs_with_rows: HashSet::new(),
+        known: known.iter().cloned().collect(),
+    };
+    let mut batch: Vec<(String, Vec<(u64, RecordHeader)>)> = Vec::new();
+    let mut in_batch = 0u64;
+    let batch_rows = crate::maintain::batch(CHECK_BATCH);
+    index.for_each_object(|loc| {
+        report.objects += 1;
+        report.stored_bytes += RECORD_HEADER_LEN as u64 + loc.header.stored_len as u64;
+        match batch.last_mut() {
+            Some((p, v)) if *p == loc.pack => v.push((loc.offset, loc.header)),
+            _ => {
+                // The packs before this one are whole: check them once the batch is full.
+                if in_batch >= batch_rows {
+                    let open = batch.pop();
+                    pass.check_packs(&batch);
+                    batch.clear();
+                    batch.extend(open);
+                    in_batch = batch.first().map_or(0, |b| b.1.len() as u64);
                 }
-            };
-            if let Some(p) = problem {
-                bad.lock().unwrap().insert(h.id, p);
+                batch.push((loc.pack, vec![(loc.offset, loc.header)]));
             }
         }
-    });
+        in_batch += 1;
+        Ok(())
+    })?;
+    pass.check_packs(&batch);
+    drop(batch);
+    debug_assert_eq!(report.objects, objects);
+    // Packs without a single row still have descriptions to agree with.
+    for (name, len) in &known {
+        if !pass.packs_with_rows.contains(name) {
+            pass.check_description(name, *len, &[]);
+        }
+    }
     progress.finish();
-    report.objects_read = read_count.into_inner();
-    let bad = bad.into_inner().unwrap();
+    report.objects_read = pass.read_count.into_inner();
+    match &pass.descriptions {
+        Err(e) => report.problems.push(e.clone()),
+        Ok(_) => {
+            if let Some(first) = pass.described_wrong.first() {
+                report.problems.push(format!(
+                    "{} pack description(s) in {} disagree with the index (first: {first}). No \
+                     data is affected, but a host building its cache from them would miss or \
+                     misplace objects: delete those objects under pack-index/ (hosts then read \
+                     the packs themselves); a gc that compacts the descriptions describes the \
+                     packs again",
+                    pass.described_wrong.len(),
+                    backend.path(layout::PACK_INDEX).display()
+                ));
+            }
+        }
+    }
+    let bad = pass.bad.into_inner().unwrap();
     report.bad_objects = bad.keys().copied().collect();
-    check_descriptions(repo, &known, &by_pack, &mut report);
 
     // Generations: every reference must resolve to a good object.
     let gens = index.generations(None)?;
@@ -398,57 +423,98 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
     Ok(report)
 }
 
-/// Pack descriptions (`pack-index/`) against the index: a host with an empty cache takes a
-/// described pack's records from its description instead of reading the pack, so a
-/// description must list every record the index knows in that pack, at the same offset, and
-/// the pack's length. One that does not (or cannot be read) is a problem: nothing is lost
-/// (the pack is the truth), but a new host's cache would be wrong. Packs without a description
-/// are fine (they are read whole).
-fn check_descriptions(
-    repo: &Repository,
-    known: &[(String, u64)],
-    by_pack: &[(String, Vec<(u64, RecordHeader)>)],
-    report: &mut CheckReport,
-) {
-    let backend = &**repo.backend();
-    let listed = match Descriptions::list(backend, repo.keys()) {
-        Ok(d) => d,
-        Err(e) => {
-            report.problems.push(format!(
-                "the pack descriptions in {} cannot be listed: {e}",
-                backend.path(layout::PACK_INDEX).display()
-            ));
-            return;
-        }
-    };
-    let rows: HashMap<&str, &Vec<(u64, RecordHeader)>> =
-        by_pack.iter().map(|(p, v)| (p.as_str(), v)).collect();
-    let mut wrong: Vec<String> = Vec::new();
-    for (name, len) in known {
-        let d = match listed.stored(name) {
-            None => continue,
-            Some(Err(why)) => {
-                wrong.push(format!(
-                    "pack {name}: its description cannot be read: {why}"
-                ));
-                continue;
+/// Index rows checked a batch of packs at a time: [`check`] reads about this many rows before
+/// checking the whole packs among them (about 60 bytes each in memory).
+const CHECK_BATCH: u64 = 1 << 18;
+
+/// check's pass over the index rows, a batch of whole packs at a time: each row against its
+/// record in the pack file (and with `--read-data` its bytes), each pack's rows against its
+/// description.
+struct ObjectPass<'a> {
+    repo: &'a Repository,
+    /// Packs whose objects are read in full.
+    selected: HashSet<String>,
+    /// The pack descriptions (`pack-index/`), or why they cannot be listed. A host with an
+    /// empty cache takes a described pack's records from its description instead of reading
+    /// the pack, so a description must list every record the index knows in that pack, at the
+    /// same offset, and the pack's length. One that does not (or cannot be read) is a problem:
+    /// nothing is lost (the pack is the truth), but a new host's cache would be wrong. Packs
+    /// without a description are fine (they are read whole).
+    descriptions: std::result::Result<Descriptions<'a>, String>,
+    progress: &'a dyn Progress,
+    /// Objects found damaged, with why.
+    bad: Mutex<HashMap<ObjectId, String>>,
+    read_count: std::sync::atomic::AtomicU64,
+    /// Packs whose description disagrees with the index, with why.
+    described_wrong: Vec<String>,
+    /// Packs that have index rows.
+    packs_with_rows: HashSet<String>,
+    /// The index's packs with their recorded sizes.
+    known: HashMap<String, u64>,
+}
+
+impl ObjectPass<'_> {
+    /// Checks whole packs: their rows against the pack files, then against the descriptions.
+    fn check_packs(&mut self, packs: &[(String, Vec<(u64, RecordHeader)>)]) {
+        let (repo, backend) = (self.repo, &**self.repo.backend());
+        let (bad, read_count) = (&self.bad, &self.read_count);
+        let (selected, progress) = (&self.selected, self.progress);
+        packs.par_iter().for_each(|(pack, objs)| {
+            let path = backend.path(&layout::pack(pack));
+            let len = pack_len(backend, pack);
+            let read_data = selected.contains(pack);
+            for (offset, h) in objs {
+                progress.advance(RECORD_HEADER_LEN as u64 + h.stored_len as u64);
+                let problem = match len {
+                    Err(_) | Ok(None) => {
+                        Some(format!("its pack file {} is missing", path.display()))
+                    }
+                    Ok(Some(len)) => {
+                        let r = if read_data {
+                            repo.packs().read_object(pack, *offset, h).map(|_| ())
+                        } else if offset + RECORD_HEADER_LEN as u64 + h.stored_len as u64 > len {
+                            Err(Error::Corrupt(format!(
+                                "pack file {} is truncated at offset {offset}",
+                                path.display()
+                            )))
+                        } else {
+                            repo.packs()
+                                .read_span(pack, *offset, RECORD_HEADER_LEN, h)
+                                .and_then(|b| repo.packs().check_header(pack, *offset, &b, h))
+                        };
+                        read_count
+                            .fetch_add(read_data as u64, std::sync::atomic::Ordering::Relaxed);
+                        r.err().map(|e| e.to_string())
+                    }
+                };
+                if let Some(p) = problem {
+                    bad.lock().unwrap().insert(h.id, p);
+                }
             }
-            Some(Ok(d)) => d,
-        };
-        let objs = rows.get(name.as_str()).map_or(&[][..], |v| &v[..]);
-        if let Some(why) = disagreement(&d, *len, objs) {
-            wrong.push(format!("pack {name}: {why}"));
+        });
+        for (pack, objs) in packs {
+            self.packs_with_rows.insert(pack.clone());
+            let size = self.known.get(pack).copied().unwrap_or(0);
+            self.check_description(pack, size, objs);
         }
     }
-    if let Some(first) = wrong.first() {
-        report.problems.push(format!(
-            "{} pack description(s) in {} disagree with the index (first: {first}). No data \
-             is affected, but a host building its cache from them would miss or misplace \
-             objects: delete those objects under pack-index/ (hosts then read the packs \
-             themselves); a gc that compacts the descriptions describes the packs again",
-            wrong.len(),
-            backend.path(layout::PACK_INDEX).display()
-        ));
+
+    /// Checks pack `name`'s description (if it has one) against its index rows `objs`.
+    fn check_description(&mut self, name: &str, len: u64, objs: &[(u64, RecordHeader)]) {
+        let Ok(listed) = &self.descriptions else {
+            return;
+        };
+        match listed.stored(name) {
+            None => {}
+            Some(Err(why)) => self.described_wrong.push(format!(
+                "pack {name}: its description cannot be read: {why}"
+            )),
+            Some(Ok(d)) => {
+                if let Some(why) = disagreement(&d, len, objs) {
+                    self.described_wrong.push(format!("pack {name}: {why}"));
+                }
+            }
+        }
     }
 }
 

@@ -19,6 +19,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::maintain::id_set::IdSet;
+
 use crate::backend::{Backend, Durability};
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
@@ -412,8 +414,24 @@ impl Survey {
         g
     }
 
+    /// Of the objects in unknown packs that the index lacks (the only ones
+    /// [`Survey::verdicts`] asks `needed` about), those in the live set `live`.
+    pub fn needed(&self, index: &Index, live: &IdSet) -> Result<HashSet<ObjectId>> {
+        let mut out = HashSet::new();
+        for u in &self.unknown {
+            for (h, _) in &u.records {
+                if !index.contains(&h.id)? {
+                    out.insert(h.id);
+                }
+            }
+        }
+        live.retain_members(&mut out)?;
+        Ok(out)
+    }
+
     /// Whether each unknown pack may be deleted, given which objects the remaining
-    /// generations need (`needed`) and what the index holds.
+    /// generations need (`needed`, asked only about objects the index lacks) and what the
+    /// index holds.
     pub fn verdicts(
         &self,
         index: &Index,
@@ -450,7 +468,7 @@ impl Survey {
             } else {
                 let mut lacking = 0usize;
                 for (h, _) in &u.records {
-                    if needed(&h.id) && !index.contains(&h.id)? {
+                    if !index.contains(&h.id)? && needed(&h.id) {
                         lacking += 1;
                     }
                 }

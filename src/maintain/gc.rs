@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::backend::Durability;
 use crate::error::{Error, Result};
+use crate::maintain::id_set::Partition;
 use crate::maintain::mark::{mark, LiveSet};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
@@ -92,19 +93,31 @@ pub struct GcReport {
     pub seconds: f64,
 }
 
+/// What gc found in one indexed pack: counts and sizes, not the records themselves, so memory
+/// follows the number of packs.
+#[derive(Clone, Debug, Default)]
 struct PackPlan {
     size: u64,
-    live: Vec<(u64, RecordHeader)>,
+    live_objects: u64,
     live_bytes: u64,
-    dead: Vec<(ObjectId, ObjectKind)>,
+    dead_objects: u64,
     dead_bytes: u64,
+    /// Its dead manifests and segments, whose rows go even when the pack is kept (see
+    /// [`kept_pack_rows`]); its other dead records are only counted.
+    dead_metadata: Vec<(ObjectId, ObjectKind)>,
 }
 
 fn record_len(h: &RecordHeader) -> u64 {
     RECORD_HEADER_LEN as u64 + h.stored_len as u64
 }
 
-/// Splits every indexed pack into live and dead records.
+/// Whether the record is live: a tombstone (live through its kind) or in the live set.
+fn is_live(h: &RecordHeader, part: &Partition) -> bool {
+    h.kind == ObjectKind::Tombstone || part.contains(&h.id)
+}
+
+/// Splits every indexed pack into live and dead records, one partition of the live set at a
+/// time against the index rows of its id range.
 fn sweep(index: &Index, live: &LiveSet) -> Result<HashMap<String, PackPlan>> {
     let mut plans: HashMap<String, PackPlan> = index
         .packs()?
@@ -114,29 +127,62 @@ fn sweep(index: &Index, live: &LiveSet) -> Result<HashMap<String, PackPlan>> {
                 name,
                 PackPlan {
                     size,
-                    live: Vec::new(),
-                    live_bytes: 0,
-                    dead: Vec::new(),
-                    dead_bytes: 0,
+                    ..PackPlan::default()
                 },
             )
         })
         .collect();
-    index.for_each_object(|loc| {
-        let plan = plans
-            .get_mut(&loc.pack)
-            .expect("objects reference known packs");
-        let len = record_len(&loc.header);
-        if loc.header.kind == ObjectKind::Tombstone || live.ids.contains(&loc.header.id) {
-            plan.live_bytes += len;
-            plan.live.push((loc.offset, loc.header));
-        } else {
-            plan.dead_bytes += len;
-            plan.dead.push((loc.header.id, loc.header.kind));
-        }
-        Ok(())
-    })?;
+    for part in live.ids.partitions() {
+        let part = part?;
+        index.for_each_object_in_range(&part.first, part.end.as_ref(), |loc| {
+            let plan = plans
+                .get_mut(&loc.pack)
+                .expect("objects reference known packs");
+            let len = record_len(&loc.header);
+            if is_live(&loc.header, &part) {
+                plan.live_objects += 1;
+                plan.live_bytes += len;
+            } else {
+                plan.dead_objects += 1;
+                plan.dead_bytes += len;
+                if matches!(loc.header.kind, ObjectKind::Manifest | ObjectKind::Segment) {
+                    plan.dead_metadata.push((loc.header.id, loc.header.kind));
+                }
+            }
+            Ok(())
+        })?;
+    }
     Ok(plans)
+}
+
+/// Live records of a pack gc rewrites at most this many at a time (each wave of packs is one
+/// more pass over the index; about 100 bytes each in memory).
+const REWRITE_WAVE: u64 = 1 << 20;
+
+/// The live records (offset, header) of `packs`, in offset order per pack: another pass over
+/// the live set against the index.
+fn live_records(
+    index: &Index,
+    live: &LiveSet,
+    packs: &[&String],
+) -> Result<HashMap<String, Vec<(u64, RecordHeader)>>> {
+    let mut out: HashMap<String, Vec<(u64, RecordHeader)>> =
+        packs.iter().map(|n| ((*n).clone(), Vec::new())).collect();
+    for part in live.ids.partitions() {
+        let part = part?;
+        index.for_each_object_in_range(&part.first, part.end.as_ref(), |loc| {
+            if let Some(v) = out.get_mut(&loc.pack) {
+                if is_live(&loc.header, &part) {
+                    v.push((loc.offset, loc.header));
+                }
+            }
+            Ok(())
+        })?;
+    }
+    for v in out.values_mut() {
+        v.sort_by_key(|(offset, _)| *offset);
+    }
+    Ok(out)
 }
 
 /// What gc does with each indexed pack: delete it, rewrite its live records into a new pack,
@@ -163,7 +209,7 @@ fn plan_packs(
     let mut keep = Vec::new();
     for name in names {
         let p = &plans[name];
-        if p.live.is_empty() {
+        if p.live_objects == 0 {
             drop.push(name.clone());
         } else if (p.live_bytes as f64) < repack_threshold * p.size as f64 {
             rewrite.push(name);
@@ -205,7 +251,7 @@ fn plan_packs(
 /// (a cache hit reuses a segment without storing its chunks, and the chunks of a dead segment
 /// may be in a pack this gc deletes).
 fn kept_pack_rows(p: &PackPlan, rows: &mut Vec<ObjectId>, segments: &mut Vec<ObjectId>) {
-    for (id, kind) in &p.dead {
+    for (id, kind) in &p.dead_metadata {
         match kind {
             ObjectKind::Manifest => rows.push(*id),
             ObjectKind::Segment => segments.push(*id),
@@ -229,7 +275,7 @@ pub fn unreferenced_after(
     let live = mark(repo, &index, removed, progress)?;
     let plans = sweep(&index, &live)?;
     Ok((
-        plans.values().map(|p| p.dead.len() as u64).sum(),
+        plans.values().map(|p| p.dead_objects).sum(),
         plans.values().map(|p| p.dead_bytes).sum(),
     ))
 }
@@ -290,7 +336,8 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
     // Which unknown packs are proven left-overs (none while generations are unlisted: in a
     // dry run, those that would be listed keep what they reference).
     let mut orphans = Vec::new();
-    for (u, verdict) in survey.verdicts(&index, &|id| live.ids.contains(id))? {
+    let needed = survey.needed(&index, &live.ids)?;
+    for (u, verdict) in survey.verdicts(&index, &|id| needed.contains(id))? {
         match verdict {
             crate::maintain::coverage::Verdict::Leftover => {
                 report.orphan_packs += 1;
@@ -303,11 +350,10 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
         }
     }
     let plans = sweep(&index, &live)?;
-    drop(live);
 
     for p in plans.values() {
-        report.objects_live += p.live.len() as u64;
-        report.objects_dead += p.dead.len() as u64;
+        report.objects_live += p.live_objects;
+        report.objects_dead += p.dead_objects;
         report.bytes_dead += p.dead_bytes;
     }
     let PackActions {
@@ -358,41 +404,58 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
     let mut out: Option<PackWriter> = None;
     let mut out_records: Vec<(RecordHeader, u64)> = Vec::new();
     let mut batch: Vec<String> = Vec::new();
+    // In waves of packs whose live records fit in memory together.
+    let mut waves: Vec<Vec<&String>> = Vec::new();
+    let mut in_wave = 0;
+    let wave = crate::maintain::batch(REWRITE_WAVE);
     for name in rewrite {
-        let p = &plans[name];
-        let records = match read_live(repo, name, p) {
-            Ok(r) => r,
-            Err(e) => {
-                report.problems.push(format!(
-                    "pack {name} was not rewritten: {e}; run `vmrepo check --repair`"
-                ));
-                progress.advance(p.live_bytes);
-                continue;
+        if waves.is_empty() || in_wave + plans[name].live_objects > wave {
+            waves.push(Vec::new());
+            in_wave = 0;
+        }
+        in_wave += plans[name].live_objects;
+        waves.last_mut().expect("pushed").push(name);
+    }
+    for wave in waves {
+        let mut records_of = live_records(&index, &live, &wave)?;
+        for name in wave {
+            let p = &plans[name];
+            let live_here = records_of.remove(name).unwrap_or_default();
+            let records = match read_live(repo, name, live_here) {
+                Ok(r) => r,
+                Err(e) => {
+                    report.problems.push(format!(
+                        "pack {name} was not rewritten: {e}; run `vmrepo check --repair`"
+                    ));
+                    progress.advance(p.live_bytes);
+                    continue;
+                }
+            };
+            if out.is_none() {
+                out = Some(PackWriter::create(repo.backend(), &repo.keys_arc())?);
             }
-        };
-        if out.is_none() {
-            out = Some(PackWriter::create(repo.backend(), &repo.keys_arc())?);
-        }
-        let pack = out.as_mut().unwrap();
-        for obj in &records {
-            let offset = pack.append(obj)?;
-            out_records.push((obj.header.clone(), offset));
-            report.bytes_copied += obj.record_len();
-        }
-        progress.advance(p.live_bytes);
-        batch.push(name.clone());
-        if pack.len() >= PACK_TARGET {
-            commit_rewrite(
-                &mut index,
-                repo,
-                out.take().unwrap(),
-                &mut out_records,
-                &mut batch,
-                &plans,
-                &mut report,
-            )?;
+            let pack = out.as_mut().unwrap();
+            for obj in &records {
+                let offset = pack.append(obj)?;
+                out_records.push((obj.header.clone(), offset));
+                report.bytes_copied += obj.record_len();
+            }
+            progress.advance(p.live_bytes);
+            batch.push(name.clone());
+            if pack.len() >= PACK_TARGET {
+                commit_rewrite(
+                    &mut index,
+                    repo,
+                    out.take().unwrap(),
+                    &mut out_records,
+                    &mut batch,
+                    &plans,
+                    &mut report,
+                )?;
+            }
         }
     }
+    drop(live);
     if let Some(pack) = out.take() {
         commit_rewrite(
             &mut index,
@@ -422,10 +485,13 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
     Ok(report)
 }
 
-/// Reads and verifies the live records of a pack (at most one pack's worth of memory).
-fn read_live(repo: &Repository, name: &str, p: &PackPlan) -> Result<Vec<EncodedObject>> {
-    let mut live = p.live.clone();
-    live.sort_by_key(|(o, _)| *o);
+/// Reads and verifies the live records `live` (offset order) of a pack (at most one pack's
+/// worth of memory).
+fn read_live(
+    repo: &Repository,
+    name: &str,
+    live: Vec<(u64, RecordHeader)>,
+) -> Result<Vec<EncodedObject>> {
     live.into_iter()
         .map(|(offset, header)| {
             let payload = repo.packs().read_record(name, offset, &header)?;
@@ -471,29 +537,17 @@ fn commit_rewrite(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::object::Codec;
 
     /// A pack of `size` bytes holding `live` bytes of live records (one record) and the rest
     /// dead, or nothing live at all when `live` is 0.
     fn pack(size: u64, live: u64) -> PackPlan {
-        let header = RecordHeader {
-            kind: ObjectKind::Chunk,
-            codec: Codec::Raw,
-            stored_len: live.saturating_sub(RECORD_HEADER_LEN as u64) as u32,
-            raw_len: 0,
-            id: ObjectId::of(&size.to_le_bytes()),
-            encrypted: false,
-        };
         PackPlan {
             size,
-            live: if live > 0 {
-                vec![(16, header)]
-            } else {
-                Vec::new()
-            },
+            live_objects: u64::from(live > 0),
             live_bytes: live,
-            dead: Vec::new(),
+            dead_objects: 1,
             dead_bytes: size - PACK_HEADER_LEN - live,
+            dead_metadata: Vec::new(),
         }
     }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
+use crate::maintain::id_set::{IdSet, IdSpill};
 use crate::maintain::walk::{Reference, SegmentPlace, Visitor, Walk};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
@@ -14,13 +15,11 @@ use crate::repo::index::{GenerationInfo, Index};
 use crate::repo::manifest::{DiskEntry, DiskMap};
 use crate::repo::Repository;
 
-/// Options of a gc run.
-#[derive(Clone, Debug)]
-
 /// Everything the remaining generations reference.
 pub struct LiveSet {
-    /// Live object ids (tombstones are live through their kind, not listed here).
-    pub ids: HashSet<ObjectId>,
+    /// Live object ids (tombstones are live through their kind, not listed here), on disk
+    /// beside the index when there are many.
+    pub ids: IdSet,
     /// Generations marked.
     pub generations: u64,
     /// Metadata bytes read.
@@ -34,7 +33,8 @@ pub struct LiveSet {
 /// Reads manifests, disk maps and segments (each distinct one once), never chunk data. A
 /// generation marked damaged by `check --repair` may have unreadable metadata: its readable
 /// parts are marked, the rest skipped. Any other unreadable metadata stops gc: it cannot tell
-/// which chunks that generation still needs.
+/// which chunks that generation still needs. Memory stays bounded at any repository size: the
+/// live ids go to disk beside the index (see [`IdSpill`]) when the index lists many objects.
 pub fn mark(
     repo: &Repository,
     index: &Index,
@@ -46,24 +46,20 @@ pub fn mark(
         .into_iter()
         .filter(|g| !removed.contains(&g.manifest))
         .collect();
-    let mut live = LiveSet {
-        ids: HashSet::new(),
-        generations: gens.len() as u64,
-        metadata_read: 0,
-        damaged: Vec::new(),
-    };
+    let (objects, _) = index.object_totals()?;
     let mut marker = Marker {
         repo,
         generation: None,
-        live: Mutex::new(HashSet::new()),
+        live: Mutex::new(IdSpill::new(repo.index_dir(), objects)?),
         metadata_read: AtomicU64::new(0),
         damaged: Vec::new(),
+        failed: Mutex::new(None),
     };
     let mut walk = Walk::each_map_once();
     progress.start("gc: mark generations", gens.len() as u64);
     for g in &gens {
         progress.advance(1);
-        marker.live.get_mut().unwrap().insert(g.manifest);
+        marker.live.get_mut().unwrap().insert(g.manifest)?;
         let m = match repo.read_object(&g.manifest) {
             Ok(b) => {
                 *marker.metadata_read.get_mut() += b.len() as u64;
@@ -83,12 +79,18 @@ pub fn mark(
         walk.manifest_parallel(&mut marker, &m)?;
     }
     progress.finish();
-    live.ids = marker.live.into_inner().unwrap();
-    live.metadata_read = marker.metadata_read.into_inner();
-    live.damaged = marker.damaged;
-    live.damaged.sort();
-    live.damaged.dedup();
-    Ok(live)
+    if let Some(e) = marker.failed.into_inner().unwrap() {
+        return Err(e);
+    }
+    let mut damaged = marker.damaged;
+    damaged.sort();
+    damaged.dedup();
+    Ok(LiveSet {
+        ids: marker.live.into_inner().unwrap().finish()?,
+        generations: gens.len() as u64,
+        metadata_read: marker.metadata_read.into_inner(),
+        damaged,
+    })
 }
 
 /// gc's error for metadata of a (not damaged) generation that cannot be read.
@@ -106,9 +108,11 @@ struct Marker<'a> {
     repo: &'a Repository,
     /// The generation being walked.
     generation: Option<&'a GenerationInfo>,
-    live: Mutex<HashSet<ObjectId>>,
+    live: Mutex<IdSpill>,
     metadata_read: AtomicU64,
     damaged: Vec<String>,
+    /// A write of the live set that failed in a parallel segment visit.
+    failed: Mutex<Option<Error>>,
 }
 
 impl Marker<'_> {
@@ -126,12 +130,11 @@ impl Visitor for Marker<'_> {
             Reference::File(f) => f.object,
             Reference::ExtentEdge { id, .. } => id,
         };
-        self.live.get_mut().unwrap().insert(id);
-        Ok(())
+        self.live.get_mut().unwrap().insert(id)
     }
 
     fn disk_map(&mut self, disk: &DiskEntry) -> Result<Option<DiskMap>> {
-        self.live.get_mut().unwrap().insert(disk.disk_map);
+        self.live.get_mut().unwrap().insert(disk.disk_map)?;
         match self.repo.load_disk_map(&disk.disk_map) {
             Ok(map) => {
                 *self.metadata_read.get_mut() += map.encoded_len();
@@ -155,7 +158,9 @@ impl Visitor for Marker<'_> {
                 let chunks: Vec<ObjectId> = s.data_chunks().map(|(id, _)| id).collect();
                 self.metadata_read
                     .fetch_add(44 + 36 * chunks.len() as u64, Ordering::Relaxed);
-                self.live.lock().unwrap().extend(chunks);
+                if let Err(e) = self.live.lock().unwrap().extend(chunks) {
+                    self.failed.lock().unwrap().get_or_insert(e);
+                }
                 None
             }
             Err(e) => Some(e.to_string()),
@@ -163,7 +168,10 @@ impl Visitor for Marker<'_> {
     }
 
     fn segment_at(&mut self, place: SegmentPlace<'_>, verdict: &Option<String>) -> Result<()> {
-        self.live.get_mut().unwrap().insert(place.id);
+        self.live.get_mut().unwrap().insert(place.id)?;
+        if let Some(e) = self.failed.get_mut().unwrap().take() {
+            return Err(e);
+        }
         match verdict {
             None => Ok(()),
             Some(_) if self.generation().damaged.is_some() => {

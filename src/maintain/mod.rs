@@ -10,6 +10,7 @@ pub mod coverage;
 pub mod damage;
 pub mod describe;
 pub mod gc;
+pub mod id_set;
 pub mod mark;
 pub mod prune;
 pub mod rebuild;
@@ -17,3 +18,15 @@ pub mod repair;
 pub mod retention;
 pub mod stats;
 pub mod walk;
+
+/// `default`, or 64 when `VMREPO_TEST_TINY_BATCHES` is set. The sizes that keep memory bounded
+/// on large repositories (ids per partition of a live set, index rows per batch of check, live
+/// records per wave of a gc rewrite) go through here, so the tests can make a small repository
+/// take every path a large one takes.
+pub(crate) fn batch(default: u64) -> u64 {
+    if std::env::var_os("VMREPO_TEST_TINY_BATCHES").is_some() {
+        64
+    } else {
+        default
+    }
+}

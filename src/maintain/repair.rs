@@ -67,8 +67,12 @@ pub fn repair(repo: &Repository, progress: &dyn Progress) -> Result<RepairReport
         None => {
             let mut index = repo.open_index()?;
             let survey = coverage::survey(repo, &index, progress)?;
-            let live = crate::maintain::mark::mark(repo, &index, &HashSet::new(), progress).ok();
-            let needed = |id: &ObjectId| live.as_ref().is_none_or(|l| l.ids.contains(id));
+            let needed = match crate::maintain::mark::mark(repo, &index, &HashSet::new(), progress)
+            {
+                Ok(live) => Some(survey.needed(&index, &live.ids)?),
+                Err(_) => None,
+            };
+            let needed = |id: &ObjectId| needed.as_ref().is_none_or(|n| n.contains(id));
             let unknown_matters = survey
                 .verdicts(&index, &needed)?
                 .iter()

@@ -188,6 +188,23 @@ impl Index {
             .map_err(|e| self.err(e))
     }
 
+    /// How many objects the index lists, and their bytes in the packs (record headers included).
+    pub fn object_totals(&self) -> Result<(u64, u64)> {
+        self.conn
+            .query_row(
+                "SELECT count(*), total(stored_len) FROM all_objects",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, f64>(1)? as u64)),
+            )
+            .map(|(n, stored)| {
+                (
+                    n,
+                    stored + n * crate::repo::object::RECORD_HEADER_LEN as u64,
+                )
+            })
+            .map_err(|e| self.err(e))
+    }
+
     /// Calls `f` for every object in the index, in pack and offset order.
     pub fn for_each_object(&self, mut f: impl FnMut(Location) -> Result<()>) -> Result<()> {
         let mut st = self
@@ -198,6 +215,37 @@ impl Index {
             )
             .map_err(|e| self.err(e))?;
         let mut rows = st.query([]).map_err(|e| self.err(e))?;
+        while let Some(r) = rows.next().map_err(|e| self.err(e))? {
+            let id: Vec<u8> = r.get(6).map_err(|e| self.err(e))?;
+            let id = row_id(&id, "object id").map_err(|e| self.err(e))?;
+            f(row_location(r, id).map_err(|e| self.err(e))?)?;
+        }
+        Ok(())
+    }
+
+    /// Calls `f` for every object whose id is at least `first` and below `end` (to the last
+    /// with `None`), in no particular order.
+    pub fn for_each_object_in_range(
+        &self,
+        first: &ObjectId,
+        end: Option<&ObjectId>,
+        mut f: impl FnMut(Location) -> Result<()>,
+    ) -> Result<()> {
+        const COLUMNS: &str =
+            "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len, o.id
+                 FROM all_objects o JOIN packs p ON p.id = o.pack WHERE o.id >= ?1";
+        let mut st = match end {
+            Some(_) => self
+                .conn
+                .prepare_cached(&format!("{COLUMNS} AND o.id < ?2")),
+            None => self.conn.prepare_cached(COLUMNS),
+        }
+        .map_err(|e| self.err(e))?;
+        let mut rows = match end {
+            Some(end) => st.query(params![&first.0[..], &end.0[..]]),
+            None => st.query(params![&first.0[..]]),
+        }
+        .map_err(|e| self.err(e))?;
         while let Some(r) = rows.next().map_err(|e| self.err(e))? {
             let id: Vec<u8> = r.get(6).map_err(|e| self.err(e))?;
             let id = row_id(&id, "object id").map_err(|e| self.err(e))?;
