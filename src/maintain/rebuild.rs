@@ -3,7 +3,7 @@
 //! index kept beside the new one. A cache of a repository in object storage is rebuilt from the
 //! packs' descriptions instead where they have one (see [`RecordSource`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use serde::Serialize;
 
@@ -76,9 +76,11 @@ pub fn rebuild_index(
     progress.start("rebuild index", total);
     let mut manifests: Vec<(ObjectId, Manifest)> = Vec::new();
     let mut cache = Vec::new();
-    let mut known: HashMap<ObjectId, u32> = HashMap::new();
-    let mut segments: Vec<(ObjectId, Segment)> = Vec::new();
-    let mut maps: HashMap<ObjectId, DiskMap> = HashMap::new();
+    // Segments and disk maps read from packs are kept as ids and read again from the new index
+    // when needed, and what is there is asked of the new index: memory follows the number of
+    // segments and generations, not the objects.
+    let mut segments: Vec<ObjectId> = Vec::new();
+    let mut maps: HashSet<ObjectId> = HashSet::new();
     let mut tombstoned: HashSet<ObjectId> = HashSet::new();
     // Segments and disk maps known from descriptions only: taken as complete.
     let mut described_maps: HashSet<ObjectId> = HashSet::new();
@@ -144,7 +146,6 @@ pub fn rebuild_index(
                         }
                         _ => {}
                     }
-                    known.insert(h.id, h.raw_len);
                 }
                 progress.advance(d.len);
                 report.packs += 1;
@@ -168,15 +169,11 @@ pub fn rebuild_index(
                                     .damaged
                                     .push(format!("manifest {}: {e}", rec.header.id.short())),
                             },
-                            ObjectKind::Segment => {
-                                if let Ok(s) = Segment::decode(&plain) {
-                                    segments.push((rec.header.id, s));
-                                }
+                            ObjectKind::Segment if Segment::decode(&plain).is_ok() => {
+                                segments.push(rec.header.id);
                             }
-                            ObjectKind::DiskMap => {
-                                if let Ok(m) = DiskMap::decode(&plain) {
-                                    maps.insert(rec.header.id, m);
-                                }
+                            ObjectKind::DiskMap if DiskMap::decode(&plain).is_ok() => {
+                                maps.insert(rec.header.id);
                             }
                             ObjectKind::Tombstone => match Tombstone::decode(&plain) {
                                 Ok(t) => tombstoned.extend(t.removed.iter().map(|r| r.manifest)),
@@ -186,7 +183,6 @@ pub fn rebuild_index(
                             },
                             _ => {}
                         }
-                        known.insert(rec.header.id, rec.header.raw_len);
                         records.push((rec.header, rec.offset));
                     }
                 }
@@ -205,11 +201,21 @@ pub fn rebuild_index(
         progress.note(&format!("pack description not used: {why}"));
     }
     // A segment is usable if all its chunks are there; a manifest if all it references is.
-    for (id, s) in &segments {
-        let complete = s.extents.iter().all(|e| match e {
-            Extent::Data { len, id } => known.get(id) == Some(len),
-            Extent::Zero { .. } => true,
-        });
+    progress.start("rebuild index: segments", segments.len() as u64);
+    for id in &segments {
+        progress.advance(1);
+        let Some(s) = read_back(repo, &index, id)?.and_then(|b| Segment::decode(&b).ok()) else {
+            continue;
+        };
+        let mut complete = true;
+        for e in &s.extents {
+            if let Extent::Data { len, id } = e {
+                if index.lookup(id)?.map(|l| l.header.raw_len) != Some(*len) {
+                    complete = false;
+                    break;
+                }
+            }
+        }
         if complete {
             good_segments.insert(*id);
             cache.push(CacheRow {
@@ -219,6 +225,7 @@ pub fn rebuild_index(
             });
         }
     }
+    progress.finish();
     // By name; of two manifests with one name (an ingest killed before its commit and the
     // next one of the same second) the one that finished last is listed.
     manifests.sort_by(|a, b| {
@@ -247,12 +254,18 @@ pub fn rebuild_index(
         }
         let mut missing = Vec::new();
         for f in &m.files {
-            if !known.contains_key(&f.object) {
+            if !index.contains(&f.object)? {
                 missing.push(format!("file {}", f.name));
             }
         }
         for d in &m.disks {
-            match maps.get(&d.disk_map) {
+            let map = match maps.contains(&d.disk_map) {
+                true => {
+                    read_back(repo, &index, &d.disk_map)?.and_then(|b| DiskMap::decode(&b).ok())
+                }
+                false => None,
+            };
+            match map {
                 None if described_maps.contains(&d.disk_map) => {}
                 None => missing.push(format!("disk map of {}", d.slot)),
                 Some(map) => {
@@ -267,7 +280,7 @@ pub fn rebuild_index(
             }
             for e in &d.extents {
                 for edge in [e.head, e.tail].into_iter().flatten() {
-                    if !known.contains_key(&edge) {
+                    if !index.contains(&edge)? {
                         missing.push(format!("extent edge of disk {}", d.slot));
                     }
                 }
@@ -295,4 +308,12 @@ pub fn rebuild_index(
     // Swap the new index in; keep the old one for inspection.
     report.old_index = repo.replace_index(&tmp)?.map(|p| p.display().to_string());
     Ok(report)
+}
+
+/// The plaintext of object `id` as the index being built places it; `None` when it is not
+/// there or does not read back.
+fn read_back(repo: &Repository, index: &Index, id: &ObjectId) -> Result<Option<Vec<u8>>> {
+    Ok(index
+        .lookup(id)?
+        .and_then(|l| repo.packs().read_object(&l.pack, l.offset, &l.header).ok()))
 }
