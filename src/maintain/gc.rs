@@ -112,7 +112,7 @@ fn record_len(h: &RecordHeader) -> u64 {
 }
 
 /// Whether the record is live: a tombstone (live through its kind) or in the live set.
-fn is_live(h: &RecordHeader, part: &Partition) -> bool {
+fn is_live(h: &RecordHeader, part: &Partition<'_, ObjectId>) -> bool {
     h.kind == ObjectKind::Tombstone || part.contains(&h.id)
 }
 
