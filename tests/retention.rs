@@ -607,7 +607,7 @@ fn vmrepo_tiny_batches(args: &[std::ffi::OsString]) -> Run {
 }
 
 #[test]
-fn gc_and_check_in_bounded_memory_decide_exactly_as_in_memory() {
+fn stats_gc_and_check_in_bounded_memory_decide_exactly_as_in_memory() {
     let t = tempfile::tempdir().unwrap();
     let size = 16u64 << 20;
     let img = t.path().join("disk.img");
@@ -636,6 +636,16 @@ fn gc_and_check_in_bounded_memory_decide_exactly_as_in_memory() {
     vmrepo([s("prune"), p(&repo), s("web01"), s("--keep-last"), s("4")]).ok();
     let twin = t.path().join("twin");
     sh(&format!("cp -a {} {}", repo.display(), twin.display())).ok();
+
+    // stats files every use of every object by id, on disk in many partitions here.
+    let stats = |r: &Path| vec![s("stats"), p(r), s("--generations"), s("--json")];
+    let plain = vmrepo(stats(&repo)).ok().json();
+    let tiny = vmrepo_tiny_batches(&stats(&twin)).ok().json();
+    assert_eq!(plain, tiny, "stats differ when filed on disk");
+    assert!(
+        plain["referenced"]["objects"].as_u64().unwrap() > 64 * 4,
+        "{plain}"
+    );
 
     // --max-unused 0 rewrites every pack with garbage left in it, so both paths rewrite.
     let gc = |r: &Path| vec![s("gc"), p(r), s("--max-unused"), s("0"), s("--json")];

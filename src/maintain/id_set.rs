@@ -1,11 +1,13 @@
-//! A set of object ids larger than memory may hold: gc's live set at any repository size.
+//! Sets of object ids (and of records filed by object id) larger than memory may hold: gc's
+//! live set and what `stats` learns of each object, at any repository size.
 //!
 //! Object ids are hashes, so their leading bits spread them evenly. A set expected to hold more
-//! than [`PARTITION_IDS`] ids is cut by those bits into partitions, each an append-only file of
-//! ids in a private directory beside the index; a partition is read, sorted and searched on its
-//! own, so memory holds one partition (64 MiB), never the set. A smaller set stays in memory.
-//! The ids are asked about in order, partition by partition ([`IdSet::partitions`]), which is
-//! how the index's rows come when read by id range.
+//! than [`PARTITION_BYTES`] is cut by those bits into partitions, each an append-only file in a
+//! private directory beside the index; a partition is read, sorted and searched on its own, so
+//! memory holds one partition (64 MiB, twice that before an overfull one is split), never the
+//! set. A smaller set stays in memory. The records are asked about in order, partition by
+//! partition ([`Sorted::partitions`]), which is how the index's rows come when read by id
+//! range.
 
 use std::borrow::Cow;
 use std::fs::{self, File};
@@ -15,8 +17,8 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::repo::id::ObjectId;
 
-/// Records per partition a set aims at (2^21 ids of 32 bytes: 64 MiB when loaded).
-pub const PARTITION_IDS: u64 = 1 << 21;
+/// Bytes of records per partition a set aims at (2^21 ids of 32 bytes: 64 MiB when loaded).
+pub const PARTITION_BYTES: u64 = 64 << 20;
 
 /// Most partition files open at once while adding (2^9).
 const MAX_BITS: u32 = 9;
@@ -146,11 +148,16 @@ fn first_of(bits: u32, p: u64) -> Option<ObjectId> {
 }
 
 impl<R: Keyed> Spill<R> {
-    /// A set for about `expected` records (more are fine: partitions are split when read).
+    /// A set for about `expected` records (more are fine: partitions are split when read),
+    /// aiming at 64 MiB of records per partition.
     /// Partition files go in a new directory under `parent` (the index's directory);
     /// left-overs of killed runs there are removed first.
     pub fn new(parent: &Path, expected: u64) -> Result<Spill<R>> {
-        Spill::with_share(parent, expected, crate::maintain::batch(PARTITION_IDS))
+        Spill::with_share(
+            parent,
+            expected,
+            crate::maintain::batch(PARTITION_BYTES / R::LEN as u64),
+        )
     }
 
     /// [`Spill::new`] aiming at `share` records per partition.

@@ -2,17 +2,21 @@
 //! deduplication: logical size, the bytes only it references (what removing it would free),
 //! the bytes it shares, and the dedup and compression ratios.
 //!
-//! One walk of the reference graph (manifests, files, disk maps, segments, chunks) records for
-//! every object which generation and which VM reference it, or that several do; one pass over
-//! the index's objects then adds up their sizes. Metadata is read (each distinct segment once),
-//! never chunk data. Memory follows the number of distinct objects (about 70 bytes each: 1.1
-//! GB for 16 million objects, a quarter of a TiB of unique data in 16 KiB chunks).
+//! One walk of the reference graph (manifests, files, disk maps, segments, chunks) files every
+//! use of an object (which generation of which VM) by object id, on disk beside the index when
+//! there are many (`id_set`); then, one id range at a time, the uses of each object say which
+//! generation and VM own it, or that several share it, and the index rows of that range add up
+//! the sizes. Metadata is read, never chunk data. Memory follows the largest generation (the
+//! chunk lists of its segments and of the night before's), not the repository; the uses take
+//! 44 bytes each on disk for the time of the command.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::maintain::id_set::{Keyed, Spill};
 use crate::maintain::walk::{Reference, SegmentPlace, Visitor, Walk};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
@@ -110,79 +114,128 @@ struct Owners {
     vm: u32,
 }
 
-/// Distinct chunks met in a scope (a generation, a VM) and their bytes.
-#[derive(Default)]
-struct Seen {
-    ids: HashSet<ObjectId>,
-    bytes: u64,
+/// [`Use::len`] of an object that is not a chunk.
+const NOT_CHUNK: u32 = u32::MAX;
+
+/// One use of an object: generation `generation` (of VM `vm`) references it. Filed on disk by
+/// id (see [`Spill`]), so that what refers to each object is gathered one id range at a time.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Use {
+    id: ObjectId,
+    vm: u32,
+    generation: u32,
+    /// Plaintext length of a chunk, [`NOT_CHUNK`] for other objects.
+    len: u32,
 }
 
-impl Seen {
-    fn add(&mut self, id: ObjectId, len: u32) {
-        if self.ids.insert(id) {
-            self.bytes += u64::from(len);
+impl Keyed for Use {
+    const LEN: usize = 44;
+    fn id(&self) -> &ObjectId {
+        &self.id
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.id.0);
+        for n in [self.vm, self.generation, self.len] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+    }
+    fn get(b: &[u8]) -> Self {
+        let n = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+        Use {
+            id: ObjectId(b[..32].try_into().expect("32 bytes")),
+            vm: n(32),
+            generation: n(36),
+            len: n(40),
         }
     }
 }
+
+/// A segment's distinct data chunks with their lengths.
+type Chunks = Arc<Vec<(ObjectId, u32)>>;
 
 struct Counter<'a> {
     repo: &'a Repository,
-    owners: HashMap<ObjectId, Owners>,
+    uses: Spill<Use>,
     generation: u32,
     vm: u32,
-    in_generation: Seen,
-    in_vm: Seen,
+    /// Chunk lists of the segments met in this generation and in the one before (a night
+    /// shares most of its segments with the night before): memory follows a generation.
+    current: HashMap<ObjectId, Chunks>,
+    previous: HashMap<ObjectId, Chunks>,
+    /// Chunk lists loaded while segments were evaluated, until shown at their place.
+    fresh: Mutex<HashMap<ObjectId, Chunks>>,
 }
 
 impl Counter<'_> {
-    fn touch(&mut self, id: ObjectId) {
-        let (g, v) = (self.generation, self.vm);
-        let o = self.owners.entry(id).or_insert(Owners {
-            generation: g,
-            vm: v,
-        });
-        if o.generation != g {
-            o.generation = MANY;
+    fn touch(&mut self, id: ObjectId, len: u32) -> Result<()> {
+        self.uses.insert(Use {
+            id,
+            vm: self.vm,
+            generation: self.generation,
+            len,
+        })
+    }
+
+    fn next_generation(&mut self, generation: u32, vm: u32) {
+        self.previous = std::mem::take(&mut self.current);
+        self.generation = generation;
+        self.vm = vm;
+    }
+
+    /// The chunks of segment `id`, from the generations at hand or read again.
+    fn chunks(&mut self, id: &ObjectId) -> std::result::Result<Chunks, String> {
+        if let Some(c) = self.current.get(id) {
+            return Ok(c.clone());
         }
-        if o.vm != v {
-            o.vm = MANY;
-        }
+        let c = match self.fresh.get_mut().unwrap().remove(id) {
+            Some(c) => c,
+            None => match self.previous.remove(id) {
+                Some(c) => c,
+                None => load_chunks(self.repo, id)?,
+            },
+        };
+        self.current.insert(*id, c.clone());
+        Ok(c)
     }
 }
 
+fn load_chunks(repo: &Repository, id: &ObjectId) -> std::result::Result<Chunks, String> {
+    let seg = repo.load_segment(id).map_err(|e| e.to_string())?;
+    let mut chunks: Vec<(ObjectId, u32)> = seg.data_chunks().collect();
+    chunks.sort_unstable();
+    chunks.dedup();
+    Ok(Arc::new(chunks))
+}
+
 impl Visitor for Counter<'_> {
-    /// The segment's distinct data chunks with their lengths, or why it cannot be read.
-    type Segment = std::result::Result<Vec<(ObjectId, u32)>, String>;
+    /// Why the segment cannot be read, if it cannot.
+    type Segment = std::result::Result<(), String>;
 
     fn reference(&mut self, r: Reference<'_>) -> Result<()> {
         match r {
-            Reference::File(f) => self.touch(f.object),
-            Reference::ExtentEdge { id, .. } => self.touch(id),
+            Reference::File(f) => self.touch(f.object, NOT_CHUNK),
+            Reference::ExtentEdge { id, .. } => self.touch(id, NOT_CHUNK),
         }
-        Ok(())
     }
 
     fn disk_map(&mut self, disk: &DiskEntry) -> Result<Option<DiskMap>> {
-        self.touch(disk.disk_map);
+        self.touch(disk.disk_map, NOT_CHUNK)?;
         Ok(Some(self.repo.load_disk_map(&disk.disk_map)?))
     }
 
     fn segment(&self, id: &ObjectId, _len: u64) -> Self::Segment {
-        let seg = self.repo.load_segment(id).map_err(|e| e.to_string())?;
-        let mut chunks: Vec<(ObjectId, u32)> = seg.data_chunks().collect();
-        chunks.sort_unstable();
-        chunks.dedup();
-        Ok(chunks)
+        let chunks = load_chunks(self.repo, id)?;
+        self.fresh.lock().unwrap().insert(*id, chunks);
+        Ok(())
     }
 
     fn segment_at(&mut self, place: SegmentPlace<'_>, verdict: &Self::Segment) -> Result<()> {
-        self.touch(place.id);
-        match verdict {
+        self.touch(place.id, NOT_CHUNK)?;
+        let chunks = verdict.clone().and_then(|()| self.chunks(&place.id));
+        match chunks {
             Ok(chunks) => {
-                for &(c, len) in chunks {
-                    self.touch(c);
-                    self.in_generation.add(c, len);
-                    self.in_vm.add(c, len);
+                for &(c, len) in chunks.iter() {
+                    self.touch(c, len)?;
                 }
                 Ok(())
             }
@@ -218,28 +271,23 @@ pub fn stats(
             )));
         }
     }
+    // About one use per 16 KiB of every generation's data.
+    let expected: u64 = gens.iter().map(|g| g.virtual_bytes >> 14).sum();
     let mut counter = Counter {
         repo,
-        owners: HashMap::new(),
+        uses: Spill::new(repo.index_dir(), expected)?,
         generation: 0,
         vm: 0,
-        in_generation: Seen::default(),
-        in_vm: Seen::default(),
+        current: HashMap::new(),
+        previous: HashMap::new(),
+        fresh: Mutex::new(HashMap::new()),
     };
-    // Per generation and per VM: distinct chunks and their bytes.
-    let mut gen_chunks = vec![(0u64, 0u64); gens.len()];
-    let mut vm_chunks = vec![(0u64, 0u64); vm_names.len()];
     let mut walk = Walk::every_place();
     progress.start("stats: walk generations", gens.len() as u64);
     for (i, g) in gens.iter().enumerate() {
         let v = vm_names.binary_search(&g.vm).expect("listed above");
-        if i > 0 && gens[i - 1].vm != g.vm {
-            let done = std::mem::take(&mut counter.in_vm);
-            vm_chunks[v - 1] = (done.ids.len() as u64, done.bytes);
-        }
-        counter.generation = i as u32;
-        counter.vm = v as u32;
-        counter.touch(g.manifest);
+        counter.next_generation(i as u32, v as u32);
+        counter.touch(g.manifest, NOT_CHUNK)?;
         let m = repo
             .read_object(&g.manifest)
             .and_then(|b| Manifest::decode(&b).map_err(Error::Corrupt))
@@ -250,28 +298,35 @@ pub fn stats(
                 ))
             })?;
         walk.manifest_parallel(&mut counter, &m)?;
-        let done = std::mem::take(&mut counter.in_generation);
-        gen_chunks[i] = (done.ids.len() as u64, done.bytes);
         progress.advance(1);
     }
-    if let Some(last) = vm_chunks.last_mut() {
-        let done = std::mem::take(&mut counter.in_vm);
-        *last = (done.ids.len() as u64, done.bytes);
-    }
     progress.finish();
+    let uses = counter.uses.finish()?;
+    drop(walk);
 
+    // Per generation and per VM: distinct chunks and their bytes; then who owns each object
+    // and what it costs, one id range at a time.
+    let mut gen_chunks = vec![(0u64, 0u64); gens.len()];
+    let mut vm_chunks = vec![(0u64, 0u64); vm_names.len()];
     let mut gen_unique = vec![Bytes::default(); gens.len()];
     let mut gen_unique_chunk_raw = vec![0u64; gens.len()];
     let mut vm_unique = vec![Bytes::default(); vm_names.len()];
     let mut stored = Bytes::default();
     let mut referenced = Bytes::default();
     let mut referenced_chunk_raw = 0u64;
-    repo.with_index(|index| {
-        index.for_each_object(|loc| {
-            let raw = u64::from(loc.header.raw_len);
-            let size = RECORD_HEADER_LEN as u64 + u64::from(loc.header.stored_len);
-            stored.add(raw, size);
-            if let Some(o) = counter.owners.get(&loc.header.id) {
+    progress.start("stats: add up", uses.partition_count() as u64);
+    for part in uses.partitions() {
+        let part = part?;
+        let owners = owners_of(part.items(), &mut gen_chunks, &mut vm_chunks);
+        repo.with_index(|index| {
+            index.for_each_object_in_range(&part.first, part.end.as_ref(), |loc| {
+                let raw = u64::from(loc.header.raw_len);
+                let size = RECORD_HEADER_LEN as u64 + u64::from(loc.header.stored_len);
+                stored.add(raw, size);
+                let Ok(at) = owners.binary_search_by(|o| o.0.cmp(&loc.header.id)) else {
+                    return Ok(());
+                };
+                let o = owners[at].1;
                 referenced.add(raw, size);
                 if loc.header.kind == ObjectKind::Chunk {
                     referenced_chunk_raw += raw;
@@ -285,10 +340,12 @@ pub fn stats(
                 if o.vm != MANY {
                     vm_unique[o.vm as usize].add(raw, size);
                 }
-            }
-            Ok(())
-        })
-    })?;
+                Ok(())
+            })
+        })?;
+        progress.advance(1);
+    }
+    progress.finish();
 
     let mut out_vms = Vec::new();
     for (v, name) in vm_names.iter().enumerate() {
@@ -333,4 +390,42 @@ pub fn stats(
         chunk_bytes,
         vms: out_vms,
     })
+}
+
+/// Who owns each object of one id range, from its uses (sorted by id, then VM, then
+/// generation, each once); adds each distinct chunk to the counts of every generation and VM
+/// that uses it.
+fn owners_of(
+    uses: &[Use],
+    gen_chunks: &mut [(u64, u64)],
+    vm_chunks: &mut [(u64, u64)],
+) -> Vec<(ObjectId, Owners)> {
+    let mut owners: Vec<(ObjectId, Owners)> = Vec::new();
+    for group in uses.chunk_by(|a, b| a.id == b.id) {
+        let mut o = Owners {
+            generation: group[0].generation,
+            vm: group[0].vm,
+        };
+        let mut last_vm = None;
+        for u in group {
+            if u.len != NOT_CHUNK {
+                let len = u64::from(u.len);
+                let g = &mut gen_chunks[u.generation as usize];
+                *g = (g.0 + 1, g.1 + len);
+                if last_vm != Some(u.vm) {
+                    let v = &mut vm_chunks[u.vm as usize];
+                    *v = (v.0 + 1, v.1 + len);
+                    last_vm = Some(u.vm);
+                }
+            }
+            if u.generation != o.generation {
+                o.generation = MANY;
+            }
+            if u.vm != o.vm {
+                o.vm = MANY;
+            }
+        }
+        owners.push((group[0].id, o));
+    }
+    owners
 }
