@@ -182,7 +182,11 @@ for size in sizes:
         s, m, _ = run([vmrepo, "check", repo, "--rebuild-index"])
         record(size, "check --rebuild-index", s, m)
     if want("prune"):
-        nights = len([g for g in range(state["gens"]) if g % vms == 0])
+        import sqlite3
+        db = sqlite3.connect(f"file:{repo}/index.sqlite?mode=ro", uri=True)
+        nights = db.execute("SELECT count(*) FROM generations g JOIN vms v ON v.id = g.vm "
+                            "WHERE v.name = 'sim000'").fetchone()[0]
+        db.close()
         s, m, _ = run([vmrepo, "prune", repo, "sim000", "--keep-last", str(max(1, nights - 1))])
         record(size, "prune (the oldest night of one VM)", s, m)
     if want("gc"):
