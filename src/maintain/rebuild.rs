@@ -152,6 +152,7 @@ pub fn rebuild_index(
                 report.described += 1;
                 report.objects += d.records.len() as u64;
                 index.add_pack(name, d.len, &d.records)?;
+                index.merge_recent_objects(false)?;
                 continue;
             }
             let mut records = Vec::new();
@@ -194,6 +195,9 @@ pub fn rebuild_index(
             report.packs += 1;
             report.objects += records.len() as u64;
             index.add_pack(name, len, &records)?;
+            // As an ingest does: rows come in random id order, and the small table takes them
+            // cheaply until a sorted merge moves them into the large one.
+            index.merge_recent_objects(false)?;
         }
     }
     progress.finish();
