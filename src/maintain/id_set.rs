@@ -73,6 +73,9 @@ pub struct Spill<R: Keyed> {
     dir: Option<SpillDir>,
     parent: PathBuf,
     scratch: Vec<u8>,
+    /// The index's filesystem lacks the room for the files: the set stays in memory, as large
+    /// as it grows (what gc did before it spilled, and how it frees a full disk).
+    memory_only: bool,
 }
 
 /// Ids being added.
@@ -149,7 +152,8 @@ fn first_of(bits: u32, p: u64) -> Option<ObjectId> {
 
 impl<R: Keyed> Spill<R> {
     /// A set for about `expected` records (more are fine: partitions are split when read),
-    /// aiming at 64 MiB of records per partition.
+    /// aiming at 64 MiB of records per partition. When the filesystem of `parent` has less
+    /// free space than twice the records' size, the set is held in memory instead.
     /// Partition files go in a new directory under `parent` (the index's directory);
     /// left-overs of killed runs there are removed first.
     pub fn new(parent: &Path, expected: u64) -> Result<Spill<R>> {
@@ -171,9 +175,13 @@ impl<R: Keyed> Spill<R> {
             dir: None,
             parent: parent.to_path_buf(),
             scratch: Vec::with_capacity(R::LEN),
+            memory_only: false,
         };
+        // Twice the records' size: a partition read back may be split into copies.
+        let room = crate::space::free_bytes(parent).unwrap_or(u64::MAX);
+        spill.memory_only = room < expected.saturating_mul(2 * R::LEN as u64) + (64 << 20);
         let bits = parts.trailing_zeros().min(MAX_BITS);
-        if bits > 0 {
+        if bits > 0 && !spill.memory_only {
             spill.move_to_disk(bits)?;
         }
         Ok(spill)
@@ -215,7 +223,7 @@ impl<R: Keyed> Spill<R> {
                 self.memory.sort_unstable();
                 self.memory.dedup();
                 // More distinct records than one partition holds: to disk after all.
-                if self.memory.len() as u64 > self.share {
+                if self.memory.len() as u64 > self.share && !self.memory_only {
                     let parts = (self.memory.len() as u64 * 4).div_ceil(self.share);
                     self.move_to_disk(parts.next_power_of_two().trailing_zeros().min(MAX_BITS))?;
                 }
