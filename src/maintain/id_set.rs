@@ -27,8 +27,8 @@ const MAX_BITS: u32 = 9;
 /// of the ids when it is read, so a wrong estimate costs time, never memory.
 const SPLIT_OVER: u64 = 2;
 
-/// What a failed write of the partition files says (it needs about 32 bytes per object).
-const WRITE_OP: &str = "write the temporary id set (32 bytes per object of the repository) in";
+/// What a failed write of the partition files says (they need 32 to 44 bytes per object).
+const WRITE_OP: &str = "write the temporary id set (32-44 bytes per object of the repository) in";
 
 /// Files of partitions start with this; the rest of their directory's name is the pid of the
 /// process that made them, so a later run can remove what a killed one left.
