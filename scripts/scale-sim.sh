@@ -10,13 +10,15 @@
 #
 # At each size (GiB of unique data) it runs and measures: ingest of one more generation, list,
 # stats, extract of one generation, a mount of the whole repository with one disk read through
-# it, check, check --read-data, check --rebuild-index, prune (the oldest night of each VM) and gc.
+# it, check, check --read-data, check --rebuild-index, prune (the oldest night of one VM) and gc.
 # Peak RSS is the process's maximum resident set (wait4 for commands, VmHWM for the mount).
 #
 # usage: scripts/scale-sim.sh [--sizes "64 256 1024"] [--vms 100] [--work DIR] [--out FILE]
 #                             [--only-build] [--skip CMD,CMD]
-# The work directory needs about 10 GB per TiB simulated; the results are appended to --out
-# (default WORK/results.md) as a Markdown table.
+# CMD: ingest list stats extract mount check read-data rebuild prune gc. A run continues from
+# the repository and state file a former run left in WORK. The work directory needs about 18 GB
+# per TiB simulated (and as much again, briefly, for gc's and stats' temporary sets); the
+# results are appended to --out (default WORK/results.md) as a Markdown table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES="64 256 1024" VMS=100 WORK=/var/tmp/vmrepo-scale OUT="" ONLY_BUILD=0 SKIP=""
@@ -28,7 +30,7 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift 2 ;;
         --only-build) ONLY_BUILD=1; shift ;;
         --skip) SKIP=$2; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "scale-sim: unknown argument $1" >&2; exit 2 ;;
     esac
 done
