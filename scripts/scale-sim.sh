@@ -17,7 +17,7 @@
 #                             [--only-build] [--skip CMD,CMD]
 # CMD: ingest list stats extract mount check read-data rebuild prune gc. A run continues from
 # the repository and state file a former run left in WORK. The work directory needs about 18 GB
-# per TiB simulated (and as much again, briefly, for gc's and stats' temporary sets); the
+# per TiB simulated, and a few GB more while gc and stats run (their temporary sets); the
 # results are appended to --out (default WORK/results.md) as a Markdown table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
