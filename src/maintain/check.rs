@@ -491,8 +491,11 @@ impl ObjectPass<'_> {
         });
         for (pack, objs) in packs {
             self.packs_with_rows.insert(pack.clone());
-            let size = self.known.get(pack).copied().unwrap_or(0);
-            self.check_description(pack, size, objs);
+            // A pack an ingest added after the index's packs were listed was checked against
+            // its file above; its description is for the next check.
+            if let Some(&size) = self.known.get(pack) {
+                self.check_description(pack, size, objs);
+            }
         }
     }
 
