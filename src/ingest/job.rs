@@ -565,6 +565,7 @@ pub fn dry_run(job: &JobFile) -> Result<Vec<DryVm>> {
             },
             // Opened as the run will open it: with the snapshot it will read.
             at_snapshot: s.at_snapshot.clone(),
+            staged: None,
         };
         match crate::vmware::vm::open_source_with(&path, &opts) {
             Ok(plan) => {

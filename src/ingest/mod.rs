@@ -190,7 +190,8 @@ fn ingest_unhooked(
         datastore_map: opts.datastore_map.clone(),
     };
     let mut preflight = Vec::new();
-    if let Some(limits) = &opts.limits {
+    // A staged remote VM was checked through its host's API (snapshots left behind).
+    if let Some(limits) = opts.limits.as_ref().filter(|_| opts.staged.is_none()) {
         // A chain that cannot be walked is reported by the ingest itself, with its reason.
         if let Ok(found) = crate::vmware::preflight::check(path, &chain_opts, limits) {
             if !found.is_empty() && opts.strict {
@@ -212,6 +213,7 @@ fn ingest_unhooked(
                 datastore_map: opts.datastore_map.clone(),
             },
             at_snapshot: opts.at_snapshot.clone(),
+            staged: opts.staged.clone(),
         },
     )?;
     let mut plan = plan;

@@ -47,6 +47,9 @@ pub struct IngestOptions {
     /// Recorded in the catalog as the source instead of the path read (an import records the
     /// archive, not the temporary directory it was unpacked into).
     pub recorded_source: Option<PathBuf>,
+    /// The VM was staged from a host's datastore (`esxi://`): read its placeholders remotely
+    /// and its disks as the host's snapshot froze them.
+    pub staged: Option<crate::vmware::vm::StagedVm>,
 }
 
 /// Hook and read settings, for every VM (`[defaults]`) or one (`[vm.NAME]`).

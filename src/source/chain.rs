@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{
-    Cowd, DiskReader, ExtentDisk, ExtentSpec, ExtentTarget, FlatFile, GrainLayer, Kdmv, Layer,
-    Qcow2, SeSparse, State,
+    Cowd, DiskReader, ExtentDisk, ExtentSpec, ExtentTarget, GrainLayer, Kdmv, Layer, Qcow2,
+    SeSparse, State,
 };
-use crate::error::{Advice, Error, IoContext, Result, Setting};
+use crate::error::{Advice, Error, Result, Setting};
 use crate::source::confine::{Confine, Opened};
 use crate::source::descriptor::{self, Descriptor, NO_PARENT_CID};
 
@@ -125,20 +125,6 @@ pub fn sniff(head: &[u8]) -> Kind {
     }
 }
 
-fn head_of(file: &std::fs::File, path: &Path) -> Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let mut head = vec![0u8; 512];
-    let mut n = 0;
-    while n < head.len() {
-        match file.read_at(&mut head[n..], n as u64).ctx("read", path)? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    head.truncate(n);
-    Ok(head)
-}
-
 /// Turns "not found" into "`what` named by `by` is missing"; a file named by an absolute
 /// (datastore) path may be mounted elsewhere on this host, so that message says how to map it.
 pub fn missing(path: &Path, by: &Path, what: &str, absolute: bool) -> impl FnOnce(Error) -> Error {
@@ -175,11 +161,11 @@ pub fn open_link(
     if format_hint.is_some_and(|f| f.eq_ignore_ascii_case("raw")) {
         return open_raw(path, opened);
     }
-    let head = head_of(&opened.file, path)?;
+    let head = opened.head(512, path)?;
     match sniff(&head) {
         Kind::Kdmv => open_kdmv(path, opened),
         Kind::Qcow2 => {
-            let q = Qcow2::open(Box::new(FlatFile::from_file(opened.file, path)?))?;
+            let q = Qcow2::open(Box::new(opened.into_flat(path)?))?;
             Ok(Link {
                 path: path.to_path_buf(),
                 format: "qcow2".into(),
@@ -204,7 +190,7 @@ pub fn open_link(
             let is_vmdk = path
                 .extension()
                 .is_some_and(|e| e.eq_ignore_ascii_case("vmdk"));
-            if is_vmdk && opened.meta.is_file() && opened.meta.len() <= descriptor::MAX_DESCRIPTOR_LEN
+            if is_vmdk && opened.is_file() && opened.len() <= descriptor::MAX_DESCRIPTOR_LEN
             {
                 open_descriptor(path, opened, opts, confine)
             } else {
@@ -215,7 +201,7 @@ pub fn open_link(
 }
 
 fn open_raw(path: &Path, opened: Opened) -> Result<Link> {
-    let file = Arc::new(FlatFile::from_file(opened.file, path)?);
+    let file = Arc::new(opened.into_flat(path)?);
     let len = file.len();
     let disk = ExtentDisk::new(
         vec![ExtentSpec {
@@ -239,7 +225,7 @@ fn open_raw(path: &Path, opened: Opened) -> Result<Link> {
 }
 
 fn open_kdmv(path: &Path, opened: Opened) -> Result<Link> {
-    let k = Kdmv::open(Box::new(FlatFile::from_file(opened.file, path)?), false)?;
+    let k = Kdmv::open(Box::new(opened.into_flat(path)?), false)?;
     let compressed = k.header().flags & super::sparse::FLAG_COMPRESSED != 0;
     let (descriptor, parsed) = match k.descriptor() {
         Some(text) if !text.is_empty() => {
@@ -285,7 +271,7 @@ fn open_descriptor(
     opts: &ChainOptions,
     confine: &Confine,
 ) -> Result<Link> {
-    let (bytes, d) = descriptor::read_from(&opened.file, path)?;
+    let (bytes, d) = descriptor::read_opened(&opened, path)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut specs = Vec::new();
     let mut files = Vec::new();
@@ -322,7 +308,7 @@ fn open_descriptor(
         }
         let opened = confine
             .open(&file_path, Some(path))
-            .and_then(|o| FlatFile::from_file(o.file, &file_path))
+            .and_then(|o| o.into_flat(&file_path))
             .map_err(missing(
                 &file_path,
                 path,

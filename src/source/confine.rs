@@ -22,14 +22,25 @@
 //!
 //! `--allow-path DIR` travels as the datastore map `DIR=DIR` ([`with_allowed`]): a map's local
 //! side is an allowed root, and mapping a directory onto itself changes no path.
+//!
+//! A VM read over the network (`esxi://`) is staged: its small files are copied into a private
+//! directory, and each large disk file is an empty placeholder there whose bytes a
+//! [`RemoteFiles`] entry fetches. The same rules then apply to the staged tree, and opening a
+//! placeholder gives the remote file ([`Opened::remote`]), never the empty local one.
 
+use std::collections::HashMap;
 use std::fs::{File, FileType, Metadata, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Advice, Error, IoContext, Result, Setting};
+use crate::source::{FlatFile, RandomRead};
+
+/// Staged placeholders (by canonical path) and the remote files they stand for.
+pub type RemoteFiles = HashMap<PathBuf, Arc<dyn RandomRead>>;
 /// Where an ESXi host mounts its datastores: allowed whenever it exists.
 pub const ESXI_DATASTORES: &str = "/vmfs/volumes";
 
@@ -48,23 +59,116 @@ pub fn with_allowed(
 }
 
 /// The host paths one ingest (or inspection) may read.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Confine {
     /// Canonical directories whose files may be read.
     roots: Vec<PathBuf>,
     /// Canonical paths of files the user named on the command line.
     named: Vec<PathBuf>,
+    /// Placeholders of a staged remote VM and what they stand for.
+    remote: Option<Arc<RemoteFiles>>,
 }
 
 /// A file opened through [`Confine::open`].
-#[derive(Debug)]
 pub struct Opened {
-    /// Open read-only (blocking mode restored).
+    /// Open read-only (blocking mode restored). For a remote file, its empty placeholder.
     pub file: File,
     /// Its real path.
     pub real: PathBuf,
     /// `fstat` of the open file.
     pub meta: Metadata,
+    /// The remote file a placeholder stands for: every read goes there.
+    pub remote: Option<Arc<dyn RandomRead>>,
+}
+
+impl Opened {
+    /// Length in bytes (of the remote file, for a placeholder).
+    pub fn len(&self) -> u64 {
+        match &self.remote {
+            Some(r) => r.len(),
+            None => self.meta.len(),
+        }
+    }
+
+    /// True for an empty file.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True for a regular file (a remote file is one).
+    pub fn is_file(&self) -> bool {
+        self.remote.is_some() || self.meta.is_file()
+    }
+
+    /// The first up to `n` bytes.
+    pub fn head(&self, n: usize, path: &Path) -> Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        if let Some(r) = &self.remote {
+            let mut head = vec![0u8; n.min(r.len() as usize)];
+            r.read_exact_at(&mut head, 0)?;
+            return Ok(head);
+        }
+        let mut head = vec![0u8; n];
+        let mut got = 0;
+        while got < n {
+            match self
+                .file
+                .read_at(&mut head[got..], got as u64)
+                .ctx("read", path)?
+            {
+                0 => break,
+                k => got += k,
+            }
+        }
+        head.truncate(got);
+        Ok(head)
+    }
+
+    /// The file as a disk reader (the remote one for a placeholder).
+    pub fn into_flat(self, path: &Path) -> Result<FlatFile> {
+        match self.remote {
+            Some(r) => Ok(FlatFile::remote(r)),
+            None => FlatFile::from_file(self.file, path),
+        }
+    }
+
+    /// The whole file, at most `max` bytes (more is an error naming it).
+    pub fn read_all(&self, path: &Path, max: u64) -> Result<Vec<u8>> {
+        if self.len() > max {
+            return Err(Error::bad_input(
+                path,
+                format!(
+                    "is {} bytes, more than the {max} bytes such a file may have",
+                    self.len()
+                ),
+            ));
+        }
+        if let Some(r) = &self.remote {
+            return r.read_vec(0, r.len(), "the whole file");
+        }
+        let mut out = Vec::with_capacity(self.meta.len() as usize);
+        (&self.file)
+            .take(max + 1)
+            .read_to_end(&mut out)
+            .ctx("read", path)?;
+        if out.len() as u64 > max {
+            return Err(Error::bad_input(
+                path,
+                format!("grew past {max} bytes while being read"),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+impl std::fmt::Debug for Confine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Confine")
+            .field("roots", &self.roots)
+            .field("named", &self.named)
+            .field("remote", &self.remote.as_ref().map(|m| m.len()))
+            .finish()
+    }
 }
 
 impl Confine {
@@ -93,7 +197,18 @@ impl Confine {
                 }
             }
         }
-        Ok(Confine { roots, named })
+        Ok(Confine {
+            roots,
+            named,
+            remote: None,
+        })
+    }
+
+    /// The same rule over a staged remote VM: opening a placeholder in `remote` gives the
+    /// remote file it stands for.
+    pub fn with_remote(mut self, remote: Option<Arc<RemoteFiles>>) -> Confine {
+        self.remote = remote;
+        self
     }
 
     /// The canonical allowed roots (for messages and tests).
@@ -206,34 +321,19 @@ impl Confine {
                 return Err(self.outside(path, &now, by));
             }
         }
-        Ok(Opened { file, real, meta })
+        let remote = self.remote.as_ref().and_then(|m| m.get(&real)).cloned();
+        Ok(Opened {
+            file,
+            real,
+            meta,
+            remote,
+        })
     }
 
     /// Opens `path` through [`Confine::open`] and reads it whole; more than `max` bytes is an
     /// error naming the file.
     pub fn read(&self, path: &Path, by: Option<&Path>, max: u64) -> Result<Vec<u8>> {
-        let o = self.open(path, by)?;
-        if o.meta.len() > max {
-            return Err(Error::bad_input(
-                path,
-                format!(
-                    "is {} bytes, more than the {max} bytes such a file may have",
-                    o.meta.len()
-                ),
-            ));
-        }
-        let mut out = Vec::with_capacity(o.meta.len() as usize);
-        (&o.file)
-            .take(max + 1)
-            .read_to_end(&mut out)
-            .ctx("read", path)?;
-        if out.len() as u64 > max {
-            return Err(Error::bad_input(
-                path,
-                format!("grew past {max} bytes while being read"),
-            ));
-        }
-        Ok(out)
+        self.open(path, by)?.read_all(path, max)
     }
 }
 

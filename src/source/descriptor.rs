@@ -153,6 +153,41 @@ pub fn read_from(file: &std::fs::File, path: &Path) -> Result<(Vec<u8>, Descript
     Ok((bytes, d))
 }
 
+/// [`read_from`] for a file opened through [`crate::source::confine::Confine::open`], which may
+/// stand for a file on a remote datastore.
+pub fn read_opened(
+    opened: &crate::source::confine::Opened,
+    path: &Path,
+) -> Result<(Vec<u8>, Descriptor)> {
+    if opened.remote.is_none() {
+        return read_from(&opened.file, path);
+    }
+    if let Some(what) = sniff_binary(&opened.head(8, path)?) {
+        return Err(Error::Unsupported {
+            what: what.into(),
+            path: path.to_path_buf(),
+        });
+    }
+    if opened.len() > MAX_DESCRIPTOR_LEN {
+        return Err(Error::bad_input(
+            path,
+            format!(
+                "is {} bytes, too large to be a VMDK text descriptor",
+                opened.len()
+            ),
+        ));
+    }
+    let bytes = opened.read_all(path, MAX_DESCRIPTOR_LEN)?;
+    if let Some(what) = sniff_binary(&bytes) {
+        return Err(Error::Unsupported {
+            what: what.into(),
+            path: path.to_path_buf(),
+        });
+    }
+    let d = parse(&bytes, path)?;
+    Ok((bytes, d))
+}
+
 /// Parses descriptor text; errors name the file and the offending line.
 pub fn parse(bytes: &[u8], path: &Path) -> Result<Descriptor> {
     // Descriptors rewritten by QEMU are NUL-padded to a sector: text ends at the first NUL.

@@ -2,6 +2,10 @@
 //! The last hole and data range the kernel reported are remembered, so the many small queries a
 //! snapshot chain makes of a thin base (one per run of grains its delta does not hold) cost a
 //! system call only when they leave what is already known.
+//!
+//! The same file may instead live on a remote datastore ([`FlatFile::remote`]): its bytes come
+//! from a [`RandomRead`] that fetches them, and all of it counts as data (zeros are found when
+//! the bytes are read).
 
 use std::fs::File;
 use std::ops::Range;
@@ -10,17 +14,23 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::DiskReader;
+use super::{DiskReader, RandomRead};
 use crate::error::{Error, IoContext, Result};
 
-/// A regular file or block device opened read-only.
+/// A regular file or block device opened read-only, or a file on a remote datastore.
 pub struct FlatFile {
-    file: File,
+    backing: Backing,
     path: PathBuf,
     len: u64,
     /// The last hole and the last data range found (file offsets; empty until found). The
     /// file is read-only input, frozen while it is read, so an answer stays true.
     known: Mutex<Known>,
+}
+
+/// Where the bytes are.
+enum Backing {
+    Local(File),
+    Remote(std::sync::Arc<dyn RandomRead>),
 }
 
 /// What SEEK_DATA/SEEK_HOLE last said.
@@ -67,11 +77,21 @@ impl FlatFile {
             end as u64
         };
         Ok(FlatFile {
-            file,
+            backing: Backing::Local(file),
             path: path.to_path_buf(),
             len,
             known: Mutex::default(),
         })
+    }
+
+    /// A file whose bytes `remote` fetches (a disk on a datastore read over the network).
+    pub fn remote(remote: std::sync::Arc<dyn RandomRead>) -> FlatFile {
+        FlatFile {
+            path: remote.path().to_path_buf(),
+            len: remote.len(),
+            backing: Backing::Remote(remote),
+            known: Mutex::default(),
+        }
     }
 
     /// File length in bytes.
@@ -91,7 +111,11 @@ impl FlatFile {
 
     /// Reads exactly `buf.len()` bytes at `offset`.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file.read_exact_at(buf, offset).map_err(|e| {
+        let file = match &self.backing {
+            Backing::Local(file) => file,
+            Backing::Remote(remote) => return remote.read_exact_at(buf, offset),
+        };
+        file.read_exact_at(buf, offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 let end = offset.saturating_add(buf.len() as u64);
                 let now = std::fs::metadata(&self.path).map(|m| m.len()).ok();
@@ -121,11 +145,18 @@ impl FlatFile {
     /// Asks the kernel to start reading `len` bytes at `offset` into the page cache, without
     /// waiting. Advisory: errors are ignored (the later read reports them).
     pub fn prefetch(&self, offset: u64, len: u64) {
-        crate::fsutil::will_need(&self.file, offset, len)
+        match &self.backing {
+            Backing::Local(file) => crate::fsutil::will_need(file, offset, len),
+            Backing::Remote(remote) => remote.prefetch(offset, len),
+        }
     }
 
+    /// Only for a local file (see [`FlatFile::extent_at`]).
     fn seek(&self, offset: u64, whence: libc::c_int) -> Option<u64> {
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+        let Backing::Local(file) = &self.backing else {
+            return None;
+        };
+        let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
         if r < 0 {
             None
         } else {
@@ -154,6 +185,10 @@ impl FlatFile {
     /// hole after it starts; starts at `len` when only a hole follows. From what is known when
     /// `pos` lies in it, else from the kernel.
     fn extent_at(&self, pos: u64) -> Result<(u64, u64)> {
+        if matches!(self.backing, Backing::Remote(_)) {
+            // A remote file says nothing of its holes: all of it may be data.
+            return Ok((pos, self.len));
+        }
         {
             let k = self.known.lock().unwrap();
             if k.data.contains(&pos) {

@@ -11,20 +11,11 @@ use crate::repo::manifest::{ChainLink, DiskLayout};
 use crate::source::chain::{self, ChainOptions};
 use crate::source::confine::Confine;
 use crate::source::descriptor::{self, Descriptor};
-use crate::source::{ExtentDisk, ExtentSpec, ExtentTarget, FlatFile};
+use crate::source::{ExtentDisk, ExtentSpec, ExtentTarget};
 
 use crate::vmware::vm::{
     relative_name, resolve_in, validate_vm_name, DiskPlan, ExtentPlan, SmallFile, SourcePlan,
 };
-
-/// The first up to 8 bytes of an open file.
-pub(super) fn head8(file: &std::fs::File, path: &Path) -> Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let mut h = vec![0u8; 8];
-    let n = file.read_at(&mut h, 0).ctx("read", path)?;
-    h.truncate(n);
-    Ok(h)
-}
 
 /// A disk the VM (or the user, `by` = `None`) names by `desc_path`.
 pub(super) fn open_descriptor_disk(
@@ -38,9 +29,9 @@ pub(super) fn open_descriptor_disk(
     // Sparse extents, snapshot deltas and binary images go through the chain reader; plain
     // flat descriptors keep their file-for-file layout.
     let opened = confine.open(desc_path, by)?;
-    let head = head8(&opened.file, desc_path)?;
+    let head = opened.head(8, desc_path)?;
     let parsed = if chain::sniff(&head) == chain::Kind::Other {
-        descriptor::read_from(&opened.file, desc_path).ok()
+        descriptor::read_opened(&opened, desc_path).ok()
     } else {
         None
     };
@@ -115,7 +106,7 @@ pub(super) fn build_extent_disk(
                 }
                 let opened = confine
                     .open(&path, Some(desc_path))
-                    .and_then(|o| FlatFile::from_file(o.file, &path));
+                    .and_then(|o| o.into_flat(&path));
                 let file = Arc::new(opened.map_err(chain::missing(
                     &path,
                     desc_path,
@@ -255,7 +246,7 @@ pub(super) fn open_disk_file(
     };
     validate_vm_name(&vm)?;
     let opened = confine.open(path, None)?;
-    let head = head8(&opened.file, path)?;
+    let head = opened.head(8, path)?;
     let base_name = path.file_name().unwrap().to_string_lossy().into_owned();
     if descriptor::sniff_binary(&head).is_some() {
         return Ok(SourcePlan {
@@ -274,44 +265,47 @@ pub(super) fn open_disk_file(
     let is_vmdk = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("vmdk"));
-    let size = opened.meta.len();
-    let (files, disk) =
-        if is_vmdk && opened.meta.is_file() && size <= descriptor::MAX_DESCRIPTOR_LEN {
-            let disk = open_descriptor_disk(&dir, path, "image", opts, confine, None)?;
-            let files = if disk.layout.is_none() {
-                vec![SmallFile {
-                    name: base_name,
-                    path: path.to_path_buf(),
-                    file: std::sync::Arc::new(opened.file.try_clone().ctx("open", path)?),
-                }]
-            } else {
-                Vec::new()
-            };
-            (files, disk)
+    let size = opened.len();
+    let (files, disk) = if is_vmdk
+        && opened.remote.is_none()
+        && opened.is_file()
+        && size <= descriptor::MAX_DESCRIPTOR_LEN
+    {
+        let disk = open_descriptor_disk(&dir, path, "image", opts, confine, None)?;
+        let files = if disk.layout.is_none() {
+            vec![SmallFile {
+                name: base_name,
+                path: path.to_path_buf(),
+                file: std::sync::Arc::new(opened.file.try_clone().ctx("open", path)?),
+            }]
         } else {
-            let file = FlatFile::from_file(opened.file, path)?;
-            if file.is_empty() {
-                return Err(Error::bad_input(path, "disk image is empty"));
-            }
-            let len = file.len();
-            let disk = DiskPlan {
-                slot: "image".into(),
-                descriptor: None,
-                create_type: "raw".into(),
-                extents: vec![ExtentPlan {
-                    kind: "RAW".into(),
-                    start: 0,
-                    len,
-                    name: Some(base_name),
-                    path: Some(path.to_path_buf()),
-                    file_offset: 0,
-                    file_size: len,
-                }],
-                reader: Box::new(file),
-                layout: None,
-            };
-            (Vec::new(), disk)
+            Vec::new()
         };
+        (files, disk)
+    } else {
+        let file = opened.into_flat(path)?;
+        if file.is_empty() {
+            return Err(Error::bad_input(path, "disk image is empty"));
+        }
+        let len = file.len();
+        let disk = DiskPlan {
+            slot: "image".into(),
+            descriptor: None,
+            create_type: "raw".into(),
+            extents: vec![ExtentPlan {
+                kind: "RAW".into(),
+                start: 0,
+                len,
+                name: Some(base_name),
+                path: Some(path.to_path_buf()),
+                file_offset: 0,
+                file_size: len,
+            }],
+            reader: Box::new(file),
+            layout: None,
+        };
+        (Vec::new(), disk)
+    };
     Ok(SourcePlan {
         kind: "disk-image",
         source: path.to_path_buf(),

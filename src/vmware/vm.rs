@@ -38,6 +38,12 @@ impl SmallFile {
     /// it must be a regular file.
     fn open(confine: &Confine, name: String, path: PathBuf, by: Option<&Path>) -> Result<Self> {
         let o = confine.open(&path, by)?;
+        if o.remote.is_some() {
+            return Err(Error::bad_input(
+                &path,
+                "is a remote file that was not copied in; a VM's small files are read locally",
+            ));
+        }
         if !o.meta.is_file() {
             return Err(Error::bad_input(
                 &path,
@@ -96,6 +102,31 @@ pub struct SourceOptions {
     pub chain: ChainOptions,
     /// Read each disk as this snapshot (`latest` or a name) froze it.
     pub at_snapshot: Option<String>,
+    /// A VM staged from a remote host: its placeholders and the disks its snapshot froze.
+    pub staged: Option<StagedVm>,
+}
+
+/// A VM whose files were staged from a host's datastore for reading (`esxi://`): the small
+/// files are local copies, the large ones placeholders for remote files.
+#[derive(Clone)]
+pub struct StagedVm {
+    /// Placeholder (canonical path) → the remote file.
+    pub files: std::sync::Arc<crate::source::confine::RemoteFiles>,
+    /// For each disk slot (`scsi0:0`), the staged descriptor of the link the host's snapshot
+    /// froze: read instead of the link the .vmx names (which the running VM writes).
+    pub frozen: Vec<(String, PathBuf)>,
+    /// Name of that snapshot, for messages.
+    pub snapshot: String,
+}
+
+impl std::fmt::Debug for StagedVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedVm")
+            .field("remote_files", &self.files.len())
+            .field("frozen", &self.frozen)
+            .field("snapshot", &self.snapshot)
+            .finish()
+    }
 }
 
 /// Everything an ingest will read.
@@ -149,7 +180,8 @@ pub fn open_source_with(path: &Path, opts: &SourceOptions) -> Result<SourcePlan>
     let abs = std::path::absolute(path).ctx("resolve", path)?;
     let meta = std::fs::metadata(&abs).ctx("open", &abs)?;
     let name = opts.name.as_deref();
-    let confine = Confine::for_source(&abs, &opts.chain.datastore_map)?;
+    let confine = Confine::for_source(&abs, &opts.chain.datastore_map)?
+        .with_remote(opts.staged.as_ref().map(|s| s.files.clone()));
     if meta.is_dir() {
         let vmx = find_vmx(&abs)?;
         return open_vm(&vmx, &abs, opts, &confine);
@@ -303,9 +335,24 @@ fn open_vm(
         }
         let desc_path = resolve_in(&dir, &d.file_name, &opts.chain);
         // With --at-snapshot, read the link the snapshot froze, restored under the VM's name.
-        let frozen = match &snapshot {
-            None => None,
-            Some((vmsd_path, snap)) => match snap.disk_for(&d.slot) {
+        let frozen = match (&snapshot, &opts.staged) {
+            (_, Some(staged)) => match staged.frozen.iter().find(|(slot, _)| *slot == d.slot) {
+                Some((_, p)) => Some(p.clone()),
+                None if independent.is_some() => None,
+                None => {
+                    return Err(Error::bad_input(
+                        vmx_path,
+                        format!(
+                            "the host's snapshot {:?} lists no disk for {} ({}), which the .vmx \
+                             names: the VM changed while it was being snapshotted; run the \
+                             backup again",
+                            staged.snapshot, d.slot, d.file_name
+                        ),
+                    ))
+                }
+            },
+            (None, None) => None,
+            (Some((vmsd_path, snap)), None) => match snap.disk_for(&d.slot) {
                 Some(f) => Some(resolve_in(&dir, f, &opts.chain)),
                 None if independent.is_some() => None,
                 None => {

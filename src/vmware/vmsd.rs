@@ -1,7 +1,6 @@
 //! The `.vmsd` snapshot dictionary: which snapshots a VM has, when each was taken, and which
 //! disk link each one froze (`snapshotN.diskK.fileName`). Same `key = "value"` syntax as .vmx.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Advice, Error, IoContext, Result, Setting};
@@ -122,17 +121,13 @@ impl Vmsd {
             path = found.remove(0);
         }
         let opened = confine.open(&path, None)?;
-        if opened.meta.len() > 16 << 20 {
+        if opened.len() > 16 << 20 {
             return Err(Error::bad_input(
                 &path,
                 "is larger than 16 MiB: not a .vmsd file",
             ));
         }
-        let mut bytes = Vec::new();
-        (&opened.file)
-            .take(16 << 20)
-            .read_to_end(&mut bytes)
-            .ctx("read", &path)?;
+        let bytes = opened.read_all(&path, 16 << 20)?;
         Ok(Some((
             path.clone(),
             Vmsd::parse(&String::from_utf8_lossy(&bytes)),
