@@ -83,6 +83,9 @@ pub enum Error {
     /// Another process holds a lock we need.
     #[error("{}", .0.spelled(Spelling::CommandLine))]
     Locked(Advice),
+    /// A vSphere host (ESXi or vCenter) refused a request or could not be reached.
+    #[error("vSphere {host}: {what}")]
+    Vsphere { host: String, what: String },
     /// Refusing to overwrite an existing file.
     #[error("{} already exists; pass --force to overwrite it", .0.display())]
     Exists(PathBuf),

@@ -27,6 +27,7 @@ pub mod source;
 pub mod space;
 pub mod throttle;
 pub mod vmware;
+pub mod vsphere;
 pub mod zero;
 pub use error::{Error, Result};
 pub use repo::id::ObjectId;

@@ -108,7 +108,7 @@ enum Command {
     Init(cli::init::InitArgs),
     /// Back up a VM directory or a disk image as a new generation.
     #[command(long_about = cli::ingest::HELP)]
-    Ingest(cli::ingest::IngestArgs),
+    Ingest(Box<cli::ingest::IngestArgs>),
     /// List VMs, or the generations of one VM.
     List(cli::list::ListArgs),
     /// Show what the repository holds and what each VM and generation costs after dedup.
@@ -240,7 +240,7 @@ fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<
     );
     match cli.command {
         Command::Init(a) => cli::init::run(a, &ctx),
-        Command::Ingest(a) => cli::ingest::run(a, &ctx),
+        Command::Ingest(a) => cli::ingest::run(*a, &ctx),
         Command::List(a) => cli::list::run(a, &ctx),
         Command::Stats(a) => cli::stats::run(a, &ctx),
         Command::Report(a) => cli::report::run(a, &ctx),

@@ -32,7 +32,9 @@ disk; files are only ever opened read-only. Use `vmrepo inspect` to see what wou
 pub struct IngestArgs {
     /// Repository directory.
     repo: PathBuf,
-    /// VM directory, .vmx file, flat VMDK descriptor or raw disk image.
+    /// VM directory, .vmx file, flat VMDK descriptor or raw disk image; or a VM on a vSphere
+    /// host: esxi://USER@HOST[:PORT]/VMNAME or vcenter://USER@VC[:PORT]/DATACENTER/vm/PATH
+    /// (vmrepo takes a snapshot, reads the frozen disks over HTTPS and removes it).
     source: PathBuf,
     /// VM name (default: the .vmx displayName, or the image file name without extension).
     #[arg(long)]
@@ -102,6 +104,8 @@ pub struct IngestArgs {
     /// Print one JSON summary on stdout instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    vsphere: crate::cli::vsphere::VsphereArgs,
 }
 
 /// Runs `vmrepo ingest`.
@@ -125,7 +129,16 @@ pub fn run(a: IngestArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         allow_path,
         full_read,
         json,
+        vsphere,
     } = a;
+    let connect = vsphere.connect(&source, strict)?;
+    if connect.is_none() && vsphere.any_given() {
+        anyhow::bail!(
+            "--tls-thumbprint, --tls-ca, --source-password-* and --quiesce are for a VM on a \
+             vSphere host (esxi://USER@HOST/VM); {} is a local path",
+            source.display()
+        );
+    }
     let bar = Bar::new(!json);
     let changes = changed_ranges
         .as_deref()
@@ -149,6 +162,7 @@ pub fn run(a: IngestArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         changes,
         since,
         verify_unchanged,
+        vsphere: connect,
         ..settings.ingest_options(datastore_map, &ctx.interrupt, &ctx.workers)
     };
     let mut report = ingest(&r, &source, &opts, &bar).with_context(|| {
@@ -211,6 +225,9 @@ pub fn run(a: IngestArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
                     h.error().to_string()
                 }
             );
+        }
+        if let Some(c) = &report.snapshot_left_behind {
+            println!("  snapshot    NOT removed: {c}");
         }
         for h in &report.healed {
             println!("  healed      {h}: the data it had lost is stored again");

@@ -39,6 +39,41 @@ struct InterruptState {
     interrupted: AtomicBool,
     /// The next owed post-command's ticket.
     next: AtomicU64,
+    /// Clean-ups owed (removing a snapshot vmrepo took on a vSphere host): taken back by
+    /// whoever runs them first, the ingest or the interrupt.
+    cleanups: Mutex<Vec<OwedCleanup>>,
+}
+
+/// Undoes something on a remote host; returns what went wrong.
+pub type Cleanup = Box<dyn FnOnce() -> std::result::Result<(), String> + Send>;
+
+struct OwedCleanup {
+    id: u64,
+    what: String,
+    run: Cleanup,
+}
+
+/// A clean-up owed (see [`Interrupt::owe_cleanup`]).
+pub struct CleanupGuard {
+    id: u64,
+    interrupt: Interrupt,
+}
+
+impl CleanupGuard {
+    /// Runs the clean-up now, unless an interrupt took it (then `None`: the interrupt runs it).
+    pub fn run(self) -> Option<std::result::Result<(), String>> {
+        let taken = {
+            let mut owed = self.interrupt.0.cleanups.lock().unwrap();
+            if self.interrupt.is_interrupted() {
+                None
+            } else {
+                owed.iter()
+                    .position(|o| o.id == self.id)
+                    .map(|i| owed.remove(i))
+            }
+        };
+        taken.map(|o| (o.run)())
+    }
 }
 
 impl std::fmt::Debug for Interrupt {
@@ -86,6 +121,21 @@ impl Interrupt {
         }
     }
 
+    /// Registers `run` (described as `what`) as owed: an interrupt runs it if the ingest cannot;
+    /// [`CleanupGuard::run`] runs it when the ingest ends.
+    pub fn owe_cleanup(&self, what: &str, run: Cleanup) -> CleanupGuard {
+        let id = self.0.next.fetch_add(1, Ordering::SeqCst);
+        self.0.cleanups.lock().unwrap().push(OwedCleanup {
+            id,
+            what: what.into(),
+            run,
+        });
+        CleanupGuard {
+            id,
+            interrupt: self.clone(),
+        }
+    }
+
     /// Takes back the owed post-command `id` so the caller runs it; `None` when an interrupt
     /// has taken it (and runs it).
     fn take_owed(&self, id: u64) -> Option<OwedPost> {
@@ -103,11 +153,21 @@ impl Interrupt {
     /// with them. The caller then ends the process: no generation is recorded by an ingest
     /// that has not committed.
     pub fn interrupt(&self) -> Vec<String> {
-        let owed: Vec<OwedPost> = {
+        let (owed, cleanups): (Vec<OwedPost>, Vec<OwedCleanup>) = {
             let mut owed = self.0.owed.lock().unwrap();
+            let mut cleanups = self.0.cleanups.lock().unwrap();
             self.0.interrupted.store(true, Ordering::SeqCst);
-            std::mem::take(&mut *owed)
+            (std::mem::take(&mut *owed), std::mem::take(&mut *cleanups))
         };
+        let cleanup_threads: Vec<_> = cleanups
+            .into_iter()
+            .map(|c| {
+                std::thread::spawn(move || {
+                    eprintln!("vmrepo: interrupted: {}", c.what);
+                    (c.run)().err().map(|e| format!("{}: {e}", c.what))
+                })
+            })
+            .collect();
         for pgid in std::mem::take(&mut *self.0.running.lock().unwrap()) {
             // SAFETY: kill(2) on a process group this process started; no memory is involved.
             unsafe {
@@ -140,6 +200,11 @@ impl Interrupt {
                 h.join()
                     .unwrap_or(Some("a post-command thread failed".into()))
             })
+            .chain(
+                cleanup_threads
+                    .into_iter()
+                    .filter_map(|h| h.join().unwrap_or(Some("a clean-up thread failed".into()))),
+            )
             .collect()
     }
 }

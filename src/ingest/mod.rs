@@ -66,6 +66,10 @@ pub struct IngestReport {
     pub incremental: Option<Incremental>,
     /// The pre- and post-commands that ran.
     pub hooks: Vec<crate::ingest::hooks::HookRun>,
+    /// A VM read over the vSphere API whose backup snapshot could not be removed: what to do
+    /// about it. The generation is recorded regardless.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_left_behind: Option<String>,
     /// A repository in object storage: requests made and bytes moved since it was opened (for
     /// `vmrepo ingest`, the whole command up to the commit: opening, bringing the cache level,
     /// locks, uploads). `None` for a directory.
@@ -74,8 +78,13 @@ pub struct IngestReport {
 
 impl IngestReport {
     /// The post-command's failure, if it failed (the generation is recorded regardless).
+    /// Or the backup snapshot on a vSphere host could not be removed.
     pub fn hook_failure(&self) -> Option<Error> {
-        self.hooks.iter().find(|h| !h.ok()).map(|h| h.error())
+        self.hooks
+            .iter()
+            .find(|h| !h.ok())
+            .map(|h| h.error())
+            .or_else(|| self.snapshot_left_behind.clone().map(Error::Hook))
     }
 }
 
@@ -184,6 +193,9 @@ fn ingest_unhooked(
     opts: &IngestOptions,
     progress: &dyn Progress,
 ) -> Result<IngestReport> {
+    if let (Some(c), None) = (&opts.vsphere, &opts.staged) {
+        return ingest_vsphere(repo, c, opts, progress);
+    }
     let began = Instant::now();
     let started = jiff::Timestamp::now();
     let chain_opts = crate::source::chain::ChainOptions {
@@ -270,6 +282,7 @@ fn ingest_unhooked(
         progress,
     ) {
         Ok((manifest_id, manifest)) => Ok(IngestReport {
+            snapshot_left_behind: None,
             incremental: manifest.catalog.incremental.clone(),
             hooks: Vec::new(),
             healed: Vec::new(),
@@ -286,6 +299,52 @@ fn ingest_unhooked(
             store.abort();
             Err(e)
         }
+    }
+}
+
+/// Ingests a VM on a vSphere host: takes the backup snapshot, reads the staged VM as its
+/// snapshot froze it, and removes the snapshot whatever happened.
+fn ingest_vsphere(
+    repo: &Repository,
+    c: &crate::vsphere::Connect,
+    opts: &IngestOptions,
+    progress: &dyn Progress,
+) -> Result<IngestReport> {
+    if opts.at_snapshot.is_some() || opts.changes.is_some() {
+        return Err(Error::Usage(format!(
+            "{}: --at-snapshot and --changed-ranges are for VM directories; vmrepo takes and \
+             reads its own snapshot of a VM on a vSphere host",
+            c.url
+        )));
+    }
+    let frozen = crate::vsphere::FrozenVm::take(c, &opts.interrupt, progress)?;
+    for w in &frozen.warnings {
+        progress.note(&format!("warning: {w}"));
+    }
+    let mut o = opts.clone();
+    o.staged = Some(frozen.staged().clone());
+    o.recorded_source = Some(std::path::PathBuf::from(c.url.to_string()));
+    o.name = o.name.or_else(|| Some(frozen.vm.clone()));
+    o.datastore_map.push((
+        std::path::PathBuf::from(crate::source::confine::ESXI_DATASTORES),
+        frozen.volumes(),
+    ));
+    let warnings = frozen.warnings.clone();
+    let vmx = frozen.vmx().to_path_buf();
+    let result = ingest_unhooked(repo, &vmx, &o, progress);
+    let snapshot = frozen.snapshot_name().to_string();
+    let released = frozen.release();
+    match (result, released) {
+        (Ok(mut r), released) => {
+            r.warnings.splice(0..0, warnings);
+            r.snapshot_left_behind = released.err().map(|e| e.to_string());
+            if r.snapshot_left_behind.is_none() {
+                progress.note(&format!("removed snapshot {snapshot:?}"));
+            }
+            Ok(r)
+        }
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(left)) => Err(Error::Hook(format!("{e}; and then {left}"))),
     }
 }
 

@@ -50,6 +50,8 @@ pub struct IngestOptions {
     /// The VM was staged from a host's datastore (`esxi://`): read its placeholders remotely
     /// and its disks as the host's snapshot froze them.
     pub staged: Option<crate::vmware::vm::StagedVm>,
+    /// The source is a VM on a vSphere host (`esxi://`, `vcenter://`): how to reach it.
+    pub vsphere: Option<crate::vsphere::Connect>,
 }
 
 /// Hook and read settings, for every VM (`[defaults]`) or one (`[vm.NAME]`).

@@ -81,6 +81,15 @@ pub struct Opened {
     pub remote: Option<Arc<dyn RandomRead>>,
 }
 
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("real", &self.real)
+            .field("remote", &self.remote.as_ref().map(|r| r.path().to_path_buf()))
+            .finish()
+    }
+}
+
 impl Opened {
     /// Length in bytes (of the remote file, for a placeholder).
     pub fn len(&self) -> u64 {

@@ -1,0 +1,433 @@
+//! The vim25 operations a backup needs: log in, find a VM, read its properties (files,
+//! disks, snapshots), create and remove a snapshot, and wait for their tasks.
+
+use std::time::{Duration, Instant};
+
+use super::soap::Soap;
+use super::xml::{element, mo_ref, MoRef, Node};
+use crate::error::Result;
+
+/// What `RetrieveServiceContent` says about the host.
+#[derive(Clone, Debug)]
+pub struct ServiceContent {
+    /// `VirtualCenter` or `HostAgent` (ESXi).
+    pub api_type: String,
+    /// Product name and build, for messages.
+    pub full_name: String,
+    /// The property collector.
+    pub property_collector: MoRef,
+    /// The session manager.
+    pub session_manager: MoRef,
+    /// The search index.
+    pub search_index: MoRef,
+}
+
+/// One file of a VM as `layoutEx.file` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmFile {
+    /// Datastore path, `[datastore] dir/file`.
+    pub name: String,
+    /// `config`, `nvram`, `diskDescriptor`, `diskExtent`, `log`, `snapshotList`, ...
+    pub kind: String,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// A disk as a VM's (or a snapshot's) hardware lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmDisk {
+    /// The .vmx slot (`scsi0:0`, `sata0:1`, `nvme0:0`, `ide0:0`).
+    pub slot: String,
+    /// Datastore path of its descriptor, `[datastore] dir/disk.vmdk`.
+    pub file: String,
+    /// Its label, for messages.
+    pub label: String,
+}
+
+/// A snapshot in a VM's tree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The snapshot object.
+    pub mo: MoRef,
+    /// Its name.
+    pub name: String,
+    /// When it was taken (as the host says, ISO 8601).
+    pub created: String,
+}
+
+/// What vmrepo reads of a VM.
+#[derive(Clone, Debug)]
+pub struct VmInfo {
+    /// The VM object.
+    pub mo: MoRef,
+    /// Its name.
+    pub name: String,
+    /// Datastore path of its .vmx.
+    pub vmx: String,
+    /// Its files.
+    pub files: Vec<VmFile>,
+    /// Its disks as they are now.
+    pub disks: Vec<VmDisk>,
+    /// Its snapshots, flattened.
+    pub snapshots: Vec<SnapshotInfo>,
+    /// Changed-block tracking is on.
+    pub cbt: bool,
+}
+
+impl ServiceContent {
+    /// Asks the host what it is.
+    pub fn get(soap: &Soap) -> Result<ServiceContent> {
+        let r = soap.call(
+            "RetrieveServiceContent",
+            &MoRef::new("ServiceInstance", "ServiceInstance"),
+            "",
+        )?;
+        let rv = r
+            .child("returnval")
+            .ok_or_else(|| soap.error("RetrieveServiceContent: no answer"))?;
+        let mo = |name: &str| {
+            rv.child(name)
+                .and_then(MoRef::of)
+                .ok_or_else(|| soap.error(format!("RetrieveServiceContent: no {name}")))
+        };
+        Ok(ServiceContent {
+            api_type: rv.text_at("about/apiType").unwrap_or("").to_string(),
+            full_name: rv.text_at("about/fullName").unwrap_or("").to_string(),
+            property_collector: mo("propertyCollector")?,
+            session_manager: mo("sessionManager")?,
+            search_index: mo("searchIndex")?,
+        })
+    }
+}
+
+/// Logs in; the session cookie is kept by `soap`.
+pub fn login(soap: &Soap, sc: &ServiceContent, user: &str, password: &str) -> Result<()> {
+    let args = format!(
+        "{}{}",
+        element("userName", user),
+        element("password", password)
+    );
+    soap.call_raw("Login", &sc.session_manager, &args, None)
+        .map(|_| ())
+        .map_err(|e| match e {
+            Ok(f)
+                if f.kind.as_deref() == Some("InvalidLogin")
+                    || f.message.contains("Login failure") =>
+            {
+                soap.error(format!(
+                    "login as {user:?} failed: wrong user name or password ({}); give the \
+                     password with VMREPO_SOURCE_PASSWORD, --source-password-file or \
+                     --source-password-command",
+                    f.message
+                ))
+            }
+            Ok(f) => soap.error(format!("login as {user:?} failed: {}", f.message)),
+            Err(e) => e,
+        })
+}
+
+/// Logs out (best effort: the session expires on its own).
+pub fn logout(soap: &Soap, sc: &ServiceContent) {
+    let _ = soap.call_raw(
+        "Logout",
+        &sc.session_manager,
+        "",
+        Some(Duration::from_secs(10)),
+    );
+}
+
+/// The VM at `inventory_path`, or `None`.
+pub fn find_vm(soap: &Soap, sc: &ServiceContent, inventory_path: &str) -> Result<Option<MoRef>> {
+    let r = soap.call(
+        "FindByInventoryPath",
+        &sc.search_index,
+        &element("inventoryPath", inventory_path),
+    )?;
+    Ok(r.child("returnval")
+        .and_then(MoRef::of)
+        .filter(|m| m.kind == "VirtualMachine"))
+}
+
+/// Reads `paths` of `obj`; returns (name, value) pairs for the properties that are set.
+pub fn properties(
+    soap: &Soap,
+    sc: &ServiceContent,
+    obj: &MoRef,
+    paths: &[&str],
+) -> Result<Vec<(String, Node)>> {
+    let path_set: String = paths.iter().map(|p| element("pathSet", p)).collect();
+    let args = format!(
+        "<specSet><propSet>{}{path_set}</propSet><objectSet>{}<skip>false</skip></objectSet>\
+         </specSet><options></options>",
+        element("type", &obj.kind),
+        mo_ref("obj", obj)
+    );
+    let r = soap.call("RetrievePropertiesEx", &sc.property_collector, &args)?;
+    let mut out = Vec::new();
+    if let Some(objects) = r.at("returnval/objects") {
+        for p in objects.all("propSet") {
+            if let (Some(name), Some(val)) = (p.text_at("name"), p.child("val")) {
+                out.push((name.to_string(), val.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn prop<'a>(props: &'a [(String, Node)], name: &str) -> Option<&'a Node> {
+    props.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+}
+
+/// The disks of a hardware device list, with their .vmx slots.
+pub fn disks_of(devices: &Node) -> Vec<VmDisk> {
+    let all: Vec<&Node> = devices.children.iter().collect();
+    let controller = |key: &str| {
+        all.iter().find(|d| d.text_at("key") == Some(key)).map(|c| {
+            let t = c.xsi_type.as_deref().unwrap_or("");
+            let bus = if t.contains("IDE") {
+                "ide"
+            } else if t.contains("AHCI") || t.contains("Sata") {
+                "sata"
+            } else if t.contains("NVME") || t.contains("Nvme") {
+                "nvme"
+            } else {
+                "scsi"
+            };
+            (bus, c.text_at("busNumber").unwrap_or("0").to_string())
+        })
+    };
+    all.iter()
+        .filter(|d| d.xsi_type.as_deref() == Some("VirtualDisk"))
+        .filter_map(|d| {
+            let file = d.text_at("backing/fileName")?.to_string();
+            let (bus, number) = controller(d.text_at("controllerKey")?)?;
+            let unit = d.text_at("unitNumber").unwrap_or("0");
+            Some(VmDisk {
+                slot: format!("{bus}{number}:{unit}"),
+                file,
+                label: d.text_at("deviceInfo/label").unwrap_or("").to_string(),
+            })
+        })
+        .collect()
+}
+
+/// A snapshot tree node and everything under it, parents first.
+fn flatten_snapshots(tree: &Node, out: &mut Vec<SnapshotInfo>) {
+    if let Some(mo) = tree.child("snapshot").and_then(MoRef::of) {
+        out.push(SnapshotInfo {
+            mo,
+            name: tree.text_at("name").unwrap_or("").to_string(),
+            created: tree.text_at("createTime").unwrap_or("").to_string(),
+        });
+    }
+    for c in tree.all("childSnapshotList") {
+        flatten_snapshots(c, out);
+    }
+}
+
+/// Everything vmrepo reads of `vm`.
+pub fn vm_info(soap: &Soap, sc: &ServiceContent, vm: &MoRef) -> Result<VmInfo> {
+    let props = properties(
+        soap,
+        sc,
+        vm,
+        &[
+            "name",
+            "config.files.vmPathName",
+            "config.hardware.device",
+            "config.changeTrackingEnabled",
+            "layoutEx.file",
+            "snapshot",
+        ],
+    )?;
+    let files = prop(&props, "layoutEx.file")
+        .map(|v| {
+            v.children
+                .iter()
+                .map(|f| VmFile {
+                    name: f.text_at("name").unwrap_or("").to_string(),
+                    kind: f.text_at("type").unwrap_or("").to_string(),
+                    size: f.u64_at("size").unwrap_or(0),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut snapshots = Vec::new();
+    if let Some(s) = prop(&props, "snapshot") {
+        for root in s.all("rootSnapshotList") {
+            flatten_snapshots(root, &mut snapshots);
+        }
+    }
+    Ok(VmInfo {
+        mo: vm.clone(),
+        name: prop(&props, "name")
+            .map(|n| n.text.clone())
+            .unwrap_or_default(),
+        vmx: prop(&props, "config.files.vmPathName")
+            .map(|n| n.text.clone())
+            .ok_or_else(|| soap.error(format!("VM {} has no configuration file path", vm.value)))?,
+        files,
+        disks: prop(&props, "config.hardware.device")
+            .map(disks_of)
+            .unwrap_or_default(),
+        snapshots,
+        cbt: prop(&props, "config.changeTrackingEnabled").is_some_and(|n| n.text == "true"),
+    })
+}
+
+/// The disks `snapshot` froze.
+pub fn snapshot_disks(soap: &Soap, sc: &ServiceContent, snapshot: &MoRef) -> Result<Vec<VmDisk>> {
+    let props = properties(soap, sc, snapshot, &["config.hardware.device"])?;
+    Ok(prop(&props, "config.hardware.device")
+        .map(disks_of)
+        .unwrap_or_default())
+}
+
+/// Waits for `task` to finish, at most `limit`; returns its result.
+pub fn wait_task(
+    soap: &Soap,
+    sc: &ServiceContent,
+    task: &MoRef,
+    what: &str,
+    limit: Duration,
+) -> Result<Option<Node>> {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let props = properties(soap, sc, task, &["info"])?;
+        let info = prop(&props, "info")
+            .ok_or_else(|| soap.error(format!("{what}: task {} has no info", task.value)))?;
+        match info.text_at("state") {
+            Some("success") => return Ok(info.child("result").cloned()),
+            Some("error") => {
+                let msg = info
+                    .text_at("error/localizedMessage")
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_string)
+                    .or_else(|| info.at("error/fault").and_then(|f| f.xsi_type.clone()))
+                    .unwrap_or_else(|| "no reason given".into());
+                return Err(soap.error(format!("{what} failed: {msg}")));
+            }
+            _ => {}
+        }
+        if start.elapsed() > limit {
+            return Err(soap.error(format!(
+                "{what}: task {} did not finish within {} s; it may still be running on the host",
+                task.value,
+                limit.as_secs()
+            )));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Takes a snapshot of `vm` (memory never included) and returns it.
+pub fn create_snapshot(
+    soap: &Soap,
+    sc: &ServiceContent,
+    vm: &MoRef,
+    name: &str,
+    description: &str,
+    quiesce: bool,
+    limit: Duration,
+) -> Result<MoRef> {
+    let args = format!(
+        "{}{}<memory>false</memory><quiesce>{quiesce}</quiesce>",
+        element("name", name),
+        element("description", description)
+    );
+    let r = soap
+        .call_raw("CreateSnapshot_Task", vm, &args, None)
+        .map_err(|e| match e {
+            Ok(f)
+                if matches!(
+                    f.kind.as_deref(),
+                    Some("RestrictedVersion") | Some("NotSupported")
+                ) || f.message.contains("license") =>
+            {
+                soap.error(format!(
+            "the host refuses to create snapshots through its API ({}): a free ESXi licence \
+             does not allow it. Use the ssh + vim-cmd hooks of docs/NIGHTLY.md \
+             (--pre-command/--post-command) with the datastore mounted on this machine instead",
+            f.message
+        ))
+            }
+            Ok(f) => soap.error(format!("CreateSnapshot_Task failed: {}", f.message)),
+            Err(e) => e,
+        })?;
+    let task = r
+        .child("returnval")
+        .and_then(MoRef::of)
+        .ok_or_else(|| soap.error("CreateSnapshot_Task: no task in the answer"))?;
+    let result = wait_task(
+        soap,
+        sc,
+        &task,
+        &format!("creating snapshot {name:?}"),
+        limit,
+    )?;
+    result.as_ref().and_then(MoRef::of).ok_or_else(|| {
+        soap.error(format!(
+            "creating snapshot {name:?}: the task named no snapshot"
+        ))
+    })
+}
+
+/// Removes `snapshot` (its changes are merged into the disks) and waits at most `limit`.
+pub fn remove_snapshot(
+    soap: &Soap,
+    sc: &ServiceContent,
+    snapshot: &MoRef,
+    name: &str,
+    limit: Duration,
+) -> Result<()> {
+    let r = soap.call(
+        "RemoveSnapshot_Task",
+        snapshot,
+        "<removeChildren>false</removeChildren><consolidate>true</consolidate>",
+    )?;
+    let task = r
+        .child("returnval")
+        .and_then(MoRef::of)
+        .ok_or_else(|| soap.error("RemoveSnapshot_Task: no task in the answer"))?;
+    wait_task(
+        soap,
+        sc,
+        &task,
+        &format!("removing snapshot {name:?}"),
+        limit,
+    )
+    .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_slots_come_from_their_controllers() {
+        let xml = r#"<val xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+          <VirtualDevice xsi:type="VirtualLsiLogicController"><key>1000</key><busNumber>0</busNumber></VirtualDevice>
+          <VirtualDevice xsi:type="VirtualAHCIController"><key>15000</key><busNumber>1</busNumber></VirtualDevice>
+          <VirtualDevice xsi:type="VirtualDisk"><key>2000</key><deviceInfo><label>Hard disk 1</label></deviceInfo>
+            <backing xsi:type="VirtualDiskFlatVer2BackingInfo"><fileName>[ds1] web/web.vmdk</fileName></backing>
+            <controllerKey>1000</controllerKey><unitNumber>0</unitNumber></VirtualDevice>
+          <VirtualDevice xsi:type="VirtualDisk"><key>2001</key>
+            <backing xsi:type="VirtualDiskFlatVer2BackingInfo"><fileName>[ds1] web/web_1.vmdk</fileName></backing>
+            <controllerKey>15000</controllerKey><unitNumber>3</unitNumber></VirtualDevice>
+          <VirtualDevice xsi:type="VirtualCdrom"><key>3000</key><controllerKey>1000</controllerKey></VirtualDevice>
+        </val>"#;
+        let d = disks_of(&Node::parse(xml).unwrap());
+        assert_eq!(d.len(), 2);
+        assert_eq!(
+            (d[0].slot.as_str(), d[0].file.as_str()),
+            ("scsi0:0", "[ds1] web/web.vmdk")
+        );
+        assert_eq!(d[0].label, "Hard disk 1");
+        assert_eq!(
+            (d[1].slot.as_str(), d[1].file.as_str()),
+            ("sata1:3", "[ds1] web/web_1.vmdk")
+        );
+    }
+}

@@ -1,0 +1,345 @@
+//! One VM frozen for a backup: connect and log in, deal with snapshots left behind, take the
+//! backup snapshot, stage the VM's files, and remove the snapshot again whatever happens (on
+//! success, on error, and through the interrupt token on SIGINT/SIGTERM/SIGHUP).
+
+use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::api::{self, ServiceContent, VmInfo};
+use super::datastore::{split_datastore_path, Datastores};
+use super::soap::Soap;
+use super::tls::Trust;
+use super::url::SourceUrl;
+use super::xml::MoRef;
+use crate::error::{IoContext, Result};
+use crate::ingest::hooks::{CleanupGuard, Interrupt};
+use crate::progress::Progress;
+use crate::source::confine::RemoteFiles;
+use crate::source::RandomRead;
+use crate::vmware::vm::StagedVm;
+
+/// Every snapshot vmrepo takes is named with this prefix, so a later run finds and removes
+/// one a killed run left behind.
+pub const SNAPSHOT_PREFIX: &str = "vmrepo-backup-";
+
+/// Files of these `layoutEx` types are copied into the staging directory (when small).
+const STAGED_KINDS: &[&str] = &[
+    "config",
+    "extendedConfig",
+    "nvram",
+    "snapshotList",
+    "log",
+    "diskDescriptor",
+];
+
+/// How to reach and treat one vSphere source.
+#[derive(Clone)]
+pub struct Connect {
+    /// Which host and VM.
+    pub url: SourceUrl,
+    /// The user's password.
+    pub password: Arc<zeroize::Zeroizing<String>>,
+    /// How the host's certificate is checked.
+    pub trust: Trust,
+    /// Ask VMware Tools to quiesce the guest's filesystems for the snapshot.
+    pub quiesce: bool,
+    /// Refuse a VM that has snapshots vmrepo did not take.
+    pub strict: bool,
+    /// Longest wait for one request.
+    pub timeout: Duration,
+    /// Longest wait for a snapshot to be created or removed.
+    pub task_timeout: Duration,
+}
+
+impl std::fmt::Debug for Connect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connect")
+            .field("url", &self.url.to_string())
+            .field("trust", &self.trust)
+            .field("quiesce", &self.quiesce)
+            .field("strict", &self.strict)
+            .finish()
+    }
+}
+
+struct Session {
+    soap: Soap,
+    sc: ServiceContent,
+}
+
+/// A VM with vmrepo's snapshot on it and its files staged; [`FrozenVm::release`] removes the
+/// snapshot (dropping it unreleased removes it too).
+pub struct FrozenVm {
+    session: Arc<Session>,
+    snapshot: Option<(MoRef, String, CleanupGuard)>,
+    stage: Stage,
+    vmx: PathBuf,
+    staged: StagedVm,
+    /// The VM's name on the host.
+    pub vm: String,
+    /// What the user should know (snapshots left behind, files not read).
+    pub warnings: Vec<String>,
+    /// Bytes copied into the staging directory.
+    pub staged_bytes: u64,
+}
+
+/// The private staging directory, removed when dropped.
+struct Stage(PathBuf);
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn connect(c: &Connect) -> Result<Arc<Session>> {
+    let http = super::tls::client(&c.url.authority(), &c.trust, c.timeout)?;
+    let soap = Soap::new(http, &c.url.base(), &c.url.authority());
+    let sc = ServiceContent::get(&soap)?;
+    api::login(&soap, &sc, &c.url.user, &c.password)?;
+    Ok(Arc::new(Session { soap, sc }))
+}
+
+/// A path inside a datastore that stays inside it (no `..`, not absolute).
+fn safe_inside(path: &str) -> bool {
+    let p = Path::new(path);
+    !path.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+impl FrozenVm {
+    /// Connects, finds the VM, removes vmrepo snapshots left behind, warns about (or with
+    /// `strict` refuses) others, takes the backup snapshot and stages the VM's files.
+    pub fn take(c: &Connect, interrupt: &Interrupt, progress: &dyn Progress) -> Result<FrozenVm> {
+        let session = connect(c)?;
+        let (soap, sc) = (&session.soap, &session.sc);
+        progress.note(&format!(
+            "connected to {} ({})",
+            c.url.authority(),
+            sc.full_name
+        ));
+        let vm = api::find_vm(soap, sc, &c.url.inventory_path)?.ok_or_else(|| {
+            soap.error(format!(
+                "no VM at {:?}; check the name (it is case-sensitive) and, on vCenter, the \
+                 datacenter and folder path",
+                c.url.inventory_path
+            ))
+        })?;
+        let before = api::vm_info(soap, sc, &vm)?;
+        let mut warnings = Vec::new();
+        for s in before
+            .snapshots
+            .iter()
+            .filter(|s| s.name.starts_with(SNAPSHOT_PREFIX))
+        {
+            progress.note(&format!(
+                "removing snapshot {:?} (taken {}) that an earlier vmrepo run left behind",
+                s.name, s.created
+            ));
+            api::remove_snapshot(soap, sc, &s.mo, &s.name, c.task_timeout)?;
+        }
+        let others: Vec<_> = before
+            .snapshots
+            .iter()
+            .filter(|s| !s.name.starts_with(SNAPSHOT_PREFIX))
+            .collect();
+        if !others.is_empty() {
+            let list = others
+                .iter()
+                .map(|s| format!("{:?} (taken {})", s.name, s.created))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let msg = format!(
+                "VM {} has {} snapshot(s) vmrepo did not take: {list}; every snapshot left in \
+                 place makes the VM's disks slower and its deltas grow until the datastore fills",
+                before.name,
+                others.len()
+            );
+            if c.strict {
+                return Err(soap.error(format!("refusing to back up (--strict): {msg}")));
+            }
+            warnings.push(msg);
+        }
+        let name = format!(
+            "{SNAPSHOT_PREFIX}{}",
+            jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ")
+        );
+        progress.note(&format!("taking snapshot {name:?} of {}", before.name));
+        let snap = api::create_snapshot(
+            soap,
+            sc,
+            &vm,
+            &name,
+            "Taken by vmrepo for a backup; vmrepo removes it when the backup ends, and a later \
+             vmrepo run removes it if it was left behind.",
+            c.quiesce,
+            c.task_timeout,
+        )?;
+        let guard = {
+            let s = session.clone();
+            let (mo, n, limit) = (snap.clone(), name.clone(), c.task_timeout);
+            interrupt.owe_cleanup(
+                &format!("removing snapshot {name:?} of VM {}", before.name),
+                Box::new(move || {
+                    api::remove_snapshot(&s.soap, &s.sc, &mo, &n, limit).map_err(|e| e.to_string())
+                }),
+            )
+        };
+        let mut frozen = FrozenVm {
+            session: session.clone(),
+            snapshot: Some((snap.clone(), name.clone(), guard)),
+            stage: Stage(PathBuf::new()),
+            vmx: PathBuf::new(),
+            staged: StagedVm {
+                files: Arc::default(),
+                frozen: Vec::new(),
+                snapshot: name.clone(),
+            },
+            vm: before.name.clone(),
+            warnings,
+            staged_bytes: 0,
+        };
+        // From here on a failure drops `frozen`, which removes the snapshot.
+        let after = api::vm_info(soap, sc, &vm)?;
+        let frozen_disks = api::snapshot_disks(soap, sc, &snap)?;
+        frozen.stage_files(c, &after, &frozen_disks)?;
+        Ok(frozen)
+    }
+
+    fn stage_files(&mut self, c: &Connect, vm: &VmInfo, disks: &[api::VmDisk]) -> Result<()> {
+        let soap = &self.session.soap;
+        let mut tag = [0u8; 6];
+        let _ = getrandom::fill(&mut tag);
+        let dir = std::env::temp_dir().join(format!(
+            "vmrepo-vsphere-{}-{}",
+            std::process::id(),
+            hex::encode(tag)
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .ctx("create the staging directory", &dir)?;
+        self.stage = Stage(dir.clone());
+        let root = dir.join("vmfs").join("volumes");
+        let stores = Datastores {
+            http: soap.http().clone(),
+            base: soap.base().to_string(),
+            host: c.url.authority(),
+            cookie: soap.cookie(),
+            datacenter: c.url.datacenter.clone(),
+        };
+        let local = |name: &str| -> Result<PathBuf> {
+            match split_datastore_path(name) {
+                Some((ds, path)) if safe_inside(path) && safe_inside(ds) => {
+                    Ok(root.join(ds).join(path))
+                }
+                _ => Err(soap.error(format!(
+                    "the host names a file {name:?} that is not a plain datastore path"
+                ))),
+            }
+        };
+        let mut remote: RemoteFiles = HashMap::new();
+        let mut files = vm.files.clone();
+        if !files.iter().any(|f| f.name == vm.vmx) {
+            return Err(soap.error(format!(
+                "VM {}: its file layout does not list its configuration file {}",
+                vm.name, vm.vmx
+            )));
+        }
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        files.dedup_by(|a, b| a.name == b.name);
+        for f in &files {
+            let path = local(&f.name)?;
+            let parent = path.parent().unwrap();
+            std::fs::create_dir_all(parent).ctx("create", parent)?;
+            let small = f.size <= crate::source::descriptor::MAX_DESCRIPTOR_LEN
+                || (f.kind != "diskDescriptor"
+                    && f.size <= u64::from(crate::repo::object::MAX_OBJECT_LEN));
+            if STAGED_KINDS.contains(&f.kind.as_str()) && small {
+                let bytes = stores.read_whole(&f.name, f.size)?;
+                std::fs::write(&path, &bytes).ctx("write", &path)?;
+                self.staged_bytes += bytes.len() as u64;
+            } else if f.kind == "diskExtent" || f.kind == "diskDescriptor" {
+                std::fs::File::create(&path).ctx("create", &path)?;
+                let real = std::fs::canonicalize(&path).ctx("resolve", &path)?;
+                let file: Arc<dyn RandomRead> = Arc::new(stores.open(&f.name, f.size));
+                remote.insert(real, file);
+            }
+        }
+        self.vmx = local(&vm.vmx)?;
+        self.staged.frozen = disks
+            .iter()
+            .map(|d| Ok((d.slot.clone(), local(&d.file)?)))
+            .collect::<Result<_>>()?;
+        self.staged.files = Arc::new(remote);
+        Ok(())
+    }
+
+    /// The staged .vmx: what the VM-directory reader opens.
+    pub fn vmx(&self) -> &Path {
+        &self.vmx
+    }
+
+    /// The staged VM's remote files and frozen disks.
+    pub fn staged(&self) -> &StagedVm {
+        &self.staged
+    }
+
+    /// The staged root that stands for `/vmfs/volumes` (map absolute datastore paths there).
+    pub fn volumes(&self) -> PathBuf {
+        self.stage.0.join("vmfs").join("volumes")
+    }
+
+    /// The snapshot's name.
+    pub fn snapshot_name(&self) -> &str {
+        &self.staged.snapshot
+    }
+
+    /// Removes the snapshot and logs out. `Err` names the snapshot left behind.
+    pub fn release(mut self) -> Result<()> {
+        self.remove_snapshot()
+    }
+
+    fn remove_snapshot(&mut self) -> Result<()> {
+        let Some((_, name, guard)) = self.snapshot.take() else {
+            return Ok(());
+        };
+        let result = match guard.run() {
+            // The interrupt took it and removes it.
+            None => Ok(()),
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(self.session.soap.error(format!(
+                "the backup snapshot {name:?} of VM {} could not be removed: {e}. Remove it in \
+                 the vSphere client (Snapshots > Delete) or with `vim-cmd vmsvc/snapshot.remove`; \
+                 the next vmrepo run of this VM removes it too",
+                self.vm
+            ))),
+        };
+        api::logout(&self.session.soap, &self.session.sc);
+        result
+    }
+}
+
+impl Drop for FrozenVm {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove_snapshot() {
+            eprintln!("vmrepo: error: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_paths_stay_inside() {
+        assert!(safe_inside("web/web.vmx"));
+        assert!(!safe_inside("../etc/passwd"));
+        assert!(!safe_inside("/etc/passwd"));
+        assert!(!safe_inside("web/../../x"));
+        assert!(!safe_inside(""));
+    }
+}
