@@ -49,3 +49,19 @@ impl TerminationSignals {
         }
     }
 }
+
+/// Undoes something on a remote host (removes a snapshot vmrepo took); returns what went wrong.
+pub type Cleanup = Box<dyn FnOnce() -> std::result::Result<(), String> + Send>;
+
+/// Keeps clean-ups owed until they run: the work that made them runs each when it ends, and an
+/// interrupt runs all those still owed before the process exits.
+pub trait OweCleanup {
+    /// Registers `run` (described as `what`) as owed.
+    fn owe_cleanup(&self, what: &str, run: Cleanup) -> Box<dyn OwedCleanup>;
+}
+
+/// One clean-up owed.
+pub trait OwedCleanup: Send {
+    /// Runs it now, unless an interrupt took it (then `None`: the interrupt runs it).
+    fn run(self: Box<Self>) -> Option<std::result::Result<(), String>>;
+}

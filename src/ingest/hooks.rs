@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::shutdown::{Cleanup, OweCleanup, OwedCleanup as Owed};
 
 /// The interrupt token: what an interrupt (SIGINT, SIGTERM, SIGHUP) must stop and run. The
 /// command line makes one, gives a clone to every ingest through [`IngestOptions`] and one to
@@ -41,27 +42,24 @@ struct InterruptState {
     next: AtomicU64,
     /// Clean-ups owed (removing a snapshot vmrepo took on a vSphere host): taken back by
     /// whoever runs them first, the ingest or the interrupt.
-    cleanups: Mutex<Vec<OwedCleanup>>,
+    cleanups: Mutex<Vec<PendingCleanup>>,
 }
 
-/// Undoes something on a remote host; returns what went wrong.
-pub type Cleanup = Box<dyn FnOnce() -> std::result::Result<(), String> + Send>;
-
-struct OwedCleanup {
+/// A clean-up owed, and the ticket its guard takes it back by.
+struct PendingCleanup {
     id: u64,
     what: String,
     run: Cleanup,
 }
 
-/// A clean-up owed (see [`Interrupt::owe_cleanup`]).
+/// The guard of a clean-up owed to an [`Interrupt`] (see [`OweCleanup`]).
 pub struct CleanupGuard {
     id: u64,
     interrupt: Interrupt,
 }
 
-impl CleanupGuard {
-    /// Runs the clean-up now, unless an interrupt took it (then `None`: the interrupt runs it).
-    pub fn run(self) -> Option<std::result::Result<(), String>> {
+impl Owed for CleanupGuard {
+    fn run(self: Box<Self>) -> Option<std::result::Result<(), String>> {
         let taken = {
             let mut owed = self.interrupt.0.cleanups.lock().unwrap();
             if self.interrupt.is_interrupted() {
@@ -121,21 +119,6 @@ impl Interrupt {
         }
     }
 
-    /// Registers `run` (described as `what`) as owed: an interrupt runs it if the ingest cannot;
-    /// [`CleanupGuard::run`] runs it when the ingest ends.
-    pub fn owe_cleanup(&self, what: &str, run: Cleanup) -> CleanupGuard {
-        let id = self.0.next.fetch_add(1, Ordering::SeqCst);
-        self.0.cleanups.lock().unwrap().push(OwedCleanup {
-            id,
-            what: what.into(),
-            run,
-        });
-        CleanupGuard {
-            id,
-            interrupt: self.clone(),
-        }
-    }
-
     /// Takes back the owed post-command `id` so the caller runs it; `None` when an interrupt
     /// has taken it (and runs it).
     fn take_owed(&self, id: u64) -> Option<OwedPost> {
@@ -153,7 +136,7 @@ impl Interrupt {
     /// with them. The caller then ends the process: no generation is recorded by an ingest
     /// that has not committed.
     pub fn interrupt(&self) -> Vec<String> {
-        let (owed, cleanups): (Vec<OwedPost>, Vec<OwedCleanup>) = {
+        let (owed, cleanups): (Vec<OwedPost>, Vec<PendingCleanup>) = {
             let mut owed = self.0.owed.lock().unwrap();
             let mut cleanups = self.0.cleanups.lock().unwrap();
             self.0.interrupted.store(true, Ordering::SeqCst);
@@ -275,6 +258,22 @@ impl OwedGuard {
         let i = &self.interrupt;
         i.take_owed(self.id)
             .map(|o| i.spawn_and_wait(&o.command, "post", &o.vm, &o.vmdir, Some(status), o.timeout))
+    }
+}
+
+impl OweCleanup for Interrupt {
+    /// An interrupt runs `run` if the ingest cannot.
+    fn owe_cleanup(&self, what: &str, run: Cleanup) -> Box<dyn Owed> {
+        let id = self.0.next.fetch_add(1, Ordering::SeqCst);
+        self.0.cleanups.lock().unwrap().push(PendingCleanup {
+            id,
+            what: what.into(),
+            run,
+        });
+        Box::new(CleanupGuard {
+            id,
+            interrupt: self.clone(),
+        })
     }
 }
 

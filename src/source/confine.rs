@@ -85,7 +85,10 @@ impl std::fmt::Debug for Opened {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Opened")
             .field("real", &self.real)
-            .field("remote", &self.remote.as_ref().map(|r| r.path().to_path_buf()))
+            .field(
+                "remote",
+                &self.remote.as_ref().map(|r| r.path().to_path_buf()),
+            )
             .finish()
     }
 }

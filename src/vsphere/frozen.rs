@@ -15,8 +15,8 @@ use super::tls::Trust;
 use super::url::SourceUrl;
 use super::xml::MoRef;
 use crate::error::{IoContext, Result};
-use crate::ingest::hooks::{CleanupGuard, Interrupt};
 use crate::progress::Progress;
+use crate::shutdown::{OweCleanup, OwedCleanup};
 use crate::source::confine::RemoteFiles;
 use crate::source::RandomRead;
 use crate::vmware::vm::StagedVm;
@@ -74,7 +74,7 @@ struct Session {
 /// snapshot (dropping it unreleased removes it too).
 pub struct FrozenVm {
     session: Arc<Session>,
-    snapshot: Option<(MoRef, String, CleanupGuard)>,
+    snapshot: Option<(MoRef, String, Box<dyn OwedCleanup>)>,
     stage: Stage,
     vmx: PathBuf,
     staged: StagedVm,
@@ -111,8 +111,13 @@ fn safe_inside(path: &str) -> bool {
 
 impl FrozenVm {
     /// Connects, finds the VM, removes vmrepo snapshots left behind, warns about (or with
-    /// `strict` refuses) others, takes the backup snapshot and stages the VM's files.
-    pub fn take(c: &Connect, interrupt: &Interrupt, progress: &dyn Progress) -> Result<FrozenVm> {
+    /// `strict` refuses) others, takes the backup snapshot and stages the VM's files. The
+    /// snapshot's removal is owed to `interrupt` from the moment it exists.
+    pub fn take(
+        c: &Connect,
+        interrupt: &dyn OweCleanup,
+        progress: &dyn Progress,
+    ) -> Result<FrozenVm> {
         let session = connect(c)?;
         let (soap, sc) = (&session.soap, &session.sc);
         progress.note(&format!(
