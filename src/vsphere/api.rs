@@ -283,6 +283,55 @@ pub fn snapshot_disks(soap: &Soap, sc: &ServiceContent, snapshot: &MoRef) -> Res
         .unwrap_or_default())
 }
 
+/// The files (name, size) directly in the datastore folder `[ds] dir`, listed by the
+/// datastore browser of the datastore `ds` that `vm` uses.
+pub fn list_folder(
+    soap: &Soap,
+    sc: &ServiceContent,
+    vm: &MoRef,
+    folder: &str,
+    limit: Duration,
+) -> Result<Vec<(String, u64)>> {
+    let probe = format!("{folder}/x");
+    let Some((ds_name, _)) = super::datastore::split_datastore_path(&probe) else {
+        return Err(soap.error(format!("{folder:?} is not a datastore folder")));
+    };
+    let stores = properties(soap, sc, vm, &["datastore"])?;
+    let mut browser = None;
+    for ds in prop(&stores, "datastore")
+        .map(|v| v.children.clone())
+        .unwrap_or_default()
+    {
+        let Some(ds) = MoRef::of(&ds) else { continue };
+        let p = properties(soap, sc, &ds, &["name", "browser"])?;
+        if prop(&p, "name").is_some_and(|n| n.text == ds_name) {
+            browser = prop(&p, "browser").and_then(MoRef::of);
+        }
+    }
+    let browser =
+        browser.ok_or_else(|| soap.error(format!("the VM uses no datastore named {ds_name:?}")))?;
+    let args = format!(
+        "{}<searchSpec><details><fileType>true</fileType>\
+         <fileSize>true</fileSize><modification>false</modification><fileOwner>false</fileOwner>\
+         </details><matchPattern>*</matchPattern></searchSpec>",
+        element("datastorePath", folder)
+    );
+    let r = soap.call("SearchDatastore_Task", &browser, &args)?;
+    let task = r
+        .child("returnval")
+        .and_then(MoRef::of)
+        .ok_or_else(|| soap.error("SearchDatastore_Task: no task in the answer"))?;
+    let result = wait_task(soap, sc, &task, &format!("listing {folder}"), limit)?;
+    Ok(result
+        .map(|r| {
+            r.all("file")
+                .filter(|f| f.xsi_type.as_deref() != Some("FolderFileInfo"))
+                .filter_map(|f| Some((f.text_at("path")?.to_string(), f.u64_at("fileSize")?)))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// Waits for `task` to finish, at most `limit`; returns its result.
 pub fn wait_task(
     soap: &Soap,

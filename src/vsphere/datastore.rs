@@ -147,6 +147,62 @@ impl Datastores {
         )))
     }
 
+    /// The size of `[ds] path`, or `None` when there is no such file (asked with a one-byte
+    /// range, which every datastore file server answers with the total in `Content-Range`).
+    pub fn size_of(&self, name: &str) -> Result<Option<u64>> {
+        let (ds, path) = split_datastore_path(name).ok_or_else(|| {
+            self.error(format!("{name:?} is not a datastore path ([ds] dir/file)"))
+        })?;
+        let url = self.url(ds, path);
+        let mut last = String::new();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(200 << attempt));
+            }
+            let mut req = self.http.get(&url).header("Range", "bytes=0-0");
+            if let Some(c) = &self.cookie {
+                req = req.header("Cookie", c);
+            }
+            let resp = match req.send() {
+                Ok(r) => r,
+                Err(e) => {
+                    last = super::soap::transport(&e);
+                    continue;
+                }
+            };
+            let status = resp.status().as_u16();
+            match status {
+                404 => return Ok(None),
+                206 => {
+                    let total = resp
+                        .headers()
+                        .get("content-range")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.rsplit('/').next())
+                        .and_then(|t| t.trim().parse::<u64>().ok());
+                    return total.map(Some).ok_or_else(|| {
+                        self.error(format!(
+                            "{name}: the answer to a range request has no total size"
+                        ))
+                    });
+                }
+                200 => return Ok(resp.content_length()),
+                // An empty file cannot satisfy a range.
+                416 => return Ok(Some(0)),
+                500..=599 | 429 => last = format!("HTTP {status}"),
+                _ => {
+                    return Err(self.error(format!(
+                        "{name}: unexpected answer HTTP {status} (the user needs the \
+                         Datastore.Browse privilege)"
+                    )))
+                }
+            }
+        }
+        Err(self.error(format!(
+            "{name}: asking its size failed {ATTEMPTS} times, last: {last}"
+        )))
+    }
+
     /// The whole of a small file of `size` bytes.
     pub fn read_whole(&self, name: &str, size: u64) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; size as usize];

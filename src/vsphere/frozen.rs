@@ -2,7 +2,7 @@
 //! backup snapshot, stage the VM's files, and remove the snapshot again whatever happens (on
 //! success, on error, and through the interrupt token on SIGINT/SIGTERM/SIGHUP).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -25,15 +25,117 @@ use crate::vmware::vm::StagedVm;
 /// one a killed run left behind.
 pub const SNAPSHOT_PREFIX: &str = "vmrepo-backup-";
 
-/// Files of these `layoutEx` types are copied into the staging directory (when small).
-const STAGED_KINDS: &[&str] = &[
-    "config",
-    "extendedConfig",
-    "nvram",
-    "snapshotList",
-    "log",
-    "diskDescriptor",
-];
+/// Small files of a VM's directory copied into the staging directory (disk descriptors are
+/// found through the disks).
+const SMALL_FILE_EXTENSIONS: &[&str] = crate::vmware::vm::SMALL_FILE_EXTENSIONS;
+
+/// The datastore path of a file a descriptor in `[ds] dir` names: relative names are in that
+/// folder; `/vmfs/volumes/DS/...` is on datastore DS. `None` for anything else (the reader
+/// reports what it cannot find).
+fn datastore_name(folder: &str, named: &str) -> Option<String> {
+    if let Some(rest) = named.strip_prefix("/vmfs/volumes/") {
+        let (ds, path) = rest.split_once('/')?;
+        return (safe_inside(ds) && safe_inside(path)).then(|| format!("[{ds}] {path}"));
+    }
+    if named.starts_with('/') || !safe_inside(named) {
+        return None;
+    }
+    if folder.ends_with(']') {
+        Some(format!("{folder} {named}"))
+    } else {
+        Some(format!("{folder}/{named}"))
+    }
+}
+
+/// Copies a VM's files into the staging tree: small ones whole, large ones as placeholders.
+struct Stager<'a> {
+    soap: &'a Soap,
+    stores: Datastores,
+    root: PathBuf,
+    remote: RemoteFiles,
+    seen: HashSet<String>,
+    bytes: u64,
+    skipped: Vec<String>,
+}
+
+impl Stager<'_> {
+    /// Where `[ds] path` is staged.
+    fn local(&self, name: &str) -> Result<PathBuf> {
+        match split_datastore_path(name) {
+            Some((ds, path)) if safe_inside(path) && safe_inside(ds) => {
+                Ok(self.root.join(ds).join(path))
+            }
+            _ => Err(self.soap.error(format!(
+                "the host names a file {name:?} that is not a plain datastore path"
+            ))),
+        }
+    }
+
+    fn prepare(&mut self, name: &str) -> Result<Option<PathBuf>> {
+        if !self.seen.insert(name.to_string()) {
+            return Ok(None);
+        }
+        let path = self.local(name)?;
+        let parent = path.parent().unwrap();
+        std::fs::create_dir_all(parent).ctx("create", parent)?;
+        Ok(Some(path))
+    }
+
+    /// Copies a small file whole.
+    fn small(&mut self, name: &str, size: u64) -> Result<()> {
+        if size > u64::from(crate::repo::object::MAX_OBJECT_LEN) {
+            self.skipped.push(format!(
+                "{name} is {size} bytes, too large to store as one of the VM's small files; \
+                 it was not backed up"
+            ));
+            return Ok(());
+        }
+        let Some(path) = self.prepare(name)? else {
+            return Ok(());
+        };
+        let bytes = self.stores.read_whole(name, size)?;
+        std::fs::write(&path, &bytes).ctx("write", &path)?;
+        self.bytes += size;
+        Ok(())
+    }
+
+    /// A disk file: a descriptor-sized one copied whole, a larger one a placeholder for the
+    /// remote file. Its size is asked when not known; a file that does not exist is left out
+    /// (the disk reader then says what is missing and who names it).
+    fn disk_file(&mut self, name: &str, size: Option<u64>) -> Result<()> {
+        if self.seen.contains(name) {
+            return Ok(());
+        }
+        let size = match size {
+            Some(s) => s,
+            None => match self.stores.size_of(name)? {
+                Some(s) => s,
+                None => return Ok(()),
+            },
+        };
+        if size <= crate::source::descriptor::MAX_DESCRIPTOR_LEN {
+            return self.small(name, size);
+        }
+        let Some(path) = self.prepare(name)? else {
+            return Ok(());
+        };
+        std::fs::File::create(&path).ctx("create", &path)?;
+        let real = std::fs::canonicalize(&path).ctx("resolve", &path)?;
+        let file: Arc<dyn RandomRead> = Arc::new(self.stores.open(name, size));
+        self.remote.insert(real, file);
+        Ok(())
+    }
+
+    /// The bytes of a file staged whole (a descriptor), if it was.
+    fn local_text(&self, name: &str) -> Option<Vec<u8>> {
+        let path = self.local(name).ok()?;
+        let real = std::fs::canonicalize(&path).ok()?;
+        if self.remote.contains_key(&real) {
+            return None;
+        }
+        std::fs::read(&path).ok()
+    }
+}
 
 /// How to reach and treat one vSphere source.
 #[derive(Clone)]
@@ -227,58 +329,92 @@ impl FrozenVm {
             .create(&dir)
             .ctx("create the staging directory", &dir)?;
         self.stage = Stage(dir.clone());
-        let root = dir.join("vmfs").join("volumes");
-        let stores = Datastores {
-            http: soap.http().clone(),
-            base: soap.base().to_string(),
-            host: c.url.authority(),
-            cookie: soap.cookie(),
-            datacenter: c.url.datacenter.clone(),
+        let mut stager = Stager {
+            soap,
+            stores: Datastores {
+                http: soap.http().clone(),
+                base: soap.base().to_string(),
+                host: c.url.authority(),
+                cookie: soap.cookie(),
+                datacenter: c.url.datacenter.clone(),
+            },
+            root: dir.join("vmfs").join("volumes"),
+            remote: HashMap::new(),
+            seen: HashSet::new(),
+            bytes: 0,
+            skipped: Vec::new(),
         };
-        let local = |name: &str| -> Result<PathBuf> {
-            match split_datastore_path(name) {
-                Some((ds, path)) if safe_inside(path) && safe_inside(ds) => {
-                    Ok(root.join(ds).join(path))
+        // The VM's directory: its small files, and its disks' descriptors.
+        let folder = vm
+            .vmx
+            .rsplit_once('/')
+            .map(|(f, _)| f.to_string())
+            .ok_or_else(|| soap.error(format!("the .vmx path {:?} has no folder", vm.vmx)))?;
+        let listed = api::list_folder(soap, &self.session.sc, &vm.mo, &folder, c.task_timeout)?;
+        for (name, size) in listed {
+            let full = format!("{folder}/{name}");
+            let ext = Path::new(&name)
+                .extension()
+                .map(|e| e.to_string_lossy().to_ascii_lowercase())
+                .unwrap_or_default();
+            if SMALL_FILE_EXTENSIONS.contains(&ext.as_str()) {
+                stager.small(&full, size)?;
+            } else if ext == "vmdk" {
+                stager.disk_file(&full, Some(size))?;
+            }
+        }
+        if !stager.seen.contains(&vm.vmx) {
+            let size = stager.stores.size_of(&vm.vmx)?.ok_or_else(|| {
+                soap.error(format!(
+                    "VM {}: its configuration file {} is missing",
+                    vm.name, vm.vmx
+                ))
+            })?;
+            stager.small(&vm.vmx, size)?;
+        }
+        // Every disk file the disks name, wherever it is: descriptors, extents, parents.
+        let mut queue: Vec<String> = disks
+            .iter()
+            .chain(&vm.disks)
+            .map(|d| d.file.clone())
+            .collect();
+        let mut named = HashSet::new();
+        while let Some(name) = queue.pop() {
+            if !named.insert(name.clone()) || named.len() > 4096 {
+                continue;
+            }
+            stager.disk_file(&name, None)?;
+            let Some(text) = stager.local_text(&name) else {
+                continue;
+            };
+            let Ok(d) = crate::source::descriptor::parse(&text, Path::new(&name)) else {
+                continue;
+            };
+            // The descriptor's folder: `[ds] dir`, or `[ds]` at the datastore's top.
+            let dir_of = match name.rsplit_once('/') {
+                Some((folder, _)) => folder.to_string(),
+                None => format!("{}]", name.split(']').next().unwrap_or("")),
+            };
+            for other in d
+                .extents
+                .iter()
+                .filter_map(|e| e.file.clone())
+                .chain(d.parent_hint.clone())
+            {
+                if let Some(n) = datastore_name(&dir_of, &other) {
+                    queue.push(n);
                 }
-                _ => Err(soap.error(format!(
-                    "the host names a file {name:?} that is not a plain datastore path"
-                ))),
-            }
-        };
-        let mut remote: RemoteFiles = HashMap::new();
-        let mut files = vm.files.clone();
-        if !files.iter().any(|f| f.name == vm.vmx) {
-            return Err(soap.error(format!(
-                "VM {}: its file layout does not list its configuration file {}",
-                vm.name, vm.vmx
-            )));
-        }
-        files.sort_by(|a, b| a.name.cmp(&b.name));
-        files.dedup_by(|a, b| a.name == b.name);
-        for f in &files {
-            let path = local(&f.name)?;
-            let parent = path.parent().unwrap();
-            std::fs::create_dir_all(parent).ctx("create", parent)?;
-            let small = f.size <= crate::source::descriptor::MAX_DESCRIPTOR_LEN
-                || (f.kind != "diskDescriptor"
-                    && f.size <= u64::from(crate::repo::object::MAX_OBJECT_LEN));
-            if STAGED_KINDS.contains(&f.kind.as_str()) && small {
-                let bytes = stores.read_whole(&f.name, f.size)?;
-                std::fs::write(&path, &bytes).ctx("write", &path)?;
-                self.staged_bytes += bytes.len() as u64;
-            } else if f.kind == "diskExtent" || f.kind == "diskDescriptor" {
-                std::fs::File::create(&path).ctx("create", &path)?;
-                let real = std::fs::canonicalize(&path).ctx("resolve", &path)?;
-                let file: Arc<dyn RandomRead> = Arc::new(stores.open(&f.name, f.size));
-                remote.insert(real, file);
             }
         }
+        let local = |name: &str| stager.local(name);
         self.vmx = local(&vm.vmx)?;
         self.staged.frozen = disks
             .iter()
             .map(|d| Ok((d.slot.clone(), local(&d.file)?)))
             .collect::<Result<_>>()?;
-        self.staged.files = Arc::new(remote);
+        self.warnings.append(&mut stager.skipped);
+        self.staged_bytes = stager.bytes;
+        self.staged.files = Arc::new(stager.remote);
         Ok(())
     }
 
@@ -338,6 +474,24 @@ impl Drop for FrozenVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_in_descriptors_become_datastore_paths() {
+        assert_eq!(
+            datastore_name("[ds1] web", "web-flat.vmdk").as_deref(),
+            Some("[ds1] web/web-flat.vmdk")
+        );
+        assert_eq!(
+            datastore_name("[ds1]", "web.vmdk").as_deref(),
+            Some("[ds1] web.vmdk")
+        );
+        assert_eq!(
+            datastore_name("[ds1] web", "/vmfs/volumes/ds2/base/base.vmdk").as_deref(),
+            Some("[ds2] base/base.vmdk")
+        );
+        assert_eq!(datastore_name("[ds1] web", "../other/x.vmdk"), None);
+        assert_eq!(datastore_name("[ds1] web", "/etc/shadow"), None);
+    }
 
     #[test]
     fn staged_paths_stay_inside() {
