@@ -7,8 +7,8 @@
 #   scripts/vsphere-sim.sh stop DIR           stop it
 #
 # DIR/env holds shell assignments: VSIM_HOST (127.0.0.1:PORT), VSIM_USER, VSIM_PASSWORD,
-# VSIM_THUMBPRINT (SHA-256, as `openssl x509 -noout -fingerprint -sha256` prints it), VSIM_CA
-# (the certificate, PEM), VSIM_DC (datacenter), VSIM_DS (datastore name), VSIM_DS_DIR (the
+# VSIM_THUMBPRINT (the host certificate's SHA-256 fingerprint, as `openssl x509 -noout
+# -fingerprint -sha256` prints it), VSIM_CA (the CA that signed it, PEM), VSIM_DC (datacenter), VSIM_DS (datastore name), VSIM_DS_DIR (the
 # datastore's directory on this machine), VSIM_PID.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -39,9 +39,15 @@ start() {
     [ -x "$bin" ] || { echo "vsphere-sim: not built; run: $0 install" >&2; exit 1; }
     mkdir -p "$dir/tmp"
     dir=$(cd "$dir" && pwd)
-    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 \
-        -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
-        -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
+    # A CA of its own (VSIM_CA, for --tls-ca) and the host's certificate it signs (whose
+    # fingerprint is VSIM_THUMBPRINT, for --tls-thumbprint), as a site CA would issue it.
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=vmrepo test CA" \
+        -keyout "$dir/ca-key.pem" -out "$dir/ca.pem" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 \
+        -keyout "$dir/key.pem" -out "$dir/host.csr" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n' >"$dir/host.ext"
+    openssl x509 -req -in "$dir/host.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca-key.pem" \
+        -CAcreateserial -days 2 -extfile "$dir/host.ext" -out "$dir/cert.pem" 2>/dev/null
     local password=vmrepo-test-$RANDOM
     TMPDIR=$dir/tmp setsid "$bin" -listen 127.0.0.1:0 -cert "$dir/cert.pem" -key "$dir/key.pem" \
         -user root -pass "$password" -mode "$mode" >"$dir/out" 2>"$dir/log" &
@@ -65,7 +71,7 @@ VSIM_HOST=$addr
 VSIM_USER=root
 VSIM_PASSWORD=$password
 VSIM_THUMBPRINT=$fp
-VSIM_CA=$dir/cert.pem
+VSIM_CA=$dir/ca.pem
 VSIM_DC=$dc
 VSIM_DS=LocalDS_0
 VSIM_DS_DIR=$ds_dir

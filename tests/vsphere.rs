@@ -1,0 +1,495 @@
+//! VMs on an ESXi host backed up through the vSphere API, against a simulator serving the
+//! real SOAP API and datastore file access over HTTPS (`scripts/vsphere-sim.sh`, govmomi's
+//! simulator library; `scripts/vsphere-sim.sh install` builds it, .ci/run does).
+//!
+//! The simulator's VMs get real files on its datastore (a flat disk, a hosted sparse snapshot
+//! chain made by qemu-img); vmrepo takes its snapshot, reads them over HTTPS and removes the
+//! snapshot. Snapshots are checked independently of vmrepo's client
+//! (tests/fixtures/vsphere_probe.py, raw SOAP from Python's standard library), also after
+//! SIGTERM, after kill -9 and after a datastore read that fails midway.
+
+mod common;
+#[path = "common/live.rs"]
+mod live;
+use common::*;
+use live::Running;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A simulator running for one test; stopped when dropped.
+struct Sim {
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+fn sim_script() -> Command {
+    let mut c = Command::new("bash");
+    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/vsphere-sim.sh"));
+    c
+}
+
+impl Sim {
+    fn start() -> Sim {
+        let dir = tempfile::tempdir().unwrap();
+        let out = sim_script()
+            .arg("start")
+            .arg(dir.path().join("sim"))
+            .arg("esx")
+            .output()
+            .expect("run scripts/vsphere-sim.sh");
+        assert!(
+            out.status.success(),
+            "cannot start the vSphere simulator (run `scripts/vsphere-sim.sh install` first):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = fs::read_to_string(dir.path().join("sim/env")).unwrap();
+        let env = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Sim { dir, env }
+    }
+
+    fn get(&self, key: &str) -> String {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{key} not in the simulator's env"))
+    }
+
+    /// The VM's folder on the simulator's datastore, on this machine.
+    fn vm_dir(&self, vm: &str) -> PathBuf {
+        PathBuf::from(self.get("VSIM_DS_DIR")).join(vm)
+    }
+
+    fn url(&self, vm: &str) -> String {
+        format!("esxi://root@{}/{vm}", self.get("VSIM_HOST"))
+    }
+
+    /// A file holding the password (for children started without extra environment).
+    fn password_file(&self) -> PathBuf {
+        let f = self.dir.path().join("password");
+        fs::write(&f, format!("{}\n", self.get("VSIM_PASSWORD"))).unwrap();
+        f
+    }
+
+    /// `vmrepo ARGS` with the password in VMREPO_SOURCE_PASSWORD.
+    fn vmrepo(&self, args: &[&str]) -> Run {
+        Run::from(
+            Command::new(BIN)
+                .args(args)
+                .env("VMREPO_SOURCE_PASSWORD", self.get("VSIM_PASSWORD"))
+                .output()
+                .unwrap(),
+        )
+    }
+
+    /// Runs the independent probe: `snapshots VM` or `snapshot VM NAME`.
+    fn probe(&self, args: &[&str]) -> String {
+        let out = Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vsphere_probe.py"))
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "probe {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The VM's snapshot names, as the host reports them.
+    fn snapshots(&self, vm: &str) -> Vec<String> {
+        self.probe(&["snapshots", vm])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = sim_script()
+            .arg("stop")
+            .arg(self.dir.path().join("sim"))
+            .output();
+    }
+}
+
+/// Gives the simulator's VM `vm` real files: a .vmx naming `disk1.vmdk` at scsi0:0 (the disk
+/// the simulator's hardware lists), a `vmfs` flat disk of `size` with data `regions`, an
+/// nvram and a log.
+fn flat_vm(sim: &Sim, vm: &str, size: u64, regions: &[(u64, usize, u64)]) -> PathBuf {
+    let d = sim.vm_dir(vm);
+    fs::write(
+        d.join(format!("{vm}.vmx")),
+        format!(
+            ".encoding = \"UTF-8\"\nconfig.version = \"8\"\nvirtualHW.version = \"14\"\n\
+             displayName = \"{vm}\"\nguestOS = \"debian12-64\"\nnvram = \"{vm}.nvram\"\n\
+             scsi0.present = \"TRUE\"\nscsi0.virtualDev = \"lsilogic\"\n\
+             scsi0:0.present = \"TRUE\"\nscsi0:0.fileName = \"disk1.vmdk\"\n"
+        ),
+    )
+    .unwrap();
+    fs::remove_file(d.join("disk1-flat.vmdk")).unwrap();
+    sparse_image(&d.join("disk1-flat.vmdk"), size, regions);
+    fs::write(
+        d.join("disk1.vmdk"),
+        vmfs_descriptor("disk1-flat.vmdk", size),
+    )
+    .unwrap();
+    fs::write(d.join(format!("{vm}.nvram")), bytes(8192, 7)).unwrap();
+    fs::write(d.join("vmware.log"), "vmx started\n".repeat(40)).unwrap();
+    d
+}
+
+fn repo(dir: &Path) -> PathBuf {
+    init_repo(dir)
+}
+
+#[test]
+fn a_vm_on_an_esxi_host_is_backed_up_through_the_api_and_its_snapshot_removed() {
+    let t = tempfile::tempdir().unwrap();
+    let sim = Sim::start();
+    let repo = repo(t.path());
+    let fp = sim.get("VSIM_THUMBPRINT");
+
+    // A flat disk with data, zeros and holes, read with the certificate pinned.
+    let vm0 = flat_vm(
+        &sim,
+        "ha-host_VM0",
+        40 << 20,
+        &[
+            (0, 3 << 20, 1),
+            (9 << 20, 5 << 20, 2),
+            (39 << 20, 1 << 20, 3),
+        ],
+    );
+    let url0 = sim.url("ha-host_VM0");
+    let r = sim.vmrepo(&[
+        "ingest",
+        repo.to_str().unwrap(),
+        &url0,
+        "--tls-thumbprint",
+        &fp,
+        "--json",
+    ]);
+    let j = r.ok().json();
+    assert!(
+        j["generation"]
+            .as_str()
+            .unwrap()
+            .starts_with("ha-host_VM0@"),
+        "{j}"
+    );
+    assert!(
+        r.stderr.contains("taking snapshot \"vmrepo-backup-"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("removed snapshot"), "{}", r.stderr);
+    assert_eq!(sim.snapshots("ha-host_VM0"), Vec::<String>::new());
+    let out = t.path().join("out0");
+    vmrepo([s("extract"), p(&repo), s("ha-host_VM0"), p(&out)]).ok();
+    // The disk is restored as read, under a descriptor written for it (as a hot backup's frozen
+    // link is); the VM's own files byte for byte.
+    sh(&format!(
+        "qemu-img compare -q '{}' '{}'",
+        vm0.join("disk1.vmdk").display(),
+        out.join("disk1.vmdk").display()
+    ))
+    .ok();
+    for f in [
+        "disk1-flat.vmdk",
+        "ha-host_VM0.vmx",
+        "ha-host_VM0.nvram",
+        "vmware.log",
+    ] {
+        assert!(same_file(&vm0.join(f), &out.join(f)), "{f} differs");
+    }
+    let list = vmrepo([s("list"), p(&repo), s("ha-host_VM0"), s("--json")]);
+    assert!(
+        list.ok().stdout.contains(&format!(
+            "\"source\": \"esxi://root@{}",
+            sim.get("VSIM_HOST")
+        )),
+        "{}",
+        list.stdout
+    );
+
+    // A hosted sparse snapshot chain (a child over its base), trusted through the CA; a
+    // snapshot the user took is reported and left alone.
+    let vm1 = sim.vm_dir("ha-host_VM1");
+    let raw = t.path().join("base.raw");
+    sparse_image(&raw, 32 << 20, &[(0, 2 << 20, 4), (20 << 20, 4 << 20, 5)]);
+    for f in ["disk1.vmdk", "disk1-flat.vmdk"] {
+        let _ = fs::remove_file(vm1.join(f));
+    }
+    sh(&format!(
+        "set -e; cd '{d}'; qemu-img convert -q -f raw -O vmdk -o subformat=monolithicSparse '{raw}' base.vmdk; \
+         qemu-img create -q -f vmdk -b base.vmdk -F vmdk disk1.vmdk; \
+         qemu-io -f vmdk -c 'write -P 0x5a 1M 3M' -c 'write -P 0x33 21M 64k' disk1.vmdk >/dev/null",
+        d = vm1.display(),
+        raw = raw.display()
+    ))
+    .ok();
+    fs::write(
+        vm1.join("ha-host_VM1.vmx"),
+        "displayName = \"ha-host_VM1\"\nnvram = \"ha-host_VM1.nvram\"\nscsi0.present = \"TRUE\"\n\
+         scsi0:0.present = \"TRUE\"\nscsi0:0.fileName = \"disk1.vmdk\"\n",
+    )
+    .unwrap();
+    sim.probe(&["snapshot", "ha-host_VM1", "before-upgrade"]);
+    let r = sim.vmrepo(&[
+        "ingest",
+        repo.to_str().unwrap(),
+        &sim.url("ha-host_VM1"),
+        "--tls-ca",
+        &sim.get("VSIM_CA"),
+    ]);
+    r.ok();
+    assert!(
+        r.stderr
+            .contains("1 snapshot(s) vmrepo did not take: \"before-upgrade\""),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        sim.snapshots("ha-host_VM1"),
+        vec!["before-upgrade".to_string()]
+    );
+    let out = t.path().join("out1");
+    vmrepo([s("extract"), p(&repo), s("ha-host_VM1"), p(&out)]).ok();
+    sh(&format!(
+        "qemu-img compare -q '{}' '{}'",
+        vm1.join("disk1.vmdk").display(),
+        out.join("disk1.vmdk").display()
+    ))
+    .ok();
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+}
+
+#[test]
+fn a_host_that_is_not_the_one_pinned_a_wrong_password_or_a_snapshot_under_strict_get_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let sim = Sim::start();
+    let repo = repo(t.path());
+    flat_vm(&sim, "ha-host_VM0", 8 << 20, &[(0, 1 << 20, 1)]);
+    let url = sim.url("ha-host_VM0");
+    let fp = sim.get("VSIM_THUMBPRINT");
+    let repo_s = repo.to_str().unwrap();
+
+    // Another certificate than the one pinned: refused before anything is sent.
+    let wrong = format!(
+        "{}{}",
+        if fp.starts_with("00") { "11" } else { "00" },
+        &fp[2..]
+    );
+    let r = sim.vmrepo(&["ingest", repo_s, &url, "--tls-thumbprint", &wrong]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "has SHA-256 fingerprint {fp}, not the pinned {wrong}"
+        )),
+        "{}",
+        r.stderr
+    );
+    // No pin, no CA: the system's CAs do not know the host.
+    let r = sim.vmrepo(&["ingest", repo_s, &url]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("certificate is not trusted: pin it with --tls-thumbprint"),
+        "{}",
+        r.stderr
+    );
+    // A password in the address is refused before anything is sent.
+    let r = sim.vmrepo(&["ingest", repo_s, &url.replace("root@", "root:secret@")]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("a password must not be written in the address"),
+        "{}",
+        r.stderr
+    );
+
+    // A wrong password.
+    let r = Run::from(
+        Command::new(BIN)
+            .args(["ingest", repo_s, &url, "--tls-thumbprint", &fp])
+            .env("VMREPO_SOURCE_PASSWORD", "not-the-password")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("login as \"root\" failed: wrong user name or password"),
+        "{}",
+        r.stderr
+    );
+
+    // A VM that is not there.
+    let r = sim.vmrepo(&[
+        "ingest",
+        repo_s,
+        &sim.url("no-such-vm"),
+        "--tls-thumbprint",
+        &fp,
+    ]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("no VM at \"ha-datacenter/vm/no-such-vm\""),
+        "{}",
+        r.stderr
+    );
+
+    // --strict with a snapshot the user left: refused, their snapshot untouched, none added.
+    sim.probe(&["snapshot", "ha-host_VM0", "forgotten"]);
+    let r = sim.vmrepo(&["ingest", repo_s, &url, "--tls-thumbprint", &fp, "--strict"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("refusing to back up (--strict)"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(sim.snapshots("ha-host_VM0"), vec!["forgotten".to_string()]);
+    assert_eq!(generations(&repo, "ha-host_VM0"), Vec::<String>::new());
+}
+
+/// Waits until `cond` holds (a guard against hangs, not a timing check).
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sigterm_mid_read_removes_the_snapshot_and_a_later_run_removes_one_kill_9_left() {
+    let t = tempfile::tempdir().unwrap();
+    let sim = Sim::start();
+    let repo = repo(t.path());
+    flat_vm(&sim, "ha-host_VM0", 48 << 20, &[(0, 48 << 20, 9)]);
+    let url = sim.url("ha-host_VM0");
+    let fp = sim.get("VSIM_THUMBPRINT");
+    let pw = sim.password_file();
+    // Read slowly (4 MB/s: about 12 s for the disk) so the signals land mid-read.
+    let args = [
+        s("--limit-read"),
+        s("4"),
+        s("ingest"),
+        p(&repo),
+        s(&url),
+        s("--tls-thumbprint"),
+        s(&fp),
+        s("--source-password-file"),
+        p(&pw),
+    ];
+    let argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let ours = |sim: &Sim| {
+        sim.snapshots("ha-host_VM0")
+            .into_iter()
+            .filter(|n| n.starts_with("vmrepo-backup-"))
+            .count()
+    };
+
+    let mut run = Running::start(t.path(), "term", &argv);
+    wait_for("the snapshot", || ours(&sim) == 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(run.alive(), "{}", run.stderr());
+    run.signal(libc::SIGTERM);
+    let ended = run.wait();
+    assert_eq!(ended.code, 130, "{}", ended.stderr);
+    assert!(
+        ended
+            .stderr
+            .contains("interrupted: removing snapshot \"vmrepo-backup-"),
+        "{}",
+        ended.stderr
+    );
+    assert_eq!(sim.snapshots("ha-host_VM0"), Vec::<String>::new());
+    assert_eq!(generations(&repo, "ha-host_VM0"), Vec::<String>::new());
+
+    // kill -9 leaves the snapshot; the next run removes it and backs up.
+    let run = Running::start(t.path(), "kill", &argv);
+    wait_for("the snapshot", || ours(&sim) == 1);
+    std::thread::sleep(Duration::from_millis(1000));
+    run.signal(libc::SIGKILL);
+    let _ = run.wait();
+    let left = sim.snapshots("ha-host_VM0");
+    assert_eq!(left.len(), 1, "{left:?}");
+    let r = sim.vmrepo(&[
+        "ingest",
+        repo.to_str().unwrap(),
+        &url,
+        "--tls-thumbprint",
+        &fp,
+    ]);
+    r.ok();
+    assert!(
+        r.stderr
+            .contains(&format!("removing snapshot {:?}", left[0]))
+            && r.stderr.contains("that an earlier vmrepo run left behind"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(sim.snapshots("ha-host_VM0"), Vec::<String>::new());
+    assert_eq!(generations(&repo, "ha-host_VM0").len(), 1);
+    vmrepo([s("check"), p(&repo)]).ok();
+}
+
+#[test]
+fn a_datastore_read_that_fails_midway_fails_the_ingest_and_still_removes_the_snapshot() {
+    let t = tempfile::tempdir().unwrap();
+    let sim = Sim::start();
+    let repo = repo(t.path());
+    let d = flat_vm(&sim, "ha-host_VM0", 48 << 20, &[(0, 48 << 20, 11)]);
+    let pw = sim.password_file();
+    let args = [
+        s("--limit-read"),
+        s("4"),
+        s("ingest"),
+        p(&repo),
+        s(&sim.url("ha-host_VM0")),
+        s("--tls-thumbprint"),
+        s(&sim.get("VSIM_THUMBPRINT")),
+        s("--source-password-file"),
+        p(&pw),
+    ];
+    let argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let mut run = Running::start(t.path(), "fail", &argv);
+    wait_for("the snapshot", || !sim.snapshots("ha-host_VM0").is_empty());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(run.alive(), "{}", run.stderr());
+    // The disk's data file disappears from the datastore while it is being read.
+    fs::remove_file(d.join("disk1-flat.vmdk")).unwrap();
+    let ended = run.wait();
+    assert_eq!(ended.code, 1, "{}", ended.stderr);
+    assert!(
+        ended
+            .stderr
+            .contains("[LocalDS_0] ha-host_VM0/disk1-flat.vmdk: no such file on the datastore"),
+        "{}",
+        ended.stderr
+    );
+    assert!(
+        ended.stderr.contains("no generation was recorded"),
+        "{}",
+        ended.stderr
+    );
+    assert_eq!(sim.snapshots("ha-host_VM0"), Vec::<String>::new());
+    assert_eq!(generations(&repo, "ha-host_VM0"), Vec::<String>::new());
+    vmrepo([s("check"), p(&repo)]).ok();
+}
