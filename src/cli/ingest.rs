@@ -226,6 +226,13 @@ pub fn run(a: IngestArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
                 }
             );
         }
+        if let Some(t) = &report.host_traffic {
+            println!(
+                "  host        {} datastore requests, {} received over HTTPS",
+                t.requests,
+                human(t.bytes_down)
+            );
+        }
         if let Some(c) = &report.snapshot_left_behind {
             println!("  snapshot    NOT removed: {c}");
         }

@@ -70,6 +70,9 @@ pub struct IngestReport {
     /// about it. The generation is recorded regardless.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_left_behind: Option<String>,
+    /// A VM read over the vSphere API: the datastore requests sent and the bytes received.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_traffic: Option<crate::backend::Traffic>,
     /// A repository in object storage: requests made and bytes moved since it was opened (for
     /// `vmrepo ingest`, the whole command up to the commit: opening, bringing the cache level,
     /// locks, uploads). `None` for a directory.
@@ -283,6 +286,7 @@ fn ingest_unhooked(
     ) {
         Ok((manifest_id, manifest)) => Ok(IngestReport {
             snapshot_left_behind: None,
+            host_traffic: None,
             incremental: manifest.catalog.incremental.clone(),
             hooks: Vec::new(),
             healed: Vec::new(),
@@ -333,10 +337,16 @@ fn ingest_vsphere(
     let vmx = frozen.vmx().to_path_buf();
     let result = ingest_unhooked(repo, &vmx, &o, progress);
     let snapshot = frozen.snapshot_name().to_string();
+    let (requests, bytes_down) = frozen.wire();
     let released = frozen.release();
     match (result, released) {
         (Ok(mut r), released) => {
             r.warnings.splice(0..0, warnings);
+            r.host_traffic = Some(crate::backend::Traffic {
+                requests,
+                bytes_up: 0,
+                bytes_down,
+            });
             r.snapshot_left_behind = released.err().map(|e| e.to_string());
             if r.snapshot_left_behind.is_none() {
                 progress.note(&format!("removed snapshot {snapshot:?}"));

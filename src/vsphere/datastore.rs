@@ -3,6 +3,8 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -52,6 +54,17 @@ pub struct Datastores {
     pub cookie: Option<String>,
     /// The datacenter the VM is in.
     pub datacenter: String,
+    /// Requests sent and bytes received, for the summary.
+    pub counters: Arc<Counters>,
+}
+
+/// What reading a VM cost on the wire.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// HTTP requests sent to the host's datastore file access.
+    pub requests: AtomicU64,
+    /// Payload bytes received.
+    pub bytes: AtomicU64,
 }
 
 impl Datastores {
@@ -91,6 +104,7 @@ impl Datastores {
             if let Some((off, len)) = range {
                 req = req.header("Range", format!("bytes={}-{}", off, off + len - 1));
             }
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
             let resp = match req.send() {
                 Ok(r) => r,
                 Err(e) => {
@@ -129,6 +143,7 @@ impl Datastores {
                     }
                 }
             }
+            self.counters.bytes.fetch_add(got as u64, Ordering::Relaxed);
             if let Some(e) = failed {
                 last = format!("the connection broke after {got} bytes: {e}");
                 continue;
@@ -163,6 +178,7 @@ impl Datastores {
             if let Some(c) = &self.cookie {
                 req = req.header("Cookie", c);
             }
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
             let resp = match req.send() {
                 Ok(r) => r,
                 Err(e) => {

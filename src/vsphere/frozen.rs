@@ -186,6 +186,7 @@ pub struct FrozenVm {
     pub warnings: Vec<String>,
     /// Bytes copied into the staging directory.
     pub staged_bytes: u64,
+    counters: Arc<super::datastore::Counters>,
 }
 
 /// The private staging directory, removed when dropped.
@@ -307,6 +308,7 @@ impl FrozenVm {
             vm: before.name.clone(),
             warnings,
             staged_bytes: 0,
+            counters: Arc::default(),
         };
         // From here on a failure drops `frozen`, which removes the snapshot.
         let after = api::vm_info(soap, sc, &vm)?;
@@ -337,6 +339,7 @@ impl FrozenVm {
                 host: c.url.authority(),
                 cookie: soap.cookie(),
                 datacenter: c.url.datacenter.clone(),
+                counters: self.counters.clone(),
             },
             root: dir.join("vmfs").join("volumes"),
             remote: HashMap::new(),
@@ -431,6 +434,15 @@ impl FrozenVm {
     /// The staged root that stands for `/vmfs/volumes` (map absolute datastore paths there).
     pub fn volumes(&self) -> PathBuf {
         self.stage.0.join("vmfs").join("volumes")
+    }
+
+    /// Datastore requests sent and bytes received so far.
+    pub fn wire(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.counters.requests.load(Relaxed),
+            self.counters.bytes.load(Relaxed),
+        )
     }
 
     /// The snapshot's name.
