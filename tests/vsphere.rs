@@ -31,12 +31,18 @@ fn sim_script() -> Command {
 }
 
 impl Sim {
+    /// A standalone ESXi host.
     fn start() -> Sim {
+        Sim::start_as("esx")
+    }
+
+    /// `esx` (a standalone host) or `vpx` (a vCenter with datacenter DC0).
+    fn start_as(mode: &str) -> Sim {
         let dir = tempfile::tempdir().unwrap();
         let out = sim_script()
             .arg("start")
             .arg(dir.path().join("sim"))
-            .arg("esx")
+            .arg(mode)
             .output()
             .expect("run scripts/vsphere-sim.sh");
         assert!(
@@ -273,6 +279,42 @@ fn a_vm_on_an_esxi_host_is_backed_up_through_the_api_and_its_snapshot_removed() 
     ))
     .ok();
     vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+}
+
+#[test]
+fn a_vm_in_a_vcenter_datacenter_is_named_by_its_inventory_path() {
+    let t = tempfile::tempdir().unwrap();
+    let sim = Sim::start_as("vpx");
+    let repo = repo(t.path());
+    let vm = flat_vm(&sim, "DC0_H0_VM0", 16 << 20, &[(0, 6 << 20, 21)]);
+    let url = format!("vcenter://root@{}/DC0/vm/DC0_H0_VM0", sim.get("VSIM_HOST"));
+    sim.vmrepo(&[
+        "ingest",
+        repo.to_str().unwrap(),
+        &url,
+        "--tls-thumbprint",
+        &sim.get("VSIM_THUMBPRINT"),
+    ])
+    .ok();
+    assert_eq!(sim.snapshots("DC0_H0_VM0"), Vec::<String>::new());
+    let out = t.path().join("out");
+    vmrepo([s("extract"), p(&repo), s("DC0_H0_VM0"), p(&out)]).ok();
+    assert!(same_file(
+        &vm.join("disk1-flat.vmdk"),
+        &out.join("disk1-flat.vmdk")
+    ));
+    // A path that is not DATACENTER/vm/...: refused before connecting.
+    let r = sim.vmrepo(&[
+        "ingest",
+        repo.to_str().unwrap(),
+        &url.replace("/vm/", "/host/"),
+    ]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("a vCenter path is DATACENTER/vm/"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
