@@ -535,3 +535,59 @@ fn a_datastore_read_that_fails_midway_fails_the_ingest_and_still_removes_the_sna
     assert_eq!(generations(&repo, "ha-host_VM0"), Vec::<String>::new());
     vmrepo([s("check"), p(&repo)]).ok();
 }
+
+#[test]
+fn a_job_backs_up_the_vms_of_one_host_one_at_a_time() {
+    let t = tempfile::tempdir().unwrap();
+    let sim = Sim::start();
+    let repo = repo(t.path());
+    let vm0 = flat_vm(&sim, "ha-host_VM0", 24 << 20, &[(0, 24 << 20, 31)]);
+    let vm1 = flat_vm(&sim, "ha-host_VM1", 24 << 20, &[(0, 24 << 20, 32)]);
+    let job = t.path().join("nightly.toml");
+    fs::write(
+        &job,
+        format!(
+            "repository = \"{}\"\nvms = [\"{}\", \"{}\"]\nparallel = 2\nparallel_per_host = 1\n\n\
+             [defaults]\ntls_thumbprint = \"{}\"\nsource_password_file = \"{}\"\n",
+            repo.display(),
+            sim.url("ha-host_VM0"),
+            sim.url("ha-host_VM1"),
+            sim.get("VSIM_THUMBPRINT"),
+            sim.password_file().display()
+        ),
+    )
+    .unwrap();
+    let dry = vmrepo([s("run"), p(&job), s("--dry-run")]);
+    assert!(
+        dry.ok().stdout.contains("not contacted by a dry run"),
+        "{}",
+        dry.stdout
+    );
+    assert_eq!(sim.snapshots("ha-host_VM0"), Vec::<String>::new());
+
+    // Read slowly (8 MB/s, about 3 s a VM) and watch the host: never two backup snapshots at
+    // once, though the job runs two VMs at a time.
+    let args = [s("--limit-read"), s("8"), s("run"), p(&job)];
+    let argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let mut run = Running::start(t.path(), "job", &argv);
+    let (mut most, mut seen) = (0, 0);
+    while run.alive() {
+        let now = sim.snapshots("ha-host_VM0").len() + sim.snapshots("ha-host_VM1").len();
+        most = most.max(now);
+        seen += now;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ended = run.wait();
+    assert_eq!(ended.code, 0, "{}\n{}", ended.stdout, ended.stderr);
+    assert_eq!(most, 1, "at most one VM of the host at a time");
+    assert!(seen > 0, "the snapshots were never seen");
+    for (vm, dir) in [("ha-host_VM0", &vm0), ("ha-host_VM1", &vm1)] {
+        assert_eq!(sim.snapshots(vm), Vec::<String>::new());
+        let out = t.path().join(vm);
+        vmrepo([s("extract"), p(&repo), s(vm), p(&out)]).ok();
+        assert!(same_file(
+            &dir.join("disk1-flat.vmdk"),
+            &out.join("disk1-flat.vmdk")
+        ));
+    }
+}

@@ -156,6 +156,7 @@ pub fn run(a: IngestArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         strict: Some(strict),
         full_read: Some(full_read),
         allow_paths: allow_path,
+        ..VmSettings::default()
     };
     let opts = IngestOptions {
         time,

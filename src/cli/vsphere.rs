@@ -39,6 +39,70 @@ pub struct VsphereArgs {
     snapshot_timeout: u64,
 }
 
+/// Seconds a job waits for a snapshot to be created or removed.
+const JOB_SNAPSHOT_TIMEOUT: u64 = 1800;
+
+/// How to reach `source` with `settings` (`None` for a local path). `prompt`: ask for the
+/// password on the terminal when no file, command or VMREPO_SOURCE_PASSWORD gives it.
+fn connect(
+    source: &std::path::Path,
+    settings: &VsphereArgs,
+    strict: bool,
+    prompt: bool,
+) -> anyhow::Result<Option<Connect>> {
+    let Some(text) = source.to_str().filter(|s| vmrepo::vsphere::is_vsphere(s)) else {
+        return Ok(None);
+    };
+    let url = SourceUrl::parse(text)?;
+    let trust = match (&settings.tls_thumbprint, &settings.tls_ca) {
+        (Some(t), _) => Trust::Pinned(parse_thumbprint(t)?),
+        (None, Some(ca)) => Trust::Ca(ca.clone()),
+        (None, None) => Trust::System,
+    };
+    let source = Source {
+        file: settings.source_password_file.clone(),
+        command: settings.source_password_command.clone(),
+        env: "VMREPO_SOURCE_PASSWORD",
+        what: "vSphere password",
+    };
+    let password = if prompt {
+        source.get(false)?
+    } else {
+        source.get_without_prompt()?
+    };
+    Ok(Some(Connect {
+        url,
+        password: Arc::new(password),
+        trust,
+        quiesce: settings.quiesce,
+        strict,
+        timeout: Duration::from_secs(120),
+        task_timeout: Duration::from_secs(settings.snapshot_timeout),
+    }))
+}
+
+/// A job's VM: how to reach it with its settings (`[defaults]` and `[vm.NAME]`), never asking
+/// at a prompt.
+pub fn connect_for_job(
+    source: &std::path::Path,
+    s: &vmrepo::ingest::options::VmSettings,
+) -> vmrepo::Result<Option<Connect>> {
+    let settings = VsphereArgs {
+        tls_thumbprint: s.tls_thumbprint.clone(),
+        tls_ca: s.tls_ca.clone(),
+        source_password_file: s.source_password_file.clone(),
+        source_password_command: s.source_password_command.clone(),
+        quiesce: s.quiesce.unwrap_or(false),
+        snapshot_timeout: JOB_SNAPSHOT_TIMEOUT,
+    };
+    connect(source, &settings, s.strict.unwrap_or(false), false).map_err(|e| {
+        vmrepo::Error::Usage(format!(
+            "{e:#} (for a VM on a vSphere host set tls_thumbprint or tls_ca, and \
+             source_password_file or source_password_command, in [defaults] or its [vm.NAME])"
+        ))
+    })
+}
+
 impl VsphereArgs {
     /// How to reach `source`, or `None` when it is a local path.
     pub fn connect(
@@ -46,31 +110,7 @@ impl VsphereArgs {
         source: &std::path::Path,
         strict: bool,
     ) -> anyhow::Result<Option<Connect>> {
-        let Some(text) = source.to_str().filter(|s| vmrepo::vsphere::is_vsphere(s)) else {
-            return Ok(None);
-        };
-        let url = SourceUrl::parse(text)?;
-        let trust = match (&self.tls_thumbprint, &self.tls_ca) {
-            (Some(t), _) => Trust::Pinned(parse_thumbprint(t)?),
-            (None, Some(ca)) => Trust::Ca(ca.clone()),
-            (None, None) => Trust::System,
-        };
-        let password = Source {
-            file: self.source_password_file.clone(),
-            command: self.source_password_command.clone(),
-            env: "VMREPO_SOURCE_PASSWORD",
-            what: "vSphere password",
-        }
-        .get(false)?;
-        Ok(Some(Connect {
-            url,
-            password: Arc::new(password),
-            trust,
-            quiesce: self.quiesce,
-            strict,
-            timeout: Duration::from_secs(120),
-            task_timeout: Duration::from_secs(self.snapshot_timeout),
-        }))
+        connect(source, self, strict, true)
     }
 
     /// True when any setting was given (they only apply to a vSphere source).

@@ -85,6 +85,10 @@ pub struct JobFile {
     /// How many VMs to ingest at once (default 1, so the datastore is not flooded).
     #[serde(default = "default_parallel")]
     pub parallel: usize,
+    /// Of those, how many VMs of one vSphere host (`esxi://`, `vcenter://` sources) at once
+    /// (default 1: one snapshot and one reader per host at a time).
+    #[serde(default = "default_parallel")]
+    pub parallel_per_host: usize,
     /// Seconds between the starts of two VMs' ingests (default 0): with `parallel` above 1,
     /// the datastore meets one new reader at a time.
     #[serde(default)]
@@ -133,6 +137,12 @@ impl JobFile {
             .map_err(|e| Error::bad_input(path, format!("not a valid job file: {e}")))?;
         if job.parallel == 0 {
             return Err(Error::bad_input(path, "parallel must be at least 1"));
+        }
+        if job.parallel_per_host == 0 {
+            return Err(Error::bad_input(
+                path,
+                "parallel_per_host must be at least 1",
+            ));
         }
         if job.vms.is_empty() {
             return Err(Error::bad_input(path, "`vms` lists no VM to back up"));
@@ -225,7 +235,8 @@ impl JobFile {
         // `at_snapshot` in [defaults] is for VMware VMs (a directory or .vmx, whose .vmsd
         // says what each snapshot froze); a disk image in the same job (a KVM qcow2) is read
         // as it is. Set it in a [vm.X] section to ask it of an image explicitly.
-        if !names_a_vm(path) {
+        // A VM on a vSphere host is read as the snapshot vmrepo takes of it.
+        if !names_a_vm(path) || vsphere_host(path).is_some() {
             d.at_snapshot = None;
         }
         let d = &d;
@@ -242,6 +253,17 @@ impl JobFile {
                 strict: v.strict.or(d.strict),
                 full_read: v.full_read.or(d.full_read),
                 allow_paths: v.allow_paths.clone(),
+                tls_thumbprint: v.tls_thumbprint.clone().or(d.tls_thumbprint.clone()),
+                tls_ca: v.tls_ca.clone().or(d.tls_ca.clone()),
+                source_password_file: v
+                    .source_password_file
+                    .clone()
+                    .or(d.source_password_file.clone()),
+                source_password_command: v
+                    .source_password_command
+                    .clone()
+                    .or(d.source_password_command.clone()),
+                quiesce: v.quiesce.or(d.quiesce),
             },
         }
     }
@@ -297,15 +319,55 @@ fn now() -> String {
 /// Opens the job's repository (passphrase and lock wait from the caller).
 pub type Opener<'a> = dyn Fn(&Path, crate::repo::lock::LockMode) -> Result<Repository> + Sync + 'a;
 
+/// How to reach a VM on a vSphere host with its settings (`Ok(None)` for a local path): the
+/// command line's, which knows where passwords come from.
+pub type Connector<'a> =
+    dyn Fn(&Path, &VmSettings) -> Result<Option<crate::vsphere::Connect>> + Sync + 'a;
+
+/// The vSphere host (`host:port`) `path` names, if it is an `esxi://` or `vcenter://` source.
+fn vsphere_host(path: &Path) -> Option<String> {
+    let text = path.to_str().filter(|t| crate::vsphere::is_vsphere(t))?;
+    crate::vsphere::SourceUrl::parse(text)
+        .ok()
+        .map(|u| u.authority())
+}
+
+/// VMs of each vSphere host running now, held to `parallel_per_host`.
+struct HostSlots {
+    running: Mutex<BTreeMap<String, usize>>,
+    freed: std::sync::Condvar,
+    limit: usize,
+}
+
+impl HostSlots {
+    fn take(&self, host: &str) {
+        let mut running = self.running.lock().unwrap();
+        while running.get(host).copied().unwrap_or(0) >= self.limit {
+            running = self.freed.wait(running).unwrap();
+        }
+        *running.entry(host.to_string()).or_default() += 1;
+    }
+
+    fn give_back(&self, host: &str) {
+        let mut running = self.running.lock().unwrap();
+        if let Some(n) = running.get_mut(host) {
+            *n -= 1;
+        }
+        self.freed.notify_all();
+    }
+}
+
 /// Opens a `[[copy]]` destination (its passphrase as the entry says).
 pub type CopyOpener<'a> = dyn Fn(&JobCopy) -> Result<Repository> + Sync + 'a;
 
 /// Runs the job: ingests (at most `parallel` at once), then retention, the copies, and the
 /// check.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     job: &JobFile,
     open: &Opener<'_>,
     open_copy: &CopyOpener<'_>,
+    connect: &Connector<'_>,
     interrupt: &Interrupt,
     workers: &SegmentWorkers,
     progress: &(dyn Progress + Sync),
@@ -318,6 +380,11 @@ pub fn run(
     // When the last VM started (for `stagger`).
     let last_start: Mutex<Option<Instant>> = Mutex::new(None);
     let quiet = NoProgress;
+    let hosts = HostSlots {
+        running: Mutex::default(),
+        freed: std::sync::Condvar::new(),
+        limit: job.parallel_per_host,
+    };
     std::thread::scope(|scope| {
         for _ in 0..job.parallel.min(paths.len()).max(1) {
             scope.spawn(|| loop {
@@ -344,14 +411,26 @@ pub fn run(
                     *last = Some(Instant::now());
                 }
                 let s = job.settings_for(path);
-                let opts = s.ingest_options(job.datastore_map(), interrupt, workers);
+                let mut opts = s.ingest_options(job.datastore_map(), interrupt, workers);
+                let host = vsphere_host(path);
+                if let Some(h) = &host {
+                    hosts.take(h);
+                }
                 progress.note(&format!("== {}", path.display()));
                 let began = Instant::now();
                 let shown: &dyn Progress = if job.parallel == 1 { progress } else { &quiet };
-                let result = ingest(&repo, path, &opts, shown).map(|mut r| {
-                    r.healed = crate::maintain::repair::heal_after_ingest(&repo, shown);
-                    r
-                });
+                let result = connect(path, &s)
+                    .and_then(|c| {
+                        opts.vsphere = c;
+                        ingest(&repo, path, &opts, shown)
+                    })
+                    .map(|mut r| {
+                        r.healed = crate::maintain::repair::heal_after_ingest(&repo, shown);
+                        r
+                    });
+                if let Some(h) = &host {
+                    hosts.give_back(h);
+                }
                 let outcome = match result {
                     Ok(r) => {
                         let hook = r.hook_failure().map(|e| e.to_string());
@@ -555,6 +634,16 @@ pub fn dry_run(job: &JobFile) -> Result<Vec<DryVm>> {
             warnings: Vec::new(),
             hooks,
         };
+        if let Some(host) = vsphere_host(&path) {
+            // Not contacted: a dry run takes no snapshot.
+            d.vm = Ok(s.name.clone().unwrap_or_else(|| JobFile::key_of(&path)));
+            d.warnings.push(format!(
+                "a VM on the vSphere host {host}: not contacted by a dry run (the run takes \
+                 its snapshot and reads it over HTTPS)"
+            ));
+            out.push(d);
+            continue;
+        }
         let opts = crate::vmware::vm::SourceOptions {
             name: s.name.clone(),
             chain: ChainOptions {

@@ -80,6 +80,16 @@ pub struct VmSettings {
     /// added to the job's `allow_paths` and `[defaults]`'s.
     #[serde(default)]
     pub allow_paths: Vec<PathBuf>,
+    /// A VM on a vSphere host: the SHA-256 fingerprint its certificate must have.
+    pub tls_thumbprint: Option<String>,
+    /// A VM on a vSphere host: the CA (PEM file) that signed its certificate.
+    pub tls_ca: Option<PathBuf>,
+    /// A VM on a vSphere host: a file holding the user's password (first line).
+    pub source_password_file: Option<PathBuf>,
+    /// A VM on a vSphere host: a command (`sh -c`) printing the user's password.
+    pub source_password_command: Option<String>,
+    /// A VM on a vSphere host: quiesce the guest's filesystems for the backup snapshot.
+    pub quiesce: Option<bool>,
 }
 
 impl VmSettings {
