@@ -333,6 +333,15 @@ fn ingest_vsphere(
         std::path::PathBuf::from(crate::source::confine::ESXI_DATASTORES),
         frozen.volumes(),
     ));
+    if frozen.cbt && !opts.full_read {
+        o.changes = tracked_changes(
+            repo,
+            &frozen,
+            o.name.as_deref().unwrap_or(&frozen.vm),
+            progress,
+        )?;
+    }
+    o.change_ids = frozen.change_ids();
     let warnings = frozen.warnings.clone();
     let vmx = frozen.vmx().to_path_buf();
     let result = ingest_unhooked(repo, &vmx, &o, progress);
@@ -356,6 +365,53 @@ fn ingest_vsphere(
         (Err(e), Ok(())) => Err(e),
         (Err(e), Err(left)) => Err(Error::Hook(format!("{e}; and then {left}"))),
     }
+}
+
+/// What changed-block tracking says changed on each disk of a VM on a vSphere host since its
+/// latest generation, for the disks whose change id that generation recorded. A disk the host
+/// cannot answer for (tracking reset, the VM moved: the change id no longer matches) is read
+/// in full, with a warning; `None` when no disk can be read that way.
+fn tracked_changes(
+    repo: &Repository,
+    frozen: &crate::vsphere::FrozenVm,
+    vm: &str,
+    progress: &dyn Progress,
+) -> Result<Option<crate::ingest::changes::ChangedRanges>> {
+    let Some(latest) = repo.with_index(|i| i.latest_time(vm))? else {
+        return Ok(None);
+    };
+    let since = format!("{vm}@{latest}");
+    let gen = repo.with_index(|i| i.resolve(&since))?;
+    let before = repo.load_manifest(&gen.manifest)?.catalog.change_ids;
+    let mut per_disk = std::collections::BTreeMap::new();
+    for (slot, id) in &before {
+        if !frozen.change_ids().contains_key(slot) {
+            continue;
+        }
+        match frozen.changed_areas(slot, id) {
+            Ok(areas) => {
+                progress.note(&format!(
+                    "disk {slot}: changed-block tracking names {} changed bytes in {} areas since {since}",
+                    areas.iter().map(|r| r.end - r.start).sum::<u64>(),
+                    areas.len()
+                ));
+                per_disk.insert(slot.clone(), areas);
+            }
+            Err(e) => progress.note(&format!(
+                "warning: disk {slot}: changed-block tracking cannot say what changed since \
+                 {since} ({e}); reading the whole disk"
+            )),
+        }
+    }
+    if per_disk.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(crate::ingest::changes::ChangedRanges {
+        since: Some(since),
+        single: None,
+        per_disk,
+        source: "vSphere changed-block tracking".into(),
+    }))
 }
 
 /// The generation time: now, or one second after the VM's newest generation if that is not
@@ -507,6 +563,7 @@ fn run(
             vmrepo_version: env!("CARGO_PKG_VERSION").to_string(),
             stats,
             incremental,
+            change_ids: opts.change_ids.clone(),
         },
         files,
         disks,

@@ -52,6 +52,8 @@ pub struct IngestOptions {
     pub staged: Option<crate::vmware::vm::StagedVm>,
     /// The source is a VM on a vSphere host (`esxi://`, `vcenter://`): how to reach it.
     pub vsphere: Option<crate::vsphere::Connect>,
+    /// Changed-block tracking change ids to record in the catalog, by disk slot.
+    pub change_ids: std::collections::BTreeMap<String, String>,
 }
 
 /// Hook and read settings, for every VM (`[defaults]`) or one (`[vm.NAME]`).

@@ -205,6 +205,11 @@ pub struct Catalog {
     /// For a change-aware ingest: what it took from which generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incremental: Option<Incremental>,
+    /// A VM read over the vSphere API with changed-block tracking on: each disk's change id
+    /// (by slot) as the backup snapshot froze it, which the next ingest asks the host's
+    /// changes since.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub change_ids: std::collections::BTreeMap<String, String>,
 }
 
 /// Byte counts of one ingest.

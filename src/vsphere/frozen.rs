@@ -187,6 +187,11 @@ pub struct FrozenVm {
     /// Bytes copied into the staging directory.
     pub staged_bytes: u64,
     counters: Arc<super::datastore::Counters>,
+    /// The VM and the disks its backup snapshot froze (for changed-block queries).
+    vm_mo: MoRef,
+    disks: Vec<api::VmDisk>,
+    /// Changed-block tracking is on for the VM.
+    pub cbt: bool,
 }
 
 /// The private staging directory, removed when dropped.
@@ -309,11 +314,16 @@ impl FrozenVm {
             warnings,
             staged_bytes: 0,
             counters: Arc::default(),
+            vm_mo: vm.clone(),
+            disks: Vec::new(),
+            cbt: false,
         };
         // From here on a failure drops `frozen`, which removes the snapshot.
         let after = api::vm_info(soap, sc, &vm)?;
         let frozen_disks = api::snapshot_disks(soap, sc, &snap)?;
         frozen.stage_files(c, &after, &frozen_disks)?;
+        frozen.cbt = after.cbt;
+        frozen.disks = frozen_disks;
         Ok(frozen)
     }
 
@@ -434,6 +444,39 @@ impl FrozenVm {
     /// The staged root that stands for `/vmfs/volumes` (map absolute datastore paths there).
     pub fn volumes(&self) -> PathBuf {
         self.stage.0.join("vmfs").join("volumes")
+    }
+
+    /// Each frozen disk's change id (by slot), when changed-block tracking is on.
+    pub fn change_ids(&self) -> std::collections::BTreeMap<String, String> {
+        if !self.cbt {
+            return Default::default();
+        }
+        self.disks
+            .iter()
+            .filter_map(|d| Some((d.slot.clone(), d.change_id.clone()?)))
+            .collect()
+    }
+
+    /// What changed on the disk at `slot` since `change_id`, as the host's changed-block
+    /// tracking says.
+    pub fn changed_areas(&self, slot: &str, change_id: &str) -> Result<Vec<std::ops::Range<u64>>> {
+        let soap = &self.session.soap;
+        let disk = self
+            .disks
+            .iter()
+            .find(|d| d.slot == slot)
+            .ok_or_else(|| soap.error(format!("the snapshot has no disk {slot}")))?;
+        let Some((snapshot, _, _)) = &self.snapshot else {
+            return Err(soap.error("the backup snapshot is gone"));
+        };
+        api::changed_areas(
+            soap,
+            &self.vm_mo,
+            snapshot,
+            &disk.key,
+            change_id,
+            disk.capacity,
+        )
     }
 
     /// Datastore requests sent and bytes received so far.
