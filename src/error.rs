@@ -133,6 +133,12 @@ pub enum Setting {
     Listen,
     /// The Unix socket an NBD server listens on.
     ListenUnix,
+    /// The SHA-256 fingerprint a vSphere host's certificate must have.
+    TlsThumbprint,
+    /// The CA that signed a vSphere host's certificate.
+    TlsCa,
+    /// Where a vSphere user's password comes from (a file or a command).
+    SourcePassword,
 }
 
 /// Who gave the settings, and so how a message spells them.
@@ -173,6 +179,12 @@ impl Setting {
             AllowRemote => "--allow-remote",
             Listen => "--listen",
             ListenUnix => "--listen-unix",
+            TlsThumbprint if job => "tls_thumbprint = \"SHA256\"",
+            TlsThumbprint => "--tls-thumbprint SHA256",
+            TlsCa if job => "tls_ca = \"FILE\"",
+            TlsCa => "--tls-ca FILE",
+            SourcePassword if job => "source_password_file (or source_password_command)",
+            SourcePassword => "--source-password-file FILE (or --source-password-command CMD)",
         }
     }
 }

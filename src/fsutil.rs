@@ -1,4 +1,5 @@
-//! Small file helpers: atomic replace, directory fsync, read-ahead hints.
+//! Small file helpers: atomic replace, directory fsync, read-ahead hints, and the private
+//! directories a killed process left behind.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -74,5 +75,36 @@ pub fn will_need(file: &File, offset: u64, len: u64) {
             );
         }
         at += n;
+    }
+}
+
+/// True when no process `pid` exists on this host (`kill(pid, 0)` says ESRCH). Our own pid
+/// and pids that cannot be asked about count as alive.
+pub fn process_is_gone(pid: i32) -> bool {
+    if pid <= 0 || pid as u32 == std::process::id() {
+        return false;
+    }
+    // SAFETY: signal 0 only asks whether the process exists; nothing is sent.
+    let failed = unsafe { libc::kill(pid, 0) } == -1;
+    failed && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Removes the directories in `parent` named `PREFIX<pid>-...` whose process is gone: what a
+/// killed run left (temporary sets, staged files). Best effort.
+pub fn remove_dirs_of_dead_processes(parent: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if process_is_gone(pid) {
+            let _ = fs::remove_dir_all(e.path());
+        }
     }
 }

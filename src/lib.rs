@@ -60,8 +60,10 @@ pub(crate) mod tests {
             "copy" => &["base", "backend", "repo", "maintain", "copy"],
             "restore" => &["base", "repo", "source", "vmware", "maintain", "restore"],
             "guest" => &["base", "repo", "restore", "guest"],
+            "vsphere" => &["base", "source", "vmware", "vsphere"],
             "ingest" => &[
-                "base", "backend", "repo", "source", "vmware", "maintain", "copy", "ingest",
+                "base", "backend", "repo", "source", "vmware", "vsphere", "maintain", "copy",
+                "ingest",
             ],
             other => panic!("no rule for layer {other}: add it here and to ARCHITECTURE.md"),
         }

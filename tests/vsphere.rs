@@ -406,6 +406,20 @@ fn a_host_that_is_not_the_one_pinned_a_wrong_password_or_a_snapshot_under_strict
     assert_eq!(generations(&repo, "ha-host_VM0"), Vec::<String>::new());
 }
 
+/// The staging directories a vmrepo process `pid` has in the temporary directory.
+fn staged_by(pid: u32) -> Vec<PathBuf> {
+    fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("vmrepo-vsphere-{pid}-")))
+        })
+        .collect()
+}
+
 /// Waits until `cond` holds (a guard against hangs, not a timing check).
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -448,9 +462,15 @@ fn sigterm_mid_read_removes_the_snapshot_and_a_later_run_removes_one_kill_9_left
     };
 
     let mut run = Running::start(t.path(), "term", &argv);
+    let pid = run.child.id();
     wait_for("the snapshot", || ours(&sim) == 1);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(run.alive(), "{}", run.stderr());
+    assert_eq!(
+        staged_by(pid).len(),
+        1,
+        "the VM's files are staged while it is read"
+    );
     run.signal(libc::SIGTERM);
     let ended = run.wait();
     assert_eq!(ended.code, 130, "{}", ended.stderr);
@@ -462,16 +482,23 @@ fn sigterm_mid_read_removes_the_snapshot_and_a_later_run_removes_one_kill_9_left
         ended.stderr
     );
     assert_eq!(sim.snapshots("ha-host_VM0"), Vec::<String>::new());
+    assert_eq!(
+        staged_by(pid),
+        Vec::<PathBuf>::new(),
+        "the staged files are removed too"
+    );
     assert_eq!(generations(&repo, "ha-host_VM0"), Vec::<String>::new());
 
     // kill -9 leaves the snapshot; the next run removes it and backs up.
     let run = Running::start(t.path(), "kill", &argv);
+    let pid = run.child.id();
     wait_for("the snapshot", || ours(&sim) == 1);
     std::thread::sleep(Duration::from_millis(1000));
     run.signal(libc::SIGKILL);
     let _ = run.wait();
     let left = sim.snapshots("ha-host_VM0");
     assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(staged_by(pid).len(), 1, "kill -9 leaves the staged files");
     let r = sim.vmrepo(&[
         "ingest",
         repo.to_str().unwrap(),
@@ -488,6 +515,11 @@ fn sigterm_mid_read_removes_the_snapshot_and_a_later_run_removes_one_kill_9_left
         r.stderr
     );
     assert_eq!(sim.snapshots("ha-host_VM0"), Vec::<String>::new());
+    assert_eq!(
+        staged_by(pid),
+        Vec::<PathBuf>::new(),
+        "the next run removes them"
+    );
     assert_eq!(generations(&repo, "ha-host_VM0").len(), 1);
     vmrepo([s("check"), p(&repo)]).ok();
 }

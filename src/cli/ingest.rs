@@ -52,9 +52,10 @@ pub struct IngestArgs {
     /// The generation the changed ranges are relative to (VM@TIME, VM@-N, VM).
     #[arg(long, value_name = "GENERATION", requires = "changed_ranges")]
     since: Option<String>,
-    /// Re-read this share of the segments the changed ranges call unchanged and fail the
-    /// ingest if any differs (catches a wrong list), e.g. 1%.
-    #[arg(long, value_name = "PERCENT", requires = "changed_ranges",
+    /// Re-read this share of the segments the changed ranges (or a vSphere host's
+    /// changed-block tracking) call unchanged and fail the ingest if any differs (catches a
+    /// wrong list), e.g. 1%.
+    #[arg(long, value_name = "PERCENT",
           value_parser = crate::cli::parse_percent, default_value = "0%")]
     verify_unchanged: f64,
     /// Run this (sh -c) before reading the VM, e.g. to take a snapshot; if it fails, nothing
@@ -131,6 +132,15 @@ pub fn run(a: IngestArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         json,
         vsphere,
     } = a;
+    if verify_unchanged > 0.0
+        && changed_ranges.is_none()
+        && !vmrepo::vsphere::is_vsphere(&source.to_string_lossy())
+    {
+        anyhow::bail!(
+            "--verify-unchanged checks what a change list calls unchanged: give --changed-ranges \
+             (or back up a VM on a vSphere host, whose changed-block tracking gives the list)"
+        );
+    }
     let connect = vsphere.connect(&source, strict)?;
     if connect.is_none() && vsphere.any_given() {
         anyhow::bail!(

@@ -315,11 +315,15 @@ fn ingest_vsphere(
     progress: &dyn Progress,
 ) -> Result<IngestReport> {
     if opts.at_snapshot.is_some() || opts.changes.is_some() {
-        return Err(Error::Usage(format!(
-            "{}: --at-snapshot and --changed-ranges are for VM directories; vmrepo takes and \
-             reads its own snapshot of a VM on a vSphere host",
-            c.url
-        )));
+        return Err(Advice::new(format!("{}: ", c.url))
+            .setting(Setting::AtSnapshot)
+            .text(" and ")
+            .setting(Setting::ChangedRanges)
+            .text(
+                " are for VM directories; vmrepo takes and reads its own snapshot of a VM on a \
+                 vSphere host, and asks the host what changed (changed-block tracking)",
+            )
+            .into());
     }
     let frozen = crate::vsphere::FrozenVm::take(c, &opts.interrupt, progress)?;
     for w in &frozen.warnings {

@@ -410,24 +410,7 @@ fn read_partition<R: Keyed>(path: &Path) -> Result<Vec<R>> {
 
 /// Removes partition directories whose process no longer runs (a killed gc's).
 fn remove_left_overs(parent: &Path) {
-    let Ok(entries) = fs::read_dir(parent) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        // SAFETY: signal 0 only asks whether the process exists; nothing is sent.
-        let gone = unsafe { libc::kill(pid, 0) } == -1
-            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone {
-            let _ = fs::remove_dir_all(e.path());
-        }
-    }
+    crate::fsutil::remove_dirs_of_dead_processes(parent, DIR_PREFIX)
 }
 
 fn rand_u64() -> u64 {

@@ -17,6 +17,9 @@ use crate::vmware::disk::{open_chain_disk, open_descriptor_disk, open_disk_file}
 use crate::vmware::vmsd::Vmsd;
 use crate::vmware::vmx::Vmx;
 
+/// The most a small file (.vmx, .nvram, a log) may hold: one stored object.
+pub const MAX_SMALL_FILE_LEN: u32 = crate::repo::object::MAX_OBJECT_LEN;
+
 /// Extensions of the small files kept from a VM directory.
 pub const SMALL_FILE_EXTENSIONS: &[&str] = &["vmx", "vmtx", "vmxf", "vmsd", "nvram", "log"];
 

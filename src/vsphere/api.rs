@@ -120,12 +120,14 @@ pub fn login(soap: &Soap, sc: &ServiceContent, user: &str, password: &str) -> Re
                 if f.kind.as_deref() == Some("InvalidLogin")
                     || f.message.contains("Login failure") =>
             {
-                soap.error(format!(
-                    "login as {user:?} failed: wrong user name or password ({}); give the \
-                     password with VMREPO_SOURCE_PASSWORD, --source-password-file or \
-                     --source-password-command",
+                crate::error::Advice::new(format!(
+                    "vSphere {}: login as {user:?} failed: wrong user name or password ({}); \
+                     give the password with VMREPO_SOURCE_PASSWORD or ",
+                    soap.host(),
                     f.message
                 ))
+                .setting(crate::error::Setting::SourcePassword)
+                .into()
             }
             Ok(f) => soap.error(format!("login as {user:?} failed: {}", f.message)),
             Err(e) => e,
@@ -493,8 +495,9 @@ pub fn create_snapshot(
             {
                 soap.error(format!(
             "the host refuses to create snapshots through its API ({}): a free ESXi licence \
-             does not allow it. Use the ssh + vim-cmd hooks of docs/NIGHTLY.md \
-             (--pre-command/--post-command) with the datastore mounted on this machine instead",
+             does not allow it. Use the ssh + vim-cmd scheme of docs/NIGHTLY.md (pre- and \
+             post-commands that take and remove the snapshot, with the datastore mounted on \
+             this machine) instead",
             f.message
         ))
             }

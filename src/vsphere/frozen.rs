@@ -21,6 +21,9 @@ use crate::source::confine::RemoteFiles;
 use crate::source::RandomRead;
 use crate::vmware::vm::StagedVm;
 
+/// The staging directories in the temporary directory: `vmrepo-vsphere-<pid>-<random>`.
+const STAGE_PREFIX: &str = "vmrepo-vsphere-";
+
 /// Every snapshot vmrepo takes is named with this prefix, so a later run finds and removes
 /// one a killed run left behind.
 pub const SNAPSHOT_PREFIX: &str = "vmrepo-backup-";
@@ -83,7 +86,7 @@ impl Stager<'_> {
 
     /// Copies a small file whole.
     fn small(&mut self, name: &str, size: u64) -> Result<()> {
-        if size > u64::from(crate::repo::object::MAX_OBJECT_LEN) {
+        if size > u64::from(crate::vmware::vm::MAX_SMALL_FILE_LEN) {
             self.skipped.push(format!(
                 "{name} is {size} bytes, too large to store as one of the VM's small files; \
                  it was not backed up"
@@ -271,10 +274,26 @@ impl FrozenVm {
                 others.len()
             );
             if c.strict {
-                return Err(soap.error(format!("refusing to back up (--strict): {msg}")));
+                return Err(crate::error::Advice::new(format!(
+                    "vSphere {}: refusing to back up (",
+                    soap.host()
+                ))
+                .setting(crate::error::Setting::Strict)
+                .text(format!("): {msg}"))
+                .into());
             }
             warnings.push(msg);
         }
+        // The staging directory is named before the snapshot is taken, so that an interrupt
+        // removes it with the snapshot; a killed run's is removed by the next.
+        crate::fsutil::remove_dirs_of_dead_processes(&std::env::temp_dir(), STAGE_PREFIX);
+        let mut tag = [0u8; 6];
+        let _ = getrandom::fill(&mut tag);
+        let stage_dir = std::env::temp_dir().join(format!(
+            "{STAGE_PREFIX}{}-{}",
+            std::process::id(),
+            hex::encode(tag)
+        ));
         let name = format!(
             "{SNAPSHOT_PREFIX}{}",
             jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ")
@@ -293,9 +312,11 @@ impl FrozenVm {
         let guard = {
             let s = session.clone();
             let (mo, n, limit) = (snap.clone(), name.clone(), c.task_timeout);
+            let stage = stage_dir.clone();
             interrupt.owe_cleanup(
                 &format!("removing snapshot {name:?} of VM {}", before.name),
                 Box::new(move || {
+                    let _ = std::fs::remove_dir_all(&stage);
                     api::remove_snapshot(&s.soap, &s.sc, &mo, &n, limit).map_err(|e| e.to_string())
                 }),
             )
@@ -321,21 +342,20 @@ impl FrozenVm {
         // From here on a failure drops `frozen`, which removes the snapshot.
         let after = api::vm_info(soap, sc, &vm)?;
         let frozen_disks = api::snapshot_disks(soap, sc, &snap)?;
-        frozen.stage_files(c, &after, &frozen_disks)?;
+        frozen.stage_files(c, &after, &frozen_disks, stage_dir)?;
         frozen.cbt = after.cbt;
         frozen.disks = frozen_disks;
         Ok(frozen)
     }
 
-    fn stage_files(&mut self, c: &Connect, vm: &VmInfo, disks: &[api::VmDisk]) -> Result<()> {
+    fn stage_files(
+        &mut self,
+        c: &Connect,
+        vm: &VmInfo,
+        disks: &[api::VmDisk],
+        dir: PathBuf,
+    ) -> Result<()> {
         let soap = &self.session.soap;
-        let mut tag = [0u8; 6];
-        let _ = getrandom::fill(&mut tag);
-        let dir = std::env::temp_dir().join(format!(
-            "vmrepo-vsphere-{}-{}",
-            std::process::id(),
-            hex::encode(tag)
-        ));
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
@@ -503,8 +523,8 @@ impl FrozenVm {
             return Ok(());
         };
         let result = match guard.run() {
-            // The interrupt took it and removes it.
-            None => Ok(()),
+            // The interrupt took it and removes it, with this session: no logout.
+            None => return Ok(()),
             Some(Ok(())) => Ok(()),
             Some(Err(e)) => Err(self.session.soap.error(format!(
                 "the backup snapshot {name:?} of VM {} could not be removed: {e}. Remove it in \

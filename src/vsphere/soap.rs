@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::xml::{MoRef, Node};
-use crate::error::{Error, Result};
+use crate::error::{Advice, Error, Result, Setting};
 
 /// The API version asked for: vim25 6.5 is understood by ESXi and vCenter 6.5 and later.
 const SOAP_ACTION: &str = "urn:vim25/6.5";
@@ -41,6 +41,11 @@ impl Soap {
     /// The HTTP client (shared with datastore reads).
     pub fn http(&self) -> &reqwest::blocking::Client {
         &self.http
+    }
+
+    /// `host:port`, for messages.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// `https://host:port`.
@@ -93,7 +98,7 @@ impl Soap {
         }
         let resp = req
             .send()
-            .map_err(|e| Err(self.error(format!("{method}: {}", transport(&e)))))?;
+            .map_err(|e| Err(self.transport_error(method, &e)))?;
         for v in resp.headers().get_all("set-cookie") {
             if let Ok(v) = v.to_str() {
                 if let Some(c) = v
@@ -136,6 +141,26 @@ impl Soap {
         Ok(body.clone())
     }
 
+    /// A request that failed on its way: a certificate the host may not be trusted with is
+    /// said so, with the settings that trust it.
+    fn transport_error(&self, method: &str, e: &reqwest::Error) -> Error {
+        let why = transport(e);
+        if why.contains("UnknownIssuer")
+            || why.contains("invalid peer certificate")
+            || why.contains("CaUsedAsEndEntity")
+        {
+            return Advice::new(format!(
+                "vSphere {}: {method}: {why}; the host's certificate is not trusted: pin it with ",
+                self.host
+            ))
+            .setting(Setting::TlsThumbprint)
+            .text(" (the SHA-256 fingerprint `openssl x509 -noout -fingerprint -sha256` prints) or name its CA with ")
+            .setting(Setting::TlsCa)
+            .into();
+        }
+        self.error(format!("{method}: {why}"))
+    }
+
     /// [`Soap::call_raw`] with a fault turned into an error naming the method.
     pub fn call(&self, method: &str, this: &MoRef, args: &str) -> Result<Node> {
         self.call_raw(method, this, args, None)
@@ -164,12 +189,6 @@ pub fn transport(e: &reqwest::Error) -> String {
     }
     if e.is_timeout() {
         out.push_str(" (the host did not answer in time)");
-    } else if out.contains("UnknownIssuer") || out.contains("invalid peer certificate") {
-        out.push_str(
-            "; the host's certificate is not trusted: pin it with --tls-thumbprint (the \
-             SHA-256 fingerprint `openssl x509 -noout -fingerprint -sha256` prints) or name \
-             its CA with --tls-ca",
-        );
     }
     out
 }

@@ -1,6 +1,6 @@
 //! `esxi://` and `vcenter://` source addresses: which host to ask, as whom, and which VM.
 
-use crate::error::{Error, Result};
+use crate::error::{Advice, Error, Result, Setting};
 
 /// The two kinds of vSphere endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,11 +84,13 @@ impl SourceUrl {
             .ok_or_else(|| bad(url, "no user is named (USER@HOST)"))?;
         let user = percent_decode(user, url)?;
         if user.contains(':') {
-            return Err(Error::Usage(format!(
-                "invalid vSphere source {url:?}: a password must not be written in the address \
-                 (it would show in `ps` and shell history); give it with VMREPO_SOURCE_PASSWORD, \
-                 --source-password-file or --source-password-command"
-            )));
+            return Err(Advice::new(format!(
+                "invalid vSphere source {:?}: a password must not be written in the address (it \
+                 would show in `ps` and shell history); give it with VMREPO_SOURCE_PASSWORD or ",
+                url.replacen(user.split(':').nth(1).unwrap_or(""), "***", 1)
+            ))
+            .setting(Setting::SourcePassword)
+            .into());
         }
         if user.is_empty() {
             return Err(bad(url, "the user name is empty"));

@@ -183,12 +183,7 @@ impl Holder {
     /// does not count, so a killed run does not keep the next one out until the object goes
     /// stale. A process of another host is taken to be alive.
     fn is_dead_process_here(&self) -> bool {
-        if self.host != hostname() || self.pid <= 0 || self.pid as u32 == std::process::id() {
-            return false;
-        }
-        // SAFETY: signal 0 only asks whether the process exists; nothing is sent.
-        let failed = unsafe { libc::kill(self.pid, 0) } == -1;
-        failed && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+        self.host == hostname() && crate::fsutil::process_is_gone(self.pid)
     }
 }
 
