@@ -228,6 +228,19 @@ impl Advice {
             .collect()
     }
 
+    /// The same message with `f` applied to its text (not to the settings it names).
+    pub fn map_text(self, f: impl Fn(&str) -> String) -> Advice {
+        Advice(
+            self.0
+                .into_iter()
+                .map(|p| match p {
+                    Piece::Text(t) => Piece::Text(f(&t)),
+                    s => s,
+                })
+                .collect(),
+        )
+    }
+
     /// The settings it names.
     pub fn settings(&self) -> impl Iterator<Item = Setting> + '_ {
         self.0.iter().filter_map(|p| match p {

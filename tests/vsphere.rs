@@ -623,3 +623,35 @@ fn a_job_backs_up_the_vms_of_one_host_one_at_a_time() {
         ));
     }
 }
+
+#[test]
+fn a_vm_whose_descriptor_names_host_files_is_refused_and_its_snapshot_removed() {
+    let t = tempfile::tempdir().unwrap();
+    let sim = Sim::start();
+    let repo = repo(t.path());
+    let d = flat_vm(&sim, "ha-host_VM0", 4 << 20, &[(0, 1 << 20, 41)]);
+    let fp = sim.get("VSIM_THUMBPRINT");
+    let url = sim.url("ha-host_VM0");
+    for (extent, why) in [
+        (
+            "/etc/passwd",
+            "[LocalDS_0] ha-host_VM0/disk1.vmdk: extent file \"/etc/passwd\" is not in the VM directory",
+        ),
+        (
+            "../../../../../../etc/passwd",
+            "outside the directories this ingest may read",
+        ),
+    ] {
+        fs::write(
+            d.join("disk1.vmdk"),
+            vmfs_descriptor(extent, 4 << 20).replace("RW 8192", "RW 8"),
+        )
+        .unwrap();
+        let r = sim.vmrepo(&["ingest", repo.to_str().unwrap(), &url, "--tls-thumbprint", &fp]);
+        assert_eq!(r.code, 1, "{extent}: {}", r.stderr);
+        assert!(r.stderr.contains(why), "{extent}: {}", r.stderr);
+        assert!(!r.stderr.contains("root:x:0:0"), "{}", r.stderr);
+        assert_eq!(sim.snapshots("ha-host_VM0"), Vec::<String>::new());
+    }
+    assert_eq!(generations(&repo, "ha-host_VM0"), Vec::<String>::new());
+}

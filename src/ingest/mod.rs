@@ -348,7 +348,18 @@ fn ingest_vsphere(
     o.change_ids = frozen.change_ids();
     let warnings = frozen.warnings.clone();
     let vmx = frozen.vmx().to_path_buf();
-    let result = ingest_unhooked(repo, &vmx, &o, progress);
+    let volumes = frozen.volumes();
+    // Messages name the host's files, not their staged copies.
+    let unstage = |t: &str| crate::vsphere::datastore::unstage(t, &volumes);
+    let result = ingest_unhooked(repo, &vmx, &o, progress).map_err(|e| match e {
+        Error::Refused(a) => Error::Refused(a.map_text(unstage)),
+        Error::Locked(a) => Error::Locked(a.map_text(unstage)),
+        e if e.to_string() != unstage(&e.to_string()) => Error::Vsphere {
+            host: c.url.authority(),
+            what: unstage(&e.to_string()),
+        },
+        e => e,
+    });
     let snapshot = frozen.snapshot_name().to_string();
     let (requests, bytes_down) = frozen.wire();
     let released = frozen.release();

@@ -21,6 +21,29 @@ pub fn split_datastore_path(name: &str) -> Option<(&str, &str)> {
     (!ds.is_empty() && !path.is_empty()).then_some((ds, path))
 }
 
+/// `text` with every staged path (`VOLUMES/DS/dir/file`) written as the datastore path it
+/// stands for (`[DS] dir/file`), so messages name the host's files, not the staging copies.
+pub fn unstage(text: &str, volumes: &Path) -> String {
+    let prefix = format!("{}/", volumes.display());
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(&prefix) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + prefix.len()..];
+        let end = after
+            .find(|c: char| c.is_whitespace() || c == '"' || c == ':' || c == ',' || c == ')')
+            .unwrap_or(after.len());
+        let (path, tail) = after.split_at(end);
+        match path.split_once('/') {
+            Some((ds, file)) => out.push_str(&format!("[{ds}] {file}")),
+            None => out.push_str(&format!("[{path}]")),
+        }
+        rest = tail;
+    }
+    out.push_str(rest);
+    out
+}
+
 fn encode_path(path: &str) -> String {
     path.split('/')
         .map(|seg| {
@@ -291,5 +314,10 @@ mod tests {
         assert_eq!(split_datastore_path("[] x"), None);
         assert_eq!(encode_path("web 01/a+b.vmdk"), "web%2001/a%2Bb.vmdk");
         assert_eq!(encode_query("ha-datacenter"), "ha-datacenter");
+        let v = Path::new("/tmp/stage/vmfs/volumes");
+        assert_eq!(
+            unstage("/tmp/stage/vmfs/volumes/ds1/web/web.vmdk: extent \"x\" is missing (named by /tmp/stage/vmfs/volumes/ds1/web/a.vmdk)", v),
+            "[ds1] web/web.vmdk: extent \"x\" is missing (named by [ds1] web/a.vmdk)"
+        );
     }
 }
