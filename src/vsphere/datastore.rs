@@ -225,7 +225,13 @@ impl Datastores {
                         ))
                     });
                 }
-                200 => return Ok(resp.content_length()),
+                200 => {
+                    return resp.content_length().map(Some).ok_or_else(|| {
+                        self.error(format!(
+                            "{name}: the host ignored a range request and gave no size"
+                        ))
+                    })
+                }
                 // An empty file cannot satisfy a range.
                 416 => return Ok(Some(0)),
                 500..=599 | 429 => last = format!("HTTP {status}"),
