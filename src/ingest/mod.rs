@@ -232,6 +232,28 @@ fn ingest_unhooked(
         },
     )?;
     let mut plan = plan;
+    if let Some(staged) = &opts.staged {
+        plan.disks = plan
+            .disks
+            .into_iter()
+            .map(|d| match staged.in_use.get(&d.slot) {
+                Some((size, areas)) if *size == d.reader.size() => crate::vmware::vm::DiskPlan {
+                    reader: Box::new(crate::source::InUse::new(d.reader, areas.clone())),
+                    ..d
+                },
+                Some((size, _)) => {
+                    progress.note(&format!(
+                        "warning: disk {}: the host says it holds {size} bytes, its files {}; \
+                         reading all of it",
+                        d.slot,
+                        d.reader.size()
+                    ));
+                    d
+                }
+                None => d,
+            })
+            .collect();
+    }
     if let Some(limit) = opts.workers.read_limit() {
         plan.disks = plan
             .disks
@@ -344,6 +366,34 @@ fn ingest_vsphere(
             o.name.as_deref().unwrap_or(&frozen.vm),
             progress,
         )?;
+        // Disks read in full: only the areas the host says are in use.
+        let tracked = o
+            .changes
+            .as_ref()
+            .map(|c| c.per_disk.clone())
+            .unwrap_or_default();
+        let staged = o.staged.as_mut().expect("set above");
+        for slot in frozen
+            .change_ids()
+            .keys()
+            .filter(|s| !tracked.contains_key(*s))
+        {
+            match frozen.changed_areas(slot, "*") {
+                Ok(areas) => {
+                    progress.note(&format!(
+                        "disk {slot}: changed-block tracking says {} bytes are in use; only \
+                         those are read",
+                        areas.iter().map(|r| r.end - r.start).sum::<u64>()
+                    ));
+                    let size = frozen.capacity(slot).unwrap_or(0);
+                    staged.in_use.insert(slot.clone(), (size, areas));
+                }
+                Err(e) => progress.note(&format!(
+                    "warning: disk {slot}: changed-block tracking cannot say which areas are \
+                     in use ({e}); reading all of it"
+                )),
+            }
+        }
     }
     o.change_ids = frozen.change_ids();
     let warnings = frozen.warnings.clone();

@@ -120,6 +120,10 @@ pub struct StagedVm {
     pub frozen: Vec<(String, PathBuf)>,
     /// Name of that snapshot, for messages.
     pub snapshot: String,
+    /// For disks whose host said which areas are in use (changed-block tracking asked for
+    /// everything): the disk's size as the host gave it and those areas, by slot. The rest of
+    /// such a disk is not read (unless the sizes differ: then all of it is).
+    pub in_use: std::collections::BTreeMap<String, (u64, Vec<std::ops::Range<u64>>)>,
 }
 
 impl std::fmt::Debug for StagedVm {
@@ -128,6 +132,7 @@ impl std::fmt::Debug for StagedVm {
             .field("remote_files", &self.files.len())
             .field("frozen", &self.frozen)
             .field("snapshot", &self.snapshot)
+            .field("in_use", &self.in_use.keys().collect::<Vec<_>>())
             .finish()
     }
 }

@@ -360,6 +360,13 @@ pub fn changed_areas(
     change_id: &str,
     capacity: u64,
 ) -> Result<Vec<std::ops::Range<u64>>> {
+    // Without the disk's size no answer could be checked to cover it (and an empty list
+    // would mean "nothing to read").
+    if capacity == 0 {
+        return Err(soap.error(format!(
+            "the host gave no capacity for disk {device_key}; cannot ask what changed on it"
+        )));
+    }
     collect_changed_areas(capacity, |start| {
         let args = format!(
             "{}{}{}{}",

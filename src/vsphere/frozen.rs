@@ -330,6 +330,7 @@ impl FrozenVm {
                 files: Arc::default(),
                 frozen: Vec::new(),
                 snapshot: name.clone(),
+                in_use: Default::default(),
             },
             vm: before.name.clone(),
             warnings,
@@ -497,6 +498,14 @@ impl FrozenVm {
             change_id,
             disk.capacity,
         )
+    }
+
+    /// The size of the disk at `slot` as the host gives it.
+    pub fn capacity(&self, slot: &str) -> Option<u64> {
+        self.disks
+            .iter()
+            .find(|d| d.slot == slot)
+            .map(|d| d.capacity)
     }
 
     /// Datastore requests sent and bytes received so far.

@@ -1,0 +1,128 @@
+//! A disk reader whose allocation map is narrowed to the areas the disk's host says are in
+//! use (VMware changed-block tracking asked for every area, change id `*`): a thick or flat
+//! disk read over the network then skips what the guest never wrote, as a local read skips
+//! holes.
+
+use std::ops::Range;
+
+use crate::error::Result;
+
+use super::DiskReader;
+
+/// `inner`, whose data lies only in `areas` (sorted, disjoint).
+pub struct InUse {
+    inner: Box<dyn DiskReader>,
+    areas: Vec<Range<u64>>,
+}
+
+impl InUse {
+    /// Wraps `inner`; `areas` are sorted and merged here.
+    pub fn new(inner: Box<dyn DiskReader>, mut areas: Vec<Range<u64>>) -> InUse {
+        areas.retain(|r| r.start < r.end);
+        areas.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::with_capacity(areas.len());
+        for r in areas {
+            match merged.last_mut() {
+                Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        InUse {
+            inner,
+            areas: merged,
+        }
+    }
+}
+
+/// The parts of `a` that also lie in `b` (both sorted and disjoint).
+fn intersect(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < a.len() && j < b.len() {
+        let start = a[i].start.max(b[j].start);
+        let end = a[i].end.min(b[j].end);
+        if start < end {
+            out.push(start..end);
+        }
+        if a[i].end < b[j].end {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
+impl DiskReader for InUse {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+
+    fn allocated(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+        let first = self.areas.partition_point(|a| a.end <= range.start);
+        let last = self.areas.partition_point(|a| a.start < range.end);
+        let wanted = &self.areas[first..last.max(first)];
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(intersect(&self.inner.allocated(range)?, wanted))
+    }
+
+    fn link_ranges(&self, level: usize) -> Option<Result<Vec<Range<u64>>>> {
+        self.inner.link_ranges(level)
+    }
+
+    fn prefetch(&self, range: Range<u64>) {
+        self.inner.prefetch(range)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A disk whose allocation map is given.
+    struct Map(Vec<Range<u64>>, u64);
+
+    impl DiskReader for Map {
+        fn size(&self) -> u64 {
+            self.1
+        }
+        fn read_at(&self, buf: &mut [u8], _: u64) -> Result<()> {
+            buf.fill(1);
+            Ok(())
+        }
+        fn allocated(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+            Ok(intersect(&self.0, &[range]))
+        }
+    }
+
+    #[test]
+    fn only_what_both_call_data_is_data() {
+        // The file says everything may be data; the host says three areas are in use.
+        let d = InUse::new(
+            Box::new(Map(std::iter::once(0..1000).collect(), 1000)),
+            vec![500..600, 0..10, 5..20, 990..2000],
+        );
+        assert_eq!(
+            d.allocated(0..1000).unwrap(),
+            vec![0..20, 500..600, 990..1000]
+        );
+        assert_eq!(d.allocated(15..550).unwrap(), vec![15..20, 500..550]);
+        assert_eq!(d.allocated(20..500).unwrap(), Vec::<Range<u64>>::new());
+        // A hole of the file stays a hole, even where the host says in use.
+        let d = InUse::new(
+            Box::new(Map(vec![0..100, 800..900], 1000)),
+            std::iter::once(50..850).collect(),
+        );
+        assert_eq!(d.allocated(0..1000).unwrap(), vec![50..100, 800..850]);
+        assert_eq!(
+            intersect(&[0..10, 20..30, 40..50], &[5..25, 45..60]),
+            vec![5..10, 20..25, 45..50]
+        );
+    }
+}
