@@ -214,7 +214,17 @@ impl Index {
                  FROM all_objects o JOIN packs p ON p.id = o.pack ORDER BY p.name, o.offset",
             )
             .map_err(|e| self.err(e))?;
-        let mut rows = st.query([]).map_err(|e| self.err(e))?;
+        let rows = st.query([]).map_err(|e| self.err(e))?;
+        self.each_location(rows, &mut f)
+    }
+
+    /// Calls `f` with the [`Location`] of every row of an object query (columns kind, codec,
+    /// pack name, offset, stored_len, raw_len, id).
+    fn each_location(
+        &self,
+        mut rows: rusqlite::Rows<'_>,
+        f: &mut impl FnMut(Location) -> Result<()>,
+    ) -> Result<()> {
         while let Some(r) = rows.next().map_err(|e| self.err(e))? {
             let id: Vec<u8> = r.get(6).map_err(|e| self.err(e))?;
             let id = row_id(&id, "object id").map_err(|e| self.err(e))?;
@@ -241,17 +251,12 @@ impl Index {
             None => self.conn.prepare_cached(COLUMNS),
         }
         .map_err(|e| self.err(e))?;
-        let mut rows = match end {
+        let rows = match end {
             Some(end) => st.query(params![&first.0[..], &end.0[..]]),
             None => st.query(params![&first.0[..]]),
         }
         .map_err(|e| self.err(e))?;
-        while let Some(r) = rows.next().map_err(|e| self.err(e))? {
-            let id: Vec<u8> = r.get(6).map_err(|e| self.err(e))?;
-            let id = row_id(&id, "object id").map_err(|e| self.err(e))?;
-            f(row_location(r, id).map_err(|e| self.err(e))?)?;
-        }
-        Ok(())
+        self.each_location(rows, &mut f)
     }
 
     /// Some object of the index, if it has any.
