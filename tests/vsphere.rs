@@ -635,11 +635,11 @@ fn a_vm_whose_descriptor_names_host_files_is_refused_and_its_snapshot_removed() 
     for (extent, why) in [
         (
             "/etc/passwd",
-            "[LocalDS_0] ha-host_VM0/disk1.vmdk: extent file \"/etc/passwd\" is not in the VM directory",
+            "[LocalDS_0] ha-host_VM0/disk1.vmdk: extent file \"/etc/passwd\" is not a file of the host's datastores",
         ),
         (
             "../../../../../../etc/passwd",
-            "outside the directories this ingest may read",
+            "it resolves to /etc/passwd, which is not a file of the host's datastores",
         ),
     ] {
         fs::write(
@@ -650,6 +650,7 @@ fn a_vm_whose_descriptor_names_host_files_is_refused_and_its_snapshot_removed() 
         let r = sim.vmrepo(&["ingest", repo.to_str().unwrap(), &url, "--tls-thumbprint", &fp]);
         assert_eq!(r.code, 1, "{extent}: {}", r.stderr);
         assert!(r.stderr.contains(why), "{extent}: {}", r.stderr);
+        assert!(!r.stderr.contains("--datastore-map"), "{}", r.stderr);
         assert!(!r.stderr.contains("root:x:0:0"), "{}", r.stderr);
         assert_eq!(sim.snapshots("ha-host_VM0"), Vec::<String>::new());
     }

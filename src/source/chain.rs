@@ -292,6 +292,15 @@ fn open_descriptor(
             continue;
         };
         let file_path = resolve(dir, name, opts).ok_or_else(|| {
+            if confine.is_staged() {
+                return Error::bad_input(
+                    path,
+                    format!(
+                        "extent file {name:?} is not a file of the host's datastores (only names \
+                         relative to the descriptor and /vmfs/volumes/DATASTORE/... are read)"
+                    ),
+                );
+            }
             Error::from(
                 Advice::new(format!(
                     "{}: extent file {name:?} is not in the VM directory; map its datastore with ",
@@ -313,7 +322,7 @@ fn open_descriptor(
                 &file_path,
                 path,
                 "extent file",
-                Path::new(name).is_absolute(),
+                Path::new(name).is_absolute() && !confine.is_staged(),
             ))?;
         let target = match e.kind.as_str() {
             "FLAT" | "VMFS" => ExtentTarget::File {
@@ -457,6 +466,17 @@ pub fn walk(leaf: &Path, opts: &ChainOptions, confine: &Confine) -> (Vec<Link>, 
                 let dir = link.path.parent().unwrap_or(Path::new("."));
                 match resolve(dir, hint, opts) {
                     Some(p) => Some((p, link.parent_format.clone())),
+                    None if confine.is_staged() => {
+                        let err = Error::bad_input(
+                            &link.path,
+                            format!(
+                                "broken snapshot chain: its parent {hint:?} is not a file of the \
+                                 host's datastores"
+                            ),
+                        );
+                        links.push(link);
+                        return (links, Some(err));
+                    }
                     None => {
                         let err: Error = Advice::new(format!(
                             "{}: broken snapshot chain: its parent {hint:?} is not found (not in \

@@ -216,6 +216,12 @@ impl Confine {
         })
     }
 
+    /// True over a staged remote VM (its files are a host's datastore files, so mapping a
+    /// datastore onto a local directory is no remedy for one that is missing).
+    pub fn is_staged(&self) -> bool {
+        self.remote.is_some()
+    }
+
     /// The same rule over a staged remote VM: opening a placeholder in `remote` gives the
     /// remote file it stands for.
     pub fn with_remote(mut self, remote: Option<Arc<RemoteFiles>>) -> Confine {
@@ -246,6 +252,18 @@ impl Confine {
         } else {
             "it is".to_string()
         };
+        if self.is_staged() {
+            // No setting makes a file of this machine part of a VM on a host.
+            return self.refuse(
+                path,
+                by,
+                format!(
+                    "{resolves} not a file of the host's datastores; a VM's files may only name \
+                     files on its host's datastores, so it may have been made to read a file of \
+                     this machine"
+                ),
+            );
+        }
         let roots = self
             .roots
             .iter()
