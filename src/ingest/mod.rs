@@ -446,8 +446,20 @@ fn tracked_changes(
         return Ok(None);
     };
     let since = format!("{vm}@{latest}");
-    let gen = repo.with_index(|i| i.resolve(&since))?;
-    let before = repo.load_manifest(&gen.manifest)?.catalog.change_ids;
+    // A previous generation that cannot be read costs a full read, not the backup.
+    let before = match repo
+        .with_index(|i| i.resolve(&since))
+        .and_then(|gen| repo.load_manifest(&gen.manifest))
+    {
+        Ok(m) => m.catalog.change_ids,
+        Err(e) => {
+            progress.note(&format!(
+                "warning: cannot read {since} to ask what changed since ({e}); reading the \
+                 whole VM"
+            ));
+            return Ok(None);
+        }
+    };
     let mut per_disk = std::collections::BTreeMap::new();
     for (slot, id) in &before {
         if !frozen.change_ids().contains_key(slot) {
