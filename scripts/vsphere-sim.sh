@@ -8,14 +8,15 @@
 #
 # DIR/env holds shell assignments: VSIM_HOST (127.0.0.1:PORT), VSIM_USER, VSIM_PASSWORD,
 # VSIM_THUMBPRINT (the host certificate's SHA-256 fingerprint, as `openssl x509 -noout
-# -fingerprint -sha256` prints it), VSIM_CA (the CA that signed it, PEM), VSIM_DC (datacenter), VSIM_DS (datastore name), VSIM_DS_DIR (the
-# datastore's directory on this machine), VSIM_PID.
+# -fingerprint -sha256` prints it), VSIM_CA (the CA that signed it, PEM), VSIM_DC (datacenter),
+# VSIM_DS (the VMs' datastore), VSIM_DS_DIR (its directory on this machine), VSIM_DS1 and
+# VSIM_DS1_DIR (a second, empty datastore), VSIM_PID.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 build=${VSIM_BUILD:-${XDG_CACHE_HOME:-$HOME/.cache}/vmrepo-vsphere-sim}
 bin=$build/vsphere-sim
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 install() {
     if ! command -v go >/dev/null || [ ! -d /usr/share/gocode/src/github.com/vmware/govmomi ]; then
@@ -63,7 +64,9 @@ start() {
     local dc=ha-datacenter
     [ "$mode" = vpx ] && dc=DC0
     local ds_dir
-    ds_dir=$(ls -d "$dir"/tmp/govcsim-* | head -1)
+    ds_dir=$(ls -d "$dir"/tmp/govcsim-*-LocalDS_0-* | head -1)
+    local ds1_dir
+    ds1_dir=$(ls -d "$dir"/tmp/govcsim-*-LocalDS_1-* | head -1)
     local fp
     fp=$(openssl x509 -noout -fingerprint -sha256 -in "$dir/cert.pem" | sed 's/.*=//')
     cat >"$dir/env" <<EOT
@@ -75,6 +78,8 @@ VSIM_CA=$dir/ca.pem
 VSIM_DC=$dc
 VSIM_DS=LocalDS_0
 VSIM_DS_DIR=$ds_dir
+VSIM_DS1=LocalDS_1
+VSIM_DS1_DIR=$ds1_dir
 VSIM_PID=$pid
 EOT
     echo "$dir/env"

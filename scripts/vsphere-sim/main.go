@@ -24,6 +24,7 @@ func main() {
 	pass := flag.String("pass", "", "login password")
 	mode := flag.String("mode", "esx", "esx (a standalone host) or vpx (vCenter)")
 	vms := flag.Int("vms", 2, "VMs per resource pool")
+	datastores := flag.Int("ds", 2, "datastores (LocalDS_0, LocalDS_1, ...; the VMs are on the first)")
 	flag.Parse()
 
 	var m *simulator.Model
@@ -38,6 +39,7 @@ func main() {
 		log.Fatalf("unknown -mode %q", *mode)
 	}
 	m.Machine = *vms
+	m.Datastore = *datastores
 	if err := m.Create(); err != nil {
 		log.Fatal(err)
 	}
