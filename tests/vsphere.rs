@@ -132,7 +132,12 @@ impl Drop for Sim {
 /// the simulator's hardware lists), a `vmfs` flat disk of `size` with data `regions`, an
 /// nvram and a log.
 fn flat_vm(sim: &Sim, vm: &str, size: u64, regions: &[(u64, usize, u64)]) -> PathBuf {
-    let d = sim.vm_dir(vm);
+    flat_vm_in(&sim.vm_dir(vm), vm, size, regions)
+}
+
+/// [`flat_vm`] for the VM whose folder on the simulator's datastores is `d`.
+fn flat_vm_in(d: &Path, vm: &str, size: u64, regions: &[(u64, usize, u64)]) -> PathBuf {
+    let d = d.to_path_buf();
     fs::write(
         d.join(format!("{vm}.vmx")),
         format!(
@@ -568,52 +573,89 @@ fn a_datastore_read_that_fails_midway_fails_the_ingest_and_still_removes_the_sna
     vmrepo([s("check"), p(&repo)]).ok();
 }
 
+/// When each VM's generation started and finished (UTC, to the second), by VM name.
+fn spans(repo: &Path, vms: &[&str]) -> Vec<(String, String)> {
+    vms.iter()
+        .map(|vm| {
+            let j = vmrepo([s("list"), p(repo), s(vm), s("--json")]).ok().json();
+            let g = &j.as_array().unwrap()[0];
+            (
+                g["started"].as_str().unwrap().to_string(),
+                g["finished"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn overlap(a: &(String, String), b: &(String, String)) -> bool {
+    !(a.1 <= b.0 || b.1 <= a.0)
+}
+
 #[test]
-fn a_job_backs_up_the_vms_of_one_host_one_at_a_time() {
+fn a_job_reads_one_vm_per_host_and_per_datastore_at_a_time() {
     let t = tempfile::tempdir().unwrap();
     let sim = Sim::start();
-    let repo = repo(t.path());
-    let vm0 = flat_vm(&sim, "ha-host_VM0", 24 << 20, &[(0, 24 << 20, 31)]);
-    let vm1 = flat_vm(&sim, "ha-host_VM1", 24 << 20, &[(0, 24 << 20, 32)]);
-    let job = t.path().join("nightly.toml");
-    fs::write(
-        &job,
-        format!(
-            "repository = \"{}\"\nvms = [\"{}\", \"{}\"]\nparallel = 2\nparallel_per_host = 1\n\n\
-             [defaults]\ntls_thumbprint = \"{}\"\nsource_password_file = \"{}\"\n",
-            repo.display(),
-            sim.url("ha-host_VM0"),
-            sim.url("ha-host_VM1"),
-            sim.get("VSIM_THUMBPRINT"),
-            sim.password_file().display()
+    // Two VMs on the first datastore, one on the second.
+    sim.probe(&["create-vm", "ds1_vm", &sim.get("VSIM_DS1")]);
+    let dirs = [
+        flat_vm(&sim, "ha-host_VM0", 16 << 20, &[(0, 16 << 20, 31)]),
+        flat_vm(&sim, "ha-host_VM1", 16 << 20, &[(0, 16 << 20, 32)]),
+        flat_vm_in(
+            &PathBuf::from(sim.get("VSIM_DS1_DIR")).join("ds1_vm"),
+            "ds1_vm",
+            16 << 20,
+            &[(0, 16 << 20, 33)],
         ),
-    )
-    .unwrap();
-    let dry = vmrepo([s("run"), p(&job), s("--dry-run")]);
-    assert!(
-        dry.ok().stdout.contains("not contacted by a dry run"),
-        "{}",
-        dry.stdout
-    );
-    assert_eq!(sim.snapshots("ha-host_VM0"), Vec::<String>::new());
-
-    // Read slowly (8 MB/s, about 3 s a VM): the job runs two VMs at a time, but those of one
-    // host one after the other, so their ingests (as each generation records its start and
-    // end, to the second) do not overlap. With parallel_per_host = 2 they do.
-    vmrepo([s("--limit-read"), s("8"), s("run"), p(&job)]).ok();
-    let span = |vm: &str| {
-        let j = vmrepo([s("list"), p(&repo), s(vm), s("--json")])
-            .ok()
-            .json();
-        let g = &j.as_array().unwrap()[0];
-        (
-            g["started"].as_str().unwrap().to_string(),
-            g["finished"].as_str().unwrap().to_string(),
+    ];
+    let names = ["ha-host_VM0", "ha-host_VM1", "ds1_vm"];
+    // Every VM of the host, by pattern; `limits` are the job's parallel settings.
+    let run = |tag: &str, limits: &str| {
+        let repo = repo(&t.path().join(tag));
+        let job = t.path().join(format!("{tag}.toml"));
+        fs::write(
+            &job,
+            format!(
+                "repository = \"{}\"\nvms = [\"esxi://root@{}/*\"]\nparallel = 3\n{limits}\n\n\
+                 [defaults]\ntls_thumbprint = \"{}\"\nsource_password_file = \"{}\"\n",
+                repo.display(),
+                sim.get("VSIM_HOST"),
+                sim.get("VSIM_THUMBPRINT"),
+                sim.password_file().display()
+            ),
         )
+        .unwrap();
+        // Read slowly (8 MB/s, 2 s or more a VM), so that ingests at the same time overlap
+        // by whole seconds in the generations' recorded start and end.
+        vmrepo([s("--limit-read"), s("8"), s("run"), p(&job)]).ok();
+        let spans = spans(&repo, &names);
+        (repo, spans)
     };
-    let (a, b) = (span("ha-host_VM0"), span("ha-host_VM1"));
-    assert!(a.1 <= b.0 || b.1 <= a.0, "the ingests overlap: {a:?} {b:?}");
-    for (vm, dir) in [("ha-host_VM0", &vm0), ("ha-host_VM1", &vm1)] {
+
+    let (_, one_per_host) = run("per-host", "parallel_per_host = 1");
+    for (i, j) in [(0, 1), (0, 2), (1, 2)] {
+        assert!(
+            !overlap(&one_per_host[i], &one_per_host[j]),
+            "{} and {} overlap: {one_per_host:?}",
+            names[i],
+            names[j]
+        );
+    }
+    // Three per host, but one per datastore (the default): the two VMs of the first
+    // datastore one after the other, the third beside them.
+    let (repo, per_ds) = run("per-ds", "parallel_per_host = 3");
+    assert!(!overlap(&per_ds[0], &per_ds[1]), "{per_ds:?}");
+    assert!(
+        overlap(&per_ds[2], &per_ds[0]) || overlap(&per_ds[2], &per_ds[1]),
+        "{per_ds:?}"
+    );
+    // Two per datastore: the first datastore's VMs run together.
+    let (_, two_per_ds) = run(
+        "two-per-ds",
+        "parallel_per_host = 3\nparallel_per_datastore = 2",
+    );
+    assert!(overlap(&two_per_ds[0], &two_per_ds[1]), "{two_per_ds:?}");
+
+    for (vm, dir) in names.iter().zip(&dirs) {
         assert_eq!(sim.snapshots(vm), Vec::<String>::new());
         let out = t.path().join(vm);
         vmrepo([s("extract"), p(&repo), s(vm), p(&out)]).ok();
@@ -622,6 +664,103 @@ fn a_job_backs_up_the_vms_of_one_host_one_at_a_time() {
             &out.join("disk1-flat.vmdk")
         ));
     }
+}
+
+#[test]
+fn a_job_names_vcenter_folders_and_patterns_and_leaves_templates_out() {
+    let t = tempfile::tempdir().unwrap();
+    let sim = Sim::start_as("vpx");
+    let repo = repo(t.path());
+    let host = sim.get("VSIM_HOST");
+    // DC0/vm/Prod/DC0_H0_VM0, DC0/vm/Prod/Sub/deep, and a template DC0/vm/DC0_H0_VM1.
+    sim.probe(&["create-vm", "deep", &sim.get("VSIM_DS1")]);
+    sim.probe(&["folder", "Prod"]);
+    sim.probe(&["folder", "Sub", "Prod"]);
+    sim.probe(&["move", "DC0_H0_VM0", "Prod"]);
+    sim.probe(&["move", "deep", "Prod/Sub"]);
+    sim.probe(&["template", "DC0_H0_VM1"]);
+    let vm0 = flat_vm(&sim, "DC0_H0_VM0", 4 << 20, &[(0, 2 << 20, 51)]);
+    let deep = flat_vm_in(
+        &PathBuf::from(sim.get("VSIM_DS1_DIR")).join("deep"),
+        "deep",
+        4 << 20,
+        &[(1 << 20, 2 << 20, 52)],
+    );
+    let job = t.path().join("nightly.toml");
+    let status = t.path().join("status.json");
+    let dc = format!("vcenter://root@{host}/DC0/vm");
+    fs::write(
+        &job,
+        format!(
+            "repository = \"{}\"\nstatus_file = \"{}\"\n\
+             vms = [\"{dc}/Prod/\", \"{dc}/Prod/Sub/deep\", \"{dc}/*\", \"{dc}/Gone/\"]\n\n\
+             [defaults]\ntls_thumbprint = \"{}\"\nsource_password_file = \"{}\"\n",
+            repo.display(),
+            status.display(),
+            sim.get("VSIM_THUMBPRINT"),
+            sim.password_file().display()
+        ),
+    )
+    .unwrap();
+    let dry = vmrepo([s("run"), p(&job), s("--dry-run")]);
+    assert!(
+        dry.stdout.contains("named by folder or pattern"),
+        "{}",
+        dry.stdout
+    );
+    let r = vmrepo([s("run"), p(&job)]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let j: serde_json::Value = serde_json::from_str(&fs::read_to_string(&status).unwrap()).unwrap();
+    let outcomes: Vec<(String, String, String)> = j["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["path"].as_str().unwrap().to_string(),
+                v["status"].as_str().unwrap().to_string(),
+                v["error"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    // The folder gives both VMs below it; the VM named again is backed up once; `*` finds
+    // only the template at the top and leaves it out; the missing folder is an error.
+    let port = host.rsplit(':').next().unwrap();
+    let at = |path: &str| format!("vcenter://root@127.0.0.1:{port}/DC0/vm/{path}");
+    assert_eq!(outcomes.len(), 4, "{outcomes:?}");
+    assert_eq!(outcomes[0].0, at("Prod/DC0_H0_VM0"));
+    assert_eq!(outcomes[1].0, at("Prod/Sub/deep"));
+    assert_eq!(
+        (outcomes[0].1.as_str(), outcomes[1].1.as_str()),
+        ("ok", "ok")
+    );
+    assert_eq!(outcomes[2].1, "failed");
+    assert!(outcomes[2].2.contains("names no VM"), "{outcomes:?}");
+    assert_eq!(outcomes[3].1, "failed");
+    assert!(
+        outcomes[3].2.contains("no folder at \"DC0/vm/Gone\""),
+        "{outcomes:?}"
+    );
+    assert_eq!(generations(&repo, "DC0_H0_VM1"), Vec::<String>::new());
+    for (vm, dir) in [("DC0_H0_VM0", &vm0), ("deep", &deep)] {
+        let out = t.path().join(vm);
+        vmrepo([s("extract"), p(&repo), s(vm), p(&out)]).ok();
+        assert!(same_file(
+            &dir.join("disk1-flat.vmdk"),
+            &out.join("disk1-flat.vmdk")
+        ));
+    }
+    assert_eq!(sim.snapshots("Prod/DC0_H0_VM0"), Vec::<String>::new());
+    // A folder given to ingest is refused, naming what it is.
+    let r = sim.vmrepo(&[
+        "ingest",
+        repo.to_str().unwrap(),
+        &format!("{dc}/Prod"),
+        "--tls-thumbprint",
+        &sim.get("VSIM_THUMBPRINT"),
+    ]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("is a Folder, not a VM"), "{}", r.stderr);
 }
 
 #[test]

@@ -14,8 +14,9 @@ use crate::cli::output::{human, print_json, Bar};
 use crate::cli::passphrase::Source;
 
 pub const HELP: &str = "Run a nightly job file: ingest every VM it lists (directories, .vmx \
-files or images, shell globs and exclusions allowed; or esxi:// and vcenter:// VMs, read through \
-the vSphere API, at most `parallel_per_host` of one host at once) into its repository, each with its pre- and \
+files or images, shell globs and exclusions allowed; or esxi:// and vcenter:// VMs, folders \
+(a trailing /) and patterns, read through the vSphere API, at most `parallel_per_host` of one \
+host and `parallel_per_datastore` of one datastore at once) into its repository, each with its pre- and \
 post-commands, at most `parallel` at once (default 1, so the datastore is not flooded); one VM \
 failing does not stop the others. Then apply the job's retention (prune and gc), copy the \
 generations to each [[copy]] destination (off-site; only what it lacks), and run its partial \

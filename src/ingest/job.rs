@@ -89,6 +89,10 @@ pub struct JobFile {
     /// (default 1: one snapshot and one reader per host at a time).
     #[serde(default = "default_parallel")]
     pub parallel_per_host: usize,
+    /// Of those, how many VMs on one datastore of a vSphere host at once (default 1: one
+    /// reader per datastore), counted on every datastore the host says a VM uses.
+    #[serde(default = "default_parallel")]
+    pub parallel_per_datastore: usize,
     /// Seconds between the starts of two VMs' ingests (default 0): with `parallel` above 1,
     /// the datastore meets one new reader at a time.
     #[serde(default)]
@@ -117,7 +121,8 @@ pub struct JobFile {
     /// Settings for every VM.
     #[serde(default)]
     pub defaults: VmSettings,
-    /// Per-VM settings, by the VM's directory or file name (without extension).
+    /// Per-VM settings, by the VM's directory or file name (without extension), or a vSphere
+    /// VM's name.
     #[serde(default)]
     pub vm: BTreeMap<String, VmSettings>,
     /// Retention to apply after the ingests.
@@ -138,10 +143,10 @@ impl JobFile {
         if job.parallel == 0 {
             return Err(Error::bad_input(path, "parallel must be at least 1"));
         }
-        if job.parallel_per_host == 0 {
+        if job.parallel_per_host == 0 || job.parallel_per_datastore == 0 {
             return Err(Error::bad_input(
                 path,
-                "parallel_per_host must be at least 1",
+                "parallel_per_host and parallel_per_datastore must be at least 1",
             ));
         }
         if job.vms.is_empty() {
@@ -175,7 +180,10 @@ impl JobFile {
         let mut out: Vec<PathBuf> = Vec::new();
         for pat in &self.vms {
             let mut matched = Vec::new();
-            if pat.contains(['*', '?', '[']) {
+            // A vSphere folder or pattern is expanded on its host when the job runs.
+            if crate::vsphere::is_vsphere(pat) {
+                matched.push(PathBuf::from(pat));
+            } else if pat.contains(['*', '?', '[']) {
                 let paths = glob::glob(pat)
                     .map_err(|e| Error::Usage(format!("bad VM pattern {pat:?}: {e}")))?;
                 for p in paths {
@@ -208,8 +216,15 @@ impl JobFile {
     }
 
     /// The key under which `[vm.KEY]` settings apply to `path`: its directory or file name
-    /// without extension.
+    /// without extension; for a VM on a vSphere host, the VM's name.
     pub fn key_of(path: &Path) -> String {
+        if let Some(url) = path
+            .to_str()
+            .filter(|t| crate::vsphere::is_vsphere(t))
+            .and_then(|t| crate::vsphere::SourceUrl::parse(t).ok())
+        {
+            return url.vm;
+        }
         path.file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default()
@@ -327,34 +342,128 @@ pub type Connector<'a> =
 /// The vSphere host (`host:port`) `path` names, if it is an `esxi://` or `vcenter://` source.
 fn vsphere_host(path: &Path) -> Option<String> {
     let text = path.to_str().filter(|t| crate::vsphere::is_vsphere(t))?;
-    crate::vsphere::SourceUrl::parse(text)
+    crate::vsphere::SourceUrl::parse(&crate::vsphere::inventory::selection_address(text))
         .ok()
         .map(|u| u.authority())
 }
 
-/// VMs of each vSphere host running now, held to `parallel_per_host`.
-struct HostSlots {
+/// Ingests running now per vSphere host or per datastore, held to a limit: a VM takes its
+/// slots all at once (so two VMs never hold some of each other's), and waits while any is
+/// full.
+struct Slots {
     running: Mutex<BTreeMap<String, usize>>,
     freed: std::sync::Condvar,
     limit: usize,
 }
 
-impl HostSlots {
-    fn take(&self, host: &str) {
-        let mut running = self.running.lock().unwrap();
-        while running.get(host).copied().unwrap_or(0) >= self.limit {
-            running = self.freed.wait(running).unwrap();
+impl Slots {
+    fn new(limit: usize) -> Slots {
+        Slots {
+            running: Mutex::default(),
+            freed: std::sync::Condvar::new(),
+            limit,
         }
-        *running.entry(host.to_string()).or_default() += 1;
     }
 
-    fn give_back(&self, host: &str) {
+    fn take(&self, keys: &[String]) {
         let mut running = self.running.lock().unwrap();
-        if let Some(n) = running.get_mut(host) {
-            *n -= 1;
+        while keys
+            .iter()
+            .any(|k| running.get(k).copied().unwrap_or(0) >= self.limit)
+        {
+            running = self.freed.wait(running).unwrap();
+        }
+        for k in keys {
+            *running.entry(k.clone()).or_default() += 1;
+        }
+    }
+
+    fn give_back(&self, keys: &[String]) {
+        let mut running = self.running.lock().unwrap();
+        for k in keys {
+            if let Some(n) = running.get_mut(k) {
+                *n -= 1;
+            }
         }
         self.freed.notify_all();
     }
+}
+
+/// The slot keys of the datastores the VM of `c` uses (`host:port/[ds]`): empty when the
+/// limit cannot bind (it is at least `parallel`) or the host cannot say (the ingest then
+/// reports why).
+fn datastore_keys(job: &JobFile, c: Option<&crate::vsphere::Connect>) -> Vec<String> {
+    let Some(c) = c.filter(|_| job.parallel_per_datastore < job.parallel) else {
+        return Vec::new();
+    };
+    let mut keys: Vec<String> = crate::vsphere::inventory::datastores(c)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|ds| format!("{}/[{ds}]", c.url.authority()))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// A job's entry after folders and patterns on vSphere hosts are expanded: a VM to back up,
+/// or an entry that could not be expanded, with why.
+enum Entry {
+    Vm(PathBuf),
+    Unexpanded(PathBuf, Error),
+}
+
+/// The job's VMs with its vSphere folders and patterns expanded on their hosts (in place, in
+/// job order), exclusions applied to what they expand to.
+fn expand_on_hosts(job: &JobFile, paths: Vec<PathBuf>, connect: &Connector<'_>) -> Vec<Entry> {
+    let excluded: Vec<glob::Pattern> = job
+        .exclude
+        .iter()
+        .filter_map(|p| glob::Pattern::new(p).ok())
+        .collect();
+    // A VM named twice (by itself and in a folder, say) is backed up once: vSphere addresses
+    // are compared as written back from their parts (the port spelled out).
+    let canonical = |path: &Path| {
+        path.to_str()
+            .filter(|t| crate::vsphere::is_vsphere(t))
+            .and_then(|t| crate::vsphere::SourceUrl::parse(t).ok())
+            .map_or_else(
+                || path.to_path_buf(),
+                |u| PathBuf::from(u.with_vm(&u.vm_elements())),
+            )
+    };
+    let mut out: Vec<Entry> = Vec::new();
+    let mut seen: Vec<PathBuf> = Vec::new();
+    for path in paths {
+        let text = path.to_str().unwrap_or("");
+        if !crate::vsphere::is_vsphere(text) || !crate::vsphere::inventory::is_selection(text) {
+            let key = canonical(&path);
+            if !seen.contains(&key) {
+                seen.push(key);
+                out.push(Entry::Vm(path));
+            }
+            continue;
+        }
+        let address = PathBuf::from(crate::vsphere::inventory::selection_address(text));
+        let expanded = connect(&address, &job.settings_for(&address)).and_then(|c| {
+            let c = c.ok_or_else(|| Error::Usage(format!("{text} is not a vSphere address")))?;
+            crate::vsphere::inventory::expand(&c)
+        });
+        match expanded {
+            Ok(vms) => {
+                for vm in vms.into_iter().map(PathBuf::from) {
+                    let key = canonical(&vm);
+                    if excluded.iter().any(|x| x.matches_path(&vm)) || seen.contains(&key) {
+                        continue;
+                    }
+                    seen.push(key);
+                    out.push(Entry::Vm(vm));
+                }
+            }
+            Err(e) => out.push(Entry::Unexpanded(path, e)),
+        }
+    }
+    out
 }
 
 /// Opens a `[[copy]]` destination (its passphrase as the entry says).
@@ -373,18 +482,15 @@ pub fn run(
     progress: &(dyn Progress + Sync),
 ) -> Result<RunReport> {
     let started = now();
-    let paths = job.expand()?;
+    let paths = expand_on_hosts(job, job.expand()?, connect);
     let repo = open(&job.repository, crate::repo::lock::LockMode::Shared)?;
     let outcomes: Mutex<Vec<Option<VmOutcome>>> = Mutex::new(vec![None; paths.len()]);
     let next = Mutex::new(0usize);
     // When the last VM started (for `stagger`).
     let last_start: Mutex<Option<Instant>> = Mutex::new(None);
     let quiet = NoProgress;
-    let hosts = HostSlots {
-        running: Mutex::default(),
-        freed: std::sync::Condvar::new(),
-        limit: job.parallel_per_host,
-    };
+    let hosts = Slots::new(job.parallel_per_host);
+    let datastores = Slots::new(job.parallel_per_datastore);
     std::thread::scope(|scope| {
         for _ in 0..job.parallel.min(paths.len()).max(1) {
             scope.spawn(|| loop {
@@ -394,7 +500,22 @@ pub fn run(
                     *n += 1;
                     i
                 };
-                let Some(path) = paths.get(i) else { break };
+                let path = match paths.get(i) {
+                    None => break,
+                    Some(Entry::Vm(path)) => path,
+                    Some(Entry::Unexpanded(path, e)) => {
+                        let e = e.spelled(Spelling::JobFile);
+                        progress.note(&format!("failed: {}: {e}", path.display()));
+                        outcomes.lock().unwrap()[i] = Some(VmOutcome {
+                            path: path.display().to_string(),
+                            status: "failed".into(),
+                            error: Some(e),
+                            report: None,
+                            seconds: 0.0,
+                        });
+                        continue;
+                    }
+                };
                 if job.stagger > 0 {
                     // Each start waits for the previous one plus `stagger`; the lock is held
                     // while waiting so starts stay in job order.
@@ -412,14 +533,15 @@ pub fn run(
                 }
                 let s = job.settings_for(path);
                 let mut opts = s.ingest_options(job.datastore_map(), interrupt, workers);
-                let host = vsphere_host(path);
-                if let Some(h) = &host {
-                    hosts.take(h);
-                }
-                progress.note(&format!("== {}", path.display()));
+                let host: Vec<String> = vsphere_host(path).into_iter().collect();
+                hosts.take(&host);
+                let connected = connect(path, &s);
+                let stores = datastore_keys(job, connected.as_ref().ok().and_then(Option::as_ref));
+                datastores.take(&stores);
                 let began = Instant::now();
+                progress.note(&format!("== {}", path.display()));
                 let shown: &dyn Progress = if job.parallel == 1 { progress } else { &quiet };
-                let result = connect(path, &s)
+                let result = connected
                     .and_then(|c| {
                         opts.vsphere = c;
                         ingest(&repo, path, &opts, shown)
@@ -428,9 +550,8 @@ pub fn run(
                         r.healed = crate::maintain::repair::heal_after_ingest(&repo, shown);
                         r
                     });
-                if let Some(h) = &host {
-                    hosts.give_back(h);
-                }
+                datastores.give_back(&stores);
+                hosts.give_back(&host);
                 let outcome = match result {
                     Ok(r) => {
                         let hook = r.hook_failure().map(|e| e.to_string());
@@ -637,10 +758,18 @@ pub fn dry_run(job: &JobFile) -> Result<Vec<DryVm>> {
         if let Some(host) = vsphere_host(&path) {
             // Not contacted: a dry run takes no snapshot.
             d.vm = Ok(s.name.clone().unwrap_or_else(|| JobFile::key_of(&path)));
-            d.warnings.push(format!(
-                "a VM on the vSphere host {host}: not contacted by a dry run (the run takes \
-                 its snapshot and reads it over HTTPS)"
-            ));
+            d.warnings
+                .push(if crate::vsphere::inventory::is_selection(&d.path) {
+                    format!(
+                        "VMs on the vSphere host {host} named by folder or pattern: listed on \
+                         the host when the job runs (a dry run does not contact it)"
+                    )
+                } else {
+                    format!(
+                        "a VM on the vSphere host {host}: not contacted by a dry run (the run \
+                         takes its snapshot and reads it over HTTPS)"
+                    )
+                });
             out.push(d);
             continue;
         }

@@ -144,16 +144,108 @@ pub fn logout(soap: &Soap, sc: &ServiceContent) {
     );
 }
 
-/// The VM at `inventory_path`, or `None`.
-pub fn find_vm(soap: &Soap, sc: &ServiceContent, inventory_path: &str) -> Result<Option<MoRef>> {
+/// The object at `inventory_path` (a VM, a folder, a vApp, ...), or `None`.
+pub fn find_by_path(
+    soap: &Soap,
+    sc: &ServiceContent,
+    inventory_path: &str,
+) -> Result<Option<MoRef>> {
     let r = soap.call(
         "FindByInventoryPath",
         &sc.search_index,
         &element("inventoryPath", inventory_path),
     )?;
-    Ok(r.child("returnval")
-        .and_then(MoRef::of)
-        .filter(|m| m.kind == "VirtualMachine"))
+    Ok(r.child("returnval").and_then(MoRef::of))
+}
+
+/// The VM at `inventory_path`, or `None`.
+pub fn find_vm(soap: &Soap, sc: &ServiceContent, inventory_path: &str) -> Result<Option<MoRef>> {
+    Ok(find_by_path(soap, sc, inventory_path)?.filter(|m| m.kind == "VirtualMachine"))
+}
+
+/// The managed object references a property holds (`childEntity`, `datastore`, `vm`).
+pub fn references(props: &[(String, Node)], name: &str) -> Vec<MoRef> {
+    prop(props, name)
+        .map(|v| v.children.iter().filter_map(MoRef::of).collect())
+        .unwrap_or_default()
+}
+
+/// An inventory object with its name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entity {
+    /// The object.
+    pub mo: MoRef,
+    /// Its name.
+    pub name: String,
+    /// A VM template (which cannot be snapshotted, so is not backed up).
+    pub template: bool,
+}
+
+/// The name (and, for VMs, whether each is a template) of each of `objects`, asked in one
+/// request and its continuations, in the host's order; an object the host no longer knows
+/// is left out.
+pub fn entities_of(soap: &Soap, sc: &ServiceContent, objects: &[MoRef]) -> Result<Vec<Entity>> {
+    if objects.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut kinds: Vec<&str> = objects.iter().map(|o| o.kind.as_str()).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let prop_sets: String = kinds
+        .iter()
+        .map(|k| {
+            let template = if *k == "VirtualMachine" {
+                element("pathSet", "config.template")
+            } else {
+                String::new()
+            };
+            format!(
+                "<propSet>{}{}{template}</propSet>",
+                element("type", k),
+                element("pathSet", "name")
+            )
+        })
+        .collect();
+    let object_sets: String = objects
+        .iter()
+        .map(|o| {
+            format!(
+                "<objectSet>{}<skip>false</skip></objectSet>",
+                mo_ref("obj", o)
+            )
+        })
+        .collect();
+    let args = format!("<specSet>{prop_sets}{object_sets}</specSet><options></options>");
+    let mut answer = soap.call("RetrievePropertiesEx", &sc.property_collector, &args)?;
+    let mut out = Vec::new();
+    while let Some(rv) = answer.child("returnval") {
+        for o in rv.all("objects") {
+            let Some(mo) = o.child("obj").and_then(MoRef::of) else {
+                continue;
+            };
+            let value = |name: &str| {
+                o.all("propSet")
+                    .find(|p| p.text_at("name") == Some(name))
+                    .and_then(|p| p.text_at("val"))
+            };
+            if let Some(name) = value("name") {
+                out.push(Entity {
+                    template: value("config.template") == Some("true"),
+                    name: name.to_string(),
+                    mo,
+                });
+            }
+        }
+        let Some(token) = rv.text_at("token").map(str::to_string) else {
+            break;
+        };
+        answer = soap.call(
+            "ContinueRetrievePropertiesEx",
+            &sc.property_collector,
+            &element("token", &token),
+        )?;
+    }
+    Ok(out)
 }
 
 /// Reads `paths` of `obj`; returns (name, value) pairs for the properties that are set.

@@ -170,9 +170,10 @@ impl std::fmt::Debug for Connect {
     }
 }
 
-struct Session {
-    soap: Soap,
-    sc: ServiceContent,
+/// A logged-in connection to a host.
+pub(super) struct Session {
+    pub(super) soap: Soap,
+    pub(super) sc: ServiceContent,
 }
 
 /// A VM with vmrepo's snapshot on it and its files staged; [`FrozenVm::release`] removes the
@@ -206,7 +207,8 @@ impl Drop for Stage {
     }
 }
 
-fn connect(c: &Connect) -> Result<Arc<Session>> {
+/// Connects to `c`'s host and logs in.
+pub(super) fn connect(c: &Connect) -> Result<Arc<Session>> {
     let http = super::tls::client(&c.url.authority(), &c.trust, c.timeout)?;
     let soap = Soap::new(http, &c.url.base(), &c.url.authority());
     let sc = ServiceContent::get(&soap)?;
@@ -236,13 +238,36 @@ impl FrozenVm {
             c.url.authority(),
             sc.full_name
         ));
-        let vm = api::find_vm(soap, sc, &c.url.inventory_path)?.ok_or_else(|| {
-            soap.error(format!(
-                "no VM at {:?}; check the name (it is case-sensitive) and, on vCenter, the \
-                 datacenter and folder path",
-                c.url.inventory_path
-            ))
-        })?;
+        let found = api::find_by_path(soap, sc, &c.url.inventory_path)?;
+        let vm = match found {
+            Some(vm) if vm.kind == "VirtualMachine" => vm,
+            Some(other) => {
+                return Err(soap.error(format!(
+                    "{:?} is a {}, not a VM; a job backs up the VMs below a folder when its \
+                     address ends with `/` (or `/*` for those directly in it)",
+                    c.url.inventory_path, other.kind
+                )))
+            }
+            None if c
+                .url
+                .vm_elements()
+                .iter()
+                .any(|e| e.contains(['*', '?', '['])) =>
+            {
+                return Err(soap.error(format!(
+                    "no VM is named {:?}; a pattern names VMs in a job's `vms` (vmrepo run), \
+                     where it is expanded on the host, not here",
+                    c.url.inventory_path
+                )))
+            }
+            None => {
+                return Err(soap.error(format!(
+                    "no VM at {:?}; check the name (it is case-sensitive) and, on vCenter, the \
+                     datacenter and folder path",
+                    c.url.inventory_path
+                )))
+            }
+        };
         let before = api::vm_info(soap, sc, &vm)?;
         let mut warnings = Vec::new();
         for s in before

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod datastore;
 pub mod frozen;
+pub mod inventory;
 mod soap;
 pub mod tls;
 pub mod url;

@@ -157,6 +157,78 @@ impl SourceUrl {
     pub fn authority(&self) -> String {
         format!("{}:{}", self.host, self.port)
     }
+
+    /// The VM's inventory path below `DATACENTER/vm`, one element per folder and the VM's
+    /// name last (as written, not escaped).
+    pub fn vm_elements(&self) -> Vec<String> {
+        self.inventory_path
+            .splitn(3, '/')
+            .nth(2)
+            .unwrap_or("")
+            .split('/')
+            .map(unescape_inventory)
+            .collect()
+    }
+
+    /// The address of the VM at `elements` (below `DATACENTER/vm`) on the same host, for the
+    /// same user: what a job's folder or pattern expands to.
+    pub fn with_vm(&self, elements: &[String]) -> String {
+        let path: Vec<String> = match self.endpoint {
+            Endpoint::Esxi => elements.iter().map(|e| percent_encode(e)).collect(),
+            Endpoint::Vcenter => [self.datacenter.clone(), "vm".to_string()]
+                .iter()
+                .chain(elements)
+                .map(|e| percent_encode(e))
+                .collect(),
+        };
+        let scheme = match self.endpoint {
+            Endpoint::Esxi => "esxi",
+            Endpoint::Vcenter => "vcenter",
+        };
+        format!(
+            "{scheme}://{}@{}:{}/{}",
+            percent_encode(&self.user),
+            self.host,
+            self.port,
+            path.join("/")
+        )
+    }
+}
+
+/// `s` with everything but unreserved characters (RFC 3986) written as `%XX`.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// The name an inventory path element stands for (`%2f` is `/`, `%25` is `%`).
+fn unescape_inventory(element: &str) -> String {
+    let mut out = String::with_capacity(element.len());
+    let mut rest = element;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let esc = rest.get(at..at + 3).unwrap_or("");
+        if esc.eq_ignore_ascii_case("%2f") {
+            out.push('/');
+            rest = &rest[at + 3..];
+        } else if esc == "%25" {
+            out.push('%');
+            rest = &rest[at + 3..];
+        } else {
+            out.push('%');
+            rest = &rest[at + 1..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 impl std::fmt::Display for SourceUrl {
@@ -204,6 +276,26 @@ mod tests {
         assert_eq!(v.datacenter, "DC0");
         assert_eq!(v.inventory_path, "DC0/vm/prod/db one");
         assert_eq!(v.vm, "db one");
+    }
+
+    #[test]
+    fn vm_addresses_are_built_back_from_inventory_elements() {
+        let v = SourceUrl::parse("vcenter://a%40b@vc:8443/DC0/vm/prod/%2A").unwrap();
+        let names = ["prod".to_string(), "db/one %x".to_string()];
+        let url = v.with_vm(&names);
+        assert_eq!(url, "vcenter://a%40b@vc:8443/DC0/vm/prod/db%2Fone%20%25x");
+        let back = SourceUrl::parse(&url).unwrap();
+        assert_eq!(back.vm_elements(), names);
+        assert_eq!(back.user, "a@b");
+        assert_eq!(back.inventory_path, "DC0/vm/prod/db%2fone %25x");
+        let e = SourceUrl::parse("esxi://root@h/*").unwrap();
+        assert_eq!(e.vm_elements(), ["*"]);
+        let one = e.with_vm(&["web 1".to_string()]);
+        assert_eq!(one, "esxi://root@h:443/web%201");
+        assert_eq!(
+            SourceUrl::parse(&one).unwrap().inventory_path,
+            "ha-datacenter/vm/web 1"
+        );
     }
 
     #[test]
