@@ -356,6 +356,21 @@ fn a_host_that_is_not_the_one_pinned_a_wrong_password_or_a_snapshot_under_strict
         "{}",
         r.stderr
     );
+    // A CA that did not sign the host's certificate (the host's own certificate as the
+    // anchor), and a CA file holding no certificate.
+    let not_its_ca = sim.get("VSIM_CA").replace("ca.pem", "cert.pem");
+    let r = sim.vmrepo(&["ingest", repo_s, &url, "--tls-ca", &not_its_ca]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("UnknownIssuer"), "{}", r.stderr);
+    let junk = t.path().join("junk.pem");
+    fs::write(&junk, "not a certificate\n").unwrap();
+    let r = sim.vmrepo(&["ingest", repo_s, &url, "--tls-ca", junk.to_str().unwrap()]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("junk.pem holds no PEM certificate"),
+        "{}",
+        r.stderr
+    );
     // A password in the address is refused before anything is sent.
     let r = sim.vmrepo(&["ingest", repo_s, &url.replace("root@", "root:secret@")]);
     assert_eq!(r.code, 1);

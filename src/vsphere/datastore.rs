@@ -13,6 +13,24 @@ use crate::source::RandomRead;
 /// Attempts per request before a read fails (timeouts, resets, 5xx, 429).
 const ATTEMPTS: u32 = 4;
 
+/// What went wrong on the way to the host, with the causes ureq gives.
+fn transport(t: &ureq::Transport) -> String {
+    let mut out = t.to_string();
+    let mut src = std::error::Error::source(t);
+    while let Some(e) = src {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        src = e.source();
+    }
+    if matches!(t.kind(), ureq::ErrorKind::Io) && out.contains("timed out") {
+        out.push_str(" (the host did not answer in time)");
+    }
+    out
+}
+
 /// `[datastore] dir/file` split into its datastore and path.
 pub fn split_datastore_path(name: &str) -> Option<(&str, &str)> {
     let rest = name.strip_prefix('[')?;
@@ -67,8 +85,8 @@ fn encode_query(v: &str) -> String {
 /// How to reach one host's datastores.
 #[derive(Clone)]
 pub struct Datastores {
-    /// The HTTP client (the SOAP session's).
-    pub http: reqwest::blocking::Client,
+    /// The HTTPS agent for the datastore files (trusting as the SOAP session does).
+    pub agent: ureq::Agent,
     /// `https://host:port`.
     pub base: String,
     /// `host:port`, for messages.
@@ -120,40 +138,45 @@ impl Datastores {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_millis(200 << attempt));
             }
-            let mut req = self.http.get(&url);
+            let mut req = self.agent.get(&url);
             if let Some(c) = &self.cookie {
-                req = req.header("Cookie", c);
+                req = req.set("Cookie", c);
             }
             if let Some((off, len)) = range {
-                req = req.header("Range", format!("bytes={}-{}", off, off + len - 1));
+                req = req.set("Range", &format!("bytes={}-{}", off, off + len - 1));
             }
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let resp = match req.send() {
+            let resp = match req.call() {
                 Ok(r) => r,
-                Err(e) => {
-                    last = super::soap::transport(&e);
+                Err(ureq::Error::Status(status, _)) => {
+                    if status >= 500 || status == 429 {
+                        last = format!("HTTP {status}");
+                        continue;
+                    }
+                    if status == 404 {
+                        return Err(
+                            self.error(format!("{name}: no such file on the datastore (HTTP 404)"))
+                        );
+                    }
+                    if status == 401 || status == 403 {
+                        return Err(self.error(format!(
+                            "{name}: reading the datastore was refused (HTTP {status}); the user \
+                             needs the Datastore.Browse privilege"
+                        )));
+                    }
+                    return Err(self.error(format!("{name}: unexpected answer HTTP {status}")));
+                }
+                Err(ureq::Error::Transport(t)) => {
+                    last = transport(&t);
                     continue;
                 }
             };
             let status = resp.status();
-            if status.is_server_error() || status.as_u16() == 429 {
-                last = format!("HTTP {status}");
-                continue;
-            }
-            if status.as_u16() == 404 {
-                return Err(self.error(format!("{name}: no such file on the datastore (HTTP 404)")));
-            }
-            if status.as_u16() == 401 || status.as_u16() == 403 {
-                return Err(self.error(format!(
-                    "{name}: reading the datastore was refused (HTTP {status}); the user needs \
-                     the Datastore.Browse privilege"
-                )));
-            }
-            let ranged = status.as_u16() == 206;
-            if !(ranged || (status.as_u16() == 200 && range.is_none_or(|(o, _)| o == 0))) {
+            let ranged = status == 206;
+            if !(ranged || (status == 200 && range.is_none_or(|(o, _)| o == 0))) {
                 return Err(self.error(format!("{name}: unexpected answer HTTP {status}")));
             }
-            let mut body = resp.take(into.len() as u64 + 1);
+            let mut body = resp.into_reader();
             let mut got = 0;
             let mut failed = None;
             while got < into.len() {
@@ -167,6 +190,10 @@ impl Datastores {
                 }
             }
             self.counters.bytes.fetch_add(got as u64, Ordering::Relaxed);
+            if failed.is_none() && got == into.len() {
+                // The end of the body, which gives the connection back for the next request.
+                let _ = body.read(&mut [0u8; 1]);
+            }
             if let Some(e) = failed {
                 last = format!("the connection broke after {got} bytes: {e}");
                 continue;
@@ -197,26 +224,24 @@ impl Datastores {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_millis(200 << attempt));
             }
-            let mut req = self.http.get(&url).header("Range", "bytes=0-0");
+            let mut req = self.agent.get(&url).set("Range", "bytes=0-0");
             if let Some(c) = &self.cookie {
-                req = req.header("Cookie", c);
+                req = req.set("Cookie", c);
             }
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let resp = match req.send() {
-                Ok(r) => r,
-                Err(e) => {
-                    last = super::soap::transport(&e);
+            let (status, resp) = match req.call() {
+                Ok(r) => (r.status(), Some(r)),
+                Err(ureq::Error::Status(status, _)) => (status, None),
+                Err(ureq::Error::Transport(t)) => {
+                    last = transport(&t);
                     continue;
                 }
             };
-            let status = resp.status().as_u16();
-            match status {
-                404 => return Ok(None),
-                206 => {
+            match (status, resp) {
+                (404, _) => return Ok(None),
+                (206, Some(resp)) => {
                     let total = resp
-                        .headers()
-                        .get("content-range")
-                        .and_then(|v| v.to_str().ok())
+                        .header("content-range")
                         .and_then(|v| v.rsplit('/').next())
                         .and_then(|t| t.trim().parse::<u64>().ok());
                     return total.map(Some).ok_or_else(|| {
@@ -225,16 +250,20 @@ impl Datastores {
                         ))
                     });
                 }
-                200 => {
-                    return resp.content_length().map(Some).ok_or_else(|| {
-                        self.error(format!(
-                            "{name}: the host ignored a range request and gave no size"
-                        ))
-                    })
+                (200, Some(resp)) => {
+                    return resp
+                        .header("content-length")
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(Some)
+                        .ok_or_else(|| {
+                            self.error(format!(
+                                "{name}: the host ignored a range request and gave no size"
+                            ))
+                        })
                 }
                 // An empty file cannot satisfy a range.
-                416 => return Ok(Some(0)),
-                500..=599 | 429 => last = format!("HTTP {status}"),
+                (416, _) => return Ok(Some(0)),
+                (500..=599 | 429, _) => last = format!("HTTP {status}"),
                 _ => {
                     return Err(self.error(format!(
                         "{name}: unexpected answer HTTP {status} (the user needs the \

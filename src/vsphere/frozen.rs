@@ -390,7 +390,7 @@ impl FrozenVm {
         let mut stager = Stager {
             soap,
             stores: Datastores {
-                http: soap.http().clone(),
+                agent: super::tls::agent(&c.url.authority(), &c.trust, c.timeout)?,
                 base: soap.base().to_string(),
                 host: c.url.authority(),
                 cookie: soap.cookie(),

@@ -38,11 +38,6 @@ impl Soap {
         }
     }
 
-    /// The HTTP client (shared with datastore reads).
-    pub fn http(&self) -> &reqwest::blocking::Client {
-        &self.http
-    }
-
     /// `host:port`, for messages.
     pub fn host(&self) -> &str {
         &self.host
