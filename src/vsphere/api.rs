@@ -735,4 +735,79 @@ mod tests {
             ("sata1:3", "[ds1] web/web_1.vmdk")
         );
     }
+
+    /// A host on loopback (plain HTTP) that answers one SOAP request with HTTP 500 and
+    /// `body`; returns its base address.
+    fn host_answering(body: &'static str) -> String {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(conn);
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut request = vec![0u8; length];
+            reader.read_exact(&mut request).unwrap();
+            let mut conn = reader.into_inner();
+            write!(
+                conn,
+                "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/xml\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        });
+        base
+    }
+
+    /// Free ESXi answers `CreateSnapshot_Task` with a `RestrictedVersion` fault (the fault and
+    /// text as such a host sends them); the error says why and points to the ssh scheme.
+    #[test]
+    fn a_free_esxi_refusing_snapshots_is_named_with_the_way_that_works() {
+        let base = host_answering(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+             <soapenv:Envelope xmlns:soapenv=\"http://schemas.xmlsoap.org/soap/envelope/\" \
+             xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\"><soapenv:Body><soapenv:Fault>\
+             <faultcode>ServerFaultCode</faultcode><faultstring>Current license or ESXi version \
+             prohibits execution of the requested operation.</faultstring><detail>\
+             <RestrictedVersionFault xmlns=\"urn:vim25\" xsi:type=\"RestrictedVersion\">\
+             </RestrictedVersionFault></detail></soapenv:Fault></soapenv:Body></soapenv:Envelope>",
+        );
+        let soap = Soap::new(reqwest::blocking::Client::new(), &base, "esxi01:443");
+        let sc = ServiceContent {
+            api_type: "HostAgent".into(),
+            full_name: "VMware ESXi 8.0.2".into(),
+            property_collector: MoRef::new("PropertyCollector", "ha-property-collector"),
+            session_manager: MoRef::new("SessionManager", "ha-sessionmgr"),
+            search_index: MoRef::new("SearchIndex", "ha-searchindex"),
+        };
+        let e = create_snapshot(
+            &soap,
+            &sc,
+            &MoRef::new("VirtualMachine", "1"),
+            "vmrepo-backup-x",
+            "test",
+            false,
+            Duration::from_secs(5),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("esxi01:443"), "{e}");
+        assert!(
+            e.contains("Current license or ESXi version prohibits"),
+            "{e}"
+        );
+        assert!(e.contains("a free ESXi licence does not allow it"), "{e}");
+        assert!(e.contains("ssh + vim-cmd scheme of docs/NIGHTLY.md"), "{e}");
+    }
 }
