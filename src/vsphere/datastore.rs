@@ -15,16 +15,7 @@ const ATTEMPTS: u32 = 4;
 
 /// What went wrong on the way to the host, with the causes ureq gives.
 fn transport(t: &ureq::Transport) -> String {
-    let mut out = t.to_string();
-    let mut src = std::error::Error::source(t);
-    while let Some(e) = src {
-        let text = e.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        src = e.source();
-    }
+    let mut out = super::soap::with_causes(t);
     if matches!(t.kind(), ureq::ErrorKind::Io) && out.contains("timed out") {
         out.push_str(" (the host did not answer in time)");
     }

@@ -170,10 +170,11 @@ impl Soap {
     }
 }
 
-/// A transport error with its causes (the TLS verifier's reason is deep in the chain).
-pub fn transport(e: &reqwest::Error) -> String {
+/// An error with the causes it carries, each said once (the TLS verifier's reason is deep in
+/// the chain).
+pub fn with_causes(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
-    let mut src = std::error::Error::source(e);
+    let mut src = e.source();
     while let Some(s) = src {
         let t = s.to_string();
         if !out.contains(&t) {
@@ -182,6 +183,12 @@ pub fn transport(e: &reqwest::Error) -> String {
         }
         src = s.source();
     }
+    out
+}
+
+/// A transport error with its causes.
+fn transport(e: &reqwest::Error) -> String {
+    let mut out = with_causes(e);
     if e.is_timeout() {
         out.push_str(" (the host did not answer in time)");
     }
