@@ -708,7 +708,8 @@ fn a_job_names_vcenter_folders_and_patterns_and_leaves_templates_out() {
         &job,
         format!(
             "repository = \"{}\"\nstatus_file = \"{}\"\n\
-             vms = [\"{dc}/Prod/\", \"{dc}/Prod/Sub/deep\", \"{dc}/*\", \"{dc}/Gone/\"]\n\n\
+             vms = [\"{dc}/Prod/\", \"{dc}/Prod/Sub/deep\", \"{dc}/*\", \"{dc}/Gone/\", \
+             \"vcenter://root@127.0.0.1:1/DC0/vm/\"]\n\n\
              [defaults]\ntls_thumbprint = \"{}\"\nsource_password_file = \"{}\"\n",
             repo.display(),
             status.display(),
@@ -739,10 +740,11 @@ fn a_job_names_vcenter_folders_and_patterns_and_leaves_templates_out() {
         })
         .collect();
     // The folder gives both VMs below it; the VM named again is backed up once; `*` finds
-    // only the template at the top and leaves it out; the missing folder is an error.
+    // only the template at the top and leaves it out; the missing folder is an error, and so
+    // is a host that cannot be reached: each fails as its own entry.
     let port = host.rsplit(':').next().unwrap();
     let at = |path: &str| format!("vcenter://root@127.0.0.1:{port}/DC0/vm/{path}");
-    assert_eq!(outcomes.len(), 4, "{outcomes:?}");
+    assert_eq!(outcomes.len(), 5, "{outcomes:?}");
     assert_eq!(outcomes[0].0, at("Prod/DC0_H0_VM0"));
     assert_eq!(outcomes[1].0, at("Prod/Sub/deep"));
     assert_eq!(
@@ -754,6 +756,12 @@ fn a_job_names_vcenter_folders_and_patterns_and_leaves_templates_out() {
     assert_eq!(outcomes[3].1, "failed");
     assert!(
         outcomes[3].2.contains("no folder at \"DC0/vm/Gone\""),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[4].1, "failed");
+    assert!(
+        outcomes[4].2.starts_with("vSphere 127.0.0.1:1: ")
+            && outcomes[4].2.to_lowercase().contains("connect"),
         "{outcomes:?}"
     );
     assert_eq!(generations(&repo, "DC0_H0_VM1"), Vec::<String>::new());
