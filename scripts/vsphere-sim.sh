@@ -10,13 +10,15 @@
 # VSIM_THUMBPRINT (the host certificate's SHA-256 fingerprint, as `openssl x509 -noout
 # -fingerprint -sha256` prints it), VSIM_CA (the CA that signed it, PEM), VSIM_DC (datacenter),
 # VSIM_DS (the VMs' datastore), VSIM_DS_DIR (its directory on this machine), VSIM_DS1 and
-# VSIM_DS1_DIR (a second, empty datastore), VSIM_PID.
+# VSIM_DS1_DIR (a second, empty datastore), VSIM_CBT_DIR (where a test writes VMNAME.json, the
+# changed areas the simulator's stand-in for QueryChangedDiskAreas answers; see main.go),
+# VSIM_PID.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 build=${VSIM_BUILD:-${XDG_CACHE_HOME:-$HOME/.cache}/vmrepo-vsphere-sim}
 bin=$build/vsphere-sim
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 install() {
     if ! command -v go >/dev/null || [ ! -d /usr/share/gocode/src/github.com/vmware/govmomi ]; then
@@ -38,7 +40,7 @@ install() {
 start() {
     local dir=$1 mode=${2:-esx}
     [ -x "$bin" ] || { echo "vsphere-sim: not built; run: $0 install" >&2; exit 1; }
-    mkdir -p "$dir/tmp"
+    mkdir -p "$dir/tmp" "$dir/cbt"
     dir=$(cd "$dir" && pwd)
     # A CA of its own (VSIM_CA, for --tls-ca) and the host's certificate it signs (whose
     # fingerprint is VSIM_THUMBPRINT, for --tls-thumbprint), as a site CA would issue it.
@@ -51,7 +53,7 @@ start() {
         -CAcreateserial -days 2 -extfile "$dir/host.ext" -out "$dir/cert.pem" 2>/dev/null
     local password=vmrepo-test-$RANDOM
     TMPDIR=$dir/tmp setsid "$bin" -listen 127.0.0.1:0 -cert "$dir/cert.pem" -key "$dir/key.pem" \
-        -user root -pass "$password" -mode "$mode" >"$dir/out" 2>"$dir/log" &
+        -user root -pass "$password" -mode "$mode" -cbt "$dir/cbt" >"$dir/out" 2>"$dir/log" &
     local pid=$!
     for _ in $(seq 100); do
         grep -q '^VSIM_ADDR=' "$dir/out" 2>/dev/null && break
@@ -80,6 +82,7 @@ VSIM_DS=LocalDS_0
 VSIM_DS_DIR=$ds_dir
 VSIM_DS1=LocalDS_1
 VSIM_DS1_DIR=$ds1_dir
+VSIM_CBT_DIR=$dir/cbt
 VSIM_PID=$pid
 EOT
     echo "$dir/env"

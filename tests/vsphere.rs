@@ -786,6 +786,101 @@ fn a_job_names_vcenter_folders_and_patterns_and_leaves_templates_out() {
     assert!(r.stderr.contains("is a Folder, not a VM"), "{}", r.stderr);
 }
 
+/// Changed-block tracking end to end. The simulator does not implement QueryChangedDiskAreas;
+/// its wrapper (scripts/vsphere-sim/main.go) answers it, as the API reference shapes the
+/// answer, from the areas this test writes to VSIM_CBT_DIR, and the probe gives the VM's disk
+/// each night's change id as a host would.
+#[test]
+fn changed_block_tracking_reads_only_what_changed_and_a_reset_reads_it_all() {
+    let t = tempfile::tempdir().unwrap();
+    let sim = Sim::start();
+    let repo = repo(t.path());
+    const MIB: u64 = 1 << 20;
+    let size = 16 * MIB;
+    let dir = flat_vm(&sim, "ha-host_VM0", size, &[(0, 8 << 20, 61)]);
+    let disk = dir.join("disk1-flat.vmdk");
+    let cbt = PathBuf::from(sim.get("VSIM_CBT_DIR")).join("ha-host_VM0.json");
+    let areas = |since: &[(&str, &[(u64, u64)])]| {
+        let since: Vec<String> = since
+            .iter()
+            .map(|(id, a)| {
+                let list: Vec<String> = a.iter().map(|(s, l)| format!("[{s}, {l}]")).collect();
+                format!("\"{id}\": [{}]", list.join(", "))
+            })
+            .collect();
+        fs::write(
+            &cbt,
+            format!(
+                "{{\"capacity\": {size}, \"since\": {{{}}}}}",
+                since.join(", ")
+            ),
+        )
+        .unwrap();
+    };
+    let write = |at: u64, len: usize, seed: u64| {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(&bytes(len, seed), at).unwrap();
+    };
+    // One night: the ingest's JSON report and its messages.
+    let night = |change_id: &str| {
+        sim.probe(&["cbt", "ha-host_VM0", change_id, &size.to_string()]);
+        let r = sim.vmrepo(&[
+            "ingest",
+            repo.to_str().unwrap(),
+            &sim.url("ha-host_VM0"),
+            "--tls-thumbprint",
+            &sim.get("VSIM_THUMBPRINT"),
+            "--json",
+        ]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let received = r.json()["host_traffic"]["bytes_down"].as_u64().unwrap();
+        let out = t.path().join(change_id.replace(' ', "_"));
+        vmrepo([s("extract"), p(&repo), s("ha-host_VM0"), p(&out)]).ok();
+        assert!(same_file(&disk, &out.join("disk1-flat.vmdk")));
+        assert_eq!(sim.snapshots("ha-host_VM0"), Vec::<String>::new());
+        (received, r.stderr)
+    };
+    // The small files (.vmx, .nvram, log, descriptor) cross the wire every night.
+    let small = 64 * 1024;
+
+    // First night: only the areas in use are read.
+    areas(&[("*", &[(0, 8 * MIB)])]);
+    let (received, log) = night("52 00/1");
+    assert!(
+        log.contains("changed-block tracking says 8388608 bytes are in use"),
+        "{log}"
+    );
+    assert!((8 * MIB..8 * MIB + small).contains(&received), "{received}");
+
+    // Second night: 1 MiB rewritten inside the data, 64 KiB written where the disk was
+    // zero. Only those, with the few KiB around them a patch needs, are read.
+    write(3 * MIB, 1 << 20, 62);
+    write(12 * MIB, 64 << 10, 63);
+    areas(&[("52 00/1", &[(3 * MIB, MIB), (12 * MIB, 64 << 10)])]);
+    let (received, log) = night("52 00/2");
+    assert!(
+        log.contains("changed-block tracking names 1114112 changed bytes in 2 areas"),
+        "{log}"
+    );
+    assert!(received < 3 * MIB / 2 + small, "{received}");
+
+    // CBT reset (the host no longer knows the change id recorded): a warning, and the disk
+    // is read in full, as far as the host says it is in use.
+    write(5 * MIB, 4096, 64);
+    areas(&[("*", &[(0, 8 * MIB), (12 * MIB, 64 << 10)])]);
+    let (received, log) = night("52 00/9");
+    assert!(
+        log.contains("changed-block tracking cannot say what changed since"),
+        "{log}"
+    );
+    assert!(
+        (8 * MIB + (64 << 10)..8 * MIB + (64 << 10) + small).contains(&received),
+        "{received}"
+    );
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+}
+
 #[test]
 fn a_vm_whose_descriptor_names_host_files_is_refused_and_its_snapshot_removed() {
     let t = tempfile::tempdir().unwrap();

@@ -78,6 +78,15 @@ pub(super) fn ingest_disk(
                 return Ok(p);
             }
         }
+        // A touched segment that was all zero before holds data only where it changed since:
+        // only that is read.
+        if let Some(r) = reuse.filter(|r| r.is_touched(i) && r.segments.get(i) == ObjectId::ZERO) {
+            let within = crate::source::Within::new(d.reader.as_ref(), r.changed_in(&range));
+            let built = ingest_segment(cx, &within, range);
+            counters.segments_patched.fetch_add(1, Ordering::Relaxed);
+            done.fetch_add(1, Ordering::Relaxed);
+            return built;
+        }
         let r = ingest_segment(cx, d.reader.as_ref(), range);
         done.fetch_add(1, Ordering::Relaxed);
         r

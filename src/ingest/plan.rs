@@ -178,13 +178,21 @@ impl Reuse {
     }
 
     /// What touched segment `i` (disk bytes `range`) is expected to be read as: the context
-    /// around each change when it can be patched, else all of it.
+    /// around each change when it can be patched, the changes alone when it was all zero,
+    /// else all of it.
     pub(super) fn planned_reads(
         &self,
         i: u64,
         range: Range<u64>,
         params: &ChunkerParams,
     ) -> Vec<Range<u64>> {
+        if self.segments.get(i) == crate::repo::id::ObjectId::ZERO {
+            return self
+                .changed_in(&range)
+                .iter()
+                .map(|c| c.start.max(range.start)..c.end.min(range.end))
+                .collect();
+        }
         if !self.patchable.contains(&i) {
             return vec![range];
         }

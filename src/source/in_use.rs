@@ -1,7 +1,8 @@
-//! A disk reader whose allocation map is narrowed to the areas the disk's host says are in
-//! use (VMware changed-block tracking asked for every area, change id `*`): a thick or flat
-//! disk read over the network then skips what the guest never wrote, as a local read skips
-//! holes.
+//! A disk reader whose allocation map is narrowed to areas known to hold all its data: those
+//! the disk's host says are in use (VMware changed-block tracking asked for every area, change
+//! id `*`), so a thick or flat disk read over the network skips what the guest never wrote, as
+//! a local read skips holes; or, for a segment that was all zero in the previous generation,
+//! the areas that changed since.
 
 use std::ops::Range;
 
@@ -53,6 +54,54 @@ fn intersect(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
     out
 }
 
+/// What `inner` allocates in `range` that also lies in `areas` (sorted, disjoint).
+fn narrowed(
+    inner: &dyn DiskReader,
+    areas: &[Range<u64>],
+    range: Range<u64>,
+) -> Result<Vec<Range<u64>>> {
+    let first = areas.partition_point(|a| a.end <= range.start);
+    let last = areas.partition_point(|a| a.start < range.end);
+    let wanted = &areas[first..last.max(first)];
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(intersect(&inner.allocated(range)?, wanted))
+}
+
+/// A borrowed `inner` whose data lies only in `areas` (sorted, disjoint): one segment's
+/// changed areas when the segment was all zero before them.
+pub struct Within<'a> {
+    inner: &'a dyn DiskReader,
+    areas: &'a [Range<u64>],
+}
+
+impl<'a> Within<'a> {
+    /// `inner` narrowed to `areas`, which must be sorted and disjoint.
+    pub fn new(inner: &'a dyn DiskReader, areas: &'a [Range<u64>]) -> Within<'a> {
+        debug_assert!(areas.windows(2).all(|w| w[0].end <= w[1].start));
+        Within { inner, areas }
+    }
+}
+
+impl DiskReader for Within<'_> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+
+    fn allocated(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+        narrowed(self.inner, self.areas, range)
+    }
+
+    fn prefetch(&self, range: Range<u64>) {
+        self.inner.prefetch(range)
+    }
+}
+
 impl DiskReader for InUse {
     fn size(&self) -> u64 {
         self.inner.size()
@@ -63,13 +112,7 @@ impl DiskReader for InUse {
     }
 
     fn allocated(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
-        let first = self.areas.partition_point(|a| a.end <= range.start);
-        let last = self.areas.partition_point(|a| a.start < range.end);
-        let wanted = &self.areas[first..last.max(first)];
-        if wanted.is_empty() {
-            return Ok(Vec::new());
-        }
-        Ok(intersect(&self.inner.allocated(range)?, wanted))
+        narrowed(self.inner.as_ref(), &self.areas, range)
     }
 
     fn link_ranges(&self, level: usize) -> Option<Result<Vec<Range<u64>>>> {
@@ -124,5 +167,15 @@ mod tests {
             intersect(&[0..10, 20..30, 40..50], &[5..25, 45..60]),
             vec![5..10, 20..25, 45..50]
         );
+    }
+
+    #[test]
+    fn a_borrowed_reader_narrowed_to_changed_areas() {
+        let disk = Map(std::iter::once(0..1000).collect(), 1000);
+        let changed = [100..200, 700..710];
+        let w = Within::new(&disk, &changed);
+        assert_eq!(w.allocated(0..500).unwrap(), vec![100..200]);
+        assert_eq!(w.allocated(150..800).unwrap(), vec![150..200, 700..710]);
+        assert_eq!(w.allocated(200..700).unwrap(), Vec::<Range<u64>>::new());
     }
 }

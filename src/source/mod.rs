@@ -23,7 +23,7 @@ pub use cowd::Cowd;
 pub use extents::{ExtentDisk, ExtentSpec, ExtentTarget};
 pub use flat::FlatFile;
 pub use grain::{Grain, GrainFormat, GrainLayer};
-pub use in_use::InUse;
+pub use in_use::{InUse, Within};
 pub use limited::Limited;
 pub use qcow2::Qcow2;
 pub use sesparse::SeSparse;
