@@ -299,3 +299,36 @@ fn without_a_terminal_progress_comes_as_log_lines() {
         .clone();
     assert!(!quiet.contains("ingest quiet: "), "{quiet}");
 }
+
+#[test]
+fn a_chunk_repeated_within_a_segment_and_short_runs_restore_exactly() {
+    // Restores decode each chunk straight into place and copy its repeats from there: a
+    // pattern repeated across a segment boundary, next to unique data, short runs and holes.
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("rep.img");
+    let pattern = bytes(48 << 10, 7);
+    let mut data = bytes(1 << 20, 1);
+    for _ in 0..100 {
+        data.extend_from_slice(&pattern);
+    }
+    data.extend_from_slice(&bytes(300 << 10, 2));
+    sparse_image(&img, 16 << 20, &[]);
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&data, 2 << 20).unwrap();
+    f.write_all_at(&bytes(5000, 3), 11 << 20).unwrap();
+    f.write_all_at(&pattern[..4096], (12 << 20) + 12288)
+        .unwrap();
+    drop(f);
+    let repo = init_repo(t.path());
+    let first = ingest(&repo, &img, Some("rep"));
+    let chunks = first["stats"]["chunks_new"].as_u64().unwrap();
+    assert!(
+        chunks < (data.len() as u64 >> 14) / 2,
+        "the repeated pattern did not dedup, so this test would not repeat a chunk: {first}"
+    );
+    let out = t.path().join("out");
+    vmrepo([s("extract"), p(&repo), s("rep"), p(&out)]).ok();
+    assert!(same_file(&img, &out.join("rep.img")));
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+}

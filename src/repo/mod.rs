@@ -468,6 +468,31 @@ impl Repository {
     /// random read at a time (loading the previous versions of a change-aware ingest's
     /// touched segments, scattered over the repository).
     pub fn read_objects(&self, ids: &[ObjectId]) -> Result<Vec<Vec<u8>>> {
+        let mut out = self.read_objects_into(ids, &vec![None; ids.len()], &mut [])?;
+        Ok(out
+            .iter_mut()
+            .map(|o| o.take().expect("every object is returned"))
+            .collect())
+    }
+
+    /// Reads objects `ids` as [`Repository::read_objects`] does, except that object `k` whose
+    /// `into[k]` is a range is decoded straight into `out[range]` (the range must be exactly its
+    /// length, or that is reported as damage) and `None` is returned for it; the others are
+    /// returned. A restore decodes each chunk where it belongs, without a copy.
+    pub fn read_objects_into(
+        &self,
+        ids: &[ObjectId],
+        into: &[Option<std::ops::Range<usize>>],
+        out: &mut [u8],
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        thread_local! {
+            /// This thread's buffer for pack spans, kept so that each read does not allocate
+            /// and zero a new one.
+            static SPAN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        /// A span buffer above this is given back after its read.
+        const KEEP_SPAN: usize = 16 << 20;
+        debug_assert_eq!(ids.len(), into.len());
         let locs: Vec<Location> = self.with_index(|i| {
             ids.iter()
                 .map(|id| {
@@ -484,29 +509,48 @@ impl Repository {
                 self.reader.hint(&first.pack, first.offset, len);
             }
         }
-        let mut out: Vec<Option<Vec<u8>>> = vec![None; ids.len()];
-        for (i, j, len) in spans {
-            let first = &locs[order[i]];
-            let span =
+        let mut decoded: Vec<Option<Vec<u8>>> = vec![None; ids.len()];
+        SPAN.with(|cell| -> Result<()> {
+            let mut buf = cell.borrow_mut();
+            for &(i, j, len) in &spans {
+                let first = &locs[order[i]];
+                let len = len as usize;
+                if buf.len() < len {
+                    buf.resize(len, 0);
+                }
+                let span = &mut buf[..len];
                 self.reader
-                    .read_span(&first.pack, first.offset, len as usize, &first.header)?;
-            for &k in &order[i..j] {
-                let l = &locs[k];
-                let rel = (l.offset - first.offset) as usize;
-                let record = &span[rel..rel + record_len(l) as usize];
-                let payload = self
-                    .reader
-                    .check_record(&l.pack, l.offset, record, &l.header)?;
-                out[k] = Some(
-                    self.reader
-                        .decode_at(&l.pack, l.offset, &l.header, payload)?,
-                );
+                    .read_span_into(&first.pack, first.offset, span, &first.header)?;
+                for &k in &order[i..j] {
+                    let l = &locs[k];
+                    let rel = (l.offset - first.offset) as usize;
+                    let record = &span[rel..rel + record_len(l) as usize];
+                    let payload = self
+                        .reader
+                        .check_record(&l.pack, l.offset, record, &l.header)?;
+                    match &into[k] {
+                        Some(r) => self.reader.decode_at_into(
+                            &l.pack,
+                            l.offset,
+                            &l.header,
+                            payload,
+                            &mut out[r.clone()],
+                        )?,
+                        None => {
+                            decoded[k] = Some(
+                                self.reader
+                                    .decode_at(&l.pack, l.offset, &l.header, payload)?,
+                            )
+                        }
+                    }
+                }
             }
-        }
-        Ok(out
-            .into_iter()
-            .map(|o| o.expect("every object is in one span"))
-            .collect())
+            if buf.len() > KEEP_SPAN {
+                *buf = Vec::new();
+            }
+            Ok(())
+        })?;
+        Ok(decoded)
     }
 
     /// Asks the storage to start fetching objects `ids` ahead of their reads (the records of

@@ -247,52 +247,120 @@ pub fn encode(
 /// Decodes a payload back to plaintext (decrypting it if it is encrypted) and verifies it
 /// against the header's id.
 pub fn decode(header: &RecordHeader, payload: &[u8], keys: &Keys) -> Result<Vec<u8>> {
+    let payload = decrypted(header, payload, keys)?;
+    let data = match header.codec {
+        Codec::Raw => payload.into_owned(),
+        Codec::Zstd => {
+            let mut out = Vec::with_capacity(header.raw_len as usize);
+            decompress(header, &payload, &mut out)?;
+            out
+        }
+    };
+    verify(header, &data, keys)?;
+    Ok(data)
+}
+
+/// Decodes like [`decode`], straight into `out`, which must be exactly as long as the object's
+/// plaintext (`header.raw_len`): a restore writes each chunk where it belongs without a copy.
+pub fn decode_into(
+    header: &RecordHeader,
+    payload: &[u8],
+    keys: &Keys,
+    out: &mut [u8],
+) -> Result<()> {
+    if out.len() != header.raw_len as usize {
+        return Err(Error::Corrupt(format!(
+            "{} {} has {} bytes, where it is used {}",
+            header.kind.name(),
+            header.id.short(),
+            header.raw_len,
+            out.len()
+        )));
+    }
+    let payload = decrypted(header, payload, keys)?;
+    match header.codec {
+        Codec::Raw if payload.len() == out.len() => out.copy_from_slice(&payload),
+        Codec::Raw => {
+            return Err(Error::Corrupt(format!(
+                "{} {} decodes to {} bytes, expected {}",
+                header.kind.name(),
+                header.id.short(),
+                payload.len(),
+                header.raw_len
+            )))
+        }
+        Codec::Zstd => decompress(header, &payload, out)?,
+    }
+    verify(header, out, keys)
+}
+
+/// The payload with its encryption removed (authenticated), or as stored when the repository
+/// is not encrypted; an object whose encryption does not match the repository's is damage.
+fn decrypted<'p>(
+    header: &RecordHeader,
+    payload: &'p [u8],
+    keys: &Keys,
+) -> Result<std::borrow::Cow<'p, [u8]>> {
     let what = || format!("{} {}", header.kind.name(), header.id.short());
-    let decrypted;
-    let payload = match (header.encrypted, keys.encrypted()) {
-        (true, true) => {
-            decrypted = keys.decrypt(&header.aad(), payload).ok_or_else(|| {
+    match (header.encrypted, keys.encrypted()) {
+        (true, true) => keys
+            .decrypt(&header.aad(), payload)
+            .map(std::borrow::Cow::Owned)
+            .ok_or_else(|| {
                 Error::Corrupt(format!(
                     "{} fails authentication (altered, damaged, or written with another key)",
                     what()
                 ))
-            })?;
-            &decrypted[..]
-        }
-        (false, false) => payload,
-        (true, false) => {
-            return Err(Error::Corrupt(format!(
-                "{} is encrypted, but the repository is not",
-                what()
-            )))
-        }
-        (false, true) => {
-            return Err(Error::Corrupt(format!(
-                "{} is not encrypted, but the repository is: it was not written by this repository's owner",
-                what()
-            )))
-        }
-    };
-    let data = match header.codec {
-        Codec::Raw => payload.to_vec(),
-        Codec::Zstd => DECOMPRESSOR
-            .with(|cell| {
-                let mut slot = cell.borrow_mut();
-                if slot.is_none() {
-                    *slot = zstd::bulk::Decompressor::new().ok();
-                }
-                slot.as_mut()
-                    .ok_or_else(|| std::io::Error::other("zstd unavailable"))?
-                    .decompress(payload, header.raw_len as usize)
-            })
-            .map_err(|e| {
-                Error::Corrupt(format!(
-                    "{} {} does not decompress: {e}",
-                    header.kind.name(),
-                    header.id.short()
-                ))
-            })?,
-    };
+            }),
+        (false, false) => Ok(std::borrow::Cow::Borrowed(payload)),
+        (true, false) => Err(Error::Corrupt(format!(
+            "{} is encrypted, but the repository is not",
+            what()
+        ))),
+        (false, true) => Err(Error::Corrupt(format!(
+            "{} is not encrypted, but the repository is: it was not written by this repository's owner",
+            what()
+        ))),
+    }
+}
+
+/// Decompresses a zstd payload into `out` (a `Vec`'s spare capacity or a slice) with this
+/// thread's decompressor; the result must be exactly `header.raw_len` bytes.
+fn decompress<W: zstd::zstd_safe::WriteBuf + ?Sized>(
+    header: &RecordHeader,
+    payload: &[u8],
+    out: &mut W,
+) -> Result<()> {
+    let n = DECOMPRESSOR
+        .with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = zstd::bulk::Decompressor::new().ok();
+            }
+            slot.as_mut()
+                .ok_or_else(|| std::io::Error::other("zstd unavailable"))?
+                .decompress_to_buffer(payload, out)
+        })
+        .map_err(|e| {
+            Error::Corrupt(format!(
+                "{} {} does not decompress: {e}",
+                header.kind.name(),
+                header.id.short()
+            ))
+        })?;
+    if n != header.raw_len as usize {
+        return Err(Error::Corrupt(format!(
+            "{} {} decodes to {n} bytes, expected {}",
+            header.kind.name(),
+            header.id.short(),
+            header.raw_len
+        )));
+    }
+    Ok(())
+}
+
+/// Checks decoded bytes against the header: their length and their hash.
+fn verify(header: &RecordHeader, data: &[u8], keys: &Keys) -> Result<()> {
     if data.len() != header.raw_len as usize {
         return Err(Error::Corrupt(format!(
             "{} {} decodes to {} bytes, expected {}",
@@ -302,14 +370,14 @@ pub fn decode(header: &RecordHeader, payload: &[u8], keys: &Keys) -> Result<Vec<
             header.raw_len
         )));
     }
-    if keys.id_of(&data) != header.id {
+    if keys.id_of(data) != header.id {
         return Err(Error::Corrupt(format!(
             "{} {} does not match its hash",
             header.kind.name(),
             header.id.short()
         )));
     }
-    Ok(data)
+    Ok(())
 }
 
 #[cfg(test)]

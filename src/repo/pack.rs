@@ -186,11 +186,20 @@ impl PackReader {
         what: &RecordHeader,
     ) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
-        match self
-            .backend
-            .get_range(&layout::pack(pack), offset, &mut buf)
-        {
-            Ok(()) => Ok(buf),
+        self.read_span_into(pack, offset, &mut buf, what)?;
+        Ok(buf)
+    }
+
+    /// Fills `buf` from `offset` of a pack; `what` names the first record for messages.
+    pub fn read_span_into(
+        &self,
+        pack: &str,
+        offset: u64,
+        buf: &mut [u8],
+        what: &RecordHeader,
+    ) -> Result<()> {
+        match self.backend.get_range(&layout::pack(pack), offset, buf) {
+            Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Corrupt(format!(
                 "pack file {} is missing",
                 self.path(pack).display()
@@ -269,13 +278,33 @@ impl PackReader {
         expect: &RecordHeader,
         payload: &[u8],
     ) -> Result<Vec<u8>> {
-        crate::repo::object::decode(expect, payload, &self.keys).map_err(|e| match e {
+        crate::repo::object::decode(expect, payload, &self.keys)
+            .map_err(|e| self.placed(e, pack, offset))
+    }
+
+    /// Decodes a payload read from `pack` at `offset` straight into `out` (exactly the
+    /// object's length), naming the place on damage.
+    pub fn decode_at_into(
+        &self,
+        pack: &str,
+        offset: u64,
+        expect: &RecordHeader,
+        payload: &[u8],
+        out: &mut [u8],
+    ) -> Result<()> {
+        crate::repo::object::decode_into(expect, payload, &self.keys, out)
+            .map_err(|e| self.placed(e, pack, offset))
+    }
+
+    /// Adds the pack file and offset to a damage message.
+    fn placed(&self, e: Error, pack: &str, offset: u64) -> Error {
+        match e {
             Error::Corrupt(m) => Error::Corrupt(format!(
                 "{m} (pack file {} offset {offset})",
                 self.path(pack).display()
             )),
             other => other,
-        })
+        }
     }
 
     /// Reads a record and decodes (decompresses and verifies) its plaintext.

@@ -136,6 +136,11 @@ impl ReadCache {
         }
     }
 
+    /// True when decompressed objects are kept (false for [`ReadCache::single_pass`]).
+    fn keeps_objects(&self) -> bool {
+        self.objects.is_some()
+    }
+
     /// Bytes held now.
     pub fn held(&self) -> usize {
         self.objects.as_ref().map_or(0, |o| o.weight()) + self.segments.weight()
@@ -394,36 +399,68 @@ impl<R: Deref<Target = Repository>> DiskImage<R> {
         // The extents overlapping [rel, end).
         let first = seg.starts.partition_point(|&s| s <= rel) - 1;
         let last = seg.starts.partition_point(|&s| s < end);
-        // Each distinct chunk once (a run of identical blocks repeats one chunk).
+        let extents = &seg.extents[first..last];
+        let starts = &seg.starts[first..last];
+        // Each distinct chunk once (a run of identical blocks repeats one chunk). A reader that
+        // keeps no chunks (extract) decodes each straight into `out` where one extent uses all
+        // of it: `into` says where.
+        let in_place = !self.cache.keeps_objects();
         let mut ids: Vec<ObjectId> = Vec::new();
+        let mut into: Vec<Option<Range<usize>>> = Vec::new();
         let mut slot: HashMap<ObjectId, usize> = HashMap::new();
-        for e in &seg.extents[first..last] {
-            if let Extent::Data { id, .. } = e {
-                slot.entry(*id).or_insert_with(|| {
+        for (e, &e_start) in extents.iter().zip(starts) {
+            if let Extent::Data { id, len } = e {
+                let n = *slot.entry(*id).or_insert_with(|| {
                     ids.push(*id);
+                    into.push(None);
                     ids.len() - 1
                 });
+                let e_end = e_start + *len as u64;
+                if in_place && into[n].is_none() && e_start >= rel && e_end <= end {
+                    into[n] = Some((e_start - rel) as usize..(e_end - rel) as usize);
+                }
             }
         }
-        let chunks = self.cache.chunks(&self.repo, &ids)?;
-        for (k, e) in seg.extents[first..last].iter().enumerate() {
-            let e_start = seg.starts[first + k];
+        let fetched: Vec<Option<Arc<Vec<u8>>>> = if in_place {
+            self.repo
+                .read_objects_into(&ids, &into, out)?
+                .into_iter()
+                .map(|c| c.map(Arc::new))
+                .collect()
+        } else {
+            self.cache
+                .chunks(&self.repo, &ids)?
+                .into_iter()
+                .map(Some)
+                .collect()
+        };
+        for (e, &e_start) in extents.iter().zip(starts) {
             let e_end = e_start + e.len() as u64;
             let s = e_start.max(rel);
             let t = e_end.min(end);
-            let dst = &mut out[(s - rel) as usize..(t - rel) as usize];
+            let dst = (s - rel) as usize..(t - rel) as usize;
             match e {
-                Extent::Zero { .. } => dst.fill(0),
+                Extent::Zero { .. } => out[dst].fill(0),
                 Extent::Data { id, len } => {
-                    let data = &chunks[slot[id]];
-                    if data.len() != *len as usize {
-                        return Err(Error::Corrupt(format!(
-                            "chunk {} has {} bytes, its segment says {len}",
-                            id.short(),
-                            data.len()
-                        )));
+                    let n = slot[id];
+                    let part = (s - e_start) as usize..(t - e_start) as usize;
+                    match (&fetched[n], &into[n]) {
+                        (Some(data), _) => {
+                            if data.len() != *len as usize {
+                                return Err(Error::Corrupt(format!(
+                                    "chunk {} has {} bytes, its segment says {len}",
+                                    id.short(),
+                                    data.len()
+                                )));
+                            }
+                            out[dst].copy_from_slice(&data[part]);
+                        }
+                        // Decoded in place: this extent, or another copy of the same chunk.
+                        (None, Some(at)) if at.start != dst.start => {
+                            out.copy_within(at.start + part.start..at.start + part.end, dst.start)
+                        }
+                        (None, _) => {}
                     }
-                    dst.copy_from_slice(&data[(s - e_start) as usize..(t - e_start) as usize]);
                 }
             }
         }

@@ -102,6 +102,12 @@ pub(super) struct OpenExtent {
 /// ranges, then to read them). Chunks are read once, so they are not cached.
 const EXTRACT_SEGMENT_CACHE_BYTES: usize = 4 << 20;
 
+thread_local! {
+    /// This thread's buffer for the data runs it restores (at most a segment), kept from one
+    /// segment to the next.
+    static SPAN: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Writes disk `d` into its extent files (opened by `open`): the bytes come from the reader
 /// ([`DiskImage`]) that the mount and the NBD server use, a data run at a time; zero segments
 /// and zero runs stay holes. Damaged data is an error naming the range, or with
@@ -183,7 +189,7 @@ pub(super) fn write_disk(
                 Err(e)
             }
         };
-        let mut buf = Vec::new();
+        let mut buf = SPAN.take();
         let whole = image
             .data_ranges(i, false)
             .and_then(|runs| copy_ranges(&image, &runs, &extents, &mut buf));
@@ -214,6 +220,7 @@ pub(super) fn write_disk(
                 0
             }
         };
+        SPAN.set(buf);
         progress.advance(seg.end - seg.start);
         Ok(n)
     };
@@ -305,7 +312,10 @@ fn copy_ranges(
     let mut n = 0;
     for r in ranges {
         let len = (r.end - r.start) as usize;
-        buf.resize(len, 0);
+        // Every byte is written by the read: grow the buffer, never clear it again.
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
         image.read_at(r.start, &mut buf[..len])?;
         write_virtual(extents, r.start, &buf[..len])?;
         n += len as u64;
