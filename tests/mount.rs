@@ -115,6 +115,21 @@ fn the_mount_shows_each_generation_exactly_as_extract_writes_it() {
     let m = mount(t.path(), &repo, None);
     let mp = m.mp.clone();
     assert_eq!(names(&mp), ["custom", "web01"]);
+    // As root, the kernel's readahead for the mount is widened to 4 MiB, so sequential reads
+    // come as 1 MiB requests.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        use std::os::unix::fs::MetadataExt;
+        let dev = fs::metadata(&mp).unwrap().dev();
+        let bdi = format!(
+            "/sys/class/bdi/{}:{}/read_ahead_kb",
+            libc::major(dev),
+            libc::minor(dev)
+        );
+        wait_for("the mount's readahead to be widened", 10, || {
+            fs::read_to_string(&bdi).is_ok_and(|v| v.trim() == "4096")
+        });
+    }
     let mut want = vec![time(&gens[0]), time(&gens[1]), "latest".to_string()];
     want.sort();
     assert_eq!(names(&mp.join("web01")), want);
