@@ -260,10 +260,25 @@ const MOUNT_READAHEAD_KIB: u32 = 4096;
 /// Waits for the mount's first answer (the kernel sets the window while the mount starts).
 /// Needs root (`/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`); otherwise the window stays.
 fn widen_readahead(mountpoint: &Path) {
+    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::MetadataExt;
+    const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
     let Ok(meta) = std::fs::metadata(mountpoint) else {
         return;
     };
+    // Only the FUSE mount's own device: if it is already gone, the directory under it belongs
+    // to another filesystem, whose readahead is not ours to change.
+    let Ok(path) = std::ffi::CString::new(mountpoint.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: statfs writes into the zeroed struct it is given; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0
+        || st.f_type as i64 != FUSE_SUPER_MAGIC
+        || libc::major(meta.dev()) != 0
+    {
+        return;
+    }
     let dev = meta.dev();
     let bdi = format!(
         "/sys/class/bdi/{}:{}/read_ahead_kb",
