@@ -24,7 +24,9 @@ disks, by volume (files/disk0/p2/etc/hosts, files/disk0/lvm/vg0/root/...), on th
 reads (ext2/3/4, XFS, NTFS, FAT, exFAT), with the guest's modes and owners, which the kernel \
 enforces (root reads everything). No root tools and no loop device are needed for them.\n\n\
 Reads fetch only the chunks they touch \
-and verify them; zero regions cost nothing. Damaged data gives an I/O error (EIO), never zeros. \
+and verify them; zero regions cost nothing. Run as root, the mount widens the kernel's readahead \
+for itself to 4 MiB, so sequential reads (cp, dd, qemu-img) come in large requests decoded on \
+every core. Damaged data gives an I/O error (EIO), never zeros. \
 Open a disk in place with qemu-img, debugfs or fuse2fs -o ro, or loop-mount it read-only. Leave \
 with Ctrl-C (or SIGTERM), or `fusermount3 -u MOUNTPOINT` from another shell. The repository's \
 shared lock is held while mounted: prune, gc and index rebuilds wait.";
