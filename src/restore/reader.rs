@@ -464,20 +464,23 @@ impl<R: Deref<Target = Repository>> DiskImage<R> {
                 Extent::Data { id, len } => {
                     let n = slot[id];
                     let part = (s - e_start) as usize..(t - e_start) as usize;
-                    match (&fetched[n], &into[n]) {
-                        (Some(data), _) => {
-                            if data.len() != *len as usize {
-                                return Err(Error::Corrupt(format!(
-                                    "chunk {} has {} bytes, its segment says {len}",
-                                    id.short(),
-                                    data.len()
-                                )));
-                            }
-                            out[dst].copy_from_slice(&data[part]);
-                        }
-                        // Decoded in place: this extent, or another copy of the same chunk.
-                        (None, Some(at)) if at.start != dst.start => {
-                            out.copy_within(at.start + part.start..at.start + part.end, dst.start)
+                    // Where the chunk's bytes are: returned, or decoded in place into `out`.
+                    let (found, at) = match (&fetched[n], &into[n]) {
+                        (Some(data), _) => (data.len(), None),
+                        (None, Some(at)) => (at.len(), Some(at.start)),
+                        (None, None) => unreachable!("a chunk not returned was decoded in place"),
+                    };
+                    if found != *len as usize {
+                        return Err(Error::Corrupt(format!(
+                            "chunk {} has {found} bytes, its segment says {len}",
+                            id.short()
+                        )));
+                    }
+                    match (&fetched[n], at) {
+                        (Some(data), _) => out[dst].copy_from_slice(&data[part]),
+                        // This extent itself, or another use of a chunk decoded in place.
+                        (None, Some(at)) if at != dst.start => {
+                            out.copy_within(at + part.start..at + part.end, dst.start)
                         }
                         (None, _) => {}
                     }
