@@ -280,15 +280,7 @@ pub fn decode_into(
     let payload = decrypted(header, payload, keys)?;
     match header.codec {
         Codec::Raw if payload.len() == out.len() => out.copy_from_slice(&payload),
-        Codec::Raw => {
-            return Err(Error::Corrupt(format!(
-                "{} {} decodes to {} bytes, expected {}",
-                header.kind.name(),
-                header.id.short(),
-                payload.len(),
-                header.raw_len
-            )))
-        }
+        Codec::Raw => return Err(wrong_length(header, payload.len())),
         Codec::Zstd => decompress(header, &payload, out)?,
     }
     verify(header, out, keys)
@@ -349,26 +341,25 @@ fn decompress<W: zstd::zstd_safe::WriteBuf + ?Sized>(
             ))
         })?;
     if n != header.raw_len as usize {
-        return Err(Error::Corrupt(format!(
-            "{} {} decodes to {n} bytes, expected {}",
-            header.kind.name(),
-            header.id.short(),
-            header.raw_len
-        )));
+        return Err(wrong_length(header, n));
     }
     Ok(())
+}
+
+/// The damage of an object whose plaintext is `found` bytes long, not the header's length.
+fn wrong_length(header: &RecordHeader, found: usize) -> Error {
+    Error::Corrupt(format!(
+        "{} {} decodes to {found} bytes, expected {}",
+        header.kind.name(),
+        header.id.short(),
+        header.raw_len
+    ))
 }
 
 /// Checks decoded bytes against the header: their length and their hash.
 fn verify(header: &RecordHeader, data: &[u8], keys: &Keys) -> Result<()> {
     if data.len() != header.raw_len as usize {
-        return Err(Error::Corrupt(format!(
-            "{} {} decodes to {} bytes, expected {}",
-            header.kind.name(),
-            header.id.short(),
-            data.len(),
-            header.raw_len
-        )));
+        return Err(wrong_length(header, data.len()));
     }
     if keys.id_of(data) != header.id {
         return Err(Error::Corrupt(format!(

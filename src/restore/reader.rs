@@ -464,25 +464,32 @@ impl<R: Deref<Target = Repository>> DiskImage<R> {
                 Extent::Data { id, len } => {
                     let n = slot[id];
                     let part = (s - e_start) as usize..(t - e_start) as usize;
-                    // Where the chunk's bytes are: returned, or decoded in place into `out`.
-                    let (found, at) = match (&fetched[n], &into[n]) {
-                        (Some(data), _) => (data.len(), None),
-                        (None, Some(at)) => (at.len(), Some(at.start)),
-                        (None, None) => unreachable!("a chunk not returned was decoded in place"),
-                    };
-                    if found != *len as usize {
-                        return Err(Error::Corrupt(format!(
-                            "chunk {} has {found} bytes, its segment says {len}",
-                            id.short()
-                        )));
-                    }
-                    match (&fetched[n], at) {
-                        (Some(data), _) => out[dst].copy_from_slice(&data[part]),
-                        // This extent itself, or another use of a chunk decoded in place.
-                        (None, Some(at)) if at != dst.start => {
-                            out.copy_within(at + part.start..at + part.end, dst.start)
+                    let sized = |found: usize| {
+                        if found == *len as usize {
+                            Ok(())
+                        } else {
+                            Err(Error::Corrupt(format!(
+                                "chunk {} has {found} bytes, its segment says {len}",
+                                id.short()
+                            )))
                         }
-                        (None, _) => {}
+                    };
+                    match (&fetched[n], &into[n]) {
+                        (Some(data), _) => {
+                            sized(data.len())?;
+                            out[dst].copy_from_slice(&data[part]);
+                        }
+                        // Decoded in place: this extent itself, or another use of that chunk.
+                        (None, Some(at)) => {
+                            sized(at.len())?;
+                            if at.start != dst.start {
+                                out.copy_within(
+                                    at.start + part.start..at.start + part.end,
+                                    dst.start,
+                                );
+                            }
+                        }
+                        (None, None) => unreachable!("a chunk not returned was decoded in place"),
                     }
                 }
             }

@@ -105,7 +105,7 @@ const EXTRACT_SEGMENT_CACHE_BYTES: usize = 4 << 20;
 thread_local! {
     /// This thread's buffer for the data runs it restores (at most a segment), kept from one
     /// segment to the next.
-    static SPAN: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    static RUN_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Writes disk `d` into its extent files (opened by `open`): the bytes come from the reader
@@ -189,7 +189,7 @@ pub(super) fn write_disk(
                 Err(e)
             }
         };
-        let mut buf = SPAN.take();
+        let mut buf = RUN_BUFFER.take();
         let whole = image
             .data_ranges(i, false)
             .and_then(|runs| copy_ranges(&image, &runs, &extents, &mut buf));
@@ -220,7 +220,7 @@ pub(super) fn write_disk(
                 0
             }
         };
-        SPAN.set(buf);
+        RUN_BUFFER.set(buf);
         progress.advance(seg.end - seg.start);
         Ok(n)
     };

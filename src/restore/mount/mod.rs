@@ -263,7 +263,7 @@ fn widen_readahead(mountpoint: &Path) {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::MetadataExt;
     const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
-    let Ok(meta) = std::fs::metadata(mountpoint) else {
+    let Ok(dev) = std::fs::metadata(mountpoint).map(|m| m.dev()) else {
         return;
     };
     // Only the FUSE mount's own device: if it is already gone, the directory under it belongs
@@ -275,11 +275,10 @@ fn widen_readahead(mountpoint: &Path) {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0
         || st.f_type as i64 != FUSE_SUPER_MAGIC
-        || libc::major(meta.dev()) != 0
+        || libc::major(dev) != 0
     {
         return;
     }
-    let dev = meta.dev();
     let bdi = format!(
         "/sys/class/bdi/{}:{}/read_ahead_kb",
         libc::major(dev),
