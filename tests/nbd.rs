@@ -19,6 +19,7 @@ use live::*;
 const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
+const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = 0x8000_0001;
 const REP_ERR_POLICY: u32 = 0x8000_0002;
 const REP_ERR_INVALID: u32 = 0x8000_0003;
@@ -189,8 +190,11 @@ fn option_haggling_and_requests_follow_the_protocol() {
     assert_eq!((r.opt, r.typ), (99, REP_ERR_UNSUP));
     c.send_option(5, &[]); // STARTTLS
     assert_eq!(c.read_opt_reply().typ, REP_ERR_POLICY);
-    c.send_option(8, &[]); // STRUCTURED_REPLY: not offered, simple replies only
-    assert_eq!(c.read_opt_reply().typ, REP_ERR_UNSUP);
+    c.send_option(8, b"x"); // STRUCTURED_REPLY takes no data
+    assert_eq!(c.read_opt_reply().typ, REP_ERR_INVALID);
+    // Metadata contexts need structured replies first.
+    c.send_option(10, &RawClient::meta_data("", &["base:allocation"]));
+    assert_eq!(c.read_opt_reply().typ, REP_ERR_INVALID);
     c.send_option(6, &RawClient::info_data("nope", &[])); // INFO on an unknown export
     assert_eq!(c.read_opt_reply().typ, REP_ERR_UNKNOWN);
     c.send_option(6, &[0, 0, 0, 9, b'a']); // INFO with a bad length
@@ -247,9 +251,12 @@ fn option_haggling_and_requests_follow_the_protocol() {
     assert_eq!(c.read_simple_reply(), (EPERM, 9));
     c.send_request(42, 10, 0, 0, &[]); // unknown command
     assert_eq!(c.read_simple_reply(), (EINVAL, 10));
+    // Without structured replies there is no block status to ask for.
+    c.send_request(7, 11, 0, 4096, &[]);
+    assert_eq!(c.read_simple_reply(), (EINVAL, 11));
     // Still in step after all that, and nothing was written.
-    assert_eq!(c.read(11, 0, 4096).unwrap(), orig[..4096]);
-    c.send_request(2, 12, 0, 0, &[]); // DISC
+    assert_eq!(c.read(12, 0, 4096).unwrap(), orig[..4096]);
+    c.send_request(2, 13, 0, 0, &[]); // DISC
     assert!(c.closed_by_server());
 
     // NBD_OPT_EXPORT_NAME (old-style entry to transmission), with the 124 zero bytes when the
@@ -278,6 +285,124 @@ fn option_haggling_and_requests_follow_the_protocol() {
     assert_eq!(c.read_opt_reply().typ, REP_ACK);
     assert!(c.closed_by_server());
     assert!(srv.run.alive());
+}
+
+#[test]
+fn structured_replies_send_holes_and_block_status_maps_data_and_zeros() {
+    let t = tempfile::tempdir().unwrap();
+    let (vm, repo) = vm_repo(t.path());
+    let flat = vm.join("web01-flat.vmdk");
+    let orig = fs::read(&flat).unwrap();
+    let size = orig.len() as u64;
+    let srv = serve_nbd(t.path(), &repo, "web01", &[]);
+
+    let mut c = RawClient::fixed(srv.port);
+    c.send_option(8, &[]); // STRUCTURED_REPLY
+    assert_eq!(c.read_opt_reply().typ, REP_ACK);
+    // LIST_META_CONTEXT: with no query, with the namespace, and with a context it lacks.
+    for (queries, listed) in [
+        (vec![], true),
+        (vec!["base:"], true),
+        (vec!["qemu:dirty-bitmap:x"], false),
+    ] {
+        c.send_option(9, &RawClient::meta_data("", &queries));
+        let r = c.replies_until_final();
+        assert_eq!(r.last().unwrap().typ, REP_ACK);
+        let names: Vec<&[u8]> = r[..r.len() - 1]
+            .iter()
+            .inspect(|x| assert_eq!(x.typ, REP_META_CONTEXT))
+            .map(|x| &x.data[4..])
+            .collect();
+        let want: Vec<&[u8]> = if listed {
+            vec![b"base:allocation"]
+        } else {
+            vec![]
+        };
+        assert_eq!(names, want, "{queries:?}");
+    }
+    c.send_option(10, &RawClient::meta_data("nope", &["base:allocation"]));
+    assert_eq!(c.read_opt_reply().typ, REP_ERR_UNKNOWN);
+    c.send_option(10, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 99]); // a query longer than the data
+    assert_eq!(c.read_opt_reply().typ, REP_ERR_INVALID);
+    // SET_META_CONTEXT: the context it has is selected, one it lacks is ignored.
+    c.send_option(
+        10,
+        &RawClient::meta_data("web01.vmdk", &["qemu:dirty-bitmap:x", "base:allocation"]),
+    );
+    let r = c.replies_until_final();
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].typ, REP_META_CONTEXT);
+    assert_eq!(&r[0].data[4..], b"base:allocation");
+    c.send_option(7, &RawClient::info_data("web01.vmdk", &[]));
+    assert_eq!(c.replies_until_final().last().unwrap().typ, REP_ACK);
+
+    // Block status of the whole disk: the three data regions vm_repo wrote, zeros between.
+    const MIB: u32 = 1 << 20;
+    let (data, hole) = (0, 3); // NBD_STATE_HOLE | NBD_STATE_ZERO
+    assert_eq!(
+        c.block_status(0, 1, 0, size as u32).unwrap(),
+        vec![
+            (2 * MIB, data),
+            (18 * MIB, hole),
+            (6 * MIB, data),
+            (14 * MIB - 4096, hole),
+            (4096, data),
+        ]
+    );
+    // REQ_ONE: one extent, no longer than asked for; and from inside a zero run.
+    assert_eq!(
+        c.block_status(1 << 3, 2, MIB as u64, 4 * MIB).unwrap(),
+        vec![(MIB, data)]
+    );
+    assert_eq!(
+        c.block_status(0, 3, 10 * MIB as u64, 11 * MIB).unwrap(),
+        vec![(10 * MIB, hole), (MIB, data)]
+    );
+    let e = c.block_status(0, 4, size - 4096, 8192).unwrap_err();
+    assert_eq!(e.0, EINVAL, "block status past the end");
+    assert!(e.1.contains("not inside the disk"), "{}", e.1);
+
+    // Reads: the bytes, with the long zero run sent as a hole.
+    let (got, holes) = c.read_structured(5, MIB as u64, 21 * MIB).unwrap();
+    assert!(
+        got == orig[MIB as usize..22 * MIB as usize],
+        "structured read differs"
+    );
+    assert_eq!(holes, 1);
+    let (got, holes) = c.read_structured(6, size - 10, 10).unwrap();
+    assert_eq!(got, orig[orig.len() - 10..]);
+    assert_eq!(holes, 0);
+    assert_eq!(c.read_structured(7, 0, 0).unwrap().0, Vec::<u8>::new());
+    let e = c.read_structured(8, size - 4096, 8192).unwrap_err();
+    assert_eq!(e.0, EINVAL, "read past the end");
+    let e = c.read_structured(9, 0, 64 << 20).unwrap_err();
+    assert_eq!(e.0, EINVAL, "longer than the maximum block size");
+
+    // qemu-img reads the allocation map over NBD, and a copy of the disk comes out sparse.
+    let map = sh(&format!("qemu-img map --output=json '{}'", srv.uri()))
+        .ok()
+        .json();
+    let data_bytes: u64 = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert_eq!(data_bytes, (8 << 20) + 4096, "{map}");
+    let copy = t.path().join("copy.raw");
+    sh(&format!(
+        "qemu-img convert -f raw -O raw '{}' '{}'",
+        srv.uri(),
+        copy.display()
+    ))
+    .ok();
+    assert!(fs::read(&copy).unwrap() == orig, "the copy differs");
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&copy).unwrap()) * 512;
+    assert!(
+        allocated < 16 << 20,
+        "the copy of 8 MiB of data allocates {allocated} bytes"
+    );
 }
 
 #[test]
@@ -399,6 +524,23 @@ fn damaged_data_gets_an_eio_reply_not_zeros() {
         "the damaged chunk was served without an error"
     );
     assert!(failed.len() <= 2, "{failed:?}");
+    // With structured replies the error chunk names the damage to the client too.
+    let mut c = RawClient::fixed(srv.port);
+    c.send_option(8, &[]);
+    assert_eq!(c.read_opt_reply().typ, REP_ACK);
+    c.send_option(7, &RawClient::info_data("", &[]));
+    assert_eq!(c.replies_until_final().last().unwrap().typ, REP_ACK);
+    let at = (failed[0] * BLOCK) as u64;
+    let (e, msg) = c.read_structured(1, at, BLOCK as u32).unwrap_err();
+    assert_eq!(e, EIO);
+    assert!(msg.contains("damaged"), "{msg}");
+    let next = failed.last().unwrap() + 1;
+    if next * BLOCK < orig.len() {
+        let (got, _) = c
+            .read_structured(2, (next * BLOCK) as u64, BLOCK as u32)
+            .unwrap();
+        assert!(got == orig[next * BLOCK..(next + 1) * BLOCK]);
+    }
     assert!(!qemu_compare(&srv.uri(), &img));
     assert!(srv.run.alive());
     assert!(

@@ -22,7 +22,9 @@ nbd://127.0.0.1:10809 out.qcow2`, or boot the VM from it with `qemu-system-x86_6
 file=nbd://127.0.0.1:10809,format=raw,snapshot=on` (guest writes go to a temporary overlay; the \
 backup is never written). The export is the guest's view of the disk (raw bytes, as the VM sees \
 them); its name is the disk's descriptor or image file name, and the default (empty) name works \
-too. Several clients may read at once.\n\nNBD has no authentication and no encryption: anyone who \
+too. Several clients may read at once. Clients that ask for it (qemu-img, qemu, nbdinfo) learn \
+where the disk holds data and where it is all zeros (NBD block status, `base:allocation`), so \
+`qemu-img map` shows the data and `qemu-img convert` copies only the data and leaves holes.\n\nNBD has no authentication and no encryption: anyone who \
 can connect can read the whole disk. The server listens on 127.0.0.1:10809 unless told otherwise \
 and refuses non-loopback addresses without --allow-remote. The repository's shared lock is held \
 while serving: prune, gc and index rebuilds wait.";

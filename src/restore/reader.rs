@@ -497,6 +497,32 @@ impl<R: Deref<Target = Repository>> DiskImage<R> {
         Ok(())
     }
 
+    /// The allocation of the guest bytes in `range`: maximal runs, each `(run, zero)` where
+    /// `zero` means the run is stored as zeros (a hole), in order and covering the range up to
+    /// the first `limit` runs (at least one). Loads segments' lists of extents, not their data.
+    pub fn allocation(&self, range: Range<u64>, limit: usize) -> Result<Vec<(Range<u64>, bool)>> {
+        let mut runs = Vec::new();
+        let mut pos = range.start;
+        while pos < range.end && runs.len() < limit.max(1) {
+            let hole = self.next_hole(pos)?;
+            let (to, zero) = if hole > pos {
+                (hole, false)
+            } else {
+                (self.next_data(pos)?.unwrap_or(self.map.size), true)
+            };
+            let to = to.min(range.end);
+            if to <= pos {
+                return Err(Error::Corrupt(format!(
+                    "disk {}: an empty extent at offset {pos}",
+                    self.slot
+                )));
+            }
+            runs.push((pos..to, zero));
+            pos = to;
+        }
+        Ok(runs)
+    }
+
     /// The first offset at or after `from` that may hold data, at extent granularity (a
     /// conservative answer for `SEEK_DATA`); `None` if only zeros follow.
     pub fn next_data(&self, from: u64) -> Result<Option<u64>> {

@@ -234,12 +234,20 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 /// One option reply: type and data.
 pub struct OptReply {
     pub opt: u32,
     pub typ: u32,
     pub data: Vec<u8>,
+}
+
+/// One structured reply chunk.
+pub struct Chunk {
+    pub done: bool,
+    pub typ: u16,
+    pub payload: Vec<u8>,
 }
 
 /// A raw NBD client over TCP.
@@ -380,6 +388,138 @@ impl RawClient {
         let mut data = vec![0u8; len as usize];
         self.s.read_exact(&mut data).unwrap();
         Ok(data)
+    }
+
+    /// `NBD_OPT_LIST/SET_META_CONTEXT` data for `name` with `queries`.
+    pub fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    }
+
+    /// Sends a request with command flags.
+    pub fn send_flagged(&mut self, flags: u16, typ: u16, handle: u64, offset: u64, len: u32) {
+        let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+        m.extend_from_slice(&flags.to_be_bytes());
+        m.extend_from_slice(&typ.to_be_bytes());
+        m.extend_from_slice(&handle.to_be_bytes());
+        m.extend_from_slice(&offset.to_be_bytes());
+        m.extend_from_slice(&len.to_be_bytes());
+        self.s.write_all(&m).unwrap();
+    }
+
+    /// One structured reply chunk, checked to answer `handle`.
+    pub fn read_chunk(&mut self, handle: u64) -> Chunk {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(h[0..4].try_into().unwrap()),
+            STRUCTURED_REPLY_MAGIC,
+            "not a structured reply chunk"
+        );
+        assert_eq!(
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            handle,
+            "reply to another request"
+        );
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let mut payload = vec![0u8; len];
+        self.s.read_exact(&mut payload).unwrap();
+        Chunk {
+            done: u16::from_be_bytes([h[4], h[5]]) & 1 == 1,
+            typ: u16::from_be_bytes([h[6], h[7]]),
+            payload,
+        }
+    }
+
+    /// `NBD_CMD_READ` with structured replies: the bytes put together from data and hole
+    /// chunks (each checked to lie in the request and to overlap no other) and the number of
+    /// hole chunks, or the error chunk's (error, message).
+    pub fn read_structured(
+        &mut self,
+        handle: u64,
+        offset: u64,
+        len: u32,
+    ) -> Result<(Vec<u8>, usize), (u32, String)> {
+        self.send_request(0, handle, offset, len, &[]);
+        let mut out = vec![0u8; len as usize];
+        let mut covered = vec![false; len as usize];
+        let mut holes = 0;
+        let mut error = None;
+        loop {
+            let c = self.read_chunk(handle);
+            let at = |p: &[u8]| u64::from_be_bytes(p[0..8].try_into().unwrap());
+            let mut place = |start: u64, n: usize| {
+                assert!(start >= offset && start + n as u64 <= offset + len as u64);
+                let i = (start - offset) as usize;
+                assert!(covered[i..i + n].iter().all(|c| !c), "chunks overlap");
+                covered[i..i + n].fill(true);
+                i
+            };
+            match c.typ {
+                0 => assert!(c.done, "NBD_REPLY_TYPE_NONE without the done flag"),
+                1 => {
+                    let n = c.payload.len() - 8;
+                    let i = place(at(&c.payload), n);
+                    out[i..i + n].copy_from_slice(&c.payload[8..]);
+                }
+                2 => {
+                    let n = u32::from_be_bytes(c.payload[8..12].try_into().unwrap()) as usize;
+                    place(at(&c.payload), n);
+                    holes += 1;
+                }
+                t if t & 0x8000 != 0 => {
+                    let e = u32::from_be_bytes(c.payload[0..4].try_into().unwrap());
+                    let n = u16::from_be_bytes([c.payload[4], c.payload[5]]) as usize;
+                    let msg = String::from_utf8(c.payload[6..6 + n].to_vec()).unwrap();
+                    error = Some((e, msg));
+                }
+                t => panic!("unexpected reply chunk type {t}"),
+            }
+            if c.done {
+                break;
+            }
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        assert!(covered.iter().all(|&c| c), "the reply left bytes out");
+        Ok((out, holes))
+    }
+
+    /// `NBD_CMD_BLOCK_STATUS` for context `id`: the extents (length, flags), or the error
+    /// chunk's (error, message).
+    pub fn block_status(
+        &mut self,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<(u32, u32)>, (u32, String)> {
+        self.send_flagged(flags, 7, handle, offset, len);
+        let c = self.read_chunk(handle);
+        assert!(c.done, "block status in more than one chunk");
+        if c.typ & 0x8000 != 0 {
+            let e = u32::from_be_bytes(c.payload[0..4].try_into().unwrap());
+            let n = u16::from_be_bytes([c.payload[4], c.payload[5]]) as usize;
+            return Err((e, String::from_utf8(c.payload[6..6 + n].to_vec()).unwrap()));
+        }
+        assert_eq!(c.typ, 5, "not NBD_REPLY_TYPE_BLOCK_STATUS");
+        assert_eq!((c.payload.len() - 4) % 8, 0);
+        Ok(c.payload[4..]
+            .chunks_exact(8)
+            .map(|d| {
+                (
+                    u32::from_be_bytes(d[0..4].try_into().unwrap()),
+                    u32::from_be_bytes(d[4..8].try_into().unwrap()),
+                )
+            })
+            .collect())
     }
 
     /// True once the server has closed the connection (EOF or reset on read).

@@ -4,10 +4,14 @@
 //!
 //! Implemented from the public NBD protocol description: fixed newstyle handshake with
 //! `NBD_OPT_EXPORT_NAME`, `NBD_OPT_ABORT`, `NBD_OPT_LIST`, `NBD_OPT_INFO` and `NBD_OPT_GO`
-//! (export size and flags, name, description, block sizes); other options are refused with
-//! `NBD_REP_ERR_UNSUP` (TLS with `NBD_REP_ERR_POLICY`). Transmission uses simple replies:
-//! `NBD_CMD_READ` and `NBD_CMD_DISC`; writes and trims get `EPERM`, reads outside the export or
-//! longer than the advertised maximum `EINVAL`, reads of damaged data `EIO`. A client that
+//! (export size and flags, name, description, block sizes), `NBD_OPT_STRUCTURED_REPLY` and
+//! `NBD_OPT_LIST/SET_META_CONTEXT` for the one context `base:allocation`; other options are
+//! refused with `NBD_REP_ERR_UNSUP` (TLS with `NBD_REP_ERR_POLICY`). Transmission answers
+//! `NBD_CMD_READ`, `NBD_CMD_BLOCK_STATUS` (data extents, and holes that read as zeros) and
+//! `NBD_CMD_DISC`, with simple replies or, once negotiated, structured ones (reads then send zero
+//! runs of 64 KiB or more as hole chunks, and errors carry a message); writes and trims get
+//! `EPERM`, requests outside the export or reads longer than the advertised maximum `EINVAL`,
+//! reads of damaged data `EIO`. A client that
 //! breaks the protocol is disconnected; no client can stop the server or disturb another. Each
 //! client has its own thread; all share one [`DiskImage`] and its chunk cache.
 //!

@@ -1,8 +1,11 @@
 //! The NBD wire protocol as the server speaks it: the fixed newstyle handshake and its options,
-//! then transmission with simple replies, one client per thread.
+//! then transmission, one client per thread. Replies are simple, or structured once the client
+//! asks for them; structured replies carry the `base:allocation` block status (where the disk
+//! holds data and where it is a hole) and reads that send holes as holes.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::ops::Range;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,6 +19,7 @@ const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 const REPLY_MAGIC_OPT: u64 = 0x0003_e889_0455_65a9;
 const REQUEST_MAGIC: u32 = 0x2560_9513;
 const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 const FLAG_FIXED_NEWSTYLE: u16 = 1;
 const FLAG_NO_ZEROES: u16 = 2;
@@ -28,10 +32,14 @@ const OPT_LIST: u32 = 3;
 const OPT_STARTTLS: u32 = 5;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+const OPT_LIST_META_CONTEXT: u32 = 9;
+const OPT_SET_META_CONTEXT: u32 = 10;
 
 const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
+const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = 0x8000_0001;
 const REP_ERR_POLICY: u32 = 0x8000_0002;
 const REP_ERR_INVALID: u32 = 0x8000_0003;
@@ -52,6 +60,27 @@ const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
 const CMD_TRIM: u16 = 4;
 const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_BLOCK_STATUS: u16 = 7;
+
+const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+const REPLY_FLAG_DONE: u16 = 1;
+const REPLY_TYPE_NONE: u16 = 0;
+const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
+
+/// The one metadata context served, and the id it gets when a client selects it.
+const ALLOCATION_CONTEXT: &str = "base:allocation";
+const ALLOCATION_ID: u32 = 1;
+const STATE_HOLE: u32 = 1;
+const STATE_ZERO: u32 = 2;
+/// Most extents in one block status reply (the protocol asks for at most 2^20).
+const MAX_STATUS_EXTENTS: usize = 1 << 16;
+/// Zero runs inside a read shorter than this are sent as data: a hole chunk saves nothing then.
+const MIN_HOLE_CHUNK: u64 = 64 << 10;
 
 const NBD_EPERM: u32 = 1;
 const NBD_EIO: u32 = 5;
@@ -81,6 +110,15 @@ impl Transport for UnixStream {
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)
     }
+}
+
+/// What a client and the server agreed on during the handshake.
+#[derive(Default)]
+struct Negotiated {
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged: reads get structured replies.
+    structured: bool,
+    /// `base:allocation` is selected: `NBD_CMD_BLOCK_STATUS` is answered.
+    allocation: bool,
 }
 
 /// Shared state of a running server.
@@ -140,11 +178,11 @@ impl Server {
     /// Handshake, then requests until the client disconnects.
     fn session<S: Transport>(&self, s: &mut S) -> io::Result<()> {
         s.set_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        if !self.handshake(s)? {
+        let Some(agreed) = self.handshake(s)? else {
             return Ok(());
-        }
+        };
         s.set_timeout(None)?;
-        self.transmission(s)
+        self.transmission(s, &agreed)
     }
 
     fn transmission_flags(&self) -> u16 {
@@ -155,8 +193,9 @@ impl Server {
         name.is_empty() || name == self.export.name.as_bytes()
     }
 
-    /// Option haggling; true when the client moves on to transmission.
-    fn handshake<S: Transport>(&self, s: &mut S) -> io::Result<bool> {
+    /// Option haggling; what was agreed when the client moves on to transmission, `None` when it
+    /// leaves.
+    fn handshake<S: Transport>(&self, s: &mut S) -> io::Result<Option<Negotiated>> {
         let mut hello = Vec::with_capacity(18);
         hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
         hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -168,6 +207,7 @@ impl Server {
         }
         let fixed = cflags & FLAG_C_FIXED_NEWSTYLE != 0;
         let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+        let mut agreed = Negotiated::default();
         loop {
             let magic = read_u64(s)?;
             if magic != IHAVEOPT {
@@ -200,7 +240,7 @@ impl Server {
                         out.extend_from_slice(&[0u8; 124]);
                     }
                     s.write_all(&out)?;
-                    return Ok(true);
+                    return Ok(Some(agreed));
                 }
                 _ if !fixed => {
                     return Err(protocol(format!(
@@ -210,7 +250,7 @@ impl Server {
                 OPT_ABORT => {
                     // The client may already have closed its end.
                     let _ = self.opt_reply(s, opt, REP_ACK, &[]);
-                    return Ok(false);
+                    return Ok(None);
                 }
                 OPT_LIST => {
                     if !data.is_empty() {
@@ -262,8 +302,62 @@ impl Server {
                     self.opt_reply(s, opt, REP_INFO, &p)?;
                     self.opt_reply(s, opt, REP_ACK, &[])?;
                     if opt == OPT_GO {
-                        return Ok(true);
+                        return Ok(Some(agreed));
                     }
+                }
+                OPT_STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        let msg = "NBD_OPT_STRUCTURED_REPLY takes no data";
+                        self.opt_error(s, opt, REP_ERR_INVALID, msg)?;
+                        continue;
+                    }
+                    agreed.structured = true;
+                    self.opt_reply(s, opt, REP_ACK, &[])?;
+                }
+                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                    let select = opt == OPT_SET_META_CONTEXT;
+                    if select {
+                        // A selection replaces the former one, also when it fails.
+                        agreed.allocation = false;
+                    }
+                    if !agreed.structured {
+                        let msg = "metadata contexts need structured replies: send \
+                                   NBD_OPT_STRUCTURED_REPLY first";
+                        self.opt_error(s, opt, REP_ERR_INVALID, msg)?;
+                        continue;
+                    }
+                    let Some((name, queries)) = parse_meta_request(&data) else {
+                        let msg = "malformed NBD_OPT_LIST/SET_META_CONTEXT data";
+                        self.opt_error(s, opt, REP_ERR_INVALID, msg)?;
+                        continue;
+                    };
+                    if !self.name_matches(name) {
+                        let msg = format!(
+                            "no export named {:?}; this server exports {:?} (or the default, \"\")",
+                            String::from_utf8_lossy(name),
+                            self.export.name
+                        );
+                        self.opt_error(s, opt, REP_ERR_UNKNOWN, &msg)?;
+                        continue;
+                    }
+                    let exact = |q: &&[u8]| *q == ALLOCATION_CONTEXT.as_bytes();
+                    let matched = if select {
+                        queries.iter().any(exact)
+                    } else {
+                        // Listing: no query, the namespace or the name itself.
+                        queries.is_empty() || queries.iter().any(|q| exact(q) || *q == b"base:")
+                    };
+                    if matched {
+                        // Listed contexts carry id 0; a selected one its real id.
+                        let id = if select { ALLOCATION_ID } else { 0 };
+                        let mut p = id.to_be_bytes().to_vec();
+                        p.extend_from_slice(ALLOCATION_CONTEXT.as_bytes());
+                        self.opt_reply(s, opt, REP_META_CONTEXT, &p)?;
+                    }
+                    if select {
+                        agreed.allocation = matched;
+                    }
+                    self.opt_reply(s, opt, REP_ACK, &[])?;
                 }
                 _ => self.opt_error(
                     s,
@@ -295,7 +389,7 @@ impl Server {
         self.opt_reply(s, opt, typ, msg.as_bytes())
     }
 
-    fn transmission<S: Transport>(&self, s: &mut S) -> io::Result<()> {
+    fn transmission<S: Transport>(&self, s: &mut S, agreed: &Negotiated) -> io::Result<()> {
         let size = self.export.image.size();
         loop {
             let mut h = [0u8; 28];
@@ -309,19 +403,26 @@ impl Server {
             if magic != REQUEST_MAGIC {
                 return Err(protocol(format!("bad request magic {magic:#x}")));
             }
+            let flags = u16::from_be_bytes(h[4..6].try_into().unwrap());
             let typ = u16::from_be_bytes(h[6..8].try_into().unwrap());
             let handle: [u8; 8] = h[8..16].try_into().unwrap();
             let offset = u64::from_be_bytes(h[16..24].try_into().unwrap());
             let len = u32::from_be_bytes(h[24..28].try_into().unwrap());
+            let in_range = offset
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= size);
+            let outside =
+                || format!("{len} bytes at offset {offset} are not inside the disk ({size} bytes)");
             match typ {
+                CMD_READ if len > MAX_REQUEST => {
+                    let msg = format!("a read of {len} bytes is over the {MAX_REQUEST} advertised");
+                    error_reply(s, agreed.structured, NBD_EINVAL, &handle, &msg)?;
+                }
+                CMD_READ if !in_range => {
+                    error_reply(s, agreed.structured, NBD_EINVAL, &handle, &outside())?
+                }
+                CMD_READ if agreed.structured => self.structured_read(s, &handle, offset, len)?,
                 CMD_READ => {
-                    let in_range = offset
-                        .checked_add(len as u64)
-                        .is_some_and(|end| end <= size);
-                    if len > MAX_REQUEST || !in_range {
-                        simple_reply(s, NBD_EINVAL, &handle)?;
-                        continue;
-                    }
                     let mut out = vec![0u8; 16 + len as usize];
                     match self.export.image.read_at(offset, &mut out[16..]) {
                         Ok(()) => {
@@ -343,10 +444,158 @@ impl Server {
                 }
                 CMD_DISC => return Ok(()),
                 CMD_TRIM | CMD_WRITE_ZEROES => simple_reply(s, NBD_EPERM, &handle)?,
-                _ => simple_reply(s, NBD_EINVAL, &handle)?,
+                CMD_BLOCK_STATUS if !agreed.allocation => {
+                    let msg = "no metadata context is selected: select base:allocation with \
+                               NBD_OPT_SET_META_CONTEXT first";
+                    error_reply(s, agreed.structured, NBD_EINVAL, &handle, msg)?
+                }
+                CMD_BLOCK_STATUS if !in_range || len == 0 => {
+                    error_reply(s, true, NBD_EINVAL, &handle, &outside())?
+                }
+                CMD_BLOCK_STATUS => {
+                    let limit = if flags & CMD_FLAG_REQ_ONE != 0 {
+                        1
+                    } else {
+                        MAX_STATUS_EXTENTS
+                    };
+                    let end = offset + len as u64;
+                    match self.export.image.allocation(offset..end, limit) {
+                        Ok(runs) => {
+                            let mut p = Vec::with_capacity(4 + 8 * runs.len());
+                            p.extend_from_slice(&ALLOCATION_ID.to_be_bytes());
+                            for (run, zero) in runs {
+                                let state = if zero { STATE_HOLE | STATE_ZERO } else { 0 };
+                                p.extend_from_slice(&((run.end - run.start) as u32).to_be_bytes());
+                                p.extend_from_slice(&state.to_be_bytes());
+                            }
+                            let head =
+                                chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, &handle, &p);
+                            s.write_all(&[&head[..], &p].concat())?;
+                        }
+                        Err(e) => {
+                            let msg =
+                                format!("block status of {len} bytes at offset {offset}: {e}");
+                            self.note_once(msg.clone());
+                            error_reply(s, true, NBD_EIO, &handle, &msg)?;
+                        }
+                    }
+                }
+                _ => error_reply(
+                    s,
+                    agreed.structured,
+                    NBD_EINVAL,
+                    &handle,
+                    &format!("command {typ} is not supported by this server"),
+                )?,
             }
         }
     }
+
+    /// A read answered with structured reply chunks: the data, and the longer zero runs inside
+    /// it as holes, in order; the last chunk says the reply is done. A failure is an error chunk
+    /// that names the offset it happened at and why.
+    fn structured_read<S: Transport>(
+        &self,
+        s: &mut S,
+        handle: &[u8; 8],
+        offset: u64,
+        len: u32,
+    ) -> io::Result<()> {
+        let end = offset + len as u64;
+        let parts = match self.export.image.allocation(offset..end, usize::MAX) {
+            Ok(runs) => content_parts(runs),
+            Err(e) => {
+                let msg = format!("read of {len} bytes at offset {offset} failed: {e}");
+                self.note_once(msg.clone());
+                return error_reply(s, true, NBD_EIO, handle, &msg);
+            }
+        };
+        if parts.is_empty() {
+            let head = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, &[]);
+            return s.write_all(&head);
+        }
+        let last = parts.len() - 1;
+        for (k, (run, hole)) in parts.into_iter().enumerate() {
+            let flags = if k == last { REPLY_FLAG_DONE } else { 0 };
+            let n = run.end - run.start;
+            if hole {
+                let mut p = run.start.to_be_bytes().to_vec();
+                p.extend_from_slice(&(n as u32).to_be_bytes());
+                let head = chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, handle, &p);
+                s.write_all(&[&head[..], &p].concat())?;
+                continue;
+            }
+            // Header, offset, then the data read in place behind them.
+            let mut out = vec![0u8; 28 + n as usize];
+            if let Err(e) = self.export.image.read_at(run.start, &mut out[28..]) {
+                let msg = format!("read of {n} bytes at offset {} failed: {e}", run.start);
+                self.note_once(format!("{msg} (EIO)"));
+                let mut p = error_payload(NBD_EIO, &msg);
+                p.extend_from_slice(&run.start.to_be_bytes());
+                let head = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR_OFFSET, handle, &p);
+                return s.write_all(&[&head[..], &p].concat());
+            }
+            out[20..28].copy_from_slice(&run.start.to_be_bytes());
+            let head = chunk_header(flags, REPLY_TYPE_OFFSET_DATA, handle, &out[20..]);
+            out[..20].copy_from_slice(&head);
+            s.write_all(&out)?;
+        }
+        Ok(())
+    }
+}
+
+/// The chunks of a structured read from its allocation runs: zero runs of at least
+/// [`MIN_HOLE_CHUNK`] as holes (`true`), everything between them as data.
+fn content_parts(runs: Vec<(Range<u64>, bool)>) -> Vec<(Range<u64>, bool)> {
+    let mut parts: Vec<(Range<u64>, bool)> = Vec::new();
+    for (run, zero) in runs {
+        let hole = zero && run.end - run.start >= MIN_HOLE_CHUNK;
+        match parts.last_mut() {
+            Some((last, false)) if !hole => last.end = run.end,
+            _ => parts.push((run, hole)),
+        }
+    }
+    parts
+}
+
+/// The header of a structured reply chunk whose payload is `payload`.
+fn chunk_header(flags: u16, typ: u16, handle: &[u8; 8], payload: &[u8]) -> [u8; 20] {
+    let mut h = [0u8; 20];
+    h[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    h[4..6].copy_from_slice(&flags.to_be_bytes());
+    h[6..8].copy_from_slice(&typ.to_be_bytes());
+    h[8..16].copy_from_slice(handle);
+    h[16..20].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+    h
+}
+
+/// An error chunk's payload: the error number and a message for the user (at most 4096 bytes).
+fn error_payload(error: u32, msg: &str) -> Vec<u8> {
+    let mut cut = msg.len().min(4096);
+    while !msg.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut p = error.to_be_bytes().to_vec();
+    p.extend_from_slice(&(cut as u16).to_be_bytes());
+    p.extend_from_slice(&msg.as_bytes()[..cut]);
+    p
+}
+
+/// An error answer: a structured error chunk carrying `msg` when structured replies are in use,
+/// a simple reply otherwise.
+fn error_reply<S: Write>(
+    s: &mut S,
+    structured: bool,
+    error: u32,
+    handle: &[u8; 8],
+    msg: &str,
+) -> io::Result<()> {
+    if !structured {
+        return simple_reply(s, error, handle);
+    }
+    let p = error_payload(error, msg);
+    let head = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, &p);
+    s.write_all(&[&head[..], &p].concat())
 }
 
 pub(super) fn protocol(msg: String) -> io::Error {
@@ -375,6 +624,23 @@ pub(super) fn read_u64<S: Read>(s: &mut S) -> io::Result<u64> {
     let mut b = [0u8; 8];
     s.read_exact(&mut b)?;
     Ok(u64::from_be_bytes(b))
+}
+
+/// `NBD_OPT_LIST/SET_META_CONTEXT` data: name length u32, name, count u32, then that many
+/// queries, each a length u32 and the query.
+pub(super) fn parse_meta_request(d: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
+    let n = u32::from_be_bytes(d.get(0..4)?.try_into().ok()?) as usize;
+    let name = d.get(4..4usize.checked_add(n)?)?;
+    let mut rest = &d[4 + n..];
+    let count = u32::from_be_bytes(rest.get(0..4)?.try_into().ok()?);
+    rest = &rest[4..];
+    let mut queries = Vec::new();
+    for _ in 0..count {
+        let q = u32::from_be_bytes(rest.get(0..4)?.try_into().ok()?) as usize;
+        queries.push(rest.get(4..4usize.checked_add(q)?)?);
+        rest = &rest[4 + q..];
+    }
+    rest.is_empty().then_some((name, queries))
 }
 
 /// `NBD_OPT_INFO`/`GO` data: name length u32, name, count u16, that many u16 info types.
