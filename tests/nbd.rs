@@ -406,6 +406,66 @@ fn structured_replies_send_holes_and_block_status_maps_data_and_zeros() {
 }
 
 #[test]
+fn pipelined_requests_are_all_answered_and_a_client_that_reads_nothing_holds_up_no_other() {
+    let t = tempfile::tempdir().unwrap();
+    let (vm, repo) = vm_repo(t.path());
+    let orig = fs::read(vm.join("web01-flat.vmdk")).unwrap();
+    let mut srv = serve_nbd(t.path(), &repo, "web01", &[]);
+
+    // 64 reads sent before any reply is read; the replies may come in any order.
+    const N: u64 = 64;
+    const LEN: usize = 512 << 10;
+    let at = |h: u64| (h * 601 * 1024) as usize % (orig.len() - LEN);
+    let (mut c, _, _) = RawClient::go(srv.port);
+    for h in 0..N {
+        c.send_request(0, h, at(h) as u64, LEN as u32, &[]);
+    }
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..N {
+        let (err, h) = c.read_simple_reply();
+        assert_eq!(err, 0);
+        let mut data = vec![0u8; LEN];
+        std::io::Read::read_exact(&mut c.s, &mut data).unwrap();
+        assert!(
+            data == orig[at(h)..at(h) + LEN],
+            "reply {h} holds the wrong bytes"
+        );
+        assert!(answered.insert(h), "two replies to {h}");
+    }
+    assert_eq!(answered.len() as u64, N);
+    // NBD_CMD_DISC after pipelined reads: every read is answered before the server hangs up.
+    for h in 0..8 {
+        c.send_request(0, h, at(h) as u64, LEN as u32, &[]);
+    }
+    c.send_request(2, 99, 0, 0, &[]);
+    for _ in 0..8 {
+        let (err, h) = c.read_simple_reply();
+        assert_eq!(err, 0);
+        let mut data = vec![0u8; LEN];
+        std::io::Read::read_exact(&mut c.s, &mut data).unwrap();
+        assert!(data == orig[at(h)..at(h) + LEN]);
+    }
+    assert!(c.closed_by_server());
+
+    // A client that asks for 16 reads of 32 MiB and reads none of the replies: the server's
+    // writes to it block, and another client is served all the same.
+    let (mut stuck, _, _) = RawClient::go(srv.port);
+    for h in 0..16 {
+        stuck.send_request(0, h, 0, 32 << 20, &[]);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (mut other, _, _) = RawClient::go(srv.port);
+    assert_eq!(
+        other.read(1, 4096, 65536).unwrap(),
+        orig[4096..4096 + 65536]
+    );
+    assert!(qemu_compare(&srv.uri(), &vm.join("web01-flat.vmdk")));
+    drop(stuck);
+    assert_eq!(other.read(2, 0, 4096).unwrap(), orig[..4096]);
+    assert!(srv.run.alive());
+}
+
+#[test]
 fn malformed_handshakes_get_errors_or_a_hang_up_and_the_server_keeps_serving() {
     let t = tempfile::tempdir().unwrap();
     let (vm, repo) = vm_repo(t.path());

@@ -11,9 +11,10 @@
 //! `NBD_CMD_DISC`, with simple replies or, once negotiated, structured ones (reads then send zero
 //! runs of 64 KiB or more as hole chunks, and errors carry a message); writes and trims get
 //! `EPERM`, requests outside the export or reads longer than the advertised maximum `EINVAL`,
-//! reads of damaged data `EIO`. A client that
-//! breaks the protocol is disconnected; no client can stop the server or disturb another. Each
-//! client has its own thread; all share one [`DiskImage`] and its chunk cache.
+//! reads of damaged data `EIO`. A client that breaks the protocol is disconnected; no client can
+//! stop the server or disturb another. Each client has a thread that reads its requests and
+//! four that answer them, several at once (qemu keeps many reads in flight); all clients share
+//! one [`DiskImage`] and its chunk cache.
 //!
 //! NBD has no authentication: the server listens on loopback addresses unless told otherwise.
 

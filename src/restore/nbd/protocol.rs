@@ -1,14 +1,16 @@
 //! The NBD wire protocol as the server speaks it: the fixed newstyle handshake and its options,
-//! then transmission, one client per thread. Replies are simple, or structured once the client
-//! asks for them; structured replies carry the `base:allocation` block status (where the disk
-//! holds data and where it is a hole) and reads that send holes as holes.
+//! then transmission: one thread reads a client's requests, a few answer them at once. Replies
+//! are simple, or structured once the client asks for them; structured replies carry the
+//! `base:allocation` block status (where the disk holds data and where it is a hole) and reads
+//! that send holes as holes.
 
+use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::Export;
@@ -95,20 +97,68 @@ const MAX_OPTION_LEN: u32 = 16 << 10;
 /// A client has this long to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Requests of one client answered at once.
+const REQUEST_WORKERS: usize = 4;
+
 /// A client connection: TCP or Unix socket.
-pub(super) trait Transport: Read + Write + Send + 'static {
+pub(super) trait Transport: Read + Write + Send + Sized + 'static {
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    /// A second handle on the connection, for writing replies while this one reads.
+    fn try_clone(&self) -> io::Result<Self>;
+    /// Closes both directions, so that a reply blocked on a client that reads nothing fails.
+    fn shut(&self);
 }
 
 impl Transport for TcpStream {
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)
     }
+    fn try_clone(&self) -> io::Result<Self> {
+        TcpStream::try_clone(self)
+    }
+    fn shut(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 impl Transport for UnixStream {
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)
+    }
+    fn try_clone(&self) -> io::Result<Self> {
+        UnixStream::try_clone(self)
+    }
+    fn shut(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// One transmission request, as read from the wire.
+struct Request {
+    flags: u16,
+    typ: u16,
+    handle: [u8; 8],
+    offset: u64,
+    len: u32,
+}
+
+/// The writing side of a connection shared by the threads answering requests: each
+/// `write_all` goes out whole under the lock, so one reply (or reply chunk) is never cut by
+/// another. Every reply is built and written with one `write_all`.
+struct Replies<'a, S>(&'a Mutex<S>);
+
+impl<S: Write> Write for Replies<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut out = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        out.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .flush()
     }
 }
 
@@ -389,8 +439,46 @@ impl Server {
         self.opt_reply(s, opt, typ, msg.as_bytes())
     }
 
+    /// Requests until the client disconnects. This thread reads them; [`REQUEST_WORKERS`]
+    /// threads answer them, several at once, each reply written whole under one lock (the
+    /// protocol lets replies come in any order: the client matches them by handle).
+    /// `NBD_CMD_DISC` or the client hanging up ends it once the requests read are answered; a
+    /// protocol error ends it at once.
     fn transmission<S: Transport>(&self, s: &mut S, agreed: &Negotiated) -> io::Result<()> {
-        let size = self.export.image.size();
+        let out = Mutex::new(s.try_clone()?);
+        let (queue, requests) = mpsc::sync_channel::<Request>(2 * REQUEST_WORKERS);
+        let requests = Mutex::new(requests);
+        std::thread::scope(|scope| {
+            for _ in 0..REQUEST_WORKERS {
+                scope.spawn(|| loop {
+                    let next = requests
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .recv();
+                    let Ok(req) = next else { return };
+                    // A reply that cannot be written means the client is gone: the reading
+                    // thread sees that too and ends the session.
+                    let _ = self.answer(&mut Replies(&out), agreed, req);
+                });
+            }
+            let read = self.read_requests(s, &mut Replies(&out), &queue);
+            if read.is_err() {
+                // Broken protocol or a dead connection: what is queued is not owed.
+                s.shut();
+            }
+            drop(queue);
+            read
+        })
+    }
+
+    /// Reads requests and queues them for the workers; consumes (and refuses) write payloads
+    /// itself, to stay in step with the stream.
+    fn read_requests<S: Transport, W: Write>(
+        &self,
+        s: &mut S,
+        replies: &mut W,
+        queue: &mpsc::SyncSender<Request>,
+    ) -> io::Result<()> {
         loop {
             let mut h = [0u8; 28];
             match s.read_exact(&mut h) {
@@ -403,100 +491,120 @@ impl Server {
             if magic != REQUEST_MAGIC {
                 return Err(protocol(format!("bad request magic {magic:#x}")));
             }
-            let flags = u16::from_be_bytes(h[4..6].try_into().unwrap());
-            let typ = u16::from_be_bytes(h[6..8].try_into().unwrap());
-            let handle: [u8; 8] = h[8..16].try_into().unwrap();
-            let offset = u64::from_be_bytes(h[16..24].try_into().unwrap());
-            let len = u32::from_be_bytes(h[24..28].try_into().unwrap());
-            let in_range = offset
-                .checked_add(len as u64)
-                .is_some_and(|end| end <= size);
-            let outside =
-                || format!("{len} bytes at offset {offset} are not inside the disk ({size} bytes)");
-            match typ {
-                CMD_READ if len > MAX_REQUEST => {
-                    let msg = format!("a read of {len} bytes is over the {MAX_REQUEST} advertised");
-                    error_reply(s, agreed.structured, NBD_EINVAL, &handle, &msg)?;
-                }
-                CMD_READ if !in_range => {
-                    error_reply(s, agreed.structured, NBD_EINVAL, &handle, &outside())?
-                }
-                CMD_READ if agreed.structured => self.structured_read(s, &handle, offset, len)?,
-                CMD_READ => {
-                    let mut out = vec![0u8; 16 + len as usize];
-                    match self.export.image.read_at(offset, &mut out[16..]) {
-                        Ok(()) => {
-                            out[..16].copy_from_slice(&reply_header(0, &handle));
-                            s.write_all(&out)?;
-                        }
-                        Err(e) => {
-                            self.note_once(format!(
-                                "read of {len} bytes at offset {offset} failed (EIO): {e}"
-                            ));
-                            simple_reply(s, NBD_EIO, &handle)?;
-                        }
-                    }
-                }
+            let req = Request {
+                flags: u16::from_be_bytes(h[4..6].try_into().unwrap()),
+                typ: u16::from_be_bytes(h[6..8].try_into().unwrap()),
+                handle: h[8..16].try_into().unwrap(),
+                offset: u64::from_be_bytes(h[16..24].try_into().unwrap()),
+                len: u32::from_be_bytes(h[24..28].try_into().unwrap()),
+            };
+            match req.typ {
                 CMD_WRITE => {
                     // Consume the payload to stay in step, then refuse.
-                    io::copy(&mut (&mut *s).take(len as u64), &mut io::sink())?;
-                    simple_reply(s, NBD_EPERM, &handle)?;
+                    io::copy(&mut (&mut *s).take(req.len as u64), &mut io::sink())?;
+                    simple_reply(replies, NBD_EPERM, &req.handle)?;
                 }
                 CMD_DISC => return Ok(()),
-                CMD_TRIM | CMD_WRITE_ZEROES => simple_reply(s, NBD_EPERM, &handle)?,
-                CMD_BLOCK_STATUS if !agreed.allocation => {
-                    let msg = "no metadata context is selected: select base:allocation with \
-                               NBD_OPT_SET_META_CONTEXT first";
-                    error_reply(s, agreed.structured, NBD_EINVAL, &handle, msg)?
-                }
-                CMD_BLOCK_STATUS if !in_range || len == 0 => {
-                    error_reply(s, true, NBD_EINVAL, &handle, &outside())?
-                }
-                CMD_BLOCK_STATUS => {
-                    let limit = if flags & CMD_FLAG_REQ_ONE != 0 {
-                        1
-                    } else {
-                        MAX_STATUS_EXTENTS
-                    };
-                    let end = offset + len as u64;
-                    match self.export.image.allocation(offset..end, limit) {
-                        Ok(runs) => {
-                            let mut p = Vec::with_capacity(4 + 8 * runs.len());
-                            p.extend_from_slice(&ALLOCATION_ID.to_be_bytes());
-                            for (run, zero) in runs {
-                                let state = if zero { STATE_HOLE | STATE_ZERO } else { 0 };
-                                p.extend_from_slice(&((run.end - run.start) as u32).to_be_bytes());
-                                p.extend_from_slice(&state.to_be_bytes());
-                            }
-                            let head =
-                                chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, &handle, &p);
-                            s.write_all(&[&head[..], &p].concat())?;
-                        }
-                        Err(e) => {
-                            let msg =
-                                format!("block status of {len} bytes at offset {offset}: {e}");
-                            self.note_once(msg.clone());
-                            error_reply(s, true, NBD_EIO, &handle, &msg)?;
-                        }
+                _ => {
+                    if queue.send(req).is_err() {
+                        return Ok(());
                     }
                 }
-                _ => error_reply(
-                    s,
-                    agreed.structured,
-                    NBD_EINVAL,
-                    &handle,
-                    &format!("command {typ} is not supported by this server"),
-                )?,
             }
         }
+    }
+
+    /// Answers one request.
+    fn answer<W: Write>(&self, s: &mut W, agreed: &Negotiated, req: Request) -> io::Result<()> {
+        let size = self.export.image.size();
+        let Request {
+            flags,
+            typ,
+            handle,
+            offset,
+            len,
+        } = req;
+        let in_range = offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= size);
+        let outside =
+            || format!("{len} bytes at offset {offset} are not inside the disk ({size} bytes)");
+        match typ {
+            CMD_READ if len > MAX_REQUEST => {
+                let msg = format!("a read of {len} bytes is over the {MAX_REQUEST} advertised");
+                error_reply(s, agreed.structured, NBD_EINVAL, &handle, &msg)?;
+            }
+            CMD_READ if !in_range => {
+                error_reply(s, agreed.structured, NBD_EINVAL, &handle, &outside())?
+            }
+            CMD_READ if agreed.structured => self.structured_read(s, &handle, offset, len)?,
+            CMD_READ => with_reply_buffer(16 + len as usize, |out| {
+                match self.export.image.read_at(offset, &mut out[16..]) {
+                    Ok(()) => {
+                        out[..16].copy_from_slice(&reply_header(0, &handle));
+                        s.write_all(out)
+                    }
+                    Err(e) => {
+                        self.note_once(format!(
+                            "read of {len} bytes at offset {offset} failed (EIO): {e}"
+                        ));
+                        simple_reply(s, NBD_EIO, &handle)
+                    }
+                }
+            })?,
+            CMD_TRIM | CMD_WRITE_ZEROES => simple_reply(s, NBD_EPERM, &handle)?,
+            CMD_BLOCK_STATUS if !agreed.allocation => {
+                let msg = "no metadata context is selected: select base:allocation with \
+                           NBD_OPT_SET_META_CONTEXT first";
+                error_reply(s, agreed.structured, NBD_EINVAL, &handle, msg)?
+            }
+            CMD_BLOCK_STATUS if !in_range || len == 0 => {
+                error_reply(s, true, NBD_EINVAL, &handle, &outside())?
+            }
+            CMD_BLOCK_STATUS => {
+                let limit = if flags & CMD_FLAG_REQ_ONE != 0 {
+                    1
+                } else {
+                    MAX_STATUS_EXTENTS
+                };
+                let end = offset + len as u64;
+                match self.export.image.allocation(offset..end, limit) {
+                    Ok(runs) => {
+                        let mut p = Vec::with_capacity(4 + 8 * runs.len());
+                        p.extend_from_slice(&ALLOCATION_ID.to_be_bytes());
+                        for (run, zero) in runs {
+                            let state = if zero { STATE_HOLE | STATE_ZERO } else { 0 };
+                            p.extend_from_slice(&((run.end - run.start) as u32).to_be_bytes());
+                            p.extend_from_slice(&state.to_be_bytes());
+                        }
+                        let head =
+                            chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, &handle, &p);
+                        s.write_all(&[&head[..], &p].concat())?;
+                    }
+                    Err(e) => {
+                        let msg = format!("block status of {len} bytes at offset {offset}: {e}");
+                        self.note_once(msg.clone());
+                        error_reply(s, true, NBD_EIO, &handle, &msg)?;
+                    }
+                }
+            }
+            _ => error_reply(
+                s,
+                agreed.structured,
+                NBD_EINVAL,
+                &handle,
+                &format!("command {typ} is not supported by this server"),
+            )?,
+        }
+        Ok(())
     }
 
     /// A read answered with structured reply chunks: the data, and the longer zero runs inside
     /// it as holes, in order; the last chunk says the reply is done. A failure is an error chunk
     /// that names the offset it happened at and why.
-    fn structured_read<S: Transport>(
+    fn structured_read<W: Write>(
         &self,
-        s: &mut S,
+        s: &mut W,
         handle: &[u8; 8],
         offset: u64,
         len: u32,
@@ -526,8 +634,16 @@ impl Server {
                 continue;
             }
             // Header, offset, then the data read in place behind them.
-            let mut out = vec![0u8; 28 + n as usize];
-            if let Err(e) = self.export.image.read_at(run.start, &mut out[28..]) {
+            let failed = with_reply_buffer(28 + n as usize, |out| {
+                if let Err(e) = self.export.image.read_at(run.start, &mut out[28..]) {
+                    return Ok(Some(e));
+                }
+                out[20..28].copy_from_slice(&run.start.to_be_bytes());
+                let head = chunk_header(flags, REPLY_TYPE_OFFSET_DATA, handle, &out[20..]);
+                out[..20].copy_from_slice(&head);
+                s.write_all(out).map(|()| None)
+            })?;
+            if let Some(e) = failed {
                 let msg = format!("read of {n} bytes at offset {} failed: {e}", run.start);
                 self.note_once(format!("{msg} (EIO)"));
                 let mut p = error_payload(NBD_EIO, &msg);
@@ -535,13 +651,33 @@ impl Server {
                 let head = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR_OFFSET, handle, &p);
                 return s.write_all(&[&head[..], &p].concat());
             }
-            out[20..28].copy_from_slice(&run.start.to_be_bytes());
-            let head = chunk_header(flags, REPLY_TYPE_OFFSET_DATA, handle, &out[20..]);
-            out[..20].copy_from_slice(&head);
-            s.write_all(&out)?;
         }
         Ok(())
     }
+}
+
+/// Replies up to this size are built in a buffer each worker keeps; larger ones (up to
+/// [`MAX_REQUEST`]) in one allocated for them, so that a few large reads do not pin their size
+/// for the rest of the session.
+const KEPT_REPLY_BUFFER: usize = 4 << 20;
+
+thread_local! {
+    static REPLY_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `n` bytes of buffer whose contents are unspecified (`f` overwrites what it
+/// sends): this thread's kept buffer, so that a read costs no allocation and no zeroing.
+fn with_reply_buffer<R>(n: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    if n > KEPT_REPLY_BUFFER {
+        return f(&mut vec![0u8; n]);
+    }
+    REPLY_BUFFER.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < n {
+            b.resize(n, 0);
+        }
+        f(&mut b[..n])
+    })
 }
 
 /// The chunks of a structured read from its allocation runs: zero runs of at least
