@@ -243,6 +243,14 @@ impl Server {
         name.is_empty() || name == self.export.name.as_bytes()
     }
 
+    fn unknown_export(&self, name: &[u8]) -> String {
+        format!(
+            "no export named {:?}; this server exports {:?} (or the default, \"\")",
+            String::from_utf8_lossy(name),
+            self.export.name
+        )
+    }
+
     /// Option haggling; what was agreed when the client moves on to transmission, `None` when it
     /// leaves.
     fn handshake<S: Transport>(&self, s: &mut S) -> io::Result<Option<Negotiated>> {
@@ -322,12 +330,7 @@ impl Server {
                         continue;
                     };
                     if !self.name_matches(name) {
-                        let msg = format!(
-                            "no export named {:?}; this server exports {:?} (or the default, \"\")",
-                            String::from_utf8_lossy(name),
-                            self.export.name
-                        );
-                        self.opt_error(s, opt, REP_ERR_UNKNOWN, &msg)?;
+                        self.opt_error(s, opt, REP_ERR_UNKNOWN, &self.unknown_export(name))?;
                         continue;
                     }
                     let mut info = INFO_EXPORT.to_be_bytes().to_vec();
@@ -382,12 +385,7 @@ impl Server {
                         continue;
                     };
                     if !self.name_matches(name) {
-                        let msg = format!(
-                            "no export named {:?}; this server exports {:?} (or the default, \"\")",
-                            String::from_utf8_lossy(name),
-                            self.export.name
-                        );
-                        self.opt_error(s, opt, REP_ERR_UNKNOWN, &msg)?;
+                        self.opt_error(s, opt, REP_ERR_UNKNOWN, &self.unknown_export(name))?;
                         continue;
                     }
                     let exact = |q: &&[u8]| *q == ALLOCATION_CONTEXT.as_bytes();
