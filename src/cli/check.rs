@@ -19,7 +19,8 @@ manifest, disk maps, segments and chunks are present. With --read-data, also rea
 re-hash every stored object; --read-data-subset reads part of them (10% at random, or slice 3/7 so \
 that seven nightly runs read everything once). Damaged generations and disks are named. With \
 --rebuild-index, first rebuild index.sqlite from the pack files alone (the old index is kept beside \
-it), then check. With --repair, read everything, rebuild the index if it is missing or damaged, drop \
+it; while it runs the new index and its write-ahead log need about twice the old index's size free \
+on the same disk), then check. With --repair, read everything, rebuild the index if it is missing or damaged, drop \
 index entries whose data is missing or corrupt, and mark the generations that lost data as damaged \
 (extract refuses them unless --allow-damaged; a later ingest that reads the same data again stores \
 it again and heals them). Exit status: 0 when nothing is damaged, 1 otherwise.";
