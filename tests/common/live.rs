@@ -250,6 +250,16 @@ pub struct Chunk {
     pub payload: Vec<u8>,
 }
 
+impl Chunk {
+    /// An error chunk's (error, message).
+    pub fn error(&self) -> (u32, String) {
+        let p = &self.payload;
+        let e = u32::from_be_bytes(p[0..4].try_into().unwrap());
+        let n = u16::from_be_bytes([p[4], p[5]]) as usize;
+        (e, String::from_utf8(p[6..6 + n].to_vec()).unwrap())
+    }
+}
+
 /// A raw NBD client over TCP.
 pub struct RawClient {
     pub s: TcpStream,
@@ -353,14 +363,8 @@ impl RawClient {
     }
 
     pub fn send_request(&mut self, typ: u16, handle: u64, offset: u64, len: u32, payload: &[u8]) {
-        let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
-        m.extend_from_slice(&0u16.to_be_bytes());
-        m.extend_from_slice(&typ.to_be_bytes());
-        m.extend_from_slice(&handle.to_be_bytes());
-        m.extend_from_slice(&offset.to_be_bytes());
-        m.extend_from_slice(&len.to_be_bytes());
-        m.extend_from_slice(payload);
-        self.s.write_all(&m).unwrap();
+        self.send_flagged(0, typ, handle, offset, len);
+        self.s.write_all(payload).unwrap();
     }
 
     /// A simple reply: (error, handle).
@@ -473,12 +477,7 @@ impl RawClient {
                     place(at(&c.payload), n);
                     holes += 1;
                 }
-                t if t & 0x8000 != 0 => {
-                    let e = u32::from_be_bytes(c.payload[0..4].try_into().unwrap());
-                    let n = u16::from_be_bytes([c.payload[4], c.payload[5]]) as usize;
-                    let msg = String::from_utf8(c.payload[6..6 + n].to_vec()).unwrap();
-                    error = Some((e, msg));
-                }
+                t if t & 0x8000 != 0 => error = Some(c.error()),
                 t => panic!("unexpected reply chunk type {t}"),
             }
             if c.done {
@@ -505,9 +504,7 @@ impl RawClient {
         let c = self.read_chunk(handle);
         assert!(c.done, "block status in more than one chunk");
         if c.typ & 0x8000 != 0 {
-            let e = u32::from_be_bytes(c.payload[0..4].try_into().unwrap());
-            let n = u16::from_be_bytes([c.payload[4], c.payload[5]]) as usize;
-            return Err((e, String::from_utf8(c.payload[6..6 + n].to_vec()).unwrap()));
+            return Err(c.error());
         }
         assert_eq!(c.typ, 5, "not NBD_REPLY_TYPE_BLOCK_STATUS");
         assert_eq!((c.payload.len() - 4) % 8, 0);

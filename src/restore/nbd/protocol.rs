@@ -575,9 +575,7 @@ impl Server {
                             p.extend_from_slice(&((run.end - run.start) as u32).to_be_bytes());
                             p.extend_from_slice(&state.to_be_bytes());
                         }
-                        let head =
-                            chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, &handle, &p);
-                        s.write_all(&[&head[..], &p].concat())?;
+                        send_chunk(s, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, &handle, &p)?;
                     }
                     Err(e) => {
                         let msg = format!("block status of {len} bytes at offset {offset}: {e}");
@@ -617,8 +615,7 @@ impl Server {
             }
         };
         if parts.is_empty() {
-            let head = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, &[]);
-            return s.write_all(&head);
+            return send_chunk(s, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, &[]);
         }
         let last = parts.len() - 1;
         for (k, (run, hole)) in parts.into_iter().enumerate() {
@@ -627,8 +624,7 @@ impl Server {
             if hole {
                 let mut p = run.start.to_be_bytes().to_vec();
                 p.extend_from_slice(&(n as u32).to_be_bytes());
-                let head = chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, handle, &p);
-                s.write_all(&[&head[..], &p].concat())?;
+                send_chunk(s, flags, REPLY_TYPE_OFFSET_HOLE, handle, &p)?;
                 continue;
             }
             // Header, offset, then the data read in place behind them.
@@ -646,8 +642,7 @@ impl Server {
                 self.note_once(format!("{msg} (EIO)"));
                 let mut p = error_payload(NBD_EIO, &msg);
                 p.extend_from_slice(&run.start.to_be_bytes());
-                let head = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR_OFFSET, handle, &p);
-                return s.write_all(&[&head[..], &p].concat());
+                return send_chunk(s, REPLY_FLAG_DONE, REPLY_TYPE_ERROR_OFFSET, handle, &p);
             }
         }
         Ok(())
@@ -692,6 +687,18 @@ fn content_parts(runs: Vec<(Range<u64>, bool)>) -> Vec<(Range<u64>, bool)> {
     parts
 }
 
+/// Sends one structured reply chunk, header and payload in one write (see [`Replies`]).
+fn send_chunk<W: Write>(
+    s: &mut W,
+    flags: u16,
+    typ: u16,
+    handle: &[u8; 8],
+    payload: &[u8],
+) -> io::Result<()> {
+    let head = chunk_header(flags, typ, handle, payload);
+    s.write_all(&[&head[..], payload].concat())
+}
+
 /// The header of a structured reply chunk whose payload is `payload`.
 fn chunk_header(flags: u16, typ: u16, handle: &[u8; 8], payload: &[u8]) -> [u8; 20] {
     let mut h = [0u8; 20];
@@ -728,8 +735,7 @@ fn error_reply<S: Write>(
         return simple_reply(s, error, handle);
     }
     let p = error_payload(error, msg);
-    let head = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, &p);
-    s.write_all(&[&head[..], &p].concat())
+    send_chunk(s, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, &p)
 }
 
 pub(super) fn protocol(msg: String) -> io::Error {
