@@ -361,3 +361,90 @@ fn change_aware_ingest_works_in_an_encrypted_repository() {
     assert!(same_file(&out.join("vm.img"), &img));
     run(&[s("check"), p(&repo), s("--read-data")]).ok();
 }
+
+/// The segments whose leaves the index keeps.
+fn kept_leaves(repo: &Path) -> std::collections::BTreeSet<Vec<u8>> {
+    let db = rusqlite::Connection::open(repo.join("index.sqlite")).unwrap();
+    let mut st = db.prepare("SELECT segment FROM segment_leaves").unwrap();
+    let rows = st.query_map([], |r| r.get::<_, Vec<u8>>(0)).unwrap();
+    rows.map(|r| r.unwrap()).collect()
+}
+
+/// The distinct non-zero segments of a generation.
+fn segments_of(repo: &Path, gen: &str) -> std::collections::BTreeSet<Vec<u8>> {
+    let r = vmrepo::Repository::open(repo, vmrepo::repo::lock::LockMode::Shared).unwrap();
+    let mut out = std::collections::BTreeSet::new();
+    for map in disk_maps(repo, gen) {
+        let map = r.load_disk_map(&map).unwrap();
+        out.extend(map.nonzero().map(|(_, s)| s.0.to_vec()));
+    }
+    out
+}
+
+#[test]
+fn leaves_are_kept_for_the_latest_generation_only_and_a_segment_that_lost_them_is_read_whole() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("vm.img");
+    sparse_image(&img, 32 * MIB, &[(0, 32 << 20, 9)]);
+    let repo = init_repo(t.path());
+    ingest(&repo, &img, Some("vm"));
+    // A clone of the VM shares every segment, and so their leaves.
+    let twin = t.path().join("twin.img");
+    fs::copy(&img, &twin).unwrap();
+    ingest(&repo, &twin, Some("clone"));
+    let first = generations(&repo, "vm")[0].clone();
+    assert_eq!(kept_leaves(&repo), segments_of(&repo, &first));
+    // Three nights of full ingests, each changing 4 KiB in two segments: the leaves of the
+    // segments each night replaces are forgotten, not kept for as long as they are stored.
+    for night in 0..3u64 {
+        overwrite(&img, (2 * night + 1) * 4 * MIB + 8192, 4096, 50 + night);
+        overwrite(&img, (2 * night + 2) * 4 * MIB + 4096, 4096, 60 + night);
+        let j = ingest(&repo, &img, Some("vm"));
+        assert_eq!(j["stats"]["chunks_new"], 2, "{j}");
+        let latest = generations(&repo, "vm").last().unwrap().clone();
+        let (kept, want) = (kept_leaves(&repo), segments_of(&repo, &latest));
+        assert!(
+            kept == want,
+            "night {night}: {} segments keep leaves, the latest generation has {}",
+            kept.len(),
+            want.len()
+        );
+    }
+    // The clone's second segment lost its leaves to the VM's first night: a change-aware
+    // ingest reads that segment whole, stores what a full ingest would, and keeps its leaves
+    // again, so the next night patches it.
+    overwrite(&twin, 4 * MIB + 100, 200, 70);
+    let list = t.path().join("changes.json");
+    write_list(&list, &[(4 * MIB + 100, 200)]);
+    let run = |list: &Path| {
+        vmrepo([
+            s("ingest"),
+            p(&repo),
+            p(&twin),
+            s("--name"),
+            s("clone"),
+            s("--changed-ranges"),
+            p(list),
+            s("--since"),
+            s("clone"),
+            s("--json"),
+        ])
+        .ok()
+        .json()
+    };
+    let j = run(&list);
+    assert_eq!(j["incremental"]["segments_patched"], 0, "{j}");
+    assert_eq!(j["stats"]["bytes_read"], 4 * MIB, "{j}");
+    overwrite(&twin, 4 * MIB + 300_000, 200, 71);
+    write_list(&list, &[(4 * MIB + 300_000, 200)]);
+    let j = run(&list);
+    assert_eq!(j["incremental"]["segments_patched"], 1, "{j}");
+    for (vm, file) in [("vm", &img), ("clone", &twin)] {
+        let gen = generations(&repo, vm).last().unwrap().clone();
+        let out = t.path().join(format!("out-{vm}"));
+        vmrepo([s("extract"), p(&repo), s(&gen), p(&out)]).ok();
+        let restored = fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
+        assert!(same_file(&restored, file), "{vm}");
+    }
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+}

@@ -161,7 +161,7 @@ fn copy_one(
     };
     let result = t.manifest(&m, progress).and_then(|m2| {
         let id = store.put_blob(ObjectKind::Manifest, &m2.encode())?;
-        store.commit_generation(id, &m2, &t.cache)?;
+        store.commit_generation(id, &m2, &t.cache, &[])?;
         Ok(())
     });
     report.bytes_read += t.bytes_read;

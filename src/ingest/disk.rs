@@ -25,14 +25,14 @@ use crate::vmware::vm::DiskPlan;
 
 /// Ingests disk `d`: every segment worth a visit, in parallel; the others are all zero, or
 /// (with `reuse`) taken from the base generation, `verify_share` of them re-read to check.
-/// Returns the disk's entry, the segment-cache rows to add, and its number of segments.
+/// Returns the disk's entry, its disk map, and the segment-cache rows to add.
 pub(super) fn ingest_disk(
     cx: &SegmentContext<'_, '_>,
     d: &DiskPlan,
     reuse: Option<&Reuse>,
     verify_share: f64,
     workers: &SegmentWorkers,
-) -> Result<(DiskEntry, Vec<CacheRow>, u64)> {
+) -> Result<(DiskEntry, DiskMap, Vec<CacheRow>)> {
     let SegmentContext {
         store,
         params,
@@ -179,8 +179,8 @@ pub(super) fn ingest_disk(
             extents,
             layout: d.layout.clone(),
         },
+        map,
         rows,
-        nseg,
     ))
 }
 
@@ -338,9 +338,9 @@ mod tests {
         let counters = Counters::default();
         let progress = crate::progress::NoProgress;
         let cx = SegmentContext::new(&store, &counters, &progress);
-        let (entry, _, n) = ingest_disk(&cx, &d, None, 0.0, &SegmentWorkers::default())
+        let (entry, map, _) = ingest_disk(&cx, &d, None, 0.0, &SegmentWorkers::default())
             .expect("no worker may trip over another's segment buffer");
-        assert_eq!(n, nseg);
+        assert_eq!(map.count(), nseg);
         store.flush().unwrap();
         let map = repo.load_disk_map(&entry.disk_map).unwrap();
         // Every segment kept its own bytes: 32 different contents, 32 different segments.

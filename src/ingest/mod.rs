@@ -19,6 +19,7 @@ pub mod patch;
 mod disk;
 mod plan;
 mod segment;
+mod superseded;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -588,17 +589,25 @@ fn run(
     progress.start(&format!("ingest {}", plan.vm), to_read);
     let cx = segment::SegmentContext::new(store, &counters, progress);
     let mut disks = Vec::new();
+    let mut maps = Vec::new();
     let mut cache_rows = Vec::new();
     let mut stats = IngestStats::default();
     for (d, r) in plan.disks.iter().zip(&reuse) {
-        let (entry, rows, nseg) =
+        let (entry, map, rows) =
             ingest_disk(&cx, d, r.as_ref(), opts.verify_unchanged, &opts.workers)?;
         stats.virtual_bytes += d.reader.size();
-        stats.segments_total += nseg;
+        stats.segments_total += map.count();
         disks.push(entry);
+        maps.push(map);
         cache_rows.extend(rows);
     }
     progress.finish();
+    let replaced = superseded::replaced_segments(
+        repo,
+        &plan.vm,
+        base.map(|b| (b.name.as_str(), &b.manifest)),
+        &disks.iter().zip(&maps).collect::<Vec<_>>(),
+    )?;
 
     stats.bytes_read = counters.bytes_read.load(Ordering::Relaxed);
     stats.bytes_data = counters.bytes_data.load(Ordering::Relaxed);
@@ -649,7 +658,7 @@ fn run(
     manifest.catalog.stats.bytes_stored = store.bytes_stored();
     manifest.catalog.finished = format_time(jiff::Timestamp::now());
     let manifest_id = store.put_blob(ObjectKind::Manifest, &manifest.encode())?;
-    store.commit_generation(manifest_id, &manifest, &cache_rows)?;
+    store.commit_generation(manifest_id, &manifest, &cache_rows, &replaced)?;
     Ok((manifest_id, manifest))
 }
 

@@ -242,6 +242,7 @@ impl<'r> Store<'r> {
         manifest_id: ObjectId,
         manifest: &crate::repo::manifest::Manifest,
         cache: &[crate::repo::index::CacheRow],
+        replaced: &[ObjectId],
     ) -> Result<()> {
         self.repo.ensure_locked()?;
         // The pack holding the manifest is sealed here and recorded in the generation's own
@@ -271,7 +272,7 @@ impl<'r> Store<'r> {
                 .ctx("create", backend.path(m))?;
         }
         let committed = match full {
-            None => index.commit_generation(manifest_id, manifest, cache, None),
+            None => index.commit_generation(manifest_id, manifest, cache, replaced, None),
             Some((pack, records)) => {
                 let ids: Vec<ObjectId> = records.iter().map(|(h, _)| h.id).collect();
                 let name = pack.name().to_string();
@@ -282,7 +283,7 @@ impl<'r> Store<'r> {
                     if remote {
                         unmark(&**backend, marker)?;
                     }
-                    index.commit_generation(manifest_id, manifest, cache, Some(sealed))
+                    index.commit_generation(manifest_id, manifest, cache, replaced, Some(sealed))
                 });
                 let mut w = self.writer.lock().unwrap();
                 for id in &ids {

@@ -11,7 +11,7 @@ use crate::repo::manifest::Manifest;
 use crate::repo::object::ObjectKind;
 
 use super::objects::insert_pack;
-use super::segments::insert_cache_rows;
+use super::segments::{forget_leaves, insert_cache_rows};
 use super::{row_id, CacheRow, Index, SealedPack};
 
 /// A generation as the index lists it.
@@ -182,8 +182,9 @@ impl Index {
             .map_err(|e| self.err(e))
     }
 
-    /// Makes a generation visible: one transaction adds it, its disks, files and segment cache rows.
-    /// Every object it references must already be in the index.
+    /// Makes a generation visible: one transaction adds it, its disks, files and segment cache
+    /// rows, and forgets the kept leaves of the segments it `replaced` (see
+    /// `ingest::superseded`). Every object it references must already be in the index.
     ///
     /// `last_pack`, the sealed pack holding the manifest, is recorded in the same transaction:
     /// a manifest is never indexed without its generation, so an indexed manifest that no
@@ -193,6 +194,7 @@ impl Index {
         manifest_id: ObjectId,
         m: &Manifest,
         cache: &[CacheRow],
+        replaced: &[ObjectId],
         last_pack: Option<&SealedPack>,
     ) -> Result<()> {
         let keys = self.keys.clone();
@@ -206,7 +208,8 @@ impl Index {
                     duplicate.set(f.code == rusqlite::ErrorCode::ConstraintViolation);
                 }
             })?;
-            insert_cache_rows(tx, &keys, cache)
+            insert_cache_rows(tx, &keys, cache)?;
+            forget_leaves(tx, replaced)
         });
         if duplicate.get() {
             return Err(Error::Usage(format!(
@@ -441,7 +444,7 @@ impl Index {
         m: &Manifest,
         damage: Option<&str>,
     ) -> Result<()> {
-        self.commit_generation(manifest_id, m, &[], None)?;
+        self.commit_generation(manifest_id, m, &[], &[], None)?;
         if let Some(d) = damage {
             let (text, sealed) = self.seal_damage(&m.catalog.vm, &m.catalog.time, d);
             self.conn

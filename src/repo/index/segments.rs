@@ -95,3 +95,15 @@ pub(super) fn insert_cache_rows(
     }
     Ok(())
 }
+
+/// Drops the kept leaves of the segments `replaced` (a cache: see `ingest::superseded`).
+pub(super) fn forget_leaves(
+    tx: &rusqlite::Transaction<'_>,
+    replaced: &[ObjectId],
+) -> rusqlite::Result<()> {
+    let mut st = tx.prepare_cached("DELETE FROM segment_leaves WHERE segment = ?1")?;
+    for id in replaced {
+        st.execute([&id.0[..]])?;
+    }
+    Ok(())
+}
