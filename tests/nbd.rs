@@ -465,6 +465,67 @@ fn pipelined_requests_are_all_answered_and_a_client_that_reads_nothing_holds_up_
     assert!(srv.run.alive());
 }
 
+/// The most memory the process has held so far (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    kib << 10
+}
+
+#[test]
+fn clients_that_ask_for_32_mib_reads_and_take_no_replies_cannot_grow_the_server() {
+    let t = tempfile::tempdir().unwrap();
+    let (vm, repo) = vm_repo(t.path());
+    let orig = fs::read(vm.join("web01-flat.vmdk")).unwrap();
+    let mut srv = serve_nbd(t.path(), &repo, "web01", &[]);
+    let pid = srv.run.child.id();
+    // Long reads answered whole first: a simple reply streamed in pieces, a structured one cut
+    // in several data chunks, both the right bytes.
+    let (mut c, _, _) = RawClient::go(srv.port);
+    assert!(c.read(1, 0, 32 << 20).unwrap() == orig[..32 << 20]);
+    let mut s = RawClient::fixed(srv.port);
+    s.send_option(8, &[]);
+    assert_eq!(s.read_opt_reply().typ, REP_ACK);
+    s.send_option(7, &RawClient::info_data("", &[]));
+    assert_eq!(s.replies_until_final().last().unwrap().typ, REP_ACK);
+    let (got, _) = s.read_structured(2, 4 << 20, 32 << 20).unwrap();
+    assert!(got == orig[4 << 20..36 << 20]);
+    let before = peak_rss(pid);
+
+    // Eight clients each send sixteen reads of 32 MiB (zeros mostly: nothing to decode) and
+    // read no reply. Built whole, their replies would hold 8 x 4 x 32 MiB = 1 GiB; the server
+    // holds one 4 MiB piece per answering thread instead.
+    let stuck: Vec<RawClient> = (0..8)
+        .map(|_| {
+            let (mut c, _, _) = RawClient::go(srv.port);
+            for h in 0..16 {
+                c.send_request(0, h, 0, 32 << 20, &[]);
+            }
+            c
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let grown = peak_rss(pid).saturating_sub(before);
+    assert!(
+        grown < 256 << 20,
+        "the server grew by {} MiB for replies nobody takes",
+        grown >> 20
+    );
+    // Everyone else is served all the same, and when the stuck clients go, so do their replies.
+    let (mut other, _, _) = RawClient::go(srv.port);
+    assert!(other.read(1, 20 << 20, 1 << 20).unwrap() == orig[20 << 20..21 << 20]);
+    drop(stuck);
+    assert!(other.read(2, 0, 32 << 20).unwrap() == orig[..32 << 20]);
+    assert!(srv.run.alive());
+}
+
 #[test]
 fn malformed_handshakes_get_errors_or_a_hang_up_and_the_server_keeps_serving() {
     let t = tempfile::tempdir().unwrap();
@@ -601,6 +662,25 @@ fn damaged_data_gets_an_eio_reply_not_zeros() {
             .unwrap();
         assert!(got == orig[next * BLOCK..(next + 1) * BLOCK]);
     }
+    // A simple reply longer than the 4 MiB the server holds at once: damage in its first
+    // piece still gets EIO; damage further on, after the reply began, cannot be said any more,
+    // so the server hangs up rather than send wrong bytes, and serves on.
+    assert!(
+        at >= 5 << 20,
+        "the damaged chunk is at {at}: too early for this test"
+    );
+    let (mut c, _, _) = RawClient::go(srv.port);
+    assert_eq!(c.read(1, at, 8 << 20), Err(EIO));
+    let (mut c, _, _) = RawClient::go(srv.port);
+    c.send_request(0, 2, at - (5 << 20), 8 << 20, &[]);
+    assert_eq!(c.read_simple_reply(), (0, 2));
+    let mut data = vec![0u8; 8 << 20];
+    assert!(
+        std::io::Read::read_exact(&mut c.s, &mut data).is_err(),
+        "a reply with damage in it arrived whole"
+    );
+    let (mut c, _, _) = RawClient::go(srv.port);
+    assert!(c.read(3, 0, 4 << 20).unwrap() == orig[..4 << 20]);
     assert!(!qemu_compare(&srv.uri(), &img));
     assert!(srv.run.alive());
     assert!(

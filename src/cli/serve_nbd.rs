@@ -50,7 +50,8 @@ pub struct ServeNbdArgs {
     /// the disk.
     #[arg(long)]
     allow_remote: bool,
-    /// Clients served at once.
+    /// Clients served at once. Each may cost up to 16 MiB of replies in flight (four requests
+    /// answered at once, at most 4 MiB of each held), beside the shared chunk cache.
     #[arg(long, default_value_t = 16, value_name = "N")]
     max_clients: usize,
     /// Memory for decompressed chunks, in MiB.

@@ -13,8 +13,9 @@
 //! `EPERM`, requests outside the export or reads longer than the advertised maximum `EINVAL`,
 //! reads of damaged data `EIO`. A client that breaks the protocol is disconnected; no client can
 //! stop the server or disturb another. Each client has a thread that reads its requests and
-//! four that answer them, several at once (qemu keeps many reads in flight); all clients share
-//! one [`DiskImage`] and its chunk cache.
+//! four that answer them, several at once (qemu keeps many reads in flight), each holding at
+//! most 4 MiB of a reply whatever the read's length; all clients share one [`DiskImage`] and
+//! its chunk cache.
 //!
 //! NBD has no authentication: the server listens on loopback addresses unless told otherwise.
 

@@ -144,8 +144,16 @@ struct Request {
 
 /// The writing side of a connection shared by the threads answering requests: each
 /// `write_all` goes out whole under the lock, so one reply (or reply chunk) is never cut by
-/// another. Every reply is built and written with one `write_all`.
+/// another. Every reply is built and written with one `write_all`, but a simple reply longer
+/// than [`REPLY_PIECE`], which is written piece by piece under [`Replies::whole`].
 struct Replies<'a, S>(&'a Mutex<S>);
+
+impl<S> Replies<'_, S> {
+    /// The connection to itself, to write one message in several pieces.
+    fn whole(&self) -> std::sync::MutexGuard<'_, S> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 impl<S: Write> Write for Replies<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -454,9 +462,12 @@ impl Server {
                         .unwrap_or_else(PoisonError::into_inner)
                         .recv();
                     let Ok(req) = next else { return };
-                    // A reply that cannot be written means the client is gone: the reading
-                    // thread sees that too and ends the session.
-                    let _ = self.answer(&mut Replies(&out), agreed, req);
+                    // A reply that cannot be written means the client is gone, and one cut
+                    // short leaves the stream out of step: either way the session is over.
+                    // Shutting the socket ends the reading thread too.
+                    if self.answer(&mut Replies(&out), agreed, req).is_err() {
+                        out.lock().unwrap_or_else(PoisonError::into_inner).shut();
+                    }
                 });
             }
             let read = self.read_requests(s, &mut Replies(&out), &queue);
@@ -513,7 +524,12 @@ impl Server {
     }
 
     /// Answers one request.
-    fn answer<W: Write>(&self, s: &mut W, agreed: &Negotiated, req: Request) -> io::Result<()> {
+    fn answer<S: Write>(
+        &self,
+        s: &mut Replies<'_, S>,
+        agreed: &Negotiated,
+        req: Request,
+    ) -> io::Result<()> {
         let size = self.export.image.size();
         let Request {
             flags,
@@ -536,6 +552,9 @@ impl Server {
                 error_reply(s, agreed.structured, NBD_EINVAL, &handle, &outside())?
             }
             CMD_READ if agreed.structured => self.structured_read(s, &handle, offset, len)?,
+            CMD_READ if len as usize > REPLY_PIECE => {
+                self.long_simple_read(s, &handle, offset, len)?
+            }
             CMD_READ => with_reply_buffer(16 + len as usize, |out| {
                 match self.export.image.read_at(offset, &mut out[16..]) {
                     Ok(()) => {
@@ -617,6 +636,7 @@ impl Server {
         if parts.is_empty() {
             return send_chunk(s, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, &[]);
         }
+        let parts = in_pieces(parts);
         let last = parts.len() - 1;
         for (k, (run, hole)) in parts.into_iter().enumerate() {
             let flags = if k == last { REPLY_FLAG_DONE } else { 0 };
@@ -647,12 +667,57 @@ impl Server {
         }
         Ok(())
     }
+
+    /// A simple reply to a read longer than [`REPLY_PIECE`]: its header, then the data a piece
+    /// at a time, all under the connection's lock so that no other reply comes in between. A
+    /// piece that cannot be read after the header went out cannot be reported any more: the
+    /// reply is cut short with an error, which ends the session (a structured reply says
+    /// where the read failed instead).
+    fn long_simple_read<S: Write>(
+        &self,
+        s: &mut Replies<'_, S>,
+        handle: &[u8; 8],
+        offset: u64,
+        len: u32,
+    ) -> io::Result<()> {
+        let end = offset + len as u64;
+        with_reply_buffer(16 + REPLY_PIECE, |buf| {
+            // The first piece is read before the header goes out: a damaged start still gets
+            // its EIO reply.
+            let first = (REPLY_PIECE as u64).min(len as u64) as usize;
+            if let Err(e) = self.export.image.read_at(offset, &mut buf[16..16 + first]) {
+                self.note_once(format!(
+                    "read of {len} bytes at offset {offset} failed (EIO): {e}"
+                ));
+                return simple_reply(s, NBD_EIO, handle);
+            }
+            buf[..16].copy_from_slice(&reply_header(0, handle));
+            let mut out = s.whole();
+            out.write_all(&buf[..16 + first])?;
+            let mut at = offset + first as u64;
+            while at < end {
+                let n = (end - at).min(REPLY_PIECE as u64) as usize;
+                if let Err(e) = self.export.image.read_at(at, &mut buf[..n]) {
+                    let msg = format!(
+                        "read of {len} bytes at offset {offset} failed at offset {at}, after \
+                         its reply began: {e}; the client is disconnected"
+                    );
+                    self.note_once(msg.clone());
+                    return Err(io::Error::other(msg));
+                }
+                out.write_all(&buf[..n])?;
+                at += n as u64;
+            }
+            Ok(())
+        })
+    }
 }
 
-/// Replies up to this size are built in a buffer each worker keeps; larger ones (up to
-/// [`MAX_REQUEST`]) in one allocated for them, so that a few large reads do not pin their size
-/// for the rest of the session.
-const KEPT_REPLY_BUFFER: usize = 4 << 20;
+/// The most data a worker holds for a reply, in the buffer it keeps: a structured read sends
+/// longer data as several chunks, and a simple reply longer than this (up to [`MAX_REQUEST`]) is
+/// read and written a piece at a time. A client's four workers hold at most 16 MiB however large
+/// its reads, and however slowly it takes the replies.
+const REPLY_PIECE: usize = 4 << 20;
 
 thread_local! {
     static REPLY_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -661,9 +726,7 @@ thread_local! {
 /// Runs `f` on `n` bytes of buffer whose contents are unspecified (`f` overwrites what it
 /// sends): this thread's kept buffer, so that a read costs no allocation and no zeroing.
 fn with_reply_buffer<R>(n: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-    if n > KEPT_REPLY_BUFFER {
-        return f(&mut vec![0u8; n]);
-    }
+    debug_assert!(n <= REPLY_PIECE + 28, "a reply of {n} bytes is built whole");
     REPLY_BUFFER.with(|b| {
         let mut b = b.borrow_mut();
         if b.len() < n {
@@ -685,6 +748,24 @@ fn content_parts(runs: Vec<(Range<u64>, bool)>) -> Vec<(Range<u64>, bool)> {
         }
     }
     parts
+}
+
+/// `parts` with every data part longer than [`REPLY_PIECE`] cut into pieces of that length.
+fn in_pieces(parts: Vec<(Range<u64>, bool)>) -> Vec<(Range<u64>, bool)> {
+    let mut out = Vec::with_capacity(parts.len());
+    for (run, hole) in parts {
+        if hole {
+            out.push((run, hole));
+            continue;
+        }
+        let mut at = run.start;
+        while at < run.end {
+            let end = run.end.min(at + REPLY_PIECE as u64);
+            out.push((at..end, false));
+            at = end;
+        }
+    }
+    out
 }
 
 /// Sends one structured reply chunk, header and payload in one write (see [`Replies`]).
