@@ -439,6 +439,23 @@ fn leaves_are_kept_for_the_latest_generation_only_and_a_segment_that_lost_them_i
     write_list(&list, &[(4 * MIB + 300_000, 200)]);
     let j = run(&list);
     assert_eq!(j["incremental"]["segments_patched"], 1, "{j}");
+    // A generation put in before the latest (--time) replaces nothing the next night patches.
+    let latest = generations(&repo, "vm").last().unwrap().clone();
+    vmrepo([
+        s("ingest"),
+        p(&repo),
+        p(&twin),
+        s("--name"),
+        s("vm"),
+        s("--time"),
+        s("2001-01-01T00:00:00Z"),
+    ])
+    .ok();
+    assert_eq!(generations(&repo, "vm").last().unwrap(), &latest);
+    assert!(
+        kept_leaves(&repo).is_superset(&segments_of(&repo, &latest)),
+        "a generation put in before the latest dropped the latest's leaves"
+    );
     for (vm, file) in [("vm", &img), ("clone", &twin)] {
         let gen = generations(&repo, vm).last().unwrap().clone();
         let out = t.path().join(format!("out-{vm}"));

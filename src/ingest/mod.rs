@@ -605,6 +605,7 @@ fn run(
     let replaced = superseded::replaced_segments(
         repo,
         &plan.vm,
+        time,
         base.map(|b| (b.name.as_str(), &b.manifest)),
         &disks.iter().zip(&maps).collect::<Vec<_>>(),
     )?;

@@ -19,10 +19,12 @@ use crate::repo::Repository;
 
 /// The segments of `vm`'s latest generation (`latest`, when the caller has it loaded already)
 /// that tonight's disks (`disks`, with their maps) no longer hold anywhere; a disk left out
-/// tonight counts as replaced.
+/// tonight counts as replaced. None when tonight's generation, at `time`, is not the newest
+/// (one put in before the latest, with `--time`, replaces nothing).
 pub(super) fn replaced_segments(
     repo: &Repository,
     vm: &str,
+    time: &str,
     latest: Option<(&str, &Manifest)>,
     disks: &[(&DiskEntry, &DiskMap)],
 ) -> Result<Vec<ObjectId>> {
@@ -31,6 +33,9 @@ pub(super) fn replaced_segments(
         Err(Error::NotFound(_)) => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
+    if gen.time.as_str() >= time {
+        return Ok(Vec::new());
+    }
     let loaded;
     let before = match latest {
         Some((name, m)) if name == gen.name => m,
