@@ -3,6 +3,8 @@
 //! refused with the file and the reason.
 
 mod common;
+#[path = "common/live.rs"]
+mod live;
 use common::*;
 use std::fs;
 use std::path::Path;
@@ -464,4 +466,28 @@ fn leaves_are_kept_for_the_latest_generation_only_and_a_segment_that_lost_them_i
         assert!(same_file(&restored, file), "{vm}");
     }
     vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+}
+
+#[test]
+fn a_previous_generation_that_cannot_be_read_fails_no_backup() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("vm.img");
+    sparse_image(&img, 16 * MIB, &[(0, 16 << 20, 12)]);
+    let repo = init_repo(t.path());
+    ingest(&repo, &img, Some("vm"));
+    // The only disk map in the repository is last night's.
+    live::damage_one_object(&repo, 3, 1);
+    overwrite(&img, 6 * MIB, 4096, 13);
+    let r = vmrepo([s("ingest"), p(&repo), p(&img), s("--name"), s("vm")]);
+    r.ok();
+    assert!(
+        r.stderr
+            .contains("the index keeps the leaves of the segments tonight replaced"),
+        "{}",
+        r.stderr
+    );
+    let gen = generations(&repo, "vm").last().unwrap().clone();
+    let out = t.path().join("out");
+    vmrepo([s("extract"), p(&repo), s(&gen), p(&out)]).ok();
+    assert!(same_file(&out.join("vm.img"), &img));
 }

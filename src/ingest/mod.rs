@@ -602,13 +602,22 @@ fn run(
         cache_rows.extend(rows);
     }
     progress.finish();
+    // Dropping leaves is housekeeping of a cache: a previous generation that cannot be read
+    // tonight fails no backup.
     let replaced = superseded::replaced_segments(
         repo,
         &plan.vm,
         time,
         base.map(|b| (b.name.as_str(), &b.manifest)),
         &disks.iter().zip(&maps).collect::<Vec<_>>(),
-    )?;
+    )
+    .unwrap_or_else(|e| {
+        progress.note(&format!(
+            "the index keeps the leaves of the segments tonight replaced (a cache; `vmrepo \
+             check` tells whether the previous generation is damaged): {e}"
+        ));
+        Vec::new()
+    });
 
     stats.bytes_read = counters.bytes_read.load(Ordering::Relaxed);
     stats.bytes_data = counters.bytes_data.load(Ordering::Relaxed);

@@ -530,10 +530,16 @@ impl RawClient {
     }
 }
 
-/// Flips one byte in the payload of a chunk record near the middle of the repository's packs
-/// (docs/FORMAT.md: 16-byte pack header, then records of a 52-byte header and a payload).
+/// Flips one byte in the payload of a chunk record near the middle of the repository's packs.
 /// Returns the chunk's pack path and the offset of the flipped byte.
 pub fn damage_one_chunk(repo: &Path) -> (PathBuf, u64) {
+    damage_one_object(repo, 1, 5)
+}
+
+/// Flips one byte in the payload of the middle record of `kind` (1 chunk, 3 disk map: see
+/// docs/FORMAT.md: 16-byte pack header, then records of a 52-byte header and a payload), of
+/// which there must be at least `at_least`. Returns its pack path and the offset of the byte.
+pub fn damage_one_object(repo: &Path, kind: u8, at_least: usize) -> (PathBuf, u64) {
     let mut chunks: Vec<(PathBuf, u64, u32)> = Vec::new();
     let mut packs: Vec<PathBuf> = Vec::new();
     for shard in fs::read_dir(repo.join("data")).unwrap() {
@@ -550,15 +556,17 @@ pub fn damage_one_chunk(repo: &Path) -> (PathBuf, u64) {
         let mut off = 16usize;
         while off + 52 <= bytes.len() {
             assert_eq!(&bytes[off..off + 4], b"vrOB", "not a record at {off}");
-            let kind = bytes[off + 4];
             let stored = u32::from_le_bytes(bytes[off + 8..off + 12].try_into().unwrap());
-            if kind == 1 {
+            if bytes[off + 4] == kind {
                 chunks.push((pack.clone(), off as u64, stored));
             }
             off += 52 + stored as usize;
         }
     }
-    assert!(chunks.len() > 4, "too few chunks to damage one");
+    assert!(
+        chunks.len() >= at_least,
+        "too few objects of kind {kind} to damage one"
+    );
     let (pack, off, stored) = chunks[chunks.len() / 2].clone();
     let at = off + 52 + stored as u64 / 2;
     let f = OpenOptions::new()
