@@ -465,6 +465,16 @@ fn pipelined_requests_are_all_answered_and_a_client_that_reads_nothing_holds_up_
     assert!(srv.run.alive());
 }
 
+/// A client that asked for structured replies, then for the default export.
+fn structured_client(port: u16) -> RawClient {
+    let mut c = RawClient::fixed(port);
+    c.send_option(8, &[]); // STRUCTURED_REPLY
+    assert_eq!(c.read_opt_reply().typ, REP_ACK);
+    c.send_option(7, &RawClient::info_data("", &[]));
+    assert_eq!(c.replies_until_final().last().unwrap().typ, REP_ACK);
+    c
+}
+
 /// The most memory the process has held so far (VmHWM), in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -490,11 +500,7 @@ fn clients_that_ask_for_32_mib_reads_and_take_no_replies_cannot_grow_the_server(
     // in several data chunks, both the right bytes.
     let (mut c, _, _) = RawClient::go(srv.port);
     assert!(c.read(1, 0, 32 << 20).unwrap() == orig[..32 << 20]);
-    let mut s = RawClient::fixed(srv.port);
-    s.send_option(8, &[]);
-    assert_eq!(s.read_opt_reply().typ, REP_ACK);
-    s.send_option(7, &RawClient::info_data("", &[]));
-    assert_eq!(s.replies_until_final().last().unwrap().typ, REP_ACK);
+    let mut s = structured_client(srv.port);
     let (got, _) = s.read_structured(2, 4 << 20, 32 << 20).unwrap();
     assert!(got == orig[4 << 20..36 << 20]);
     let before = peak_rss(pid);
@@ -646,11 +652,7 @@ fn damaged_data_gets_an_eio_reply_not_zeros() {
     );
     assert!(failed.len() <= 2, "{failed:?}");
     // With structured replies the error chunk names the damage to the client too.
-    let mut c = RawClient::fixed(srv.port);
-    c.send_option(8, &[]);
-    assert_eq!(c.read_opt_reply().typ, REP_ACK);
-    c.send_option(7, &RawClient::info_data("", &[]));
-    assert_eq!(c.replies_until_final().last().unwrap().typ, REP_ACK);
+    let mut c = structured_client(srv.port);
     let at = (failed[0] * BLOCK) as u64;
     let (e, msg) = c.read_structured(1, at, BLOCK as u32).unwrap_err();
     assert_eq!(e, EIO);
