@@ -540,7 +540,7 @@ pub fn damage_one_chunk(repo: &Path) -> (PathBuf, u64) {
 /// docs/FORMAT.md: 16-byte pack header, then records of a 52-byte header and a payload), of
 /// which there must be at least `at_least`. Returns its pack path and the offset of the byte.
 pub fn damage_one_object(repo: &Path, kind: u8, at_least: usize) -> (PathBuf, u64) {
-    let mut chunks: Vec<(PathBuf, u64, u32)> = Vec::new();
+    let mut records: Vec<(PathBuf, u64, u32)> = Vec::new();
     let mut packs: Vec<PathBuf> = Vec::new();
     for shard in fs::read_dir(repo.join("data")).unwrap() {
         let shard = shard.unwrap().path();
@@ -558,16 +558,16 @@ pub fn damage_one_object(repo: &Path, kind: u8, at_least: usize) -> (PathBuf, u6
             assert_eq!(&bytes[off..off + 4], b"vrOB", "not a record at {off}");
             let stored = u32::from_le_bytes(bytes[off + 8..off + 12].try_into().unwrap());
             if bytes[off + 4] == kind {
-                chunks.push((pack.clone(), off as u64, stored));
+                records.push((pack.clone(), off as u64, stored));
             }
             off += 52 + stored as usize;
         }
     }
     assert!(
-        chunks.len() >= at_least,
+        records.len() >= at_least,
         "too few objects of kind {kind} to damage one"
     );
-    let (pack, off, stored) = chunks[chunks.len() / 2].clone();
+    let (pack, off, stored) = records[records.len() / 2].clone();
     let at = off + 52 + stored as u64 / 2;
     let f = OpenOptions::new()
         .read(true)

@@ -144,8 +144,8 @@ struct Request {
 
 /// The writing side of a connection shared by the threads answering requests: each
 /// `write_all` goes out whole under the lock, so one reply (or reply chunk) is never cut by
-/// another. Every reply is built and written with one `write_all`, but a simple reply longer
-/// than [`REPLY_PIECE`], which is written piece by piece under [`Replies::whole`].
+/// another. Every reply is built and written with one `write_all`, but a simple reply to a read
+/// longer than [`REPLY_PIECE`], which is written piece by piece under [`Replies::whole`].
 struct Replies<'a, S>(&'a Mutex<S>);
 
 impl<S> Replies<'_, S> {
@@ -157,16 +157,12 @@ impl<S> Replies<'_, S> {
 
 impl<S: Write> Write for Replies<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut out = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        out.write_all(buf)?;
+        self.whole().write_all(buf)?;
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .flush()
+        self.whole().flush()
     }
 }
 
@@ -465,8 +461,9 @@ impl Server {
                     // A reply that cannot be written means the client is gone, and one cut
                     // short leaves the stream out of step: either way the session is over.
                     // Shutting the socket ends the reading thread too.
-                    if self.answer(&mut Replies(&out), agreed, req).is_err() {
-                        out.lock().unwrap_or_else(PoisonError::into_inner).shut();
+                    let mut replies = Replies(&out);
+                    if self.answer(&mut replies, agreed, req).is_err() {
+                        replies.whole().shut();
                     }
                 });
             }
@@ -552,23 +549,7 @@ impl Server {
                 error_reply(s, agreed.structured, NBD_EINVAL, &handle, &outside())?
             }
             CMD_READ if agreed.structured => self.structured_read(s, &handle, offset, len)?,
-            CMD_READ if len as usize > REPLY_PIECE => {
-                self.long_simple_read(s, &handle, offset, len)?
-            }
-            CMD_READ => with_reply_buffer(16 + len as usize, |out| {
-                match self.export.image.read_at(offset, &mut out[16..]) {
-                    Ok(()) => {
-                        out[..16].copy_from_slice(&reply_header(0, &handle));
-                        s.write_all(out)
-                    }
-                    Err(e) => {
-                        self.note_once(format!(
-                            "read of {len} bytes at offset {offset} failed (EIO): {e}"
-                        ));
-                        simple_reply(s, NBD_EIO, &handle)
-                    }
-                }
-            })?,
+            CMD_READ => self.simple_read(s, &handle, offset, len)?,
             CMD_TRIM | CMD_WRITE_ZEROES => simple_reply(s, NBD_EPERM, &handle)?,
             CMD_BLOCK_STATUS if !agreed.allocation => {
                 let msg = "no metadata context is selected: select base:allocation with \
@@ -668,12 +649,13 @@ impl Server {
         Ok(())
     }
 
-    /// A simple reply to a read longer than [`REPLY_PIECE`]: its header, then the data a piece
-    /// at a time, all under the connection's lock so that no other reply comes in between. A
-    /// piece that cannot be read after the header went out cannot be reported any more: the
-    /// reply is cut short with an error, which ends the session (a structured reply says
-    /// where the read failed instead).
-    fn long_simple_read<S: Write>(
+    /// A simple reply to a read: its header, then the data at most [`REPLY_PIECE`] at a time,
+    /// all under the connection's lock so that no other reply comes in between. The first piece
+    /// (the whole read, up to that length) is read before the header goes out, so damage in it
+    /// gets an EIO reply. A later piece that cannot be read cannot be reported any more: the
+    /// reply is cut short with an error, which ends the session (a structured reply says where
+    /// the read failed instead).
+    fn simple_read<S: Write>(
         &self,
         s: &mut Replies<'_, S>,
         handle: &[u8; 8],
@@ -681,10 +663,8 @@ impl Server {
         len: u32,
     ) -> io::Result<()> {
         let end = offset + len as u64;
-        with_reply_buffer(16 + REPLY_PIECE, |buf| {
-            // The first piece is read before the header goes out: a damaged start still gets
-            // its EIO reply.
-            let first = (REPLY_PIECE as u64).min(len as u64) as usize;
+        let first = (REPLY_PIECE as u64).min(len as u64) as usize;
+        with_reply_buffer(16 + first, |buf| {
             if let Err(e) = self.export.image.read_at(offset, &mut buf[16..16 + first]) {
                 self.note_once(format!(
                     "read of {len} bytes at offset {offset} failed (EIO): {e}"
