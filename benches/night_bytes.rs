@@ -1,5 +1,5 @@
 //! Where a night's stored bytes go, and what each chunking choice would make of them: cuts two
-//! nights of a flat disk image the way an ingest does (4 MiB segments, zero runs left out) with
+//! nights of a flat disk image the way an ingest does (segments, zero runs left out) with
 //! each chunk-size setting given, and prints for the second night the chunks no earlier night
 //! had (count, plaintext, zstd -3 each as stored, zstd -3 all together) and the chunk lists of
 //! the segments that changed (36 bytes per chunk), against the floor of exact 4 KiB-block
@@ -8,7 +8,9 @@
 //! `cargo bench --bench night_bytes -- NIGHT1.img NIGHT2.img fixed/4 4/16/64/1 4/8/32/1`
 //!
 //! A setting is `MIN/AVG/MAX/LEVEL` in KiB with FastCDC's normalization level (vmrepo cuts
-//! with level 1), or `fixed/KIB` for fixed-size blocks.
+//! with level 1), `fixed/KIB` for fixed-size blocks, or `aligned/MIN/AVG/MAX` for cuts made by
+//! content but only at 4 KiB-aligned offsets. `seg/MIB` sets the segment size (default 4) for
+//! the settings after it.
 
 use std::collections::HashSet;
 use std::ops::Range;
@@ -20,6 +22,13 @@ use vmrepo::repo::config::ChunkerParams;
 
 enum Cutting {
     Fixed(usize),
+    /// Content-defined, but only at 4 KiB-aligned offsets: a gear hash of 64 bytes sampled
+    /// across the 4 KiB block before each candidate decides.
+    Aligned {
+        min: usize,
+        avg: usize,
+        max: usize,
+    },
     Cdc {
         min: usize,
         avg: usize,
@@ -34,6 +43,11 @@ impl Cutting {
         let f: Vec<&str> = spec.split('/').collect();
         match f.as_slice() {
             ["fixed", n] => Cutting::Fixed(kib(n)),
+            ["aligned", min, avg, max] => Cutting::Aligned {
+                min: kib(min),
+                avg: kib(avg),
+                max: kib(max),
+            },
             [min, avg, max, level] => Cutting::Cdc {
                 min: kib(min),
                 avg: kib(avg),
@@ -50,6 +64,36 @@ impl Cutting {
                 .step_by(n)
                 .map(|s| s..(s + n).min(data.len()))
                 .collect(),
+            Cutting::Aligned { min, avg, max } => {
+                const B: usize = 4096;
+                let gear = cdc::get_gear_with_seed(0).0;
+                let bits = (avg / B).trailing_zeros();
+                let hit = |block: &[u8], nbits: u32| {
+                    let mut h = 0u64;
+                    for i in 0..64 {
+                        h = (h << 1).wrapping_add(gear[block[i * 64 + 63] as usize]);
+                    }
+                    h >> (64 - nbits) == 0
+                };
+                let mut out = Vec::new();
+                let mut at = 0;
+                while at < data.len() {
+                    let rest = data.len() - at;
+                    let mut n = rest.min(max);
+                    let mut p = min;
+                    while p < rest.min(max) {
+                        let nbits = if p < avg { bits + 1 } else { bits.max(2) - 1 };
+                        if hit(&data[at + p - B..at + p], nbits) {
+                            n = p;
+                            break;
+                        }
+                        p += B;
+                    }
+                    out.push(at..at + n);
+                    at += n;
+                }
+                out
+            }
             Cutting::Cdc {
                 min,
                 avg,
@@ -108,13 +152,18 @@ fn main() {
     }
     let read = |p: &str| std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
     let (before, after) = (read(&args[0]), read(&args[1]));
-    let params = ChunkerParams::default();
-    let seg = params.segment_size as usize;
+    let mut params = ChunkerParams::default();
     println!(
         "| setting | mean chunk KiB | new chunks | plaintext MB | stored (zstd -3 each) MB | zstd -3 together MB | changed segments | their chunk lists MB |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for spec in &args[2..] {
+        if let Some(mib) = spec.strip_prefix("seg/") {
+            params.segment_size = mib.parse::<u32>().expect("a segment size in MiB") << 20;
+            println!("| segments of {mib} MiB from here on | | | | | | | |");
+            continue;
+        }
+        let seg = params.segment_size as usize;
         let cutting = Cutting::parse(spec);
         let known: HashSet<[u8; 32]> = before
             .par_chunks(seg)
