@@ -465,6 +465,69 @@ fn pipelined_requests_are_all_answered_and_a_client_that_reads_nothing_holds_up_
     assert!(srv.run.alive());
 }
 
+#[test]
+fn reads_at_any_offset_and_length_return_the_image_whatever_the_cache_holds() {
+    // Reads that cut chunks anywhere, from one 512-byte sector to 3 MiB: whole chunks are
+    // decoded into the reply, cut ones go through a 1 MiB cache and are evicted again.
+    let t = tempfile::tempdir().unwrap();
+    let vm = make_vm(
+        t.path(),
+        "web01",
+        &[(
+            24 << 20,
+            vec![
+                (0, 6 << 20, 1),
+                (12 << 20, 2 << 20, 2),
+                (20 << 20, 4 << 20, 3),
+            ],
+        )],
+    );
+    let flat = vm.join("web01-flat.vmdk");
+    // From 8 MiB: one 32 KiB blob, then 32 KiB of other bytes, each alone between zeros, eight
+    // times. A data run is cut from its start, so every copy of the blob is the same chunk.
+    let noise = fs::read(&flat).unwrap()[..1 << 20].to_vec();
+    let out = fs::OpenOptions::new().write(true).open(&flat).unwrap();
+    for k in 0..8u64 {
+        let at = (8 << 20) + k * (192 << 10);
+        let other = &noise[(64 + k as usize * 32) << 10..(96 + k as usize * 32) << 10];
+        std::os::unix::fs::FileExt::write_all_at(&out, &noise[..32 << 10], at).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&out, other, at + (96 << 10)).unwrap();
+    }
+    drop(out);
+    let orig = fs::read(&flat).unwrap();
+    let repo = init_repo(t.path());
+    ingest(&repo, &vm, None);
+    let srv = serve_nbd(t.path(), &repo, "web01", &["--cache-size", "1"]);
+    let (mut c, _, _) = RawClient::go(srv.port);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    // A read that meets the blob cut first and whole further on, past another chunk.
+    let mut reads: Vec<(u64, u64)> = (0..7)
+        .map(|k| ((8 << 20) + k * (192 << 10) + 1000, 300 << 10))
+        .collect();
+    for _ in 0..200 {
+        let len = match next(3) {
+            0 => 512 * (1 + next(16)),
+            1 => 512 * (1 + next(512)),
+            _ => 512 * (1 + next(6144)),
+        };
+        reads.push((512 * next((orig.len() as u64 - len) / 512), len));
+    }
+    for (h, &(at, len)) in reads.iter().enumerate() {
+        let got = c.read(h as u64, at, len as u32).unwrap();
+        assert!(
+            got == orig[at as usize..(at + len) as usize],
+            "read of {len} bytes at {at} returned other bytes"
+        );
+    }
+    assert!(qemu_compare(&srv.uri(), &flat));
+}
+
 /// A client that asked for structured replies, then for the default export.
 fn structured_client(port: u16) -> RawClient {
     let mut c = RawClient::fixed(port);

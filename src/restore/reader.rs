@@ -3,7 +3,9 @@
 //! read through a bounded cache of decompressed chunks ([`ReadCache`]).
 //!
 //! A read fetches only the chunks it touches (records that sit back to back in a pack are read
-//! with one `pread`); all-zero segments and zero runs are filled without any I/O. Every chunk is
+//! with one `pread`): those it uses whole are decoded straight into its buffer, those it cuts
+//! are kept in the cache for the reads next to it; all-zero segments and zero runs are filled
+//! without any I/O. Every chunk is
 //! verified against its BLAKE3 id before a byte of it is returned, so damage is an error
 //! ([`Error::Corrupt`]), never silently wrong or zero data. This is the one read path: the
 //! FUSE mount (`mount.rs`) and the NBD server (`nbd.rs`) serve it, and extract writes what it
@@ -136,11 +138,6 @@ impl ReadCache {
         }
     }
 
-    /// True when decompressed objects are kept (false for [`ReadCache::single_pass`]).
-    fn keeps_objects(&self) -> bool {
-        self.objects.is_some()
-    }
-
     /// Bytes held now.
     pub fn held(&self) -> usize {
         self.objects.as_ref().map_or(0, |o| o.weight()) + self.segments.weight()
@@ -192,29 +189,50 @@ impl ReadCache {
         }
     }
 
-    /// Chunks `ids` (distinct), from the cache or fetched in one batch.
-    fn chunks(&self, repo: &Repository, ids: &[ObjectId]) -> Result<Vec<Arc<Vec<u8>>>> {
+    /// Chunks `ids` (distinct) for one read into `buf`. Chunk `k` with `into[k]` set is wanted
+    /// whole at `buf[into[k]]`: it is decoded there, `None` returned for it, unless the cache
+    /// holds it (then `into[k]` is cleared and the cached copy returned). Every other chunk
+    /// comes from the cache, or is fetched and kept there (a reader that keeps no chunks,
+    /// extract, returns it without keeping it).
+    fn fetch(
+        &self,
+        repo: &Repository,
+        ids: &[ObjectId],
+        into: &mut [Option<Range<usize>>],
+        buf: &mut [u8],
+    ) -> Result<Vec<Option<Arc<Vec<u8>>>>> {
         let Some(objects) = &self.objects else {
-            return Ok(repo.read_objects(ids)?.into_iter().map(Arc::new).collect());
+            return Ok(repo
+                .read_objects_into(ids, into, buf)?
+                .into_iter()
+                .map(|c| c.map(Arc::new))
+                .collect());
         };
         let mut out: Vec<Option<Arc<Vec<u8>>>> = ids.iter().map(|id| objects.get(id)).collect();
-        let missing: Vec<ObjectId> = ids
-            .iter()
-            .zip(&out)
-            .filter(|(_, v)| v.is_none())
-            .map(|(id, _)| *id)
-            .collect();
-        if !missing.is_empty() {
-            let mut fetched = fetch_in_parallel(repo, &missing)?.into_iter();
-            for (slot, id) in out.iter_mut().zip(ids) {
-                if slot.is_none() {
-                    let data = Arc::new(fetched.next().expect("one result per id"));
-                    objects.insert(*id, data.clone(), data.len());
-                    *slot = Some(data);
-                }
+        let mut direct: Vec<InPlace> = Vec::new();
+        let mut missing: Vec<ObjectId> = Vec::new();
+        for ((id, cached), at) in ids.iter().zip(&out).zip(into.iter_mut()) {
+            match (cached, at.clone()) {
+                (Some(_), _) => *at = None,
+                (None, Some(r)) => direct.push((*id, r)),
+                (None, None) => missing.push(*id),
             }
         }
-        Ok(out.into_iter().map(|v| v.expect("filled")).collect())
+        // The two fetches touch different chunks: wanted whole here, or kept for the neighbours.
+        let (decoded, fetched) = rayon::join(
+            || decode_in_place(repo, direct, buf),
+            || fetch_in_parallel(repo, &missing),
+        );
+        decoded?;
+        let mut fetched = fetched?.into_iter();
+        for ((slot, id), at) in out.iter_mut().zip(ids).zip(into.iter()) {
+            if slot.is_none() && at.is_none() {
+                let data = Arc::new(fetched.next().expect("one result per id"));
+                objects.insert(*id, data.clone(), data.len());
+                *slot = Some(data);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -228,6 +246,9 @@ const PARALLEL_FETCH_CHUNKS: usize = 16;
 fn fetch_in_parallel(repo: &Repository, ids: &[ObjectId]) -> Result<Vec<Vec<u8>>> {
     use rayon::prelude::*;
     let threads = rayon::current_num_threads().max(1);
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
     if ids.len() < PARALLEL_FETCH_CHUNKS || threads == 1 {
         return repo.read_objects(ids);
     }
@@ -236,6 +257,45 @@ fn fetch_in_parallel(repo: &Repository, ids: &[ObjectId]) -> Result<Vec<Vec<u8>>
         .map(|group| repo.read_objects(group))
         .collect::<Result<_>>()?;
     Ok(groups.into_iter().flatten().collect())
+}
+
+/// A chunk to decode straight into a read's buffer, and where in it.
+type InPlace = (ObjectId, Range<usize>);
+
+/// Decodes each chunk of `jobs` straight into `buf[range]` (the ranges do not overlap), split
+/// into one group of neighbouring chunks per thread of the pool when there are enough of them.
+fn decode_in_place(repo: &Repository, mut jobs: Vec<InPlace>, buf: &mut [u8]) -> Result<()> {
+    use rayon::prelude::*;
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    jobs.sort_unstable_by_key(|j| j.1.start);
+    let threads = rayon::current_num_threads().max(1);
+    let per_group = if jobs.len() < PARALLEL_FETCH_CHUNKS {
+        jobs.len()
+    } else {
+        jobs.len().div_ceil(threads)
+    };
+    // Each group gets the part of `buf` from the end of the group before it to the end of its
+    // own last chunk, so the groups write to disjoint slices.
+    let mut groups: Vec<(&[InPlace], &mut [u8], usize)> = Vec::new();
+    let (mut rest, mut base) = (buf, 0usize);
+    for group in jobs.chunks(per_group) {
+        let end = group.last().expect("chunks are not empty").1.end;
+        let (window, tail) = std::mem::take(&mut rest).split_at_mut(end - base);
+        groups.push((group, window, base));
+        (rest, base) = (tail, end);
+    }
+    groups
+        .into_par_iter()
+        .try_for_each(|(group, window, base)| {
+            let ids: Vec<ObjectId> = group.iter().map(|j| j.0).collect();
+            let into: Vec<Option<Range<usize>>> = group
+                .iter()
+                .map(|j| Some(j.1.start - base..j.1.end - base))
+                .collect();
+            repo.read_objects_into(&ids, &into, window).map(|_| ())
+        })
 }
 
 /// The guest-visible bytes of one disk of a generation. `R` is how the repository is held:
@@ -421,10 +481,10 @@ impl<R: Deref<Target = Repository>> DiskImage<R> {
         let last = seg.starts.partition_point(|&s| s < end);
         let extents = &seg.extents[first..last];
         let starts = &seg.starts[first..last];
-        // Each distinct chunk once (a run of identical blocks repeats one chunk). A reader that
-        // keeps no chunks (extract) decodes each straight into `out` where one extent uses all
-        // of it: `into` says where.
-        let in_place = !self.cache.keeps_objects();
+        // Each distinct chunk once (a run of identical blocks repeats one chunk). A chunk that
+        // one extent uses whole within this read is decoded straight into `out` there (`into`
+        // says where), unless the cache holds it already: only the chunks cut by the read's
+        // ends, which the neighbouring reads need too, go through the cache.
         let mut ids: Vec<ObjectId> = Vec::new();
         let mut into: Vec<Option<Range<usize>>> = Vec::new();
         let mut slot: HashMap<ObjectId, usize> = HashMap::new();
@@ -436,24 +496,12 @@ impl<R: Deref<Target = Repository>> DiskImage<R> {
                     ids.len() - 1
                 });
                 let e_end = e_start + *len as u64;
-                if in_place && into[n].is_none() && e_start >= rel && e_end <= end {
+                if into[n].is_none() && e_start >= rel && e_end <= end {
                     into[n] = Some((e_start - rel) as usize..(e_end - rel) as usize);
                 }
             }
         }
-        let fetched: Vec<Option<Arc<Vec<u8>>>> = if in_place {
-            self.repo
-                .read_objects_into(&ids, &into, out)?
-                .into_iter()
-                .map(|c| c.map(Arc::new))
-                .collect()
-        } else {
-            self.cache
-                .chunks(&self.repo, &ids)?
-                .into_iter()
-                .map(Some)
-                .collect()
-        };
+        let fetched = self.cache.fetch(&self.repo, &ids, &mut into, out)?;
         for (e, &e_start) in extents.iter().zip(starts) {
             let e_end = e_start + e.len() as u64;
             let s = e_start.max(rel);
