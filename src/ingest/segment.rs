@@ -392,11 +392,11 @@ fn store_segment(
     counters
         .chunks_total
         .fetch_add(cuts.len() as u64, Ordering::Relaxed);
-    for c in cuts {
-        if cx
-            .store
-            .put(ObjectKind::Chunk, c.id, &buf[c.range.clone()])?
-        {
+    let chunks: Vec<(ObjectId, &[u8])> =
+        cuts.iter().map(|c| (c.id, &buf[c.range.clone()])).collect();
+    let new = cx.store.put_all(ObjectKind::Chunk, &chunks)?;
+    for (c, new) in cuts.iter().zip(new) {
+        if new {
             counters.chunks_new.fetch_add(1, Ordering::Relaxed);
             counters
                 .bytes_new

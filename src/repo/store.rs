@@ -14,7 +14,7 @@
 //! every worker.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use crate::backend::{Backend, Durability};
 use crate::error::{IoContext, Result};
@@ -27,6 +27,28 @@ use crate::repo::Repository;
 
 /// Target size of a pack before it is sealed and a new one started.
 pub const PACK_TARGET: u64 = 64 << 20;
+
+/// Threads that ask an index too large to be read ahead into memory whether it holds the
+/// objects of a batch: each answer may wait on a random read of the index file, and a disk
+/// answers many such reads at once sooner than one after another.
+const LOOKUP_THREADS: usize = 16;
+
+/// Fewest objects of a batch asked about on those threads rather than one after another.
+const PARALLEL_LOOKUPS_MIN: usize = 32;
+
+/// The threads of [`LOOKUP_THREADS`], started at the first batch that needs them; `None` when
+/// they cannot be started (the lookups are then made one after another).
+fn lookup_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(LOOKUP_THREADS)
+            .thread_name(|i| format!("vmrepo-lookup-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
 
 struct Writer {
     /// The pack being appended to.
@@ -54,6 +76,9 @@ pub struct Store<'r> {
     writer: Mutex<Writer>,
     /// The write connection: sealed packs and the final commit, one transaction at a time.
     index: Mutex<Index>,
+    /// The index file is too large to be read ahead into memory, so a lookup may wait on the
+    /// disk: [`Store::put_all`] then asks about a batch's objects on several threads.
+    lookups_may_wait: bool,
 }
 
 impl<'r> Store<'r> {
@@ -64,6 +89,8 @@ impl<'r> Store<'r> {
         // a gc has deleted.
         repo.check_index_epoch(&index)?;
         let path = index.path().to_path_buf();
+        let lookups_may_wait = std::fs::metadata(&path)
+            .is_ok_and(|m| !crate::repo::index::small_next_to_memory(m.len()));
         std::thread::spawn(move || crate::repo::index::prefetch_file(&path));
         Ok(Store {
             repo,
@@ -77,6 +104,7 @@ impl<'r> Store<'r> {
                 seals: 0,
             }),
             index: Mutex::new(index),
+            lookups_may_wait,
         })
     }
 
@@ -104,9 +132,37 @@ impl<'r> Store<'r> {
         Ok((!self.repo.with_index(|i| i.contains(id))?).then_some(seals))
     }
 
-    /// Stores `data` under `id` unless it is stored already; returns true if it was new.
-    pub fn put(&self, kind: ObjectKind, id: ObjectId, data: &[u8]) -> Result<bool> {
-        // Readers refuse records above this size: never write one that no command could read.
+    /// [`Store::lookup`] for each of `ids`. When lookups may wait on the disk, a large batch
+    /// is asked about on the lookup threads, many reads of the index file in flight at once.
+    fn lookup_all(&self, ids: &[ObjectId]) -> Result<Vec<Option<u64>>> {
+        // The seal count is taken before the index is asked, as `lookup` does.
+        let (seals, ask): (u64, Vec<usize>) = {
+            let w = self.writer.lock().unwrap();
+            let ask = (0..ids.len())
+                .filter(|&k| !w.pending.contains(&ids[k]))
+                .collect();
+            (w.seals, ask)
+        };
+        let stored = |k: &usize| self.repo.with_index(|i| i.contains(&ids[*k]));
+        let known: Vec<bool> = match lookup_pool() {
+            Some(pool) if self.lookups_may_wait && ask.len() >= PARALLEL_LOOKUPS_MIN => {
+                use rayon::prelude::*;
+                pool.install(|| ask.par_iter().map(stored).collect::<Result<_>>())?
+            }
+            _ => ask.iter().map(stored).collect::<Result<_>>()?,
+        };
+        let mut out = vec![None; ids.len()];
+        for (&k, known) in ask.iter().zip(known) {
+            if !known {
+                out[k] = Some(seals);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Readers refuse records above [`object::MAX_OBJECT_LEN`]: never write one that no
+    /// command could read.
+    fn check_size(kind: ObjectKind, data: &[u8]) -> Result<()> {
         if data.len() as u64 > object::MAX_OBJECT_LEN as u64 {
             return Err(crate::error::Error::Usage(format!(
                 "a {} object of {} bytes is larger than the largest object a repository can \
@@ -116,10 +172,34 @@ impl<'r> Store<'r> {
                 object::MAX_OBJECT_LEN
             )));
         }
+        Ok(())
+    }
+
+    /// Stores `data` under `id` unless it is stored already; returns true if it was new.
+    pub fn put(&self, kind: ObjectKind, id: ObjectId, data: &[u8]) -> Result<bool> {
+        Self::check_size(kind, data)?;
         match self.lookup(&id)? {
             Some(seals) => self.store_missing(kind, id, data, seals),
             None => Ok(false),
         }
+    }
+
+    /// [`Store::put`] for each of `objects` (id, data), in order, the index asked about all of
+    /// them first; returns which were new.
+    pub fn put_all(&self, kind: ObjectKind, objects: &[(ObjectId, &[u8])]) -> Result<Vec<bool>> {
+        for (_, data) in objects {
+            Self::check_size(kind, data)?;
+        }
+        let ids: Vec<ObjectId> = objects.iter().map(|o| o.0).collect();
+        let missing = self.lookup_all(&ids)?;
+        objects
+            .iter()
+            .zip(missing)
+            .map(|(&(id, data), seals)| match seals {
+                Some(seals) => self.store_missing(kind, id, data, seals),
+                None => Ok(false),
+            })
+            .collect()
     }
 
     /// The rest of [`Store::put`] for an object found missing when `seals` packs were sealed.
@@ -403,6 +483,52 @@ mod tests {
             store.flush().unwrap();
             assert_eq!(store.bytes_stored(), once);
             assert!(store.exists(&id).unwrap());
+        }
+    }
+
+    /// A batch asked about at once, on one thread or on the lookup threads: objects indexed
+    /// before, pending in this process, new, and new twice in the batch are each told apart,
+    /// and each is stored exactly once.
+    #[test]
+    fn a_batch_stores_each_missing_object_once_whichever_way_it_is_looked_up() {
+        for may_wait in [false, true] {
+            let t = tempfile::tempdir().unwrap();
+            let path = t.path().join("repo");
+            Repository::init(&path, ChunkerParams::default(), 3, None).unwrap();
+            let repo = Repository::open(&path, LockMode::Shared).unwrap();
+            let mut store = Store::new(&repo).unwrap();
+            store.lookups_may_wait = may_wait;
+            let data: Vec<Vec<u8>> = (0..200u32)
+                .map(|k| format!("chunk {k} ").repeat(50).into_bytes())
+                .collect();
+            let id = |k: usize| repo.keys().id_of(&data[k]);
+            // 0..50 indexed, 50..60 pending.
+            for (k, d) in data.iter().enumerate().take(50) {
+                store.put(ObjectKind::Chunk, id(k), d).unwrap();
+            }
+            store.flush().unwrap();
+            for (k, d) in data.iter().enumerate().take(60).skip(50) {
+                store.put(ObjectKind::Chunk, id(k), d).unwrap();
+            }
+            let before = store.bytes_stored();
+            // The batch: every object, 100..120 twice.
+            let batch: Vec<(ObjectId, &[u8])> = (0..200)
+                .chain(100..120)
+                .map(|k| (id(k), &data[k][..]))
+                .collect();
+            let new = store.put_all(ObjectKind::Chunk, &batch).unwrap();
+            let want: Vec<bool> = (0..200).map(|k| k >= 60).chain([false; 20]).collect();
+            assert_eq!(new, want, "lookup threads: {may_wait}");
+            let once: u64 = (60..200)
+                .map(|k| {
+                    object::encode(ObjectKind::Chunk, id(k), &data[k], 3, repo.keys()).record_len()
+                })
+                .sum();
+            assert_eq!(store.bytes_stored() - before, once);
+            store.flush().unwrap();
+            for (k, d) in data.iter().enumerate() {
+                assert_eq!(&repo.read_object(&id(k)).unwrap(), d);
+            }
         }
     }
 

@@ -120,6 +120,15 @@ pub fn prefetch_file(path: &Path) {
     let Ok(meta) = f.metadata() else {
         return;
     };
+    if !small_next_to_memory(meta.len()) {
+        return;
+    }
+    crate::fsutil::will_need(f, 0, meta.len());
+}
+
+/// True when an index file of `len` bytes is at most 1/16 of the machine's memory: small
+/// enough for [`prefetch_file`] to read it ahead whole.
+pub fn small_next_to_memory(len: u64) -> bool {
     // SAFETY: sysconf only reads its argument.
     let (pages, page) = unsafe {
         (
@@ -127,10 +136,7 @@ pub fn prefetch_file(path: &Path) {
             libc::sysconf(libc::_SC_PAGESIZE),
         )
     };
-    if pages <= 0 || page <= 0 || meta.len() > (pages as u64).saturating_mul(page as u64) / 16 {
-        return;
-    }
-    crate::fsutil::will_need(f, 0, meta.len());
+    pages > 0 && page > 0 && len <= (pages as u64).saturating_mul(page as u64) / 16
 }
 
 #[cfg(test)]

@@ -23,7 +23,8 @@ mod segments;
 
 pub use catalog::{DiskInfo, GenerationInfo, VmInfo};
 pub use file::{
-    fresh_rebuild_path, index_exists, index_path, prefetch_file, replace_live, INDEX_FILE,
+    fresh_rebuild_path, index_exists, index_path, prefetch_file, replace_live,
+    small_next_to_memory, INDEX_FILE,
 };
 pub use objects::{Location, SealedPack};
 pub use schema::{MERGE_MIN, MERGE_SHARE, SCHEMA_VERSION};
