@@ -5,9 +5,8 @@
 //! A read fetches only the chunks it touches (records that sit back to back in a pack are read
 //! with one `pread`): those it uses whole are decoded straight into its buffer, those it cuts
 //! are kept in the cache for the reads next to it; all-zero segments and zero runs are filled
-//! without any I/O. Every chunk is
-//! verified against its BLAKE3 id before a byte of it is returned, so damage is an error
-//! ([`Error::Corrupt`]), never silently wrong or zero data. This is the one read path: the
+//! without any I/O. Every chunk is verified against its BLAKE3 id before a byte of it is
+//! returned, so damage is an error ([`Error::Corrupt`]), never silently wrong or zero data. This is the one read path: the
 //! FUSE mount (`mount.rs`) and the NBD server (`nbd.rs`) serve it, and extract writes what it
 //! reads (`extract/disk.rs`).
 
