@@ -6,9 +6,9 @@
 //! with one `pread`): those it uses whole are decoded straight into its buffer, those it cuts
 //! are kept in the cache for the reads next to it; all-zero segments and zero runs are filled
 //! without any I/O. Every chunk is verified against its BLAKE3 id before a byte of it is
-//! returned, so damage is an error ([`Error::Corrupt`]), never silently wrong or zero data. This is the one read path: the
-//! FUSE mount (`mount.rs`) and the NBD server (`nbd.rs`) serve it, and extract writes what it
-//! reads (`extract/disk.rs`).
+//! returned, so damage is an error ([`Error::Corrupt`]), never silently wrong or zero data.
+//! This is the one read path: the FUSE mount (`mount.rs`) and the NBD server (`nbd.rs`) serve
+//! it, and extract writes what it reads (`extract/disk.rs`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::{Deref, Range};
