@@ -106,7 +106,20 @@ impl Index {
             )
             .optional()
             .map_err(|e| self.err(e))?;
-        if let Some(n) = known.and_then(|v| v.parse::<u64>().ok()) {
+        // More rows than the file could hold (a row takes more than its 32-byte id) is a value
+        // no merge wrote: counted again, lest the recent rows never merge.
+        let most = self
+            .conn
+            .query_row(
+                "SELECT page_count * page_size / 32 FROM pragma_page_count(), pragma_page_size()",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(|e| self.err(e))? as u64;
+        if let Some(n) = known
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&n| n <= most)
+        {
             return Ok(n);
         }
         let n = self
@@ -552,25 +565,43 @@ mod tests {
         assert_eq!(idx.merge_recent_objects(true).unwrap(), 10);
         assert_eq!(remembered(&idx).as_deref(), Some("10"));
 
-        // Remembered as a billion rows: MERGE_MIN recent rows are too few to merge.
+        // Remembered as 600,000 rows (a file of 20 MB more could hold them): MERGE_MIN recent
+        // rows are too few to merge.
         idx.conn
-            .execute(
-                "UPDATE meta SET value = '1000000000' WHERE key = 'objects_rows'",
-                [],
+            .execute_batch(
+                "UPDATE meta SET value = '600000' WHERE key = 'objects_rows';
+                 INSERT INTO meta VALUES('padding', zeroblob(20000000));",
             )
             .unwrap();
         let mut idx = open();
         idx.add_pack("p2", 1, &records(10, MERGE_MIN)).unwrap();
         assert_eq!(idx.merge_recent_objects(false).unwrap(), 0);
 
-        // Forgotten: counted (10 rows), so they merge, and the sum is remembered.
-        idx.conn
-            .execute("DELETE FROM meta WHERE key = 'objects_rows'", [])
-            .unwrap();
-        let mut idx = open();
-        assert_eq!(idx.merge_recent_objects(false).unwrap(), MERGE_MIN);
+        // Forgotten, garbled, or more than the file could hold: counted (10 rows), so they
+        // merge, and the sum is remembered.
         let all = 10 + MERGE_MIN;
-        assert_eq!(remembered(&idx), Some(all.to_string()));
+        for bad in [
+            "DELETE FROM meta WHERE key = 'objects_rows'",
+            "UPDATE meta SET value = 'many' WHERE key = 'objects_rows'",
+            "UPDATE meta SET value = '1000000000000' WHERE key = 'objects_rows'",
+        ] {
+            idx.conn.execute(bad, []).unwrap();
+            let mut idx = open();
+            assert_eq!(idx.merge_recent_objects(false).unwrap(), MERGE_MIN, "{bad}");
+            assert_eq!(remembered(&idx), Some(all.to_string()));
+            // Back to recent, for the next case.
+            idx.conn
+                .execute_batch(
+                    "INSERT INTO recent_objects SELECT * FROM objects WHERE offset >= 1016;
+                     DELETE FROM objects WHERE offset >= 1016;",
+                )
+                .unwrap();
+        }
+        idx.conn
+            .execute_batch(
+                "INSERT INTO objects SELECT * FROM recent_objects; DELETE FROM recent_objects;",
+            )
+            .unwrap();
 
         idx.apply_gc(&["p1".to_string()], &[], &[], &[]).unwrap();
         assert_eq!(remembered(&idx), Some((all - 10).to_string()));
