@@ -19,7 +19,7 @@ use crate::repo::Repository;
 
 /// The segments of `vm`'s latest generation (`latest`, when the caller has it loaded already)
 /// that tonight's disks (`disks`, with their maps) no longer hold anywhere; a disk left out
-/// tonight counts as replaced. None when tonight's generation, at `time`, is not the newest
+/// tonight counts as replaced. Empty when tonight's generation, at `time`, is not the newest
 /// (one put in before the latest, with `--time`, replaces nothing).
 pub(super) fn replaced_segments(
     repo: &Repository,

@@ -119,23 +119,18 @@ impl<'r> Store<'r> {
         Ok(self.lookup(id)?.is_none())
     }
 
-    /// `None` if the object is stored already (or being stored by this process); otherwise the
-    /// seal count at the time it was found missing.
+    /// [`Store::lookup_all`] for one object.
     fn lookup(&self, id: &ObjectId) -> Result<Option<u64>> {
-        let seals = {
-            let w = self.writer.lock().unwrap();
-            if w.pending.contains(id) {
-                return Ok(None);
-            }
-            w.seals
-        };
-        Ok((!self.repo.with_index(|i| i.contains(id))?).then_some(seals))
+        Ok(self.lookup_all(std::slice::from_ref(id))?.remove(0))
     }
 
-    /// [`Store::lookup`] for each of `ids`. When lookups may wait on the disk, a large batch
-    /// is asked about on the lookup threads, many reads of the index file in flight at once.
+    /// For each of `ids`: `None` if the object is stored already (or being stored by this
+    /// process); otherwise the seal count at the time it was found missing. When lookups may
+    /// wait on the disk, a large batch is asked about on the lookup threads, many reads of the
+    /// index file in flight at once.
     fn lookup_all(&self, ids: &[ObjectId]) -> Result<Vec<Option<u64>>> {
-        // The seal count is taken before the index is asked, as `lookup` does.
+        // The seal count is taken before the index is asked: a seal after it makes
+        // `store_missing` ask again.
         let (seals, ask): (u64, Vec<usize>) = {
             let w = self.writer.lock().unwrap();
             let ask = (0..ids.len())
