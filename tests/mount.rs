@@ -316,3 +316,40 @@ fn damaged_data_reads_as_eio_never_as_zeros() {
         end.stderr
     );
 }
+
+/// A generation directory that could not be listed (its pack out of reach for a moment) lists
+/// once the pack is back, without a remount, and its disk reads back whole.
+#[test]
+fn a_listing_that_failed_is_tried_again_on_the_next_use() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = d.join("img.raw");
+    sparse_image(&img, 8 << 20, &[(0, 3 << 20, 4)]);
+    let repo = init_repo(d);
+    let g = ingest(&repo, &img, Some("img"))["generation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let m = mount(d, &repo, None);
+    let gen_dir = m.mp.join("img").join(g.split_once('@').unwrap().1);
+
+    // The packs (the manifest's among them) are out of reach: the listing fails, with EIO.
+    fs::rename(repo.join("data"), repo.join("data.away")).unwrap();
+    let err = fs::read_dir(&gen_dir).and_then(|it| it.collect::<std::io::Result<Vec<_>>>());
+    fs::rename(repo.join("data.away"), repo.join("data")).unwrap();
+    assert_eq!(
+        err.expect_err("listed with the packs away").raw_os_error(),
+        Some(libc::EIO)
+    );
+
+    // Back in reach: the same directory lists, and the disk reads back as ingested.
+    assert_eq!(names(&gen_dir), vec!["files", "img.raw"]);
+    assert!(fs::read(gen_dir.join("img.raw")).unwrap() == fs::read(&img).unwrap());
+    let end = m.fusermount_u();
+    assert_eq!(end.code, 0);
+    assert!(
+        end.stderr.contains("cannot list generation"),
+        "the failed listing was not reported: {}",
+        end.stderr
+    );
+}

@@ -3,7 +3,7 @@
 //! extract would) when its directory is first listed.
 
 use std::collections::HashSet;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fuser::{Errno, FileAttr, FileType, INodeNo};
@@ -41,7 +41,40 @@ pub(super) struct ViewSlot {
 pub(super) struct GuestDir {
     slot: Arc<ViewSlot>,
     path: String,
-    children: OnceLock<std::result::Result<Vec<(String, u64)>, String>>,
+    children: Listing,
+}
+
+/// A directory's entries, loaded on first use and kept. A load that fails is not kept: the
+/// next use tries again, so a passing fault (a store that did not answer, a pack briefly
+/// unreachable) does not leave the directory failing until the mount ends. Two uses never load
+/// at once, so a directory's entries are added to the tree once.
+#[derive(Default)]
+pub(super) struct Listing {
+    entries: OnceLock<Vec<(String, u64)>>,
+    loading: Mutex<()>,
+}
+
+impl Listing {
+    /// The entries, loaded by `load` if no earlier use loaded them.
+    fn get_or_load(
+        &self,
+        load: impl FnOnce() -> std::result::Result<Vec<(String, u64)>, String>,
+    ) -> std::result::Result<&Vec<(String, u64)>, String> {
+        if let Some(e) = self.entries.get() {
+            return Ok(e);
+        }
+        let _one_at_a_time = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = self.entries.get() {
+            return Ok(e);
+        }
+        let loaded = load()?;
+        Ok(self.entries.get_or_init(|| loaded))
+    }
+
+    /// The entries, if a use has loaded them.
+    fn get(&self) -> Option<&Vec<(String, u64)>> {
+        self.entries.get()
+    }
 }
 
 /// A file of a files view.
@@ -117,7 +150,7 @@ pub(super) struct Node {
 /// A generation directory, filled from its manifest on first use.
 pub(super) struct GenerationSlot {
     pub(super) info: GenerationInfo,
-    pub(super) children: OnceLock<std::result::Result<Vec<(String, u64)>, String>>,
+    pub(super) children: Listing,
 }
 
 /// The filesystem handed to fuser.
@@ -177,7 +210,7 @@ impl RepoFs {
                     parent: vm_ino,
                     kind: Kind::Generation(Arc::new(GenerationSlot {
                         info: (*g).clone(),
-                        children: OnceLock::new(),
+                        children: Listing::default(),
                     })),
                     mtime: time_of(&g.time),
                     guest: None,
@@ -261,7 +294,7 @@ impl RepoFs {
                 Kind::GuestDir(d) => {
                     let d = d.clone();
                     drop(nodes);
-                    return match d.children.get_or_init(|| self.load_guest_dir(ino, &d)) {
+                    return match d.children.get_or_load(|| self.load_guest_dir(ino, &d)) {
                         Ok(c) => Ok(c.clone()),
                         Err(msg) => {
                             self.note_once(msg.clone());
@@ -275,7 +308,7 @@ impl RepoFs {
         // Not under the node lock: loading adds nodes.
         let r = slot
             .children
-            .get_or_init(|| self.load_generation(ino, &slot.info));
+            .get_or_load(|| self.load_generation(ino, &slot.info));
         match r {
             Ok(c) => Ok(c.clone()),
             Err(msg) => {
@@ -421,7 +454,7 @@ impl RepoFs {
                     kind: Kind::GuestDir(Arc::new(GuestDir {
                         slot,
                         path: String::new(),
-                        children: OnceLock::new(),
+                        children: Listing::default(),
                     })),
                     mtime,
                     guest: None,
@@ -461,7 +494,7 @@ impl RepoFs {
                 ViewKind::Dir => Kind::GuestDir(Arc::new(GuestDir {
                     slot: d.slot.clone(),
                     path,
-                    children: OnceLock::new(),
+                    children: Listing::default(),
                 })),
                 ViewKind::File => Kind::GuestFile(Arc::new(GuestFile {
                     slot: d.slot.clone(),
@@ -539,12 +572,10 @@ impl RepoFs {
                 Kind::Generation(slot) => slot
                     .children
                     .get()
-                    .and_then(|r| r.as_ref().ok())
                     .and_then(|c| c.iter().find(|(_, i)| *i == cur).map(|(n, _)| n.clone())),
                 Kind::GuestDir(d) => d
                     .children
                     .get()
-                    .and_then(|r| r.as_ref().ok())
                     .and_then(|c| c.iter().find(|(_, i)| *i == cur).map(|(n, _)| n.clone())),
                 _ => None,
             };
