@@ -120,6 +120,7 @@ impl<'r> Store<'r> {
     }
 
     /// [`Store::lookup_all`] for one object.
+    #[cfg(test)]
     fn lookup(&self, id: &ObjectId) -> Result<Option<u64>> {
         Ok(self.lookup_all(std::slice::from_ref(id))?.remove(0))
     }
@@ -172,11 +173,7 @@ impl<'r> Store<'r> {
 
     /// Stores `data` under `id` unless it is stored already; returns true if it was new.
     pub fn put(&self, kind: ObjectKind, id: ObjectId, data: &[u8]) -> Result<bool> {
-        Self::check_size(kind, data)?;
-        match self.lookup(&id)? {
-            Some(seals) => self.store_missing(kind, id, data, seals),
-            None => Ok(false),
-        }
+        Ok(self.put_all(kind, &[(id, data)])?[0])
     }
 
     /// [`Store::put`] for each of `objects` (id, data), in order, the index asked about all of
