@@ -274,8 +274,9 @@ fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<
 /// Ctrl-C, SIGTERM and SIGHUP, for every command but mount and serve-nbd (which wait for them
 /// themselves to unmount and close cleanly): blocked before any thread starts, so that every
 /// thread inherits the mask and none is killed by them, and received by one thread, which
-/// through the interrupt token kills the running hooks, runs every owed post-command with `VMREPO_STATUS=interrupted`
-/// (each VM of a job in flight gets its own) and exits 130. An interrupted ingest records no
+/// through the interrupt token kills the running pre-commands, runs every owed post-command
+/// with `VMREPO_STATUS=interrupted` (each VM of a job in flight gets its own), waits for the
+/// post-commands already running, and exits 130. An interrupted ingest records no
 /// generation: the generation becomes visible only in its last index transaction.
 fn stop_on_termination_signals(
     signals: vmrepo::shutdown::TerminationSignals,

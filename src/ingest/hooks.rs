@@ -11,7 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -30,8 +30,10 @@ pub struct Interrupt(Arc<InterruptState>);
 
 #[derive(Default)]
 struct InterruptState {
-    /// Process groups of the hooks running now.
-    running: Mutex<Vec<i32>>,
+    /// The hooks running now.
+    running: Mutex<Vec<RunningHook>>,
+    /// Signalled each time a hook ends (an interrupt waits for the post-commands running).
+    hook_ended: Condvar,
     /// Post-commands owed: registered when a VM's ingest with a post-command starts, taken
     /// back when its post-command runs. An interrupt takes them all and runs them.
     owed: Mutex<Vec<OwedPost>>,
@@ -80,6 +82,14 @@ impl std::fmt::Debug for Interrupt {
             .field("interrupted", &self.is_interrupted())
             .finish()
     }
+}
+
+/// A hook running now: its process group, and whether an interrupt kills it. A pre-command
+/// is killed (the ingest it prepares will not run); a post-command is left to finish (it
+/// thaws the VM or removes a snapshot), within its timeout.
+struct RunningHook {
+    pgid: i32,
+    killed_by_interrupt: bool,
 }
 
 /// A post-command that must run whatever happens.
@@ -131,10 +141,10 @@ impl Interrupt {
     }
 
     /// Stops everything for an interrupt: marks the token interrupted, kills every running
-    /// hook with its process group, then runs every owed post-command with
-    /// `VMREPO_STATUS=interrupted`, all at once, and waits for them. Returns what went wrong
-    /// with them. The caller then ends the process: no generation is recorded by an ingest
-    /// that has not committed.
+    /// pre-command with its process group, then runs every owed post-command with
+    /// `VMREPO_STATUS=interrupted`, all at once, and waits for them and for the post-commands
+    /// ingests had already started. Returns what went wrong with the ones it ran. The caller
+    /// then ends the process: no generation is recorded by an ingest that has not committed.
     pub fn interrupt(&self) -> Vec<String> {
         let (owed, cleanups): (Vec<OwedPost>, Vec<PendingCleanup>) = {
             let mut owed = self.0.owed.lock().unwrap();
@@ -151,10 +161,9 @@ impl Interrupt {
                 })
             })
             .collect();
-        for pgid in std::mem::take(&mut *self.0.running.lock().unwrap()) {
-            // SAFETY: kill(2) on a process group this process started; no memory is involved.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
+        for hook in self.0.running.lock().unwrap().iter() {
+            if hook.killed_by_interrupt {
+                kill_group(hook.pgid);
             }
         }
         let handles: Vec<_> = owed
@@ -177,7 +186,7 @@ impl Interrupt {
                 })
             })
             .collect();
-        handles
+        let errors = handles
             .into_iter()
             .filter_map(|h| {
                 h.join()
@@ -188,7 +197,15 @@ impl Interrupt {
                     .into_iter()
                     .filter_map(|h| h.join().unwrap_or(Some("a clean-up thread failed".into()))),
             )
-            .collect()
+            .collect();
+        // The hooks still listed are post-commands ingests started before the interrupt (each
+        // ends within its timeout) and the pre-commands killed above, which their waiting
+        // threads reap within moments. The process must not end under them.
+        let mut running = self.0.running.lock().unwrap();
+        while !running.is_empty() {
+            running = self.0.hook_ended.wait(running).unwrap();
+        }
+        errors
     }
 }
 
@@ -332,7 +349,21 @@ impl Interrupt {
             Error::Hook(format!("cannot start the {phase}-command {command:?}: {e}"))
         })?;
         let pgid = child.id() as i32;
-        self.0.running.lock().unwrap().push(pgid);
+        let killed_by_interrupt = phase == "pre";
+        {
+            let mut running = self.0.running.lock().unwrap();
+            // An interrupt that came after the check in `run_hook` (or while the child
+            // started) has already killed the hooks it found listed, and this one was not
+            // listed yet: it is killed here instead. The flag is set before the interrupt
+            // takes this lock, so one of the two always sees the other.
+            if killed_by_interrupt && self.is_interrupted() {
+                kill_group(pgid);
+            }
+            running.push(RunningHook {
+                pgid,
+                killed_by_interrupt,
+            });
+        }
         let _clear = ClearOnDrop(self, pgid);
         loop {
             match child.try_wait() {
@@ -353,10 +384,7 @@ impl Interrupt {
                 }
             }
             if began.elapsed() >= timeout {
-                // SAFETY: kill(2) on the child's own process group; no memory is involved.
-                unsafe {
-                    libc::kill(-pgid, libc::SIGKILL);
-                }
+                kill_group(pgid);
                 let _ = child.wait();
                 return Ok(HookRun {
                     phase: phase.into(),
@@ -376,7 +404,17 @@ struct ClearOnDrop<'a>(&'a Interrupt, i32);
 
 impl Drop for ClearOnDrop<'_> {
     fn drop(&mut self) {
-        self.0 .0.running.lock().unwrap().retain(|&p| p != self.1);
+        let state = &self.0 .0;
+        state.running.lock().unwrap().retain(|h| h.pgid != self.1);
+        state.hook_ended.notify_all();
+    }
+}
+
+/// Kills a hook's whole process group.
+fn kill_group(pgid: i32) {
+    // SAFETY: kill(2) on a process group this process started; no memory is involved.
+    unsafe {
+        libc::kill(-pgid, libc::SIGKILL);
     }
 }
 
@@ -435,5 +473,64 @@ mod tests {
             .unwrap();
         assert!(r.timed_out && !r.ok());
         assert!(r.seconds < 10.0);
+    }
+
+    /// A pre-command that got past `run_hook`'s check just before an interrupt, and so was not
+    /// listed when the interrupt killed the running ones, is killed all the same.
+    #[test]
+    fn a_pre_command_started_during_an_interrupt_is_killed() {
+        let i = Interrupt::new();
+        assert!(i.interrupt().is_empty());
+        let r = i
+            .spawn_and_wait(
+                "sleep 30",
+                "pre",
+                "v",
+                Path::new("/"),
+                None,
+                Duration::from_secs(20),
+            )
+            .unwrap();
+        assert!(!r.ok() && !r.timed_out, "{r:?}");
+        assert!(r.seconds < 10.0, "{r:?}");
+    }
+
+    /// An interrupt leaves a post-command an ingest already started to finish (it thaws the VM
+    /// or removes a snapshot), and returns only after it ended.
+    #[test]
+    fn an_interrupt_waits_for_a_running_post_command() {
+        let t = tempfile::tempdir().unwrap();
+        let started = t.path().join("started");
+        let done = t.path().join("done");
+        let i = Interrupt::new();
+        let ingest = {
+            let i = i.clone();
+            let cmd = format!(
+                "touch '{}'; sleep 1; echo thawed > '{}'",
+                started.display(),
+                done.display()
+            );
+            std::thread::spawn(move || {
+                i.spawn_and_wait(
+                    &cmd,
+                    "post",
+                    "v",
+                    Path::new("/"),
+                    Some("success"),
+                    Duration::from_secs(20),
+                )
+            })
+        };
+        let t0 = Instant::now();
+        while !started.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the post-command did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(i.interrupt().is_empty());
+        assert_eq!(std::fs::read_to_string(&done).unwrap(), "thawed\n");
+        assert!(ingest.join().unwrap().unwrap().ok());
     }
 }
