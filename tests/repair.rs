@@ -245,3 +245,81 @@ fn check_reports_pack_descriptions_that_do_not_fit_their_packs() {
     fs::remove_file(desc(&names[1])).unwrap();
     vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
 }
+
+/// The index is a cache: a chunk row it lost, or one that gives the chunk another length, makes
+/// check name the generation that uses the chunk (and only that one), whichever of its segments
+/// holds it; rebuilding the index from the data files makes the repository whole again.
+#[test]
+fn check_names_the_generation_whose_chunks_the_index_lost_or_misstates() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = init_repo(t.path());
+    let (a, b) = (t.path().join("a.img"), t.path().join("b.img"));
+    sparse_image(&a, 16 << 20, &[(0, 12 << 20, 1)]);
+    sparse_image(&b, 16 << 20, &[(0, 12 << 20, 2)]);
+    let chunk_ids = || -> std::collections::BTreeSet<Vec<u8>> {
+        let db = rusqlite::Connection::open(repo.join("index.sqlite")).unwrap();
+        let mut st = db
+            .prepare("SELECT id FROM objects WHERE kind = 1 UNION SELECT id FROM recent_objects WHERE kind = 1")
+            .unwrap();
+        let ids = st.query_map([], |r| r.get(0)).unwrap();
+        ids.map(|r| r.unwrap()).collect()
+    };
+    ingest(&repo, &a, Some("a"));
+    let of_a = chunk_ids();
+    ingest(&repo, &b, Some("b"));
+    let of_b: Vec<Vec<u8>> = chunk_ids().difference(&of_a).cloned().collect();
+    assert!(of_b.len() > 100, "{}", of_b.len());
+    vmrepo([s("check"), p(&repo)]).ok();
+
+    // One of b's chunks loses its row, then (the index rebuilt) another gets a wrong length.
+    let rounds = [
+        (
+            "DELETE FROM {table} WHERE id = ?1",
+            &of_b[3],
+            "is missing from the repository",
+        ),
+        (
+            "UPDATE {table} SET raw_len = raw_len + 1 WHERE id = ?1",
+            &of_b[of_b.len() - 3],
+            "has the wrong length",
+        ),
+    ];
+    for (sql, id, why) in rounds {
+        let db = rusqlite::Connection::open(repo.join("index.sqlite")).unwrap();
+        let changed: usize = ["objects", "recent_objects"]
+            .iter()
+            .map(|table| db.execute(&sql.replace("{table}", table), [id]).unwrap())
+            .sum();
+        assert_eq!(changed, 1);
+        drop(db);
+        let r = vmrepo([s("check"), p(&repo)]);
+        assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+        let damaged: Vec<&str> = r
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("DAMAGED"))
+            .collect();
+        assert_eq!(damaged.len(), 1, "{}", r.stdout);
+        assert!(damaged[0].starts_with("DAMAGED  b@"), "{}", r.stdout);
+        assert!(
+            r.stdout
+                .contains("1 damaged segment(s) of 4 MiB; first: bytes "),
+            "{}",
+            r.stdout
+        );
+        assert!(
+            r.stdout.contains("1 bad chunk(s), first: chunk "),
+            "{}",
+            r.stdout
+        );
+        assert!(r.stdout.contains(why), "{why}: {}", r.stdout);
+        vmrepo([s("check"), p(&repo), s("--rebuild-index")]).ok();
+        vmrepo([s("check"), p(&repo)]).ok();
+    }
+    vmrepo([s("check"), p(&repo), s("--rebuild-index")]).ok();
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+    let out = t.path().join("out");
+    vmrepo([s("extract"), p(&repo), s("b"), p(&out)]).ok();
+    let restored = fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
+    assert!(same_file(&b, &restored));
+}

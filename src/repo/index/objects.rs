@@ -49,6 +49,22 @@ impl Index {
             .map_err(|e| self.err(e))
     }
 
+    /// The length object `id` decodes to, if the index knows it: all that check's walk of the
+    /// references asks of each chunk (check reads every row whole in its pass over them), without
+    /// the join of [`Index::lookup`].
+    pub fn raw_len(&self, id: &ObjectId) -> Result<Option<u32>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT raw_len FROM recent_objects WHERE id = ?1
+                 UNION ALL SELECT raw_len FROM objects WHERE id = ?1 LIMIT 1",
+            )
+            .map_err(|e| self.err(e))?;
+        st.query_row([&id.0[..]], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
     /// True if the index knows object `id`.
     pub fn contains(&self, id: &ObjectId) -> Result<bool> {
         let mut st = self
