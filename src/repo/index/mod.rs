@@ -150,6 +150,24 @@ impl Index {
         tx.commit().map_err(err)
     }
 
+    /// Runs `f`, a run of reads, inside one read transaction: its queries share one snapshot
+    /// and one lock instead of each starting and ending its own (a lookup of a chunk spent a
+    /// quarter of its time there). Inside a transaction already, `f` just runs in it.
+    pub fn reading<T>(&self, f: impl FnOnce(&Index) -> Result<T>) -> Result<T> {
+        if !self.conn.is_autocommit() {
+            return f(self);
+        }
+        self.conn
+            .execute_batch("BEGIN DEFERRED")
+            .map_err(|e| self.err(e))?;
+        let result = f(self);
+        // Ends a read transaction: nothing to write, so it cannot lose anything.
+        let ended = self.conn.execute_batch("COMMIT").map_err(|e| self.err(e));
+        let value = result?;
+        ended?;
+        Ok(value)
+    }
+
     /// The repository this index was built for (`repository_id` of its config.toml), if it
     /// records one (indexes made before vmrepo recorded it do not, until first opened).
     pub fn repository_id(&self) -> Result<Option<String>> {

@@ -470,6 +470,22 @@ mod tests {
         assert!(idx.contains(&ObjectId([1; 32])).unwrap());
         assert!(!idx.contains(&ObjectId([3; 32])).unwrap());
         assert_eq!(idx.packs().unwrap(), [("p1".to_string(), 500)]);
+        // The same answers from one read transaction, which ends with it (nested: the outer one).
+        let lens = idx
+            .reading(|i| {
+                assert!(!i.conn.is_autocommit());
+                let inner = i.reading(|i| i.raw_len(&ObjectId([1; 32])))?;
+                Ok((inner, i.raw_len(&ObjectId([3; 32]))?))
+            })
+            .unwrap();
+        assert_eq!(lens, (Some(4096), None));
+        assert!(idx.conn.is_autocommit());
+        // A failed run of reads ends its transaction too, and the index can be written again.
+        let failed: Result<()> = idx.reading(|_| Err(crate::error::Error::Corrupt("stop".into())));
+        assert!(failed.is_err());
+        assert!(idx.conn.is_autocommit());
+        idx.add_pack("p2", 500, &[(header(3, 100), 16)]).unwrap();
+        assert_eq!(idx.raw_len(&ObjectId([3; 32])).unwrap(), Some(4096));
     }
 
     /// Manifests and tombstones are found through their own index, in both object tables;
