@@ -494,13 +494,15 @@ impl Repository {
         const KEEP_SPAN: usize = 16 << 20;
         debug_assert_eq!(ids.len(), into.len());
         let locs: Vec<Location> = self.with_index(|i| {
-            ids.iter()
-                .map(|id| {
-                    i.lookup(id)?.ok_or_else(|| {
-                        Error::Corrupt(format!("object {} is not in the index", id.short()))
+            i.reading(|i| {
+                ids.iter()
+                    .map(|id| {
+                        i.lookup(id)?.ok_or_else(|| {
+                            Error::Corrupt(format!("object {} is not in the index", id.short()))
+                        })
                     })
-                })
-                .collect()
+                    .collect()
+            })
         })?;
         let (order, spans) = plan_spans(&locs);
         if spans.len() > 1 {
