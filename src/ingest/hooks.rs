@@ -202,6 +202,13 @@ impl Interrupt {
         // ends within its timeout) and the pre-commands killed above, which their waiting
         // threads reap within moments. The process must not end under them.
         let mut running = self.0.running.lock().unwrap();
+        let finishing = running.iter().filter(|h| !h.killed_by_interrupt).count();
+        if finishing > 0 {
+            eprintln!(
+                "vmrepo: interrupted: waiting for {finishing} post-command(s) already running to \
+                 finish (each within its hook timeout)"
+            );
+        }
         while !running.is_empty() {
             running = self.0.hook_ended.wait(running).unwrap();
         }

@@ -161,8 +161,13 @@ impl Index {
             .execute_batch("BEGIN DEFERRED")
             .map_err(|e| self.err(e))?;
         let result = f(self);
-        // Ends a read transaction: nothing to write, so it cannot lose anything.
+        // Ends a read transaction: nothing to write, so it cannot lose anything. A connection
+        // must never go back to the pool inside one, where every later read would see this
+        // snapshot.
         let ended = self.conn.execute_batch("COMMIT").map_err(|e| self.err(e));
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
         let value = result?;
         ended?;
         Ok(value)
