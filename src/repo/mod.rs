@@ -561,10 +561,12 @@ impl Repository {
     /// reports it).
     pub fn hint_objects(&self, ids: &[ObjectId]) {
         let Ok(locs) = self.with_index(|i| {
-            Ok(ids
-                .iter()
-                .filter_map(|id| i.lookup(id).ok().flatten())
-                .collect::<Vec<Location>>())
+            i.reading(|i| {
+                Ok(ids
+                    .iter()
+                    .filter_map(|id| i.lookup(id).ok().flatten())
+                    .collect::<Vec<Location>>())
+            })
         }) else {
             return;
         };
