@@ -557,6 +557,69 @@ mod tests {
         assert_eq!(idx.tombstone_names(&tomb).unwrap(), None);
     }
 
+    /// A gc forgets the segment-cache rows, kept leaves and tombstone names of objects no longer
+    /// stored, whichever table held them, and keeps those of objects still stored.
+    #[test]
+    fn gc_forgets_what_the_index_kept_of_objects_that_are_gone() {
+        use crate::repo::index::CacheRow;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let mut idx = Index::open(&path, true, Arc::new(Keys::none())).unwrap();
+        let header = |kind: ObjectKind, b: u8| RecordHeader {
+            kind,
+            codec: crate::repo::object::Codec::Raw,
+            encrypted: false,
+            id: ObjectId([b; 32]),
+            stored_len: 10,
+            raw_len: 10,
+        };
+        // Segment 1 and tombstone 5 in the main table, segment 2 in the recent one; segment 3
+        // and tombstone 6 were never stored.
+        idx.add_pack(
+            "p1",
+            500,
+            &[
+                (header(ObjectKind::Segment, 1), 16),
+                (header(ObjectKind::Tombstone, 5), 100),
+            ],
+        )
+        .unwrap();
+        idx.merge_recent_objects(true).unwrap();
+        idx.add_pack("p2", 500, &[(header(ObjectKind::Segment, 2), 16)])
+            .unwrap();
+        let rows: Vec<CacheRow> = [1u8, 2, 3]
+            .iter()
+            .map(|&b| CacheRow {
+                fingerprint: [b + 100; 32],
+                segment: ObjectId([b; 32]),
+                leaves: Some(vec![b; 64]),
+            })
+            .collect();
+        idx.insert_cache(&rows).unwrap();
+        for t in [5u8, 6] {
+            idx.remember_tombstone(&ObjectId([t; 32]), &[ObjectId([9; 32])])
+                .unwrap();
+        }
+        let kept = |idx: &Index, table: &str, column: &str| -> Vec<u8> {
+            let mut st = idx
+                .conn
+                .prepare(&format!("SELECT {column} FROM {table} ORDER BY {column}"))
+                .unwrap();
+            let ids = st.query_map([], |r| r.get::<_, Vec<u8>>(0)).unwrap();
+            ids.map(|id| id.unwrap()[0]).collect()
+        };
+        idx.apply_gc(&[], &[], &[], &[]).unwrap();
+        assert_eq!(kept(&idx, "segment_cache", "segment"), [1, 2]);
+        assert_eq!(kept(&idx, "segment_leaves", "segment"), [1, 2]);
+        assert_eq!(kept(&idx, "tombstone_names", "tombstone"), [5]);
+        // Segment 2 and tombstone 5 deleted by a gc.
+        idx.apply_gc(&[], &[], &[ObjectId([2; 32]), ObjectId([5; 32])], &[])
+            .unwrap();
+        assert_eq!(kept(&idx, "segment_cache", "segment"), [1]);
+        assert_eq!(kept(&idx, "segment_leaves", "segment"), [1]);
+        assert!(kept(&idx, "tombstone_names", "tombstone").is_empty());
+    }
+
     /// Whether to merge is decided on the row count `meta` remembers, not on a count of the
     /// whole main table; merges set it, gc and repair lower it, and it is counted once when
     /// absent.

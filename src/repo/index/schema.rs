@@ -8,19 +8,25 @@ use crate::error::{Error, Result};
 
 /// Drops segment-cache and segment-leaves rows whose segment object is gone, and what the
 /// index remembers of tombstones that are gone.
+///
+/// Each row is looked up in both object tables by primary key. (`NOT IN (SELECT id FROM
+/// all_objects)` had SQLite copy every object id of the index into a temporary B-tree first:
+/// 31% of a gc that deleted nothing at 64 GiB, and 2 GB of temporary storage at 1 TiB.)
 pub(super) fn forget_gone_segments(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-    tx.execute(
-        "DELETE FROM tombstone_names WHERE tombstone NOT IN (SELECT id FROM all_objects)",
-        [],
-    )?;
-    tx.execute(
-        "DELETE FROM segment_cache WHERE segment NOT IN (SELECT id FROM all_objects)",
-        [],
-    )?;
-    tx.execute(
-        "DELETE FROM segment_leaves WHERE segment NOT IN (SELECT id FROM all_objects)",
-        [],
-    )?;
+    for (table, column) in [
+        ("tombstone_names", "tombstone"),
+        ("segment_cache", "segment"),
+        ("segment_leaves", "segment"),
+    ] {
+        tx.execute(
+            &format!(
+                "DELETE FROM {table} WHERE
+                     NOT EXISTS (SELECT 1 FROM objects WHERE id = {table}.{column})
+                     AND NOT EXISTS (SELECT 1 FROM recent_objects WHERE id = {table}.{column})"
+            ),
+            [],
+        )?;
+    }
     Ok(())
 }
 
