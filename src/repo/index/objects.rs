@@ -447,6 +447,18 @@ mod tests {
     use crate::repo::crypto::Keys;
     use crate::repo::object::ObjectKind;
 
+    /// The header of a small record of `kind` whose id is 32 bytes `b`.
+    fn record(kind: ObjectKind, b: u8) -> RecordHeader {
+        RecordHeader {
+            kind,
+            codec: crate::repo::object::Codec::Raw,
+            encrypted: false,
+            id: ObjectId([b; 32]),
+            stored_len: 10,
+            raw_len: 10,
+        }
+    }
+
     #[test]
     fn a_pack_added_is_found_object_by_object() {
         let dir = tempfile::tempdir().unwrap();
@@ -495,21 +507,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.sqlite");
         let mut idx = Index::open(&path, true, Arc::new(Keys::none())).unwrap();
-        let header = |kind: ObjectKind, b: u8| RecordHeader {
-            kind,
-            codec: crate::repo::object::Codec::Raw,
-            encrypted: false,
-            id: ObjectId([b; 32]),
-            stored_len: 10,
-            raw_len: 10,
-        };
         idx.add_pack(
             "p1",
             500,
             &[
-                (header(ObjectKind::Chunk, 1), 16),
-                (header(ObjectKind::Manifest, 2), 100),
-                (header(ObjectKind::Tombstone, 3), 200),
+                (record(ObjectKind::Chunk, 1), 16),
+                (record(ObjectKind::Manifest, 2), 100),
+                (record(ObjectKind::Tombstone, 3), 200),
             ],
         )
         .unwrap();
@@ -519,8 +523,8 @@ mod tests {
             "p2",
             500,
             &[
-                (header(ObjectKind::Manifest, 4), 16),
-                (header(ObjectKind::Tombstone, 5), 100),
+                (record(ObjectKind::Manifest, 4), 16),
+                (record(ObjectKind::Tombstone, 5), 100),
             ],
         )
         .unwrap();
@@ -565,27 +569,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.sqlite");
         let mut idx = Index::open(&path, true, Arc::new(Keys::none())).unwrap();
-        let header = |kind: ObjectKind, b: u8| RecordHeader {
-            kind,
-            codec: crate::repo::object::Codec::Raw,
-            encrypted: false,
-            id: ObjectId([b; 32]),
-            stored_len: 10,
-            raw_len: 10,
-        };
         // Segment 1 and tombstone 5 in the main table, segment 2 in the recent one; segment 3
         // and tombstone 6 were never stored.
         idx.add_pack(
             "p1",
             500,
             &[
-                (header(ObjectKind::Segment, 1), 16),
-                (header(ObjectKind::Tombstone, 5), 100),
+                (record(ObjectKind::Segment, 1), 16),
+                (record(ObjectKind::Tombstone, 5), 100),
             ],
         )
         .unwrap();
         idx.merge_recent_objects(true).unwrap();
-        idx.add_pack("p2", 500, &[(header(ObjectKind::Segment, 2), 16)])
+        idx.add_pack("p2", 500, &[(record(ObjectKind::Segment, 2), 16)])
             .unwrap();
         let rows: Vec<CacheRow> = [1u8, 2, 3]
             .iter()
