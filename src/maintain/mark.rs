@@ -46,7 +46,7 @@ pub fn mark(
         .into_iter()
         .filter(|g| !removed.contains(&g.manifest))
         .collect();
-    let (objects, _) = index.object_totals()?;
+    let objects = index.object_count_estimate()?;
     let mut marker = Marker {
         repo,
         generation: None,

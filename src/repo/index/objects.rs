@@ -113,6 +113,17 @@ impl Index {
     /// remembered, when it does not. Counting reads the whole table: at 67 million rows, about
     /// a second with the file in memory, much longer without.
     fn main_rows_hint(&mut self) -> Result<u64> {
+        if let Some(n) = self.remembered_main_rows()? {
+            return Ok(n);
+        }
+        let n = self.count_main_rows()?;
+        // Best effort: a read-only index counts again next time.
+        let _ = self.write(|tx| set_main_rows(tx, n));
+        Ok(n)
+    }
+
+    /// The rows of `objects` as `meta` remembers them, if it does and the value is possible.
+    fn remembered_main_rows(&self) -> Result<Option<u64>> {
         let known: Option<String> = self
             .conn
             .query_row(
@@ -132,19 +143,35 @@ impl Index {
                 |r| r.get::<_, i64>(0),
             )
             .map_err(|e| self.err(e))? as u64;
-        if let Some(n) = known
+        Ok(known
             .and_then(|v| v.parse::<u64>().ok())
-            .filter(|&n| n <= most)
-        {
-            return Ok(n);
-        }
-        let n = self
-            .conn
+            .filter(|&n| n <= most))
+    }
+
+    /// The rows of `objects`, counted (a read of the whole table).
+    fn count_main_rows(&self) -> Result<u64> {
+        self.conn
             .query_row("SELECT count(*) FROM objects", [], |r| r.get::<_, i64>(0))
-            .map_err(|e| self.err(e))? as u64;
-        // Best effort: a read-only index counts again next time.
-        let _ = self.write(|tx| set_main_rows(tx, n));
-        Ok(n)
+            .map(|n| n as u64)
+            .map_err(|e| self.err(e))
+    }
+
+    /// About how many objects the index lists, for sizing work (gc's live set), not for
+    /// reports: the main table's rows as remembered (counted when they are not) and the recent
+    /// rows, without the read of every row that [`Index::object_totals`] makes.
+    pub fn object_count_estimate(&self) -> Result<u64> {
+        let recent: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM recent_objects", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        let main = match self.main_rows {
+            Some(n) => n,
+            None => match self.remembered_main_rows()? {
+                Some(n) => n,
+                None => self.count_main_rows()?,
+            },
+        };
+        Ok(main + recent as u64)
     }
 
     /// Records a sealed pack and the objects in it, in one transaction.
@@ -655,6 +682,7 @@ mod tests {
         idx.add_pack("p1", 1, &records(0, 10)).unwrap();
         assert_eq!(idx.merge_recent_objects(true).unwrap(), 10);
         assert_eq!(remembered(&idx).as_deref(), Some("10"));
+        assert_eq!(idx.object_count_estimate().unwrap(), 10);
 
         // Remembered as 600,000 rows (a file of 20 MB more could hold them): MERGE_MIN recent
         // rows are too few to merge.
@@ -667,6 +695,8 @@ mod tests {
         let mut idx = open();
         idx.add_pack("p2", 1, &records(10, MERGE_MIN)).unwrap();
         assert_eq!(idx.merge_recent_objects(false).unwrap(), 0);
+        // The estimate takes the remembered count as it is, without reading the table.
+        assert_eq!(idx.object_count_estimate().unwrap(), 600_000 + MERGE_MIN);
 
         // Forgotten, garbled, or more than the file could hold: counted (10 rows), so they
         // merge, and the sum is remembered.
@@ -699,5 +729,10 @@ mod tests {
         let damaged = records(10, 1)[0].0.id;
         idx.forget_damaged_objects(&[damaged], &[]).unwrap();
         assert_eq!(remembered(&idx), Some((all - 11).to_string()));
+        assert_eq!(
+            idx.object_count_estimate().unwrap(),
+            idx.object_totals().unwrap().0
+        );
+        assert_eq!(open().object_count_estimate().unwrap(), all - 11);
     }
 }
