@@ -249,24 +249,22 @@ pub(super) fn plan_reuse(
     let touched =
         crate::ingest::changes::touched_segments(&ranges, size, params.segment_size as u64);
     let mut leaves = Vec::new();
-    let patchable = repo.with_index(|i| {
-        i.reading(|i| {
-            let mut patchable = HashSet::new();
-            for t in &touched {
-                for k in map.nonzero_in(t.start, t.end) {
-                    let s = map.get(k);
-                    if leaves.len() < PRELOAD_MAX {
-                        if let Some(cvs) = i.segment_leaves(&s)? {
-                            leaves.push((k, cvs));
-                            patchable.insert(k);
-                        }
-                    } else if i.has_segment_leaves(&s)? {
+    let patchable = repo.reading_index(|i| {
+        let mut patchable = HashSet::new();
+        for t in &touched {
+            for k in map.nonzero_in(t.start, t.end) {
+                let s = map.get(k);
+                if leaves.len() < PRELOAD_MAX {
+                    if let Some(cvs) = i.segment_leaves(&s)? {
+                        leaves.push((k, cvs));
                         patchable.insert(k);
                     }
+                } else if i.has_segment_leaves(&s)? {
+                    patchable.insert(k);
                 }
             }
-            Ok(patchable)
-        })
+        }
+        Ok(patchable)
     })?;
     let ids: Vec<ObjectId> = leaves.iter().map(|(k, _)| map.get(*k)).collect();
     let mut preloaded = HashMap::with_capacity(ids.len());

@@ -681,29 +681,27 @@ fn check_segment(
     }
     let mut damaged = 0;
     let mut first = None;
-    repo.with_index(|index| {
-        index.reading(|index| {
-            for e in &seg.extents {
-                if let Extent::Data { len, id } = e {
-                    let r = match index.raw_len(id) {
-                        Ok(Some(stored)) if stored != *len => {
-                            Err(format!("chunk {} has the wrong length", id.short()))
-                        }
-                        Ok(Some(_)) => bad.get(id).map_or(Ok(()), |p| Err(p.clone())),
-                        Ok(None) => Err(format!(
-                            "chunk {} is missing from the repository",
-                            id.short()
-                        )),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    if let Err(p) = r {
-                        damaged += 1;
-                        first.get_or_insert(p);
+    repo.reading_index(|index| {
+        for e in &seg.extents {
+            if let Extent::Data { len, id } = e {
+                let r = match index.raw_len(id) {
+                    Ok(Some(stored)) if stored != *len => {
+                        Err(format!("chunk {} has the wrong length", id.short()))
                     }
+                    Ok(Some(_)) => bad.get(id).map_or(Ok(()), |p| Err(p.clone())),
+                    Ok(None) => Err(format!(
+                        "chunk {} is missing from the repository",
+                        id.short()
+                    )),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(p) = r {
+                    damaged += 1;
+                    first.get_or_insert(p);
                 }
             }
-            Ok(())
-        })
+        }
+        Ok(())
     })
     .map_err(|e| e.to_string())?;
     match first {

@@ -448,6 +448,12 @@ impl Repository {
         r
     }
 
+    /// [`Repository::with_index`] for a run of reads: `f` runs inside one read transaction
+    /// ([`Index::reading`]).
+    pub fn reading_index<T>(&self, f: impl FnOnce(&Index) -> Result<T>) -> Result<T> {
+        self.with_index(|i| i.reading(f))
+    }
+
     /// The pack reader.
     pub fn packs(&self) -> &PackReader {
         &self.reader
@@ -493,16 +499,14 @@ impl Repository {
         /// A span buffer above this is given back after its read.
         const KEEP_SPAN: usize = 16 << 20;
         debug_assert_eq!(ids.len(), into.len());
-        let locs: Vec<Location> = self.with_index(|i| {
-            i.reading(|i| {
-                ids.iter()
-                    .map(|id| {
-                        i.lookup(id)?.ok_or_else(|| {
-                            Error::Corrupt(format!("object {} is not in the index", id.short()))
-                        })
+        let locs: Vec<Location> = self.reading_index(|i| {
+            ids.iter()
+                .map(|id| {
+                    i.lookup(id)?.ok_or_else(|| {
+                        Error::Corrupt(format!("object {} is not in the index", id.short()))
                     })
-                    .collect()
-            })
+                })
+                .collect()
         })?;
         let (order, spans) = plan_spans(&locs);
         if spans.len() > 1 {
@@ -560,13 +564,11 @@ impl Repository {
     /// read them with. Advisory: objects the index does not know are skipped (their read
     /// reports it).
     pub fn hint_objects(&self, ids: &[ObjectId]) {
-        let Ok(locs) = self.with_index(|i| {
-            i.reading(|i| {
-                Ok(ids
-                    .iter()
-                    .filter_map(|id| i.lookup(id).ok().flatten())
-                    .collect::<Vec<Location>>())
-            })
+        let Ok(locs) = self.reading_index(|i| {
+            Ok(ids
+                .iter()
+                .filter_map(|id| i.lookup(id).ok().flatten())
+                .collect::<Vec<Location>>())
         }) else {
             return;
         };

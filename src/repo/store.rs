@@ -145,9 +145,9 @@ impl<'r> Store<'r> {
                 use rayon::prelude::*;
                 pool.install(|| ask.par_iter().map(stored).collect::<Result<_>>())?
             }
-            _ => self.repo.with_index(|i| {
-                i.reading(|i| ask.iter().map(|k| i.contains(&ids[*k])).collect())
-            })?,
+            _ => self
+                .repo
+                .reading_index(|i| ask.iter().map(|k| i.contains(&ids[*k])).collect())?,
         };
         let mut out = vec![None; ids.len()];
         for (&k, known) in ask.iter().zip(known) {
