@@ -25,11 +25,14 @@ use crate::vmware::vm::DiskPlan;
 
 /// Ingests disk `d`: every segment worth a visit, in parallel; the others are all zero, or
 /// (with `reuse`) taken from the base generation, `verify_share` of them re-read to check.
-/// Returns the disk's entry, its disk map, and the segment-cache rows to add.
+/// `previous` is the disk's map in the VM's latest generation when there is no `reuse` (new
+/// segments are stored against the segments it lists). Returns the disk's entry, its disk
+/// map, and the segment-cache rows to add.
 pub(super) fn ingest_disk(
     cx: &SegmentContext<'_, '_>,
     d: &DiskPlan,
     reuse: Option<&Reuse>,
+    previous: Option<&DiskMap>,
     verify_share: f64,
     workers: &SegmentWorkers,
 ) -> Result<(DiskEntry, DiskMap, Vec<CacheRow>)> {
@@ -58,8 +61,10 @@ pub(super) fn ingest_disk(
     let done = AtomicU64::new(0);
     let finished = std::sync::atomic::AtomicBool::new(false);
     // One segment: taken unread, patched, or read.
+    let previous = reuse.map(|r| &r.segments).or(previous);
     let segment = |i: u64| -> Result<(ObjectId, Option<CacheRow>)> {
         let range = segment_range(i, seg, size);
+        let before = previous.map_or(ObjectId::ZERO, |m| m.get(i));
         if let Some(r) = reuse.filter(|r| !r.is_touched(i)) {
             let prev = r.segments.get(i);
             counters.segments_skipped.fetch_add(1, Ordering::Relaxed);
@@ -82,12 +87,12 @@ pub(super) fn ingest_disk(
         // only that is read.
         if let Some(r) = reuse.filter(|r| r.is_touched(i) && r.segments.get(i) == ObjectId::ZERO) {
             let within = crate::source::Within::new(d.reader.as_ref(), r.changed_in(&range));
-            let built = ingest_segment(cx, &within, range);
+            let built = ingest_segment(cx, &within, range, ObjectId::ZERO);
             counters.segments_patched.fetch_add(1, Ordering::Relaxed);
             done.fetch_add(1, Ordering::Relaxed);
             return built;
         }
-        let r = ingest_segment(cx, d.reader.as_ref(), range);
+        let r = ingest_segment(cx, d.reader.as_ref(), range, before);
         done.fetch_add(1, Ordering::Relaxed);
         r
     };
@@ -338,7 +343,7 @@ mod tests {
         let counters = Counters::default();
         let progress = crate::progress::NoProgress;
         let cx = SegmentContext::new(&store, &counters, &progress);
-        let (entry, map, _) = ingest_disk(&cx, &d, None, 0.0, &SegmentWorkers::default())
+        let (entry, map, _) = ingest_disk(&cx, &d, None, None, 0.0, &SegmentWorkers::default())
             .expect("no worker may trip over another's segment buffer");
         assert_eq!(map.count(), nseg);
         store.flush().unwrap();

@@ -16,6 +16,7 @@ pub mod notify;
 pub mod options;
 pub mod patch;
 
+mod delta;
 mod disk;
 mod plan;
 mod segment;
@@ -592,9 +593,17 @@ fn run(
     let mut maps = Vec::new();
     let mut cache_rows = Vec::new();
     let mut stats = IngestStats::default();
-    for (d, r) in plan.disks.iter().zip(&reuse) {
-        let (entry, map, rows) =
-            ingest_disk(&cx, d, r.as_ref(), opts.verify_unchanged, &opts.workers)?;
+    let known: Vec<bool> = reuse.iter().map(Option::is_some).collect();
+    let previous = delta::previous_maps(repo, &plan.vm, &plan.disks, &known, params.segment_size);
+    for ((d, r), p) in plan.disks.iter().zip(&reuse).zip(&previous) {
+        let (entry, map, rows) = ingest_disk(
+            &cx,
+            d,
+            r.as_ref(),
+            p.as_ref(),
+            opts.verify_unchanged,
+            &opts.workers,
+        )?;
         stats.virtual_bytes += d.reader.size();
         stats.segments_total += map.count();
         disks.push(entry);

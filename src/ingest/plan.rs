@@ -269,7 +269,7 @@ pub(super) fn plan_reuse(
     let ids: Vec<ObjectId> = leaves.iter().map(|(k, _)| map.get(*k)).collect();
     let mut preloaded = HashMap::with_capacity(ids.len());
     for ((k, cvs), bytes) in leaves.into_iter().zip(repo.read_objects(&ids)?) {
-        let segment = crate::repo::decode_segment(&map.get(k), &bytes)?;
+        let segment = repo.decode_segment(&map.get(k), &bytes)?;
         preloaded.insert(k, (segment, cvs));
     }
     Ok(Some(Ok(Reuse {

@@ -32,6 +32,8 @@ pub(super) struct SegmentContext<'a, 's> {
     pub(super) key: [u8; 32],
     pub(super) counters: &'a Counters,
     pub(super) progress: &'a dyn Progress,
+    /// New segments may be stored as deltas ([`crate::ingest::delta`]).
+    pub(super) deltas: bool,
 }
 
 impl<'a, 's> SegmentContext<'a, 's> {
@@ -47,6 +49,7 @@ impl<'a, 's> SegmentContext<'a, 's> {
             key: chunker::fingerprint_key(&params, store.repo().keys()),
             counters,
             progress,
+            deltas: crate::ingest::delta::enabled(store.repo()),
         }
     }
 }
@@ -205,10 +208,13 @@ pub(super) fn verify_unchanged(
     Ok(())
 }
 
+/// Reads, cuts and stores the segment of `reader` at `range`, where the disk held segment
+/// `prev` before (the all-zero id when none is known).
 pub(super) fn ingest_segment(
     cx: &SegmentContext<'_, '_>,
     reader: &dyn DiskReader,
     range: Range<u64>,
+    prev: ObjectId,
 ) -> Result<(ObjectId, Option<CacheRow>)> {
     let SegmentContext {
         store,
@@ -216,6 +222,7 @@ pub(super) fn ingest_segment(
         key,
         counters,
         progress,
+        ..
     } = cx;
     let alloc = reader.allocated(range.clone())?;
     if alloc.is_empty() {
@@ -281,7 +288,7 @@ pub(super) fn ingest_segment(
             fingerprint: fp,
             extents,
         };
-        let id = store_segment(cx, buf, &cuts, &segment)?;
+        let id = store_segment(cx, buf, &cuts, &segment, &prev)?;
         Ok((
             id,
             Some(CacheRow {
@@ -312,6 +319,7 @@ pub(super) fn patch_segment(
         key,
         counters,
         progress,
+        ..
     } = cx;
     let loaded;
     let (prev_segment, prev_leaves) = match preloaded {
@@ -373,7 +381,7 @@ pub(super) fn patch_segment(
                 }),
             )));
         }
-        let id = store_segment(cx, buf, &p.cuts, &p.segment)?;
+        let id = store_segment(cx, buf, &p.cuts, &p.segment, &prev)?;
         Ok(Some((id, Some(CacheRow { segment: id, ..row }))))
     })();
     SEGMENT_BUF.with(|cell| cell.replace(owned));
@@ -381,12 +389,14 @@ pub(super) fn patch_segment(
 }
 
 /// Stores a new segment: the chunks `cuts` cut from `buf` that the repository lacks, then the
-/// segment object; counts them. Returns the segment's id.
+/// segment object (as a delta of `prev`'s whole form when that is worth it); counts them.
+/// Returns the segment's id.
 fn store_segment(
     cx: &SegmentContext<'_, '_>,
     buf: &[u8],
     cuts: &[chunker::Cut],
     segment: &Segment,
+    prev: &ObjectId,
 ) -> Result<ObjectId> {
     let counters = cx.counters;
     counters
@@ -403,7 +413,8 @@ fn store_segment(
                 .fetch_add(c.range.len() as u64, Ordering::Relaxed);
         }
     }
-    cx.store.put_blob(ObjectKind::Segment, &segment.encode())
+    let bytes = crate::ingest::delta::encode(cx.store.repo(), cx.deltas, prev, segment);
+    cx.store.put_blob(ObjectKind::Segment, &bytes)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use crate::maintain::walk::{Reference, SegmentPlace, Visitor, Walk};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
 use crate::repo::layout;
-use crate::repo::manifest::{DiskEntry, DiskMap, Extent, Manifest, Segment};
+use crate::repo::manifest::{DiskEntry, DiskMap, Extent, Manifest, Segment, StoredSegment};
 use crate::repo::object::{RecordHeader, RECORD_HEADER_LEN};
 use crate::repo::pack::pack_len;
 use crate::repo::pack_index::{Descriptions, PackDescription};
@@ -675,7 +675,20 @@ fn check_segment(
     id: &ObjectId,
     len: u64,
 ) -> std::result::Result<(), String> {
-    let seg: Segment = load(repo, bad, id, Segment::decode)?;
+    let seg = match load(repo, bad, id, StoredSegment::decode)? {
+        StoredSegment::Whole(seg) => seg,
+        StoredSegment::Delta(d) => {
+            let against = |e: String| {
+                format!(
+                    "segment {} (stored against {}): {e}",
+                    id.short(),
+                    d.base.short()
+                )
+            };
+            let base: Segment = load(repo, bad, &d.base, Segment::decode).map_err(against)?;
+            d.resolve(&base).map_err(against)?
+        }
+    };
     if seg.len() != len {
         return Err(format!("segment {} has the wrong length", id.short()));
     }

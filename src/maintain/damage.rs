@@ -171,8 +171,11 @@ impl Visitor for Finder<'_> {
     }
 
     fn segment(&self, id: &ObjectId, _len: u64) -> Lacks {
-        let Ok(seg) = self.repo.load_segment(id) else {
-            return Lacks::Segment(format!("segment {} missing", id.short()));
+        let seg = match self.repo.load_segment(id) {
+            Ok(seg) => seg,
+            // A delta whose base is gone says so in the error.
+            Err(Error::Corrupt(why)) => return Lacks::Segment(why),
+            Err(_) => return Lacks::Segment(format!("segment {} missing", id.short())),
         };
         let mut missing = Vec::new();
         let mut pos = 0u64;

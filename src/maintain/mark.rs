@@ -153,9 +153,10 @@ impl Visitor for Marker<'_> {
     }
 
     fn segment(&self, id: &ObjectId, _len: u64) -> Option<String> {
-        match self.repo.load_segment(id) {
-            Ok(s) => {
-                let chunks: Vec<ObjectId> = s.data_chunks().map(|(id, _)| id).collect();
+        match self.repo.load_segment_with_base(id) {
+            Ok((s, base)) => {
+                // A delta's base segment is live with it (its chunks are listed in the delta).
+                let chunks: Vec<ObjectId> = s.data_chunks().map(|(id, _)| id).chain(base).collect();
                 self.metadata_read
                     .fetch_add(44 + 36 * chunks.len() as u64, Ordering::Relaxed);
                 if let Err(e) = self.live.lock().unwrap().extend(chunks) {

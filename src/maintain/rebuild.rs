@@ -13,7 +13,7 @@ use crate::progress::Progress;
 use crate::repo::id::ObjectId;
 use crate::repo::index::{CacheRow, Index};
 use crate::repo::layout;
-use crate::repo::manifest::{DiskMap, Extent, Manifest, Segment, Tombstone};
+use crate::repo::manifest::{DiskMap, Extent, Manifest, Segment, StoredSegment, Tombstone};
 use crate::repo::object::{self, ObjectKind, RECORD_HEADER_LEN};
 use crate::repo::pack::{is_being_written, list_packs, scan_pack};
 use crate::repo::pack_index::{Described, Descriptions};
@@ -170,7 +170,7 @@ pub fn rebuild_index(
                                     .damaged
                                     .push(format!("manifest {}: {e}", rec.header.id.short())),
                             },
-                            ObjectKind::Segment if Segment::decode(&plain).is_ok() => {
+                            ObjectKind::Segment if StoredSegment::decode(&plain).is_ok() => {
                                 segments.push(rec.header.id);
                             }
                             ObjectKind::DiskMap if DiskMap::decode(&plain).is_ok() => {
@@ -208,7 +208,7 @@ pub fn rebuild_index(
     progress.start("rebuild index: segments", segments.len() as u64);
     for id in &segments {
         progress.advance(1);
-        let Some(s) = read_back(repo, &index, id)?.and_then(|b| Segment::decode(&b).ok()) else {
+        let Some(s) = segment_back(repo, &index, id)? else {
             continue;
         };
         let mut complete = true;
@@ -316,6 +316,21 @@ pub fn rebuild_index(
 
 /// The plaintext of object `id` as the index being built places it; `None` when it is not
 /// there or does not read back.
+/// Segment `id` as the packs indexed so far hold it, its base read too when it is a delta;
+/// `None` when it (or its base) cannot be read.
+fn segment_back(repo: &Repository, index: &Index, id: &ObjectId) -> Result<Option<Segment>> {
+    let Some(b) = read_back(repo, index, id)? else {
+        return Ok(None);
+    };
+    Ok(match StoredSegment::decode(&b) {
+        Ok(StoredSegment::Whole(s)) => Some(s),
+        Ok(StoredSegment::Delta(d)) => read_back(repo, index, &d.base)?
+            .and_then(|b| Segment::decode(&b).ok())
+            .and_then(|base| d.resolve(&base).ok()),
+        Err(_) => None,
+    })
+}
+
 fn read_back(repo: &Repository, index: &Index, id: &ObjectId) -> Result<Option<Vec<u8>>> {
     Ok(index
         .lookup(id)?

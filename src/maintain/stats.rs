@@ -150,7 +150,8 @@ impl Keyed for Use {
     }
 }
 
-/// A segment's distinct data chunks with their lengths.
+/// A segment's distinct data chunks with their lengths, and its base segment (as a delta, with
+/// [`NOT_CHUNK`]).
 type Chunks = Arc<Vec<(ObjectId, u32)>>;
 
 struct Counter<'a> {
@@ -200,8 +201,12 @@ impl Counter<'_> {
 }
 
 fn load_chunks(repo: &Repository, id: &ObjectId) -> std::result::Result<Chunks, String> {
-    let seg = repo.load_segment(id).map_err(|e| e.to_string())?;
-    let mut chunks: Vec<(ObjectId, u32)> = seg.data_chunks().collect();
+    let (seg, base) = repo.load_segment_with_base(id).map_err(|e| e.to_string())?;
+    // A delta's base segment is referenced with it.
+    let mut chunks: Vec<(ObjectId, u32)> = seg
+        .data_chunks()
+        .chain(base.map(|b| (b, NOT_CHUNK)))
+        .collect();
     chunks.sort_unstable();
     chunks.dedup();
     Ok(Arc::new(chunks))

@@ -6,12 +6,16 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, Durability};
 use crate::error::{Error, IoContext, Result};
 
-/// The newest repository format this build reads and writes: 2 since cut points can be keyed
-/// (an encrypted repository made by `init` from then on); a repository with public cut points
-/// keeps format 1, which older builds still read.
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest repository format this build reads and writes, the format `init` makes: 3 since
+/// segments may be stored as deltas of other segments ([`DELTA_SEGMENTS_SINCE`]). Repositories
+/// of formats 1 and 2 are read and written as they are, whole segments only, so that the builds
+/// that made them still read them.
+pub const FORMAT_VERSION: u32 = 3;
 
-/// The format of a repository whose chunker cuts at `cut_points`.
+/// The first format whose segments may be stored as differences from another segment.
+pub const DELTA_SEGMENTS_SINCE: u32 = 3;
+
+/// The oldest format a repository whose chunker cuts at `cut_points` may have.
 pub fn format_version_for(cut_points: CutPoints) -> u32 {
     match cut_points {
         CutPoints::Public => 1,
@@ -196,7 +200,7 @@ impl Config {
         let mut id = [0u8; 16];
         getrandom::fill(&mut id).map_err(|e| Error::Usage(format!("no randomness: {e}")))?;
         Ok(Config {
-            format_version: format_version_for(chunker.cut_points),
+            format_version: FORMAT_VERSION,
             repository_id: hex::encode(id),
             created: jiff::Timestamp::now()
                 .strftime("%Y-%m-%dT%H:%M:%SZ")

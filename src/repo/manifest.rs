@@ -1,5 +1,6 @@
-//! The metadata objects that describe a generation: segments (chunk lists), disk maps
-//! (segment lists) and the generation manifest (catalog, small files, disks).
+//! The metadata objects that describe a generation: segments (chunk lists, stored whole or as
+//! their differences from a base segment), disk maps (segment lists) and the generation manifest
+//! (catalog, small files, disks).
 //!
 //! Segments and disk maps are compact binary objects so that unchanged ones dedup like data;
 //! the manifest is JSON so that it stays readable and extensible (see docs/FORMAT.md).
@@ -12,7 +13,7 @@ const SEGMENT_MAGIC: &[u8; 4] = b"VRSG";
 const ZERO_FLAG: u32 = 1 << 31;
 
 /// One piece of a segment, in disk order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Extent {
     /// `len` bytes of the chunk `id`.
     Data { len: u32, id: ObjectId },
@@ -87,8 +88,12 @@ impl Segment {
         if b.len() < 44 || &b[..4] != SEGMENT_MAGIC {
             return Err("not a segment object".into());
         }
-        if u32_at(b, 4) != 1 {
-            return Err(format!("segment version {} unknown", u32_at(b, 4)));
+        match u32_at(b, 4) {
+            1 => {}
+            DELTA_VERSION => {
+                return Err("a segment delta, where a whole segment is needed".into());
+            }
+            v => return Err(format!("segment version {v} unknown")),
         }
         let fingerprint: [u8; 32] = b[8..40].try_into().unwrap();
         let count = u32_at(b, 40) as usize;
@@ -118,6 +123,265 @@ impl Segment {
         Ok(Segment {
             fingerprint,
             extents,
+        })
+    }
+}
+
+/// A segment object as stored: its whole extent list (version 1), or its differences from a
+/// base segment (version 2, [`SegmentDelta`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoredSegment {
+    /// Every extent, in order.
+    Whole(Segment),
+    /// The extents as edits of a whole segment's.
+    Delta(SegmentDelta),
+}
+
+impl StoredSegment {
+    /// Parses a segment object of either version.
+    pub fn decode(b: &[u8]) -> Result<StoredSegment, String> {
+        if b.len() >= 8 && &b[..4] == SEGMENT_MAGIC && u32_at(b, 4) == DELTA_VERSION {
+            SegmentDelta::decode(b).map(StoredSegment::Delta)
+        } else {
+            Segment::decode(b).map(StoredSegment::Whole)
+        }
+    }
+
+    /// The fingerprint of the segment's content (the same in both forms).
+    pub fn fingerprint(&self) -> [u8; 32] {
+        match self {
+            StoredSegment::Whole(s) => s.fingerprint,
+            StoredSegment::Delta(d) => d.fingerprint,
+        }
+    }
+
+    /// The whole segment a delta is read against.
+    pub fn base(&self) -> Option<ObjectId> {
+        match self {
+            StoredSegment::Whole(_) => None,
+            StoredSegment::Delta(d) => Some(d.base),
+        }
+    }
+}
+
+const DELTA_VERSION: u32 = 2;
+const OP_COPY: u8 = 0;
+const OP_ZERO: u8 = 1;
+const OP_DATA: u8 = 2;
+
+/// One edit of a delta: base extents taken over, or an extent of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DeltaOp {
+    /// `count` extents of the base from extent `start` on.
+    Copy { start: u32, count: u32 },
+    /// An extent the base does not hold there.
+    Own(Extent),
+}
+
+/// A segment stored as its differences from a whole segment of the repository, its `base`
+/// (usually the segment the same disk held at the same place the night before): a night that
+/// changes a few chunks of a segment stores a few dozen bytes of edits instead of its whole
+/// chunk list. A base is always a whole segment, so reading a delta takes one more object,
+/// never a chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentDelta {
+    /// Keyed hash of the segment's content, as [`Segment::fingerprint`].
+    pub fingerprint: [u8; 32],
+    /// The whole segment the edits apply to.
+    pub base: ObjectId,
+    /// Bytes the resolved segment covers.
+    len: u32,
+    ops: Vec<DeltaOp>,
+}
+
+impl SegmentDelta {
+    /// The edits that turn `base_segment` (stored as `base`) into `segment`; `None` when
+    /// they would not be smaller than half of `segment`'s whole encoding, which is then
+    /// stored instead.
+    pub fn diff(base: ObjectId, base_segment: &Segment, segment: &Segment) -> Option<SegmentDelta> {
+        let len = u32::try_from(segment.len()).ok()?;
+        let b = &base_segment.extents;
+        let n = &segment.extents;
+        let mut first_at: std::collections::HashMap<&Extent, u32> =
+            std::collections::HashMap::with_capacity(b.len());
+        for (k, e) in b.iter().enumerate().rev() {
+            first_at.insert(e, k as u32);
+        }
+        let mut ops = Vec::new();
+        let budget = (44 + 36 * n.len()) / 2;
+        let mut size = 80;
+        let (mut i, mut cursor) = (0usize, 0usize);
+        while i < n.len() {
+            let start = if b.get(cursor) == Some(&n[i]) {
+                Some(cursor)
+            } else {
+                first_at.get(&n[i]).map(|&k| k as usize)
+            };
+            match start {
+                Some(s) => {
+                    let mut count = 1;
+                    while i + count < n.len() && b.get(s + count) == Some(&n[i + count]) {
+                        count += 1;
+                    }
+                    ops.push(DeltaOp::Copy {
+                        start: s as u32,
+                        count: count as u32,
+                    });
+                    size += 9;
+                    i += count;
+                    cursor = s + count;
+                }
+                None => {
+                    ops.push(DeltaOp::Own(n[i]));
+                    size += if matches!(n[i], Extent::Zero { .. }) {
+                        5
+                    } else {
+                        37
+                    };
+                    i += 1;
+                }
+            }
+            if size > budget {
+                return None;
+            }
+        }
+        Some(SegmentDelta {
+            fingerprint: segment.fingerprint,
+            base,
+            len,
+            ops,
+        })
+    }
+
+    /// The segment these edits make of `base`, which must be the whole segment [`Self::base`]
+    /// names.
+    pub fn resolve(&self, base: &Segment) -> Result<Segment, String> {
+        let mut extents = Vec::new();
+        let mut covered = 0u64;
+        let mut take = |e: Extent| -> Result<(), String> {
+            if e.is_empty() {
+                return Err("segment delta holds an empty extent".into());
+            }
+            covered += e.len() as u64;
+            if covered > self.len as u64 {
+                return Err(format!(
+                    "segment delta covers more than its {} bytes",
+                    self.len
+                ));
+            }
+            extents.push(e);
+            Ok(())
+        };
+        for op in &self.ops {
+            match *op {
+                DeltaOp::Copy { start, count } => {
+                    let (s, c) = (start as usize, count as usize);
+                    let Some(from) = base.extents.get(s..s.saturating_add(c)) else {
+                        return Err(format!(
+                            "segment delta copies extents {s}..{} of a base of {}",
+                            s.saturating_add(c),
+                            base.extents.len()
+                        ));
+                    };
+                    for e in from {
+                        take(*e)?;
+                    }
+                }
+                DeltaOp::Own(e) => take(e)?,
+            }
+        }
+        if covered != self.len as u64 {
+            return Err(format!(
+                "segment delta covers {covered} bytes, not its {}",
+                self.len
+            ));
+        }
+        Ok(Segment {
+            fingerprint: self.fingerprint,
+            extents,
+        })
+    }
+
+    /// Binary encoding: `"VRSG" | version u32 = 2 | fingerprint [32] | base [32] | len u32 |
+    /// count u32 | ops`, each op `0u8 start u32 count u32` (base extents taken over),
+    /// `1u8 len u32` (a zero run) or `2u8 len u32 id [32]` (a chunk).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(80 + self.ops.len() * 16);
+        out.extend_from_slice(SEGMENT_MAGIC);
+        out.extend_from_slice(&DELTA_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.fingerprint);
+        out.extend_from_slice(&self.base.0);
+        out.extend_from_slice(&self.len.to_le_bytes());
+        out.extend_from_slice(&(self.ops.len() as u32).to_le_bytes());
+        for op in &self.ops {
+            match op {
+                DeltaOp::Copy { start, count } => {
+                    out.push(OP_COPY);
+                    out.extend_from_slice(&start.to_le_bytes());
+                    out.extend_from_slice(&count.to_le_bytes());
+                }
+                DeltaOp::Own(Extent::Zero { len }) => {
+                    out.push(OP_ZERO);
+                    out.extend_from_slice(&len.to_le_bytes());
+                }
+                DeltaOp::Own(Extent::Data { len, id }) => {
+                    out.push(OP_DATA);
+                    out.extend_from_slice(&len.to_le_bytes());
+                    out.extend_from_slice(&id.0);
+                }
+            }
+        }
+        out
+    }
+
+    fn decode(b: &[u8]) -> Result<SegmentDelta, String> {
+        if b.len() < 80 {
+            return Err("segment delta truncated".into());
+        }
+        let fingerprint: [u8; 32] = b[8..40].try_into().unwrap();
+        let base = ObjectId::from_slice(&b[40..72]).unwrap();
+        let len = u32_at(b, 72);
+        let count = u32_at(b, 76) as usize;
+        let mut pos = 80;
+        let mut ops = Vec::with_capacity(count.min(1 << 16));
+        let truncated = || "segment delta truncated".to_string();
+        for _ in 0..count {
+            let tag = *b.get(pos).ok_or_else(truncated)?;
+            let field = |at: usize| {
+                b.get(at..at + 4)
+                    .map(|_| u32_at(b, at))
+                    .ok_or_else(truncated)
+            };
+            let op = match tag {
+                OP_COPY => DeltaOp::Copy {
+                    start: field(pos + 1)?,
+                    count: field(pos + 5)?,
+                },
+                OP_ZERO => DeltaOp::Own(Extent::Zero {
+                    len: field(pos + 1)?,
+                }),
+                OP_DATA => DeltaOp::Own(Extent::Data {
+                    len: field(pos + 1)?,
+                    id: ObjectId::from_slice(b.get(pos + 5..pos + 37).ok_or_else(truncated)?)
+                        .unwrap(),
+                }),
+                t => return Err(format!("segment delta has an unknown edit {t}")),
+            };
+            pos += match op {
+                DeltaOp::Own(Extent::Data { .. }) => 37,
+                DeltaOp::Own(Extent::Zero { .. }) => 5,
+                DeltaOp::Copy { .. } => 9,
+            };
+            ops.push(op);
+        }
+        if pos != b.len() {
+            return Err("segment delta has trailing bytes".into());
+        }
+        Ok(SegmentDelta {
+            fingerprint,
+            base,
+            len,
+            ops,
         })
     }
 }
@@ -536,5 +800,99 @@ mod tests {
         };
         assert_eq!(Segment::decode(&s.encode()).unwrap(), s);
         assert!(Segment::decode(&s.encode()[..50]).is_err());
+    }
+
+    fn data(seed: &str, len: u32) -> Extent {
+        Extent::Data {
+            len,
+            id: ObjectId::of(seed.as_bytes()),
+        }
+    }
+
+    /// A segment of 256 chunks of 16 KiB, and the same with the chunks at `changed` replaced.
+    fn nights(changed: &[usize]) -> (Segment, Segment) {
+        let base: Vec<Extent> = (0..256).map(|k| data(&k.to_string(), 16384)).collect();
+        let mut next = base.clone();
+        for &k in changed {
+            next[k] = data(&format!("new {k}"), 16384);
+        }
+        let seg = |extents| Segment {
+            fingerprint: [1; 32],
+            extents,
+        };
+        (seg(base), seg(next))
+    }
+
+    #[test]
+    fn a_delta_resolves_to_the_segment_it_was_made_from() {
+        let (base, mut next) = nights(&[0, 17, 18, 200, 255]);
+        // A zero run and a moved chunk, as a write that shifts the cuts leaves.
+        next.extents[100] = Extent::Zero { len: 8192 };
+        next.extents.insert(101, Extent::Zero { len: 8192 });
+        next.extents[40] = base.extents[41];
+        let id = ObjectId::of(b"base");
+        let d = SegmentDelta::diff(id, &base, &next).expect("a few changes make a delta");
+        let bytes = d.encode();
+        assert!(
+            bytes.len() < 600,
+            "{} bytes for 8 changed extents",
+            bytes.len()
+        );
+        let StoredSegment::Delta(back) = StoredSegment::decode(&bytes).unwrap() else {
+            panic!("decoded as a whole segment");
+        };
+        assert_eq!(back, d);
+        assert_eq!(back.base, id);
+        assert_eq!(back.resolve(&base).unwrap(), next);
+        assert!(
+            Segment::decode(&bytes).is_err(),
+            "a delta read as a whole segment"
+        );
+        for cut in [79, 81, bytes.len() - 1] {
+            assert!(
+                StoredSegment::decode(&bytes[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_segment_that_changed_in_half_of_its_chunks_is_stored_whole() {
+        let (base, next) = nights(&(0..256).step_by(2).collect::<Vec<_>>());
+        assert!(SegmentDelta::diff(ObjectId::of(b"b"), &base, &next).is_none());
+        let (base, next) = nights(&(0..256).step_by(8).collect::<Vec<_>>());
+        assert!(SegmentDelta::diff(ObjectId::of(b"b"), &base, &next).is_some());
+    }
+
+    #[test]
+    fn a_delta_that_does_not_fit_its_base_is_refused() {
+        let (base, next) = nights(&[3]);
+        let d = SegmentDelta::diff(ObjectId::of(b"b"), &base, &next).unwrap();
+        // Against a shorter base the copies run past its end.
+        let short = Segment {
+            fingerprint: [1; 32],
+            extents: base.extents[..100].to_vec(),
+        };
+        let e = d.resolve(&short).unwrap_err();
+        assert!(e.contains("copies extents"), "{e}");
+        // Against a base whose chunks are of other lengths, the bytes covered differ.
+        let mut longer = base.clone();
+        longer.extents[10] = data("10", 20000);
+        let e = d.resolve(&longer).unwrap_err();
+        assert!(e.contains("covers more than"), "{e}");
+        let mut shorter = base.clone();
+        shorter.extents[10] = data("10", 100);
+        let e = d.resolve(&shorter).unwrap_err();
+        assert!(e.contains("not its"), "{e}");
+        // An empty extent taken over from a base (no cutter makes one) is refused.
+        let mut empty = base;
+        empty.extents[20] = Extent::Zero { len: 0 };
+        let e = d.resolve(&empty).unwrap_err();
+        assert!(e.contains("empty extent"), "{e}");
+        // An unknown edit.
+        let mut bytes = d.encode();
+        bytes[80] = 9;
+        let e = StoredSegment::decode(&bytes).unwrap_err();
+        assert!(e.contains("unknown edit"), "{e}");
     }
 }

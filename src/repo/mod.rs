@@ -36,7 +36,7 @@ use crate::repo::id::ObjectId;
 use crate::repo::index::{Index, Location};
 use crate::repo::keyfile::KdfCost;
 use crate::repo::lock::{lock_repository, Lock, LockMode};
-use crate::repo::manifest::{DiskMap, Manifest, Segment};
+use crate::repo::manifest::{DiskMap, Manifest, Segment, StoredSegment};
 use crate::repo::object::RECORD_HEADER_LEN;
 use crate::repo::pack::PackReader;
 
@@ -591,9 +591,43 @@ impl Repository {
         DiskMap::decode(&b).map_err(|e| Error::Corrupt(format!("disk map {}: {e}", id.short())))
     }
 
-    /// Loads a segment.
+    /// Loads a segment, and its base when it is stored as a delta.
     pub fn load_segment(&self, id: &ObjectId) -> Result<Segment> {
-        decode_segment(id, &self.read_object(id)?)
+        self.decode_segment(id, &self.read_object(id)?)
+    }
+
+    /// Loads a segment and names the base it was stored against, if any: an object the
+    /// segment needs, which a walk of what generations reference must count.
+    pub fn load_segment_with_base(&self, id: &ObjectId) -> Result<(Segment, Option<ObjectId>)> {
+        let stored = decode_stored_segment(id, &self.read_object(id)?)?;
+        let base = stored.base();
+        Ok((self.resolve_segment(id, stored)?, base))
+    }
+
+    /// Decodes the bytes of segment object `id` (read with [`Repository::read_object`] or
+    /// [`Repository::read_objects`]), reading its base when it is a delta.
+    pub fn decode_segment(&self, id: &ObjectId, bytes: &[u8]) -> Result<Segment> {
+        self.resolve_segment(id, decode_stored_segment(id, bytes)?)
+    }
+
+    fn resolve_segment(&self, id: &ObjectId, stored: StoredSegment) -> Result<Segment> {
+        match stored {
+            StoredSegment::Whole(s) => Ok(s),
+            StoredSegment::Delta(d) => {
+                let corrupt = |e: String| {
+                    Error::Corrupt(format!(
+                        "segment {} (stored against segment {}): {e}",
+                        id.short(),
+                        d.base.short()
+                    ))
+                };
+                let base = self
+                    .read_object(&d.base)
+                    .map_err(|e| corrupt(e.to_string()))?;
+                let base = Segment::decode(&base).map_err(corrupt)?;
+                d.resolve(&base).map_err(corrupt)
+            }
+        }
     }
 }
 
@@ -629,10 +663,9 @@ fn plan_spans(locs: &[Location]) -> (Vec<usize>, Vec<(usize, usize, u64)>) {
     (order, spans)
 }
 
-/// Decodes the bytes of segment object `id` (read with [`Repository::read_object`] or
-/// [`Repository::read_objects`]).
-pub fn decode_segment(id: &ObjectId, bytes: &[u8]) -> Result<Segment> {
-    Segment::decode(bytes).map_err(|e| Error::Corrupt(format!("segment {}: {e}", id.short())))
+/// Parses segment object `id` as stored (whole or a delta).
+pub fn decode_stored_segment(id: &ObjectId, bytes: &[u8]) -> Result<StoredSegment> {
+    StoredSegment::decode(bytes).map_err(|e| Error::Corrupt(format!("segment {}: {e}", id.short())))
 }
 
 /// Checks that `master` (an imported master key) decrypts the repository's data, when it holds

@@ -181,7 +181,7 @@ impl ReadCache {
             return;
         };
         for (id, b) in missing.iter().zip(bytes) {
-            if let Ok(seg) = crate::repo::decode_segment(id, &b) {
+            if let Ok(seg) = repo.decode_segment(id, &b) {
                 let view = Arc::new(SegmentView::new(seg));
                 self.segments.insert(*id, view.clone(), view.weight());
             }

@@ -1,0 +1,90 @@
+//! Which whole segment a new segment is stored against, and in which form.
+//!
+//! A night that changes a few chunks of a 4 MiB segment used to store the segment's whole chunk
+//! list again (about 9 KiB of ids that do not compress). In a repository of format 3 a new
+//! segment is instead stored as its differences from the segment the same disk held at the
+//! same place in the VM's latest generation ([`SegmentDelta`]), or from that segment's own base
+//! when it is a delta itself: every delta is one step from a whole segment. It is stored whole
+//! when it has no such segment, when that one cannot be read, or when the edits would not be
+//! smaller than half of the whole list.
+
+use crate::error::{Error, Result};
+use crate::repo::id::ObjectId;
+use crate::repo::manifest::{DiskMap, Segment, SegmentDelta, StoredSegment};
+use crate::repo::Repository;
+use crate::vmware::vm::DiskPlan;
+
+/// Whether new segments of this repository may be stored as deltas (format 3 and later).
+pub(super) fn enabled(repo: &Repository) -> bool {
+    repo.config().format_version >= crate::repo::config::DELTA_SEGMENTS_SINCE
+}
+
+/// For each disk of tonight's plan without a map of its own to go by (`known[k]` is `false`),
+/// the map of the disk of the same slot in `vm`'s latest generation, if it was cut in segments
+/// of `segment_size`. Best effort: a previous generation that cannot be read costs tonight's
+/// segments their deltas, never the backup.
+pub(super) fn previous_maps(
+    repo: &Repository,
+    vm: &str,
+    disks: &[DiskPlan],
+    known: &[bool],
+    segment_size: u32,
+) -> Vec<Option<DiskMap>> {
+    let mut maps: Vec<Option<DiskMap>> = disks.iter().map(|_| None).collect();
+    if !enabled(repo) || known.iter().all(|k| *k) {
+        return maps;
+    }
+    let latest = match repo.with_index(|i| i.resolve(vm)) {
+        Ok(g) => g,
+        Err(_) => return maps,
+    };
+    let Ok(manifest) = repo.load_manifest(&latest.manifest) else {
+        return maps;
+    };
+    for ((d, known), map) in disks.iter().zip(known).zip(&mut maps) {
+        if *known {
+            continue;
+        }
+        let Some(prev) = manifest.disks.iter().find(|p| p.slot == d.slot) else {
+            continue;
+        };
+        *map = repo
+            .load_disk_map(&prev.disk_map)
+            .ok()
+            .filter(|m| m.segment_size == segment_size);
+    }
+    maps
+}
+
+/// The bytes to store for `segment`, new at a place where the disk held segment `prev` before
+/// (the all-zero id when it held none): its differences from `prev`'s whole form when that is
+/// worth it, else the whole segment.
+pub(super) fn encode(
+    repo: &Repository,
+    deltas: bool,
+    prev: &ObjectId,
+    segment: &Segment,
+) -> Vec<u8> {
+    if deltas && !prev.is_zero() {
+        if let Ok((base, whole)) = whole_form(repo, prev) {
+            if let Some(d) = SegmentDelta::diff(base, &whole, segment) {
+                return d.encode();
+            }
+        }
+    }
+    segment.encode()
+}
+
+/// The whole segment behind `id`: itself, or the base it was stored against.
+fn whole_form(repo: &Repository, id: &ObjectId) -> Result<(ObjectId, Segment)> {
+    let stored = crate::repo::decode_stored_segment(id, &repo.read_object(id)?)?;
+    match stored {
+        StoredSegment::Whole(s) => Ok((*id, s)),
+        StoredSegment::Delta(d) => {
+            let bytes = repo.read_object(&d.base)?;
+            let base = Segment::decode(&bytes)
+                .map_err(|e| Error::Corrupt(format!("segment {}: {e}", d.base.short())))?;
+            Ok((d.base, base))
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Segments stored as differences from the night before: a night stores a few edits instead
+//! of every changed segment's whole chunk list, and every generation stays restorable through
+//! prune, gc, an index rebuilt from the data files, and a copy to another repository.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// A 16 MiB disk (four 4 MiB segments) of unique lines that compress well, so that a night's
+/// new chunks weigh little next to the chunk lists.
+fn make_disk(path: &Path) {
+    let mut text = Vec::with_capacity(16 << 20);
+    let mut n = 0u64;
+    while text.len() < 16 << 20 {
+        text.extend_from_slice(
+            format!("block {n:012} of the sample disk, all unique\n").as_bytes(),
+        );
+        n += 1;
+    }
+    text.truncate(16 << 20);
+    fs::write(path, text).unwrap();
+}
+
+/// Overwrites 4 KiB at `places` (in KiB) with lines of their own.
+fn change(path: &Path, places: &[u64], night: u32) {
+    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    for &kib in places {
+        let mut line = format!("night {night} rewrote the block at {kib} KiB. ").into_bytes();
+        line.resize(4096, b'.');
+        f.write_all_at(&line, kib << 10).unwrap();
+    }
+}
+
+fn data_bytes(repo: &Path) -> u64 {
+    tree_size(&repo.join("data"))
+}
+
+fn extract(repo: &Path, generation: &str, out: &Path) -> std::path::PathBuf {
+    let _ = fs::remove_dir_all(out);
+    vmrepo([s("extract"), p(repo), s(generation), p(out)]).ok();
+    out.join("d.img")
+}
+
+#[test]
+fn a_night_that_changes_a_few_blocks_stores_edits_not_chunk_lists() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("d.img");
+    make_disk(&img);
+    let (with, without, old) = (t.path().join("a"), t.path().join("b"), t.path().join("c"));
+    for r in [&with, &without, &old] {
+        vmrepo([s("init"), p(r)]).ok();
+    }
+    // A repository of format 1, as older builds made it, which they must go on reading.
+    let config = fs::read_to_string(old.join("config.toml")).unwrap();
+    assert!(config.contains("format_version = 3"), "{config}");
+    fs::write(
+        old.join("config.toml"),
+        config.replace("format_version = 3", "format_version = 1"),
+    )
+    .unwrap();
+    for r in [&with, &without, &old] {
+        ingest_at(r, &img, "d", "2026-12-01T01:00:00Z");
+    }
+    // A block in each of the four segments.
+    change(&img, &[100, 5000, 9000, 14000], 2);
+    let before = [&with, &without, &old].map(|r| data_bytes(r));
+    ingest_at(&with, &img, "d", "2026-12-02T01:00:00Z");
+    // A VM of another name has no night before to be stored against.
+    ingest_at(&without, &img, "other", "2026-12-02T01:00:00Z");
+    ingest_at(&old, &img, "d", "2026-12-02T01:00:00Z");
+    let grew = [&with, &without, &old].map(|r| data_bytes(r));
+    let grew: Vec<u64> = grew.iter().zip(before).map(|(a, b)| a - b).collect();
+    // Four whole lists of 256 chunk ids are about 37 KB; four deltas a few hundred bytes.
+    assert!(
+        grew[0] + 25_000 < grew[1],
+        "the night stored {} bytes against {} with whole segments",
+        grew[0],
+        grew[1]
+    );
+    assert!(
+        grew[0] + 25_000 < grew[2],
+        "format 1: the night stored {} bytes against {} in format 3",
+        grew[2],
+        grew[0]
+    );
+    let out = extract(&old, "d@2026-12-02T01:00:00Z", &t.path().join("o"));
+    assert!(same_file(&out, &img));
+    let out = extract(&with, "d@2026-12-02T01:00:00Z", &t.path().join("o"));
+    assert!(same_file(&out, &img));
+    vmrepo([s("check"), p(&with), s("--read-data")]).ok();
+}
+
+#[test]
+fn nights_stored_as_deltas_survive_prune_gc_rebuild_and_copy() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("d.img");
+    make_disk(&img);
+    let repo = init_repo(t.path());
+    let saved = t.path().join("saved");
+    fs::create_dir(&saved).unwrap();
+    let mut nights = Vec::new();
+    for night in 1..=4u32 {
+        if night > 1 {
+            let k = night as u64;
+            change(
+                &img,
+                &[k * 64, 4096 + k * 300, 8192 + k * 40, 16380 - k * 8],
+                night,
+            );
+        }
+        let time = format!("2026-12-0{night}T01:00:00Z");
+        ingest_at(&repo, &img, "d", &time);
+        let copy = saved.join(format!("n{night}"));
+        fs::copy(&img, &copy).unwrap();
+        nights.push((format!("d@{time}"), copy));
+    }
+    // Night 1 holds the whole segments the later nights are stored against: forget it, and
+    // make gc rewrite every data file down to what is live.
+    vmrepo([s("forget"), p(&repo), s(&nights[0].0)]).ok();
+    vmrepo([
+        s("gc"),
+        p(&repo),
+        s("--repack-threshold"),
+        s("100"),
+        s("--max-unused"),
+        s("0"),
+    ])
+    .ok();
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+    for (name, copy) in &nights[1..] {
+        let out = extract(&repo, name, &t.path().join("o"));
+        assert!(same_file(&out, copy), "{name} after gc");
+    }
+
+    // The index is a cache: rebuilt from the data files, it knows the same generations.
+    fs::remove_file(repo.join("index.sqlite")).unwrap();
+    vmrepo([s("check"), p(&repo), s("--rebuild-index")]).ok();
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+    let out = extract(&repo, &nights[3].0, &t.path().join("o"));
+    assert!(same_file(&out, &nights[3].1), "after the rebuild");
+
+    // A copy holds every segment it needs.
+    let other = t.path().join("other");
+    vmrepo([s("init"), p(&other)]).ok();
+    vmrepo([s("copy"), p(&repo), p(&other)]).ok();
+    vmrepo([s("check"), p(&other), s("--read-data")]).ok();
+    for (name, copy) in &nights[1..] {
+        let out = extract(&other, name, &t.path().join("o"));
+        assert!(same_file(&out, copy), "{name} in the copy");
+    }
+    // A night ingested after the copy is stored against what the copy holds.
+    change(&img, &[200, 12000], 5);
+    ingest_at(&other, &img, "d", "2026-12-05T01:00:00Z");
+    let out = extract(&other, "d@2026-12-05T01:00:00Z", &t.path().join("o"));
+    assert!(same_file(&out, &img));
+    vmrepo([s("check"), p(&other), s("--read-data")]).ok();
+}
