@@ -158,3 +158,48 @@ fn nights_stored_as_deltas_survive_prune_gc_rebuild_and_copy() {
     assert!(same_file(&out, &img));
     vmrepo([s("check"), p(&other), s("--read-data")]).ok();
 }
+
+#[test]
+fn change_aware_nights_patch_segments_stored_as_deltas() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("d.img");
+    make_disk(&img);
+    let repo = init_repo(t.path());
+    ingest_at(&repo, &img, "d", "2026-12-01T01:00:00Z");
+    let list = t.path().join("changes.json");
+    for night in 2..=5u32 {
+        let k = night as u64;
+        let places = [k * 64, 4096 + k * 300, 12000 + k * 8];
+        change(&img, &places, night);
+        let ranges: Vec<_> = places
+            .iter()
+            .map(|kib| serde_json::json!({"offset": kib << 10, "length": 4096}))
+            .collect();
+        fs::write(&list, serde_json::to_string(&ranges).unwrap()).unwrap();
+        let before = data_bytes(&repo);
+        let time = format!("2026-12-0{night}T01:00:00Z");
+        let j = vmrepo([
+            s("ingest"),
+            p(&repo),
+            p(&img),
+            s("--name"),
+            s("d"),
+            s("--time"),
+            s(&time),
+            s("--changed-ranges"),
+            p(&list),
+            s("--since"),
+            s("d"),
+            s("--json"),
+        ])
+        .ok()
+        .json();
+        assert_eq!(j["incremental"]["segments_patched"], 3, "night {night}: {j}");
+        // Three whole chunk lists would be 28 KB on their own.
+        let grew = data_bytes(&repo) - before;
+        assert!(grew < 20_000, "night {night} stored {grew} bytes: {j}");
+        let out = extract(&repo, &format!("d@{time}"), &t.path().join("o"));
+        assert!(same_file(&out, &img), "night {night}");
+    }
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+}

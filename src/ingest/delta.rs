@@ -8,9 +8,8 @@
 //! when it has no such segment, when that one cannot be read, or when the edits would not be
 //! smaller than half of the whole list.
 
-use crate::error::{Error, Result};
 use crate::repo::id::ObjectId;
-use crate::repo::manifest::{DiskMap, Segment, SegmentDelta, StoredSegment};
+use crate::repo::manifest::{DiskMap, Segment, SegmentDelta};
 use crate::repo::Repository;
 use crate::vmware::vm::DiskPlan;
 
@@ -57,34 +56,31 @@ pub(super) fn previous_maps(
 }
 
 /// The bytes to store for `segment`, new at a place where the disk held segment `prev` before
-/// (the all-zero id when it held none): its differences from `prev`'s whole form when that is
-/// worth it, else the whole segment.
+/// (the all-zero id when it held none): its differences from `prev`'s whole form (`whole`, when
+/// the caller has it loaded; else it is read now) when that is worth it, else the whole segment.
 pub(super) fn encode(
     repo: &Repository,
     deltas: bool,
     prev: &ObjectId,
+    whole: Option<(ObjectId, &Segment)>,
     segment: &Segment,
 ) -> Vec<u8> {
-    if deltas && !prev.is_zero() {
-        if let Ok((base, whole)) = whole_form(repo, prev) {
-            if let Some(d) = SegmentDelta::diff(base, &whole, segment) {
-                return d.encode();
-            }
-        }
+    if !deltas || prev.is_zero() {
+        return segment.encode();
     }
-    segment.encode()
-}
-
-/// The whole segment behind `id`: itself, or the base it was stored against.
-fn whole_form(repo: &Repository, id: &ObjectId) -> Result<(ObjectId, Segment)> {
-    let stored = crate::repo::decode_stored_segment(id, &repo.read_object(id)?)?;
-    match stored {
-        StoredSegment::Whole(s) => Ok((*id, s)),
-        StoredSegment::Delta(d) => {
-            let bytes = repo.read_object(&d.base)?;
-            let base = Segment::decode(&bytes)
-                .map_err(|e| Error::Corrupt(format!("segment {}: {e}", d.base.short())))?;
-            Ok((d.base, base))
-        }
+    let loaded;
+    let (base, base_segment) = match whole {
+        Some(w) => w,
+        None => match repo.load_segment_and_base(prev) {
+            Ok(l) => {
+                loaded = l;
+                loaded.whole(prev)
+            }
+            Err(_) => return segment.encode(),
+        },
+    };
+    match SegmentDelta::diff(base, base_segment, segment) {
+        Some(d) => d.encode(),
+        None => segment.encode(),
     }
 }

@@ -11,7 +11,8 @@ use crate::error::{Advice, Error, Result, Setting};
 use crate::ingest::changes::ChangedRanges;
 use crate::repo::config::ChunkerParams;
 use crate::repo::id::ObjectId;
-use crate::repo::manifest::{DiskMap, Manifest, Segment};
+use crate::repo::manifest::{DiskMap, Manifest};
+use crate::repo::LoadedSegment;
 use crate::repo::Repository;
 use crate::vmware::vm::{DiskPlan, SourcePlan};
 
@@ -149,7 +150,7 @@ pub(super) struct Reuse {
     pub(super) touched: Vec<Range<u64>>,
     pub(super) changed: Vec<Range<u64>>,
     pub(super) patchable: HashSet<u64>,
-    pub(super) preloaded: HashMap<u64, (Segment, Vec<ChainingValue>)>,
+    pub(super) preloaded: HashMap<u64, (LoadedSegment, Vec<ChainingValue>)>,
 }
 
 /// Previous segments a change-aware ingest loads up front, at most (about 12 KiB each). Read
@@ -268,9 +269,9 @@ pub(super) fn plan_reuse(
     })?;
     let ids: Vec<ObjectId> = leaves.iter().map(|(k, _)| map.get(*k)).collect();
     let mut preloaded = HashMap::with_capacity(ids.len());
-    for ((k, cvs), bytes) in leaves.into_iter().zip(repo.read_objects(&ids)?) {
-        let segment = repo.decode_segment(&map.get(k), &bytes)?;
-        preloaded.insert(k, (segment, cvs));
+    let loaded = repo.decode_segments(&ids, repo.read_objects(&ids)?);
+    for ((k, cvs), segment) in leaves.into_iter().zip(loaded) {
+        preloaded.insert(k, (segment?, cvs));
     }
     Ok(Some(Ok(Reuse {
         touched,

@@ -20,6 +20,7 @@ use crate::repo::leaves;
 use crate::repo::manifest::Segment;
 use crate::repo::object::ObjectKind;
 use crate::repo::store::Store;
+use crate::repo::LoadedSegment;
 use crate::source::DiskReader;
 use crate::vmware::vm::DiskPlan;
 
@@ -194,7 +195,8 @@ pub(super) fn verify_unchanged(
         now_zero
     } else {
         !now_zero
-            && store.repo().load_segment(&prev)?.fingerprint
+            && crate::repo::decode_stored_segment(&prev, &store.repo().read_object(&prev)?)?
+                .fingerprint()
                 == chunker::fingerprint(key, &buf, &runs)
     };
     counters.segments_verified.fetch_add(1, Ordering::Relaxed);
@@ -288,7 +290,7 @@ pub(super) fn ingest_segment(
             fingerprint: fp,
             extents,
         };
-        let id = store_segment(cx, buf, &cuts, &segment, &prev)?;
+        let id = store_segment(cx, buf, &cuts, &segment, &prev, None)?;
         Ok((
             id,
             Some(CacheRow {
@@ -310,7 +312,7 @@ pub(super) fn patch_segment(
     d: &DiskPlan,
     range: &Range<u64>,
     prev: ObjectId,
-    preloaded: Option<&(Segment, Vec<ChainingValue>)>,
+    preloaded: Option<&(LoadedSegment, Vec<ChainingValue>)>,
     changed: &[Range<u64>],
 ) -> Result<Option<(ObjectId, Option<CacheRow>)>> {
     let SegmentContext {
@@ -328,7 +330,7 @@ pub(super) fn patch_segment(
             let Some(leaves) = store.repo().with_index(|i| i.segment_leaves(&prev))? else {
                 return Ok(None);
             };
-            loaded = (store.repo().load_segment(&prev)?, leaves);
+            loaded = (store.repo().load_segment_and_base(&prev)?, leaves);
             (&loaded.0, &loaded.1)
         }
     };
@@ -353,7 +355,7 @@ pub(super) fn patch_segment(
             Ok(())
         };
         let previous = crate::ingest::patch::Previous {
-            segment: prev_segment,
+            segment: &prev_segment.segment,
             leaves: prev_leaves,
         };
         let buf = &mut owned[..len];
@@ -381,7 +383,8 @@ pub(super) fn patch_segment(
                 }),
             )));
         }
-        let id = store_segment(cx, buf, &p.cuts, &p.segment, &prev)?;
+        let whole = prev_segment.whole(&prev);
+        let id = store_segment(cx, buf, &p.cuts, &p.segment, &prev, Some(whole))?;
         Ok(Some((id, Some(CacheRow { segment: id, ..row }))))
     })();
     SEGMENT_BUF.with(|cell| cell.replace(owned));
@@ -389,14 +392,15 @@ pub(super) fn patch_segment(
 }
 
 /// Stores a new segment: the chunks `cuts` cut from `buf` that the repository lacks, then the
-/// segment object (as a delta of `prev`'s whole form when that is worth it); counts them.
-/// Returns the segment's id.
+/// segment object (as a delta of `prev`'s whole form, `whole` when the caller has it loaded,
+/// when that is worth it); counts them. Returns the segment's id.
 fn store_segment(
     cx: &SegmentContext<'_, '_>,
     buf: &[u8],
     cuts: &[chunker::Cut],
     segment: &Segment,
     prev: &ObjectId,
+    whole: Option<(ObjectId, &Segment)>,
 ) -> Result<ObjectId> {
     let counters = cx.counters;
     counters
@@ -413,7 +417,7 @@ fn store_segment(
                 .fetch_add(c.range.len() as u64, Ordering::Relaxed);
         }
     }
-    let bytes = crate::ingest::delta::encode(cx.store.repo(), cx.deltas, prev, segment);
+    let bytes = crate::ingest::delta::encode(cx.store.repo(), cx.deltas, prev, whole, segment);
     cx.store.put_blob(ObjectKind::Segment, &bytes)
 }
 

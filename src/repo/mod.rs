@@ -599,35 +599,62 @@ impl Repository {
     /// Loads a segment and names the base it was stored against, if any: an object the
     /// segment needs, which a walk of what generations reference must count.
     pub fn load_segment_with_base(&self, id: &ObjectId) -> Result<(Segment, Option<ObjectId>)> {
+        let loaded = self.load_segment_and_base(id)?;
+        Ok((loaded.segment, loaded.base.map(|(b, _)| b)))
+    }
+
+    /// Loads a segment with the whole segment it was stored against, when it is a delta.
+    pub fn load_segment_and_base(&self, id: &ObjectId) -> Result<LoadedSegment> {
         let stored = decode_stored_segment(id, &self.read_object(id)?)?;
-        let base = stored.base();
-        Ok((self.resolve_segment(id, stored)?, base))
+        let base = stored.base().map(|b| self.read_object(&b));
+        resolve_segment(id, stored, base)
     }
 
     /// Decodes the bytes of segment object `id` (read with [`Repository::read_object`] or
     /// [`Repository::read_objects`]), reading its base when it is a delta.
     pub fn decode_segment(&self, id: &ObjectId, bytes: &[u8]) -> Result<Segment> {
-        self.resolve_segment(id, decode_stored_segment(id, bytes)?)
+        let stored = decode_stored_segment(id, bytes)?;
+        let base = stored.base().map(|b| self.read_object(&b));
+        Ok(resolve_segment(id, stored, base)?.segment)
     }
 
-    fn resolve_segment(&self, id: &ObjectId, stored: StoredSegment) -> Result<Segment> {
-        match stored {
-            StoredSegment::Whole(s) => Ok(s),
-            StoredSegment::Delta(d) => {
-                let corrupt = |e: String| {
-                    Error::Corrupt(format!(
-                        "segment {} (stored against segment {}): {e}",
-                        id.short(),
-                        d.base.short()
-                    ))
-                };
-                let base = self
-                    .read_object(&d.base)
-                    .map_err(|e| corrupt(e.to_string()))?;
-                let base = Segment::decode(&base).map_err(corrupt)?;
-                d.resolve(&base).map_err(corrupt)
-            }
-        }
+    /// Decodes segment objects `ids` read together (`bytes`, in the same order), reading the
+    /// bases of the deltas among them with one more batch of reads; each result on its own.
+    pub fn decode_segments(
+        &self,
+        ids: &[ObjectId],
+        bytes: Vec<Vec<u8>>,
+    ) -> Vec<Result<LoadedSegment>> {
+        let stored: Vec<Result<StoredSegment>> = ids
+            .iter()
+            .zip(&bytes)
+            .map(|(id, b)| decode_stored_segment(id, b))
+            .collect();
+        drop(bytes);
+        let mut bases: Vec<ObjectId> = stored
+            .iter()
+            .filter_map(|s| s.as_ref().ok().and_then(StoredSegment::base))
+            .collect();
+        bases.sort_unstable();
+        bases.dedup();
+        // One batch; when it fails, each base is read alone, so that only the deltas whose own
+        // base cannot be read fail.
+        let read: std::collections::HashMap<ObjectId, Result<Vec<u8>>> =
+            match self.read_objects(&bases) {
+                Ok(all) => bases.iter().copied().zip(all.into_iter().map(Ok)).collect(),
+                Err(_) => bases.iter().map(|b| (*b, self.read_object(b))).collect(),
+            };
+        ids.iter()
+            .zip(stored)
+            .map(|(id, stored)| {
+                let stored = stored?;
+                let base = stored.base().map(|b| match &read[&b] {
+                    Ok(bytes) => Ok(bytes.clone()),
+                    Err(e) => Err(Error::Corrupt(e.to_string())),
+                });
+                resolve_segment(id, stored, base)
+            })
+            .collect()
     }
 }
 
@@ -661,6 +688,58 @@ fn plan_spans(locs: &[Location]) -> (Vec<usize>, Vec<(usize, usize, u64)>) {
         i = j;
     }
     (order, spans)
+}
+
+/// A segment as loaded for a reader that may store its next version: its extents, and the whole
+/// segment it was stored against when it is a delta.
+pub struct LoadedSegment {
+    /// The segment's extents.
+    pub segment: Segment,
+    /// The base's id and extents, for a delta.
+    pub base: Option<(ObjectId, Segment)>,
+}
+
+impl LoadedSegment {
+    /// The whole segment behind segment `id` (this one): itself, or its base.
+    pub fn whole<'a>(&'a self, id: &ObjectId) -> (ObjectId, &'a Segment) {
+        match &self.base {
+            Some((b, s)) => (*b, s),
+            None => (*id, &self.segment),
+        }
+    }
+}
+
+/// Segment `id` from its stored form and, for a delta, the bytes read of its base.
+fn resolve_segment(
+    id: &ObjectId,
+    stored: StoredSegment,
+    base: Option<Result<Vec<u8>>>,
+) -> Result<LoadedSegment> {
+    let d = match stored {
+        StoredSegment::Whole(segment) => {
+            return Ok(LoadedSegment {
+                segment,
+                base: None,
+            })
+        }
+        StoredSegment::Delta(d) => d,
+    };
+    let corrupt = |e: String| {
+        Error::Corrupt(format!(
+            "segment {} (stored against segment {}): {e}",
+            id.short(),
+            d.base.short()
+        ))
+    };
+    let bytes = base
+        .unwrap_or_else(|| Err(Error::Corrupt("its base was not read".into())))
+        .map_err(|e| corrupt(e.to_string()))?;
+    let base = Segment::decode(&bytes).map_err(corrupt)?;
+    let segment = d.resolve(&base).map_err(corrupt)?;
+    Ok(LoadedSegment {
+        segment,
+        base: Some((d.base, base)),
+    })
 }
 
 /// Parses segment object `id` as stored (whole or a delta).

@@ -180,9 +180,9 @@ impl ReadCache {
         let Ok(bytes) = repo.read_objects(&missing) else {
             return;
         };
-        for (id, b) in missing.iter().zip(bytes) {
-            if let Ok(seg) = repo.decode_segment(id, &b) {
-                let view = Arc::new(SegmentView::new(seg));
+        for (id, loaded) in missing.iter().zip(repo.decode_segments(&missing, bytes)) {
+            if let Ok(loaded) = loaded {
+                let view = Arc::new(SegmentView::new(loaded.segment));
                 self.segments.insert(*id, view.clone(), view.weight());
             }
         }
