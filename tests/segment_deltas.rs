@@ -194,7 +194,10 @@ fn change_aware_nights_patch_segments_stored_as_deltas() {
         ])
         .ok()
         .json();
-        assert_eq!(j["incremental"]["segments_patched"], 3, "night {night}: {j}");
+        assert_eq!(
+            j["incremental"]["segments_patched"], 3,
+            "night {night}: {j}"
+        );
         // Three whole chunk lists would be 28 KB on their own.
         let grew = data_bytes(&repo) - before;
         assert!(grew < 20_000, "night {night} stored {grew} bytes: {j}");
@@ -202,4 +205,62 @@ fn change_aware_nights_patch_segments_stored_as_deltas() {
         assert!(same_file(&out, &img), "night {night}");
     }
     vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+}
+
+#[test]
+fn a_damaged_base_is_named_in_every_generation_stored_against_it_and_never_restored() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("d.img");
+    make_disk(&img);
+    let repo = init_repo(t.path());
+    for night in 1..=3u32 {
+        if night > 1 {
+            change(&img, &[night as u64 * 100, 9000 + night as u64], night);
+        }
+        ingest_at(&repo, &img, "d", &format!("2026-12-0{night}T01:00:00Z"));
+    }
+    let other = t.path().join("e.img");
+    sparse_image(&other, 8 << 20, &[(0, 8 << 20, 77)]);
+    ingest_at(&repo, &other, "e", "2026-12-03T02:00:00Z");
+
+    // The whole segment night 2's first segment is stored against: night 1's.
+    let (pack, at) = {
+        use vmrepo::repo::lock::LockMode;
+        let r = vmrepo::Repository::open(&repo, LockMode::Shared).unwrap();
+        let index = r.open_index().unwrap();
+        let g = index.resolve("d@2026-12-02T01:00:00Z").unwrap();
+        let m = r.load_manifest(&g.manifest).unwrap();
+        let map = r.load_disk_map(&m.disks[0].disk_map).unwrap();
+        let seg = map.get(0);
+        let stored =
+            vmrepo::repo::decode_stored_segment(&seg, &r.read_object(&seg).unwrap()).unwrap();
+        let base = stored.base().expect("night 2's first segment is a delta");
+        let at = index.lookup(&base).unwrap().expect("the base is indexed");
+        let pack = repo
+            .join("data")
+            .join(&at.pack[..2])
+            .join(format!("{}.pack", at.pack));
+        (pack, at.offset + 52 + at.header.stored_len as u64 / 2)
+    };
+    flip_bit(&pack, at, 2);
+
+    let r = vmrepo([s("check"), p(&repo)]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let damaged: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("DAMAGED"))
+        .collect();
+    for night in 1..=3 {
+        let name = format!("DAMAGED  d@2026-12-0{night}T01:00:00Z");
+        assert!(damaged.iter().any(|l| l.starts_with(&name)), "{}", r.stdout);
+    }
+    assert_eq!(damaged.len(), 3, "{}", r.stdout);
+
+    let out = t.path().join("o");
+    let r = vmrepo([s("extract"), p(&repo), s("d@2026-12-02T01:00:00Z"), p(&out)]);
+    assert_ne!(r.code, 0, "a generation whose base is damaged was restored");
+    assert!(r.stderr.contains("stored against segment"), "{}", r.stderr);
+    let out = extract(&repo, "e@2026-12-03T02:00:00Z", &t.path().join("o2"));
+    assert!(same_file(&out.with_file_name("e.img"), &other));
 }

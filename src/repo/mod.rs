@@ -650,6 +650,7 @@ impl Repository {
                 let stored = stored?;
                 let base = stored.base().map(|b| match &read[&b] {
                     Ok(bytes) => Ok(bytes.clone()),
+                    Err(Error::Corrupt(why)) => Err(Error::Corrupt(why.clone())),
                     Err(e) => Err(Error::Corrupt(e.to_string())),
                 });
                 resolve_segment(id, stored, base)
@@ -731,9 +732,13 @@ fn resolve_segment(
             d.base.short()
         ))
     };
+    // The base's own damage is told once, inside this segment's.
     let bytes = base
         .unwrap_or_else(|| Err(Error::Corrupt("its base was not read".into())))
-        .map_err(|e| corrupt(e.to_string()))?;
+        .map_err(|e| match e {
+            Error::Corrupt(why) => corrupt(why),
+            e => corrupt(e.to_string()),
+        })?;
     let base = Segment::decode(&bytes).map_err(corrupt)?;
     let segment = d.resolve(&base).map_err(corrupt)?;
     Ok(LoadedSegment {
