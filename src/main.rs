@@ -153,6 +153,9 @@ enum Command {
     /// Delete data no generation references and compact half-empty data files.
     #[command(long_about = cli::gc::HELP)]
     Gc(cli::gc::GcArgs),
+    /// Raise the repository to the newest format this vmrepo writes (smaller nights).
+    #[command(long_about = cli::upgrade::HELP)]
+    Upgrade(cli::upgrade::UpgradeArgs),
     /// Copy generations to another repository (off-site, or back), sending only what it lacks.
     #[command(long_about = cli::copy::HELP)]
     Copy(cli::copy::CopyArgs),
@@ -256,6 +259,7 @@ fn run(cli: Cli, interrupt: vmrepo::ingest::hooks::Interrupt) -> anyhow::Result<
         Command::Prune(a) => cli::prune::run(a, &ctx),
         Command::Forget(a) => cli::forget::run(a, &ctx),
         Command::Gc(a) => cli::gc::run(a, &ctx),
+        Command::Upgrade(a) => cli::upgrade::run(a, &ctx),
         Command::Copy(a) => cli::copy::run(a, &ctx),
         Command::ImportGhettovcb(a) => cli::import::run(a, &ctx),
         Command::Key(cmd) => cli::keys::run(cmd, &ctx),

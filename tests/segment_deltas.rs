@@ -264,3 +264,56 @@ fn a_damaged_base_is_named_in_every_generation_stored_against_it_and_never_resto
     let out = extract(&repo, "e@2026-12-03T02:00:00Z", &t.path().join("o2"));
     assert!(same_file(&out.with_file_name("e.img"), &other));
 }
+
+#[test]
+fn an_upgraded_repository_stores_its_next_nights_as_deltas() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("d.img");
+    make_disk(&img);
+    let repo = init_repo(t.path());
+    // A repository of format 1, as older builds made it.
+    let config = repo.join("config.toml");
+    let text = fs::read_to_string(&config).unwrap();
+    fs::write(
+        &config,
+        text.replace("format_version = 3", "format_version = 1"),
+    )
+    .unwrap();
+    let saved = t.path().join("n1");
+    ingest_at(&repo, &img, "d", "2026-12-01T01:00:00Z");
+    fs::copy(&img, &saved).unwrap();
+    change(&img, &[100, 5000, 9000, 14000], 2);
+    let before = data_bytes(&repo);
+    ingest_at(&repo, &img, "d", "2026-12-02T01:00:00Z");
+    let whole = data_bytes(&repo) - before;
+
+    let r = vmrepo([s("upgrade"), p(&repo), s("--dry-run")]);
+    r.ok();
+    assert!(r.stdout.contains("would upgrade"), "{}", r.stdout);
+    assert!(fs::read_to_string(&config)
+        .unwrap()
+        .contains("format_version = 1"));
+    let r = vmrepo([s("upgrade"), p(&repo)]);
+    r.ok();
+    assert!(r.stdout.contains("from format 1 to 3"), "{}", r.stdout);
+    assert!(fs::read_to_string(&config)
+        .unwrap()
+        .contains("format_version = 3"));
+    let r = vmrepo([s("upgrade"), p(&repo)]);
+    r.ok();
+    assert!(r.stdout.contains("already format 3"), "{}", r.stdout);
+
+    change(&img, &[200, 5100, 9100, 14100], 3);
+    let before = data_bytes(&repo);
+    ingest_at(&repo, &img, "d", "2026-12-03T01:00:00Z");
+    let delta = data_bytes(&repo) - before;
+    assert!(
+        delta + 25_000 < whole,
+        "after the upgrade a night stored {delta} bytes, before it {whole}"
+    );
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+    let out = extract(&repo, "d@2026-12-01T01:00:00Z", &t.path().join("o"));
+    assert!(same_file(&out, &saved));
+    let out = extract(&repo, "d@2026-12-03T01:00:00Z", &t.path().join("o"));
+    assert!(same_file(&out, &img));
+}

@@ -26,6 +26,7 @@ const TAKES_REPO: &[&str] = &[
     "prune",
     "forget",
     "gc",
+    "upgrade",
     "copy",
     "import-ghettovcb",
 ];

@@ -26,6 +26,7 @@ pub mod report;
 pub mod run;
 pub mod serve_nbd;
 pub mod stats;
+pub mod upgrade;
 pub mod vsphere;
 
 /// Parses `--time`: an RFC 3339 instant (`2026-09-01T01:30:00Z`, or with an offset).

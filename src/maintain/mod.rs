@@ -17,6 +17,7 @@ pub mod rebuild;
 pub mod repair;
 pub mod retention;
 pub mod stats;
+pub mod upgrade;
 pub mod walk;
 
 /// `default`, or 64 when `VMREPO_TEST_TINY_BATCHES` is set. The sizes that keep memory bounded
