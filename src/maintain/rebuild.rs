@@ -314,8 +314,6 @@ pub fn rebuild_index(
     Ok(report)
 }
 
-/// The plaintext of object `id` as the index being built places it; `None` when it is not
-/// there or does not read back.
 /// Segment `id` as the packs indexed so far hold it, its base read too when it is a delta;
 /// `None` when it (or its base) cannot be read.
 fn segment_back(repo: &Repository, index: &Index, id: &ObjectId) -> Result<Option<Segment>> {
@@ -331,6 +329,8 @@ fn segment_back(repo: &Repository, index: &Index, id: &ObjectId) -> Result<Optio
     })
 }
 
+/// The plaintext of object `id` as the index being built places it; `None` when it is not
+/// there or does not read back.
 fn read_back(repo: &Repository, index: &Index, id: &ObjectId) -> Result<Option<Vec<u8>>> {
     Ok(index
         .lookup(id)?
