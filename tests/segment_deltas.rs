@@ -317,3 +317,72 @@ fn an_upgraded_repository_stores_its_next_nights_as_deltas() {
     let out = extract(&repo, "d@2026-12-03T01:00:00Z", &t.path().join("o"));
     assert!(same_file(&out, &img));
 }
+
+/// Ingests the changes at `places` (KiB) as a change-aware night at `time`.
+fn change_aware_night(repo: &Path, img: &Path, places: &[u64], night: u32, time: &str) -> Run {
+    change(img, places, night);
+    let list = img.with_file_name("changes.json");
+    let ranges: Vec<_> = places
+        .iter()
+        .map(|kib| serde_json::json!({"offset": kib << 10, "length": 4096}))
+        .collect();
+    fs::write(&list, serde_json::to_string(&ranges).unwrap()).unwrap();
+    vmrepo([
+        s("ingest"),
+        p(repo),
+        p(img),
+        s("--name"),
+        s("d"),
+        s("--time"),
+        s(time),
+        s("--changed-ranges"),
+        p(&list),
+        s("--since"),
+        s("d"),
+        s("--json"),
+    ])
+}
+
+#[test]
+fn a_damaged_base_costs_a_change_aware_night_a_full_read_of_its_segment_not_the_backup() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("d.img");
+    make_disk(&img);
+    let repo = init_repo(t.path());
+    ingest_at(&repo, &img, "d", "2026-12-01T01:00:00Z");
+    let j = change_aware_night(&repo, &img, &[100], 2, "2026-12-02T01:00:00Z")
+        .ok()
+        .json();
+    assert_eq!(j["incremental"]["segments_patched"], 1, "{j}");
+    // Night 1's first segment, which night 2's is stored against, is damaged.
+    let (pack, at) = {
+        use vmrepo::repo::lock::LockMode;
+        let r = vmrepo::Repository::open(&repo, LockMode::Shared).unwrap();
+        let index = r.open_index().unwrap();
+        let g = index.resolve("d@2026-12-01T01:00:00Z").unwrap();
+        let m = r.load_manifest(&g.manifest).unwrap();
+        let base = r.load_disk_map(&m.disks[0].disk_map).unwrap().get(0);
+        let at = index.lookup(&base).unwrap().expect("indexed");
+        let pack = repo
+            .join("data")
+            .join(&at.pack[..2])
+            .join(format!("{}.pack", at.pack));
+        (pack, at.offset + 52 + at.header.stored_len as u64 / 2)
+    };
+    flip_bit(&pack, at, 5);
+
+    let r = change_aware_night(&repo, &img, &[200], 3, "2026-12-03T01:00:00Z");
+    let j = r.ok().json();
+    assert_eq!(j["incremental"]["segments_patched"], 0, "{j}");
+    let out = extract(&repo, "d@2026-12-03T01:00:00Z", &t.path().join("o"));
+    assert!(same_file(&out, &img), "tonight's generation");
+    let r = vmrepo([s("check"), p(&repo)]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let damaged: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("DAMAGED"))
+        .collect();
+    assert_eq!(damaged.len(), 2, "{}", r.stdout);
+    assert!(!r.stdout.contains("DAMAGED  d@2026-12-03"), "{}", r.stdout);
+}

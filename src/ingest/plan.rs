@@ -250,7 +250,7 @@ pub(super) fn plan_reuse(
     let touched =
         crate::ingest::changes::touched_segments(&ranges, size, params.segment_size as u64);
     let mut leaves = Vec::new();
-    let patchable = repo.reading_index(|i| {
+    let mut patchable = repo.reading_index(|i| {
         let mut patchable = HashSet::new();
         for t in &touched {
             for k in map.nonzero_in(t.start, t.end) {
@@ -267,11 +267,34 @@ pub(super) fn plan_reuse(
         }
         Ok(patchable)
     })?;
+    // A previous version that cannot be read (or whose base cannot) is not patched: tonight
+    // reads that segment whole, and damage in an older generation costs a read, not the backup.
     let ids: Vec<ObjectId> = leaves.iter().map(|(k, _)| map.get(*k)).collect();
+    let read: Vec<Result<Vec<u8>>> = match repo.read_objects(&ids) {
+        Ok(all) => all.into_iter().map(Ok).collect(),
+        Err(_) => ids.iter().map(|id| repo.read_object(id)).collect(),
+    };
+    let mut readable = Vec::with_capacity(ids.len());
+    for ((k, cvs), bytes) in leaves.into_iter().zip(read) {
+        match bytes {
+            Ok(b) => readable.push((k, cvs, b)),
+            Err(_) => {
+                patchable.remove(&k);
+            }
+        }
+    }
+    let ids: Vec<ObjectId> = readable.iter().map(|(k, _, _)| map.get(*k)).collect();
+    let (keys, bytes): (Vec<_>, Vec<_>) = readable.into_iter().map(|(k, c, b)| ((k, c), b)).unzip();
     let mut preloaded = HashMap::with_capacity(ids.len());
-    let loaded = repo.decode_segments(&ids, repo.read_objects(&ids)?);
-    for ((k, cvs), segment) in leaves.into_iter().zip(loaded) {
-        preloaded.insert(k, (segment?, cvs));
+    for ((k, cvs), segment) in keys.into_iter().zip(repo.decode_segments(&ids, bytes)) {
+        match segment {
+            Ok(s) => {
+                preloaded.insert(k, (s, cvs));
+            }
+            Err(_) => {
+                patchable.remove(&k);
+            }
+        }
     }
     Ok(Some(Ok(Reuse {
         touched,

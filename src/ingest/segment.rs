@@ -330,7 +330,11 @@ pub(super) fn patch_segment(
             let Some(leaves) = store.repo().with_index(|i| i.segment_leaves(&prev))? else {
                 return Ok(None);
             };
-            loaded = (store.repo().load_segment_and_base(&prev)?, leaves);
+            // One that cannot be read is read whole instead (see plan_reuse).
+            let Ok(segment) = store.repo().load_segment_and_base(&prev) else {
+                return Ok(None);
+            };
+            loaded = (segment, leaves);
             (&loaded.0, &loaded.1)
         }
     };
