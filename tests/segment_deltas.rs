@@ -44,6 +44,67 @@ fn extract(repo: &Path, generation: &str, out: &Path) -> std::path::PathBuf {
     out.join("d.img")
 }
 
+/// Ingests the changes at `places` (KiB) as a change-aware night at `time`.
+fn change_aware_night(repo: &Path, img: &Path, places: &[u64], night: u32, time: &str) -> Run {
+    change(img, places, night);
+    let list = img.with_file_name("changes.json");
+    let ranges: Vec<_> = places
+        .iter()
+        .map(|kib| serde_json::json!({"offset": kib << 10, "length": 4096}))
+        .collect();
+    fs::write(&list, serde_json::to_string(&ranges).unwrap()).unwrap();
+    vmrepo([
+        s("ingest"),
+        p(repo),
+        p(img),
+        s("--name"),
+        s("d"),
+        s("--time"),
+        s(time),
+        s("--changed-ranges"),
+        p(&list),
+        s("--since"),
+        s("d"),
+        s("--json"),
+    ])
+}
+
+/// The first segment of `generation`'s first disk, and the base it is stored against.
+fn first_segment(repo: &Path, generation: &str) -> (vmrepo::ObjectId, Option<vmrepo::ObjectId>) {
+    use vmrepo::repo::lock::LockMode;
+    let r = vmrepo::Repository::open(repo, LockMode::Shared).unwrap();
+    let g = r.open_index().unwrap().resolve(generation).unwrap();
+    let m = r.load_manifest(&g.manifest).unwrap();
+    let seg = r.load_disk_map(&m.disks[0].disk_map).unwrap().get(0);
+    let stored = vmrepo::repo::decode_stored_segment(&seg, &r.read_object(&seg).unwrap()).unwrap();
+    (seg, stored.base())
+}
+
+/// Flips bit `bit` in the middle of object `id`'s stored payload.
+fn damage_record(repo: &Path, id: &vmrepo::ObjectId, bit: u8) {
+    use vmrepo::repo::lock::LockMode;
+    let r = vmrepo::Repository::open(repo, LockMode::Shared).unwrap();
+    let at = r
+        .open_index()
+        .unwrap()
+        .lookup(id)
+        .unwrap()
+        .expect("indexed");
+    let pack = repo
+        .join("data")
+        .join(&at.pack[..2])
+        .join(format!("{}.pack", at.pack));
+    flip_bit(&pack, at.offset + 52 + at.header.stored_len as u64 / 2, bit);
+}
+
+/// The lines of `check`'s output that name a damaged generation.
+fn damaged_lines(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("DAMAGED"))
+        .collect()
+}
+
 #[test]
 fn a_night_that_changes_a_few_blocks_stores_edits_not_chunk_lists() {
     let t = tempfile::tempdir().unwrap();
@@ -166,34 +227,14 @@ fn change_aware_nights_patch_segments_stored_as_deltas() {
     make_disk(&img);
     let repo = init_repo(t.path());
     ingest_at(&repo, &img, "d", "2026-12-01T01:00:00Z");
-    let list = t.path().join("changes.json");
     for night in 2..=5u32 {
         let k = night as u64;
         let places = [k * 64, 4096 + k * 300, 12000 + k * 8];
-        change(&img, &places, night);
-        let ranges: Vec<_> = places
-            .iter()
-            .map(|kib| serde_json::json!({"offset": kib << 10, "length": 4096}))
-            .collect();
-        fs::write(&list, serde_json::to_string(&ranges).unwrap()).unwrap();
         let before = data_bytes(&repo);
         let time = format!("2026-12-0{night}T01:00:00Z");
-        let j = vmrepo([
-            s("ingest"),
-            p(&repo),
-            p(&img),
-            s("--name"),
-            s("d"),
-            s("--time"),
-            s(&time),
-            s("--changed-ranges"),
-            p(&list),
-            s("--since"),
-            s("d"),
-            s("--json"),
-        ])
-        .ok()
-        .json();
+        let j = change_aware_night(&repo, &img, &places, night, &time)
+            .ok()
+            .json();
         assert_eq!(
             j["incremental"]["segments_patched"], 3,
             "night {night}: {j}"
@@ -224,33 +265,12 @@ fn a_damaged_base_is_named_in_every_generation_stored_against_it_and_never_resto
     ingest_at(&repo, &other, "e", "2026-12-03T02:00:00Z");
 
     // The whole segment night 2's first segment is stored against: night 1's.
-    let (pack, at) = {
-        use vmrepo::repo::lock::LockMode;
-        let r = vmrepo::Repository::open(&repo, LockMode::Shared).unwrap();
-        let index = r.open_index().unwrap();
-        let g = index.resolve("d@2026-12-02T01:00:00Z").unwrap();
-        let m = r.load_manifest(&g.manifest).unwrap();
-        let map = r.load_disk_map(&m.disks[0].disk_map).unwrap();
-        let seg = map.get(0);
-        let stored =
-            vmrepo::repo::decode_stored_segment(&seg, &r.read_object(&seg).unwrap()).unwrap();
-        let base = stored.base().expect("night 2's first segment is a delta");
-        let at = index.lookup(&base).unwrap().expect("the base is indexed");
-        let pack = repo
-            .join("data")
-            .join(&at.pack[..2])
-            .join(format!("{}.pack", at.pack));
-        (pack, at.offset + 52 + at.header.stored_len as u64 / 2)
-    };
-    flip_bit(&pack, at, 2);
+    let (_, base) = first_segment(&repo, "d@2026-12-02T01:00:00Z");
+    damage_record(&repo, &base.expect("night 2's first segment is a delta"), 2);
 
     let r = vmrepo([s("check"), p(&repo)]);
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
-    let damaged: Vec<&str> = r
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("DAMAGED"))
-        .collect();
+    let damaged = damaged_lines(&r.stdout);
     for night in 1..=3 {
         let name = format!("DAMAGED  d@2026-12-0{night}T01:00:00Z");
         assert!(damaged.iter().any(|l| l.starts_with(&name)), "{}", r.stdout);
@@ -318,31 +338,6 @@ fn an_upgraded_repository_stores_its_next_nights_as_deltas() {
     assert!(same_file(&out, &img));
 }
 
-/// Ingests the changes at `places` (KiB) as a change-aware night at `time`.
-fn change_aware_night(repo: &Path, img: &Path, places: &[u64], night: u32, time: &str) -> Run {
-    change(img, places, night);
-    let list = img.with_file_name("changes.json");
-    let ranges: Vec<_> = places
-        .iter()
-        .map(|kib| serde_json::json!({"offset": kib << 10, "length": 4096}))
-        .collect();
-    fs::write(&list, serde_json::to_string(&ranges).unwrap()).unwrap();
-    vmrepo([
-        s("ingest"),
-        p(repo),
-        p(img),
-        s("--name"),
-        s("d"),
-        s("--time"),
-        s(time),
-        s("--changed-ranges"),
-        p(&list),
-        s("--since"),
-        s("d"),
-        s("--json"),
-    ])
-}
-
 #[test]
 fn a_damaged_base_costs_a_change_aware_night_a_full_read_of_its_segment_not_the_backup() {
     let t = tempfile::tempdir().unwrap();
@@ -355,21 +350,8 @@ fn a_damaged_base_costs_a_change_aware_night_a_full_read_of_its_segment_not_the_
         .json();
     assert_eq!(j["incremental"]["segments_patched"], 1, "{j}");
     // Night 1's first segment, which night 2's is stored against, is damaged.
-    let (pack, at) = {
-        use vmrepo::repo::lock::LockMode;
-        let r = vmrepo::Repository::open(&repo, LockMode::Shared).unwrap();
-        let index = r.open_index().unwrap();
-        let g = index.resolve("d@2026-12-01T01:00:00Z").unwrap();
-        let m = r.load_manifest(&g.manifest).unwrap();
-        let base = r.load_disk_map(&m.disks[0].disk_map).unwrap().get(0);
-        let at = index.lookup(&base).unwrap().expect("indexed");
-        let pack = repo
-            .join("data")
-            .join(&at.pack[..2])
-            .join(format!("{}.pack", at.pack));
-        (pack, at.offset + 52 + at.header.stored_len as u64 / 2)
-    };
-    flip_bit(&pack, at, 5);
+    let (base, _) = first_segment(&repo, "d@2026-12-01T01:00:00Z");
+    damage_record(&repo, &base, 5);
 
     let r = change_aware_night(&repo, &img, &[200], 3, "2026-12-03T01:00:00Z");
     let j = r.ok().json();
@@ -378,11 +360,7 @@ fn a_damaged_base_costs_a_change_aware_night_a_full_read_of_its_segment_not_the_
     assert!(same_file(&out, &img), "tonight's generation");
     let r = vmrepo([s("check"), p(&repo)]);
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
-    let damaged: Vec<&str> = r
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("DAMAGED"))
-        .collect();
+    let damaged = damaged_lines(&r.stdout);
     assert_eq!(damaged.len(), 2, "{}", r.stdout);
     assert!(!r.stdout.contains("DAMAGED  d@2026-12-03"), "{}", r.stdout);
 }
