@@ -675,52 +675,56 @@ impl FileSource {
         }
     }
 
-    /// Reads up to `len` bytes at `offset` (fewer at the end of the file), exactly as
-    /// `vmrepo extract` would have written them.
-    pub fn read(
+    /// Fills `out` with the file's bytes at `offset`, exactly as `vmrepo extract` would have
+    /// written them, and returns how many there are: fewer than `out.len()` at the end of the
+    /// file, none past it. Every byte returned is written, whatever `out` held before, so a
+    /// caller may hand in the same buffer again without clearing it.
+    pub fn read_into(
         &self,
         repo: &Repository,
         cache: &ReadCache,
         offset: u64,
-        len: usize,
-    ) -> Result<Vec<u8>> {
+        out: &mut [u8],
+    ) -> Result<usize> {
         let size = self.size();
         if offset >= size {
-            return Ok(Vec::new());
+            return Ok(0);
         }
-        let end = size.min(offset.saturating_add(len as u64));
-        let mut out = vec![0u8; (end - offset) as usize];
+        let end = size.min(offset.saturating_add(out.len() as u64));
+        let out = &mut out[..(end - offset) as usize];
         match self {
             FileSource::Object { id, .. } => {
+                out.fill(0);
                 let data = cache.object(repo, id)?;
-                copy_overlap(&data, 0, offset, &mut out);
+                copy_overlap(&data, 0, offset, out);
             }
             FileSource::Extent { disk, extent: e } => {
-                // Head and tail first, then the extent's data over them, as extract writes them.
+                // The extent's data, then around it the head and tail (zeros where neither
+                // reaches), as extract writes them.
+                let s = offset.max(e.file_offset).min(end);
+                let t = end.min(e.file_offset + e.len).max(s);
+                let (before, rest) = out.split_at_mut((s - offset) as usize);
+                let (inside, after) = rest.split_at_mut((t - s) as usize);
+                if !inside.is_empty() {
+                    disk.image()?
+                        .read_at(e.start + (s - e.file_offset), inside)?;
+                }
+                before.fill(0);
+                after.fill(0);
                 if let Some(id) = e.head {
                     if offset < e.file_offset {
-                        copy_overlap(&cache.object(repo, &id)?, 0, offset, &mut out);
+                        copy_overlap(&cache.object(repo, &id)?, 0, offset, before);
                     }
                 }
                 if let Some(id) = e.tail {
                     let at = e.file_offset + e.len;
                     if end > at {
-                        copy_overlap(&cache.object(repo, &id)?, at, offset, &mut out);
+                        copy_overlap(&cache.object(repo, &id)?, at, t, after);
                     }
-                }
-                let s = offset.max(e.file_offset);
-                let t = end.min(e.file_offset + e.len);
-                if s < t {
-                    let img = disk.image()?;
-                    let guest = e.start + (s - e.file_offset);
-                    img.read_at(
-                        guest,
-                        &mut out[(s - offset) as usize..(t - offset) as usize],
-                    )?;
                 }
             }
         }
-        Ok(out)
+        Ok(out.len())
     }
 
     /// `SEEK_DATA` (`want_data`) or `SEEK_HOLE` from `from`: the next offset of that kind, or

@@ -132,23 +132,38 @@ impl Filesystem for RepoFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let read = if let Some(f) = self.guest_file(ino.0) {
-            self.guest_read(&f, offset, size as usize)
-        } else if let Some(src) = self.source(ino.0) {
-            src.read(&self.repo, &self.cache, offset, size as usize)
-        } else {
+        let failed = |e: Error| {
+            self.note_once(format!(
+                "read of {} at offset {offset} failed (EIO): {e}",
+                self.path_of(ino.0)
+            ));
+            Errno::EIO
+        };
+        if let Some(f) = self.guest_file(ino.0) {
+            return match self.guest_read(&f, offset, size as usize) {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(failed(e)),
+            };
+        }
+        let Some(src) = self.source(ino.0) else {
             return reply.error(Errno::EISDIR);
         };
-        match read {
-            Ok(data) => reply.data(&data),
-            Err(e) => {
-                self.note_once(format!(
-                    "read of {} at offset {offset} failed (EIO): {e}",
-                    self.path_of(ino.0)
-                ));
-                reply.error(Errno::EIO)
-            }
+        // Each FUSE thread answers from its own buffer, kept between requests: a sequential
+        // read of a disk is thousands of 1 MiB requests, and a fresh buffer for each would be
+        // zeroed first, then written again.
+        thread_local! {
+            static REPLY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        REPLY.with_borrow_mut(|buf| {
+            if buf.len() < size as usize {
+                buf.resize(size as usize, 0);
+            }
+            let buf = &mut buf[..size as usize];
+            match src.read_into(&self.repo, &self.cache, offset, buf) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(failed(e)),
+            }
+        });
     }
 
     fn lseek(

@@ -106,19 +106,21 @@ impl Content {
         }
     }
 
-    pub(super) fn read(
+    /// Fills `out` with the bytes at `offset`; returns how many the file has there.
+    pub(super) fn read_into(
         &self,
         repo: &Repository,
         cache: &ReadCache,
         offset: u64,
-        len: usize,
-    ) -> Result<Vec<u8>> {
+        out: &mut [u8],
+    ) -> Result<usize> {
         match self {
-            Content::Stored(s) => s.read(repo, cache, offset, len),
+            Content::Stored(s) => s.read_into(repo, cache, offset, out),
             Content::Bytes(b) => {
                 let from = (offset.min(b.len() as u64)) as usize;
-                let to = from.saturating_add(len).min(b.len());
-                Ok(b[from..to].to_vec())
+                let to = from.saturating_add(out.len()).min(b.len());
+                out[..to - from].copy_from_slice(&b[from..to]);
+                Ok(to - from)
             }
         }
     }
