@@ -164,8 +164,8 @@ impl<R: Keyed> Spill<R> {
         )
     }
 
-    /// [`Spill::new`] aiming at `share` records per partition.
-    fn with_share(parent: &Path, expected: u64, share: u64) -> Result<Spill<R>> {
+    /// [`Spill::new`] aiming at `share` records per partition (so holding that many at a time).
+    pub fn with_share(parent: &Path, expected: u64, share: u64) -> Result<Spill<R>> {
         let parts = expected.div_ceil(share).max(1).next_power_of_two();
         let mut spill = Spill {
             bits: 0,

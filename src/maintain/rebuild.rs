@@ -9,12 +9,13 @@ use serde::Serialize;
 
 use crate::error::{IoContext, Result};
 use crate::maintain::coverage::uncommitted_packs;
+use crate::maintain::id_set::{Keyed, Spill};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
-use crate::repo::index::{CacheRow, Index};
+use crate::repo::index::{CacheRow, Index, ObjectRow};
 use crate::repo::layout;
 use crate::repo::manifest::{DiskMap, Extent, Manifest, Segment, StoredSegment, Tombstone};
-use crate::repo::object::{self, ObjectKind, RECORD_HEADER_LEN};
+use crate::repo::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
 use crate::repo::pack::{is_being_written, list_packs, scan_pack};
 use crate::repo::pack_index::{Described, Descriptions};
 use crate::repo::Repository;
@@ -92,6 +93,10 @@ pub fn rebuild_index(
         ),
     };
     let mut good_segments: HashSet<ObjectId> = HashSet::new();
+    // Every object's row, filed by id on disk beside the index and added to it in id order
+    // once every pack is read (see [`Index::append_objects`]). An estimate of one object per
+    // 4 KiB of packs sizes the files; more are split when read.
+    let mut found = FoundRows::new(repo, total / 4096)?;
     // Packs whose ingest never committed (pending markers) are left-overs, not indexed. An
     // `uncommitted-` marker of a directory says so only against the index being replaced: its
     // pack is indexed, and its generation listed, like any other (which is safe).
@@ -151,8 +156,7 @@ pub fn rebuild_index(
                 report.packs += 1;
                 report.described += 1;
                 report.objects += d.records.len() as u64;
-                index.add_pack(name, d.len, &d.records)?;
-                index.merge_recent_objects(false)?;
+                found.add(&mut index, name, d.len, &d.records)?;
                 continue;
             }
             let mut records = Vec::new();
@@ -194,13 +198,11 @@ pub fn rebuild_index(
             }
             report.packs += 1;
             report.objects += records.len() as u64;
-            index.add_pack(name, len, &records)?;
-            // As an ingest does: rows come in random id order, and the small table takes them
-            // cheaply until a sorted merge moves them into the large one.
-            index.merge_recent_objects(false)?;
+            found.add(&mut index, name, len, &records)?;
         }
     }
     progress.finish();
+    found.append_to(&mut index, progress)?;
     for why in descriptions.iter().flat_map(|d| d.take_ignored()) {
         progress.note(&format!("pack description not used: {why}"));
     }
@@ -304,14 +306,120 @@ pub fn rebuild_index(
         }
     }
     index.insert_cache(&cache)?;
-    index.merge_recent_objects(true)?;
-    // The merge leaves the recent table's pages free; the new index is not live yet.
     index.vacuum_if_sparse()?;
     index.checkpoint();
     drop(index);
     // Swap the new index in; keep the old one for inspection.
     report.old_index = repo.replace_index(&tmp)?.map(|p| p.display().to_string());
     Ok(report)
+}
+
+/// An object's row as found in a pack, and the order it was found in: of two records of one
+/// object (in two packs) the first found is indexed, as when packs were added one by one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Found {
+    row: ObjectRow,
+    seq: u64,
+}
+
+impl Ord for Found {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.row.id, self.seq).cmp(&(other.row.id, other.seq))
+    }
+}
+
+impl PartialOrd for Found {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Keyed for Found {
+    const LEN: usize = 32 + 8 + 1 + 1 + 8 + 8 + 4 + 4;
+    fn id(&self) -> &ObjectId {
+        &self.row.id
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        let r = &self.row;
+        out.extend_from_slice(&r.id.0);
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&[r.kind, r.codec]);
+        out.extend_from_slice(&r.pack.to_le_bytes());
+        out.extend_from_slice(&r.offset.to_le_bytes());
+        out.extend_from_slice(&r.stored_len.to_le_bytes());
+        out.extend_from_slice(&r.raw_len.to_le_bytes());
+    }
+    fn get(b: &[u8]) -> Self {
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+        let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+        Found {
+            row: ObjectRow {
+                id: ObjectId(b[..32].try_into().expect("32 bytes")),
+                kind: b[40],
+                codec: b[41],
+                pack: u64_at(42) as i64,
+                offset: u64_at(50),
+                stored_len: u32_at(58),
+                raw_len: u32_at(62),
+            },
+            seq: u64_at(32),
+        }
+    }
+}
+
+/// The rows of the index being rebuilt, gathered pack by pack, then added sorted.
+struct FoundRows {
+    rows: Spill<Found>,
+    seq: u64,
+}
+
+impl FoundRows {
+    /// Rows held in memory at a time: 18 MiB of them (twice that for a partition that grew
+    /// over its share), less than a set of ids takes, as a rebuild's other memory is small.
+    const SHARE: u64 = 1 << 18;
+
+    fn new(repo: &Repository, expected: u64) -> Result<FoundRows> {
+        Ok(FoundRows {
+            rows: Spill::with_share(
+                repo.index_dir(),
+                expected,
+                crate::maintain::batch(FoundRows::SHARE),
+            )?,
+            seq: 0,
+        })
+    }
+
+    /// Records pack `name` in the index and files the rows of its `records`.
+    fn add(
+        &mut self,
+        index: &mut Index,
+        name: &str,
+        len: u64,
+        records: &[(RecordHeader, u64)],
+    ) -> Result<()> {
+        let pack = index.add_pack_alone(name, len)?;
+        for (h, offset) in records {
+            self.seq += 1;
+            self.rows.insert(Found {
+                row: ObjectRow::new(h, pack, *offset),
+                seq: self.seq,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Adds every row to `index`, one range of ids at a time.
+    fn append_to(self, index: &mut Index, progress: &dyn Progress) -> Result<()> {
+        progress.start("rebuild index: objects", self.seq);
+        let sorted = self.rows.finish()?;
+        for part in sorted.partitions() {
+            let part = part?;
+            index.append_objects(part.items().iter().map(|f| &f.row))?;
+            progress.advance(part.items().len() as u64);
+        }
+        progress.finish();
+        Ok(())
+    }
 }
 
 /// Segment `id` as the packs indexed so far hold it, its base read too when it is a delta;

@@ -112,6 +112,7 @@ impl Index {
         tombstone_pack: Option<&SealedPack>,
         gens: &[GenerationInfo],
     ) -> Result<()> {
+        self.recent_rows = None;
         self.write(|tx| {
             if let Some(p) = tombstone_pack {
                 insert_pack(tx, &p.name, p.size, &p.records)?;
@@ -198,6 +199,7 @@ impl Index {
         last_pack: Option<&SealedPack>,
     ) -> Result<()> {
         let keys = self.keys.clone();
+        self.recent_rows = None;
         let duplicate = std::cell::Cell::new(false);
         let written = self.write(|tx| {
             if let Some(p) = last_pack {

@@ -26,7 +26,7 @@ pub use file::{
     fresh_rebuild_path, index_exists, index_path, prefetch_file, replace_live,
     small_next_to_memory, INDEX_FILE,
 };
-pub use objects::{Location, SealedPack};
+pub use objects::{Location, ObjectRow, SealedPack};
 pub use schema::{MERGE_MIN, MERGE_SHARE, SCHEMA_VERSION};
 pub use segments::CacheRow;
 
@@ -38,6 +38,10 @@ pub struct Index {
     /// Rows of the main object table as last counted (merges add to it), to decide merges
     /// without counting a large table after every pack.
     main_rows: Option<u64>,
+    /// Rows of the recent object table as last counted, plus what this process inserted since:
+    /// a rebuild adds thousands of packs, and counting the table after each one read it whole
+    /// each time (the rebuild's time grew with the square of the repository).
+    recent_rows: Option<u64>,
 }
 
 impl Index {
@@ -62,6 +66,7 @@ impl Index {
             path: path.to_path_buf(),
             keys,
             main_rows: None,
+            recent_rows: None,
         };
         idx.setup()?;
         Ok(idx)
@@ -107,6 +112,7 @@ impl Index {
                 path: path.to_path_buf(),
                 keys,
                 main_rows: None,
+                recent_rows: None,
             }),
             Err(rusqlite::Error::InvalidQuery) => Err(Error::Corrupt(format!(
                 "index {} has another schema version and cannot be upgraded read-only; open \

@@ -10,6 +10,41 @@ use crate::repo::object::{ObjectKind, RecordHeader};
 use super::schema::{forget_gone_segments, MERGE_MIN, MERGE_SHARE};
 use super::{bad_row, row_id, Index};
 
+/// One object's row as the main object table holds it: the record header's fields, the row of
+/// the pack holding it and its offset there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ObjectRow {
+    /// Content address.
+    pub id: ObjectId,
+    /// [`ObjectKind`] as stored.
+    pub kind: u8,
+    /// [`RecordHeader::codec_byte`].
+    pub codec: u8,
+    /// Row of its pack in `packs`.
+    pub pack: i64,
+    /// Offset of its record in the pack.
+    pub offset: u64,
+    /// Stored payload length.
+    pub stored_len: u32,
+    /// Plaintext length.
+    pub raw_len: u32,
+}
+
+impl ObjectRow {
+    /// The row of the record `h` at `offset` of the pack whose row is `pack`.
+    pub fn new(h: &RecordHeader, pack: i64, offset: u64) -> ObjectRow {
+        ObjectRow {
+            id: h.id,
+            kind: h.kind as u8,
+            codec: h.codec_byte(),
+            pack,
+            offset,
+            stored_len: h.stored_len,
+            raw_len: h.raw_len,
+        }
+    }
+}
+
 /// Where an object is stored.
 #[derive(Clone, Debug)]
 pub struct Location {
@@ -81,11 +116,13 @@ impl Index {
     /// it (see [`MERGE_MIN`]); `force` merges whatever there is. One transaction: a failure
     /// leaves both tables as they were. Returns the rows moved.
     pub fn merge_recent_objects(&mut self, force: bool) -> Result<u64> {
-        let recent: i64 = self
-            .conn
-            .query_row("SELECT count(*) FROM recent_objects", [], |r| r.get(0))
-            .map_err(|e| self.err(e))?;
-        if recent == 0 || (!force && (recent as u64) < MERGE_MIN) {
+        // A forced merge counts: another process may have added rows since.
+        let recent = match self.recent_rows {
+            Some(n) if !force => n,
+            _ => self.count_recent_rows()?,
+        };
+        self.recent_rows = Some(recent);
+        if recent == 0 || (!force && recent < MERGE_MIN) {
             return Ok(0);
         }
         let main = match self.main_rows {
@@ -93,7 +130,7 @@ impl Index {
             None => self.main_rows_hint()?,
         };
         self.main_rows = Some(main);
-        if !force && (recent as u64) < main / MERGE_SHARE {
+        if !force && recent < main / MERGE_SHARE {
             return Ok(0);
         }
         let mut moved = 0;
@@ -106,7 +143,18 @@ impl Index {
             set_main_rows(tx, main + moved)
         })?;
         self.main_rows = Some(main + moved);
-        Ok(recent as u64)
+        self.recent_rows = Some(0);
+        Ok(recent)
+    }
+
+    /// The rows of `recent_objects`, counted (a read of the whole table).
+    fn count_recent_rows(&self) -> Result<u64> {
+        self.conn
+            .query_row("SELECT count(*) FROM recent_objects", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(|e| self.err(e))
     }
 
     /// The rows of `objects` as `meta` remembers them (see [`MAIN_ROWS_KEY`]); counted, and
@@ -160,10 +208,7 @@ impl Index {
     /// reports: the main table's rows as remembered (counted when they are not) and the recent
     /// rows, without the read of every row that [`Index::object_totals`] makes.
     pub fn object_count_estimate(&self) -> Result<u64> {
-        let recent: i64 = self
-            .conn
-            .query_row("SELECT count(*) FROM recent_objects", [], |r| r.get(0))
-            .map_err(|e| self.err(e))?;
+        let recent = self.count_recent_rows()?;
         let main = match self.main_rows {
             Some(n) => n,
             None => match self.remembered_main_rows()? {
@@ -171,7 +216,7 @@ impl Index {
                 None => self.count_main_rows()?,
             },
         };
-        Ok(main + recent as u64)
+        Ok(main + recent)
     }
 
     /// Records a sealed pack and the objects in it, in one transaction.
@@ -181,10 +226,63 @@ impl Index {
         size: u64,
         records: &[(RecordHeader, u64)],
     ) -> Result<()> {
+        let mut added = 0;
         self.write(|tx| {
-            insert_pack(tx, name, size, records)?;
+            added = insert_pack(tx, name, size, records)?;
             Ok(())
-        })
+        })?;
+        if let Some(n) = self.recent_rows.as_mut() {
+            *n += added;
+        }
+        Ok(())
+    }
+
+    /// Records a pack whose objects come later, sorted, through [`Index::append_objects`]
+    /// (an index rebuild); returns its row.
+    pub fn add_pack_alone(&mut self, name: &str, size: u64) -> Result<i64> {
+        let mut row = 0;
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO packs(name, size) VALUES(?1, ?2)",
+                params![name, size as i64],
+            )?;
+            row = tx.last_insert_rowid();
+            Ok(())
+        })?;
+        Ok(row)
+    }
+
+    /// Adds `rows`, in ascending id order, straight to the main object table in one
+    /// transaction; of rows with one id the first is kept. For an index being rebuilt: rows
+    /// that come sorted are appended page after page, where rows in pack order would land on
+    /// random pages of a table of millions of rows, each page written again and again. Returns
+    /// the rows added.
+    pub fn append_objects<'r>(&mut self, rows: impl Iterator<Item = &'r ObjectRow>) -> Result<u64> {
+        let main = match self.main_rows {
+            Some(n) => n,
+            None => self.main_rows_hint()?,
+        };
+        let mut added = 0;
+        self.write(|tx| {
+            let mut st = tx.prepare_cached(
+                "INSERT OR IGNORE INTO objects(id, kind, codec, pack, offset, stored_len, raw_len)
+                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for r in rows {
+                added += st.execute(params![
+                    &r.id.0[..],
+                    r.kind,
+                    r.codec,
+                    r.pack,
+                    r.offset as i64,
+                    r.stored_len,
+                    r.raw_len
+                ])? as u64;
+            }
+            set_main_rows(tx, main + added)
+        })?;
+        self.main_rows = Some(main + added);
+        Ok(added)
     }
 
     /// Garbage collection, one step in one transaction: drops `old_packs` with every object row
@@ -199,6 +297,7 @@ impl Index {
         uncache: &[ObjectId],
     ) -> Result<()> {
         self.main_rows = None;
+        self.recent_rows = None;
         self.write(|tx| {
             let mut gone = 0;
             for name in old_packs {
@@ -247,6 +346,7 @@ impl Index {
         segments: &[ObjectId],
     ) -> Result<()> {
         self.main_rows = None;
+        self.recent_rows = None;
         self.write(|tx| {
             let mut gone = 0;
             for id in objects {
@@ -410,7 +510,7 @@ pub(super) fn insert_pack(
     name: &str,
     size: u64,
     records: &[(RecordHeader, u64)],
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<u64> {
     tx.execute(
         "INSERT INTO packs(name, size) VALUES(?1, ?2)",
         params![name, size as i64],
@@ -422,8 +522,9 @@ pub(super) fn insert_pack(
          SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7
          WHERE NOT EXISTS(SELECT 1 FROM objects WHERE id = ?1)",
     )?;
+    let mut added = 0;
     for (h, offset) in records {
-        st.execute(params![
+        added += st.execute(params![
             &h.id.0[..],
             h.kind as u8,
             h.codec_byte(),
@@ -431,9 +532,9 @@ pub(super) fn insert_pack(
             *offset as i64,
             h.stored_len,
             h.raw_len
-        ])?;
+        ])? as u64;
     }
-    Ok(())
+    Ok(added)
 }
 
 /// A damaged index row, reported as such (never read as something else).
@@ -643,6 +744,61 @@ mod tests {
         assert!(kept(&idx, "tombstone_names", "tombstone").is_empty());
     }
 
+    /// Records of `n` chunks with ids numbered from `from`, each at its own offset.
+    fn chunk_records(from: u64, n: u64) -> Vec<(RecordHeader, u64)> {
+        (from..from + n)
+            .map(|k| {
+                let mut id = [0u8; 32];
+                id[..8].copy_from_slice(&k.to_be_bytes());
+                let h = RecordHeader {
+                    kind: ObjectKind::Chunk,
+                    codec: crate::repo::object::Codec::Raw,
+                    encrypted: false,
+                    id: ObjectId(id),
+                    stored_len: 10,
+                    raw_len: 10,
+                };
+                (h, 16 + k * 100)
+            })
+            .collect()
+    }
+
+    /// A process that adds pack after pack (an index rebuild) counts the recent rows once and
+    /// then adds what it inserts: rows already there are not counted again, and the merge comes
+    /// when the rows it added reach the threshold. A forced merge counts, so rows another
+    /// connection added are merged too.
+    #[test]
+    fn recent_rows_are_counted_once_then_followed_through_a_process_s_own_inserts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let open = || Index::open(&path, true, Arc::new(Keys::none())).unwrap();
+        let mut idx = open();
+        idx.add_pack("p1", 1, &chunk_records(0, MERGE_MIN - 2))
+            .unwrap();
+        assert_eq!(idx.merge_recent_objects(false).unwrap(), 0);
+        assert_eq!(idx.recent_rows, Some(MERGE_MIN - 2));
+        // The same ids again, in another pack, and one new: one row more.
+        idx.add_pack("p2", 1, &chunk_records(0, MERGE_MIN - 1))
+            .unwrap();
+        assert_eq!(idx.recent_rows, Some(MERGE_MIN - 1));
+        assert_eq!(idx.merge_recent_objects(false).unwrap(), 0);
+        idx.add_pack("p3", 1, &chunk_records(MERGE_MIN - 1, 1))
+            .unwrap();
+        assert_eq!(idx.merge_recent_objects(false).unwrap(), MERGE_MIN);
+        assert_eq!(idx.recent_rows, Some(0));
+        assert_eq!(idx.object_totals().unwrap().0, MERGE_MIN);
+
+        // Rows another connection adds are not in this one's count; a forced merge takes them.
+        let mut other = open();
+        other
+            .add_pack("p4", 1, &chunk_records(MERGE_MIN, 5))
+            .unwrap();
+        assert_eq!(idx.merge_recent_objects(false).unwrap(), 0);
+        assert_eq!(idx.merge_recent_objects(true).unwrap(), 5);
+        assert_eq!(idx.count_recent_rows().unwrap(), 0);
+        assert_eq!(idx.object_totals().unwrap().0, MERGE_MIN + 5);
+    }
+
     /// Whether to merge is decided on the row count `meta` remembers, not on a count of the
     /// whole main table; merges set it, gc and repair lower it, and it is counted once when
     /// absent.
@@ -651,23 +807,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.sqlite");
         let open = || Index::open(&path, true, Arc::new(Keys::none())).unwrap();
-        let records = |from: u64, n: u64| -> Vec<(RecordHeader, u64)> {
-            (from..from + n)
-                .map(|k| {
-                    let mut id = [0u8; 32];
-                    id[..8].copy_from_slice(&k.to_be_bytes());
-                    let h = RecordHeader {
-                        kind: ObjectKind::Chunk,
-                        codec: crate::repo::object::Codec::Raw,
-                        encrypted: false,
-                        id: ObjectId(id),
-                        stored_len: 10,
-                        raw_len: 10,
-                    };
-                    (h, 16 + k * 100)
-                })
-                .collect()
-        };
+        let records = chunk_records;
         let remembered = |idx: &Index| -> Option<String> {
             idx.conn
                 .query_row(
