@@ -88,6 +88,9 @@ pub fn run(a: CheckArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             for d in &rep.damaged {
                 println!("  damaged: {d}");
             }
+            for n in &rep.notes {
+                println!("  note: {n}");
+            }
             for d in &rep.shadowed {
                 println!(
                     "  not listed: {d}: a generation of that name is listed from another manifest"

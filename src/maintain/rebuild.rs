@@ -43,6 +43,10 @@ pub struct RebuildReport {
     pub damaged: Vec<String>,
     /// Where the old index was moved, if there was one.
     pub old_index: Option<String>,
+    /// The pack descriptions written again from the new index (a rebuild from the pack files).
+    pub descriptions: Option<crate::maintain::describe::Compaction>,
+    /// What went wrong without making the new index wrong.
+    pub notes: Vec<String>,
 }
 
 /// Where an index rebuild takes each pack's records from.
@@ -311,6 +315,23 @@ pub fn rebuild_index(
     drop(index);
     // Swap the new index in; keep the old one for inspection.
     report.old_index = repo.replace_index(&tmp)?.map(|p| p.display().to_string());
+    if source == RecordSource::PackFiles {
+        // The new index lists every record the packs hold, also those a gc found dead and left
+        // in a pack it did not rewrite, which the descriptions it compacted no longer list: a
+        // check would find the two disagreeing. Described again from the new index, they
+        // agree; the next gc finds those records dead again. A failure loses nothing (a
+        // description is a hint; packs without one are read).
+        let described = repo
+            .open_index()
+            .and_then(|index| crate::maintain::describe::compact(repo, &index, true));
+        match described {
+            Ok(c) => report.descriptions = c,
+            Err(e) => report.notes.push(format!(
+                "the pack descriptions were not written again from the new index: {e}; \
+                 `vmrepo gc` writes them"
+            )),
+        }
+    }
     Ok(report)
 }
 
