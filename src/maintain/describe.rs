@@ -1,5 +1,6 @@
 //! Compacting the pack descriptions (`pack-index/`): gc, which holds the exclusive lock and has
-//! just proved that its index covers the data files, rewrites the descriptions of every indexed
+//! just proved that its index covers the data files (or an index rebuild from the pack files,
+//! whose index lists what they hold), rewrites the descriptions of every indexed
 //! pack from its index as a few objects per shard, then deletes the per-pack descriptions they
 //! replace and those of packs that are gone. A host building its cache then reads a few objects
 //! per shard instead of one per pack, and descriptions of deleted packs do not pile up.
