@@ -351,3 +351,70 @@ fn a_generation_name_recorded_twice_lists_the_committed_one() {
     assert!(!c.stdout.contains("are not generations"), "{}", c.stdout);
     f.all_restore();
 }
+
+/// An index rebuild killed at any point, its object rows filed on disk in many partitions
+/// (tiny batches) or being added to the new index, leaves the live index as it was: every
+/// generation listed and restorable, `check` clean. The next rebuild removes what the killed
+/// ones left (the half-built index, the partition files) and completes.
+#[test]
+fn an_index_rebuild_killed_at_any_point_leaves_the_index_as_it_was() {
+    let mut f = Fixture::new();
+    f.night("a", 7);
+    let listing = || -> Vec<String> {
+        ["a", "b", "c"]
+            .iter()
+            .flat_map(|vm| generations(&f.repo, vm))
+            .collect()
+    };
+    let before = listing();
+    let left_overs = |repo: &Path| -> Vec<String> {
+        fs::read_dir(repo)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("idset-") || n.contains(".rebuild"))
+            .collect()
+    };
+    let mut killed_with_left_overs = 0;
+    for delay_ms in [5u64, 15, 30, 50, 80, 120, 180] {
+        let mut child = std::process::Command::new(BIN)
+            .args([s("check"), p(&f.repo), s("--rebuild-index")])
+            .env("VMREPO_TEST_TINY_BATCHES", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        if !left_overs(&f.repo).is_empty() {
+            killed_with_left_overs += 1;
+        }
+        // Killed (or finished): either way nothing a generation needs is gone.
+        assert_eq!(
+            listing(),
+            before,
+            "after a kill at {delay_ms} ms ({status})"
+        );
+        let c = vmrepo([s("check"), p(&f.repo)]);
+        assert_eq!(
+            c.code, 0,
+            "after a kill at {delay_ms} ms:\n{}{}",
+            c.stdout, c.stderr
+        );
+    }
+    assert!(
+        killed_with_left_overs > 0,
+        "no kill landed while the rebuild had its files out"
+    );
+    f.all_restore();
+    // What a run killed while no other ran would leave (a process long gone): the next
+    // rebuild removes it, though its own rows fit in memory.
+    let dead = f.repo.join("idset-999999999-00000000000000ff");
+    fs::create_dir(&dead).unwrap();
+    fs::write(dead.join("00"), [7u8; 66]).unwrap();
+    let r = vmrepo([s("check"), p(&f.repo), s("--rebuild-index")]);
+    r.ok();
+    assert_eq!(listing(), before);
+    assert!(left_overs(&f.repo).is_empty(), "{:?}", left_overs(&f.repo));
+    f.all_restore();
+}

@@ -167,6 +167,8 @@ impl<R: Keyed> Spill<R> {
 
     /// [`Spill::new`] aiming at `share` records per partition (so holding that many at a time).
     pub fn with_share(parent: &Path, expected: u64, share: u64) -> Result<Spill<R>> {
+        // What killed runs left, whether or not this set goes to disk.
+        remove_left_overs(parent);
         let parts = expected.div_ceil(share).max(1).next_power_of_two();
         let mut spill = Spill {
             bits: 0,
@@ -190,7 +192,6 @@ impl<R: Keyed> Spill<R> {
 
     /// Moves the set to `2^bits` partition files.
     fn move_to_disk(&mut self, bits: u32) -> Result<()> {
-        remove_left_overs(&self.parent);
         let dir = self.parent.join(format!(
             "{DIR_PREFIX}{}-{:016x}",
             std::process::id(),
