@@ -274,19 +274,21 @@ pub(super) fn plan_reuse(
         Ok(all) => all.into_iter().map(Ok).collect(),
         Err(_) => ids.iter().map(|id| repo.read_object(id)).collect(),
     };
-    let mut readable = Vec::with_capacity(ids.len());
-    for ((k, cvs), bytes) in leaves.into_iter().zip(read) {
-        match bytes {
-            Ok(b) => readable.push((k, cvs, b)),
+    let (mut kept, mut kept_ids, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+    for ((leaf, id), read) in leaves.into_iter().zip(ids).zip(read) {
+        match read {
+            Ok(b) => {
+                kept.push(leaf);
+                kept_ids.push(id);
+                bytes.push(b);
+            }
             Err(_) => {
-                patchable.remove(&k);
+                patchable.remove(&leaf.0);
             }
         }
     }
-    let ids: Vec<ObjectId> = readable.iter().map(|(k, _, _)| map.get(*k)).collect();
-    let (keys, bytes): (Vec<_>, Vec<_>) = readable.into_iter().map(|(k, c, b)| ((k, c), b)).unzip();
-    let mut preloaded = HashMap::with_capacity(ids.len());
-    for ((k, cvs), segment) in keys.into_iter().zip(repo.decode_segments(&ids, bytes)) {
+    let mut preloaded = HashMap::with_capacity(kept.len());
+    for ((k, cvs), segment) in kept.into_iter().zip(repo.decode_segments(&kept_ids, bytes)) {
         match segment {
             Ok(s) => {
                 preloaded.insert(k, (s, cvs));
