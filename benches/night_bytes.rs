@@ -1,7 +1,8 @@
 //! Where a night's stored bytes go, and what each chunking choice would make of them: cuts two
 //! nights of a flat disk image the way an ingest does (segments, zero runs left out) with
 //! each chunk-size setting given, and prints for the second night the chunks no earlier night
-//! had (count, plaintext, zstd -3 each as stored, zstd -3 all together) and the chunk lists of
+//! had (count, plaintext, zstd -3 each as stored, zstd -3 all together, zstd -3 each with the
+//! chunk it replaced at the same place as dictionary) and the chunk lists of
 //! the segments that changed (36 bytes per chunk), against the floor of exact 4 KiB-block
 //! dedup (`fixed/4`: the new aligned 4 KiB blocks, compressed together). Run:
 //!
@@ -154,21 +155,22 @@ fn main() {
     let (before, after) = (read(&args[0]), read(&args[1]));
     let mut params = ChunkerParams::default();
     println!(
-        "| setting | mean chunk KiB | new chunks | plaintext MB | stored (zstd -3 each) MB | zstd -3 together MB | changed segments | their chunk lists MB |"
+        "| setting | mean chunk KiB | new chunks | plaintext MB | stored (zstd -3 each) MB | zstd -3 together MB | against the replaced chunk MB | changed segments | their chunk lists MB |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for spec in &args[2..] {
         if let Some(mib) = spec.strip_prefix("seg/") {
             params.segment_size = mib.parse::<u32>().expect("a segment size in MiB") << 20;
-            println!("| segments of {mib} MiB from here on | | | | | | | |");
+            println!("| segments of {mib} MiB from here on | | | | | | | | |");
             continue;
         }
         let seg = params.segment_size as usize;
         let cutting = Cutting::parse(spec);
-        let known: HashSet<[u8; 32]> = before
+        let old: Vec<_> = before
             .par_chunks(seg)
-            .flat_map_iter(|s| cutting.segment(&params, s).into_iter().map(|c| c.0))
+            .map(|s| cutting.segment(&params, s))
             .collect();
+        let known: HashSet<[u8; 32]> = old.iter().flatten().map(|c| c.0).collect();
         let segments: Vec<_> = after
             .par_chunks(seg)
             .map(|s| (s, cutting.segment(&params, s)))
@@ -176,8 +178,9 @@ fn main() {
         let (mut chunks, mut bytes) = (0usize, 0usize);
         let mut fresh = HashSet::new();
         let mut new: Vec<&[u8]> = Vec::new();
+        let mut against: Vec<Option<&[u8]>> = Vec::new();
         let (mut changed, mut listed) = (0usize, 0usize);
-        for (s, cs) in &segments {
+        for (k, (s, cs)) in segments.iter().enumerate() {
             chunks += cs.len();
             bytes += cs.iter().map(|c| c.1.len()).sum::<usize>();
             let mut dirty = false;
@@ -186,6 +189,18 @@ fn main() {
                     dirty = true;
                     if fresh.insert(*id) {
                         new.push(&s[r.clone()]);
+                        // The previous night's chunk overlapping this one most, at the same
+                        // place of the disk.
+                        let base = old.get(k).and_then(|prev| {
+                            prev.iter()
+                                .map(|(_, p)| {
+                                    (r.end.min(p.end).saturating_sub(r.start.max(p.start)), p)
+                                })
+                                .filter(|(o, _)| *o > 0)
+                                .max_by_key(|(o, _)| *o)
+                                .map(|(_, p)| &before[k * seg + p.start..k * seg + p.end])
+                        });
+                        against.push(base);
                     }
                 }
             }
@@ -200,14 +215,31 @@ fn main() {
             .map(|c| zstd::bulk::compress(c, 3).unwrap().len())
             .sum();
         let together = zstd::bulk::compress(&new.concat(), 3).unwrap().len();
+        // Each new chunk compressed with the chunk it replaced as zstd's dictionary (32 bytes
+        // more to name it), or alone where that is not smaller.
+        let delta: usize = new
+            .par_iter()
+            .zip(&against)
+            .map(|(c, base)| {
+                let alone = zstd::bulk::compress(c, 3).unwrap().len();
+                match base {
+                    Some(b) => {
+                        let mut z = zstd::bulk::Compressor::with_dictionary(3, b).unwrap();
+                        (z.compress(c).unwrap().len() + 32).min(alone)
+                    }
+                    None => alone,
+                }
+            })
+            .sum();
         let mb = |n: usize| n as f64 / 1e6;
         println!(
-            "| {spec} | {:.1} | {} | {:.1} | {:.2} | {:.2} | {changed} | {:.2} |",
+            "| {spec} | {:.1} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {changed} | {:.2} |",
             bytes as f64 / chunks.max(1) as f64 / 1024.0,
             new.len(),
             mb(plain),
             mb(each),
             mb(together),
+            mb(delta),
             mb(listed)
         );
     }
