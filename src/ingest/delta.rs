@@ -1,4 +1,5 @@
-//! Which whole segment a new segment is stored against, and in which form.
+//! Which whole segment a new segment is stored against, and in which form; and which chunk
+//! each of its new chunks may be stored against.
 //!
 //! A night that changes a few chunks of a 4 MiB segment used to store the segment's whole chunk
 //! list again (about 9 KiB of ids that do not compress). In a repository of format 3 a new
@@ -16,6 +17,51 @@ use crate::vmware::vm::DiskPlan;
 /// Whether new segments of this repository may be stored as deltas (format 3 and later).
 pub(super) fn enabled(repo: &Repository) -> bool {
     repo.config().format_version >= crate::repo::config::DELTA_SEGMENTS_SINCE
+}
+
+/// Whether new chunks of this repository may be stored as deltas of the chunks they replace
+/// (format 4 and later).
+pub(super) fn chunks_enabled(repo: &Repository) -> bool {
+    repo.config().format_version >= crate::repo::config::DELTA_CHUNKS_SINCE
+}
+
+/// For each of `cuts` (byte ranges of a new segment), the chunk of `previous` (the segment
+/// the disk held at the same place) that covered most of the same bytes: what a guest's write
+/// there replaced, and what a new chunk is most likely to resemble. `None` where only zeros
+/// were.
+pub(super) fn replaced_chunks(
+    previous: &Segment,
+    cuts: &[crate::ingest::chunker::Cut],
+) -> Vec<Option<ObjectId>> {
+    use crate::repo::manifest::Extent;
+    // The previous data extents as (start, end, id), in order.
+    let mut at = 0usize;
+    let old: Vec<(usize, usize, ObjectId)> = previous
+        .extents
+        .iter()
+        .filter_map(|e| {
+            let start = at;
+            at += e.len() as usize;
+            match *e {
+                Extent::Data { id, .. } => Some((start, at, id)),
+                Extent::Zero { .. } => None,
+            }
+        })
+        .collect();
+    let mut first = 0;
+    cuts.iter()
+        .map(|c| {
+            while first < old.len() && old[first].1 <= c.range.start {
+                first += 1;
+            }
+            old[first..]
+                .iter()
+                .take_while(|o| o.0 < c.range.end)
+                .map(|o| (o.1.min(c.range.end) - o.0.max(c.range.start), o.2))
+                .max_by_key(|(overlap, _)| *overlap)
+                .map(|(_, id)| id)
+        })
+        .collect()
 }
 
 /// For each disk of tonight's plan without a map of its own to go by (`known[k]` is `false`),

@@ -35,6 +35,8 @@ pub(super) struct SegmentContext<'a, 's> {
     pub(super) progress: &'a dyn Progress,
     /// New segments may be stored as deltas ([`crate::ingest::delta`]).
     pub(super) deltas: bool,
+    /// New chunks may be stored as deltas of the chunks they replace.
+    pub(super) chunk_deltas: bool,
 }
 
 impl<'a, 's> SegmentContext<'a, 's> {
@@ -51,6 +53,7 @@ impl<'a, 's> SegmentContext<'a, 's> {
             counters,
             progress,
             deltas: crate::ingest::delta::enabled(store.repo()),
+            chunk_deltas: crate::ingest::delta::chunks_enabled(store.repo()),
         }
     }
 }
@@ -387,32 +390,48 @@ pub(super) fn patch_segment(
                 }),
             )));
         }
-        let whole = prev_segment.whole(&prev);
-        let id = store_segment(cx, buf, &p.cuts, &p.segment, &prev, Some(whole))?;
+        let id = store_segment(cx, buf, &p.cuts, &p.segment, &prev, Some(prev_segment))?;
         Ok(Some((id, Some(CacheRow { segment: id, ..row }))))
     })();
     SEGMENT_BUF.with(|cell| cell.replace(owned));
     result
 }
 
-/// Stores a new segment: the chunks `cuts` cut from `buf` that the repository lacks, then the
-/// segment object (as a delta of `prev`'s whole form, `whole` when the caller has it loaded,
-/// when that is worth it); counts them. Returns the segment's id.
+/// Stores a new segment: the chunks `cuts` cut from `buf` that the repository lacks (each as a
+/// delta of the chunk it replaces, when that is worth it), then the segment object (as a delta
+/// of `prev`'s whole form, when that is worth it); counts them. `loaded` is `prev` when the
+/// caller has it loaded; otherwise it is read now, if deltas need it. Returns the segment's id.
 fn store_segment(
     cx: &SegmentContext<'_, '_>,
     buf: &[u8],
     cuts: &[chunker::Cut],
     segment: &Segment,
     prev: &ObjectId,
-    whole: Option<(ObjectId, &Segment)>,
+    loaded: Option<&LoadedSegment>,
 ) -> Result<ObjectId> {
     let counters = cx.counters;
     counters
         .chunks_total
         .fetch_add(cuts.len() as u64, Ordering::Relaxed);
+    let read_now;
+    let loaded = match loaded {
+        Some(l) => Some(l),
+        // Best effort: a previous segment that cannot be read costs tonight's deltas only.
+        None if (cx.deltas || cx.chunk_deltas) && !prev.is_zero() => {
+            read_now = cx.store.repo().load_segment_and_base(prev).ok();
+            read_now.as_ref()
+        }
+        None => None,
+    };
     let chunks: Vec<(ObjectId, &[u8])> =
         cuts.iter().map(|c| (c.id, &buf[c.range.clone()])).collect();
-    let new = cx.store.put_all(ObjectKind::Chunk, &chunks)?;
+    let new = match loaded {
+        Some(l) if cx.chunk_deltas => cx.store.put_chunks(
+            &chunks,
+            &crate::ingest::delta::replaced_chunks(&l.segment, cuts),
+        )?,
+        _ => cx.store.put_all(ObjectKind::Chunk, &chunks)?,
+    };
     for (c, new) in cuts.iter().zip(new) {
         if new {
             counters.chunks_new.fetch_add(1, Ordering::Relaxed);
@@ -421,6 +440,7 @@ fn store_segment(
                 .fetch_add(c.range.len() as u64, Ordering::Relaxed);
         }
     }
+    let whole = loaded.map(|l| l.whole(prev));
     let bytes = crate::ingest::delta::encode(cx.store.repo(), cx.deltas, prev, whole, segment);
     cx.store.put_blob(ObjectKind::Segment, &bytes)
 }

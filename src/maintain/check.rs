@@ -471,7 +471,7 @@ impl ObjectPass<'_> {
                     }
                     Ok(Some(len)) => {
                         let r = if read_data {
-                            repo.packs().read_object(pack, *offset, h).map(|_| ())
+                            repo.read_record_at(pack, *offset, h).map(|_| ())
                         } else if offset + RECORD_HEADER_LEN as u64 + h.stored_len as u64 > len {
                             Err(Error::Corrupt(format!(
                                 "pack file {} is truncated at offset {offset}",

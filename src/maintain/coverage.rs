@@ -29,7 +29,7 @@ use crate::repo::id::ObjectId;
 use crate::repo::index::Index;
 use crate::repo::layout;
 use crate::repo::manifest::{Manifest, Tombstone};
-use crate::repo::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
+use crate::repo::object::{self, Codec, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
 use crate::repo::pack::{is_being_written, list_packs, pack_len, scan_pack, PACK_HEADER_LEN};
 use crate::repo::pack_index::{Described, Descriptions};
 use crate::repo::Repository;
@@ -344,7 +344,7 @@ fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack>
         u.valid_len = rec.offset + RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64;
         match rec.header.kind {
             ObjectKind::Manifest => {
-                match object::decode(&rec.header, &rec.payload, repo.keys())
+                match object::decode(&rec.header, &rec.payload, repo.keys(), None)
                     .map_err(|e| e.to_string())
                     .and_then(|b| Manifest::decode(&b))
                 {
@@ -355,7 +355,7 @@ fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack>
             ObjectKind::Tombstone => {
                 // A tombstone that does not decode names nothing we can honour; it stays
                 // in the pack, which is then kept (it holds a tombstone).
-                if let Ok(t) = object::decode(&rec.header, &rec.payload, repo.keys())
+                if let Ok(t) = object::decode(&rec.header, &rec.payload, repo.keys(), None)
                     .map_err(|e| e.to_string())
                     .and_then(|b| Tombstone::decode(&b))
                 {
@@ -534,13 +534,18 @@ pub fn adopt(
             continue;
         }
         // A described pack's records are taken as described (the description is verified
-        // like any record); a pack read whole has each record verified before it is indexed.
+        // like any record); a pack read whole has each record verified before it is indexed,
+        // except a delta, decoded only with its base, which may be in a pack not indexed yet
+        // (check verifies that its base is indexed; `check --read-data` decodes it).
         let mut records = Vec::new();
         for (h, offset) in &u.records {
             if index.contains(&h.id)? {
                 continue;
             }
-            if u.described || repo.packs().read_object(&u.name, *offset, h).is_ok() {
+            if u.described
+                || h.codec == Codec::Delta
+                || repo.packs().read_object(&u.name, *offset, h).is_ok()
+            {
                 records.push((h.clone(), *offset));
             }
         }

@@ -495,7 +495,7 @@ fn read_live(
     live.into_iter()
         .map(|(offset, header)| {
             let payload = repo.packs().read_record(name, offset, &header)?;
-            repo.packs().decode_at(name, offset, &header, &payload)?;
+            repo.decode_record_at(name, offset, &header, &payload)?;
             Ok(EncodedObject { header, payload })
         })
         .collect()

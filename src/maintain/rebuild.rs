@@ -15,7 +15,7 @@ use crate::repo::id::ObjectId;
 use crate::repo::index::{CacheRow, Index, ObjectRow};
 use crate::repo::layout;
 use crate::repo::manifest::{DiskMap, Extent, Manifest, Segment, StoredSegment, Tombstone};
-use crate::repo::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
+use crate::repo::object::{self, Codec, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
 use crate::repo::pack::{is_being_written, list_packs, scan_pack};
 use crate::repo::pack_index::{Described, Descriptions};
 use crate::repo::Repository;
@@ -166,7 +166,14 @@ pub fn rebuild_index(
             let mut records = Vec::new();
             let (len, tail) = scan_pack(backend, name, |rec| {
                 progress.advance(RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64);
-                match object::decode(&rec.header, &rec.payload, repo.keys()) {
+                if rec.header.codec == Codec::Delta {
+                    // Decoded only with its base, which may sit in a pack not read yet: indexed
+                    // as found, as a described pack's records are (`check --read-data` decodes
+                    // it; check verifies that its base is indexed and stored on its own).
+                    records.push((rec.header, rec.offset));
+                    return Ok(());
+                }
+                match object::decode(&rec.header, &rec.payload, repo.keys(), None) {
                     Err(e) => report
                         .damaged
                         .push(format!("pack {name} offset {}: {e}", rec.offset)),
@@ -356,7 +363,7 @@ impl PartialOrd for Found {
 }
 
 impl Keyed for Found {
-    const LEN: usize = 32 + 8 + 1 + 1 + 8 + 8 + 4 + 4;
+    const LEN: usize = 32 + 8 + 1 + 1 + 8 + 8 + 4 + 4 + 32;
     fn id(&self) -> &ObjectId {
         &self.row.id
     }
@@ -369,6 +376,8 @@ impl Keyed for Found {
         out.extend_from_slice(&r.offset.to_le_bytes());
         out.extend_from_slice(&r.stored_len.to_le_bytes());
         out.extend_from_slice(&r.raw_len.to_le_bytes());
+        // The all-zero id names no chunk: it stands for no base.
+        out.extend_from_slice(&r.base.unwrap_or(ObjectId::ZERO).0);
     }
     fn get(b: &[u8]) -> Self {
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
@@ -382,6 +391,8 @@ impl Keyed for Found {
                 offset: u64_at(50),
                 stored_len: u32_at(58),
                 raw_len: u32_at(62),
+                base: Some(ObjectId(b[66..98].try_into().expect("32 bytes")))
+                    .filter(|b| !b.is_zero()),
             },
             seq: u64_at(32),
         }

@@ -6,14 +6,18 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, Durability};
 use crate::error::{Error, IoContext, Result};
 
-/// The newest repository format this build reads and writes, the format `init` makes: 3 since
-/// segments may be stored as deltas of other segments ([`DELTA_SEGMENTS_SINCE`]). Repositories
-/// of formats 1 and 2 are read and written as they are, whole segments only, so that the builds
-/// that made them still read them.
-pub const FORMAT_VERSION: u32 = 3;
+/// The newest repository format this build reads and writes, the format `init` makes: 4 since
+/// chunks may be stored as deltas of other chunks ([`DELTA_CHUNKS_SINCE`]), 3 since segments
+/// may be stored as deltas of other segments ([`DELTA_SEGMENTS_SINCE`]). Repositories of
+/// earlier formats are read and written as they are, without what later formats added, so
+/// that the builds that made them still read them.
+pub const FORMAT_VERSION: u32 = 4;
 
 /// The first format whose segments may be stored as differences from another segment.
 pub const DELTA_SEGMENTS_SINCE: u32 = 3;
+
+/// The first format whose chunks may be stored compressed against another chunk.
+pub const DELTA_CHUNKS_SINCE: u32 = 4;
 
 /// The oldest format a repository whose chunker cuts at `cut_points` may have.
 pub fn format_version_for(cut_points: CutPoints) -> u32 {

@@ -37,7 +37,7 @@ use crate::repo::index::{Index, Location};
 use crate::repo::keyfile::KdfCost;
 use crate::repo::lock::{lock_repository, Lock, LockMode};
 use crate::repo::manifest::{DiskMap, Manifest, Segment, StoredSegment};
-use crate::repo::object::RECORD_HEADER_LEN;
+use crate::repo::object::{ObjectKind, RecordHeader, RECORD_HEADER_LEN};
 use crate::repo::pack::PackReader;
 
 pub use crate::repo::index::INDEX_FILE;
@@ -461,10 +461,7 @@ impl Repository {
 
     /// Reads, decompresses and verifies object `id`.
     pub fn read_object(&self, id: &ObjectId) -> Result<Vec<u8>> {
-        let loc = self
-            .with_index(|i| i.lookup(id))?
-            .ok_or_else(|| Error::Corrupt(format!("object {} is not in the index", id.short())))?;
-        self.reader.read_object(&loc.pack, loc.offset, &loc.header)
+        Ok(self.read_objects(std::slice::from_ref(id))?.remove(0))
     }
 
     /// Reads, decompresses and verifies several objects; returned in the order of `ids`.
@@ -474,7 +471,19 @@ impl Repository {
     /// random read at a time (loading the previous versions of a change-aware ingest's
     /// touched segments, scattered over the repository).
     pub fn read_objects(&self, ids: &[ObjectId]) -> Result<Vec<Vec<u8>>> {
-        let mut out = self.read_objects_into(ids, &vec![None; ids.len()], &mut [])?;
+        self.read_objects_as(ids, true)
+    }
+
+    /// Reads chunks stored on their own, as the bases of deltas are: one stored as a delta, or
+    /// an object of another kind, is damage.
+    pub fn read_bases(&self, ids: &[ObjectId]) -> Result<Vec<Vec<u8>>> {
+        self.read_objects_as(ids, false)
+    }
+
+    /// [`Repository::read_objects`]; unless `deltas`, an object stored as a delta is damage
+    /// (the bases of deltas are read this way: a base is always stored on its own).
+    fn read_objects_as(&self, ids: &[ObjectId], deltas: bool) -> Result<Vec<Vec<u8>>> {
+        let mut out = self.read_objects_inner(ids, &vec![None; ids.len()], &mut [], deltas)?;
         Ok(out
             .iter_mut()
             .map(|o| o.take().expect("every object is returned"))
@@ -490,6 +499,19 @@ impl Repository {
         ids: &[ObjectId],
         into: &[Option<std::ops::Range<usize>>],
         out: &mut [u8],
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        self.read_objects_inner(ids, into, out, true)
+    }
+
+    /// [`Repository::read_objects_into`]; `deltas` as in [`Repository::read_objects_as`]. A
+    /// delta is decoded once every span is read, with its base read then (bases that several
+    /// deltas share, once).
+    fn read_objects_inner(
+        &self,
+        ids: &[ObjectId],
+        into: &[Option<std::ops::Range<usize>>],
+        out: &mut [u8],
+        deltas: bool,
     ) -> Result<Vec<Option<Vec<u8>>>> {
         thread_local! {
             /// This thread's buffer for pack spans, kept so that each read does not allocate
@@ -516,6 +538,8 @@ impl Repository {
             }
         }
         let mut decoded: Vec<Option<Vec<u8>>> = vec![None; ids.len()];
+        // Deltas met in the spans: (object, its base, its payload).
+        let mut pending: Vec<(usize, ObjectId, Vec<u8>)> = Vec::new();
         SPAN.with(|cell| -> Result<()> {
             let mut buf = cell.borrow_mut();
             for &(i, j, len) in &spans {
@@ -534,18 +558,45 @@ impl Repository {
                     let payload = self
                         .reader
                         .check_record(&l.pack, l.offset, record, &l.header)?;
+                    if let Some(base) = object::delta_base(&l.header, payload) {
+                        if !deltas {
+                            return Err(self.reader.placed(
+                                Error::Corrupt(format!(
+                                    "chunk {} is named as the base of a delta but is a delta \
+                                     itself",
+                                    l.header.id.short()
+                                )),
+                                &l.pack,
+                                l.offset,
+                            ));
+                        }
+                        pending.push((k, base, payload.to_vec()));
+                        continue;
+                    }
+                    if !deltas && l.header.kind != ObjectKind::Chunk {
+                        return Err(self.reader.placed(
+                            Error::Corrupt(format!(
+                                "{} {} is named as the base of a delta but is not a chunk",
+                                l.header.kind.name(),
+                                l.header.id.short()
+                            )),
+                            &l.pack,
+                            l.offset,
+                        ));
+                    }
                     match &into[k] {
                         Some(r) => self.reader.decode_at_into(
                             &l.pack,
                             l.offset,
                             &l.header,
                             payload,
+                            None,
                             &mut out[r.clone()],
                         )?,
                         None => {
                             decoded[k] = Some(
                                 self.reader
-                                    .decode_at(&l.pack, l.offset, &l.header, payload)?,
+                                    .decode_at(&l.pack, l.offset, &l.header, payload, None)?,
                             )
                         }
                     }
@@ -556,7 +607,79 @@ impl Repository {
             }
             Ok(())
         })?;
+        if !pending.is_empty() {
+            let mut bases: Vec<ObjectId> = pending.iter().map(|p| p.1).collect();
+            bases.sort_unstable();
+            bases.dedup();
+            let plain = self.read_objects_as(&bases, false)?;
+            for (k, base, payload) in pending {
+                let b = &plain[bases.binary_search(&base).expect("every base was read")];
+                let l = &locs[k];
+                match &into[k] {
+                    Some(r) => self.reader.decode_at_into(
+                        &l.pack,
+                        l.offset,
+                        &l.header,
+                        &payload,
+                        Some(b),
+                        &mut out[r.clone()],
+                    )?,
+                    None => {
+                        decoded[k] = Some(self.reader.decode_at(
+                            &l.pack,
+                            l.offset,
+                            &l.header,
+                            &payload,
+                            Some(b),
+                        )?)
+                    }
+                }
+            }
+        }
         Ok(decoded)
+    }
+
+    /// Reads and decodes the record `expect` at `offset` of `pack` (a delta with its base, read
+    /// through the index).
+    pub fn read_record_at(
+        &self,
+        pack: &str,
+        offset: u64,
+        expect: &RecordHeader,
+    ) -> Result<Vec<u8>> {
+        let payload = self.reader.read_record(pack, offset, expect)?;
+        self.decode_record_at(pack, offset, expect, &payload)
+    }
+
+    /// Decodes the payload of record `expect` read at `offset` of `pack` (a delta with its base,
+    /// read through the index).
+    pub fn decode_record_at(
+        &self,
+        pack: &str,
+        offset: u64,
+        expect: &RecordHeader,
+        payload: &[u8],
+    ) -> Result<Vec<u8>> {
+        let base = match object::delta_base(expect, payload) {
+            Some(b) => Some(
+                self.read_objects_as(&[b], false)
+                    .map_err(|e| {
+                        self.reader.placed(
+                            Error::Corrupt(format!(
+                                "chunk {} is stored against chunk {}, which cannot be read: {e}",
+                                expect.id.short(),
+                                b.short()
+                            )),
+                            pack,
+                            offset,
+                        )
+                    })?
+                    .remove(0),
+            ),
+            None => None,
+        };
+        self.reader
+            .decode_at(pack, offset, expect, payload, base.as_deref())
     }
 
     /// Asks the storage to start fetching objects `ids` ahead of their reads (the records of

@@ -1,9 +1,15 @@
 //! Stored objects: the self-describing record that wraps every object in a pack file, and the
-//! encoding of its payload (zstd or raw; room for authenticated encryption).
+//! encoding of its payload (zstd, raw, or zstd against a base chunk; optionally encrypted).
 //!
 //! Record layout (little-endian, see docs/FORMAT.md):
 //! `magic "vrOB" | kind u8 | codec u8 | cipher u8 | 0u8 | stored_len u32 | raw_len u32 | id [32] |
 //! crc32(previous 48 bytes) u32 | payload[stored_len]`.
+//!
+//! A chunk stored against a base (codec 2, a delta) is a zstd frame compressed with the base
+//! chunk's plaintext as its dictionary; its payload starts with the base's id, in the clear, so
+//! that gc and an index rebuild learn the dependency without decoding anything. A base is
+//! always a chunk stored on its own (codec 0 or 1): a delta is decoded with one more object,
+//! never through a chain.
 
 use crate::error::{Error, Result};
 use crate::repo::compressibility::looks_incompressible;
@@ -74,7 +80,13 @@ pub enum Codec {
     Raw = 0,
     /// zstd frame.
     Zstd = 1,
+    /// zstd frame compressed with a base chunk's plaintext as dictionary; the payload starts
+    /// with the base's id (chunks only).
+    Delta = 2,
 }
+
+/// Bytes of a delta's payload that name its base, before the (possibly encrypted) frame.
+pub const DELTA_BASE_LEN: usize = 32;
 
 /// A decoded record header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,6 +103,10 @@ pub struct RecordHeader {
     pub id: ObjectId,
     /// The payload is AES-256-GCM encrypted (cipher byte 1).
     pub encrypted: bool,
+    /// For a delta (codec 2), the chunk it is stored against. Not part of the 52 header bytes:
+    /// it is the start of the payload ([`RecordHeader::decode`] leaves it `None`;
+    /// [`RecordHeader::with_base_from`] reads it), and the index keeps it with the record's row.
+    pub base: Option<ObjectId>,
 }
 
 impl RecordHeader {
@@ -105,6 +121,21 @@ impl RecordHeader {
         a
     }
 
+    /// The header of a record whose `payload` follows it: a delta's base read from the payload.
+    /// A delta too short to name one is left without (its decode reports it).
+    pub fn with_base_from(mut self, payload: &[u8]) -> RecordHeader {
+        self.base = delta_base(&self, payload);
+        self
+    }
+
+    /// [`RecordHeader::aad`] of a delta, followed by the id of its base.
+    fn delta_aad(&self, base: &ObjectId) -> [u8; 72] {
+        let mut a = [0u8; 72];
+        a[..40].copy_from_slice(&self.aad());
+        a[40..].copy_from_slice(&base.0);
+        a
+    }
+
     /// The codec and cipher packed into one byte, as the index stores them.
     pub fn codec_byte(&self) -> u8 {
         self.codec as u8 | (self.encrypted as u8) << 4
@@ -113,10 +144,10 @@ impl RecordHeader {
     /// Splits [`RecordHeader::codec_byte`] back.
     pub fn from_codec_byte(b: u8) -> (Codec, bool) {
         (
-            if b & 0x0f == 0 {
-                Codec::Raw
-            } else {
-                Codec::Zstd
+            match b & 0x0f {
+                0 => Codec::Raw,
+                1 => Codec::Zstd,
+                _ => Codec::Delta,
             },
             b & 0x10 != 0,
         )
@@ -154,6 +185,7 @@ impl RecordHeader {
         let codec = match h[5] {
             0 => Codec::Raw,
             1 => Codec::Zstd,
+            2 => Codec::Delta,
             c => return Err(format!("unknown codec {c}")),
         };
         let encrypted = match h[6] {
@@ -170,6 +202,12 @@ impl RecordHeader {
         if codec == Codec::Raw && stored_len != raw_len + overhead {
             return Err("raw record with differing lengths".into());
         }
+        if codec == Codec::Delta
+            && (kind != ObjectKind::Chunk
+                || (stored_len as usize) < DELTA_BASE_LEN + overhead as usize)
+        {
+            return Err("a delta record that is not a chunk, or too short to name its base".into());
+        }
         Ok(RecordHeader {
             kind,
             codec,
@@ -177,6 +215,7 @@ impl RecordHeader {
             raw_len,
             id: ObjectId::from_slice(&h[16..48]).unwrap(),
             encrypted,
+            base: None,
         })
     }
 }
@@ -233,6 +272,7 @@ pub fn encode(
         raw_len: data.len() as u32,
         id,
         encrypted: keys.encrypted(),
+        base: None,
     };
     let payload = if header.encrypted {
         let sealed = keys.encrypt(&header.aad(), &payload);
@@ -244,15 +284,88 @@ pub fn encode(
     EncodedObject { header, payload }
 }
 
+/// Encodes chunk `data` as [`encode`] does, or, given `base` (a chunk stored on its own: its id
+/// and plaintext), as a delta of it when that takes at most half the bytes of the chunk stored
+/// on its own. A delta whose base is dropped by a later gc is never left behind: gc keeps the
+/// base of every live delta (docs/FORMAT.md).
+pub fn encode_chunk(
+    id: ObjectId,
+    data: &[u8],
+    level: i32,
+    keys: &Keys,
+    base: Option<(ObjectId, &[u8])>,
+) -> EncodedObject {
+    let whole = encode(ObjectKind::Chunk, id, data, level, keys);
+    let Some((base_id, base_data)) = base else {
+        return whole;
+    };
+    let Some(frame) = compress_against(data, base_data, level) else {
+        return whole;
+    };
+    let overhead = if keys.encrypted() { CIPHER_OVERHEAD } else { 0 };
+    let stored = DELTA_BASE_LEN + frame.len() + overhead;
+    if stored * 2 > whole.payload.len() {
+        return whole;
+    }
+    let header = RecordHeader {
+        kind: ObjectKind::Chunk,
+        codec: Codec::Delta,
+        stored_len: stored as u32,
+        raw_len: data.len() as u32,
+        id,
+        encrypted: keys.encrypted(),
+        base: Some(base_id),
+    };
+    let mut payload = Vec::with_capacity(stored);
+    payload.extend_from_slice(&base_id.0);
+    if header.encrypted {
+        payload.extend_from_slice(&keys.encrypt(&header.delta_aad(&base_id), &frame));
+    } else {
+        payload.extend_from_slice(&frame);
+    }
+    debug_assert_eq!(payload.len(), stored);
+    EncodedObject { header, payload }
+}
+
+/// `data` compressed into one zstd frame with `base` as its dictionary (raw content).
+fn compress_against(data: &[u8], base: &[u8], level: i32) -> Option<Vec<u8>> {
+    use zstd::zstd_safe::{CCtx, CParameter};
+    let mut cx = CCtx::try_create()?;
+    cx.set_parameter(CParameter::CompressionLevel(level)).ok()?;
+    cx.ref_prefix(base).ok()?;
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+    cx.compress2(&mut out, data).ok()?;
+    Some(out)
+}
+
+/// The base a record is stored against, when it is a delta: named by the first bytes of its
+/// payload, readable without any key.
+pub fn delta_base(header: &RecordHeader, payload: &[u8]) -> Option<ObjectId> {
+    if header.codec != Codec::Delta {
+        return None;
+    }
+    ObjectId::from_slice(payload.get(..DELTA_BASE_LEN)?)
+}
+
 /// Decodes a payload back to plaintext (decrypting it if it is encrypted) and verifies it
-/// against the header's id.
-pub fn decode(header: &RecordHeader, payload: &[u8], keys: &Keys) -> Result<Vec<u8>> {
-    let payload = decrypted(header, payload, keys)?;
+/// against the header's id. A delta needs its base's plaintext, `base`.
+pub fn decode(
+    header: &RecordHeader,
+    payload: &[u8],
+    keys: &Keys,
+    base: Option<&[u8]>,
+) -> Result<Vec<u8>> {
     let data = match header.codec {
-        Codec::Raw => payload.into_owned(),
+        Codec::Raw => decrypted(header, payload, keys)?.into_owned(),
         Codec::Zstd => {
+            let payload = decrypted(header, payload, keys)?;
             let mut out = Vec::with_capacity(header.raw_len as usize);
             decompress(header, &payload, &mut out)?;
+            out
+        }
+        Codec::Delta => {
+            let mut out = vec![0u8; header.raw_len as usize];
+            decode_delta(header, payload, keys, base, &mut out)?;
             out
         }
     };
@@ -266,6 +379,7 @@ pub fn decode_into(
     header: &RecordHeader,
     payload: &[u8],
     keys: &Keys,
+    base: Option<&[u8]>,
     out: &mut [u8],
 ) -> Result<()> {
     if out.len() != header.raw_len as usize {
@@ -277,13 +391,69 @@ pub fn decode_into(
             out.len()
         )));
     }
-    let payload = decrypted(header, payload, keys)?;
     match header.codec {
-        Codec::Raw if payload.len() == out.len() => out.copy_from_slice(&payload),
-        Codec::Raw => return Err(wrong_length(header, payload.len())),
-        Codec::Zstd => decompress(header, &payload, out)?,
+        Codec::Raw => {
+            let payload = decrypted(header, payload, keys)?;
+            if payload.len() != out.len() {
+                return Err(wrong_length(header, payload.len()));
+            }
+            out.copy_from_slice(&payload)
+        }
+        Codec::Zstd => decompress(header, &decrypted(header, payload, keys)?, out)?,
+        Codec::Delta => decode_delta(header, payload, keys, base, out)?,
     }
     verify(header, out, keys)
+}
+
+/// Decompresses a delta's frame into `out` (exactly its length) with its base's plaintext.
+fn decode_delta(
+    header: &RecordHeader,
+    payload: &[u8],
+    keys: &Keys,
+    base: Option<&[u8]>,
+    out: &mut [u8],
+) -> Result<()> {
+    let what = || format!("{} {}", header.kind.name(), header.id.short());
+    let base_id = delta_base(header, payload)
+        .ok_or_else(|| Error::Corrupt(format!("{} is too short to name its base", what())))?;
+    let base = base.ok_or_else(|| {
+        Error::Corrupt(format!(
+            "{} is stored against chunk {}, which was not read with it",
+            what(),
+            base_id.short()
+        ))
+    })?;
+    let frame = &payload[DELTA_BASE_LEN..];
+    let frame = match (header.encrypted, keys.encrypted()) {
+        (true, true) => std::borrow::Cow::Owned(
+            keys.decrypt(&header.delta_aad(&base_id), frame)
+                .ok_or_else(|| {
+                    Error::Corrupt(format!(
+                        "{} fails authentication (altered, damaged, or written with another key)",
+                        what()
+                    ))
+                })?,
+        ),
+        _ => decrypted(header, frame, keys)?,
+    };
+    use zstd::zstd_safe::DCtx;
+    let mut dx = DCtx::try_create()
+        .ok_or_else(|| Error::Corrupt(format!("{}: zstd is unavailable", what())))?;
+    let n = dx
+        .ref_prefix(base)
+        .and_then(|_| dx.decompress(out, &frame))
+        .map_err(|code| {
+            Error::Corrupt(format!(
+                "{} does not decompress against its base {}: {}",
+                what(),
+                base_id.short(),
+                zstd::zstd_safe::get_error_name(code)
+            ))
+        })?;
+    if n != header.raw_len as usize {
+        return Err(wrong_length(header, n));
+    }
+    Ok(())
 }
 
 /// The payload with its encryption removed (authenticated), or as stored when the repository
@@ -383,7 +553,10 @@ mod tests {
         assert_eq!(obj.header.codec, Codec::Zstd);
         let mut h = obj.header.encode();
         assert_eq!(RecordHeader::decode(&h).unwrap(), obj.header);
-        assert_eq!(decode(&obj.header, &obj.payload, &none).unwrap(), data);
+        assert_eq!(
+            decode(&obj.header, &obj.payload, &none, None).unwrap(),
+            data
+        );
         h[20] ^= 1;
         assert!(RecordHeader::decode(&h).unwrap_err().contains("checksum"));
     }
@@ -397,7 +570,7 @@ mod tests {
         let obj = encode(ObjectKind::File, ObjectId::of(&data), &data, 3, &none);
         let mut payload = obj.payload.clone();
         payload[100] ^= 0x40;
-        assert!(decode(&obj.header, &payload, &none).is_err());
+        assert!(decode(&obj.header, &payload, &none, None).is_err());
     }
 
     #[test]
@@ -411,12 +584,99 @@ mod tests {
             assert!(obj.header.encrypted);
             let h = RecordHeader::decode(&obj.header.encode()).unwrap();
             assert_eq!(h, obj.header);
-            assert_eq!(decode(&h, &obj.payload, &keys).unwrap(), data);
-            assert!(decode(&h, &obj.payload, &Keys::none()).is_err());
-            assert!(decode(&h, &obj.payload, &Keys::from_master(&[4; 32])).is_err());
+            assert_eq!(decode(&h, &obj.payload, &keys, None).unwrap(), data);
+            assert!(decode(&h, &obj.payload, &Keys::none(), None).is_err());
+            assert!(decode(&h, &obj.payload, &Keys::from_master(&[4; 32]), None).is_err());
             let mut other = h.clone();
             other.kind = ObjectKind::File;
-            assert!(decode(&other, &obj.payload, &keys).is_err());
+            assert!(decode(&other, &obj.payload, &keys, None).is_err());
         }
+    }
+
+    /// A chunk much like another: 40 KiB of varied bytes, then the same with 300 bytes changed.
+    fn similar_pair() -> (Vec<u8>, Vec<u8>) {
+        let base: Vec<u8> = (0..40_000u32)
+            .map(|i| ((i.wrapping_mul(2654435761) >> 11) % 61) as u8)
+            .collect();
+        let mut new = base.clone();
+        for b in &mut new[20_000..20_300] {
+            *b = b.wrapping_add(7);
+        }
+        (base, new)
+    }
+
+    #[test]
+    fn a_chunk_like_its_base_is_stored_as_a_small_delta_and_decodes_only_with_that_base() {
+        for keys in [Keys::none(), Keys::from_master(&[5; 32])] {
+            let (base, new) = similar_pair();
+            let (bid, nid) = (keys.id_of(&base), keys.id_of(&new));
+            let whole = encode(ObjectKind::Chunk, nid, &new, 3, &keys);
+            let obj = encode_chunk(nid, &new, 3, &keys, Some((bid, &base)));
+            assert_eq!(obj.header.codec, Codec::Delta);
+            assert!(
+                obj.payload.len() * 4 < whole.payload.len(),
+                "{} vs {}",
+                obj.payload.len(),
+                whole.payload.len()
+            );
+            let h = RecordHeader::decode(&obj.header.encode()).unwrap();
+            assert_eq!(h.base, None);
+            let h = h.with_base_from(&obj.payload);
+            assert_eq!(h, obj.header);
+            assert_eq!(delta_base(&h, &obj.payload), Some(bid));
+            assert_eq!(decode(&h, &obj.payload, &keys, Some(&base)).unwrap(), new);
+            let mut out = vec![0u8; new.len()];
+            decode_into(&h, &obj.payload, &keys, Some(&base), &mut out).unwrap();
+            assert_eq!(out, new);
+            // Without its base, or with another, it is damage, never other bytes.
+            let err = decode(&h, &obj.payload, &keys, None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("stored against chunk"), "{err}");
+            assert!(decode(&h, &obj.payload, &keys, Some(&new)).is_err());
+            // Naming another base in the payload is caught too.
+            let mut other = obj.payload.clone();
+            other[0] ^= 1;
+            assert!(decode(&h, &other, &keys, Some(&base)).is_err());
+        }
+    }
+
+    #[test]
+    fn a_chunk_unlike_its_base_is_stored_on_its_own() {
+        let keys = Keys::none();
+        let (base, _) = similar_pair();
+        let other: Vec<u8> = (0..40_000u32)
+            .map(|i| (i % 7) as u8 ^ (i >> 9) as u8)
+            .collect();
+        let obj = encode_chunk(
+            keys.id_of(&other),
+            &other,
+            3,
+            &keys,
+            Some((keys.id_of(&base), &base)),
+        );
+        assert_ne!(obj.header.codec, Codec::Delta);
+        assert_eq!(
+            decode(&obj.header, &obj.payload, &keys, None).unwrap(),
+            other
+        );
+    }
+
+    #[test]
+    fn only_a_chunk_may_be_a_delta() {
+        let keys = Keys::none();
+        let (base, new) = similar_pair();
+        let obj = encode_chunk(
+            keys.id_of(&new),
+            &new,
+            3,
+            &keys,
+            Some((keys.id_of(&base), &base)),
+        );
+        let mut h = obj.header.encode();
+        h[4] = ObjectKind::File as u8;
+        let crc = crc32fast::hash(&h[0..48]);
+        h[48..52].copy_from_slice(&crc.to_le_bytes());
+        assert!(RecordHeader::decode(&h).unwrap_err().contains("delta"));
     }
 }

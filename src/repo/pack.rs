@@ -233,7 +233,12 @@ impl PackReader {
                 expect.id.short()
             ))
         })?;
-        if found != *expect {
+        // A delta's base is in its payload, checked by check_record.
+        if (RecordHeader {
+            base: expect.base,
+            ..found.clone()
+        }) != *expect
+        {
             return Err(Error::Corrupt(format!(
                 "pack file {} offset {offset} holds {} {}, the index expects {} {}",
                 path(),
@@ -256,7 +261,20 @@ impl PackReader {
         expect: &RecordHeader,
     ) -> Result<&'b [u8]> {
         self.check_header(pack, offset, &record[..RECORD_HEADER_LEN], expect)?;
-        Ok(&record[RECORD_HEADER_LEN..RECORD_HEADER_LEN + expect.stored_len as usize])
+        let payload = &record[RECORD_HEADER_LEN..RECORD_HEADER_LEN + expect.stored_len as usize];
+        let base = crate::repo::object::delta_base(expect, payload);
+        if base != expect.base {
+            return Err(Error::Corrupt(format!(
+                "pack file {} offset {offset}: chunk {} is stored against {}, the index expects {}",
+                self.path(pack).display(),
+                expect.id.short(),
+                base.map_or("no base".to_string(), |b| format!("chunk {}", b.short())),
+                expect
+                    .base
+                    .map_or("no base".to_string(), |b| format!("chunk {}", b.short()))
+            )));
+        }
+        Ok(payload)
     }
 
     /// Reads the record at `offset` and checks that its header says `expect`; returns the payload.
@@ -270,15 +288,17 @@ impl PackReader {
         Ok(self.check_record(pack, offset, &buf, expect)?.to_vec())
     }
 
-    /// Decodes a payload read from `pack` at `offset`, naming the place on damage.
+    /// Decodes a payload read from `pack` at `offset` (a delta with its base's plaintext,
+    /// `base`), naming the place on damage.
     pub fn decode_at(
         &self,
         pack: &str,
         offset: u64,
         expect: &RecordHeader,
         payload: &[u8],
+        base: Option<&[u8]>,
     ) -> Result<Vec<u8>> {
-        crate::repo::object::decode(expect, payload, &self.keys)
+        crate::repo::object::decode(expect, payload, &self.keys, base)
             .map_err(|e| self.placed(e, pack, offset))
     }
 
@@ -290,14 +310,22 @@ impl PackReader {
         offset: u64,
         expect: &RecordHeader,
         payload: &[u8],
+        base: Option<&[u8]>,
         out: &mut [u8],
     ) -> Result<()> {
-        crate::repo::object::decode_into(expect, payload, &self.keys, out)
+        crate::repo::object::decode_into(expect, payload, &self.keys, base, out)
             .map_err(|e| self.placed(e, pack, offset))
     }
 
+    /// Reads a record stored on its own (not a delta: that is decoded with its base, see
+    /// [`crate::repo::Repository::read_record_at`]) and decodes its plaintext.
+    pub fn read_object(&self, pack: &str, offset: u64, expect: &RecordHeader) -> Result<Vec<u8>> {
+        let payload = self.read_record(pack, offset, expect)?;
+        self.decode_at(pack, offset, expect, &payload, None)
+    }
+
     /// Adds the pack file and offset to a damage message.
-    fn placed(&self, e: Error, pack: &str, offset: u64) -> Error {
+    pub fn placed(&self, e: Error, pack: &str, offset: u64) -> Error {
         match e {
             Error::Corrupt(m) => Error::Corrupt(format!(
                 "{m} (pack file {} offset {offset})",
@@ -305,12 +333,6 @@ impl PackReader {
             )),
             other => other,
         }
-    }
-
-    /// Reads a record and decodes (decompresses and verifies) its plaintext.
-    pub fn read_object(&self, pack: &str, offset: u64, expect: &RecordHeader) -> Result<Vec<u8>> {
-        let payload = self.read_record(pack, offset, expect)?;
-        self.decode_at(pack, offset, expect, &payload)
     }
 }
 
@@ -358,7 +380,7 @@ pub fn scan_pack(
         }
         let next = offset + RECORD_HEADER_LEN as u64 + header.stored_len as u64;
         f(ScannedRecord {
-            header,
+            header: header.with_base_from(&payload),
             offset,
             payload,
         })?;

@@ -17,14 +17,16 @@ use std::sync::Mutex;
 use crate::backend::{Backend, Durability};
 use crate::repo::crypto::Keys;
 use crate::repo::fanout;
+use crate::repo::id::ObjectId;
 use crate::repo::layout;
-use crate::repo::object::{self, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
+use crate::repo::object::{self, Codec, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
 use crate::repo::pack::{PackReader, PACK_HEADER_LEN};
 
 /// Magic at the start of a description's plaintext.
 const MAGIC: &[u8; 4] = b"VRPI";
-/// Description format version.
-const VERSION: u32 = 1;
+/// Description format version: 2 follows a delta's header with its base's id. A description
+/// without deltas is written as version 1, which vmrepo builds before deltas also read.
+const VERSION: u32 = 2;
 /// Packs described by one compacted object at most (a few MiB of records).
 pub const PACKS_PER_OBJECT: usize = 64;
 /// zstd level of descriptions.
@@ -46,7 +48,10 @@ pub fn encode(packs: &[PackDescription]) -> Vec<u8> {
     let records: usize = packs.iter().map(|p| p.records.len()).sum();
     let mut out = Vec::with_capacity(16 + packs.len() * 28 + records * (8 + RECORD_HEADER_LEN));
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    let deltas = packs
+        .iter()
+        .any(|p| p.records.iter().any(|(h, _)| h.codec == Codec::Delta));
+    out.extend_from_slice(&(if deltas { VERSION } else { 1 }).to_le_bytes());
     out.extend_from_slice(&(packs.len() as u32).to_le_bytes());
     for p in packs {
         let mut name = [0u8; 16];
@@ -57,6 +62,10 @@ pub fn encode(packs: &[PackDescription]) -> Vec<u8> {
         for (h, offset) in &p.records {
             out.extend_from_slice(&offset.to_le_bytes());
             out.extend_from_slice(&h.encode());
+            if h.codec == Codec::Delta {
+                let base = h.base.expect("a delta's header names its base");
+                out.extend_from_slice(&base.0);
+            }
         }
     }
     out
@@ -90,7 +99,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<PackDescription>, String> {
         return Err("not a pack description (bad magic)".into());
     }
     let version = c.u32()?;
-    if version != VERSION {
+    if !(1..=VERSION).contains(&version) {
         return Err(format!("pack description version {version} is not known"));
     }
     let count = c.u32()? as usize;
@@ -110,8 +119,14 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<PackDescription>, String> {
         let mut end = PACK_HEADER_LEN;
         for _ in 0..n {
             let offset = c.u64()?;
-            let h = RecordHeader::decode(c.take(RECORD_HEADER_LEN)?)
+            let mut h = RecordHeader::decode(c.take(RECORD_HEADER_LEN)?)
                 .map_err(|e| format!("pack {name}: {e}"))?;
+            if h.codec == Codec::Delta {
+                if version < 2 {
+                    return Err(format!("pack {name}: a delta in a version 1 description"));
+                }
+                h.base = ObjectId::from_slice(c.take(32)?);
+            }
             let next = offset
                 .checked_add(RECORD_HEADER_LEN as u64 + h.stored_len as u64)
                 .filter(|&next| offset >= end && next <= len)
@@ -158,7 +173,8 @@ pub fn read(backend: &dyn Backend, keys: &Keys, key: &str) -> Result<Vec<PackDes
     {
         return Err("not a pack description".into());
     }
-    let plain = object::decode(&h, &bytes[RECORD_HEADER_LEN..], keys).map_err(|e| e.to_string())?;
+    let plain =
+        object::decode(&h, &bytes[RECORD_HEADER_LEN..], keys, None).map_err(|e| e.to_string())?;
     decode(&plain)
 }
 

@@ -181,30 +181,109 @@ impl<'r> Store<'r> {
     /// [`Store::put`] for each of `objects` (id, data), in order, the index asked about all of
     /// them first; returns which were new.
     pub fn put_all(&self, kind: ObjectKind, objects: &[(ObjectId, &[u8])]) -> Result<Vec<bool>> {
+        self.put_chunks_or(kind, objects, None)
+    }
+
+    /// [`Store::put_all`] for chunks, each new one stored as a delta of the chunk `against`
+    /// names for it (the chunk it replaces: at the same place of the disk the night before)
+    /// when that is worth it ([`object::encode_chunk`]). A chunk named that is itself a delta
+    /// stands for its base: a delta is always one step from a chunk stored on its own. Best
+    /// effort: a chunk to be stored against whose base cannot be read is stored on its own.
+    pub fn put_chunks(
+        &self,
+        objects: &[(ObjectId, &[u8])],
+        against: &[Option<ObjectId>],
+    ) -> Result<Vec<bool>> {
+        debug_assert_eq!(objects.len(), against.len());
+        self.put_chunks_or(ObjectKind::Chunk, objects, Some(against))
+    }
+
+    fn put_chunks_or(
+        &self,
+        kind: ObjectKind,
+        objects: &[(ObjectId, &[u8])],
+        against: Option<&[Option<ObjectId>]>,
+    ) -> Result<Vec<bool>> {
         for (_, data) in objects {
             Self::check_size(kind, data)?;
         }
         let ids: Vec<ObjectId> = objects.iter().map(|o| o.0).collect();
         let missing = self.lookup_all(&ids)?;
+        let wanted: Vec<Option<ObjectId>> = match against {
+            Some(against) => missing
+                .iter()
+                .zip(against)
+                .map(|(m, a)| m.and(*a))
+                .collect(),
+            None => vec![None; objects.len()],
+        };
+        let bases = self.bases(&wanted);
         objects
             .iter()
             .zip(missing)
-            .map(|(&(id, data), seals)| match seals {
-                Some(seals) => self.store_missing(kind, id, data, seals),
+            .zip(&bases)
+            .map(|((&(id, data), seals), base)| match seals {
+                Some(seals) => {
+                    let base = base.as_ref().map(|(b, plain)| (*b, &plain[..]));
+                    self.store_missing(kind, id, data, seals, base)
+                }
                 None => Ok(false),
             })
             .collect()
     }
 
-    /// The rest of [`Store::put`] for an object found missing when `seals` packs were sealed.
+    /// For each chunk of `wanted`, the chunk stored on its own that it stands for (itself, or
+    /// its base when it is a delta) and its plaintext; `None` where there is none or it cannot
+    /// be read (the object is then stored on its own).
+    fn bases(&self, wanted: &[Option<ObjectId>]) -> Vec<Option<(ObjectId, Vec<u8>)>> {
+        if wanted.iter().all(Option::is_none) {
+            return vec![None; wanted.len()];
+        }
+        let whole: Vec<Option<ObjectId>> = self
+            .repo
+            .reading_index(|i| {
+                wanted
+                    .iter()
+                    .map(|w| {
+                        let Some(w) = w else { return Ok(None) };
+                        Ok(i.lookup(w)?.and_then(|l| match l.header.base {
+                            Some(b) => Some(b),
+                            None => (l.header.kind == ObjectKind::Chunk).then_some(*w),
+                        }))
+                    })
+                    .collect::<Result<_>>()
+            })
+            .unwrap_or_else(|_| vec![None; wanted.len()]);
+        let mut unique: Vec<ObjectId> = whole.iter().flatten().copied().collect();
+        unique.sort_unstable();
+        unique.dedup();
+        let Ok(plain) = self.repo.read_bases(&unique) else {
+            return vec![None; wanted.len()];
+        };
+        whole
+            .iter()
+            .map(|w| {
+                let w = (*w)?;
+                let k = unique.binary_search(&w).ok()?;
+                Some((w, plain[k].clone()))
+            })
+            .collect()
+    }
+
+    /// The rest of [`Store::put`] for an object found missing when `seals` packs were sealed;
+    /// a chunk given a `base` (id, plaintext) may be stored as a delta of it.
     fn store_missing(
         &self,
         kind: ObjectKind,
         id: ObjectId,
         data: &[u8],
         seals: u64,
+        base: Option<(ObjectId, &[u8])>,
     ) -> Result<bool> {
-        let encoded = object::encode(kind, id, data, self.level, self.repo.keys());
+        let encoded = match base {
+            Some(_) => object::encode_chunk(id, data, self.level, self.repo.keys(), base),
+            None => object::encode(kind, id, data, self.level, self.repo.keys()),
+        };
         let full = {
             let mut w = self.writer.lock().unwrap();
             // Another worker may have stored it meanwhile: it is pending, or a seal since the

@@ -5,7 +5,7 @@ use rusqlite::{params, OptionalExtension};
 
 use crate::error::Result;
 use crate::repo::id::ObjectId;
-use crate::repo::object::{ObjectKind, RecordHeader};
+use crate::repo::object::{Codec, ObjectKind, RecordHeader};
 
 use super::schema::{forget_gone_segments, MERGE_MIN, MERGE_SHARE};
 use super::{bad_row, row_id, Index};
@@ -28,6 +28,8 @@ pub struct ObjectRow {
     pub stored_len: u32,
     /// Plaintext length.
     pub raw_len: u32,
+    /// The chunk a delta is stored against.
+    pub base: Option<ObjectId>,
 }
 
 impl ObjectRow {
@@ -41,6 +43,7 @@ impl ObjectRow {
             offset,
             stored_len: h.stored_len,
             raw_len: h.raw_len,
+            base: h.base,
         }
     }
 }
@@ -73,7 +76,7 @@ impl Index {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len
+                "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len, o.id, o.base
                  FROM (SELECT * FROM recent_objects WHERE id = ?1
                        UNION ALL SELECT * FROM objects WHERE id = ?1) o
                  JOIN packs p ON p.id = o.pack LIMIT 1",
@@ -265,8 +268,9 @@ impl Index {
         let mut added = 0;
         self.write(|tx| {
             let mut st = tx.prepare_cached(
-                "INSERT OR IGNORE INTO objects(id, kind, codec, pack, offset, stored_len, raw_len)
-                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT OR IGNORE INTO objects(id, kind, codec, pack, offset, stored_len, raw_len,
+                                               base)
+                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             for r in rows {
                 added += st.execute(params![
@@ -276,7 +280,8 @@ impl Index {
                     r.pack,
                     r.offset as i64,
                     r.stored_len,
-                    r.raw_len
+                    r.raw_len,
+                    r.base.as_ref().map(|b| &b.0[..])
                 ])? as u64;
             }
             set_main_rows(tx, main + added)
@@ -398,7 +403,7 @@ impl Index {
         let mut st = self
             .conn
             .prepare(
-                "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len, o.id
+                "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len, o.id, o.base
                  FROM all_objects o JOIN packs p ON p.id = o.pack ORDER BY p.name, o.offset",
             )
             .map_err(|e| self.err(e))?;
@@ -430,7 +435,7 @@ impl Index {
         mut f: impl FnMut(Location) -> Result<()>,
     ) -> Result<()> {
         const COLUMNS: &str =
-            "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len, o.id
+            "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len, o.id, o.base
                  FROM all_objects o JOIN packs p ON p.id = o.pack WHERE o.id >= ?1";
         let mut st = match end {
             Some(_) => self
@@ -447,12 +452,12 @@ impl Index {
         self.each_location(rows, &mut f)
     }
 
-    /// Some object of the index, if it has any.
+    /// Some object of the index stored on its own (not a delta), if it has any.
     pub fn first_object(&self) -> Result<Option<Location>> {
         self.conn
             .query_row(
-                "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len, o.id
-                 FROM all_objects o JOIN packs p ON p.id = o.pack LIMIT 1",
+                "SELECT o.kind, o.codec, p.name, o.offset, o.stored_len, o.raw_len, o.id, o.base
+                 FROM all_objects o JOIN packs p ON p.id = o.pack WHERE o.base IS NULL LIMIT 1",
                 [],
                 |r| {
                     let id: Vec<u8> = r.get(6)?;
@@ -518,8 +523,9 @@ pub(super) fn insert_pack(
     let pack = tx.last_insert_rowid();
     // New rows go to the small recent table (cheap to insert into: few pages), never twice.
     let mut st = tx.prepare_cached(
-        "INSERT OR IGNORE INTO recent_objects(id, kind, codec, pack, offset, stored_len, raw_len)
-         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7
+        "INSERT OR IGNORE INTO recent_objects(id, kind, codec, pack, offset, stored_len, raw_len,
+                                              base)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
          WHERE NOT EXISTS(SELECT 1 FROM objects WHERE id = ?1)",
     )?;
     let mut added = 0;
@@ -531,7 +537,8 @@ pub(super) fn insert_pack(
             pack,
             *offset as i64,
             h.stored_len,
-            h.raw_len
+            h.raw_len,
+            h.base.as_ref().map(|b| &b.0[..])
         ])? as u64;
     }
     Ok(added)
@@ -541,13 +548,30 @@ pub(super) fn insert_pack(
 pub(super) fn row_location(r: &rusqlite::Row<'_>, id: ObjectId) -> rusqlite::Result<Location> {
     let kind: u8 = r.get(0)?;
     let codec_byte: u8 = r.get(1)?;
-    if codec_byte & !0x1f != 0 || codec_byte & 0x0f > 1 {
+    if codec_byte & !0x1f != 0 || codec_byte & 0x0f > 2 {
         return Err(bad_row(format!(
             "object {} has codec byte {codec_byte:#x}",
             id.short()
         )));
     }
     let (codec, encrypted) = RecordHeader::from_codec_byte(codec_byte);
+    let base: Option<Vec<u8>> = r.get(7)?;
+    let base = match (codec, base) {
+        (Codec::Delta, Some(b)) => Some(row_id(&b, "base id")?),
+        (Codec::Delta, None) => {
+            return Err(bad_row(format!(
+                "object {} is a delta without a base",
+                id.short()
+            )))
+        }
+        (_, Some(_)) => {
+            return Err(bad_row(format!(
+                "object {} names a base but is not a delta",
+                id.short()
+            )))
+        }
+        (_, None) => None,
+    };
     let offset: i64 = r.get(3)?;
     if offset < 0 {
         return Err(bad_row(format!("object {} at offset {offset}", id.short())));
@@ -563,6 +587,7 @@ pub(super) fn row_location(r: &rusqlite::Row<'_>, id: ObjectId) -> rusqlite::Res
             stored_len: r.get(4)?,
             raw_len: r.get(5)?,
             id,
+            base,
         },
     })
 }

@@ -31,9 +31,10 @@ pub(super) fn forget_gone_segments(tx: &rusqlite::Transaction<'_>) -> rusqlite::
 }
 
 /// Schema version stored in `meta`. Versions 1 (no `damaged` table), 2 (no sealed columns,
-/// no segment-cache check), 3 (no recent objects, no segment leaves) and 4 (no index of
-/// manifests and tombstones, no `tombstone_names`) are upgraded in place.
-pub const SCHEMA_VERSION: i64 = 5;
+/// no segment-cache check), 3 (no recent objects, no segment leaves), 4 (no index of
+/// manifests and tombstones, no `tombstone_names`) and 5 (no `base` of an object row) are
+/// upgraded in place.
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// The object index is two tables. Each ingest inserts into `recent_objects`, which stays small
 /// so an ingest dirties few pages; inserting random ids straight into the large `objects`
@@ -57,7 +58,8 @@ CREATE TABLE IF NOT EXISTS objects(
     pack INTEGER NOT NULL REFERENCES packs(id),
     offset INTEGER NOT NULL,
     stored_len INTEGER NOT NULL,
-    raw_len INTEGER NOT NULL) WITHOUT ROWID;
+    raw_len INTEGER NOT NULL,
+    base BLOB) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS segment_cache(
     fingerprint BLOB PRIMARY KEY,
     segment BLOB NOT NULL,
@@ -69,7 +71,8 @@ CREATE TABLE IF NOT EXISTS recent_objects(
     pack INTEGER NOT NULL REFERENCES packs(id),
     offset INTEGER NOT NULL,
     stored_len INTEGER NOT NULL,
-    raw_len INTEGER NOT NULL) WITHOUT ROWID;
+    raw_len INTEGER NOT NULL,
+    base BLOB) WITHOUT ROWID;
 CREATE VIEW IF NOT EXISTS all_objects AS
     SELECT * FROM objects UNION ALL SELECT * FROM recent_objects;
 CREATE INDEX IF NOT EXISTS objects_metadata ON objects(kind) WHERE kind IN (5, 6);
@@ -160,8 +163,8 @@ impl Index {
                     .map_err(|e| self.err(e))?;
             }
             Some(v) if v.parse::<i64>().ok() == Some(SCHEMA_VERSION) => {}
-            Some(v) if v == "1" || v == "2" || v == "3" || v == "4" => {
-                // Versions 2 to 5 only add tables, indexes and nullable columns. Cache rows
+            Some(v) if ["1", "2", "3", "4", "5"].contains(&v.as_str()) => {
+                // Versions 2 to 6 only add tables, indexes and nullable columns. Cache rows
                 // without a check value are dropped: they are re-learned by the next ingest.
                 self.conn.execute_batch(SCHEMA).map_err(|e| self.err(e))?;
                 for (table, column) in [
@@ -169,6 +172,8 @@ impl Index {
                     ("generations", "sealed"),
                     ("damaged", "sealed"),
                     ("segment_cache", "mac"),
+                    ("objects", "base"),
+                    ("recent_objects", "base"),
                 ] {
                     let has: bool = self
                         .conn
@@ -216,8 +221,8 @@ mod tests {
     use crate::repo::crypto::Keys;
     use crate::repo::id::ObjectId;
 
-    /// An index as schema version `version` left it: today's tables without what version 5
-    /// added, and before version 4 without the columns version 4 added, holding one pack
+    /// An index as schema version `version` left it: today's tables without what versions 5
+    /// and 6 added, and before version 4 without the columns version 4 added, holding one pack
     /// with one object, one generation with a disk and a file, and one segment-cache row.
     fn old_index(path: &std::path::Path, version: &str) {
         let c = Connection::open(path).unwrap();
@@ -233,7 +238,10 @@ mod tests {
             ("damaged", "sealed"),
             ("segment_cache", "mac"),
         ];
-        for (table, column) in v4_columns {
+        for (table, column) in v4_columns
+            .iter()
+            .chain(&[("objects", "base"), ("recent_objects", "base")])
+        {
             c.execute_batch(&format!("ALTER TABLE {table} DROP COLUMN {column}"))
                 .unwrap();
         }
@@ -251,7 +259,7 @@ mod tests {
             fp = "22".repeat(32),
         ))
         .unwrap();
-        if version == "4" {
+        if version == "4" || version == "5" {
             for (table, column) in v4_columns {
                 c.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} BLOB"))
                     .unwrap();
@@ -260,8 +268,8 @@ mod tests {
     }
 
     #[test]
-    fn versions_1_to_4_are_migrated_in_place_and_keep_their_rows() {
-        for version in ["1", "2", "3", "4"] {
+    fn versions_1_to_5_are_migrated_in_place_and_keep_their_rows() {
+        for version in ["1", "2", "3", "4", "5"] {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("index.sqlite");
             old_index(&path, version);
@@ -307,7 +315,7 @@ mod tests {
             .expect("version 9 is refused")
             .to_string();
         assert!(
-            e.contains("schema version 9") && e.contains("knows 5"),
+            e.contains("schema version 9") && e.contains("knows 6"),
             "{e}"
         );
         let c = Connection::open(&path).unwrap();
