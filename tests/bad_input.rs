@@ -159,7 +159,7 @@ fn not_a_repository_newer_format_and_non_empty_init() {
     let repo = init_repo(t.path());
     let cfg = fs::read_to_string(repo.join("config.toml"))
         .unwrap()
-        .replace("format_version = 3", "format_version = 7");
+        .replace("format_version = 4", "format_version = 7");
     fs::write(repo.join("config.toml"), cfg).unwrap();
     let r = vmrepo([s("list"), p(&repo)]);
     assert_ne!(r.code, 0);

@@ -215,7 +215,7 @@ fn an_outsider_cannot_compute_where_an_encrypted_repository_cuts() {
     assert_ne!(la, l1, "an encrypted repository cut at the public points");
     assert_ne!(la, lb, "two keys cut alike");
     let config = fs::read_to_string(a.join("config.toml")).unwrap();
-    assert!(config.contains("format_version = 3"), "{config}");
+    assert!(config.contains("format_version = 4"), "{config}");
     assert!(config.contains("cut_points = \"keyed\""), "{config}");
     let out = t.path().join("out");
     enc(&[s("extract"), p(&a), s("d"), p(&out)]).ok();
@@ -223,7 +223,7 @@ fn an_outsider_cannot_compute_where_an_encrypted_repository_cuts() {
     enc(&[s("check"), p(&a), s("--read-data")]).ok();
 
     let plain = fs::read_to_string(p1.join("config.toml")).unwrap();
-    assert!(plain.contains("format_version = 3"), "{plain}");
+    assert!(plain.contains("format_version = 4"), "{plain}");
     assert!(!plain.contains("cut_points"), "{plain}");
     let forged = plain.replace("[chunker]", "[chunker]\ncut_points = \"keyed\"");
     fs::write(p1.join("config.toml"), forged).unwrap();

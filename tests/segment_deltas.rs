@@ -116,10 +116,10 @@ fn a_night_that_changes_a_few_blocks_stores_edits_not_chunk_lists() {
     }
     // A repository of format 1, as older builds made it, which they must go on reading.
     let config = fs::read_to_string(old.join("config.toml")).unwrap();
-    assert!(config.contains("format_version = 3"), "{config}");
+    assert!(config.contains("format_version = 4"), "{config}");
     fs::write(
         old.join("config.toml"),
-        config.replace("format_version = 3", "format_version = 1"),
+        config.replace("format_version = 4", "format_version = 1"),
     )
     .unwrap();
     for r in [&with, &without, &old] {
@@ -296,7 +296,7 @@ fn an_upgraded_repository_stores_its_next_nights_as_deltas() {
     let text = fs::read_to_string(&config).unwrap();
     fs::write(
         &config,
-        text.replace("format_version = 3", "format_version = 1"),
+        text.replace("format_version = 4", "format_version = 1"),
     )
     .unwrap();
     let saved = t.path().join("n1");
@@ -315,13 +315,13 @@ fn an_upgraded_repository_stores_its_next_nights_as_deltas() {
         .contains("format_version = 1"));
     let r = vmrepo([s("upgrade"), p(&repo)]);
     r.ok();
-    assert!(r.stdout.contains("from format 1 to 3"), "{}", r.stdout);
+    assert!(r.stdout.contains("from format 1 to 4"), "{}", r.stdout);
     assert!(fs::read_to_string(&config)
         .unwrap()
-        .contains("format_version = 3"));
+        .contains("format_version = 4"));
     let r = vmrepo([s("upgrade"), p(&repo)]);
     r.ok();
-    assert!(r.stdout.contains("already format 3"), "{}", r.stdout);
+    assert!(r.stdout.contains("already format 4"), "{}", r.stdout);
 
     change(&img, &[200, 5100, 9100, 14100], 3);
     let before = data_bytes(&repo);

@@ -11,9 +11,10 @@ use crate::error::{Error, Result};
 use crate::maintain::walk::{Reference, SegmentPlace, Visitor, Walk};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
+use crate::repo::index::Index;
 use crate::repo::layout;
 use crate::repo::manifest::{DiskEntry, DiskMap, Extent, Manifest, Segment, StoredSegment};
-use crate::repo::object::{RecordHeader, RECORD_HEADER_LEN};
+use crate::repo::object::{ObjectKind, RecordHeader, DELTA_BASE_LEN, RECORD_HEADER_LEN};
 use crate::repo::pack::pack_len;
 use crate::repo::pack_index::{Descriptions, PackDescription};
 use crate::repo::Repository;
@@ -369,7 +370,8 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
             }
         }
     }
-    let bad = pass.bad.into_inner().unwrap();
+    let mut bad = pass.bad.into_inner().unwrap();
+    check_bases(&index, &mut bad)?;
     report.bad_objects = bad.keys().copied().collect();
 
     // Generations: every reference must resolve to a good object.
@@ -478,9 +480,20 @@ impl ObjectPass<'_> {
                                 path.display()
                             )))
                         } else {
-                            repo.packs()
-                                .read_span(pack, *offset, RECORD_HEADER_LEN, h)
-                                .and_then(|b| repo.packs().check_header(pack, *offset, &b, h))
+                            // A delta's base, at the start of its payload, is read with the
+                            // header.
+                            let n = RECORD_HEADER_LEN + h.base.map_or(0, |_| DELTA_BASE_LEN);
+                            repo.packs().read_span(pack, *offset, n, h).and_then(|b| {
+                                if h.base.is_some() {
+                                    let mut record = b;
+                                    record.resize(RECORD_HEADER_LEN + h.stored_len as usize, 0);
+                                    repo.packs()
+                                        .check_record(pack, *offset, &record, h)
+                                        .map(|_| ())
+                                } else {
+                                    repo.packs().check_header(pack, *offset, &b, h)
+                                }
+                            })
                         };
                         read_count
                             .fetch_add(read_data as u64, std::sync::atomic::Ordering::Relaxed);
@@ -640,6 +653,41 @@ impl Visitor for Checker<'_> {
     }
 }
 
+/// Adds to `bad` every delta whose base is not a chunk stored on its own that is indexed and
+/// undamaged: a delta is read only with its base.
+fn check_bases(index: &Index, bad: &mut HashMap<ObjectId, String>) -> Result<()> {
+    let mut found = Vec::new();
+    index.reading(|index| {
+        index.for_each_delta_in_range(&ObjectId([0; 32]), None, |id, base| {
+            let problem = match index.lookup(&base)? {
+                None => Some("which is missing from the repository".to_string()),
+                Some(l) if l.header.base.is_some() => {
+                    Some("which is itself stored as a delta".to_string())
+                }
+                Some(l) if l.header.kind != ObjectKind::Chunk => {
+                    Some(format!("which is a {}, not a chunk", l.header.kind.name()))
+                }
+                Some(_) => bad.get(&base).map(|p| format!("which is damaged ({p})")),
+            };
+            if let Some(p) = problem {
+                found.push((
+                    id,
+                    format!(
+                        "chunk {} is stored against chunk {}, {p}",
+                        id.short(),
+                        base.short()
+                    ),
+                ));
+            }
+            Ok(())
+        })
+    })?;
+    for (id, p) in found {
+        bad.entry(id).or_insert(p);
+    }
+    Ok(())
+}
+
 fn object_ok(
     repo: &Repository,
     bad: &HashMap<ObjectId, String>,
@@ -730,6 +778,7 @@ mod tests {
 
     fn header(kind: ObjectKind, seed: u8) -> RecordHeader {
         RecordHeader {
+            base: None,
             kind,
             codec: Codec::Zstd,
             stored_len: 100,

@@ -426,6 +426,19 @@ impl Survey {
             }
         }
         live.retain_members(&mut out)?;
+        // A needed delta needs its base, wherever it is ([`crate::maintain::mark::with_bases`]
+        // added the bases of the indexed ones to `live`).
+        let mut bases = HashSet::new();
+        for u in &self.unknown {
+            for (h, _) in &u.records {
+                if let Some(b) = h.base {
+                    if out.contains(&h.id) && !index.contains(&b)? {
+                        bases.insert(b);
+                    }
+                }
+            }
+        }
+        out.extend(bases);
         Ok(out)
     }
 
@@ -563,6 +576,15 @@ pub fn adopt(
             records.len()
         ));
         done.packs.push(u.name.clone());
+    }
+    if !done.packs.is_empty() {
+        for (id, base) in index.drop_baseless_deltas()? {
+            progress.note(&format!(
+                "chunk {} is stored against chunk {}, which no data file holds: not indexed",
+                id.short(),
+                base.short()
+            ));
+        }
     }
     let by_id: HashMap<ObjectId, &Manifest> = survey
         .unknown

@@ -85,12 +85,41 @@ pub fn mark(
     let mut damaged = marker.damaged;
     damaged.sort();
     damaged.dedup();
+    let ids = marker.live.into_inner().unwrap().finish()?;
     Ok(LiveSet {
-        ids: marker.live.into_inner().unwrap().finish()?,
+        ids: with_bases(repo, index, ids, objects)?,
         generations: gens.len() as u64,
         metadata_read: marker.metadata_read.into_inner(),
         damaged,
     })
+}
+
+/// `live` with the base of every delta the index lists added. A delta is decoded with its base,
+/// so the base lives as long as the delta is indexed, whether or not a generation still lists
+/// either: a dead delta in a pack gc keeps stays indexed, and an ingest may deduplicate against
+/// it and make it live again (here, or on another host whose cache of the index lists it). Its
+/// base is freed by the gc after the one that removes the delta. A base is never a delta itself,
+/// so one pass suffices. Only the index's delta rows are read; the set is filed again only when
+/// there are any.
+pub fn with_bases(repo: &Repository, index: &Index, live: IdSet, objects: u64) -> Result<IdSet> {
+    let mut bases = IdSpill::new(repo.index_dir(), 0)?;
+    let mut deltas = 0u64;
+    index.for_each_delta_in_range(&ObjectId([0; 32]), None, |_, base| {
+        deltas += 1;
+        bases.insert(base)
+    })?;
+    if deltas == 0 {
+        return Ok(live);
+    }
+    let bases = bases.finish()?;
+    let mut all = IdSpill::new(repo.index_dir(), objects)?;
+    for part in live.partitions() {
+        all.extend(part?.ids().iter().copied())?;
+    }
+    for part in bases.partitions() {
+        all.extend(part?.ids().iter().copied())?;
+    }
+    all.finish()
 }
 
 /// gc's error for metadata of a (not damaged) generation that cannot be read.

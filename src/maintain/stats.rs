@@ -306,7 +306,7 @@ pub fn stats(
         progress.advance(1);
     }
     progress.finish();
-    let uses = counter.uses.finish()?;
+    let uses = with_base_uses(repo, counter.uses.finish()?, expected)?;
     drop(walk);
 
     // Per generation and per VM: distinct chunks and their bytes; then who owns each object
@@ -395,6 +395,49 @@ pub fn stats(
         chunk_bytes,
         vms: out_vms,
     })
+}
+
+/// `uses` with a use of each delta's base wherever the delta is used (as an object, not as a
+/// chunk's data): a delta is read with its base, so gc keeps the base as long as the delta
+/// ([`crate::maintain::mark::with_bases`]), and what removing a generation would free must
+/// count it the same way. Filed again only when some delta is used.
+fn with_base_uses(
+    repo: &Repository,
+    uses: crate::maintain::id_set::Sorted<Use>,
+    expected: u64,
+) -> Result<crate::maintain::id_set::Sorted<Use>> {
+    let mut extra = Spill::new(repo.index_dir(), 0)?;
+    let mut added = 0u64;
+    for part in uses.partitions() {
+        let part = part?;
+        let items = part.items();
+        repo.with_index(|index| {
+            index.for_each_delta_in_range(&part.first, part.end.as_ref(), |id, base| {
+                let at = items.partition_point(|u| u.id < id);
+                for u in items[at..].iter().take_while(|u| u.id == id) {
+                    extra.insert(Use {
+                        id: base,
+                        len: NOT_CHUNK,
+                        ..*u
+                    })?;
+                    added += 1;
+                }
+                Ok(())
+            })
+        })?;
+    }
+    if added == 0 {
+        return Ok(uses);
+    }
+    let extra = extra.finish()?;
+    let mut all = Spill::new(repo.index_dir(), expected + added)?;
+    for part in uses.partitions() {
+        all.extend(part?.items().iter().copied())?;
+    }
+    for part in extra.partitions() {
+        all.extend(part?.items().iter().copied())?;
+    }
+    all.finish()
 }
 
 /// Who owns each object of one id range, from its uses (sorted by id, then VM, then

@@ -27,6 +27,26 @@ pub fn format_version_for(cut_points: CutPoints) -> u32 {
     }
 }
 
+/// Whether `init` can make a repository of format `format` whose chunker cuts at `cut_points`:
+/// an earlier format than the newest lacks what later ones added (chunk deltas since 4,
+/// segment deltas since 3) and is read by the builds of that format; keyed cut points (an
+/// encrypted repository) need format 2 at least.
+pub fn check_new_format(format: u32, cut_points: CutPoints) -> Result<()> {
+    let oldest = format_version_for(cut_points);
+    if (oldest..=FORMAT_VERSION).contains(&format) {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "format {format} cannot be made: this vmrepo makes formats {oldest} to \
+         {FORMAT_VERSION}{}",
+        if oldest > 1 {
+            " for an encrypted repository (its keyed cut points need format 2)"
+        } else {
+            ""
+        }
+    )))
+}
+
 /// Key of the configuration file in a repository.
 pub const CONFIG_FILE: &str = crate::repo::layout::CONFIG;
 
@@ -218,6 +238,13 @@ impl Config {
                 mode: encryption.to_string(),
             },
         })
+    }
+
+    /// This new configuration at format `format` instead of the newest ([`check_new_format`]).
+    pub fn with_format(mut self, format: u32) -> Result<Config> {
+        check_new_format(format, self.chunker.cut_points)?;
+        self.format_version = format;
+        Ok(self)
     }
 
     /// Reads and validates `config.toml` of the repository at `repo`.

@@ -103,6 +103,7 @@ impl Repository {
     ) -> Result<Config> {
         Repository::init_in(
             crate::backend::create(path, &RemoteOptions::default())?,
+            crate::repo::config::FORMAT_VERSION,
             chunker,
             level,
             encryption,
@@ -112,6 +113,7 @@ impl Repository {
     /// [`Repository::init`] in a backend made by [`crate::backend::create`].
     pub fn init_in(
         backend: Arc<dyn Backend>,
+        format: u32,
         chunker: ChunkerParams,
         level: i32,
         encryption: Option<NewEncryption<'_>>,
@@ -121,7 +123,7 @@ impl Repository {
         } else {
             "none"
         };
-        let config = Config::new(chunker, level, mode)?;
+        let config = Config::new(chunker, level, mode)?.with_format(format)?;
         for folder in [layout::DATA, layout::LOCKS] {
             backend
                 .make_folder(folder)

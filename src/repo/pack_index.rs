@@ -388,6 +388,7 @@ mod tests {
 
     fn header(kind: ObjectKind, seed: u8, stored_len: u32) -> RecordHeader {
         RecordHeader {
+            base: None,
             kind,
             codec: Codec::Zstd,
             stored_len,

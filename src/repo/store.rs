@@ -550,7 +550,7 @@ mod tests {
                 store.flush().unwrap();
             }
             let stored = store
-                .store_missing(ObjectKind::Chunk, id, &data, seals)
+                .store_missing(ObjectKind::Chunk, id, &data, seals, None)
                 .unwrap();
             assert!(!stored, "stored again (sealed in between: {sealed})");
             store.flush().unwrap();

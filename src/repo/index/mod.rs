@@ -336,6 +336,7 @@ mod tests {
         let path = dir.path().join(INDEX_FILE);
         let mut idx = Index::open(&path, true, Arc::new(Keys::none())).unwrap();
         let header = RecordHeader {
+            base: None,
             kind: ObjectKind::Chunk,
             codec: crate::repo::object::Codec::Raw,
             encrypted: false,

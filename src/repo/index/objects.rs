@@ -452,6 +452,74 @@ impl Index {
         self.each_location(rows, &mut f)
     }
 
+    /// Calls `f` with (id, base) of every delta whose id is at least `first` and below `end`
+    /// (to the last with `None`), in no particular order.
+    pub fn for_each_delta_in_range(
+        &self,
+        first: &ObjectId,
+        end: Option<&ObjectId>,
+        mut f: impl FnMut(ObjectId, ObjectId) -> Result<()>,
+    ) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT id, base FROM objects WHERE base IS NOT NULL AND id >= ?1 AND id < ?2
+                 UNION ALL
+                 SELECT id, base FROM recent_objects
+                     WHERE base IS NOT NULL AND id >= ?1 AND id < ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        // Past the last id: 32 bytes of 0xff sort below a 33-byte blob of them.
+        let past = [0xffu8; 33];
+        let end: &[u8] = end.map_or(&past[..], |e| &e.0[..]);
+        let mut rows = st
+            .query(params![&first.0[..], end])
+            .map_err(|e| self.err(e))?;
+        while let Some(r) = rows.next().map_err(|e| self.err(e))? {
+            let id: Vec<u8> = r.get(0).map_err(|e| self.err(e))?;
+            let base: Vec<u8> = r.get(1).map_err(|e| self.err(e))?;
+            let id = row_id(&id, "object id").map_err(|e| self.err(e))?;
+            let base = row_id(&base, "base id").map_err(|e| self.err(e))?;
+            f(id, base)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the rows of deltas whose base is not indexed as a chunk stored on its own, and
+    /// returns them (delta, base). An index built from data files (a rebuild, or packs it did
+    /// not know adopted) indexes a delta without decoding it, as its base may come from a pack
+    /// read later; once every pack is in, a delta still without its base cannot be read, and an
+    /// ingest must not deduplicate against it.
+    pub fn drop_baseless_deltas(&mut self) -> Result<Vec<(ObjectId, ObjectId)>> {
+        let mut gone = Vec::new();
+        self.write(|tx| {
+            {
+                let mut st = tx.prepare(
+                    "SELECT d.id, d.base FROM all_objects d WHERE d.base IS NOT NULL
+                     AND NOT EXISTS (SELECT 1 FROM all_objects b
+                                     WHERE b.id = d.base AND b.base IS NULL AND b.kind = 1)",
+                )?;
+                let mut rows = st.query([])?;
+                while let Some(r) = rows.next()? {
+                    let id: Vec<u8> = r.get(0)?;
+                    let base: Vec<u8> = r.get(1)?;
+                    gone.push((row_id(&id, "object id")?, row_id(&base, "base id")?));
+                }
+            }
+            let mut main = 0u64;
+            for (id, _) in &gone {
+                main += tx.execute("DELETE FROM objects WHERE id = ?1", [&id.0[..]])? as u64;
+                tx.execute("DELETE FROM recent_objects WHERE id = ?1", [&id.0[..]])?;
+            }
+            less_main_rows(tx, main)
+        })?;
+        if !gone.is_empty() {
+            self.main_rows = None;
+            self.recent_rows = None;
+        }
+        Ok(gone)
+    }
+
     /// Some object of the index stored on its own (not a delta), if it has any.
     pub fn first_object(&self) -> Result<Option<Location>> {
         self.conn
@@ -603,6 +671,7 @@ mod tests {
     /// The header of a small record of `kind` whose id is 32 bytes `b`.
     fn record(kind: ObjectKind, b: u8) -> RecordHeader {
         RecordHeader {
+            base: None,
             kind,
             codec: crate::repo::object::Codec::Raw,
             encrypted: false,
@@ -618,6 +687,7 @@ mod tests {
         let path = dir.path().join("index.sqlite");
         let mut idx = Index::open(&path, true, Arc::new(Keys::none())).unwrap();
         let header = |b: u8, stored: u32| RecordHeader {
+            base: None,
             kind: ObjectKind::Chunk,
             codec: crate::repo::object::Codec::Raw,
             encrypted: false,
@@ -776,6 +846,7 @@ mod tests {
                 let mut id = [0u8; 32];
                 id[..8].copy_from_slice(&k.to_be_bytes());
                 let h = RecordHeader {
+                    base: None,
                     kind: ObjectKind::Chunk,
                     codec: crate::repo::object::Codec::Raw,
                     encrypted: false,

@@ -45,6 +45,13 @@ pub const MERGE_MIN: u64 = 1 << 16;
 /// See [`MERGE_MIN`].
 pub const MERGE_SHARE: u64 = 8;
 
+/// Indexes of the delta rows alone (a few of all rows), for gc's pass over the bases of live
+/// deltas; made after the `base` columns exist.
+const DELTA_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS objects_deltas ON objects(id) WHERE base IS NOT NULL;
+CREATE INDEX IF NOT EXISTS recent_objects_deltas ON recent_objects(id) WHERE base IS NOT NULL;
+";
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS packs(
@@ -156,6 +163,9 @@ impl Index {
             None => {
                 self.conn.execute_batch(SCHEMA).map_err(|e| self.err(e))?;
                 self.conn
+                    .execute_batch(DELTA_INDEXES)
+                    .map_err(|e| self.err(e))?;
+                self.conn
                     .execute(
                         "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?1)",
                         [SCHEMA_VERSION.to_string()],
@@ -164,41 +174,17 @@ impl Index {
             }
             Some(v) if v.parse::<i64>().ok() == Some(SCHEMA_VERSION) => {}
             Some(v) if ["1", "2", "3", "4", "5"].contains(&v.as_str()) => {
-                // Versions 2 to 6 only add tables, indexes and nullable columns. Cache rows
-                // without a check value are dropped: they are re-learned by the next ingest.
-                self.conn.execute_batch(SCHEMA).map_err(|e| self.err(e))?;
-                for (table, column) in [
-                    ("vms", "sealed"),
-                    ("generations", "sealed"),
-                    ("damaged", "sealed"),
-                    ("segment_cache", "mac"),
-                    ("objects", "base"),
-                    ("recent_objects", "base"),
-                ] {
-                    let has: bool = self
-                        .conn
-                        .query_row(
-                            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
-                            [table, column],
-                            |r| r.get::<_, i64>(0),
-                        )
-                        .map_err(|e| self.err(e))?
-                        > 0;
-                    if !has {
-                        self.conn
-                            .execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} BLOB"))
-                            .map_err(|e| self.err(e))?;
-                    }
-                }
                 self.conn
-                    .execute_batch("DELETE FROM segment_cache WHERE mac IS NULL")
+                    .execute_batch("BEGIN IMMEDIATE")
                     .map_err(|e| self.err(e))?;
-                self.conn
-                    .execute(
-                        "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
-                        [SCHEMA_VERSION.to_string()],
-                    )
-                    .map_err(|e| self.err(e))?;
+                let migrated = self.migrate();
+                let end = if migrated.is_ok() {
+                    "COMMIT"
+                } else {
+                    "ROLLBACK"
+                };
+                let ended = self.conn.execute_batch(end).map_err(|e| self.err(e));
+                migrated.and(ended)?;
             }
             Some(v) => {
                 return Err(Error::Corrupt(format!(
@@ -207,6 +193,54 @@ impl Index {
                 )))
             }
         }
+        Ok(())
+    }
+
+    /// Upgrades an index of an earlier schema version in place (inside the caller's
+    /// transaction). Versions 2 to 6 only add tables, indexes and nullable columns. Cache rows
+    /// without a check value are dropped: they are re-learned by the next ingest.
+    fn migrate(&self) -> Result<()> {
+        self.conn.execute_batch(SCHEMA).map_err(|e| self.err(e))?;
+        // The view over both object tables is made again once both have their new columns.
+        self.conn
+            .execute_batch("DROP VIEW IF EXISTS all_objects")
+            .map_err(|e| self.err(e))?;
+        for (table, column) in [
+            ("vms", "sealed"),
+            ("generations", "sealed"),
+            ("damaged", "sealed"),
+            ("segment_cache", "mac"),
+            ("objects", "base"),
+            ("recent_objects", "base"),
+        ] {
+            let has: bool = self
+                .conn
+                .query_row(
+                    "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+                    [table, column],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(|e| self.err(e))?
+                > 0;
+            if !has {
+                self.conn
+                    .execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} BLOB"))
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        self.conn.execute_batch(SCHEMA).map_err(|e| self.err(e))?;
+        self.conn
+            .execute_batch(DELTA_INDEXES)
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .execute_batch("DELETE FROM segment_cache WHERE mac IS NULL")
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                [SCHEMA_VERSION.to_string()],
+            )
+            .map_err(|e| self.err(e))?;
         Ok(())
     }
 }
@@ -238,6 +272,7 @@ mod tests {
             ("damaged", "sealed"),
             ("segment_cache", "mac"),
         ];
+        c.execute_batch("DROP VIEW all_objects").unwrap();
         for (table, column) in v4_columns
             .iter()
             .chain(&[("objects", "base"), ("recent_objects", "base")])
@@ -245,6 +280,10 @@ mod tests {
             c.execute_batch(&format!("ALTER TABLE {table} DROP COLUMN {column}"))
                 .unwrap();
         }
+        c.execute_batch(
+            "CREATE VIEW all_objects AS SELECT * FROM objects UNION ALL SELECT * FROM recent_objects",
+        )
+        .unwrap();
         c.execute_batch(&format!(
             "INSERT INTO meta VALUES('schema_version', '{version}');
              INSERT INTO packs VALUES(1, 'aa', 4096);
