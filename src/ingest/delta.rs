@@ -26,13 +26,13 @@ pub(super) fn chunks_enabled(repo: &Repository) -> bool {
 }
 
 /// For each of `cuts` (byte ranges of a new segment), the chunk of `previous` (the segment
-/// the disk held at the same place) that covered most of the same bytes: what a guest's write
-/// there replaced, and what a new chunk is most likely to resemble. `None` where only zeros
-/// were.
+/// the disk held at the same place) that covered most of the same bytes, and how many bytes
+/// before the cut it started: what a guest's write there replaced, and what a new chunk is
+/// most likely to resemble. `None` where only zeros were.
 pub(super) fn replaced_chunks(
     previous: &Segment,
     cuts: &[crate::ingest::chunker::Cut],
-) -> Vec<Option<ObjectId>> {
+) -> Vec<Option<(ObjectId, i64)>> {
     use crate::repo::manifest::Extent;
     // The previous data extents as (start, end, id), in order.
     let mut at = 0usize;
@@ -57,9 +57,9 @@ pub(super) fn replaced_chunks(
             old[first..]
                 .iter()
                 .take_while(|o| o.0 < c.range.end)
-                .map(|o| (o.1.min(c.range.end) - o.0.max(c.range.start), o.2))
+                .map(|o| (o.1.min(c.range.end) - o.0.max(c.range.start), o))
                 .max_by_key(|(overlap, _)| *overlap)
-                .map(|(_, id)| id)
+                .map(|(_, o)| (o.2, c.range.start as i64 - o.0 as i64))
         })
         .collect()
 }

@@ -285,9 +285,10 @@ pub fn encode(
 }
 
 /// Encodes chunk `data` as [`encode`] does, or, given `base` (a chunk stored on its own: its id
-/// and plaintext), as a delta of it when that takes at most half the bytes of the chunk stored
-/// on its own. A delta whose base is dropped by a later gc is never left behind: gc keeps the
-/// base of every live delta (docs/FORMAT.md).
+/// and plaintext), as a delta of it when that takes at most an eighth of the plaintext or at
+/// most half the bytes of the chunk stored on its own (the chunk is compressed on its own only
+/// to decide the second). A delta whose base is dropped by a later gc is never left behind: gc
+/// keeps the base of every indexed delta (docs/FORMAT.md).
 pub fn encode_chunk(
     id: ObjectId,
     data: &[u8],
@@ -295,17 +296,19 @@ pub fn encode_chunk(
     keys: &Keys,
     base: Option<(ObjectId, &[u8])>,
 ) -> EncodedObject {
-    let whole = encode(ObjectKind::Chunk, id, data, level, keys);
     let Some((base_id, base_data)) = base else {
-        return whole;
+        return encode(ObjectKind::Chunk, id, data, level, keys);
     };
     let Some(frame) = compress_against(data, base_data, level) else {
-        return whole;
+        return encode(ObjectKind::Chunk, id, data, level, keys);
     };
     let overhead = if keys.encrypted() { CIPHER_OVERHEAD } else { 0 };
     let stored = DELTA_BASE_LEN + frame.len() + overhead;
-    if stored * 2 > whole.payload.len() {
-        return whole;
+    if stored * 8 > data.len() {
+        let whole = encode(ObjectKind::Chunk, id, data, level, keys);
+        if stored * 2 > whole.payload.len() {
+            return whole;
+        }
     }
     let header = RecordHeader {
         kind: ObjectKind::Chunk,
@@ -327,15 +330,74 @@ pub fn encode_chunk(
     EncodedObject { header, payload }
 }
 
+thread_local! {
+    /// This thread's contexts for frames against a dictionary, kept so that each delta does
+    /// not allocate (and the kernel zero) a context's tables again.
+    static DELTA_CCTX: std::cell::RefCell<Option<zstd::zstd_safe::CCtx<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DELTA_DCTX: std::cell::RefCell<Option<zstd::zstd_safe::DCtx<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Extends the lifetime of a dictionary handed to a kept zstd context for one frame.
+///
+/// # Safety
+/// The context must drop the reference before `prefix` is freed: the callers below reset it
+/// (parameters included, which unloads a prefix) right after the one frame it is used for,
+/// whether that frame succeeded or not, and before they return.
+unsafe fn for_one_frame(prefix: &[u8]) -> &'static [u8] {
+    // SAFETY: see the function's contract.
+    unsafe { std::mem::transmute::<&[u8], &'static [u8]>(prefix) }
+}
+
 /// `data` compressed into one zstd frame with `base` as its dictionary (raw content).
 fn compress_against(data: &[u8], base: &[u8], level: i32) -> Option<Vec<u8>> {
-    use zstd::zstd_safe::{CCtx, CParameter};
-    let mut cx = CCtx::try_create()?;
-    cx.set_parameter(CParameter::CompressionLevel(level)).ok()?;
-    cx.ref_prefix(base).ok()?;
-    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
-    cx.compress2(&mut out, data).ok()?;
-    Some(out)
+    use zstd::zstd_safe::{CCtx, CParameter, ResetDirective};
+    DELTA_CCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let cx = match slot.as_mut() {
+            Some(cx) => cx,
+            None => slot.insert(CCtx::try_create()?),
+        };
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+        // SAFETY: the reset below unloads the prefix before `base` can be freed.
+        let prefix = unsafe { for_one_frame(base) };
+        let done = cx
+            .set_parameter(CParameter::CompressionLevel(level))
+            .and_then(|_| cx.ref_prefix(prefix))
+            .and_then(|_| cx.compress2(&mut out, data));
+        let reset = cx.reset(ResetDirective::SessionAndParameters);
+        if reset.is_err() {
+            // A context that cannot be reset is dropped with its reference.
+            *slot = None;
+        }
+        done.ok().map(|_| out)
+    })
+}
+
+/// Decompresses `frame` into `out` with `base` as its dictionary; the bytes written.
+fn decompress_against(
+    frame: &[u8],
+    base: &[u8],
+    out: &mut [u8],
+) -> std::result::Result<usize, &'static str> {
+    use zstd::zstd_safe::{DCtx, ResetDirective};
+    DELTA_DCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let dx = match slot.as_mut() {
+            Some(dx) => dx,
+            None => slot.insert(DCtx::try_create().ok_or("zstd is unavailable")?),
+        };
+        // SAFETY: the reset below unloads the prefix before `base` can be freed.
+        let prefix = unsafe { for_one_frame(base) };
+        let done = dx
+            .ref_prefix(prefix)
+            .and_then(|_| dx.decompress(out, frame));
+        if dx.reset(ResetDirective::SessionAndParameters).is_err() {
+            *slot = None;
+        }
+        done.map_err(zstd::zstd_safe::get_error_name)
+    })
 }
 
 /// The base a record is stored against, when it is a delta: named by the first bytes of its
@@ -436,20 +498,13 @@ fn decode_delta(
         ),
         _ => decrypted(header, frame, keys)?,
     };
-    use zstd::zstd_safe::DCtx;
-    let mut dx = DCtx::try_create()
-        .ok_or_else(|| Error::Corrupt(format!("{}: zstd is unavailable", what())))?;
-    let n = dx
-        .ref_prefix(base)
-        .and_then(|_| dx.decompress(out, &frame))
-        .map_err(|code| {
-            Error::Corrupt(format!(
-                "{} does not decompress against its base {}: {}",
-                what(),
-                base_id.short(),
-                zstd::zstd_safe::get_error_name(code)
-            ))
-        })?;
+    let n = decompress_against(&frame, base, out).map_err(|why| {
+        Error::Corrupt(format!(
+            "{} does not decompress against its base {}: {why}",
+            what(),
+            base_id.short()
+        ))
+    })?;
     if n != header.raw_len as usize {
         return Err(wrong_length(header, n));
     }
@@ -593,21 +648,27 @@ mod tests {
         }
     }
 
-    /// A chunk much like another: 40 KB of bytes zstd halves (random words and text), then the
-    /// same with 300 bytes changed.
-    fn similar_pair() -> (Vec<u8>, Vec<u8>) {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut base = Vec::new();
-        while base.len() < 40_000 {
+    /// 40 KB of bytes zstd halves (random words and text), from `seed`.
+    fn varied(seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut out = Vec::new();
+        while out.len() < 40_000 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            base.extend_from_slice(if x & 1 == 0 { b"log line" } else { &[0; 8] });
-            if x & 1 == 1 {
-                let n = base.len();
-                base[n - 8..].copy_from_slice(&x.to_le_bytes());
+            if x & 1 == 0 {
+                out.extend_from_slice(b"log line");
+            } else {
+                out.extend_from_slice(&x.to_le_bytes());
             }
         }
+        out.truncate(40_000);
+        out
+    }
+
+    /// A chunk much like another: [`varied`] bytes, then the same with 300 bytes changed.
+    fn similar_pair() -> (Vec<u8>, Vec<u8>) {
+        let base = varied(0x9E37_79B9_7F4A_7C15);
         let mut new = base.clone();
         for b in &mut new[20_000..20_300] {
             *b = b.wrapping_add(7);
@@ -660,9 +721,7 @@ mod tests {
     fn a_chunk_unlike_its_base_is_stored_on_its_own() {
         let keys = Keys::none();
         let (base, _) = similar_pair();
-        let other: Vec<u8> = (0..40_000u32)
-            .map(|i| (i % 7) as u8 ^ (i >> 9) as u8)
-            .collect();
+        let other = varied(12345);
         let obj = encode_chunk(
             keys.id_of(&other),
             &other,

@@ -66,6 +66,28 @@ struct Writer {
     seals: u64,
 }
 
+/// Whether `new` looks like an edit of `base`, which held the same disk bytes `shift` bytes
+/// further on (`new[i]` was at `base[i + shift]`): at least a quarter of 64 places spread over
+/// their overlap hold the same byte. A guest that rewrote a few blocks of a chunk leaves most
+/// places alone; one that rewrote the whole chunk with other data leaves about 1 in 256 (and
+/// then a delta would cost a dictionary's work for nothing).
+fn similar(new: &[u8], base: &[u8], shift: i64) -> bool {
+    let from = (-shift).max(0);
+    let to = (new.len() as i64).min(base.len() as i64 - shift);
+    if to <= from {
+        return false;
+    }
+    let step = ((to - from) / 64).max(1);
+    let (mut same, mut seen) = (0, 0);
+    let mut i = from;
+    while i < to {
+        seen += 1;
+        same += usize::from(new[i as usize] == base[(i + shift) as usize]);
+        i += step;
+    }
+    same * 4 >= seen
+}
+
 /// A pack taken out of the writer to be sealed, with its records.
 type Full = (PackWriter, Vec<(RecordHeader, u64)>);
 
@@ -185,14 +207,16 @@ impl<'r> Store<'r> {
     }
 
     /// [`Store::put_all`] for chunks, each new one stored as a delta of the chunk `against`
-    /// names for it (the chunk it replaces: at the same place of the disk the night before)
-    /// when that is worth it ([`object::encode_chunk`]). A chunk named that is itself a delta
-    /// stands for its base: a delta is always one step from a chunk stored on its own. Best
-    /// effort: a chunk to be stored against whose base cannot be read is stored on its own.
+    /// names for it (the chunk it replaces: at the same place of the disk the night before,
+    /// starting `shift` bytes before it) when that is worth it ([`object::encode_chunk`]). A
+    /// chunk named that is itself a delta stands for its base: a delta is always one step from
+    /// a chunk stored on its own. A new chunk that differs from that base at most of the
+    /// places sampled ([`similar`]: rewritten, not edited) is stored on its own without trying.
+    /// Best effort: a chunk to be stored against whose base cannot be read is stored on its own.
     pub fn put_chunks(
         &self,
         objects: &[(ObjectId, &[u8])],
-        against: &[Option<ObjectId>],
+        against: &[Option<(ObjectId, i64)>],
     ) -> Result<Vec<bool>> {
         debug_assert_eq!(objects.len(), against.len());
         self.put_chunks_or(ObjectKind::Chunk, objects, Some(against))
@@ -202,14 +226,14 @@ impl<'r> Store<'r> {
         &self,
         kind: ObjectKind,
         objects: &[(ObjectId, &[u8])],
-        against: Option<&[Option<ObjectId>]>,
+        against: Option<&[Option<(ObjectId, i64)>]>,
     ) -> Result<Vec<bool>> {
         for (_, data) in objects {
             Self::check_size(kind, data)?;
         }
         let ids: Vec<ObjectId> = objects.iter().map(|o| o.0).collect();
         let missing = self.lookup_all(&ids)?;
-        let wanted: Vec<Option<ObjectId>> = match against {
+        let against: Vec<Option<(ObjectId, i64)>> = match against {
             Some(against) => missing
                 .iter()
                 .zip(against)
@@ -217,14 +241,18 @@ impl<'r> Store<'r> {
                 .collect(),
             None => vec![None; objects.len()],
         };
+        let wanted: Vec<Option<ObjectId>> = against.iter().map(|a| a.map(|a| a.0)).collect();
         let bases = self.bases(&wanted);
         objects
             .iter()
             .zip(missing)
-            .zip(&bases)
-            .map(|((&(id, data), seals), base)| match seals {
+            .zip(bases.iter().zip(&against))
+            .map(|((&(id, data), seals), (base, at))| match seals {
                 Some(seals) => {
-                    let base = base.as_ref().map(|(b, plain)| (*b, &plain[..]));
+                    let base = base
+                        .as_ref()
+                        .filter(|(_, plain)| similar(data, plain, at.map_or(0, |a| a.1)))
+                        .map(|(b, plain)| (*b, &plain[..]));
                     self.store_missing(kind, id, data, seals, base)
                 }
                 None => Ok(false),
@@ -526,6 +554,24 @@ fn take_full(w: &mut Writer) -> Option<Full> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_edited_chunk_is_similar_to_its_base_and_a_rewritten_one_is_not() {
+        let noise = |seed: u32, n: usize| -> Vec<u8> {
+            (0..n as u32)
+                .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 13) as u8)
+                .collect()
+        };
+        let base = noise(1, 20_000);
+        // The same bytes, the cut 3,000 bytes later, with 4 KiB rewritten in the middle.
+        let mut edited = base[3_000..].to_vec();
+        edited[6_000..10_096].copy_from_slice(&noise(9, 4_096));
+        assert!(similar(&edited, &base, 3_000));
+        assert!(!similar(&edited, &base, 0), "compared at the wrong place");
+        assert!(!similar(&noise(7, 20_000), &base, 0), "other bytes");
+        assert!(!similar(&edited, &base, 40_000), "no overlap");
+        assert!(similar(&base[..5_000], &base, 0));
+    }
     use crate::repo::config::ChunkerParams;
     use crate::repo::lock::LockMode;
 
