@@ -281,4 +281,19 @@ fn a_damaged_base_is_named_for_each_generation_stored_against_it() {
     assert_ne!(run.code, 0);
     assert!(run.stderr.contains(short), "{}", run.stderr);
     assert!(!out.join("d.img").exists());
+
+    // Repair forgets the base and the delta with it: the next ingest of the same disk cannot
+    // deduplicate against a chunk it could not read back, stores both again, and heals.
+    let r = vmrepo([s("check"), p(&repo), s("--repair")]);
+    assert_eq!(r.code, 1, "repair must say data was lost\n{}", r.stdout);
+    assert_eq!(deltas(&repo), 0);
+    let r = vmrepo([s("ingest"), p(&repo), p(&img), s("--name"), s("d")])
+        .ok()
+        .stdout
+        .clone();
+    assert!(r.contains("healed      d@2026-12-02T01:00:00Z"), "{r}");
+    let out = extract(&repo, "d@2026-12-02T01:00:00Z", &t.path().join("o"));
+    assert!(same_file(&out, &img));
+    let out = extract(&repo, "d", &t.path().join("o"));
+    assert!(same_file(&out, &img));
 }

@@ -363,6 +363,7 @@ impl Index {
                 tx.execute("DELETE FROM segment_cache WHERE segment = ?1", [&id.0[..]])?;
                 tx.execute("DELETE FROM segment_leaves WHERE segment = ?1", [&id.0[..]])?;
             }
+            drop_baseless(tx)?;
             forget_gone_segments(tx)?;
             Ok(())
         })
@@ -493,25 +494,8 @@ impl Index {
     pub fn drop_baseless_deltas(&mut self) -> Result<Vec<(ObjectId, ObjectId)>> {
         let mut gone = Vec::new();
         self.write(|tx| {
-            {
-                let mut st = tx.prepare(
-                    "SELECT d.id, d.base FROM all_objects d WHERE d.base IS NOT NULL
-                     AND NOT EXISTS (SELECT 1 FROM all_objects b
-                                     WHERE b.id = d.base AND b.base IS NULL AND b.kind = 1)",
-                )?;
-                let mut rows = st.query([])?;
-                while let Some(r) = rows.next()? {
-                    let id: Vec<u8> = r.get(0)?;
-                    let base: Vec<u8> = r.get(1)?;
-                    gone.push((row_id(&id, "object id")?, row_id(&base, "base id")?));
-                }
-            }
-            let mut main = 0u64;
-            for (id, _) in &gone {
-                main += tx.execute("DELETE FROM objects WHERE id = ?1", [&id.0[..]])? as u64;
-                tx.execute("DELETE FROM recent_objects WHERE id = ?1", [&id.0[..]])?;
-            }
-            less_main_rows(tx, main)
+            gone = drop_baseless(tx)?;
+            Ok(())
         })?;
         if !gone.is_empty() {
             self.main_rows = None;
@@ -564,6 +548,34 @@ fn set_main_rows(tx: &rusqlite::Transaction<'_>, n: u64) -> rusqlite::Result<()>
         params![MAIN_ROWS_KEY, n.to_string()],
     )?;
     Ok(())
+}
+
+/// [`Index::drop_baseless_deltas`] inside a transaction; also run when repair forgets damaged
+/// objects, so that the index never lists a delta it cannot read (a later ingest then stores
+/// that chunk again instead of deduplicating against it). (gc keeps every base an indexed
+/// delta names, so its deletions never leave one.)
+fn drop_baseless(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Vec<(ObjectId, ObjectId)>> {
+    let mut gone = Vec::new();
+    {
+        let mut st = tx.prepare_cached(
+            "SELECT d.id, d.base FROM all_objects d WHERE d.base IS NOT NULL
+             AND NOT EXISTS (SELECT 1 FROM all_objects b
+                             WHERE b.id = d.base AND b.base IS NULL AND b.kind = 1)",
+        )?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let id: Vec<u8> = r.get(0)?;
+            let base: Vec<u8> = r.get(1)?;
+            gone.push((row_id(&id, "object id")?, row_id(&base, "base id")?));
+        }
+    }
+    let mut main = 0u64;
+    for (id, _) in &gone {
+        main += tx.execute("DELETE FROM objects WHERE id = ?1", [&id.0[..]])? as u64;
+        tx.execute("DELETE FROM recent_objects WHERE id = ?1", [&id.0[..]])?;
+    }
+    less_main_rows(tx, main)?;
+    Ok(gone)
 }
 
 /// Lowers the remembered row count of `objects` by `gone` deleted rows (if it is remembered).
