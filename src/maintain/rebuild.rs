@@ -413,7 +413,7 @@ struct FoundRows {
 }
 
 impl FoundRows {
-    /// Rows held in memory at a time: 18 MiB of them (twice that for a partition that grew
+    /// Rows held in memory at a time: 25 MiB of them (twice that for a partition that grew
     /// over its share), less than a set of ids takes, as a rebuild's other memory is small.
     const SHARE: u64 = 1 << 18;
 

@@ -45,8 +45,8 @@ pub const MERGE_MIN: u64 = 1 << 16;
 /// See [`MERGE_MIN`].
 pub const MERGE_SHARE: u64 = 8;
 
-/// Indexes of the delta rows alone (a few of all rows), for gc's pass over the bases of live
-/// deltas; made after the `base` columns exist.
+/// Indexes of the delta rows alone (a few of all rows), for the passes of gc, check and stats
+/// over the deltas' bases; made after the `base` columns exist.
 const DELTA_INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS objects_deltas ON objects(id) WHERE base IS NOT NULL;
 CREATE INDEX IF NOT EXISTS recent_objects_deltas ON recent_objects(id) WHERE base IS NOT NULL;
