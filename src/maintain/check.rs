@@ -484,15 +484,9 @@ impl ObjectPass<'_> {
                             // header.
                             let n = RECORD_HEADER_LEN + h.base.map_or(0, |_| DELTA_BASE_LEN);
                             repo.packs().read_span(pack, *offset, n, h).and_then(|b| {
-                                if h.base.is_some() {
-                                    let mut record = b;
-                                    record.resize(RECORD_HEADER_LEN + h.stored_len as usize, 0);
-                                    repo.packs()
-                                        .check_record(pack, *offset, &record, h)
-                                        .map(|_| ())
-                                } else {
-                                    repo.packs().check_header(pack, *offset, &b, h)
-                                }
+                                let (head, payload) = b.split_at(RECORD_HEADER_LEN);
+                                repo.packs().check_header(pack, *offset, head, h)?;
+                                repo.packs().check_base(pack, *offset, payload, h)
                             })
                         };
                         read_count

@@ -586,22 +586,7 @@ impl Repository {
                             l.offset,
                         ));
                     }
-                    match &into[k] {
-                        Some(r) => self.reader.decode_at_into(
-                            &l.pack,
-                            l.offset,
-                            &l.header,
-                            payload,
-                            None,
-                            &mut out[r.clone()],
-                        )?,
-                        None => {
-                            decoded[k] = Some(
-                                self.reader
-                                    .decode_at(&l.pack, l.offset, &l.header, payload, None)?,
-                            )
-                        }
-                    }
+                    decoded[k] = self.decode_located(l, payload, None, &into[k], out)?;
                 }
             }
             if buf.len() > KEEP_SPAN {
@@ -616,29 +601,39 @@ impl Repository {
             let plain = self.read_objects_as(&bases, false)?;
             for (k, base, payload) in pending {
                 let b = &plain[bases.binary_search(&base).expect("every base was read")];
-                let l = &locs[k];
-                match &into[k] {
-                    Some(r) => self.reader.decode_at_into(
-                        &l.pack,
-                        l.offset,
-                        &l.header,
-                        &payload,
-                        Some(b),
-                        &mut out[r.clone()],
-                    )?,
-                    None => {
-                        decoded[k] = Some(self.reader.decode_at(
-                            &l.pack,
-                            l.offset,
-                            &l.header,
-                            &payload,
-                            Some(b),
-                        )?)
-                    }
-                }
+                decoded[k] = self.decode_located(&locs[k], &payload, Some(b), &into[k], out)?;
             }
         }
         Ok(decoded)
+    }
+
+    /// Decodes the payload of the record at `l` (a delta with its base's plaintext, `base`):
+    /// into `out[range]` when `into` is a range (returning `None`), else returned.
+    fn decode_located(
+        &self,
+        l: &Location,
+        payload: &[u8],
+        base: Option<&[u8]>,
+        into: &Option<std::ops::Range<usize>>,
+        out: &mut [u8],
+    ) -> Result<Option<Vec<u8>>> {
+        match into {
+            Some(r) => {
+                self.reader.decode_at_into(
+                    &l.pack,
+                    l.offset,
+                    &l.header,
+                    payload,
+                    base,
+                    &mut out[r.clone()],
+                )?;
+                Ok(None)
+            }
+            None => self
+                .reader
+                .decode_at(&l.pack, l.offset, &l.header, payload, base)
+                .map(Some),
+        }
     }
 
     /// Reads and decodes the record `expect` at `offset` of `pack` (a delta with its base, read
@@ -664,7 +659,7 @@ impl Repository {
     ) -> Result<Vec<u8>> {
         let base = match object::delta_base(expect, payload) {
             Some(b) => Some(
-                self.read_objects_as(&[b], false)
+                self.read_bases(&[b])
                     .map_err(|e| {
                         self.reader.placed(
                             Error::Corrupt(format!(

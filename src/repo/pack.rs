@@ -262,6 +262,19 @@ impl PackReader {
     ) -> Result<&'b [u8]> {
         self.check_header(pack, offset, &record[..RECORD_HEADER_LEN], expect)?;
         let payload = &record[RECORD_HEADER_LEN..RECORD_HEADER_LEN + expect.stored_len as usize];
+        self.check_base(pack, offset, payload, expect)?;
+        Ok(payload)
+    }
+
+    /// Checks that the payload read at `offset` (at least its first bytes, where a delta names
+    /// its base) names the base the index expects, or none when `expect` is not a delta.
+    pub fn check_base(
+        &self,
+        pack: &str,
+        offset: u64,
+        payload: &[u8],
+        expect: &RecordHeader,
+    ) -> Result<()> {
         let base = crate::repo::object::delta_base(expect, payload);
         if base != expect.base {
             return Err(Error::Corrupt(format!(
@@ -274,7 +287,7 @@ impl PackReader {
                     .map_or("no base".to_string(), |b| format!("chunk {}", b.short()))
             )));
         }
-        Ok(payload)
+        Ok(())
     }
 
     /// Reads the record at `offset` and checks that its header says `expect`; returns the payload.
