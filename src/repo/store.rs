@@ -88,6 +88,13 @@ fn similar(new: &[u8], base: &[u8], shift: i64) -> bool {
     same * 4 >= seen
 }
 
+/// What [`Store::bases`] found: for each chunk asked about, its base's id and the index of the
+/// base's plaintext in `plain`.
+struct Bases {
+    of: Vec<Option<(ObjectId, usize)>>,
+    plain: Vec<Vec<u8>>,
+}
+
 /// A pack taken out of the writer to be sealed, with its records.
 type Full = (PackWriter, Vec<(RecordHeader, u64)>);
 
@@ -246,13 +253,12 @@ impl<'r> Store<'r> {
         objects
             .iter()
             .zip(missing)
-            .zip(bases.iter().zip(&against))
+            .zip(bases.of.iter().zip(&against))
             .map(|((&(id, data), seals), (base, at))| match seals {
                 Some(seals) => {
                     let base = base
-                        .as_ref()
-                        .filter(|(_, plain)| similar(data, plain, at.map_or(0, |a| a.1)))
-                        .map(|(b, plain)| (*b, &plain[..]));
+                        .map(|(b, k)| (b, &bases.plain[k][..]))
+                        .filter(|(_, plain)| similar(data, plain, at.map_or(0, |a| a.1)));
                     self.store_missing(kind, id, data, seals, base)
                 }
                 None => Ok(false),
@@ -261,41 +267,45 @@ impl<'r> Store<'r> {
     }
 
     /// For each chunk of `wanted`, the chunk stored on its own that it stands for (itself, or
-    /// its base when it is a delta) and its plaintext; `None` where there is none or it cannot
-    /// be read (the object is then stored on its own).
-    fn bases(&self, wanted: &[Option<ObjectId>]) -> Vec<Option<(ObjectId, Vec<u8>)>> {
+    /// its base when it is a delta), with its plaintext read once however many chunks stand
+    /// for it; `None` where there is none or it cannot be read (the object is then stored on
+    /// its own).
+    fn bases(&self, wanted: &[Option<ObjectId>]) -> Bases {
+        let none = || Bases {
+            of: vec![None; wanted.len()],
+            plain: Vec::new(),
+        };
         if wanted.iter().all(Option::is_none) {
-            return vec![None; wanted.len()];
+            return none();
         }
-        let whole: Vec<Option<ObjectId>> = self
-            .repo
-            .reading_index(|i| {
-                wanted
-                    .iter()
-                    .map(|w| {
-                        let Some(w) = w else { return Ok(None) };
-                        Ok(i.lookup(w)?.and_then(|l| match l.header.base {
-                            Some(b) => Some(b),
-                            None => (l.header.kind == ObjectKind::Chunk).then_some(*w),
-                        }))
-                    })
-                    .collect::<Result<_>>()
-            })
-            .unwrap_or_else(|_| vec![None; wanted.len()]);
+        let Ok(whole) = self.repo.reading_index(|i| {
+            wanted
+                .iter()
+                .map(|w| {
+                    let Some(w) = w else { return Ok(None) };
+                    Ok(i.lookup(w)?.and_then(|l| match l.header.base {
+                        Some(b) => Some(b),
+                        None => (l.header.kind == ObjectKind::Chunk).then_some(*w),
+                    }))
+                })
+                .collect::<Result<Vec<Option<ObjectId>>>>()
+        }) else {
+            return none();
+        };
         let mut unique: Vec<ObjectId> = whole.iter().flatten().copied().collect();
         unique.sort_unstable();
         unique.dedup();
         let Ok(plain) = self.repo.read_bases(&unique) else {
-            return vec![None; wanted.len()];
+            return none();
         };
-        whole
+        let of = whole
             .iter()
             .map(|w| {
                 let w = (*w)?;
-                let k = unique.binary_search(&w).ok()?;
-                Some((w, plain[k].clone()))
+                Some((w, unique.binary_search(&w).ok()?))
             })
-            .collect()
+            .collect();
+        Bases { of, plain }
     }
 
     /// The rest of [`Store::put`] for an object found missing when `seals` packs were sealed;

@@ -608,8 +608,12 @@ pub(super) fn insert_pack(
          SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
          WHERE NOT EXISTS(SELECT 1 FROM objects WHERE id = ?1)",
     )?;
+    // In id order: each insert and each probe of the large table then lands next to the last
+    // one in their B-trees, on pages already in the cache.
+    let mut sorted: Vec<&(RecordHeader, u64)> = records.iter().collect();
+    sorted.sort_unstable_by_key(|(h, _)| h.id);
     let mut added = 0;
-    for (h, offset) in records {
+    for (h, offset) in sorted {
         added += st.execute(params![
             &h.id.0[..],
             h.kind as u8,
