@@ -185,10 +185,16 @@ fn soak_concurrent_commands_with_random_kills() {
         round += 1;
         for (i, (_, img, size)) in images.iter().enumerate() {
             // Each round changes a part of each image (so ingests store new chunks) and keeps
-            // the rest (so they dedup against what earlier, maybe killed, rounds stored).
+            // the rest (so they dedup against what earlier, maybe killed, rounds stored): one
+            // MiB rewritten, and a few 4 KiB blocks edited here and there, so that chunks are
+            // stored as deltas of the ones they replace and gc and prune meet bases.
             let mut data = fs::read(img).unwrap_or_else(|_| bytes(*size, 1 + i as u64));
             let at = rng.below((*size - (1 << 20)) as u64) as usize;
             data[at..at + (1 << 20)].copy_from_slice(&bytes(1 << 20, rng.next()));
+            for _ in 0..8 {
+                let block = rng.below((*size >> 12) as u64) as usize;
+                data[block << 12..(block + 1) << 12].copy_from_slice(&bytes(4096, rng.next()));
+            }
             fs::write(img, &data).unwrap();
         }
         let extract_target = saved
@@ -311,8 +317,21 @@ fn soak_concurrent_commands_with_random_kills() {
         let c = vmrepo([s("check"), p(&repo), s("--read-data")]);
         assert_eq!(c.code, 0, "round {round}: {}{}", c.stdout, c.stderr);
     }
+    let deltas: i64 = rusqlite::Connection::open(repo.join("index.sqlite"))
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM all_objects WHERE base IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        deltas > 0,
+        "the rounds' edits left no chunk stored as a delta: the soak did not exercise bases"
+    );
     eprintln!(
-        "soak: {round} rounds, {kills} kills ({victims:?}), {} generations kept and verified, {:.0} s",
+        "soak: {round} rounds, {kills} kills ({victims:?}), {} generations kept and verified, \
+         {deltas} deltas indexed, {:.0} s",
         saved.len(),
         started.elapsed().as_secs_f64()
     );
