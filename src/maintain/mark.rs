@@ -102,7 +102,9 @@ pub fn mark(
 /// so one pass suffices. Only the index's delta rows are read; the set is filed again only when
 /// there are any.
 pub fn with_bases(repo: &Repository, index: &Index, live: IdSet, objects: u64) -> Result<IdSet> {
-    let mut bases = IdSpill::new(repo.index_dir(), 0)?;
+    // There are at most as many deltas as objects: sized for that, the set goes to disk from
+    // the start when it could outgrow a partition, instead of growing in memory until it does.
+    let mut bases = IdSpill::new(repo.index_dir(), objects)?;
     let mut deltas = 0u64;
     index.for_each_delta_in_range(&ObjectId([0; 32]), None, |_, base| {
         deltas += 1;

@@ -406,7 +406,9 @@ fn with_base_uses(
     uses: crate::maintain::id_set::Sorted<Use>,
     expected: u64,
 ) -> Result<crate::maintain::id_set::Sorted<Use>> {
-    let mut extra = Spill::new(repo.index_dir(), 0)?;
+    // At most one base use per use: sized for that, the set goes to disk from the start when
+    // it could outgrow a partition, instead of growing in memory until it does.
+    let mut extra = Spill::new(repo.index_dir(), expected)?;
     let mut added = 0u64;
     for part in uses.partitions() {
         let part = part?;
