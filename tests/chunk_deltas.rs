@@ -297,3 +297,63 @@ fn a_damaged_base_is_named_for_each_generation_stored_against_it() {
     let out = extract(&repo, "d", &t.path().join("o"));
     assert!(same_file(&out, &img));
 }
+
+/// The index lost the row of a base (a stale or hand-edited cache) while the delta's row stays:
+/// check says which chunk is stored against what; gc, rewriting the data file that holds the
+/// base after the generation that listed it is forgotten, keeps it; and the index rebuilt from
+/// the data files makes the generation stored against it restorable again.
+#[test]
+fn an_index_that_lost_a_base_row_loses_no_base_in_gc() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("d.img");
+    make_disk(&img);
+    let repo = init_repo(t.path());
+    ingest_at(&repo, &img, "d", "2026-12-01T01:00:00Z");
+    // Night 2 rewrites all but the first MiB, and edits one block in it: a delta against a
+    // night-1 chunk, whose data file is nearly all dead once night 1 is forgotten.
+    {
+        let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&bytes(15 << 20, 77), 1 << 20).unwrap();
+    }
+    change(&img, &PLACES[..1], 2);
+    ingest_at(&repo, &img, "d", "2026-12-02T01:00:00Z");
+    assert_eq!(deltas(&repo), 1);
+    let c = rusqlite::Connection::open(repo.join("index.sqlite")).unwrap();
+    let base: Vec<u8> = c
+        .query_row(
+            "SELECT base FROM all_objects WHERE base IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let removed = c
+        .execute("DELETE FROM objects WHERE id = ?1", [&base])
+        .unwrap()
+        + c.execute("DELETE FROM recent_objects WHERE id = ?1", [&base])
+            .unwrap();
+    assert_eq!(removed, 1);
+    drop(c);
+    let short = &hex::encode(&base)[..12];
+
+    let run = vmrepo([s("check"), p(&repo)]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains(&format!(
+            "is stored against chunk {short}, which is missing from the repository"
+        )),
+        "{}",
+        run.stdout
+    );
+    vmrepo([s("forget"), p(&repo), s("d@2026-12-01T01:00:00Z")]).ok();
+    let gc = vmrepo([s("gc"), p(&repo)]).ok().stdout.clone();
+    assert!(
+        gc.contains("kept data file as it is: pack ")
+            && gc.contains("it holds 1 object(s) that generations use and the index does not list"),
+        "{gc}"
+    );
+
+    vmrepo([s("check"), p(&repo), s("--rebuild-index")]).ok();
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+    let out = extract(&repo, "d@2026-12-02T01:00:00Z", &t.path().join("o"));
+    assert!(same_file(&out, &img));
+}

@@ -164,6 +164,9 @@ pub fn print_gc(r: &GcReport) {
     for k in &r.kept_unindexed {
         println!("  kept data file not in the index: {k}");
     }
+    for k in &r.kept_for_unlisted {
+        println!("  kept data file as it is: {k}");
+    }
     for d in &r.damaged_generations {
         println!("  note: damaged generation {d}: its unreadable parts could not be followed");
     }

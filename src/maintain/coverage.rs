@@ -375,6 +375,93 @@ fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack>
     Ok(u)
 }
 
+/// Most objects [`unindexed_live`] collects before it gives up: beyond that the index is far
+/// behind the data files and should be rebuilt rather than worked around.
+const MAX_UNINDEXED: usize = 1 << 20;
+
+/// Of `packs` (indexed packs that gc would delete or rewrite from what the index lists in them:
+/// name, length, and how many index rows name the pack), those holding a record the live set
+/// `live` needs and the index does not list anywhere, with how many such objects each holds:
+/// gc keeps them, since deleting or rewriting them on the index's word would lose that record
+/// (an index that lost rows, or a chunk forgotten as damaged that a damaged generation still
+/// names). Each pack's records come from its description, or the pack when it has no usable
+/// one; only a pack holding more records than rows name it is looked into record by record.
+pub fn unindexed_live(
+    repo: &Repository,
+    index: &Index,
+    packs: &[(String, u64, u64)],
+    live: &IdSet,
+    progress: &dyn Progress,
+) -> Result<Vec<(String, usize)>> {
+    if packs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let backend = &**repo.backend();
+    // A pack's description lists its records in a few kilobytes; the pack itself, read only
+    // when it has no usable description, is mostly what gc is about to free.
+    let described = Descriptions::list(backend, repo.keys()).ok();
+    let mut lacking: Vec<(String, ObjectId)> = Vec::new();
+    progress.start(
+        "gc: checking the data files to change against the index",
+        packs.len() as u64,
+    );
+    // In name order and small batches: the compacted descriptions of a few shards at a time
+    // are in memory (see [`Descriptions::fetch`]).
+    let mut packs = packs.to_vec();
+    packs.sort_unstable();
+    for batch in packs.chunks(32) {
+        let wanted: Vec<(String, u64)> = batch.iter().map(|(n, l, _)| (n.clone(), *l)).collect();
+        let fetched: Vec<Option<Described>> = match &described {
+            Some(d) => d.fetch(repo.packs(), &wanted),
+            None => batch.iter().map(|_| None).collect(),
+        };
+        for ((name, _, rows), d) in batch.iter().zip(fetched) {
+            let ids: Vec<ObjectId> = match d {
+                Some(d) => d.description.records.iter().map(|(h, _)| h.id).collect(),
+                None => {
+                    let mut ids = Vec::new();
+                    scan_pack(backend, name, |rec| {
+                        ids.push(rec.header.id);
+                        Ok(())
+                    })?;
+                    ids
+                }
+            };
+            // Every record of the pack has its row unless it holds more records than rows.
+            if ids.len() as u64 > *rows {
+                for id in ids {
+                    if !index.contains(&id)? {
+                        lacking.push((name.clone(), id));
+                    }
+                }
+            }
+            if lacking.len() > MAX_UNINDEXED {
+                return Err(Error::Corrupt(format!(
+                    "gc stopped before deleting anything: the data files it would change hold \
+                     more than {MAX_UNINDEXED} objects the index does not list (first: {} in \
+                     pack {}): the index is far behind the data files. Run `vmrepo check \
+                     --rebuild-index` to rebuild it from them",
+                    lacking[0].1.short(),
+                    lacking[0].0
+                )));
+            }
+            progress.advance(1);
+        }
+    }
+    progress.finish();
+    let mut needed: HashSet<ObjectId> = lacking.iter().map(|(_, id)| *id).collect();
+    live.retain_members(&mut needed)?;
+    let mut held: HashMap<String, usize> = HashMap::new();
+    for (pack, id) in &lacking {
+        if needed.contains(id) {
+            *held.entry(pack.clone()).or_default() += 1;
+        }
+    }
+    let mut out: Vec<(String, usize)> = held.into_iter().collect();
+    out.sort();
+    Ok(out)
+}
+
 /// An unknown pack's fate.
 #[derive(Debug)]
 pub enum Verdict {

@@ -83,6 +83,9 @@ pub struct GcReport {
     pub adopted: Vec<String>,
     /// Pack files the index does not know that were kept, and why.
     pub kept_unindexed: Vec<String>,
+    /// Indexed pack files left as they are, instead of being deleted or rewritten, because
+    /// they hold objects that generations use and the index does not list; and why.
+    pub kept_for_unlisted: Vec<String>,
     /// Packs left alone because a live object in them is damaged.
     pub problems: Vec<String>,
     /// Damaged generations whose unreadable parts could not be followed.
@@ -357,10 +360,34 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
         report.bytes_dead += p.dead_bytes;
     }
     let PackActions {
-        drop: drop_packs,
-        rewrite,
-        keep,
+        drop: mut drop_packs,
+        mut rewrite,
+        mut keep,
     } = plan_packs(&plans, opts.repack_threshold, opts.max_unused);
+    // The index said what in these packs is live; the packs say what they hold. A record that
+    // a generation needs and the index does not list keeps its pack as it is.
+    let changing: Vec<(String, u64, u64)> = drop_packs
+        .iter()
+        .chain(rewrite.iter().copied())
+        .map(|n| {
+            let p = &plans[n];
+            (n.clone(), p.size, p.live_objects + p.dead_objects)
+        })
+        .collect();
+    for (name, n) in
+        crate::maintain::coverage::unindexed_live(repo, &index, &changing, &live.ids, progress)?
+    {
+        report.kept_for_unlisted.push(format!(
+            "pack {name}: it holds {n} object(s) that generations use and the index does not \
+             list (`vmrepo check` names the generations; `vmrepo check --rebuild-index` \
+             indexes what can be read)"
+        ));
+        drop_packs.retain(|d| *d != name);
+        rewrite.retain(|r| **r != name);
+        if let Some((k, _)) = plans.get_key_value(&name) {
+            keep.push(k);
+        }
+    }
     let (mut dead_rows, mut dead_segments) = (Vec::new(), Vec::new());
     for name in keep {
         report.bytes_left += garbage(&plans[name]);
