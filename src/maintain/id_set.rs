@@ -4,11 +4,11 @@
 //!
 //! Object ids are hashes, so their leading bits spread them evenly. A set expected to hold more
 //! than [`PARTITION_BYTES`] is cut by those bits into partitions, each an append-only file in a
-//! private directory beside the index; a partition is read, sorted and searched on its own, so
-//! memory holds one partition (64 MiB, twice that before an overfull one is split), never the
-//! set. A smaller set stays in memory. The records are asked about in order, partition by
-//! partition ([`Sorted::partitions`]), which is how the index's rows come when read by id
-//! range.
+//! private directory beside the index (in the system's temporary directory when the index's
+//! cannot be written); a partition is read, sorted and searched on its own, so memory holds
+//! one partition (64 MiB, twice that before an overfull one is split), never the set. A smaller
+//! set stays in memory. The records are asked about in order, partition by partition
+//! ([`Sorted::partitions`]), which is how the index's rows come when read by id range.
 
 use std::borrow::Cow;
 use std::fs::{self, File};
@@ -190,20 +190,22 @@ impl<R: Keyed> Spill<R> {
         Ok(spill)
     }
 
-    /// Moves the set to `2^bits` partition files.
+    /// Moves the set to `2^bits` partition files; keeps it in memory when no directory can be
+    /// made for them (see [`new_dir`]).
     fn move_to_disk(&mut self, bits: u32) -> Result<()> {
-        let dir = self.parent.join(format!(
-            "{DIR_PREFIX}{}-{:016x}",
-            std::process::id(),
-            rand_u64()
-        ));
         let ctx = |cause: io::Error, p: &Path| Error::Io {
             op: WRITE_OP,
             path: p.to_path_buf(),
             cause,
         };
-        fs::create_dir(&dir).map_err(|e| ctx(e, &dir))?;
-        let dir = SpillDir(dir);
+        let dir = match new_dir(&self.parent) {
+            Ok(dir) => SpillDir(dir),
+            Err((_, cause)) if read_only(&cause) => {
+                self.memory_only = true;
+                return Ok(());
+            }
+            Err((path, cause)) => return Err(ctx(cause, &path)),
+        };
         for p in 0..1usize << bits {
             let path = dir.0.join(format!("{p:05}"));
             let f = File::create(&path).map_err(|e| ctx(e, &path))?;
@@ -411,6 +413,35 @@ fn read_partition<R: Keyed>(path: &Path) -> Result<Vec<R>> {
 }
 
 /// Removes partition directories whose process no longer runs (a killed gc's).
+/// Whether `e` says the place cannot be written at all (a read-only mount, no permission),
+/// rather than that this write failed.
+fn read_only(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ReadOnlyFilesystem | io::ErrorKind::PermissionDenied
+    )
+}
+
+/// A new private directory for partition files under `parent` (the index's directory) or,
+/// when that cannot be written (a read-only repository checked or counted where it lies), under
+/// the system's temporary directory. The error names the place tried first.
+fn new_dir(parent: &Path) -> std::result::Result<PathBuf, (PathBuf, io::Error)> {
+    let name = format!("{DIR_PREFIX}{}-{:016x}", std::process::id(), rand_u64());
+    let first = parent.join(&name);
+    match fs::create_dir(&first) {
+        Ok(()) => Ok(first),
+        Err(e) if read_only(&e) => {
+            let temp = std::env::temp_dir();
+            remove_left_overs(&temp);
+            let second = temp.join(&name);
+            fs::create_dir(&second)
+                .map(|()| second)
+                .map_err(|_| (first, e))
+        }
+        Err(e) => Err((first, e)),
+    }
+}
+
 fn remove_left_overs(parent: &Path) {
     crate::fsutil::remove_dirs_of_dead_processes(parent, DIR_PREFIX)
 }
