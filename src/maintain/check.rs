@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::maintain::id_set::{IdSet, IdSpill};
 use crate::maintain::walk::{Reference, SegmentPlace, Visitor, Walk};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
@@ -298,7 +299,10 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
     // Objects: every index row must point at a matching record (and, with read_data, good
     // bytes). The rows come in pack order and are checked a batch of whole packs at a time,
     // so memory holds one batch, not the repository.
-    let (_, stored_bytes) = index.object_totals()?;
+    let (rows, stored_bytes) = index.object_totals()?;
+    // The bases of the deltas met on the way, filed by id (on disk past a partition's worth):
+    // asked about afterwards in the index's own order, once each.
+    let mut bases = IdSpill::new(repo.index_dir(), rows)?;
     progress.start(
         if read.reads_anything() {
             "check (reading data)"
@@ -328,6 +332,9 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
     let batch_rows = crate::maintain::batch(CHECK_BATCH);
     index.for_each_object(|loc| {
         report.objects += 1;
+        if let Some(base) = loc.header.base {
+            bases.insert(base)?;
+        }
         report.stored_bytes += RECORD_HEADER_LEN as u64 + loc.header.stored_len as u64;
         match batch.last_mut() {
             Some((p, v)) if *p == loc.pack => v.push((loc.offset, loc.header)),
@@ -371,7 +378,7 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
         }
     }
     let mut bad = pass.bad.into_inner().unwrap();
-    check_bases(&index, &mut bad)?;
+    check_bases(&index, bases.finish()?, &mut bad)?;
     report.bad_objects = bad.keys().copied().collect();
 
     // Generations: every reference must resolve to a good object.
@@ -648,22 +655,39 @@ impl Visitor for Checker<'_> {
 }
 
 /// Adds to `bad` every delta whose base is not a chunk stored on its own that is indexed and
-/// undamaged: a delta is read only with its base.
-fn check_bases(index: &Index, bad: &mut HashMap<ObjectId, String>) -> Result<()> {
+/// undamaged: a delta is read only with its base. `bases` holds each delta's base once, in id
+/// order, so the index is asked about them in its own order (at 64 GiB of deltas, 3.5 million
+/// questions; asked in the deltas' order each one was a random read of the index). The deltas
+/// are listed again, to name them, only when a base is wrong.
+fn check_bases(index: &Index, bases: IdSet, bad: &mut HashMap<ObjectId, String>) -> Result<()> {
+    let mut wrong: HashMap<ObjectId, String> = HashMap::new();
+    index.reading(|index| {
+        for part in bases.partitions() {
+            for base in part?.ids() {
+                let problem = match index.lookup(base)? {
+                    None => Some("which is missing from the repository".to_string()),
+                    Some(l) if l.header.base.is_some() => {
+                        Some("which is itself stored as a delta".to_string())
+                    }
+                    Some(l) if l.header.kind != ObjectKind::Chunk => {
+                        Some(format!("which is a {}, not a chunk", l.header.kind.name()))
+                    }
+                    Some(_) => bad.get(base).map(|p| format!("which is damaged ({p})")),
+                };
+                if let Some(p) = problem {
+                    wrong.insert(*base, p);
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if wrong.is_empty() {
+        return Ok(());
+    }
     let mut found = Vec::new();
     index.reading(|index| {
         index.for_each_delta_in_range(&ObjectId([0; 32]), None, |id, base| {
-            let problem = match index.lookup(&base)? {
-                None => Some("which is missing from the repository".to_string()),
-                Some(l) if l.header.base.is_some() => {
-                    Some("which is itself stored as a delta".to_string())
-                }
-                Some(l) if l.header.kind != ObjectKind::Chunk => {
-                    Some(format!("which is a {}, not a chunk", l.header.kind.name()))
-                }
-                Some(_) => bad.get(&base).map(|p| format!("which is damaged ({p})")),
-            };
-            if let Some(p) = problem {
+            if let Some(p) = wrong.get(&base) {
                 found.push((
                     id,
                     format!(
