@@ -292,27 +292,36 @@ fn check_names_the_generation_whose_chunks_the_index_lost_or_misstates() {
             .sum();
         assert_eq!(changed, 1);
         drop(db);
-        let r = vmrepo([s("check"), p(&repo)]);
-        assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
-        let damaged: Vec<&str> = r
-            .stdout
-            .lines()
-            .filter(|l| l.starts_with("DAMAGED"))
-            .collect();
-        assert_eq!(damaged.len(), 1, "{}", r.stdout);
-        assert!(damaged[0].starts_with("DAMAGED  b@"), "{}", r.stdout);
-        assert!(
-            r.stdout
-                .contains("1 damaged segment(s) of 4 MiB; first: bytes "),
-            "{}",
-            r.stdout
-        );
-        assert!(
-            r.stdout.contains("1 bad chunk(s), first: chunk "),
-            "{}",
-            r.stdout
-        );
-        assert!(r.stdout.contains(why), "{why}: {}", r.stdout);
+        // The same report whether check files the listed chunks in memory or, as on a
+        // repository of millions of objects, on disk.
+        for tiny in [false, true] {
+            let mut cmd = std::process::Command::new(BIN);
+            cmd.args([s("check"), p(&repo)]);
+            if tiny {
+                cmd.env("VMREPO_TEST_TINY_BATCHES", "1");
+            }
+            let r = Run::from(cmd.output().unwrap());
+            assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+            let damaged: Vec<&str> = r
+                .stdout
+                .lines()
+                .filter(|l| l.starts_with("DAMAGED"))
+                .collect();
+            assert_eq!(damaged.len(), 1, "{}", r.stdout);
+            assert!(damaged[0].starts_with("DAMAGED  b@"), "{}", r.stdout);
+            assert!(
+                r.stdout
+                    .contains("1 damaged segment(s) of 4 MiB; first: bytes "),
+                "{}",
+                r.stdout
+            );
+            assert!(
+                r.stdout.contains("1 bad chunk(s), first: chunk "),
+                "{}",
+                r.stdout
+            );
+            assert!(r.stdout.contains(why), "{why}: {}", r.stdout);
+        }
         vmrepo([s("check"), p(&repo), s("--rebuild-index")]).ok();
         vmrepo([s("check"), p(&repo)]).ok();
     }

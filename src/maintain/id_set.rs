@@ -1,6 +1,6 @@
 //! Sets of object ids (and of records filed by object id) larger than memory may hold: gc's
-//! live set, check's set of delta bases, what `stats` learns of each object and the object rows
-//! of an index being rebuilt, at any repository size.
+//! live set, check's listed chunks and delta bases, what `stats` learns of each object and the
+//! object rows of an index being rebuilt, at any repository size.
 //!
 //! Object ids are hashes, so their leading bits spread them evenly. A set expected to hold more
 //! than [`PARTITION_BYTES`] is cut by those bits into partitions, each an append-only file in a

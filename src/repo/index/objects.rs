@@ -453,6 +453,37 @@ impl Index {
         self.each_location(rows, &mut f)
     }
 
+    /// Calls `f` with (id, raw length) of every object whose id is at least `first` and below
+    /// `end` (to the last with `None`), in id order (an id in both object tables, twice).
+    pub fn for_each_raw_len_in_range(
+        &self,
+        first: &ObjectId,
+        end: Option<&ObjectId>,
+        mut f: impl FnMut(ObjectId, u32) -> Result<()>,
+    ) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT id, raw_len FROM objects WHERE id >= ?1 AND id < ?2
+                 UNION ALL
+                 SELECT id, raw_len FROM recent_objects WHERE id >= ?1 AND id < ?2
+                 ORDER BY 1",
+            )
+            .map_err(|e| self.err(e))?;
+        // Past the last id: 32 bytes of 0xff sort below a 33-byte blob of them.
+        let past = [0xffu8; 33];
+        let end: &[u8] = end.map_or(&past[..], |e| &e.0[..]);
+        let mut rows = st
+            .query(params![&first.0[..], end])
+            .map_err(|e| self.err(e))?;
+        while let Some(r) = rows.next().map_err(|e| self.err(e))? {
+            let id: Vec<u8> = r.get(0).map_err(|e| self.err(e))?;
+            let id = row_id(&id, "object id").map_err(|e| self.err(e))?;
+            f(id, r.get(1).map_err(|e| self.err(e))?)?;
+        }
+        Ok(())
+    }
+
     /// Calls `f` with (id, base) of every delta whose id is at least `first` and below `end`
     /// (to the last with `None`), in no particular order.
     pub fn for_each_delta_in_range(
