@@ -395,9 +395,14 @@ pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Resu
     if let Some(e) = failed.into_inner().unwrap() {
         return Err(e);
     }
-    let wrong = wrong_chunks(&index, listed.into_inner().unwrap().finish()?)?;
-    if !wrong.is_empty() {
-        (damaged, walk) = walk_generations(repo, &bad, Chunks::Known(&wrong), &gens, progress)?;
+    match wrong_chunks(&index, listed.into_inner().unwrap().finish()?)? {
+        Some(wrong) if wrong.is_empty() => {}
+        Some(wrong) => {
+            (damaged, walk) = walk_generations(repo, &bad, Chunks::Known(&wrong), &gens, progress)?;
+        }
+        None => {
+            (damaged, walk) = walk_generations(repo, &bad, Chunks::Ask, &gens, progress)?;
+        }
     }
     report.damaged = damaged;
     report.bad_segments = walk
@@ -618,18 +623,25 @@ enum Chunks<'a> {
     /// The second walk: the chunks [`wrong_chunks`] found listed wrongly, each with the length
     /// the index gives it (`None`: not indexed). Every other chunk is as its segments list it.
     Known(&'a HashMap<ObjectId, Option<u32>>),
+    /// The second walk when too many chunks are wrong to be held (an index far behind the
+    /// data): each chunk is asked about as it is met.
+    Ask,
 }
 
+/// Most wrong chunks [`wrong_chunks`] holds (about 60 bytes each); past that, the second walk
+/// asks about each chunk instead, so memory stays bounded whatever the index lacks.
+const MOST_WRONG: u64 = 1 << 20;
+
 /// The chunks of `listed` that the index lacks or gives another length than some segment does,
-/// with the length it gives them (`None`: it lacks them). Each partition of `listed` is met
-/// with the index's rows of the same id range, both in id order: one pass over the rows, no
-/// question asked per chunk.
+/// with the length it gives them (`None`: it lacks them); `None` when there are more than
+/// [`MOST_WRONG`]. Each partition of `listed` is met with the index's rows of the same id
+/// range, both in id order: one pass over the rows, no question asked per chunk.
 fn wrong_chunks(
     index: &Index,
     listed: Sorted<ListedChunk>,
-) -> Result<HashMap<ObjectId, Option<u32>>> {
+) -> Result<Option<HashMap<ObjectId, Option<u32>>>> {
     let mut wrong = HashMap::new();
-    index.reading(|index| {
+    let held = index.reading(|index| {
         for part in listed.partitions() {
             let part = part?;
             let items = part.items();
@@ -650,15 +662,18 @@ fn wrong_chunks(
             for c in &items[k..] {
                 wrong.insert(c.id, None);
             }
+            if wrong.len() as u64 > crate::maintain::batch(MOST_WRONG) {
+                return Ok(false);
+            }
         }
-        Ok(())
+        Ok(true)
     })?;
-    Ok(wrong)
+    Ok(held.then_some(wrong))
 }
 
 /// check's visitor of the reference graph: every reference must resolve to a good object;
-/// what does not is reported per generation and per disk. It asks the index through the
-/// repository's pooled connections, so that segments are checked on several threads at once.
+/// what does not is reported per generation and per disk. Segments are loaded and checked on
+/// several threads at once; their chunks are judged as [`Chunks`] says.
 struct Checker<'a> {
     repo: &'a Repository,
     /// Objects found damaged by the pass over the pack files, with why.
@@ -837,6 +852,21 @@ fn load<T>(
     decode(&b)
 }
 
+/// What is wrong with chunk `id`, listed with length `len`, given the length the index gives it
+/// (`Some(None)`: the index lacks it; `None`: not known to be wrong).
+fn wrong_length(id: &ObjectId, len: u32, stored: Option<Option<u32>>) -> Option<String> {
+    match stored {
+        Some(None) => Some(format!(
+            "chunk {} is missing from the repository",
+            id.short()
+        )),
+        Some(Some(stored)) if stored != len => {
+            Some(format!("chunk {} has the wrong length", id.short()))
+        }
+        _ => None,
+    }
+}
+
 fn check_segment(
     repo: &Repository,
     bad: &HashMap<ObjectId, String>,
@@ -873,16 +903,14 @@ fn check_segment(
                 listed.push(ListedChunk { id: *id, len: *len });
                 None
             }
-            Chunks::Known(wrong) => match wrong.get(id) {
-                Some(None) => Some(format!(
-                    "chunk {} is missing from the repository",
-                    id.short()
-                )),
-                Some(Some(stored)) if stored != len => {
-                    Some(format!("chunk {} has the wrong length", id.short()))
+            Chunks::Known(wrong) => wrong_length(id, *len, wrong.get(id).copied()),
+            Chunks::Ask => {
+                let stored = repo.reading_index(|index| index.raw_len(id));
+                match stored {
+                    Ok(stored) => wrong_length(id, *len, Some(stored)),
+                    Err(e) => Some(e.to_string()),
                 }
-                _ => None,
-            },
+            }
         };
         if let Some(p) = problem.or_else(|| bad.get(id).cloned()) {
             damaged += 1;
