@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The concurrency and fault soak for hours: rounds of three ingests of different VMs, a prune, a
-# gc, a check and an extract started at once, one of them killed with SIGKILL at a random moment;
-# after every round each generation whose ingest exited 0 (and that the prune kept) must extract
-# byte for byte and `check --read-data` must be clean. The test suite runs 6 rounds of the same
-# test (tests/concurrency.rs); this runs it for as long as you say.
+# gc, a check, an extract, a check --repair or --rebuild-index and a copy to a second repository
+# started at once, one of them killed with SIGKILL at a random moment; after every round each
+# generation whose ingest exited 0 (and that the prune kept) must extract byte for byte (one of
+# them from the copy too) and `check --read-data` must be clean in both repositories. The test
+# suite runs 6 rounds of the same test (tests/concurrency.rs); this runs it for as long as you
+# say.
 #
 #   scripts/soak.sh [--hours H | --minutes M] [--seed N]
 #

@@ -149,11 +149,13 @@ fn concurrent_ingests_of_different_vms_all_stay_restorable() {
     assert!(c.stdout.contains("ok: 14 generations"), "{}", c.stdout);
 }
 
-/// The bounded soak: rounds of three ingests of different VMs, a prune, a gc, a check and an
-/// extract, all started at once; one of them killed with SIGKILL at a random moment. After each
-/// round every generation reported saved is still there and restores byte for byte (unless the
-/// prune removed it, which never happens to the newest 2 of a VM), and `check --read-data` is
-/// clean.
+/// The bounded soak: rounds of three ingests of different VMs, a prune, a gc, a check, an
+/// extract, a `check --repair` or `--rebuild-index` (alternate rounds) and a copy to a second
+/// repository, all started at once; one of them killed with SIGKILL at a random moment. After
+/// each round every generation reported saved is still there and restores byte for byte
+/// (unless the prune removed it, which never happens to the newest 2 of a VM), one of them
+/// restores byte for byte from the copy if it holds it, and `check --read-data` is clean in
+/// both repositories.
 #[test]
 fn soak_concurrent_commands_with_random_kills() {
     // scripts/soak.sh sets VMREPO_SOAK_SECONDS to run rounds for hours.
@@ -167,6 +169,8 @@ fn soak_concurrent_commands_with_random_kills() {
     let mut rng = Rng::from_env();
     let t = tempfile::tempdir().unwrap();
     let repo = init_repo(t.path());
+    let offsite = t.path().join("offsite");
+    vmrepo([s("init"), p(&offsite)]).ok();
     let images: Vec<(String, PathBuf, usize)> =
         [("a", 48usize << 20), ("b", 24 << 20), ("c", 6 << 20)]
             .into_iter()
@@ -234,6 +238,19 @@ fn soak_concurrent_commands_with_random_kills() {
         children.push((
             "check".into(),
             spawn(&[s("check"), p(&repo), s("--lock-wait"), s("60")]),
+        ));
+        let (fix, flag) = if round.is_multiple_of(2) {
+            ("repair", "--repair")
+        } else {
+            ("rebuild", "--rebuild-index")
+        };
+        children.push((
+            fix.into(),
+            spawn(&[s("check"), p(&repo), s(flag), s("--lock-wait"), s("60")]),
+        ));
+        children.push((
+            "copy".into(),
+            spawn(&[s("copy"), p(&repo), p(&offsite), s("--lock-wait"), s("60")]),
         ));
         if let Some(g) = extract_target {
             let out = t.path().join("soak-extract");
@@ -316,6 +333,22 @@ fn soak_concurrent_commands_with_random_kills() {
         }
         let c = vmrepo([s("check"), p(&repo), s("--read-data")]);
         assert_eq!(c.code, 0, "round {round}: {}{}", c.stdout, c.stderr);
+        let c = vmrepo([s("check"), p(&offsite), s("--read-data")]);
+        assert_eq!(c.code, 0, "round {round}, copy: {}{}", c.stdout, c.stderr);
+        let copied: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .flat_map(|vm| generations(&offsite, vm))
+            .filter(|g| saved.contains_key(g))
+            .collect();
+        if !copied.is_empty() {
+            let g = &copied[rng.below(copied.len() as u64) as usize];
+            let (want, file) = &saved[g];
+            assert_eq!(
+                &restored_digest(&offsite, g, t.path(), file),
+                want,
+                "round {round}: {g} does not restore from the copy to what was read"
+            );
+        }
     }
     let deltas: i64 = rusqlite::Connection::open(repo.join("index.sqlite"))
         .unwrap()
