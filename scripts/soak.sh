@@ -20,7 +20,7 @@ while [ $# -gt 0 ]; do
         --hours) seconds=$(python3 -c "print(int(float('$2') * 3600))"); shift 2 ;;
         --minutes) seconds=$(python3 -c "print(int(float('$2') * 60))"); shift 2 ;;
         --seed) seed="$2"; shift 2 ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) echo "soak.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done

@@ -338,12 +338,7 @@ fn an_index_that_lost_a_base_row_loses_no_base_in_gc() {
     // The same answer whether check holds the deltas' bases in memory or, as on a repository
     // of millions of objects, files them on disk by id.
     for tiny in [false, true] {
-        let mut cmd = std::process::Command::new(BIN);
-        cmd.args([s("check"), p(&repo)]);
-        if tiny {
-            cmd.env("VMREPO_TEST_TINY_BATCHES", "1");
-        }
-        let run = Run::from(cmd.output().unwrap());
+        let run = vmrepo_batches(tiny, [s("check"), p(&repo)]);
         assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
         assert!(
             run.stdout.contains(&format!(

@@ -112,14 +112,8 @@ fn a_read_only_repository_can_be_listed_checked_and_restored() {
     assert_eq!(c.code, 0, "{}{}", c.stdout, c.stderr);
     // As on a repository of millions of objects, where check and stats file their id sets in
     // temporary files: beside a read-only index they go elsewhere, and both still answer.
-    for args in [vec![s("check"), p(&ro)], vec![s("stats"), p(&ro)]] {
-        let r = Run::from(
-            std::process::Command::new(BIN)
-                .args(&args)
-                .env("VMREPO_TEST_TINY_BATCHES", "1")
-                .output()
-                .unwrap(),
-        );
+    for args in [[s("check"), p(&ro)], [s("stats"), p(&ro)]] {
+        let r = vmrepo_batches(true, &args);
         assert_eq!(r.code, 0, "{args:?}: {}{}", r.stdout, r.stderr);
     }
     let out = t.path().join("out");

@@ -295,12 +295,7 @@ fn check_names_the_generation_whose_chunks_the_index_lost_or_misstates() {
         // The same report whether check files the listed chunks in memory or, as on a
         // repository of millions of objects, on disk.
         for tiny in [false, true] {
-            let mut cmd = std::process::Command::new(BIN);
-            cmd.args([s("check"), p(&repo)]);
-            if tiny {
-                cmd.env("VMREPO_TEST_TINY_BATCHES", "1");
-            }
-            let r = Run::from(cmd.output().unwrap());
+            let r = vmrepo_batches(tiny, [s("check"), p(&repo)]);
             assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
             let damaged: Vec<&str> = r
                 .stdout
@@ -338,12 +333,7 @@ fn check_names_the_generation_whose_chunks_the_index_lost_or_misstates() {
     let reports: Vec<String> = [false, true]
         .into_iter()
         .map(|tiny| {
-            let mut cmd = std::process::Command::new(BIN);
-            cmd.args([s("check"), p(&repo)]);
-            if tiny {
-                cmd.env("VMREPO_TEST_TINY_BATCHES", "1");
-            }
-            let r = Run::from(cmd.output().unwrap());
+            let r = vmrepo_batches(tiny, [s("check"), p(&repo)]);
             assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
             r.stdout
         })

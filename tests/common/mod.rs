@@ -52,6 +52,21 @@ where
     Run::from(Command::new(BIN).args(args).output().expect("run vmrepo"))
 }
 
+/// Runs `vmrepo ARGS`; with `tiny`, with its memory-bounding batches made tiny (id sets on disk
+/// in many partitions, rewrites in many batches), as on a repository of millions of objects.
+pub fn vmrepo_batches<I, S>(tiny: bool, args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    if tiny {
+        cmd.env("VMREPO_TEST_TINY_BATCHES", "1");
+    }
+    Run::from(cmd.output().expect("run vmrepo"))
+}
+
 /// Runs `vmrepo ARGS` and also returns the most memory it held at once (peak resident set, in
 /// bytes), as the kernel reports it for that one process.
 #[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its resource usage
