@@ -461,27 +461,19 @@ impl Index {
         end: Option<&ObjectId>,
         mut f: impl FnMut(ObjectId, u32) -> Result<()>,
     ) -> Result<()> {
-        let mut st = self
-            .conn
-            .prepare_cached(
-                "SELECT id, raw_len FROM objects WHERE id >= ?1 AND id < ?2
-                 UNION ALL
-                 SELECT id, raw_len FROM recent_objects WHERE id >= ?1 AND id < ?2
-                 ORDER BY 1",
-            )
-            .map_err(|e| self.err(e))?;
-        // Past the last id: 32 bytes of 0xff sort below a 33-byte blob of them.
-        let past = [0xffu8; 33];
-        let end: &[u8] = end.map_or(&past[..], |e| &e.0[..]);
-        let mut rows = st
-            .query(params![&first.0[..], end])
-            .map_err(|e| self.err(e))?;
-        while let Some(r) = rows.next().map_err(|e| self.err(e))? {
-            let id: Vec<u8> = r.get(0).map_err(|e| self.err(e))?;
-            let id = row_id(&id, "object id").map_err(|e| self.err(e))?;
-            f(id, r.get(1).map_err(|e| self.err(e))?)?;
-        }
-        Ok(())
+        self.for_each_row_in_range(
+            "SELECT id, raw_len FROM objects WHERE id >= ?1 AND id < ?2
+             UNION ALL
+             SELECT id, raw_len FROM recent_objects WHERE id >= ?1 AND id < ?2
+             ORDER BY 1",
+            first,
+            end,
+            |r| {
+                let id: Vec<u8> = r.get(0)?;
+                Ok((row_id(&id, "object id")?, r.get(1)?))
+            },
+            |(id, len)| f(id, len),
+        )
     }
 
     /// Calls `f` with (id, base) of every delta whose id is at least `first` and below `end`
@@ -492,15 +484,32 @@ impl Index {
         end: Option<&ObjectId>,
         mut f: impl FnMut(ObjectId, ObjectId) -> Result<()>,
     ) -> Result<()> {
-        let mut st = self
-            .conn
-            .prepare_cached(
-                "SELECT id, base FROM objects WHERE base IS NOT NULL AND id >= ?1 AND id < ?2
-                 UNION ALL
-                 SELECT id, base FROM recent_objects
-                     WHERE base IS NOT NULL AND id >= ?1 AND id < ?2",
-            )
-            .map_err(|e| self.err(e))?;
+        self.for_each_row_in_range(
+            "SELECT id, base FROM objects WHERE base IS NOT NULL AND id >= ?1 AND id < ?2
+             UNION ALL
+             SELECT id, base FROM recent_objects
+                 WHERE base IS NOT NULL AND id >= ?1 AND id < ?2",
+            first,
+            end,
+            |r| {
+                let (id, base): (Vec<u8>, Vec<u8>) = (r.get(0)?, r.get(1)?);
+                Ok((row_id(&id, "object id")?, row_id(&base, "base id")?))
+            },
+            |(id, base)| f(id, base),
+        )
+    }
+
+    /// Runs `sql` (whose `?1` and `?2` bound the ids: at least `first`, below `end`, to the
+    /// last with `None`) and calls `f` with what `decode` makes of each row.
+    fn for_each_row_in_range<T>(
+        &self,
+        sql: &str,
+        first: &ObjectId,
+        end: Option<&ObjectId>,
+        decode: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+        mut f: impl FnMut(T) -> Result<()>,
+    ) -> Result<()> {
+        let mut st = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
         // Past the last id: 32 bytes of 0xff sort below a 33-byte blob of them.
         let past = [0xffu8; 33];
         let end: &[u8] = end.map_or(&past[..], |e| &e.0[..]);
@@ -508,11 +517,7 @@ impl Index {
             .query(params![&first.0[..], end])
             .map_err(|e| self.err(e))?;
         while let Some(r) = rows.next().map_err(|e| self.err(e))? {
-            let id: Vec<u8> = r.get(0).map_err(|e| self.err(e))?;
-            let base: Vec<u8> = r.get(1).map_err(|e| self.err(e))?;
-            let id = row_id(&id, "object id").map_err(|e| self.err(e))?;
-            let base = row_id(&base, "base id").map_err(|e| self.err(e))?;
-            f(id, base)?;
+            f(decode(r).map_err(|e| self.err(e))?)?;
         }
         Ok(())
     }
