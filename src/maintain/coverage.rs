@@ -389,7 +389,7 @@ const MAX_UNINDEXED: usize = 1 << 20;
 pub fn unindexed_live(
     repo: &Repository,
     index: &Index,
-    packs: &[(String, u64, u64)],
+    mut packs: Vec<(String, u64, u64)>,
     live: &IdSet,
     progress: &dyn Progress,
 ) -> Result<Vec<(String, usize)>> {
@@ -407,7 +407,6 @@ pub fn unindexed_live(
     );
     // In name order and small batches: the compacted descriptions of a few shards at a time
     // are in memory (see [`Descriptions::fetch`]).
-    let mut packs = packs.to_vec();
     packs.sort_unstable();
     for batch in packs.chunks(32) {
         let wanted: Vec<(String, u64)> = batch.iter().map(|(n, l, _)| (n.clone(), *l)).collect();

@@ -375,7 +375,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
         })
         .collect();
     for (name, n) in
-        crate::maintain::coverage::unindexed_live(repo, &index, &changing, &live.ids, progress)?
+        crate::maintain::coverage::unindexed_live(repo, &index, changing, &live.ids, progress)?
     {
         report.kept_for_unlisted.push(format!(
             "pack {name}: it holds {n} object(s) that generations use and the index does not \
