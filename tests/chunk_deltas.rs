@@ -45,6 +45,17 @@ fn deltas(repo: &Path) -> i64 {
     .unwrap()
 }
 
+/// A work directory holding the disk `d.img` ([`make_disk`]) and a repository with VM `d`'s
+/// first night (2026-12-01) of it.
+fn first_night() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("d.img");
+    make_disk(&img);
+    let repo = init_repo(t.path());
+    ingest_at(&repo, &img, "d", "2026-12-01T01:00:00Z");
+    (t, img, repo)
+}
+
 /// Eight blocks spread over the disk's four segments.
 const PLACES: [u64; 8] = [100, 1700, 4500, 6000, 9000, 11111, 13000, 16000];
 
@@ -183,11 +194,7 @@ fn bases_outlive_the_generations_that_listed_them_through_gc_rebuild_and_copy() 
 
 #[test]
 fn an_index_older_than_the_deltas_costs_no_base() {
-    let t = tempfile::tempdir().unwrap();
-    let img = t.path().join("d.img");
-    make_disk(&img);
-    let repo = init_repo(t.path());
-    ingest_at(&repo, &img, "d", "2026-12-01T01:00:00Z");
+    let (t, img, repo) = first_night();
     let stale = t.path().join("index.stale");
     fs::copy(repo.join("index.sqlite"), &stale).unwrap();
     for night in 2..=3u64 {
@@ -233,11 +240,7 @@ fn an_index_older_than_the_deltas_costs_no_base() {
 
 #[test]
 fn a_damaged_base_is_named_for_each_generation_stored_against_it() {
-    let t = tempfile::tempdir().unwrap();
-    let img = t.path().join("d.img");
-    make_disk(&img);
-    let repo = init_repo(t.path());
-    ingest_at(&repo, &img, "d", "2026-12-01T01:00:00Z");
+    let (t, img, repo) = first_night();
     change(&img, &PLACES[..1], 2);
     ingest_at(&repo, &img, "d", "2026-12-02T01:00:00Z");
     // The one delta, and the night-1 chunk it is stored against.
@@ -304,11 +307,7 @@ fn a_damaged_base_is_named_for_each_generation_stored_against_it() {
 /// the data files makes the generation stored against it restorable again.
 #[test]
 fn an_index_that_lost_a_base_row_loses_no_base_in_gc() {
-    let t = tempfile::tempdir().unwrap();
-    let img = t.path().join("d.img");
-    make_disk(&img);
-    let repo = init_repo(t.path());
-    ingest_at(&repo, &img, "d", "2026-12-01T01:00:00Z");
+    let (t, img, repo) = first_night();
     // Night 2 rewrites all but the first MiB, and edits one block in it: a delta against a
     // night-1 chunk, whose data file is nearly all dead once night 1 is forgotten.
     {
