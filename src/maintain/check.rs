@@ -894,29 +894,31 @@ fn check_segment(
     let mut damaged = 0;
     let mut first = None;
     let mut listed = Vec::new();
-    for e in &seg.extents {
-        let Extent::Data { len, id } = e else {
-            continue;
-        };
-        let problem = match chunks {
-            Chunks::File(..) => {
-                listed.push(ListedChunk { id: *id, len: *len });
-                None
-            }
-            Chunks::Known(wrong) => wrong_length(id, *len, wrong.get(id).copied()),
-            Chunks::Ask => {
-                let stored = repo.reading_index(|index| index.raw_len(id));
-                match stored {
+    // One read transaction for the segment (the fallback of the second walk asks in it).
+    repo.reading_index(|index| {
+        for e in &seg.extents {
+            let Extent::Data { len, id } = e else {
+                continue;
+            };
+            let problem = match chunks {
+                Chunks::File(..) => {
+                    listed.push(ListedChunk { id: *id, len: *len });
+                    None
+                }
+                Chunks::Known(wrong) => wrong_length(id, *len, wrong.get(id).copied()),
+                Chunks::Ask => match index.raw_len(id) {
                     Ok(stored) => wrong_length(id, *len, Some(stored)),
                     Err(e) => Some(e.to_string()),
-                }
+                },
+            };
+            if let Some(p) = problem.or_else(|| bad.get(id).cloned()) {
+                damaged += 1;
+                first.get_or_insert(p);
             }
-        };
-        if let Some(p) = problem.or_else(|| bad.get(id).cloned()) {
-            damaged += 1;
-            first.get_or_insert(p);
         }
-    }
+        Ok(())
+    })
+    .map_err(|e| e.to_string())?;
     if let Chunks::File(set, failed) = chunks {
         if let Err(e) = set.lock().unwrap().extend(listed) {
             failed.lock().unwrap().get_or_insert(e);
