@@ -28,7 +28,9 @@ pub(super) fn chunks_enabled(repo: &Repository) -> bool {
 /// For each of `cuts` (byte ranges of a new segment), the chunk of `previous` (the segment
 /// the disk held at the same place) that covered most of the same bytes, and how many bytes
 /// before the cut it started: what a guest's write there replaced, and what a new chunk is
-/// most likely to resemble. `None` where only zeros were.
+/// most likely to resemble. `None` where only zeros were, and for a chunk not near a previous
+/// cut point ([`near_previous_cuts`]): there the guest wrote other content, and reading and
+/// decompressing the chunk it replaced only to find that out would be wasted.
 pub(super) fn replaced_chunks(
     previous: &Segment,
     cuts: &[crate::ingest::chunker::Cut],
@@ -48,9 +50,14 @@ pub(super) fn replaced_chunks(
             }
         })
         .collect();
+    let near = near_previous_cuts(previous, cuts);
     let mut first = 0;
     cuts.iter()
-        .map(|c| {
+        .zip(near)
+        .map(|(c, near)| {
+            if !near {
+                return None;
+            }
             while first < old.len() && old[first].1 <= c.range.start {
                 first += 1;
             }
@@ -60,6 +67,39 @@ pub(super) fn replaced_chunks(
                 .map(|o| (o.1.min(c.range.end) - o.0.max(c.range.start), o))
                 .max_by_key(|(overlap, _)| *overlap)
                 .map(|(_, o)| (o.2, c.range.start as i64 - o.0 as i64))
+        })
+        .collect()
+}
+
+/// How many chunks away from one that meets a previous cut point a new chunk may be and still
+/// be tried as an edit ([`near_previous_cuts`]).
+const NEAR_CUTS: usize = 2;
+
+/// For each of `cuts` (in order), whether it or a chunk at most [`NEAR_CUTS`] places from it in
+/// `cuts` starts or ends where a chunk or zero run of `previous` did. Cut points follow
+/// content: a guest that edits a few blocks leaves the cut points around them where they were,
+/// so a chunk holding an edit starts or ends at an old cut point, or one of its neighbours does
+/// (when the edit moved the cuts near it). A longer run of chunks that meet no old cut point is
+/// content the guest wrote anew. On the scattered-changes bench, 171 of a night's 2,444 new
+/// chunks proved like what they replaced once that was read and decompressed for each; this
+/// rule keeps 142 of those deltas and stores the same bytes. On in-place churn of a real
+/// filesystem it stores 0.1% more per night (0.4% with neighbours only one place away); see
+/// docs/PERFORMANCE.md.
+fn near_previous_cuts(previous: &Segment, cuts: &[crate::ingest::chunker::Cut]) -> Vec<bool> {
+    let mut at = 0usize;
+    let mut old_cuts = vec![0usize];
+    old_cuts.extend(previous.extents.iter().map(|e| {
+        at += e.len() as usize;
+        at
+    }));
+    let on_old = |p: usize| old_cuts.binary_search(&p).is_ok();
+    let meets: Vec<bool> = cuts
+        .iter()
+        .map(|c| on_old(c.range.start) || on_old(c.range.end))
+        .collect();
+    (0..cuts.len())
+        .map(|i| {
+            meets[i.saturating_sub(NEAR_CUTS)..(i + NEAR_CUTS + 1).min(cuts.len())].contains(&true)
         })
         .collect()
 }
@@ -128,5 +168,86 @@ pub(super) fn encode(
     match SegmentDelta::diff(base, base_segment, segment) {
         Some(d) => d.encode(),
         None => segment.encode(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::chunker::Cut;
+    use crate::repo::manifest::Extent;
+
+    fn id(n: u8) -> ObjectId {
+        ObjectId([n; 32])
+    }
+
+    fn cut(range: std::ops::Range<usize>) -> Cut {
+        Cut {
+            range,
+            id: id(0xff),
+        }
+    }
+
+    /// Ten 1,000-byte chunks, then a zero run.
+    fn previous() -> Segment {
+        let mut extents: Vec<Extent> = (0..10)
+            .map(|n| Extent::Data {
+                len: 1000,
+                id: id(n),
+            })
+            .collect();
+        extents.push(Extent::Zero { len: 2000 });
+        Segment {
+            fingerprint: [0; 32],
+            extents,
+        }
+    }
+
+    #[test]
+    fn chunks_of_an_edit_are_tried_against_what_they_replace() {
+        // One chunk edited in place; one edit that moved a cut; one that removed one.
+        let cuts = [
+            cut(2000..3000),
+            cut(4000..4600),
+            cut(4600..5000),
+            cut(6000..7800),
+        ];
+        let got = replaced_chunks(&previous(), &cuts);
+        assert_eq!(got[0], Some((id(2), 0)));
+        assert_eq!(got[1], Some((id(4), 0)));
+        assert_eq!(got[2], Some((id(4), 600)));
+        assert_eq!(got[3], Some((id(6), 0)));
+    }
+
+    #[test]
+    fn a_run_of_chunks_far_from_every_old_cut_is_stored_on_its_own() {
+        // Bytes 1,000..8,000 rewritten: the new cuts meet the old ones only at the run's ends.
+        let cuts = [
+            cut(0..1000),
+            cut(1000..1500),
+            cut(1500..2300),
+            cut(2300..3100),
+            cut(3100..3900),
+            cut(3900..4700),
+            cut(4700..5500),
+            cut(5500..6300),
+            cut(6300..7100),
+            cut(7100..8000),
+            cut(8000..9000),
+        ];
+        let got = replaced_chunks(&previous(), &cuts);
+        let tried: Vec<bool> = got.iter().map(Option::is_some).collect();
+        let far = [
+            false, false, false, false, true, true, true, false, false, false, false,
+        ];
+        assert_eq!(tried, far.map(|f| !f), "{got:?}");
+        // Two places from the run's first: what covered most of its bytes, 300 bytes on.
+        assert_eq!(got[3], Some((id(2), 300)));
+        // A chunk ending where the zero run began meets an old cut; over zeros, nothing.
+        let tail = [cut(9500..10_000), cut(10_000..11_000)];
+        assert_eq!(
+            replaced_chunks(&previous(), &tail),
+            [Some((id(9), 500)), None]
+        );
     }
 }
