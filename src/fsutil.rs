@@ -90,11 +90,16 @@ pub fn process_is_gone(pid: i32) -> bool {
 }
 
 /// Removes the directories in `parent` named `PREFIX<pid>-...` whose process is gone: what a
-/// killed run left (temporary sets, staged files). Best effort.
+/// killed run left (temporary sets, staged files). Best effort. `parent` may be a shared
+/// temporary directory: only real directories owned by this process's user are removed, never
+/// a symbolic link's target or what another user made under a name like ours.
 pub fn remove_dirs_of_dead_processes(parent: &Path, prefix: &str) {
+    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = fs::read_dir(parent) else {
         return;
     };
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let me = unsafe { libc::geteuid() };
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
@@ -103,8 +108,58 @@ pub fn remove_dirs_of_dead_processes(parent: &Path, prefix: &str) {
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
             continue;
         };
-        if process_is_gone(pid) {
+        // The entry itself, not what a link names.
+        let ours = fs::symlink_metadata(e.path()).is_ok_and(|m| m.is_dir() && m.uid() == me);
+        if ours && process_is_gone(pid) {
             let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pid no process has now: a child that has been waited for.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn only_our_own_left_over_directories_are_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let shared = t.path().join("tmp");
+        let elsewhere = t.path().join("elsewhere");
+        fs::create_dir_all(&shared).unwrap();
+        fs::create_dir_all(elsewhere.join("keep")).unwrap();
+        fs::write(elsewhere.join("keep/file"), b"x").unwrap();
+        let dead = dead_pid();
+        let left = shared.join(format!("vmrepo-x-{dead}-1"));
+        fs::create_dir(&left).unwrap();
+        fs::write(left.join("part"), b"set").unwrap();
+        let alive = shared.join(format!("vmrepo-x-{}-2", std::process::id()));
+        fs::create_dir(&alive).unwrap();
+        // Planted by someone else: a link with a dead pid's name to a directory to keep.
+        let link = shared.join(format!("vmrepo-x-{dead}-3"));
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        // Another user's directory under a name like ours (only root can make one here).
+        let theirs = shared.join(format!("vmrepo-x-{dead}-4"));
+        fs::create_dir(&theirs).unwrap();
+        let foreign = std::os::unix::fs::chown(&theirs, Some(54_321), None).is_ok();
+
+        remove_dirs_of_dead_processes(&shared, "vmrepo-x-");
+        assert!(!left.exists(), "a dead run's directory stays");
+        assert!(alive.exists(), "a live run's directory went");
+        assert!(link.symlink_metadata().is_ok(), "the planted link went");
+        assert!(
+            elsewhere.join("keep/file").exists(),
+            "the link's target was emptied"
+        );
+        if foreign {
+            assert!(theirs.exists(), "another user's directory went");
         }
     }
 }
