@@ -83,7 +83,7 @@ const NEAR_CUTS: usize = 2;
 /// content the guest wrote anew. On the scattered-changes bench, 171 of a night's 2,444 new
 /// chunks proved like what they replaced once that was read and decompressed for each; this
 /// rule keeps 142 of those deltas and stores the same bytes. On in-place churn of a real
-/// filesystem it stores 0.1% more per night (0.4% with neighbours only one place away); see
+/// filesystem it stores 0.1% more per night (0.3% with neighbours only one place away); see
 /// docs/PERFORMANCE.md.
 fn near_previous_cuts(previous: &Segment, cuts: &[crate::ingest::chunker::Cut]) -> Vec<bool> {
     let mut at = 0usize;
