@@ -124,21 +124,111 @@ impl<'a> Cutter<'a> {
         }
     }
 
-    /// The length of the first chunk of `data` (not empty).
+    /// The length of the first chunk of `data` (not empty): where `fastcdc::v2020::cut_gear`
+    /// cuts, found by [`Cutter::search_pairwise`].
     pub fn first_chunk(&self, data: &[u8]) -> usize {
-        let (_, len) = fastcdc::v2020::cut_gear(
-            data,
-            self.min,
-            self.avg,
-            self.max,
-            self.mask_s,
-            self.mask_l,
-            self.mask_s << 1,
-            self.mask_l << 1,
-            &self.gear[0],
-            &self.gear[1],
-        );
-        len
+        let mut end = data.len();
+        if end <= self.min {
+            return end;
+        }
+        let mut center = self.avg;
+        if end > self.max {
+            end = self.max;
+        } else if end < center {
+            center = end;
+        }
+        // The search runs over byte pairs: from the pair holding `min` to the last whole pair
+        // before `end`, with the stricter mask before the pair holding `center`.
+        let start = self.min / 2 * 2;
+        let looser = (center / 2 * 2).max(start);
+        let last = end / 2 * 2;
+        match self.search_pairwise(data, start, looser, self.mask_s, 0) {
+            Ok(cut) => cut,
+            Err(hash) => self
+                .search_pairwise(data, looser, last, self.mask_l, hash)
+                .unwrap_or(end),
+        }
+    }
+
+    /// The first cut in `data[from..to)` (`from` and `to` even) with `mask`, the rolling hash
+    /// being `hash` before `from`; or the hash at `to`. The gear hash of a position depends on
+    /// the 64 bytes before it alone (each byte shifts the older ones one bit further out of 64),
+    /// so two stretches of [`LANE`] bytes are searched at once, the second starting from a hash
+    /// rebuilt from the 64 bytes before it: two independent chains of additions keep the core
+    /// busier than one (1.2-1.4x the throughput of FastCDC's loop in `cargo bench --bench
+    /// pipeline`). When either lane meets a cut, the pair of stretches is searched again in
+    /// order, one byte pair at a time, so the first cut wins.
+    fn search_pairwise(
+        &self,
+        data: &[u8],
+        mut from: usize,
+        to: usize,
+        mask: u64,
+        mut hash: u64,
+    ) -> std::result::Result<usize, u64> {
+        let (gear, gear_ls) = (&self.gear[0], &self.gear[1]);
+        let mask_ls = mask << 1;
+        while from + 2 * LANE <= to {
+            let second = from + LANE;
+            // The second lane's hash before `second`, from the 64 bytes that still count in it.
+            let mut h2 = pairs(&data[second - 64..second]).fold(0u64, |h, (a, b)| {
+                (h << 2)
+                    .wrapping_add(gear_ls[a as usize])
+                    .wrapping_add(gear[b as usize])
+            });
+            let mut h1 = hash;
+            let mut met = false;
+            for ((a1, b1), (a2, b2)) in
+                pairs(&data[from..second]).zip(pairs(&data[second..second + LANE]))
+            {
+                let x1 = (h1 << 2).wrapping_add(gear_ls[a1 as usize]);
+                let x2 = (h2 << 2).wrapping_add(gear_ls[a2 as usize]);
+                let y1 = x1.wrapping_add(gear[b1 as usize]);
+                let y2 = x2.wrapping_add(gear[b2 as usize]);
+                if (x1 & mask_ls == 0) | (y1 & mask == 0) | (x2 & mask_ls == 0) | (y2 & mask == 0) {
+                    met = true;
+                    break;
+                }
+                h1 = y1;
+                h2 = y2;
+            }
+            if met {
+                let both = self
+                    .search_serially(data, from, second, mask, hash)
+                    .or_else(|h| self.search_serially(data, second, second + LANE, mask, h));
+                match both {
+                    Ok(cut) => return Ok(cut),
+                    Err(h) => h2 = h,
+                }
+            }
+            hash = h2;
+            from = second + LANE;
+        }
+        self.search_serially(data, from, to, mask, hash)
+    }
+
+    /// [`Cutter::search_pairwise`] one byte pair at a time: FastCDC's own loop.
+    fn search_serially(
+        &self,
+        data: &[u8],
+        from: usize,
+        to: usize,
+        mask: u64,
+        mut hash: u64,
+    ) -> std::result::Result<usize, u64> {
+        let (gear, gear_ls) = (&self.gear[0], &self.gear[1]);
+        let mask_ls = mask << 1;
+        for (i, (a, b)) in pairs(&data[from..to]).enumerate() {
+            hash = (hash << 2).wrapping_add(gear_ls[a as usize]);
+            if hash & mask_ls == 0 {
+                return Ok(from + 2 * i);
+            }
+            hash = hash.wrapping_add(gear[b as usize]);
+            if hash & mask == 0 {
+                return Ok(from + 2 * i + 1);
+            }
+        }
+        Err(hash)
     }
 
     /// The chunks of `data`, in order, as ranges of it.
@@ -153,6 +243,14 @@ impl<'a> Cutter<'a> {
             Some(at - len..at)
         })
     }
+}
+
+/// Bytes each of the two lanes of [`Cutter::search_pairwise`] covers per step (at least 64).
+const LANE: usize = 512;
+
+/// The byte pairs of `data` (even length).
+fn pairs(data: &[u8]) -> impl Iterator<Item = (u8, u8)> + '_ {
+    data.chunks_exact(2).map(|p| (p[0], p[1]))
 }
 
 /// FastCDC's published gear tables, built once.
@@ -238,6 +336,77 @@ mod tests {
                 .collect();
             assert_eq!(ours, theirs, "{} bytes", data.len());
         }
+    }
+
+    /// The two-lane search against FastCDC's own loop, first cut by first cut: random sizes
+    /// and bounds (odd ones too), random and repetitive bytes, both gear tables. Every place a
+    /// cut can fall relative to the lanes (first pair, last pair, the rebuilt hash's start, the
+    /// serial tail, the mask change) is met many times over.
+    #[test]
+    fn the_two_lane_search_cuts_where_fastcdc_does() {
+        use fastcdc::v2020 as cdc;
+        let keys = [Keys::none(), Keys::from_master(&[7; 32])];
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut cuts = 0;
+        for trial in 0..3_000u64 {
+            let avg = 1u32 << (8 + next(9));
+            let min = (avg / 4 + next(2) as u32).max(2);
+            let max = avg * 2 + next(u64::from(avg) * 4) as u32 + 1;
+            let keyed = trial % 2 == 1;
+            let params = ChunkerParams {
+                min_size: min,
+                avg_size: avg,
+                max_size: max,
+                cut_points: if keyed {
+                    CutPoints::Keyed
+                } else {
+                    CutPoints::Public
+                },
+                ..params()
+            };
+            let cutter = Cutter::new(&params, &keys[usize::from(keyed)]);
+            let len = next(u64::from(max) * 3) as usize;
+            let data: Vec<u8> = match trial % 5 {
+                // Few distinct bytes: hashes repeat, cuts come rarely or at once.
+                0 => (0..len).map(|_| next(3) as u8).collect(),
+                1 => (0..len)
+                    .map(|i| (i % 7) as u8 ^ (next(50) == 0) as u8)
+                    .collect(),
+                _ => noise(len, trial),
+            };
+            let mut at = 0;
+            while at < data.len() {
+                let rest = &data[at..];
+                let (_, theirs) = cdc::cut_gear(
+                    rest,
+                    min as usize,
+                    avg as usize,
+                    max as usize,
+                    cutter.mask_s,
+                    cutter.mask_l,
+                    cutter.mask_s << 1,
+                    cutter.mask_l << 1,
+                    &cutter.gear[0],
+                    &cutter.gear[1],
+                );
+                let ours = cutter.first_chunk(rest);
+                assert_eq!(
+                    ours,
+                    theirs,
+                    "trial {trial}: min {min} avg {avg} max {max}, {} bytes left at {at}",
+                    rest.len()
+                );
+                at += ours;
+                cuts += 1;
+            }
+        }
+        assert!(cuts > 10_000, "only {cuts} cuts compared");
     }
 
     #[test]
