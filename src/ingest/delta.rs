@@ -36,21 +36,19 @@ pub(super) fn replaced_chunks(
     cuts: &[crate::ingest::chunker::Cut],
 ) -> Vec<Option<(ObjectId, i64)>> {
     use crate::repo::manifest::Extent;
-    // The previous data extents as (start, end, id), in order.
-    let mut at = 0usize;
-    let old: Vec<(usize, usize, ObjectId)> = previous
-        .extents
-        .iter()
-        .filter_map(|e| {
-            let start = at;
-            at += e.len() as usize;
-            match *e {
-                Extent::Data { id, .. } => Some((start, at, id)),
-                Extent::Zero { .. } => None,
-            }
-        })
-        .collect();
-    let near = near_previous_cuts(previous, cuts);
+    // In one walk of the previous extents: their cut points (0, then each one's end) and the
+    // data extents as (start, end, id), in order.
+    let mut old_cuts = vec![0usize];
+    let mut old: Vec<(usize, usize, ObjectId)> = Vec::new();
+    for e in &previous.extents {
+        let start = old_cuts[old_cuts.len() - 1];
+        let end = start + e.len() as usize;
+        old_cuts.push(end);
+        if let Extent::Data { id, .. } = *e {
+            old.push((start, end, id));
+        }
+    }
+    let near = near_previous_cuts(&old_cuts, cuts);
     let mut first = 0;
     cuts.iter()
         .zip(near)
@@ -76,7 +74,8 @@ pub(super) fn replaced_chunks(
 const NEAR_CUTS: usize = 2;
 
 /// For each of `cuts` (in order), whether it or a chunk at most [`NEAR_CUTS`] places from it in
-/// `cuts` starts or ends where a chunk or zero run of `previous` did. Cut points follow
+/// `cuts` starts or ends at one of `old_cuts` (where the previous segment's chunks and zero runs
+/// started and ended, in order). Cut points follow
 /// content: a guest that edits a few blocks leaves the cut points around them where they were,
 /// so a chunk holding an edit starts or ends at an old cut point, or one of its neighbours does
 /// (when the edit moved the cuts near it). A longer run of chunks that meet no old cut point is
@@ -85,13 +84,7 @@ const NEAR_CUTS: usize = 2;
 /// rule keeps 142 of those deltas and stores the same bytes. On in-place churn of a real
 /// filesystem it stores 0.1% more per night (0.3% with neighbours only one place away); see
 /// docs/PERFORMANCE.md.
-fn near_previous_cuts(previous: &Segment, cuts: &[crate::ingest::chunker::Cut]) -> Vec<bool> {
-    let mut at = 0usize;
-    let mut old_cuts = vec![0usize];
-    old_cuts.extend(previous.extents.iter().map(|e| {
-        at += e.len() as usize;
-        at
-    }));
+fn near_previous_cuts(old_cuts: &[usize], cuts: &[crate::ingest::chunker::Cut]) -> Vec<bool> {
     let on_old = |p: usize| old_cuts.binary_search(&p).is_ok();
     let meets: Vec<bool> = cuts
         .iter()
