@@ -605,19 +605,6 @@ fn forget_removes_named_generations_all_or_none() {
     assert_ne!(r.code, 0);
 }
 
-/// Runs `vmrepo ARGS` with its memory-bounding batches made tiny (live sets on disk in many
-/// partitions, check and gc rewrites in many batches), as on a repository of millions of
-/// objects.
-fn vmrepo_tiny_batches(args: &[std::ffi::OsString]) -> Run {
-    Run::from(
-        Command::new(BIN)
-            .args(args)
-            .env("VMREPO_TEST_TINY_BATCHES", "1")
-            .output()
-            .unwrap(),
-    )
-}
-
 #[test]
 fn stats_gc_and_check_in_bounded_memory_decide_exactly_as_in_memory() {
     let t = tempfile::tempdir().unwrap();
@@ -652,7 +639,7 @@ fn stats_gc_and_check_in_bounded_memory_decide_exactly_as_in_memory() {
     // stats files every use of every object by id, on disk in many partitions here.
     let stats = |r: &Path| vec![s("stats"), p(r), s("--generations"), s("--json")];
     let plain = vmrepo(stats(&repo)).ok().json();
-    let tiny = vmrepo_tiny_batches(&stats(&twin)).ok().json();
+    let tiny = vmrepo_batches(true, stats(&twin)).ok().json();
     assert_eq!(plain, tiny, "stats differ when filed on disk");
     assert!(
         plain["referenced"]["objects"].as_u64().unwrap() > 64 * 4,
@@ -662,7 +649,7 @@ fn stats_gc_and_check_in_bounded_memory_decide_exactly_as_in_memory() {
     // --max-unused 0 rewrites every pack with garbage left in it, so both paths rewrite.
     let gc = |r: &Path| vec![s("gc"), p(r), s("--max-unused"), s("0"), s("--json")];
     let plain = vmrepo(gc(&repo)).ok().json();
-    let tiny = vmrepo_tiny_batches(&gc(&twin)).ok().json();
+    let tiny = vmrepo_batches(true, gc(&twin)).ok().json();
     for field in [
         "objects_live",
         "objects_dead",
@@ -680,7 +667,7 @@ fn stats_gc_and_check_in_bounded_memory_decide_exactly_as_in_memory() {
 
     let check = |r: &Path| vec![s("check"), p(r), s("--read-data"), s("--json")];
     let plain = vmrepo(check(&repo)).ok().json();
-    let tiny = vmrepo_tiny_batches(&check(&twin)).ok().json();
+    let tiny = vmrepo_batches(true, check(&twin)).ok().json();
     assert_eq!(tiny["ok"], true, "{tiny}");
     let (plain, tiny) = (&plain["check"], &tiny["check"]);
     assert_eq!(plain["objects"], tiny["objects"]);
@@ -697,7 +684,7 @@ fn stats_gc_and_check_in_bounded_memory_decide_exactly_as_in_memory() {
     };
     let before = listed(&twin);
     let plain = vmrepo(rebuild(&repo)).ok().json();
-    let tiny = vmrepo_tiny_batches(&rebuild(&twin)).ok().json();
+    let tiny = vmrepo_batches(true, rebuild(&twin)).ok().json();
     assert_eq!(tiny["ok"], true, "{tiny}");
     for field in ["objects", "generations", "packs", "damaged", "incomplete"] {
         assert_eq!(plain["rebuild"][field], tiny["rebuild"][field], "{field}");

@@ -49,7 +49,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    Run::from(Command::new(BIN).args(args).output().expect("run vmrepo"))
+    vmrepo_batches(false, args)
 }
 
 /// Runs `vmrepo ARGS`; with `tiny`, with its memory-bounding batches made tiny (id sets on disk
