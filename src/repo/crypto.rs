@@ -19,8 +19,7 @@
 
 use std::cell::Cell;
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
@@ -43,8 +42,8 @@ struct Secret {
     tag_key: Zeroizing<[u8; 32]>,
     /// The chunker's gear table and its left-shifted twin (see [`Keys::gear`]).
     gear: Box<Zeroizing<GearTables>>,
-    data: Aes256Gcm,
-    index: Aes256Gcm,
+    data: LessSafeKey,
+    index: LessSafeKey,
 }
 
 thread_local! {
@@ -64,6 +63,68 @@ fn next_nonce() -> [u8; 12] {
         cell.set((prefix, counter + 1));
         n
     })
+}
+
+/// An AES-256-GCM key.
+pub(crate) fn aead_key(key: &[u8; 32]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("a 32-byte AES-256 key"))
+}
+
+/// Appends `plain` encrypted under `key` and `nonce`, then its 16-byte tag, to `out`.
+pub(crate) fn seal_into(
+    key: &LessSafeKey,
+    nonce: [u8; 12],
+    aad: &[u8],
+    plain: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let start = out.len();
+    out.reserve(plain.len() + 16);
+    out.extend_from_slice(plain);
+    let tag = key
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut out[start..],
+        )
+        .expect("AES-GCM encryption of a payload below 64 GiB");
+    out.extend_from_slice(tag.as_ref());
+}
+
+/// Authenticates and decrypts `sealed` (ciphertext, then tag) under `key` and `nonce`; `None` if
+/// it was altered, cut short, or sealed under another key, nonce or associated data.
+pub(crate) fn open_detached(
+    key: &LessSafeKey,
+    nonce: &[u8],
+    aad: &[u8],
+    sealed: &[u8],
+) -> Option<Vec<u8>> {
+    let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+    let mut buf = sealed.to_vec();
+    let plain_len = key
+        .open_in_place(nonce, Aad::from(aad), &mut buf)
+        .ok()?
+        .len();
+    buf.truncate(plain_len);
+    Some(buf)
+}
+
+/// `nonce || ciphertext || tag` under a fresh nonce: every encrypted payload and sealed field.
+fn seal_with(key: &LessSafeKey, aad: &[u8], plain: &[u8]) -> Vec<u8> {
+    let nonce = next_nonce();
+    let mut out = Vec::with_capacity(CIPHER_OVERHEAD + plain.len());
+    out.extend_from_slice(&nonce);
+    seal_into(key, nonce, aad, plain, &mut out);
+    out
+}
+
+/// Opens what [`seal_with`] made.
+fn open_with(key: &LessSafeKey, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() < CIPHER_OVERHEAD {
+        return None;
+    }
+    let (nonce, ct) = sealed.split_at(12);
+    open_detached(key, nonce, aad, ct)
 }
 
 fn subkey(context: &str, master: &[u8; 32]) -> Zeroizing<[u8; 32]> {
@@ -106,8 +167,8 @@ impl Keys {
                 fingerprint_key: subkey("vmrepo 2026-11 segment fingerprint key", master),
                 tag_key: subkey("vmrepo 2026-11 name tag key", master),
                 gear: gear_tables(master),
-                data: Aes256Gcm::new_from_slice(&data[..]).expect("32-byte key"),
-                index: Aes256Gcm::new_from_slice(&index[..]).expect("32-byte key"),
+                data: aead_key(&data),
+                index: aead_key(&index),
             }),
         }
     }
@@ -149,27 +210,13 @@ impl Keys {
             .inner
             .as_ref()
             .expect("encrypt on an encrypted repository");
-        let nonce = next_nonce();
-        let ct = s
-            .data
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad })
-            .expect("AES-GCM encryption of a payload below 64 GiB");
-        let mut out = Vec::with_capacity(12 + ct.len());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&ct);
-        out
+        seal_with(&s.data, aad, plain)
     }
 
     /// Decrypts and authenticates an object payload; `None` if it was altered.
     pub fn decrypt(&self, aad: &[u8], payload: &[u8]) -> Option<Vec<u8>> {
         let s = self.inner.as_ref()?;
-        if payload.len() < CIPHER_OVERHEAD {
-            return None;
-        }
-        let (nonce, ct) = payload.split_at(12);
-        s.data
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
-            .ok()
+        open_with(&s.data, aad, payload)
     }
 
     /// Seals an index field (random nonce); `aad` names the row it belongs to.
@@ -178,14 +225,7 @@ impl Keys {
             .inner
             .as_ref()
             .expect("seal on an encrypted repository");
-        let nonce = next_nonce();
-        let ct = s
-            .index
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad })
-            .expect("AES-GCM encryption of an index field");
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&ct);
-        out
+        seal_with(&s.index, aad, plain)
     }
 
     /// Opens a sealed index field; an error names `what` if it was altered or moved.
@@ -198,14 +238,11 @@ impl Keys {
         if sealed.len() < CIPHER_OVERHEAD {
             return Err(Error::Corrupt(format!("{what}: sealed field is too short")));
         }
-        let (nonce, ct) = sealed.split_at(12);
-        s.index
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
-            .map_err(|_| {
-                Error::Corrupt(format!(
-                    "{what}: the index entry fails authentication (altered or damaged)"
-                ))
-            })
+        open_with(&s.index, aad, sealed).ok_or_else(|| {
+            Error::Corrupt(format!(
+                "{what}: the index entry fails authentication (altered or damaged)"
+            ))
+        })
     }
 
     /// Check value of a segment-cache row: keyed with a secret when encrypted (so rows cannot be
@@ -273,6 +310,63 @@ mod tests {
         assert!(Keys::from_master(&[8; 32])
             .decrypt(b"header", &ct)
             .is_none());
+    }
+
+    /// Payloads and index fields are standard AES-256-GCM (`nonce || ciphertext || tag`): what
+    /// an independent implementation (the aes-gcm crate, which earlier builds used) seals opens
+    /// here, and the other way round, at every length around the cipher's block and batch sizes.
+    #[test]
+    fn sealed_bytes_match_an_independent_aes_gcm_implementation() {
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+        let master = [9u8; 32];
+        let k = Keys::from_master(&master);
+        let other = |context: &str| {
+            aes_gcm::Aes256Gcm::new_from_slice(&subkey(context, &master)[..]).unwrap()
+        };
+        let data = other("vmrepo 2026-11 object encryption key");
+        let index = other("vmrepo 2026-11 index sealing key");
+        let mut lengths: Vec<usize> = (0..=300).collect();
+        lengths.extend([4095, 4096, 4097, 16 << 10, (64 << 10) + 5, 1 << 20]);
+        for len in lengths {
+            let plain: Vec<u8> = (0..len).map(|i| (i * 31 + len) as u8).collect();
+            let aad = len.to_le_bytes();
+            for (theirs, field) in [(&data, false), (&index, true)] {
+                let sealed = if field {
+                    k.seal(&aad, &plain)
+                } else {
+                    k.encrypt(&aad, &plain)
+                };
+                assert_eq!(sealed.len(), plain.len() + CIPHER_OVERHEAD);
+                let (nonce, ct) = sealed.split_at(12);
+                let opened = theirs
+                    .decrypt(
+                        aes_gcm::Nonce::from_slice(nonce),
+                        Payload { msg: ct, aad: &aad },
+                    )
+                    .expect("the other implementation opens ours");
+                assert_eq!(opened, plain, "length {len}");
+
+                let nonce = [len as u8; 12];
+                let mut theirs_sealed = nonce.to_vec();
+                theirs_sealed.extend(
+                    theirs
+                        .encrypt(
+                            aes_gcm::Nonce::from_slice(&nonce),
+                            Payload {
+                                msg: &plain,
+                                aad: &aad,
+                            },
+                        )
+                        .unwrap(),
+                );
+                let opened = if field {
+                    k.open(&aad, &theirs_sealed, "field").unwrap()
+                } else {
+                    k.decrypt(&aad, &theirs_sealed).unwrap()
+                };
+                assert_eq!(opened, plain, "length {len}");
+            }
+        }
     }
 
     #[test]

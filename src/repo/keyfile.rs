@@ -5,14 +5,12 @@
 
 use std::path::Path;
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::backend::{Backend, Durability};
 use crate::error::{Error, IoContext, Result};
-use crate::repo::crypto::MasterKey;
+use crate::repo::crypto::{self, MasterKey};
 use crate::repo::layout;
 
 /// argon2id cost parameters.
@@ -94,16 +92,14 @@ pub fn create(
     let salt: [u8; 16] = random()?;
     let nonce: [u8; 12] = random()?;
     let kek = derive(passphrase, &salt, cost)?;
-    let wrapped = Aes256Gcm::new_from_slice(&kek[..])
-        .expect("32-byte key")
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: &master[..],
-                aad: repository_id.as_bytes(),
-            },
-        )
-        .expect("AES-GCM wraps 32 bytes");
+    let mut wrapped = Vec::new();
+    crypto::seal_into(
+        &crypto::aead_key(&kek),
+        nonce,
+        repository_id.as_bytes(),
+        &master[..],
+        &mut wrapped,
+    );
     let file = KeyFile {
         version: 1,
         id: hex::encode(random::<8>()?),
@@ -162,17 +158,15 @@ fn try_unwrap(k: &KeyFile, repository_id: &str, passphrase: &str) -> Result<Opti
         )));
     }
     let kek = derive(passphrase, &salt, k.cost)?;
-    let plain = Aes256Gcm::new_from_slice(&kek[..])
-        .expect("32-byte key")
-        .decrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: &wrapped,
-                aad: repository_id.as_bytes(),
-            },
-        );
+    let plain = crypto::open_detached(
+        &crypto::aead_key(&kek),
+        &nonce,
+        repository_id.as_bytes(),
+        &wrapped,
+    )
+    .map(Zeroizing::new);
     Ok(match plain {
-        Ok(p) if p.len() == 32 => {
+        Some(p) if p.len() == 32 => {
             let mut m = Zeroizing::new([0u8; 32]);
             m.copy_from_slice(&p);
             Some(m)
