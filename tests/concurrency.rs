@@ -149,6 +149,35 @@ fn concurrent_ingests_of_different_vms_all_stay_restorable() {
     assert!(c.stdout.contains("ok: 14 generations"), "{}", c.stdout);
 }
 
+/// The nonce of every encrypted record in the repository's packs (docs/FORMAT.md, "Pack
+/// files": a 16-byte pack header, then records of a 52-byte header and `stored_len` payload
+/// bytes; an encrypted payload starts with its nonce, after the base id for a delta).
+fn record_nonces(repo: &Path) -> Vec<[u8; 12]> {
+    let mut nonces = Vec::new();
+    let mut packs = Vec::new();
+    for dir in fs::read_dir(repo.join("data")).unwrap() {
+        for f in fs::read_dir(dir.unwrap().path()).unwrap() {
+            packs.push(f.unwrap().path());
+        }
+    }
+    for pack in packs {
+        let b = fs::read(&pack).unwrap();
+        assert_eq!(&b[..8], b"VMREPACK", "{}", pack.display());
+        let mut at = 16;
+        while at + 52 <= b.len() {
+            assert_eq!(&b[at..at + 4], b"vrOB", "{} at {at}", pack.display());
+            let (codec, cipher) = (b[at + 5], b[at + 6]);
+            let stored = u32::from_le_bytes(b[at + 8..at + 12].try_into().unwrap()) as usize;
+            assert_eq!(cipher, 1, "an unencrypted record in {}", pack.display());
+            let nonce_at = at + 52 + if codec == 2 { 32 } else { 0 };
+            nonces.push(b[nonce_at..nonce_at + 12].try_into().unwrap());
+            at += 52 + stored;
+        }
+        assert_eq!(at, b.len(), "{} ends in a torn record", pack.display());
+    }
+    nonces
+}
+
 /// Ingests of different VMs into one encrypted repository, all started at once: each process
 /// seals its objects and index rows under nonces of its own, every generation restores byte
 /// for byte, `check --read-data` authenticates every object, and an index rebuilt from the
@@ -215,6 +244,19 @@ fn concurrent_ingests_into_an_encrypted_repository_all_stay_restorable() {
         }
     };
     restores_all("after the ingests");
+
+    // AES-GCM under one key must never see a nonce twice: not within a writer, and not
+    // between writers that ran at the same time.
+    let nonces = record_nonces(&repo);
+    let distinct: std::collections::HashSet<&[u8; 12]> = nonces.iter().collect();
+    assert!(nonces.len() > 1000, "only {} records", nonces.len());
+    assert_eq!(
+        distinct.len(),
+        nonces.len(),
+        "a nonce was used twice among {} encrypted records",
+        nonces.len()
+    );
+
     let c = vmrepo(with_pass(&[s("check"), p(&repo), s("--read-data")]));
     assert_eq!(c.code, 0, "{}{}", c.stdout, c.stderr);
     assert!(c.stdout.contains("ok: 5 generations"), "{}", c.stdout);
