@@ -297,6 +297,77 @@ fn a_wrong_passphrase_is_one_clear_error_and_changes_nothing() {
     assert!(err.contains("VMREPO_PASSWORD"), "{err}");
 }
 
+/// A key file is read before anything is decrypted, from storage an attacker may write to: one
+/// asking argon2id for terabytes of memory, billions of passes or no lanes is refused with an
+/// error naming it (it used to abort the process, or would have run for days), and memory the
+/// process cannot get is an error, not an abort. Nothing in the repository changes.
+#[test]
+fn a_key_file_asking_for_unbounded_work_is_refused_by_name() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("d.img");
+    sparse_image(&img, 4 << 20, &[(0, 4 << 20, 9)]);
+    let repo = init_encrypted(t.path());
+    enc(&[s("ingest"), p(&repo), p(&img)]).ok();
+    let key = fs::read_dir(repo.join("keys"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|k| k.extension().is_some_and(|x| x == "key"))
+        .unwrap();
+    let good = fs::read_to_string(&key).unwrap();
+    let with_cost = |memory_kib: u64, iterations: u64, parallelism: u64| {
+        let mut k: serde_json::Value = serde_json::from_str(&good).unwrap();
+        k["cost"] = serde_json::json!({
+            "memory_kib": memory_kib, "iterations": iterations, "parallelism": parallelism
+        });
+        fs::write(&key, serde_json::to_string(&k).unwrap()).unwrap();
+    };
+    for (m, i, l) in [
+        (4_000_000_000, 3, 1),
+        (8192, 4_000_000_000, 1),
+        (8192, 3, 0),
+    ] {
+        with_cost(m, i, l);
+        let before = snapshot(&repo);
+        let r = enc(&[s("list"), p(&repo)]);
+        assert_eq!(r.code, 1, "cost {m}/{i}/{l}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(&key.display().to_string()),
+            "{}",
+            r.stderr
+        );
+        assert!(r.stderr.contains("argon2id cost"), "{}", r.stderr);
+        assert_eq!(snapshot(&repo), before);
+    }
+    // 2 GiB is a cost vmrepo writes; a process limited to 1 GB cannot get it.
+    with_cost(2 << 20, 3, 1);
+    let r = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 1000000; exec '{BIN}' list '{}'",
+            repo.display()
+        ))
+        .env("VMREPO_PASSWORD", PASS)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("needs 2048 MiB of memory"), "{err}");
+    assert!(err.contains("ulimit"), "{err}");
+    // The file as vmrepo wrote it opens again; asking to write a larger cost is refused.
+    fs::write(&key, &good).unwrap();
+    enc(&[s("list"), p(&repo)]).ok();
+    let r = enc(&[
+        s("init"),
+        p(&t.path().join("big")),
+        s("--encryption"),
+        s("aes-256-gcm"),
+        s("--kdf-memory"),
+        s("5000"),
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("1..=4096"), "{}", r.stderr);
+}
+
 #[test]
 fn passphrases_come_from_files_commands_and_extra_keys() {
     let t = tempfile::tempdir().unwrap();

@@ -51,8 +51,9 @@ pub struct InitArgs {
     /// vmrepo builds must read; an encrypted repository needs 2 or more.
     #[arg(long, value_name = "N", default_value_t = vmrepo::repo::config::FORMAT_VERSION)]
     format: u32,
-    /// argon2id memory for the first key, in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = vmrepo::repo::keyfile::KdfCost::default().memory_kib >> 10)]
+    /// argon2id memory for the first key, in MiB (1 to 4096).
+    #[arg(long, value_name = "MIB", default_value_t = vmrepo::repo::keyfile::KdfCost::default().memory_kib >> 10,
+          value_parser = clap::value_parser!(u32).range(1..=(vmrepo::repo::keyfile::KdfCost::MAX_MEMORY_KIB >> 10) as i64))]
     kdf_memory: u32,
 }
 

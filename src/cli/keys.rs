@@ -33,8 +33,9 @@ pub struct NewPass {
     /// Get the new passphrase from this command's output (first line).
     #[arg(long, value_name = "CMD")]
     new_password_command: Option<String>,
-    /// argon2id memory for the new key file, in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = KdfCost::default().memory_kib >> 10)]
+    /// argon2id memory for the new key file, in MiB (1 to 4096).
+    #[arg(long, value_name = "MIB", default_value_t = KdfCost::default().memory_kib >> 10,
+          value_parser = clap::value_parser!(u32).range(1..=(KdfCost::MAX_MEMORY_KIB >> 10) as i64))]
     kdf_memory: u32,
 }
 

@@ -35,6 +35,36 @@ impl Default for KdfCost {
     }
 }
 
+impl KdfCost {
+    /// The most argon2id memory a key file may ask for, in KiB: 4 GiB (`--kdf-memory 4096`).
+    pub const MAX_MEMORY_KIB: u32 = 4 << 20;
+    /// The most passes a key file may ask for (vmrepo writes 3).
+    pub const MAX_ITERATIONS: u32 = 16;
+    /// The most lanes a key file may ask for (vmrepo writes 1).
+    pub const MAX_PARALLELISM: u32 = 16;
+
+    /// Why this cost is outside what vmrepo writes and reads, if it is: a key file asking for
+    /// more would make every command that opens the repository allocate or compute without
+    /// bound before it could say that the passphrase is wrong.
+    pub fn out_of_bounds(&self) -> Option<String> {
+        let ok = (1..=Self::MAX_ITERATIONS).contains(&self.iterations)
+            && (1..=Self::MAX_PARALLELISM).contains(&self.parallelism)
+            && (8 * self.parallelism..=Self::MAX_MEMORY_KIB).contains(&self.memory_kib);
+        (!ok).then(|| {
+            format!(
+                "its argon2id cost ({} KiB of memory, {} passes, {} lanes) is outside what \
+                 vmrepo writes (at most {} MiB, {} passes, {} lanes)",
+                self.memory_kib,
+                self.iterations,
+                self.parallelism,
+                Self::MAX_MEMORY_KIB >> 10,
+                Self::MAX_ITERATIONS,
+                Self::MAX_PARALLELISM
+            )
+        })
+    }
+}
+
 /// The stored form of a key file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KeyFile {
@@ -60,12 +90,29 @@ pub struct KeyFile {
 }
 
 fn derive(passphrase: &str, salt: &[u8], cost: KdfCost) -> Result<Zeroizing<[u8; 32]>> {
+    if let Some(why) = cost.out_of_bounds() {
+        return Err(Error::Usage(format!("cannot derive a key: {why}")));
+    }
     let params = argon2::Params::new(cost.memory_kib, cost.iterations, cost.parallelism, Some(32))
         .map_err(|e| Error::Usage(format!("invalid argon2 parameters: {e}")))?;
+    // The memory is reserved here, not inside argon2, so that a host without it gets an error
+    // instead of an abort.
+    let mut blocks: Vec<argon2::Block> = Vec::new();
+    blocks
+        .try_reserve_exact(params.block_count())
+        .map_err(|_| {
+            Error::Usage(format!(
+                "key derivation needs {} MiB of memory (the key file's argon2id cost), and this \
+             process could not get it: run where more memory is free, or raise the limit \
+             (ulimit -v)",
+                cost.memory_kib >> 10
+            ))
+        })?;
+    blocks.resize(params.block_count(), argon2::Block::default());
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut out = Zeroizing::new([0u8; 32]);
     argon
-        .hash_password_into(passphrase.as_bytes(), salt, &mut out[..])
+        .hash_password_into_with_memory(passphrase.as_bytes(), salt, &mut out[..], &mut blocks)
         .map_err(|e| Error::Usage(format!("key derivation failed: {e}")))?;
     Ok(out)
 }
@@ -139,6 +186,17 @@ pub fn list(backend: &dyn Backend) -> Result<Vec<KeyFile>> {
                 format!("key file version {} / kdf {} is unknown", k.version, k.kdf),
             ));
         }
+        if let Some(why) = k.cost.out_of_bounds() {
+            return Err(Error::bad_input(
+                &path,
+                format!(
+                    "{why}: the file is damaged or was not made by vmrepo; move it out of {} \
+                     and open the repository with another key (or add one from an exported \
+                     master key: `vmrepo key add --from-master-key`)",
+                    layout::KEYS
+                ),
+            ));
+        }
         out.push(k);
     }
     out.sort_by(|a, b| (&a.created, &a.id).cmp(&(&b.created, &b.id)));
@@ -157,7 +215,8 @@ fn try_unwrap(k: &KeyFile, repository_id: &str, passphrase: &str) -> Result<Opti
             k.id
         )));
     }
-    let kek = derive(passphrase, &salt, k.cost)?;
+    let kek = derive(passphrase, &salt, k.cost)
+        .map_err(|e| Error::Usage(format!("key file {}: {e}", k.id)))?;
     let plain = crypto::open_detached(
         &crypto::aead_key(&kek),
         &nonce,
