@@ -16,7 +16,7 @@ use crate::repo::index::{CacheRow, Index, ObjectRow};
 use crate::repo::layout;
 use crate::repo::manifest::{DiskMap, Extent, Manifest, Segment, StoredSegment, Tombstone};
 use crate::repo::object::{self, Codec, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
-use crate::repo::pack::{is_being_written, list_packs, scan_pack};
+use crate::repo::pack::{is_being_written, list_packs, scan_pack_resyncing};
 use crate::repo::pack_index::{Described, Descriptions};
 use crate::repo::Repository;
 
@@ -164,7 +164,7 @@ pub fn rebuild_index(
                 continue;
             }
             let mut records = Vec::new();
-            let (len, tail) = scan_pack(backend, name, |rec| {
+            let (len, damage) = scan_pack_resyncing(backend, name, |rec| {
                 progress.advance(RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64);
                 if rec.header.codec == Codec::Delta {
                     // Decoded only with its base, which may sit in a pack not read yet: indexed
@@ -204,8 +204,8 @@ pub fn rebuild_index(
                 }
                 Ok(())
             })?;
-            if let Some(t) = tail {
-                report.damaged.push(format!("pack {name}: {t}"));
+            for d in damage {
+                report.damaged.push(format!("pack {name}: {d}"));
             }
             report.packs += 1;
             report.objects += records.len() as u64;

@@ -364,15 +364,157 @@ pub struct ScannedRecord {
 pub fn scan_pack(
     backend: &dyn Backend,
     name: &str,
-    mut f: impl FnMut(ScannedRecord) -> Result<()>,
+    f: impl FnMut(ScannedRecord) -> Result<()>,
 ) -> Result<(u64, Option<String>)> {
+    let (len, stop) = scan_sequentially(backend, name, f)?;
+    Ok((len, stop.map(|(_, why)| why)))
+}
+
+/// [`scan_pack`] that does not stop at a damaged record header: from there it looks for the
+/// next well-formed header (magic, checksum, lengths that fit the file) and goes on reading
+/// records from it. Returns the pack's length and each stretch it could not read, described.
+/// A damaged header then costs its own record only, not every record after it (for an index
+/// rebuild, that is the generations whose manifests come later in the file). A record found
+/// this way is handed to `f` like any other; its payload is checked by whoever decodes it.
+pub fn scan_pack_resyncing(
+    backend: &dyn Backend,
+    name: &str,
+    f: impl FnMut(ScannedRecord) -> Result<()>,
+) -> Result<(u64, Vec<String>)> {
+    scan_resyncing_by(backend, name, 1 << 20, f)
+}
+
+/// [`scan_pack_resyncing`], looking for the next header `window` bytes at a time.
+fn scan_resyncing_by(
+    backend: &dyn Backend,
+    name: &str,
+    window: u64,
+    mut f: impl FnMut(ScannedRecord) -> Result<()>,
+) -> Result<(u64, Vec<String>)> {
+    let (len, stop) = scan_sequentially(backend, name, &mut f)?;
+    let mut damage = Vec::new();
+    let Some((mut at, mut why)) = stop else {
+        return Ok((len, damage));
+    };
+    if at < PACK_HEADER_LEN {
+        return Ok((len, vec![why]));
+    }
+    let key = layout::pack(name);
+    let path = backend.path(&key);
+    loop {
+        let Some((next, header)) = next_header(backend, &key, at + 1, len, window)? else {
+            damage.push(why);
+            return Ok((len, damage));
+        };
+        damage.push(format!(
+            "{why}; {} bytes skipped, reading again from offset {next}",
+            next - at
+        ));
+        let mut offset = next;
+        let mut header = Some(header);
+        loop {
+            if offset == len {
+                return Ok((len, damage));
+            }
+            let h = match header.take() {
+                Some(h) => Ok(h),
+                None => read_header(backend, &key, offset, len)?,
+            };
+            let h = match h {
+                Ok(h) => h,
+                Err(e) => {
+                    (at, why) = (offset, format!("{e} at offset {offset}"));
+                    break;
+                }
+            };
+            let next = offset + RECORD_HEADER_LEN as u64 + h.stored_len as u64;
+            let mut payload = vec![0u8; h.stored_len as usize];
+            backend
+                .get_range(&key, offset + RECORD_HEADER_LEN as u64, &mut payload)
+                .ctx("read pack file", &path)?;
+            f(ScannedRecord {
+                header: h.with_base_from(&payload),
+                offset,
+                payload,
+            })?;
+            offset = next;
+        }
+    }
+}
+
+/// The well-formed record header at `offset` of a pack of `len` bytes whose record fits in
+/// the file, or why there is none.
+fn read_header(
+    backend: &dyn Backend,
+    key: &str,
+    offset: u64,
+    len: u64,
+) -> Result<std::result::Result<RecordHeader, String>> {
+    if offset + RECORD_HEADER_LEN as u64 > len {
+        return Ok(Err("torn record header".into()));
+    }
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    backend
+        .get_range(key, offset, &mut h)
+        .ctx("read pack file", backend.path(key))?;
+    Ok(RecordHeader::decode(&h).and_then(|header| {
+        if offset + RECORD_HEADER_LEN as u64 + header.stored_len as u64 > len {
+            Err("torn record payload".into())
+        } else {
+            Ok(header)
+        }
+    }))
+}
+
+/// The first offset at or after `from` where a well-formed record header starts whose record
+/// fits in the pack, with that header; read `window` bytes (and a header's length more) at a
+/// time.
+fn next_header(
+    backend: &dyn Backend,
+    key: &str,
+    from: u64,
+    len: u64,
+    window: u64,
+) -> Result<Option<(u64, RecordHeader)>> {
+    let magic = crate::repo::object::RECORD_MAGIC;
+    let mut buf = Vec::new();
+    let mut at = from;
+    while at + RECORD_HEADER_LEN as u64 <= len {
+        // Each window overlaps the next by a header's length, so no header is missed.
+        let n = (len - at).min(window + RECORD_HEADER_LEN as u64) as usize;
+        buf.resize(n, 0);
+        backend
+            .get_range(key, at, &mut buf)
+            .ctx("read pack file", backend.path(key))?;
+        for (i, w) in buf.windows(magic.len()).enumerate() {
+            if w != magic || i + RECORD_HEADER_LEN > n {
+                continue;
+            }
+            let offset = at + i as u64;
+            if let Ok(header) = RecordHeader::decode(&buf[i..i + RECORD_HEADER_LEN]) {
+                if offset + RECORD_HEADER_LEN as u64 + header.stored_len as u64 <= len {
+                    return Ok(Some((offset, header)));
+                }
+            }
+        }
+        at += window;
+    }
+    Ok(None)
+}
+
+/// The sequential part of [`scan_pack`]: where it stopped (offset and why), if before the end.
+fn scan_sequentially(
+    backend: &dyn Backend,
+    name: &str,
+    mut f: impl FnMut(ScannedRecord) -> Result<()>,
+) -> Result<(u64, Option<(u64, String)>)> {
     let key = layout::pack(name);
     let (mut r, len) = backend
         .open_sequential(&key)
         .ctx("open pack file", backend.path(&key))?;
     let mut header = [0u8; PACK_HEADER_LEN as usize];
     if r.read_exact(&mut header).is_err() || &header[..8] != PACK_MAGIC {
-        return Ok((len, Some("not a pack file (bad header)".into())));
+        return Ok((len, Some((0, "not a pack file (bad header)".into()))));
     }
     let mut offset = PACK_HEADER_LEN;
     loop {
@@ -381,15 +523,21 @@ pub fn scan_pack(
         }
         let mut h = [0u8; RECORD_HEADER_LEN];
         if r.read_exact(&mut h).is_err() {
-            return Ok((len, Some(format!("torn record header at offset {offset}"))));
+            return Ok((
+                len,
+                Some((offset, format!("torn record header at offset {offset}"))),
+            ));
         }
         let header = match RecordHeader::decode(&h) {
             Ok(h) => h,
-            Err(why) => return Ok((len, Some(format!("{why} at offset {offset}")))),
+            Err(why) => return Ok((len, Some((offset, format!("{why} at offset {offset}"))))),
         };
         let mut payload = vec![0u8; header.stored_len as usize];
         if r.read_exact(&mut payload).is_err() {
-            return Ok((len, Some(format!("torn record payload at offset {offset}"))));
+            return Ok((
+                len,
+                Some((offset, format!("torn record payload at offset {offset}"))),
+            ));
         }
         let next = offset + RECORD_HEADER_LEN as u64 + header.stored_len as u64;
         f(ScannedRecord {
@@ -550,6 +698,61 @@ mod tests {
             }]
         );
         assert_eq!(list_packs(&*backend).unwrap(), vec![(name, len)]);
+    }
+
+    /// Damaged record headers (a flipped id bit, an overwritten magic) cost their own records
+    /// only: the resyncing scan finds every other record, at its offset, whatever the size of
+    /// the window it searches with (small ones put headers across window edges), and says
+    /// where it skipped. A torn tail stays one torn tail.
+    #[test]
+    fn a_resyncing_scan_skips_damaged_headers_only() {
+        let t = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::create(t.path()).unwrap());
+        let expected = records();
+        let keys = Arc::new(Keys::none());
+        let mut p = PackWriter::create(&backend, &keys).unwrap();
+        let offsets: Vec<u64> = expected.iter().map(|r| p.append(r).unwrap()).collect();
+        let name = p.name().to_string();
+        p.seal_then(Vec::new(), |_| Ok(())).unwrap();
+        let path = t.path().join(layout::pack(&name));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[offsets[1] as usize + 20] ^= 8;
+        bytes[offsets[4] as usize..offsets[4] as usize + 4].copy_from_slice(b"XXXX");
+        bytes[offsets[5] as usize + 30] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let kept: Vec<usize> = vec![0, 2, 3, 6, 7];
+        for window in [53, 64, 1000, 70_000, 1 << 20] {
+            let mut seen = Vec::new();
+            let (len, damage) = scan_resyncing_by(&*backend, &name, window, |r| {
+                seen.push((r.offset, r.payload));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(len, bytes.len() as u64);
+            let want: Vec<(u64, Vec<u8>)> = kept
+                .iter()
+                .map(|&k| (offsets[k], expected[k].payload.clone()))
+                .collect();
+            assert_eq!(seen, want, "window {window}");
+            assert_eq!(damage.len(), 2, "window {window}: {damage:?}");
+            assert!(damage[0].contains(&format!("offset {}", offsets[1])));
+            assert!(damage[0].contains(&format!("reading again from offset {}", offsets[2])));
+            assert!(damage[1].contains(&format!("reading again from offset {}", offsets[6])));
+        }
+        // A pack cut short inside its last record: that record is torn, the rest is read.
+        std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+        let mut n = 0;
+        let (_, damage) = scan_pack_resyncing(&*backend, &name, |_| {
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, kept.len() - 1);
+        assert_eq!(damage.len(), 3, "{damage:?}");
+        assert_eq!(
+            damage[2],
+            format!("torn record payload at offset {}", offsets[7])
+        );
     }
 
     /// The one rule of sealing: a pack whose indexing fails is deleted, as is a discarded one.
