@@ -402,7 +402,7 @@ fn scan_resyncing_by(
     let key = layout::pack(name);
     let path = backend.path(&key);
     loop {
-        let Some((next, header)) = next_header(backend, &key, at + 1, len, window)? else {
+        let Some(next) = next_header(backend, &key, at + 1, len, window)? else {
             damage.push(why);
             return Ok((len, damage));
         };
@@ -411,27 +411,19 @@ fn scan_resyncing_by(
             next - at
         ));
         let mut offset = next;
-        let mut header = Some(header);
-        loop {
-            if offset == len {
-                return Ok((len, damage));
-            }
-            let h = match header.take() {
-                Some(h) => Ok(h),
-                None => read_header(backend, &key, offset, len)?,
-            };
-            let h = match h {
+        while offset < len {
+            let h = match read_header(backend, &key, offset, len)? {
                 Ok(h) => h,
                 Err(e) => {
                     (at, why) = (offset, format!("{e} at offset {offset}"));
                     break;
                 }
             };
-            let next = offset + RECORD_HEADER_LEN as u64 + h.stored_len as u64;
             let mut payload = vec![0u8; h.stored_len as usize];
             backend
                 .get_range(&key, offset + RECORD_HEADER_LEN as u64, &mut payload)
                 .ctx("read pack file", &path)?;
+            let next = offset + RECORD_HEADER_LEN as u64 + h.stored_len as u64;
             f(ScannedRecord {
                 header: h.with_base_from(&payload),
                 offset,
@@ -439,7 +431,20 @@ fn scan_resyncing_by(
             })?;
             offset = next;
         }
+        if offset == len {
+            return Ok((len, damage));
+        }
     }
+}
+
+/// `h`, read at `offset` of a pack of `len` bytes, as a well-formed record header whose record
+/// fits in the file; or why it is not one.
+fn header_at(h: &[u8], offset: u64, len: u64) -> std::result::Result<RecordHeader, String> {
+    let header = RecordHeader::decode(h)?;
+    if offset + RECORD_HEADER_LEN as u64 + header.stored_len as u64 > len {
+        return Err("torn record payload".into());
+    }
+    Ok(header)
 }
 
 /// The well-formed record header at `offset` of a pack of `len` bytes whose record fits in
@@ -457,25 +462,18 @@ fn read_header(
     backend
         .get_range(key, offset, &mut h)
         .ctx("read pack file", backend.path(key))?;
-    Ok(RecordHeader::decode(&h).and_then(|header| {
-        if offset + RECORD_HEADER_LEN as u64 + header.stored_len as u64 > len {
-            Err("torn record payload".into())
-        } else {
-            Ok(header)
-        }
-    }))
+    Ok(header_at(&h, offset, len))
 }
 
 /// The first offset at or after `from` where a well-formed record header starts whose record
-/// fits in the pack, with that header; read `window` bytes (and a header's length more) at a
-/// time.
+/// fits in the pack; read `window` bytes (and a header's length more) at a time.
 fn next_header(
     backend: &dyn Backend,
     key: &str,
     from: u64,
     len: u64,
     window: u64,
-) -> Result<Option<(u64, RecordHeader)>> {
+) -> Result<Option<u64>> {
     let magic = crate::repo::object::RECORD_MAGIC;
     let mut buf = Vec::new();
     let mut at = from;
@@ -486,16 +484,12 @@ fn next_header(
         backend
             .get_range(key, at, &mut buf)
             .ctx("read pack file", backend.path(key))?;
-        for (i, w) in buf.windows(magic.len()).enumerate() {
-            if w != magic || i + RECORD_HEADER_LEN > n {
-                continue;
-            }
-            let offset = at + i as u64;
-            if let Ok(header) = RecordHeader::decode(&buf[i..i + RECORD_HEADER_LEN]) {
-                if offset + RECORD_HEADER_LEN as u64 + header.stored_len as u64 <= len {
-                    return Ok(Some((offset, header)));
-                }
-            }
+        let found = (0..=n - RECORD_HEADER_LEN).find(|&i| {
+            &buf[i..i + magic.len()] == magic
+                && header_at(&buf[i..i + RECORD_HEADER_LEN], at + i as u64, len).is_ok()
+        });
+        if let Some(i) = found {
+            return Ok(Some(at + i as u64));
         }
         at += window;
     }
