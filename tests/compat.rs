@@ -9,7 +9,6 @@
 mod common;
 use common::*;
 use std::path::Path;
-use std::process::Command;
 
 fn unpack(dir: &Path) {
     unpack_fixture(dir, "repo-v1-disk-maps.tar.gz");
@@ -22,17 +21,6 @@ fn unpack_fixture(dir: &Path, name: &str) {
         env!("CARGO_MANIFEST_DIR")
     ))
     .ok();
-}
-
-/// Runs vmrepo with the passphrase `pass` in VMREPO_PASSWORD (and `new` in VMREPO_NEW_PASSWORD).
-fn with_passphrase(pass: &str, new: Option<&str>, args: &[std::ffi::OsString]) -> Run {
-    let mut cmd = Command::new(BIN);
-    cmd.env("VMREPO_PASSWORD", pass).args(args);
-    match new {
-        Some(n) => cmd.env("VMREPO_NEW_PASSWORD", n),
-        None => cmd.env_remove("VMREPO_NEW_PASSWORD"),
-    };
-    Run::from(cmd.output().expect("run vmrepo"))
 }
 
 #[test]
@@ -101,10 +89,10 @@ fn an_encrypted_repository_from_the_earlier_cipher_code_opens_and_grows() {
     let t = tempfile::tempdir().unwrap();
     unpack_fixture(t.path(), "repo-encrypted-2026-12.tar.gz");
     let (repo, vm) = (t.path().join("repo"), t.path().join("vm"));
-    let run = |args: &[std::ffi::OsString]| with_passphrase("fixture", None, args);
+    let run = |args: &[std::ffi::OsString]| vmrepo_with_passphrase("fixture", None, args);
 
     // The key file written then unwraps with the right passphrase only.
-    let wrong = with_passphrase("not it", None, &[s("list"), p(&repo)]);
+    let wrong = vmrepo_with_passphrase("not it", None, &[s("list"), p(&repo)]);
     assert_eq!(wrong.code, 1, "{}", wrong.stderr);
     assert!(wrong.stderr.contains("passphrase"), "{}", wrong.stderr);
     let listed = run(&[s("list"), p(&repo)]);
@@ -127,14 +115,14 @@ fn an_encrypted_repository_from_the_earlier_cipher_code_opens_and_grows() {
     // A generation written today beside them, and a key file written today, open as well.
     overwrite(&vm.join("web01-flat.vmdk"), 1 << 20, 65536, 11);
     run(&[s("ingest"), p(&repo), p(&vm), s("--name"), s("web01")]).ok();
-    with_passphrase(
+    vmrepo_with_passphrase(
         "fixture",
         Some("added today"),
         &[s("key"), s("add"), p(&repo), s("--kdf-memory"), s("8")],
     )
     .ok();
     let third = t.path().join("third");
-    with_passphrase(
+    vmrepo_with_passphrase(
         "added today",
         None,
         &[s("extract"), p(&repo), s("web01"), p(&third)],
@@ -149,7 +137,7 @@ fn an_encrypted_repository_from_the_earlier_cipher_code_opens_and_grows() {
     run(&[s("check"), p(&repo), s("--rebuild-index")]).ok();
     run(&[s("check"), p(&repo), s("--read-data")]).ok();
     assert_eq!(
-        with_passphrase("added today", None, &[s("list"), p(&repo)]).code,
+        vmrepo_with_passphrase("added today", None, &[s("list"), p(&repo)]).code,
         0
     );
     let again = t.path().join("again");

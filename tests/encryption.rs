@@ -15,13 +15,7 @@ const MARKER: &str = "MARKER-7f3a9c-do-not-leak";
 
 /// Runs vmrepo with VMREPO_PASSWORD set to `pass`.
 fn enc_with(pass: &str, args: &[std::ffi::OsString]) -> Run {
-    let out = Command::new(BIN)
-        .env("VMREPO_PASSWORD", pass)
-        .env_remove("VMREPO_NEW_PASSWORD")
-        .args(args)
-        .output()
-        .unwrap();
-    Run::from(out)
+    vmrepo_with_passphrase(pass, None, args)
 }
 
 fn enc(args: &[std::ffi::OsString]) -> Run {

@@ -52,6 +52,18 @@ where
     vmrepo_batches(false, args)
 }
 
+/// Runs `vmrepo ARGS` with the passphrase `pass` in VMREPO_PASSWORD, and `new` (or nothing)
+/// in VMREPO_NEW_PASSWORD.
+pub fn vmrepo_with_passphrase(pass: &str, new: Option<&str>, args: &[std::ffi::OsString]) -> Run {
+    let mut cmd = Command::new(BIN);
+    cmd.env("VMREPO_PASSWORD", pass).args(args);
+    match new {
+        Some(n) => cmd.env("VMREPO_NEW_PASSWORD", n),
+        None => cmd.env_remove("VMREPO_NEW_PASSWORD"),
+    };
+    Run::from(cmd.output().expect("run vmrepo"))
+}
+
 /// Runs `vmrepo ARGS`; with `tiny`, with its memory-bounding batches made tiny (id sets on disk
 /// in many partitions, rewrites in many batches), as on a repository of millions of objects.
 pub fn vmrepo_batches<I, S>(tiny: bool, args: I) -> Run
