@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 /// One way to get a passphrase, in order of precedence: file, command, environment, prompt.
 #[derive(Clone, Debug, Default)]
@@ -54,7 +54,7 @@ impl Source {
                 })?);
             first_line(&text)
         } else if let Some(cmd) = &self.command {
-            let out = Command::new("sh")
+            let mut out = Command::new("sh")
                 .arg("-c")
                 .arg(cmd)
                 .output()
@@ -68,6 +68,7 @@ impl Source {
                 );
             }
             let text = Zeroizing::new(String::from_utf8_lossy(&out.stdout).into_owned());
+            out.stdout.zeroize();
             first_line(&text)
         } else if let Ok(v) = std::env::var(self.env) {
             Zeroizing::new(v)

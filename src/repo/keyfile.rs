@@ -96,8 +96,9 @@ fn derive(passphrase: &str, salt: &[u8], cost: KdfCost) -> Result<Zeroizing<[u8;
     let params = argon2::Params::new(cost.memory_kib, cost.iterations, cost.parallelism, Some(32))
         .map_err(|e| Error::Usage(format!("invalid argon2 parameters: {e}")))?;
     // The memory is reserved here, not inside argon2, so that a host without it gets an error
-    // instead of an abort.
-    let mut blocks: Vec<argon2::Block> = Vec::new();
+    // instead of an abort. Its blocks are derived from the passphrase: they are overwritten
+    // before they are freed (`Zeroizing`), on success and on error alike.
+    let mut blocks: Zeroizing<Vec<argon2::Block>> = Zeroizing::new(Vec::new());
     blocks
         .try_reserve_exact(params.block_count())
         .map_err(|_| {
@@ -112,7 +113,7 @@ fn derive(passphrase: &str, salt: &[u8], cost: KdfCost) -> Result<Zeroizing<[u8;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut out = Zeroizing::new([0u8; 32]);
     argon
-        .hash_password_into_with_memory(passphrase.as_bytes(), salt, &mut out[..], &mut blocks)
+        .hash_password_into_with_memory(passphrase.as_bytes(), salt, &mut out[..], &mut blocks[..])
         .map_err(|e| Error::Usage(format!("key derivation failed: {e}")))?;
     Ok(out)
 }
