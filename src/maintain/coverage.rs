@@ -6,9 +6,10 @@
 //!
 //! * every pack the index names must be there, at least as long as recorded (otherwise the
 //!   index is older than the data, or data was lost: nothing is deleted);
-//! * every pack the index does not know is read record by record. It is a left-over that may
-//!   be deleted only if it was read to its end (or to a torn write: zero padding, or one record
-//!   cut short), holds no manifest of a generation the index does not list, no tombstone the
+//! * every pack the index does not know is read record by record, past any damaged record
+//!   header (a manifest behind one is still seen). It is a left-over that may be deleted only
+//!   if it holds no damage (a torn write at its end, zero padding or one record cut short, is
+//!   not damage), holds no manifest of a generation the index does not list, no tombstone the
 //!   index lacks, and no object a generation needs that the index does not hold elsewhere;
 //! * every manifest in the data files is a generation unless a tombstone names it: one that
 //!   the index does not list (an ingest killed between sealing its last pack and committing, or
@@ -30,7 +31,9 @@ use crate::repo::index::Index;
 use crate::repo::layout;
 use crate::repo::manifest::{Manifest, Tombstone};
 use crate::repo::object::{self, Codec, ObjectKind, RecordHeader, RECORD_HEADER_LEN};
-use crate::repo::pack::{is_being_written, list_packs, pack_len, scan_pack, PACK_HEADER_LEN};
+use crate::repo::pack::{
+    is_being_written, list_packs, pack_len, scan_pack_resyncing, PACK_HEADER_LEN,
+};
 use crate::repo::pack_index::{Described, Descriptions};
 use crate::repo::Repository;
 
@@ -52,9 +55,10 @@ pub struct UnknownPack {
     pub bad_manifests: Vec<(ObjectId, String)>,
     /// Manifests named by the tombstones in it.
     pub tombstoned: Vec<ObjectId>,
-    /// Why it could not be read to its end, when what follows the last well-formed record is
-    /// not a torn write: what it holds there is unknown.
-    pub unreadable: Option<String>,
+    /// Where it is damaged: record headers that do not verify (the stretches read past), or
+    /// what follows its last well-formed record when that is not a torn write. What it holds
+    /// there is unknown, so it is never a left-over.
+    pub damage: Option<String>,
     /// The last pack of an ingest that died before its commit ([`layout::uncommitted_marker`]): its
     /// manifest is not a generation.
     pub uncommitted: bool,
@@ -330,17 +334,23 @@ fn unknown_pack(name: &str, size: u64) -> UnknownPack {
         manifests: Vec::new(),
         bad_manifests: Vec::new(),
         tombstoned: Vec::new(),
-        unreadable: None,
+        damage: None,
         uncommitted: false,
         described: false,
     }
 }
 
-/// Reads an unknown pack record by record.
+/// Reads an unknown pack record by record. A damaged record header does not end the reading:
+/// the records after it are found too ([`scan_pack_resyncing`]), so a manifest behind the
+/// damage is still seen (a generation hidden from gc would let it delete that generation's
+/// other data files as left-overs). Such a pack has `damage` (never a left-over).
 fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack> {
     let backend = &**repo.backend();
     let mut u = unknown_pack(name, size);
-    let (_, tail) = scan_pack(backend, name, |rec| {
+    // A record that does not start where the previous one ended was found past damage.
+    let mut skipped = false;
+    let (_, damage) = scan_pack_resyncing(backend, name, |rec| {
+        skipped |= rec.offset != u.valid_len;
         u.valid_len = rec.offset + RECORD_HEADER_LEN as u64 + rec.header.stored_len as u64;
         match rec.header.kind {
             ObjectKind::Manifest => {
@@ -367,10 +377,12 @@ fn read_unknown(repo: &Repository, name: &str, size: u64) -> Result<UnknownPack>
         u.records.push((rec.header, rec.offset));
         Ok(())
     })?;
-    if let Some(why) = tail {
-        if !crate::repo::pack::is_torn_write(backend, name, u.valid_len)? {
-            u.unreadable = Some(format!("{why}; the rest of the file cannot be read"));
-        }
+    // Damage after the last record may be a torn write (a killed ingest): that alone is not.
+    let torn_tail_only = !skipped
+        && damage.len() == 1
+        && crate::repo::pack::is_torn_write(backend, name, u.valid_len)?;
+    if !damage.is_empty() && !torn_tail_only {
+        u.damage = Some(damage.join("; "));
     }
     Ok(u)
 }
@@ -418,8 +430,9 @@ pub fn unindexed_live(
             let ids: Vec<ObjectId> = match d {
                 Some(d) => d.description.records.iter().map(|(h, _)| h.id).collect(),
                 None => {
+                    // Past a damaged record header too: the records after it count.
                     let mut ids = Vec::new();
-                    scan_pack(backend, name, |rec| {
+                    scan_pack_resyncing(backend, name, |rec| {
                         ids.push(rec.header.id);
                         Ok(())
                     })?;
@@ -542,8 +555,8 @@ impl Survey {
         for u in &self.unknown {
             let v = if incomplete {
                 Verdict::Keep("the index is not complete (see above)".into())
-            } else if let Some(why) = &u.unreadable {
-                Verdict::Keep(format!("it cannot be read to its end ({why})"))
+            } else if let Some(why) = &u.damage {
+                Verdict::Keep(format!("it holds damage ({why})"))
             } else if u
                 .holds(ObjectKind::Manifest)
                 .any(|id| unlisted.contains(id))
@@ -628,8 +641,9 @@ pub fn adopt(
     }
     let backend = &**repo.backend();
     for u in &survey.unknown {
-        // A left-over is not indexed: then nothing can come to depend on it.
-        if u.unreadable.is_some() || u.uncommitted {
+        // A left-over is not indexed: then nothing can come to depend on it. A pack holding
+        // damage is, as an index rebuild does: its verified records, not the damaged stretch.
+        if u.uncommitted {
             continue;
         }
         // A described pack's records are taken as described (the description is verified
