@@ -349,7 +349,7 @@ impl PackReader {
     }
 }
 
-/// One record found by [`scan_pack`].
+/// One record found by [`scan_pack_resyncing`].
 pub struct ScannedRecord {
     /// Its header.
     pub header: RecordHeader,
@@ -359,23 +359,14 @@ pub struct ScannedRecord {
     pub payload: Vec<u8>,
 }
 
-/// Reads every well-formed record of pack `name` in order, calling `f` for each. Returns the
-/// pack's length and, if the pack ends in a torn or damaged record, a description of where.
-pub fn scan_pack(
-    backend: &dyn Backend,
-    name: &str,
-    f: impl FnMut(ScannedRecord) -> Result<()>,
-) -> Result<(u64, Option<String>)> {
-    let (len, stop) = scan_sequentially(backend, name, f)?;
-    Ok((len, stop.map(|(_, why)| why)))
-}
-
-/// [`scan_pack`] that does not stop at a damaged record header: from there it looks for the
-/// next well-formed header (magic, checksum, lengths that fit the file) and goes on reading
-/// records from it. Returns the pack's length and each stretch it could not read, described.
-/// A damaged header then costs its own record only, not every record after it (for an index
-/// rebuild, that is the generations whose manifests come later in the file). A record found
-/// this way is handed to `f` like any other; its payload is checked by whoever decodes it.
+/// Reads every well-formed record of pack `name` in order, calling `f` for each, and does not
+/// stop at a damaged record header: from there it looks for the next well-formed header
+/// (magic, checksum, lengths that fit the file) and goes on reading records from it. Returns
+/// the pack's length and each stretch it could not read, described (a torn tail included). A
+/// damaged header then costs its own record only, not every record after it (for an index
+/// rebuild or gc's survey, that is the generations whose manifests come later in the file). A
+/// record found this way is handed to `f` like any other; its payload is checked by whoever
+/// decodes it.
 pub fn scan_pack_resyncing(
     backend: &dyn Backend,
     name: &str,
@@ -496,7 +487,7 @@ fn next_header(
     Ok(None)
 }
 
-/// The sequential part of [`scan_pack`]: where it stopped (offset and why), if before the end.
+/// The sequential part of [`scan_pack_resyncing`]: where it stopped (offset and why), if before the end.
 fn scan_sequentially(
     backend: &dyn Backend,
     name: &str,
@@ -669,12 +660,12 @@ mod tests {
         assert!(!is_being_written(&*backend, &name));
         assert_eq!(pack_len(&*backend, &name).unwrap(), Some(len));
         let mut seen = Vec::new();
-        let (scanned_len, damage) = scan_pack(&*backend, &name, |r| {
+        let (scanned_len, damage) = scan_pack_resyncing(&*backend, &name, |r| {
             seen.push(r);
             Ok(())
         })
         .unwrap();
-        assert_eq!((scanned_len, damage), (len, None));
+        assert_eq!((scanned_len, damage), (len, vec![]));
         assert_eq!(seen.len(), expected.len());
         for ((r, e), off) in seen.iter().zip(&expected).zip(&offsets) {
             assert_eq!(r.header, e.header);
