@@ -50,6 +50,38 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     replace_file(path, data, true).ctx("write (temp file, fsync, rename)", path)
 }
 
+/// Whether `path` (which need not exist yet) is directory `dir` or lies below it, links
+/// resolved: `path` is walked a component at a time, each prefix that exists resolved
+/// (`realpath`), and names that do not exist yet kept as they are (they will be made as
+/// directories or files, not links), `..` among them taken lexically. False when `dir` does
+/// not resolve (an object-storage location, say).
+pub fn lies_within(path: &Path, dir: &Path) -> bool {
+    use std::path::{Component, PathBuf};
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return false;
+    };
+    let absolute = match std::env::current_dir() {
+        Ok(cwd) => cwd.join(path),
+        Err(_) => path.to_path_buf(),
+    };
+    let mut resolved = PathBuf::from("/");
+    for c in absolute.components() {
+        match c {
+            Component::Prefix(_) | Component::CurDir => {}
+            Component::RootDir => resolved = PathBuf::from("/"),
+            // `resolved` holds no link: its parent is what `..` reaches.
+            Component::ParentDir => {
+                resolved.pop();
+            }
+            Component::Normal(name) => {
+                let next = resolved.join(name);
+                resolved = std::fs::canonicalize(&next).unwrap_or(next);
+            }
+        }
+    }
+    resolved.starts_with(&dir)
+}
+
 /// Bytes per read-ahead hint. Linux reads at most max(read_ahead_kb, max_sectors_kb) of one
 /// `POSIX_FADV_WILLNEED` call and silently drops the rest (128 KiB with the default
 /// read_ahead_kb): a whole-file hint of a 55 MB index brought in its first 8 MiB on the
@@ -126,6 +158,38 @@ mod tests {
         let pid = child.id();
         child.wait().unwrap();
         pid
+    }
+
+    #[test]
+    fn lies_within_resolves_links_and_dot_dots_of_names_not_made_yet() {
+        let t = tempfile::tempdir().unwrap();
+        let t = fs::canonicalize(t.path()).unwrap();
+        let repo = t.join("repo");
+        fs::create_dir_all(repo.join("data")).unwrap();
+        fs::create_dir_all(t.join("repo2")).unwrap();
+        std::os::unix::fs::symlink(repo.join("data"), t.join("link")).unwrap();
+        for inside in [
+            "repo",
+            "repo/",
+            "repo/data/new/x",
+            "link",
+            "link/x/y",
+            "nope/../repo/x",
+            "repo2/../repo",
+            "link/../new",
+        ] {
+            assert!(lies_within(&t.join(inside), &repo), "{inside}");
+        }
+        for outside in [
+            "repo2",
+            "repo2/x",
+            "other",
+            "repo/../other",
+            "repo/data/../../x",
+        ] {
+            assert!(!lies_within(&t.join(outside), &repo), "{outside}");
+        }
+        assert!(!lies_within(&repo, &t.join("missing")));
     }
 
     #[test]

@@ -480,3 +480,67 @@ fn key_export_never_writes_through_a_link_or_over_a_file() {
     assert!(fs::read_to_string(&key).unwrap().contains("master_key"));
     assert!(!tree(t.path()).iter().any(|n| n.contains("vmrepo-partial")));
 }
+
+/// Restored files, a mount point and an exported key are never placed inside the repository
+/// directory, whether it is named directly, through `..` past a directory not made yet, or
+/// through a link that leads there: a restored file could be taken for one of the repository's
+/// own (or replace it, with --force), and a key there would sit beside the data it opens. The
+/// refusal names the place and the repository, nothing is written, and the repository still
+/// checks clean; a destination beside the repository works.
+#[test]
+fn nothing_is_restored_mounted_or_exported_inside_the_repository() {
+    let t = tempfile::tempdir().unwrap();
+    let (repo, vm) = ingested_vm(t.path(), &one_disk());
+    let before = tree(&repo);
+    let link = t.path().join("looks-elsewhere");
+    symlink(repo.join("data"), &link).unwrap();
+    let places = [
+        repo.clone(),
+        repo.join("data"),
+        repo.join("new/sub"),
+        link.join("x"),
+        t.path().join("not-yet/../repo/restored"),
+    ];
+    for place in &places {
+        let shown = place.display().to_string();
+        let runs = [
+            vec![s("extract"), p(&repo), s("web01"), p(place)],
+            vec![s("extract"), p(&repo), s("web01"), p(place), s("--force")],
+            vec![
+                s("restore-file"),
+                p(&repo),
+                s("web01"),
+                s("disk0:/"),
+                p(place),
+            ],
+            vec![s("mount"), p(&repo), p(place)],
+            vec![s("key"), s("export"), p(&repo), s("--output"), p(place)],
+        ];
+        for args in runs {
+            let r = vmrepo(&args);
+            assert_eq!(r.code, 1, "{args:?} {}{}", r.stdout, r.stderr);
+            assert!(
+                r.stderr
+                    .contains(&format!("{shown} is inside the repository"))
+                    && r.stderr.contains(&repo.display().to_string()),
+                "{args:?}: {}",
+                r.stderr
+            );
+        }
+    }
+    assert!(!t.path().join("not-yet").exists());
+    assert_eq!(
+        tree(&repo),
+        before,
+        "something was written into the repository"
+    );
+    let c = vmrepo([s("check"), p(&repo), s("--read-data")]);
+    assert_eq!(c.code, 0, "{}{}", c.stdout, c.stderr);
+
+    let out = t.path().join("restored");
+    vmrepo([s("extract"), p(&repo), s("web01"), p(&out)]).ok();
+    assert!(same_file(
+        &vm.join("web01-flat.vmdk"),
+        &out.join("web01-flat.vmdk")
+    ));
+}

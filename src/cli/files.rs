@@ -330,6 +330,7 @@ impl<W: Write> Write for PipeWriter<W> {
 
 /// Runs `vmrepo restore-file`.
 pub fn restore_file(a: RestoreFileArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
+    vmrepo::repo::refuse_inside(&a.repo, &a.dest, "the destination")?;
     let guest = open(&a.repo, &a.generation, ctx)?;
     let (volume, path) = split_address(&a.address);
     let v = guest.find(volume)?;

@@ -226,6 +226,11 @@ pub fn run(cmd: KeyCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
             );
         }
         KeyCommand::Export { repo, output } => {
+            if let Some(path) = &output {
+                // Beside the data it opens, the key would defeat the encryption for anyone
+                // who copies the repository.
+                vmrepo::repo::refuse_inside(&repo, path, "the key file")?;
+            }
             let (backend, config) = need_encrypted(&repo, ctx)?;
             drop(ctx.open_repo(&repo, LockMode::Shared, &bar)?);
             let pass = ctx.passphrase()?;

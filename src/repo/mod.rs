@@ -867,6 +867,22 @@ fn resolve_segment(
     })
 }
 
+/// Refuses `path` as a place to write `what` (restored files, a mount point, an exported key)
+/// when it lies inside the repository directory `location`, links resolved: files written
+/// there would mix with the repository's own (a restored `index.sqlite` or `*.pack` under
+/// `--force` would replace them), and a key written there sits beside the data it opens. A
+/// repository in object storage has no such directory.
+pub fn refuse_inside(location: &Path, path: &Path, what: &str) -> Result<()> {
+    if crate::backend::is_remote(location) || !crate::fsutil::lies_within(path, location) {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "{what} {} is inside the repository {}: choose a place outside the repository directory",
+        path.display(),
+        location.display()
+    )))
+}
+
 /// Parses segment object `id` as stored (whole or a delta).
 pub fn decode_stored_segment(id: &ObjectId, bytes: &[u8]) -> Result<StoredSegment> {
     StoredSegment::decode(bytes).map_err(|e| Error::Corrupt(format!("segment {}: {e}", id.short())))

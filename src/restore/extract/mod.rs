@@ -91,6 +91,7 @@ pub fn extract(
     progress: &dyn Progress,
 ) -> Result<ExtractReport> {
     let began = Instant::now();
+    crate::repo::refuse_inside(repo.location(), dest, "the destination")?;
     let gen: GenerationInfo = repo.with_index(|i| i.resolve(spec))?;
     let manifest = repo.load_manifest(&gen.manifest)?;
     if let Some(why) = &gen.damaged {

@@ -313,6 +313,7 @@ pub fn mount(
     on_mounted: impl FnOnce(&MountSummary),
 ) -> Result<()> {
     let gens = select(&repo, opts.selection.as_deref())?;
+    crate::repo::refuse_inside(repo.location(), mountpoint, "the mount point")?;
     let meta = std::fs::metadata(mountpoint).ctx("use as mount point", mountpoint)?;
     if !meta.is_dir() {
         return Err(Error::Usage(format!(
