@@ -547,3 +547,119 @@ fn flipped_bits_in_data_files_and_index_are_detected_never_restored() {
     }
     eprintln!("{reported} of 12 index flips were reported, the rest were harmless");
 }
+
+/// Key files are removed one command at a time: `key remove` and `key passwd` take the keys
+/// lock, so two removals at once (each passphrase removing the other's key) can never leave a
+/// repository with no key at all. A removal that meets another key command fails at once,
+/// saying so and how to wait, or waits with --lock-wait; the repository opens afterwards.
+#[test]
+fn key_removals_never_run_at_once_and_never_leave_no_key() {
+    let t = tempfile::tempdir().unwrap();
+    // An encrypted repository at `repo` with two passphrases: (key of PASS, key of "second").
+    let two_keys = |repo: &Path| -> (String, String) {
+        enc(&[
+            s("init"),
+            p(repo),
+            s("--encryption"),
+            s("aes-256-gcm"),
+            s("--kdf-memory"),
+            s("8"),
+        ])
+        .ok();
+        vmrepo_with_passphrase(
+            PASS,
+            Some("second"),
+            &[
+                s("key"),
+                s("add"),
+                p(repo),
+                s("--label"),
+                s("second"),
+                s("--kdf-memory"),
+                s("8"),
+            ],
+        )
+        .ok();
+        let keys = enc(&[s("key"), s("list"), p(repo), s("--json")])
+            .ok()
+            .json();
+        let id = |label: &str| {
+            keys.as_array()
+                .unwrap()
+                .iter()
+                .find(|k| k["label"] == label)
+                .unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        (id("initial"), id("second"))
+    };
+    let opens = |repo: &Path, pass: &str| enc_with(pass, &[s("list"), p(repo)]).code == 0;
+
+    let repo = t.path().join("repo");
+    let (first, _) = two_keys(&repo);
+    // Another key command holds the keys lock: a removal fails at once, naming the way to wait.
+    let lock = repo.join("locks/keys.lock");
+    let mut holder = Command::new("flock")
+        .args([p(&lock), s("sleep"), s("2")])
+        .spawn()
+        .unwrap();
+    wait_for("the keys lock to be held", 5, || {
+        Command::new("flock")
+            .args([s("-n"), p(&lock), s("true")])
+            .status()
+            .is_ok_and(|st| !st.success())
+    });
+    let r = enc_with("second", &[s("key"), s("remove"), p(&repo), s(&first)]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("another `vmrepo key` command") && r.stderr.contains("--lock-wait"),
+        "{}",
+        r.stderr
+    );
+    assert!(opens(&repo, PASS), "nothing was removed");
+    // With --lock-wait it waits for the holder, then removes.
+    let r = enc_with(
+        "second",
+        &[
+            s("--lock-wait"),
+            s("30"),
+            s("key"),
+            s("remove"),
+            p(&repo),
+            s(&first),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("waiting up to 30 s"), "{}", r.stderr);
+    holder.wait().unwrap();
+    assert!(!opens(&repo, PASS) && opens(&repo, "second"));
+
+    // Crossed removals started together, a few times: one key always stays, and opens.
+    for round in 0..5 {
+        let repo = t.path().join(format!("r{round}"));
+        let (a, b) = two_keys(&repo);
+        let spawn = |pass: &str, id: &str| {
+            Command::new(BIN)
+                .env("VMREPO_PASSWORD", pass)
+                .args([s("key"), s("remove"), p(&repo), s(id)])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let mut children = [spawn(PASS, &b), spawn("second", &a)];
+        for c in &mut children {
+            c.wait().unwrap();
+        }
+        let still = [PASS, "second"]
+            .into_iter()
+            .filter(|pass| opens(&repo, pass))
+            .count();
+        assert_eq!(
+            still, 1,
+            "round {round}: passphrases that still open: {still}"
+        );
+    }
+}

@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 use vmrepo::backend::Backend;
 use vmrepo::repo::config::Config;
 use vmrepo::repo::keyfile::{self, ExportedKey, KdfCost};
-use vmrepo::repo::lock::LockMode;
+use vmrepo::repo::lock::{lock_keys, LockMode};
 
 use super::passphrase::Source;
 use crate::cli::context::Context;
@@ -199,6 +199,11 @@ pub fn run(cmd: KeyCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
                      or use `vmrepo key passwd` to replace it"
                 );
             }
+            let _keys = lock_keys(
+                &*backend,
+                std::time::Duration::from_secs(ctx.lock_wait),
+                &|m| eprintln!("{m}"),
+            )?;
             keyfile::remove(&*backend, &id)?;
             println!("removed key {id} from {}", repo.display());
         }
@@ -210,6 +215,13 @@ pub fn run(cmd: KeyCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
             let pass = ctx.passphrase()?;
             let (master, _) = keyfile::unlock(&*backend, &config.repository_id, &pass)?;
             let newpass = new.source().get(true)?;
+            // The new key file is written and the old one removed under the lock a removal
+            // takes: another removal never counts the old key as the one that stays.
+            let _keys = lock_keys(
+                &*backend,
+                std::time::Duration::from_secs(ctx.lock_wait),
+                &|m| eprintln!("{m}"),
+            )?;
             let k = keyfile::create(
                 &*backend,
                 &config.repository_id,

@@ -75,6 +75,10 @@ pub fn key_file(id: &str) -> String {
     format!("{KEYS}{id}.key")
 }
 
+/// The lock taken while key files are removed (`key remove`, `key passwd`): a removal checks
+/// that another key stays, and two at once could each leave only the other's.
+pub const KEYS_LOCK: &str = "locks/keys.lock";
+
 /// The key of a VM's ingest lock (`tag` is a hash, so the VM's name never shows).
 pub fn vm_lock(tag: &str) -> String {
     format!("{LOCKS}vm-{tag}.lock")

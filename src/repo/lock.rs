@@ -183,6 +183,30 @@ fn retry_pause() -> Duration {
     Duration::from_millis(150 + jitter)
 }
 
+/// Takes the lock under which key files are removed ([`layout::KEYS_LOCK`]), waiting up to
+/// `wait` for another key command, calling `on_wait` once.
+pub fn lock_keys(backend: &dyn Backend, wait: Duration, on_wait: &dyn Fn(&str)) -> Result<Lock> {
+    wait_for(
+        backend,
+        layout::KEYS_LOCK,
+        LockKind::Exclusive,
+        false,
+        wait,
+        on_wait,
+        Advice::new(format!(
+            "another `vmrepo key` command is changing the key files of repository {}: retry \
+             when it has finished, or use ",
+            backend.location().display()
+        ))
+        .setting(Setting::LockWait)
+        .text(" to wait for it"),
+        &format!(
+            "waiting up to {} s for another key command to finish",
+            wait.as_secs()
+        ),
+    )
+}
+
 /// Takes the per-VM ingest lock. The lock is named by a hash of `tag` (the VM name, or its
 /// keyed tag in an encrypted repository, so the name never shows in the repository). If
 /// another ingest of the VM holds it, waits up to `wait` (the command's `--lock-wait`), calling
