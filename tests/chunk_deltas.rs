@@ -360,3 +360,55 @@ fn an_index_that_lost_a_base_row_loses_no_base_in_gc() {
     let out = extract(&repo, "d@2026-12-02T01:00:00Z", &t.path().join("o"));
     assert!(same_file(&out, &img));
 }
+
+/// The same lost row, and a gc in between that compacts the pack descriptions (it deleted
+/// another VM's data file): the compacted descriptions still list the base, as the data file
+/// holds it, so the gc that rewrites that file afterwards still sees the base the index lacks
+/// and keeps it (descriptions written from the index alone left it out, and that gc dropped
+/// the base, losing the generation stored against it).
+#[test]
+fn a_compaction_after_an_index_lost_a_base_row_still_describes_the_base() {
+    let (t, img, repo) = first_night();
+    {
+        let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&bytes(15 << 20, 77), 1 << 20).unwrap();
+    }
+    change(&img, &PLACES[..1], 2);
+    ingest_at(&repo, &img, "d", "2026-12-02T01:00:00Z");
+    assert_eq!(deltas(&repo), 1);
+    let c = rusqlite::Connection::open(repo.join("index.sqlite")).unwrap();
+    let base: Vec<u8> = c
+        .query_row(
+            "SELECT base FROM all_objects WHERE base IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let removed = c
+        .execute("DELETE FROM objects WHERE id = ?1", [&base])
+        .unwrap()
+        + c.execute("DELETE FROM recent_objects WHERE id = ?1", [&base])
+            .unwrap();
+    assert_eq!(removed, 1);
+    drop(c);
+
+    // Another VM, forgotten and collected: its data file is deleted, and the descriptions of
+    // every pack are compacted.
+    let other = t.path().join("other.img");
+    fs::write(&other, bytes(2 << 20, 99)).unwrap();
+    ingest_at(&repo, &other, "e", "2026-12-02T02:00:00Z");
+    vmrepo([s("forget"), p(&repo), s("e@2026-12-02T02:00:00Z")]).ok();
+    let gc = vmrepo([s("gc"), p(&repo)]).ok().stdout.clone();
+    assert!(gc.contains("pack descriptions compacted"), "{gc}");
+
+    vmrepo([s("forget"), p(&repo), s("d@2026-12-01T01:00:00Z")]).ok();
+    let gc = vmrepo([s("gc"), p(&repo)]).ok().stdout.clone();
+    assert!(
+        gc.contains("it holds 1 object(s) that generations use and the index does not list"),
+        "{gc}"
+    );
+    vmrepo([s("check"), p(&repo), s("--rebuild-index")]).ok();
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+    let out = extract(&repo, "d@2026-12-02T01:00:00Z", &t.path().join("o"));
+    assert!(same_file(&out, &img));
+}

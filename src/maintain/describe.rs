@@ -1,8 +1,9 @@
 //! Compacting the pack descriptions (`pack-index/`): gc, which holds the exclusive lock and has
 //! just proved that its index covers the data files (or an index rebuild from the pack files,
 //! whose index lists what they hold), rewrites the descriptions of every indexed
-//! pack from its index as a few objects per shard, then deletes the per-pack descriptions they
-//! replace and those of packs that are gone. A host building its cache then reads a few objects
+//! pack from its index as a few objects per shard (keeping the records a previous description
+//! lists that the index lost), then deletes the per-pack descriptions they replace and those
+//! of packs that are gone. A host building its cache then reads a few objects
 //! per shard instead of one per pack, and descriptions of deleted packs do not pile up.
 
 use std::collections::HashSet;
@@ -13,6 +14,7 @@ use crate::backend::Durability;
 use crate::error::{Error, IoContext, Result};
 use crate::repo::index::Index;
 use crate::repo::layout;
+use crate::repo::object::{ObjectKind, RECORD_HEADER_LEN};
 use crate::repo::pack::list_packs;
 use crate::repo::pack_index::{self, Descriptions, PackDescription, PACKS_PER_OBJECT};
 use crate::repo::Repository;
@@ -45,6 +47,9 @@ pub fn compact(repo: &Repository, index: &Index, force: bool) -> Result<Option<C
     // Every indexed pack, with the records the index holds for it, one shard at a time.
     let mut shard: Vec<PackDescription> = Vec::new();
     let write_shard = |packs: &mut Vec<PackDescription>, done: &mut Compaction| -> Result<()> {
+        for d in packs.iter_mut() {
+            keep_unindexed(d, listed.stored(&d.name));
+        }
         for part in packs.chunks(PACKS_PER_OBJECT) {
             let key = layout::shard_description(&part[0].name[..2], &random_tag()?);
             pack_index::write(backend, repo.keys(), &key, part)
@@ -111,6 +116,40 @@ pub fn compact(repo: &Repository, index: &Index, force: bool) -> Result<Option<C
         .ctx("delete", backend.path(layout::PACK_INDEX))?;
     done.removed = old.len() as u64;
     Ok(Some(done))
+}
+
+/// Adds to `d` (a pack's description made from the index's rows) the records that its stored
+/// description, `stored`, lists and the index lacks: chunks, segments, disk maps and files the
+/// pack still holds, whose rows an index lost (a damaged or stale copy) or `check --repair`
+/// dropped on a read that failed. A description says what its pack holds: gc reads it to find
+/// the objects generations need that the index does not list before it rewrites or deletes the
+/// pack, so one written from the index alone would let gc drop them. Manifests and tombstones
+/// are not added back: gc drops the rows of dead manifests on purpose.
+fn keep_unindexed(
+    d: &mut PackDescription,
+    stored: Option<std::result::Result<PackDescription, String>>,
+) {
+    let Some(Ok(old)) = stored else {
+        return;
+    };
+    let listed: HashSet<u64> = d.records.iter().map(|(_, offset)| *offset).collect();
+    let len = d.len;
+    let before = d.records.len();
+    d.records
+        .extend(old.records.into_iter().filter(|(h, offset)| {
+            !listed.contains(offset)
+                && matches!(
+                    h.kind,
+                    ObjectKind::Chunk
+                        | ObjectKind::Segment
+                        | ObjectKind::DiskMap
+                        | ObjectKind::File
+                )
+                && offset + RECORD_HEADER_LEN as u64 + h.stored_len as u64 <= len
+        }));
+    if d.records.len() > before {
+        d.records.sort_by_key(|(_, offset)| *offset);
+    }
 }
 
 /// 16 random hex digits.
