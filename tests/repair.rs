@@ -426,3 +426,52 @@ fn check_names_the_generation_whose_chunks_the_index_lost_or_misstates() {
     let restored = fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
     assert!(same_file(&b, &restored));
 }
+
+/// A read that failed during `check --repair` (here a flipped bit, put back afterwards, as a
+/// disk or network share that answers wrongly for a while): repair dropped the object's index
+/// entry and marked its generation damaged. Once the data file reads whole again, the next
+/// repair finds the object in the pack's description, reads it back, indexes it again and
+/// unmarks the generation, which restores byte for byte without --allow-damaged (it used to
+/// stay damaged until an index rebuild, or until a later ingest read the same bytes again).
+#[test]
+fn a_repair_after_the_storage_reads_whole_again_heals_what_an_earlier_one_dropped() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("disk.img");
+    sparse_image(&img, 24 << 20, &[(0, 24 << 20, 23)]);
+    let repo = init_repo(t.path());
+    ingest(&repo, &img, Some("vm"));
+    let gen = generations(&repo, "vm").pop().unwrap();
+    let pack = packs(&repo).pop().unwrap();
+    let at = fs::metadata(&pack).unwrap().len() / 3;
+    flip_bit(&pack, at, 6);
+    let r = vmrepo([s("check"), p(&repo), s("--repair")]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(
+        r.stdout.contains("dropped  1 index entries"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains(&format!("DAMAGED  {gen}")),
+        "{}",
+        r.stdout
+    );
+
+    flip_bit(&pack, at, 6);
+    let r = vmrepo([s("check"), p(&repo), s("--repair")]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("indexed  1 object(s) again"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains(&format!("healed   {gen}")),
+        "{}",
+        r.stdout
+    );
+    let out = t.path().join("out");
+    vmrepo([s("extract"), p(&repo), s("vm"), p(&out)]).ok();
+    assert!(same_file(&img, &out.join("disk.img")));
+    vmrepo([s("check"), p(&repo), s("--read-data")]).ok();
+}

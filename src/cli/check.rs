@@ -177,6 +177,13 @@ pub fn print_repair(r: &RepairReport, json: bool) -> anyhow::Result<ExitCode> {
         for p in &r.packs_truncated {
             println!("fixed    data file {p}: recorded its real (truncated) length");
         }
+        if r.objects_reindexed > 0 {
+            println!(
+                "indexed  {} object(s) again: the data files hold them whole, the index had \
+                 no entry",
+                r.objects_reindexed
+            );
+        }
         if r.objects_dropped > 0 {
             println!(
                 "dropped  {} index entries whose data is missing or corrupt",

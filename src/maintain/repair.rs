@@ -2,6 +2,9 @@
 //! generations that lost data as damaged, and notice when later ingests have healed them.
 //!
 //! * A missing or unreadable index is rebuilt from the pack files first.
+//! * Records the packs hold by their descriptions and the index has no row for (rows an
+//!   earlier repair dropped on a read that failed, or an index that lost them) are read, and
+//!   indexed again when they read back whole.
 //! * Every object is read and verified; index rows of missing or corrupt objects are dropped,
 //!   with the segment-cache rows of segments that can no longer be read whole. A later ingest
 //!   that reads the same data stores those chunks again (nothing tells it they exist).
@@ -21,6 +24,8 @@ use crate::maintain::damage;
 use crate::maintain::rebuild::{rebuild_index, RebuildReport, RecordSource};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
+use crate::repo::object::{Codec, ObjectKind};
+use crate::repo::pack_index::Descriptions;
 use crate::repo::Repository;
 
 /// What repair did.
@@ -36,6 +41,9 @@ pub struct RepairReport {
     pub adopted: Vec<String>,
     /// Index rows dropped because their data is missing or damaged.
     pub objects_dropped: u64,
+    /// Records the packs hold (by their descriptions) that the index had no row for and that
+    /// read back whole: indexed again.
+    pub objects_reindexed: u64,
     /// Pack files the index knew that are gone.
     pub packs_forgotten: Vec<String>,
     /// Truncated pack files whose recorded length was corrected.
@@ -103,6 +111,7 @@ pub fn repair(repo: &Repository, progress: &dyn Progress) -> Result<RepairReport
         report.rebuild_reason = Some(r);
     }
 
+    report.objects_reindexed = reindex_described(repo, progress)?;
     let found = check(repo, ReadData::All, progress)?;
     let mut index = repo.open_index()?;
     for name in &found.missing_packs {
@@ -136,6 +145,57 @@ pub fn repair(repo: &Repository, progress: &dyn Progress) -> Result<RepairReport
     drop(index);
     report.check = check(repo, ReadData::None, progress)?;
     Ok(report)
+}
+
+/// Indexes again the records that indexed packs hold, by their descriptions, and the index has
+/// no row for, each read back whole first: rows an earlier repair dropped when a read failed
+/// (the storage answers again), or rows an index lost. A generation that lacked only those
+/// heals. Manifests and tombstones are left to the survey (gc drops the rows of dead manifests
+/// on purpose). Packs without a usable description are not looked into (`check
+/// --rebuild-index` reads every pack). Returns how many rows were added.
+fn reindex_described(repo: &Repository, progress: &dyn Progress) -> Result<u64> {
+    let backend = &**repo.backend();
+    let Ok(described) = Descriptions::list(backend, repo.keys()) else {
+        return Ok(0);
+    };
+    let mut index = repo.open_index()?;
+    let packs = index.packs()?;
+    let mut added = 0;
+    for batch in packs.chunks(32) {
+        for ((name, _), d) in batch.iter().zip(described.fetch(repo.packs(), batch)) {
+            let Some(d) = d else { continue };
+            let mut records = Vec::new();
+            for (h, offset) in &d.description.records {
+                if matches!(h.kind, ObjectKind::Manifest | ObjectKind::Tombstone)
+                    || index.contains(&h.id)?
+                {
+                    continue;
+                }
+                // A delta decodes only with its base: `check` below verifies both.
+                if h.codec == Codec::Delta || repo.packs().read_object(name, *offset, h).is_ok() {
+                    records.push((h.clone(), *offset));
+                }
+            }
+            if !records.is_empty() {
+                let n = index.add_records(name, &records)?;
+                progress.note(&format!(
+                    "pack {name}: {n} object(s) it holds are indexed again (they read back whole)"
+                ));
+                added += n;
+            }
+        }
+    }
+    if added > 0 {
+        for (id, base) in index.drop_baseless_deltas()? {
+            added = added.saturating_sub(1);
+            progress.note(&format!(
+                "chunk {} is stored against chunk {}, which no data file holds: not indexed",
+                id.short(),
+                base.short()
+            ));
+        }
+    }
+    Ok(added)
 }
 
 /// Unmarks damaged generations whose objects are all present again (after an ingest re-stored

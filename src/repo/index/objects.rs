@@ -240,6 +240,23 @@ impl Index {
         Ok(())
     }
 
+    /// Adds rows for records of pack `name`, which the index lists already: records it had
+    /// lost the rows of. An id the index holds already is skipped. Returns how many were
+    /// added.
+    pub fn add_records(&mut self, name: &str, records: &[(RecordHeader, u64)]) -> Result<u64> {
+        let mut added = 0;
+        self.write(|tx| {
+            let pack: i64 =
+                tx.query_row("SELECT id FROM packs WHERE name = ?1", [name], |r| r.get(0))?;
+            added = insert_rows(tx, pack, records)?;
+            Ok(())
+        })?;
+        if let Some(n) = self.recent_rows.as_mut() {
+            *n += added;
+        }
+        Ok(added)
+    }
+
     /// Records a pack whose objects come later, sorted, through [`Index::append_objects`]
     /// (an index rebuild); returns its row.
     pub fn add_pack_alone(&mut self, name: &str, size: u64) -> Result<i64> {
@@ -637,6 +654,16 @@ pub(super) fn insert_pack(
         params![name, size as i64],
     )?;
     let pack = tx.last_insert_rowid();
+    insert_rows(tx, pack, records)
+}
+
+/// Adds rows for `records` of the pack whose row is `pack`; returns how many were added (an id
+/// the index holds already is skipped).
+fn insert_rows(
+    tx: &rusqlite::Transaction<'_>,
+    pack: i64,
+    records: &[(RecordHeader, u64)],
+) -> rusqlite::Result<u64> {
     // New rows go to the small recent table (cheap to insert into: few pages), never twice.
     let mut st = tx.prepare_cached(
         "INSERT OR IGNORE INTO recent_objects(id, kind, codec, pack, offset, stored_len, raw_len,
