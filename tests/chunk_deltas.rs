@@ -301,15 +301,12 @@ fn a_damaged_base_is_named_for_each_generation_stored_against_it() {
     assert!(same_file(&out, &img));
 }
 
-/// The index lost the row of a base (a stale or hand-edited cache) while the delta's row stays:
-/// check says which chunk is stored against what; gc, rewriting the data file that holds the
-/// base after the generation that listed it is forgotten, keeps it; and the index rebuilt from
-/// the data files makes the generation stored against it restorable again.
-#[test]
-fn an_index_that_lost_a_base_row_loses_no_base_in_gc() {
+/// Night 1, then night 2 (`d@2026-12-02T01:00:00Z`), which rewrites all but the first MiB and
+/// edits one block in it: a delta against a night-1 chunk, whose data file is nearly all dead
+/// once night 1 is forgotten. Then the index loses the row of that base (a stale or
+/// hand-edited cache) while the delta's row stays. Returns the base's id too.
+fn a_delta_whose_base_row_is_lost() -> (tempfile::TempDir, PathBuf, PathBuf, Vec<u8>) {
     let (t, img, repo) = first_night();
-    // Night 2 rewrites all but the first MiB, and edits one block in it: a delta against a
-    // night-1 chunk, whose data file is nearly all dead once night 1 is forgotten.
     {
         let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
         f.write_all_at(&bytes(15 << 20, 77), 1 << 20).unwrap();
@@ -331,7 +328,16 @@ fn an_index_that_lost_a_base_row_loses_no_base_in_gc() {
         + c.execute("DELETE FROM recent_objects WHERE id = ?1", [&base])
             .unwrap();
     assert_eq!(removed, 1);
-    drop(c);
+    (t, img, repo, base)
+}
+
+/// The index lost the row of a base (a stale or hand-edited cache) while the delta's row stays:
+/// check says which chunk is stored against what; gc, rewriting the data file that holds the
+/// base after the generation that listed it is forgotten, keeps it; and the index rebuilt from
+/// the data files makes the generation stored against it restorable again.
+#[test]
+fn an_index_that_lost_a_base_row_loses_no_base_in_gc() {
+    let (t, img, repo, base) = a_delta_whose_base_row_is_lost();
     let short = &hex::encode(&base)[..12];
 
     // The same answer whether check holds the deltas' bases in memory or, as on a repository
@@ -368,29 +374,7 @@ fn an_index_that_lost_a_base_row_loses_no_base_in_gc() {
 /// the base, losing the generation stored against it).
 #[test]
 fn a_compaction_after_an_index_lost_a_base_row_still_describes_the_base() {
-    let (t, img, repo) = first_night();
-    {
-        let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
-        f.write_all_at(&bytes(15 << 20, 77), 1 << 20).unwrap();
-    }
-    change(&img, &PLACES[..1], 2);
-    ingest_at(&repo, &img, "d", "2026-12-02T01:00:00Z");
-    assert_eq!(deltas(&repo), 1);
-    let c = rusqlite::Connection::open(repo.join("index.sqlite")).unwrap();
-    let base: Vec<u8> = c
-        .query_row(
-            "SELECT base FROM all_objects WHERE base IS NOT NULL",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    let removed = c
-        .execute("DELETE FROM objects WHERE id = ?1", [&base])
-        .unwrap()
-        + c.execute("DELETE FROM recent_objects WHERE id = ?1", [&base])
-            .unwrap();
-    assert_eq!(removed, 1);
-    drop(c);
+    let (t, img, repo, _) = a_delta_whose_base_row_is_lost();
 
     // Another VM, forgotten and collected: its data file is deleted, and the descriptions of
     // every pack are compacted.
