@@ -3,8 +3,8 @@
 //! whose index lists what they hold), rewrites the descriptions of every indexed
 //! pack from its index as a few objects per shard (keeping the records a previous description
 //! lists that the index lost), then deletes the per-pack descriptions they replace and those
-//! of packs that are gone. A host building its cache then reads a few objects
-//! per shard instead of one per pack, and descriptions of deleted packs do not pile up.
+//! of packs that are gone. A host building its cache then reads a few objects per shard
+//! instead of one per pack, and descriptions of deleted packs do not pile up.
 
 use std::collections::HashSet;
 

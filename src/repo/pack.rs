@@ -487,7 +487,8 @@ fn next_header(
     Ok(None)
 }
 
-/// The sequential part of [`scan_pack_resyncing`]: where it stopped (offset and why), if before the end.
+/// The sequential part of [`scan_pack_resyncing`]: where it stopped (offset and why), if
+/// before the end.
 fn scan_sequentially(
     backend: &dyn Backend,
     name: &str,
