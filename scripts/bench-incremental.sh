@@ -179,7 +179,13 @@ for p in range(1, int(pairs) + 1):
     full = json.load(open(f"{w}/full-{p}.json")); incr = json.load(open(f"{w}/incr-{p}.json"))
     tf = float(open(f"{w}/full-{p}.seconds").read()); ti = float(open(f"{w}/incr-{p}.seconds").read())
     assert incr["incremental"]["full_reads"] == [], incr["incremental"]
-    assert full["stats"]["bytes_stored"] == incr["stats"]["bytes_stored"], (full["stats"], incr["stats"])
+    # Same content, same new chunks. Their stored bytes may differ by a few bytes: a chunk
+    # that two touched segments share is stored against the chunk replaced in whichever
+    # segment reaches the store first (or on its own), which depends on scheduling.
+    for k in ("chunks_new", "bytes_new"):
+        assert full["stats"][k] == incr["stats"][k], (k, full["stats"], incr["stats"])
+    sf, si = full["stats"]["bytes_stored"], incr["stats"]["bytes_stored"]
+    assert abs(sf - si) <= sf / 1000, (full["stats"], incr["stats"])
     first = "full first" if p % 2 == 1 else "change-aware first"
     print(f" pair {p} ({first}):")
     print(f"  full re-ingest     {tf:7.2f} s, read {full['stats']['bytes_read']/GB:6.2f} GB ({full['stats']['bytes_read']/tf/1e6:.0f} MB/s), stored {full['stats']['bytes_stored']/1e6:7.1f} MB")
