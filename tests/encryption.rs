@@ -601,8 +601,9 @@ fn key_removals_never_run_at_once_and_never_leave_no_key() {
     let (first, _) = two_keys(&repo);
     // Another key command holds the keys lock: a removal fails at once, naming the way to wait.
     let lock = repo.join("locks/keys.lock");
+    // Held long enough for the two removals below to meet it even on a loaded machine.
     let mut holder = Command::new("flock")
-        .args([p(&lock), s("sleep"), s("2")])
+        .args([p(&lock), s("sleep"), s("5")])
         .spawn()
         .unwrap();
     wait_for("the keys lock to be held", 5, || {
