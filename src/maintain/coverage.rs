@@ -647,21 +647,8 @@ pub fn adopt(
             continue;
         }
         // A described pack's records are taken as described (the description is verified
-        // like any record); a pack read whole has each record verified before it is indexed,
-        // except a delta, decoded only with its base, which may be in a pack not indexed yet
-        // (check verifies that its base is indexed; `check --read-data` decodes it).
-        let mut records = Vec::new();
-        for (h, offset) in &u.records {
-            if index.contains(&h.id)? {
-                continue;
-            }
-            if u.described
-                || h.codec == Codec::Delta
-                || repo.packs().read_object(&u.name, *offset, h).is_ok()
-            {
-                records.push((h.clone(), *offset));
-            }
-        }
+        // like any record); a pack read whole has each record verified before it is indexed.
+        let records = unindexed_whole(repo, index, &u.name, &u.records, u.described)?;
         if records.is_empty() {
             continue;
         }
@@ -678,12 +665,8 @@ pub fn adopt(
         done.packs.push(u.name.clone());
     }
     if !done.packs.is_empty() {
-        for (id, base) in index.drop_baseless_deltas()? {
-            progress.note(&format!(
-                "chunk {} is stored against chunk {}, which no data file holds: not indexed",
-                id.short(),
-                base.short()
-            ));
+        for why in drop_baseless_deltas(index)? {
+            progress.note(&why);
         }
     }
     let by_id: HashMap<ObjectId, &Manifest> = survey
@@ -724,6 +707,46 @@ pub fn adopt(
         done.generations.push((name.clone(), detail));
     }
     Ok(done)
+}
+
+/// Of `records` (header, offset) of pack `pack`, those the index has no row for and that may
+/// be indexed: each read back whole first, unless `trusted` (taken from a verified
+/// description), or a delta, decoded only with its base, which may be in a pack not indexed
+/// yet (check verifies that its base is indexed; `check --read-data` decodes it).
+pub fn unindexed_whole<'a>(
+    repo: &Repository,
+    index: &Index,
+    pack: &str,
+    records: impl IntoIterator<Item = &'a (RecordHeader, u64)>,
+    trusted: bool,
+) -> Result<Vec<(RecordHeader, u64)>> {
+    let mut out = Vec::new();
+    for (h, offset) in records {
+        if index.contains(&h.id)? {
+            continue;
+        }
+        if trusted || h.codec == Codec::Delta || repo.packs().read_object(pack, *offset, h).is_ok()
+        {
+            out.push((h.clone(), *offset));
+        }
+    }
+    Ok(out)
+}
+
+/// Drops the rows of deltas whose base no data file holds, once rows were added from the data
+/// files, and says of each why it is not indexed.
+pub fn drop_baseless_deltas(index: &mut Index) -> Result<Vec<String>> {
+    Ok(index
+        .drop_baseless_deltas()?
+        .into_iter()
+        .map(|(id, base)| {
+            format!(
+                "chunk {} is stored against chunk {}, which no data file holds: not indexed",
+                id.short(),
+                base.short()
+            )
+        })
+        .collect())
 }
 
 /// Removes the [`layout::uncommitted_marker`]s that no longer say anything: those whose pack is

@@ -214,13 +214,9 @@ pub fn rebuild_index(
     }
     progress.finish();
     found.append_to(&mut index, progress)?;
-    for (id, base) in index.drop_baseless_deltas()? {
-        report.damaged.push(format!(
-            "chunk {} is stored against chunk {}, which no data file holds: not indexed",
-            id.short(),
-            base.short()
-        ));
-    }
+    report
+        .damaged
+        .extend(crate::maintain::coverage::drop_baseless_deltas(&mut index)?);
     for why in descriptions.iter().flat_map(|d| d.take_ignored()) {
         progress.note(&format!("pack description not used: {why}"));
     }

@@ -24,7 +24,7 @@ use crate::maintain::damage;
 use crate::maintain::rebuild::{rebuild_index, RebuildReport, RecordSource};
 use crate::progress::Progress;
 use crate::repo::id::ObjectId;
-use crate::repo::object::{Codec, ObjectKind};
+use crate::repo::object::ObjectKind;
 use crate::repo::pack_index::Descriptions;
 use crate::repo::Repository;
 
@@ -164,18 +164,12 @@ fn reindex_described(repo: &Repository, progress: &dyn Progress) -> Result<u64> 
     for batch in packs.chunks(32) {
         for ((name, _), d) in batch.iter().zip(described.fetch(repo.packs(), batch)) {
             let Some(d) = d else { continue };
-            let mut records = Vec::new();
-            for (h, offset) in &d.description.records {
-                if matches!(h.kind, ObjectKind::Manifest | ObjectKind::Tombstone)
-                    || index.contains(&h.id)?
-                {
-                    continue;
-                }
-                // A delta decodes only with its base: `check` below verifies both.
-                if h.codec == Codec::Delta || repo.packs().read_object(name, *offset, h).is_ok() {
-                    records.push((h.clone(), *offset));
-                }
-            }
+            let candidates =
+                d.description.records.iter().filter(|(h, _)| {
+                    !matches!(h.kind, ObjectKind::Manifest | ObjectKind::Tombstone)
+                });
+            // Each read back whole: what is listed was dropped for not doing so.
+            let records = coverage::unindexed_whole(repo, &index, name, candidates, false)?;
             if !records.is_empty() {
                 let n = index.add_records(name, &records)?;
                 progress.note(&format!(
@@ -186,13 +180,9 @@ fn reindex_described(repo: &Repository, progress: &dyn Progress) -> Result<u64> 
         }
     }
     if added > 0 {
-        for (id, base) in index.drop_baseless_deltas()? {
+        for why in coverage::drop_baseless_deltas(&mut index)? {
             added = added.saturating_sub(1);
-            progress.note(&format!(
-                "chunk {} is stored against chunk {}, which no data file holds: not indexed",
-                id.short(),
-                base.short()
-            ));
+            progress.note(&why);
         }
     }
     Ok(added)
