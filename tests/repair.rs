@@ -4,23 +4,44 @@
 mod common;
 use common::*;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-#[test]
-fn repair_marks_damage_extract_refuses_and_a_new_ingest_heals() {
+/// What [`one_flipped_chunk`] made.
+struct Flipped {
+    t: tempfile::TempDir,
+    img: PathBuf,
+    repo: PathBuf,
+    gen: String,
+    pack: PathBuf,
+    at: u64,
+}
+
+/// One generation (VM `vm`) of a 24 MiB image of `seed` bytes, then one bit flipped a third of
+/// the way into its pack: chunk data, not the metadata written at the end.
+fn one_flipped_chunk(seed: u64) -> Flipped {
     let t = tempfile::tempdir().unwrap();
     let img = t.path().join("disk.img");
-    sparse_image(&img, 24 << 20, &[(0, 24 << 20, 21)]);
+    sparse_image(&img, 24 << 20, &[(0, 24 << 20, seed)]);
     let repo = init_repo(t.path());
     ingest(&repo, &img, Some("vm"));
     let gen = generations(&repo, "vm").pop().unwrap();
     let pack = packs(&repo).pop().unwrap();
-    // A third of the way into the pack: chunk data, not the metadata written at the end.
-    flip_bit(&pack, fs::metadata(&pack).unwrap().len() / 3, 6);
+    let at = fs::metadata(&pack).unwrap().len() / 3;
+    flip_bit(&pack, at, 6);
+    Flipped {
+        t,
+        img,
+        repo,
+        gen,
+        pack,
+        at,
+    }
+}
 
-    let r = vmrepo([s("check"), p(&repo), s("--read-data")]);
-    assert_eq!(r.code, 1, "{}", r.stdout);
-    let r = vmrepo([s("check"), p(&repo), s("--repair")]);
+/// `check --repair` of a repository whose generation `gen` lost one chunk: it says data was
+/// lost (exit 1), drops that chunk's index entry and marks `gen` damaged.
+fn repair_drops_one_entry(repo: &Path, gen: &str) {
+    let r = vmrepo([s("check"), p(repo), s("--repair")]);
     assert_eq!(r.code, 1, "repair must say data was lost\n{}", r.stdout);
     assert!(
         r.stdout.contains("dropped  1 index entries"),
@@ -32,6 +53,16 @@ fn repair_marks_damage_extract_refuses_and_a_new_ingest_heals() {
         "{}",
         r.stdout
     );
+}
+
+#[test]
+fn repair_marks_damage_extract_refuses_and_a_new_ingest_heals() {
+    let Flipped {
+        t, img, repo, gen, ..
+    } = one_flipped_chunk(21);
+    let r = vmrepo([s("check"), p(&repo), s("--read-data")]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    repair_drops_one_entry(&repo, &gen);
     let list = vmrepo([s("list"), p(&repo), s("vm")]).ok().stdout.clone();
     assert!(list.contains("DAMAGED: "), "{list}");
 
@@ -435,27 +466,15 @@ fn check_names_the_generation_whose_chunks_the_index_lost_or_misstates() {
 /// stay damaged until an index rebuild, or until a later ingest read the same bytes again).
 #[test]
 fn a_repair_after_the_storage_reads_whole_again_heals_what_an_earlier_one_dropped() {
-    let t = tempfile::tempdir().unwrap();
-    let img = t.path().join("disk.img");
-    sparse_image(&img, 24 << 20, &[(0, 24 << 20, 23)]);
-    let repo = init_repo(t.path());
-    ingest(&repo, &img, Some("vm"));
-    let gen = generations(&repo, "vm").pop().unwrap();
-    let pack = packs(&repo).pop().unwrap();
-    let at = fs::metadata(&pack).unwrap().len() / 3;
-    flip_bit(&pack, at, 6);
-    let r = vmrepo([s("check"), p(&repo), s("--repair")]);
-    assert_eq!(r.code, 1, "{}", r.stdout);
-    assert!(
-        r.stdout.contains("dropped  1 index entries"),
-        "{}",
-        r.stdout
-    );
-    assert!(
-        r.stdout.contains(&format!("DAMAGED  {gen}")),
-        "{}",
-        r.stdout
-    );
+    let Flipped {
+        t,
+        img,
+        repo,
+        gen,
+        pack,
+        at,
+    } = one_flipped_chunk(23);
+    repair_drops_one_entry(&repo, &gen);
 
     flip_bit(&pack, at, 6);
     let r = vmrepo([s("check"), p(&repo), s("--repair")]);
